@@ -1,0 +1,999 @@
+//! The catalog: one versioned model of the mesh (services, endpoints with cluster, locality,
+//! identity and health, resolved routes and splits, policies), built from the objects the
+//! sources hold and published as a cheap-to-clone snapshot.
+//!
+//! Sources only send changes ([`SourceUpdate`]); the catalog rebuilds the model, keeps the `Arc`
+//! of every service that did not change (so translators and xDS streams can skip it by pointer
+//! comparison), bumps the version and publishes. Cross-object problems (a split whose backend
+//! does not exist) are recorded as errors and the last good resolution of that object keeps
+//! serving.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::watch;
+use weft_proto::SpiffeId;
+
+use crate::objects::{
+    Object, ObjectKey, TrafficPolicySpec, parse_duration,
+};
+
+/// A Service's identity in the catalog.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ServiceKey {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl ServiceKey {
+    /// Builds a key.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ServiceKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Where an endpoint or a proxy runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Locality {
+    /// `topology.kubernetes.io/region`.
+    pub region: String,
+    /// `topology.kubernetes.io/zone`.
+    pub zone: String,
+    /// Weft's subzone label.
+    pub subzone: String,
+}
+
+/// A problem found in a source or while resolving references, shown on /metrics and the admin API.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct SourceError {
+    /// The file (or source) the object came from.
+    pub file: String,
+    /// `Kind ns/name`, empty when the whole file is unreadable.
+    pub object: String,
+    /// Field path.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for SourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.file)?;
+        if !self.object.is_empty() {
+            write!(f, ": {}", self.object)?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": field {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// One port of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PortModel {
+    /// Port name ("" for a single unnamed port).
+    pub name: String,
+    /// Service port.
+    pub port: u16,
+    /// `appProtocol`, when set.
+    pub app_protocol: Option<String>,
+}
+
+/// One endpoint of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EndpointModel {
+    /// Pod IP.
+    pub address: IpAddr,
+    /// Port name -> endpoint port.
+    pub ports: BTreeMap<String, u16>,
+    /// Origin cluster.
+    pub cluster: String,
+    /// Locality.
+    pub locality: Locality,
+    /// The SPIFFE ID the endpoint serves as, when its Pod is known.
+    pub identity: Option<String>,
+    /// `conditions.ready`.
+    pub ready: bool,
+    /// `conditions.serving`.
+    pub serving: bool,
+    /// `conditions.terminating`.
+    pub terminating: bool,
+    /// Relative weight (1 unless said otherwise).
+    pub weight: u32,
+    /// The pod behind it, when known.
+    pub pod: Option<String>,
+}
+
+impl EndpointModel {
+    /// The endpoint port serving a Service port (matched by name, as Kubernetes does).
+    pub fn port_for(&self, port: &PortModel) -> Option<u16> {
+        self.ports.get(&port.name).copied().or_else(|| {
+            // A slice with one unnamed port serves a Service with one port.
+            (self.ports.len() == 1)
+                .then(|| self.ports.values().next().copied())
+                .flatten()
+        })
+    }
+}
+
+/// A path match of a resolved route.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum PathMatch {
+    /// Exact path.
+    Exact(String),
+    /// Path prefix (segment-aware as Gateway API requires).
+    Prefix(String),
+    /// RE2 regular expression.
+    Regex(String),
+}
+
+/// A header match of a resolved route.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct HeaderMatch {
+    /// Header name, lowercase.
+    pub name: String,
+    /// Value or regex.
+    pub value: String,
+    /// True for a regular expression.
+    pub regex: bool,
+}
+
+/// One way a request can match a rule.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct RouteMatch {
+    /// Path.
+    pub path: Option<PathMatch>,
+    /// Headers, all must hold.
+    pub headers: Vec<HeaderMatch>,
+    /// Method.
+    pub method: Option<String>,
+}
+
+/// A backend a rule sends traffic to, with its resolved port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Backend {
+    /// Backend Service.
+    pub service: ServiceKey,
+    /// Backend Service port.
+    pub port: u16,
+    /// Relative weight.
+    pub weight: u32,
+}
+
+/// Retry settings carried by a route (from an HTTPRoute rule or the Service's policy).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct RouteRetry {
+    /// Retries after the first try.
+    pub attempts: u32,
+    /// Per-try deadline.
+    pub per_try_timeout: Option<Duration>,
+    /// Envoy retry_on conditions.
+    pub retry_on: Vec<String>,
+    /// Status codes retried for `retriable-status-codes`.
+    pub retriable_status_codes: Vec<u16>,
+    /// Backoff base.
+    pub backoff_base: Duration,
+    /// Backoff cap.
+    pub backoff_max: Duration,
+}
+
+/// A resolved routing rule for one Service port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct RouteRule {
+    /// Any match selects the rule; empty means every request.
+    pub matches: Vec<RouteMatch>,
+    /// Weighted backends.
+    pub backends: Vec<Backend>,
+    /// Request deadline.
+    pub timeout: Option<Duration>,
+    /// Retries.
+    pub retry: Option<RouteRetry>,
+    /// The object the rule came from (`HTTPRoute ns/name` or `TrafficSplit ns/name`).
+    pub origin: String,
+}
+
+/// A Service with everything the translator needs, resolved.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ServiceModel {
+    /// Key.
+    pub key: ServiceKey,
+    /// Ports.
+    pub ports: Vec<PortModel>,
+    /// `sessionAffinity: ClientIP`.
+    pub client_ip_affinity: bool,
+    /// Endpoints from every cluster, local first.
+    pub endpoints: Vec<EndpointModel>,
+    /// Rules per Service port (HTTPRoute or TrafficSplit); empty means "all to this Service".
+    pub routes: BTreeMap<u16, Vec<RouteRule>>,
+    /// The TrafficPolicy targeting it, if any.
+    pub policy: Option<TrafficPolicySpec>,
+    /// The policy's name, for diagnostics.
+    pub policy_name: Option<String>,
+    /// Exported to the clusterset (ServiceExport).
+    pub exported: bool,
+    /// Label selector (for diagnostics: a selector that matches no Pod).
+    pub selector: BTreeMap<String, String>,
+}
+
+/// The published model: versioned, immutable, cheap to clone (`Arc`).
+#[derive(Clone, Debug, Default)]
+pub struct Model {
+    /// Bumped on every change.
+    pub version: u64,
+    /// This control plane's cluster.
+    pub cluster: String,
+    /// Trust domain of SPIFFE IDs.
+    pub trust_domain: String,
+    /// Services by key; an unchanged service keeps its `Arc` across versions.
+    pub services: BTreeMap<ServiceKey, Arc<ServiceModel>>,
+    /// Source and resolution errors, sorted.
+    pub errors: Vec<SourceError>,
+    /// Pods by namespace/name with their labels (for selector diagnostics).
+    pub pod_labels: BTreeMap<ServiceKey, BTreeMap<String, String>>,
+    /// True once every source delivered its first full view.
+    pub ready: bool,
+}
+
+impl Model {
+    /// Number of endpoints over every service.
+    pub fn endpoint_count(&self) -> usize {
+        self.services.values().map(|s| s.endpoints.len()).sum()
+    }
+}
+
+/// What a source sends the catalog: objects to add or replace, keys to remove, and (when
+/// `errors` is `Some`) the complete list of this source's current errors.
+#[derive(Debug, Default)]
+pub struct SourceUpdate {
+    /// Objects to add or replace, with the file they came from.
+    pub upserts: Vec<(Object, String)>,
+    /// Objects gone.
+    pub removes: Vec<ObjectKey>,
+    /// The source's current errors, replacing the previous list.
+    pub errors: Option<Vec<SourceError>>,
+    /// The source has delivered its first complete view.
+    pub initial_sync_done: bool,
+}
+
+impl SourceUpdate {
+    /// Nothing to apply.
+    pub fn is_noop(&self) -> bool {
+        self.upserts.is_empty() && self.removes.is_empty() && self.errors.is_none()
+    }
+}
+
+struct State {
+    world: BTreeMap<ObjectKey, (Object, String)>,
+    source_errors: Vec<SourceError>,
+    last_good_routes: HashMap<ObjectKey, Vec<(ServiceKey, u16, RouteRule)>>,
+    ready: bool,
+}
+
+/// The catalog: holds the world of objects and publishes models.
+pub struct Catalog {
+    state: Mutex<State>,
+    tx: watch::Sender<Arc<Model>>,
+}
+
+impl Catalog {
+    /// A new, empty catalog for one cluster.
+    pub fn new(cluster: impl Into<String>, trust_domain: impl Into<String>) -> Self {
+        let model = Model {
+            cluster: cluster.into(),
+            trust_domain: trust_domain.into(),
+            ..Model::default()
+        };
+        let (tx, _) = watch::channel(Arc::new(model));
+        Catalog {
+            state: Mutex::new(State {
+                world: BTreeMap::new(),
+                source_errors: Vec::new(),
+                last_good_routes: HashMap::new(),
+                ready: false,
+            }),
+            tx,
+        }
+    }
+
+    /// Watches the published model.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Model>> {
+        self.tx.subscribe()
+    }
+
+    /// The current model.
+    pub fn current(&self) -> Arc<Model> {
+        self.tx.borrow().clone()
+    }
+
+    /// Applies a source's changes, rebuilds and publishes the model.
+    pub fn apply(&self, update: SourceUpdate) {
+        let mut st = match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        for key in &update.removes {
+            st.world.remove(key);
+        }
+        for (obj, file) in update.upserts {
+            st.world.insert(obj.key(), (obj, file));
+        }
+        if let Some(errors) = update.errors {
+            st.source_errors = errors;
+        }
+        st.ready |= update.initial_sync_done;
+        let prev = self.current();
+        let st = &mut *st;
+        let (mut model, mut errors, good) =
+            build(&st.world, &prev, &st.last_good_routes);
+        for (k, v) in good {
+            st.last_good_routes.insert(k, v);
+        }
+        st.last_good_routes
+            .retain(|k, _| st.world.contains_key(k));
+        errors.extend(st.source_errors.iter().cloned());
+        errors.sort();
+        errors.dedup();
+        model.errors = errors;
+        model.ready = st.ready;
+        model.version = prev.version + 1;
+        self.tx.send_replace(Arc::new(model));
+    }
+}
+
+type GoodRoutes = Vec<(ObjectKey, Vec<(ServiceKey, u16, RouteRule)>)>;
+
+/// Builds a model from the world; pure apart from reading `prev` for Arc reuse.
+fn build(
+    world: &BTreeMap<ObjectKey, (Object, String)>,
+    prev: &Model,
+    last_good: &HashMap<ObjectKey, Vec<(ServiceKey, u16, RouteRule)>>,
+) -> (Model, Vec<SourceError>, GoodRoutes) {
+    let mut errors = Vec::new();
+    let mut good = Vec::new();
+    let mut nodes: HashMap<&str, Locality> = HashMap::new();
+    let mut pods: HashMap<(&str, &str), (Option<String>, Option<String>)> = HashMap::new();
+    let mut pod_labels = BTreeMap::new();
+    for (obj, _) in world.values() {
+        match obj {
+            Object::Node(n) => {
+                let labels = n.metadata.labels.clone().unwrap_or_default();
+                let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
+                nodes.insert(
+                    n.metadata.name.as_deref().unwrap_or_default(),
+                    Locality {
+                        region: get(weft_proto::keys::TOPOLOGY_REGION),
+                        zone: get(weft_proto::keys::TOPOLOGY_ZONE),
+                        subzone: get(weft_proto::keys::TOPOLOGY_SUBZONE),
+                    },
+                );
+            }
+            Object::Pod(p) => {
+                let ns = p.metadata.namespace.as_deref().unwrap_or("default");
+                let name = p.metadata.name.as_deref().unwrap_or_default();
+                let spec = p.spec.as_ref();
+                let sa = spec
+                    .and_then(|s| s.service_account_name.clone())
+                    .or_else(|| Some("default".to_string()));
+                let node = spec.and_then(|s| s.node_name.clone());
+                pods.insert((ns, name), (sa, node));
+                pod_labels.insert(
+                    ServiceKey::new(ns, name),
+                    p.metadata.labels.clone().unwrap_or_default(),
+                );
+            }
+            _ => {}
+        }
+    }
+
+    // Services first, then endpoints, then the things that refer to services.
+    let mut services: BTreeMap<ServiceKey, ServiceModel> = BTreeMap::new();
+    for (obj, _) in world.values() {
+        if let Object::Service(svc) = obj {
+            let key = ServiceKey::new(
+                svc.metadata.namespace.as_deref().unwrap_or("default"),
+                svc.metadata.name.as_deref().unwrap_or_default(),
+            );
+            let spec = svc.spec.clone().unwrap_or_default();
+            let ports = spec
+                .ports
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+                .filter_map(|p| {
+                    Some(PortModel {
+                        name: p.name.unwrap_or_default(),
+                        port: u16::try_from(p.port).ok()?,
+                        app_protocol: p.app_protocol,
+                    })
+                })
+                .collect();
+            services.insert(
+                key.clone(),
+                ServiceModel {
+                    key,
+                    ports,
+                    client_ip_affinity: spec.session_affinity.as_deref() == Some("ClientIP"),
+                    endpoints: Vec::new(),
+                    routes: BTreeMap::new(),
+                    policy: None,
+                    policy_name: None,
+                    exported: false,
+                    selector: spec.selector.unwrap_or_default(),
+                },
+            );
+        }
+    }
+
+    for ((obj, file), key) in world.values().zip(world.keys()) {
+        let Object::EndpointSlice(es) = obj else {
+            continue;
+        };
+        let ns = es.metadata.namespace.as_deref().unwrap_or("default");
+        let labels = es.metadata.labels.clone().unwrap_or_default();
+        let svc_name = labels
+            .get(weft_proto::keys::SERVICE_NAME_LABEL)
+            .cloned()
+            .unwrap_or_default();
+        let Some(svc) = services.get_mut(&ServiceKey::new(ns, svc_name.clone())) else {
+            errors.push(SourceError {
+                file: file.clone(),
+                object: key.to_string(),
+                field: format!(
+                    "metadata.labels[{:?}]",
+                    weft_proto::keys::SERVICE_NAME_LABEL
+                ),
+                message: format!("Service {ns}/{svc_name} not found; the slice is unused"),
+            });
+            continue;
+        };
+        let cluster = labels
+            .get(weft_proto::keys::CLUSTER_LABEL)
+            .cloned()
+            .unwrap_or_else(|| prev.cluster.clone());
+        let ports: BTreeMap<String, u16> = es
+            .ports
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| {
+                Some((
+                    p.name.clone().unwrap_or_default(),
+                    u16::try_from(p.port?).ok()?,
+                ))
+            })
+            .collect();
+        for ep in es.endpoints.iter().flatten() {
+            let Some(address) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok())
+            else {
+                continue;
+            };
+            if svc.endpoints.iter().any(|e| e.address == address) {
+                continue;
+            }
+            let cond = ep.conditions.clone().unwrap_or_default();
+            let ready = cond.ready.unwrap_or(true);
+            let pod = ep
+                .target_ref
+                .as_ref()
+                .filter(|t| t.kind.as_deref() == Some("Pod"))
+                .and_then(|t| t.name.clone());
+            let pod_info = pod.as_deref().and_then(|p| pods.get(&(ns, p)));
+            let node_name = ep
+                .node_name
+                .clone()
+                .or_else(|| pod_info.and_then(|(_, n)| n.clone()));
+            let mut locality = node_name
+                .as_deref()
+                .and_then(|n| nodes.get(n).cloned())
+                .unwrap_or_default();
+            if locality.zone.is_empty()
+                && let Some(z) = &ep.zone
+            {
+                locality.zone = z.clone();
+            }
+            let identity = pod_info
+                .and_then(|(sa, _)| sa.as_deref())
+                .and_then(|sa| SpiffeId::new(prev.trust_domain.clone(), ns, sa).ok())
+                .map(|id| id.to_string());
+            svc.endpoints.push(EndpointModel {
+                address,
+                ports: ports.clone(),
+                cluster: cluster.clone(),
+                locality,
+                identity,
+                ready,
+                serving: cond.serving.unwrap_or(ready),
+                terminating: cond.terminating.unwrap_or(false),
+                weight: 1,
+                pod,
+            });
+        }
+    }
+
+    // Exports and policies.
+    let mut policy_owner: HashMap<ServiceKey, String> = HashMap::new();
+    for ((obj, file), key) in world.values().zip(world.keys()) {
+        match obj {
+            Object::ServiceExport(e) => {
+                match services.get_mut(&ServiceKey::new(&e.namespace, &e.name)) {
+                    Some(s) => s.exported = true,
+                    None => errors.push(SourceError {
+                        file: file.clone(),
+                        object: key.to_string(),
+                        field: "metadata.name".into(),
+                        message: format!(
+                            "Service {}/{} not found: nothing to export",
+                            e.namespace, e.name
+                        ),
+                    }),
+                }
+            }
+            Object::TrafficPolicy(p) => {
+                let target = ServiceKey::new(&p.namespace, &p.spec.target_ref.name);
+                let Some(s) = services.get_mut(&target) else {
+                    errors.push(SourceError {
+                        file: file.clone(),
+                        object: key.to_string(),
+                        field: "spec.targetRef.name".into(),
+                        message: format!("Service {target} not found"),
+                    });
+                    continue;
+                };
+                if let Some(owner) = policy_owner.get(&target) {
+                    errors.push(SourceError {
+                        file: file.clone(),
+                        object: key.to_string(),
+                        field: "spec.targetRef".into(),
+                        message: format!(
+                            "Service {target} already has TrafficPolicy {owner}; this one is ignored"
+                        ),
+                    });
+                    continue;
+                }
+                policy_owner.insert(target, p.name.clone());
+                s.policy = Some(p.spec.clone());
+                s.policy_name = Some(format!("{}/{}", p.namespace, p.name));
+            }
+            _ => {}
+        }
+    }
+
+    // Routes: HTTPRoutes first (they win over splits on the same port), then TrafficSplits.
+    let ports_of: HashMap<ServiceKey, Vec<PortModel>> = services
+        .iter()
+        .map(|(k, s)| (k.clone(), s.ports.clone()))
+        .collect();
+    let mut owner: HashMap<(ServiceKey, u16), String> = HashMap::new();
+    let route_objects = world
+        .iter()
+        .filter(|(_, (o, _))| matches!(o, Object::HttpRoute(_)))
+        .chain(
+            world
+                .iter()
+                .filter(|(_, (o, _))| matches!(o, Object::TrafficSplit(_))),
+        );
+    for (key, (obj, file)) in route_objects {
+        let resolved = match obj {
+            Object::HttpRoute(r) => resolve_http_route(r, &ports_of),
+            Object::TrafficSplit(s) => resolve_split(s, &ports_of),
+            _ => continue,
+        };
+        let rules = match resolved {
+            Ok(rules) => {
+                good.push((key.clone(), rules.clone()));
+                rules
+            }
+            Err((field, message)) => {
+                let kept = last_good.get(key);
+                errors.push(SourceError {
+                    file: file.clone(),
+                    object: key.to_string(),
+                    field,
+                    message: if kept.is_some() {
+                        format!("{message}; the last good version keeps serving")
+                    } else {
+                        message
+                    },
+                });
+                match kept {
+                    Some(r) => r.clone(),
+                    None => continue,
+                }
+            }
+        };
+        let mut taken = BTreeSet::new();
+        for (svc, port, _) in &rules {
+            if let Some(other) = owner.get(&(svc.clone(), *port))
+                && other != &key.to_string()
+            {
+                errors.push(SourceError {
+                    file: file.clone(),
+                    object: key.to_string(),
+                    field: "spec".into(),
+                    message: format!(
+                        "Service {svc} port {port} is already routed by {other}; ignored there"
+                    ),
+                });
+                taken.insert((svc.clone(), *port));
+            }
+        }
+        for (svc, port, rule) in rules {
+            if taken.contains(&(svc.clone(), port)) {
+                continue;
+            }
+            owner.insert((svc.clone(), port), key.to_string());
+            if let Some(s) = services.get_mut(&svc) {
+                s.routes.entry(port).or_default().push(rule);
+            }
+        }
+    }
+
+    let services = services
+        .into_iter()
+        .map(|(k, s)| {
+            let arc = match prev.services.get(&k) {
+                Some(old) if **old == s => old.clone(),
+                _ => Arc::new(s),
+            };
+            (k, arc)
+        })
+        .collect();
+    let model = Model {
+        version: prev.version,
+        cluster: prev.cluster.clone(),
+        trust_domain: prev.trust_domain.clone(),
+        services,
+        errors: Vec::new(),
+        pod_labels,
+        ready: prev.ready,
+    };
+    (model, errors, good)
+}
+
+type Resolved = Result<Vec<(ServiceKey, u16, RouteRule)>, (String, String)>;
+
+/// The backend port serving a parent port: explicit, else the same number, else the only port.
+fn backend_port(
+    backend: &ServiceKey,
+    explicit: Option<u16>,
+    parent_port: u16,
+    ports_of: &HashMap<ServiceKey, Vec<PortModel>>,
+) -> Result<u16, String> {
+    let ports = ports_of
+        .get(backend)
+        .ok_or_else(|| format!("Service {backend} not found"))?;
+    if let Some(p) = explicit {
+        return if ports.iter().any(|x| x.port == p) {
+            Ok(p)
+        } else {
+            Err(format!("Service {backend} has no port {p}"))
+        };
+    }
+    if ports.iter().any(|x| x.port == parent_port) {
+        return Ok(parent_port);
+    }
+    match ports.as_slice() {
+        [only] => Ok(only.port),
+        _ => Err(format!(
+            "Service {backend} has no port {parent_port}; name one with a port"
+        )),
+    }
+}
+
+fn resolve_split(s: &crate::objects::Named<crate::objects::TrafficSplitSpec>, ports_of: &HashMap<ServiceKey, Vec<PortModel>>) -> Resolved {
+    let root = ServiceKey::new(&s.namespace, &s.spec.service);
+    let root_ports = ports_of
+        .get(&root)
+        .ok_or_else(|| ("spec.service".to_string(), format!("Service {root} not found")))?;
+    let mut out = Vec::new();
+    for p in root_ports {
+        let mut backends = Vec::new();
+        for (i, b) in s.spec.backends.iter().enumerate() {
+            let key = ServiceKey::new(&s.namespace, &b.service);
+            let port = backend_port(&key, None, p.port, ports_of)
+                .map_err(|m| (format!("spec.backends[{i}].service"), m))?;
+            backends.push(Backend {
+                service: key,
+                port,
+                weight: b.weight,
+            });
+        }
+        out.push((
+            root.clone(),
+            p.port,
+            RouteRule {
+                matches: Vec::new(),
+                backends,
+                timeout: None,
+                retry: None,
+                origin: format!("TrafficSplit {}/{}", s.namespace, s.name),
+            },
+        ));
+    }
+    Ok(out)
+}
+
+fn resolve_http_route(
+    r: &crate::objects::Named<crate::objects::HttpRouteSpec>,
+    ports_of: &HashMap<ServiceKey, Vec<PortModel>>,
+) -> Resolved {
+    let mut out = Vec::new();
+    for (pi, parent) in r.spec.parent_refs.iter().enumerate() {
+        if parent.kind.as_deref() != Some("Service") {
+            continue;
+        }
+        let root = ServiceKey::new(
+            parent.namespace.as_deref().unwrap_or(&r.namespace),
+            &parent.name,
+        );
+        let root_ports = ports_of.get(&root).ok_or_else(|| {
+            (
+                format!("spec.parentRefs[{pi}].name"),
+                format!("Service {root} not found"),
+            )
+        })?;
+        let ports: Vec<u16> = match parent.port {
+            Some(p) if root_ports.iter().any(|x| x.port == p) => vec![p],
+            Some(p) => {
+                return Err((
+                    format!("spec.parentRefs[{pi}].port"),
+                    format!("Service {root} has no port {p}"),
+                ));
+            }
+            None => root_ports.iter().map(|p| p.port).collect(),
+        };
+        for port in ports {
+            for (ri, rule) in r.spec.rules.iter().enumerate() {
+                let mut backends = Vec::new();
+                for (bi, b) in rule.backend_refs.iter().enumerate() {
+                    let key = ServiceKey::new(b.namespace.as_deref().unwrap_or(&r.namespace), &b.name);
+                    let bport = backend_port(&key, b.port, port, ports_of)
+                        .map_err(|m| (format!("spec.rules[{ri}].backendRefs[{bi}]"), m))?;
+                    backends.push(Backend {
+                        service: key,
+                        port: bport,
+                        weight: b.weight.unwrap_or(1),
+                    });
+                }
+                if backends.is_empty() {
+                    backends.push(Backend {
+                        service: root.clone(),
+                        port,
+                        weight: 1,
+                    });
+                }
+                let matches = rule
+                    .matches
+                    .iter()
+                    .map(|m| RouteMatch {
+                        path: m.path.as_ref().map(|p| {
+                            let v = p.value.clone().unwrap_or_else(|| "/".into());
+                            match p.kind.as_deref().unwrap_or("PathPrefix") {
+                                "Exact" => PathMatch::Exact(v),
+                                "RegularExpression" => PathMatch::Regex(v),
+                                _ => PathMatch::Prefix(v),
+                            }
+                        }),
+                        headers: m
+                            .headers
+                            .iter()
+                            .map(|h| HeaderMatch {
+                                name: h.name.to_ascii_lowercase(),
+                                value: h.value.clone(),
+                                regex: h.kind.as_deref() == Some("RegularExpression"),
+                            })
+                            .collect(),
+                        method: m.method.clone(),
+                    })
+                    .collect();
+                let timeouts = rule.timeouts.as_ref();
+                let dur = |s: Option<&String>| s.and_then(|s| parse_duration(s).ok());
+                let per_try = dur(timeouts.and_then(|t| t.backend_request.as_ref()));
+                let retry = rule.retry.as_ref().map(|rt| {
+                    let base = dur(rt.backoff.as_ref()).unwrap_or(Duration::from_millis(25));
+                    RouteRetry {
+                        attempts: rt.attempts.unwrap_or(2),
+                        per_try_timeout: per_try,
+                        retry_on: if rt.codes.is_empty() {
+                            vec!["5xx".into(), "connect-failure".into(), "reset".into()]
+                        } else {
+                            vec!["retriable-status-codes".into(), "connect-failure".into(), "reset".into()]
+                        },
+                        retriable_status_codes: rt.codes.clone(),
+                        backoff_base: base,
+                        backoff_max: base * 10,
+                    }
+                });
+                out.push((
+                    root.clone(),
+                    port,
+                    RouteRule {
+                        matches,
+                        backends,
+                        timeout: dur(timeouts.and_then(|t| t.request.as_ref())),
+                        retry,
+                        origin: format!("HTTPRoute {}/{}", r.namespace, r.name),
+                    },
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objects::parse_object;
+    use serde_json::json;
+
+    fn obj(v: serde_json::Value) -> (Object, String) {
+        (
+            parse_object(v).expect("valid").expect("known"),
+            "test.yaml".to_string(),
+        )
+    }
+
+    pub(crate) fn service(name: &str, port: u16) -> serde_json::Value {
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+               "spec": {"ports": [{"name": "http", "port": port}]}})
+    }
+
+    #[test]
+    fn endpoints_get_locality_and_identity() {
+        let cat = Catalog::new("c1", "cluster.local");
+        cat.apply(SourceUpdate {
+            upserts: vec![
+                obj(service("echo", 80)),
+                obj(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1",
+                    "labels": {"topology.kubernetes.io/region": "r1", "topology.kubernetes.io/zone": "z1"}}})),
+                obj(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p1"},
+                    "spec": {"serviceAccountName": "echo-sa", "nodeName": "n1", "containers": []}})),
+                obj(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"name": "echo-1", "labels": {"kubernetes.io/service-name": "echo"}},
+                    "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+                    "endpoints": [
+                        {"addresses": ["10.0.0.1"], "targetRef": {"kind": "Pod", "name": "p1"}},
+                        {"addresses": ["10.0.0.2"], "zone": "z2", "conditions": {"ready": false}}
+                    ]})),
+            ],
+            ..Default::default()
+        });
+        let m = cat.current();
+        let svc = &m.services[&ServiceKey::new("default", "echo")];
+        assert_eq!(svc.endpoints.len(), 2);
+        let e1 = &svc.endpoints[0];
+        assert_eq!(e1.locality.region, "r1");
+        assert_eq!(e1.locality.zone, "z1");
+        assert_eq!(
+            e1.identity.as_deref(),
+            Some("spiffe://cluster.local/ns/default/sa/echo-sa")
+        );
+        assert_eq!(e1.port_for(&svc.ports[0]), Some(8080));
+        assert_eq!(e1.cluster, "c1");
+        let e2 = &svc.endpoints[1];
+        assert_eq!(e2.locality.zone, "z2");
+        assert!(!e2.ready);
+    }
+
+    #[test]
+    fn unchanged_services_keep_their_arc() {
+        let cat = Catalog::new("c1", "td");
+        cat.apply(SourceUpdate {
+            upserts: vec![obj(service("a", 80)), obj(service("b", 80))],
+            ..Default::default()
+        });
+        let m1 = cat.current();
+        cat.apply(SourceUpdate {
+            upserts: vec![obj(service("b", 81))],
+            ..Default::default()
+        });
+        let m2 = cat.current();
+        assert_eq!(m2.version, m1.version + 1);
+        let a = ServiceKey::new("default", "a");
+        let b = ServiceKey::new("default", "b");
+        assert!(Arc::ptr_eq(&m1.services[&a], &m2.services[&a]));
+        assert!(!Arc::ptr_eq(&m1.services[&b], &m2.services[&b]));
+    }
+
+    fn split(backends: serde_json::Value) -> (Object, String) {
+        obj(json!({"apiVersion": "split.smi-spec.io/v1alpha4", "kind": "TrafficSplit",
+            "metadata": {"name": "echo-split"},
+            "spec": {"service": "echo", "backends": backends}}))
+    }
+
+    #[test]
+    fn split_resolves_and_last_good_survives_a_missing_backend() {
+        let cat = Catalog::new("c1", "td");
+        cat.apply(SourceUpdate {
+            upserts: vec![
+                obj(service("echo", 80)),
+                obj(service("echo-v1", 80)),
+                obj(service("echo-v2", 80)),
+                split(json!([{"service": "echo-v1", "weight": 90}, {"service": "echo-v2", "weight": 10}])),
+            ],
+            ..Default::default()
+        });
+        let m = cat.current();
+        assert!(m.errors.is_empty(), "{:?}", m.errors);
+        let rules = &m.services[&ServiceKey::new("default", "echo")].routes[&80];
+        assert_eq!(rules[0].backends.len(), 2);
+        assert_eq!(rules[0].backends[0].weight, 90);
+
+        cat.apply(SourceUpdate {
+            upserts: vec![split(
+                json!([{"service": "echo-v1", "weight": 50}, {"service": "echo-v3", "weight": 50}]),
+            )],
+            ..Default::default()
+        });
+        let m = cat.current();
+        assert_eq!(m.errors.len(), 1);
+        let e = &m.errors[0];
+        assert_eq!(e.object, "TrafficSplit default/echo-split");
+        assert_eq!(e.field, "spec.backends[1].service");
+        assert!(e.message.contains("echo-v3 not found"), "{}", e.message);
+        assert!(e.message.contains("last good"), "{}", e.message);
+        let rules = &m.services[&ServiceKey::new("default", "echo")].routes[&80];
+        assert_eq!(rules[0].backends[0].weight, 90, "the 90/10 split keeps serving");
+    }
+
+    #[test]
+    fn policy_for_missing_service_is_an_error() {
+        let cat = Catalog::new("c1", "td");
+        cat.apply(SourceUpdate {
+            upserts: vec![obj(json!({"apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
+                "metadata": {"name": "p"}, "spec": {"targetRef": {"name": "ghost"}}}))],
+            ..Default::default()
+        });
+        let m = cat.current();
+        assert_eq!(m.errors[0].field, "spec.targetRef.name");
+    }
+
+    #[test]
+    fn http_route_matches_and_timeouts() {
+        let cat = Catalog::new("c1", "td");
+        cat.apply(SourceUpdate {
+            upserts: vec![
+                obj(service("echo", 80)),
+                obj(service("echo-v2", 8080)),
+                obj(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                    "metadata": {"name": "r"},
+                    "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "echo", "port": 80}],
+                      "rules": [{
+                        "matches": [{"path": {"type": "PathPrefix", "value": "/v2"},
+                                     "headers": [{"name": "X-Canary", "value": "1"}]}],
+                        "backendRefs": [{"name": "echo-v2", "port": 8080}],
+                        "timeouts": {"request": "2s", "backendRequest": "500ms"},
+                        "retry": {"attempts": 3, "codes": [503], "backoff": "50ms"}
+                      }]}})),
+            ],
+            ..Default::default()
+        });
+        let m = cat.current();
+        assert!(m.errors.is_empty(), "{:?}", m.errors);
+        let rule = &m.services[&ServiceKey::new("default", "echo")].routes[&80][0];
+        assert_eq!(rule.matches[0].path, Some(PathMatch::Prefix("/v2".into())));
+        assert_eq!(rule.matches[0].headers[0].name, "x-canary");
+        assert_eq!(rule.backends[0].port, 8080);
+        assert_eq!(rule.timeout, Some(Duration::from_secs(2)));
+        let retry = rule.retry.as_ref().expect("retry");
+        assert_eq!(retry.attempts, 3);
+        assert_eq!(retry.per_try_timeout, Some(Duration::from_millis(500)));
+        assert_eq!(retry.retriable_status_codes, vec![503]);
+    }
+}

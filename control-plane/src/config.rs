@@ -1,0 +1,85 @@
+//! The control plane's configuration: one struct, built by clap; every flag has a `WEFT_*`
+//! environment variable and a documented default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Default TLS gRPC address (xDS, identity, admin, federation).
+pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:15012";
+/// Default metrics address.
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15014";
+
+/// `weft-control-plane` flags.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "weft-control-plane", version, about = "Weft control plane: Kubernetes objects in, Envoy xDS v3 out")]
+pub struct Config {
+    /// Directory of Kubernetes YAML to serve (the file source), watched for changes.
+    #[arg(long, env = "WEFT_SOURCE_DIR")]
+    pub source_dir: Option<PathBuf>,
+    /// This cluster's name: the origin of the endpoints it serves.
+    #[arg(long, env = "WEFT_CLUSTER_NAME", default_value = "cluster-1")]
+    pub cluster_name: String,
+    /// SPIFFE trust domain of the mesh's identities.
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Plaintext xDS + admin gRPC address, for local development and tests (off unless given).
+    #[arg(long, env = "WEFT_XDS_PLAINTEXT_ADDR")]
+    pub xds_plaintext_addr: Option<SocketAddr>,
+    /// Metrics address: /metrics, /ready, /live.
+    #[arg(long, env = "WEFT_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    /// Name of this replica, shown by `weftctl status` (default: the host name).
+    #[arg(long, env = "WEFT_REPLICA")]
+    pub replica: Option<String>,
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `weft_control_plane=debug`.
+    #[arg(long, env = "WEFT_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// A configuration that cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// No source of services.
+    #[error("no source: pass --source-dir DIR (WEFT_SOURCE_DIR); the Kubernetes source is not built yet")]
+    NoSource,
+    /// No xDS listener.
+    #[error("no xDS listener: pass --xds-plaintext-addr ADDR (WEFT_XDS_PLAINTEXT_ADDR); the TLS port --grpc-addr arrives with the identity work")]
+    NoListener,
+    /// Bad cluster name.
+    #[error("--cluster-name {0:?}: {1}")]
+    ClusterName(String, String),
+    /// Bad trust domain.
+    #[error("--trust-domain {0:?}: {1}")]
+    TrustDomain(String, String),
+}
+
+impl Config {
+    /// A configuration for tests and the demo: file source, everything on loopback port 0.
+    pub fn local(source_dir: impl Into<PathBuf>) -> Self {
+        let any = |s: &str| s.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+        Config {
+            source_dir: Some(source_dir.into()),
+            cluster_name: "cluster-1".into(),
+            trust_domain: "cluster.local".into(),
+            xds_plaintext_addr: Some(any("127.0.0.1:0")),
+            metrics_addr: any("127.0.0.1:0"),
+            replica: Some("local".into()),
+            log: "info".into(),
+        }
+    }
+
+    /// Checks what clap cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.source_dir.is_none() {
+            return Err(ConfigError::NoSource);
+        }
+        if self.xds_plaintext_addr.is_none() {
+            return Err(ConfigError::NoListener);
+        }
+        weft_proto::spiffe::validate_dns_subdomain("cluster name", &self.cluster_name)
+            .map_err(|e| ConfigError::ClusterName(self.cluster_name.clone(), e.to_string()))?;
+        weft_proto::SpiffeId::new(&self.trust_domain, "ns", "sa")
+            .map_err(|e| ConfigError::TrustDomain(self.trust_domain.clone(), e.to_string()))?;
+        Ok(())
+    }
+}

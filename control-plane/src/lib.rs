@@ -1,0 +1,191 @@
+//! Weft's control plane: sources -> catalog -> translator -> Envoy xDS v3 (ADS, state of the
+//! world and delta), plus the `weft.admin.v1` API and Prometheus metrics.
+//!
+//! [`ControlPlane::start`] binds every listener first (a bind error stops start-up), then runs
+//! the source, the translator and the servers as tasks that end when the handle is dropped.
+
+pub mod admin;
+pub mod catalog;
+pub mod config;
+pub mod metrics;
+pub mod objects;
+pub mod source;
+pub mod translate;
+pub mod xds;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use weft_proto::admin::admin_server::AdminServer;
+use weft_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+
+pub use config::Config;
+
+use catalog::Catalog;
+use metrics::Metrics;
+use translate::Translation;
+
+/// Largest xDS message accepted or sent (a full mesh's listeners can be large).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration cannot run.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// A listener could not bind.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// What the listener is for.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file source could not start.
+    #[error(transparent)]
+    Source(#[from] source::file::FileSourceError),
+}
+
+/// A running control plane; dropping it stops every task.
+pub struct ControlPlane {
+    /// Where plaintext xDS and admin are served.
+    pub xds_addr: SocketAddr,
+    /// Where /metrics, /ready, /live are served.
+    pub metrics_addr: SocketAddr,
+    /// The catalog.
+    pub catalog: Arc<Catalog>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The latest translation.
+    pub translations: watch::Receiver<Arc<Translation>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+impl ControlPlane {
+    /// Validates the config, binds, and starts serving.
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        config.validate()?;
+        let (Some(dir), Some(xds_addr)) = (config.source_dir.clone(), config.xds_plaintext_addr)
+        else {
+            return Err(config::ConfigError::NoSource.into());
+        };
+        let xds_listener = bind("plaintext xDS", xds_addr).await?;
+        let metrics_listener = bind("metrics", config.metrics_addr).await?;
+        let xds_addr = xds_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { what: "plaintext xDS", addr: xds_addr, source })?;
+        let metrics_addr = metrics_listener.local_addr().map_err(|source| StartError::Bind {
+            what: "metrics",
+            addr: config.metrics_addr,
+            source,
+        })?;
+        let replica = config.replica.clone().unwrap_or_else(hostname);
+        let catalog = Arc::new(Catalog::new(&config.cluster_name, &config.trust_domain));
+        let metrics = Arc::new(Metrics::new());
+        let mut tasks = Vec::new();
+
+        // The source: read once before serving so the first proxies get a full view.
+        let mut first = source::file::FileSource::new(&dir);
+        let update = first.reload(&Default::default())?;
+        drop(first);
+        let initial_errors = update.errors.clone().unwrap_or_default();
+        for e in &initial_errors {
+            tracing::warn!(error = %e, "source error");
+        }
+        {
+            let (catalog, metrics) = (catalog.clone(), metrics.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = source::file::run(dir, catalog, metrics).await {
+                    tracing::error!(error = %e, "file source stopped; the last good state keeps serving");
+                }
+            }));
+        }
+        // Wait for the source's first full view (bounded: a failing source does not block start).
+        let mut models = catalog.subscribe();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), models.wait_for(|m| m.ready)).await;
+
+        // The translator: one translation per model version, shared by every stream.
+        let model = catalog.current();
+        metrics.observe_model(&model);
+        let (ttx, trx) = watch::channel(Arc::new(translate::translate(&model, None)));
+        {
+            let metrics = metrics.clone();
+            tasks.push(tokio::spawn(async move {
+                while models.changed().await.is_ok() {
+                    let model = models.borrow_and_update().clone();
+                    let prev = ttx.borrow().clone();
+                    let started = std::time::Instant::now();
+                    let t = translate::translate(&model, Some(&prev));
+                    metrics.observe_model(&model);
+                    tracing::debug!(version = model.version, elapsed = ?started.elapsed(), "translated");
+                    ttx.send_replace(Arc::new(t));
+                }
+            }));
+        }
+
+        let registry = Arc::new(xds::registry::Registry::default());
+        let shared = Arc::new(xds::Shared {
+            translations: trx.clone(),
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+        });
+        let ads = AggregatedDiscoveryServiceServer::new(xds::AdsServer::new(shared))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let admin = AdminServer::new(admin::AdminService {
+            catalog: catalog.clone(),
+            registry,
+            replica,
+        });
+        tasks.push(tokio::spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+                .add_service(ads)
+                .add_service(admin)
+                .serve_with_incoming(TcpListenerStream::new(xds_listener))
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "xDS server stopped");
+            }
+        }));
+        tasks.push(tokio::spawn(metrics::serve(metrics_listener, metrics.clone())));
+        tracing::info!(%xds_addr, %metrics_addr, cluster = %config.cluster_name, "control plane serving");
+        Ok(ControlPlane {
+            xds_addr,
+            metrics_addr,
+            catalog,
+            metrics,
+            translations: trx,
+            tasks,
+        })
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "weft-control-plane".into())
+}

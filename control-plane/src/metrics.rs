@@ -1,0 +1,189 @@
+//! The control plane's Prometheus metrics and its small HTTP endpoint (`/metrics`, `/ready`,
+//! `/live`) on `--metrics-addr`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::catalog::Model;
+
+/// Label set of one metric sample.
+pub type Labels = Vec<(String, String)>;
+
+/// Every control-plane metric.
+pub struct Metrics {
+    registry: Registry,
+    /// `weft_xds_connected_proxies`: ADS streams open now.
+    pub connected_proxies: Gauge,
+    /// `weft_xds_pushes_total{type}`: responses sent.
+    pub pushes: Family<Labels, Counter>,
+    /// `weft_xds_acks_total{type}`.
+    pub acks: Family<Labels, Counter>,
+    /// `weft_xds_nacks_total{type}`.
+    pub nacks: Family<Labels, Counter>,
+    /// `weft_xds_request_errors_total{reason}`: malformed requests refused.
+    pub request_errors: Family<Labels, Counter>,
+    /// `weft_catalog_version`.
+    pub catalog_version: Gauge,
+    /// `weft_catalog_services`.
+    pub catalog_services: Gauge,
+    /// `weft_catalog_endpoints`.
+    pub catalog_endpoints: Gauge,
+    /// `weft_source_errors`: current number of source/validation errors.
+    pub source_errors: Gauge,
+    /// `weft_source_error{file,object,field}`: 1 for every current error.
+    pub source_error: Family<Labels, Gauge>,
+    /// `weft_source_reloads_total`.
+    pub source_reloads: Counter,
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            connected_proxies: Gauge::default(),
+            pushes: Family::default(),
+            acks: Family::default(),
+            nacks: Family::default(),
+            request_errors: Family::default(),
+            catalog_version: Gauge::default(),
+            catalog_services: Gauge::default(),
+            catalog_endpoints: Gauge::default(),
+            source_errors: Gauge::default(),
+            source_error: Family::default(),
+            source_reloads: Counter::default(),
+            ready: AtomicBool::new(false),
+            registry: Registry::default(),
+        };
+        registry.register("weft_xds_connected_proxies", "ADS streams open", m.connected_proxies.clone());
+        registry.register("weft_xds_pushes", "xDS responses sent", m.pushes.clone());
+        registry.register("weft_xds_acks", "xDS responses ACKed", m.acks.clone());
+        registry.register("weft_xds_nacks", "xDS responses NACKed", m.nacks.clone());
+        registry.register(
+            "weft_xds_request_errors",
+            "Malformed xDS requests refused",
+            m.request_errors.clone(),
+        );
+        registry.register("weft_catalog_version", "Catalog model version", m.catalog_version.clone());
+        registry.register("weft_catalog_services", "Services in the catalog", m.catalog_services.clone());
+        registry.register("weft_catalog_endpoints", "Endpoints in the catalog", m.catalog_endpoints.clone());
+        registry.register("weft_source_errors", "Current source and validation errors", m.source_errors.clone());
+        registry.register(
+            "weft_source_error",
+            "One sample per current source error (file, object, field)",
+            m.source_error.clone(),
+        );
+        registry.register("weft_source_reloads", "Source reloads", m.source_reloads.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// Updates the catalog gauges from a new model.
+    pub fn observe_model(&self, model: &Model) {
+        self.catalog_version.set(model.version as i64);
+        self.catalog_services.set(model.services.len() as i64);
+        self.catalog_endpoints.set(model.endpoint_count() as i64);
+        self.source_errors.set(model.errors.len() as i64);
+        self.source_error.clear();
+        for e in &model.errors {
+            self.source_error
+                .get_or_create(&vec![
+                    ("file".into(), e.file.clone()),
+                    ("object".into(), e.object.clone()),
+                    ("field".into(), e.field.clone()),
+                ])
+                .set(1);
+        }
+        if model.ready {
+            self.ready.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// True once the sources delivered their first view.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.push_str("# encoding failed\n");
+        }
+        out
+    }
+}
+
+/// A label set with one `type` label (the xDS short name).
+pub fn type_label(type_url: &str) -> Labels {
+    vec![("type".into(), weft_proto::type_url::short(type_url).to_string())]
+}
+
+/// Serves `/metrics`, `/ready` and `/live` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(&req, &metrics)) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics connection ended");
+            }
+        });
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
+}
+
+fn handle(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/metrics" => {
+            let mut r = text(StatusCode::OK, metrics.render());
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        "/live" => text(StatusCode::OK, "live\n".into()),
+        "/ready" if metrics.is_ready() => text(StatusCode::OK, "ready\n".into()),
+        "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "sources not synced yet\n".into()),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /ready, /live\n".into()),
+    }
+}
+
+/// Binds the metrics endpoint.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

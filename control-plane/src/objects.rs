@@ -1,0 +1,1019 @@
+//! The Kubernetes objects Weft reads, parsed and validated into typed values.
+//!
+//! Every source (the file source today, the Kubernetes source later) turns one object's JSON
+//! into an [`Object`] through [`parse_object`], so the same input gets the same verdict and the
+//! same message wherever it comes from. Errors name the object and the field path
+//! (`spec.backends[1].weight`), never just "invalid".
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The identity of an object in the world: kind, namespace, name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ObjectKey {
+    /// `Service`, `EndpointSlice`, ... (the Kubernetes kind).
+    pub kind: &'static str,
+    /// Empty for cluster-scoped kinds (Node).
+    pub namespace: String,
+    /// `metadata.name`.
+    pub name: String,
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// Why one object was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{object}: field {field}: {message}")]
+pub struct ObjectError {
+    /// `Kind ns/name`, or what could be read of it.
+    pub object: String,
+    /// Path of the offending field, e.g. `spec.ports[0].port`.
+    pub field: String,
+    /// What is wrong and, where it helps, what is expected.
+    pub message: String,
+}
+
+/// A parsed, validated object of a kind Weft understands.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    /// `v1 Service`.
+    Service(Box<Service>),
+    /// `discovery.k8s.io/v1 EndpointSlice`.
+    EndpointSlice(Box<EndpointSlice>),
+    /// `v1 Node`: only its topology labels matter.
+    Node(Box<Node>),
+    /// `v1 Pod`: its service account and node matter.
+    Pod(Box<Pod>),
+    /// SMI `split.smi-spec.io/v1alpha4 TrafficSplit`.
+    TrafficSplit(Named<TrafficSplitSpec>),
+    /// Gateway API `gateway.networking.k8s.io/v1 HTTPRoute` (GAMMA: parentRef a Service).
+    HttpRoute(Named<HttpRouteSpec>),
+    /// MCS `multicluster.x-k8s.io/v1alpha1 ServiceExport`.
+    ServiceExport(Named<()>),
+    /// Weft's own `weft.dev/v1alpha1 TrafficPolicy`.
+    TrafficPolicy(Named<TrafficPolicySpec>),
+}
+
+/// A namespaced object of one of the small kinds Weft owns or borrows: name, namespace, spec.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Named<T> {
+    /// `metadata.namespace` (defaulted to `default`).
+    pub namespace: String,
+    /// `metadata.name`.
+    pub name: String,
+    /// The validated spec.
+    pub spec: T,
+}
+
+impl Object {
+    /// The object's key.
+    pub fn key(&self) -> ObjectKey {
+        fn meta(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+            (
+                m.namespace.clone().unwrap_or_else(|| "default".into()),
+                m.name.clone().unwrap_or_default(),
+            )
+        }
+        let (kind, (namespace, name)) = match self {
+            Object::Service(o) => ("Service", meta(&o.metadata)),
+            Object::EndpointSlice(o) => ("EndpointSlice", meta(&o.metadata)),
+            Object::Node(o) => ("Node", (String::new(), o.metadata.name.clone().unwrap_or_default())),
+            Object::Pod(o) => ("Pod", meta(&o.metadata)),
+            Object::TrafficSplit(o) => ("TrafficSplit", (o.namespace.clone(), o.name.clone())),
+            Object::HttpRoute(o) => ("HTTPRoute", (o.namespace.clone(), o.name.clone())),
+            Object::ServiceExport(o) => ("ServiceExport", (o.namespace.clone(), o.name.clone())),
+            Object::TrafficPolicy(o) => ("TrafficPolicy", (o.namespace.clone(), o.name.clone())),
+        };
+        ObjectKey {
+            kind,
+            namespace,
+            name,
+        }
+    }
+}
+
+/// SMI TrafficSplit spec: the root service and its weighted backends.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficSplitSpec {
+    /// The root (apex) service clients call.
+    pub service: String,
+    /// The services that receive the traffic, with weights.
+    pub backends: Vec<SplitBackend>,
+    /// SMI route-group matches; Weft does not support them and refuses a split that sets them.
+    #[serde(default)]
+    pub matches: Option<serde_json::Value>,
+}
+
+/// One backend of a TrafficSplit.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SplitBackend {
+    /// Backend service name, same namespace.
+    pub service: String,
+    /// Relative weight, non-negative.
+    pub weight: u32,
+}
+
+/// Gateway API HTTPRoute spec, the GAMMA subset Weft serves.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteSpec {
+    /// Parents: Services (GAMMA). Gateways are ignored.
+    #[serde(default)]
+    pub parent_refs: Vec<ParentRef>,
+    /// Hostnames are meaningless for GAMMA routes and ignored.
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    /// Ordered rules.
+    #[serde(default)]
+    pub rules: Vec<HttpRouteRule>,
+}
+
+/// A parent reference.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentRef {
+    /// `""` or `core` for a Service.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// `Service` for GAMMA.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Parent name.
+    pub name: String,
+    /// Parent namespace; the route's own when absent.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Restricts the route to one Service port.
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+/// One HTTPRoute rule.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteRule {
+    /// Any of these matches selects the rule; none means every request.
+    #[serde(default)]
+    pub matches: Vec<HttpRouteMatch>,
+    /// Weighted backends.
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+    /// Timeouts.
+    #[serde(default)]
+    pub timeouts: Option<HttpRouteTimeouts>,
+    /// Retries (Gateway API HTTPRouteRetry).
+    #[serde(default)]
+    pub retry: Option<HttpRouteRetry>,
+}
+
+/// One match of an HTTPRoute rule.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteMatch {
+    /// Path match.
+    #[serde(default)]
+    pub path: Option<PathMatchSpec>,
+    /// Header matches, all must hold.
+    #[serde(default)]
+    pub headers: Vec<HeaderMatchSpec>,
+    /// HTTP method.
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+/// A path match.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PathMatchSpec {
+    /// `Exact`, `PathPrefix` (default) or `RegularExpression`.
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    /// The path; defaults to `/`.
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+/// A header match.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderMatchSpec {
+    /// `Exact` (default) or `RegularExpression`.
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    /// Header name.
+    pub name: String,
+    /// Value to match.
+    pub value: String,
+}
+
+/// A backend reference.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendRef {
+    /// `""`/`core` for a Service.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// `Service`.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Service name.
+    pub name: String,
+    /// Service namespace; the route's own when absent.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Service port.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Relative weight, default 1.
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+/// HTTPRoute timeouts.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteTimeouts {
+    /// Whole-request deadline.
+    #[serde(default)]
+    pub request: Option<String>,
+    /// Per-try deadline.
+    #[serde(default)]
+    pub backend_request: Option<String>,
+}
+
+/// HTTPRoute retry (Gateway API v1.2+).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteRetry {
+    /// HTTP status codes to retry.
+    #[serde(default)]
+    pub codes: Vec<u16>,
+    /// Retries allowed.
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    /// Base backoff.
+    #[serde(default)]
+    pub backoff: Option<String>,
+}
+
+/// Weft's TrafficPolicy spec: how traffic to one Service is balanced and protected.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficPolicySpec {
+    /// The Service this policy applies to.
+    pub target_ref: TargetRef,
+    /// Load balancing.
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancerSpec>,
+    /// Circuit breaker thresholds.
+    #[serde(default)]
+    pub circuit_breaker: Option<CircuitBreakerSpec>,
+    /// Outlier detection.
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetectionSpec>,
+    /// Retries.
+    #[serde(default)]
+    pub retry: Option<RetrySpec>,
+    /// Whole-request timeout, e.g. `5s`.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// Locality behaviour.
+    #[serde(default)]
+    pub locality: Option<LocalitySpec>,
+}
+
+/// The target of a policy.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TargetRef {
+    /// Must be `Service`.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// `""` or `core`.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Service name, same namespace as the policy.
+    pub name: String,
+}
+
+/// Load balancing algorithm and, for hashing algorithms, the hash key.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancerSpec {
+    /// The algorithm.
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    /// Hash key for RingHash and Maglev.
+    #[serde(default)]
+    pub hash: Option<HashSpec>,
+}
+
+/// Load balancing algorithms.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+pub enum Algorithm {
+    /// Power of two choices over peak-EWMA latency (the default).
+    #[default]
+    PeakEWMA,
+    /// Round robin.
+    RoundRobin,
+    /// Power of two choices over outstanding requests.
+    LeastRequest,
+    /// Uniform random.
+    Random,
+    /// Consistent hashing on a ring (Ketama).
+    RingHash,
+    /// Maglev consistent hashing.
+    Maglev,
+}
+
+/// What a hashing balancer hashes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HashSpec {
+    /// A request header's value.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// The client's source IP.
+    #[serde(default, rename = "sourceIP")]
+    pub source_ip: bool,
+}
+
+/// Circuit breaker thresholds (Envoy's defaults apply where absent).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CircuitBreakerSpec {
+    /// Connections to the whole cluster.
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    /// Requests waiting for a connection.
+    #[serde(default)]
+    pub max_pending_requests: Option<u32>,
+    /// Requests in flight.
+    #[serde(default)]
+    pub max_requests: Option<u32>,
+    /// Retries in flight.
+    #[serde(default)]
+    pub max_retries: Option<u32>,
+}
+
+/// Outlier detection settings.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetectionSpec {
+    /// Consecutive 5xx before ejection (default 5).
+    #[serde(default)]
+    pub consecutive_5xx: Option<u32>,
+    /// Consecutive gateway errors (502/503/504, connect failures) before ejection (default 5).
+    #[serde(default)]
+    pub consecutive_gateway_errors: Option<u32>,
+    /// How often ejections are re-evaluated, e.g. `10s`.
+    #[serde(default)]
+    pub interval: Option<String>,
+    /// Base ejection time; each further ejection of the same host multiplies it.
+    #[serde(default)]
+    pub base_ejection_time: Option<String>,
+    /// Cap on the share of hosts ejected at once, percent (default 10).
+    #[serde(default)]
+    pub max_ejection_percent: Option<u32>,
+}
+
+/// Retry settings.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Retries allowed after the first try (default 2).
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    /// Per-try deadline.
+    #[serde(default)]
+    pub per_try_timeout: Option<String>,
+    /// Conditions: `5xx`, `gateway-error`, `connect-failure`, `reset`, `retriable-status-codes`.
+    #[serde(default)]
+    pub retry_on: Vec<String>,
+    /// Status codes retried when `retriable-status-codes` is set.
+    #[serde(default)]
+    pub retriable_status_codes: Vec<u16>,
+    /// Jittered exponential backoff.
+    #[serde(default)]
+    pub backoff: Option<BackoffSpec>,
+    /// Retry budget: retries may add at most this share of active requests.
+    #[serde(default)]
+    pub budget: Option<BudgetSpec>,
+}
+
+/// Backoff between retries.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackoffSpec {
+    /// First interval (default 25ms).
+    #[serde(default)]
+    pub base_interval: Option<String>,
+    /// Cap (default 10 × base).
+    #[serde(default)]
+    pub max_interval: Option<String>,
+}
+
+/// Retry budget.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BudgetSpec {
+    /// Percent of active requests that may be retries (default 20).
+    #[serde(default)]
+    pub percent: Option<f64>,
+    /// Retries always allowed regardless of the share (default 3).
+    #[serde(default)]
+    pub min_retry_concurrency: Option<u32>,
+}
+
+/// Locality behaviour.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalitySpec {
+    /// Prefer endpoints nearer the caller (zone, then region, then cluster); default true.
+    /// False puts every endpoint of the cluster at one priority.
+    #[serde(default)]
+    pub failover: Option<bool>,
+    /// Let endpoints of other clusters join the local service name at lower priorities; default false.
+    #[serde(default)]
+    pub cross_cluster: Option<bool>,
+}
+
+/// Parses a Gateway API duration (`1h`, `10s`, `250ms`, `1m30s`): one or more number+unit pairs.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err("empty duration".into());
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(|b| b.is_ascii_digit()).count();
+        if digits == 0 || digits > 9 {
+            return Err(format!("{s:?} is not a duration like 250ms, 10s, 1m30s"));
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("{s:?}: bad number"))?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(1), 2)
+        } else if rest.starts_with('s') {
+            (Duration::from_secs(1), 1)
+        } else if rest.starts_with('m') {
+            (Duration::from_secs(60), 1)
+        } else if rest.starts_with('h') {
+            (Duration::from_secs(3600), 1)
+        } else {
+            return Err(format!("{s:?}: unit must be h, m, s or ms"));
+        };
+        rest = &rest[len..];
+        total += unit * u32::try_from(n).map_err(|_| format!("{s:?}: too large"))?;
+    }
+    Ok(total)
+}
+
+/// Parses one document (as JSON) into an object; `Ok(None)` for kinds Weft does not read.
+pub fn parse_object(doc: serde_json::Value) -> Result<Option<Object>, ObjectError> {
+    let api_version = doc
+        .get("apiVersion")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let kind = doc
+        .get("kind")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let meta = doc.get("metadata");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let namespace = meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("default")
+        .to_string();
+    let label = if kind.is_empty() {
+        "<object without kind>".to_string()
+    } else if kind == "Node" {
+        format!("{kind} {name}")
+    } else {
+        format!("{kind} {namespace}/{name}")
+    };
+    let err = |field: &str, message: String| ObjectError {
+        object: label.clone(),
+        field: field.to_string(),
+        message,
+    };
+    if kind.is_empty() {
+        return Err(err("kind", "missing".into()));
+    }
+    if api_version.is_empty() {
+        return Err(err("apiVersion", "missing".into()));
+    }
+    if name.is_empty() {
+        return Err(err("metadata.name", "missing".into()));
+    }
+    let group = api_version.split_once('/').map(|(g, _)| g).unwrap_or("");
+    let obj = match (group, kind.as_str()) {
+        ("", "Service") => Object::Service(Box::new(typed(doc, &label)?)),
+        ("discovery.k8s.io", "EndpointSlice") => {
+            Object::EndpointSlice(Box::new(typed(doc, &label)?))
+        }
+        ("", "Node") => Object::Node(Box::new(typed(doc, &label)?)),
+        ("", "Pod") => Object::Pod(Box::new(typed(doc, &label)?)),
+        ("split.smi-spec.io", "TrafficSplit") => {
+            Object::TrafficSplit(named(doc, &label, namespace, name)?)
+        }
+        ("gateway.networking.k8s.io", "HTTPRoute") => {
+            Object::HttpRoute(named(doc, &label, namespace, name)?)
+        }
+        ("multicluster.x-k8s.io", "ServiceExport") => Object::ServiceExport(Named {
+            namespace,
+            name,
+            spec: (),
+        }),
+        ("weft.dev", "TrafficPolicy") => {
+            Object::TrafficPolicy(named(doc, &label, namespace, name)?)
+        }
+        _ => return Ok(None),
+    };
+    validate(&obj).map_err(|(field, message)| err(&field, message))?;
+    Ok(Some(obj))
+}
+
+fn typed<T: DeserializeOwned>(doc: serde_json::Value, label: &str) -> Result<T, ObjectError> {
+    serde_path_to_error::deserialize(doc).map_err(|e| ObjectError {
+        object: label.to_string(),
+        field: e.path().to_string(),
+        message: e.inner().to_string(),
+    })
+}
+
+fn named<T: DeserializeOwned>(
+    mut doc: serde_json::Value,
+    label: &str,
+    namespace: String,
+    name: String,
+) -> Result<Named<T>, ObjectError> {
+    let spec = doc
+        .get_mut("spec")
+        .map(serde_json::Value::take)
+        .ok_or_else(|| ObjectError {
+            object: label.to_string(),
+            field: "spec".into(),
+            message: "missing".into(),
+        })?;
+    let spec: T = serde_path_to_error::deserialize(spec).map_err(|e| ObjectError {
+        object: label.to_string(),
+        field: format!("spec.{}", e.path()),
+        message: e.inner().to_string(),
+    })?;
+    Ok(Named {
+        namespace,
+        name,
+        spec,
+    })
+}
+
+type FieldError = (String, String);
+
+fn field_err(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+    (field.into(), message.into())
+}
+
+fn check_duration(field: &str, v: &Option<String>) -> Result<(), FieldError> {
+    match v {
+        Some(s) => parse_duration(s).map(|_| ()).map_err(|m| field_err(field, m)),
+        None => Ok(()),
+    }
+}
+
+/// Field-level validation beyond what the types enforce.
+fn validate(obj: &Object) -> Result<(), FieldError> {
+    match obj {
+        Object::Service(svc) => {
+            let spec = svc
+                .spec
+                .as_ref()
+                .ok_or_else(|| field_err("spec", "missing"))?;
+            let ports = spec.ports.as_deref().unwrap_or_default();
+            let mut names = BTreeMap::new();
+            for (i, p) in ports.iter().enumerate() {
+                if !(1..=65535).contains(&p.port) {
+                    return Err(field_err(
+                        format!("spec.ports[{i}].port"),
+                        format!("{} is not a port (1-65535)", p.port),
+                    ));
+                }
+                let name = p.name.clone().unwrap_or_default();
+                if ports.len() > 1 && name.is_empty() {
+                    return Err(field_err(
+                        format!("spec.ports[{i}].name"),
+                        "required when a Service has more than one port",
+                    ));
+                }
+                if names.insert(name.clone(), i).is_some() {
+                    return Err(field_err(
+                        format!("spec.ports[{i}].name"),
+                        format!("duplicate port name {name:?}"),
+                    ));
+                }
+            }
+            if let Some(a) = spec.session_affinity.as_deref()
+                && !matches!(a, "None" | "ClientIP")
+            {
+                return Err(field_err(
+                    "spec.sessionAffinity",
+                    format!("{a:?}: must be None or ClientIP"),
+                ));
+            }
+        }
+        Object::EndpointSlice(es) => {
+            let labels = es.metadata.labels.clone().unwrap_or_default();
+            if !labels.contains_key(weft_proto::keys::SERVICE_NAME_LABEL) {
+                return Err(field_err(
+                    format!(
+                        "metadata.labels[{:?}]",
+                        weft_proto::keys::SERVICE_NAME_LABEL
+                    ),
+                    "missing: it names the Service the slice belongs to",
+                ));
+            }
+            if !matches!(es.address_type.as_str(), "IPv4" | "IPv6") {
+                return Err(field_err(
+                    "addressType",
+                    format!("{:?}: only IPv4 and IPv6 are supported", es.address_type),
+                ));
+            }
+            for (i, ep) in es.endpoints.iter().flatten().enumerate() {
+                if ep.addresses.is_empty() {
+                    return Err(field_err(
+                        format!("endpoints[{i}].addresses"),
+                        "must hold at least one address",
+                    ));
+                }
+                for (j, a) in ep.addresses.iter().enumerate() {
+                    if a.parse::<std::net::IpAddr>().is_err() {
+                        return Err(field_err(
+                            format!("endpoints[{i}].addresses[{j}]"),
+                            format!("{a:?} is not an IP address"),
+                        ));
+                    }
+                }
+            }
+            for (i, p) in es.ports.as_deref().unwrap_or_default().iter().enumerate() {
+                if let Some(port) = p.port
+                    && !(1..=65535).contains(&port)
+                {
+                    return Err(field_err(
+                        format!("ports[{i}].port"),
+                        format!("{port} is not a port (1-65535)"),
+                    ));
+                }
+            }
+        }
+        Object::Node(_) | Object::Pod(_) | Object::ServiceExport(_) => {}
+        Object::TrafficSplit(ts) => {
+            if ts.spec.service.is_empty() {
+                return Err(field_err("spec.service", "must name the root Service"));
+            }
+            if ts.spec.matches.is_some() {
+                return Err(field_err(
+                    "spec.matches",
+                    "HTTPRouteGroup matches are not supported; use an HTTPRoute",
+                ));
+            }
+            if ts.spec.backends.is_empty() {
+                return Err(field_err("spec.backends", "must list at least one backend"));
+            }
+            for (i, b) in ts.spec.backends.iter().enumerate() {
+                if b.service.is_empty() {
+                    return Err(field_err(format!("spec.backends[{i}].service"), "empty"));
+                }
+            }
+            if ts.spec.backends.iter().all(|b| b.weight == 0) {
+                return Err(field_err(
+                    "spec.backends",
+                    "all weights are zero: no backend would receive traffic",
+                ));
+            }
+        }
+        Object::HttpRoute(r) => {
+            let services: Vec<_> = r
+                .spec
+                .parent_refs
+                .iter()
+                .filter(|p| p.kind.as_deref() == Some("Service"))
+                .collect();
+            if services.is_empty() {
+                return Err(field_err(
+                    "spec.parentRefs",
+                    "no parentRef of kind Service: Weft serves GAMMA routes only",
+                ));
+            }
+            for (i, rule) in r.spec.rules.iter().enumerate() {
+                for (j, m) in rule.matches.iter().enumerate() {
+                    if let Some(p) = &m.path {
+                        let kind = p.kind.as_deref().unwrap_or("PathPrefix");
+                        if !matches!(kind, "Exact" | "PathPrefix" | "RegularExpression") {
+                            return Err(field_err(
+                                format!("spec.rules[{i}].matches[{j}].path.type"),
+                                format!("{kind:?}: must be Exact, PathPrefix or RegularExpression"),
+                            ));
+                        }
+                        if let Some(v) = &p.value
+                            && !v.starts_with('/')
+                            && kind != "RegularExpression"
+                        {
+                            return Err(field_err(
+                                format!("spec.rules[{i}].matches[{j}].path.value"),
+                                format!("{v:?} must start with '/'"),
+                            ));
+                        }
+                    }
+                    for (k, h) in m.headers.iter().enumerate() {
+                        let kind = h.kind.as_deref().unwrap_or("Exact");
+                        if !matches!(kind, "Exact" | "RegularExpression") {
+                            return Err(field_err(
+                                format!("spec.rules[{i}].matches[{j}].headers[{k}].type"),
+                                format!("{kind:?}: must be Exact or RegularExpression"),
+                            ));
+                        }
+                    }
+                }
+                if !rule.backend_refs.is_empty()
+                    && rule.backend_refs.iter().all(|b| b.weight == Some(0))
+                {
+                    return Err(field_err(
+                        format!("spec.rules[{i}].backendRefs"),
+                        "all weights are zero: no backend would receive traffic",
+                    ));
+                }
+                for (j, b) in rule.backend_refs.iter().enumerate() {
+                    if b.kind.as_deref().is_some_and(|k| k != "Service") {
+                        return Err(field_err(
+                            format!("spec.rules[{i}].backendRefs[{j}].kind"),
+                            "only Service backends are supported",
+                        ));
+                    }
+                }
+                if let Some(t) = &rule.timeouts {
+                    check_duration(&format!("spec.rules[{i}].timeouts.request"), &t.request)?;
+                    check_duration(
+                        &format!("spec.rules[{i}].timeouts.backendRequest"),
+                        &t.backend_request,
+                    )?;
+                }
+                if let Some(rt) = &rule.retry {
+                    check_duration(&format!("spec.rules[{i}].retry.backoff"), &rt.backoff)?;
+                }
+            }
+        }
+        Object::TrafficPolicy(p) => {
+            let s = &p.spec;
+            if s.target_ref.kind.as_deref().is_some_and(|k| k != "Service") {
+                return Err(field_err("spec.targetRef.kind", "must be Service"));
+            }
+            if s.target_ref.name.is_empty() {
+                return Err(field_err("spec.targetRef.name", "must name a Service"));
+            }
+            if let Some(lb) = &s.load_balancer {
+                let hashing = matches!(lb.algorithm, Algorithm::RingHash | Algorithm::Maglev);
+                match (&lb.hash, hashing) {
+                    (Some(_), false) => {
+                        return Err(field_err(
+                            "spec.loadBalancer.hash",
+                            "only RingHash and Maglev hash requests",
+                        ));
+                    }
+                    (Some(h), true) if h.header.is_none() && !h.source_ip => {
+                        return Err(field_err(
+                            "spec.loadBalancer.hash",
+                            "set header or sourceIP",
+                        ));
+                    }
+                    (Some(h), true) if h.header.is_some() && h.source_ip => {
+                        return Err(field_err(
+                            "spec.loadBalancer.hash",
+                            "set header or sourceIP, not both",
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            check_duration("spec.timeout", &s.timeout)?;
+            if let Some(o) = &s.outlier_detection {
+                check_duration("spec.outlierDetection.interval", &o.interval)?;
+                check_duration(
+                    "spec.outlierDetection.baseEjectionTime",
+                    &o.base_ejection_time,
+                )?;
+                if o.max_ejection_percent.is_some_and(|p| p > 100) {
+                    return Err(field_err(
+                        "spec.outlierDetection.maxEjectionPercent",
+                        "must be 0-100",
+                    ));
+                }
+            }
+            if let Some(r) = &s.retry {
+                check_duration("spec.retry.perTryTimeout", &r.per_try_timeout)?;
+                for (i, c) in r.retry_on.iter().enumerate() {
+                    if !matches!(
+                        c.as_str(),
+                        "5xx"
+                            | "gateway-error"
+                            | "connect-failure"
+                            | "reset"
+                            | "retriable-status-codes"
+                    ) {
+                        return Err(field_err(
+                            format!("spec.retry.retryOn[{i}]"),
+                            format!(
+                                "{c:?}: must be 5xx, gateway-error, connect-failure, reset or retriable-status-codes"
+                            ),
+                        ));
+                    }
+                }
+                if let Some(b) = &r.backoff {
+                    check_duration("spec.retry.backoff.baseInterval", &b.base_interval)?;
+                    check_duration("spec.retry.backoff.maxInterval", &b.max_interval)?;
+                }
+                if let Some(b) = &r.budget
+                    && b.percent.is_some_and(|p| !(0.0..=100.0).contains(&p))
+                {
+                    return Err(field_err("spec.retry.budget.percent", "must be 0-100"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn err_of(doc: serde_json::Value) -> ObjectError {
+        parse_object(doc).expect_err("must be refused")
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in ["", "10", "ms", "1d", "-1s", "1.5s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn service_parses() {
+        let o = parse_object(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "echo", "namespace": "prod"},
+            "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+        }))
+        .expect("valid")
+        .expect("known kind");
+        assert_eq!(o.key().to_string(), "Service prod/echo");
+    }
+
+    #[test]
+    fn unknown_kinds_are_skipped() {
+        let o = parse_object(json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "x"}}));
+        assert_eq!(o, Ok(None));
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let e = err_of(json!({
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
+            "spec": {"ports": [{"name": "http", "port": "eighty"}]}
+        }));
+        assert_eq!(e.object, "Service default/echo");
+        assert_eq!(e.field, "spec.ports[0].port");
+    }
+
+    #[test]
+    fn validation_errors_name_the_field() {
+        let cases = [
+            (
+                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "e"},
+                   "spec": {"ports": [{"port": 80}, {"port": 81}]}}),
+                "spec.ports[0].name",
+            ),
+            (
+                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "e"},
+                   "spec": {"ports": [{"port": 70000}]}}),
+                "spec.ports[0].port",
+            ),
+            (
+                json!({"apiVersion": "split.smi-spec.io/v1alpha4", "kind": "TrafficSplit",
+                   "metadata": {"name": "s"},
+                   "spec": {"service": "e", "backends": [{"service": "a", "weight": 0}]}}),
+                "spec.backends",
+            ),
+            (
+                json!({"apiVersion": "split.smi-spec.io/v1alpha4", "kind": "TrafficSplit",
+                   "metadata": {"name": "s"},
+                   "spec": {"service": "e", "backends": [{"service": "a", "weight": -1}]}}),
+                "spec.backends[0].weight",
+            ),
+            (
+                json!({"apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
+                   "metadata": {"name": "p"},
+                   "spec": {"targetRef": {"name": "e"}, "timeout": "soon"}}),
+                "spec.timeout",
+            ),
+            (
+                json!({"apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
+                   "metadata": {"name": "p"},
+                   "spec": {"targetRef": {"name": "e"}, "loadBalancer": {"algorithm": "Fastest"}}}),
+                "spec.loadBalancer.algorithm",
+            ),
+            (
+                json!({"apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
+                   "metadata": {"name": "p"},
+                   "spec": {"targetRef": {"name": "e"}, "retyr": {}}}),
+                "spec",
+            ),
+            (
+                json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                   "metadata": {"name": "e-1", "labels": {"kubernetes.io/service-name": "e"}},
+                   "addressType": "IPv4", "endpoints": [{"addresses": ["10.0.0.300"]}]}),
+                "endpoints[0].addresses[0]",
+            ),
+            (
+                json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                   "metadata": {"name": "r"},
+                   "spec": {"parentRefs": [{"kind": "Gateway", "name": "g"}]}}),
+                "spec.parentRefs",
+            ),
+            (
+                json!({"apiVersion": "v1", "kind": "Service", "spec": {}}),
+                "metadata.name",
+            ),
+        ];
+        for (doc, field) in cases {
+            let e = err_of(doc);
+            assert_eq!(e.field, field, "{e}");
+        }
+    }
+}
+
+/// The static kind name for a kind Weft reads (for keys of objects that failed to parse).
+pub fn known_kind(kind: &str) -> Option<&'static str> {
+    [
+        "Service",
+        "EndpointSlice",
+        "Node",
+        "Pod",
+        "TrafficSplit",
+        "HTTPRoute",
+        "ServiceExport",
+        "TrafficPolicy",
+    ]
+    .into_iter()
+    .find(|k| *k == kind)
+}
+
+/// The key an unparsed document would have, when it names a known kind and has a name.
+pub fn raw_key(doc: &serde_json::Value) -> Option<ObjectKey> {
+    let kind = known_kind(doc.get("kind")?.as_str()?)?;
+    let meta = doc.get("metadata")?;
+    let name = meta.get("name")?.as_str()?.to_string();
+    let namespace = if kind == "Node" {
+        String::new()
+    } else {
+        meta.get("namespace")
+            .and_then(|v| v.as_str())
+            .unwrap_or("default")
+            .to_string()
+    };
+    Some(ObjectKey {
+        kind,
+        namespace,
+        name,
+    })
+}

@@ -1,0 +1,689 @@
+//! Translation: catalog model -> Envoy xDS v3 resources.
+//!
+//! Listeners, routes and clusters do not depend on who asks, so they are translated once per
+//! model version and shared by every proxy; a service whose model `Arc` did not change keeps its
+//! translated resources (and their `Arc`s), which is what lets an xDS stream find what changed
+//! for its proxy by pointer comparison. ClusterLoadAssignments depend on the asking proxy's
+//! locality (endpoint priorities), so they are computed per locality and cached per service.
+//!
+//! Naming: every resource of a Service port is named `<svc>.<ns>.svc.cluster.local:<port>`
+//! (see `weft_proto::names`); exported services also get the clusterset-scoped set.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prost::{Message, Name};
+use weft_proto::envoy::envoy::config::cluster::v3 as cluster;
+use weft_proto::envoy::envoy::config::core::v3 as core;
+use weft_proto::envoy::envoy::config::endpoint::v3 as endpoint;
+use weft_proto::envoy::envoy::config::listener::v3 as listener;
+use weft_proto::envoy::envoy::config::route::v3 as route;
+use weft_proto::envoy::envoy::extensions::filters::http::router::v3::Router;
+use weft_proto::envoy::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use weft_proto::envoy::envoy::r#type::matcher::v3 as matcher;
+use weft_proto::envoy::google::protobuf as pb;
+use weft_proto::names::{Scope, ServicePortName, virtual_host_domains};
+
+use crate::catalog::{
+    EndpointModel, Locality, Model, PathMatch, RouteRetry, RouteRule, ServiceKey, ServiceModel,
+};
+use crate::objects::{Algorithm, TrafficPolicySpec, parse_duration};
+
+/// Envoy's default overprovisioning factor (140 = 1.4): a priority keeps all its traffic while
+/// at least 1/1.4 ≈ 71 % of its endpoints are healthy, then spills the rest to the next one.
+pub const OVERPROVISIONING_FACTOR: u32 = 140;
+/// Metadata filter under which Weft puts what Envoy's schema has no field for.
+pub const WEFT_METADATA: &str = "weft";
+
+/// One serialized xDS resource, shared by every proxy it is sent to.
+#[derive(Debug, PartialEq)]
+pub struct Resource {
+    /// Resource name.
+    pub name: String,
+    /// Content hash, used as the delta-xDS resource version.
+    pub version: String,
+    /// The resource, packed.
+    pub any: pb::Any,
+}
+
+/// A shared resource.
+pub type Res = Arc<Resource>;
+
+/// Packs a message into a resource named `name`.
+pub fn resource<M: Message + Name>(name: String, msg: &M) -> Res {
+    let value = msg.encode_to_vec();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut h);
+    Arc::new(Resource {
+        name,
+        version: format!("{:016x}", h.finish()),
+        any: pb::Any {
+            type_url: M::type_url(),
+            value,
+        },
+    })
+}
+
+/// The asking proxy's place, which decides endpoint priorities.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ProxyPlace {
+    /// The proxy's cluster ("" = unknown: treated as the control plane's own).
+    pub cluster: String,
+    /// Its locality ("" fields = unknown).
+    pub locality: Locality,
+}
+
+/// The translated resources of one Service.
+#[derive(Debug)]
+pub struct ServiceXds {
+    /// The model it was translated from.
+    pub model: Arc<ServiceModel>,
+    /// Listeners (API listeners, one per port and scope).
+    pub listeners: Vec<Res>,
+    /// Route configurations.
+    pub routes: Vec<Res>,
+    /// Clusters.
+    pub clusters: Vec<Res>,
+    home_cluster: String,
+    endpoints: Mutex<HashMap<ProxyPlace, Arc<Vec<Res>>>>,
+}
+
+impl ServiceXds {
+    /// The ClusterLoadAssignments as `place` sees them (cached per place).
+    pub fn endpoints(&self, place: &ProxyPlace) -> Arc<Vec<Res>> {
+        let mut cache = match self.endpoints.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(v) = cache.get(place) {
+            return v.clone();
+        }
+        let v = Arc::new(load_assignments(&self.model, place, &self.home_cluster));
+        cache.insert(place.clone(), v.clone());
+        v
+    }
+}
+
+/// Every service's translated resources for one model version.
+#[derive(Debug, Default)]
+pub struct Translation {
+    /// The model version.
+    pub version: u64,
+    /// Per service; unchanged services keep their `Arc` across versions.
+    pub services: BTreeMap<ServiceKey, Arc<ServiceXds>>,
+}
+
+/// Translates a model, reusing `prev`'s work for services whose model did not change.
+pub fn translate(model: &Model, prev: Option<&Translation>) -> Translation {
+    let services = model
+        .services
+        .iter()
+        .map(|(k, svc)| {
+            let reused = prev
+                .and_then(|p| p.services.get(k))
+                .filter(|x| Arc::ptr_eq(&x.model, svc));
+            let xds = match reused {
+                Some(x) => x.clone(),
+                None => Arc::new(translate_service(svc, &model.cluster)),
+            };
+            (k.clone(), xds)
+        })
+        .collect();
+    Translation {
+        version: model.version,
+        services,
+    }
+}
+
+fn scopes(svc: &ServiceModel, home: &str) -> Vec<Scope> {
+    let remote = svc.endpoints.iter().any(|e| e.cluster != home);
+    if svc.exported || remote {
+        vec![Scope::Cluster, Scope::Clusterset]
+    } else {
+        vec![Scope::Cluster]
+    }
+}
+
+fn translate_service(svc: &Arc<ServiceModel>, home: &str) -> ServiceXds {
+    let mut listeners = Vec::new();
+    let mut routes = Vec::new();
+    let mut clusters = Vec::new();
+    for scope in scopes(svc, home) {
+        for port in &svc.ports {
+            let name = ServicePortName::new(&svc.key.name, &svc.key.namespace, port.port)
+                .with_scope(scope);
+            listeners.push(resource(name.to_string(), &api_listener(&name)));
+            routes.push(resource(name.to_string(), &route_config(svc, &name)));
+            clusters.push(resource(name.to_string(), &cluster_for(svc, &name, port)));
+        }
+    }
+    ServiceXds {
+        model: svc.clone(),
+        listeners,
+        routes,
+        clusters,
+        home_cluster: home.to_string(),
+        endpoints: Mutex::new(HashMap::new()),
+    }
+}
+
+fn ads() -> core::ConfigSource {
+    core::ConfigSource {
+        resource_api_version: core::ApiVersion::V3 as i32,
+        config_source_specifier: Some(core::config_source::ConfigSourceSpecifier::Ads(
+            core::AggregatedConfigSource {},
+        )),
+        ..Default::default()
+    }
+}
+
+fn duration(d: Duration) -> pb::Duration {
+    pb::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn u32v(v: u32) -> pb::UInt32Value {
+    pb::UInt32Value { value: v }
+}
+
+fn any_of<M: Message + Name>(m: &M) -> pb::Any {
+    pb::Any {
+        type_url: M::type_url(),
+        value: m.encode_to_vec(),
+    }
+}
+
+fn string_value(s: &str) -> pb::Value {
+    pb::Value {
+        kind: Some(pb::value::Kind::StringValue(s.to_string())),
+    }
+}
+
+fn weft_metadata(fields: &[(&str, &str)]) -> core::Metadata {
+    let fields = fields
+        .iter()
+        .map(|(k, v)| (k.to_string(), string_value(v)))
+        .collect();
+    core::Metadata {
+        filter_metadata: [(WEFT_METADATA.to_string(), pb::Struct { fields })].into(),
+        ..Default::default()
+    }
+}
+
+/// An API listener: what proxyless gRPC clients resolve `xds:///<name>` to.
+fn api_listener(name: &ServicePortName) -> listener::Listener {
+    let manager = hcm::HttpConnectionManager {
+        stat_prefix: name.to_string(),
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(hcm::Rds {
+            config_source: Some(ads()),
+            route_config_name: name.to_string(),
+        })),
+        http_filters: vec![hcm::HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any_of(
+                &Router::default(),
+            ))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    listener::Listener {
+        name: name.to_string(),
+        api_listener: Some(listener::ApiListener {
+            api_listener: Some(any_of(&manager)),
+        }),
+        ..Default::default()
+    }
+}
+
+fn cluster_name(key: &ServiceKey, port: u16, scope: Scope) -> String {
+    ServicePortName::new(&key.name, &key.namespace, port)
+        .with_scope(scope)
+        .to_string()
+}
+
+fn route_config(svc: &ServiceModel, name: &ServicePortName) -> route::RouteConfiguration {
+    let policy = svc.policy.as_ref();
+    let mut rules: Vec<RouteRule> = svc.routes.get(&name.port).cloned().unwrap_or_default();
+    // Gateway API precedence: exact paths, then longer prefixes, then more header matches;
+    // rule order breaks ties. A final catch-all sends everything else to the service itself.
+    rules.sort_by_key(|r| std::cmp::Reverse(precedence(r)));
+    let default_rule = RouteRule {
+        matches: Vec::new(),
+        backends: vec![crate::catalog::Backend {
+            service: svc.key.clone(),
+            port: name.port,
+            weight: 1,
+        }],
+        timeout: None,
+        retry: None,
+        origin: String::new(),
+    };
+    let has_catch_all = rules.iter().any(|r| r.matches.is_empty());
+    if !has_catch_all {
+        rules.push(default_rule);
+    }
+    let mut routes = Vec::new();
+    for rule in &rules {
+        let action = route_action(svc, rule, name.scope, policy);
+        let matches: Vec<route::RouteMatch> = if rule.matches.is_empty() {
+            vec![route::RouteMatch {
+                path_specifier: Some(route::route_match::PathSpecifier::Prefix("/".into())),
+                ..Default::default()
+            }]
+        } else {
+            rule.matches.iter().map(route_match).collect()
+        };
+        for m in matches {
+            routes.push(route::Route {
+                name: rule.origin.clone(),
+                r#match: Some(m),
+                action: Some(route::route::Action::Route(action.clone())),
+                ..Default::default()
+            });
+        }
+    }
+    route::RouteConfiguration {
+        name: name.to_string(),
+        virtual_hosts: vec![route::VirtualHost {
+            name: name.to_string(),
+            domains: virtual_host_domains(&svc.key.name, &svc.key.namespace, name.port, name.scope),
+            routes,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn precedence(r: &RouteRule) -> (u8, usize, usize) {
+    r.matches
+        .iter()
+        .map(|m| {
+            let (kind, len) = match &m.path {
+                Some(PathMatch::Exact(p)) => (3, p.len()),
+                Some(PathMatch::Regex(p)) => (2, p.len()),
+                Some(PathMatch::Prefix(p)) => (1, p.len()),
+                None => (0, 0),
+            };
+            (kind, len, m.headers.len() + usize::from(m.method.is_some()))
+        })
+        .max()
+        .unwrap_or((0, 0, 0))
+}
+
+fn string_matcher(value: &str, regex: bool) -> matcher::StringMatcher {
+    let pattern = if regex {
+        matcher::string_matcher::MatchPattern::SafeRegex(matcher::RegexMatcher {
+            regex: value.to_string(),
+            ..Default::default()
+        })
+    } else {
+        matcher::string_matcher::MatchPattern::Exact(value.to_string())
+    };
+    matcher::StringMatcher {
+        match_pattern: Some(pattern),
+        ..Default::default()
+    }
+}
+
+fn route_match(m: &crate::catalog::RouteMatch) -> route::RouteMatch {
+    use route::route_match::PathSpecifier;
+    let path = match &m.path {
+        None => PathSpecifier::Prefix("/".into()),
+        Some(PathMatch::Exact(p)) => PathSpecifier::Path(p.clone()),
+        Some(PathMatch::Prefix(p)) if p == "/" => PathSpecifier::Prefix("/".into()),
+        // Gateway API prefixes match whole segments: `/v2` matches `/v2` and `/v2/x`, not `/v22`.
+        Some(PathMatch::Prefix(p)) => PathSpecifier::PathSeparatedPrefix(p.trim_end_matches('/').to_string()),
+        Some(PathMatch::Regex(p)) => PathSpecifier::SafeRegex(matcher::RegexMatcher {
+            regex: p.clone(),
+            ..Default::default()
+        }),
+    };
+    let mut headers: Vec<route::HeaderMatcher> = m
+        .headers
+        .iter()
+        .map(|h| route::HeaderMatcher {
+            name: h.name.clone(),
+            header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(
+                string_matcher(&h.value, h.regex),
+            )),
+            ..Default::default()
+        })
+        .collect();
+    if let Some(method) = &m.method {
+        headers.push(route::HeaderMatcher {
+            name: ":method".into(),
+            header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(
+                string_matcher(method, false),
+            )),
+            ..Default::default()
+        });
+    }
+    route::RouteMatch {
+        path_specifier: Some(path),
+        headers,
+        ..Default::default()
+    }
+}
+
+fn dur(s: &Option<String>) -> Option<Duration> {
+    s.as_deref().and_then(|s| parse_duration(s).ok())
+}
+
+/// The retry policy of a rule, else of the Service's TrafficPolicy.
+fn effective_retry(rule: &RouteRule, policy: Option<&TrafficPolicySpec>) -> Option<RouteRetry> {
+    if let Some(r) = &rule.retry {
+        return Some(r.clone());
+    }
+    let r = policy?.retry.as_ref()?;
+    let base = r
+        .backoff
+        .as_ref()
+        .and_then(|b| dur(&b.base_interval))
+        .unwrap_or(Duration::from_millis(25));
+    let max = r
+        .backoff
+        .as_ref()
+        .and_then(|b| dur(&b.max_interval))
+        .unwrap_or(base * 10);
+    Some(RouteRetry {
+        attempts: r.attempts.unwrap_or(2),
+        per_try_timeout: dur(&r.per_try_timeout),
+        retry_on: if r.retry_on.is_empty() {
+            vec!["5xx".into(), "connect-failure".into(), "reset".into()]
+        } else {
+            r.retry_on.clone()
+        },
+        retriable_status_codes: r.retriable_status_codes.clone(),
+        backoff_base: base,
+        backoff_max: max,
+    })
+}
+
+fn route_action(
+    svc: &ServiceModel,
+    rule: &RouteRule,
+    scope: Scope,
+    policy: Option<&TrafficPolicySpec>,
+) -> route::RouteAction {
+    use route::route_action::ClusterSpecifier;
+    let specifier = match rule.backends.as_slice() {
+        [only] => ClusterSpecifier::Cluster(cluster_name(&only.service, only.port, scope)),
+        many => ClusterSpecifier::WeightedClusters(route::WeightedCluster {
+            clusters: many
+                .iter()
+                .map(|b| route::weighted_cluster::ClusterWeight {
+                    name: cluster_name(&b.service, b.port, scope),
+                    weight: Some(u32v(b.weight)),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }),
+    };
+    let timeout = rule.timeout.or_else(|| dur(&policy.and_then(|p| p.timeout.clone())));
+    let retry_policy = effective_retry(rule, policy).map(|r| route::RetryPolicy {
+        retry_on: r.retry_on.join(","),
+        num_retries: Some(u32v(r.attempts)),
+        per_try_timeout: r.per_try_timeout.map(duration),
+        retriable_status_codes: r.retriable_status_codes.iter().map(|c| u32::from(*c)).collect(),
+        retry_back_off: Some(route::retry_policy::RetryBackOff {
+            base_interval: Some(duration(r.backoff_base)),
+            max_interval: Some(duration(r.backoff_max)),
+        }),
+        ..Default::default()
+    });
+    route::RouteAction {
+        cluster_specifier: Some(specifier),
+        timeout: timeout.map(duration),
+        retry_policy,
+        hash_policy: hash_policy(svc),
+        ..Default::default()
+    }
+}
+
+fn hash_policy(svc: &ServiceModel) -> Vec<route::route_action::HashPolicy> {
+    use route::route_action::hash_policy::{ConnectionProperties, Header, PolicySpecifier};
+    let hash = svc
+        .policy
+        .as_ref()
+        .and_then(|p| p.load_balancer.as_ref())
+        .and_then(|lb| lb.hash.clone());
+    let spec = match hash {
+        Some(h) if h.header.is_some() => PolicySpecifier::Header(Header {
+            header_name: h.header.unwrap_or_default().to_ascii_lowercase(),
+            ..Default::default()
+        }),
+        Some(_) => PolicySpecifier::ConnectionProperties(ConnectionProperties { source_ip: true }),
+        None if svc.client_ip_affinity => {
+            PolicySpecifier::ConnectionProperties(ConnectionProperties { source_ip: true })
+        }
+        None => return Vec::new(),
+    };
+    vec![route::route_action::HashPolicy {
+        policy_specifier: Some(spec),
+        terminal: true,
+    }]
+}
+
+/// The balancing algorithm for a Service: its policy's, else ring hash for ClientIP affinity,
+/// else peak-EWMA.
+pub fn algorithm(svc: &ServiceModel) -> Algorithm {
+    match svc.policy.as_ref().and_then(|p| p.load_balancer.as_ref()) {
+        Some(lb) => lb.algorithm,
+        None if svc.client_ip_affinity => Algorithm::RingHash,
+        None => Algorithm::PeakEWMA,
+    }
+}
+
+fn cluster_for(
+    svc: &ServiceModel,
+    name: &ServicePortName,
+    port: &crate::catalog::PortModel,
+) -> cluster::Cluster {
+    use cluster::cluster::LbPolicy;
+    let algo = algorithm(svc);
+    // Envoy has no peak-EWMA: it gets round robin (what proxyless gRPC clients all support)
+    // and Weft's sidecar reads the algorithm from the `weft` metadata.
+    let lb_policy = match algo {
+        Algorithm::PeakEWMA | Algorithm::RoundRobin => LbPolicy::RoundRobin,
+        Algorithm::LeastRequest => LbPolicy::LeastRequest,
+        Algorithm::Random => LbPolicy::Random,
+        Algorithm::RingHash => LbPolicy::RingHash,
+        Algorithm::Maglev => LbPolicy::Maglev,
+    };
+    let algo_name = format!("{algo:?}");
+    let protocol = port.app_protocol.clone().unwrap_or_default();
+    let policy = svc.policy.as_ref();
+    let circuit_breakers = policy.and_then(|p| {
+        let cb = p.circuit_breaker.clone();
+        let budget = p.retry.as_ref().and_then(|r| r.budget.clone());
+        if cb.is_none() && budget.is_none() {
+            return None;
+        }
+        let cb = cb.unwrap_or_default();
+        Some(cluster::CircuitBreakers {
+            thresholds: vec![cluster::circuit_breakers::Thresholds {
+                max_connections: cb.max_connections.map(u32v),
+                max_pending_requests: cb.max_pending_requests.map(u32v),
+                max_requests: cb.max_requests.map(u32v),
+                max_retries: cb.max_retries.map(u32v),
+                retry_budget: budget.map(|b| cluster::circuit_breakers::thresholds::RetryBudget {
+                    budget_percent: Some(weft_proto::envoy::envoy::r#type::v3::Percent {
+                        value: b.percent.unwrap_or(20.0),
+                    }),
+                    min_retry_concurrency: Some(u32v(b.min_retry_concurrency.unwrap_or(3))),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    });
+    let outlier_detection = policy.and_then(|p| p.outlier_detection.as_ref()).map(|o| {
+        cluster::OutlierDetection {
+            consecutive_5xx: Some(u32v(o.consecutive_5xx.unwrap_or(5))),
+            consecutive_gateway_failure: Some(u32v(o.consecutive_gateway_errors.unwrap_or(5))),
+            enforcing_consecutive_gateway_failure: Some(u32v(100)),
+            interval: Some(duration(dur(&o.interval).unwrap_or(Duration::from_secs(10)))),
+            base_ejection_time: Some(duration(
+                dur(&o.base_ejection_time).unwrap_or(Duration::from_secs(30)),
+            )),
+            max_ejection_percent: Some(u32v(o.max_ejection_percent.unwrap_or(10))),
+            ..Default::default()
+        }
+    });
+    cluster::Cluster {
+        name: name.to_string(),
+        alt_stat_name: format!("{}.{}:{}", svc.key.name, svc.key.namespace, name.port),
+        cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+            cluster::cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(cluster::cluster::EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: name.to_string(),
+        }),
+        connect_timeout: Some(duration(Duration::from_secs(1))),
+        lb_policy: lb_policy as i32,
+        circuit_breakers,
+        outlier_detection,
+        metadata: Some(weft_metadata(&[
+            ("algorithm", &algo_name),
+            ("service", &svc.key.to_string()),
+            ("app_protocol", &protocol),
+        ])),
+        ..Default::default()
+    }
+}
+
+/// Priority of an endpoint as seen from `place`: 0 same zone, 1 same region, 2 same cluster,
+/// 3 another cluster. Without locality preference everything local is 0 and remote is 1.
+fn raw_priority(e: &EndpointModel, place: &ProxyPlace, home: &str, prefer_local: bool) -> u32 {
+    let proxy_cluster = if place.cluster.is_empty() {
+        home
+    } else {
+        &place.cluster
+    };
+    if e.cluster != proxy_cluster {
+        return 3;
+    }
+    if !prefer_local {
+        return 0;
+    }
+    let l = &place.locality;
+    let same_region = !l.region.is_empty() && l.region == e.locality.region;
+    let same_zone = !l.zone.is_empty() && l.zone == e.locality.zone;
+    let region_unknown = l.region.is_empty() || e.locality.region.is_empty();
+    if same_zone && (same_region || region_unknown) {
+        0
+    } else if same_region {
+        1
+    } else {
+        2
+    }
+}
+
+fn health(e: &EndpointModel) -> core::HealthStatus {
+    if e.ready {
+        core::HealthStatus::Healthy
+    } else if e.serving && e.terminating {
+        core::HealthStatus::Draining
+    } else {
+        core::HealthStatus::Unhealthy
+    }
+}
+
+fn load_assignments(svc: &ServiceModel, place: &ProxyPlace, home: &str) -> Vec<Res> {
+    let locality = svc.policy.as_ref().and_then(|p| p.locality.clone()).unwrap_or_default();
+    let prefer_local = locality.failover.unwrap_or(true);
+    let cross_cluster = locality.cross_cluster.unwrap_or(false);
+    let mut out = Vec::new();
+    for scope in scopes(svc, home) {
+        for port in &svc.ports {
+            let name = ServicePortName::new(&svc.key.name, &svc.key.namespace, port.port)
+                .with_scope(scope);
+            // (priority, locality) -> endpoints
+            let mut groups: BTreeMap<(u32, Locality), Vec<endpoint::LbEndpoint>> = BTreeMap::new();
+            for e in &svc.endpoints {
+                let Some(target) = e.port_for(port) else {
+                    continue;
+                };
+                let prio = match scope {
+                    // The clusterset name spreads over every cluster equally.
+                    Scope::Clusterset => 0,
+                    Scope::Cluster => {
+                        let p = raw_priority(e, place, home, prefer_local);
+                        if p == 3 && !cross_cluster {
+                            continue;
+                        }
+                        p
+                    }
+                };
+                let ep = endpoint::LbEndpoint {
+                    health_status: health(e) as i32,
+                    load_balancing_weight: Some(u32v(e.weight.max(1))),
+                    metadata: Some(weft_metadata(&[
+                        ("cluster", &e.cluster),
+                        ("identity", e.identity.as_deref().unwrap_or_default()),
+                        ("pod", e.pod.as_deref().unwrap_or_default()),
+                    ])),
+                    host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
+                        endpoint::Endpoint {
+                            address: Some(socket_address(e.address, target)),
+                            ..Default::default()
+                        },
+                    )),
+                };
+                groups.entry((prio, e.locality.clone())).or_default().push(ep);
+            }
+            // Priorities must be contiguous from 0: compress the levels that are present.
+            let mut levels: Vec<u32> = groups.keys().map(|(p, _)| *p).collect();
+            levels.dedup();
+            let endpoints = groups
+                .into_iter()
+                .map(|((p, loc), lb_endpoints)| {
+                    let weight: u32 = lb_endpoints
+                        .iter()
+                        .map(|e| e.load_balancing_weight.as_ref().map_or(1, |w| w.value))
+                        .sum();
+                    endpoint::LocalityLbEndpoints {
+                        locality: Some(core::Locality {
+                            region: loc.region,
+                            zone: loc.zone,
+                            sub_zone: loc.subzone,
+                        }),
+                        lb_endpoints,
+                        load_balancing_weight: Some(u32v(weight.max(1))),
+                        priority: levels.iter().position(|l| *l == p).unwrap_or(0) as u32,
+                        ..Default::default()
+                    }
+                })
+                .collect();
+            let cla = endpoint::ClusterLoadAssignment {
+                cluster_name: name.to_string(),
+                endpoints,
+                policy: Some(endpoint::cluster_load_assignment::Policy {
+                    overprovisioning_factor: Some(u32v(OVERPROVISIONING_FACTOR)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            out.push(resource(name.to_string(), &cla));
+        }
+    }
+    out
+}
+
+fn socket_address(ip: std::net::IpAddr, port: u16) -> core::Address {
+    core::Address {
+        address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+            address: ip.to_string(),
+            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(u32::from(port))),
+            ..Default::default()
+        })),
+    }
+}

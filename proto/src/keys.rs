@@ -1,0 +1,38 @@
+//! Well-known label, annotation and node-metadata keys, shared by every component so that a
+//! key is spelled once.
+
+/// Namespace label that opts a namespace into sidecar injection (`enabled`).
+pub const INJECTION_LABEL: &str = "weft.dev/injection";
+/// Pod annotation that opts a pod out of injection (`false`).
+pub const INJECT_ANNOTATION: &str = "weft.dev/inject";
+/// Pod annotation: comma-separated inbound ports not intercepted.
+pub const EXCLUDE_INBOUND_PORTS: &str = "weft.dev/exclude-inbound-ports";
+/// Pod annotation: comma-separated outbound ports not intercepted.
+pub const EXCLUDE_OUTBOUND_PORTS: &str = "weft.dev/exclude-outbound-ports";
+/// Pod annotation: comma-separated outbound CIDRs not intercepted.
+pub const EXCLUDE_OUTBOUND_CIDRS: &str = "weft.dev/exclude-outbound-cidrs";
+/// Pod annotation set by the injector on pods it has patched.
+pub const INJECTED_ANNOTATION: &str = "weft.dev/injected";
+
+/// Node label carrying the region (Kubernetes well-known).
+pub const TOPOLOGY_REGION: &str = "topology.kubernetes.io/region";
+/// Node label carrying the zone (Kubernetes well-known).
+pub const TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
+/// Node label carrying the subzone (Weft's own; Kubernetes has none).
+pub const TOPOLOGY_SUBZONE: &str = "weft.dev/subzone";
+/// EndpointSlice label naming the Service it belongs to (Kubernetes well-known).
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Label or annotation naming the cluster an object came from.
+pub const CLUSTER_LABEL: &str = "weft.dev/cluster";
+
+/// xDS node metadata: the proxy's namespace.
+pub const NODE_NAMESPACE: &str = "NAMESPACE";
+/// xDS node metadata: the proxy's service account.
+pub const NODE_SERVICE_ACCOUNT: &str = "SERVICE_ACCOUNT";
+/// xDS node metadata: the proxy's cluster (Kubernetes cluster, not xDS cluster).
+pub const NODE_CLUSTER: &str = "CLUSTER_ID";
+
+/// Response header naming why the sidecar refused a request itself (circuit open, no route...).
+pub const PROXY_REASON_HEADER: &str = "x-weft-reason";
+/// Request header carrying the verified SPIFFE ID of the calling workload to the application.
+pub const CLIENT_IDENTITY_HEADER: &str = "x-weft-client-identity";
