@@ -956,7 +956,7 @@ mod tests {
                 json!({"apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
                    "metadata": {"name": "p"},
                    "spec": {"targetRef": {"name": "e"}, "retyr": {}}}),
-                "spec",
+                "spec.retyr",
             ),
             (
                 json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",

@@ -687,3 +687,288 @@ fn socket_address(ip: std::net::IpAddr, port: u16) -> core::Address {
         })),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{Catalog, SourceUpdate};
+    use crate::objects::parse_object;
+    use serde_json::json;
+    use weft_proto::envoy::envoy::config::cluster::v3::cluster::LbPolicy;
+
+    fn model(docs: Vec<serde_json::Value>) -> Arc<Model> {
+        let cat = Catalog::new("c1", "cluster.local");
+        cat.apply(SourceUpdate {
+            upserts: docs
+                .into_iter()
+                .map(|d| (parse_object(d).expect("valid").expect("known"), "t.yaml".into()))
+                .collect(),
+            ..Default::default()
+        });
+        let m = cat.current();
+        assert!(m.errors.is_empty(), "{:?}", m.errors);
+        m
+    }
+
+    fn service(name: &str) -> serde_json::Value {
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+               "spec": {"ports": [{"name": "http", "port": 80}]}})
+    }
+
+    fn node(name: &str, region: &str, zone: &str) -> serde_json::Value {
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {
+            "topology.kubernetes.io/region": region, "topology.kubernetes.io/zone": zone}}})
+    }
+
+    /// A slice with one endpoint per (ip, node, cluster label).
+    fn slice(svc: &str, eps: &[(&str, &str)], cluster: Option<&str>) -> serde_json::Value {
+        let mut labels = json!({"kubernetes.io/service-name": svc});
+        if let Some(c) = cluster {
+            labels["weft.dev/cluster"] = json!(c);
+        }
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{svc}-{}", cluster.unwrap_or("local")), "labels": labels},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+            "endpoints": eps.iter().map(|(ip, n)| json!({"addresses": [ip], "nodeName": n})).collect::<Vec<_>>()})
+    }
+
+    fn decode<M: Message + Default>(r: &Res) -> M {
+        M::decode(r.any.value.as_slice()).expect("decodes")
+    }
+
+    fn find<'a>(list: &'a [Res], name: &str) -> &'a Res {
+        list.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("{name} missing"))
+    }
+
+    const ECHO: &str = "echo.default.svc.cluster.local:80";
+
+    fn place(cluster: &str, region: &str, zone: &str) -> ProxyPlace {
+        ProxyPlace {
+            cluster: cluster.into(),
+            locality: Locality {
+                region: region.into(),
+                zone: zone.into(),
+                subzone: String::new(),
+            },
+        }
+    }
+
+    /// (ip -> priority) as `place` sees the echo service.
+    fn priorities(t: &Translation, place: &ProxyPlace) -> BTreeMap<String, u32> {
+        let svc = &t.services[&ServiceKey::new("default", "echo")];
+        let cla: endpoint::ClusterLoadAssignment = decode(find(&svc.endpoints(place), ECHO));
+        assert_eq!(
+            cla.policy.and_then(|p| p.overprovisioning_factor).map(|v| v.value),
+            Some(OVERPROVISIONING_FACTOR)
+        );
+        let mut out = BTreeMap::new();
+        for l in cla.endpoints {
+            for e in l.lb_endpoints {
+                let Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(ep)) = e.host_identifier else {
+                    panic!("no endpoint")
+                };
+                let Some(core::address::Address::SocketAddress(sa)) = ep.address.and_then(|a| a.address) else {
+                    panic!("no address")
+                };
+                assert_eq!(sa.port_specifier, Some(core::socket_address::PortSpecifier::PortValue(8080)));
+                out.insert(sa.address, l.priority);
+            }
+        }
+        out
+    }
+
+    fn locality_world(cross_cluster: bool) -> Vec<serde_json::Value> {
+        let mut docs = vec![
+            service("echo"),
+            node("n-a1", "r1", "a"),
+            node("n-a2", "r1", "a"),
+            node("n-b", "r1", "b"),
+            node("n-x", "r2", "x"),
+            slice("echo", &[("10.0.0.1", "n-a1"), ("10.0.0.2", "n-a2"), ("10.0.0.3", "n-b"), ("10.0.0.4", "n-x")], None),
+            slice("echo", &[("10.1.0.1", "n-a1")], Some("c2")),
+        ];
+        if cross_cluster {
+            docs.push(json!({"apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
+                "metadata": {"name": "echo"},
+                "spec": {"targetRef": {"name": "echo"}, "locality": {"crossCluster": true}}}));
+        }
+        docs
+    }
+
+    #[test]
+    fn locality_priorities_per_proxy_zone() {
+        let m = model(locality_world(false));
+        let t = translate(&m, None);
+        let cases: Vec<(ProxyPlace, [(&str, u32); 4])> = vec![
+            (place("c1", "r1", "a"), [("10.0.0.1", 0), ("10.0.0.2", 0), ("10.0.0.3", 1), ("10.0.0.4", 2)]),
+            (place("c1", "r1", "b"), [("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 0), ("10.0.0.4", 2)]),
+            (place("c1", "r2", "x"), [("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1), ("10.0.0.4", 0)]),
+            // Unknown locality: everything local is one priority.
+            (place("", "", ""), [("10.0.0.1", 0), ("10.0.0.2", 0), ("10.0.0.3", 0), ("10.0.0.4", 0)]),
+        ];
+        for (p, want) in cases {
+            let got = priorities(&t, &p);
+            let want: BTreeMap<String, u32> = want.iter().map(|(ip, pr)| (ip.to_string(), *pr)).collect();
+            assert_eq!(got, want, "proxy at {p:?}");
+        }
+    }
+
+    #[test]
+    fn remote_clusters_join_only_when_the_policy_allows() {
+        let t = translate(&model(locality_world(true)), None);
+        let got = priorities(&t, &place("c1", "r1", "a"));
+        assert_eq!(got["10.1.0.1"], 3, "remote cluster after zone, region, cluster: {got:?}");
+        // The clusterset name holds every cluster at one priority.
+        let svc = &t.services[&ServiceKey::new("default", "echo")];
+        let cs: endpoint::ClusterLoadAssignment = decode(find(
+            &svc.endpoints(&place("c1", "r1", "a")),
+            "echo.default.svc.clusterset.local:80",
+        ));
+        assert_eq!(cs.endpoints.iter().map(|l| l.lb_endpoints.len()).sum::<usize>(), 5);
+        assert!(cs.endpoints.iter().all(|l| l.priority == 0));
+    }
+
+    #[test]
+    fn split_90_10_is_weighted_clusters() {
+        let m = model(vec![
+            service("echo"),
+            service("echo-v1"),
+            service("echo-v2"),
+            json!({"apiVersion": "split.smi-spec.io/v1alpha4", "kind": "TrafficSplit",
+                "metadata": {"name": "s"},
+                "spec": {"service": "echo", "backends": [
+                    {"service": "echo-v1", "weight": 90}, {"service": "echo-v2", "weight": 10}]}}),
+        ]);
+        let t = translate(&m, None);
+        let svc = &t.services[&ServiceKey::new("default", "echo")];
+        let rc: route::RouteConfiguration = decode(find(&svc.routes, ECHO));
+        let vh = &rc.virtual_hosts[0];
+        assert!(vh.domains.contains(&ECHO.to_string()));
+        let Some(route::route::Action::Route(action)) = &vh.routes[0].action else {
+            panic!("no route action")
+        };
+        let Some(route::route_action::ClusterSpecifier::WeightedClusters(wc)) = &action.cluster_specifier else {
+            panic!("not weighted: {action:?}")
+        };
+        let got: Vec<(String, u32)> = wc
+            .clusters
+            .iter()
+            .map(|c| (c.name.clone(), c.weight.as_ref().map_or(0, |w| w.value)))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("echo-v1.default.svc.cluster.local:80".to_string(), 90),
+                ("echo-v2.default.svc.cluster.local:80".to_string(), 10)
+            ]
+        );
+    }
+
+    #[test]
+    fn api_listener_points_at_its_route_config() {
+        let t = translate(&model(vec![service("echo")]), None);
+        let svc = &t.services[&ServiceKey::new("default", "echo")];
+        let l: listener::Listener = decode(find(&svc.listeners, ECHO));
+        let api = l.api_listener.and_then(|a| a.api_listener).expect("api listener");
+        let m = hcm::HttpConnectionManager::decode(api.value.as_slice()).expect("hcm");
+        let Some(hcm::http_connection_manager::RouteSpecifier::Rds(rds)) = m.route_specifier else {
+            panic!("no rds")
+        };
+        assert_eq!(rds.route_config_name, ECHO);
+        assert_eq!(m.http_filters[0].name, "envoy.filters.http.router");
+        let c: cluster::Cluster = decode(find(&svc.clusters, ECHO));
+        assert_eq!(c.eds_cluster_config.map(|e| e.service_name), Some(ECHO.to_string()));
+        assert_eq!(c.lb_policy, LbPolicy::RoundRobin as i32);
+    }
+
+    fn policy(spec: serde_json::Value) -> (cluster::Cluster, route::RouteAction) {
+        let m = model(vec![
+            service("echo"),
+            json!({"apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
+                "metadata": {"name": "p"}, "spec": spec}),
+        ]);
+        let t = translate(&m, None);
+        let svc = &t.services[&ServiceKey::new("default", "echo")];
+        let c: cluster::Cluster = decode(find(&svc.clusters, ECHO));
+        let rc: route::RouteConfiguration = decode(find(&svc.routes, ECHO));
+        let Some(route::route::Action::Route(a)) = rc.virtual_hosts[0].routes[0].action.clone() else {
+            panic!("no action")
+        };
+        (c, a)
+    }
+
+    #[test]
+    fn policy_features_reach_cluster_and_route() {
+        let (c, a) = policy(json!({
+            "targetRef": {"kind": "Service", "name": "echo"},
+            "loadBalancer": {"algorithm": "RingHash", "hash": {"header": "X-User"}},
+            "circuitBreaker": {"maxConnections": 10, "maxPendingRequests": 5, "maxRequests": 20, "maxRetries": 2},
+            "outlierDetection": {"consecutive5xx": 3, "baseEjectionTime": "5s", "maxEjectionPercent": 50},
+            "retry": {"attempts": 4, "perTryTimeout": "200ms", "retryOn": ["5xx", "reset"],
+                      "backoff": {"baseInterval": "10ms"}, "budget": {"percent": 25}},
+            "timeout": "3s"
+        }));
+        assert_eq!(c.lb_policy, LbPolicy::RingHash as i32);
+        let th = &c.circuit_breakers.expect("breakers").thresholds[0];
+        assert_eq!(th.max_connections.as_ref().map(|v| v.value), Some(10));
+        assert_eq!(th.max_pending_requests.as_ref().map(|v| v.value), Some(5));
+        assert_eq!(th.max_requests.as_ref().map(|v| v.value), Some(20));
+        assert_eq!(th.max_retries.as_ref().map(|v| v.value), Some(2));
+        let budget = th.retry_budget.as_ref().expect("budget");
+        assert_eq!(budget.budget_percent.as_ref().map(|p| p.value), Some(25.0));
+        let od = c.outlier_detection.expect("outlier detection");
+        assert_eq!(od.consecutive_5xx.map(|v| v.value), Some(3));
+        assert_eq!(od.base_ejection_time.map(|d| d.seconds), Some(5));
+        assert_eq!(od.max_ejection_percent.map(|v| v.value), Some(50));
+        assert_eq!(a.timeout.map(|d| d.seconds), Some(3));
+        let rp = a.retry_policy.expect("retry policy");
+        assert_eq!(rp.retry_on, "5xx,reset");
+        assert_eq!(rp.num_retries.map(|v| v.value), Some(4));
+        assert_eq!(rp.per_try_timeout.map(|d| d.nanos), Some(200_000_000));
+        let Some(route::route_action::hash_policy::PolicySpecifier::Header(h)) =
+            a.hash_policy[0].policy_specifier.clone()
+        else {
+            panic!("no header hash")
+        };
+        assert_eq!(h.header_name, "x-user");
+    }
+
+    #[test]
+    fn client_ip_affinity_hashes_the_source() {
+        let m = model(vec![json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
+            "spec": {"sessionAffinity": "ClientIP", "ports": [{"name": "http", "port": 80}]}})]);
+        let t = translate(&m, None);
+        let svc = &t.services[&ServiceKey::new("default", "echo")];
+        let c: cluster::Cluster = decode(find(&svc.clusters, ECHO));
+        assert_eq!(c.lb_policy, LbPolicy::RingHash as i32);
+        let rc: route::RouteConfiguration = decode(find(&svc.routes, ECHO));
+        let Some(route::route::Action::Route(a)) = &rc.virtual_hosts[0].routes[0].action else {
+            panic!()
+        };
+        assert!(matches!(
+            a.hash_policy[0].policy_specifier,
+            Some(route::route_action::hash_policy::PolicySpecifier::ConnectionProperties(
+                route::route_action::hash_policy::ConnectionProperties { source_ip: true }
+            ))
+        ));
+    }
+
+    #[test]
+    fn unchanged_services_reuse_translation() {
+        let cat = Catalog::new("c1", "td");
+        let up = |d: serde_json::Value| SourceUpdate {
+            upserts: vec![(parse_object(d).expect("valid").expect("known"), "t".into())],
+            ..Default::default()
+        };
+        cat.apply(up(service("a")));
+        cat.apply(up(service("b")));
+        let t1 = translate(&cat.current(), None);
+        cat.apply(up(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "b"},
+            "spec": {"ports": [{"name": "http", "port": 81}]}})));
+        let t2 = translate(&cat.current(), Some(&t1));
+        let a = ServiceKey::new("default", "a");
+        let b = ServiceKey::new("default", "b");
+        assert!(Arc::ptr_eq(&t1.services[&a], &t2.services[&a]));
+        assert!(!Arc::ptr_eq(&t1.services[&b], &t2.services[&b]));
+    }
+}
