@@ -11,6 +11,8 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_new(&config.log)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cp = ControlPlane::start(config).await?;
     println!("xds={} metrics={}", cp.xds_addr, cp.metrics_addr);

@@ -1,0 +1,2 @@
+//! `weftctl`: is my mesh healthy, and what config does each proxy hold?
+fn main() {}

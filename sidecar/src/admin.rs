@@ -1,0 +1,129 @@
+//! The sidecar's admin endpoint (15000): `/metrics`, `/ready`, `/live`, `/config_dump`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::xds::XdsHandle;
+
+/// Label set of one sample.
+pub type Labels = Vec<(String, String)>;
+
+/// The sidecar's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// `weft_proxy_requests_total{direction,cluster,code}`.
+    pub requests: Family<Labels, Counter>,
+    /// `weft_proxy_request_duration_seconds{cluster}`.
+    pub latency: Family<Labels, Histogram>,
+    /// `weft_proxy_inbound_connections_total`.
+    pub inbound_connections: Counter,
+    /// `weft_xds_updates_total`: accepted xDS responses.
+    pub xds_updates: Counter,
+    /// `weft_xds_nacks_total`: refused xDS responses.
+    pub xds_nacks: Counter,
+    /// `weft_xds_disconnects_total`.
+    pub xds_disconnects: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18))
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<Labels, Counter>::default();
+        let latency = Family::<Labels, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let (inbound_connections, xds_updates, xds_nacks, xds_disconnects) =
+            (Counter::default(), Counter::default(), Counter::default(), Counter::default());
+        registry.register("weft_proxy_requests", "Requests proxied", requests.clone());
+        registry.register("weft_proxy_request_duration_seconds", "Request latency through the proxy", latency.clone());
+        registry.register("weft_proxy_inbound_connections", "Inbound connections", inbound_connections.clone());
+        registry.register("weft_xds_updates", "Accepted xDS responses", xds_updates.clone());
+        registry.register("weft_xds_nacks", "Refused (NACKed) xDS responses", xds_nacks.clone());
+        registry.register("weft_xds_disconnects", "xDS stream losses", xds_disconnects.clone());
+        Metrics { registry, requests, latency, inbound_connections, xds_updates, xds_nacks, xds_disconnects }
+    }
+
+    /// Records one outbound request.
+    pub fn observe(&self, cluster: &str, code: u16, started: Instant) {
+        self.requests
+            .get_or_create(&vec![
+                ("direction".into(), "outbound".into()),
+                ("cluster".into(), cluster.into()),
+                ("code".into(), code.to_string()),
+            ])
+            .inc();
+        self.latency
+            .get_or_create(&vec![("cluster".into(), cluster.into())])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.push_str("# encoding failed\n");
+        }
+        out
+    }
+}
+
+fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    r
+}
+
+fn handle(path: &str, xds: &XdsHandle, metrics: &Metrics) -> Response<Full<Bytes>> {
+    match path {
+        "/live" => text(StatusCode::OK, "live\n".into(), "text/plain"),
+        "/ready" if *xds.ready.borrow() => text(StatusCode::OK, "ready\n".into(), "text/plain"),
+        "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "waiting for the first config of every xDS type\n".into(), "text/plain"),
+        "/metrics" => text(StatusCode::OK, metrics.render(), "application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        "/config_dump" => match serde_json::to_string_pretty(&**xds.config.load()) {
+            Ok(s) => text(StatusCode::OK, s, "application/json"),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), "text/plain"),
+        },
+        _ => text(StatusCode::NOT_FOUND, "try /metrics /ready /live /config_dump\n".into(), "text/plain"),
+    }
+}
+
+/// Serves the admin endpoint until the task is dropped.
+pub async fn serve(listener: TcpListener, xds: XdsHandle, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (xds, metrics) = (xds.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let r = handle(req.uri().path(), &xds, &metrics);
+                async move { Ok::<_, Infallible>(r) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+/// Binds the admin listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

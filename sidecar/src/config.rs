@@ -1,0 +1,82 @@
+//! The sidecar's configuration: one struct per subcommand, built by clap; every flag has a
+//! `WEFT_*` environment variable.
+
+use std::net::SocketAddr;
+
+/// `weft-sidecar run` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunConfig {
+    /// Control plane xDS address (IP:PORT).
+    #[arg(long, env = "WEFT_XDS_ADDR", default_value = "127.0.0.1:15010")]
+    pub xds_addr: SocketAddr,
+    /// Use the control plane's plaintext xDS port (the only mode until identity lands).
+    #[arg(long, env = "WEFT_PLAINTEXT_XDS", default_value_t = true)]
+    pub plaintext_xds: bool,
+    /// xDS node id (default: `<pod>.<namespace>` from the environment, else the host name).
+    #[arg(long, env = "WEFT_NODE_ID")]
+    pub node_id: Option<String>,
+    /// The workload's namespace: short hosts (`echo`) resolve in it.
+    #[arg(long, env = "WEFT_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// The workload's service account.
+    #[arg(long, env = "WEFT_SERVICE_ACCOUNT", default_value = "default")]
+    pub service_account: String,
+    /// The cluster the proxy runs in.
+    #[arg(long, env = "WEFT_CLUSTER", default_value = "")]
+    pub cluster: String,
+    /// The proxy's region.
+    #[arg(long, env = "WEFT_REGION", default_value = "")]
+    pub region: String,
+    /// The proxy's zone: endpoints in it win.
+    #[arg(long, env = "WEFT_ZONE", default_value = "")]
+    pub zone: String,
+    /// Outbound listener (redirected or explicit HTTP).
+    #[arg(long, env = "WEFT_OUTBOUND_ADDR", default_value = "0.0.0.0:15001")]
+    pub outbound_addr: SocketAddr,
+    /// Inbound listener.
+    #[arg(long, env = "WEFT_INBOUND_ADDR", default_value = "0.0.0.0:15006")]
+    pub inbound_addr: SocketAddr,
+    /// Admin listener: /metrics /ready /live /config_dump.
+    #[arg(long, env = "WEFT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// The local application inbound traffic is forwarded to.
+    #[arg(long, env = "WEFT_APP_ADDR")]
+    pub app_addr: Option<SocketAddr>,
+    /// Log filter (tracing env-filter syntax).
+    #[arg(long, env = "WEFT_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl RunConfig {
+    /// A configuration for tests and the demo: every listener on `ip` port 0.
+    pub fn local(xds_addr: SocketAddr, ip: std::net::IpAddr, node_id: &str) -> Self {
+        let at = |port| SocketAddr::new(ip, port);
+        RunConfig {
+            xds_addr,
+            plaintext_xds: true,
+            node_id: Some(node_id.into()),
+            namespace: "default".into(),
+            service_account: "default".into(),
+            cluster: String::new(),
+            region: String::new(),
+            zone: String::new(),
+            outbound_addr: at(0),
+            inbound_addr: at(0),
+            admin_addr: at(0),
+            app_addr: None,
+            log: "info".into(),
+        }
+    }
+
+    /// The node id to announce.
+    pub fn node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            match (std::env::var("POD_NAME"), std::env::var("POD_NAMESPACE")) {
+                (Ok(p), Ok(n)) => format!("{p}.{n}"),
+                _ => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_else(|_| "weft-sidecar".into()),
+            }
+        })
+    }
+}

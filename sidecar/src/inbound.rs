@@ -1,0 +1,59 @@
+//! Inbound: connections from other workloads, forwarded to the local application
+//! (`--app-addr`). mTLS termination will sit between accept and forward.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::admin::Metrics;
+
+/// The inbound proxy.
+pub struct Inbound {
+    listener: TcpListener,
+    app: Option<SocketAddr>,
+    metrics: Arc<Metrics>,
+}
+
+impl Inbound {
+    /// Binds the listener.
+    pub async fn bind(addr: SocketAddr, app: Option<SocketAddr>, metrics: Arc<Metrics>) -> std::io::Result<Self> {
+        Ok(Inbound { listener: TcpListener::bind(addr).await?, app, metrics })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until the task is dropped.
+    pub async fn run(self) {
+        loop {
+            let (mut client, peer) = match self.listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound accept failed");
+                    continue;
+                }
+            };
+            let Some(app) = self.app else {
+                tracing::warn!(%peer, "inbound connection closed: no --app-addr (original destination needs interception)");
+                continue;
+            };
+            let metrics = self.metrics.clone();
+            metrics.inbound_connections.inc();
+            tokio::spawn(async move {
+                match TcpStream::connect(app).await {
+                    Ok(mut upstream) => {
+                        let _ = upstream.set_nodelay(true);
+                        let _ = client.set_nodelay(true);
+                        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                            tracing::debug!(%peer, error = %e, "inbound connection ended");
+                        }
+                    }
+                    Err(e) => tracing::warn!(%peer, %app, error = %e, "inbound: cannot reach the application"),
+                }
+            });
+        }
+    }
+}

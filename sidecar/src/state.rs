@@ -1,0 +1,390 @@
+//! The accepted mesh configuration, compiled from xDS resources into what the request path
+//! reads: host -> routes, cluster -> endpoints by priority. Built only from resources that
+//! passed validation; swapped atomically (arc-swap), never mutated in place.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use prost::Message;
+use serde::Serialize;
+use weft_proto::envoy::envoy::config::cluster::v3::Cluster;
+use weft_proto::envoy::envoy::config::core::v3 as core;
+use weft_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use weft_proto::envoy::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+use weft_proto::envoy::envoy::config::listener::v3::Listener;
+use weft_proto::envoy::envoy::config::route::v3 as route;
+use weft_proto::envoy::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, http_connection_manager::RouteSpecifier,
+};
+
+/// Why a resource was refused (the NACK's message names the resource and the field).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {name:?}: {message}")]
+pub struct Invalid {
+    /// `Listener`, `RouteConfiguration`, `Cluster`, `ClusterLoadAssignment`.
+    pub kind: &'static str,
+    /// Resource name.
+    pub name: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn invalid(kind: &'static str, name: &str, message: impl Into<String>) -> Invalid {
+    Invalid {
+        kind,
+        name: name.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Decodes `bytes` as `M`, naming the resource on failure.
+pub fn decode<M: Message + Default>(kind: &'static str, name: &str, bytes: &[u8]) -> Result<M, Invalid> {
+    M::decode(bytes).map_err(|e| invalid(kind, name, format!("does not decode: {e}")))
+}
+
+/// The route configuration names a Listener refers to.
+pub fn listener_routes(l: &Listener) -> Result<Option<String>, Invalid> {
+    let Some(api) = l.api_listener.as_ref().and_then(|a| a.api_listener.as_ref()) else {
+        return Ok(None);
+    };
+    let hcm: HttpConnectionManager = decode("Listener", &l.name, &api.value)?;
+    match hcm.route_specifier {
+        Some(RouteSpecifier::Rds(rds)) if !rds.route_config_name.is_empty() => Ok(Some(rds.route_config_name)),
+        _ => Err(invalid("Listener", &l.name, "api_listener must use RDS with a route_config_name")),
+    }
+}
+
+/// What a route sends requests to.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum Target {
+    /// One cluster.
+    Cluster(String),
+    /// Weighted clusters (name, weight), total > 0.
+    Weighted(Vec<(String, u32)>),
+}
+
+/// A compiled route.
+#[derive(Debug, Clone, Serialize)]
+pub struct Route {
+    /// Path prefix, exact path or segment prefix.
+    pub path: PathRule,
+    /// Header name -> exact value, all must match.
+    pub headers: Vec<(String, String)>,
+    /// Where to.
+    pub target: Target,
+    /// Deadline.
+    pub timeout: Option<Duration>,
+}
+
+/// A path rule.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum PathRule {
+    /// Any path starting with this.
+    Prefix(String),
+    /// Exactly this path.
+    Exact(String),
+    /// This path or anything below it as a segment.
+    Segment(String),
+}
+
+impl PathRule {
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            PathRule::Prefix(p) => path.starts_with(p.as_str()),
+            PathRule::Exact(p) => path == p,
+            PathRule::Segment(p) => {
+                path.strip_prefix(p.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            }
+        }
+    }
+}
+
+impl Route {
+    /// Whether a request matches.
+    pub fn matches(&self, path: &str, headers: &http::HeaderMap) -> bool {
+        self.path.matches(path)
+            && self.headers.iter().all(|(n, v)| {
+                headers.get(n.as_str()).and_then(|h| h.to_str().ok()) == Some(v.as_str())
+            })
+    }
+}
+
+/// Compiles a RouteConfiguration; each virtual host becomes (domains, routes).
+pub fn compile_routes(rc: &route::RouteConfiguration) -> Result<Vec<(Vec<String>, Vec<Route>)>, Invalid> {
+    let kind = "RouteConfiguration";
+    let mut out = Vec::new();
+    for (vi, vh) in rc.virtual_hosts.iter().enumerate() {
+        let mut routes = Vec::new();
+        for (ri, r) in vh.routes.iter().enumerate() {
+            let at = format!("virtual_hosts[{vi}].routes[{ri}]");
+            let m = r.r#match.as_ref().ok_or_else(|| invalid(kind, &rc.name, format!("{at}.match missing")))?;
+            use route::route_match::PathSpecifier;
+            let path = match &m.path_specifier {
+                Some(PathSpecifier::Prefix(p)) => PathRule::Prefix(p.clone()),
+                Some(PathSpecifier::Path(p)) => PathRule::Exact(p.clone()),
+                Some(PathSpecifier::PathSeparatedPrefix(p)) => PathRule::Segment(p.clone()),
+                other => {
+                    return Err(invalid(kind, &rc.name, format!("{at}.match: unsupported path specifier {other:?}")));
+                }
+            };
+            let mut headers = Vec::new();
+            for (hi, h) in m.headers.iter().enumerate() {
+                use route::header_matcher::HeaderMatchSpecifier;
+                use weft_proto::envoy::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+                match &h.header_match_specifier {
+                    Some(HeaderMatchSpecifier::StringMatch(s)) => match &s.match_pattern {
+                        Some(MatchPattern::Exact(v)) => headers.push((h.name.to_ascii_lowercase(), v.clone())),
+                        _ => {
+                            return Err(invalid(kind, &rc.name, format!("{at}.match.headers[{hi}]: only exact matches are supported")));
+                        }
+                    },
+                    _ => return Err(invalid(kind, &rc.name, format!("{at}.match.headers[{hi}]: only string matches are supported"))),
+                }
+            }
+            let Some(route::route::Action::Route(action)) = &r.action else {
+                return Err(invalid(kind, &rc.name, format!("{at}: only route actions are supported")));
+            };
+            use route::route_action::ClusterSpecifier;
+            let target = match &action.cluster_specifier {
+                Some(ClusterSpecifier::Cluster(c)) => Target::Cluster(c.clone()),
+                Some(ClusterSpecifier::WeightedClusters(w)) => {
+                    let list: Vec<(String, u32)> = w
+                        .clusters
+                        .iter()
+                        .map(|c| (c.name.clone(), c.weight.as_ref().map_or(0, |w| w.value)))
+                        .collect();
+                    if list.iter().map(|(_, w)| u64::from(*w)).sum::<u64>() == 0 {
+                        return Err(invalid(kind, &rc.name, format!("{at}: weighted clusters all have weight 0")));
+                    }
+                    Target::Weighted(list)
+                }
+                _ => return Err(invalid(kind, &rc.name, format!("{at}: route action names no cluster"))),
+            };
+            let timeout = action
+                .timeout
+                .as_ref()
+                .filter(|d| d.seconds > 0 || d.nanos > 0)
+                .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32));
+            routes.push(Route { path, headers, target, timeout });
+        }
+        out.push((vh.domains.clone(), routes));
+    }
+    Ok(out)
+}
+
+/// One endpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct Endpoint {
+    /// Address.
+    pub addr: SocketAddr,
+    /// Healthy (HEALTHY or UNKNOWN).
+    pub healthy: bool,
+    /// Region/zone.
+    pub zone: String,
+}
+
+/// A cluster's endpoints grouped by priority, with Envoy's overprovisioning semantics.
+#[derive(Debug, Default, Serialize)]
+pub struct Endpoints {
+    /// Endpoints per priority (index = priority).
+    pub priorities: Vec<Vec<Endpoint>>,
+    /// Overprovisioning factor, percent (140 = 1.4).
+    pub overprovisioning: u32,
+    #[serde(skip)]
+    next: AtomicUsize,
+}
+
+/// Compiles a ClusterLoadAssignment.
+pub fn compile_endpoints(cla: &ClusterLoadAssignment) -> Result<Endpoints, Invalid> {
+    let kind = "ClusterLoadAssignment";
+    let mut priorities: Vec<Vec<Endpoint>> = Vec::new();
+    for (li, l) in cla.endpoints.iter().enumerate() {
+        let p = l.priority as usize;
+        if p > 128 {
+            return Err(invalid(kind, &cla.cluster_name, format!("endpoints[{li}].priority {p} is too large")));
+        }
+        if priorities.len() <= p {
+            priorities.resize_with(p + 1, Vec::new);
+        }
+        let zone = l.locality.as_ref().map(|l| l.zone.clone()).unwrap_or_default();
+        for (ei, e) in l.lb_endpoints.iter().enumerate() {
+            let at = format!("endpoints[{li}].lb_endpoints[{ei}]");
+            let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                return Err(invalid(kind, &cla.cluster_name, format!("{at}: no endpoint")));
+            };
+            let Some(core::address::Address::SocketAddress(sa)) = ep.address.as_ref().and_then(|a| a.address.as_ref()) else {
+                return Err(invalid(kind, &cla.cluster_name, format!("{at}: no socket address")));
+            };
+            let ip: std::net::IpAddr = sa
+                .address
+                .parse()
+                .map_err(|_| invalid(kind, &cla.cluster_name, format!("{at}: {:?} is not an IP", sa.address)))?;
+            let Some(core::socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier else {
+                return Err(invalid(kind, &cla.cluster_name, format!("{at}: no port")));
+            };
+            let port = u16::try_from(port).map_err(|_| invalid(kind, &cla.cluster_name, format!("{at}: port {port} out of range")))?;
+            let health = e.health_status;
+            priorities[p].push(Endpoint {
+                addr: SocketAddr::new(ip, port),
+                healthy: health == core::HealthStatus::Healthy as i32 || health == core::HealthStatus::Unknown as i32,
+                zone: zone.clone(),
+            });
+        }
+    }
+    Ok(Endpoints {
+        priorities,
+        overprovisioning: cla
+            .policy
+            .as_ref()
+            .and_then(|p| p.overprovisioning_factor.as_ref())
+            .map_or(140, |v| v.value),
+        next: AtomicUsize::new(0),
+    })
+}
+
+impl Endpoints {
+    /// Share of traffic (percent) each priority gets: a priority takes `healthy share × factor`
+    /// capped at what is left, the rest spills to the next one (Envoy's priority load).
+    pub fn priority_load(&self) -> Vec<u32> {
+        let health: Vec<u32> = self
+            .priorities
+            .iter()
+            .map(|eps| {
+                if eps.is_empty() {
+                    return 0;
+                }
+                let healthy = eps.iter().filter(|e| e.healthy).count() as u64;
+                ((healthy * u64::from(self.overprovisioning)) / eps.len() as u64).min(100) as u32
+            })
+            .collect();
+        let total: u32 = health.iter().sum::<u32>().min(100);
+        if total == 0 {
+            return vec![0; health.len()];
+        }
+        let mut left = 100u32;
+        let mut load: Vec<u32> = health
+            .iter()
+            .map(|h| {
+                let take = (*h).min(left);
+                left -= take;
+                take
+            })
+            .collect();
+        if total < 100 {
+            // Normalise so the loads sum to 100 when no priority can take its full share.
+            let sum: u32 = load.iter().sum();
+            load = load.iter().map(|l| l * 100 / sum.max(1)).collect();
+        }
+        load
+    }
+
+    /// Picks an endpoint: a priority by load, then round robin among its healthy endpoints.
+    pub fn pick(&self, roll: u32) -> Option<SocketAddr> {
+        let load = self.priority_load();
+        let mut acc = 0;
+        let mut chosen = load.iter().position(|l| {
+            acc += l;
+            roll % 100 < acc
+        });
+        if chosen.is_none() {
+            chosen = self.priorities.iter().position(|p| p.iter().any(|e| e.healthy));
+        }
+        let eps: Vec<&Endpoint> = self.priorities.get(chosen?)?.iter().filter(|e| e.healthy).collect();
+        if eps.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        Some(eps[i % eps.len()].addr)
+    }
+}
+
+/// A cluster as the request path sees it.
+#[derive(Debug, Serialize)]
+pub struct ClusterState {
+    /// The EDS name of its endpoints.
+    pub eds_name: String,
+    /// Its endpoints, once received.
+    pub endpoints: Option<Arc<Endpoints>>,
+}
+
+/// Validates a Cluster and returns its EDS service name.
+pub fn cluster_eds_name(c: &Cluster) -> Result<String, Invalid> {
+    if c.name.is_empty() {
+        return Err(invalid("Cluster", "", "name is empty"));
+    }
+    use weft_proto::envoy::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
+    match c.cluster_discovery_type {
+        Some(ClusterDiscoveryType::Type(t)) if t == DiscoveryType::Eds as i32 => {}
+        _ => return Err(invalid("Cluster", &c.name, "only EDS clusters are supported")),
+    }
+    Ok(c.eds_cluster_config
+        .as_ref()
+        .map(|e| e.service_name.clone())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| c.name.clone()))
+}
+
+/// Everything the request path reads, swapped as a whole.
+#[derive(Debug, Default, Serialize)]
+pub struct MeshConfig {
+    /// Host (as in `:authority`, with or without port) -> routes.
+    pub hosts: HashMap<String, Arc<Vec<Route>>>,
+    /// Cluster name -> state.
+    pub clusters: BTreeMap<String, ClusterState>,
+    /// Accepted versions per type URL.
+    pub versions: BTreeMap<String, String>,
+}
+
+impl MeshConfig {
+    /// Routes for an authority: exact, then without its port.
+    pub fn routes_for(&self, authority: &str) -> Option<&Arc<Vec<Route>>> {
+        self.hosts.get(authority).or_else(|| {
+            let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+            self.hosts.get(host)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eps(p: &[(usize, bool)]) -> Endpoints {
+        let mut priorities: Vec<Vec<Endpoint>> = Vec::new();
+        for (i, (prio, healthy)) in p.iter().enumerate() {
+            if priorities.len() <= *prio {
+                priorities.resize_with(prio + 1, Vec::new);
+            }
+            priorities[*prio].push(Endpoint {
+                addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
+                healthy: *healthy,
+                zone: String::new(),
+            });
+        }
+        Endpoints { priorities, overprovisioning: 140, next: AtomicUsize::new(0) }
+    }
+
+    #[test]
+    fn priority_load_follows_overprovisioning() {
+        // All healthy: everything to priority 0.
+        assert_eq!(eps(&[(0, true), (0, true), (1, true)]).priority_load(), vec![100, 0]);
+        // 3 of 4 healthy: 75 % × 1.4 = 105 → still all of it.
+        assert_eq!(eps(&[(0, true), (0, true), (0, true), (0, false), (1, true)]).priority_load(), vec![100, 0]);
+        // 1 of 2 healthy: 70 % stays, 30 % spills.
+        assert_eq!(eps(&[(0, true), (0, false), (1, true)]).priority_load(), vec![70, 30]);
+        // None healthy at 0: all to 1.
+        assert_eq!(eps(&[(0, false), (1, true)]).priority_load(), vec![0, 100]);
+    }
+
+    #[test]
+    fn pick_skips_unhealthy_and_spills() {
+        let e = eps(&[(0, false), (0, false), (1, true)]);
+        for roll in 0..100 {
+            assert_eq!(e.pick(roll).map(|a| a.port()), Some(1002));
+        }
+        assert_eq!(eps(&[(0, false)]).pick(5), None);
+    }
+}

@@ -1,0 +1,303 @@
+//! The xDS client: one ADS stream (state of the world) to the control plane.
+//!
+//! Every response is validated as a whole: if any resource in it is refused, the response is
+//! NACKed with a message naming each refused resource and the previous config stays in force
+//! (a refused version is never recorded as held). Accepted responses are compiled into a new
+//! [`MeshConfig`] and swapped in. When the stream breaks, the client reconnects with jittered
+//! exponential backoff, re-sending the versions it holds — and keeps serving its last accepted
+//! config meanwhile, however long the control plane is gone.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use weft_proto::envoy::envoy::config::cluster::v3::Cluster;
+use weft_proto::envoy::envoy::config::core::v3::{Locality, Node};
+use weft_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use weft_proto::envoy::envoy::config::listener::v3::Listener;
+use weft_proto::envoy::envoy::config::route::v3::RouteConfiguration;
+use weft_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use weft_proto::envoy::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use weft_proto::envoy::google::protobuf as pb;
+use weft_proto::type_url;
+
+use crate::config::RunConfig;
+use crate::state::{self, ClusterState, Invalid, MeshConfig, Route};
+
+/// First reconnect delay.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Longest reconnect delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// The resources the client holds, as accepted.
+#[derive(Default)]
+struct Held {
+    listeners: BTreeMap<String, Listener>,
+    routes: BTreeMap<String, RouteConfiguration>,
+    clusters: BTreeMap<String, Cluster>,
+    endpoints: BTreeMap<String, ClusterLoadAssignment>,
+    versions: BTreeMap<String, String>,
+    /// Names subscribed per type (RDS and EDS are named; LDS and CDS are wildcards).
+    names: HashMap<&'static str, BTreeSet<String>>,
+}
+
+/// Shared handles: the config the request path reads and whether every type was ACKed once.
+#[derive(Clone)]
+pub struct XdsHandle {
+    /// The accepted config.
+    pub config: Arc<ArcSwap<MeshConfig>>,
+    /// Becomes true once LDS, RDS, CDS and EDS were each accepted once.
+    pub ready: watch::Receiver<bool>,
+}
+
+fn node(cfg: &RunConfig) -> Node {
+    let s = |v: &str| pb::Value {
+        kind: Some(pb::value::Kind::StringValue(v.to_string())),
+    };
+    let fields = [
+        (weft_proto::keys::NODE_NAMESPACE, s(&cfg.namespace)),
+        (weft_proto::keys::NODE_SERVICE_ACCOUNT, s(&cfg.service_account)),
+        (weft_proto::keys::NODE_CLUSTER, s(&cfg.cluster)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    Node {
+        id: cfg.node_id(),
+        cluster: cfg.cluster.clone(),
+        metadata: Some(pb::Struct { fields }),
+        locality: Some(Locality {
+            region: cfg.region.clone(),
+            zone: cfg.zone.clone(),
+            sub_zone: String::new(),
+        }),
+        user_agent_name: "weft-sidecar".into(),
+        ..Default::default()
+    }
+}
+
+/// Starts the client task; the handle's config is empty until the first responses arrive.
+pub fn start(cfg: RunConfig, metrics: Arc<crate::admin::Metrics>) -> XdsHandle {
+    let config = Arc::new(ArcSwap::from_pointee(MeshConfig::default()));
+    let (ready_tx, ready) = watch::channel(false);
+    let handle = XdsHandle { config: config.clone(), ready };
+    tokio::spawn(async move {
+        let mut held = Held::default();
+        let mut attempt = 0u32;
+        loop {
+            match stream_once(&cfg, &mut held, &config, &ready_tx, &metrics).await {
+                Ok(()) => tracing::warn!("control plane closed the xDS stream; reconnecting"),
+                Err(e) => tracing::warn!(error = %e, "xDS stream failed; serving the last accepted config"),
+            }
+            metrics.xds_disconnects.inc();
+            attempt = attempt.saturating_add(1);
+            let exp = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(6)).min(BACKOFF_MAX);
+            let jitter = rand::random::<f64>() * 0.5 + 0.5;
+            tokio::time::sleep(exp.mul_f64(jitter)).await;
+            if held.versions.len() == 4 {
+                attempt = 0;
+            }
+        }
+    });
+    handle
+}
+
+fn request(cfg: &RunConfig, type_url: &str, held: &Held, nonce: &str, error: Option<String>) -> DiscoveryRequest {
+    DiscoveryRequest {
+        version_info: held.versions.get(type_url).cloned().unwrap_or_default(),
+        node: Some(node(cfg)),
+        resource_names: held
+            .names
+            .get(type_url)
+            .map(|n| n.iter().cloned().collect())
+            .unwrap_or_default(),
+        type_url: type_url.to_string(),
+        response_nonce: nonce.to_string(),
+        error_detail: error.map(|message| weft_proto::envoy::google::rpc::Status {
+            code: 3, // INVALID_ARGUMENT
+            message,
+            details: Vec::new(),
+        }),
+        ..Default::default()
+    }
+}
+
+async fn stream_once(
+    cfg: &RunConfig,
+    held: &mut Held,
+    config: &ArcSwap<MeshConfig>,
+    ready: &watch::Sender<bool>,
+    metrics: &crate::admin::Metrics,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let endpoint = format!("http://{}", cfg.xds_addr);
+    let channel = tonic::transport::Endpoint::from_shared(endpoint)?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .connect()
+        .await?;
+    let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
+    let (tx, rx) = mpsc::channel(16);
+    // CDS before LDS so clusters exist when routes name them; RDS/EDS follow by name.
+    for t in [type_url::CLUSTER, type_url::LISTENER, type_url::ENDPOINT, type_url::ROUTE] {
+        if matches!(t, type_url::CLUSTER | type_url::LISTENER) || held.names.get(t).is_some_and(|n| !n.is_empty()) {
+            tx.send(request(cfg, t, held, "", None)).await?;
+        }
+    }
+    let mut responses = client.stream_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+    tracing::info!(addr = %cfg.xds_addr, "xDS stream open");
+    while let Some(resp) = responses.message().await? {
+        let t = resp.type_url.clone();
+        let Some(t) = type_url::ALL.iter().find(|u| **u == t).copied() else {
+            tx.send(request(cfg, &resp.type_url, held, &resp.nonce, Some(format!("unsupported type_url {:?}", resp.type_url)))).await?;
+            continue;
+        };
+        match apply(held, t, &resp) {
+            Ok(new_names) => {
+                held.versions.insert(t.to_string(), resp.version_info.clone());
+                config.store(Arc::new(compile(held)));
+                metrics.xds_updates.inc();
+                tx.send(request(cfg, t, held, &resp.nonce, None)).await?;
+                // Subscribe to what the new resources refer to.
+                if let Some((dep, names)) = new_names
+                    && held.names.get(dep) != Some(&names)
+                {
+                    held.names.insert(dep, names);
+                    tx.send(request(cfg, dep, held, "", None)).await?;
+                }
+                if held.versions.len() == 4 {
+                    ready.send_replace(true);
+                }
+            }
+            Err(errors) => {
+                let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+                tracing::warn!(type_url = t, version = %resp.version_info, %message, "NACK: keeping the previous config");
+                metrics.xds_nacks.inc();
+                tx.send(request(cfg, t, held, &resp.nonce, Some(message))).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+type Dependents = Option<(&'static str, BTreeSet<String>)>;
+
+/// Validates a whole response and, if every resource passes, replaces the held set of its type.
+fn apply(held: &mut Held, t: &'static str, resp: &DiscoveryResponse) -> Result<Dependents, Vec<Invalid>> {
+    let mut errors = Vec::new();
+    macro_rules! decode_all {
+        ($ty:ty, $kind:literal, $name:expr) => {{
+            let mut out = BTreeMap::new();
+            for any in &resp.resources {
+                if any.type_url != t {
+                    errors.push(Invalid { kind: $kind, name: String::new(), message: format!("type {:?} in a {} response", any.type_url, $kind) });
+                    continue;
+                }
+                match state::decode::<$ty>($kind, "", &any.value) {
+                    Ok(r) => {
+                        let name: String = $name(&r);
+                        out.insert(name, r);
+                    }
+                    Err(e) => errors.push(e),
+                }
+            }
+            out
+        }};
+    }
+    match t {
+        type_url::LISTENER => {
+            let listeners = decode_all!(Listener, "Listener", |l: &Listener| l.name.clone());
+            let mut routes = BTreeSet::new();
+            for l in listeners.values() {
+                match state::listener_routes(l) {
+                    Ok(Some(r)) => {
+                        routes.insert(r);
+                    }
+                    Ok(None) => {}
+                    Err(e) => errors.push(e),
+                }
+            }
+            if !errors.is_empty() {
+                return Err(errors);
+            }
+            held.listeners = listeners;
+            Ok(Some((type_url::ROUTE, routes)))
+        }
+        type_url::ROUTE => {
+            let routes = decode_all!(RouteConfiguration, "RouteConfiguration", |r: &RouteConfiguration| r.name.clone());
+            for r in routes.values() {
+                if let Err(e) = state::compile_routes(r) {
+                    errors.push(e);
+                }
+            }
+            if !errors.is_empty() {
+                return Err(errors);
+            }
+            held.routes = routes;
+            Ok(None)
+        }
+        type_url::CLUSTER => {
+            let clusters = decode_all!(Cluster, "Cluster", |c: &Cluster| c.name.clone());
+            let mut eds = BTreeSet::new();
+            for c in clusters.values() {
+                match state::cluster_eds_name(c) {
+                    Ok(n) => {
+                        eds.insert(n);
+                    }
+                    Err(e) => errors.push(e),
+                }
+            }
+            if !errors.is_empty() {
+                return Err(errors);
+            }
+            held.clusters = clusters;
+            Ok(Some((type_url::ENDPOINT, eds)))
+        }
+        _ => {
+            let cla = decode_all!(ClusterLoadAssignment, "ClusterLoadAssignment", |c: &ClusterLoadAssignment| c.cluster_name.clone());
+            for c in cla.values() {
+                if let Err(e) = state::compile_endpoints(c) {
+                    errors.push(e);
+                }
+            }
+            if !errors.is_empty() {
+                return Err(errors);
+            }
+            held.endpoints = cla;
+            Ok(None)
+        }
+    }
+}
+
+/// Compiles the held (already validated) resources into the request path's config.
+fn compile(held: &Held) -> MeshConfig {
+    let mut hosts: HashMap<String, Arc<Vec<Route>>> = HashMap::new();
+    for rc in held.routes.values() {
+        for (domains, routes) in state::compile_routes(rc).unwrap_or_default() {
+            let routes = Arc::new(routes);
+            for d in domains {
+                hosts.entry(d).or_insert_with(|| routes.clone());
+            }
+        }
+    }
+    let clusters = held
+        .clusters
+        .values()
+        .filter_map(|c| {
+            let eds_name = state::cluster_eds_name(c).ok()?;
+            let endpoints = held
+                .endpoints
+                .get(&eds_name)
+                .and_then(|cla| state::compile_endpoints(cla).ok())
+                .map(Arc::new);
+            Some((c.name.clone(), ClusterState { eds_name, endpoints }))
+        })
+        .collect();
+    MeshConfig {
+        hosts,
+        clusters,
+        versions: held.versions.clone(),
+    }
+}

@@ -1,0 +1,58 @@
+//! Test support shared by the cross-crate tests, the e2e scenarios and `weftctl demo`:
+//! a control plane on a free loopback port over a directory of YAML, sidecars, and echo
+//! upstreams that answer with their own name, cluster and zone.
+
+pub mod echo;
+pub mod world;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+pub use weft_control_plane::ControlPlane;
+pub use weft_sidecar::Sidecar;
+
+/// Starts a control plane over `dir` with every listener on 127.0.0.1 port 0.
+pub async fn start_control_plane(dir: &Path) -> Result<ControlPlane, weft_control_plane::StartError> {
+    ControlPlane::start(weft_control_plane::Config::local(dir)).await
+}
+
+/// Starts a sidecar bound on `ip` (port 0 for every listener) that takes config from `xds`.
+pub async fn start_sidecar(
+    xds: SocketAddr,
+    ip: IpAddr,
+    node_id: &str,
+    zone: &str,
+) -> Result<Sidecar, weft_sidecar::StartError> {
+    let mut cfg = weft_sidecar::RunConfig::local(xds, ip, node_id);
+    cfg.zone = zone.into();
+    cfg.cluster = "cluster-1".into();
+    Sidecar::start(cfg).await
+}
+
+/// Waits until `cond` holds, polling; panics with `what` after `patience`.
+pub async fn eventually<F: FnMut() -> bool>(what: &str, patience: Duration, mut cond: F) {
+    let deadline = tokio::time::Instant::now() + patience;
+    while !cond() {
+        if tokio::time::Instant::now() > deadline {
+            panic!("not true after {patience:?}: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends one HTTP/1.1 GET to `proxy` with `Host: host` and returns (status, body).
+pub async fn get_via(proxy: SocketAddr, host: &str, path: &str) -> Result<(u16, String), Box<dyn std::error::Error + Send + Sync>> {
+    use http_body_util::{BodyExt, Empty};
+    let stream = tokio::net::TcpStream::connect(proxy).await?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .uri(path)
+        .header(hyper::header::HOST, host)
+        .body(Empty::<bytes::Bytes>::new())?;
+    let resp = send.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}

@@ -1,0 +1,48 @@
+//! Builders for the YAML worlds tests and the demo write into a file-source directory.
+
+use std::net::SocketAddr;
+
+/// A `v1 Service` with one HTTP port.
+pub fn service(name: &str, port: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  ports: [{{name: http, port: {port}, appProtocol: http}}]\n"
+    )
+}
+
+/// A `v1 Node` in `zone` of region `region`.
+pub fn node(name: &str, region: &str, zone: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels: {{topology.kubernetes.io/region: {region}, topology.kubernetes.io/zone: {zone}}}\n"
+    )
+}
+
+/// An EndpointSlice for `svc` with endpoints (address, node name, ready).
+pub fn slice(name: &str, svc: &str, endpoints: &[(SocketAddr, &str, bool)]) -> String {
+    let port = endpoints.first().map_or(80, |(a, _, _)| a.port());
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv4\nports: [{{name: http, port: {port}}}]\nendpoints:\n"
+    );
+    for (addr, node, ready) in endpoints {
+        s.push_str(&format!(
+            "- addresses: [\"{}\"]\n  nodeName: {node}\n  conditions: {{ready: {ready}}}\n",
+            addr.ip()
+        ));
+    }
+    s
+}
+
+/// An SMI TrafficSplit of `svc` over (backend, weight).
+pub fn split(name: &str, svc: &str, backends: &[(&str, u32)]) -> String {
+    let mut s = format!(
+        "apiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  service: {svc}\n  backends:\n"
+    );
+    for (b, w) in backends {
+        s.push_str(&format!("  - {{service: {b}, weight: {w}}}\n"));
+    }
+    s
+}
+
+/// Joins documents into one multi-document YAML file.
+pub fn docs(parts: &[String]) -> String {
+    parts.join("---\n")
+}
