@@ -197,19 +197,11 @@ fn any_of<M: Message + Name>(m: &M) -> pb::Any {
     }
 }
 
-fn string_value(s: &str) -> pb::Value {
-    pb::Value {
-        kind: Some(pb::value::Kind::StringValue(s.to_string())),
-    }
-}
-
-fn weft_metadata(fields: &[(&str, &str)]) -> core::Metadata {
-    let fields = fields
-        .iter()
-        .map(|(k, v)| (k.to_string(), string_value(v)))
-        .collect();
+/// Weft's typed metadata under the `weft` key. Typed, not a `Struct`: a `Struct`'s map encodes
+/// in random order, which would change a resource's version hash without changing the resource.
+fn weft_metadata<M: Message + Name>(m: &M) -> core::Metadata {
     core::Metadata {
-        filter_metadata: [(WEFT_METADATA.to_string(), pb::Struct { fields })].into(),
+        typed_filter_metadata: [(WEFT_METADATA.to_string(), any_of(m))].into(),
         ..Default::default()
     }
 }
@@ -551,11 +543,11 @@ fn cluster_for(
         lb_policy: lb_policy as i32,
         circuit_breakers,
         outlier_detection,
-        metadata: Some(weft_metadata(&[
-            ("algorithm", &algo_name),
-            ("service", &svc.key.to_string()),
-            ("app_protocol", &protocol),
-        ])),
+        metadata: Some(weft_metadata(&weft_proto::xds::ClusterMeta {
+            algorithm: algo_name,
+            service: svc.key.to_string(),
+            app_protocol: protocol,
+        })),
         ..Default::default()
     }
 }
@@ -626,11 +618,11 @@ fn load_assignments(svc: &ServiceModel, place: &ProxyPlace, home: &str) -> Vec<R
                 let ep = endpoint::LbEndpoint {
                     health_status: health(e) as i32,
                     load_balancing_weight: Some(u32v(e.weight.max(1))),
-                    metadata: Some(weft_metadata(&[
-                        ("cluster", &e.cluster),
-                        ("identity", e.identity.as_deref().unwrap_or_default()),
-                        ("pod", e.pod.as_deref().unwrap_or_default()),
-                    ])),
+                    metadata: Some(weft_metadata(&weft_proto::xds::EndpointMeta {
+                        cluster: e.cluster.clone(),
+                        identity: e.identity.clone().unwrap_or_default(),
+                        pod: e.pod.clone().unwrap_or_default(),
+                    })),
                     host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
                         endpoint::Endpoint {
                             address: Some(socket_address(e.address, target)),

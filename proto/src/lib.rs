@@ -28,6 +28,12 @@ pub mod admin {
     tonic::include_proto!("weft.admin.v1");
 }
 
+/// `weft.xds.v1`: Weft's typed metadata inside xDS resources (key `weft`).
+#[allow(missing_docs, clippy::all)]
+pub mod xds {
+    tonic::include_proto!("weft.xds.v1");
+}
+
 /// xDS v3 type URLs the control plane serves.
 pub mod type_url {
     /// `envoy.config.listener.v3.Listener`.
