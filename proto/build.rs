@@ -6,7 +6,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.enable_type_names();
     tonic_prost_build::configure().compile_with_config(
         config,
-        &["proto/identity.proto", "proto/federation.proto", "proto/admin.proto", "proto/xds.proto"],
+        &[
+            "proto/identity.proto",
+            "proto/federation.proto",
+            "proto/admin.proto",
+            "proto/xds.proto",
+        ],
         &["proto"],
     )?;
     Ok(())

@@ -46,10 +46,11 @@ impl Admin for AdminService {
         req: Request<GetProxyConfigRequest>,
     ) -> Result<Response<GetProxyConfigResponse>, Status> {
         let id = req.into_inner().node_id;
-        let record = self
-            .registry
-            .find(&id)
-            .ok_or_else(|| Status::not_found(format!("no proxy {id:?} is connected to this control plane")))?;
+        let record = self.registry.find(&id).ok_or_else(|| {
+            Status::not_found(format!(
+                "no proxy {id:?} is connected to this control plane"
+            ))
+        })?;
         let rec = lock(&record);
         let mut resources = Vec::new();
         for (url, t) in weft_proto::type_url::ALL.iter().zip(&rec.types) {

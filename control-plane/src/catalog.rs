@@ -17,9 +17,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use weft_proto::SpiffeId;
 
-use crate::objects::{
-    Object, ObjectKey, TrafficPolicySpec, parse_duration,
-};
+use crate::objects::{Object, ObjectKey, TrafficPolicySpec, parse_duration};
 
 /// A Service's identity in the catalog.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -338,13 +336,11 @@ impl Catalog {
         st.ready |= update.initial_sync_done;
         let prev = self.current();
         let st = &mut *st;
-        let (mut model, mut errors, good) =
-            build(&st.world, &prev, &st.last_good_routes);
+        let (mut model, mut errors, good) = build(&st.world, &prev, &st.last_good_routes);
         for (k, v) in good {
             st.last_good_routes.insert(k, v);
         }
-        st.last_good_routes
-            .retain(|k, _| st.world.contains_key(k));
+        st.last_good_routes.retain(|k, _| st.world.contains_key(k));
         errors.extend(st.source_errors.iter().cloned());
         errors.sort();
         errors.dedup();
@@ -354,6 +350,9 @@ impl Catalog {
         self.tx.send_replace(Arc::new(model));
     }
 }
+
+/// A pod's service account and node.
+type PodInfo = (Option<String>, Option<String>);
 
 type GoodRoutes = Vec<(ObjectKey, Vec<(ServiceKey, u16, RouteRule)>)>;
 
@@ -366,7 +365,8 @@ fn build(
     let mut errors = Vec::new();
     let mut good = Vec::new();
     let mut nodes: HashMap<&str, Locality> = HashMap::new();
-    let mut pods: HashMap<(&str, &str), (Option<String>, Option<String>)> = HashMap::new();
+    // (namespace, pod) -> (service account, node)
+    let mut pods: HashMap<(&str, &str), PodInfo> = HashMap::new();
     let mut pod_labels = BTreeMap::new();
     for (obj, _) in world.values() {
         match obj {
@@ -478,8 +478,7 @@ fn build(
             })
             .collect();
         for ep in es.endpoints.iter().flatten() {
-            let Some(address) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok())
-            else {
+            let Some(address) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
                 continue;
             };
             if svc.endpoints.iter().any(|e| e.address == address) {
@@ -695,11 +694,17 @@ fn backend_port(
     }
 }
 
-fn resolve_split(s: &crate::objects::Named<crate::objects::TrafficSplitSpec>, ports_of: &HashMap<ServiceKey, Vec<PortModel>>) -> Resolved {
+fn resolve_split(
+    s: &crate::objects::Named<crate::objects::TrafficSplitSpec>,
+    ports_of: &HashMap<ServiceKey, Vec<PortModel>>,
+) -> Resolved {
     let root = ServiceKey::new(&s.namespace, &s.spec.service);
-    let root_ports = ports_of
-        .get(&root)
-        .ok_or_else(|| ("spec.service".to_string(), format!("Service {root} not found")))?;
+    let root_ports = ports_of.get(&root).ok_or_else(|| {
+        (
+            "spec.service".to_string(),
+            format!("Service {root} not found"),
+        )
+    })?;
     let mut out = Vec::new();
     for p in root_ports {
         let mut backends = Vec::new();
@@ -761,7 +766,8 @@ fn resolve_http_route(
             for (ri, rule) in r.spec.rules.iter().enumerate() {
                 let mut backends = Vec::new();
                 for (bi, b) in rule.backend_refs.iter().enumerate() {
-                    let key = ServiceKey::new(b.namespace.as_deref().unwrap_or(&r.namespace), &b.name);
+                    let key =
+                        ServiceKey::new(b.namespace.as_deref().unwrap_or(&r.namespace), &b.name);
                     let bport = backend_port(&key, b.port, port, ports_of)
                         .map_err(|m| (format!("spec.rules[{ri}].backendRefs[{bi}]"), m))?;
                     backends.push(Backend {
@@ -812,7 +818,11 @@ fn resolve_http_route(
                         retry_on: if rt.codes.is_empty() {
                             vec!["5xx".into(), "connect-failure".into(), "reset".into()]
                         } else {
-                            vec!["retriable-status-codes".into(), "connect-failure".into(), "reset".into()]
+                            vec![
+                                "retriable-status-codes".into(),
+                                "connect-failure".into(),
+                                "reset".into(),
+                            ]
                         },
                         retriable_status_codes: rt.codes.clone(),
                         backoff_base: base,
@@ -912,9 +922,11 @@ mod tests {
     }
 
     fn split(backends: serde_json::Value) -> (Object, String) {
-        obj(json!({"apiVersion": "split.smi-spec.io/v1alpha4", "kind": "TrafficSplit",
+        obj(
+            json!({"apiVersion": "split.smi-spec.io/v1alpha4", "kind": "TrafficSplit",
             "metadata": {"name": "echo-split"},
-            "spec": {"service": "echo", "backends": backends}}))
+            "spec": {"service": "echo", "backends": backends}}),
+        )
     }
 
     #[test]
@@ -949,15 +961,20 @@ mod tests {
         assert!(e.message.contains("echo-v3 not found"), "{}", e.message);
         assert!(e.message.contains("last good"), "{}", e.message);
         let rules = &m.services[&ServiceKey::new("default", "echo")].routes[&80];
-        assert_eq!(rules[0].backends[0].weight, 90, "the 90/10 split keeps serving");
+        assert_eq!(
+            rules[0].backends[0].weight, 90,
+            "the 90/10 split keeps serving"
+        );
     }
 
     #[test]
     fn policy_for_missing_service_is_an_error() {
         let cat = Catalog::new("c1", "td");
         cat.apply(SourceUpdate {
-            upserts: vec![obj(json!({"apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
-                "metadata": {"name": "p"}, "spec": {"targetRef": {"name": "ghost"}}}))],
+            upserts: vec![obj(
+                json!({"apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
+                "metadata": {"name": "p"}, "spec": {"targetRef": {"name": "ghost"}}}),
+            )],
             ..Default::default()
         });
         let m = cat.current();

@@ -11,7 +11,11 @@ pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15014";
 
 /// `weft-control-plane` flags.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "weft-control-plane", version, about = "Weft control plane: Kubernetes objects in, Envoy xDS v3 out")]
+#[command(
+    name = "weft-control-plane",
+    version,
+    about = "Weft control plane: Kubernetes objects in, Envoy xDS v3 out"
+)]
 pub struct Config {
     /// Directory of Kubernetes YAML to serve (the file source), watched for changes.
     #[arg(long, env = "WEFT_SOURCE_DIR")]
@@ -40,10 +44,14 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// No source of services.
-    #[error("no source: pass --source-dir DIR (WEFT_SOURCE_DIR); the Kubernetes source is not built yet")]
+    #[error(
+        "no source: pass --source-dir DIR (WEFT_SOURCE_DIR); the Kubernetes source is not built yet"
+    )]
     NoSource,
     /// No xDS listener.
-    #[error("no xDS listener: pass --xds-plaintext-addr ADDR (WEFT_XDS_PLAINTEXT_ADDR); the TLS port --grpc-addr arrives with the identity work")]
+    #[error(
+        "no xDS listener: pass --xds-plaintext-addr ADDR (WEFT_XDS_PLAINTEXT_ADDR); the TLS port --grpc-addr arrives with the identity work"
+    )]
     NoListener,
     /// Bad cluster name.
     #[error("--cluster-name {0:?}: {1}")]

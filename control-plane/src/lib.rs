@@ -94,12 +94,18 @@ impl ControlPlane {
         let metrics_listener = bind("metrics", config.metrics_addr).await?;
         let xds_addr = xds_listener
             .local_addr()
-            .map_err(|source| StartError::Bind { what: "plaintext xDS", addr: xds_addr, source })?;
-        let metrics_addr = metrics_listener.local_addr().map_err(|source| StartError::Bind {
-            what: "metrics",
-            addr: config.metrics_addr,
-            source,
-        })?;
+            .map_err(|source| StartError::Bind {
+                what: "plaintext xDS",
+                addr: xds_addr,
+                source,
+            })?;
+        let metrics_addr = metrics_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                what: "metrics",
+                addr: config.metrics_addr,
+                source,
+            })?;
         let replica = config.replica.clone().unwrap_or_else(hostname);
         let catalog = Arc::new(Catalog::new(&config.cluster_name, &config.trust_domain));
         let metrics = Arc::new(Metrics::new());
@@ -123,7 +129,11 @@ impl ControlPlane {
         }
         // Wait for the source's first full view (bounded: a failing source does not block start).
         let mut models = catalog.subscribe();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), models.wait_for(|m| m.ready)).await;
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            models.wait_for(|m| m.ready),
+        )
+        .await;
 
         // The translator: one translation per model version, shared by every stream.
         let model = catalog.current();
@@ -169,7 +179,10 @@ impl ControlPlane {
                 tracing::error!(error = %e, "xDS server stopped");
             }
         }));
-        tasks.push(tokio::spawn(metrics::serve(metrics_listener, metrics.clone())));
+        tasks.push(tokio::spawn(metrics::serve(
+            metrics_listener,
+            metrics.clone(),
+        )));
         tracing::info!(%xds_addr, %metrics_addr, cluster = %config.cluster_name, "control plane serving");
         Ok(ControlPlane {
             xds_addr,

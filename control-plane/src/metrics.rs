@@ -72,7 +72,11 @@ impl Metrics {
             ready: AtomicBool::new(false),
             registry: Registry::default(),
         };
-        registry.register("weft_xds_connected_proxies", "ADS streams open", m.connected_proxies.clone());
+        registry.register(
+            "weft_xds_connected_proxies",
+            "ADS streams open",
+            m.connected_proxies.clone(),
+        );
         registry.register("weft_xds_pushes", "xDS responses sent", m.pushes.clone());
         registry.register("weft_xds_acks", "xDS responses ACKed", m.acks.clone());
         registry.register("weft_xds_nacks", "xDS responses NACKed", m.nacks.clone());
@@ -81,16 +85,36 @@ impl Metrics {
             "Malformed xDS requests refused",
             m.request_errors.clone(),
         );
-        registry.register("weft_catalog_version", "Catalog model version", m.catalog_version.clone());
-        registry.register("weft_catalog_services", "Services in the catalog", m.catalog_services.clone());
-        registry.register("weft_catalog_endpoints", "Endpoints in the catalog", m.catalog_endpoints.clone());
-        registry.register("weft_source_errors", "Current source and validation errors", m.source_errors.clone());
+        registry.register(
+            "weft_catalog_version",
+            "Catalog model version",
+            m.catalog_version.clone(),
+        );
+        registry.register(
+            "weft_catalog_services",
+            "Services in the catalog",
+            m.catalog_services.clone(),
+        );
+        registry.register(
+            "weft_catalog_endpoints",
+            "Endpoints in the catalog",
+            m.catalog_endpoints.clone(),
+        );
+        registry.register(
+            "weft_source_errors",
+            "Current source and validation errors",
+            m.source_errors.clone(),
+        );
         registry.register(
             "weft_source_error",
             "One sample per current source error (file, object, field)",
             m.source_error.clone(),
         );
-        registry.register("weft_source_reloads", "Source reloads", m.source_reloads.clone());
+        registry.register(
+            "weft_source_reloads",
+            "Source reloads",
+            m.source_reloads.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -132,7 +156,10 @@ impl Metrics {
 
 /// A label set with one `type` label (the xDS short name).
 pub fn type_label(type_url: &str) -> Labels {
-    vec![("type".into(), weft_proto::type_url::short(type_url).to_string())]
+    vec![(
+        "type".into(),
+        weft_proto::type_url::short(type_url).to_string(),
+    )]
 }
 
 /// Serves `/metrics`, `/ready` and `/live` until the task is dropped.
@@ -178,8 +205,14 @@ fn handle(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<F
         }
         "/live" => text(StatusCode::OK, "live\n".into()),
         "/ready" if metrics.is_ready() => text(StatusCode::OK, "ready\n".into()),
-        "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "sources not synced yet\n".into()),
-        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /ready, /live\n".into()),
+        "/ready" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "sources not synced yet\n".into(),
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /ready, /live\n".into(),
+        ),
     }
 }
 

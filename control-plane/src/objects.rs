@@ -59,13 +59,13 @@ pub enum Object {
     /// `v1 Pod`: its service account and node matter.
     Pod(Box<Pod>),
     /// SMI `split.smi-spec.io/v1alpha4 TrafficSplit`.
-    TrafficSplit(Named<TrafficSplitSpec>),
+    TrafficSplit(Box<Named<TrafficSplitSpec>>),
     /// Gateway API `gateway.networking.k8s.io/v1 HTTPRoute` (GAMMA: parentRef a Service).
-    HttpRoute(Named<HttpRouteSpec>),
+    HttpRoute(Box<Named<HttpRouteSpec>>),
     /// MCS `multicluster.x-k8s.io/v1alpha1 ServiceExport`.
     ServiceExport(Named<()>),
     /// Weft's own `weft.dev/v1alpha1 TrafficPolicy`.
-    TrafficPolicy(Named<TrafficPolicySpec>),
+    TrafficPolicy(Box<Named<TrafficPolicySpec>>),
 }
 
 /// A namespaced object of one of the small kinds Weft owns or borrows: name, namespace, spec.
@@ -82,7 +82,9 @@ pub struct Named<T> {
 impl Object {
     /// The object's key.
     pub fn key(&self) -> ObjectKey {
-        fn meta(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+        fn meta(
+            m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        ) -> (String, String) {
             (
                 m.namespace.clone().unwrap_or_else(|| "default".into()),
                 m.name.clone().unwrap_or_default(),
@@ -91,7 +93,10 @@ impl Object {
         let (kind, (namespace, name)) = match self {
             Object::Service(o) => ("Service", meta(&o.metadata)),
             Object::EndpointSlice(o) => ("EndpointSlice", meta(&o.metadata)),
-            Object::Node(o) => ("Node", (String::new(), o.metadata.name.clone().unwrap_or_default())),
+            Object::Node(o) => (
+                "Node",
+                (String::new(), o.metadata.name.clone().unwrap_or_default()),
+            ),
             Object::Pod(o) => ("Pod", meta(&o.metadata)),
             Object::TrafficSplit(o) => ("TrafficSplit", (o.namespace.clone(), o.name.clone())),
             Object::HttpRoute(o) => ("HTTPRoute", (o.namespace.clone(), o.name.clone())),
@@ -540,10 +545,10 @@ pub fn parse_object(doc: serde_json::Value) -> Result<Option<Object>, ObjectErro
         ("", "Node") => Object::Node(Box::new(typed(doc, &label)?)),
         ("", "Pod") => Object::Pod(Box::new(typed(doc, &label)?)),
         ("split.smi-spec.io", "TrafficSplit") => {
-            Object::TrafficSplit(named(doc, &label, namespace, name)?)
+            Object::TrafficSplit(Box::new(named(doc, &label, namespace, name)?))
         }
         ("gateway.networking.k8s.io", "HTTPRoute") => {
-            Object::HttpRoute(named(doc, &label, namespace, name)?)
+            Object::HttpRoute(Box::new(named(doc, &label, namespace, name)?))
         }
         ("multicluster.x-k8s.io", "ServiceExport") => Object::ServiceExport(Named {
             namespace,
@@ -551,7 +556,7 @@ pub fn parse_object(doc: serde_json::Value) -> Result<Option<Object>, ObjectErro
             spec: (),
         }),
         ("weft.dev", "TrafficPolicy") => {
-            Object::TrafficPolicy(named(doc, &label, namespace, name)?)
+            Object::TrafficPolicy(Box::new(named(doc, &label, namespace, name)?))
         }
         _ => return Ok(None),
     };
@@ -601,7 +606,9 @@ fn field_err(field: impl Into<String>, message: impl Into<String>) -> FieldError
 
 fn check_duration(field: &str, v: &Option<String>) -> Result<(), FieldError> {
     match v {
-        Some(s) => parse_duration(s).map(|_| ()).map_err(|m| field_err(field, m)),
+        Some(s) => parse_duration(s)
+            .map(|_| ())
+            .map_err(|m| field_err(field, m)),
         None => Ok(()),
     }
 }
@@ -867,6 +874,42 @@ fn validate(obj: &Object) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// The static kind name for a kind Weft reads (for keys of objects that failed to parse).
+pub fn known_kind(kind: &str) -> Option<&'static str> {
+    [
+        "Service",
+        "EndpointSlice",
+        "Node",
+        "Pod",
+        "TrafficSplit",
+        "HTTPRoute",
+        "ServiceExport",
+        "TrafficPolicy",
+    ]
+    .into_iter()
+    .find(|k| *k == kind)
+}
+
+/// The key an unparsed document would have, when it names a known kind and has a name.
+pub fn raw_key(doc: &serde_json::Value) -> Option<ObjectKey> {
+    let kind = known_kind(doc.get("kind")?.as_str()?)?;
+    let meta = doc.get("metadata")?;
+    let name = meta.get("name")?.as_str()?.to_string();
+    let namespace = if kind == "Node" {
+        String::new()
+    } else {
+        meta.get("namespace")
+            .and_then(|v| v.as_str())
+            .unwrap_or("default")
+            .to_string()
+    };
+    Some(ObjectKey {
+        kind,
+        namespace,
+        name,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -980,40 +1023,4 @@ mod tests {
             assert_eq!(e.field, field, "{e}");
         }
     }
-}
-
-/// The static kind name for a kind Weft reads (for keys of objects that failed to parse).
-pub fn known_kind(kind: &str) -> Option<&'static str> {
-    [
-        "Service",
-        "EndpointSlice",
-        "Node",
-        "Pod",
-        "TrafficSplit",
-        "HTTPRoute",
-        "ServiceExport",
-        "TrafficPolicy",
-    ]
-    .into_iter()
-    .find(|k| *k == kind)
-}
-
-/// The key an unparsed document would have, when it names a known kind and has a name.
-pub fn raw_key(doc: &serde_json::Value) -> Option<ObjectKey> {
-    let kind = known_kind(doc.get("kind")?.as_str()?)?;
-    let meta = doc.get("metadata")?;
-    let name = meta.get("name")?.as_str()?.to_string();
-    let namespace = if kind == "Node" {
-        String::new()
-    } else {
-        meta.get("namespace")
-            .and_then(|v| v.as_str())
-            .unwrap_or("default")
-            .to_string()
-    };
-    Some(ObjectKey {
-        kind,
-        namespace,
-        name,
-    })
 }

@@ -210,10 +210,12 @@ fn weft_metadata<M: Message + Name>(m: &M) -> core::Metadata {
 fn api_listener(name: &ServicePortName) -> listener::Listener {
     let manager = hcm::HttpConnectionManager {
         stat_prefix: name.to_string(),
-        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(hcm::Rds {
-            config_source: Some(ads()),
-            route_config_name: name.to_string(),
-        })),
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+            hcm::Rds {
+                config_source: Some(ads()),
+                route_config_name: name.to_string(),
+            },
+        )),
         http_filters: vec![hcm::HttpFilter {
             name: "envoy.filters.http.router".into(),
             config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any_of(
@@ -329,7 +331,9 @@ fn route_match(m: &crate::catalog::RouteMatch) -> route::RouteMatch {
         Some(PathMatch::Exact(p)) => PathSpecifier::Path(p.clone()),
         Some(PathMatch::Prefix(p)) if p == "/" => PathSpecifier::Prefix("/".into()),
         // Gateway API prefixes match whole segments: `/v2` matches `/v2` and `/v2/x`, not `/v22`.
-        Some(PathMatch::Prefix(p)) => PathSpecifier::PathSeparatedPrefix(p.trim_end_matches('/').to_string()),
+        Some(PathMatch::Prefix(p)) => {
+            PathSpecifier::PathSeparatedPrefix(p.trim_end_matches('/').to_string())
+        }
         Some(PathMatch::Regex(p)) => PathSpecifier::SafeRegex(matcher::RegexMatcher {
             regex: p.clone(),
             ..Default::default()
@@ -417,12 +421,18 @@ fn route_action(
             ..Default::default()
         }),
     };
-    let timeout = rule.timeout.or_else(|| dur(&policy.and_then(|p| p.timeout.clone())));
+    let timeout = rule
+        .timeout
+        .or_else(|| dur(&policy.and_then(|p| p.timeout.clone())));
     let retry_policy = effective_retry(rule, policy).map(|r| route::RetryPolicy {
         retry_on: r.retry_on.join(","),
         num_retries: Some(u32v(r.attempts)),
         per_try_timeout: r.per_try_timeout.map(duration),
-        retriable_status_codes: r.retriable_status_codes.iter().map(|c| u32::from(*c)).collect(),
+        retriable_status_codes: r
+            .retriable_status_codes
+            .iter()
+            .map(|c| u32::from(*c))
+            .collect(),
         retry_back_off: Some(route::retry_policy::RetryBackOff {
             base_interval: Some(duration(r.backoff_base)),
             max_interval: Some(duration(r.backoff_max)),
@@ -516,19 +526,22 @@ fn cluster_for(
             ..Default::default()
         })
     });
-    let outlier_detection = policy.and_then(|p| p.outlier_detection.as_ref()).map(|o| {
-        cluster::OutlierDetection {
-            consecutive_5xx: Some(u32v(o.consecutive_5xx.unwrap_or(5))),
-            consecutive_gateway_failure: Some(u32v(o.consecutive_gateway_errors.unwrap_or(5))),
-            enforcing_consecutive_gateway_failure: Some(u32v(100)),
-            interval: Some(duration(dur(&o.interval).unwrap_or(Duration::from_secs(10)))),
-            base_ejection_time: Some(duration(
-                dur(&o.base_ejection_time).unwrap_or(Duration::from_secs(30)),
-            )),
-            max_ejection_percent: Some(u32v(o.max_ejection_percent.unwrap_or(10))),
-            ..Default::default()
-        }
-    });
+    let outlier_detection =
+        policy
+            .and_then(|p| p.outlier_detection.as_ref())
+            .map(|o| cluster::OutlierDetection {
+                consecutive_5xx: Some(u32v(o.consecutive_5xx.unwrap_or(5))),
+                consecutive_gateway_failure: Some(u32v(o.consecutive_gateway_errors.unwrap_or(5))),
+                enforcing_consecutive_gateway_failure: Some(u32v(100)),
+                interval: Some(duration(
+                    dur(&o.interval).unwrap_or(Duration::from_secs(10)),
+                )),
+                base_ejection_time: Some(duration(
+                    dur(&o.base_ejection_time).unwrap_or(Duration::from_secs(30)),
+                )),
+                max_ejection_percent: Some(u32v(o.max_ejection_percent.unwrap_or(10))),
+                ..Default::default()
+            });
     cluster::Cluster {
         name: name.to_string(),
         alt_stat_name: format!("{}.{}:{}", svc.key.name, svc.key.namespace, name.port),
@@ -590,7 +603,11 @@ fn health(e: &EndpointModel) -> core::HealthStatus {
 }
 
 fn load_assignments(svc: &ServiceModel, place: &ProxyPlace, home: &str) -> Vec<Res> {
-    let locality = svc.policy.as_ref().and_then(|p| p.locality.clone()).unwrap_or_default();
+    let locality = svc
+        .policy
+        .as_ref()
+        .and_then(|p| p.locality.clone())
+        .unwrap_or_default();
     let prefer_local = locality.failover.unwrap_or(true);
     let cross_cluster = locality.cross_cluster.unwrap_or(false);
     let mut out = Vec::new();
@@ -630,7 +647,10 @@ fn load_assignments(svc: &ServiceModel, place: &ProxyPlace, home: &str) -> Vec<R
                         },
                     )),
                 };
-                groups.entry((prio, e.locality.clone())).or_default().push(ep);
+                groups
+                    .entry((prio, e.locality.clone()))
+                    .or_default()
+                    .push(ep);
             }
             // Priorities must be contiguous from 0: compress the levels that are present.
             let mut levels: Vec<u32> = groups.keys().map(|(p, _)| *p).collect();
@@ -674,7 +694,9 @@ fn socket_address(ip: std::net::IpAddr, port: u16) -> core::Address {
     core::Address {
         address: Some(core::address::Address::SocketAddress(core::SocketAddress {
             address: ip.to_string(),
-            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(u32::from(port))),
+            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(u32::from(
+                port,
+            ))),
             ..Default::default()
         })),
     }
@@ -693,7 +715,12 @@ mod tests {
         cat.apply(SourceUpdate {
             upserts: docs
                 .into_iter()
-                .map(|d| (parse_object(d).expect("valid").expect("known"), "t.yaml".into()))
+                .map(|d| {
+                    (
+                        parse_object(d).expect("valid").expect("known"),
+                        "t.yaml".into(),
+                    )
+                })
                 .collect(),
             ..Default::default()
         });
@@ -729,7 +756,9 @@ mod tests {
     }
 
     fn find<'a>(list: &'a [Res], name: &str) -> &'a Res {
-        list.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("{name} missing"))
+        list.iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("{name} missing"))
     }
 
     const ECHO: &str = "echo.default.svc.cluster.local:80";
@@ -750,19 +779,27 @@ mod tests {
         let svc = &t.services[&ServiceKey::new("default", "echo")];
         let cla: endpoint::ClusterLoadAssignment = decode(find(&svc.endpoints(place), ECHO));
         assert_eq!(
-            cla.policy.and_then(|p| p.overprovisioning_factor).map(|v| v.value),
+            cla.policy
+                .and_then(|p| p.overprovisioning_factor)
+                .map(|v| v.value),
             Some(OVERPROVISIONING_FACTOR)
         );
         let mut out = BTreeMap::new();
         for l in cla.endpoints {
             for e in l.lb_endpoints {
-                let Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(ep)) = e.host_identifier else {
+                let Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(ep)) = e.host_identifier
+                else {
                     panic!("no endpoint")
                 };
-                let Some(core::address::Address::SocketAddress(sa)) = ep.address.and_then(|a| a.address) else {
+                let Some(core::address::Address::SocketAddress(sa)) =
+                    ep.address.and_then(|a| a.address)
+                else {
                     panic!("no address")
                 };
-                assert_eq!(sa.port_specifier, Some(core::socket_address::PortSpecifier::PortValue(8080)));
+                assert_eq!(
+                    sa.port_specifier,
+                    Some(core::socket_address::PortSpecifier::PortValue(8080))
+                );
                 out.insert(sa.address, l.priority);
             }
         }
@@ -776,13 +813,24 @@ mod tests {
             node("n-a2", "r1", "a"),
             node("n-b", "r1", "b"),
             node("n-x", "r2", "x"),
-            slice("echo", &[("10.0.0.1", "n-a1"), ("10.0.0.2", "n-a2"), ("10.0.0.3", "n-b"), ("10.0.0.4", "n-x")], None),
+            slice(
+                "echo",
+                &[
+                    ("10.0.0.1", "n-a1"),
+                    ("10.0.0.2", "n-a2"),
+                    ("10.0.0.3", "n-b"),
+                    ("10.0.0.4", "n-x"),
+                ],
+                None,
+            ),
             slice("echo", &[("10.1.0.1", "n-a1")], Some("c2")),
         ];
         if cross_cluster {
-            docs.push(json!({"apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
+            docs.push(
+                json!({"apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
                 "metadata": {"name": "echo"},
-                "spec": {"targetRef": {"name": "echo"}, "locality": {"crossCluster": true}}}));
+                "spec": {"targetRef": {"name": "echo"}, "locality": {"crossCluster": true}}}),
+            );
         }
         docs
     }
@@ -792,15 +840,48 @@ mod tests {
         let m = model(locality_world(false));
         let t = translate(&m, None);
         let cases: Vec<(ProxyPlace, [(&str, u32); 4])> = vec![
-            (place("c1", "r1", "a"), [("10.0.0.1", 0), ("10.0.0.2", 0), ("10.0.0.3", 1), ("10.0.0.4", 2)]),
-            (place("c1", "r1", "b"), [("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 0), ("10.0.0.4", 2)]),
-            (place("c1", "r2", "x"), [("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1), ("10.0.0.4", 0)]),
+            (
+                place("c1", "r1", "a"),
+                [
+                    ("10.0.0.1", 0),
+                    ("10.0.0.2", 0),
+                    ("10.0.0.3", 1),
+                    ("10.0.0.4", 2),
+                ],
+            ),
+            (
+                place("c1", "r1", "b"),
+                [
+                    ("10.0.0.1", 1),
+                    ("10.0.0.2", 1),
+                    ("10.0.0.3", 0),
+                    ("10.0.0.4", 2),
+                ],
+            ),
+            (
+                place("c1", "r2", "x"),
+                [
+                    ("10.0.0.1", 1),
+                    ("10.0.0.2", 1),
+                    ("10.0.0.3", 1),
+                    ("10.0.0.4", 0),
+                ],
+            ),
             // Unknown locality: everything local is one priority.
-            (place("", "", ""), [("10.0.0.1", 0), ("10.0.0.2", 0), ("10.0.0.3", 0), ("10.0.0.4", 0)]),
+            (
+                place("", "", ""),
+                [
+                    ("10.0.0.1", 0),
+                    ("10.0.0.2", 0),
+                    ("10.0.0.3", 0),
+                    ("10.0.0.4", 0),
+                ],
+            ),
         ];
         for (p, want) in cases {
             let got = priorities(&t, &p);
-            let want: BTreeMap<String, u32> = want.iter().map(|(ip, pr)| (ip.to_string(), *pr)).collect();
+            let want: BTreeMap<String, u32> =
+                want.iter().map(|(ip, pr)| (ip.to_string(), *pr)).collect();
             assert_eq!(got, want, "proxy at {p:?}");
         }
     }
@@ -809,14 +890,23 @@ mod tests {
     fn remote_clusters_join_only_when_the_policy_allows() {
         let t = translate(&model(locality_world(true)), None);
         let got = priorities(&t, &place("c1", "r1", "a"));
-        assert_eq!(got["10.1.0.1"], 3, "remote cluster after zone, region, cluster: {got:?}");
+        assert_eq!(
+            got["10.1.0.1"], 3,
+            "remote cluster after zone, region, cluster: {got:?}"
+        );
         // The clusterset name holds every cluster at one priority.
         let svc = &t.services[&ServiceKey::new("default", "echo")];
         let cs: endpoint::ClusterLoadAssignment = decode(find(
             &svc.endpoints(&place("c1", "r1", "a")),
             "echo.default.svc.clusterset.local:80",
         ));
-        assert_eq!(cs.endpoints.iter().map(|l| l.lb_endpoints.len()).sum::<usize>(), 5);
+        assert_eq!(
+            cs.endpoints
+                .iter()
+                .map(|l| l.lb_endpoints.len())
+                .sum::<usize>(),
+            5
+        );
         assert!(cs.endpoints.iter().all(|l| l.priority == 0));
     }
 
@@ -839,7 +929,9 @@ mod tests {
         let Some(route::route::Action::Route(action)) = &vh.routes[0].action else {
             panic!("no route action")
         };
-        let Some(route::route_action::ClusterSpecifier::WeightedClusters(wc)) = &action.cluster_specifier else {
+        let Some(route::route_action::ClusterSpecifier::WeightedClusters(wc)) =
+            &action.cluster_specifier
+        else {
             panic!("not weighted: {action:?}")
         };
         let got: Vec<(String, u32)> = wc
@@ -861,7 +953,10 @@ mod tests {
         let t = translate(&model(vec![service("echo")]), None);
         let svc = &t.services[&ServiceKey::new("default", "echo")];
         let l: listener::Listener = decode(find(&svc.listeners, ECHO));
-        let api = l.api_listener.and_then(|a| a.api_listener).expect("api listener");
+        let api = l
+            .api_listener
+            .and_then(|a| a.api_listener)
+            .expect("api listener");
         let m = hcm::HttpConnectionManager::decode(api.value.as_slice()).expect("hcm");
         let Some(hcm::http_connection_manager::RouteSpecifier::Rds(rds)) = m.route_specifier else {
             panic!("no rds")
@@ -869,7 +964,10 @@ mod tests {
         assert_eq!(rds.route_config_name, ECHO);
         assert_eq!(m.http_filters[0].name, "envoy.filters.http.router");
         let c: cluster::Cluster = decode(find(&svc.clusters, ECHO));
-        assert_eq!(c.eds_cluster_config.map(|e| e.service_name), Some(ECHO.to_string()));
+        assert_eq!(
+            c.eds_cluster_config.map(|e| e.service_name),
+            Some(ECHO.to_string())
+        );
         assert_eq!(c.lb_policy, LbPolicy::RoundRobin as i32);
     }
 
@@ -883,7 +981,8 @@ mod tests {
         let svc = &t.services[&ServiceKey::new("default", "echo")];
         let c: cluster::Cluster = decode(find(&svc.clusters, ECHO));
         let rc: route::RouteConfiguration = decode(find(&svc.routes, ECHO));
-        let Some(route::route::Action::Route(a)) = rc.virtual_hosts[0].routes[0].action.clone() else {
+        let Some(route::route::Action::Route(a)) = rc.virtual_hosts[0].routes[0].action.clone()
+        else {
             panic!("no action")
         };
         (c, a)
@@ -927,8 +1026,10 @@ mod tests {
 
     #[test]
     fn client_ip_affinity_hashes_the_source() {
-        let m = model(vec![json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
-            "spec": {"sessionAffinity": "ClientIP", "ports": [{"name": "http", "port": 80}]}})]);
+        let m = model(vec![
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
+            "spec": {"sessionAffinity": "ClientIP", "ports": [{"name": "http", "port": 80}]}}),
+        ]);
         let t = translate(&m, None);
         let svc = &t.services[&ServiceKey::new("default", "echo")];
         let c: cluster::Cluster = decode(find(&svc.clusters, ECHO));
@@ -939,9 +1040,11 @@ mod tests {
         };
         assert!(matches!(
             a.hash_policy[0].policy_specifier,
-            Some(route::route_action::hash_policy::PolicySpecifier::ConnectionProperties(
-                route::route_action::hash_policy::ConnectionProperties { source_ip: true }
-            ))
+            Some(
+                route::route_action::hash_policy::PolicySpecifier::ConnectionProperties(
+                    route::route_action::hash_policy::ConnectionProperties { source_ip: true }
+                )
+            )
         ));
     }
 
@@ -955,8 +1058,10 @@ mod tests {
         cat.apply(up(service("a")));
         cat.apply(up(service("b")));
         let t1 = translate(&cat.current(), None);
-        cat.apply(up(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "b"},
-            "spec": {"ports": [{"name": "http", "port": 81}]}})));
+        cat.apply(up(
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "b"},
+            "spec": {"ports": [{"name": "http", "port": 81}]}}),
+        ));
         let t2 = translate(&cat.current(), Some(&t1));
         let a = ServiceKey::new("default", "a");
         let b = ServiceKey::new("default", "b");

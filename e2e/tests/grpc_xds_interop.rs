@@ -36,8 +36,10 @@ type TestResult = Result<(), Box<dyn Error>>;
 
 const INTEROP_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/interop");
 const DEFAULT_PYTHON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python");
-const DEFAULT_CONTROL_PLANE: &str =
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug/weft-control-plane");
+const DEFAULT_CONTROL_PLANE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../target/debug/weft-control-plane"
+);
 const TARGET: &str = "xds:///echo.default.svc.cluster.local:50051";
 /// How long a child process gets to print its first (readiness) line.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -182,11 +184,16 @@ fn start_echo(
     let stdout = child.stdout.take().ok_or("echo server stdout not piped")?;
     children.push(&format!("echo server {name}"), child);
     let lines = line_reader(stdout);
-    let port = wait_for_line(&format!("echo server {name}"), &lines, &stderr_path, |line| {
-        let v: serde_json::Value = serde_json::from_str(line).ok()?;
-        let port = v.get("port")?.as_u64()?;
-        u16::try_from(port).ok().filter(|p| *p != 0)
-    })?;
+    let port = wait_for_line(
+        &format!("echo server {name}"),
+        &lines,
+        &stderr_path,
+        |line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            let port = v.get("port")?.as_u64()?;
+            u16::try_from(port).ok().filter(|p| *p != 0)
+        },
+    )?;
     Ok(port)
 }
 
@@ -269,14 +276,20 @@ fn run_client(
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        return Err(format!("xds_client.py exited with {}; stderr:\n{stderr}", out.status).into());
+        return Err(format!(
+            "xds_client.py exited with {}; stderr:\n{stderr}",
+            out.status
+        )
+        .into());
     }
     let line = stdout
         .lines()
         .rev()
         .map(str::trim)
         .find(|l| l.starts_with('{'))
-        .ok_or_else(|| format!("xds_client.py printed no JSON; stdout:\n{stdout}\nstderr:\n{stderr}"))?;
+        .ok_or_else(|| {
+            format!("xds_client.py printed no JSON; stdout:\n{stdout}\nstderr:\n{stderr}")
+        })?;
     let v: serde_json::Value = serde_json::from_str(line)?;
     let counts = v
         .get("counts")
@@ -293,7 +306,11 @@ fn run_client(
         errors: v
             .get("errors")
             .and_then(|e| e.as_array())
-            .map(|errs| errs.iter().map(|e| e.as_str().unwrap_or("?").to_string()).collect())
+            .map(|errs| {
+                errs.iter()
+                    .map(|e| e.as_str().unwrap_or("?").to_string())
+                    .collect()
+            })
             .unwrap_or_default(),
     };
     for (name, n) in counts {
@@ -312,8 +329,15 @@ fn run_client(
 /// Asserts a clean run of `calls` calls whose v2 share is within 5 binomial
 /// standard deviations of `p_v2`.
 fn assert_split(what: &str, tally: &Tally, calls: u32, p_v2: f64) {
-    assert_eq!(tally.failures, 0, "{what}: failed calls: {tally:?}");
-    assert_eq!(tally.other, 0, "{what}: answers from unknown servers: {tally:?}");
+    assert_eq!(
+        tally.failures, 0,
+        "{what}: failed calls (first errors: {:?}): {tally:?}",
+        tally.errors
+    );
+    assert_eq!(
+        tally.other, 0,
+        "{what}: answers from unknown servers: {tally:?}"
+    );
     assert_eq!(
         tally.v1 + tally.v2,
         u64::from(calls),
@@ -327,7 +351,10 @@ fn assert_split(what: &str, tally: &Tally, calls: u32, p_v2: f64) {
         (got - expected).abs() <= tolerance,
         "{what}: v2 got {got} of {calls} calls, expected {expected} ± {tolerance:.1}: {tally:?}"
     );
-    println!("{what}: v1={} v2={} (expected v2 {expected} ± {tolerance:.1})", tally.v1, tally.v2);
+    println!(
+        "{what}: v1={} v2={} (expected v2 {expected} ± {tolerance:.1})",
+        tally.v1, tally.v2
+    );
 }
 
 #[test]
@@ -369,7 +396,12 @@ fn grpc_xds_interop() -> TestResult {
     let mut cp = Command::new(&control_plane)
         .arg("--source-dir")
         .arg(&source_dir)
-        .args(["--xds-plaintext-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+        .args([
+            "--xds-plaintext-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(File::create(&cp_stderr)?))

@@ -44,7 +44,9 @@ impl Default for Metrics {
 }
 
 fn latency_histogram() -> Histogram {
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0001, 2.0, 18,
+    ))
 }
 
 impl Metrics {
@@ -52,16 +54,50 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let requests = Family::<Labels, Counter>::default();
-        let latency = Family::<Labels, Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
-        let (inbound_connections, xds_updates, xds_nacks, xds_disconnects) =
-            (Counter::default(), Counter::default(), Counter::default(), Counter::default());
+        let latency = Family::<Labels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let (inbound_connections, xds_updates, xds_nacks, xds_disconnects) = (
+            Counter::default(),
+            Counter::default(),
+            Counter::default(),
+            Counter::default(),
+        );
         registry.register("weft_proxy_requests", "Requests proxied", requests.clone());
-        registry.register("weft_proxy_request_duration_seconds", "Request latency through the proxy", latency.clone());
-        registry.register("weft_proxy_inbound_connections", "Inbound connections", inbound_connections.clone());
-        registry.register("weft_xds_updates", "Accepted xDS responses", xds_updates.clone());
-        registry.register("weft_xds_nacks", "Refused (NACKed) xDS responses", xds_nacks.clone());
-        registry.register("weft_xds_disconnects", "xDS stream losses", xds_disconnects.clone());
-        Metrics { registry, requests, latency, inbound_connections, xds_updates, xds_nacks, xds_disconnects }
+        registry.register(
+            "weft_proxy_request_duration_seconds",
+            "Request latency through the proxy",
+            latency.clone(),
+        );
+        registry.register(
+            "weft_proxy_inbound_connections",
+            "Inbound connections",
+            inbound_connections.clone(),
+        );
+        registry.register(
+            "weft_xds_updates",
+            "Accepted xDS responses",
+            xds_updates.clone(),
+        );
+        registry.register(
+            "weft_xds_nacks",
+            "Refused (NACKed) xDS responses",
+            xds_nacks.clone(),
+        );
+        registry.register(
+            "weft_xds_disconnects",
+            "xDS stream losses",
+            xds_disconnects.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+            inbound_connections,
+            xds_updates,
+            xds_nacks,
+            xds_disconnects,
+        }
     }
 
     /// Records one outbound request.
@@ -90,7 +126,10 @@ impl Metrics {
 fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
     r
 }
 
@@ -98,27 +137,47 @@ fn handle(path: &str, xds: &XdsHandle, metrics: &Metrics) -> Response<Full<Bytes
     match path {
         "/live" => text(StatusCode::OK, "live\n".into(), "text/plain"),
         "/ready" if *xds.ready.borrow() => text(StatusCode::OK, "ready\n".into(), "text/plain"),
-        "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "waiting for the first config of every xDS type\n".into(), "text/plain"),
-        "/metrics" => text(StatusCode::OK, metrics.render(), "application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        "/ready" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the first config of every xDS type\n".into(),
+            "text/plain",
+        ),
+        "/metrics" => text(
+            StatusCode::OK,
+            metrics.render(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
         "/config_dump" => match serde_json::to_string_pretty(&**xds.config.load()) {
             Ok(s) => text(StatusCode::OK, s, "application/json"),
-            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), "text/plain"),
+            Err(e) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                e.to_string(),
+                "text/plain",
+            ),
         },
-        _ => text(StatusCode::NOT_FOUND, "try /metrics /ready /live /config_dump\n".into(), "text/plain"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "try /metrics /ready /live /config_dump\n".into(),
+            "text/plain",
+        ),
     }
 }
 
 /// Serves the admin endpoint until the task is dropped.
 pub async fn serve(listener: TcpListener, xds: XdsHandle, metrics: Arc<Metrics>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let (xds, metrics) = (xds.clone(), metrics.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let r = handle(req.uri().path(), &xds, &metrics);
                 async move { Ok::<_, Infallible>(r) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
 }

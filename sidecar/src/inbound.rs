@@ -17,8 +17,16 @@ pub struct Inbound {
 
 impl Inbound {
     /// Binds the listener.
-    pub async fn bind(addr: SocketAddr, app: Option<SocketAddr>, metrics: Arc<Metrics>) -> std::io::Result<Self> {
-        Ok(Inbound { listener: TcpListener::bind(addr).await?, app, metrics })
+    pub async fn bind(
+        addr: SocketAddr,
+        app: Option<SocketAddr>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        Ok(Inbound {
+            listener: TcpListener::bind(addr).await?,
+            app,
+            metrics,
+        })
     }
 
     /// The bound address.
@@ -47,11 +55,15 @@ impl Inbound {
                     Ok(mut upstream) => {
                         let _ = upstream.set_nodelay(true);
                         let _ = client.set_nodelay(true);
-                        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                        if let Err(e) =
+                            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                        {
                             tracing::debug!(%peer, error = %e, "inbound connection ended");
                         }
                     }
-                    Err(e) => tracing::warn!(%peer, %app, error = %e, "inbound: cannot reach the application"),
+                    Err(e) => {
+                        tracing::warn!(%peer, %app, error = %e, "inbound: cannot reach the application")
+                    }
                 }
             });
         }

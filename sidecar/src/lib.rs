@@ -59,15 +59,26 @@ impl Sidecar {
         let err = |what, addr| move |source| StartError { what, addr, source };
         let metrics = Arc::new(admin::Metrics::new());
         let xds = xds::start(cfg.clone(), metrics.clone());
-        let outbound = outbound::Outbound::bind(cfg.outbound_addr, xds.clone(), metrics.clone())
-            .await
-            .map_err(err("outbound", cfg.outbound_addr))?;
+        let outbound = outbound::Outbound::bind(
+            cfg.outbound_addr,
+            cfg.namespace.clone(),
+            xds.clone(),
+            metrics.clone(),
+        )
+        .await
+        .map_err(err("outbound", cfg.outbound_addr))?;
         let inbound = inbound::Inbound::bind(cfg.inbound_addr, cfg.app_addr, metrics.clone())
             .await
             .map_err(err("inbound", cfg.inbound_addr))?;
-        let admin = admin::bind(cfg.admin_addr).await.map_err(err("admin", cfg.admin_addr))?;
-        let outbound_addr = outbound.local_addr().map_err(err("outbound", cfg.outbound_addr))?;
-        let inbound_addr = inbound.local_addr().map_err(err("inbound", cfg.inbound_addr))?;
+        let admin = admin::bind(cfg.admin_addr)
+            .await
+            .map_err(err("admin", cfg.admin_addr))?;
+        let outbound_addr = outbound
+            .local_addr()
+            .map_err(err("outbound", cfg.outbound_addr))?;
+        let inbound_addr = inbound
+            .local_addr()
+            .map_err(err("inbound", cfg.inbound_addr))?;
         let admin_addr = admin.local_addr().map_err(err("admin", cfg.admin_addr))?;
         let tasks = vec![
             tokio::spawn(outbound.run()),
@@ -75,6 +86,12 @@ impl Sidecar {
             tokio::spawn(admin::serve(admin, xds.clone(), metrics)),
         ];
         tracing::info!(%outbound_addr, %inbound_addr, %admin_addr, xds = %cfg.xds_addr, "sidecar serving");
-        Ok(Sidecar { outbound_addr, inbound_addr, admin_addr, xds, tasks })
+        Ok(Sidecar {
+            outbound_addr,
+            inbound_addr,
+            admin_addr,
+            xds,
+            tasks,
+        })
     }
 }

@@ -18,16 +18,22 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Cli { command: Command::Run(cfg) } = Cli::parse();
+    let Cli {
+        command: Command::Run(cfg),
+    } = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cfg.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_new(&cfg.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let sidecar = Sidecar::start(cfg).await?;
-    println!("outbound={} inbound={} admin={}", sidecar.outbound_addr, sidecar.inbound_addr, sidecar.admin_addr);
+    println!(
+        "outbound={} inbound={} admin={}",
+        sidecar.outbound_addr, sidecar.inbound_addr, sidecar.admin_addr
+    );
     tokio::signal::ctrl_c().await?;
     Ok(())
 }

@@ -34,19 +34,32 @@ pub struct Outbound {
     xds: XdsHandle,
     metrics: Arc<Metrics>,
     client: Client<HttpConnector, Incoming>,
+    namespace: String,
 }
 
 /// Answers with a status and a reason header (a request the proxy refused itself).
 pub fn refuse(status: StatusCode, reason: &'static str, detail: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(detail + "\n")).map_err(|n| match n {}).boxed());
+    let mut r = Response::new(
+        Full::new(Bytes::from(detail + "\n"))
+            .map_err(|n| match n {})
+            .boxed(),
+    );
     *r.status_mut() = status;
-    r.headers_mut().insert(PROXY_REASON_HEADER, hyper::header::HeaderValue::from_static(reason));
+    r.headers_mut().insert(
+        PROXY_REASON_HEADER,
+        hyper::header::HeaderValue::from_static(reason),
+    );
     r
 }
 
 impl Outbound {
     /// Binds the listener.
-    pub async fn bind(addr: SocketAddr, xds: XdsHandle, metrics: Arc<Metrics>) -> std::io::Result<Self> {
+    pub async fn bind(
+        addr: SocketAddr,
+        namespace: String,
+        xds: XdsHandle,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -54,7 +67,13 @@ impl Outbound {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(std::time::Duration::from_secs(60))
             .build(connector);
-        Ok(Outbound { listener, xds, metrics, client })
+        Ok(Outbound {
+            listener,
+            xds,
+            metrics,
+            client,
+            namespace,
+        })
     }
 
     /// The bound address.
@@ -94,17 +113,30 @@ impl Outbound {
             .uri()
             .authority()
             .map(|a| a.to_string())
-            .or_else(|| req.headers().get(hyper::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+            .or_else(|| {
+                req.headers()
+                    .get(hyper::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
             .unwrap_or_default();
         let config = self.xds.config.load();
-        let Some(routes) = config.routes_for(&authority) else {
+        let Some(routes) = config.routes_for(&authority, &self.namespace) else {
             self.metrics.observe("", 404, started);
-            return refuse(StatusCode::NOT_FOUND, "no-route", format!("weft: no mesh service answers to host {authority:?}"));
+            return refuse(
+                StatusCode::NOT_FOUND,
+                "no-route",
+                format!("weft: no mesh service answers to host {authority:?}"),
+            );
         };
         let path = req.uri().path().to_string();
         let Some(route) = routes.iter().find(|r| r.matches(&path, req.headers())) else {
             self.metrics.observe("", 404, started);
-            return refuse(StatusCode::NOT_FOUND, "no-route-match", format!("weft: no route of {authority:?} matches {path:?}"));
+            return refuse(
+                StatusCode::NOT_FOUND,
+                "no-route-match",
+                format!("weft: no route of {authority:?} matches {path:?}"),
+            );
         };
         let cluster = match &route.target {
             Target::Cluster(c) => c.clone(),
@@ -117,14 +149,29 @@ impl Outbound {
             .and_then(|e| e.pick(rand::random::<u32>()))
         else {
             self.metrics.observe(&cluster, 503, started);
-            return refuse(StatusCode::SERVICE_UNAVAILABLE, "no-healthy-endpoints", format!("weft: cluster {cluster} has no healthy endpoint"));
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no-healthy-endpoints",
+                format!("weft: cluster {cluster} has no healthy endpoint"),
+            );
         };
         let timeout = route.timeout;
         drop(config);
-        let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
         let uri = match format!("http://{endpoint}{pq}").parse() {
             Ok(u) => u,
-            Err(_) => return refuse(StatusCode::BAD_REQUEST, "bad-uri", format!("weft: cannot forward {pq:?}")),
+            Err(_) => {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    "bad-uri",
+                    format!("weft: cannot forward {pq:?}"),
+                );
+            }
         };
         *req.uri_mut() = uri;
         if req.headers().get(hyper::header::HOST).is_none()
@@ -139,19 +186,28 @@ impl Outbound {
                 Ok(r) => r,
                 Err(_) => {
                     self.metrics.observe(&cluster, 504, started);
-                    return refuse(StatusCode::GATEWAY_TIMEOUT, "timeout", format!("weft: {cluster} did not answer within {t:?}"));
+                    return refuse(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "timeout",
+                        format!("weft: {cluster} did not answer within {t:?}"),
+                    );
                 }
             },
             None => fut.await,
         };
         match result {
             Ok(resp) => {
-                self.metrics.observe(&cluster, resp.status().as_u16(), started);
+                self.metrics
+                    .observe(&cluster, resp.status().as_u16(), started);
                 resp.map(|b| b.boxed())
             }
             Err(e) => {
                 self.metrics.observe(&cluster, 503, started);
-                refuse(StatusCode::SERVICE_UNAVAILABLE, "upstream-failure", format!("weft: {cluster} endpoint {endpoint}: {e}"))
+                refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream-failure",
+                    format!("weft: {cluster} endpoint {endpoint}: {e}"),
+                )
             }
         }
     }
@@ -177,7 +233,11 @@ mod tests {
 
     #[test]
     fn weighted_pick_respects_weights_exactly_over_a_period() {
-        let list = vec![("a".to_string(), 90), ("b".to_string(), 10), ("z".to_string(), 0)];
+        let list = vec![
+            ("a".to_string(), 90),
+            ("b".to_string(), 10),
+            ("z".to_string(), 0),
+        ];
         let mut counts = std::collections::HashMap::new();
         for roll in 0..100u64 {
             *counts.entry(weighted_pick(&list, roll)).or_insert(0) += 1;

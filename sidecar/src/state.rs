@@ -41,19 +41,33 @@ fn invalid(kind: &'static str, name: &str, message: impl Into<String>) -> Invali
 }
 
 /// Decodes `bytes` as `M`, naming the resource on failure.
-pub fn decode<M: Message + Default>(kind: &'static str, name: &str, bytes: &[u8]) -> Result<M, Invalid> {
+pub fn decode<M: Message + Default>(
+    kind: &'static str,
+    name: &str,
+    bytes: &[u8],
+) -> Result<M, Invalid> {
     M::decode(bytes).map_err(|e| invalid(kind, name, format!("does not decode: {e}")))
 }
 
 /// The route configuration names a Listener refers to.
 pub fn listener_routes(l: &Listener) -> Result<Option<String>, Invalid> {
-    let Some(api) = l.api_listener.as_ref().and_then(|a| a.api_listener.as_ref()) else {
+    let Some(api) = l
+        .api_listener
+        .as_ref()
+        .and_then(|a| a.api_listener.as_ref())
+    else {
         return Ok(None);
     };
     let hcm: HttpConnectionManager = decode("Listener", &l.name, &api.value)?;
     match hcm.route_specifier {
-        Some(RouteSpecifier::Rds(rds)) if !rds.route_config_name.is_empty() => Ok(Some(rds.route_config_name)),
-        _ => Err(invalid("Listener", &l.name, "api_listener must use RDS with a route_config_name")),
+        Some(RouteSpecifier::Rds(rds)) if !rds.route_config_name.is_empty() => {
+            Ok(Some(rds.route_config_name))
+        }
+        _ => Err(invalid(
+            "Listener",
+            &l.name,
+            "api_listener must use RDS with a route_config_name",
+        )),
     }
 }
 
@@ -95,9 +109,9 @@ impl PathRule {
         match self {
             PathRule::Prefix(p) => path.starts_with(p.as_str()),
             PathRule::Exact(p) => path == p,
-            PathRule::Segment(p) => {
-                path.strip_prefix(p.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-            }
+            PathRule::Segment(p) => path
+                .strip_prefix(p.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
         }
     }
 }
@@ -112,22 +126,32 @@ impl Route {
     }
 }
 
-/// Compiles a RouteConfiguration; each virtual host becomes (domains, routes).
-pub fn compile_routes(rc: &route::RouteConfiguration) -> Result<Vec<(Vec<String>, Vec<Route>)>, Invalid> {
+/// Virtual hosts compiled: (domains, routes).
+pub type VirtualHosts = Vec<(Vec<String>, Vec<Route>)>;
+
+/// Compiles a RouteConfiguration's virtual hosts.
+pub fn compile_routes(rc: &route::RouteConfiguration) -> Result<VirtualHosts, Invalid> {
     let kind = "RouteConfiguration";
     let mut out = Vec::new();
     for (vi, vh) in rc.virtual_hosts.iter().enumerate() {
         let mut routes = Vec::new();
         for (ri, r) in vh.routes.iter().enumerate() {
             let at = format!("virtual_hosts[{vi}].routes[{ri}]");
-            let m = r.r#match.as_ref().ok_or_else(|| invalid(kind, &rc.name, format!("{at}.match missing")))?;
+            let m = r
+                .r#match
+                .as_ref()
+                .ok_or_else(|| invalid(kind, &rc.name, format!("{at}.match missing")))?;
             use route::route_match::PathSpecifier;
             let path = match &m.path_specifier {
                 Some(PathSpecifier::Prefix(p)) => PathRule::Prefix(p.clone()),
                 Some(PathSpecifier::Path(p)) => PathRule::Exact(p.clone()),
                 Some(PathSpecifier::PathSeparatedPrefix(p)) => PathRule::Segment(p.clone()),
                 other => {
-                    return Err(invalid(kind, &rc.name, format!("{at}.match: unsupported path specifier {other:?}")));
+                    return Err(invalid(
+                        kind,
+                        &rc.name,
+                        format!("{at}.match: unsupported path specifier {other:?}"),
+                    ));
                 }
             };
             let mut headers = Vec::new();
@@ -136,16 +160,34 @@ pub fn compile_routes(rc: &route::RouteConfiguration) -> Result<Vec<(Vec<String>
                 use weft_proto::envoy::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
                 match &h.header_match_specifier {
                     Some(HeaderMatchSpecifier::StringMatch(s)) => match &s.match_pattern {
-                        Some(MatchPattern::Exact(v)) => headers.push((h.name.to_ascii_lowercase(), v.clone())),
+                        Some(MatchPattern::Exact(v)) => {
+                            headers.push((h.name.to_ascii_lowercase(), v.clone()))
+                        }
                         _ => {
-                            return Err(invalid(kind, &rc.name, format!("{at}.match.headers[{hi}]: only exact matches are supported")));
+                            return Err(invalid(
+                                kind,
+                                &rc.name,
+                                format!(
+                                    "{at}.match.headers[{hi}]: only exact matches are supported"
+                                ),
+                            ));
                         }
                     },
-                    _ => return Err(invalid(kind, &rc.name, format!("{at}.match.headers[{hi}]: only string matches are supported"))),
+                    _ => {
+                        return Err(invalid(
+                            kind,
+                            &rc.name,
+                            format!("{at}.match.headers[{hi}]: only string matches are supported"),
+                        ));
+                    }
                 }
             }
             let Some(route::route::Action::Route(action)) = &r.action else {
-                return Err(invalid(kind, &rc.name, format!("{at}: only route actions are supported")));
+                return Err(invalid(
+                    kind,
+                    &rc.name,
+                    format!("{at}: only route actions are supported"),
+                ));
             };
             use route::route_action::ClusterSpecifier;
             let target = match &action.cluster_specifier {
@@ -157,18 +199,33 @@ pub fn compile_routes(rc: &route::RouteConfiguration) -> Result<Vec<(Vec<String>
                         .map(|c| (c.name.clone(), c.weight.as_ref().map_or(0, |w| w.value)))
                         .collect();
                     if list.iter().map(|(_, w)| u64::from(*w)).sum::<u64>() == 0 {
-                        return Err(invalid(kind, &rc.name, format!("{at}: weighted clusters all have weight 0")));
+                        return Err(invalid(
+                            kind,
+                            &rc.name,
+                            format!("{at}: weighted clusters all have weight 0"),
+                        ));
                     }
                     Target::Weighted(list)
                 }
-                _ => return Err(invalid(kind, &rc.name, format!("{at}: route action names no cluster"))),
+                _ => {
+                    return Err(invalid(
+                        kind,
+                        &rc.name,
+                        format!("{at}: route action names no cluster"),
+                    ));
+                }
             };
             let timeout = action
                 .timeout
                 .as_ref()
                 .filter(|d| d.seconds > 0 || d.nanos > 0)
                 .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32));
-            routes.push(Route { path, headers, target, timeout });
+            routes.push(Route {
+                path,
+                headers,
+                target,
+                timeout,
+            });
         }
         out.push((vh.domains.clone(), routes));
     }
@@ -204,32 +261,61 @@ pub fn compile_endpoints(cla: &ClusterLoadAssignment) -> Result<Endpoints, Inval
     for (li, l) in cla.endpoints.iter().enumerate() {
         let p = l.priority as usize;
         if p > 128 {
-            return Err(invalid(kind, &cla.cluster_name, format!("endpoints[{li}].priority {p} is too large")));
+            return Err(invalid(
+                kind,
+                &cla.cluster_name,
+                format!("endpoints[{li}].priority {p} is too large"),
+            ));
         }
         if priorities.len() <= p {
             priorities.resize_with(p + 1, Vec::new);
         }
-        let zone = l.locality.as_ref().map(|l| l.zone.clone()).unwrap_or_default();
+        let zone = l
+            .locality
+            .as_ref()
+            .map(|l| l.zone.clone())
+            .unwrap_or_default();
         for (ei, e) in l.lb_endpoints.iter().enumerate() {
             let at = format!("endpoints[{li}].lb_endpoints[{ei}]");
             let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
-                return Err(invalid(kind, &cla.cluster_name, format!("{at}: no endpoint")));
+                return Err(invalid(
+                    kind,
+                    &cla.cluster_name,
+                    format!("{at}: no endpoint"),
+                ));
             };
-            let Some(core::address::Address::SocketAddress(sa)) = ep.address.as_ref().and_then(|a| a.address.as_ref()) else {
-                return Err(invalid(kind, &cla.cluster_name, format!("{at}: no socket address")));
+            let Some(core::address::Address::SocketAddress(sa)) =
+                ep.address.as_ref().and_then(|a| a.address.as_ref())
+            else {
+                return Err(invalid(
+                    kind,
+                    &cla.cluster_name,
+                    format!("{at}: no socket address"),
+                ));
             };
-            let ip: std::net::IpAddr = sa
-                .address
-                .parse()
-                .map_err(|_| invalid(kind, &cla.cluster_name, format!("{at}: {:?} is not an IP", sa.address)))?;
-            let Some(core::socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier else {
+            let ip: std::net::IpAddr = sa.address.parse().map_err(|_| {
+                invalid(
+                    kind,
+                    &cla.cluster_name,
+                    format!("{at}: {:?} is not an IP", sa.address),
+                )
+            })?;
+            let Some(core::socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier
+            else {
                 return Err(invalid(kind, &cla.cluster_name, format!("{at}: no port")));
             };
-            let port = u16::try_from(port).map_err(|_| invalid(kind, &cla.cluster_name, format!("{at}: port {port} out of range")))?;
+            let port = u16::try_from(port).map_err(|_| {
+                invalid(
+                    kind,
+                    &cla.cluster_name,
+                    format!("{at}: port {port} out of range"),
+                )
+            })?;
             let health = e.health_status;
             priorities[p].push(Endpoint {
                 addr: SocketAddr::new(ip, port),
-                healthy: health == core::HealthStatus::Healthy as i32 || health == core::HealthStatus::Unknown as i32,
+                healthy: health == core::HealthStatus::Healthy as i32
+                    || health == core::HealthStatus::Unknown as i32,
                 zone: zone.clone(),
             });
         }
@@ -290,9 +376,17 @@ impl Endpoints {
             roll % 100 < acc
         });
         if chosen.is_none() {
-            chosen = self.priorities.iter().position(|p| p.iter().any(|e| e.healthy));
+            chosen = self
+                .priorities
+                .iter()
+                .position(|p| p.iter().any(|e| e.healthy));
         }
-        let eps: Vec<&Endpoint> = self.priorities.get(chosen?)?.iter().filter(|e| e.healthy).collect();
+        let eps: Vec<&Endpoint> = self
+            .priorities
+            .get(chosen?)?
+            .iter()
+            .filter(|e| e.healthy)
+            .collect();
         if eps.is_empty() {
             return None;
         }
@@ -315,10 +409,18 @@ pub fn cluster_eds_name(c: &Cluster) -> Result<String, Invalid> {
     if c.name.is_empty() {
         return Err(invalid("Cluster", "", "name is empty"));
     }
-    use weft_proto::envoy::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
+    use weft_proto::envoy::envoy::config::cluster::v3::cluster::{
+        ClusterDiscoveryType, DiscoveryType,
+    };
     match c.cluster_discovery_type {
         Some(ClusterDiscoveryType::Type(t)) if t == DiscoveryType::Eds as i32 => {}
-        _ => return Err(invalid("Cluster", &c.name, "only EDS clusters are supported")),
+        _ => {
+            return Err(invalid(
+                "Cluster",
+                &c.name,
+                "only EDS clusters are supported",
+            ));
+        }
     }
     Ok(c.eds_cluster_config
         .as_ref()
@@ -339,12 +441,18 @@ pub struct MeshConfig {
 }
 
 impl MeshConfig {
-    /// Routes for an authority: exact, then without its port.
-    pub fn routes_for(&self, authority: &str) -> Option<&Arc<Vec<Route>>> {
-        self.hosts.get(authority).or_else(|| {
-            let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
-            self.hosts.get(host)
-        })
+    /// Routes for an authority: as given, else resolved by the mesh's naming rules
+    /// (`<svc>` in the proxy's `namespace`, `<svc>.<ns>`, ...; see `weft_proto::names`).
+    pub fn routes_for(&self, authority: &str, namespace: &str) -> Option<&Arc<Vec<Route>>> {
+        if let Some(r) = self.hosts.get(authority) {
+            return Some(r);
+        }
+        let h = weft_proto::names::resolve_host(authority, namespace)?;
+        let fqdn = weft_proto::names::service_host(&h.name, &h.namespace, h.scope);
+        match h.port {
+            Some(p) => self.hosts.get(&format!("{fqdn}:{p}")),
+            None => self.hosts.get(&fqdn),
+        }
     }
 }
 
@@ -364,17 +472,30 @@ mod tests {
                 zone: String::new(),
             });
         }
-        Endpoints { priorities, overprovisioning: 140, next: AtomicUsize::new(0) }
+        Endpoints {
+            priorities,
+            overprovisioning: 140,
+            next: AtomicUsize::new(0),
+        }
     }
 
     #[test]
     fn priority_load_follows_overprovisioning() {
         // All healthy: everything to priority 0.
-        assert_eq!(eps(&[(0, true), (0, true), (1, true)]).priority_load(), vec![100, 0]);
+        assert_eq!(
+            eps(&[(0, true), (0, true), (1, true)]).priority_load(),
+            vec![100, 0]
+        );
         // 3 of 4 healthy: 75 % × 1.4 = 105 → still all of it.
-        assert_eq!(eps(&[(0, true), (0, true), (0, true), (0, false), (1, true)]).priority_load(), vec![100, 0]);
+        assert_eq!(
+            eps(&[(0, true), (0, true), (0, true), (0, false), (1, true)]).priority_load(),
+            vec![100, 0]
+        );
         // 1 of 2 healthy: 70 % stays, 30 % spills.
-        assert_eq!(eps(&[(0, true), (0, false), (1, true)]).priority_load(), vec![70, 30]);
+        assert_eq!(
+            eps(&[(0, true), (0, false), (1, true)]).priority_load(),
+            vec![70, 30]
+        );
         // None healthy at 0: all to 1.
         assert_eq!(eps(&[(0, false), (1, true)]).priority_load(), vec![0, 100]);
     }

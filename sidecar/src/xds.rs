@@ -59,7 +59,10 @@ fn node(cfg: &RunConfig) -> Node {
     };
     let fields = [
         (weft_proto::keys::NODE_NAMESPACE, s(&cfg.namespace)),
-        (weft_proto::keys::NODE_SERVICE_ACCOUNT, s(&cfg.service_account)),
+        (
+            weft_proto::keys::NODE_SERVICE_ACCOUNT,
+            s(&cfg.service_account),
+        ),
         (weft_proto::keys::NODE_CLUSTER, s(&cfg.cluster)),
     ]
     .into_iter()
@@ -83,18 +86,25 @@ fn node(cfg: &RunConfig) -> Node {
 pub fn start(cfg: RunConfig, metrics: Arc<crate::admin::Metrics>) -> XdsHandle {
     let config = Arc::new(ArcSwap::from_pointee(MeshConfig::default()));
     let (ready_tx, ready) = watch::channel(false);
-    let handle = XdsHandle { config: config.clone(), ready };
+    let handle = XdsHandle {
+        config: config.clone(),
+        ready,
+    };
     tokio::spawn(async move {
         let mut held = Held::default();
         let mut attempt = 0u32;
         loop {
             match stream_once(&cfg, &mut held, &config, &ready_tx, &metrics).await {
                 Ok(()) => tracing::warn!("control plane closed the xDS stream; reconnecting"),
-                Err(e) => tracing::warn!(error = %e, "xDS stream failed; serving the last accepted config"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "xDS stream failed; serving the last accepted config")
+                }
             }
             metrics.xds_disconnects.inc();
             attempt = attempt.saturating_add(1);
-            let exp = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(6)).min(BACKOFF_MAX);
+            let exp = BACKOFF_BASE
+                .saturating_mul(1u32 << attempt.min(6))
+                .min(BACKOFF_MAX);
             let jitter = rand::random::<f64>() * 0.5 + 0.5;
             tokio::time::sleep(exp.mul_f64(jitter)).await;
             if held.versions.len() == 4 {
@@ -105,7 +115,13 @@ pub fn start(cfg: RunConfig, metrics: Arc<crate::admin::Metrics>) -> XdsHandle {
     handle
 }
 
-fn request(cfg: &RunConfig, type_url: &str, held: &Held, nonce: &str, error: Option<String>) -> DiscoveryRequest {
+fn request(
+    cfg: &RunConfig,
+    type_url: &str,
+    held: &Held,
+    nonce: &str,
+    error: Option<String>,
+) -> DiscoveryRequest {
     DiscoveryRequest {
         version_info: held.versions.get(type_url).cloned().unwrap_or_default(),
         node: Some(node(cfg)),
@@ -138,25 +154,44 @@ async fn stream_once(
         .http2_keep_alive_interval(Duration::from_secs(30))
         .connect()
         .await?;
-    let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
     let (tx, rx) = mpsc::channel(16);
     // CDS before LDS so clusters exist when routes name them; RDS/EDS follow by name.
-    for t in [type_url::CLUSTER, type_url::LISTENER, type_url::ENDPOINT, type_url::ROUTE] {
-        if matches!(t, type_url::CLUSTER | type_url::LISTENER) || held.names.get(t).is_some_and(|n| !n.is_empty()) {
+    for t in [
+        type_url::CLUSTER,
+        type_url::LISTENER,
+        type_url::ENDPOINT,
+        type_url::ROUTE,
+    ] {
+        if matches!(t, type_url::CLUSTER | type_url::LISTENER)
+            || held.names.get(t).is_some_and(|n| !n.is_empty())
+        {
             tx.send(request(cfg, t, held, "", None)).await?;
         }
     }
-    let mut responses = client.stream_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+    let mut responses = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
     tracing::info!(addr = %cfg.xds_addr, "xDS stream open");
     while let Some(resp) = responses.message().await? {
         let t = resp.type_url.clone();
         let Some(t) = type_url::ALL.iter().find(|u| **u == t).copied() else {
-            tx.send(request(cfg, &resp.type_url, held, &resp.nonce, Some(format!("unsupported type_url {:?}", resp.type_url)))).await?;
+            tx.send(request(
+                cfg,
+                &resp.type_url,
+                held,
+                &resp.nonce,
+                Some(format!("unsupported type_url {:?}", resp.type_url)),
+            ))
+            .await?;
             continue;
         };
         match apply(held, t, &resp) {
             Ok(new_names) => {
-                held.versions.insert(t.to_string(), resp.version_info.clone());
+                held.versions
+                    .insert(t.to_string(), resp.version_info.clone());
                 config.store(Arc::new(compile(held)));
                 metrics.xds_updates.inc();
                 tx.send(request(cfg, t, held, &resp.nonce, None)).await?;
@@ -172,10 +207,15 @@ async fn stream_once(
                 }
             }
             Err(errors) => {
-                let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+                let message = errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
                 tracing::warn!(type_url = t, version = %resp.version_info, %message, "NACK: keeping the previous config");
                 metrics.xds_nacks.inc();
-                tx.send(request(cfg, t, held, &resp.nonce, Some(message))).await?;
+                tx.send(request(cfg, t, held, &resp.nonce, Some(message)))
+                    .await?;
             }
         }
     }
@@ -185,14 +225,22 @@ async fn stream_once(
 type Dependents = Option<(&'static str, BTreeSet<String>)>;
 
 /// Validates a whole response and, if every resource passes, replaces the held set of its type.
-fn apply(held: &mut Held, t: &'static str, resp: &DiscoveryResponse) -> Result<Dependents, Vec<Invalid>> {
+fn apply(
+    held: &mut Held,
+    t: &'static str,
+    resp: &DiscoveryResponse,
+) -> Result<Dependents, Vec<Invalid>> {
     let mut errors = Vec::new();
     macro_rules! decode_all {
         ($ty:ty, $kind:literal, $name:expr) => {{
             let mut out = BTreeMap::new();
             for any in &resp.resources {
                 if any.type_url != t {
-                    errors.push(Invalid { kind: $kind, name: String::new(), message: format!("type {:?} in a {} response", any.type_url, $kind) });
+                    errors.push(Invalid {
+                        kind: $kind,
+                        name: String::new(),
+                        message: format!("type {:?} in a {} response", any.type_url, $kind),
+                    });
                     continue;
                 }
                 match state::decode::<$ty>($kind, "", &any.value) {
@@ -226,7 +274,11 @@ fn apply(held: &mut Held, t: &'static str, resp: &DiscoveryResponse) -> Result<D
             Ok(Some((type_url::ROUTE, routes)))
         }
         type_url::ROUTE => {
-            let routes = decode_all!(RouteConfiguration, "RouteConfiguration", |r: &RouteConfiguration| r.name.clone());
+            let routes = decode_all!(
+                RouteConfiguration,
+                "RouteConfiguration",
+                |r: &RouteConfiguration| r.name.clone()
+            );
             for r in routes.values() {
                 if let Err(e) = state::compile_routes(r) {
                     errors.push(e);
@@ -256,7 +308,11 @@ fn apply(held: &mut Held, t: &'static str, resp: &DiscoveryResponse) -> Result<D
             Ok(Some((type_url::ENDPOINT, eds)))
         }
         _ => {
-            let cla = decode_all!(ClusterLoadAssignment, "ClusterLoadAssignment", |c: &ClusterLoadAssignment| c.cluster_name.clone());
+            let cla = decode_all!(
+                ClusterLoadAssignment,
+                "ClusterLoadAssignment",
+                |c: &ClusterLoadAssignment| c.cluster_name.clone()
+            );
             for c in cla.values() {
                 if let Err(e) = state::compile_endpoints(c) {
                     errors.push(e);
@@ -292,7 +348,13 @@ fn compile(held: &Held) -> MeshConfig {
                 .get(&eds_name)
                 .and_then(|cla| state::compile_endpoints(cla).ok())
                 .map(Arc::new);
-            Some((c.name.clone(), ClusterState { eds_name, endpoints }))
+            Some((
+                c.name.clone(),
+                ClusterState {
+                    eds_name,
+                    endpoints,
+                },
+            ))
         })
         .collect();
     MeshConfig {

@@ -48,7 +48,9 @@ impl Echo {
         let counter = served.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let (body, counter) = (body.clone(), counter.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |_req| {

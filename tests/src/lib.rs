@@ -13,7 +13,9 @@ pub use weft_control_plane::ControlPlane;
 pub use weft_sidecar::Sidecar;
 
 /// Starts a control plane over `dir` with every listener on 127.0.0.1 port 0.
-pub async fn start_control_plane(dir: &Path) -> Result<ControlPlane, weft_control_plane::StartError> {
+pub async fn start_control_plane(
+    dir: &Path,
+) -> Result<ControlPlane, weft_control_plane::StartError> {
     ControlPlane::start(weft_control_plane::Config::local(dir)).await
 }
 
@@ -42,10 +44,15 @@ pub async fn eventually<F: FnMut() -> bool>(what: &str, patience: Duration, mut 
 }
 
 /// Sends one HTTP/1.1 GET to `proxy` with `Host: host` and returns (status, body).
-pub async fn get_via(proxy: SocketAddr, host: &str, path: &str) -> Result<(u16, String), Box<dyn std::error::Error + Send + Sync>> {
+pub async fn get_via(
+    proxy: SocketAddr,
+    host: &str,
+    path: &str,
+) -> Result<(u16, String), Box<dyn std::error::Error + Send + Sync>> {
     use http_body_util::{BodyExt, Empty};
     let stream = tokio::net::TcpStream::connect(proxy).await?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let req = hyper::Request::builder()
         .uri(path)

@@ -263,7 +263,11 @@ fn read_file(
 }
 
 /// Reads the directory once and applies it, then keeps watching it until the task is dropped.
-pub async fn run(dir: PathBuf, catalog: Arc<Catalog>, metrics: Arc<crate::metrics::Metrics>) -> Result<(), FileSourceError> {
+pub async fn run(
+    dir: PathBuf,
+    catalog: Arc<Catalog>,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> Result<(), FileSourceError> {
     let mut source = FileSource::new(&dir);
     let update = source.reload(&BTreeSet::new())?;
     log_errors(&update);
@@ -311,7 +315,9 @@ pub async fn run(dir: PathBuf, catalog: Arc<Catalog>, metrics: Arc<crate::metric
                 catalog.apply(update);
                 metrics.source_reloads.inc();
             }
-            Err(e) => tracing::error!(error = %e, "file source rescan failed; the last good state keeps serving"),
+            Err(e) => {
+                tracing::error!(error = %e, "file source rescan failed; the last good state keeps serving")
+            }
         }
     }
 }

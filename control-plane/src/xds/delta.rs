@@ -13,7 +13,9 @@ use weft_proto::envoy::envoy::service::discovery::v3::{
 
 use super::registry::{NodeInfo, lock, now_ms};
 use super::view::{Changes, TYPES, View, type_index};
-use super::{ConnectedGuard, Shared, Subscription, legacy_wildcard_type, nack_detail, unknown_type};
+use super::{
+    ConnectedGuard, Shared, Subscription, legacy_wildcard_type, nack_detail, unknown_type,
+};
 use crate::metrics::type_label;
 
 #[derive(Default)]
@@ -135,12 +137,20 @@ impl Stream<'_> {
                 let detail = nack_detail(err);
                 tracing::warn!(node = %node, type_url = %req.type_url, nonce = %req.response_nonce, %detail, "NACK");
                 t.nack = Some(detail);
-                self.shared.metrics.nacks.get_or_create(&type_label(&req.type_url)).inc();
+                self.shared
+                    .metrics
+                    .nacks
+                    .get_or_create(&type_label(&req.type_url))
+                    .inc();
             } else {
                 t.acked_version = t.sent_version.clone();
                 t.last_ack_ms = now_ms();
                 t.nack = None;
-                self.shared.metrics.acks.get_or_create(&type_label(&req.type_url)).inc();
+                self.shared
+                    .metrics
+                    .acks
+                    .get_or_create(&type_label(&req.type_url))
+                    .inc();
             }
         }
         let first = st.sub.is_none();
@@ -186,7 +196,9 @@ impl Stream<'_> {
                 .collect();
             self.send(ti, added, gone, true).await.map_err(|_| None)?;
         } else if !added.is_empty() {
-            self.send(ti, added, Vec::new(), false).await.map_err(|_| None)?;
+            self.send(ti, added, Vec::new(), false)
+                .await
+                .map_err(|_| None)?;
         }
         Ok(())
     }
@@ -264,7 +276,11 @@ impl Stream<'_> {
                 t.resources.remove(n);
             }
         }
-        self.shared.metrics.pushes.get_or_create(&type_label(type_url)).inc();
+        self.shared
+            .metrics
+            .pushes
+            .get_or_create(&type_label(type_url))
+            .inc();
         let resp = DeltaDiscoveryResponse {
             system_version_info: version,
             resources,

@@ -8,6 +8,7 @@
 //!   server can never ping-pong;
 //! - a response is sent when the subscription changes or when what this proxy should hold
 //!   changed, and only for the types (delta: only the resources) that changed.
+//!
 //! Unknown type URLs and malformed requests end the stream with `INVALID_ARGUMENT`.
 
 pub mod registry;
@@ -137,9 +138,7 @@ pub(crate) fn unknown_type(type_url: &str) -> Status {
 }
 
 /// Formats a NACK's error detail for the record.
-pub(crate) fn nack_detail(
-    err: &weft_proto::envoy::google::rpc::Status,
-) -> String {
+pub(crate) fn nack_detail(err: &weft_proto::envoy::google::rpc::Status) -> String {
     if err.code == 0 {
         err.message.clone()
     } else {

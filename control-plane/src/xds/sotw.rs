@@ -9,7 +9,9 @@ use weft_proto::envoy::envoy::service::discovery::v3::{DiscoveryRequest, Discove
 
 use super::registry::{NodeInfo, lock, now_ms};
 use super::view::{Changes, TYPES, View, type_index};
-use super::{ConnectedGuard, Shared, Subscription, legacy_wildcard_type, nack_detail, unknown_type};
+use super::{
+    ConnectedGuard, Shared, Subscription, legacy_wildcard_type, nack_detail, unknown_type,
+};
 use crate::metrics::type_label;
 
 #[derive(Default)]
@@ -137,19 +139,32 @@ impl Stream<'_> {
                 let detail = nack_detail(err);
                 tracing::warn!(node = %node, type_url = %req.type_url, nonce = %req.response_nonce, %detail, "NACK");
                 t.nack = Some(detail);
-                self.shared.metrics.nacks.get_or_create(&type_label(&req.type_url)).inc();
+                self.shared
+                    .metrics
+                    .nacks
+                    .get_or_create(&type_label(&req.type_url))
+                    .inc();
             } else {
                 t.acked_version = req.version_info.clone();
                 t.last_ack_ms = now_ms();
                 t.nack = None;
-                self.shared.metrics.acks.get_or_create(&type_label(&req.type_url)).inc();
+                self.shared
+                    .metrics
+                    .acks
+                    .get_or_create(&type_label(&req.type_url))
+                    .inc();
             }
         }
         let wildcard = req.resource_names.iter().any(|n| n == "*")
             || (req.resource_names.is_empty() && legacy_wildcard_type(&req.type_url));
         let sub = Subscription {
             wildcard,
-            names: req.resource_names.iter().filter(|n| *n != "*").cloned().collect(),
+            names: req
+                .resource_names
+                .iter()
+                .filter(|n| *n != "*")
+                .cloned()
+                .collect(),
         };
         let changed = st.sub.as_ref() != Some(&sub);
         st.sub = Some(sub);
@@ -163,7 +178,11 @@ impl Stream<'_> {
         for (ti, c) in changes.iter().enumerate() {
             let affected = match &self.types[ti].sub {
                 Some(s) if s.wildcard => !c.is_empty(),
-                Some(s) => c.upserted.iter().chain(&c.removed).any(|n| s.names.contains(n)),
+                Some(s) => c
+                    .upserted
+                    .iter()
+                    .chain(&c.removed)
+                    .any(|n| s.names.contains(n)),
                 None => false,
             };
             if affected {
@@ -202,7 +221,11 @@ impl Stream<'_> {
             t.sent_nonce = nonce;
             t.resources = held;
         }
-        self.shared.metrics.pushes.get_or_create(&type_label(type_url)).inc();
+        self.shared
+            .metrics
+            .pushes
+            .get_or_create(&type_label(type_url))
+            .inc();
         self.tx.send(Ok(resp)).await.map_err(|_| ())
     }
 }

@@ -21,7 +21,9 @@ const RDS: TypeIndex = 3;
 
 /// The index of a type URL, `None` for types Weft does not serve.
 pub fn type_index(type_url: &str) -> Option<TypeIndex> {
-    weft_proto::type_url::ALL.iter().position(|t| *t == type_url)
+    weft_proto::type_url::ALL
+        .iter()
+        .position(|t| *t == type_url)
 }
 
 /// Names whose content changed or vanished in one update, per type.

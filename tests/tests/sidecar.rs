@@ -1,0 +1,174 @@
+//! The sidecar on real traffic: a real control plane over a file source, echo upstreams on
+//! their own 127.x addresses, and HTTP requests sent through the sidecar's outbound listener
+//! in explicit mode.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use weft_testkit::echo::{Echo, Identity};
+use weft_testkit::{get_via, world};
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// An echo on `ip`, port 18080: every endpoint of a slice shares its port, as pods do.
+async fn echo(ip: &str, name: &str, zone: &str) -> Echo {
+    let addr: SocketAddr = format!("{ip}:18080").parse().expect("addr");
+    Echo::start(
+        addr,
+        Identity {
+            name: name.into(),
+            cluster: "cluster-1".into(),
+            zone: zone.into(),
+        },
+    )
+    .await
+    .expect("echo starts")
+}
+
+/// Sends `n` requests to `host` through `proxy` and counts answers by the echo's name.
+async fn tally(proxy: SocketAddr, host: &str, n: usize) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        let (status, body) = get_via(proxy, host, "/").await.expect("request");
+        let key = if status == 200 {
+            body.split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        } else {
+            format!("status {status}: {body}")
+        };
+        *counts.entry(key).or_insert(0) += 1;
+    }
+    counts
+}
+
+async fn ready(sidecar: &weft_testkit::Sidecar) {
+    let mut ready = sidecar.xds.ready.clone();
+    tokio::time::timeout(PATIENCE, ready.wait_for(|r| *r))
+        .await
+        .expect("sidecar ready in time")
+        .expect("alive");
+}
+
+#[tokio::test]
+async fn split_90_10_through_the_sidecar() {
+    let v1 = echo("127.0.2.1", "v1", "a").await;
+    let v2 = echo("127.0.2.2", "v2", "a").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("world.yaml"),
+        world::docs(&[
+            world::service("echo", 80),
+            world::service("echo-v1", 80),
+            world::service("echo-v2", 80),
+            world::slice("echo-v1", "echo-v1", &[(v1.addr, "n1", true)]),
+            world::slice("echo-v2", "echo-v2", &[(v2.addr, "n1", true)]),
+            world::split("echo", "echo", &[("echo-v1", 90), ("echo-v2", 10)]),
+        ]),
+    )
+    .expect("write");
+    let cp = weft_testkit::start_control_plane(dir.path())
+        .await
+        .expect("control plane");
+    let sc = weft_testkit::start_sidecar(
+        cp.xds_addr,
+        "127.0.2.100".parse().expect("ip"),
+        "client",
+        "a",
+    )
+    .await
+    .expect("sidecar");
+    ready(&sc).await;
+    let n = 2000;
+    let counts = tally(sc.outbound_addr, "echo.default.svc.cluster.local", n).await;
+    let v2 = counts.get("v2").copied().unwrap_or(0) as f64;
+    assert_eq!(
+        counts.get("v1").copied().unwrap_or(0) + v2 as usize,
+        n,
+        "every request answered: {counts:?}"
+    );
+    // 5 standard deviations of a binomial(2000, 0.1): 5 * sqrt(180) ≈ 67.
+    assert!((v2 - 200.0).abs() <= 67.0, "v2 got {v2} of {n}: {counts:?}");
+    // Short host forms resolve too.
+    let (status, _) = get_via(sc.outbound_addr, "echo-v2.default:80", "/")
+        .await
+        .expect("req");
+    assert_eq!(status, 200);
+    // An unknown host is refused with a reason.
+    let (status, body) = get_via(sc.outbound_addr, "nope.default.svc.cluster.local", "/")
+        .await
+        .expect("req");
+    assert_eq!(status, 404);
+    assert!(body.contains("no mesh service"), "{body}");
+}
+
+#[tokio::test]
+async fn locality_preference_failover_and_control_plane_loss() {
+    let a1 = echo("127.0.3.1", "a1", "a").await;
+    let a2 = echo("127.0.3.2", "a2", "a").await;
+    let b1 = echo("127.0.3.3", "b1", "b").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |a_ready: bool| {
+        world::docs(&[
+            world::service("echo", 80),
+            world::node("na", "r1", "a"),
+            world::node("nb", "r1", "b"),
+            world::slice(
+                "echo",
+                "echo",
+                &[
+                    (a1.addr, "na", a_ready),
+                    (a2.addr, "na", a_ready),
+                    (b1.addr, "nb", true),
+                ],
+            ),
+        ])
+    };
+    std::fs::write(dir.path().join("world.yaml"), write(true)).expect("write");
+    let cp = weft_testkit::start_control_plane(dir.path())
+        .await
+        .expect("control plane");
+    let sc = weft_testkit::start_sidecar(
+        cp.xds_addr,
+        "127.0.3.100".parse().expect("ip"),
+        "client-a",
+        "a",
+    )
+    .await
+    .expect("sidecar");
+    ready(&sc).await;
+    // In-zone while the zone is healthy.
+    let counts = tally(sc.outbound_addr, "echo", 200).await;
+    assert_eq!(
+        counts.get("b1"),
+        None,
+        "no traffic leaves zone a: {counts:?}"
+    );
+    assert_eq!(
+        counts.get("a1").copied().unwrap_or(0) + counts.get("a2").copied().unwrap_or(0),
+        200,
+        "{counts:?}"
+    );
+
+    // Zone a's endpoints become unready: traffic fails over to zone b.
+    std::fs::write(dir.path().join("world.yaml"), write(false)).expect("write");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let counts = tally(sc.outbound_addr, "echo", 20).await;
+        if counts.get("b1") == Some(&20) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no failover: {counts:?}"
+        );
+    }
+
+    // The control plane goes away: the sidecar keeps serving its last config.
+    drop(cp);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let counts = tally(sc.outbound_addr, "echo", 50).await;
+    assert_eq!(counts.get("b1"), Some(&50), "{counts:?}");
+}
