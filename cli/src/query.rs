@@ -1,0 +1,502 @@
+//! Queries against a control plane's admin API.
+
+use std::net::SocketAddr;
+
+use prost::Message;
+use serde::Serialize;
+use serde_json::{Value, json};
+use weft_proto::admin::admin_client::AdminClient;
+use weft_proto::admin::{
+    GetProxyConfigRequest, ListProxiesRequest, ListServicesRequest, ListSourceErrorsRequest,
+    SyncState,
+};
+use weft_proto::envoy::envoy::config::cluster::v3::Cluster;
+use weft_proto::envoy::envoy::config::core::v3 as core;
+use weft_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use weft_proto::envoy::envoy::config::listener::v3::Listener;
+use weft_proto::envoy::envoy::config::route::v3 as route;
+use weft_proto::type_url;
+
+use crate::Format;
+use crate::output::print;
+
+async fn client(cp: SocketAddr) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{cp}"))?
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .connect()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("cannot reach the control plane at {cp}: {e} (set --cp or WEFT_CP)")
+        })?;
+    Ok(AdminClient::new(ch))
+}
+
+/// One proxy row of `weftctl status` (JSON/YAML field names are stable).
+#[derive(Serialize)]
+pub struct ProxyRow {
+    /// Node id.
+    pub proxy: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Cluster.
+    pub cluster: String,
+    /// Zone.
+    pub zone: String,
+    /// Control plane replica.
+    pub replica: String,
+    /// `sotw` or `delta`.
+    pub protocol: String,
+    /// Per type short name (CDS, EDS, LDS, RDS).
+    pub types: Vec<TypeRow>,
+}
+
+/// One xDS type of one proxy.
+#[derive(Serialize)]
+pub struct TypeRow {
+    /// CDS, EDS, LDS or RDS.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// SYNCED, STALE, NACKED or NOT_SENT.
+    pub state: String,
+    /// Last version sent.
+    pub sent_version: String,
+    /// Last version ACKed.
+    pub acked_version: String,
+    /// Seconds since the last ACK, if any.
+    pub ack_age_seconds: Option<f64>,
+    /// The NACK's message.
+    pub nack: Option<String>,
+    /// Resources held.
+    pub resources: u32,
+}
+
+fn state_name(s: SyncState) -> &'static str {
+    match s {
+        SyncState::Synced => "SYNCED",
+        SyncState::Stale => "STALE",
+        SyncState::Nacked => "NACKED",
+        SyncState::NotSent | SyncState::Unspecified => "NOT_SENT",
+    }
+}
+
+/// `weftctl status`; exit 1 when any proxy has a NACKed type.
+pub async fn status(cp: SocketAddr, format: Format) -> anyhow::Result<i32> {
+    let resp = client(cp)
+        .await?
+        .list_proxies(ListProxiesRequest {})
+        .await?
+        .into_inner();
+    let now = weft_now_ms();
+    let rows: Vec<ProxyRow> = resp
+        .proxies
+        .iter()
+        .map(|p| ProxyRow {
+            proxy: p.node_id.clone(),
+            namespace: p.namespace.clone(),
+            cluster: p.cluster.clone(),
+            zone: p.zone.clone(),
+            replica: p.replica.clone(),
+            protocol: p.protocol.clone(),
+            types: p
+                .types
+                .iter()
+                .map(|t| TypeRow {
+                    kind: type_url::short(&t.type_url).to_string(),
+                    state: state_name(t.state()).into(),
+                    sent_version: t.sent_version.clone(),
+                    acked_version: t.acked_version.clone(),
+                    ack_age_seconds: (t.last_ack_unix_ms > 0)
+                        .then(|| (now - t.last_ack_unix_ms) as f64 / 1000.0),
+                    nack: (!t.nack_detail.is_empty()).then(|| t.nack_detail.clone()),
+                    resources: t.resource_count,
+                })
+                .collect(),
+        })
+        .collect();
+    let nacked = rows
+        .iter()
+        .any(|r| r.types.iter().any(|t| t.state == "NACKED"));
+    let table_rows =
+        rows.iter()
+            .map(|r| {
+                let mut cells = vec![
+                    r.proxy.clone(),
+                    r.namespace.clone(),
+                    r.cluster.clone(),
+                    r.zone.clone(),
+                    r.replica.clone(),
+                ];
+                for kind in ["CDS", "EDS", "LDS", "RDS"] {
+                    let cell = r.types.iter().find(|t| t.kind == kind).map_or(
+                        "NOT_SENT".to_string(),
+                        |t| match &t.nack {
+                            Some(n) => format!("NACKED ({n})"),
+                            None => match t.ack_age_seconds {
+                                Some(age) if t.state == "SYNCED" => {
+                                    format!("SYNCED v{} {age:.0}s", t.acked_version)
+                                }
+                                _ => t.state.clone(),
+                            },
+                        },
+                    );
+                    cells.push(cell);
+                }
+                cells
+            })
+            .collect();
+    print(
+        format,
+        &rows,
+        &[
+            "PROXY",
+            "NAMESPACE",
+            "CLUSTER",
+            "ZONE",
+            "REPLICA",
+            "CDS",
+            "EDS",
+            "LDS",
+            "RDS",
+        ],
+        table_rows,
+    )?;
+    Ok(i32::from(nacked))
+}
+
+fn weft_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// One service row.
+#[derive(Serialize)]
+pub struct ServiceRow {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Ports.
+    pub ports: Vec<u32>,
+    /// Endpoints, ready ones.
+    pub ready_endpoints: u32,
+    /// All endpoints.
+    pub endpoints: u32,
+    /// Split or route backends, `name=weight`.
+    pub backends: Vec<String>,
+    /// Exported to the clusterset.
+    pub exported: bool,
+    /// Clusters its endpoints come from.
+    pub clusters: Vec<String>,
+}
+
+/// `weftctl services`.
+pub async fn services(cp: SocketAddr, format: Format) -> anyhow::Result<i32> {
+    let resp = client(cp)
+        .await?
+        .list_services(ListServicesRequest {})
+        .await?
+        .into_inner();
+    let rows: Vec<ServiceRow> = resp
+        .services
+        .into_iter()
+        .map(|s| ServiceRow {
+            namespace: s.namespace,
+            name: s.name,
+            ports: s.ports,
+            ready_endpoints: s.ready_endpoints,
+            endpoints: s.endpoints,
+            backends: s.split,
+            exported: s.exported,
+            clusters: s.clusters,
+        })
+        .collect();
+    let table = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.namespace.clone(),
+                r.name.clone(),
+                r.ports
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                format!("{}/{}", r.ready_endpoints, r.endpoints),
+                r.backends.join(" "),
+                r.clusters.join(","),
+            ]
+        })
+        .collect();
+    print(
+        format,
+        &rows,
+        &[
+            "NAMESPACE",
+            "NAME",
+            "PORTS",
+            "READY",
+            "BACKENDS",
+            "CLUSTERS",
+        ],
+        table,
+    )?;
+    Ok(0)
+}
+
+/// One source error.
+#[derive(Serialize)]
+pub struct ErrorRow {
+    /// File.
+    pub file: String,
+    /// Object.
+    pub object: String,
+    /// Field path.
+    pub field: String,
+    /// Message.
+    pub message: String,
+}
+
+/// `weftctl errors`; exit 1 when there are any.
+pub async fn errors(cp: SocketAddr, format: Format) -> anyhow::Result<i32> {
+    let resp = client(cp)
+        .await?
+        .list_source_errors(ListSourceErrorsRequest {})
+        .await?
+        .into_inner();
+    let rows: Vec<ErrorRow> = resp
+        .errors
+        .into_iter()
+        .map(|e| ErrorRow {
+            file: e.file,
+            object: e.object,
+            field: e.field,
+            message: e.message,
+        })
+        .collect();
+    let table = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.file.clone(),
+                r.object.clone(),
+                r.field.clone(),
+                r.message.clone(),
+            ]
+        })
+        .collect();
+    print(
+        format,
+        &rows,
+        &["FILE", "OBJECT", "FIELD", "MESSAGE"],
+        table,
+    )?;
+    Ok(i32::from(!rows.is_empty()))
+}
+
+/// Which resources `proxy-config` shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConfigKind {
+    /// Every type.
+    All,
+    /// LDS.
+    Listeners,
+    /// RDS.
+    Routes,
+    /// CDS.
+    Clusters,
+    /// EDS.
+    Endpoints,
+}
+
+/// `weftctl proxy-config <proxy> [kind]`.
+pub async fn proxy_config(
+    cp: SocketAddr,
+    proxy: &str,
+    kind: ConfigKind,
+    format: Format,
+) -> anyhow::Result<i32> {
+    let resp = client(cp)
+        .await?
+        .get_proxy_config(GetProxyConfigRequest {
+            node_id: proxy.to_string(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    let want = |t: &str| match kind {
+        ConfigKind::All => true,
+        ConfigKind::Listeners => t == type_url::LISTENER,
+        ConfigKind::Routes => t == type_url::ROUTE,
+        ConfigKind::Clusters => t == type_url::CLUSTER,
+        ConfigKind::Endpoints => t == type_url::ENDPOINT,
+    };
+    let mut items = Vec::new();
+    let mut table = Vec::new();
+    for r in resp.resources.iter().filter(|r| want(&r.type_url)) {
+        let (summary, detail) = summarize(&r.type_url, &r.value).unwrap_or_else(|e| {
+            (
+                json!({ "error": e.to_string() }),
+                format!("undecodable: {e}"),
+            )
+        });
+        table.push(vec![
+            type_url::short(&r.type_url).to_string(),
+            r.name.clone(),
+            r.version.clone(),
+            detail,
+        ]);
+        items.push(json!({
+            "type": type_url::short(&r.type_url),
+            "name": r.name,
+            "version": r.version,
+            "config": summary,
+        }));
+    }
+    print(
+        format,
+        &items,
+        &["TYPE", "NAME", "VERSION", "SUMMARY"],
+        table,
+    )?;
+    Ok(0)
+}
+
+fn duration_s(d: &Option<weft_proto::envoy::google::protobuf::Duration>) -> Option<f64> {
+    d.as_ref()
+        .map(|d| d.seconds as f64 + f64::from(d.nanos) / 1e9)
+}
+
+/// A JSON view and a one-line summary of one resource.
+fn summarize(type_url: &str, bytes: &[u8]) -> Result<(Value, String), prost::DecodeError> {
+    Ok(match type_url {
+        type_url::LISTENER => {
+            let l = Listener::decode(bytes)?;
+            (
+                json!({"name": l.name, "api_listener": l.api_listener.is_some()}),
+                "api listener".into(),
+            )
+        }
+        type_url::ROUTE => {
+            let rc = route::RouteConfiguration::decode(bytes)?;
+            let mut routes = Vec::new();
+            let mut line = Vec::new();
+            for vh in &rc.virtual_hosts {
+                for r in &vh.routes {
+                    let Some(route::route::Action::Route(a)) = &r.action else {
+                        continue;
+                    };
+                    let target = match &a.cluster_specifier {
+                        Some(route::route_action::ClusterSpecifier::Cluster(c)) => {
+                            json!({ c.clone(): 100 })
+                        }
+                        Some(route::route_action::ClusterSpecifier::WeightedClusters(w)) => {
+                            Value::Object(
+                                w.clusters
+                                    .iter()
+                                    .map(|c| {
+                                        (
+                                            c.name.clone(),
+                                            json!(c.weight.as_ref().map_or(0, |v| v.value)),
+                                        )
+                                    })
+                                    .collect(),
+                            )
+                        }
+                        _ => Value::Null,
+                    };
+                    let m = format!(
+                        "{:?}",
+                        r.r#match.as_ref().and_then(|m| m.path_specifier.clone())
+                    );
+                    line.push(format!("{m} -> {target}"));
+                    routes.push(json!({
+                        "match": m,
+                        "backends": target,
+                        "timeout_seconds": duration_s(&a.timeout),
+                        "retries": a.retry_policy.as_ref().and_then(|p| p.num_retries.as_ref()).map(|v| v.value),
+                    }));
+                }
+            }
+            let domains: Vec<&String> = rc.virtual_hosts.iter().flat_map(|v| &v.domains).collect();
+            (
+                json!({"domains": domains, "routes": routes}),
+                line.join("; "),
+            )
+        }
+        type_url::CLUSTER => {
+            let c = Cluster::decode(bytes)?;
+            let lb = weft_proto::envoy::envoy::config::cluster::v3::cluster::LbPolicy::try_from(
+                c.lb_policy,
+            )
+            .map(|p| p.as_str_name())
+            .unwrap_or("UNKNOWN");
+            let algorithm = c
+                .metadata
+                .as_ref()
+                .and_then(|m| m.typed_filter_metadata.get("weft"))
+                .and_then(|a| weft_proto::xds::ClusterMeta::decode(a.value.as_slice()).ok())
+                .map(|m| m.algorithm)
+                .unwrap_or_default();
+            let th = c
+                .circuit_breakers
+                .as_ref()
+                .and_then(|b| b.thresholds.first());
+            (
+                json!({
+                    "lb_policy": lb,
+                    "algorithm": algorithm,
+                    "max_connections": th.and_then(|t| t.max_connections.as_ref()).map(|v| v.value),
+                    "max_requests": th.and_then(|t| t.max_requests.as_ref()).map(|v| v.value),
+                    "outlier_detection": c.outlier_detection.is_some(),
+                }),
+                format!("{algorithm} ({lb})"),
+            )
+        }
+        _ => {
+            let cla = ClusterLoadAssignment::decode(bytes)?;
+            let mut eps = Vec::new();
+            for l in &cla.endpoints {
+                let loc = l.locality.clone().unwrap_or_default();
+                for e in &l.lb_endpoints {
+                    let addr = match &e.host_identifier {
+                        Some(weft_proto::envoy::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier::Endpoint(ep)) => {
+                            match ep.address.as_ref().and_then(|a| a.address.as_ref()) {
+                                Some(core::address::Address::SocketAddress(sa)) => match sa.port_specifier {
+                                    Some(core::socket_address::PortSpecifier::PortValue(p)) => format!("{}:{p}", sa.address),
+                                    _ => sa.address.clone(),
+                                },
+                                _ => String::new(),
+                            }
+                        }
+                        _ => String::new(),
+                    };
+                    let health = core::HealthStatus::try_from(e.health_status)
+                        .map(|h| h.as_str_name())
+                        .unwrap_or("UNKNOWN");
+                    eps.push(json!({
+                        "address": addr,
+                        "priority": l.priority,
+                        "region": loc.region,
+                        "zone": loc.zone,
+                        "health": health,
+                        "weight": e.load_balancing_weight.as_ref().map_or(1, |w| w.value),
+                    }));
+                }
+            }
+            let line = eps
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{}@p{}",
+                        e["address"].as_str().unwrap_or_default(),
+                        e["priority"]
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+            (json!({ "endpoints": eps }), line)
+        }
+    })
+}
