@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine: installs what it needs (idempotent), then
+# checks formatting and lints, builds once, and runs every test with cargo-nextest.
+#
+#   ./scripts/test.sh
+#
+# As root it installs the Debian packages the network tests use (iptables, iproute2). Not as
+# root it installs nothing system-wide, says so, and the tests that need root skip with a
+# printed reason. The Python venv for third-party interop clients (grpcio) lives in .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n== %s\n' "$*"; }
+
+say "system packages (iptables, iproute2)"
+need=()
+for pkg in iptables iproute2 python3-venv; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -eq 0 ]; then
+  echo "already installed"
+elif [ "$(id -u)" -eq 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  echo "installed: ${need[*]}"
+else
+  echo "not root: NOT installing ${need[*]}; tests that need them (network namespaces, iptables) skip and say why"
+fi
+
+say "Python venv for interop clients (.venv)"
+if .venv/bin/python -c 'import grpc' >/dev/null 2>&1; then
+  echo "already set up"
+else
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check -r e2e/interop/requirements.txt
+  echo "installed: $(tr '\n' ' ' < e2e/interop/requirements.txt)"
+fi
+
+say "cargo-nextest"
+if ! cargo nextest --version >/dev/null 2>&1; then
+  cargo install cargo-nextest --locked
+fi
+cargo nextest --version
+
+say "cargo fmt --check"
+cargo fmt --all -- --check
+
+say "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+say "build (one debug build shared by every test; the e2e tests run the real binaries)"
+cargo build --workspace --bins --locked
+
+say "tests"
+cargo nextest run --workspace --locked --no-fail-fast
