@@ -53,8 +53,8 @@ impl Admin for AdminService {
         })?;
         let rec = lock(&record);
         let mut resources = Vec::new();
-        for (url, t) in weft_proto::type_url::ALL.iter().zip(&rec.types) {
-            for r in t.resources.values() {
+        for (ti, url) in weft_proto::type_url::ALL.iter().enumerate() {
+            for r in rec.held(ti) {
                 resources.push(ConfigResource {
                     type_url: url.to_string(),
                     name: r.name.clone(),

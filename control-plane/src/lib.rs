@@ -139,17 +139,21 @@ impl ControlPlane {
         let model = catalog.current();
         metrics.observe_model(&model);
         let (ttx, trx) = watch::channel(Arc::new(translate::translate(&model, None)));
+        let snapshots = Arc::new(xds::view::SnapshotCache::default());
         {
             let metrics = metrics.clone();
+            let snapshots = snapshots.clone();
             tasks.push(tokio::spawn(async move {
                 while models.changed().await.is_ok() {
                     let model = models.borrow_and_update().clone();
                     let prev = ttx.borrow().clone();
                     let started = std::time::Instant::now();
-                    let t = translate::translate(&model, Some(&prev));
+                    let t = Arc::new(translate::translate(&model, Some(&prev)));
+                    // Advance every place's snapshot before streams look, off their tasks.
+                    snapshots.advance_all(&t);
                     metrics.observe_model(&model);
-                    tracing::debug!(version = model.version, elapsed = ?started.elapsed(), "translated");
-                    ttx.send_replace(Arc::new(t));
+                    tracing::debug!(version = model.version, changed = t.changed.len(), elapsed = ?started.elapsed(), "translated");
+                    ttx.send_replace(t);
                 }
             }));
         }
@@ -158,6 +162,7 @@ impl ControlPlane {
         let shared = Arc::new(xds::Shared {
             translations: trx.clone(),
             registry: registry.clone(),
+            snapshots,
             metrics: metrics.clone(),
         });
         let ads = AggregatedDiscoveryServiceServer::new(xds::AdsServer::new(shared))

@@ -106,6 +106,17 @@ impl ServiceXds {
     }
 }
 
+/// A service whose translation changed between two versions.
+#[derive(Debug)]
+pub struct Changed {
+    /// The service.
+    pub key: ServiceKey,
+    /// Its translation before (`None`: it is new).
+    pub old: Option<Arc<ServiceXds>>,
+    /// Its translation now (`None`: it is gone).
+    pub new: Option<Arc<ServiceXds>>,
+}
+
 /// Every service's translated resources for one model version.
 #[derive(Debug, Default)]
 pub struct Translation {
@@ -113,27 +124,52 @@ pub struct Translation {
     pub version: u64,
     /// Per service; unchanged services keep their `Arc` across versions.
     pub services: BTreeMap<ServiceKey, Arc<ServiceXds>>,
+    /// The version `changed` is relative to (0 with no predecessor).
+    pub prev_version: u64,
+    /// Services whose translation differs from `prev_version`'s. Holds the old translations of
+    /// changed services only, never a previous `Translation`, so memory stays bounded.
+    pub changed: Vec<Changed>,
 }
 
 /// Translates a model, reusing `prev`'s work for services whose model did not change.
 pub fn translate(model: &Model, prev: Option<&Translation>) -> Translation {
-    let services = model
+    let mut changed = Vec::new();
+    let services: BTreeMap<ServiceKey, Arc<ServiceXds>> = model
         .services
         .iter()
         .map(|(k, svc)| {
-            let reused = prev
-                .and_then(|p| p.services.get(k))
-                .filter(|x| Arc::ptr_eq(&x.model, svc));
-            let xds = match reused {
-                Some(x) => x.clone(),
-                None => Arc::new(translate_service(svc, &model.cluster)),
+            let old = prev.and_then(|p| p.services.get(k));
+            let xds = match old {
+                Some(x) if Arc::ptr_eq(&x.model, svc) => x.clone(),
+                _ => {
+                    let new = Arc::new(translate_service(svc, &model.cluster));
+                    changed.push(Changed {
+                        key: k.clone(),
+                        old: old.cloned(),
+                        new: Some(new.clone()),
+                    });
+                    new
+                }
             };
             (k.clone(), xds)
         })
         .collect();
+    if let Some(p) = prev {
+        for (k, old) in &p.services {
+            if !services.contains_key(k) {
+                changed.push(Changed {
+                    key: k.clone(),
+                    old: Some(old.clone()),
+                    new: None,
+                });
+            }
+        }
+    }
     Translation {
         version: model.version,
         services,
+        prev_version: prev.map_or(0, |p| p.version),
+        changed,
     }
 }
 

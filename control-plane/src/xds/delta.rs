@@ -1,215 +1,140 @@
 //! Delta (incremental) ADS: responses carry only the resources that changed and the names
-//! that went away, against what the client is known to hold.
+//! that went away, against what the client holds.
+//!
+//! For a wildcard subscription the client holds exactly the stream's current snapshot of the
+//! type (every change is sent), so nothing per resource is stored per proxy; named
+//! subscriptions keep the versions the client holds of the names it asked for.
 
-use std::collections::{BTreeSet, HashMap};
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
 
-use tokio::sync::mpsc;
-use tonic::{Status, Streaming};
+use tonic::Status;
+use weft_proto::envoy::envoy::config::core::v3::Node;
 use weft_proto::envoy::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
 
-use super::registry::{NodeInfo, lock, now_ms};
-use super::view::{Changes, TYPES, View, type_index};
-use super::{
-    ConnectedGuard, Shared, Subscription, legacy_wildcard_type, nack_detail, unknown_type,
-};
+use super::registry::{lock, now_ms};
+use super::stream::{Ctx, Protocol};
+use super::view::{AllChanges, TYPES, type_index};
+use super::{Subscription, legacy_wildcard_type, nack_detail, unknown_type};
 use crate::metrics::type_label;
+
+/// Per-stream delta state.
+#[derive(Default)]
+pub(crate) struct Delta {
+    types: [TypeState; TYPES],
+}
 
 #[derive(Default)]
 struct TypeState {
     sub: Option<Subscription>,
-    /// Name -> version the client holds.
-    known: HashMap<String, String>,
+    /// Name -> version the client holds, for names outside a wildcard.
+    known: BTreeMap<String, String>,
     nonce: String,
 }
 
-type Tx = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
+type C<'a> = Ctx<'a, DeltaDiscoveryResponse>;
 
-pub(super) async fn run(
-    shared: Arc<Shared>,
-    mut requests: Streaming<DeltaDiscoveryRequest>,
-    tx: Tx,
-    peer: Option<SocketAddr>,
-) {
-    let first = match requests.message().await {
-        Ok(Some(r)) => r,
-        Ok(None) => return,
-        Err(e) => {
-            tracing::debug!(?peer, error = %e, "delta ADS stream failed before its first request");
-            return;
-        }
-    };
-    let Some(node) = first.node.as_ref() else {
-        shared
-            .metrics
-            .request_errors
-            .get_or_create(&vec![("reason".into(), "no_node".into())])
-            .inc();
-        let _ = tx
-            .send(Err(Status::invalid_argument(
-                "the first DeltaDiscoveryRequest of a stream must carry node",
-            )))
-            .await;
-        return;
-    };
-    let info = NodeInfo::from_node(node);
-    tracing::info!(node = %info.id, ?peer, namespace = %info.namespace, protocol = "delta", "proxy connected");
-    let registration = shared.registry.register(info.clone(), "delta");
-    let _connected = ConnectedGuard::new(shared.metrics.clone());
-    let mut translations = shared.translations.clone();
-    let mut view = View::new(info.place.clone());
-    let t = translations.borrow_and_update().clone();
-    view.update(&t);
-    let mut stream = Stream {
-        shared: &shared,
-        view,
-        types: Default::default(),
-        nonce: 0,
-        tx: &tx,
-        record: &registration.record,
-    };
-    let mut next = Some(first);
-    loop {
-        let req = match next.take() {
-            Some(r) => r,
-            None => tokio::select! {
-                msg = requests.message() => match msg {
-                    Ok(Some(r)) => r,
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::debug!(node = %info.id, error = %e, "delta ADS stream ended");
-                        break;
-                    }
-                },
-                changed = translations.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    let t = translations.borrow_and_update().clone();
-                    let changes = stream.view.update(&t);
-                    if stream.push_changes(changes).await.is_err() {
-                        break;
-                    }
-                    continue;
-                }
-            },
-        };
-        match stream.handle(req).await {
-            Ok(()) => {}
-            Err(Some(status)) => {
-                let _ = tx.send(Err(status)).await;
-                break;
-            }
-            Err(None) => break,
-        }
+impl Protocol for Delta {
+    type Req = DeltaDiscoveryRequest;
+    type Resp = DeltaDiscoveryResponse;
+    const NAME: &'static str = "delta";
+
+    fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
     }
-    tracing::info!(node = %info.id, "proxy disconnected");
-}
 
-struct Stream<'a> {
-    shared: &'a Shared,
-    view: View,
-    types: [TypeState; TYPES],
-    nonce: u64,
-    tx: &'a Tx,
-    record: &'a super::registry::SharedRecord,
-}
-
-impl Stream<'_> {
-    async fn handle(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Option<Status>> {
+    async fn handle(&mut self, ctx: &mut C<'_>, req: DeltaDiscoveryRequest) -> Result<(), Option<Status>> {
         let Some(ti) = type_index(&req.type_url) else {
-            self.shared
-                .metrics
-                .request_errors
-                .get_or_create(&vec![("reason".into(), "unknown_type".into())])
-                .inc();
+            ctx.refused("unknown_type");
             return Err(Some(unknown_type(&req.type_url)));
         };
         let st = &mut self.types[ti];
         if !req.response_nonce.is_empty() && req.response_nonce == st.nonce {
-            let mut rec = lock(self.record);
-            let node = rec.node.id.clone();
+            let mut rec = lock(&ctx.reg.record);
             let t = &mut rec.types[ti];
             if let Some(err) = &req.error_detail {
                 let detail = nack_detail(err);
-                tracing::warn!(node = %node, type_url = %req.type_url, nonce = %req.response_nonce, %detail, "NACK");
+                tracing::warn!(node = %ctx.node.id, type_url = %req.type_url, nonce = %req.response_nonce, %detail, "NACK");
                 t.nack = Some(detail);
-                self.shared
-                    .metrics
-                    .nacks
-                    .get_or_create(&type_label(&req.type_url))
-                    .inc();
+                ctx.shared.metrics.nacks.get_or_create(&type_label(&req.type_url)).inc();
             } else {
                 t.acked_version = t.sent_version.clone();
                 t.last_ack_ms = now_ms();
                 t.nack = None;
-                self.shared
-                    .metrics
-                    .acks
-                    .get_or_create(&type_label(&req.type_url))
-                    .inc();
+                ctx.shared.metrics.acks.get_or_create(&type_label(&req.type_url)).inc();
             }
         }
+        let snap = ctx.snapshot.clone();
+        let held = &snap.resources[ti];
         let first = st.sub.is_none();
-        let sub = st.sub.get_or_insert_with(|| Subscription {
-            wildcard: req.resource_names_subscribe.is_empty()
-                && legacy_wildcard_type(&req.type_url),
-            names: BTreeSet::new(),
-        });
         if first {
-            st.known = req.initial_resource_versions.clone().into_iter().collect();
+            let mut sub = Subscription {
+                wildcard: req.resource_names_subscribe.is_empty() && legacy_wildcard_type(&req.type_url),
+                names: BTreeSet::new(),
+            };
+            for n in &req.resource_names_subscribe {
+                if n == "*" {
+                    sub.wildcard = true;
+                } else {
+                    sub.names.insert(n.clone());
+                }
+            }
+            // What the client says it holds (a reconnect): send only what differs.
+            let initial = &req.initial_resource_versions;
+            let upserted: Vec<String> = held
+                .iter()
+                .filter(|(n, r)| sub.wants(n) && initial.get(*n) != Some(&r.version))
+                .map(|(n, _)| n.clone())
+                .collect();
+            let removed: Vec<String> = initial.keys().filter(|n| !held.contains_key(*n)).cloned().collect();
+            st.sub = Some(sub);
+            return self.send(ctx, ti, upserted, removed, true).await.map_err(|_| None);
         }
+        let Some(sub) = st.sub.as_mut() else {
+            return Ok(());
+        };
         let mut added = Vec::new();
         for n in &req.resource_names_subscribe {
             if n == "*" {
-                sub.wildcard = true;
-                added.extend(self.view.resources[ti].keys().cloned());
-            } else if sub.names.insert(n.clone()) || first {
+                if !sub.wildcard {
+                    sub.wildcard = true;
+                    added.extend(held.keys().filter(|k| !st.known.contains_key(*k)).cloned());
+                }
+            } else if sub.names.insert(n.clone()) && !sub.wildcard {
                 added.push(n.clone());
             }
         }
         for n in &req.resource_names_unsubscribe {
             if n == "*" {
-                sub.wildcard = false;
+                if sub.wildcard {
+                    sub.wildcard = false;
+                    // The client keeps what it holds of the names it still subscribes to.
+                    st.known = held
+                        .iter()
+                        .filter(|(k, _)| sub.names.contains(*k))
+                        .map(|(k, r)| (k.clone(), r.version.clone()))
+                        .collect();
+                }
             } else {
                 sub.names.remove(n);
-            }
-            if !sub.wants(n) {
                 st.known.remove(n);
             }
         }
-        if !sub.wildcard {
-            let sub = sub.clone();
-            st.known.retain(|n, _| sub.wants(n));
-        }
-        if first {
-            added.extend(self.view.resources[ti].keys().cloned());
-            // Anything the client says it holds that no longer exists is removed.
-            let gone: Vec<String> = st
-                .known
-                .keys()
-                .filter(|n| !self.view.resources[ti].contains_key(*n))
-                .cloned()
-                .collect();
-            self.send(ti, added, gone, true).await.map_err(|_| None)?;
-        } else if !added.is_empty() {
-            self.send(ti, added, Vec::new(), false)
-                .await
-                .map_err(|_| None)?;
+        if !added.is_empty() {
+            self.send(ctx, ti, added, Vec::new(), false).await.map_err(|_| None)?;
         }
         Ok(())
     }
 
-    async fn push_changes(&mut self, changes: [Changes; TYPES]) -> Result<(), ()> {
-        for (ti, c) in changes.into_iter().enumerate() {
+    async fn push(&mut self, ctx: &mut C<'_>, changes: &AllChanges) -> Result<(), ()> {
+        for (ti, c) in changes.iter().enumerate() {
             if self.types[ti].sub.is_some() && !c.is_empty() {
                 self.send(
+                    ctx,
                     ti,
-                    c.upserted.into_iter().collect(),
-                    c.removed.into_iter().collect(),
+                    c.upserted.iter().cloned().collect(),
+                    c.removed.iter().cloned().collect(),
                     false,
                 )
                 .await?;
@@ -217,10 +142,13 @@ impl Stream<'_> {
         }
         Ok(())
     }
+}
 
-    /// Sends the `candidates` the client wants and lacks, and the `removed` names it holds.
+impl Delta {
+    /// Sends the `candidates` the client wants and lacks, and the `removed` names it held.
     async fn send(
         &mut self,
+        ctx: &mut C<'_>,
         ti: usize,
         candidates: Vec<String>,
         removed: Vec<String>,
@@ -228,59 +156,51 @@ impl Stream<'_> {
     ) -> Result<(), ()> {
         let type_url = weft_proto::type_url::ALL[ti];
         let st = &mut self.types[ti];
-        let Some(sub) = &st.sub else {
+        let Some(sub) = st.sub.clone() else {
             return Ok(());
         };
+        let held = &ctx.snapshot.resources[ti];
         let mut resources = Vec::new();
-        let mut sent = Vec::new();
         for name in candidates {
             if !sub.wants(&name) {
                 continue;
             }
-            let Some(r) = self.view.resources[ti].get(&name) else {
+            let Some(r) = held.get(&name) else {
                 continue;
             };
-            if st.known.get(&name) == Some(&r.version) {
-                continue;
+            if !sub.wildcard {
+                if st.known.get(&name) == Some(&r.version) {
+                    continue;
+                }
+                st.known.insert(name.clone(), r.version.clone());
             }
             resources.push(Resource {
-                name: name.clone(),
+                name,
                 version: r.version.clone(),
                 resource: Some(r.any.clone()),
                 ..Default::default()
             });
-            st.known.insert(name.clone(), r.version.clone());
-            sent.push(r.clone());
         }
         let removed: Vec<String> = removed
             .into_iter()
-            .filter(|n| st.known.remove(n).is_some())
+            .filter(|n| sub.wildcard || st.known.remove(n).is_some() || sub.names.contains(n))
             .collect();
         if resources.is_empty() && removed.is_empty() && !always {
             return Ok(());
         }
-        self.nonce += 1;
-        let nonce = self.nonce.to_string();
-        let version = self.view.version.to_string();
+        let nonce = ctx.next_nonce();
+        let version = ctx.snapshot.version.to_string();
         st.nonce = nonce.clone();
         {
-            let mut rec = lock(self.record);
+            let mut rec = lock(&ctx.reg.record);
+            rec.snapshot = Some(ctx.snapshot.clone());
             let t = &mut rec.types[ti];
             t.sent = true;
             t.sent_version = version.clone();
             t.sent_nonce = nonce.clone();
-            for r in sent {
-                t.resources.insert(r.name.clone(), r);
-            }
-            for n in &removed {
-                t.resources.remove(n);
-            }
+            t.sub = Some(sub);
         }
-        self.shared
-            .metrics
-            .pushes
-            .get_or_create(&type_label(type_url))
-            .inc();
+        ctx.shared.metrics.pushes.get_or_create(&type_label(type_url)).inc();
         let resp = DeltaDiscoveryResponse {
             system_version_info: version,
             resources,
@@ -289,6 +209,6 @@ impl Stream<'_> {
             nonce,
             ..Default::default()
         };
-        self.tx.send(Ok(resp)).await.map_err(|_| ())
+        ctx.tx.send(Ok(resp)).await.map_err(|_| ())
     }
 }

@@ -16,6 +16,7 @@ pub mod view;
 
 mod delta;
 mod sotw;
+mod stream;
 
 use std::collections::BTreeSet;
 use std::pin::Pin;
@@ -39,6 +40,8 @@ pub struct Shared {
     pub translations: watch::Receiver<Arc<Translation>>,
     /// Connected proxies.
     pub registry: Arc<Registry>,
+    /// Per-place snapshots, shared by streams.
+    pub snapshots: Arc<view::SnapshotCache>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -58,7 +61,7 @@ impl AdsServer {
 
 /// A resource subscription of one type.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Subscription {
+pub struct Subscription {
     /// Every resource of the type.
     pub wildcard: bool,
     /// Named resources.
@@ -66,7 +69,8 @@ pub(crate) struct Subscription {
 }
 
 impl Subscription {
-    pub(crate) fn wants(&self, name: &str) -> bool {
+    /// Whether the subscription covers `name`.
+    pub fn wants(&self, name: &str) -> bool {
         self.wildcard || self.names.contains(name)
     }
 }
@@ -93,9 +97,7 @@ impl AggregatedDiscoveryService for AdsServer {
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let shared = self.shared.clone();
         let peer = request.remote_addr();
-        tokio::spawn(async move {
-            sotw::run(shared, request.into_inner(), tx, peer).await;
-        });
+        tokio::spawn(stream::run(sotw::Sotw::default(), shared, request.into_inner(), tx, peer));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -106,9 +108,7 @@ impl AggregatedDiscoveryService for AdsServer {
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let shared = self.shared.clone();
         let peer = request.remote_addr();
-        tokio::spawn(async move {
-            delta::run(shared, request.into_inner(), tx, peer).await;
-        });
+        tokio::spawn(stream::run(delta::Delta::default(), shared, request.into_inner(), tx, peer));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

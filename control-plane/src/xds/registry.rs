@@ -11,7 +11,8 @@ use weft_proto::keys;
 
 use crate::catalog::Locality;
 use crate::translate::{ProxyPlace, Res};
-use crate::xds::view::TYPES;
+use crate::xds::Subscription;
+use crate::xds::view::{PlaceSnapshot, TYPES};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -86,8 +87,8 @@ pub struct TypeRecord {
     pub nack: Option<String>,
     /// Whether anything was sent.
     pub sent: bool,
-    /// The resources the proxy holds (as far as the server knows), by name.
-    pub resources: BTreeMap<String, Res>,
+    /// What the proxy subscribed to.
+    pub sub: Option<Subscription>,
 }
 
 impl TypeRecord {
@@ -116,9 +117,24 @@ pub struct ProxyRecord {
     pub connected_at_ms: i64,
     /// Per type, in `type_url::ALL` order.
     pub types: [TypeRecord; TYPES],
+    /// The snapshot the proxy was last sent (shared with every proxy at its place).
+    pub snapshot: Option<Arc<PlaceSnapshot>>,
 }
 
 impl ProxyRecord {
+    /// The resources of type `ti` the proxy holds, as far as the server knows.
+    pub fn held(&self, ti: usize) -> Vec<Res> {
+        let t = &self.types[ti];
+        match (&self.snapshot, &t.sub) {
+            (Some(snap), Some(sub)) if t.sent => snap.resources[ti]
+                .iter()
+                .filter(|(n, _)| sub.wants(n))
+                .map(|(_, r)| r.clone())
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The admin API's view of this proxy.
     pub fn status(&self, replica: &str) -> ProxyStatus {
         ProxyStatus {
@@ -134,7 +150,8 @@ impl ProxyRecord {
             types: weft_proto::type_url::ALL
                 .iter()
                 .zip(&self.types)
-                .map(|(url, t)| TypeStatus {
+                .enumerate()
+                .map(|(ti, (url, t))| TypeStatus {
                     type_url: url.to_string(),
                     state: t.state() as i32,
                     sent_version: t.sent_version.clone(),
@@ -142,7 +159,7 @@ impl ProxyRecord {
                     acked_version: t.acked_version.clone(),
                     last_ack_unix_ms: t.last_ack_ms,
                     nack_detail: t.nack.clone().unwrap_or_default(),
-                    resource_count: t.resources.len() as u32,
+                    resource_count: self.held(ti).len() as u32,
                 })
                 .collect(),
         }
@@ -197,6 +214,7 @@ impl Registry {
             protocol,
             connected_at_ms: now_ms(),
             types: Default::default(),
+            snapshot: None,
         }));
         self.guard().insert(id, record.clone());
         Registration {

@@ -1,13 +1,14 @@
-//! What one proxy should hold, kept current incrementally.
+//! What proxies should hold, shared: one [`PlaceSnapshot`] per (translation version, place).
 //!
-//! A [`View`] remembers, per service, the translated `Arc` it last took; on a new translation it
-//! only re-reads services whose `Arc` changed, so a push touching one service costs one
-//! service's work per proxy, not the whole mesh's.
+//! Proxies at the same place (cluster, region, zone) hold the same resources, so the control
+//! plane keeps one snapshot per place and every stream points at it: per-proxy memory does
+//! not grow with the mesh. A new snapshot is built from the previous one of its place by
+//! replaying only the services whose translation changed, and carries that diff, so a stream
+//! one version behind learns what to push without walking the whole mesh.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use crate::catalog::ServiceKey;
 use crate::translate::{ProxyPlace, Res, ServiceXds, Translation};
 
 /// Index of a type in per-type arrays: CDS, EDS, LDS, RDS (the order of `type_url::ALL`).
@@ -21,12 +22,10 @@ const RDS: TypeIndex = 3;
 
 /// The index of a type URL, `None` for types Weft does not serve.
 pub fn type_index(type_url: &str) -> Option<TypeIndex> {
-    weft_proto::type_url::ALL
-        .iter()
-        .position(|t| *t == type_url)
+    weft_proto::type_url::ALL.iter().position(|t| *t == type_url)
 }
 
-/// Names whose content changed or vanished in one update, per type.
+/// Names whose content changed or vanished between two snapshots, per type.
 #[derive(Debug, Default, Clone)]
 pub struct Changes {
     /// Added or changed resources.
@@ -42,83 +41,33 @@ impl Changes {
     }
 }
 
-/// The resources one proxy should hold.
+/// Per-type changes.
+pub type AllChanges = [Changes; TYPES];
+
+/// Everything a proxy at one place should hold at one translation version.
 #[derive(Debug, Default)]
-pub struct View {
-    place: ProxyPlace,
-    services: HashMap<ServiceKey, (Arc<ServiceXds>, Arc<Vec<Res>>)>,
-    /// Current resources per type, by name.
-    pub resources: [BTreeMap<String, Res>; TYPES],
-    /// The translation version the view reflects.
+pub struct PlaceSnapshot {
+    /// The translation version.
     pub version: u64,
+    /// Resources per type, by name.
+    pub resources: [BTreeMap<String, Res>; TYPES],
+    /// Changes to this snapshot from recent earlier versions of its place: (from, changes),
+    /// newest first, at most [`DIFF_HISTORY`].
+    diffs: Vec<(u64, Arc<AllChanges>)>,
 }
 
-impl View {
-    /// An empty view for a proxy at `place`.
-    pub fn new(place: ProxyPlace) -> Self {
-        View {
-            place,
-            ..View::default()
-        }
-    }
+/// How many earlier versions a snapshot keeps a ready diff from.
+pub const DIFF_HISTORY: usize = 8;
 
-    /// Brings the view to `t`, returning what changed per type.
-    pub fn update(&mut self, t: &Translation) -> [Changes; TYPES] {
-        let mut changes: [Changes; TYPES] = Default::default();
-        self.version = t.version;
-        let gone: Vec<ServiceKey> = self
-            .services
-            .keys()
-            .filter(|k| !t.services.contains_key(*k))
-            .cloned()
-            .collect();
-        for k in gone {
-            if let Some((old, eds)) = self.services.remove(&k) {
-                for (ti, list) in lists(&old, &eds) {
-                    for r in list {
-                        self.resources[ti].remove(&r.name);
-                        changes[ti].removed.insert(r.name.clone());
-                    }
-                }
-            }
-        }
-        for (k, xds) in &t.services {
-            if let Some((old, _)) = self.services.get(k)
-                && Arc::ptr_eq(old, xds)
-            {
-                continue;
-            }
-            let eds = xds.endpoints(&self.place);
-            // Versions the proxy holds for this service now, to tell real changes from re-issues.
-            let mut before: [BTreeMap<String, String>; TYPES] = Default::default();
-            if let Some((old, old_eds)) = self.services.remove(k) {
-                for (ti, list) in lists(&old, &old_eds) {
-                    for r in list {
-                        self.resources[ti].remove(&r.name);
-                        before[ti].insert(r.name.clone(), r.version.clone());
-                    }
-                }
-            }
-            for (ti, list) in lists(xds, &eds) {
-                for r in list {
-                    let same = before[ti].remove(&r.name).is_some_and(|v| v == r.version);
-                    self.resources[ti].insert(r.name.clone(), r.clone());
-                    if !same {
-                        changes[ti].upserted.insert(r.name.clone());
-                    }
-                }
-            }
-            for (ti, old_names) in before.into_iter().enumerate() {
-                changes[ti].removed.extend(old_names.into_keys());
-            }
-            self.services.insert(k.clone(), (xds.clone(), eds));
-        }
-        for c in &mut changes {
-            let Changes { upserted, removed } = c;
-            removed.retain(|n| !upserted.contains(n));
-        }
-        changes
+/// The changes of `a` then `b`.
+fn compose(a: &AllChanges, b: &AllChanges) -> AllChanges {
+    let mut out: AllChanges = Default::default();
+    for ti in 0..TYPES {
+        let (a, b) = (&a[ti], &b[ti]);
+        out[ti].upserted = a.upserted.difference(&b.removed).chain(&b.upserted).cloned().collect();
+        out[ti].removed = a.removed.difference(&b.upserted).chain(&b.removed).cloned().collect();
     }
+    out
 }
 
 fn lists<'a>(xds: &'a ServiceXds, eds: &'a [Res]) -> [(TypeIndex, &'a [Res]); TYPES] {
@@ -128,4 +77,198 @@ fn lists<'a>(xds: &'a ServiceXds, eds: &'a [Res]) -> [(TypeIndex, &'a [Res]); TY
         (LDS, &xds.listeners[..]),
         (RDS, &xds.routes[..]),
     ]
+}
+
+impl PlaceSnapshot {
+    fn build(t: &Translation, place: &ProxyPlace) -> Self {
+        let mut resources: [BTreeMap<String, Res>; TYPES] = Default::default();
+        for xds in t.services.values() {
+            let eds = xds.endpoints(place);
+            for (ti, list) in lists(xds, &eds) {
+                for r in list {
+                    resources[ti].insert(r.name.clone(), r.clone());
+                }
+            }
+        }
+        PlaceSnapshot {
+            version: t.version,
+            resources,
+            diffs: Vec::new(),
+        }
+    }
+
+    /// The next snapshot, from this one and the services `t` changed.
+    fn advance(&self, t: &Translation, place: &ProxyPlace) -> Self {
+        let mut resources = self.resources.clone();
+        let mut changes: AllChanges = Default::default();
+        for c in &t.changed {
+            // Versions held before, to tell real changes from re-issued identical resources.
+            let mut before: [BTreeMap<&str, &str>; TYPES] = Default::default();
+            let old_eds = c.old.as_ref().map(|o| o.endpoints(place));
+            if let (Some(old), Some(eds)) = (&c.old, &old_eds) {
+                for (ti, list) in lists(old, eds) {
+                    for r in list {
+                        resources[ti].remove(&r.name);
+                        before[ti].insert(&r.name, &r.version);
+                    }
+                }
+            }
+            if let Some(new) = &c.new {
+                let eds = new.endpoints(place);
+                for (ti, list) in lists(new, &eds) {
+                    for r in list {
+                        let same = before[ti].remove(r.name.as_str()) == Some(r.version.as_str());
+                        resources[ti].insert(r.name.clone(), r.clone());
+                        if !same {
+                            changes[ti].upserted.insert(r.name.clone());
+                        }
+                    }
+                }
+            }
+            for (ti, gone) in before.into_iter().enumerate() {
+                changes[ti].removed.extend(gone.into_keys().map(str::to_string));
+            }
+        }
+        for c in &mut changes {
+            let Changes { upserted, removed } = c;
+            removed.retain(|n| !upserted.contains(n));
+        }
+        let mut diffs = Vec::with_capacity(DIFF_HISTORY);
+        for (from, d) in self.diffs.iter().take(DIFF_HISTORY - 1) {
+            diffs.push((*from, Arc::new(compose(d, &changes))));
+        }
+        diffs.insert(0, (self.version, Arc::new(changes)));
+        PlaceSnapshot {
+            version: t.version,
+            resources,
+            diffs,
+        }
+    }
+
+    /// What changed from `old` (what a proxy holds) to this snapshot.
+    pub fn changes_since(&self, old: &PlaceSnapshot) -> Arc<AllChanges> {
+        if let Some((_, d)) = self.diffs.iter().find(|(from, _)| *from == old.version) {
+            return d.clone();
+        }
+        // A proxy far behind (or a rebuilt snapshot): walk both.
+        let mut changes: AllChanges = Default::default();
+        for ti in 0..TYPES {
+            for (n, r) in &self.resources[ti] {
+                if old.resources[ti].get(n).is_none_or(|o| o.version != r.version) {
+                    changes[ti].upserted.insert(n.clone());
+                }
+            }
+            for n in old.resources[ti].keys() {
+                if !self.resources[ti].contains_key(n) {
+                    changes[ti].removed.insert(n.clone());
+                }
+            }
+        }
+        Arc::new(changes)
+    }
+}
+
+/// The latest snapshot of every place.
+#[derive(Debug, Default)]
+pub struct SnapshotCache {
+    latest: Mutex<HashMap<ProxyPlace, Arc<PlaceSnapshot>>>,
+}
+
+impl SnapshotCache {
+    /// Advances every known place to `t` (the translator calls this for each new version, so
+    /// the diff chain never breaks even when streams skip versions).
+    pub fn advance_all(&self, t: &Translation) {
+        let places: Vec<ProxyPlace> = match self.latest.lock() {
+            Ok(g) => g.keys().cloned().collect(),
+            Err(p) => p.into_inner().keys().cloned().collect(),
+        };
+        for place in places {
+            self.get(t, &place);
+        }
+    }
+
+    /// The snapshot of `place` at `t`'s version, built once and shared.
+    pub fn get(&self, t: &Translation, place: &ProxyPlace) -> Arc<PlaceSnapshot> {
+        let mut latest = match self.latest.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let snap = match latest.get(place) {
+            Some(s) if s.version == t.version => return s.clone(),
+            Some(s) if s.version == t.prev_version => Arc::new(s.advance(t, place)),
+            Some(s) if s.version > t.version => return s.clone(),
+            _ => Arc::new(PlaceSnapshot::build(t, place)),
+        };
+        latest.insert(place.clone(), snap.clone());
+        snap
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{Catalog, SourceUpdate};
+    use crate::objects::parse_object;
+    use crate::translate::translate;
+    use serde_json::json;
+
+    fn svc(name: &str, port: u16) -> SourceUpdate {
+        let doc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"ports": [{"name": "http", "port": port}]}});
+        SourceUpdate {
+            upserts: vec![(parse_object(doc).expect("valid").expect("known"), "t".into())],
+            ..Default::default()
+        }
+    }
+
+    fn names(c: &BTreeSet<String>) -> Vec<&str> {
+        c.iter().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn snapshots_advance_with_exact_diffs_and_compose_over_skipped_versions() {
+        let cat = Catalog::new("c1", "td");
+        let cache = SnapshotCache::default();
+        let place = ProxyPlace::default();
+        cat.apply(svc("a", 80));
+        cat.apply(svc("b", 80));
+        let t1 = translate(&cat.current(), None);
+        let s1 = cache.get(&t1, &place);
+        assert_eq!(s1.resources[LDS].len(), 2);
+
+        // b changes port: its 4 resources are renamed (removed + upserted); a is untouched.
+        cat.apply(svc("b", 81));
+        let t2 = translate(&cat.current(), Some(&t1));
+        cache.advance_all(&t2);
+        let s2 = cache.get(&t2, &place);
+        let d12 = s2.changes_since(&s1);
+        assert_eq!(names(&d12[LDS].upserted), vec!["b.default.svc.cluster.local:81"]);
+        assert_eq!(names(&d12[LDS].removed), vec!["b.default.svc.cluster.local:80"]);
+
+        // c appears; b goes back to 80.
+        cat.apply(svc("c", 80));
+        let t3 = translate(&cat.current(), Some(&t2));
+        cache.advance_all(&t3);
+        cat.apply(svc("b", 80));
+        let t4 = translate(&cat.current(), Some(&t3));
+        cache.advance_all(&t4);
+        let s4 = cache.get(&t4, &place);
+        // From s1 (three versions back) the composed diff is exactly "c is new".
+        let d14 = s4.changes_since(&s1);
+        assert_eq!(
+            names(&d14[CDS].upserted),
+            vec!["b.default.svc.cluster.local:80", "c.default.svc.cluster.local:80"],
+            "b:80 re-added after its removal is an upsert (harmless: same version)"
+        );
+        assert_eq!(names(&d14[CDS].removed), vec!["b.default.svc.cluster.local:81"]);
+        // And it agrees with walking both snapshots, apart from that harmless re-send.
+        let walked = {
+            let mut s = PlaceSnapshot { version: 0, ..Default::default() };
+            s.resources = s1.resources.clone();
+            s4.changes_since(&s)
+        };
+        assert_eq!(names(&walked[CDS].upserted), vec!["c.default.svc.cluster.local:80"]);
+        assert!(walked[CDS].removed.is_empty());
+        assert!(Arc::ptr_eq(&s4.resources[LDS]["a.default.svc.cluster.local:80"], &s1.resources[LDS]["a.default.svc.cluster.local:80"]));
+    }
 }

@@ -1,0 +1,144 @@
+//! What SotW and delta streams share: reading the first request, registering the proxy,
+//! following translations, and the request loop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tonic::{Status, Streaming};
+use weft_proto::envoy::envoy::config::core::v3::Node;
+
+use super::registry::{NodeInfo, Registration};
+use super::view::{AllChanges, PlaceSnapshot};
+use super::{ConnectedGuard, Shared};
+use crate::translate::Translation;
+
+/// One protocol's per-stream logic.
+pub(crate) trait Protocol: Send {
+    /// Request message.
+    type Req: prost::Message + Default + Send + 'static;
+    /// Response message.
+    type Resp: Send + 'static;
+    /// `sotw` or `delta`.
+    const NAME: &'static str;
+    /// The request's node.
+    fn node(req: &Self::Req) -> Option<&Node>;
+    /// Handles one request; `Err(Some)` ends the stream with that status, `Err(None)` quietly.
+    async fn handle(&mut self, ctx: &mut Ctx<'_, Self::Resp>, req: Self::Req) -> Result<(), Option<Status>>;
+    /// Pushes what changed since the snapshot the proxy had.
+    async fn push(&mut self, ctx: &mut Ctx<'_, Self::Resp>, changes: &AllChanges) -> Result<(), ()>;
+}
+
+/// A stream's context: shared state, its proxy's record, the current snapshot, the sender.
+pub(crate) struct Ctx<'a, R> {
+    pub shared: &'a Shared,
+    pub reg: &'a Registration,
+    pub node: NodeInfo,
+    pub snapshot: Arc<PlaceSnapshot>,
+    pub tx: &'a mpsc::Sender<Result<R, Status>>,
+    pub nonce: u64,
+}
+
+impl<R> Ctx<'_, R> {
+    /// A fresh nonce.
+    pub fn next_nonce(&mut self) -> String {
+        self.nonce += 1;
+        self.nonce.to_string()
+    }
+
+    /// Counts a refused request.
+    pub fn refused(&self, reason: &str) {
+        self.shared
+            .metrics
+            .request_errors
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
+    }
+}
+
+/// Runs one stream to its end.
+pub(crate) async fn run<P: Protocol>(
+    mut proto: P,
+    shared: Arc<Shared>,
+    mut requests: Streaming<P::Req>,
+    tx: mpsc::Sender<Result<P::Resp, Status>>,
+    peer: Option<SocketAddr>,
+) {
+    let first = match requests.message().await {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::debug!(?peer, error = %e, protocol = P::NAME, "ADS stream failed before its first request");
+            return;
+        }
+    };
+    let Some(node) = P::node(&first) else {
+        shared
+            .metrics
+            .request_errors
+            .get_or_create(&vec![("reason".into(), "no_node".into())])
+            .inc();
+        let _ = tx
+            .send(Err(Status::invalid_argument(
+                "the first request of an ADS stream must carry node",
+            )))
+            .await;
+        return;
+    };
+    let info = NodeInfo::from_node(node);
+    tracing::info!(node = %info.id, ?peer, namespace = %info.namespace, protocol = P::NAME, "proxy connected");
+    let reg = shared.registry.register(info.clone(), P::NAME);
+    let _connected = ConnectedGuard::new(shared.metrics.clone());
+    let mut translations: watch::Receiver<Arc<Translation>> = shared.translations.clone();
+    let t = translations.borrow_and_update().clone();
+    let snapshot = shared.snapshots.get(&t, &info.place);
+    let mut ctx = Ctx {
+        shared: &shared,
+        reg: &reg,
+        node: info.clone(),
+        snapshot,
+        tx: &tx,
+        nonce: 0,
+    };
+    let mut next = Some(first);
+    loop {
+        let req = match next.take() {
+            Some(r) => r,
+            None => tokio::select! {
+                msg = requests.message() => match msg {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(node = %info.id, error = %e, "ADS stream ended");
+                        break;
+                    }
+                },
+                changed = translations.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let t = translations.borrow_and_update().clone();
+                    let snap = shared.snapshots.get(&t, &info.place);
+                    if snap.version == ctx.snapshot.version {
+                        continue;
+                    }
+                    let changes = snap.changes_since(&ctx.snapshot);
+                    ctx.snapshot = snap;
+                    if proto.push(&mut ctx, &changes).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+            },
+        };
+        match proto.handle(&mut ctx, req).await {
+            Ok(()) => {}
+            Err(Some(status)) => {
+                let _ = tx.send(Err(status)).await;
+                break;
+            }
+            Err(None) => break,
+        }
+    }
+    tracing::info!(node = %info.id, protocol = P::NAME, "proxy disconnected");
+}
