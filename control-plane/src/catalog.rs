@@ -258,8 +258,9 @@ impl Model {
 /// `errors` is `Some`) the complete list of this source's current errors.
 #[derive(Debug, Default)]
 pub struct SourceUpdate {
-    /// Objects to add or replace, with the file they came from.
-    pub upserts: Vec<(Object, String)>,
+    /// Objects to add or replace, with the file they came from (shared with the source, not
+    /// copied: a 100k-endpoint world is held once).
+    pub upserts: Vec<(Arc<Object>, String)>,
     /// Objects gone.
     pub removes: Vec<ObjectKey>,
     /// The source's current errors, replacing the previous list.
@@ -276,7 +277,7 @@ impl SourceUpdate {
 }
 
 struct State {
-    world: BTreeMap<ObjectKey, (Object, String)>,
+    world: BTreeMap<ObjectKey, (Arc<Object>, String)>,
     source_errors: Vec<SourceError>,
     last_good_routes: HashMap<ObjectKey, Vec<(ServiceKey, u16, RouteRule)>>,
     ready: bool,
@@ -358,7 +359,7 @@ type GoodRoutes = Vec<(ObjectKey, Vec<(ServiceKey, u16, RouteRule)>)>;
 
 /// Builds a model from the world; pure apart from reading `prev` for Arc reuse.
 fn build(
-    world: &BTreeMap<ObjectKey, (Object, String)>,
+    world: &BTreeMap<ObjectKey, (Arc<Object>, String)>,
     prev: &Model,
     last_good: &HashMap<ObjectKey, Vec<(ServiceKey, u16, RouteRule)>>,
 ) -> (Model, Vec<SourceError>, GoodRoutes) {
@@ -369,7 +370,7 @@ fn build(
     let mut pods: HashMap<(&str, &str), PodInfo> = HashMap::new();
     let mut pod_labels = BTreeMap::new();
     for (obj, _) in world.values() {
-        match obj {
+        match &**obj {
             Object::Node(n) => {
                 let labels = n.metadata.labels.clone().unwrap_or_default();
                 let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
@@ -403,7 +404,7 @@ fn build(
     // Services first, then endpoints, then the things that refer to services.
     let mut services: BTreeMap<ServiceKey, ServiceModel> = BTreeMap::new();
     for (obj, _) in world.values() {
-        if let Object::Service(svc) = obj {
+        if let Object::Service(svc) = &**obj {
             let key = ServiceKey::new(
                 svc.metadata.namespace.as_deref().unwrap_or("default"),
                 svc.metadata.name.as_deref().unwrap_or_default(),
@@ -440,7 +441,7 @@ fn build(
     }
 
     for ((obj, file), key) in world.values().zip(world.keys()) {
-        let Object::EndpointSlice(es) = obj else {
+        let Object::EndpointSlice(es) = &**obj else {
             continue;
         };
         let ns = es.metadata.namespace.as_deref().unwrap_or("default");
@@ -527,7 +528,7 @@ fn build(
     // Exports and policies.
     let mut policy_owner: HashMap<ServiceKey, String> = HashMap::new();
     for ((obj, file), key) in world.values().zip(world.keys()) {
-        match obj {
+        match &**obj {
             Object::ServiceExport(e) => {
                 match services.get_mut(&ServiceKey::new(&e.namespace, &e.name)) {
                     Some(s) => s.exported = true,
@@ -580,14 +581,14 @@ fn build(
     let mut owner: HashMap<(ServiceKey, u16), String> = HashMap::new();
     let route_objects = world
         .iter()
-        .filter(|(_, (o, _))| matches!(o, Object::HttpRoute(_)))
+        .filter(|(_, (o, _))| matches!(**o, Object::HttpRoute(_)))
         .chain(
             world
                 .iter()
-                .filter(|(_, (o, _))| matches!(o, Object::TrafficSplit(_))),
+                .filter(|(_, (o, _))| matches!(**o, Object::TrafficSplit(_))),
         );
     for (key, (obj, file)) in route_objects {
-        let resolved = match obj {
+        let resolved = match &**obj {
             Object::HttpRoute(r) => resolve_http_route(r, &ports_of),
             Object::TrafficSplit(s) => resolve_split(s, &ports_of),
             _ => continue,
@@ -852,9 +853,9 @@ mod tests {
     use crate::objects::parse_object;
     use serde_json::json;
 
-    fn obj(v: serde_json::Value) -> (Object, String) {
+    fn obj(v: serde_json::Value) -> (Arc<Object>, String) {
         (
-            parse_object(v).expect("valid").expect("known"),
+            Arc::new(parse_object(v).expect("valid").expect("known")),
             "test.yaml".to_string(),
         )
     }
@@ -921,7 +922,7 @@ mod tests {
         assert!(!Arc::ptr_eq(&m1.services[&b], &m2.services[&b]));
     }
 
-    fn split(backends: serde_json::Value) -> (Object, String) {
+    fn split(backends: serde_json::Value) -> (Arc<Object>, String) {
         obj(
             json!({"apiVersion": "split.smi-spec.io/v1alpha4", "kind": "TrafficSplit",
             "metadata": {"name": "echo-split"},

@@ -111,13 +111,13 @@ impl ControlPlane {
         let metrics = Arc::new(Metrics::new());
         let mut tasks = Vec::new();
 
-        // The source: read once before serving so the first proxies get a full view.
-        let mut first = source::file::FileSource::new(&dir);
-        let update = first.reload(&Default::default())?;
-        drop(first);
-        let initial_errors = update.errors.clone().unwrap_or_default();
-        for e in &initial_errors {
-            tracing::warn!(error = %e, "source error");
+        // The source reads everything once, then watches; serving waits for that first view.
+        if !dir.is_dir() {
+            return Err(source::file::FileSourceError::Dir {
+                path: dir,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
+            }
+            .into());
         }
         {
             let (catalog, metrics) = (catalog.clone(), metrics.clone());
@@ -163,6 +163,7 @@ impl ControlPlane {
             translations: trx.clone(),
             registry: registry.clone(),
             snapshots,
+            push_gate: Arc::new(tokio::sync::Semaphore::new(xds::PUSH_GATE)),
             metrics: metrics.clone(),
         });
         let ads = AggregatedDiscoveryServiceServer::new(xds::AdsServer::new(shared))

@@ -753,7 +753,7 @@ mod tests {
                 .into_iter()
                 .map(|d| {
                     (
-                        parse_object(d).expect("valid").expect("known"),
+                        Arc::new(parse_object(d).expect("valid").expect("known")),
                         "t.yaml".into(),
                     )
                 })
@@ -1088,7 +1088,10 @@ mod tests {
     fn unchanged_services_reuse_translation() {
         let cat = Catalog::new("c1", "td");
         let up = |d: serde_json::Value| SourceUpdate {
-            upserts: vec![(parse_object(d).expect("valid").expect("known"), "t".into())],
+            upserts: vec![(
+                Arc::new(parse_object(d).expect("valid").expect("known")),
+                "t".into(),
+            )],
             ..Default::default()
         };
         cat.apply(up(service("a")));

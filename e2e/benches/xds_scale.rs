@@ -44,8 +44,14 @@ fn args() -> Result<Args, BoxErr> {
         clients: 1000,
         changes: 5,
         per_file: 100,
-        bin: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/weft-control-plane")),
-        out: Some(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../BENCHMARKS.md"))),
+        bin: PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../target/release/weft-control-plane"
+        )),
+        out: Some(PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../BENCHMARKS.md"
+        ))),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -76,12 +82,22 @@ fn service_yaml(i: usize, endpoints: usize, generation: usize) -> String {
         let n = i * endpoints + j;
         // 198.18.0.0/15: documentation/benchmark space, never contacted.
         let ip = format!("198.{}.{}.{}", 18 + (n >> 16) % 2, (n >> 8) & 255, n & 255);
-        let _ = writeln!(s, "- addresses: [\"{ip}\"]\n  nodeName: node-{}", ZONES[j % 3]);
+        let _ = writeln!(
+            s,
+            "- addresses: [\"{ip}\"]\n  nodeName: node-{}",
+            ZONES[j % 3]
+        );
     }
     s
 }
 
-fn write_file(dir: &Path, file: usize, per_file: usize, endpoints: usize, changed: Option<(usize, usize)>) -> std::io::Result<()> {
+fn write_file(
+    dir: &Path,
+    file: usize,
+    per_file: usize,
+    endpoints: usize,
+    changed: Option<(usize, usize)>,
+) -> std::io::Result<()> {
     let mut docs = Vec::new();
     for i in file * per_file..(file + 1) * per_file {
         let generation = match changed {
@@ -119,16 +135,23 @@ type Report = (usize, Instant);
 
 async fn client(
     id: usize,
+    expected: usize,
     xds: String,
     target: watch::Receiver<String>,
     synced: mpsc::UnboundedSender<usize>,
     acked: mpsc::UnboundedSender<Report>,
 ) -> Result<(), BoxErr> {
-    let mut ads = AggregatedDiscoveryServiceClient::connect(xds).await?.max_decoding_message_size(1 << 30);
+    let mut ads = AggregatedDiscoveryServiceClient::connect(xds)
+        .await?
+        .max_decoding_message_size(1 << 30);
     let (tx, rx) = mpsc::channel(8);
     let node = Node {
         id: format!("bench-{id}"),
-        locality: Some(Locality { region: "region-1".into(), zone: ZONES[id % 3].into(), sub_zone: String::new() }),
+        locality: Some(Locality {
+            region: "region-1".into(),
+            zone: ZONES[id % 3].into(),
+            sub_zone: String::new(),
+        }),
         ..Default::default()
     };
     for (i, t) in type_url::ALL.iter().enumerate() {
@@ -140,15 +163,27 @@ async fn client(
         })
         .await?;
     }
-    let mut resp = ads.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
-    let mut seen_types = HashMap::new();
+    let mut resp = ads
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // Initial sync is done when every type holds `expected` resources (one port per service).
+    let mut held: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+    let mut synced_sent = false;
     while let Some(r) = resp.message().await? {
-        tx.send(DeltaDiscoveryRequest { type_url: r.type_url.clone(), response_nonce: r.nonce.clone(), ..Default::default() })
-            .await?;
+        tx.send(DeltaDiscoveryRequest {
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            ..Default::default()
+        })
+        .await?;
         let now = Instant::now();
-        if seen_types.len() < 4 {
-            seen_types.insert(r.type_url.clone(), ());
-            if seen_types.len() == 4 {
+        if !synced_sent {
+            let set = held.entry(r.type_url.clone()).or_default();
+            set.extend(r.resources.iter().map(|x| x.name.clone()));
+            if held.len() == 4 && held.values().all(|s| s.len() >= expected) {
+                synced_sent = true;
+                held.clear();
                 let _ = synced.send(id);
             }
         }
@@ -171,7 +206,11 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 async fn main() -> Result<(), BoxErr> {
     let a = args()?;
     if !a.bin.exists() {
-        return Err(format!("{} missing: run `cargo build --release -p weft-control-plane` first", a.bin.display()).into());
+        return Err(format!(
+            "{} missing: run `cargo build --release -p weft-control-plane` first",
+            a.bin.display()
+        )
+        .into());
     }
     let dir = tempfile::tempdir()?;
     let nodes: Vec<String> = ZONES
@@ -184,13 +223,25 @@ async fn main() -> Result<(), BoxErr> {
     for f in 0..files {
         write_file(dir.path(), f, a.per_file, a.endpoints, None)?;
     }
-    println!("world: {} services x {} endpoints in {files} files ({:?})", a.services, a.endpoints, gen_start.elapsed());
+    println!(
+        "world: {} services x {} endpoints in {files} files ({:?})",
+        a.services,
+        a.endpoints,
+        gen_start.elapsed()
+    );
 
     let start = Instant::now();
     let mut child = Command::new(&a.bin)
         .args(["--source-dir"])
         .arg(dir.path())
-        .args(["--xds-plaintext-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", "--log", "warn"])
+        .args([
+            "--xds-plaintext-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--log",
+            "warn",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
@@ -205,17 +256,26 @@ async fn main() -> Result<(), BoxErr> {
         .ok_or_else(|| format!("control plane printed {line:?}"))?
         .to_string();
     let load_time = start.elapsed();
-    println!("control plane serving after {load_time:?}; RSS {} MiB", rss_kib(pid, "VmRSS:") / 1024);
+    println!(
+        "control plane serving after {load_time:?}; RSS {} MiB",
+        rss_kib(pid, "VmRSS:") / 1024
+    );
 
     let (target_tx, target_rx) = watch::channel(String::new());
     let (synced_tx, mut synced_rx) = mpsc::unbounded_channel();
     let (acked_tx, mut acked_rx) = mpsc::unbounded_channel();
     let sync_start = Instant::now();
     let mut tasks = Vec::new();
+    let services = a.services;
     for id in 0..a.clients {
-        let (x, t, s, k) = (format!("http://{xds}"), target_rx.clone(), synced_tx.clone(), acked_tx.clone());
+        let (x, t, s, k) = (
+            format!("http://{xds}"),
+            target_rx.clone(),
+            synced_tx.clone(),
+            acked_tx.clone(),
+        );
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = client(id, x, t, s, k).await {
+            if let Err(e) = client(id, services, x, t, s, k).await {
                 eprintln!("client {id}: {e}");
             }
         }));
@@ -225,12 +285,20 @@ async fn main() -> Result<(), BoxErr> {
     while synced < a.clients {
         match tokio::time::timeout_at(deadline, synced_rx.recv()).await {
             Ok(Some(_)) => synced += 1,
-            _ => return Err(format!("only {synced}/{} clients synced within 600 s", a.clients).into()),
+            _ => {
+                return Err(
+                    format!("only {synced}/{} clients synced within 600 s", a.clients).into(),
+                );
+            }
         }
     }
     let initial_sync = sync_start.elapsed();
     let rss_synced = rss_kib(pid, "VmRSS:");
-    println!("all {} clients synced in {initial_sync:?}; RSS {} MiB", a.clients, rss_synced / 1024);
+    println!(
+        "all {} clients synced in {initial_sync:?}; RSS {} MiB",
+        a.clients,
+        rss_synced / 1024
+    );
 
     let mut samples = Vec::new();
     let mut worst_change = Duration::ZERO;
@@ -241,7 +309,13 @@ async fn main() -> Result<(), BoxErr> {
         tokio::time::sleep(Duration::from_millis(200)).await;
         while acked_rx.try_recv().is_ok() {}
         let t0 = Instant::now();
-        write_file(dir.path(), svc / a.per_file, a.per_file, a.endpoints, Some((svc, c + 1)))?;
+        write_file(
+            dir.path(),
+            svc / a.per_file,
+            a.per_file,
+            a.endpoints,
+            Some((svc, c + 1)),
+        )?;
         let mut got: HashMap<usize, Instant> = HashMap::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         while got.len() < a.clients {
@@ -249,18 +323,36 @@ async fn main() -> Result<(), BoxErr> {
                 Ok(Some((id, at))) => {
                     got.entry(id).or_insert(at);
                 }
-                _ => return Err(format!("change {c}: only {}/{} clients ACKed within 120 s", got.len(), a.clients).into()),
+                _ => {
+                    return Err(format!(
+                        "change {c}: only {}/{} clients ACKed within 120 s",
+                        got.len(),
+                        a.clients
+                    )
+                    .into());
+                }
             }
         }
-        let mut lat: Vec<f64> = got.values().map(|t| t.duration_since(t0).as_secs_f64() * 1000.0).collect();
+        let mut lat: Vec<f64> = got
+            .values()
+            .map(|t| t.duration_since(t0).as_secs_f64() * 1000.0)
+            .collect();
         lat.sort_by(f64::total_cmp);
         let max = lat.last().copied().unwrap_or(0.0);
         worst_change = worst_change.max(Duration::from_secs_f64(max / 1000.0));
-        println!("change {c} ({name}): p50 {:.0} ms, p99 {:.0} ms, max {max:.0} ms", quantile(&lat, 0.5), quantile(&lat, 0.99));
+        println!(
+            "change {c} ({name}): p50 {:.0} ms, p99 {:.0} ms, max {max:.0} ms",
+            quantile(&lat, 0.5),
+            quantile(&lat, 0.99)
+        );
         samples.extend(lat);
     }
     samples.sort_by(f64::total_cmp);
-    let (p50, p99, max) = (quantile(&samples, 0.5), quantile(&samples, 0.99), samples.last().copied().unwrap_or(0.0));
+    let (p50, p99, max) = (
+        quantile(&samples, 0.5),
+        quantile(&samples, 0.99),
+        samples.last().copied().unwrap_or(0.0),
+    );
     let rss_end = rss_kib(pid, "VmRSS:");
     let hwm = rss_kib(pid, "VmHWM:");
     for t in tasks {
@@ -272,10 +364,21 @@ async fn main() -> Result<(), BoxErr> {
     );
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let date = Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let date = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     let goal = |ok: bool| if ok { "holds" } else { "does not hold yet" };
     let report = format!(
         "\n## Control plane scale — {date}\n\nMachine: {cores} cores ({cpu}); control plane and the {clients} clients share them.\n\nCommand: `{cmd}`\n\n\

@@ -47,7 +47,7 @@ pub enum FileSourceError {
 struct FileState {
     stamp: Option<(SystemTime, u64)>,
     /// The objects this file serves (last good versions).
-    objects: BTreeMap<ObjectKey, Object>,
+    objects: BTreeMap<ObjectKey, Arc<Object>>,
     errors: Vec<SourceError>,
 }
 
@@ -56,7 +56,7 @@ pub struct FileSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
     /// What the catalog was last sent: key -> (object, file).
-    sent: HashMap<ObjectKey, (Object, String)>,
+    sent: HashMap<ObjectKey, (Arc<Object>, String)>,
     /// The error list the catalog was last sent.
     sent_errors: Option<Vec<SourceError>>,
 }
@@ -109,7 +109,7 @@ impl FileSource {
 
     fn diff(&mut self) -> SourceUpdate {
         let mut errors = Vec::new();
-        let mut now: HashMap<ObjectKey, (Object, String)> = HashMap::new();
+        let mut now: HashMap<ObjectKey, (Arc<Object>, String)> = HashMap::new();
         for (path, state) in &self.files {
             errors.extend(state.errors.iter().cloned());
             let file = self.display(path);
@@ -131,9 +131,13 @@ impl FileSource {
             .filter(|k| !now.contains_key(*k))
             .cloned()
             .collect();
-        let upserts: Vec<(Object, String)> = now
+        let upserts: Vec<(Arc<Object>, String)> = now
             .iter()
-            .filter(|(k, v)| self.sent.get(*k).is_none_or(|old| old.0 != v.0))
+            .filter(|(k, v)| {
+                self.sent
+                    .get(*k)
+                    .is_none_or(|old| !Arc::ptr_eq(&old.0, &v.0) && old.0 != v.0)
+            })
             .map(|(_, v)| v.clone())
             .collect();
         self.sent = now;
@@ -187,8 +191,8 @@ fn list_files(dir: &Path, out: &mut BTreeMap<PathBuf, (SystemTime, u64)>) -> std
 fn read_file(
     path: &Path,
     name: &str,
-    previous: BTreeMap<ObjectKey, Object>,
-) -> (BTreeMap<ObjectKey, Object>, Vec<SourceError>) {
+    previous: BTreeMap<ObjectKey, Arc<Object>>,
+) -> (BTreeMap<ObjectKey, Arc<Object>>, Vec<SourceError>) {
     let file_error = |message: String, previous| {
         let kept = if previous == BTreeMap::new() {
             String::new()
@@ -231,7 +235,13 @@ fn read_file(
         let key = raw_key(&doc);
         match parse_object(doc) {
             Ok(Some(obj)) => {
-                objects.insert(obj.key(), obj);
+                // An unchanged object keeps its Arc, so nothing downstream copies or re-compares it.
+                let key = obj.key();
+                let obj = match previous.get(&key) {
+                    Some(old) if **old == obj => old.clone(),
+                    _ => Arc::new(obj),
+                };
+                objects.insert(key, obj);
             }
             Ok(None) => {}
             Err(e) => {

@@ -5,7 +5,7 @@
 //! type (every change is sent), so nothing per resource is stored per proxy; named
 //! subscriptions keep the versions the client holds of the names it asked for.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use tonic::Status;
 use weft_proto::envoy::envoy::config::core::v3::Node;
@@ -14,7 +14,7 @@ use weft_proto::envoy::envoy::service::discovery::v3::{
 };
 
 use super::registry::{lock, now_ms};
-use super::stream::{Ctx, Protocol};
+use super::stream::{Ctx, LARGE, Protocol};
 use super::view::{AllChanges, TYPES, type_index};
 use super::{Subscription, legacy_wildcard_type, nack_detail, unknown_type};
 use crate::metrics::type_label;
@@ -23,6 +23,29 @@ use crate::metrics::type_label;
 #[derive(Default)]
 pub(crate) struct Delta {
     types: [TypeState; TYPES],
+    /// Large sends split into chunks of at most `LARGE` resources, sent one per loop turn
+    /// through the global push gate.
+    pending: VecDeque<Chunk>,
+}
+
+struct Chunk {
+    ti: usize,
+    work: Work,
+    removed: Vec<String>,
+    always: bool,
+}
+
+/// What a chunk sends.
+enum Work {
+    /// These names.
+    Names(Vec<String>),
+    /// The subscribed resources of the current snapshot after `after`, in name order, that the
+    /// client does not already hold at the same version (`initial`). A cursor, not a list, so
+    /// a proxy's initial sync costs no per-resource memory while it waits its turn.
+    Scan {
+        after: Option<String>,
+        initial: std::sync::Arc<std::collections::HashMap<String, String>>,
+    },
 }
 
 #[derive(Default)]
@@ -44,7 +67,22 @@ impl Protocol for Delta {
         req.node.as_ref()
     }
 
-    async fn handle(&mut self, ctx: &mut C<'_>, req: DeltaDiscoveryRequest) -> Result<(), Option<Status>> {
+    fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    async fn pump(&mut self, ctx: &mut C<'_>) -> Result<(), ()> {
+        match self.pending.pop_front() {
+            Some(c) => self.send_now(ctx, c, true).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        ctx: &mut C<'_>,
+        req: DeltaDiscoveryRequest,
+    ) -> Result<(), Option<Status>> {
         let Some(ti) = type_index(&req.type_url) else {
             ctx.refused("unknown_type");
             return Err(Some(unknown_type(&req.type_url)));
@@ -57,12 +95,20 @@ impl Protocol for Delta {
                 let detail = nack_detail(err);
                 tracing::warn!(node = %ctx.node.id, type_url = %req.type_url, nonce = %req.response_nonce, %detail, "NACK");
                 t.nack = Some(detail);
-                ctx.shared.metrics.nacks.get_or_create(&type_label(&req.type_url)).inc();
+                ctx.shared
+                    .metrics
+                    .nacks
+                    .get_or_create(&type_label(&req.type_url))
+                    .inc();
             } else {
                 t.acked_version = t.sent_version.clone();
                 t.last_ack_ms = now_ms();
                 t.nack = None;
-                ctx.shared.metrics.acks.get_or_create(&type_label(&req.type_url)).inc();
+                ctx.shared
+                    .metrics
+                    .acks
+                    .get_or_create(&type_label(&req.type_url))
+                    .inc();
             }
         }
         let snap = ctx.snapshot.clone();
@@ -70,7 +116,8 @@ impl Protocol for Delta {
         let first = st.sub.is_none();
         if first {
             let mut sub = Subscription {
-                wildcard: req.resource_names_subscribe.is_empty() && legacy_wildcard_type(&req.type_url),
+                wildcard: req.resource_names_subscribe.is_empty()
+                    && legacy_wildcard_type(&req.type_url),
                 names: BTreeSet::new(),
             };
             for n in &req.resource_names_subscribe {
@@ -82,14 +129,22 @@ impl Protocol for Delta {
             }
             // What the client says it holds (a reconnect): send only what differs.
             let initial = &req.initial_resource_versions;
-            let upserted: Vec<String> = held
-                .iter()
-                .filter(|(n, r)| sub.wants(n) && initial.get(*n) != Some(&r.version))
-                .map(|(n, _)| n.clone())
+            let removed: Vec<String> = initial
+                .keys()
+                .filter(|n| !held.contains_key(*n))
+                .cloned()
                 .collect();
-            let removed: Vec<String> = initial.keys().filter(|n| !held.contains_key(*n)).cloned().collect();
             st.sub = Some(sub);
-            return self.send(ctx, ti, upserted, removed, true).await.map_err(|_| None);
+            self.pending.push_back(Chunk {
+                ti,
+                work: Work::Scan {
+                    after: None,
+                    initial: std::sync::Arc::new(initial.clone().into_iter().collect()),
+                },
+                removed,
+                always: true,
+            });
+            return Ok(());
         }
         let Some(sub) = st.sub.as_mut() else {
             return Ok(());
@@ -122,7 +177,9 @@ impl Protocol for Delta {
             }
         }
         if !added.is_empty() {
-            self.send(ctx, ti, added, Vec::new(), false).await.map_err(|_| None)?;
+            self.send(ctx, ti, added, Vec::new(), false)
+                .await
+                .map_err(|_| None)?;
         }
         Ok(())
     }
@@ -145,7 +202,8 @@ impl Protocol for Delta {
 }
 
 impl Delta {
-    /// Sends the `candidates` the client wants and lacks, and the `removed` names it held.
+    /// Sends the `candidates` the client wants and lacks, and the `removed` names it held:
+    /// at once when small, else queued in chunks for `pump`.
     async fn send(
         &mut self,
         ctx: &mut C<'_>,
@@ -154,6 +212,82 @@ impl Delta {
         removed: Vec<String>,
         always: bool,
     ) -> Result<(), ()> {
+        if candidates.len() <= LARGE && self.pending.is_empty() {
+            let chunk = Chunk {
+                ti,
+                work: Work::Names(candidates),
+                removed,
+                always,
+            };
+            return self.send_now(ctx, chunk, false).await;
+        }
+        let mut removed = Some(removed);
+        let mut rest = candidates.into_iter().peekable();
+        let mut first = true;
+        while first || rest.peek().is_some() {
+            self.pending.push_back(Chunk {
+                ti,
+                work: Work::Names(rest.by_ref().take(LARGE).collect()),
+                removed: removed.take().unwrap_or_default(),
+                always: always && first,
+            });
+            first = false;
+        }
+        Ok(())
+    }
+
+    /// The names a chunk sends now; a scan that has more left re-queues itself first in line.
+    fn take_names(&mut self, ctx: &C<'_>, ti: usize, work: Work) -> Vec<String> {
+        match work {
+            Work::Names(n) => n,
+            Work::Scan { after, initial } => {
+                let Some(sub) = self.types[ti].sub.as_ref() else {
+                    return Vec::new();
+                };
+                let held = &ctx.snapshot.resources[ti];
+                let range = match &after {
+                    Some(a) => held.range::<String, _>((
+                        std::ops::Bound::Excluded(a),
+                        std::ops::Bound::Unbounded,
+                    )),
+                    None => held.range::<String, _>(..),
+                };
+                let mut names = Vec::new();
+                let mut more = false;
+                for (n, r) in range {
+                    if !sub.wants(n) || initial.get(n) == Some(&r.version) {
+                        continue;
+                    }
+                    if names.len() == LARGE {
+                        more = true;
+                        break;
+                    }
+                    names.push(n.clone());
+                }
+                if more && let Some(last) = names.last() {
+                    self.pending.push_front(Chunk {
+                        ti,
+                        work: Work::Scan {
+                            after: Some(last.clone()),
+                            initial,
+                        },
+                        removed: Vec::new(),
+                        always: false,
+                    });
+                }
+                names
+            }
+        }
+    }
+
+    async fn send_now(&mut self, ctx: &mut C<'_>, chunk: Chunk, gated: bool) -> Result<(), ()> {
+        let Chunk {
+            ti,
+            work,
+            removed,
+            always,
+        } = chunk;
+        let candidates = self.take_names(ctx, ti, work);
         let type_url = weft_proto::type_url::ALL[ti];
         let st = &mut self.types[ti];
         let Some(sub) = st.sub.clone() else {
@@ -200,7 +334,11 @@ impl Delta {
             t.sent_nonce = nonce.clone();
             t.sub = Some(sub);
         }
-        ctx.shared.metrics.pushes.get_or_create(&type_label(type_url)).inc();
+        ctx.shared
+            .metrics
+            .pushes
+            .get_or_create(&type_label(type_url))
+            .inc();
         let resp = DeltaDiscoveryResponse {
             system_version_info: version,
             resources,
@@ -209,6 +347,6 @@ impl Delta {
             nonce,
             ..Default::default()
         };
-        ctx.tx.send(Ok(resp)).await.map_err(|_| ())
+        ctx.send(resp, gated).await
     }
 }

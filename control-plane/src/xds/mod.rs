@@ -42,6 +42,8 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     /// Per-place snapshots, shared by streams.
     pub snapshots: Arc<view::SnapshotCache>,
+    /// The global push gate: how many large responses may be in flight at once.
+    pub push_gate: Arc<tokio::sync::Semaphore>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -83,7 +85,9 @@ pub(crate) fn legacy_wildcard_type(type_url: &str) -> bool {
 type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
 /// Depth of a stream's response queue: a slow proxy blocks only its own stream task.
-const RESPONSE_QUEUE: usize = 16;
+const RESPONSE_QUEUE: usize = 1;
+/// Default size of the global push gate.
+pub const PUSH_GATE: usize = 32;
 
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for AdsServer {
@@ -97,7 +101,13 @@ impl AggregatedDiscoveryService for AdsServer {
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let shared = self.shared.clone();
         let peer = request.remote_addr();
-        tokio::spawn(stream::run(sotw::Sotw::default(), shared, request.into_inner(), tx, peer));
+        tokio::spawn(stream::run(
+            sotw::Sotw::default(),
+            shared,
+            request.into_inner(),
+            tx,
+            peer,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -108,7 +118,13 @@ impl AggregatedDiscoveryService for AdsServer {
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let shared = self.shared.clone();
         let peer = request.remote_addr();
-        tokio::spawn(stream::run(delta::Delta::default(), shared, request.into_inner(), tx, peer));
+        tokio::spawn(stream::run(
+            delta::Delta::default(),
+            shared,
+            request.into_inner(),
+            tx,
+            peer,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -5,7 +5,7 @@ use weft_proto::envoy::envoy::config::core::v3::Node;
 use weft_proto::envoy::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
 use super::registry::{lock, now_ms};
-use super::stream::{Ctx, Protocol};
+use super::stream::{Ctx, LARGE, Protocol};
 use super::view::{AllChanges, TYPES, type_index};
 use super::{Subscription, legacy_wildcard_type, nack_detail, unknown_type};
 use crate::metrics::type_label;
@@ -33,7 +33,11 @@ impl Protocol for Sotw {
         req.node.as_ref()
     }
 
-    async fn handle(&mut self, ctx: &mut C<'_>, req: DiscoveryRequest) -> Result<(), Option<Status>> {
+    async fn handle(
+        &mut self,
+        ctx: &mut C<'_>,
+        req: DiscoveryRequest,
+    ) -> Result<(), Option<Status>> {
         let Some(ti) = type_index(&req.type_url) else {
             ctx.refused("unknown_type");
             return Err(Some(unknown_type(&req.type_url)));
@@ -50,19 +54,32 @@ impl Protocol for Sotw {
                 let detail = nack_detail(err);
                 tracing::warn!(node = %ctx.node.id, type_url = %req.type_url, nonce = %req.response_nonce, %detail, "NACK");
                 t.nack = Some(detail);
-                ctx.shared.metrics.nacks.get_or_create(&type_label(&req.type_url)).inc();
+                ctx.shared
+                    .metrics
+                    .nacks
+                    .get_or_create(&type_label(&req.type_url))
+                    .inc();
             } else {
                 t.acked_version = req.version_info.clone();
                 t.last_ack_ms = now_ms();
                 t.nack = None;
-                ctx.shared.metrics.acks.get_or_create(&type_label(&req.type_url)).inc();
+                ctx.shared
+                    .metrics
+                    .acks
+                    .get_or_create(&type_label(&req.type_url))
+                    .inc();
             }
         }
         let wildcard = req.resource_names.iter().any(|n| n == "*")
             || (req.resource_names.is_empty() && legacy_wildcard_type(&req.type_url));
         let sub = Subscription {
             wildcard,
-            names: req.resource_names.iter().filter(|n| *n != "*").cloned().collect(),
+            names: req
+                .resource_names
+                .iter()
+                .filter(|n| *n != "*")
+                .cloned()
+                .collect(),
         };
         let changed = st.sub.as_ref() != Some(&sub);
         st.sub = Some(sub);
@@ -76,7 +93,11 @@ impl Protocol for Sotw {
         for (ti, c) in changes.iter().enumerate() {
             let affected = match &self.types[ti].sub {
                 Some(s) if s.wildcard => !c.is_empty(),
-                Some(s) => c.upserted.iter().chain(&c.removed).any(|n| s.names.contains(n)),
+                Some(s) => c
+                    .upserted
+                    .iter()
+                    .chain(&c.removed)
+                    .any(|n| s.names.contains(n)),
                 None => false,
             };
             if affected {
@@ -93,12 +114,12 @@ impl Sotw {
         let Some(sub) = self.types[ti].sub.clone() else {
             return Ok(());
         };
-        let resources = ctx.snapshot.resources[ti]
+        let nonce = ctx.next_nonce();
+        let resources: Vec<_> = ctx.snapshot.resources[ti]
             .iter()
             .filter(|(n, _)| sub.wants(n))
             .map(|(_, r)| r.any.clone())
             .collect();
-        let nonce = ctx.next_nonce();
         let version = ctx.snapshot.version.to_string();
         self.types[ti].nonce = nonce.clone();
         {
@@ -110,7 +131,11 @@ impl Sotw {
             t.sent_nonce = nonce.clone();
             t.sub = Some(sub);
         }
-        ctx.shared.metrics.pushes.get_or_create(&type_label(type_url)).inc();
+        ctx.shared
+            .metrics
+            .pushes
+            .get_or_create(&type_label(type_url))
+            .inc();
         let resp = DiscoveryResponse {
             version_info: version,
             resources,
@@ -118,6 +143,7 @@ impl Sotw {
             nonce,
             ..Default::default()
         };
-        ctx.tx.send(Ok(resp)).await.map_err(|_| ())
+        let large = resp.resources.len() > LARGE;
+        ctx.send(resp, large).await
     }
 }

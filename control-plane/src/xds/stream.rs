@@ -23,10 +23,24 @@ pub(crate) trait Protocol: Send {
     const NAME: &'static str;
     /// The request's node.
     fn node(req: &Self::Req) -> Option<&Node>;
+    /// Whether queued work waits (delta's chunks).
+    fn has_pending(&self) -> bool {
+        false
+    }
+    /// Sends one piece of queued work; the loop calls it between requests, so reading the
+    /// client's ACKs never waits behind a long initial sync.
+    async fn pump(&mut self, _ctx: &mut Ctx<'_, Self::Resp>) -> Result<(), ()> {
+        Ok(())
+    }
     /// Handles one request; `Err(Some)` ends the stream with that status, `Err(None)` quietly.
-    async fn handle(&mut self, ctx: &mut Ctx<'_, Self::Resp>, req: Self::Req) -> Result<(), Option<Status>>;
+    async fn handle(
+        &mut self,
+        ctx: &mut Ctx<'_, Self::Resp>,
+        req: Self::Req,
+    ) -> Result<(), Option<Status>>;
     /// Pushes what changed since the snapshot the proxy had.
-    async fn push(&mut self, ctx: &mut Ctx<'_, Self::Resp>, changes: &AllChanges) -> Result<(), ()>;
+    async fn push(&mut self, ctx: &mut Ctx<'_, Self::Resp>, changes: &AllChanges)
+    -> Result<(), ()>;
 }
 
 /// A stream's context: shared state, its proxy's record, the current snapshot, the sender.
@@ -39,7 +53,31 @@ pub(crate) struct Ctx<'a, R> {
     pub nonce: u64,
 }
 
+/// Responses with more resources than this are large: they pass the global push gate, and
+/// delta sends them in chunks of this many.
+pub(crate) const LARGE: usize = 256;
+
 impl<R> Ctx<'_, R> {
+    /// Sends a response. A large one first takes a permit of the global push gate and keeps
+    /// it until the transport has taken the message off the stream's one-slot queue.
+    ///
+    /// Why: a thousand proxies connecting at once would otherwise each get their whole initial
+    /// config encoded in memory at the same moment; the gate bounds how many large responses
+    /// exist outside the transport, so memory follows the gate, not the fleet.
+    pub async fn send(&self, resp: R, large: bool) -> Result<(), ()> {
+        let permit = if large {
+            self.shared.push_gate.clone().acquire_owned().await.ok()
+        } else {
+            None
+        };
+        self.tx.send(Ok(resp)).await.map_err(|_| ())?;
+        if permit.is_some() {
+            // Returns once the slot is free again, i.e. the transport took the message.
+            drop(self.tx.reserve().await.map_err(|_| ())?);
+        }
+        Ok(())
+    }
+
     /// A fresh nonce.
     pub fn next_nonce(&mut self) -> String {
         self.nonce += 1;
@@ -102,9 +140,11 @@ pub(crate) async fn run<P: Protocol>(
     };
     let mut next = Some(first);
     loop {
+        let pending = proto.has_pending();
         let req = match next.take() {
             Some(r) => r,
             None => tokio::select! {
+                biased;
                 msg = requests.message() => match msg {
                     Ok(Some(r)) => r,
                     Ok(None) => break,
@@ -125,6 +165,12 @@ pub(crate) async fn run<P: Protocol>(
                     let changes = snap.changes_since(&ctx.snapshot);
                     ctx.snapshot = snap;
                     if proto.push(&mut ctx, &changes).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                _ = std::future::ready(()), if pending => {
+                    if proto.pump(&mut ctx).await.is_err() {
                         break;
                     }
                     continue;

@@ -22,7 +22,9 @@ const RDS: TypeIndex = 3;
 
 /// The index of a type URL, `None` for types Weft does not serve.
 pub fn type_index(type_url: &str) -> Option<TypeIndex> {
-    weft_proto::type_url::ALL.iter().position(|t| *t == type_url)
+    weft_proto::type_url::ALL
+        .iter()
+        .position(|t| *t == type_url)
 }
 
 /// Names whose content changed or vanished between two snapshots, per type.
@@ -64,8 +66,18 @@ fn compose(a: &AllChanges, b: &AllChanges) -> AllChanges {
     let mut out: AllChanges = Default::default();
     for ti in 0..TYPES {
         let (a, b) = (&a[ti], &b[ti]);
-        out[ti].upserted = a.upserted.difference(&b.removed).chain(&b.upserted).cloned().collect();
-        out[ti].removed = a.removed.difference(&b.upserted).chain(&b.removed).cloned().collect();
+        out[ti].upserted = a
+            .upserted
+            .difference(&b.removed)
+            .chain(&b.upserted)
+            .cloned()
+            .collect();
+        out[ti].removed = a
+            .removed
+            .difference(&b.upserted)
+            .chain(&b.removed)
+            .cloned()
+            .collect();
     }
     out
 }
@@ -126,7 +138,9 @@ impl PlaceSnapshot {
                 }
             }
             for (ti, gone) in before.into_iter().enumerate() {
-                changes[ti].removed.extend(gone.into_keys().map(str::to_string));
+                changes[ti]
+                    .removed
+                    .extend(gone.into_keys().map(str::to_string));
             }
         }
         for c in &mut changes {
@@ -154,7 +168,10 @@ impl PlaceSnapshot {
         let mut changes: AllChanges = Default::default();
         for ti in 0..TYPES {
             for (n, r) in &self.resources[ti] {
-                if old.resources[ti].get(n).is_none_or(|o| o.version != r.version) {
+                if old.resources[ti]
+                    .get(n)
+                    .is_none_or(|o| o.version != r.version)
+                {
                     changes[ti].upserted.insert(n.clone());
                 }
             }
@@ -216,7 +233,10 @@ mod tests {
         let doc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
             "spec": {"ports": [{"name": "http", "port": port}]}});
         SourceUpdate {
-            upserts: vec![(parse_object(doc).expect("valid").expect("known"), "t".into())],
+            upserts: vec![(
+                Arc::new(parse_object(doc).expect("valid").expect("known")),
+                "t".into(),
+            )],
             ..Default::default()
         }
     }
@@ -242,8 +262,14 @@ mod tests {
         cache.advance_all(&t2);
         let s2 = cache.get(&t2, &place);
         let d12 = s2.changes_since(&s1);
-        assert_eq!(names(&d12[LDS].upserted), vec!["b.default.svc.cluster.local:81"]);
-        assert_eq!(names(&d12[LDS].removed), vec!["b.default.svc.cluster.local:80"]);
+        assert_eq!(
+            names(&d12[LDS].upserted),
+            vec!["b.default.svc.cluster.local:81"]
+        );
+        assert_eq!(
+            names(&d12[LDS].removed),
+            vec!["b.default.svc.cluster.local:80"]
+        );
 
         // c appears; b goes back to 80.
         cat.apply(svc("c", 80));
@@ -257,18 +283,33 @@ mod tests {
         let d14 = s4.changes_since(&s1);
         assert_eq!(
             names(&d14[CDS].upserted),
-            vec!["b.default.svc.cluster.local:80", "c.default.svc.cluster.local:80"],
+            vec![
+                "b.default.svc.cluster.local:80",
+                "c.default.svc.cluster.local:80"
+            ],
             "b:80 re-added after its removal is an upsert (harmless: same version)"
         );
-        assert_eq!(names(&d14[CDS].removed), vec!["b.default.svc.cluster.local:81"]);
+        assert_eq!(
+            names(&d14[CDS].removed),
+            vec!["b.default.svc.cluster.local:81"]
+        );
         // And it agrees with walking both snapshots, apart from that harmless re-send.
         let walked = {
-            let mut s = PlaceSnapshot { version: 0, ..Default::default() };
+            let mut s = PlaceSnapshot {
+                version: 0,
+                ..Default::default()
+            };
             s.resources = s1.resources.clone();
             s4.changes_since(&s)
         };
-        assert_eq!(names(&walked[CDS].upserted), vec!["c.default.svc.cluster.local:80"]);
+        assert_eq!(
+            names(&walked[CDS].upserted),
+            vec!["c.default.svc.cluster.local:80"]
+        );
         assert!(walked[CDS].removed.is_empty());
-        assert!(Arc::ptr_eq(&s4.resources[LDS]["a.default.svc.cluster.local:80"], &s1.resources[LDS]["a.default.svc.cluster.local:80"]));
+        assert!(Arc::ptr_eq(
+            &s4.resources[LDS]["a.default.svc.cluster.local:80"],
+            &s1.resources[LDS]["a.default.svc.cluster.local:80"]
+        ));
     }
 }

@@ -1,0 +1,368 @@
+//! Endpoint picking inside one priority: the algorithms a TrafficPolicy names.
+//!
+//! Pure and synchronous: a [`Balancer`] is built from the endpoints of one priority when the
+//! config changes and picks with no lock on the request path. Load (outstanding requests) and
+//! latency (peak EWMA) live in [`EndpointStats`], shared across config updates so a new EDS
+//! version does not forget what the proxy measured.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// Balancing algorithms (the names TrafficPolicy uses).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum Algorithm {
+    /// Power of two choices over peak-EWMA latency × (outstanding + 1). The default.
+    #[default]
+    PeakEwma,
+    /// Round robin.
+    RoundRobin,
+    /// Power of two choices over outstanding requests.
+    LeastRequest,
+    /// Uniform random.
+    Random,
+    /// Consistent hashing on a ring (virtual nodes per endpoint).
+    RingHash,
+    /// Maglev consistent hashing (a lookup table of prime size).
+    Maglev,
+}
+
+impl Algorithm {
+    /// Parses the control plane's name (`weft.xds.v1.ClusterMeta.algorithm`); unknown -> PeakEWMA.
+    pub fn from_name(s: &str) -> Self {
+        match s {
+            "RoundRobin" => Algorithm::RoundRobin,
+            "LeastRequest" => Algorithm::LeastRequest,
+            "Random" => Algorithm::Random,
+            "RingHash" => Algorithm::RingHash,
+            "Maglev" => Algorithm::Maglev,
+            _ => Algorithm::PeakEwma,
+        }
+    }
+
+    /// Whether the algorithm uses a request hash.
+    pub fn hashing(self) -> bool {
+        matches!(self, Algorithm::RingHash | Algorithm::Maglev)
+    }
+}
+
+/// How fast the latency estimate forgets: the decay time constant of the EWMA.
+pub const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// Latency assumed for an endpoint never measured.
+pub const DEFAULT_RTT: Duration = Duration::from_millis(1);
+
+/// What the proxy measured of one endpoint.
+#[derive(Debug)]
+pub struct EndpointStats {
+    outstanding: AtomicU32,
+    /// Peak-EWMA latency, nanoseconds, as f64 bits.
+    ewma_ns: AtomicU64,
+    /// When `ewma_ns` was last updated, ns since `epoch`.
+    stamp_ns: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for EndpointStats {
+    fn default() -> Self {
+        EndpointStats {
+            outstanding: AtomicU32::new(0),
+            ewma_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+            stamp_ns: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+/// Marks a request outstanding on an endpoint until dropped.
+pub struct InFlight(Arc<EndpointStats>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl EndpointStats {
+    /// Counts a request as outstanding until the guard drops.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// Requests in flight.
+    pub fn outstanding(&self) -> u32 {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    /// The latency estimate.
+    pub fn ewma(&self) -> Duration {
+        Duration::from_nanos(f64::from_bits(self.ewma_ns.load(Ordering::Relaxed)) as u64)
+    }
+
+    /// Feeds one observed latency: a sample above the estimate replaces it at once (peak),
+    /// one below decays it exponentially with the time since the last sample.
+    pub fn observe(&self, rtt: Duration) {
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let prev_stamp = self.stamp_ns.swap(now, Ordering::Relaxed);
+        let rtt = rtt.as_nanos() as f64;
+        let old = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
+        let new = if rtt > old {
+            rtt
+        } else {
+            let dt = now.saturating_sub(prev_stamp) as f64;
+            let w = (-dt / EWMA_DECAY.as_nanos() as f64).exp();
+            old * w + rtt * (1.0 - w)
+        };
+        self.ewma_ns.store(new.to_bits(), Ordering::Relaxed);
+    }
+
+    /// P2C cost: latency × (outstanding + 1).
+    fn cost(&self) -> f64 {
+        f64::from_bits(self.ewma_ns.load(Ordering::Relaxed)) * f64::from(self.outstanding() + 1)
+    }
+}
+
+/// One pickable endpoint.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// Address.
+    pub addr: SocketAddr,
+    /// Measurements.
+    pub stats: Arc<EndpointStats>,
+}
+
+/// Virtual nodes per endpoint on a hash ring.
+pub const RING_REPLICAS: usize = 128;
+/// Maglev table size (prime, ≥ 100 × endpoints for small meshes).
+pub const MAGLEV_SIZE: usize = 65_537;
+
+/// A balancer over the healthy endpoints of one priority.
+#[derive(Debug)]
+pub struct Balancer {
+    algorithm: Algorithm,
+    targets: Vec<Target>,
+    next: AtomicUsize,
+    /// (point, index) sorted by point.
+    ring: Vec<(u64, u32)>,
+    /// Maglev lookup table: slot -> index.
+    table: Vec<u32>,
+}
+
+/// A stable 64-bit hash (SipHash with fixed keys: the same on every proxy).
+pub fn hash64(bytes: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new();
+    h.write(bytes);
+    h.finish()
+}
+
+impl Balancer {
+    /// Builds a balancer (rings and tables are built here, never on the request path).
+    pub fn new(algorithm: Algorithm, targets: Vec<Target>) -> Self {
+        let mut b = Balancer {
+            algorithm,
+            targets,
+            next: AtomicUsize::new(0),
+            ring: Vec::new(),
+            table: Vec::new(),
+        };
+        match algorithm {
+            Algorithm::RingHash => b.build_ring(),
+            Algorithm::Maglev => b.build_maglev(),
+            _ => {}
+        }
+        b
+    }
+
+    /// The endpoints it picks from.
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
+    fn build_ring(&mut self) {
+        let mut ring = Vec::with_capacity(self.targets.len() * RING_REPLICAS);
+        for (i, t) in self.targets.iter().enumerate() {
+            for r in 0..RING_REPLICAS {
+                ring.push((hash64(format!("{}#{r}", t.addr).as_bytes()), i as u32));
+            }
+        }
+        ring.sort_unstable();
+        self.ring = ring;
+    }
+
+    fn build_maglev(&mut self) {
+        let n = self.targets.len();
+        if n == 0 {
+            return;
+        }
+        let m = MAGLEV_SIZE as u64;
+        let perms: Vec<(u64, u64)> = self
+            .targets
+            .iter()
+            .map(|t| {
+                let key = t.addr.to_string();
+                let offset = hash64(format!("{key}/offset").as_bytes()) % m;
+                let skip = hash64(format!("{key}/skip").as_bytes()) % (m - 1) + 1;
+                (offset, skip)
+            })
+            .collect();
+        let mut next = vec![0u64; n];
+        let mut table = vec![u32::MAX; MAGLEV_SIZE];
+        let mut filled = 0;
+        'fill: loop {
+            for i in 0..n {
+                let (offset, skip) = perms[i];
+                let mut slot = ((offset + next[i] * skip) % m) as usize;
+                while table[slot] != u32::MAX {
+                    next[i] += 1;
+                    slot = ((offset + next[i] * skip) % m) as usize;
+                }
+                table[slot] = i as u32;
+                next[i] += 1;
+                filled += 1;
+                if filled == MAGLEV_SIZE {
+                    break 'fill;
+                }
+            }
+        }
+        self.table = table;
+    }
+
+    /// Picks an endpoint. `rand` is a uniform random number; `hash` the request's hash key
+    /// (hashing algorithms without a key fall back to random).
+    pub fn pick(&self, rand: u64, hash: Option<u64>) -> Option<&Target> {
+        let n = self.targets.len();
+        if n == 0 {
+            return None;
+        }
+        let i = match (self.algorithm, hash) {
+            (Algorithm::RingHash, Some(h)) => {
+                let at = self.ring.partition_point(|(p, _)| *p < h);
+                self.ring.get(at).or_else(|| self.ring.first()).map_or(0, |(_, i)| *i as usize)
+            }
+            (Algorithm::Maglev, Some(h)) => self.table.get((h % MAGLEV_SIZE as u64) as usize).map_or(0, |i| *i as usize),
+            (Algorithm::RoundRobin, _) => self.next.fetch_add(1, Ordering::Relaxed) % n,
+            (Algorithm::LeastRequest, _) | (Algorithm::PeakEwma, _) if n > 1 => {
+                let a = (rand % n as u64) as usize;
+                let mut b = ((rand >> 32) % (n as u64 - 1)) as usize;
+                if b >= a {
+                    b += 1;
+                }
+                let (ta, tb) = (&self.targets[a], &self.targets[b]);
+                let a_wins = if self.algorithm == Algorithm::LeastRequest {
+                    ta.stats.outstanding() <= tb.stats.outstanding()
+                } else {
+                    ta.stats.cost() <= tb.stats.cost()
+                };
+                if a_wins { a } else { b }
+            }
+            _ => (rand % n as u64) as usize,
+        };
+        self.targets.get(i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn targets(n: usize) -> Vec<Target> {
+        (0..n)
+            .map(|i| Target {
+                addr: SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16)),
+                stats: Arc::new(EndpointStats::default()),
+            })
+            .collect()
+    }
+
+    fn spread(b: &Balancer, picks: u64, hashed: bool) -> HashMap<SocketAddr, u64> {
+        let mut counts = HashMap::new();
+        for i in 0..picks {
+            let r = hash64(&i.to_le_bytes());
+            let h = hashed.then_some(hash64(&(i + 7).to_le_bytes()));
+            *counts.entry(b.pick(r, h).expect("pick").addr).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn round_robin_is_exact() {
+        let b = Balancer::new(Algorithm::RoundRobin, targets(4));
+        let c = spread(&b, 400, false);
+        assert!(c.values().all(|v| *v == 100), "{c:?}");
+    }
+
+    #[test]
+    fn random_and_p2c_use_every_endpoint_evenly_when_idle() {
+        for algo in [Algorithm::Random, Algorithm::LeastRequest, Algorithm::PeakEwma] {
+            let b = Balancer::new(algo, targets(4));
+            let c = spread(&b, 40_000, false);
+            assert_eq!(c.len(), 4, "{algo:?}");
+            assert!(c.values().all(|v| (8_000..12_000).contains(v)), "{algo:?}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn least_request_avoids_the_busy_endpoint() {
+        let t = targets(2);
+        let _busy: Vec<InFlight> = (0..5).map(|_| t[0].stats.start()).collect();
+        let b = Balancer::new(Algorithm::LeastRequest, t.clone());
+        let c = spread(&b, 1000, false);
+        assert_eq!(c.get(&t[0].addr), None, "{c:?}");
+    }
+
+    #[test]
+    fn peak_ewma_prefers_the_faster_endpoint() {
+        let t = targets(2);
+        t[0].stats.observe(Duration::from_millis(40));
+        t[1].stats.observe(Duration::from_millis(5));
+        let b = Balancer::new(Algorithm::PeakEwma, t.clone());
+        let c = spread(&b, 1000, false);
+        assert_eq!(c.get(&t[0].addr), None, "with two endpoints P2C always compares both: {c:?}");
+        // The peak is taken at once; lower samples decay it only with time.
+        t[1].stats.observe(Duration::from_millis(80));
+        assert_eq!(t[1].stats.ewma(), Duration::from_millis(80));
+        t[1].stats.observe(Duration::from_millis(1));
+        assert!(t[1].stats.ewma() > Duration::from_millis(70), "{:?}", t[1].stats.ewma());
+    }
+
+    #[test]
+    fn hashing_is_sticky_and_spreads_keys() {
+        for algo in [Algorithm::RingHash, Algorithm::Maglev] {
+            let b = Balancer::new(algo, targets(5));
+            let key = hash64(b"user-42");
+            let first = b.pick(1, Some(key)).expect("pick").addr;
+            for r in 0..100 {
+                assert_eq!(b.pick(r, Some(key)).expect("pick").addr, first, "{algo:?}");
+            }
+            let c = spread(&b, 50_000, true);
+            assert_eq!(c.len(), 5, "{algo:?}");
+            assert!(c.values().all(|v| (7_000..13_000).contains(v)), "{algo:?}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn consistent_hashing_moves_few_keys_when_an_endpoint_leaves() {
+        for algo in [Algorithm::RingHash, Algorithm::Maglev] {
+            let all = targets(10);
+            let before = Balancer::new(algo, all.clone());
+            let after = Balancer::new(algo, all[..9].to_vec());
+            let keys = 10_000u64;
+            let moved = (0..keys)
+                .filter(|k| {
+                    let h = hash64(&k.to_le_bytes());
+                    let a = before.pick(0, Some(h)).expect("pick").addr;
+                    let b = after.pick(0, Some(h)).expect("pick").addr;
+                    a != all[9].addr && a != b
+                })
+                .count();
+            // Keys of the endpoint that left must move; others should mostly stay (ideal: 0).
+            assert!(moved < keys as usize / 20, "{algo:?}: {moved} keys moved needlessly");
+        }
+    }
+}
