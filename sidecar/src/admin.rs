@@ -1,4 +1,6 @@
-//! The sidecar's admin endpoint (15000): `/metrics`, `/ready`, `/live`, `/config_dump`.
+//! The sidecar's admin endpoint (15000): `/metrics`, `/ready`, `/live`, `/config_dump` (the
+//! accepted config), `/clusters` (endpoints with health, priority, outstanding requests and
+//! EWMA latency).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -133,6 +135,17 @@ fn text(status: StatusCode, body: String, content_type: &'static str) -> Respons
     r
 }
 
+fn json(r: serde_json::Result<String>) -> Response<Full<Bytes>> {
+    match r {
+        Ok(s) => text(StatusCode::OK, s, "application/json"),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+            "text/plain",
+        ),
+    }
+}
+
 fn handle(path: &str, xds: &XdsHandle, metrics: &Metrics) -> Response<Full<Bytes>> {
     match path {
         "/live" => text(StatusCode::OK, "live\n".into(), "text/plain"),
@@ -147,17 +160,11 @@ fn handle(path: &str, xds: &XdsHandle, metrics: &Metrics) -> Response<Full<Bytes
             metrics.render(),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
-        "/config_dump" => match serde_json::to_string_pretty(&**xds.config.load()) {
-            Ok(s) => text(StatusCode::OK, s, "application/json"),
-            Err(e) => text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                e.to_string(),
-                "text/plain",
-            ),
-        },
+        "/config_dump" => json(serde_json::to_string_pretty(&**xds.config.load())),
+        "/clusters" => json(serde_json::to_string_pretty(&xds.config.load().clusters)),
         _ => text(
             StatusCode::NOT_FOUND,
-            "try /metrics /ready /live /config_dump\n".into(),
+            "try /metrics /ready /live /config_dump /clusters\n".into(),
             "text/plain",
         ),
     }

@@ -242,9 +242,15 @@ impl Balancer {
         let i = match (self.algorithm, hash) {
             (Algorithm::RingHash, Some(h)) => {
                 let at = self.ring.partition_point(|(p, _)| *p < h);
-                self.ring.get(at).or_else(|| self.ring.first()).map_or(0, |(_, i)| *i as usize)
+                self.ring
+                    .get(at)
+                    .or_else(|| self.ring.first())
+                    .map_or(0, |(_, i)| *i as usize)
             }
-            (Algorithm::Maglev, Some(h)) => self.table.get((h % MAGLEV_SIZE as u64) as usize).map_or(0, |i| *i as usize),
+            (Algorithm::Maglev, Some(h)) => self
+                .table
+                .get((h % MAGLEV_SIZE as u64) as usize)
+                .map_or(0, |i| *i as usize),
             (Algorithm::RoundRobin, _) => self.next.fetch_add(1, Ordering::Relaxed) % n,
             (Algorithm::LeastRequest, _) | (Algorithm::PeakEwma, _) if n > 1 => {
                 let a = (rand % n as u64) as usize;
@@ -299,11 +305,18 @@ mod tests {
 
     #[test]
     fn random_and_p2c_use_every_endpoint_evenly_when_idle() {
-        for algo in [Algorithm::Random, Algorithm::LeastRequest, Algorithm::PeakEwma] {
+        for algo in [
+            Algorithm::Random,
+            Algorithm::LeastRequest,
+            Algorithm::PeakEwma,
+        ] {
             let b = Balancer::new(algo, targets(4));
             let c = spread(&b, 40_000, false);
             assert_eq!(c.len(), 4, "{algo:?}");
-            assert!(c.values().all(|v| (8_000..12_000).contains(v)), "{algo:?}: {c:?}");
+            assert!(
+                c.values().all(|v| (8_000..12_000).contains(v)),
+                "{algo:?}: {c:?}"
+            );
         }
     }
 
@@ -323,12 +336,20 @@ mod tests {
         t[1].stats.observe(Duration::from_millis(5));
         let b = Balancer::new(Algorithm::PeakEwma, t.clone());
         let c = spread(&b, 1000, false);
-        assert_eq!(c.get(&t[0].addr), None, "with two endpoints P2C always compares both: {c:?}");
+        assert_eq!(
+            c.get(&t[0].addr),
+            None,
+            "with two endpoints P2C always compares both: {c:?}"
+        );
         // The peak is taken at once; lower samples decay it only with time.
         t[1].stats.observe(Duration::from_millis(80));
         assert_eq!(t[1].stats.ewma(), Duration::from_millis(80));
         t[1].stats.observe(Duration::from_millis(1));
-        assert!(t[1].stats.ewma() > Duration::from_millis(70), "{:?}", t[1].stats.ewma());
+        assert!(
+            t[1].stats.ewma() > Duration::from_millis(70),
+            "{:?}",
+            t[1].stats.ewma()
+        );
     }
 
     #[test]
@@ -342,7 +363,10 @@ mod tests {
             }
             let c = spread(&b, 50_000, true);
             assert_eq!(c.len(), 5, "{algo:?}");
-            assert!(c.values().all(|v| (7_000..13_000).contains(v)), "{algo:?}: {c:?}");
+            assert!(
+                c.values().all(|v| (7_000..13_000).contains(v)),
+                "{algo:?}: {c:?}"
+            );
         }
     }
 
@@ -362,7 +386,10 @@ mod tests {
                 })
                 .count();
             // Keys of the endpoint that left must move; others should mostly stay (ideal: 0).
-            assert!(moved < keys as usize / 20, "{algo:?}: {moved} keys moved needlessly");
+            assert!(
+                moved < keys as usize / 20,
+                "{algo:?}: {moved} keys moved needlessly"
+            );
         }
     }
 }

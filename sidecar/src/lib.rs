@@ -7,6 +7,7 @@
 //! until the handle is dropped.
 
 pub mod admin;
+pub mod balance;
 pub mod config;
 pub mod inbound;
 pub mod outbound;

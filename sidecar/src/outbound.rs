@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use weft_proto::keys::PROXY_REASON_HEADER;
 
 use crate::admin::Metrics;
-use crate::state::Target;
+use crate::state::{HashOn, RouteTarget};
 use crate::xds::XdsHandle;
 
 /// Response body of the proxy.
@@ -97,7 +97,7 @@ impl Outbound {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.handle(req).await) }
+                    async move { Ok::<_, Infallible>(this.handle(req, peer).await) }
                 });
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
@@ -107,7 +107,7 @@ impl Outbound {
         }
     }
 
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
+    async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let started = Instant::now();
         let authority = req
             .uri()
@@ -139,14 +139,21 @@ impl Outbound {
             );
         };
         let cluster = match &route.target {
-            Target::Cluster(c) => c.clone(),
-            Target::Weighted(list) => weighted_pick(list, rand::random::<u64>()),
+            RouteTarget::Cluster(c) => c.clone(),
+            RouteTarget::Weighted(list) => weighted_pick(list, rand::random::<u64>()),
         };
-        let Some(endpoint) = config
+        let hash = route.hash_on.as_ref().and_then(|h| match h {
+            HashOn::Header(name) => req
+                .headers()
+                .get(name.as_str())
+                .map(|v| crate::balance::hash64(v.as_bytes())),
+            HashOn::SourceIp => Some(crate::balance::hash64(peer.ip().to_string().as_bytes())),
+        });
+        let Some(target) = config
             .clusters
             .get(&cluster)
             .and_then(|c| c.endpoints.as_ref())
-            .and_then(|e| e.pick(rand::random::<u32>()))
+            .and_then(|e| e.pick(rand::random::<u64>(), hash))
         else {
             self.metrics.observe(&cluster, 503, started);
             return refuse(
@@ -156,7 +163,10 @@ impl Outbound {
             );
         };
         let timeout = route.timeout;
+        let endpoint = target.addr;
+        let stats = target.stats.clone();
         drop(config);
+        let _in_flight = stats.start();
         let pq = req
             .uri()
             .path_and_query()

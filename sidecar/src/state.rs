@@ -5,11 +5,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use prost::Message;
 use serde::Serialize;
+
+use crate::balance::{Algorithm, Balancer, EndpointStats, Target};
 use weft_proto::envoy::envoy::config::cluster::v3::Cluster;
 use weft_proto::envoy::envoy::config::core::v3 as core;
 use weft_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -73,7 +74,7 @@ pub fn listener_routes(l: &Listener) -> Result<Option<String>, Invalid> {
 
 /// What a route sends requests to.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub enum Target {
+pub enum RouteTarget {
     /// One cluster.
     Cluster(String),
     /// Weighted clusters (name, weight), total > 0.
@@ -88,9 +89,20 @@ pub struct Route {
     /// Header name -> exact value, all must match.
     pub headers: Vec<(String, String)>,
     /// Where to.
-    pub target: Target,
+    pub target: RouteTarget,
     /// Deadline.
     pub timeout: Option<Duration>,
+    /// What to hash for consistent-hashing balancers.
+    pub hash_on: Option<HashOn>,
+}
+
+/// A request's hash key source.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum HashOn {
+    /// A header's value (lowercase name).
+    Header(String),
+    /// The client's IP.
+    SourceIp,
 }
 
 /// A path rule.
@@ -191,7 +203,7 @@ pub fn compile_routes(rc: &route::RouteConfiguration) -> Result<VirtualHosts, In
             };
             use route::route_action::ClusterSpecifier;
             let target = match &action.cluster_specifier {
-                Some(ClusterSpecifier::Cluster(c)) => Target::Cluster(c.clone()),
+                Some(ClusterSpecifier::Cluster(c)) => RouteTarget::Cluster(c.clone()),
                 Some(ClusterSpecifier::WeightedClusters(w)) => {
                     let list: Vec<(String, u32)> = w
                         .clusters
@@ -205,7 +217,7 @@ pub fn compile_routes(rc: &route::RouteConfiguration) -> Result<VirtualHosts, In
                             format!("{at}: weighted clusters all have weight 0"),
                         ));
                     }
-                    Target::Weighted(list)
+                    RouteTarget::Weighted(list)
                 }
                 _ => {
                     return Err(invalid(
@@ -220,11 +232,25 @@ pub fn compile_routes(rc: &route::RouteConfiguration) -> Result<VirtualHosts, In
                 .as_ref()
                 .filter(|d| d.seconds > 0 || d.nanos > 0)
                 .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32));
+            use route::route_action::hash_policy::PolicySpecifier;
+            let hash_on = action
+                .hash_policy
+                .iter()
+                .find_map(|h| match &h.policy_specifier {
+                    Some(PolicySpecifier::Header(hd)) => {
+                        Some(HashOn::Header(hd.header_name.to_ascii_lowercase()))
+                    }
+                    Some(PolicySpecifier::ConnectionProperties(c)) if c.source_ip => {
+                        Some(HashOn::SourceIp)
+                    }
+                    _ => None,
+                });
             routes.push(Route {
                 path,
                 headers,
                 target,
                 timeout,
+                hash_on,
             });
         }
         out.push((vh.domains.clone(), routes));
@@ -239,23 +265,46 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// Healthy (HEALTHY or UNKNOWN).
     pub healthy: bool,
-    /// Region/zone.
+    /// Zone.
     pub zone: String,
+    /// Requests in flight and latency, kept across config updates.
+    #[serde(serialize_with = "ser_stats")]
+    pub stats: Arc<EndpointStats>,
 }
 
-/// A cluster's endpoints grouped by priority, with Envoy's overprovisioning semantics.
+fn ser_stats<S: serde::Serializer>(st: &Arc<EndpointStats>, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeStruct;
+    let mut x = s.serialize_struct("stats", 2)?;
+    x.serialize_field("outstanding", &st.outstanding())?;
+    x.serialize_field("ewma_ms", &(st.ewma().as_secs_f64() * 1000.0))?;
+    x.end()
+}
+
+/// A cluster's endpoints grouped by priority, with Envoy's overprovisioning semantics, and a
+/// balancer over each priority's healthy endpoints.
 #[derive(Debug, Default, Serialize)]
 pub struct Endpoints {
     /// Endpoints per priority (index = priority).
     pub priorities: Vec<Vec<Endpoint>>,
     /// Overprovisioning factor, percent (140 = 1.4).
     pub overprovisioning: u32,
+    /// The balancing algorithm.
+    pub algorithm: Algorithm,
+    /// Share of traffic per priority, percent (computed once per config).
+    pub load: Vec<u32>,
     #[serde(skip)]
-    next: AtomicUsize,
+    balancers: Vec<Balancer>,
 }
 
-/// Compiles a ClusterLoadAssignment.
-pub fn compile_endpoints(cla: &ClusterLoadAssignment) -> Result<Endpoints, Invalid> {
+/// Finds (or creates) the stats of an endpoint, so measurements survive config updates.
+pub type StatsFor<'a> = &'a mut dyn FnMut(SocketAddr) -> Arc<EndpointStats>;
+
+/// Compiles a ClusterLoadAssignment for a cluster balanced with `algorithm`.
+pub fn compile_endpoints(
+    cla: &ClusterLoadAssignment,
+    algorithm: Algorithm,
+    stats: StatsFor<'_>,
+) -> Result<Endpoints, Invalid> {
     let kind = "ClusterLoadAssignment";
     let mut priorities: Vec<Vec<Endpoint>> = Vec::new();
     for (li, l) in cla.endpoints.iter().enumerate() {
@@ -312,26 +361,56 @@ pub fn compile_endpoints(cla: &ClusterLoadAssignment) -> Result<Endpoints, Inval
                 )
             })?;
             let health = e.health_status;
+            let addr = SocketAddr::new(ip, port);
             priorities[p].push(Endpoint {
-                addr: SocketAddr::new(ip, port),
+                addr,
                 healthy: health == core::HealthStatus::Healthy as i32
                     || health == core::HealthStatus::Unknown as i32,
                 zone: zone.clone(),
+                stats: stats(addr),
             });
         }
     }
-    Ok(Endpoints {
-        priorities,
-        overprovisioning: cla
-            .policy
-            .as_ref()
-            .and_then(|p| p.overprovisioning_factor.as_ref())
-            .map_or(140, |v| v.value),
-        next: AtomicUsize::new(0),
-    })
+    let overprovisioning = cla
+        .policy
+        .as_ref()
+        .and_then(|p| p.overprovisioning_factor.as_ref())
+        .map_or(140, |v| v.value);
+    Ok(Endpoints::new(priorities, overprovisioning, algorithm))
 }
 
 impl Endpoints {
+    /// Endpoints with their balancers built.
+    pub fn new(
+        priorities: Vec<Vec<Endpoint>>,
+        overprovisioning: u32,
+        algorithm: Algorithm,
+    ) -> Self {
+        let balancers = priorities
+            .iter()
+            .map(|eps| {
+                let healthy = eps
+                    .iter()
+                    .filter(|e| e.healthy)
+                    .map(|e| Target {
+                        addr: e.addr,
+                        stats: e.stats.clone(),
+                    })
+                    .collect();
+                Balancer::new(algorithm, healthy)
+            })
+            .collect();
+        let mut e = Endpoints {
+            priorities,
+            overprovisioning,
+            algorithm,
+            load: Vec::new(),
+            balancers,
+        };
+        e.load = e.priority_load();
+        e
+    }
+
     /// Share of traffic (percent) each priority gets: a priority takes `healthy share × factor`
     /// capped at what is left, the rest spills to the next one (Envoy's priority load).
     pub fn priority_load(&self) -> Vec<u32> {
@@ -367,31 +446,20 @@ impl Endpoints {
         load
     }
 
-    /// Picks an endpoint: a priority by load, then round robin among its healthy endpoints.
-    pub fn pick(&self, roll: u32) -> Option<SocketAddr> {
-        let load = self.priority_load();
+    /// Picks an endpoint: a priority by load (`rand`'s high bits), then the priority's
+    /// balancer (`rand`, and `hash` for hashing algorithms).
+    pub fn pick(&self, rand: u64, hash: Option<u64>) -> Option<&Target> {
+        let roll = ((rand >> 48) % 100) as u32;
         let mut acc = 0;
-        let mut chosen = load.iter().position(|l| {
-            acc += l;
-            roll % 100 < acc
-        });
-        if chosen.is_none() {
-            chosen = self
-                .priorities
-                .iter()
-                .position(|p| p.iter().any(|e| e.healthy));
-        }
-        let eps: Vec<&Endpoint> = self
-            .priorities
-            .get(chosen?)?
+        let chosen = self
+            .load
             .iter()
-            .filter(|e| e.healthy)
-            .collect();
-        if eps.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        Some(eps[i % eps.len()].addr)
+            .position(|l| {
+                acc += l;
+                roll < acc
+            })
+            .or_else(|| self.balancers.iter().position(|b| !b.targets().is_empty()))?;
+        self.balancers.get(chosen)?.pick(rand, hash)
     }
 }
 
@@ -402,6 +470,26 @@ pub struct ClusterState {
     pub eds_name: String,
     /// Its endpoints, once received.
     pub endpoints: Option<Arc<Endpoints>>,
+}
+
+/// The balancing algorithm a Cluster asks for (Weft metadata, else its lb_policy).
+pub fn cluster_algorithm(c: &Cluster) -> Algorithm {
+    use weft_proto::envoy::envoy::config::cluster::v3::cluster::LbPolicy;
+    let meta = c
+        .metadata
+        .as_ref()
+        .and_then(|m| m.typed_filter_metadata.get("weft"))
+        .and_then(|a| weft_proto::xds::ClusterMeta::decode(a.value.as_slice()).ok());
+    if let Some(m) = meta {
+        return Algorithm::from_name(&m.algorithm);
+    }
+    match LbPolicy::try_from(c.lb_policy) {
+        Ok(LbPolicy::LeastRequest) => Algorithm::LeastRequest,
+        Ok(LbPolicy::Random) => Algorithm::Random,
+        Ok(LbPolicy::RingHash) => Algorithm::RingHash,
+        Ok(LbPolicy::Maglev) => Algorithm::Maglev,
+        _ => Algorithm::RoundRobin,
+    }
 }
 
 /// Validates a Cluster and returns its EDS service name.
@@ -470,13 +558,10 @@ mod tests {
                 addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
                 healthy: *healthy,
                 zone: String::new(),
+                stats: Arc::default(),
             });
         }
-        Endpoints {
-            priorities,
-            overprovisioning: 140,
-            next: AtomicUsize::new(0),
-        }
+        Endpoints::new(priorities, 140, Algorithm::RoundRobin)
     }
 
     #[test]
@@ -503,9 +588,15 @@ mod tests {
     #[test]
     fn pick_skips_unhealthy_and_spills() {
         let e = eps(&[(0, false), (0, false), (1, true)]);
-        for roll in 0..100 {
-            assert_eq!(e.pick(roll).map(|a| a.port()), Some(1002));
+        for roll in 0..100u64 {
+            assert_eq!(e.pick(roll << 48, None).map(|t| t.addr.port()), Some(1002));
         }
-        assert_eq!(eps(&[(0, false)]).pick(5), None);
+        assert_eq!(eps(&[(0, false)]).pick(5, None).map(|t| t.addr), None);
+        // 1 of 2 healthy at priority 0: 70 % stays there, 30 % spills to priority 1.
+        let e = eps(&[(0, true), (0, false), (1, true)]);
+        let spilled = (0..100u64)
+            .filter(|r| e.pick(r << 48, None).map(|t| t.addr.port()) == Some(1002))
+            .count();
+        assert_eq!(spilled, 30);
     }
 }

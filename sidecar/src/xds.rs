@@ -24,6 +24,7 @@ use weft_proto::envoy::envoy::service::discovery::v3::{DiscoveryRequest, Discove
 use weft_proto::envoy::google::protobuf as pb;
 use weft_proto::type_url;
 
+use crate::balance::{Algorithm, EndpointStats};
 use crate::config::RunConfig;
 use crate::state::{self, ClusterState, Invalid, MeshConfig, Route};
 
@@ -42,6 +43,8 @@ struct Held {
     versions: BTreeMap<String, String>,
     /// Names subscribed per type (RDS and EDS are named; LDS and CDS are wildcards).
     names: HashMap<&'static str, BTreeSet<String>>,
+    /// Per endpoint measurements, kept across config versions.
+    stats: HashMap<std::net::SocketAddr, Arc<EndpointStats>>,
 }
 
 /// Shared handles: the config the request path reads and whether every type was ACKed once.
@@ -314,7 +317,9 @@ fn apply(
                 |c: &ClusterLoadAssignment| c.cluster_name.clone()
             );
             for c in cla.values() {
-                if let Err(e) = state::compile_endpoints(c) {
+                if let Err(e) =
+                    state::compile_endpoints(c, Algorithm::RoundRobin, &mut |_| Arc::default())
+                {
                     errors.push(e);
                 }
             }
@@ -328,7 +333,7 @@ fn apply(
 }
 
 /// Compiles the held (already validated) resources into the request path's config.
-fn compile(held: &Held) -> MeshConfig {
+fn compile(held: &mut Held) -> MeshConfig {
     let mut hosts: HashMap<String, Arc<Vec<Route>>> = HashMap::new();
     for rc in held.routes.values() {
         for (domains, routes) in state::compile_routes(rc).unwrap_or_default() {
@@ -338,15 +343,23 @@ fn compile(held: &Held) -> MeshConfig {
             }
         }
     }
+    let mut stats = std::mem::take(&mut held.stats);
+    let mut live = HashMap::new();
+    let mut lookup = |addr| {
+        let s: Arc<EndpointStats> = stats.entry(addr).or_default().clone();
+        live.insert(addr, s.clone());
+        s
+    };
     let clusters = held
         .clusters
         .values()
         .filter_map(|c| {
             let eds_name = state::cluster_eds_name(c).ok()?;
+            let algorithm = state::cluster_algorithm(c);
             let endpoints = held
                 .endpoints
                 .get(&eds_name)
-                .and_then(|cla| state::compile_endpoints(cla).ok())
+                .and_then(|cla| state::compile_endpoints(cla, algorithm, &mut lookup).ok())
                 .map(Arc::new);
             Some((
                 c.name.clone(),
@@ -357,6 +370,8 @@ fn compile(held: &Held) -> MeshConfig {
             ))
         })
         .collect();
+    // Keep measurements only of endpoints still in the config.
+    held.stats = live;
     MeshConfig {
         hosts,
         clusters,
