@@ -49,15 +49,28 @@ pub async fn get_via(
     host: &str,
     path: &str,
 ) -> Result<(u16, String), Box<dyn std::error::Error + Send + Sync>> {
+    get_with(proxy, host, path, &[]).await
+}
+
+/// Like [`get_via`], with extra request headers.
+pub async fn get_with(
+    proxy: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String), Box<dyn std::error::Error + Send + Sync>> {
     use http_body_util::{BodyExt, Empty};
     let stream = tokio::net::TcpStream::connect(proxy).await?;
     let (mut send, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = hyper::Request::builder()
+    let mut req = hyper::Request::builder()
         .uri(path)
-        .header(hyper::header::HOST, host)
-        .body(Empty::<bytes::Bytes>::new())?;
+        .header(hyper::header::HOST, host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Empty::<bytes::Bytes>::new())?;
     let resp = send.send_request(req).await?;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await?.to_bytes();

@@ -172,3 +172,62 @@ async fn locality_preference_failover_and_control_plane_loss() {
     let counts = tally(sc.outbound_addr, "echo", 50).await;
     assert_eq!(counts.get("b1"), Some(&50), "{counts:?}");
 }
+
+#[tokio::test]
+async fn ring_hash_keeps_a_client_on_one_endpoint() {
+    let pods = [
+        echo("127.0.4.1", "p1", "a").await,
+        echo("127.0.4.2", "p2", "a").await,
+        echo("127.0.4.3", "p3", "a").await,
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let eps: Vec<(SocketAddr, &str, bool)> = pods.iter().map(|p| (p.addr, "n1", true)).collect();
+    std::fs::write(
+        dir.path().join("world.yaml"),
+        world::docs(&[
+            world::service("echo", 80),
+            world::slice("echo", "echo", &eps),
+            "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: echo, namespace: default}\nspec:\n  targetRef: {kind: Service, name: echo}\n  loadBalancer: {algorithm: RingHash, hash: {header: x-user}}\n".to_string(),
+        ]),
+    )
+    .expect("write");
+    let cp = weft_testkit::start_control_plane(dir.path())
+        .await
+        .expect("control plane");
+    let sc = weft_testkit::start_sidecar(
+        cp.xds_addr,
+        "127.0.4.100".parse().expect("ip"),
+        "client",
+        "a",
+    )
+    .await
+    .expect("sidecar");
+    ready(&sc).await;
+    let mut owners = HashMap::new();
+    for user in 0..30 {
+        let user = format!("user-{user}");
+        let mut seen = HashMap::new();
+        for _ in 0..10 {
+            let (status, body) =
+                weft_testkit::get_with(sc.outbound_addr, "echo", "/", &[("x-user", &user)])
+                    .await
+                    .expect("request");
+            assert_eq!(status, 200, "{body}");
+            *seen
+                .entry(
+                    body.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                )
+                .or_insert(0) += 1;
+        }
+        assert_eq!(seen.len(), 1, "{user} must stick to one endpoint: {seen:?}");
+        let owner = seen.into_keys().next().unwrap_or_default();
+        *owners.entry(owner).or_insert(0) += 1;
+    }
+    assert!(
+        owners.len() >= 2,
+        "different users spread over endpoints: {owners:?}"
+    );
+}
