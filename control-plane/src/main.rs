@@ -3,6 +3,11 @@
 use clap::Parser;
 use weft_control_plane::{Config, ControlPlane};
 
+/// mimalloc returns freed memory to the OS far better than glibc's malloc under the
+/// control plane's pattern (large transient encode buffers on many connections).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();

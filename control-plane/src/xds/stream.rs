@@ -55,7 +55,7 @@ pub(crate) struct Ctx<'a, R> {
 
 /// Responses with more resources than this are large: they pass the global push gate, and
 /// delta sends them in chunks of this many.
-pub(crate) const LARGE: usize = 256;
+pub(crate) const LARGE: usize = 64;
 
 impl<R> Ctx<'_, R> {
     /// Sends a response. A large one first takes a permit of the global push gate and keeps

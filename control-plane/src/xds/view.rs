@@ -166,18 +166,16 @@ impl PlaceSnapshot {
         }
         // A proxy far behind (or a rebuilt snapshot): walk both.
         let mut changes: AllChanges = Default::default();
-        for ti in 0..TYPES {
-            for (n, r) in &self.resources[ti] {
-                if old.resources[ti]
-                    .get(n)
-                    .is_none_or(|o| o.version != r.version)
-                {
-                    changes[ti].upserted.insert(n.clone());
+        for (ti, change) in changes.iter_mut().enumerate() {
+            let (new, old) = (&self.resources[ti], &old.resources[ti]);
+            for (n, r) in new {
+                if old.get(n).is_none_or(|o| o.version != r.version) {
+                    change.upserted.insert(n.clone());
                 }
             }
-            for n in old.resources[ti].keys() {
-                if !self.resources[ti].contains_key(n) {
-                    changes[ti].removed.insert(n.clone());
+            for n in old.keys() {
+                if !new.contains_key(n) {
+                    change.removed.insert(n.clone());
                 }
             }
         }
