@@ -29,6 +29,12 @@ pub struct Metrics {
     pub requests: Family<Labels, Counter>,
     /// `weft_proxy_request_duration_seconds{cluster}`.
     pub latency: Family<Labels, Histogram>,
+    /// `weft_proxy_retries_total{cluster}`.
+    pub retries: Family<Labels, Counter>,
+    /// `weft_proxy_overflows_total{cluster,reason}`: circuit breaker and retry budget refusals.
+    pub overflows: Family<Labels, Counter>,
+    /// `weft_proxy_ejections_total{cluster}`: outlier ejections.
+    pub ejections: Family<Labels, Counter>,
     /// `weft_proxy_inbound_connections_total`.
     pub inbound_connections: Counter,
     /// `weft_xds_updates_total`: accepted xDS responses.
@@ -91,10 +97,29 @@ impl Metrics {
             "xDS stream losses",
             xds_disconnects.clone(),
         );
+        let (retries, overflows, ejections) = (
+            Family::<Labels, Counter>::default(),
+            Family::<Labels, Counter>::default(),
+            Family::<Labels, Counter>::default(),
+        );
+        registry.register("weft_proxy_retries", "Retries sent", retries.clone());
+        registry.register(
+            "weft_proxy_overflows",
+            "Requests or retries refused by a circuit breaker or the retry budget",
+            overflows.clone(),
+        );
+        registry.register(
+            "weft_proxy_ejections",
+            "Endpoints ejected by outlier detection",
+            ejections.clone(),
+        );
         Metrics {
             registry,
             requests,
             latency,
+            retries,
+            overflows,
+            ejections,
             inbound_connections,
             xds_updates,
             xds_nacks,
@@ -114,6 +139,30 @@ impl Metrics {
         self.latency
             .get_or_create(&vec![("cluster".into(), cluster.into())])
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Counts a retry.
+    pub fn retry(&self, cluster: &str) {
+        self.retries
+            .get_or_create(&vec![("cluster".into(), cluster.into())])
+            .inc();
+    }
+
+    /// Counts a refusal by a breaker (`reason`: `max-requests`, `retry-budget`).
+    pub fn overflow(&self, cluster: &str, reason: &str) {
+        self.overflows
+            .get_or_create(&vec![
+                ("cluster".into(), cluster.into()),
+                ("reason".into(), reason.into()),
+            ])
+            .inc();
+    }
+
+    /// Counts an outlier ejection.
+    pub fn ejection(&self, cluster: &str) {
+        self.ejections
+            .get_or_create(&vec![("cluster".into(), cluster.into())])
+            .inc();
     }
 
     fn render(&self) -> String {

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::resilience::{MAX_EJECTION, Outcome, OutlierPolicy};
+
 /// Balancing algorithms (the names TrafficPolicy uses).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub enum Algorithm {
@@ -58,6 +60,14 @@ pub const DEFAULT_RTT: Duration = Duration::from_millis(1);
 #[derive(Debug)]
 pub struct EndpointStats {
     outstanding: AtomicU32,
+    /// 5xx answers in a row.
+    fails_5xx: AtomicU32,
+    /// Gateway errors in a row.
+    fails_gateway: AtomicU32,
+    /// Ejected until this many ns after `epoch` (0: never ejected).
+    ejected_until_ns: AtomicU64,
+    /// Times ejected (each ejection lasts longer).
+    ejections: AtomicU32,
     /// Peak-EWMA latency, nanoseconds, as f64 bits.
     ewma_ns: AtomicU64,
     /// When `ewma_ns` was last updated, ns since `epoch`.
@@ -69,6 +79,10 @@ impl Default for EndpointStats {
     fn default() -> Self {
         EndpointStats {
             outstanding: AtomicU32::new(0),
+            fails_5xx: AtomicU32::new(0),
+            fails_gateway: AtomicU32::new(0),
+            ejected_until_ns: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
             ewma_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
             stamp_ns: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -117,6 +131,53 @@ impl EndpointStats {
             old * w + rtt * (1.0 - w)
         };
         self.ewma_ns.store(new.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Whether outlier detection has the endpoint ejected now.
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until_ns.load(Ordering::Relaxed);
+        until != 0 && (self.epoch.elapsed().as_nanos() as u64) < until
+    }
+
+    /// Times ejected so far.
+    pub fn ejections(&self) -> u32 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+
+    /// Feeds an attempt's outcome to outlier detection; returns true when this outcome ejected
+    /// the endpoint. `may_eject` says whether the cluster's ejection cap allows one more.
+    pub fn record_outcome(
+        &self,
+        outcome: Outcome,
+        policy: Option<&OutlierPolicy>,
+        may_eject: impl FnOnce() -> bool,
+    ) -> bool {
+        if !outcome.is_5xx() {
+            self.fails_5xx.store(0, Ordering::Relaxed);
+            self.fails_gateway.store(0, Ordering::Relaxed);
+            return false;
+        }
+        let f5 = self.fails_5xx.fetch_add(1, Ordering::Relaxed) + 1;
+        let fg = if outcome.is_gateway_error() {
+            self.fails_gateway.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            self.fails_gateway.store(0, Ordering::Relaxed);
+            0
+        };
+        let Some(p) = policy else { return false };
+        let tripped = (p.consecutive_5xx > 0 && f5 >= p.consecutive_5xx)
+            || (p.consecutive_gateway > 0 && fg >= p.consecutive_gateway);
+        if !tripped || self.is_ejected() || !may_eject() {
+            return false;
+        }
+        let n = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let length = p.base_ejection.saturating_mul(n).min(MAX_EJECTION);
+        let until = self.epoch.elapsed() + length;
+        self.ejected_until_ns
+            .store(until.as_nanos() as u64, Ordering::Relaxed);
+        self.fails_5xx.store(0, Ordering::Relaxed);
+        self.fails_gateway.store(0, Ordering::Relaxed);
+        true
     }
 
     /// P2C cost: latency × (outstanding + 1).
@@ -268,6 +329,28 @@ impl Balancer {
             }
             _ => (rand % n as u64) as usize,
         };
+        // An ejected endpoint is skipped for the next one that is not (the ring's next point
+        // for ring hash); when every endpoint is ejected the pick stands (fail open).
+        if self.targets[i].stats.is_ejected() {
+            if self.algorithm == Algorithm::RingHash && !self.ring.is_empty() {
+                let h = hash.unwrap_or(rand);
+                let start = self.ring.partition_point(|(p, _)| *p < h);
+                let len = self.ring.len();
+                for k in 0..len {
+                    let (_, j) = self.ring[(start + k) % len];
+                    if !self.targets[j as usize].stats.is_ejected() {
+                        return self.targets.get(j as usize);
+                    }
+                }
+            } else {
+                for k in 1..n {
+                    let j = (i + k) % n;
+                    if !self.targets[j].stats.is_ejected() {
+                        return self.targets.get(j);
+                    }
+                }
+            }
+        }
         self.targets.get(i)
     }
 }
@@ -368,6 +451,44 @@ mod tests {
                 "{algo:?}: {c:?}"
             );
         }
+    }
+
+    #[test]
+    fn ejection_after_consecutive_failures_grows_and_skips() {
+        let t = targets(3);
+        let policy = OutlierPolicy {
+            consecutive_5xx: 3,
+            consecutive_gateway: 0,
+            base_ejection: Duration::from_millis(30),
+            max_ejection_percent: 50,
+        };
+        let s = &t[0].stats;
+        assert!(!s.record_outcome(Outcome::Status(500), Some(&policy), || true));
+        assert!(!s.record_outcome(Outcome::Status(500), Some(&policy), || true));
+        // A success resets the count.
+        assert!(!s.record_outcome(Outcome::Status(200), Some(&policy), || true));
+        assert!(!s.record_outcome(Outcome::Status(500), Some(&policy), || true));
+        assert!(!s.record_outcome(Outcome::Status(503), Some(&policy), || true));
+        // The cap says no: not ejected.
+        assert!(!s.record_outcome(Outcome::Status(500), Some(&policy), || false));
+        assert!(s.record_outcome(Outcome::Status(500), Some(&policy), || true));
+        assert!(s.is_ejected());
+        let b = Balancer::new(Algorithm::RoundRobin, t.clone());
+        let c = spread(&b, 300, false);
+        assert_eq!(
+            c.get(&t[0].addr),
+            None,
+            "ejected endpoint gets nothing: {c:?}"
+        );
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(!s.is_ejected(), "back after base_ejection");
+        // The second ejection lasts twice as long.
+        for _ in 0..3 {
+            s.record_outcome(Outcome::ConnectFailure, Some(&policy), || true);
+        }
+        assert_eq!(s.ejections(), 2);
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(s.is_ejected(), "2 × 30 ms");
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod balance;
 pub mod config;
 pub mod inbound;
 pub mod outbound;
+pub mod resilience;
 pub mod state;
 pub mod xds;
 

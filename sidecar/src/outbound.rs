@@ -9,11 +9,11 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -22,7 +22,9 @@ use tokio::net::TcpListener;
 use weft_proto::keys::PROXY_REASON_HEADER;
 
 use crate::admin::Metrics;
-use crate::state::{HashOn, RouteTarget};
+use crate::balance::Target;
+use crate::resilience::{ClusterPolicy, ClusterRuntime, Outcome, RetryPolicy};
+use crate::state::{Endpoints, HashOn, RouteTarget};
 use crate::xds::XdsHandle;
 
 /// Response body of the proxy.
@@ -33,7 +35,7 @@ pub struct Outbound {
     listener: TcpListener,
     xds: XdsHandle,
     metrics: Arc<Metrics>,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, Body>,
     namespace: String,
 }
 
@@ -107,7 +109,7 @@ impl Outbound {
         }
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let started = Instant::now();
         let authority = req
             .uri()
@@ -149,77 +151,226 @@ impl Outbound {
                 .map(|v| crate::balance::hash64(v.as_bytes())),
             HashOn::SourceIp => Some(crate::balance::hash64(peer.ip().to_string().as_bytes())),
         });
-        let Some(target) = config
+        let (timeout, retry) = (route.timeout, route.retry.clone());
+        let Some((endpoints, policy, runtime)) = config
             .clusters
             .get(&cluster)
-            .and_then(|c| c.endpoints.as_ref())
-            .and_then(|e| e.pick(rand::random::<u64>(), hash))
+            .and_then(|c| Some((c.endpoints.clone()?, c.policy.clone(), c.runtime.clone())))
         else {
             self.metrics.observe(&cluster, 503, started);
             return refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no-healthy-endpoints",
-                format!("weft: cluster {cluster} has no healthy endpoint"),
+                format!("weft: cluster {cluster} has no endpoints"),
             );
         };
-        let timeout = route.timeout;
-        let endpoint = target.addr;
-        let stats = target.stats.clone();
         drop(config);
-        let _in_flight = stats.start();
-        let pq = req
-            .uri()
+
+        // Circuit breaker: answer at once rather than queue behind a saturated cluster.
+        let Some(_request_slot) = runtime.request(&policy) else {
+            self.metrics.overflow(&cluster, "max-requests");
+            self.metrics.observe(&cluster, 503, started);
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overflow",
+                format!(
+                    "weft: {cluster} has {} requests in flight (max_requests)",
+                    policy.max_requests
+                ),
+            );
+        };
+        let attempts = Attempts {
+            this: self,
+            cluster: &cluster,
+            endpoints: &endpoints,
+            policy: &policy,
+            runtime: &runtime,
+            retry: retry.as_deref(),
+            hash,
+            authority: &authority,
+        };
+        let resp = match timeout {
+            Some(t) => match tokio::time::timeout(t, attempts.run(req)).await {
+                Ok(r) => r,
+                Err(_) => refuse(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    format!("weft: {cluster} did not answer within {t:?}"),
+                ),
+            },
+            None => attempts.run(req).await,
+        };
+        self.metrics
+            .observe(&cluster, resp.status().as_u16(), started);
+        resp
+    }
+}
+
+/// Largest request body kept in memory so a request can be retried; larger (or unknown-size)
+/// bodies stream through and are not retried.
+pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
+
+/// One request's tries against one cluster.
+struct Attempts<'a> {
+    this: &'a Outbound,
+    cluster: &'a str,
+    endpoints: &'a Endpoints,
+    policy: &'a ClusterPolicy,
+    runtime: &'a ClusterRuntime,
+    retry: Option<&'a RetryPolicy>,
+    hash: Option<u64>,
+    authority: &'a str,
+}
+
+impl Attempts<'_> {
+    async fn run(&self, req: Request<Incoming>) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        // A body can be replayed only if it is small and whole in memory.
+        let replayable = self.retry.is_some()
+            && body
+                .size_hint()
+                .upper()
+                .is_some_and(|n| n <= MAX_REPLAY_BODY);
+        let (replay, mut streaming) = if replayable {
+            match body.collect().await {
+                Ok(b) => (Some(b.to_bytes()), None),
+                Err(e) => {
+                    return refuse(
+                        StatusCode::BAD_REQUEST,
+                        "bad-request-body",
+                        format!("weft: reading the request body: {e}"),
+                    );
+                }
+            }
+        } else {
+            (None, Some(body))
+        };
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut retries = 0u32;
+        let mut retry_slot = None;
+        loop {
+            let Some(target) = self.pick(&tried) else {
+                return refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no-healthy-endpoints",
+                    format!("weft: cluster {} has no healthy endpoint", self.cluster),
+                );
+            };
+            let body: Body = match (&replay, streaming.take()) {
+                (Some(bytes), _) => Full::new(bytes.clone()).map_err(|n| match n {}).boxed(),
+                (None, Some(b)) => b.boxed(),
+                (None, None) => Full::new(Bytes::new()).map_err(|n| match n {}).boxed(),
+            };
+            let req = match self.request(&parts, target.addr, body) {
+                Ok(r) => r,
+                Err(msg) => return refuse(StatusCode::BAD_REQUEST, "bad-uri", msg),
+            };
+            let stats = target.stats.clone();
+            let in_flight = stats.start();
+            let started = Instant::now();
+            let fut = self.this.client.request(req);
+            let per_try = self.retry.and_then(|r| r.per_try_timeout);
+            let result = match per_try {
+                Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| ()),
+                None => Ok(fut.await),
+            };
+            drop(in_flight);
+            let (outcome, resp) = match result {
+                Ok(Ok(resp)) => {
+                    stats.observe(started.elapsed());
+                    (Outcome::Status(resp.status().as_u16()), Some(resp))
+                }
+                Ok(Err(e)) if e.is_connect() => (Outcome::ConnectFailure, None),
+                Ok(Err(_)) => (Outcome::Reset, None),
+                Err(()) => (Outcome::Timeout, None),
+            };
+            let outlier = self.policy.outlier.as_ref();
+            let ejected = stats.record_outcome(outcome, outlier, || {
+                outlier.is_some_and(|o| self.endpoints.may_eject(o.max_ejection_percent))
+            });
+            if ejected {
+                tracing::warn!(cluster = self.cluster, endpoint = %target.addr, ?outcome, "outlier ejected");
+                self.this.metrics.ejection(self.cluster);
+            }
+            let may_retry = self
+                .retry
+                .is_some_and(|p| p.retriable(outcome) && retries < p.attempts)
+                && (replay.is_some() || streaming.is_some());
+            if may_retry {
+                // A retry holds one budget slot while it is in flight (Envoy's "active retries").
+                retry_slot = None;
+                match self.runtime.retry(self.policy) {
+                    Some(slot) => {
+                        retry_slot = Some(slot);
+                        let wait = self.retry.map_or(Duration::ZERO, |p| {
+                            p.backoff(retries, rand::random::<f64>())
+                        });
+                        retries += 1;
+                        tried.push(target.addr);
+                        self.this.metrics.retry(self.cluster);
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                    None => self.this.metrics.overflow(self.cluster, "retry-budget"),
+                }
+            }
+            drop(retry_slot);
+            return match (outcome, resp) {
+                (_, Some(resp)) => resp.map(|b| b.boxed()),
+                (Outcome::Timeout, None) => refuse(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "per-try-timeout",
+                    format!(
+                        "weft: {} endpoint {} did not answer in time",
+                        self.cluster, target.addr
+                    ),
+                ),
+                (o, None) => refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream-failure",
+                    format!("weft: {} endpoint {}: {o:?}", self.cluster, target.addr),
+                ),
+            };
+        }
+    }
+
+    /// Picks an endpoint, preferring one not tried yet for this request.
+    fn pick(&self, tried: &[SocketAddr]) -> Option<Target> {
+        let mut last = None;
+        for _ in 0..4 {
+            let t = self.endpoints.pick(rand::random::<u64>(), self.hash)?;
+            if !tried.contains(&t.addr) {
+                return Some(t.clone());
+            }
+            last = Some(t.clone());
+        }
+        last
+    }
+
+    fn request(
+        &self,
+        parts: &http::request::Parts,
+        endpoint: SocketAddr,
+        body: Body,
+    ) -> Result<Request<Body>, String> {
+        let pq = parts
+            .uri
             .path_and_query()
             .map(|p| p.as_str())
-            .unwrap_or("/")
-            .to_string();
-        let uri = match format!("http://{endpoint}{pq}").parse() {
-            Ok(u) => u,
-            Err(_) => {
-                return refuse(
-                    StatusCode::BAD_REQUEST,
-                    "bad-uri",
-                    format!("weft: cannot forward {pq:?}"),
-                );
-            }
-        };
+            .unwrap_or("/");
+        let uri: hyper::Uri = format!("http://{endpoint}{pq}")
+            .parse()
+            .map_err(|_| format!("weft: cannot forward {pq:?}"))?;
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
         *req.uri_mut() = uri;
-        if req.headers().get(hyper::header::HOST).is_none()
-            && let Ok(v) = hyper::header::HeaderValue::from_str(&authority)
+        *req.headers_mut() = parts.headers.clone();
+        if !req.headers().contains_key(hyper::header::HOST)
+            && let Ok(v) = hyper::header::HeaderValue::from_str(self.authority)
         {
             req.headers_mut().insert(hyper::header::HOST, v);
         }
-        *req.version_mut() = hyper::Version::HTTP_11;
-        let fut = self.client.request(req);
-        let result = match timeout {
-            Some(t) => match tokio::time::timeout(t, fut).await {
-                Ok(r) => r,
-                Err(_) => {
-                    self.metrics.observe(&cluster, 504, started);
-                    return refuse(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "timeout",
-                        format!("weft: {cluster} did not answer within {t:?}"),
-                    );
-                }
-            },
-            None => fut.await,
-        };
-        match result {
-            Ok(resp) => {
-                self.metrics
-                    .observe(&cluster, resp.status().as_u16(), started);
-                resp.map(|b| b.boxed())
-            }
-            Err(e) => {
-                self.metrics.observe(&cluster, 503, started);
-                refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream-failure",
-                    format!("weft: {cluster} endpoint {endpoint}: {e}"),
-                )
-            }
-        }
+        Ok(req)
     }
 }
 

@@ -11,6 +11,7 @@ use prost::Message;
 use serde::Serialize;
 
 use crate::balance::{Algorithm, Balancer, EndpointStats, Target};
+use crate::resilience::{ClusterPolicy, ClusterRuntime, RetryPolicy};
 use weft_proto::envoy::envoy::config::cluster::v3::Cluster;
 use weft_proto::envoy::envoy::config::core::v3 as core;
 use weft_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -94,6 +95,8 @@ pub struct Route {
     pub timeout: Option<Duration>,
     /// What to hash for consistent-hashing balancers.
     pub hash_on: Option<HashOn>,
+    /// Retries.
+    pub retry: Option<Arc<RetryPolicy>>,
 }
 
 /// A request's hash key source.
@@ -251,6 +254,10 @@ pub fn compile_routes(rc: &route::RouteConfiguration) -> Result<VirtualHosts, In
                 target,
                 timeout,
                 hash_on,
+                retry: action
+                    .retry_policy
+                    .as_ref()
+                    .map(|p| Arc::new(RetryPolicy::from_xds(p))),
             });
         }
         out.push((vh.domains.clone(), routes));
@@ -380,6 +387,14 @@ pub fn compile_endpoints(
 }
 
 impl Endpoints {
+    /// Whether one more endpoint may be ejected without passing `max_percent` of the cluster.
+    pub fn may_eject(&self, max_percent: u32) -> bool {
+        let all = self.priorities.iter().flatten();
+        let total = all.clone().count();
+        let ejected = all.filter(|e| e.stats.is_ejected()).count();
+        total > 0 && (ejected + 1) * 100 <= total * max_percent as usize
+    }
+
     /// Endpoints with their balancers built.
     pub fn new(
         priorities: Vec<Vec<Endpoint>>,
@@ -470,6 +485,11 @@ pub struct ClusterState {
     pub eds_name: String,
     /// Its endpoints, once received.
     pub endpoints: Option<Arc<Endpoints>>,
+    /// Circuit breakers, retry budget, outlier detection.
+    pub policy: Arc<ClusterPolicy>,
+    /// Live counters (requests and retries in flight), kept across config versions.
+    #[serde(skip)]
+    pub runtime: Arc<ClusterRuntime>,
 }
 
 /// The balancing algorithm a Cluster asks for (Weft metadata, else its lb_policy).

@@ -26,6 +26,7 @@ use weft_proto::type_url;
 
 use crate::balance::{Algorithm, EndpointStats};
 use crate::config::RunConfig;
+use crate::resilience::{ClusterPolicy, ClusterRuntime};
 use crate::state::{self, ClusterState, Invalid, MeshConfig, Route};
 
 /// First reconnect delay.
@@ -45,6 +46,8 @@ struct Held {
     names: HashMap<&'static str, BTreeSet<String>>,
     /// Per endpoint measurements, kept across config versions.
     stats: HashMap<std::net::SocketAddr, Arc<EndpointStats>>,
+    /// Per cluster counters, kept across config versions.
+    runtimes: HashMap<String, Arc<ClusterRuntime>>,
 }
 
 /// Shared handles: the config the request path reads and whether every type was ACKed once.
@@ -350,7 +353,7 @@ fn compile(held: &mut Held) -> MeshConfig {
         live.insert(addr, s.clone());
         s
     };
-    let clusters = held
+    let clusters: std::collections::BTreeMap<String, ClusterState> = held
         .clusters
         .values()
         .filter_map(|c| {
@@ -366,12 +369,18 @@ fn compile(held: &mut Held) -> MeshConfig {
                 ClusterState {
                     eds_name,
                     endpoints,
+                    policy: Arc::new(ClusterPolicy::from_xds(c)),
+                    runtime: held.runtimes.get(&c.name).cloned().unwrap_or_default(),
                 },
             ))
         })
         .collect();
-    // Keep measurements only of endpoints still in the config.
+    // Keep measurements only of endpoints and clusters still in the config.
     held.stats = live;
+    held.runtimes = clusters
+        .iter()
+        .map(|(name, c): (&String, &ClusterState)| (name.clone(), c.runtime.clone()))
+        .collect();
     MeshConfig {
         hosts,
         clusters,

@@ -4,7 +4,8 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -23,12 +24,25 @@ pub struct Identity {
     pub zone: String,
 }
 
+/// How an echo misbehaves, changeable while it runs.
+#[derive(Debug, Default)]
+pub struct Behavior {
+    /// Answer with this status instead of 200 (0: never).
+    pub fail_status: AtomicU16,
+    /// Fail only every n-th request (0 or 1: every request).
+    pub fail_every: AtomicU32,
+    /// Wait this long before answering.
+    pub delay_ms: AtomicU64,
+}
+
 /// A running echo server; dropping it stops it (connections then fail, as a dead pod's would).
 pub struct Echo {
     /// Where it listens.
     pub addr: SocketAddr,
     /// Requests it answered.
     pub served: Arc<AtomicU64>,
+    /// Its behaviour.
+    pub behavior: Arc<Behavior>,
     task: JoinHandle<()>,
 }
 
@@ -46,17 +60,19 @@ impl Echo {
         let served = Arc::new(AtomicU64::new(0));
         let body = Bytes::from(format!("{} {} {}\n", who.name, who.cluster, who.zone));
         let counter = served.clone();
+        let behavior = Arc::new(Behavior::default());
+        let b = behavior.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (body, counter) = (body.clone(), counter.clone());
+                let (body, counter, b) = (body.clone(), counter.clone(), b.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |_req| {
-                        counter.fetch_add(1, Ordering::Relaxed);
-                        let body = body.clone();
-                        async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(body))) }
+                        let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+                        let (body, b) = (body.clone(), b.clone());
+                        async move { Ok::<_, Infallible>(answer(n, body, &b).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
@@ -64,6 +80,27 @@ impl Echo {
                 });
             }
         });
-        Ok(Echo { addr, served, task })
+        Ok(Echo {
+            addr,
+            served,
+            behavior,
+            task,
+        })
     }
+}
+
+/// The `n`-th answer under `b`: delayed and/or failed as configured.
+async fn answer(n: u64, body: Bytes, b: &Behavior) -> hyper::Response<Full<Bytes>> {
+    let delay = b.delay_ms.load(Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let status = b.fail_status.load(Ordering::Relaxed);
+    let every = u64::from(b.fail_every.load(Ordering::Relaxed).max(1));
+    let mut resp = hyper::Response::new(Full::new(body));
+    if status != 0 && n.is_multiple_of(every) {
+        *resp.status_mut() =
+            hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    resp
 }
