@@ -226,6 +226,8 @@ pub struct ServiceModel {
     pub exported: bool,
     /// Label selector (for diagnostics: a selector that matches no Pod).
     pub selector: BTreeMap<String, String>,
+    /// `spec.clusterIP`: what an intercepted client connects to.
+    pub cluster_ip: Option<IpAddr>,
 }
 
 /// The published model: versioned, immutable, cheap to clone (`Arc`).
@@ -435,6 +437,10 @@ fn build(
                     policy_name: None,
                     exported: false,
                     selector: spec.selector.unwrap_or_default(),
+                    cluster_ip: spec
+                        .cluster_ip
+                        .as_deref()
+                        .and_then(|ip| ip.parse::<IpAddr>().ok()),
                 },
             );
         }

@@ -321,12 +321,30 @@ fn route_config(svc: &ServiceModel, name: &ServicePortName) -> route::RouteConfi
         name: name.to_string(),
         virtual_hosts: vec![route::VirtualHost {
             name: name.to_string(),
-            domains: virtual_host_domains(&svc.key.name, &svc.key.namespace, name.port, name.scope),
+            domains: domains(svc, name),
             routes,
             ..Default::default()
         }],
         ..Default::default()
     }
+}
+
+/// Host forms a virtual host answers to: the DNS names, and for the cluster scope the
+/// Service's clusterIP as `ip:port` (and bare `ip` on port 80), which is the `Host` an
+/// intercepted client that dialed the IP sends.
+fn domains(svc: &ServiceModel, name: &ServicePortName) -> Vec<String> {
+    let mut d = virtual_host_domains(&svc.key.name, &svc.key.namespace, name.port, name.scope);
+    if let (Some(ip), Scope::Cluster) = (svc.cluster_ip, name.scope) {
+        let host = match ip {
+            std::net::IpAddr::V4(v4) => v4.to_string(),
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+        };
+        d.push(format!("{host}:{}", name.port));
+        if name.port == 80 {
+            d.push(host);
+        }
+    }
+    d
 }
 
 fn precedence(r: &RouteRule) -> (u8, usize, usize) {
@@ -982,6 +1000,20 @@ mod tests {
                 ("echo-v2.default.svc.cluster.local:80".to_string(), 10)
             ]
         );
+    }
+
+    #[test]
+    fn cluster_ip_is_a_domain_for_intercepted_clients() {
+        let m = model(vec![
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
+            "spec": {"clusterIP": "198.18.0.10", "ports": [{"name": "http", "port": 80}]}}),
+        ]);
+        let t = translate(&m, None);
+        let svc = &t.services[&ServiceKey::new("default", "echo")];
+        let rc: route::RouteConfiguration = decode(find(&svc.routes, ECHO));
+        let d = &rc.virtual_hosts[0].domains;
+        assert!(d.contains(&"198.18.0.10:80".to_string()), "{d:?}");
+        assert!(d.contains(&"198.18.0.10".to_string()), "{d:?}");
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub overflows: Family<Labels, Counter>,
     /// `weft_proxy_ejections_total{cluster}`: outlier ejections.
     pub ejections: Family<Labels, Counter>,
+    /// `weft_proxy_tcp_connections_total{direction}`: opaque TCP connections.
+    pub tcp_connections: Family<Labels, Counter>,
     /// `weft_proxy_inbound_connections_total`.
     pub inbound_connections: Counter,
     /// `weft_xds_updates_total`: accepted xDS responses.
@@ -97,10 +99,16 @@ impl Metrics {
             "xDS stream losses",
             xds_disconnects.clone(),
         );
-        let (retries, overflows, ejections) = (
+        let (retries, overflows, ejections, tcp_connections) = (
             Family::<Labels, Counter>::default(),
             Family::<Labels, Counter>::default(),
             Family::<Labels, Counter>::default(),
+            Family::<Labels, Counter>::default(),
+        );
+        registry.register(
+            "weft_proxy_tcp_connections",
+            "Opaque TCP connections",
+            tcp_connections.clone(),
         );
         registry.register("weft_proxy_retries", "Retries sent", retries.clone());
         registry.register(
@@ -120,6 +128,7 @@ impl Metrics {
             retries,
             overflows,
             ejections,
+            tcp_connections,
             inbound_connections,
             xds_updates,
             xds_nacks,
@@ -155,6 +164,13 @@ impl Metrics {
                 ("cluster".into(), cluster.into()),
                 ("reason".into(), reason.into()),
             ])
+            .inc();
+    }
+
+    /// Counts an opaque TCP connection (`direction`: outbound or inbound).
+    pub fn tcp_connection(&self, direction: &str) {
+        self.tcp_connections
+            .get_or_create(&vec![("direction".into(), direction.into())])
             .inc();
     }
 

@@ -42,6 +42,15 @@ pub struct RunConfig {
     /// The local application inbound traffic is forwarded to.
     #[arg(long, env = "WEFT_APP_ADDR")]
     pub app_addr: Option<SocketAddr>,
+    /// Intercepted destination ports whose server speaks first (MySQL, SMTP, ...): opaque TCP
+    /// at once, never waiting for protocol detection.
+    #[arg(
+        long,
+        env = "WEFT_SERVER_FIRST_PORTS",
+        value_delimiter = ',',
+        default_value = "21,25,110,143,587,3306"
+    )]
+    pub server_first_ports: Vec<u16>,
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "WEFT_LOG", default_value = "info")]
     pub log: String,
@@ -64,6 +73,7 @@ impl RunConfig {
             inbound_addr: at(0),
             admin_addr: at(0),
             app_addr: None,
+            server_first_ports: vec![21, 25, 110, 143, 587, 3306],
             log: "info".into(),
         }
     }

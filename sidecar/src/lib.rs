@@ -9,7 +9,9 @@
 pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod detect;
 pub mod inbound;
+pub mod init;
 pub mod outbound;
 pub mod resilience;
 pub mod state;
@@ -64,6 +66,7 @@ impl Sidecar {
         let outbound = outbound::Outbound::bind(
             cfg.outbound_addr,
             cfg.namespace.clone(),
+            cfg.server_first_ports.clone(),
             xds.clone(),
             metrics.clone(),
         )

@@ -13,14 +13,20 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy.
-    Run(RunConfig),
+    Run(Box<RunConfig>),
+    /// Install (or with --uninstall remove) the iptables rules that redirect the pod's traffic.
+    Init(weft_sidecar::init::InitConfig),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Cli {
-        command: Command::Run(cfg),
-    } = Cli::parse();
+    let cfg = match Cli::parse().command {
+        Command::Run(cfg) => *cfg,
+        Command::Init(init) => {
+            weft_sidecar::init::run_init(&init)?;
+            return Ok(());
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&cfg.log)

@@ -18,11 +18,12 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use weft_proto::keys::PROXY_REASON_HEADER;
 
 use crate::admin::Metrics;
 use crate::balance::Target;
+use crate::detect::{self, Protocol};
 use crate::resilience::{ClusterPolicy, ClusterRuntime, Outcome, RetryPolicy};
 use crate::state::{Endpoints, HashOn, RouteTarget};
 use crate::xds::XdsHandle;
@@ -37,6 +38,7 @@ pub struct Outbound {
     metrics: Arc<Metrics>,
     client: Client<HttpConnector, Body>,
     namespace: String,
+    server_first_ports: Vec<u16>,
 }
 
 /// Answers with a status and a reason header (a request the proxy refused itself).
@@ -59,6 +61,7 @@ impl Outbound {
     pub async fn bind(
         addr: SocketAddr,
         namespace: String,
+        server_first_ports: Vec<u16>,
         xds: XdsHandle,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
@@ -75,6 +78,7 @@ impl Outbound {
             metrics,
             client,
             namespace,
+            server_first_ports,
         })
     }
 
@@ -97,19 +101,104 @@ impl Outbound {
             let _ = stream.set_nodelay(true);
             let this = this.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.handle(req, peer).await) }
-                });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
-                    tracing::debug!(%peer, error = %e, "outbound connection closed with an error");
+                // Redirected by iptables, or sent to us directly (explicit mode)?
+                let orig =
+                    detect::original_dst(&stream).filter(|o| Some(*o) != stream.local_addr().ok());
+                let Some(dst) = orig else {
+                    return this.serve_http(stream, peer, None).await;
+                };
+                let protocol = if this.server_first_ports.contains(&dst.port()) {
+                    Protocol::Opaque
+                } else {
+                    detect::detect(&stream, detect::DETECT_TIMEOUT).await
+                };
+                match protocol {
+                    Protocol::Opaque => this.opaque(stream, peer, dst).await,
+                    Protocol::Http1 | Protocol::Http2 => {
+                        this.serve_http(stream, peer, Some(dst)).await
+                    }
                 }
             });
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn serve_http(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        orig: Option<SocketAddr>,
+    ) {
+        let this = self.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let this = this.clone();
+            async move { Ok::<_, Infallible>(this.handle(req, peer, orig).await) }
+        });
+        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+            tracing::debug!(%peer, error = %e, "outbound connection closed with an error");
+        }
+    }
+
+    /// Opaque TCP: forwarded byte for byte to where the client was going.
+    async fn opaque(&self, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+        self.metrics.tcp_connection("outbound");
+        match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(dst)).await {
+            Ok(Ok(mut upstream)) => {
+                let _ = upstream.set_nodelay(true);
+                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                    tracing::debug!(%peer, %dst, error = %e, "opaque connection ended");
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, %dst, error = %e, "opaque: cannot reach the original destination")
+            }
+            Err(_) => tracing::debug!(%peer, %dst, "opaque: connect timed out"),
+        }
+    }
+
+    /// A request for a host the mesh does not know, sent on to its original destination.
+    async fn passthrough(
+        &self,
+        req: Request<Incoming>,
+        dst: SocketAddr,
+        started: Instant,
+    ) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let Ok(uri) = format!("http://{dst}{pq}").parse::<hyper::Uri>() else {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "bad-uri",
+                format!("weft: cannot forward {pq:?}"),
+            );
+        };
+        let mut out = Request::new(body.boxed());
+        *out.method_mut() = parts.method;
+        *out.uri_mut() = uri;
+        *out.headers_mut() = parts.headers;
+        let resp = match self.client.request(out).await {
+            Ok(r) => r.map(|b| b.boxed()),
+            Err(e) => refuse(
+                StatusCode::BAD_GATEWAY,
+                "passthrough-failure",
+                format!("weft: {dst}: {e}"),
+            ),
+        };
+        self.metrics
+            .observe("passthrough", resp.status().as_u16(), started);
+        resp
+    }
+
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        orig: Option<SocketAddr>,
+    ) -> Response<Body> {
         let started = Instant::now();
         let authority = req
             .uri()
@@ -123,7 +212,15 @@ impl Outbound {
             })
             .unwrap_or_default();
         let config = self.xds.config.load();
-        let Some(routes) = config.routes_for(&authority, &self.namespace) else {
+        // By name first; an intercepted client that dialed a Service IP is found by that IP.
+        let routes = config
+            .routes_for(&authority, &self.namespace)
+            .or_else(|| orig.and_then(|dst| config.hosts.get(&dst.to_string())));
+        let Some(routes) = routes else {
+            if let Some(dst) = orig {
+                drop(config);
+                return self.passthrough(req, dst, started).await;
+            }
             self.metrics.observe("", 404, started);
             return refuse(
                 StatusCode::NOT_FOUND,

@@ -1,0 +1,242 @@
+//! Transparent interception for real: in two network namespaces this test creates (a client
+//! pod and a server pod joined by a veth pair, addresses in 198.18.0.0/24, never connected to
+//! the host's network), `weft-sidecar init` installs the iptables rules, `weft-sidecar run`
+//! runs as the proxy UID, and an unmodified client (`curl`) that dials a Service's clusterIP
+//! reaches the server pod through the sidecar. A pod IP the mesh does not know passes
+//! through to its original destination. `init` is idempotent and `--uninstall` leaves nothing.
+//!
+//! Needs root, `ip`, `iptables`, `curl`, `setpriv`, `python3` and the built binaries; without
+//! them it prints `SKIP` and why. Everything it creates is removed on exit, also on failure.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug");
+
+fn bin(name: &str) -> PathBuf {
+    let var = format!("WEFT_{}_BIN", name.to_uppercase().replace('-', "_"));
+    std::env::var(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(BIN).join(name))
+}
+
+fn sh(args: &[&str]) -> Output {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = sh(args);
+    assert!(
+        o.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn missing_prerequisite() -> Option<String> {
+    let uid = Command::new("id").arg("-u").output().ok()?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        return Some("not root (network namespaces and iptables need it)".into());
+    }
+    for tool in ["ip", "iptables", "curl", "setpriv", "python3"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output();
+        if !found.is_ok_and(|o| o.status.success()) {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    for b in ["weft-control-plane", "weft-sidecar"] {
+        if !bin(b).exists() {
+            return Some(format!(
+                "{} is not built (cargo build --workspace --bins)",
+                bin(b).display()
+            ));
+        }
+    }
+    None
+}
+
+/// Everything the test made: namespaces (their veths and rules go with them) and processes.
+struct Lab {
+    namespaces: Vec<String>,
+    children: Vec<Child>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in &self.namespaces {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+impl Lab {
+    fn spawn(&mut self, ns: &str, args: &[&str]) {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        self.children.push(child);
+    }
+}
+
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f() {
+        assert!(Instant::now() < deadline, "not true after 15 s: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn unmodified_client_is_intercepted_in_a_network_namespace() {
+    if let Some(why) = missing_prerequisite() {
+        println!("SKIP unmodified_client_is_intercepted_in_a_network_namespace: {why}");
+        return;
+    }
+    let id = std::process::id();
+    let (cli, srv) = (format!("weft-{id}-cli"), format!("weft-{id}-srv"));
+    let (va, vb) = (format!("wa{id}"), format!("wb{id}"));
+    let mut lab = Lab {
+        namespaces: vec![cli.clone(), srv.clone()],
+        children: Vec::new(),
+    };
+    ok(&["ip", "netns", "add", &cli]);
+    ok(&["ip", "netns", "add", &srv]);
+    ok(&[
+        "ip", "link", "add", &va, "type", "veth", "peer", "name", &vb,
+    ]);
+    ok(&["ip", "link", "set", &va, "netns", &cli]);
+    ok(&["ip", "link", "set", &vb, "netns", &srv]);
+    ok(&["ip", "-n", &cli, "addr", "add", "198.18.0.1/24", "dev", &va]);
+    ok(&["ip", "-n", &srv, "addr", "add", "198.18.0.2/24", "dev", &vb]);
+    for (ns, dev) in [(&cli, &va), (&srv, &vb)] {
+        ok(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        ok(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+    }
+
+    // The server pod: a plain HTTP server that says who it is.
+    let web = tempfile::tempdir().expect("tempdir");
+    std::fs::write(web.path().join("index.html"), "srv-pod\n").expect("write");
+    let web_dir = web.path().to_string_lossy().into_owned();
+    lab.spawn(
+        &srv,
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            "198.18.0.2",
+            "--directory",
+            &web_dir,
+        ],
+    );
+
+    // The world: Service echo at clusterIP 198.18.0.10:80 -> the server pod's 8080.
+    let world = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        world.path().join("world.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: default}\nspec:\n  clusterIP: 198.18.0.10\n  ports: [{name: http, port: 80}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-1\n  namespace: default\n  labels: {kubernetes.io/service-name: echo}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n- addresses: [\"198.18.0.2\"]\n",
+    )
+    .expect("write");
+    let world_dir = world.path().to_string_lossy().into_owned();
+    let cp = bin("weft-control-plane").to_string_lossy().into_owned();
+    let sidecar = bin("weft-sidecar").to_string_lossy().into_owned();
+    lab.spawn(
+        &cli,
+        &[
+            &cp,
+            "--source-dir",
+            &world_dir,
+            "--xds-plaintext-addr",
+            "127.0.0.1:15010",
+            "--metrics-addr",
+            "127.0.0.1:15014",
+        ],
+    );
+
+    // Interception rules, twice: the second run must leave the same rules.
+    ok(&["ip", "netns", "exec", &cli, &sidecar, "init"]);
+    let rules = ok(&["ip", "netns", "exec", &cli, "iptables", "-t", "nat", "-S"]);
+    ok(&["ip", "netns", "exec", &cli, &sidecar, "init"]);
+    assert_eq!(
+        ok(&["ip", "netns", "exec", &cli, "iptables", "-t", "nat", "-S"]),
+        rules,
+        "init is idempotent"
+    );
+    assert!(rules.contains("--uid-owner 1337 -j RETURN"), "{rules}");
+    assert!(rules.contains("REDIRECT --to-ports 15001"), "{rules}");
+
+    // The sidecar, as the proxy UID so its own connections are not intercepted.
+    lab.spawn(
+        &cli,
+        &[
+            "setpriv",
+            "--reuid",
+            "1337",
+            "--regid",
+            "1337",
+            "--clear-groups",
+            &sidecar,
+            "run",
+            "--xds-addr",
+            "127.0.0.1:15010",
+            "--node-id",
+            "pod-a",
+            "--admin-addr",
+            "127.0.0.1:15000",
+        ],
+    );
+    let curl = |url: &str| sh(&["ip", "netns", "exec", &cli, "curl", "-s", "-m", "5", url]);
+    eventually("sidecar ready", || {
+        String::from_utf8_lossy(&curl("http://127.0.0.1:15000/ready").stdout).contains("ready")
+    });
+
+    // An unmodified client dials the clusterIP (no host has it): the sidecar routes it.
+    let out = curl("http://198.18.0.10/");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "srv-pod\n");
+    // A pod IP the mesh has no Service for passes through to where it was going.
+    let out = curl("http://198.18.0.2:8080/");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "srv-pod\n");
+    let metrics =
+        String::from_utf8_lossy(&curl("http://127.0.0.1:15000/metrics").stdout).into_owned();
+    let counted = |cluster: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("weft_proxy_requests_total")
+                && l.contains(&format!("cluster=\"{cluster}\""))
+                && l.contains("code=\"200\"")
+        })
+    };
+    assert!(
+        counted("echo.default.svc.cluster.local:80"),
+        "the Service request crossed the sidecar:\n{metrics}"
+    );
+    assert!(
+        counted("passthrough"),
+        "the pod-IP request crossed the sidecar:\n{metrics}"
+    );
+
+    // Uninstall leaves no Weft rule behind.
+    ok(&["ip", "netns", "exec", &cli, &sidecar, "init", "--uninstall"]);
+    let after = ok(&["ip", "netns", "exec", &cli, "iptables", "-t", "nat", "-S"]);
+    assert!(!after.contains("WEFT"), "{after}");
+}

@@ -1,0 +1,378 @@
+//! `weft-sidecar init`: the iptables rules that make interception transparent.
+//!
+//! In the pod's network namespace (nat table): TCP arriving for the pod goes to the inbound
+//! port (15006); TCP the pod sends goes to the outbound port (15001) — except traffic of the
+//! proxy's own UID (so the proxy's upstream connections are not looped back), traffic to
+//! loopback, and the excluded ports and CIDRs. Every rule lives in Weft's own chains
+//! (`WEFT_INBOUND`, `WEFT_OUTPUT`) reached by one jump each from PREROUTING and OUTPUT, so
+//! `--uninstall` removes exactly what `init` added and running `init` twice is harmless.
+//! Both iptables back ends work: `iptables` (nf_tables on current Debian) is tried first,
+//! then `iptables-legacy`; when neither can list the nat table, init refuses with both errors.
+
+use std::net::IpAddr;
+use std::process::Command;
+
+/// Chain for inbound redirection.
+pub const INBOUND_CHAIN: &str = "WEFT_INBOUND";
+/// Chain for outbound redirection.
+pub const OUTPUT_CHAIN: &str = "WEFT_OUTPUT";
+
+/// `weft-sidecar init` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InitConfig {
+    /// UID the proxy runs as; its own traffic is never intercepted.
+    #[arg(long, env = "WEFT_PROXY_UID", default_value_t = 1337)]
+    pub proxy_uid: u32,
+    /// Port outbound traffic is redirected to.
+    #[arg(long, env = "WEFT_OUTBOUND_PORT", default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// Port inbound traffic is redirected to.
+    #[arg(long, env = "WEFT_INBOUND_PORT", default_value_t = 15006)]
+    pub inbound_port: u16,
+    /// Inbound ports not intercepted (comma-separated), e.g. the proxy's admin port.
+    #[arg(
+        long,
+        env = "WEFT_EXCLUDE_INBOUND_PORTS",
+        value_delimiter = ',',
+        default_value = "15000"
+    )]
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Outbound destination ports not intercepted (comma-separated).
+    #[arg(long, env = "WEFT_EXCLUDE_OUTBOUND_PORTS", value_delimiter = ',')]
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Outbound destination CIDRs not intercepted (comma-separated), e.g. `10.0.0.0/8`.
+    #[arg(long, env = "WEFT_EXCLUDE_OUTBOUND_CIDRS", value_delimiter = ',')]
+    pub exclude_outbound_cidrs: Vec<String>,
+    /// Print the iptables commands instead of running them.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Remove Weft's rules and chains.
+    #[arg(long)]
+    pub uninstall: bool,
+}
+
+/// Why init could not do its work.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// A flag value is not usable.
+    #[error("--exclude-outbound-cidrs: {0:?} is not a CIDR like 10.0.0.0/8")]
+    Cidr(String),
+    /// No usable iptables.
+    #[error("no usable iptables: {0}")]
+    NoIptables(String),
+    /// A rule failed.
+    #[error("{binary} {args}: {message}")]
+    Rule {
+        /// The binary.
+        binary: String,
+        /// Its arguments.
+        args: String,
+        /// What it said.
+        message: String,
+    },
+}
+
+fn validate_cidr(c: &str) -> Result<(), InitError> {
+    let (ip, len) = c.split_once('/').ok_or_else(|| InitError::Cidr(c.into()))?;
+    let ip: IpAddr = ip.parse().map_err(|_| InitError::Cidr(c.into()))?;
+    let len: u8 = len.parse().map_err(|_| InitError::Cidr(c.into()))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    if len > max || !ip.is_ipv4() {
+        return Err(InitError::Cidr(c.into()));
+    }
+    Ok(())
+}
+
+fn args(s: &[&str]) -> Vec<String> {
+    s.iter().map(|x| x.to_string()).collect()
+}
+
+/// The commands that install the rules (nat table), in order.
+pub fn install_rules(cfg: &InitConfig) -> Result<Vec<Vec<String>>, InitError> {
+    for c in &cfg.exclude_outbound_cidrs {
+        validate_cidr(c)?;
+    }
+    let mut r = vec![
+        args(&["-t", "nat", "-N", INBOUND_CHAIN]),
+        args(&["-t", "nat", "-N", OUTPUT_CHAIN]),
+    ];
+    // Inbound: everything but excluded ports to the inbound listener.
+    for p in &cfg.exclude_inbound_ports {
+        r.push(args(&[
+            "-t",
+            "nat",
+            "-A",
+            INBOUND_CHAIN,
+            "-p",
+            "tcp",
+            "--dport",
+            &p.to_string(),
+            "-j",
+            "RETURN",
+        ]));
+    }
+    r.push(args(&[
+        "-t",
+        "nat",
+        "-A",
+        INBOUND_CHAIN,
+        "-p",
+        "tcp",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &cfg.inbound_port.to_string(),
+    ]));
+    // Outbound: the proxy's own traffic, loopback and exclusions pass; the rest to outbound.
+    r.push(args(&[
+        "-t",
+        "nat",
+        "-A",
+        OUTPUT_CHAIN,
+        "-m",
+        "owner",
+        "--uid-owner",
+        &cfg.proxy_uid.to_string(),
+        "-j",
+        "RETURN",
+    ]));
+    r.push(args(&[
+        "-t",
+        "nat",
+        "-A",
+        OUTPUT_CHAIN,
+        "-o",
+        "lo",
+        "-j",
+        "RETURN",
+    ]));
+    r.push(args(&[
+        "-t",
+        "nat",
+        "-A",
+        OUTPUT_CHAIN,
+        "-d",
+        "127.0.0.0/8",
+        "-j",
+        "RETURN",
+    ]));
+    for c in &cfg.exclude_outbound_cidrs {
+        r.push(args(&[
+            "-t",
+            "nat",
+            "-A",
+            OUTPUT_CHAIN,
+            "-d",
+            c,
+            "-j",
+            "RETURN",
+        ]));
+    }
+    for p in &cfg.exclude_outbound_ports {
+        r.push(args(&[
+            "-t",
+            "nat",
+            "-A",
+            OUTPUT_CHAIN,
+            "-p",
+            "tcp",
+            "--dport",
+            &p.to_string(),
+            "-j",
+            "RETURN",
+        ]));
+    }
+    r.push(args(&[
+        "-t",
+        "nat",
+        "-A",
+        OUTPUT_CHAIN,
+        "-p",
+        "tcp",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &cfg.outbound_port.to_string(),
+    ]));
+    // The jumps last, so traffic is only diverted once the chains are complete.
+    r.push(args(&[
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "-j",
+        INBOUND_CHAIN,
+    ]));
+    r.push(args(&[
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-j",
+        OUTPUT_CHAIN,
+    ]));
+    Ok(r)
+}
+
+/// The commands that remove the rules; each may fail harmlessly when already absent.
+pub fn uninstall_rules() -> Vec<Vec<String>> {
+    vec![
+        args(&[
+            "-t",
+            "nat",
+            "-D",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "-j",
+            INBOUND_CHAIN,
+        ]),
+        args(&["-t", "nat", "-D", "OUTPUT", "-p", "tcp", "-j", OUTPUT_CHAIN]),
+        args(&["-t", "nat", "-F", INBOUND_CHAIN]),
+        args(&["-t", "nat", "-X", INBOUND_CHAIN]),
+        args(&["-t", "nat", "-F", OUTPUT_CHAIN]),
+        args(&["-t", "nat", "-X", OUTPUT_CHAIN]),
+    ]
+}
+
+/// The first iptables binary that can list the nat table.
+pub fn detect_iptables() -> Result<String, InitError> {
+    let mut errors = Vec::new();
+    for bin in ["iptables", "iptables-legacy"] {
+        match Command::new(bin).args(["-t", "nat", "-S"]).output() {
+            Ok(o) if o.status.success() => return Ok(bin.to_string()),
+            Ok(o) => errors.push(format!(
+                "{bin}: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => errors.push(format!("{bin}: {e}")),
+        }
+    }
+    Err(InitError::NoIptables(errors.join("; ")))
+}
+
+fn run(binary: &str, a: &[String]) -> Result<(), InitError> {
+    let o = Command::new(binary)
+        .args(a)
+        .output()
+        .map_err(|e| InitError::Rule {
+            binary: binary.into(),
+            args: a.join(" "),
+            message: e.to_string(),
+        })?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(InitError::Rule {
+            binary: binary.into(),
+            args: a.join(" "),
+            message: String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// Runs init: prints, installs (replacing any earlier Weft rules) or uninstalls.
+pub fn run_init(cfg: &InitConfig) -> Result<(), InitError> {
+    let install = if cfg.uninstall {
+        Vec::new()
+    } else {
+        install_rules(cfg)?
+    };
+    if cfg.dry_run {
+        for a in uninstall_rules().iter().chain(&install) {
+            println!("iptables {}", a.join(" "));
+        }
+        return Ok(());
+    }
+    let bin = detect_iptables()?;
+    // Idempotent: remove what an earlier init left, ignoring "does not exist".
+    for a in uninstall_rules() {
+        let _ = run(&bin, &a);
+    }
+    for a in &install {
+        run(&bin, a)?;
+    }
+    eprintln!(
+        "weft-sidecar init: {} with {bin}",
+        if cfg.uninstall {
+            "rules removed"
+        } else {
+            "rules installed"
+        }
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> InitConfig {
+        InitConfig {
+            proxy_uid: 1337,
+            outbound_port: 15001,
+            inbound_port: 15006,
+            exclude_inbound_ports: vec![15000, 22],
+            exclude_outbound_ports: vec![5432],
+            exclude_outbound_cidrs: vec!["10.96.0.0/12".into()],
+            dry_run: true,
+            uninstall: false,
+        }
+    }
+
+    #[test]
+    fn rules_skip_proxy_loopback_and_exclusions_before_redirecting() {
+        let rules: Vec<String> = install_rules(&cfg())
+            .expect("valid")
+            .iter()
+            .map(|r| r.join(" "))
+            .collect();
+        let pos = |needle: &str| {
+            rules
+                .iter()
+                .position(|r| r.contains(needle))
+                .unwrap_or_else(|| panic!("{needle} missing from {rules:#?}"))
+        };
+        let redirect_out = pos("WEFT_OUTPUT -p tcp -j REDIRECT --to-ports 15001");
+        for skip in [
+            "--uid-owner 1337 -j RETURN",
+            "-o lo -j RETURN",
+            "-d 127.0.0.0/8 -j RETURN",
+            "-d 10.96.0.0/12 -j RETURN",
+            "--dport 5432 -j RETURN",
+        ] {
+            assert!(
+                pos(skip) < redirect_out,
+                "{skip} must come before the redirect"
+            );
+        }
+        let redirect_in = pos("WEFT_INBOUND -p tcp -j REDIRECT --to-ports 15006");
+        assert!(pos("WEFT_INBOUND -p tcp --dport 15000 -j RETURN") < redirect_in);
+        assert!(pos("WEFT_INBOUND -p tcp --dport 22 -j RETURN") < redirect_in);
+        // The jumps come last.
+        assert_eq!(pos("-A PREROUTING"), rules.len() - 2);
+        assert_eq!(pos("-A OUTPUT -p tcp -j WEFT_OUTPUT"), rules.len() - 1);
+    }
+
+    #[test]
+    fn bad_cidrs_are_refused() {
+        for bad in ["10.0.0.0", "10.0.0.0/33", "ten/8", "::1/128"] {
+            let mut c = cfg();
+            c.exclude_outbound_cidrs = vec![bad.into()];
+            let e = install_rules(&c).expect_err(bad).to_string();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn uninstall_removes_jumps_before_chains() {
+        let u: Vec<String> = uninstall_rules().iter().map(|r| r.join(" ")).collect();
+        assert!(u[0].contains("-D PREROUTING") && u[1].contains("-D OUTPUT"));
+        assert!(u.iter().any(|r| r.contains("-X WEFT_INBOUND")));
+        assert!(u.iter().any(|r| r.contains("-X WEFT_OUTPUT")));
+    }
+}
