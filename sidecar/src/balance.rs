@@ -139,6 +139,12 @@ impl EndpointStats {
         until != 0 && (self.epoch.elapsed().as_nanos() as u64) < until
     }
 
+    /// How much longer the endpoint stays ejected (zero when it is not).
+    pub fn ejected_for(&self) -> Duration {
+        let until = self.ejected_until_ns.load(Ordering::Relaxed);
+        Duration::from_nanos(until.saturating_sub(self.epoch.elapsed().as_nanos() as u64))
+    }
+
     /// Times ejected so far.
     pub fn ejections(&self) -> u32 {
         self.ejections.load(Ordering::Relaxed)

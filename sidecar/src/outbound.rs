@@ -24,7 +24,9 @@ use weft_proto::keys::PROXY_REASON_HEADER;
 use crate::admin::Metrics;
 use crate::balance::Target;
 use crate::detect::{self, Protocol};
-use crate::resilience::{ClusterPolicy, ClusterRuntime, Outcome, RetryPolicy};
+use crate::resilience::{
+    CONNECT_FAILURE_EJECTION, ClusterPolicy, ClusterRuntime, Outcome, RetryPolicy,
+};
 use crate::state::{Endpoints, HashOn, RouteTarget};
 use crate::xds::XdsHandle;
 
@@ -282,7 +284,7 @@ impl Outbound {
             endpoints: &endpoints,
             policy: &policy,
             runtime: &runtime,
-            retry: retry.as_deref(),
+            retry: Some(retry.as_deref().unwrap_or(&DEFAULT_RETRY)),
             hash,
             authority: &authority,
         };
@@ -302,6 +304,10 @@ impl Outbound {
         resp
     }
 }
+
+/// The retry policy of routes without one (connect failures only).
+static DEFAULT_RETRY: std::sync::LazyLock<RetryPolicy> =
+    std::sync::LazyLock::new(RetryPolicy::connect_failure_default);
 
 /// Largest request body kept in memory so a request can be retried; larger (or unknown-size)
 /// bodies stream through and are not retried.
@@ -381,13 +387,18 @@ impl Attempts<'_> {
                 Ok(Err(_)) => (Outcome::Reset, None),
                 Err(()) => (Outcome::Timeout, None),
             };
-            let outlier = self.policy.outlier.as_ref();
+            let outlier = match (&self.policy.outlier, outcome) {
+                (Some(o), _) => Some(o),
+                (None, Outcome::ConnectFailure) => Some(&CONNECT_FAILURE_EJECTION),
+                (None, _) => None,
+            };
             let ejected = stats.record_outcome(outcome, outlier, || {
                 outlier.is_some_and(|o| self.endpoints.may_eject(o.max_ejection_percent))
             });
             if ejected {
                 tracing::warn!(cluster = self.cluster, endpoint = %target.addr, ?outcome, "outlier ejected");
                 self.this.metrics.ejection(self.cluster);
+                self.endpoints.note_ejection(stats.ejected_for());
             }
             let may_retry = self
                 .retry

@@ -130,6 +130,22 @@ impl RetryPolicy {
         r
     }
 
+    /// The policy of a route without one: a connect failure (nothing reached the upstream, so
+    /// any request is safe to send again) is retried on another endpoint, up to 3 times.
+    pub fn connect_failure_default() -> Self {
+        RetryPolicy {
+            on_5xx: false,
+            on_gateway_error: false,
+            on_connect_failure: true,
+            on_reset: false,
+            codes: Vec::new(),
+            attempts: 3,
+            per_try_timeout: None,
+            backoff_base: Duration::from_millis(5),
+            backoff_max: Duration::from_millis(25),
+        }
+    }
+
     /// Whether an outcome may be retried under this policy (attempts and budget aside).
     pub fn retriable(&self, o: Outcome) -> bool {
         match o {
@@ -193,6 +209,16 @@ pub struct OutlierPolicy {
     /// Most of the cluster that may be ejected at once, percent.
     pub max_ejection_percent: u32,
 }
+
+/// Passive health without a policy: an endpoint that refuses a connection is taken out of
+/// rotation at once for a few seconds (growing if it keeps refusing), so traffic moves on —
+/// across priorities too — before the control plane learns the endpoint is gone.
+pub const CONNECT_FAILURE_EJECTION: OutlierPolicy = OutlierPolicy {
+    consecutive_5xx: 0,
+    consecutive_gateway: 1,
+    base_ejection: Duration::from_secs(5),
+    max_ejection_percent: 100,
+};
 
 /// Longest ejection, whatever the count (Envoy's default max_ejection_time).
 pub const MAX_EJECTION: Duration = Duration::from_secs(300);

@@ -289,7 +289,7 @@ fn ser_stats<S: serde::Serializer>(st: &Arc<EndpointStats>, s: S) -> Result<S::O
 
 /// A cluster's endpoints grouped by priority, with Envoy's overprovisioning semantics, and a
 /// balancer over each priority's healthy endpoints.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Serialize)]
 pub struct Endpoints {
     /// Endpoints per priority (index = priority).
     pub priorities: Vec<Vec<Endpoint>>,
@@ -301,6 +301,13 @@ pub struct Endpoints {
     pub load: Vec<u32>,
     #[serde(skip)]
     balancers: Vec<Balancer>,
+    /// Until when (ns after `epoch`) some endpoint may be ejected: before it, priority load is
+    /// computed live (ejected endpoints count as unhealthy, so traffic spills to the next
+    /// priority); after it, the precomputed `load` holds.
+    #[serde(skip)]
+    ejection_horizon_ns: std::sync::atomic::AtomicU64,
+    #[serde(skip)]
+    epoch: std::time::Instant,
 }
 
 /// Finds (or creates) the stats of an endpoint, so measurements survive config updates.
@@ -415,20 +422,48 @@ impl Endpoints {
                 Balancer::new(algorithm, healthy)
             })
             .collect();
+        let epoch = std::time::Instant::now();
+        let horizon = priorities
+            .iter()
+            .flatten()
+            .map(|e| e.stats.ejected_for())
+            .max()
+            .unwrap_or_default();
         let mut e = Endpoints {
             priorities,
             overprovisioning,
             algorithm,
             load: Vec::new(),
             balancers,
+            ejection_horizon_ns: std::sync::atomic::AtomicU64::new(horizon.as_nanos() as u64),
+            epoch,
         };
         e.load = e.priority_load();
         e
     }
 
+    /// Notes that an endpoint was ejected for `length`.
+    pub fn note_ejection(&self, length: Duration) {
+        let until = (self.epoch.elapsed() + length).as_nanos() as u64;
+        self.ejection_horizon_ns
+            .fetch_max(until, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn ejections_possible(&self) -> bool {
+        (self.epoch.elapsed().as_nanos() as u64)
+            < self
+                .ejection_horizon_ns
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Share of traffic (percent) each priority gets: a priority takes `healthy share × factor`
     /// capped at what is left, the rest spills to the next one (Envoy's priority load).
     pub fn priority_load(&self) -> Vec<u32> {
+        self.load_with(|e| e.healthy)
+    }
+
+    /// Priority load counting only endpoints `usable` says are.
+    fn load_with(&self, usable: impl Fn(&Endpoint) -> bool) -> Vec<u32> {
         let health: Vec<u32> = self
             .priorities
             .iter()
@@ -436,7 +471,7 @@ impl Endpoints {
                 if eps.is_empty() {
                     return 0;
                 }
-                let healthy = eps.iter().filter(|e| e.healthy).count() as u64;
+                let healthy = eps.iter().filter(|e| usable(e)).count() as u64;
                 ((healthy * u64::from(self.overprovisioning)) / eps.len() as u64).min(100) as u32
             })
             .collect();
@@ -466,8 +501,14 @@ impl Endpoints {
     pub fn pick(&self, rand: u64, hash: Option<u64>) -> Option<&Target> {
         let roll = ((rand >> 48) % 100) as u32;
         let mut acc = 0;
-        let chosen = self
-            .load
+        let live;
+        let load = if self.ejections_possible() {
+            live = self.load_with(|e| e.healthy && !e.stats.is_ejected());
+            &live
+        } else {
+            &self.load
+        };
+        let chosen = load
             .iter()
             .position(|l| {
                 acc += l;

@@ -62,21 +62,29 @@ impl Echo {
         let counter = served.clone();
         let behavior = Arc::new(Behavior::default());
         let b = behavior.clone();
+        // Dropping the Echo ends the accept loop and every open connection, as a killed pod's.
+        let (stop, stopped) = tokio::sync::watch::channel(());
         let task = tokio::spawn(async move {
+            let _stop = stop;
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let (body, counter, b) = (body.clone(), counter.clone(), b.clone());
+                let mut stopped = stopped.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |_req| {
                         let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
                         let (body, b) = (body.clone(), b.clone());
                         async move { Ok::<_, Infallible>(answer(n, body, &b).await) }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stopped.changed() => {}
+                    }
                 });
             }
         });

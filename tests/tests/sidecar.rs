@@ -231,3 +231,53 @@ async fn ring_hash_keeps_a_client_on_one_endpoint() {
         "different users spread over endpoints: {owners:?}"
     );
 }
+
+#[tokio::test]
+async fn killing_in_zone_endpoints_fails_over_with_no_failed_request() {
+    let a1 = echo("127.0.6.1", "a1", "a").await;
+    let a2 = echo("127.0.6.2", "a2", "a").await;
+    let b1 = echo("127.0.6.3", "b1", "b").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("world.yaml"),
+        world::docs(&[
+            world::service("echo", 80),
+            world::node("na", "r1", "a"),
+            world::node("nb", "r1", "b"),
+            world::slice(
+                "echo",
+                "echo",
+                &[
+                    (a1.addr, "na", true),
+                    (a2.addr, "na", true),
+                    (b1.addr, "nb", true),
+                ],
+            ),
+        ]),
+    )
+    .expect("write");
+    let cp = weft_testkit::start_control_plane(dir.path())
+        .await
+        .expect("control plane");
+    let sc = weft_testkit::start_sidecar(
+        cp.xds_addr,
+        "127.0.6.100".parse().expect("ip"),
+        "client-a",
+        "a",
+    )
+    .await
+    .expect("sidecar");
+    ready(&sc).await;
+    let before = tally(sc.outbound_addr, "echo", 50).await;
+    assert_eq!(before.get("b1"), None, "{before:?}");
+    // Kill both zone-a pods; the control plane is not told.
+    drop(a1);
+    drop(a2);
+    let after = tally(sc.outbound_addr, "echo", 200).await;
+    assert_eq!(
+        after.get("b1"),
+        Some(&200),
+        "every request answered, by zone b: {after:?}"
+    );
+    drop(b1);
+}
