@@ -37,6 +37,8 @@ pub struct Metrics {
     pub ejections: Family<Labels, Counter>,
     /// `weft_proxy_tcp_connections_total{direction}`: opaque TCP connections.
     pub tcp_connections: Family<Labels, Counter>,
+    /// `weft_proxy_connection_errors_total{listener}`: connections closed on protocol errors.
+    pub connection_errors: Family<Labels, Counter>,
     /// `weft_proxy_inbound_connections_total`.
     pub inbound_connections: Counter,
     /// `weft_xds_updates_total`: accepted xDS responses.
@@ -99,6 +101,12 @@ impl Metrics {
             "xDS stream losses",
             xds_disconnects.clone(),
         );
+        let connection_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "weft_proxy_connection_errors",
+            "Connections closed on a protocol error (garbage, slow or oversized request heads)",
+            connection_errors.clone(),
+        );
         let (retries, overflows, ejections, tcp_connections) = (
             Family::<Labels, Counter>::default(),
             Family::<Labels, Counter>::default(),
@@ -129,6 +137,7 @@ impl Metrics {
             overflows,
             ejections,
             tcp_connections,
+            connection_errors,
             inbound_connections,
             xds_updates,
             xds_nacks,
@@ -171,6 +180,13 @@ impl Metrics {
     pub fn tcp_connection(&self, direction: &str) {
         self.tcp_connections
             .get_or_create(&vec![("direction".into(), direction.into())])
+            .inc();
+    }
+
+    /// Counts a connection closed on a protocol error (garbage, slowloris, oversized head).
+    pub fn connection_error(&self, listener: &str) {
+        self.connection_errors
+            .get_or_create(&vec![("listener".into(), listener.into())])
             .inc();
     }
 

@@ -51,9 +51,29 @@ pub struct RunConfig {
         default_value = "21,25,110,143,587,3306"
     )]
     pub server_first_ports: Vec<u16>,
+    /// A request head must arrive whole within this (slowloris protection).
+    #[arg(long, env = "WEFT_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: std::time::Duration,
+    /// On SIGTERM: how long in-flight requests get to finish after the listeners close.
+    #[arg(long, env = "WEFT_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub drain_timeout: std::time::Duration,
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "WEFT_LOG", default_value = "info")]
     pub log: String,
+}
+
+/// Parses `500ms`, `5s`, `1m`.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 5s or 1m"))?;
+    match unit {
+        "ms" => Ok(std::time::Duration::from_millis(n)),
+        "s" | "" => Ok(std::time::Duration::from_secs(n)),
+        "m" => Ok(std::time::Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+    }
 }
 
 impl RunConfig {
@@ -74,6 +94,8 @@ impl RunConfig {
             admin_addr: at(0),
             app_addr: None,
             server_first_ports: vec![21, 25, 110, 143, 587, 3306],
+            drain_timeout: std::time::Duration::from_secs(5),
+            header_read_timeout: std::time::Duration::from_secs(10),
             log: "info".into(),
         }
     }

@@ -131,6 +131,27 @@ mod tests {
         assert_eq!(classify(b""), None);
     }
 
+    proptest::proptest! {
+        /// Any bytes: classify never panics, and more bytes never turn a verdict into "unsure".
+        #[test]
+        fn classify_is_total_and_stable(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            let verdict = classify(&bytes);
+            if let Some(v) = verdict {
+                let mut longer = bytes.clone();
+                longer.extend_from_slice(b"xyz");
+                proptest::prop_assert_eq!(classify(&longer), Some(v));
+            }
+        }
+
+        /// Every request line of a known method is HTTP/1, whatever follows.
+        #[test]
+        fn request_lines_are_http1(m in 0usize..9, rest in proptest::collection::vec(proptest::num::u8::ANY, 0..32)) {
+            let mut bytes = METHODS[m].to_vec();
+            bytes.extend(rest);
+            proptest::prop_assert_eq!(classify(&bytes), Some(Protocol::Http1));
+        }
+    }
+
     #[test]
     fn original_dst_is_none_without_redirect() {
         let rt = tokio::runtime::Builder::new_current_thread()

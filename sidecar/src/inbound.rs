@@ -4,7 +4,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 use crate::admin::Metrics;
 
@@ -34,10 +37,17 @@ impl Inbound {
         self.listener.local_addr()
     }
 
-    /// Serves until the task is dropped.
-    pub async fn run(self) {
+    /// Serves until `drain` fires, then stops accepting and gives open connections up to
+    /// `drain_timeout` to end by themselves.
+    pub async fn run(self, mut drain: watch::Receiver<bool>, drain_timeout: Duration) {
+        // Each connection task holds a clone; the count tells how many are still open.
+        let open = Arc::new(());
         loop {
-            let (mut client, peer) = match self.listener.accept().await {
+            let accepted = tokio::select! {
+                a = self.listener.accept() => a,
+                _ = drain.wait_for(|d| *d) => break,
+            };
+            let (mut client, peer) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "inbound accept failed");
@@ -50,7 +60,9 @@ impl Inbound {
             };
             let metrics = self.metrics.clone();
             metrics.inbound_connections.inc();
+            let open = open.clone();
             tokio::spawn(async move {
+                let _open = open;
                 match TcpStream::connect(app).await {
                     Ok(mut upstream) => {
                         let _ = upstream.set_nodelay(true);
@@ -66,6 +78,11 @@ impl Inbound {
                     }
                 }
             });
+        }
+        drop(self.listener);
+        let deadline = tokio::time::Instant::now() + drain_timeout;
+        while Arc::strong_count(&open) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }

@@ -46,12 +46,14 @@ pub struct Sidecar {
     pub admin_addr: SocketAddr,
     /// The xDS state.
     pub xds: xds::XdsHandle,
+    drain: tokio::sync::watch::Sender<bool>,
+    listeners: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Drop for Sidecar {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self.tasks.iter().chain(&self.listeners) {
             t.abort();
         }
     }
@@ -67,6 +69,7 @@ impl Sidecar {
             cfg.outbound_addr,
             cfg.namespace.clone(),
             cfg.server_first_ports.clone(),
+            cfg.header_read_timeout,
             xds.clone(),
             metrics.clone(),
         )
@@ -85,18 +88,31 @@ impl Sidecar {
             .local_addr()
             .map_err(err("inbound", cfg.inbound_addr))?;
         let admin_addr = admin.local_addr().map_err(err("admin", cfg.admin_addr))?;
-        let tasks = vec![
-            tokio::spawn(outbound.run()),
-            tokio::spawn(inbound.run()),
-            tokio::spawn(admin::serve(admin, xds.clone(), metrics)),
+        let (drain, drained) = tokio::sync::watch::channel(false);
+        let listeners = vec![
+            tokio::spawn(outbound.run(drained.clone(), cfg.drain_timeout)),
+            tokio::spawn(inbound.run(drained, cfg.drain_timeout)),
         ];
+        let tasks = vec![tokio::spawn(admin::serve(admin, xds.clone(), metrics))];
         tracing::info!(%outbound_addr, %inbound_addr, %admin_addr, xds = %cfg.xds_addr, "sidecar serving");
         Ok(Sidecar {
             outbound_addr,
             inbound_addr,
             admin_addr,
             xds,
+            drain,
+            listeners,
             tasks,
         })
+    }
+
+    /// Drains: stops accepting (new connections are refused), lets in-flight requests finish
+    /// within the configured drain timeout, then stops everything.
+    pub async fn drain(mut self) {
+        tracing::info!("draining");
+        self.drain.send_replace(true);
+        for l in std::mem::take(&mut self.listeners) {
+            let _ = l.await;
+        }
     }
 }

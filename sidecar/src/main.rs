@@ -40,6 +40,23 @@ async fn main() -> anyhow::Result<()> {
         "outbound={} inbound={} admin={}",
         sidecar.outbound_addr, sidecar.inbound_addr, sidecar.admin_addr
     );
-    tokio::signal::ctrl_c().await?;
+    shutdown_signal().await;
+    sidecar.drain().await;
     Ok(())
+}
+
+/// SIGTERM (what Kubernetes sends) or Ctrl-C.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the proxy");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }

@@ -18,7 +18,9 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use weft_proto::keys::PROXY_REASON_HEADER;
 
 use crate::admin::Metrics;
@@ -33,15 +35,24 @@ use crate::xds::XdsHandle;
 /// Response body of the proxy.
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// The outbound proxy.
+/// The outbound listener and the proxy behind it.
 pub struct Outbound {
     listener: TcpListener,
+    proxy: Arc<Proxy>,
+}
+
+/// What every outbound connection shares.
+struct Proxy {
     xds: XdsHandle,
     metrics: Arc<Metrics>,
     client: Client<HttpConnector, Body>,
     namespace: String,
     server_first_ports: Vec<u16>,
+    header_read_timeout: Duration,
 }
+
+/// Largest request head (request line and headers) accepted.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// Answers with a status and a reason header (a request the proxy refused itself).
 pub fn refuse(status: StatusCode, reason: &'static str, detail: String) -> Response<Body> {
@@ -64,6 +75,7 @@ impl Outbound {
         addr: SocketAddr,
         namespace: String,
         server_first_ports: Vec<u16>,
+        header_read_timeout: Duration,
         xds: XdsHandle,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
@@ -76,11 +88,14 @@ impl Outbound {
             .build(connector);
         Ok(Outbound {
             listener,
-            xds,
-            metrics,
-            client,
-            namespace,
-            server_first_ports,
+            proxy: Arc::new(Proxy {
+                xds,
+                metrics,
+                client,
+                namespace,
+                server_first_ports,
+                header_read_timeout,
+            }),
         })
     }
 
@@ -89,11 +104,20 @@ impl Outbound {
         self.listener.local_addr()
     }
 
-    /// Serves until the task is dropped.
-    pub async fn run(self) {
-        let this = Arc::new(self);
+    /// Serves until `drain` fires, then stops accepting (new connections are refused), lets
+    /// in-flight HTTP requests finish within `drain_timeout`, and returns.
+    pub async fn run(self, mut drain: watch::Receiver<bool>, drain_timeout: Duration) {
+        let Outbound {
+            listener,
+            proxy: this,
+        } = self;
+        let graceful = GracefulShutdown::new();
         loop {
-            let (stream, peer) = match this.listener.accept().await {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = drain.wait_for(|d| *d) => break,
+            };
+            let (stream, peer) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "outbound accept failed");
@@ -102,12 +126,13 @@ impl Outbound {
             };
             let _ = stream.set_nodelay(true);
             let this = this.clone();
+            let watcher = graceful.watcher();
             tokio::spawn(async move {
                 // Redirected by iptables, or sent to us directly (explicit mode)?
                 let orig =
                     detect::original_dst(&stream).filter(|o| Some(*o) != stream.local_addr().ok());
                 let Some(dst) = orig else {
-                    return this.serve_http(stream, peer, None).await;
+                    return this.serve_http(stream, peer, None, watcher).await;
                 };
                 let protocol = if this.server_first_ports.contains(&dst.port()) {
                     Protocol::Opaque
@@ -117,27 +142,53 @@ impl Outbound {
                 match protocol {
                     Protocol::Opaque => this.opaque(stream, peer, dst).await,
                     Protocol::Http1 | Protocol::Http2 => {
-                        this.serve_http(stream, peer, Some(dst)).await
+                        this.serve_http(stream, peer, Some(dst), watcher).await
                     }
                 }
             });
         }
+        drop(listener);
+        tracing::info!(in_flight = graceful.count(), "outbound draining");
+        if tokio::time::timeout(drain_timeout, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?drain_timeout,
+                "outbound drain timed out; cutting what is left"
+            );
+        }
     }
+}
 
+impl Proxy {
     async fn serve_http(
         self: Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
         orig: Option<SocketAddr>,
+        watcher: Watcher,
     ) {
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req| {
             let this = this.clone();
             async move { Ok::<_, Infallible>(this.handle(req, peer, orig).await) }
         });
-        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
-            tracing::debug!(%peer, error = %e, "outbound connection closed with an error");
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        // Slowloris and oversized heads are cut: a head must arrive whole within the timeout
+        // and fit the buffer; garbage fails the parse. Each is logged and counted, nothing panics.
+        builder
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(self.header_read_timeout)
+            .max_buf_size(MAX_HEAD_BYTES);
+        builder.http2().max_header_list_size(MAX_HEAD_BYTES as u32);
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        if let Err(e) = watcher.watch(conn).await {
+            tracing::info!(%peer, error = %e, "outbound connection closed on a protocol error");
+            self.metrics.connection_error("outbound");
         }
     }
 
@@ -315,7 +366,7 @@ pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
 
 /// One request's tries against one cluster.
 struct Attempts<'a> {
-    this: &'a Outbound,
+    this: &'a Proxy,
     cluster: &'a str,
     endpoints: &'a Endpoints,
     policy: &'a ClusterPolicy,

@@ -1,0 +1,170 @@
+//! The sidecar's listeners under bad input and shutdown: garbage bytes, a slowloris client and
+//! an oversized request head are closed cleanly, logged and counted, and the proxy keeps
+//! serving; a drain lets an in-flight request finish while new connections are refused.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use weft_testkit::echo::{Echo, Identity};
+use weft_testkit::{get_via, world};
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+async fn setup(
+    ip: &str,
+    tweak: impl FnOnce(&mut weft_sidecar::RunConfig),
+) -> (
+    Echo,
+    tempfile::TempDir,
+    weft_testkit::ControlPlane,
+    weft_testkit::Sidecar,
+) {
+    let pod_ip = ip.replace(".100", ".1");
+    let echo = Echo::start(
+        format!("{pod_ip}:18080").parse().expect("addr"),
+        Identity {
+            name: "pod".into(),
+            cluster: "cluster-1".into(),
+            zone: "a".into(),
+        },
+    )
+    .await
+    .expect("echo");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("world.yaml"),
+        world::docs(&[
+            world::service("echo", 80),
+            world::slice("echo", "echo", &[(echo.addr, "n1", true)]),
+        ]),
+    )
+    .expect("write");
+    let cp = weft_testkit::start_control_plane(dir.path())
+        .await
+        .expect("control plane");
+    let mut cfg = weft_sidecar::RunConfig::local(cp.xds_addr, ip.parse().expect("ip"), "client");
+    tweak(&mut cfg);
+    let sc = weft_sidecar::Sidecar::start(cfg).await.expect("sidecar");
+    let mut ready = sc.xds.ready.clone();
+    tokio::time::timeout(PATIENCE, ready.wait_for(|r| *r))
+        .await
+        .expect("ready")
+        .expect("alive");
+    (echo, dir, cp, sc)
+}
+
+/// Writes `bytes`, then reads until the proxy closes; returns what it answered.
+async fn send_raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
+        .await
+        .expect("closed within patience");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn connection_errors(sc: &weft_testkit::Sidecar) -> f64 {
+    let (_, body) = get_via(sc.admin_addr, "admin", "/metrics")
+        .await
+        .expect("metrics");
+    body.lines()
+        .filter(|l| l.starts_with("weft_proxy_connection_errors_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn garbage_slowloris_and_oversized_heads_are_closed_and_counted() {
+    let (_echo, _d, _cp, sc) = setup("127.0.7.100", |c| {
+        c.header_read_timeout = Duration::from_millis(300)
+    })
+    .await;
+    // Garbage: answered 400 (or just closed), never a crash.
+    let reply = send_raw(sc.outbound_addr, b"\x00\x01\x02 not http at all\r\n\r\n").await;
+    assert!(
+        reply.is_empty() || reply.starts_with("HTTP/1.1 400"),
+        "{reply:?}"
+    );
+    // Slowloris: half a head, then silence; closed after the header read timeout.
+    let mut s = TcpStream::connect(sc.outbound_addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: echo\r\nX-Slow: ")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the slow client was cut off");
+    // An oversized head.
+    let mut big = b"GET / HTTP/1.1\r\nHost: echo\r\nX-Big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 200 * 1024));
+    big.extend(b"\r\n\r\n");
+    let reply = send_raw(sc.outbound_addr, &big).await;
+    assert!(
+        reply.is_empty() || reply.starts_with("HTTP/1.1 431") || reply.starts_with("HTTP/1.1 400"),
+        "{reply:?}"
+    );
+    assert!(connection_errors(&sc).await >= 3.0, "each was counted");
+    // The proxy still serves.
+    let (status, body) = get_via(sc.outbound_addr, "echo", "/")
+        .await
+        .expect("request");
+    assert_eq!((status, body.split_whitespace().next()), (200, Some("pod")));
+}
+
+#[tokio::test]
+async fn drain_finishes_in_flight_requests_and_refuses_new_ones() {
+    let (echo, _d, _cp, sc) =
+        setup("127.0.8.100", |c| c.drain_timeout = Duration::from_secs(5)).await;
+    echo.behavior.delay_ms.store(600, Ordering::Relaxed);
+    let addr = sc.outbound_addr;
+    let in_flight = tokio::spawn(async move { get_via(addr, "echo", "/").await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let drained = tokio::spawn(sc.drain());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "new connections are refused while draining"
+    );
+    let (status, _) = in_flight
+        .await
+        .expect("task")
+        .expect("the in-flight request completes");
+    assert_eq!(status, 200);
+    tokio::time::timeout(PATIENCE, drained)
+        .await
+        .expect("drain ends")
+        .expect("task");
+}
+
+/// Fuzzing the HTTP head parser path through the real listener: arbitrary bytes (and
+/// arbitrary bytes after a valid request line) never take the proxy down.
+#[test]
+fn arbitrary_bytes_never_take_the_proxy_down() {
+    use proptest::prelude::*;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (_echo, _d, _cp, sc) = rt.block_on(setup("127.0.9.100", |c| {
+        c.header_read_timeout = Duration::from_millis(200)
+    }));
+    let addr = sc.outbound_addr;
+    let config = ProptestConfig {
+        cases: 64,
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |(prefix in prop_oneof![Just(Vec::new()), Just(b"GET / HTTP/1.1\r\nHost: echo\r\n".to_vec())],
+                        junk in proptest::collection::vec(any::<u8>(), 0..512))| {
+        let mut bytes = prefix;
+        bytes.extend(junk);
+        rt.block_on(async {
+            let mut s = TcpStream::connect(addr).await.expect("the proxy still accepts");
+            let _ = s.write_all(&bytes).await;
+            let _ = s.shutdown().await;
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        });
+    });
+    let (status, _) = rt.block_on(get_via(addr, "echo", "/")).expect("request");
+    assert_eq!(status, 200, "the proxy serves after the fuzzing");
+}
