@@ -51,6 +51,9 @@ pub struct RunConfig {
         default_value = "21,25,110,143,587,3306"
     )]
     pub server_first_ports: Vec<u16>,
+    /// xDS flavour: delta (incremental; falls back to sotw when the server lacks it) or sotw.
+    #[arg(long, env = "WEFT_XDS_PROTOCOL", value_enum, default_value = "delta")]
+    pub xds_protocol: XdsProtocol,
     /// A request head must arrive whole within this (slowloris protection).
     #[arg(long, env = "WEFT_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: std::time::Duration,
@@ -60,6 +63,15 @@ pub struct RunConfig {
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "WEFT_LOG", default_value = "info")]
     pub log: String,
+}
+
+/// xDS protocol flavours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdsProtocol {
+    /// Incremental xDS.
+    Delta,
+    /// State of the world.
+    Sotw,
 }
 
 /// Parses `500ms`, `5s`, `1m`.
@@ -96,6 +108,7 @@ impl RunConfig {
             server_first_ports: vec![21, 25, 110, 143, 587, 3306],
             drain_timeout: std::time::Duration::from_secs(5),
             header_read_timeout: std::time::Duration::from_secs(10),
+            xds_protocol: XdsProtocol::Delta,
             log: "info".into(),
         }
     }

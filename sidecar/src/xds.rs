@@ -20,12 +20,12 @@ use weft_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use weft_proto::envoy::envoy::config::listener::v3::Listener;
 use weft_proto::envoy::envoy::config::route::v3::RouteConfiguration;
 use weft_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use weft_proto::envoy::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use weft_proto::envoy::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use weft_proto::envoy::google::protobuf as pb;
 use weft_proto::type_url;
 
 use crate::balance::{Algorithm, EndpointStats};
-use crate::config::RunConfig;
+use crate::config::{RunConfig, XdsProtocol};
 use crate::resilience::{ClusterPolicy, ClusterRuntime};
 use crate::state::{self, ClusterState, Invalid, MeshConfig, Route};
 
@@ -48,6 +48,8 @@ struct Held {
     stats: HashMap<std::net::SocketAddr, Arc<EndpointStats>>,
     /// Per cluster counters, kept across config versions.
     runtimes: HashMap<String, Arc<ClusterRuntime>>,
+    /// Delta: per type, the version of each resource held (sent back on reconnect).
+    delta_versions: HashMap<&'static str, BTreeMap<String, String>>,
 }
 
 /// Shared handles: the config the request path reads and whether every type was ACKed once.
@@ -99,9 +101,21 @@ pub fn start(cfg: RunConfig, metrics: Arc<crate::admin::Metrics>) -> XdsHandle {
     tokio::spawn(async move {
         let mut held = Held::default();
         let mut attempt = 0u32;
+        // Delta first; a server that does not implement it gets state of the world.
+        let mut delta = cfg.xds_protocol == XdsProtocol::Delta;
         loop {
-            match stream_once(&cfg, &mut held, &config, &ready_tx, &metrics).await {
+            let result = if delta {
+                stream_delta(&cfg, &mut held, &config, &ready_tx, &metrics).await
+            } else {
+                stream_once(&cfg, &mut held, &config, &ready_tx, &metrics).await
+            };
+            match result {
                 Ok(()) => tracing::warn!("control plane closed the xDS stream; reconnecting"),
+                Err(e) if delta && unimplemented(e.as_ref()) => {
+                    tracing::info!("control plane has no delta xDS; using state of the world");
+                    delta = false;
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "xDS stream failed; serving the last accepted config")
                 }
@@ -194,7 +208,12 @@ async fn stream_once(
             .await?;
             continue;
         };
-        match apply(held, t, &resp) {
+        let update = Update {
+            resources: &resp.resources,
+            removed: &[],
+            replace: true,
+        };
+        match apply(held, t, update) {
             Ok(new_names) => {
                 held.versions
                     .insert(t.to_string(), resp.version_info.clone());
@@ -228,19 +247,166 @@ async fn stream_once(
     Ok(())
 }
 
+/// One delta ADS stream (xDS "incremental"): subscriptions by name, only changes travel.
+async fn stream_delta(
+    cfg: &RunConfig,
+    held: &mut Held,
+    config: &ArcSwap<MeshConfig>,
+    ready: &watch::Sender<bool>,
+    metrics: &crate::admin::Metrics,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cfg.xds_addr))?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .connect()
+        .await?;
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
+    let (tx, rx) = mpsc::channel(16);
+    let node = node(cfg);
+    for t in [
+        type_url::CLUSTER,
+        type_url::LISTENER,
+        type_url::ENDPOINT,
+        type_url::ROUTE,
+    ] {
+        let wildcard = matches!(t, type_url::CLUSTER | type_url::LISTENER);
+        let names: Vec<String> = held
+            .names
+            .get(t)
+            .map(|n| n.iter().cloned().collect())
+            .unwrap_or_default();
+        if !wildcard && names.is_empty() {
+            continue;
+        }
+        tx.send(DeltaDiscoveryRequest {
+            node: Some(node.clone()),
+            type_url: t.to_string(),
+            resource_names_subscribe: if wildcard { vec!["*".into()] } else { names },
+            // A reconnect says what it holds, so only differences come back.
+            initial_resource_versions: held
+                .delta_versions
+                .get(t)
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        })
+        .await?;
+    }
+    let mut responses = client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    tracing::info!(addr = %cfg.xds_addr, "delta xDS stream open");
+    while let Some(resp) = responses.message().await? {
+        let ack = |error: Option<String>| DeltaDiscoveryRequest {
+            type_url: resp.type_url.clone(),
+            response_nonce: resp.nonce.clone(),
+            error_detail: error.map(|message| weft_proto::envoy::google::rpc::Status {
+                code: 3,
+                message,
+                details: Vec::new(),
+            }),
+            ..Default::default()
+        };
+        let Some(t) = type_url::ALL.iter().find(|u| **u == resp.type_url).copied() else {
+            tx.send(ack(Some(format!(
+                "unsupported type_url {:?}",
+                resp.type_url
+            ))))
+            .await?;
+            continue;
+        };
+        let anys: Vec<pb::Any> = resp
+            .resources
+            .iter()
+            .filter_map(|r| r.resource.clone())
+            .collect();
+        let update = Update {
+            resources: &anys,
+            removed: &resp.removed_resources,
+            replace: false,
+        };
+        match apply(held, t, update) {
+            Ok(dependents) => {
+                let versions = held.delta_versions.entry(t).or_default();
+                for r in &resp.resources {
+                    versions.insert(r.name.clone(), r.version.clone());
+                }
+                for n in &resp.removed_resources {
+                    versions.remove(n);
+                }
+                held.versions
+                    .insert(t.to_string(), resp.system_version_info.clone());
+                config.store(Arc::new(compile(held)));
+                metrics.xds_updates.inc();
+                tx.send(ack(None)).await?;
+                if let Some((dep, names)) = dependents {
+                    let old = held.names.insert(dep, names.clone()).unwrap_or_default();
+                    let subscribe: Vec<String> = names.difference(&old).cloned().collect();
+                    let unsubscribe: Vec<String> = old.difference(&names).cloned().collect();
+                    if !subscribe.is_empty() || !unsubscribe.is_empty() {
+                        tx.send(DeltaDiscoveryRequest {
+                            type_url: dep.to_string(),
+                            resource_names_subscribe: subscribe,
+                            resource_names_unsubscribe: unsubscribe,
+                            ..Default::default()
+                        })
+                        .await?;
+                    }
+                }
+                if held.versions.len() == 4 {
+                    ready.send_replace(true);
+                }
+            }
+            Err(errors) => {
+                let message = errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                tracing::warn!(type_url = t, %message, "NACK: keeping the previous config");
+                metrics.xds_nacks.inc();
+                tx.send(ack(Some(message))).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether a stream error says the server does not speak delta xDS.
+fn unimplemented(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.downcast_ref::<tonic::Status>()
+        .is_some_and(|s| s.code() == tonic::Code::Unimplemented)
+}
+
 type Dependents = Option<(&'static str, BTreeSet<String>)>;
 
-/// Validates a whole response and, if every resource passes, replaces the held set of its type.
-fn apply(
-    held: &mut Held,
-    t: &'static str,
-    resp: &DiscoveryResponse,
-) -> Result<Dependents, Vec<Invalid>> {
+/// One response's content: the resources it carries and, for delta, the names it removes.
+struct Update<'a> {
+    resources: &'a [pb::Any],
+    removed: &'a [String],
+    /// State of the world: the resources replace the whole held set of the type.
+    replace: bool,
+}
+
+/// Validates a whole response and, if every resource passes, installs it (replacing the held
+/// set of its type for SotW, merging for delta); otherwise nothing changes.
+fn apply(held: &mut Held, t: &'static str, update: Update<'_>) -> Result<Dependents, Vec<Invalid>> {
     let mut errors = Vec::new();
     macro_rules! decode_all {
-        ($ty:ty, $kind:literal, $name:expr) => {{
-            let mut out = BTreeMap::new();
-            for any in &resp.resources {
+        ($ty:ty, $kind:literal, $name:expr, $current:expr) => {{
+            let mut out = if update.replace {
+                BTreeMap::new()
+            } else {
+                $current.clone()
+            };
+            for name in update.removed {
+                out.remove(name);
+            }
+            for any in update.resources {
                 if any.type_url != t {
                     errors.push(Invalid {
                         kind: $kind,
@@ -262,7 +428,12 @@ fn apply(
     }
     match t {
         type_url::LISTENER => {
-            let listeners = decode_all!(Listener, "Listener", |l: &Listener| l.name.clone());
+            let listeners = decode_all!(
+                Listener,
+                "Listener",
+                |l: &Listener| l.name.clone(),
+                held.listeners
+            );
             let mut routes = BTreeSet::new();
             for l in listeners.values() {
                 match state::listener_routes(l) {
@@ -283,7 +454,8 @@ fn apply(
             let routes = decode_all!(
                 RouteConfiguration,
                 "RouteConfiguration",
-                |r: &RouteConfiguration| r.name.clone()
+                |r: &RouteConfiguration| r.name.clone(),
+                held.routes
             );
             for r in routes.values() {
                 if let Err(e) = state::compile_routes(r) {
@@ -297,7 +469,12 @@ fn apply(
             Ok(None)
         }
         type_url::CLUSTER => {
-            let clusters = decode_all!(Cluster, "Cluster", |c: &Cluster| c.name.clone());
+            let clusters = decode_all!(
+                Cluster,
+                "Cluster",
+                |c: &Cluster| c.name.clone(),
+                held.clusters
+            );
             let mut eds = BTreeSet::new();
             for c in clusters.values() {
                 match state::cluster_eds_name(c) {
@@ -317,7 +494,8 @@ fn apply(
             let cla = decode_all!(
                 ClusterLoadAssignment,
                 "ClusterLoadAssignment",
-                |c: &ClusterLoadAssignment| c.cluster_name.clone()
+                |c: &ClusterLoadAssignment| c.cluster_name.clone(),
+                held.endpoints
             );
             for c in cla.values() {
                 if let Err(e) =

@@ -281,3 +281,108 @@ async fn killing_in_zone_endpoints_fails_over_with_no_failed_request() {
     );
     drop(b1);
 }
+
+#[tokio::test]
+async fn both_xds_flavours_configure_the_sidecar() {
+    let pod = echo("127.0.10.201", "pod", "a").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("world.yaml"),
+        world::docs(&[
+            world::service("echo", 80),
+            world::slice("echo", "echo", &[(pod.addr, "n1", true)]),
+        ]),
+    )
+    .expect("write");
+    let cp = weft_testkit::start_control_plane(dir.path())
+        .await
+        .expect("control plane");
+    let mut sidecars = Vec::new();
+    for (i, protocol) in [
+        weft_sidecar::config::XdsProtocol::Delta,
+        weft_sidecar::config::XdsProtocol::Sotw,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let ip = format!("127.0.10.{}", 210 + i).parse().expect("ip");
+        let mut cfg =
+            weft_sidecar::RunConfig::local(cp.xds_addr, ip, &format!("proxy-{protocol:?}"));
+        cfg.xds_protocol = protocol;
+        let sc = weft_sidecar::Sidecar::start(cfg).await.expect("sidecar");
+        ready(&sc).await;
+        let (status, body) = get_via(sc.outbound_addr, "echo", "/")
+            .await
+            .expect("request");
+        assert_eq!(
+            (status, body.split_whitespace().next()),
+            (200, Some("pod")),
+            "{protocol:?}"
+        );
+        sidecars.push(sc);
+    }
+    let mut admin =
+        weft_proto::admin::admin_client::AdminClient::connect(format!("http://{}", cp.xds_addr))
+            .await
+            .expect("admin");
+    let proxies = admin
+        .list_proxies(weft_proto::admin::ListProxiesRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .proxies;
+    let protocol_of = |id: &str| {
+        proxies
+            .iter()
+            .find(|p| p.node_id == id)
+            .map(|p| p.protocol.clone())
+    };
+    assert_eq!(protocol_of("proxy-Delta").as_deref(), Some("delta"));
+    assert_eq!(protocol_of("proxy-Sotw").as_deref(), Some("sotw"));
+    for p in &proxies {
+        for t in &p.types {
+            assert_eq!(
+                t.state(),
+                weft_proto::admin::SyncState::Synced,
+                "{} {}",
+                p.node_id,
+                t.type_url
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn requests_keep_succeeding_for_30s_without_the_control_plane() {
+    let pod = echo("127.0.11.1", "pod", "a").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("world.yaml"),
+        world::docs(&[
+            world::service("echo", 80),
+            world::slice("echo", "echo", &[(pod.addr, "n1", true)]),
+        ]),
+    )
+    .expect("write");
+    let cp = weft_testkit::start_control_plane(dir.path())
+        .await
+        .expect("control plane");
+    let sc = weft_testkit::start_sidecar(
+        cp.xds_addr,
+        "127.0.11.100".parse().expect("ip"),
+        "client",
+        "a",
+    )
+    .await
+    .expect("sidecar");
+    ready(&sc).await;
+    drop(cp);
+    // Bounded: 150 requests, one every 200 ms, for 30 s.
+    for i in 0..150 {
+        let (status, body) = get_via(sc.outbound_addr, "echo", "/")
+            .await
+            .expect("request");
+        assert_eq!(status, 200, "request {i} at {}ms: {body}", i * 200);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
