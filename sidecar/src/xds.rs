@@ -168,14 +168,7 @@ async fn stream_once(
     ready: &watch::Sender<bool>,
     metrics: &crate::admin::Metrics,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let endpoint = format!("http://{}", cfg.xds_addr);
-    let channel = tonic::transport::Endpoint::from_shared(endpoint)?
-        .connect_timeout(Duration::from_secs(3))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .connect()
-        .await?;
-    let mut client =
-        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
+    let mut client = connect(cfg).await?;
     let (tx, rx) = mpsc::channel(16);
     // CDS before LDS so clusters exist when routes name them; RDS/EDS follow by name.
     for t in [
@@ -247,6 +240,18 @@ async fn stream_once(
     Ok(())
 }
 
+type Ads = AggregatedDiscoveryServiceClient<tonic::transport::Channel>;
+
+/// An ADS client to the control plane.
+async fn connect(cfg: &RunConfig) -> Result<Ads, Box<dyn std::error::Error + Send + Sync>> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cfg.xds_addr))?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .connect()
+        .await?;
+    Ok(AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20))
+}
+
 /// One delta ADS stream (xDS "incremental"): subscriptions by name, only changes travel.
 async fn stream_delta(
     cfg: &RunConfig,
@@ -255,13 +260,7 @@ async fn stream_delta(
     ready: &watch::Sender<bool>,
     metrics: &crate::admin::Metrics,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cfg.xds_addr))?
-        .connect_timeout(Duration::from_secs(3))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .connect()
-        .await?;
-    let mut client =
-        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
+    let mut client = connect(cfg).await?;
     let (tx, rx) = mpsc::channel(16);
     let node = node(cfg);
     for t in [

@@ -13,10 +13,10 @@ use weft_proto::envoy::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
 
-use super::registry::{lock, now_ms};
+use super::registry::lock;
 use super::stream::{Ctx, LARGE, Protocol};
 use super::view::{AllChanges, TYPES, type_index};
-use super::{Subscription, legacy_wildcard_type, nack_detail, unknown_type};
+use super::{Subscription, legacy_wildcard_type, unknown_type};
 use crate::metrics::type_label;
 
 /// Per-stream delta state.
@@ -89,27 +89,8 @@ impl Protocol for Delta {
         };
         let st = &mut self.types[ti];
         if !req.response_nonce.is_empty() && req.response_nonce == st.nonce {
-            let mut rec = lock(&ctx.reg.record);
-            let t = &mut rec.types[ti];
-            if let Some(err) = &req.error_detail {
-                let detail = nack_detail(err);
-                tracing::warn!(node = %ctx.node.id, type_url = %req.type_url, nonce = %req.response_nonce, %detail, "NACK");
-                t.nack = Some(detail);
-                ctx.shared
-                    .metrics
-                    .nacks
-                    .get_or_create(&type_label(&req.type_url))
-                    .inc();
-            } else {
-                t.acked_version = t.sent_version.clone();
-                t.last_ack_ms = now_ms();
-                t.nack = None;
-                ctx.shared
-                    .metrics
-                    .acks
-                    .get_or_create(&type_label(&req.type_url))
-                    .inc();
-            }
+            // Delta ACKs carry no version: the one sent with this nonce is the one applied.
+            ctx.record_answer(ti, &req.response_nonce, req.error_detail.as_ref(), None);
         }
         let snap = ctx.snapshot.clone();
         let held = &snap.resources[ti];

@@ -4,10 +4,10 @@ use tonic::Status;
 use weft_proto::envoy::envoy::config::core::v3::Node;
 use weft_proto::envoy::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
-use super::registry::{lock, now_ms};
+use super::registry::lock;
 use super::stream::{Ctx, LARGE, Protocol};
 use super::view::{AllChanges, TYPES, type_index};
-use super::{Subscription, legacy_wildcard_type, nack_detail, unknown_type};
+use super::{Subscription, legacy_wildcard_type, unknown_type};
 use crate::metrics::type_label;
 
 /// Per-stream SotW state.
@@ -48,27 +48,12 @@ impl Protocol for Sotw {
                 // Stale: it answers a response that has been superseded already.
                 return Ok(());
             }
-            let mut rec = lock(&ctx.reg.record);
-            let t = &mut rec.types[ti];
-            if let Some(err) = &req.error_detail {
-                let detail = nack_detail(err);
-                tracing::warn!(node = %ctx.node.id, type_url = %req.type_url, nonce = %req.response_nonce, %detail, "NACK");
-                t.nack = Some(detail);
-                ctx.shared
-                    .metrics
-                    .nacks
-                    .get_or_create(&type_label(&req.type_url))
-                    .inc();
-            } else {
-                t.acked_version = req.version_info.clone();
-                t.last_ack_ms = now_ms();
-                t.nack = None;
-                ctx.shared
-                    .metrics
-                    .acks
-                    .get_or_create(&type_label(&req.type_url))
-                    .inc();
-            }
+            ctx.record_answer(
+                ti,
+                &req.response_nonce,
+                req.error_detail.as_ref(),
+                Some(&req.version_info),
+            );
         }
         let wildcard = req.resource_names.iter().any(|n| n == "*")
             || (req.resource_names.is_empty() && legacy_wildcard_type(&req.type_url));

@@ -8,9 +8,11 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Status, Streaming};
 use weft_proto::envoy::envoy::config::core::v3::Node;
 
-use super::registry::{NodeInfo, Registration};
+use super::nack_detail;
+use super::registry::{NodeInfo, Registration, lock, now_ms};
 use super::view::{AllChanges, PlaceSnapshot};
 use super::{ConnectedGuard, Shared};
+use crate::metrics::type_label;
 use crate::translate::Translation;
 
 /// One protocol's per-stream logic.
@@ -82,6 +84,36 @@ impl<R> Ctx<'_, R> {
     pub fn next_nonce(&mut self) -> String {
         self.nonce += 1;
         self.nonce.to_string()
+    }
+
+    /// Records the client's answer to the response `nonce` of type `ti`: a NACK (with its
+    /// message; the ACKed version stays what it was) or an ACK of `version` (SotW) or of the
+    /// version sent (delta).
+    pub fn record_answer(
+        &self,
+        ti: usize,
+        nonce: &str,
+        nack: Option<&weft_proto::envoy::google::rpc::Status>,
+        version: Option<&str>,
+    ) {
+        let type_url = weft_proto::type_url::ALL[ti];
+        let mut rec = lock(&self.reg.record);
+        let t = &mut rec.types[ti];
+        let metrics = &self.shared.metrics;
+        match nack {
+            Some(err) => {
+                let detail = nack_detail(err);
+                tracing::warn!(node = %self.node.id, type_url, nonce, %detail, "NACK");
+                t.nack = Some(detail);
+                metrics.nacks.get_or_create(&type_label(type_url)).inc();
+            }
+            None => {
+                t.acked_version = version.map_or_else(|| t.sent_version.clone(), str::to_string);
+                t.last_ack_ms = now_ms();
+                t.nack = None;
+                metrics.acks.get_or_create(&type_label(type_url)).inc();
+            }
+        }
     }
 
     /// Counts a refused request.
