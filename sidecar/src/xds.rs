@@ -225,13 +225,7 @@ async fn stream_once(
                 }
             }
             Err(errors) => {
-                let message = errors
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                tracing::warn!(type_url = t, version = %resp.version_info, %message, "NACK: keeping the previous config");
-                metrics.xds_nacks.inc();
+                let message = nack_message(t, &errors, metrics);
                 tx.send(request(cfg, t, held, &resp.nonce, Some(message)))
                     .await?;
             }
@@ -361,18 +355,24 @@ async fn stream_delta(
                 }
             }
             Err(errors) => {
-                let message = errors
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                tracing::warn!(type_url = t, %message, "NACK: keeping the previous config");
-                metrics.xds_nacks.inc();
+                let message = nack_message(t, &errors, metrics);
                 tx.send(ack(Some(message))).await?;
             }
         }
     }
     Ok(())
+}
+
+/// The NACK message for refused resources (each named with its field), logged and counted.
+fn nack_message(type_url: &str, errors: &[Invalid], metrics: &crate::admin::Metrics) -> String {
+    let message = errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    tracing::warn!(type_url, %message, "NACK: keeping the previous config");
+    metrics.xds_nacks.inc();
+    message
 }
 
 /// Whether a stream error says the server does not speak delta xDS.

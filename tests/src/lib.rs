@@ -19,6 +19,22 @@ pub async fn start_control_plane(
     ControlPlane::start(weft_control_plane::Config::local(dir)).await
 }
 
+/// Writes `docs` as `world.yaml` in a new directory and starts a control plane over it. The
+/// directory lives as long as the returned `TempDir`.
+pub async fn control_plane_over(docs: &[String]) -> (tempfile::TempDir, ControlPlane) {
+    let dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => panic!("tempdir: {e}"),
+    };
+    if let Err(e) = std::fs::write(dir.path().join("world.yaml"), world::docs(docs)) {
+        panic!("writing the world: {e}");
+    }
+    match start_control_plane(dir.path()).await {
+        Ok(cp) => (dir, cp),
+        Err(e) => panic!("control plane: {e}"),
+    }
+}
+
 /// Starts a sidecar bound on `ip` (port 0 for every listener) that takes config from `xds`.
 pub async fn start_sidecar(
     xds: SocketAddr,

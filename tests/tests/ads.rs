@@ -112,12 +112,11 @@ fn sotw(
     }
 }
 
-fn decode_route(r: &DiscoveryResponse) -> RouteConfiguration {
-    RouteConfiguration::decode(r.resources[0].value.as_slice()).expect("route decodes")
-}
+type Ads = AggregatedDiscoveryServiceClient<tonic::transport::Channel>;
+type Admin = AdminClient<tonic::transport::Channel>;
 
-#[tokio::test]
-async fn sotw_initial_push_nack_and_update() {
+/// A control plane over the 90/10 world, with an ADS and an admin client on one channel.
+async fn world_and_clients() -> (tempfile::TempDir, weft_testkit::ControlPlane, Ads, Admin) {
     let dir = tempfile::tempdir().expect("tempdir");
     write_world(dir.path(), 90);
     let cp = weft_testkit::start_control_plane(dir.path())
@@ -128,8 +127,20 @@ async fn sotw_initial_push_nack_and_update() {
         .connect()
         .await
         .expect("connect");
-    let mut ads = AggregatedDiscoveryServiceClient::new(channel.clone());
-    let mut admin = AdminClient::new(channel);
+    let (ads, admin) = (
+        AggregatedDiscoveryServiceClient::new(channel.clone()),
+        AdminClient::new(channel),
+    );
+    (dir, cp, ads, admin)
+}
+
+fn decode_route(r: &DiscoveryResponse) -> RouteConfiguration {
+    RouteConfiguration::decode(r.resources[0].value.as_slice()).expect("route decodes")
+}
+
+#[tokio::test]
+async fn sotw_initial_push_nack_and_update() {
+    let (dir, _cp, mut ads, mut admin) = world_and_clients().await;
     let (tx, rx) = mpsc::channel(16);
     let mut resp = ads
         .stream_aggregated_resources(ReceiverStream::new(rx))
@@ -337,18 +348,7 @@ fn delta(
 
 #[tokio::test]
 async fn delta_initial_incremental_and_nack() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_world(dir.path(), 90);
-    let cp = weft_testkit::start_control_plane(dir.path())
-        .await
-        .expect("control plane");
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cp.xds_addr))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let mut ads = AggregatedDiscoveryServiceClient::new(channel.clone());
-    let mut admin = AdminClient::new(channel);
+    let (dir, _cp, mut ads, mut admin) = world_and_clients().await;
     let (tx, rx) = mpsc::channel(16);
     let mut resp = ads
         .delta_aggregated_resources(ReceiverStream::new(rx))

@@ -33,18 +33,11 @@ async fn setup(
     )
     .await
     .expect("echo");
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("world.yaml"),
-        world::docs(&[
-            world::service("echo", 80),
-            world::slice("echo", "echo", &[(echo.addr, "n1", true)]),
-        ]),
-    )
-    .expect("write");
-    let cp = weft_testkit::start_control_plane(dir.path())
-        .await
-        .expect("control plane");
+    let (dir, cp) = weft_testkit::control_plane_over(&[
+        world::service("echo", 80),
+        world::slice("echo", "echo", &[(echo.addr, "n1", true)]),
+    ])
+    .await;
     let mut cfg = weft_sidecar::RunConfig::local(cp.xds_addr, ip.parse().expect("ip"), "client");
     tweak(&mut cfg);
     let sc = weft_sidecar::Sidecar::start(cfg).await.expect("sidecar");

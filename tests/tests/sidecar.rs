@@ -56,22 +56,15 @@ async fn ready(sidecar: &weft_testkit::Sidecar) {
 async fn split_90_10_through_the_sidecar() {
     let v1 = echo("127.0.2.1", "v1", "a").await;
     let v2 = echo("127.0.2.2", "v2", "a").await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("world.yaml"),
-        world::docs(&[
-            world::service("echo", 80),
-            world::service("echo-v1", 80),
-            world::service("echo-v2", 80),
-            world::slice("echo-v1", "echo-v1", &[(v1.addr, "n1", true)]),
-            world::slice("echo-v2", "echo-v2", &[(v2.addr, "n1", true)]),
-            world::split("echo", "echo", &[("echo-v1", 90), ("echo-v2", 10)]),
-        ]),
-    )
-    .expect("write");
-    let cp = weft_testkit::start_control_plane(dir.path())
-        .await
-        .expect("control plane");
+    let (_dir, cp) = weft_testkit::control_plane_over(&[
+        world::service("echo", 80),
+        world::service("echo-v1", 80),
+        world::service("echo-v2", 80),
+        world::slice("echo-v1", "echo-v1", &[(v1.addr, "n1", true)]),
+        world::slice("echo-v2", "echo-v2", &[(v2.addr, "n1", true)]),
+        world::split("echo", "echo", &[("echo-v1", 90), ("echo-v2", 10)]),
+    ])
+    .await;
     let sc = weft_testkit::start_sidecar(
         cp.xds_addr,
         "127.0.2.100".parse().expect("ip"),
@@ -237,28 +230,21 @@ async fn killing_in_zone_endpoints_fails_over_with_no_failed_request() {
     let a1 = echo("127.0.6.1", "a1", "a").await;
     let a2 = echo("127.0.6.2", "a2", "a").await;
     let b1 = echo("127.0.6.3", "b1", "b").await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("world.yaml"),
-        world::docs(&[
-            world::service("echo", 80),
-            world::node("na", "r1", "a"),
-            world::node("nb", "r1", "b"),
-            world::slice(
-                "echo",
-                "echo",
-                &[
-                    (a1.addr, "na", true),
-                    (a2.addr, "na", true),
-                    (b1.addr, "nb", true),
-                ],
-            ),
-        ]),
-    )
-    .expect("write");
-    let cp = weft_testkit::start_control_plane(dir.path())
-        .await
-        .expect("control plane");
+    let (_dir, cp) = weft_testkit::control_plane_over(&[
+        world::service("echo", 80),
+        world::node("na", "r1", "a"),
+        world::node("nb", "r1", "b"),
+        world::slice(
+            "echo",
+            "echo",
+            &[
+                (a1.addr, "na", true),
+                (a2.addr, "na", true),
+                (b1.addr, "nb", true),
+            ],
+        ),
+    ])
+    .await;
     let sc = weft_testkit::start_sidecar(
         cp.xds_addr,
         "127.0.6.100".parse().expect("ip"),
@@ -285,18 +271,11 @@ async fn killing_in_zone_endpoints_fails_over_with_no_failed_request() {
 #[tokio::test]
 async fn both_xds_flavours_configure_the_sidecar() {
     let pod = echo("127.0.10.201", "pod", "a").await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("world.yaml"),
-        world::docs(&[
-            world::service("echo", 80),
-            world::slice("echo", "echo", &[(pod.addr, "n1", true)]),
-        ]),
-    )
-    .expect("write");
-    let cp = weft_testkit::start_control_plane(dir.path())
-        .await
-        .expect("control plane");
+    let (_dir, cp) = weft_testkit::control_plane_over(&[
+        world::service("echo", 80),
+        world::slice("echo", "echo", &[(pod.addr, "n1", true)]),
+    ])
+    .await;
     let mut sidecars = Vec::new();
     for (i, protocol) in [
         weft_sidecar::config::XdsProtocol::Delta,
@@ -355,18 +334,11 @@ async fn both_xds_flavours_configure_the_sidecar() {
 #[tokio::test]
 async fn requests_keep_succeeding_for_30s_without_the_control_plane() {
     let pod = echo("127.0.11.1", "pod", "a").await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("world.yaml"),
-        world::docs(&[
-            world::service("echo", 80),
-            world::slice("echo", "echo", &[(pod.addr, "n1", true)]),
-        ]),
-    )
-    .expect("write");
-    let cp = weft_testkit::start_control_plane(dir.path())
-        .await
-        .expect("control plane");
+    let (_dir, cp) = weft_testkit::control_plane_over(&[
+        world::service("echo", 80),
+        world::slice("echo", "echo", &[(pod.addr, "n1", true)]),
+    ])
+    .await;
     let sc = weft_testkit::start_sidecar(
         cp.xds_addr,
         "127.0.11.100".parse().expect("ip"),

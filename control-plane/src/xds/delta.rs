@@ -13,11 +13,9 @@ use weft_proto::envoy::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
 
-use super::registry::lock;
 use super::stream::{Ctx, LARGE, Protocol};
 use super::view::{AllChanges, TYPES, type_index};
 use super::{Subscription, legacy_wildcard_type, unknown_type};
-use crate::metrics::type_label;
 
 /// Per-stream delta state.
 #[derive(Default)]
@@ -306,20 +304,7 @@ impl Delta {
         let nonce = ctx.next_nonce();
         let version = ctx.snapshot.version.to_string();
         st.nonce = nonce.clone();
-        {
-            let mut rec = lock(&ctx.reg.record);
-            rec.snapshot = Some(ctx.snapshot.clone());
-            let t = &mut rec.types[ti];
-            t.sent = true;
-            t.sent_version = version.clone();
-            t.sent_nonce = nonce.clone();
-            t.sub = Some(sub);
-        }
-        ctx.shared
-            .metrics
-            .pushes
-            .get_or_create(&type_label(type_url))
-            .inc();
+        ctx.record_sent(ti, &version, &nonce, sub);
         let resp = DeltaDiscoveryResponse {
             system_version_info: version,
             resources,

@@ -4,11 +4,9 @@ use tonic::Status;
 use weft_proto::envoy::envoy::config::core::v3::Node;
 use weft_proto::envoy::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
-use super::registry::lock;
 use super::stream::{Ctx, LARGE, Protocol};
 use super::view::{AllChanges, TYPES, type_index};
 use super::{Subscription, legacy_wildcard_type, unknown_type};
-use crate::metrics::type_label;
 
 /// Per-stream SotW state.
 #[derive(Default)]
@@ -107,20 +105,7 @@ impl Sotw {
             .collect();
         let version = ctx.snapshot.version.to_string();
         self.types[ti].nonce = nonce.clone();
-        {
-            let mut rec = lock(&ctx.reg.record);
-            rec.snapshot = Some(ctx.snapshot.clone());
-            let t = &mut rec.types[ti];
-            t.sent = true;
-            t.sent_version = version.clone();
-            t.sent_nonce = nonce.clone();
-            t.sub = Some(sub);
-        }
-        ctx.shared
-            .metrics
-            .pushes
-            .get_or_create(&type_label(type_url))
-            .inc();
+        ctx.record_sent(ti, &version, &nonce, sub);
         let resp = DiscoveryResponse {
             version_info: version,
             resources,

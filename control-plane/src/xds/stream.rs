@@ -116,6 +116,26 @@ impl<R> Ctx<'_, R> {
         }
     }
 
+    /// Records a response about to be sent: what the proxy will hold, under which version and
+    /// nonce, for which subscription.
+    pub fn record_sent(&self, ti: usize, version: &str, nonce: &str, sub: super::Subscription) {
+        {
+            let mut rec = lock(&self.reg.record);
+            rec.snapshot = Some(self.snapshot.clone());
+            let t = &mut rec.types[ti];
+            t.sent = true;
+            t.sent_version = version.to_string();
+            t.sent_nonce = nonce.to_string();
+            t.sub = Some(sub);
+        }
+        let type_url = weft_proto::type_url::ALL[ti];
+        self.shared
+            .metrics
+            .pushes
+            .get_or_create(&type_label(type_url))
+            .inc();
+    }
+
     /// Counts a refused request.
     pub fn refused(&self, reason: &str) {
         self.shared
