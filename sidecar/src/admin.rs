@@ -39,6 +39,10 @@ pub struct Metrics {
     pub tcp_connections: Family<Labels, Counter>,
     /// `weft_proxy_connection_errors_total{listener}`: connections closed on protocol errors.
     pub connection_errors: Family<Labels, Counter>,
+    /// `weft_proxy_spans_exported_total`.
+    pub spans_exported: Counter,
+    /// `weft_proxy_spans_dropped_total`: spans lost to a full queue or a failed export.
+    pub spans_dropped: Counter,
     /// `weft_proxy_inbound_connections_total`.
     pub inbound_connections: Counter,
     /// `weft_xds_updates_total`: accepted xDS responses.
@@ -101,6 +105,17 @@ impl Metrics {
             "xDS stream losses",
             xds_disconnects.clone(),
         );
+        let (spans_exported, spans_dropped) = (Counter::default(), Counter::default());
+        registry.register(
+            "weft_proxy_spans_exported",
+            "Spans exported over OTLP",
+            spans_exported.clone(),
+        );
+        registry.register(
+            "weft_proxy_spans_dropped",
+            "Spans dropped (queue full or export failed)",
+            spans_dropped.clone(),
+        );
         let connection_errors = Family::<Labels, Counter>::default();
         registry.register(
             "weft_proxy_connection_errors",
@@ -138,6 +153,8 @@ impl Metrics {
             ejections,
             tcp_connections,
             connection_errors,
+            spans_exported,
+            spans_dropped,
             inbound_connections,
             xds_updates,
             xds_nacks,

@@ -51,6 +51,9 @@ pub struct RunConfig {
         default_value = "21,25,110,143,587,3306"
     )]
     pub server_first_ports: Vec<u16>,
+    /// OTLP/gRPC collector for request spans, e.g. `http://127.0.0.1:4317` (off when unset).
+    #[arg(long, env = "WEFT_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// xDS flavour: delta (incremental; falls back to sotw when the server lacks it) or sotw.
     #[arg(long, env = "WEFT_XDS_PROTOCOL", value_enum, default_value = "delta")]
     pub xds_protocol: XdsProtocol,
@@ -109,6 +112,7 @@ impl RunConfig {
             drain_timeout: std::time::Duration::from_secs(5),
             header_read_timeout: std::time::Duration::from_secs(10),
             xds_protocol: XdsProtocol::Delta,
+            otlp_endpoint: None,
             log: "info".into(),
         }
     }

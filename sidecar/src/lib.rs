@@ -15,6 +15,7 @@ pub mod init;
 pub mod outbound;
 pub mod resilience;
 pub mod state;
+pub mod telemetry;
 pub mod xds;
 
 use std::net::SocketAddr;
@@ -70,6 +71,7 @@ impl Sidecar {
             cfg.namespace.clone(),
             cfg.server_first_ports.clone(),
             cfg.header_read_timeout,
+            telemetry::Tracer::start(cfg.otlp_endpoint.clone(), metrics.clone()),
             xds.clone(),
             metrics.clone(),
         )

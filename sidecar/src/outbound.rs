@@ -30,7 +30,9 @@ use crate::resilience::{
     CONNECT_FAILURE_EJECTION, ClusterPolicy, ClusterRuntime, Outcome, RetryPolicy,
 };
 use crate::state::{Endpoints, HashOn, RouteTarget};
+use crate::telemetry::{FinishedSpan, TRACEPARENT, TraceContext, Tracer};
 use crate::xds::XdsHandle;
+use tracing::Instrument;
 
 /// Response body of the proxy.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -49,6 +51,7 @@ struct Proxy {
     namespace: String,
     server_first_ports: Vec<u16>,
     header_read_timeout: Duration,
+    tracer: Tracer,
 }
 
 /// Largest request head (request line and headers) accepted.
@@ -76,6 +79,7 @@ impl Outbound {
         namespace: String,
         server_first_ports: Vec<u16>,
         header_read_timeout: Duration,
+        tracer: Tracer,
         xds: XdsHandle,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
@@ -95,6 +99,7 @@ impl Outbound {
                 namespace,
                 server_first_ports,
                 header_read_timeout,
+                tracer,
             }),
         })
     }
@@ -246,24 +251,64 @@ impl Proxy {
         resp
     }
 
+    /// One request, inside its trace span: the caller's `traceparent` is continued (or a trace
+    /// started) and the upstream sees the sidecar's span as parent.
     async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        orig: Option<SocketAddr>,
+    ) -> Response<Body> {
+        let parent = req
+            .headers()
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceContext::parse);
+        let trace = TraceContext::child_of(parent.as_ref());
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&trace.header()) {
+            req.headers_mut().insert(TRACEPARENT, v);
+        }
+        let start = std::time::SystemTime::now();
+        let attributes = vec![
+            ("http.request.method", req.method().to_string()),
+            ("url.path", req.uri().path().to_string()),
+            ("server.address", request_authority(&req)),
+        ];
+        let span = tracing::debug_span!("request", trace_id = %trace.header());
+        let resp = self.route(req, peer, orig).instrument(span).await;
+        if self.tracer.enabled() && trace.sampled {
+            let mut attributes = attributes;
+            let status = resp.status();
+            attributes.push(("http.response.status_code", status.as_str().to_string()));
+            if let Some(reason) = resp
+                .headers()
+                .get(PROXY_REASON_HEADER)
+                .and_then(|v| v.to_str().ok())
+            {
+                attributes.push(("weft.reason", reason.to_string()));
+            }
+            let span = FinishedSpan {
+                context: trace,
+                parent: parent.map(|p| p.span_id),
+                name: "weft.outbound",
+                start,
+                end: std::time::SystemTime::now(),
+                attributes,
+                error: status.is_server_error(),
+            };
+            self.tracer.record(span, &self.metrics);
+        }
+        resp
+    }
+
+    async fn route(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
         orig: Option<SocketAddr>,
     ) -> Response<Body> {
         let started = Instant::now();
-        let authority = req
-            .uri()
-            .authority()
-            .map(|a| a.to_string())
-            .or_else(|| {
-                req.headers()
-                    .get(hyper::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            })
-            .unwrap_or_default();
+        let authority = request_authority(&req);
         let config = self.xds.config.load();
         // By name first; an intercepted client that dialed a Service IP is found by that IP.
         let routes = config
@@ -531,6 +576,20 @@ impl Attempts<'_> {
         }
         Ok(req)
     }
+}
+
+/// The request's authority: from the URI (HTTP/2, absolute form) or the Host header.
+fn request_authority<B>(req: &Request<B>) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            req.headers()
+                .get(hyper::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
 }
 
 /// Picks a cluster by weight; `roll` is a uniform random number.

@@ -33,6 +33,8 @@ pub struct Behavior {
     pub fail_every: AtomicU32,
     /// Wait this long before answering.
     pub delay_ms: AtomicU64,
+    /// The `traceparent` header of the last request.
+    pub last_traceparent: std::sync::Mutex<Option<String>>,
 }
 
 /// A running echo server; dropping it stops it (connections then fail, as a dead pod's would).
@@ -73,11 +75,21 @@ impl Echo {
                 let (body, counter, b) = (body.clone(), counter.clone(), b.clone());
                 let mut stopped = stopped.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |_req| {
-                        let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
-                        let (body, b) = (body.clone(), b.clone());
-                        async move { Ok::<_, Infallible>(answer(n, body, &b).await) }
-                    });
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+                            let tp = req
+                                .headers()
+                                .get("traceparent")
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string);
+                            if let Ok(mut last) = b.last_traceparent.lock() {
+                                *last = tp;
+                            }
+                            let (body, b) = (body.clone(), b.clone());
+                            async move { Ok::<_, Infallible>(answer(n, body, &b).await) }
+                        },
+                    );
                     let builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     let conn = builder.serve_connection(TokioIo::new(stream), svc);
