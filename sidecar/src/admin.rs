@@ -29,6 +29,10 @@ pub struct Metrics {
     pub requests: Family<Labels, Counter>,
     /// `weft_proxy_request_duration_seconds{cluster}`.
     pub latency: Family<Labels, Histogram>,
+    /// `weft_proxy_endpoint_requests_total{cluster,endpoint,outcome}`: tries per endpoint.
+    pub endpoint_requests: Family<Labels, Counter>,
+    /// `weft_proxy_endpoint_request_duration_seconds{cluster,endpoint}`.
+    pub endpoint_latency: Family<Labels, Histogram>,
     /// `weft_proxy_retries_total{cluster}`.
     pub retries: Family<Labels, Counter>,
     /// `weft_proxy_overflows_total{cluster,reason}`: circuit breaker and retry budget refusals.
@@ -105,6 +109,20 @@ impl Metrics {
             "xDS stream losses",
             xds_disconnects.clone(),
         );
+        let endpoint_requests = Family::<Labels, Counter>::default();
+        let endpoint_latency = Family::<Labels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "weft_proxy_endpoint_requests",
+            "Tries per endpoint, by outcome",
+            endpoint_requests.clone(),
+        );
+        registry.register(
+            "weft_proxy_endpoint_request_duration_seconds",
+            "Latency of tries per endpoint",
+            endpoint_latency.clone(),
+        );
         let (spans_exported, spans_dropped) = (Counter::default(), Counter::default());
         registry.register(
             "weft_proxy_spans_exported",
@@ -155,6 +173,8 @@ impl Metrics {
             connection_errors,
             spans_exported,
             spans_dropped,
+            endpoint_requests,
+            endpoint_latency,
             inbound_connections,
             xds_updates,
             xds_nacks,
@@ -174,6 +194,27 @@ impl Metrics {
         self.latency
             .get_or_create(&vec![("cluster".into(), cluster.into())])
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Records one try against one endpoint (`outcome`: the status, or connect-failure,
+    /// reset, timeout).
+    pub fn attempt(
+        &self,
+        cluster: &str,
+        endpoint: SocketAddr,
+        outcome: &str,
+        elapsed: std::time::Duration,
+    ) {
+        let labels = vec![
+            ("cluster".into(), cluster.into()),
+            ("endpoint".into(), endpoint.to_string()),
+        ];
+        let mut with_outcome = labels.clone();
+        with_outcome.push(("outcome".into(), outcome.into()));
+        self.endpoint_requests.get_or_create(&with_outcome).inc();
+        self.endpoint_latency
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
     }
 
     /// Counts a retry.

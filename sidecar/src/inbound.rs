@@ -1,5 +1,5 @@
 //! Inbound: connections from other workloads, forwarded to the local application
-//! (`--app-addr`). mTLS termination will sit between accept and forward.
+//! (`--app-addr`, else the original destination of a redirected connection). mTLS termination will sit between accept and forward.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -54,8 +54,12 @@ impl Inbound {
                     continue;
                 }
             };
-            let Some(app) = self.app else {
-                tracing::warn!(%peer, "inbound connection closed: no --app-addr (original destination needs interception)");
+            // The application: --app-addr, else where the redirected connection was going.
+            let orig = crate::detect::original_dst(&client)
+                .filter(|o| Some(*o) != client.local_addr().ok());
+            let Some(app) = self.app.or(orig) else {
+                tracing::warn!(%peer, "inbound connection closed: no --app-addr and not redirected");
+                self.metrics.connection_error("inbound");
                 continue;
             };
             let metrics = self.metrics.clone();

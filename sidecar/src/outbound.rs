@@ -483,6 +483,15 @@ impl Attempts<'_> {
                 Ok(Err(_)) => (Outcome::Reset, None),
                 Err(()) => (Outcome::Timeout, None),
             };
+            let label = match outcome {
+                Outcome::Status(code) => code.to_string(),
+                Outcome::ConnectFailure => "connect-failure".into(),
+                Outcome::Reset => "reset".into(),
+                Outcome::Timeout => "timeout".into(),
+            };
+            self.this
+                .metrics
+                .attempt(self.cluster, target.addr, &label, started.elapsed());
             let outlier = match (&self.policy.outlier, outcome) {
                 (Some(o), _) => Some(o),
                 (None, Outcome::ConnectFailure) => Some(&CONNECT_FAILURE_EJECTION),

@@ -102,6 +102,21 @@ async fn retries_recover_a_flaky_upstream() {
     // Every even-numbered try fails: the first request passes, each later one fails its first
     // try and succeeds on its retry.
     assert_eq!(metric(&sc, "weft_proxy_retries_total").await, 99.0);
+    // Per endpoint: every try is counted with its outcome.
+    let (_, body) = get_via(sc.admin_addr, "admin", "/metrics")
+        .await
+        .expect("metrics");
+    let tries = |outcome: &str| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with("weft_proxy_endpoint_requests_total"))
+            .filter(|l| {
+                l.contains(&format!("outcome=\"{outcome}\""))
+                    && l.contains(&format!("endpoint=\"{}\"", flaky.addr))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!((tries("200"), tries("503")), (100.0, 99.0));
     assert_eq!(flaky.served.load(Ordering::Relaxed), 199);
 }
 
