@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Side-by-side HTTP/1.1 keep-alive proxy benchmark on loopback (not a test; ~2 minutes):
+# the same wrk load straight to an nginx upstream, then through the Weft sidecar (explicit
+# mode), haproxy and nginx as reverse proxies. Each proxy runs pinned to core 0 with one
+# worker; wrk and the upstream share core 1. Measured per contender: requests/s, wrk's latency
+# percentiles (at saturation; wrk does not correct coordinated omission), the proxy's CPU time
+# per request (utime+stime from /proc before/after, LAB.md's method) and its RSS.
+# Results are appended to BENCHMARKS.md.
+#
+#   apt-get install -y haproxy nginx wrk     # once
+#   ./e2e/bench/proxies.sh                   # DURATION=10 CONNS=50 by default
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-50}
+HOST=echo.default.svc.cluster.local
+for tool in wrk haproxy nginx taskset curl; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install -y haproxy nginx wrk"; exit 1; }
+done
+cargo build --release -q -p weft-sidecar -p weft-control-plane
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+cat > "$work/upstream.conf" <<EOF
+worker_processes 1; daemon off; pid $work/up.pid; error_log $work/up.err;
+events { worker_connections 4096; }
+http { access_log off;
+  server { listen 127.0.0.1:18080; keepalive_requests 10000000; location / { return 200 "upstream\n"; } } }
+EOF
+taskset -c 1 nginx -c "$work/upstream.conf" -p "$work" & pids+=($!)
+
+cat > "$work/haproxy.cfg" <<EOF
+global
+  nbthread 1
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend f
+  bind 127.0.0.1:18081
+  default_backend b
+backend b
+  server s1 127.0.0.1:18080
+EOF
+taskset -c 0 haproxy -f "$work/haproxy.cfg" & pids+=($!)
+
+cat > "$work/proxy.conf" <<EOF
+worker_processes 1; daemon off; pid $work/px.pid; error_log $work/px.err;
+events { worker_connections 4096; }
+http { access_log off;
+  upstream up { server 127.0.0.1:18080; keepalive 128; }
+  server { listen 127.0.0.1:18082; keepalive_requests 10000000;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+EOF
+taskset -c 0 nginx -c "$work/proxy.conf" -p "$work" & pids+=($!)
+
+mkdir "$work/world"
+cat > "$work/world/world.yaml" <<EOF
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: default}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: echo, namespace: default, labels: {kubernetes.io/service-name: echo}}
+addressType: IPv4
+ports: [{name: http, port: 18080}]
+endpoints: [{addresses: ["127.0.0.1"]}]
+EOF
+taskset -c 1 target/release/weft-control-plane --source-dir "$work/world" --xds-plaintext-addr 127.0.0.1:18090 \
+  --metrics-addr 127.0.0.1:18091 --log warn >/dev/null & pids+=($!)
+taskset -c 0 target/release/weft-sidecar run --xds-addr 127.0.0.1:18090 --outbound-addr 127.0.0.1:18083 \
+  --inbound-addr 127.0.0.1:18084 --admin-addr 127.0.0.1:18085 --log warn >/dev/null & weft=$!; pids+=($weft)
+for _ in $(seq 100); do
+  curl -fs http://127.0.0.1:18085/ready >/dev/null 2>&1 && break
+  sleep 0.1
+done
+curl -fs -H "Host: $HOST" http://127.0.0.1:18083/ | grep -q upstream || { echo "weft sidecar does not route"; exit 1; }
+sleep 0.5
+
+ticks() { # utime+stime of a pid, in clock ticks
+  awk '{print $14 + $15}' "/proc/$1/stat"
+}
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+hz=$(getconf CLK_TCK)
+
+results=()
+measure() { # name port pid
+  local name=$1 port=$2 pid=$3 before after out reqs rps p50 p90 p99 cpu rss
+  # warm-up
+  taskset -c 1 wrk -t1 -c"$CONNS" -d2s -H "Host: $HOST" "http://127.0.0.1:$port/" >/dev/null
+  before=$( [ "$pid" = - ] && echo 0 || ticks "$pid")
+  out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "Host: $HOST" "http://127.0.0.1:$port/")
+  after=$( [ "$pid" = - ] && echo 0 || ticks "$pid")
+  reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+  rps=$(echo "$out" | awk '/Requests\/sec/ {printf "%.0f", $2}')
+  p50=$(echo "$out" | awk '$1=="50%" {print $2}')
+  p90=$(echo "$out" | awk '$1=="90%" {print $2}')
+  p99=$(echo "$out" | awk '$1=="99%" {print $2}')
+  if [ "$pid" = - ]; then cpu="-"; rss="-"; else
+    cpu=$(awk -v d=$((after - before)) -v hz="$hz" -v n="$reqs" 'BEGIN {printf "%.1f", d / hz / n * 1e6}')
+    rss="$(( $(rss_kib "$pid") / 1024 )) MiB"
+  fi
+  echo "$name: $rps req/s, p50 $p50, p90 $p90, p99 $p99, CPU $cpu µs/request, RSS $rss"
+  results+=("| $name | $rps | $p50 | $p90 | $p99 | $cpu | $rss |")
+}
+weft_idle_rss=$(( $(rss_kib "$weft") / 1024 ))
+nginx_worker=$(pgrep -P "$(cat "$work/px.pid")" | head -1)
+haproxy_pid=$(pgrep -f "haproxy -f $work/haproxy.cfg" | tail -1)
+measure direct 18080 -
+measure "weft sidecar" 18083 "$weft"
+measure haproxy 18081 "$haproxy_pid"
+measure "nginx proxy" 18082 "$nginx_worker"
+
+{
+  echo
+  echo "## Sidecar vs direct, haproxy, nginx (HTTP/1.1 keep-alive) — $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo "Machine: $(nproc) cores ($(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | xargs)); $(haproxy -v | head -1 | cut -d' ' -f1-3); $(nginx -v 2>&1); $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)."
+  echo "Each proxy pinned to core 0 (one worker/thread); wrk (1 thread, $CONNS connections, ${DURATION}s) and the nginx upstream on core 1."
+  echo
+  echo "Command: \`DURATION=$DURATION CONNS=$CONNS ./e2e/bench/proxies.sh\`"
+  echo
+  echo "| contender | req/s | p50 | p90 | p99 | proxy CPU µs/request | proxy RSS under load |"
+  echo "|---|---|---|---|---|---|---|"
+  printf '%s\n' "${results[@]}"
+  echo
+  echo "Weft sidecar RSS idle (config loaded): ${weft_idle_rss} MiB. Latencies are wrk's at saturation (closed loop, no coordinated-omission correction); the fixed-rate latency run (oha at 1k/5k rps) is not built yet."
+} | tee -a BENCHMARKS.md
