@@ -53,6 +53,8 @@ enum Command {
     Services,
     /// Source problems: files that do not parse, objects that fail validation (exit 1 if any).
     Errors,
+    /// Diagnose the mesh: each problem with its object, cause and fix (exit 0 only when clean).
+    Check,
     /// The config the control plane last sent to one proxy.
     ProxyConfig {
         /// The proxy's node id.
@@ -81,6 +83,7 @@ fn main() -> anyhow::Result<()> {
             Command::Status => query::status(cli.cp, cli.output).await,
             Command::Services => query::services(cli.cp, cli.output).await,
             Command::Errors => query::errors(cli.cp, cli.output).await,
+            Command::Check => query::check(cli.cp, cli.output).await,
             Command::ProxyConfig { proxy, kind } => {
                 query::proxy_config(cli.cp, &proxy, kind, cli.output).await
             }

@@ -295,6 +295,48 @@ pub async fn errors(cp: SocketAddr, format: Format) -> anyhow::Result<i32> {
     Ok(i32::from(!rows.is_empty()))
 }
 
+/// One finding of `weftctl check`.
+#[derive(Serialize)]
+pub struct FindingRow {
+    /// Stable code, e.g. `selector-matches-no-pod`.
+    pub code: String,
+    /// The object.
+    pub object: String,
+    /// What is wrong.
+    pub problem: String,
+    /// How to fix it.
+    pub fix: String,
+}
+
+/// `weftctl check`; exit 0 only when clean.
+pub async fn check(cp: SocketAddr, format: Format) -> anyhow::Result<i32> {
+    let resp = client(cp)
+        .await?
+        .check(weft_proto::admin::CheckRequest {})
+        .await?
+        .into_inner();
+    let rows: Vec<FindingRow> = resp
+        .findings
+        .into_iter()
+        .map(|f| FindingRow {
+            code: f.code,
+            object: f.object,
+            problem: f.problem,
+            fix: f.fix,
+        })
+        .collect();
+    if rows.is_empty() && format == Format::Table {
+        println!("no problems found");
+        return Ok(0);
+    }
+    let table = rows
+        .iter()
+        .map(|r| vec![r.object.clone(), r.problem.clone(), r.fix.clone()])
+        .collect();
+    print(format, &rows, &["OBJECT", "PROBLEM", "FIX"], table)?;
+    Ok(i32::from(!rows.is_empty()))
+}
+
 /// Which resources `proxy-config` shows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ConfigKind {

@@ -165,3 +165,121 @@ fn unreachable_control_plane_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// `weftctl check` against a real control plane over a fixture world built to have each
+/// problem, then over a clean one.
+#[tokio::test]
+async fn check_finds_each_listed_problem_and_passes_a_clean_world() {
+    use weft_testkit::world;
+    let broken = vec![
+        // A selector that matches no Pod (a Pod exists with other labels), hence no endpoints.
+        "apiVersion: v1\nkind: Service\nmetadata: {name: lonely, namespace: default}\nspec:\n  selector: {app: lonely}\n  ports: [{name: http, port: 80}]\n".to_string(),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p1, namespace: default, labels: {app: other}}\nspec: {containers: []}\n".to_string(),
+        // A port with neither name nor appProtocol.
+        "apiVersion: v1\nkind: Service\nmetadata: {name: noname, namespace: default}\nspec:\n  ports: [{port: 80}]\n".to_string(),
+        world::slice("noname", "noname", &[("127.0.0.9:80".parse().expect("addr"), "n1", true)]),
+        // A split with a missing backend, one with all weights zero, a policy for nothing.
+        world::split("missing", "lonely", &[("ghost", 100)]),
+        world::split("zero", "lonely", &[("noname", 0)]),
+        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: orphan, namespace: default}\nspec:\n  targetRef: {name: nowhere}\n".to_string(),
+    ];
+    let (_dir, cp) = weft_testkit::control_plane_over(&broken).await;
+    let addr = cp.xds_addr.to_string();
+    // A proxy that NACKs what it gets.
+    let mut ads = weft_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let node = weft_proto::envoy::envoy::config::core::v3::Node {
+        id: "picky".into(),
+        ..Default::default()
+    };
+    use weft_proto::envoy::envoy::service::discovery::v3::DiscoveryRequest;
+    tx.send(DiscoveryRequest {
+        node: Some(node),
+        type_url: weft_proto::type_url::CLUSTER.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("send");
+    let mut resp = ads
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    let first = resp.message().await.expect("response").expect("some");
+    tx.send(DiscoveryRequest {
+        type_url: weft_proto::type_url::CLUSTER.into(),
+        response_nonce: first.nonce.clone(),
+        error_detail: Some(weft_proto::envoy::google::rpc::Status {
+            code: 3,
+            message: "cluster refused by test".into(),
+            details: vec![],
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("nack");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    let run = |addr: String| async move {
+        tokio::task::spawn_blocking(move || weftctl(&addr, &["check"]))
+            .await
+            .expect("join")
+    };
+    let (code, findings) = run(addr.clone()).await;
+    assert_eq!(code, 1, "problems mean a non-zero exit");
+    let found =
+        |code: &str, object: &str| {
+            findings.as_array().expect("array").iter().any(|f| {
+                f["code"] == code && f["object"].as_str().is_some_and(|o| o.contains(object))
+            })
+        };
+    assert!(
+        found("selector-matches-no-pod", "Service default/lonely"),
+        "{findings:#}"
+    );
+    assert!(
+        found("no-ready-endpoints", "Service default/lonely"),
+        "{findings:#}"
+    );
+    assert!(
+        found("port-protocol-unknown", "Service default/noname"),
+        "{findings:#}"
+    );
+    assert!(
+        found("invalid-object", "TrafficSplit default/missing"),
+        "{findings:#}"
+    );
+    assert!(
+        found("invalid-object", "TrafficSplit default/zero"),
+        "{findings:#}"
+    );
+    assert!(
+        found("invalid-object", "TrafficPolicy default/orphan"),
+        "{findings:#}"
+    );
+    assert!(found("config-nacked", "proxy picky"), "{findings:#}");
+    assert!(
+        findings
+            .as_array()
+            .expect("array")
+            .iter()
+            .all(|f| !f["fix"].as_str().unwrap_or_default().is_empty()),
+        "every finding says how to fix it"
+    );
+    drop(resp);
+    drop(cp);
+
+    let (_dir, clean) = weft_testkit::control_plane_over(&[
+        world::service("fine", 80),
+        world::slice(
+            "fine",
+            "fine",
+            &[("127.0.0.9:80".parse().expect("addr"), "n1", true)],
+        ),
+    ])
+    .await;
+    let (code, findings) = run(clean.xds_addr.to_string()).await;
+    assert_eq!((code, findings), (0, serde_json::json!([])));
+}

@@ -106,6 +106,20 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn check(
+        &self,
+        _: Request<weft_proto::admin::CheckRequest>,
+    ) -> Result<Response<weft_proto::admin::CheckResponse>, Status> {
+        let proxies: Vec<_> = self
+            .registry
+            .all()
+            .iter()
+            .map(|r| lock(r).status(&self.replica))
+            .collect();
+        let findings = crate::check::check(&self.catalog.current(), &proxies);
+        Ok(Response::new(weft_proto::admin::CheckResponse { findings }))
+    }
+
     async fn list_source_errors(
         &self,
         _: Request<ListSourceErrorsRequest>,

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod catalog;
+pub mod check;
 pub mod config;
 pub mod metrics;
 pub mod objects;
