@@ -55,6 +55,20 @@ enum Command {
     Errors,
     /// Diagnose the mesh: each problem with its object, cause and fix (exit 0 only when clean).
     Check,
+    /// Where a service's requests go: its endpoints with cluster, zone, health and (with
+    /// --proxy) the priority that proxy gives each.
+    Endpoints {
+        /// The service: `name` or `name.namespace`.
+        service: String,
+        /// Show priorities as this proxy (node id) sees them.
+        #[arg(long)]
+        proxy: Option<String>,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// The config the control plane last sent to one proxy.
     ProxyConfig {
         /// The proxy's node id.
@@ -84,6 +98,19 @@ fn main() -> anyhow::Result<()> {
             Command::Services => query::services(cli.cp, cli.output).await,
             Command::Errors => query::errors(cli.cp, cli.output).await,
             Command::Check => query::check(cli.cp, cli.output).await,
+            Command::Endpoints { service, proxy } => {
+                query::endpoints(cli.cp, &service, proxy, cli.output).await
+            }
+            Command::Completions { shell } => {
+                use clap::CommandFactory;
+                clap_complete::generate(
+                    shell,
+                    &mut Cli::command(),
+                    "weftctl",
+                    &mut std::io::stdout(),
+                );
+                Ok(0)
+            }
             Command::ProxyConfig { proxy, kind } => {
                 query::proxy_config(cli.cp, &proxy, kind, cli.output).await
             }

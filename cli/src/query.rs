@@ -295,6 +295,96 @@ pub async fn errors(cp: SocketAddr, format: Format) -> anyhow::Result<i32> {
     Ok(i32::from(!rows.is_empty()))
 }
 
+/// One endpoint row.
+#[derive(Serialize)]
+pub struct EndpointRow {
+    /// Address.
+    pub address: String,
+    /// Origin cluster.
+    pub cluster: String,
+    /// Region.
+    pub region: String,
+    /// Zone.
+    pub zone: String,
+    /// `ready`, `serving`, `terminating` or `not-ready`.
+    pub health: String,
+    /// Weight.
+    pub weight: u32,
+    /// SPIFFE ID.
+    pub identity: String,
+    /// Pod.
+    pub pod: String,
+    /// `port=priority` as the asked proxy sees it.
+    pub priorities: Vec<String>,
+}
+
+/// `weftctl endpoints <svc> [--proxy ID]`.
+pub async fn endpoints(
+    cp: SocketAddr,
+    service: &str,
+    proxy: Option<String>,
+    format: Format,
+) -> anyhow::Result<i32> {
+    let (name, namespace) = service.split_once('.').unwrap_or((service, "default"));
+    let resp = client(cp)
+        .await?
+        .list_endpoints(weft_proto::admin::ListEndpointsRequest {
+            namespace: namespace.into(),
+            name: name.into(),
+            proxy: proxy.unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    let rows: Vec<EndpointRow> = resp
+        .endpoints
+        .into_iter()
+        .map(|e| EndpointRow {
+            health: if e.ready {
+                "ready"
+            } else if e.serving && e.terminating {
+                "terminating"
+            } else if e.serving {
+                "serving"
+            } else {
+                "not-ready"
+            }
+            .into(),
+            address: e.address,
+            cluster: e.cluster,
+            region: e.region,
+            zone: e.zone,
+            weight: e.weight,
+            identity: e.identity,
+            pod: e.pod,
+            priorities: e.priorities,
+        })
+        .collect();
+    let table = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.address.clone(),
+                r.cluster.clone(),
+                r.zone.clone(),
+                r.health.clone(),
+                r.weight.to_string(),
+                r.priorities.join(","),
+                r.pod.clone(),
+            ]
+        })
+        .collect();
+    print(
+        format,
+        &rows,
+        &[
+            "ADDRESS", "CLUSTER", "ZONE", "HEALTH", "WEIGHT", "PRIORITY", "POD",
+        ],
+        table,
+    )?;
+    Ok(0)
+}
+
 /// One finding of `weftctl check`.
 #[derive(Serialize)]
 pub struct FindingRow {

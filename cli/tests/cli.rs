@@ -129,6 +129,20 @@ fn demo_serves_both_zones_and_queries_see_it() {
         let want = if e["zone"] == "zone-b" { 0 } else { 1 };
         assert_eq!(e["priority"], want, "{e}");
     }
+    // endpoints: the catalog's view with client-b's priorities.
+    let (code, eps) = weftctl(&cp, &["endpoints", "echo-v1", "--proxy", "client-b"]);
+    assert_eq!(code, 0);
+    let eps = eps.as_array().expect("array");
+    assert_eq!(eps.len(), 2);
+    for e in eps {
+        assert_eq!(e["health"], "ready");
+        let want = if e["zone"] == "zone-b" {
+            "80=0"
+        } else {
+            "80=1"
+        };
+        assert_eq!(e["priorities"], serde_json::json!([want]), "{e}");
+    }
     // errors: a clean world.
     let (code, errors) = weftctl(&cp, &["errors"]);
     assert_eq!((code, errors), (0, serde_json::json!([])));
@@ -282,4 +296,18 @@ async fn check_finds_each_listed_problem_and_passes_a_clean_world() {
     .await;
     let (code, findings) = run(clean.xds_addr.to_string()).await;
     assert_eq!((code, findings), (0, serde_json::json!([])));
+}
+
+#[test]
+fn completions_are_generated() {
+    let out = Command::new(WEFTCTL)
+        .args(["completions", "bash"])
+        .output()
+        .expect("runs");
+    assert!(out.status.success());
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        script.contains("_weftctl") && script.contains("proxy-config"),
+        "{script}"
+    );
 }

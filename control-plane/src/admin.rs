@@ -120,6 +120,83 @@ impl Admin for AdminService {
         Ok(Response::new(weft_proto::admin::CheckResponse { findings }))
     }
 
+    async fn list_endpoints(
+        &self,
+        req: Request<weft_proto::admin::ListEndpointsRequest>,
+    ) -> Result<Response<weft_proto::admin::ListEndpointsResponse>, Status> {
+        let req = req.into_inner();
+        let namespace = if req.namespace.is_empty() {
+            "default".to_string()
+        } else {
+            req.namespace
+        };
+        let key = crate::catalog::ServiceKey::new(namespace, req.name);
+        let model = self.catalog.current();
+        let svc = model
+            .services
+            .get(&key)
+            .ok_or_else(|| Status::not_found(format!("no Service {key} in the catalog")))?;
+        // Priorities as one proxy sees them: read from the load assignments it was sent.
+        let mut priorities: std::collections::HashMap<String, Vec<String>> = Default::default();
+        if !req.proxy.is_empty() {
+            let record = self.registry.find(&req.proxy).ok_or_else(|| {
+                Status::not_found(format!("no proxy {:?} is connected", req.proxy))
+            })?;
+            let held = lock(&record).held(1);
+            for r in held {
+                let Some(name) = weft_proto::names::ServicePortName::parse(&r.name) else {
+                    continue;
+                };
+                if name.name != key.name
+                    || name.namespace != key.namespace
+                    || name.scope != weft_proto::names::Scope::Cluster
+                {
+                    continue;
+                }
+                let Ok(cla) = <weft_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment as prost::Message>::decode(r.any.value.as_slice()) else {
+                    continue;
+                };
+                for l in &cla.endpoints {
+                    for e in &l.lb_endpoints {
+                        use weft_proto::envoy::envoy::config::core::v3::address::Address;
+                        use weft_proto::envoy::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+                        if let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier
+                            && let Some(Address::SocketAddress(sa)) =
+                                ep.address.as_ref().and_then(|a| a.address.as_ref())
+                        {
+                            priorities
+                                .entry(sa.address.clone())
+                                .or_default()
+                                .push(format!("{}={}", name.port, l.priority));
+                        }
+                    }
+                }
+            }
+        }
+        let endpoints = svc
+            .endpoints
+            .iter()
+            .map(|e| weft_proto::admin::EndpointInfo {
+                address: e.address.to_string(),
+                cluster: e.cluster.clone(),
+                region: e.locality.region.clone(),
+                zone: e.locality.zone.clone(),
+                ready: e.ready,
+                serving: e.serving,
+                terminating: e.terminating,
+                identity: e.identity.clone().unwrap_or_default(),
+                pod: e.pod.clone().unwrap_or_default(),
+                weight: e.weight,
+                priorities: priorities
+                    .remove(&e.address.to_string())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(weft_proto::admin::ListEndpointsResponse {
+            endpoints,
+        }))
+    }
+
     async fn list_source_errors(
         &self,
         _: Request<ListSourceErrorsRequest>,
