@@ -76,6 +76,14 @@ enum Command {
         /// Which resources.
         #[arg(value_enum, default_value = "all")]
         kind: query::ConfigKind,
+        /// Read the config the proxy itself holds from its admin address (`/config_dump`):
+        /// its clusters and endpoints.
+        #[arg(long, value_name = "ADMIN_ADDR")]
+        from_proxy: Option<SocketAddr>,
+        /// With --from-proxy: show where the proxy's clusters and endpoints differ from what
+        /// the control plane sent (exit 1 when they do).
+        #[arg(long, requires = "from_proxy")]
+        diff: bool,
     },
     /// Run the mesh locally: a control plane, sample echo services in two zones, sidecars
     /// and a load generator, with a live view of where requests go. Ctrl-C stops it all.
@@ -111,7 +119,13 @@ fn main() -> anyhow::Result<()> {
                 );
                 Ok(0)
             }
-            Command::ProxyConfig { proxy, kind } => {
+            Command::ProxyConfig {
+                proxy,
+                kind: _,
+                from_proxy: Some(admin),
+                diff,
+            } => query::proxy_view(cli.cp, &proxy, admin, diff, cli.output).await,
+            Command::ProxyConfig { proxy, kind, .. } => {
                 query::proxy_config(cli.cp, &proxy, kind, cli.output).await
             }
             Command::Demo(args) => demo::run(args).await,

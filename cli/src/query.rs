@@ -632,3 +632,161 @@ fn summarize(type_url: &str, bytes: &[u8]) -> Result<(Value, String), prost::Dec
         }
     })
 }
+
+/// GETs `path` from an HTTP/1.1 server (a sidecar's admin endpoint).
+async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    use http_body_util::{BodyExt, Empty};
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the proxy's admin endpoint at {addr}: {e}"))?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .uri(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .body(Empty::<bytes::Bytes>::new())?;
+    let resp = send.send_request(req).await?;
+    if !resp.status().is_success() {
+        anyhow::bail!("{addr}{path} answered {}", resp.status());
+    }
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+type EndpointSets = std::collections::BTreeMap<String, std::collections::BTreeSet<String>>;
+
+/// Cluster -> endpoint addresses, from the control plane's record of what it sent.
+fn control_plane_endpoints(resources: &[weft_proto::admin::ConfigResource]) -> EndpointSets {
+    let mut out = EndpointSets::new();
+    for r in resources
+        .iter()
+        .filter(|r| r.type_url == type_url::ENDPOINT)
+    {
+        let Ok((summary, _)) = summarize(&r.type_url, &r.value) else {
+            continue;
+        };
+        let set = out.entry(r.name.clone()).or_default();
+        for e in summary["endpoints"].as_array().into_iter().flatten() {
+            if let Some(a) = e["address"].as_str() {
+                set.insert(a.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Cluster -> endpoint addresses, from a sidecar's `/config_dump`.
+fn proxy_endpoints(dump: &Value) -> EndpointSets {
+    let mut out = EndpointSets::new();
+    for (name, c) in dump["clusters"].as_object().into_iter().flatten() {
+        let set = out.entry(name.clone()).or_default();
+        for prio in c["endpoints"]["priorities"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            for e in prio.as_array().into_iter().flatten() {
+                if let Some(a) = e["addr"].as_str() {
+                    set.insert(a.to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One difference between the control plane's and the proxy's view of a cluster.
+#[derive(Serialize)]
+pub struct DiffRow {
+    /// The cluster.
+    pub cluster: String,
+    /// Endpoints the control plane sent that the proxy does not hold.
+    pub only_in_control_plane: Vec<String>,
+    /// Endpoints the proxy holds that the control plane did not send (or no longer does).
+    pub only_in_proxy: Vec<String>,
+}
+
+/// `weftctl proxy-config <proxy> --from-proxy ADMIN [--diff]`.
+pub async fn proxy_view(
+    cp: SocketAddr,
+    proxy: &str,
+    admin: SocketAddr,
+    diff: bool,
+    format: Format,
+) -> anyhow::Result<i32> {
+    let dump: Value = serde_json::from_str(&http_get(admin, "/config_dump").await?)
+        .map_err(|e| anyhow::anyhow!("{admin}/config_dump is not JSON: {e}"))?;
+    let held = proxy_endpoints(&dump);
+    if !diff {
+        let rows: Vec<Vec<String>> = held
+            .iter()
+            .map(|(c, eps)| vec![c.clone(), eps.iter().cloned().collect::<Vec<_>>().join(" ")])
+            .collect();
+        print(format, &dump, &["CLUSTER", "ENDPOINTS"], rows)?;
+        return Ok(0);
+    }
+    let resp = client(cp)
+        .await?
+        .get_proxy_config(GetProxyConfigRequest {
+            node_id: proxy.to_string(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    let sent = control_plane_endpoints(&resp.resources);
+    let names: std::collections::BTreeSet<&String> = sent.keys().chain(held.keys()).collect();
+    let empty = std::collections::BTreeSet::new();
+    let rows: Vec<DiffRow> = names
+        .into_iter()
+        .filter_map(|c| {
+            let (a, b) = (sent.get(c).unwrap_or(&empty), held.get(c).unwrap_or(&empty));
+            let only_cp: Vec<String> = a.difference(b).cloned().collect();
+            let only_proxy: Vec<String> = b.difference(a).cloned().collect();
+            let missing_cluster = sent.contains_key(c) != held.contains_key(c);
+            (missing_cluster || !only_cp.is_empty() || !only_proxy.is_empty()).then(|| DiffRow {
+                cluster: c.clone(),
+                only_in_control_plane: only_cp,
+                only_in_proxy: only_proxy,
+            })
+        })
+        .collect();
+    if rows.is_empty() && format == Format::Table {
+        println!("in sync: the proxy holds what the control plane sent");
+        return Ok(0);
+    }
+    let table = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.cluster.clone(),
+                r.only_in_control_plane.join(" "),
+                r.only_in_proxy.join(" "),
+            ]
+        })
+        .collect();
+    print(
+        format,
+        &rows,
+        &["CLUSTER", "ONLY IN CONTROL PLANE", "ONLY IN PROXY"],
+        table,
+    )?;
+    Ok(i32::from(!rows.is_empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_endpoints_reads_the_config_dump_shape() {
+        let dump = serde_json::json!({"clusters": {"c1": {"endpoints": {"priorities": [
+            [{"addr": "10.0.0.1:80"}], [{"addr": "10.0.0.2:80"}]]}}, "c2": {"endpoints": null}}});
+        let got = proxy_endpoints(&dump);
+        assert_eq!(
+            got["c1"].iter().collect::<Vec<_>>(),
+            vec!["10.0.0.1:80", "10.0.0.2:80"]
+        );
+        assert!(got["c2"].is_empty());
+    }
+}

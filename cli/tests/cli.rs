@@ -143,6 +143,31 @@ fn demo_serves_both_zones_and_queries_see_it() {
         };
         assert_eq!(e["priorities"], serde_json::json!([want]), "{e}");
     }
+    // The proxy holds what the control plane sent.
+    let (code, diff) = weftctl(
+        &cp,
+        &[
+            "proxy-config",
+            "client-a",
+            "--from-proxy",
+            "127.0.20.1:15000",
+            "--diff",
+        ],
+    );
+    assert_eq!((code, diff), (0, serde_json::json!([])));
+    let (_, dump) = weftctl(
+        &cp,
+        &[
+            "proxy-config",
+            "client-a",
+            "--from-proxy",
+            "127.0.20.1:15000",
+        ],
+    );
+    assert!(
+        dump["clusters"]["echo-v2.default.svc.cluster.local:80"].is_object(),
+        "{dump}"
+    );
     // errors: a clean world.
     let (code, errors) = weftctl(&cp, &["errors"]);
     assert_eq!((code, errors), (0, serde_json::json!([])));
