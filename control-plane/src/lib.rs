@@ -8,6 +8,7 @@ pub mod admin;
 pub mod catalog;
 pub mod check;
 pub mod config;
+pub mod identity;
 pub mod metrics;
 pub mod objects;
 pub mod source;
