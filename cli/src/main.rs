@@ -64,6 +64,11 @@ enum Command {
         #[arg(long)]
         proxy: Option<String>,
     },
+    /// Join tokens: the proof of identity for workloads outside Kubernetes.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -90,6 +95,37 @@ enum Command {
     Demo(demo::DemoArgs),
 }
 
+/// `weftctl token ...`.
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Mint a token bound to one namespace/service account (printed on stdout).
+    Create {
+        /// Namespace.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// Service account.
+        #[arg(long)]
+        service_account: String,
+        /// Lifetime: seconds, or with s/m/h/d.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: u64,
+    },
+}
+
+/// Parses `90`, `90s`, `15m`, `1h`, `7d` into seconds.
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    let (n, mult) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        Some((i, 'd')) => (&s[..i], 86_400),
+        _ => (s, 1),
+    };
+    n.parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("{s:?} is not a duration like 3600, 15m, 1h or 7d"))
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -109,6 +145,14 @@ fn main() -> anyhow::Result<()> {
             Command::Endpoints { service, proxy } => {
                 query::endpoints(cli.cp, &service, proxy, cli.output).await
             }
+            Command::Token {
+                command:
+                    TokenCommand::Create {
+                        namespace,
+                        service_account,
+                        ttl,
+                    },
+            } => query::token_create(cli.cp, &namespace, &service_account, ttl, cli.output).await,
             Command::Completions { shell } => {
                 use clap::CommandFactory;
                 clap_complete::generate(

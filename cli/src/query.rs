@@ -385,6 +385,36 @@ pub async fn endpoints(
     Ok(0)
 }
 
+/// `weftctl token create`.
+pub async fn token_create(
+    cp: SocketAddr,
+    namespace: &str,
+    service_account: &str,
+    ttl: u64,
+    format: Format,
+) -> anyhow::Result<i32> {
+    let t = client(cp)
+        .await?
+        .create_join_token(weft_proto::admin::CreateJoinTokenRequest {
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+            ttl_seconds: ttl,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    match format {
+        Format::Table => println!("{}", t.token),
+        _ => print(
+            format,
+            &json!({"token": t.token, "spiffe_id": t.spiffe_id, "expires_at_unix": t.expires_at_unix}),
+            &[],
+            Vec::new(),
+        )?,
+    }
+    Ok(0)
+}
+
 /// One finding of `weftctl check`.
 #[derive(Serialize)]
 pub struct FindingRow {

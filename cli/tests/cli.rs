@@ -168,6 +168,29 @@ fn demo_serves_both_zones_and_queries_see_it() {
         dump["clusters"]["echo-v2.default.svc.cluster.local:80"].is_object(),
         "{dump}"
     );
+    // token create: a join token for one identity.
+    let (code, token) = weftctl(
+        &cp,
+        &[
+            "token",
+            "create",
+            "--service-account",
+            "echo",
+            "--ttl",
+            "15m",
+        ],
+    );
+    assert_eq!(code, 0);
+    assert_eq!(
+        token["spiffe_id"],
+        "spiffe://cluster.local/ns/default/sa/echo"
+    );
+    assert!(
+        token["token"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("wj1.")),
+        "{token}"
+    );
     // errors: a clean world.
     let (code, errors) = weftctl(&cp, &["errors"]);
     assert_eq!((code, errors), (0, serde_json::json!([])));

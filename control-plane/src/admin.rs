@@ -21,6 +21,8 @@ pub struct AdminService {
     pub registry: Arc<Registry>,
     /// This replica's name.
     pub replica: String,
+    /// The join-token key.
+    pub tokens: Arc<crate::identity::token::TokenKey>,
 }
 
 #[tonic::async_trait]
@@ -194,6 +196,27 @@ impl Admin for AdminService {
             .collect();
         Ok(Response::new(weft_proto::admin::ListEndpointsResponse {
             endpoints,
+        }))
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<weft_proto::admin::CreateJoinTokenRequest>,
+    ) -> Result<Response<weft_proto::admin::CreateJoinTokenResponse>, Status> {
+        let req = req.into_inner();
+        let ttl = if req.ttl_seconds == 0 {
+            3600
+        } else {
+            req.ttl_seconds
+        };
+        let (token, id, exp) = self
+            .tokens
+            .mint(&req.namespace, &req.service_account, ttl)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(weft_proto::admin::CreateJoinTokenResponse {
+            token,
+            spiffe_id: id.to_string(),
+            expires_at_unix: exp,
         }))
     }
 

@@ -32,6 +32,10 @@ pub struct Config {
     /// Metrics address: /metrics, /ready, /live.
     #[arg(long, env = "WEFT_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
     pub metrics_addr: SocketAddr,
+    /// Directory of the mesh CA (root, intermediate, token key; generated there when absent,
+    /// never overwritten). Without it the CA lives in memory and dies with the process.
+    #[arg(long, env = "WEFT_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
     /// Name of this replica, shown by `weftctl status` (default: the host name).
     #[arg(long, env = "WEFT_REPLICA")]
     pub replica: Option<String>,
@@ -72,6 +76,7 @@ impl Config {
             xds_plaintext_addr: Some(any("127.0.0.1:0")),
             metrics_addr: any("127.0.0.1:0"),
             replica: Some("local".into()),
+            ca_dir: None,
             log: "info".into(),
         }
     }

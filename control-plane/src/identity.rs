@@ -442,3 +442,249 @@ mod tests {
         );
     }
 }
+
+/// Join tokens: the proof of identity outside Kubernetes. A token binds one SPIFFE ID until
+/// an expiry, authenticated with HMAC-SHA256 under a key only the control plane holds:
+/// `wj1.<hex(namespace/service-account/expiry)>.<hex(mac)>`.
+pub mod token {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use ring::hmac;
+    use weft_proto::SpiffeId;
+
+    /// Why a token was refused (all PERMISSION_DENIED: the caller did not prove who it is).
+    #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+    pub enum TokenError {
+        /// No token at all.
+        #[error("no credential: send a join token")]
+        Missing,
+        /// Not a Weft join token.
+        #[error("malformed join token")]
+        Malformed,
+        /// The MAC does not verify (another control plane's token, or tampered).
+        #[error("join token signature does not verify")]
+        BadSignature,
+        /// Past its expiry.
+        #[error("join token expired at {0} (unix seconds)")]
+        Expired(i64),
+        /// Binds something that is not a valid identity.
+        #[error("join token names an invalid identity: {0}")]
+        Identity(String),
+    }
+
+    fn now() -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or_default()
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    fn unhex(s: &str) -> Option<Vec<u8>> {
+        if !s.len().is_multiple_of(2) {
+            return None;
+        }
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+            .collect()
+    }
+
+    /// Mints and checks tokens under one key.
+    pub struct TokenKey {
+        key: hmac::Key,
+        trust_domain: String,
+    }
+
+    impl TokenKey {
+        /// A key from 32 secret bytes.
+        pub fn new(secret: &[u8], trust_domain: &str) -> Self {
+            TokenKey {
+                key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+                trust_domain: trust_domain.into(),
+            }
+        }
+
+        /// A random key (the control plane's own, when it has no CA directory).
+        pub fn random(trust_domain: &str) -> Self {
+            let secret: [u8; 32] = rand_bytes();
+            Self::new(&secret, trust_domain)
+        }
+
+        /// A token for `namespace`/`service_account` valid for `ttl_secs`.
+        pub fn mint(
+            &self,
+            namespace: &str,
+            service_account: &str,
+            ttl_secs: u64,
+        ) -> Result<(String, SpiffeId, i64), TokenError> {
+            let id = SpiffeId::new(&self.trust_domain, namespace, service_account)
+                .map_err(|e| TokenError::Identity(e.to_string()))?;
+            let exp = now() + ttl_secs.min(i64::MAX as u64 / 2) as i64;
+            let payload = format!("{namespace}/{service_account}/{exp}");
+            let mac = hmac::sign(&self.key, payload.as_bytes());
+            Ok((
+                format!("wj1.{}.{}", hex(payload.as_bytes()), hex(mac.as_ref())),
+                id,
+                exp,
+            ))
+        }
+
+        /// The identity a token proves.
+        pub fn verify(&self, token: &str) -> Result<SpiffeId, TokenError> {
+            if token.is_empty() {
+                return Err(TokenError::Missing);
+            }
+            let mut parts = token.split('.');
+            let (Some("wj1"), Some(p), Some(m), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err(TokenError::Malformed);
+            };
+            let (payload, mac) = (
+                unhex(p).ok_or(TokenError::Malformed)?,
+                unhex(m).ok_or(TokenError::Malformed)?,
+            );
+            hmac::verify(&self.key, &payload, &mac).map_err(|_| TokenError::BadSignature)?;
+            let payload = String::from_utf8(payload).map_err(|_| TokenError::Malformed)?;
+            let mut f = payload.split('/');
+            let (Some(ns), Some(sa), Some(exp), None) = (f.next(), f.next(), f.next(), f.next())
+            else {
+                return Err(TokenError::Malformed);
+            };
+            let exp: i64 = exp.parse().map_err(|_| TokenError::Malformed)?;
+            if exp <= now() {
+                return Err(TokenError::Expired(exp));
+            }
+            SpiffeId::new(&self.trust_domain, ns, sa)
+                .map_err(|e| TokenError::Identity(e.to_string()))
+        }
+    }
+
+    fn rand_bytes<const N: usize>() -> [u8; N] {
+        use ring::rand::SecureRandom;
+        let mut b = [0u8; N];
+        if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+            // The OS RNG failing is not recoverable for a CA; refuse to mint predictable keys.
+            std::process::abort();
+        }
+        b
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn tokens_prove_exactly_their_identity() {
+            let k = TokenKey::new(&[7; 32], "cluster.local");
+            let (t, id, _) = k.mint("default", "echo", 60).expect("mint");
+            assert_eq!(k.verify(&t), Ok(id));
+            let other = TokenKey::new(&[8; 32], "cluster.local");
+            assert_eq!(other.verify(&t), Err(TokenError::BadSignature));
+            let mut tampered = t.clone();
+            tampered.replace_range(4..6, "00");
+            assert!(matches!(
+                k.verify(&tampered),
+                Err(TokenError::BadSignature | TokenError::Malformed)
+            ));
+            assert_eq!(k.verify(""), Err(TokenError::Missing));
+            assert_eq!(k.verify("garbage"), Err(TokenError::Malformed));
+            let (expired, _, exp) = k.mint("default", "echo", 0).expect("mint");
+            assert_eq!(k.verify(&expired), Err(TokenError::Expired(exp)));
+            assert!(matches!(
+                k.mint("Bad NS", "echo", 60),
+                Err(TokenError::Identity(_))
+            ));
+        }
+    }
+}
+
+/// `weft.identity.v1.CertificateService`: a caller proves who it is with a join token and gets
+/// an SVID for exactly that identity.
+pub struct CertificateService {
+    /// The CA.
+    pub ca: std::sync::Arc<Ca>,
+    /// The join-token key.
+    pub tokens: std::sync::Arc<token::TokenKey>,
+}
+
+#[tonic::async_trait]
+impl weft_proto::identity::certificate_service_server::CertificateService for CertificateService {
+    async fn sign(
+        &self,
+        req: tonic::Request<weft_proto::identity::SignRequest>,
+    ) -> Result<tonic::Response<weft_proto::identity::SignResponse>, tonic::Status> {
+        let req = req.into_inner();
+        let identity = self
+            .tokens
+            .verify(&req.token)
+            .map_err(|e| tonic::Status::permission_denied(e.to_string()))?;
+        let ttl =
+            (req.requested_ttl_seconds > 0).then(|| Duration::from_secs(req.requested_ttl_seconds));
+        let signed = self.ca.sign(&req.csr_pem, &identity, ttl).map_err(|e| {
+            tracing::warn!(%identity, error = %e, "CSR refused");
+            if e.permission_denied() {
+                tonic::Status::permission_denied(e.to_string())
+            } else {
+                tonic::Status::invalid_argument(e.to_string())
+            }
+        })?;
+        tracing::info!(%identity, expires_at = signed.expires_at_unix, "SVID issued");
+        Ok(tonic::Response::new(weft_proto::identity::SignResponse {
+            cert_chain_pem: signed.chain,
+            trust_bundle_pem: signed.trust_bundle,
+            expires_at_unix: signed.expires_at_unix,
+            spiffe_id: identity.to_string(),
+        }))
+    }
+}
+
+/// The join-token key kept in the CA directory (`token.key`, hex), made there once; a random
+/// in-memory key without a directory.
+pub fn token_key(dir: Option<&Path>, trust_domain: &str) -> Result<token::TokenKey, CaError> {
+    let Some(dir) = dir else {
+        return Ok(token::TokenKey::random(trust_domain));
+    };
+    let path = dir.join("token.key");
+    if !path.exists() {
+        let secret: String = (0..32).map(|_| format!("{:02x}", rand_byte())).collect();
+        std::fs::create_dir_all(dir).map_err(|source| CaError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        write_private(&path, &secret).map_err(|source| CaError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    let hex = std::fs::read_to_string(&path).map_err(|source| CaError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let bytes: Vec<u8> = (0..hex.trim().len() / 2)
+        .filter_map(|i| u8::from_str_radix(hex.trim().get(i * 2..i * 2 + 2)?, 16).ok())
+        .collect();
+    if bytes.len() < 32 {
+        return Err(CaError::Io {
+            path,
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "token.key must hold 32 hex-encoded bytes",
+            ),
+        });
+    }
+    Ok(token::TokenKey::new(&bytes, trust_domain))
+}
+
+fn rand_byte() -> u8 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 1];
+    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        std::process::abort();
+    }
+    b[0]
+}

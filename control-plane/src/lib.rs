@@ -53,6 +53,9 @@ pub enum StartError {
     /// The file source could not start.
     #[error(transparent)]
     Source(#[from] source::file::FileSourceError),
+    /// The CA could not be loaded or made.
+    #[error("CA: {0}")]
+    Ca(#[from] identity::CaError),
 }
 
 /// A running control plane; dropping it stops every task.
@@ -160,6 +163,15 @@ impl ControlPlane {
             }));
         }
 
+        let ca = Arc::new(identity::Ca::load_or_generate(
+            config.ca_dir.as_deref(),
+            &config.trust_domain,
+            &config.cluster_name,
+        )?);
+        let tokens = Arc::new(identity::token_key(
+            config.ca_dir.as_deref(),
+            &config.trust_domain,
+        )?);
         let registry = Arc::new(xds::registry::Registry::default());
         let shared = Arc::new(xds::Shared {
             translations: trx.clone(),
@@ -175,12 +187,18 @@ impl ControlPlane {
             catalog: catalog.clone(),
             registry,
             replica,
+            tokens: tokens.clone(),
         });
+        let certificates =
+            weft_proto::identity::certificate_service_server::CertificateServiceServer::new(
+                identity::CertificateService { ca, tokens },
+            );
         tasks.push(tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
                 .add_service(ads)
                 .add_service(admin)
+                .add_service(certificates)
                 .serve_with_incoming(TcpListenerStream::new(xds_listener))
                 .await;
             if let Err(e) = result {
