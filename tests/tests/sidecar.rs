@@ -358,3 +358,65 @@ async fn requests_keep_succeeding_for_30s_without_the_control_plane() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A route the sidecar cannot apply (a regular-expression path, which it does not support yet)
+/// is NACKed with a message naming the resource, the control plane records it, and the
+/// previous config keeps serving.
+#[tokio::test]
+async fn unsupported_route_is_nacked_and_the_previous_config_serves() {
+    let pod = echo("127.0.13.1", "pod", "a").await;
+    let base = vec![
+        world::service("echo", 80),
+        world::slice("echo", "echo", &[(pod.addr, "n1", true)]),
+    ];
+    let (dir, cp) = weft_testkit::control_plane_over(&base).await;
+    let sc = weft_testkit::start_sidecar(
+        cp.xds_addr,
+        "127.0.13.100".parse().expect("ip"),
+        "strict",
+        "a",
+    )
+    .await
+    .expect("sidecar");
+    ready(&sc).await;
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: regex, namespace: default}\nspec:\n  parentRefs: [{kind: Service, name: echo}]\n  rules:\n  - matches: [{path: {type: RegularExpression, value: \"/v[0-9]+\"}}]\n    backendRefs: [{name: echo, port: 80}]\n".to_string();
+    let mut docs = base.clone();
+    docs.push(route);
+    std::fs::write(dir.path().join("world.yaml"), world::docs(&docs)).expect("write");
+    let mut admin =
+        weft_proto::admin::admin_client::AdminClient::connect(format!("http://{}", cp.xds_addr))
+            .await
+            .expect("admin");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let detail = loop {
+        let proxies = admin
+            .list_proxies(weft_proto::admin::ListProxiesRequest {})
+            .await
+            .expect("list")
+            .into_inner()
+            .proxies;
+        let rds = proxies
+            .iter()
+            .flat_map(|p| &p.types)
+            .find(|t| t.type_url == weft_proto::type_url::ROUTE)
+            .cloned();
+        if let Some(t) = rds.filter(|t| t.state() == weft_proto::admin::SyncState::Nacked) {
+            break t.nack_detail;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no NACK recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        detail.contains("RouteConfiguration \"echo.default.svc.cluster.local:80\""),
+        "{detail}"
+    );
+    assert!(detail.contains("unsupported path specifier"), "{detail}");
+    let (status, body) = get_via(sc.outbound_addr, "echo", "/v2")
+        .await
+        .expect("request");
+    assert_eq!(
+        (status, body.split_whitespace().next()),
+        (200, Some("pod")),
+        "the previous route still serves"
+    );
+}
