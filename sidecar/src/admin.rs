@@ -47,6 +47,12 @@ pub struct Metrics {
     pub spans_exported: Counter,
     /// `weft_proxy_spans_dropped_total`: spans lost to a full queue or a failed export.
     pub spans_dropped: Counter,
+    /// `weft_cert_expiry_seconds`: how long the current certificate lasts.
+    pub cert_expiry_seconds: prometheus_client::metrics::gauge::Gauge,
+    /// `weft_cert_renewals_total`.
+    pub cert_renewals: Counter,
+    /// `weft_cert_failures_total`: failed certificate requests.
+    pub cert_failures: Counter,
     /// `weft_proxy_inbound_connections_total`.
     pub inbound_connections: Counter,
     /// `weft_xds_updates_total`: accepted xDS responses.
@@ -123,6 +129,23 @@ impl Metrics {
             "Latency of tries per endpoint",
             endpoint_latency.clone(),
         );
+        let cert_expiry_seconds = prometheus_client::metrics::gauge::Gauge::default();
+        let (cert_renewals, cert_failures) = (Counter::default(), Counter::default());
+        registry.register(
+            "weft_cert_expiry_seconds",
+            "Seconds until the workload certificate expires",
+            cert_expiry_seconds.clone(),
+        );
+        registry.register(
+            "weft_cert_renewals",
+            "Workload certificates obtained",
+            cert_renewals.clone(),
+        );
+        registry.register(
+            "weft_cert_failures",
+            "Failed workload certificate requests",
+            cert_failures.clone(),
+        );
         let (spans_exported, spans_dropped) = (Counter::default(), Counter::default());
         registry.register(
             "weft_proxy_spans_exported",
@@ -173,6 +196,9 @@ impl Metrics {
             connection_errors,
             spans_exported,
             spans_dropped,
+            cert_expiry_seconds,
+            cert_renewals,
+            cert_failures,
             endpoint_requests,
             endpoint_latency,
             inbound_connections,

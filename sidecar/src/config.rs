@@ -51,6 +51,16 @@ pub struct RunConfig {
         default_value = "21,25,110,143,587,3306"
     )]
     pub server_first_ports: Vec<u16>,
+    /// Join token proving the workload's identity to the control plane's CertificateService
+    /// (minted with `weftctl token create`); without it the sidecar has no certificate.
+    #[arg(long, env = "WEFT_JOIN_TOKEN")]
+    pub join_token: Option<String>,
+    /// Trust domain of the workload's SPIFFE ID.
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Lifetime to ask for the workload's certificate (the CA caps it).
+    #[arg(long, env = "WEFT_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub cert_ttl: std::time::Duration,
     /// OTLP/gRPC collector for request spans, e.g. `http://127.0.0.1:4317` (off when unset).
     #[arg(long, env = "WEFT_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
@@ -87,7 +97,8 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         "ms" => Ok(std::time::Duration::from_millis(n)),
         "s" | "" => Ok(std::time::Duration::from_secs(n)),
         "m" => Ok(std::time::Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+        "h" => Ok(std::time::Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?}: unit must be ms, s, m or h")),
     }
 }
 
@@ -113,6 +124,9 @@ impl RunConfig {
             header_read_timeout: std::time::Duration::from_secs(10),
             xds_protocol: XdsProtocol::Delta,
             otlp_endpoint: None,
+            join_token: None,
+            trust_domain: "cluster.local".into(),
+            cert_ttl: std::time::Duration::from_secs(24 * 3600),
             log: "info".into(),
         }
     }

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod detect;
+pub mod identity;
 pub mod inbound;
 pub mod init;
 pub mod outbound;
@@ -47,6 +48,8 @@ pub struct Sidecar {
     pub admin_addr: SocketAddr,
     /// The xDS state.
     pub xds: xds::XdsHandle,
+    /// The workload's certificate, when a join token was given.
+    pub svid: Option<std::sync::Arc<arc_swap::ArcSwapOption<identity::Svid>>>,
     drain: tokio::sync::watch::Sender<bool>,
     listeners: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
@@ -66,6 +69,10 @@ impl Sidecar {
         let err = |what, addr| move |source| StartError { what, addr, source };
         let metrics = Arc::new(admin::Metrics::new());
         let xds = xds::start(cfg.clone(), metrics.clone());
+        let svid = cfg
+            .join_token
+            .clone()
+            .map(|token| identity::start(cfg.clone(), token, metrics.clone()));
         let outbound = outbound::Outbound::bind(
             cfg.outbound_addr,
             cfg.namespace.clone(),
@@ -102,6 +109,7 @@ impl Sidecar {
             inbound_addr,
             admin_addr,
             xds,
+            svid,
             drain,
             listeners,
             tasks,

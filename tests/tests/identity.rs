@@ -152,3 +152,68 @@ async fn issue_verify_and_refuse() {
         .expect("signed again");
     assert_eq!(again.into_inner().cert_chain_pem.len(), 2);
 }
+
+/// A sidecar with a join token gets its SVID (key made in the process) and renews it at about
+/// half-life: with a 4 s certificate, several renewals happen within seconds.
+#[tokio::test]
+async fn sidecar_obtains_and_renews_its_certificate() {
+    let (_dir, cp) = weft_testkit::control_plane_over(&[world::service("echo", 80)]).await;
+    let mut admin = AdminClient::connect(format!("http://{}", cp.xds_addr))
+        .await
+        .expect("admin");
+    let token = admin
+        .create_join_token(CreateJoinTokenRequest {
+            namespace: "default".into(),
+            service_account: "echo".into(),
+            ttl_seconds: 600,
+        })
+        .await
+        .expect("mint")
+        .into_inner()
+        .token;
+    let mut cfg = weft_sidecar::RunConfig::local(
+        cp.xds_addr,
+        "127.0.14.100".parse().expect("ip"),
+        "with-cert",
+    );
+    cfg.service_account = "echo".into();
+    cfg.join_token = Some(token);
+    cfg.cert_ttl = Duration::from_secs(4);
+    let sc = weft_sidecar::Sidecar::start(cfg).await.expect("sidecar");
+    let svid = sc.svid.clone().expect("identity enabled");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let first = loop {
+        if let Some(s) = svid.load_full() {
+            break s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no certificate");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(first.spiffe_id, "spiffe://cluster.local/ns/default/sa/echo");
+    assert_eq!(first.chain.len(), 2);
+    assert!(first.key_pem.contains("PRIVATE KEY"));
+    // Renewed before it expires, more than once.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let current = svid.load_full().expect("still has one");
+        if current.expires_at_unix >= first.expires_at_unix + 3 {
+            assert_ne!(
+                current.key_pem, first.key_pem,
+                "each renewal makes a new key"
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not renewed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, metrics) = weft_testkit::get_via(sc.admin_addr, "admin", "/metrics")
+        .await
+        .expect("metrics");
+    let renewals: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("weft_cert_renewals_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(renewals >= 2.0, "{metrics}");
+    assert!(metrics.contains("weft_cert_expiry_seconds"), "{metrics}");
+}
