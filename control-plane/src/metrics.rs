@@ -1,7 +1,6 @@
 //! The control plane's Prometheus metrics and its small HTTP endpoint (`/metrics`, `/ready`,
 //! `/live`) on `--metrics-addr`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -214,9 +213,4 @@ fn handle(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<F
             "not found: try /metrics, /ready, /live\n".into(),
         ),
     }
-}
-
-/// Binds the metrics endpoint.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }

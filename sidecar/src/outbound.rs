@@ -268,16 +268,20 @@ impl Proxy {
         if let Ok(v) = hyper::header::HeaderValue::from_str(&trace.header()) {
             req.headers_mut().insert(TRACEPARENT, v);
         }
+        // Span attributes are built only when the span will be exported: nothing extra is
+        // allocated on the request path otherwise.
+        let exporting = self.tracer.enabled() && trace.sampled;
         let start = std::time::SystemTime::now();
-        let attributes = vec![
-            ("http.request.method", req.method().to_string()),
-            ("url.path", req.uri().path().to_string()),
-            ("server.address", request_authority(&req)),
-        ];
+        let attributes = exporting.then(|| {
+            vec![
+                ("http.request.method", req.method().to_string()),
+                ("url.path", req.uri().path().to_string()),
+                ("server.address", request_authority(&req)),
+            ]
+        });
         let span = tracing::debug_span!("request", trace_id = %trace.header());
         let resp = self.route(req, peer, orig).instrument(span).await;
-        if self.tracer.enabled() && trace.sampled {
-            let mut attributes = attributes;
+        if let Some(mut attributes) = attributes {
             let status = resp.status();
             attributes.push(("http.response.status_code", status.as_str().to_string()));
             if let Some(reason) = resp
