@@ -173,12 +173,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     cfg.metrics_addr = args.metrics_addr;
     cfg.replica = Some("demo".into());
     let cp = weft_control_plane::ControlPlane::start(cfg).await?;
+    let xds_addr = cp.plaintext();
 
     let mut sidecars = Vec::new();
     for (i, zone) in ["zone-a", "zone-b"].iter().enumerate() {
         let ip = IpAddr::from([127, 0, 20, i as u8 + 1]);
         let mut rc =
-            weft_sidecar::RunConfig::local(cp.xds_addr, ip, &format!("client-{}", &zone[5..]));
+            weft_sidecar::RunConfig::local(xds_addr, ip, &format!("client-{}", &zone[5..]));
         rc.outbound_addr = SocketAddr::new(ip, 15001);
         rc.inbound_addr = SocketAddr::new(ip, 15006);
         rc.admin_addr = SocketAddr::new(ip, 15000);
@@ -197,7 +198,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     println!("Weft demo running.");
     println!(
         "  control plane   xds+admin {}  metrics http://{}/metrics",
-        cp.xds_addr, cp.metrics_addr
+        xds_addr, cp.metrics_addr
     );
     for s in &sidecars {
         println!(
@@ -210,11 +211,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     println!("Try next, in another terminal:");
     println!(
         "  weftctl status --cp {}            # every proxy SYNCED?",
-        cp.xds_addr
+        xds_addr
     );
     println!(
         "  weftctl proxy-config client-a endpoints --cp {}",
-        cp.xds_addr
+        xds_addr
     );
     println!(
         "  curl -H 'Host: echo.default.svc.cluster.local' http://{}/",

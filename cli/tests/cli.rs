@@ -246,7 +246,7 @@ async fn check_finds_each_listed_problem_and_passes_a_clean_world() {
         "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: orphan, namespace: default}\nspec:\n  targetRef: {name: nowhere}\n".to_string(),
     ];
     let (_dir, cp) = weft_testkit::control_plane_over(&broken).await;
-    let addr = cp.xds_addr.to_string();
+    let addr = cp.plaintext().to_string();
     // A proxy that NACKs what it gets.
     let mut ads = weft_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
         .await
@@ -342,7 +342,7 @@ async fn check_finds_each_listed_problem_and_passes_a_clean_world() {
         ),
     ])
     .await;
-    let (code, findings) = run(clean.xds_addr.to_string()).await;
+    let (code, findings) = run(clean.plaintext().to_string()).await;
     assert_eq!((code, findings), (0, serde_json::json!([])));
 }
 

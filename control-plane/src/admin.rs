@@ -203,6 +203,15 @@ impl Admin for AdminService {
         &self,
         req: Request<weft_proto::admin::CreateJoinTokenRequest>,
     ) -> Result<Response<weft_proto::admin::CreateJoinTokenResponse>, Status> {
+        // Over TLS, minting tokens (for any identity) is for the mesh's own operators only.
+        if let Some(caller) = crate::grpc_tls::peer_identity(&req)
+            && caller.namespace() != weft_proto::keys::CONTROL_PLANE_NAMESPACE
+        {
+            return Err(Status::permission_denied(format!(
+                "{caller} may not mint join tokens: only identities in namespace {} may",
+                weft_proto::keys::CONTROL_PLANE_NAMESPACE
+            )));
+        }
         let req = req.into_inner();
         let ttl = if req.ttl_seconds == 0 {
             3600

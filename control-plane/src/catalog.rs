@@ -115,6 +115,9 @@ pub struct EndpointModel {
     pub weight: u32,
     /// The pod behind it, when known.
     pub pod: Option<String>,
+    /// Its sidecar terminates mTLS (the pod is labelled `weft.dev/tls-mode: weft` and its
+    /// namespace's mode is not DISABLE).
+    pub mtls: bool,
 }
 
 impl EndpointModel {
@@ -228,6 +231,8 @@ pub struct ServiceModel {
     pub selector: BTreeMap<String, String>,
     /// `spec.clusterIP`: what an intercepted client connects to.
     pub cluster_ip: Option<IpAddr>,
+    /// Its namespace's mTLS mode.
+    pub mtls_mode: crate::objects::MtlsMode,
 }
 
 /// The published model: versioned, immutable, cheap to clone (`Arc`).
@@ -355,7 +360,8 @@ impl Catalog {
 }
 
 /// A pod's service account and node.
-type PodInfo = (Option<String>, Option<String>);
+/// (service account, node, meshed: labelled `weft.dev/tls-mode: weft`).
+type PodInfo = (Option<String>, Option<String>, bool);
 
 type GoodRoutes = Vec<(ObjectKey, Vec<(ServiceKey, u16, RouteRule)>)>;
 
@@ -371,6 +377,7 @@ fn build(
     // (namespace, pod) -> (service account, node)
     let mut pods: HashMap<(&str, &str), PodInfo> = HashMap::new();
     let mut pod_labels = BTreeMap::new();
+    let mut mtls_modes: HashMap<&str, crate::objects::MtlsMode> = HashMap::new();
     for (obj, _) in world.values() {
         match &**obj {
             Object::Node(n) => {
@@ -393,11 +400,27 @@ fn build(
                     .and_then(|s| s.service_account_name.clone())
                     .or_else(|| Some("default".to_string()));
                 let node = spec.and_then(|s| s.node_name.clone());
-                pods.insert((ns, name), (sa, node));
+                let meshed = p
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(weft_proto::keys::TLS_MODE_LABEL))
+                    .is_some_and(|v| v == "weft");
+                pods.insert((ns, name), (sa, node, meshed));
                 pod_labels.insert(
                     ServiceKey::new(ns, name),
                     p.metadata.labels.clone().unwrap_or_default(),
                 );
+            }
+            Object::Namespace(n) => {
+                let mode = n
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(weft_proto::keys::MTLS_MODE_ANNOTATION))
+                    .and_then(|m| crate::objects::MtlsMode::parse(m).ok())
+                    .unwrap_or_default();
+                mtls_modes.insert(n.metadata.name.as_deref().unwrap_or_default(), mode);
             }
             _ => {}
         }
@@ -425,6 +448,7 @@ fn build(
                     })
                 })
                 .collect();
+            let key_ns = key.namespace.clone();
             services.insert(
                 key.clone(),
                 ServiceModel {
@@ -441,6 +465,7 @@ fn build(
                         .cluster_ip
                         .as_deref()
                         .and_then(|ip| ip.parse::<IpAddr>().ok()),
+                    mtls_mode: mtls_modes.get(key_ns.as_str()).copied().unwrap_or_default(),
                 },
             );
         }
@@ -502,7 +527,7 @@ fn build(
             let node_name = ep
                 .node_name
                 .clone()
-                .or_else(|| pod_info.and_then(|(_, n)| n.clone()));
+                .or_else(|| pod_info.and_then(|(_, n, _)| n.clone()));
             let mut locality = node_name
                 .as_deref()
                 .and_then(|n| nodes.get(n).cloned())
@@ -513,9 +538,11 @@ fn build(
                 locality.zone = z.clone();
             }
             let identity = pod_info
-                .and_then(|(sa, _)| sa.as_deref())
+                .and_then(|(sa, _, _)| sa.as_deref())
                 .and_then(|sa| SpiffeId::new(prev.trust_domain.clone(), ns, sa).ok())
                 .map(|id| id.to_string());
+            let mtls = pod_info.is_some_and(|(_, _, meshed)| *meshed)
+                && svc.mtls_mode != crate::objects::MtlsMode::Disable;
             svc.endpoints.push(EndpointModel {
                 address,
                 ports: ports.clone(),
@@ -527,6 +554,7 @@ fn build(
                 terminating: cond.terminating.unwrap_or(false),
                 weight: 1,
                 pod,
+                mtls,
             });
         }
     }

@@ -26,6 +26,10 @@ pub struct Config {
     /// SPIFFE trust domain of the mesh's identities.
     #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// TLS gRPC address: xDS (client certificate required), CertificateService (join token or
+    /// current SVID), admin, federation; served with the control plane's own SVID.
+    #[arg(long, env = "WEFT_GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
+    pub grpc_addr: SocketAddr,
     /// Plaintext xDS + admin gRPC address, for local development and tests (off unless given).
     #[arg(long, env = "WEFT_XDS_PLAINTEXT_ADDR")]
     pub xds_plaintext_addr: Option<SocketAddr>,
@@ -52,11 +56,6 @@ pub enum ConfigError {
         "no source: pass --source-dir DIR (WEFT_SOURCE_DIR); the Kubernetes source is not built yet"
     )]
     NoSource,
-    /// No xDS listener.
-    #[error(
-        "no xDS listener: pass --xds-plaintext-addr ADDR (WEFT_XDS_PLAINTEXT_ADDR); the TLS port --grpc-addr arrives with the identity work"
-    )]
-    NoListener,
     /// Bad cluster name.
     #[error("--cluster-name {0:?}: {1}")]
     ClusterName(String, String),
@@ -73,6 +72,7 @@ impl Config {
             source_dir: Some(source_dir.into()),
             cluster_name: "cluster-1".into(),
             trust_domain: "cluster.local".into(),
+            grpc_addr: any("127.0.0.1:0"),
             xds_plaintext_addr: Some(any("127.0.0.1:0")),
             metrics_addr: any("127.0.0.1:0"),
             replica: Some("local".into()),
@@ -85,9 +85,6 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.source_dir.is_none() {
             return Err(ConfigError::NoSource);
-        }
-        if self.xds_plaintext_addr.is_none() {
-            return Err(ConfigError::NoListener);
         }
         weft_proto::spiffe::validate_dns_subdomain("cluster name", &self.cluster_name)
             .map_err(|e| ConfigError::ClusterName(self.cluster_name.clone(), e.to_string()))?;

@@ -22,6 +22,9 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Longest leaf lifetime a caller may ask for.
 pub const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Extra roots to hand out with every certificate (a root rotation in progress).
+pub const TRUST_BUNDLE_FILE: &str = "trust-bundle.pem";
+
 const FILES: [&str; 4] = [
     "root.pem",
     "root.key.pem",
@@ -113,6 +116,8 @@ pub struct Signed {
 
 /// The CA.
 pub struct Ca {
+    /// Where `trust-bundle.pem` (extra roots, for a root rotation) is looked for.
+    dir: Option<PathBuf>,
     root_pem: String,
     intermediate_pem: String,
     issuer: Issuer<'static, KeyPair>,
@@ -185,6 +190,7 @@ impl Ca {
         let issuer = Issuer::from_ca_cert_pem(&intermediate_pem, key)
             .map_err(cert_err("intermediate.pem"))?;
         Ok(Ca {
+            dir: Some(dir.to_path_buf()),
             root_pem,
             intermediate_pem,
             issuer,
@@ -221,15 +227,39 @@ impl Ca {
         }
         let issuer = Issuer::new(int_params, int_key);
         Ok(Ca {
+            dir: dir.map(Path::to_path_buf),
             root_pem,
             intermediate_pem,
             issuer,
         })
     }
 
-    /// The roots a workload must trust.
+    /// The roots a workload must trust: this CA's root, plus every certificate in
+    /// `<ca-dir>/trust-bundle.pem` (read at each call). Rotating a root is: add the new root
+    /// there on every cluster, wait for workloads to renew (they now trust both), switch the
+    /// CA files to the new root, then drop the old one from the bundle.
     pub fn trust_bundle(&self) -> Vec<String> {
-        vec![self.root_pem.clone()]
+        let mut out = vec![self.root_pem.clone()];
+        let extra = self
+            .dir
+            .as_ref()
+            .and_then(|d| std::fs::read_to_string(d.join(TRUST_BUNDLE_FILE)).ok())
+            .unwrap_or_default();
+        for block in extra.split_inclusive("-----END CERTIFICATE-----") {
+            let Some(start) = block.find("-----BEGIN CERTIFICATE-----") else {
+                continue;
+            };
+            let pem = format!("{}\n", block[start..].trim());
+            if pem.trim() != self.root_pem.trim() && !out.contains(&pem) {
+                out.push(pem);
+            }
+        }
+        out
+    }
+
+    /// The root certificate, PEM.
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
     }
 
     /// Signs `csr_pem` for `identity` (already proven by the caller) for `ttl` (default 24 h).
@@ -603,13 +633,28 @@ pub mod token {
     }
 }
 
-/// `weft.identity.v1.CertificateService`: a caller proves who it is with a join token and gets
-/// an SVID for exactly that identity.
+/// `weft.identity.v1.CertificateService`: a caller proves who it is and gets an SVID for
+/// exactly that identity. Proof is a join token, or — to renew — the caller's current SVID
+/// presented as its client certificate on the TLS port (then no token is needed, so join
+/// tokens can be short-lived bootstrap credentials).
 pub struct CertificateService {
     /// The CA.
     pub ca: std::sync::Arc<Ca>,
     /// The join-token key.
     pub tokens: std::sync::Arc<token::TokenKey>,
+    /// Issue and refusal counters.
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+impl CertificateService {
+    fn refuse(&self, status: tonic::Status) -> tonic::Status {
+        let code = format!("{:?}", status.code());
+        self.metrics
+            .certificate_refusals
+            .get_or_create(&vec![("code".into(), code)])
+            .inc();
+        status
+    }
 }
 
 #[tonic::async_trait]
@@ -618,21 +663,26 @@ impl weft_proto::identity::certificate_service_server::CertificateService for Ce
         &self,
         req: tonic::Request<weft_proto::identity::SignRequest>,
     ) -> Result<tonic::Response<weft_proto::identity::SignResponse>, tonic::Status> {
+        let peer = crate::grpc_tls::peer_identity(&req);
         let req = req.into_inner();
-        let identity = self
-            .tokens
-            .verify(&req.token)
-            .map_err(|e| tonic::Status::permission_denied(e.to_string()))?;
+        let identity = match (req.token.is_empty(), peer) {
+            (true, Some(current)) => current,
+            _ => self.tokens.verify(&req.token).map_err(|e| {
+                tracing::info!(error = %e, "certificate request refused: no valid credential");
+                self.refuse(tonic::Status::permission_denied(e.to_string()))
+            })?,
+        };
         let ttl =
             (req.requested_ttl_seconds > 0).then(|| Duration::from_secs(req.requested_ttl_seconds));
         let signed = self.ca.sign(&req.csr_pem, &identity, ttl).map_err(|e| {
             tracing::warn!(%identity, error = %e, "CSR refused");
-            if e.permission_denied() {
+            self.refuse(if e.permission_denied() {
                 tonic::Status::permission_denied(e.to_string())
             } else {
                 tonic::Status::invalid_argument(e.to_string())
-            }
+            })
         })?;
+        self.metrics.certificates_issued.inc();
         tracing::info!(%identity, expires_at = signed.expires_at_unix, "SVID issued");
         Ok(tonic::Response::new(weft_proto::identity::SignResponse {
             cert_chain_pem: signed.chain,

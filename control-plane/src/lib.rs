@@ -8,6 +8,7 @@ pub mod admin;
 pub mod catalog;
 pub mod check;
 pub mod config;
+pub mod grpc_tls;
 pub mod identity;
 pub mod metrics;
 pub mod objects;
@@ -56,12 +57,19 @@ pub enum StartError {
     /// The CA could not be loaded or made.
     #[error("CA: {0}")]
     Ca(#[from] identity::CaError),
+    /// The TLS port could not be set up.
+    #[error("TLS gRPC port: {0}")]
+    Tls(#[from] grpc_tls::GrpcTlsError),
 }
 
 /// A running control plane; dropping it stops every task.
 pub struct ControlPlane {
-    /// Where plaintext xDS and admin are served.
-    pub xds_addr: SocketAddr,
+    /// Where plaintext xDS and admin are served (local development), when enabled.
+    pub xds_addr: Option<SocketAddr>,
+    /// Where TLS gRPC (xDS, identity, admin) is served.
+    pub grpc_addr: SocketAddr,
+    /// The mesh CA.
+    pub ca: Arc<identity::Ca>,
     /// Where /metrics, /ready, /live are served.
     pub metrics_addr: SocketAddr,
     /// The catalog.
@@ -91,26 +99,25 @@ impl ControlPlane {
     /// Validates the config, binds, and starts serving.
     pub async fn start(config: Config) -> Result<Self, StartError> {
         config.validate()?;
-        let (Some(dir), Some(xds_addr)) = (config.source_dir.clone(), config.xds_plaintext_addr)
-        else {
+        let Some(dir) = config.source_dir.clone() else {
             return Err(config::ConfigError::NoSource.into());
         };
-        let xds_listener = bind("plaintext xDS", xds_addr).await?;
+        let xds_listener = match config.xds_plaintext_addr {
+            Some(addr) => Some(bind("plaintext xDS", addr).await?),
+            None => None,
+        };
+        let grpc_listener = bind("TLS gRPC", config.grpc_addr).await?;
         let metrics_listener = bind("metrics", config.metrics_addr).await?;
-        let xds_addr = xds_listener
-            .local_addr()
-            .map_err(|source| StartError::Bind {
-                what: "plaintext xDS",
-                addr: xds_addr,
-                source,
-            })?;
-        let metrics_addr = metrics_listener
-            .local_addr()
-            .map_err(|source| StartError::Bind {
-                what: "metrics",
-                addr: config.metrics_addr,
-                source,
-            })?;
+        let local = |l: &TcpListener, what: &'static str, addr: SocketAddr| {
+            l.local_addr()
+                .map_err(|source| StartError::Bind { what, addr, source })
+        };
+        let xds_addr = match (&xds_listener, config.xds_plaintext_addr) {
+            (Some(l), Some(addr)) => Some(local(l, "plaintext xDS", addr)?),
+            _ => None,
+        };
+        let grpc_addr = local(&grpc_listener, "TLS gRPC", config.grpc_addr)?;
+        let metrics_addr = local(&metrics_listener, "metrics", config.metrics_addr)?;
         let replica = config.replica.clone().unwrap_or_else(hostname);
         let catalog = Arc::new(Catalog::new(&config.cluster_name, &config.trust_domain));
         let metrics = Arc::new(Metrics::new());
@@ -191,33 +198,74 @@ impl ControlPlane {
         });
         let certificates =
             weft_proto::identity::certificate_service_server::CertificateServiceServer::new(
-                identity::CertificateService { ca, tokens },
+                identity::CertificateService {
+                    ca: ca.clone(),
+                    tokens,
+                    metrics: metrics.clone(),
+                },
             );
-        tasks.push(tokio::spawn(async move {
-            let result = tonic::transport::Server::builder()
+        let acceptor = grpc_tls::Acceptor::new(&ca, &config.trust_domain)?;
+        tasks.push(tokio::spawn(grpc_tls::Acceptor::renew(
+            acceptor.config(),
+            ca.clone(),
+            config.trust_domain.clone(),
+        )));
+        {
+            // Over TLS, xDS and admin want a caller with an SVID; signing takes a join token.
+            use tonic::service::interceptor::InterceptedService;
+            let authn = |req: tonic::Request<()>| grpc_tls::require_identity(&req).map(|_| req);
+            let incoming = acceptor.incoming(grpc_listener, metrics.clone());
+            let server = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-                .add_service(ads)
-                .add_service(admin)
-                .add_service(certificates)
-                .serve_with_incoming(TcpListenerStream::new(xds_listener))
-                .await;
-            if let Err(e) = result {
-                tracing::error!(error = %e, "xDS server stopped");
-            }
-        }));
+                .add_service(InterceptedService::new(ads.clone(), authn))
+                .add_service(InterceptedService::new(admin.clone(), authn))
+                .add_service(certificates.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = server.serve_with_incoming(incoming).await {
+                    tracing::error!(error = %e, "TLS gRPC server stopped");
+                }
+            }));
+        }
+        if let Some(xds_listener) = xds_listener {
+            tasks.push(tokio::spawn(async move {
+                let result = tonic::transport::Server::builder()
+                    .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+                    .add_service(ads)
+                    .add_service(admin)
+                    .add_service(certificates)
+                    .serve_with_incoming(TcpListenerStream::new(xds_listener))
+                    .await;
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "plaintext xDS server stopped");
+                }
+            }));
+        }
         tasks.push(tokio::spawn(metrics::serve(
             metrics_listener,
             metrics.clone(),
         )));
-        tracing::info!(%xds_addr, %metrics_addr, cluster = %config.cluster_name, "control plane serving");
+        tracing::info!(?xds_addr, %grpc_addr, %metrics_addr, cluster = %config.cluster_name, "control plane serving");
         Ok(ControlPlane {
             xds_addr,
+            grpc_addr,
+            ca,
             metrics_addr,
             catalog,
             metrics,
             translations: trx,
             tasks,
         })
+    }
+}
+
+impl ControlPlane {
+    /// The plaintext xDS address, for tests and the demo, which always enable it.
+    ///
+    /// # Panics
+    /// When the control plane was started without `xds_plaintext_addr`.
+    pub fn plaintext(&self) -> SocketAddr {
+        self.xds_addr
+            .expect("this control plane was started without a plaintext xDS address")
     }
 }
 

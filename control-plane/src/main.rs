@@ -20,7 +20,9 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cp = ControlPlane::start(config).await?;
-    println!("xds={} metrics={}", cp.xds_addr, cp.metrics_addr);
+    // One line tools can parse: `xds=ADDR|off grpc=ADDR metrics=ADDR`.
+    let xds = cp.xds_addr.map_or("off".to_string(), |a| a.to_string());
+    println!("xds={xds} grpc={} metrics={}", cp.grpc_addr, cp.metrics_addr);
     shutdown_signal().await;
     tracing::info!("shutting down");
     Ok(())

@@ -43,6 +43,12 @@ pub struct Metrics {
     pub source_error: Family<Labels, Gauge>,
     /// `weft_source_reloads_total`.
     pub source_reloads: Counter,
+    /// `weft_tls_handshake_failures_total`: TLS handshakes refused on the gRPC port.
+    pub tls_handshake_failures: Counter,
+    /// `weft_certificates_issued_total`: SVIDs signed.
+    pub certificates_issued: Counter,
+    /// `weft_certificate_refusals_total{code}`: CSRs refused, by gRPC code.
+    pub certificate_refusals: Family<Labels, Counter>,
     ready: AtomicBool,
 }
 
@@ -68,6 +74,9 @@ impl Metrics {
             source_errors: Gauge::default(),
             source_error: Family::default(),
             source_reloads: Counter::default(),
+            tls_handshake_failures: Counter::default(),
+            certificates_issued: Counter::default(),
+            certificate_refusals: Family::default(),
             ready: AtomicBool::new(false),
             registry: Registry::default(),
         };
@@ -113,6 +122,21 @@ impl Metrics {
             "weft_source_reloads",
             "Source reloads",
             m.source_reloads.clone(),
+        );
+        registry.register(
+            "weft_tls_handshake_failures",
+            "TLS handshakes refused on the gRPC port",
+            m.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "weft_certificates_issued",
+            "Workload certificates signed",
+            m.certificates_issued.clone(),
+        );
+        registry.register(
+            "weft_certificate_refusals",
+            "Certificate requests refused, by gRPC code",
+            m.certificate_refusals.clone(),
         );
         Metrics { registry, ..m }
     }

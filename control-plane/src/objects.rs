@@ -58,6 +58,8 @@ pub enum Object {
     Node(Box<Node>),
     /// `v1 Pod`: its service account and node matter.
     Pod(Box<Pod>),
+    /// `v1 Namespace` (its `weft.dev/mtls-mode` annotation).
+    Namespace(Box<k8s_openapi::api::core::v1::Namespace>),
     /// SMI `split.smi-spec.io/v1alpha4 TrafficSplit`.
     TrafficSplit(Box<Named<TrafficSplitSpec>>),
     /// Gateway API `gateway.networking.k8s.io/v1 HTTPRoute` (GAMMA: parentRef a Service).
@@ -98,6 +100,10 @@ impl Object {
                 (String::new(), o.metadata.name.clone().unwrap_or_default()),
             ),
             Object::Pod(o) => ("Pod", meta(&o.metadata)),
+            Object::Namespace(o) => (
+                "Namespace",
+                (String::new(), o.metadata.name.clone().unwrap_or_default()),
+            ),
             Object::TrafficSplit(o) => ("TrafficSplit", (o.namespace.clone(), o.name.clone())),
             Object::HttpRoute(o) => ("HTTPRoute", (o.namespace.clone(), o.name.clone())),
             Object::ServiceExport(o) => ("ServiceExport", (o.namespace.clone(), o.name.clone())),
@@ -517,7 +523,7 @@ pub fn parse_object(doc: serde_json::Value) -> Result<Option<Object>, ObjectErro
         .to_string();
     let label = if kind.is_empty() {
         "<object without kind>".to_string()
-    } else if kind == "Node" {
+    } else if kind == "Node" || kind == "Namespace" {
         format!("{kind} {name}")
     } else {
         format!("{kind} {namespace}/{name}")
@@ -544,6 +550,7 @@ pub fn parse_object(doc: serde_json::Value) -> Result<Option<Object>, ObjectErro
         }
         ("", "Node") => Object::Node(Box::new(typed(doc, &label)?)),
         ("", "Pod") => Object::Pod(Box::new(typed(doc, &label)?)),
+        ("", "Namespace") => Object::Namespace(Box::new(typed(doc, &label)?)),
         ("split.smi-spec.io", "TrafficSplit") => {
             Object::TrafficSplit(Box::new(named(doc, &label, namespace, name)?))
         }
@@ -695,6 +702,24 @@ fn validate(obj: &Object) -> Result<(), FieldError> {
                         format!("{port} is not a port (1-65535)"),
                     ));
                 }
+            }
+        }
+        Object::Namespace(ns) => {
+            if let Some(mode) = ns
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(weft_proto::keys::MTLS_MODE_ANNOTATION))
+            {
+                MtlsMode::parse(mode).map_err(|m| {
+                    field_err(
+                        format!(
+                            "metadata.annotations[{:?}]",
+                            weft_proto::keys::MTLS_MODE_ANNOTATION
+                        ),
+                        m,
+                    )
+                })?;
             }
         }
         Object::Node(_) | Object::Pod(_) | Object::ServiceExport(_) => {}
@@ -1021,6 +1046,41 @@ mod tests {
         for (doc, field) in cases {
             let e = err_of(doc);
             assert_eq!(e.field, field, "{e}");
+        }
+    }
+}
+
+/// How a namespace's sidecars accept inbound connections (`weft.dev/mtls-mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum MtlsMode {
+    /// Only mTLS from a workload with a valid SVID.
+    Strict,
+    /// mTLS and plaintext both (the default: lets a namespace migrate without an outage).
+    #[default]
+    Permissive,
+    /// Plaintext only; callers do not originate mTLS to these pods.
+    Disable,
+}
+
+impl MtlsMode {
+    /// Reads the annotation's value.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "STRICT" => Ok(MtlsMode::Strict),
+            "PERMISSIVE" => Ok(MtlsMode::Permissive),
+            "DISABLE" => Ok(MtlsMode::Disable),
+            other => Err(format!(
+                "{other:?} is not an mTLS mode: use STRICT, PERMISSIVE or DISABLE"
+            )),
+        }
+    }
+
+    /// The annotation's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MtlsMode::Strict => "STRICT",
+            MtlsMode::Permissive => "PERMISSIVE",
+            MtlsMode::Disable => "DISABLE",
         }
     }
 }

@@ -614,6 +614,7 @@ fn cluster_for(
             algorithm: algo_name,
             service: svc.key.to_string(),
             app_protocol: protocol,
+            mtls_mode: svc.mtls_mode.as_str().to_string(),
         })),
         ..Default::default()
     }
@@ -693,6 +694,7 @@ fn load_assignments(svc: &ServiceModel, place: &ProxyPlace, home: &str) -> Vec<R
                         cluster: e.cluster.clone(),
                         identity: e.identity.clone().unwrap_or_default(),
                         pod: e.pod.clone().unwrap_or_default(),
+                        mtls: e.mtls && e.identity.is_some(),
                     })),
                     host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
                         endpoint::Endpoint {

@@ -237,6 +237,8 @@ async fn main() -> Result<(), BoxErr> {
         .args([
             "--xds-plaintext-addr",
             "127.0.0.1:0",
+            "--grpc-addr",
+            "127.0.0.1:0",
             "--metrics-addr",
             "127.0.0.1:0",
             "--log",

@@ -399,6 +399,8 @@ fn grpc_xds_interop() -> TestResult {
         .args([
             "--xds-plaintext-addr",
             "127.0.0.1:0",
+            "--grpc-addr",
+            "127.0.0.1:0",
             "--metrics-addr",
             "127.0.0.1:0",
         ])

@@ -164,6 +164,8 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
             &world_dir,
             "--xds-plaintext-addr",
             "127.0.0.1:15010",
+            "--grpc-addr",
+            "127.0.0.1:15012",
             "--metrics-addr",
             "127.0.0.1:15014",
         ],

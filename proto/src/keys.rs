@@ -36,3 +36,14 @@ pub const NODE_CLUSTER: &str = "CLUSTER_ID";
 pub const PROXY_REASON_HEADER: &str = "x-weft-reason";
 /// Request header carrying the verified SPIFFE ID of the calling workload to the application.
 pub const CLIENT_IDENTITY_HEADER: &str = "x-weft-client-identity";
+
+/// Namespace of the control plane's own identity.
+pub const CONTROL_PLANE_NAMESPACE: &str = "weft-system";
+/// Service account of the control plane's own identity.
+pub const CONTROL_PLANE_SERVICE_ACCOUNT: &str = "weft-control-plane";
+/// Namespace annotation choosing how its sidecars accept inbound connections:
+/// `STRICT` (mTLS only), `PERMISSIVE` (mTLS and plaintext; the default) or `DISABLE`.
+pub const MTLS_MODE_ANNOTATION: &str = "weft.dev/mtls-mode";
+/// Pod label saying its sidecar terminates mTLS (`weft`), set by the injector; callers
+/// originate mTLS only to endpoints whose pod carries it.
+pub const TLS_MODE_LABEL: &str = "weft.dev/tls-mode";

@@ -1,11 +1,13 @@
 //! Weft's contract: its own gRPC APIs (`identity`, `federation`, `admin`), Envoy's xDS v3 types
 //! (re-exported from the `envoy-types` crate), and the small vocabulary every component shares:
 //! SPIFFE identities, well-known label and annotation keys, and the names of xDS resources.
-//! No I/O and no policy live here.
+//! No I/O and no policy live here; `tls` builds the rustls configurations that carry
+//! SPIFFE identities (from PEM in memory).
 
 pub mod keys;
 pub mod names;
 pub mod spiffe;
+pub mod tls;
 
 pub use envoy_types::pb as envoy;
 pub use spiffe::{SpiffeId, SpiffeIdError};

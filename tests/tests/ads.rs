@@ -122,7 +122,7 @@ async fn world_and_clients() -> (tempfile::TempDir, weft_testkit::ControlPlane, 
     let cp = weft_testkit::start_control_plane(dir.path())
         .await
         .expect("control plane");
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cp.xds_addr))
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cp.plaintext()))
         .expect("uri")
         .connect()
         .await
@@ -273,7 +273,7 @@ async fn sotw_refuses_unknown_types_and_missing_node() {
     let cp = weft_testkit::start_control_plane(dir.path())
         .await
         .expect("control plane");
-    let endpoint = format!("http://{}", cp.xds_addr);
+    let endpoint = format!("http://{}", cp.plaintext());
     for (req, want) in [
         (
             sotw(
@@ -475,7 +475,7 @@ async fn broken_input_is_reported_and_the_last_good_state_serves() {
     let cp = weft_testkit::start_control_plane(dir.path())
         .await
         .expect("control plane");
-    let endpoint = format!("http://{}", cp.xds_addr);
+    let endpoint = format!("http://{}", cp.plaintext());
     let mut admin = AdminClient::connect(endpoint.clone()).await.expect("admin");
     let version = cp.catalog.current().version;
     // A split whose weights are all zero, in the same file; and a file that is not YAML.

@@ -38,7 +38,7 @@ async fn setup(
         world::slice("echo", "echo", &[(echo.addr, "n1", true)]),
     ])
     .await;
-    let mut cfg = weft_sidecar::RunConfig::local(cp.xds_addr, ip.parse().expect("ip"), "client");
+    let mut cfg = weft_sidecar::RunConfig::local(cp.plaintext(), ip.parse().expect("ip"), "client");
     tweak(&mut cfg);
     let sc = weft_sidecar::Sidecar::start(cfg).await.expect("sidecar");
     let mut ready = sc.xds.ready.clone();

@@ -22,7 +22,7 @@ fn csr_for(uri: &str) -> String {
 #[tokio::test]
 async fn issue_verify_and_refuse() {
     let (_dir, cp) = weft_testkit::control_plane_over(&[world::service("echo", 80)]).await;
-    let url = format!("http://{}", cp.xds_addr);
+    let url = format!("http://{}", cp.plaintext());
     let mut admin = AdminClient::connect(url.clone()).await.expect("admin");
     let mut certs = CertificateServiceClient::connect(url).await.expect("certs");
     let token = |sa: &str, ttl: u64| CreateJoinTokenRequest {
@@ -158,7 +158,7 @@ async fn issue_verify_and_refuse() {
 #[tokio::test]
 async fn sidecar_obtains_and_renews_its_certificate() {
     let (_dir, cp) = weft_testkit::control_plane_over(&[world::service("echo", 80)]).await;
-    let mut admin = AdminClient::connect(format!("http://{}", cp.xds_addr))
+    let mut admin = AdminClient::connect(format!("http://{}", cp.plaintext()))
         .await
         .expect("admin");
     let token = admin
@@ -172,7 +172,7 @@ async fn sidecar_obtains_and_renews_its_certificate() {
         .into_inner()
         .token;
     let mut cfg = weft_sidecar::RunConfig::local(
-        cp.xds_addr,
+        cp.plaintext(),
         "127.0.14.100".parse().expect("ip"),
         "with-cert",
     );

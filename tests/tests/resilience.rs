@@ -61,7 +61,7 @@ async fn mesh(
         "{:?}",
         cp.catalog.current().errors
     );
-    let sc = weft_testkit::start_sidecar(cp.xds_addr, ip.parse().expect("ip"), "client", "a")
+    let sc = weft_testkit::start_sidecar(cp.plaintext(), ip.parse().expect("ip"), "client", "a")
         .await
         .expect("sidecar");
     let mut ready = sc.xds.ready.clone();

@@ -66,7 +66,7 @@ async fn split_90_10_through_the_sidecar() {
     ])
     .await;
     let sc = weft_testkit::start_sidecar(
-        cp.xds_addr,
+        cp.plaintext(),
         "127.0.2.100".parse().expect("ip"),
         "client",
         "a",
@@ -124,7 +124,7 @@ async fn locality_preference_failover_and_control_plane_loss() {
         .await
         .expect("control plane");
     let sc = weft_testkit::start_sidecar(
-        cp.xds_addr,
+        cp.plaintext(),
         "127.0.3.100".parse().expect("ip"),
         "client-a",
         "a",
@@ -188,7 +188,7 @@ async fn ring_hash_keeps_a_client_on_one_endpoint() {
         .await
         .expect("control plane");
     let sc = weft_testkit::start_sidecar(
-        cp.xds_addr,
+        cp.plaintext(),
         "127.0.4.100".parse().expect("ip"),
         "client",
         "a",
@@ -246,7 +246,7 @@ async fn killing_in_zone_endpoints_fails_over_with_no_failed_request() {
     ])
     .await;
     let sc = weft_testkit::start_sidecar(
-        cp.xds_addr,
+        cp.plaintext(),
         "127.0.6.100".parse().expect("ip"),
         "client-a",
         "a",
@@ -286,7 +286,7 @@ async fn both_xds_flavours_configure_the_sidecar() {
     {
         let ip = format!("127.0.10.{}", 210 + i).parse().expect("ip");
         let mut cfg =
-            weft_sidecar::RunConfig::local(cp.xds_addr, ip, &format!("proxy-{protocol:?}"));
+            weft_sidecar::RunConfig::local(cp.plaintext(), ip, &format!("proxy-{protocol:?}"));
         cfg.xds_protocol = protocol;
         let sc = weft_sidecar::Sidecar::start(cfg).await.expect("sidecar");
         ready(&sc).await;
@@ -301,7 +301,7 @@ async fn both_xds_flavours_configure_the_sidecar() {
         sidecars.push(sc);
     }
     let mut admin =
-        weft_proto::admin::admin_client::AdminClient::connect(format!("http://{}", cp.xds_addr))
+        weft_proto::admin::admin_client::AdminClient::connect(format!("http://{}", cp.plaintext()))
             .await
             .expect("admin");
     let proxies = admin
@@ -340,7 +340,7 @@ async fn requests_keep_succeeding_for_30s_without_the_control_plane() {
     ])
     .await;
     let sc = weft_testkit::start_sidecar(
-        cp.xds_addr,
+        cp.plaintext(),
         "127.0.11.100".parse().expect("ip"),
         "client",
         "a",
@@ -371,7 +371,7 @@ async fn unsupported_route_is_nacked_and_the_previous_config_serves() {
     ];
     let (dir, cp) = weft_testkit::control_plane_over(&base).await;
     let sc = weft_testkit::start_sidecar(
-        cp.xds_addr,
+        cp.plaintext(),
         "127.0.13.100".parse().expect("ip"),
         "strict",
         "a",
@@ -384,7 +384,7 @@ async fn unsupported_route_is_nacked_and_the_previous_config_serves() {
     docs.push(route);
     std::fs::write(dir.path().join("world.yaml"), world::docs(&docs)).expect("write");
     let mut admin =
-        weft_proto::admin::admin_client::AdminClient::connect(format!("http://{}", cp.xds_addr))
+        weft_proto::admin::admin_client::AdminClient::connect(format!("http://{}", cp.plaintext()))
             .await
             .expect("admin");
     let deadline = tokio::time::Instant::now() + PATIENCE;

@@ -1,0 +1,259 @@
+//! The control plane's TLS gRPC port (`--grpc-addr`, 15012): xDS, identity, admin and
+//! federation, served with the control plane's own SVID
+//! (`spiffe://<td>/ns/weft-system/sa/weft-control-plane`, issued by its own CA).
+//!
+//! A client certificate is optional at the handshake so that a workload without one yet can
+//! bootstrap (its join token is the proof, checked by the CertificateService); every other
+//! service refuses a caller that presented none. The verified caller identity reaches the
+//! handlers as a [`TlsPeer`] in the request extensions.
+//!
+//! The server certificate is renewed at half its life and whenever the trust bundle changes;
+//! the new rustls configuration serves new connections, open ones keep theirs.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use weft_proto::SpiffeId;
+use weft_proto::tls::{self, ClientAuth, TlsError};
+
+use crate::identity::Ca;
+use crate::metrics::Metrics;
+
+/// How long a client gets to finish the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lifetime of the control plane's own certificate.
+pub const SERVER_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How often the trust bundle is checked for a change (a second root being added).
+pub const BUNDLE_CHECK: Duration = Duration::from_secs(10);
+
+/// Who is calling over the TLS port (the tonic connect info of a TLS connection).
+#[derive(Clone, Debug)]
+pub struct TlsPeer {
+    /// The remote address.
+    pub remote: SocketAddr,
+    /// The verified SPIFFE ID of the client certificate; `None` when it presented none.
+    pub identity: Option<SpiffeId>,
+}
+
+/// Over the TLS port a caller must present an SVID; over the plaintext port anything goes.
+/// Returns the caller's identity when there is one.
+pub fn require_identity<T>(req: &tonic::Request<T>) -> Result<Option<SpiffeId>, tonic::Status> {
+    match req.extensions().get::<TlsPeer>() {
+        None => Ok(None),
+        Some(TlsPeer {
+            identity: Some(id), ..
+        }) => Ok(Some(id.clone())),
+        Some(TlsPeer { remote, .. }) => Err(tonic::Status::unauthenticated(format!(
+            "{remote} presented no client certificate: this port serves workloads with an SVID \
+             (get one from CertificateService with a join token first)"
+        ))),
+    }
+}
+
+/// The caller's verified identity, if the call came over TLS with a client certificate.
+pub fn peer_identity<T>(req: &tonic::Request<T>) -> Option<SpiffeId> {
+    req.extensions()
+        .get::<TlsPeer>()
+        .and_then(|p| p.identity.clone())
+}
+
+/// One accepted TLS connection, as tonic serves it.
+pub struct TlsConn {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: TlsPeer,
+}
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = TlsPeer;
+    fn connect_info(&self) -> TlsPeer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// The control plane's identity.
+pub fn server_identity(trust_domain: &str) -> Result<SpiffeId, weft_proto::SpiffeIdError> {
+    SpiffeId::new(
+        trust_domain,
+        weft_proto::keys::CONTROL_PLANE_NAMESPACE,
+        weft_proto::keys::CONTROL_PLANE_SERVICE_ACCOUNT,
+    )
+}
+
+/// Why the TLS port could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcTlsError {
+    /// The control plane's own certificate could not be issued.
+    #[error("issuing the control plane's certificate: {0}")]
+    Issue(String),
+    /// The rustls configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// Issues the control plane's own SVID and builds the server configuration.
+fn server_config(ca: &Ca, id: &SpiffeId) -> Result<Arc<tls::rustls::ServerConfig>, GrpcTlsError> {
+    let (csr, key) = tls::new_csr(&id.to_string())?;
+    let signed = ca
+        .sign(&csr, id, Some(SERVER_CERT_TTL))
+        .map_err(|e| GrpcTlsError::Issue(e.to_string()))?;
+    let svid = tls::Svid::from_pem(&signed.chain, &key)?;
+    let roots = tls::roots(&signed.trust_bundle)?;
+    Ok(tls::server_config(
+        &svid,
+        roots,
+        ClientAuth::Optional,
+        &[tls::ALPN_H2],
+    )?)
+}
+
+/// Accepts TLS connections on `listener` and hands finished handshakes to tonic.
+pub struct Acceptor {
+    config: Arc<ArcSwap<tls::rustls::ServerConfig>>,
+}
+
+impl Acceptor {
+    /// Issues the control plane's certificate and builds the first configuration.
+    pub fn new(ca: &Ca, trust_domain: &str) -> Result<Self, GrpcTlsError> {
+        let id = server_identity(trust_domain).map_err(|e| GrpcTlsError::Issue(e.to_string()))?;
+        Ok(Acceptor {
+            config: Arc::new(ArcSwap::new(server_config(ca, &id)?)),
+        })
+    }
+
+    /// Keeps the server certificate fresh: renewed at half its life, or at once when the
+    /// trust bundle changes (a rotation adding a root). Runs until aborted.
+    pub async fn renew(config: Arc<ArcSwap<tls::rustls::ServerConfig>>, ca: Arc<Ca>, td: String) {
+        let Ok(id) = server_identity(&td) else { return };
+        let mut bundle = ca.trust_bundle();
+        let mut issued = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(BUNDLE_CHECK).await;
+            let now_bundle = ca.trust_bundle();
+            if now_bundle == bundle && issued.elapsed() < SERVER_CERT_TTL / 2 {
+                continue;
+            }
+            match server_config(&ca, &id) {
+                Ok(c) => {
+                    config.store(c);
+                    bundle = now_bundle;
+                    issued = tokio::time::Instant::now();
+                    tracing::info!(identity = %id, "control plane certificate renewed");
+                }
+                Err(e) => tracing::error!(error = %e, "control plane certificate renewal failed; the current one keeps serving"),
+            }
+        }
+    }
+
+    /// The configuration handle (for [`Acceptor::renew`]).
+    pub fn config(&self) -> Arc<ArcSwap<tls::rustls::ServerConfig>> {
+        self.config.clone()
+    }
+
+    /// Accepts forever; each handshake runs on its own task (a slow client delays nobody),
+    /// and finished connections come out of the returned stream.
+    pub fn incoming(
+        self,
+        listener: TcpListener,
+        metrics: Arc<Metrics>,
+    ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, std::io::Error>> {
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                // Ends when tonic stops taking connections (the control plane was dropped).
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = tx.closed() => return,
+                };
+                let (tcp, remote) = match accepted {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "TLS gRPC accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = tokio_rustls::TlsAcceptor::from(self.config.load_full());
+                let (tx, metrics) = (tx.clone(), metrics.clone());
+                tokio::spawn(async move {
+                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                        .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::info!(%remote, error = %e, "TLS handshake refused");
+                            metrics.tls_handshake_failures.inc();
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::info!(%remote, "TLS handshake timed out");
+                            metrics.tls_handshake_failures.inc();
+                            return;
+                        }
+                    };
+                    let certs = tls.get_ref().1.peer_certificates();
+                    let identity = match certs {
+                        None => None,
+                        Some(c) => match tls::check_peer(Some(c), &[]) {
+                            Ok(id) => Some(id),
+                            Err(e) => {
+                                tracing::info!(%remote, error = %e, "client certificate refused");
+                                metrics.tls_handshake_failures.inc();
+                                return;
+                            }
+                        },
+                    };
+                    let conn = TlsConn {
+                        inner: tls,
+                        peer: TlsPeer { remote, identity },
+                    };
+                    let _ = tx.send(Ok(conn)).await;
+                });
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+}

@@ -1,0 +1,349 @@
+//! How SPIFFE identities travel on the wire: rustls configurations that present a workload's
+//! SVID and check a peer's, shared by the control plane (its TLS gRPC port) and the sidecar
+//! (mTLS between sidecars, xDS over mTLS). Pure: configurations are built from PEM in memory.
+//!
+//! SPIFFE certificates carry their identity as one URI SAN and no DNS name, so the usual
+//! hostname check does not apply. The client verifier here checks the chain against the trust
+//! bundle (which may hold two roots while a root rotates) and that the leaf carries a SPIFFE ID;
+//! *which* identity is acceptable is decided per connection after the handshake with
+//! [`check_peer`], before a byte of application data is sent. Servers ask for a client
+//! certificate and verify its chain; whether one is required is the caller's choice
+//! ([`ClientAuth`]).
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::SpiffeId;
+
+pub use rustls;
+
+/// ALPN for HTTP/2 (gRPC, and HTTP/2 between sidecars).
+pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN for HTTP/1.1 between sidecars.
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+/// Why a TLS configuration could not be built or a peer was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM block did not parse.
+    #[error("{what}: not valid PEM: {message}")]
+    Pem {
+        /// Which input.
+        what: &'static str,
+        /// The parser's message.
+        message: String,
+    },
+    /// An input held nothing usable.
+    #[error("{0} is empty")]
+    Empty(&'static str),
+    /// rustls refused the material.
+    #[error("{what}: {source}")]
+    Rustls {
+        /// What was being built.
+        what: &'static str,
+        /// The cause.
+        source: rustls::Error,
+    },
+    /// A CSR could not be made.
+    #[error("making a CSR: {0}")]
+    Csr(String),
+    /// The peer presented no certificate.
+    #[error("the peer presented no certificate")]
+    NoPeerCertificate,
+    /// The peer's certificate carries no usable SPIFFE ID.
+    #[error("the peer's certificate has no SPIFFE ID: {0}")]
+    NoSpiffeId(String),
+    /// The peer is not who the caller expected.
+    #[error("the peer is {got}, expected {expected}")]
+    Unexpected {
+        /// The peer's identity.
+        got: String,
+        /// What was acceptable.
+        expected: String,
+    },
+}
+
+/// The process's crypto provider (ring): one per process, shared by every configuration.
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: std::sync::LazyLock<Arc<CryptoProvider>> =
+        std::sync::LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
+    PROVIDER.clone()
+}
+
+/// A workload's certificate chain and private key, ready for rustls.
+#[derive(Debug)]
+pub struct Svid {
+    /// Leaf then intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for Svid {
+    fn clone(&self) -> Self {
+        Svid {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl Svid {
+    /// Reads a chain (PEM blocks, leaf first) and a PKCS#8 key (PEM).
+    pub fn from_pem(chain: &[String], key_pem: &str) -> Result<Self, TlsError> {
+        let chain = certs("certificate chain", chain)?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| TlsError::Pem {
+            what: "private key",
+            message: e.to_string(),
+        })?;
+        Ok(Svid { chain, key })
+    }
+}
+
+fn certs(what: &'static str, pems: &[String]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let mut out = Vec::new();
+    for pem in pems {
+        for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            out.push(c.map_err(|e| TlsError::Pem {
+                what,
+                message: e.to_string(),
+            })?);
+        }
+    }
+    if out.is_empty() {
+        return Err(TlsError::Empty(what));
+    }
+    Ok(out)
+}
+
+/// The roots of a trust bundle (PEM blocks; two overlap while a root rotates).
+pub fn roots(bundle: &[String]) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut store = RootCertStore::empty();
+    for c in certs("trust bundle", bundle)? {
+        store.add(c).map_err(|source| TlsError::Rustls {
+            what: "trust bundle",
+            source,
+        })?;
+    }
+    Ok(Arc::new(store))
+}
+
+/// The SPIFFE ID a certificate carries: its one `spiffe://` URI SAN.
+pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| TlsError::NoSpiffeId(format!("certificate does not parse: {e}")))?;
+    let san = x509
+        .subject_alternative_name()
+        .map_err(|e| TlsError::NoSpiffeId(format!("bad subjectAltName: {e}")))?
+        .ok_or_else(|| TlsError::NoSpiffeId("no subjectAltName".into()))?;
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => Some(*u),
+        _ => None,
+    });
+    let (Some(uri), None) = (uris.next(), uris.next()) else {
+        return Err(TlsError::NoSpiffeId(
+            "exactly one spiffe:// URI SAN is required".into(),
+        ));
+    };
+    SpiffeId::parse(uri).map_err(|e| TlsError::NoSpiffeId(e.to_string()))
+}
+
+/// After a handshake: the peer's SPIFFE ID, which must be one of `expected` (any when empty).
+pub fn check_peer(
+    peer_certs: Option<&[CertificateDer<'static>]>,
+    expected: &[&str],
+) -> Result<SpiffeId, TlsError> {
+    let leaf = peer_certs
+        .and_then(|c| c.first())
+        .ok_or(TlsError::NoPeerCertificate)?;
+    let id = spiffe_id_of(leaf)?;
+    let text = id.to_string();
+    if !expected.is_empty() && !expected.iter().any(|e| *e == text) {
+        return Err(TlsError::Unexpected {
+            got: text,
+            expected: expected.join(" or "),
+        });
+    }
+    Ok(id)
+}
+
+/// Checks a server's chain against the trust bundle and that its leaf carries a SPIFFE ID;
+/// the name the client dialed plays no part (SVIDs have no DNS names).
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    roots: Arc<RootCertStore>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        spiffe_id_of(end_entity).map_err(|e| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+                rustls::OtherError(Arc::new(e)),
+            ))
+        })?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// A client configuration: verifies servers against `bundle`, presents `svid` when given
+/// (without one, only servers that do not require a client certificate will talk).
+pub fn client_config(
+    svid: Option<&Svid>,
+    bundle: Arc<RootCertStore>,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(SpiffeServerVerifier {
+        roots: bundle,
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TlsError::Rustls {
+            what: "client configuration",
+            source,
+        })?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match svid {
+        Some(s) => builder
+            .with_client_auth_cert(s.chain.clone(), s.key.clone_key())
+            .map_err(|source| TlsError::Rustls {
+                what: "client certificate",
+                source,
+            })?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// Whether a server requires clients to present a certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// A client without a valid certificate fails the handshake.
+    Required,
+    /// A client may come without one (it is then anonymous); one it presents must verify.
+    Optional,
+}
+
+/// A server configuration presenting `svid`, verifying client certificates against `bundle`.
+pub fn server_config(
+    svid: &Svid,
+    bundle: Arc<RootCertStore>,
+    client_auth: ClientAuth,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = provider();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        bundle,
+        provider.clone(),
+    );
+    let verifier = match client_auth {
+        ClientAuth::Required => verifier,
+        ClientAuth::Optional => verifier.allow_unauthenticated(),
+    }
+    .build()
+    .map_err(|e| TlsError::Rustls {
+        what: "client verifier",
+        source: rustls::Error::General(e.to_string()),
+    })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TlsError::Rustls {
+            what: "server configuration",
+            source,
+        })?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(svid.chain.clone(), svid.key.clone_key())
+        .map_err(|source| TlsError::Rustls {
+            what: "server certificate",
+            source,
+        })?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// A fresh ECDSA P-256 key (made in memory) and a CSR for `spiffe_id`: (CSR PEM, key PEM).
+pub fn new_csr(spiffe_id: &str) -> Result<(String, String), TlsError> {
+    let err = |e: rcgen::Error| TlsError::Csr(e.to_string());
+    let key = rcgen::KeyPair::generate().map_err(err)?;
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(spiffe_id.try_into().map_err(err)?)];
+    let csr = params.serialize_request(&key).map_err(err)?;
+    Ok((csr.pem().map_err(err)?, key.serialize_pem()))
+}
+
+/// Whether the first bytes of a connection are a TLS handshake record (a ClientHello):
+/// content type 22, protocol major version 3.
+pub fn looks_like_tls(first: &[u8]) -> bool {
+    first.len() >= 2 && first[0] == 0x16 && first[1] == 0x03
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_sniffing() {
+        assert!(looks_like_tls(&[0x16, 0x03, 0x01, 0x02]));
+        assert!(!looks_like_tls(b"GET / HTTP/1.1"));
+        assert!(!looks_like_tls(b"PRI * HTTP/2.0"));
+        assert!(!looks_like_tls(&[0x16]));
+    }
+
+    #[test]
+    fn bad_pem_is_refused_with_what() {
+        let e = roots(&["not a pem".into()]).err().map(|e| e.to_string());
+        assert_eq!(e.as_deref(), Some("trust bundle is empty"));
+        let e = Svid::from_pem(&["x".into()], "y").err().map(|e| e.to_string());
+        assert_eq!(e.as_deref(), Some("certificate chain is empty"));
+        assert!(matches!(
+            check_peer(None, &[]),
+            Err(TlsError::NoPeerCertificate)
+        ));
+    }
+}
