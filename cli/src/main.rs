@@ -90,6 +90,12 @@ enum Command {
         #[arg(long, requires = "from_proxy")]
         diff: bool,
     },
+    /// A proxy's workload identity: its SPIFFE ID, certificate chain and trust bundle with
+    /// expiries, read from the proxy's admin address (exit 1 without a valid certificate).
+    Certs {
+        /// The proxy's admin address (`--admin-addr` of `weft-sidecar run`).
+        admin: SocketAddr,
+    },
     /// Run the mesh locally: a control plane, sample echo services in two zones, sidecars
     /// and a load generator, with a live view of where requests go. Ctrl-C stops it all.
     Demo(demo::DemoArgs),
@@ -172,6 +178,7 @@ fn main() -> anyhow::Result<()> {
             Command::ProxyConfig { proxy, kind, .. } => {
                 query::proxy_config(cli.cp, &proxy, kind, cli.output).await
             }
+            Command::Certs { admin } => query::certs(admin, cli.output).await,
             Command::Demo(args) => demo::run(args).await,
         }
     })?;

@@ -663,6 +663,54 @@ fn summarize(type_url: &str, bytes: &[u8]) -> Result<(Value, String), prost::Dec
     })
 }
 
+/// `weftctl certs ADMIN_ADDR`: the proxy's identity, certificate chain and trust bundle, from
+/// its admin `/certs`. Exit 1 when it holds no valid certificate.
+pub async fn certs(admin: SocketAddr, format: Format) -> anyhow::Result<i32> {
+    let body = http_get(admin, "/certs").await?;
+    let view: weft_sidecar::admin::CertsView = serde_json::from_str(&body)
+        .map_err(|e| anyhow::anyhow!("{admin}/certs is not what weftctl expects: {e}"))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let left = |t: i64| {
+        let s = t - now;
+        if s <= 0 {
+            "EXPIRED".to_string()
+        } else if s >= 86_400 {
+            format!("{}d{}h", s / 86_400, (s % 86_400) / 3600)
+        } else {
+            format!("{}h{}m{}s", s / 3600, (s % 3600) / 60, s % 60)
+        }
+    };
+    let role = |i: usize, c: &weft_proto::tls::CertInfo, bundle: bool| match (bundle, i, c.is_ca) {
+        (true, _, _) => "root",
+        (false, 0, _) => "leaf",
+        (false, _, true) => "intermediate",
+        (false, _, false) => "certificate",
+    };
+    let rows: Vec<Vec<String>> = view
+        .chain
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i, c, false))
+        .chain(view.trust_bundle.iter().enumerate().map(|(i, c)| (i, c, true)))
+        .map(|(i, c, bundle)| {
+            vec![
+                role(i, c, bundle).to_string(),
+                c.spiffe_id.clone().unwrap_or_else(|| c.subject.clone()),
+                c.serial.clone(),
+                left(c.not_after_unix),
+            ]
+        })
+        .collect();
+    print(format, &view, &["ROLE", "IDENTITY", "SERIAL", "EXPIRES IN"], rows)?;
+    if let (Format::Table, Some(note)) = (format, &view.note) {
+        println!("{note}");
+    }
+    let valid = view.expires_in_seconds.is_some_and(|s| s > 0);
+    Ok(if valid { 0 } else { 1 })
+}
+
 /// GETs `path` from an HTTP/1.1 server (a sidecar's admin endpoint).
 async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     use http_body_util::{BodyExt, Empty};

@@ -182,7 +182,9 @@ impl Acceptor {
                     issued = tokio::time::Instant::now();
                     tracing::info!(identity = %id, "control plane certificate renewed");
                 }
-                Err(e) => tracing::error!(error = %e, "control plane certificate renewal failed; the current one keeps serving"),
+                Err(e) => {
+                    tracing::error!(error = %e, "control plane certificate renewal failed; the current one keeps serving")
+                }
             }
         }
     }
@@ -219,21 +221,20 @@ impl Acceptor {
                 let acceptor = tokio_rustls::TlsAcceptor::from(self.config.load_full());
                 let (tx, metrics) = (tx.clone(), metrics.clone());
                 tokio::spawn(async move {
-                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-                        .await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::info!(%remote, error = %e, "TLS handshake refused");
-                            metrics.tls_handshake_failures.inc();
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::info!(%remote, "TLS handshake timed out");
-                            metrics.tls_handshake_failures.inc();
-                            return;
-                        }
-                    };
+                    let tls =
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::info!(%remote, error = %e, "TLS handshake refused");
+                                metrics.tls_handshake_failures.inc();
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::info!(%remote, "TLS handshake timed out");
+                                metrics.tls_handshake_failures.inc();
+                                return;
+                            }
+                        };
                     let certs = tls.get_ref().1.peer_certificates();
                     let identity = match certs {
                         None => None,

@@ -22,7 +22,10 @@ async fn main() -> anyhow::Result<()> {
     let cp = ControlPlane::start(config).await?;
     // One line tools can parse: `xds=ADDR|off grpc=ADDR metrics=ADDR`.
     let xds = cp.xds_addr.map_or("off".to_string(), |a| a.to_string());
-    println!("xds={xds} grpc={} metrics={}", cp.grpc_addr, cp.metrics_addr);
+    println!(
+        "xds={xds} grpc={} metrics={}",
+        cp.grpc_addr, cp.metrics_addr
+    );
     shutdown_signal().await;
     tracing::info!("shutting down");
     Ok(())

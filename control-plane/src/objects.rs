@@ -14,6 +14,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub use weft_proto::tls::MtlsMode;
+
 /// The identity of an object in the world: kind, namespace, name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct ObjectKey {
@@ -1046,41 +1048,6 @@ mod tests {
         for (doc, field) in cases {
             let e = err_of(doc);
             assert_eq!(e.field, field, "{e}");
-        }
-    }
-}
-
-/// How a namespace's sidecars accept inbound connections (`weft.dev/mtls-mode`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub enum MtlsMode {
-    /// Only mTLS from a workload with a valid SVID.
-    Strict,
-    /// mTLS and plaintext both (the default: lets a namespace migrate without an outage).
-    #[default]
-    Permissive,
-    /// Plaintext only; callers do not originate mTLS to these pods.
-    Disable,
-}
-
-impl MtlsMode {
-    /// Reads the annotation's value.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        match s {
-            "STRICT" => Ok(MtlsMode::Strict),
-            "PERMISSIVE" => Ok(MtlsMode::Permissive),
-            "DISABLE" => Ok(MtlsMode::Disable),
-            other => Err(format!(
-                "{other:?} is not an mTLS mode: use STRICT, PERMISSIVE or DISABLE"
-            )),
-        }
-    }
-
-    /// The annotation's spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MtlsMode::Strict => "STRICT",
-            MtlsMode::Permissive => "PERMISSIVE",
-            MtlsMode::Disable => "DISABLE",
         }
     }
 }

@@ -24,8 +24,12 @@ pub use rustls;
 
 /// ALPN for HTTP/2 (gRPC, and HTTP/2 between sidecars).
 pub const ALPN_H2: &[u8] = b"h2";
-/// ALPN for HTTP/1.1 between sidecars.
+/// ALPN for HTTP/1.1.
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// ALPN a sidecar offers when it originates mTLS to another sidecar (HTTP/1.1 inside). The
+/// receiving sidecar reads it from the ClientHello to tell mesh mTLS, which it terminates,
+/// from an application's own TLS, which it passes through untouched.
+pub const ALPN_MESH_HTTP1: &[u8] = b"weft-http/1.1";
 
 /// Why a TLS configuration could not be built or a peer was refused.
 #[derive(Debug, thiserror::Error)]
@@ -198,9 +202,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             self.algorithms.all,
         )?;
         spiffe_id_of(end_entity).map_err(|e| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
-                rustls::OtherError(Arc::new(e)),
-            ))
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
         })?;
         Ok(ServerCertVerified::assertion())
     }
@@ -278,10 +282,8 @@ pub fn server_config(
     alpn: &[&[u8]],
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = provider();
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        bundle,
-        provider.clone(),
-    );
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(bundle, provider.clone());
     let verifier = match client_auth {
         ClientAuth::Required => verifier,
         ClientAuth::Optional => verifier.allow_unauthenticated(),
@@ -317,6 +319,81 @@ pub fn new_csr(spiffe_id: &str) -> Result<(String, String), TlsError> {
     Ok((csr.pem().map_err(err)?, key.serialize_pem()))
 }
 
+/// How a namespace's sidecars accept inbound connections (`weft.dev/mtls-mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum MtlsMode {
+    /// Only mTLS from a workload with a valid SVID.
+    Strict,
+    /// mTLS and plaintext both (the default: lets a namespace migrate without an outage).
+    #[default]
+    Permissive,
+    /// Plaintext only; callers do not originate mTLS to these pods.
+    Disable,
+}
+
+impl MtlsMode {
+    /// Reads the annotation's value.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "STRICT" => Ok(MtlsMode::Strict),
+            "PERMISSIVE" => Ok(MtlsMode::Permissive),
+            "DISABLE" => Ok(MtlsMode::Disable),
+            other => Err(format!(
+                "{other:?} is not an mTLS mode: use STRICT, PERMISSIVE or DISABLE"
+            )),
+        }
+    }
+
+    /// The annotation's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MtlsMode::Strict => "STRICT",
+            MtlsMode::Permissive => "PERMISSIVE",
+            MtlsMode::Disable => "DISABLE",
+        }
+    }
+}
+
+/// What a certificate says, for people (`/certs`, `weftctl certs`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CertInfo {
+    /// Subject DN.
+    pub subject: String,
+    /// Issuer DN.
+    pub issuer: String,
+    /// Serial number, hex.
+    pub serial: String,
+    /// The SPIFFE ID it carries, if any.
+    pub spiffe_id: Option<String>,
+    /// A CA certificate.
+    pub is_ca: bool,
+    /// Start of validity, seconds since the epoch.
+    pub not_before_unix: i64,
+    /// End of validity, seconds since the epoch.
+    pub not_after_unix: i64,
+}
+
+/// Describes every certificate in `pems` (PEM blocks), in order; unreadable blocks are skipped.
+pub fn describe(pems: &[String]) -> Vec<CertInfo> {
+    let Ok(ders) = certs("certificates", pems) else {
+        return Vec::new();
+    };
+    ders.iter()
+        .filter_map(|der| {
+            let (_, c) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+            Some(CertInfo {
+                subject: c.subject().to_string(),
+                issuer: c.issuer().to_string(),
+                serial: c.raw_serial_as_string(),
+                spiffe_id: spiffe_id_of(der).ok().map(|id| id.to_string()),
+                is_ca: c.is_ca(),
+                not_before_unix: c.validity().not_before.timestamp(),
+                not_after_unix: c.validity().not_after.timestamp(),
+            })
+        })
+        .collect()
+}
+
 /// Whether the first bytes of a connection are a TLS handshake record (a ClientHello):
 /// content type 22, protocol major version 3.
 pub fn looks_like_tls(first: &[u8]) -> bool {
@@ -339,7 +416,9 @@ mod tests {
     fn bad_pem_is_refused_with_what() {
         let e = roots(&["not a pem".into()]).err().map(|e| e.to_string());
         assert_eq!(e.as_deref(), Some("trust bundle is empty"));
-        let e = Svid::from_pem(&["x".into()], "y").err().map(|e| e.to_string());
+        let e = Svid::from_pem(&["x".into()], "y")
+            .err()
+            .map(|e| e.to_string());
         assert_eq!(e.as_deref(), Some("certificate chain is empty"));
         assert!(matches!(
             check_peer(None, &[]),

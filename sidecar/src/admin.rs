@@ -55,6 +55,15 @@ pub struct Metrics {
     pub cert_failures: Counter,
     /// `weft_proxy_inbound_connections_total`.
     pub inbound_connections: Counter,
+    /// `weft_proxy_inbound_requests_total{mtls,code}`: HTTP requests delivered to the app.
+    pub inbound_requests: Family<Labels, Counter>,
+    /// `weft_proxy_inbound_request_duration_seconds{mtls}`.
+    pub inbound_latency: Family<Labels, Histogram>,
+    /// `weft_proxy_inbound_refused_total{reason}`: inbound connections refused (plaintext in
+    /// STRICT, failed handshakes, no certificate yet).
+    pub inbound_refused: Family<Labels, Counter>,
+    /// `weft_proxy_upstream_tls_failures_total{reason}`: mTLS to an endpoint failed.
+    pub upstream_tls_failures: Family<Labels, Counter>,
     /// `weft_xds_updates_total`: accepted xDS responses.
     pub xds_updates: Counter,
     /// `weft_xds_nacks_total`: refused xDS responses.
@@ -114,6 +123,32 @@ impl Metrics {
             "weft_xds_disconnects",
             "xDS stream losses",
             xds_disconnects.clone(),
+        );
+        let inbound_requests = Family::<Labels, Counter>::default();
+        let inbound_latency = Family::<Labels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let inbound_refused = Family::<Labels, Counter>::default();
+        let upstream_tls_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "weft_proxy_inbound_requests",
+            "HTTP requests delivered to the application, by mTLS and status",
+            inbound_requests.clone(),
+        );
+        registry.register(
+            "weft_proxy_inbound_request_duration_seconds",
+            "Latency of inbound requests (the application's answer)",
+            inbound_latency.clone(),
+        );
+        registry.register(
+            "weft_proxy_inbound_refused",
+            "Inbound connections refused, by reason",
+            inbound_refused.clone(),
+        );
+        registry.register(
+            "weft_proxy_upstream_tls_failures",
+            "mTLS connections to endpoints that failed, by reason",
+            upstream_tls_failures.clone(),
         );
         let endpoint_requests = Family::<Labels, Counter>::default();
         let endpoint_latency = Family::<Labels, Histogram>::new_with_constructor(
@@ -205,7 +240,39 @@ impl Metrics {
             xds_updates,
             xds_nacks,
             xds_disconnects,
+            inbound_requests,
+            inbound_latency,
+            inbound_refused,
+            upstream_tls_failures,
         }
+    }
+
+    /// Records one inbound HTTP request.
+    pub fn inbound_request(&self, mtls: bool, code: u16, started: Instant) {
+        let mtls = if mtls { "true" } else { "false" };
+        self.inbound_requests
+            .get_or_create(&vec![
+                ("mtls".into(), mtls.into()),
+                ("code".into(), code.to_string()),
+            ])
+            .inc();
+        self.inbound_latency
+            .get_or_create(&vec![("mtls".into(), mtls.into())])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Counts an inbound connection refused for `reason`.
+    pub fn inbound_refused(&self, reason: &str) {
+        self.inbound_refused
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
+    }
+
+    /// Counts a failed mTLS connection to an endpoint.
+    pub fn upstream_tls_failure(&self, reason: &str) {
+        self.upstream_tls_failures
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
     }
 
     /// Records one outbound request.
@@ -311,15 +378,69 @@ fn json(r: serde_json::Result<String>) -> Response<Full<Bytes>> {
     }
 }
 
-fn handle(path: &str, xds: &XdsHandle, metrics: &Metrics) -> Response<Full<Bytes>> {
+/// What `/certs` shows: the workload's identity, chain and trust bundle.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct CertsView {
+    /// The SPIFFE ID, when the workload has a certificate.
+    pub spiffe_id: Option<String>,
+    /// Seconds until the leaf expires.
+    pub expires_in_seconds: Option<i64>,
+    /// Leaf, then intermediates.
+    pub chain: Vec<weft_proto::tls::CertInfo>,
+    /// Roots trusted (two while a root rotates).
+    pub trust_bundle: Vec<weft_proto::tls::CertInfo>,
+    /// Why there is no certificate, when there is none.
+    pub note: Option<String>,
+}
+
+fn certs_view(svid: Option<&crate::identity::SvidCell>) -> CertsView {
+    let current = svid.and_then(|s| s.load_full());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    CertsView {
+        spiffe_id: current.as_ref().map(|s| s.spiffe_id.clone()),
+        expires_in_seconds: current.as_ref().map(|s| s.expires_at_unix - now),
+        chain: current
+            .as_ref()
+            .map(|s| weft_proto::tls::describe(&s.chain))
+            .unwrap_or_default(),
+        trust_bundle: current
+            .as_ref()
+            .map(|s| weft_proto::tls::describe(&s.trust_bundle))
+            .unwrap_or_default(),
+        note: match (svid, &current) {
+            (None, _) => Some("no identity: the sidecar runs without --join-token".into()),
+            (Some(_), None) => Some("waiting for the first certificate".into()),
+            _ => None,
+        },
+    }
+}
+
+fn handle(
+    path: &str,
+    xds: &XdsHandle,
+    svid: Option<&crate::identity::SvidCell>,
+    metrics: &Metrics,
+) -> Response<Full<Bytes>> {
+    // Ready once every xDS type was accepted and, with an identity, a certificate is held.
+    let has_cert = svid.is_none_or(|s| s.load().is_some());
     match path {
         "/live" => text(StatusCode::OK, "live\n".into(), "text/plain"),
-        "/ready" if *xds.ready.borrow() => text(StatusCode::OK, "ready\n".into(), "text/plain"),
+        "/ready" if *xds.ready.borrow() && has_cert => {
+            text(StatusCode::OK, "ready\n".into(), "text/plain")
+        }
+        "/ready" if !has_cert => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the workload certificate\n".into(),
+            "text/plain",
+        ),
         "/ready" => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "waiting for the first config of every xDS type\n".into(),
             "text/plain",
         ),
+        "/certs" => json(serde_json::to_string_pretty(&certs_view(svid))),
         "/metrics" => text(
             StatusCode::OK,
             metrics.render(),
@@ -329,22 +450,27 @@ fn handle(path: &str, xds: &XdsHandle, metrics: &Metrics) -> Response<Full<Bytes
         "/clusters" => json(serde_json::to_string_pretty(&xds.config.load().clusters)),
         _ => text(
             StatusCode::NOT_FOUND,
-            "try /metrics /ready /live /config_dump /clusters\n".into(),
+            "try /metrics /ready /live /config_dump /clusters /certs\n".into(),
             "text/plain",
         ),
     }
 }
 
 /// Serves the admin endpoint until the task is dropped.
-pub async fn serve(listener: TcpListener, xds: XdsHandle, metrics: Arc<Metrics>) {
+pub async fn serve(
+    listener: TcpListener,
+    xds: XdsHandle,
+    svid: Option<crate::identity::SvidCell>,
+    metrics: Arc<Metrics>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let (xds, metrics) = (xds.clone(), metrics.clone());
+        let (xds, svid, metrics) = (xds.clone(), svid.clone(), metrics.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let r = handle(req.uri().path(), &xds, &metrics);
+                let r = handle(req.uri().path(), &xds, svid.as_ref(), &metrics);
                 async move { Ok::<_, Infallible>(r) }
             });
             let _ = hyper::server::conn::http1::Builder::new()

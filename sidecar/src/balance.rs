@@ -197,6 +197,8 @@ impl EndpointStats {
 pub struct Target {
     /// Address.
     pub addr: SocketAddr,
+    /// The SPIFFE ID its sidecar presents, when it terminates mTLS.
+    pub mtls_identity: Option<Arc<str>>,
     /// Measurements.
     pub stats: Arc<EndpointStats>,
 }
@@ -370,6 +372,7 @@ mod tests {
         (0..n)
             .map(|i| Target {
                 addr: SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16)),
+                mtls_identity: None,
                 stats: Arc::new(EndpointStats::default()),
             })
             .collect()

@@ -6,12 +6,19 @@ use std::net::SocketAddr;
 /// `weft-sidecar run` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunConfig {
-    /// Control plane xDS address (IP:PORT).
-    #[arg(long, env = "WEFT_XDS_ADDR", default_value = "127.0.0.1:15010")]
+    /// Control plane gRPC address (IP:PORT): its TLS port (15012), or with `--plaintext-xds`
+    /// its plaintext development port (15010).
+    #[arg(long, env = "WEFT_XDS_ADDR", default_value = "127.0.0.1:15012")]
     pub xds_addr: SocketAddr,
-    /// Use the control plane's plaintext xDS port (the only mode until identity lands).
-    #[arg(long, env = "WEFT_PLAINTEXT_XDS", default_value_t = true)]
+    /// Talk to the control plane in plaintext, without identity (local development only; the
+    /// sidecar then originates and accepts mTLS only if `--join-token` gets it an SVID).
+    #[arg(long, env = "WEFT_PLAINTEXT_XDS")]
     pub plaintext_xds: bool,
+    /// PEM file of the mesh's root(s): how the sidecar recognises its control plane before it
+    /// has an SVID (afterwards the CA's bundle, renewed with each certificate, is used).
+    /// Required unless `--plaintext-xds`.
+    #[arg(long, env = "WEFT_TRUST_BUNDLE")]
+    pub trust_bundle: Option<std::path::PathBuf>,
     /// xDS node id (default: `<pod>.<namespace>` from the environment, else the host name).
     #[arg(long, env = "WEFT_NODE_ID")]
     pub node_id: Option<String>,
@@ -109,6 +116,7 @@ impl RunConfig {
         RunConfig {
             xds_addr,
             plaintext_xds: true,
+            trust_bundle: None,
             node_id: Some(node_id.into()),
             namespace: "default".into(),
             service_account: "default".into(),

@@ -88,6 +88,134 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> Protocol {
     }
 }
 
+/// What the first TLS record of a connection says about ALPN.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Hello {
+    /// More bytes are needed.
+    Incomplete,
+    /// Not a ClientHello Weft can read (or one spread over several records).
+    Malformed,
+    /// A ClientHello offering these ALPN protocols (empty: no ALPN extension).
+    Alpn(Vec<Vec<u8>>),
+}
+
+/// Largest ClientHello record read while sniffing (a TLS record is at most 16 KiB + header).
+pub const MAX_HELLO: usize = 16 * 1024 + 5;
+
+/// Reads the ALPN protocols a TLS ClientHello offers (RFC 8446 §4.1.2, RFC 7301 §3.1),
+/// from the connection's first bytes, without consuming them. Pure and total: any bytes give
+/// a verdict, never a panic.
+pub fn client_hello_alpn(buf: &[u8]) -> Hello {
+    struct Cur<'a>(&'a [u8]);
+    impl<'a> Cur<'a> {
+        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+            if self.0.len() < n {
+                return None;
+            }
+            let (a, b) = self.0.split_at(n);
+            self.0 = b;
+            Some(a)
+        }
+        fn u8(&mut self) -> Option<usize> {
+            self.take(1).map(|b| usize::from(b[0]))
+        }
+        fn u16(&mut self) -> Option<usize> {
+            self.take(2)
+                .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+        }
+        fn vec8(&mut self) -> Option<&'a [u8]> {
+            let n = self.u8()?;
+            self.take(n)
+        }
+        fn vec16(&mut self) -> Option<&'a [u8]> {
+            let n = self.u16()?;
+            self.take(n)
+        }
+    }
+    if buf.len() < 5 {
+        return if buf.is_empty() || buf[0] == 0x16 {
+            Hello::Incomplete
+        } else {
+            Hello::Malformed
+        };
+    }
+    if buf[0] != 0x16 {
+        return Hello::Malformed;
+    }
+    let len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+    if buf.len() < 5 + len {
+        return Hello::Incomplete;
+    }
+    let parse = || -> Option<Vec<Vec<u8>>> {
+        let mut rec = Cur(&buf[5..5 + len]);
+        if rec.u8()? != 1 {
+            return None; // not a ClientHello
+        }
+        let hs_len = (rec.u8()? << 16) | rec.u16()?;
+        let mut body = Cur(rec.take(hs_len)?);
+        body.take(2 + 32)?; // legacy_version, random
+        body.vec8()?; // legacy_session_id
+        body.vec16()?; // cipher_suites
+        body.vec8()?; // legacy_compression_methods
+        let mut alpn = Vec::new();
+        if body.0.is_empty() {
+            return Some(alpn); // no extensions at all
+        }
+        let mut exts = Cur(body.vec16()?);
+        while !exts.0.is_empty() {
+            let kind = exts.u16()?;
+            let data = exts.vec16()?;
+            if kind == 16 {
+                let mut list = Cur(Cur(data).vec16()?);
+                while !list.0.is_empty() {
+                    alpn.push(list.vec8()?.to_vec());
+                }
+            }
+        }
+        Some(alpn)
+    };
+    parse().map_or(Hello::Malformed, Hello::Alpn)
+}
+
+/// Peeks a TLS ClientHello (within `timeout`) and returns its ALPN offer; `None` when it is not
+/// one Weft can read in time.
+pub async fn peek_alpn(stream: &TcpStream, timeout: Duration) -> Option<Vec<Vec<u8>>> {
+    let mut buf = vec![0u8; MAX_HELLO];
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return None,
+        };
+        match client_hello_alpn(&buf[..n]) {
+            Hello::Alpn(a) => return Some(a),
+            Hello::Malformed => return None,
+            Hello::Incomplete if n == buf.len() => return None,
+            Hello::Incomplete => tokio::time::sleep(Duration::from_millis(2)).await,
+        }
+    }
+}
+
+/// Peeks up to `buf.len()` first bytes, waiting at most `timeout` for at least `want`.
+pub async fn peek_some(
+    stream: &TcpStream,
+    buf: &mut [u8],
+    want: usize,
+    timeout: Duration,
+) -> usize {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(buf)).await {
+            Ok(Ok(n)) => n,
+            _ => return 0,
+        };
+        if n == 0 || n >= want || tokio::time::Instant::now() >= deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// The destination a redirected connection was headed to, if iptables redirected it.
 pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     let sa = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::OriginalDst).ok()?;
@@ -149,6 +277,61 @@ mod tests {
             let mut bytes = METHODS[m].to_vec();
             bytes.extend(rest);
             proptest::prop_assert_eq!(classify(&bytes), Some(Protocol::Http1));
+        }
+    }
+
+    /// A real ClientHello, made by rustls, offering two ALPN protocols.
+    fn rustls_hello(alpn: &[&[u8]]) -> Vec<u8> {
+        use weft_proto::tls::rustls;
+        let mut cfg = rustls::ClientConfig::builder_with_provider(weft_proto::tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let name = rustls::pki_types::ServerName::try_from("mesh.local").expect("name");
+        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).expect("conn");
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).expect("hello");
+        out
+    }
+
+    #[test]
+    fn reads_alpn_from_a_real_client_hello() {
+        let hello = rustls_hello(&[b"weft-http/1.1", b"h2"]);
+        assert_eq!(
+            client_hello_alpn(&hello),
+            Hello::Alpn(vec![b"weft-http/1.1".to_vec(), b"h2".to_vec()])
+        );
+        assert_eq!(client_hello_alpn(&rustls_hello(&[])), Hello::Alpn(vec![]));
+        for cut in [0, 3, 5, 40, hello.len() - 1] {
+            assert_eq!(
+                client_hello_alpn(&hello[..cut]),
+                Hello::Incomplete,
+                "cut at {cut}"
+            );
+        }
+        assert_eq!(client_hello_alpn(b"GET / HTTP/1.1\r\n"), Hello::Malformed);
+    }
+
+    proptest::proptest! {
+        /// Any bytes after a TLS record header: a verdict, never a panic.
+        #[test]
+        fn client_hello_parser_is_total(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            let _ = client_hello_alpn(&bytes);
+            let mut rec = vec![0x16, 0x03, 0x01, (bytes.len() >> 8) as u8, bytes.len() as u8];
+            rec.extend_from_slice(&bytes);
+            let verdict = client_hello_alpn(&rec);
+            proptest::prop_assert!(verdict != Hello::Incomplete);
+        }
+
+        /// Corrupting a real ClientHello anywhere never panics the parser.
+        #[test]
+        fn corrupted_hello_never_panics(at in 0usize..200, byte in proptest::num::u8::ANY) {
+            let mut hello = rustls_hello(&[b"weft-http/1.1"]);
+            let i = at % hello.len();
+            hello[i] = byte;
+            let _ = client_hello_alpn(&hello);
         }
     }
 

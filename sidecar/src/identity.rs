@@ -1,15 +1,57 @@
-//! The workload's SPIFFE identity: a P-256 key made in memory (it never leaves the process),
-//! a CSR sent to the control plane's CertificateService with the join token, and renewal at
-//! about half the certificate's life (with jitter), retried with backoff while the old
-//! certificate stays in use. `weft_cert_expiry_seconds` tells how long the current one lasts.
-//! (Serving and checking mTLS with it is the next step.)
+//! The workload's SPIFFE identity and the TLS it is used for.
+//!
+//! - A P-256 key made in memory (it never leaves the process) and a CSR sent to the control
+//!   plane's CertificateService: the first time with the join token (over TLS verified against
+//!   `--trust-bundle`), later presenting the current SVID as proof, so a short-lived join
+//!   token only bootstraps.
+//! - Renewal at 40-60 % of the remaining life, retried with backoff while the old certificate
+//!   stays in use. Each SVID carries the rustls configurations made from it ([`MeshTls`]);
+//!   swapping the SVID swaps them, so new connections use the new certificate and trust
+//!   bundle while open connections keep theirs (a trust bundle with two roots is how a root
+//!   rotates without a restart).
+//! - [`ControlPlaneLink`] is how the sidecar reaches the control plane: plaintext (local
+//!   development) or TLS, checking that the server is the control plane's SPIFFE ID.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use weft_proto::identity::SignRequest;
 use weft_proto::identity::certificate_service_client::CertificateServiceClient;
+use weft_proto::tls::{self, ClientAuth, TlsError, rustls};
+
+/// Boxed error of the control-plane link.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The rustls configurations made from one SVID and its trust bundle.
+#[derive(Debug)]
+pub struct MeshTls {
+    /// Towards other sidecars: presents the SVID, offers the mesh ALPN.
+    pub upstream: Arc<rustls::ClientConfig>,
+    /// Inbound from other sidecars: requires a client SVID that chains to the bundle.
+    pub inbound: Arc<rustls::ServerConfig>,
+    /// Towards the control plane: presents the SVID, ALPN h2.
+    pub control_plane: Arc<rustls::ClientConfig>,
+}
+
+impl MeshTls {
+    fn new(svid: &tls::Svid, bundle: &[String]) -> Result<Self, TlsError> {
+        let roots = tls::roots(bundle)?;
+        Ok(MeshTls {
+            upstream: tls::client_config(Some(svid), roots.clone(), &[tls::ALPN_MESH_HTTP1])?,
+            inbound: tls::server_config(
+                svid,
+                roots.clone(),
+                ClientAuth::Required,
+                &[tls::ALPN_MESH_HTTP1],
+            )?,
+            control_plane: tls::client_config(Some(svid), roots, &[tls::ALPN_H2])?,
+        })
+    }
+}
 
 /// The current SVID.
 #[derive(Debug, Clone)]
@@ -18,64 +60,186 @@ pub struct Svid {
     pub chain: Vec<String>,
     /// Roots, PEM.
     pub trust_bundle: Vec<String>,
-    /// The private key, PEM (in memory only).
-    pub key_pem: String,
     /// The identity.
     pub spiffe_id: String,
     /// Expiry, seconds since the epoch.
     pub expires_at_unix: i64,
+    /// The TLS configurations made from it.
+    pub tls: Arc<MeshTls>,
 }
 
-fn now_unix() -> i64 {
+impl Svid {
+    /// An SVID from what the CertificateService answered and the key the CSR was made with.
+    pub fn new(
+        chain: Vec<String>,
+        trust_bundle: Vec<String>,
+        key_pem: &str,
+        spiffe_id: String,
+        expires_at_unix: i64,
+    ) -> Result<Self, TlsError> {
+        let svid = tls::Svid::from_pem(&chain, key_pem)?;
+        let mesh = MeshTls::new(&svid, &trust_bundle)?;
+        Ok(Svid {
+            chain,
+            trust_bundle,
+            spiffe_id,
+            expires_at_unix,
+            tls: Arc::new(mesh),
+        })
+    }
+
+    /// Whether it is still valid.
+    pub fn valid(&self) -> bool {
+        self.remaining() > Duration::ZERO
+    }
+
+    /// How long it is still valid.
+    pub fn remaining(&self) -> Duration {
+        let expires = Duration::from_secs(self.expires_at_unix.max(0) as u64);
+        expires.saturating_sub(now())
+    }
+}
+
+/// The workload's current SVID, `None` until the first one arrives.
+pub type SvidCell = Arc<ArcSwapOption<Svid>>;
+
+fn now() -> Duration {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
         .unwrap_or_default()
 }
 
-/// Builds a CSR for `spiffe_id` with a fresh key; returns (csr, key).
-pub fn csr(spiffe_id: &str) -> Result<(String, String), String> {
-    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
-    let mut p = rcgen::CertificateParams::default();
-    let uri = spiffe_id
-        .try_into()
-        .map_err(|e: rcgen::Error| e.to_string())?;
-    p.subject_alt_names = vec![rcgen::SanType::URI(uri)];
-    let csr = p.serialize_request(&key).map_err(|e| e.to_string())?;
-    Ok((csr.pem().map_err(|e| e.to_string())?, key.serialize_pem()))
+/// How the sidecar reaches its control plane.
+#[derive(Clone)]
+pub struct ControlPlaneLink {
+    addr: SocketAddr,
+    tls: Option<TlsLink>,
 }
 
-async fn fetch(cfg: &crate::RunConfig, token: &str, spiffe_id: &str) -> Result<Svid, String> {
-    let (csr_pem, key_pem) = csr(spiffe_id)?;
-    let mut client = CertificateServiceClient::connect(format!("http://{}", cfg.xds_addr))
-        .await
-        .map_err(|e| e.to_string())?;
-    let resp = client
+#[derive(Clone)]
+struct TlsLink {
+    /// The control plane's SPIFFE ID.
+    expected: String,
+    /// Roots from `--trust-bundle`, used until an SVID brings the CA's own bundle.
+    bootstrap: Arc<rustls::ClientConfig>,
+    svid: SvidCell,
+}
+
+impl ControlPlaneLink {
+    /// Plaintext gRPC (the control plane's development port).
+    pub fn plaintext(addr: SocketAddr) -> Self {
+        ControlPlaneLink { addr, tls: None }
+    }
+
+    /// TLS gRPC: the server must be `spiffe://<trust_domain>/ns/weft-system/sa/weft-control-plane`
+    /// chained to `bundle` (PEM); the client presents the SVID in `svid` once there is one.
+    pub fn tls(
+        addr: SocketAddr,
+        trust_domain: &str,
+        bundle: &[String],
+        svid: SvidCell,
+    ) -> Result<Self, TlsError> {
+        let expected = weft_proto::SpiffeId::new(
+            trust_domain,
+            weft_proto::keys::CONTROL_PLANE_NAMESPACE,
+            weft_proto::keys::CONTROL_PLANE_SERVICE_ACCOUNT,
+        )
+        .map_err(|e| TlsError::NoSpiffeId(e.to_string()))?
+        .to_string();
+        let bootstrap = tls::client_config(None, tls::roots(bundle)?, &[tls::ALPN_H2])?;
+        Ok(ControlPlaneLink {
+            addr,
+            tls: Some(TlsLink {
+                expected,
+                bootstrap,
+                svid,
+            }),
+        })
+    }
+
+    /// Whether the link is TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// A gRPC channel. Over TLS it presents the current SVID; `wait_for_svid` waits until there
+    /// is one (xDS), otherwise a workload without a valid one connects anonymously (bootstrap).
+    pub async fn channel(
+        &self,
+        wait_for_svid: bool,
+    ) -> Result<tonic::transport::Channel, BoxError> {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))?
+            .connect_timeout(Duration::from_secs(3))
+            .http2_keep_alive_interval(Duration::from_secs(30));
+        let Some(link) = &self.tls else {
+            return Ok(endpoint.connect().await?);
+        };
+        let config = loop {
+            match link.svid.load_full() {
+                Some(s) if s.valid() => break s.tls.control_plane.clone(),
+                _ if !wait_for_svid => break link.bootstrap.clone(),
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let (addr, expected) = (self.addr, link.expected.clone());
+        let connector = tower::service_fn(move |_: http::Uri| {
+            let (config, expected) = (config.clone(), expected.clone());
+            async move {
+                let tcp = TcpStream::connect(addr).await?;
+                let _ = tcp.set_nodelay(true);
+                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                let stream = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await?;
+                tls::check_peer(stream.get_ref().1.peer_certificates(), &[&expected])?;
+                Ok::<_, BoxError>(TokioIo::new(stream))
+            }
+        });
+        Ok(endpoint.connect_with_connector(connector).await?)
+    }
+}
+
+async fn fetch(
+    cfg: &crate::RunConfig,
+    link: &ControlPlaneLink,
+    current: Option<&Svid>,
+    token: &str,
+    spiffe_id: &str,
+) -> Result<Svid, BoxError> {
+    let (csr_pem, key_pem) = tls::new_csr(spiffe_id)?;
+    // Over TLS a valid SVID is its own proof: renewal needs no token.
+    let renewing = link.is_tls() && current.is_some_and(Svid::valid);
+    let channel = link.channel(false).await?;
+    let resp = CertificateServiceClient::new(channel)
         .sign(SignRequest {
             csr_pem,
-            token: token.to_string(),
+            token: if renewing {
+                String::new()
+            } else {
+                token.to_string()
+            },
             requested_ttl_seconds: cfg.cert_ttl.as_secs(),
         })
         .await
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
         .into_inner();
-    Ok(Svid {
-        chain: resp.cert_chain_pem,
-        trust_bundle: resp.trust_bundle_pem,
-        key_pem,
-        spiffe_id: resp.spiffe_id,
-        expires_at_unix: resp.expires_at_unix,
-    })
+    Ok(Svid::new(
+        resp.cert_chain_pem,
+        resp.trust_bundle_pem,
+        &key_pem,
+        resp.spiffe_id,
+        resp.expires_at_unix,
+    )?)
 }
 
-/// Keeps an SVID current in the background; `None` until the first one arrives.
+/// Keeps `current` holding a valid SVID, in the background.
 pub fn start(
     cfg: crate::RunConfig,
     token: String,
+    link: ControlPlaneLink,
+    current: SvidCell,
     metrics: Arc<crate::admin::Metrics>,
-) -> Arc<ArcSwapOption<Svid>> {
-    let current: Arc<ArcSwapOption<Svid>> = Arc::default();
-    let out = current.clone();
+) -> tokio::task::JoinHandle<()> {
     let spiffe_id = format!(
         "spiffe://{}/ns/{}/sa/{}",
         cfg.trust_domain, cfg.namespace, cfg.service_account
@@ -83,15 +247,16 @@ pub fn start(
     tokio::spawn(async move {
         let mut failures = 0u32;
         loop {
-            let wait = match fetch(&cfg, &token, &spiffe_id).await {
+            let held = current.load_full();
+            let wait = match fetch(&cfg, &link, held.as_deref(), &token, &spiffe_id).await {
                 Ok(svid) => {
                     failures = 0;
-                    let left = (svid.expires_at_unix - now_unix()).max(0) as u64;
-                    tracing::info!(spiffe_id = %svid.spiffe_id, expires_in_s = left, "certificate issued");
+                    let left = svid.remaining();
+                    tracing::info!(spiffe_id = %svid.spiffe_id, expires_in_s = left.as_secs(), "certificate issued");
                     metrics.cert_renewals.inc();
                     current.store(Some(Arc::new(svid)));
                     // Renew at 40-60 % of the life left: about half-life, spread out.
-                    Duration::from_secs(left).mul_f64(0.4 + rand::random::<f64>() * 0.2)
+                    left.mul_f64(0.4 + rand::random::<f64>() * 0.2)
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
@@ -105,10 +270,9 @@ pub fn start(
             let expiry = current
                 .load()
                 .as_ref()
-                .map_or(0, |s| s.expires_at_unix - now_unix());
-            metrics.cert_expiry_seconds.set(expiry.max(0));
+                .map_or(0, |s| s.remaining().as_secs());
+            metrics.cert_expiry_seconds.set(expiry as i64);
             tokio::time::sleep(wait.max(Duration::from_millis(100))).await;
         }
-    });
-    out
+    })
 }

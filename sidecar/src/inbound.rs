@@ -1,34 +1,82 @@
-//! Inbound: connections from other workloads, forwarded to the local application
-//! (`--app-addr`, else the original destination of a redirected connection). mTLS termination will sit between accept and forward.
+//! Inbound: connections from other workloads, delivered to the local application
+//! (`--app-addr`, else the original destination of a redirected connection).
+//!
+//! What arrives is told apart by its first bytes (peeked, never consumed):
+//! - a TLS ClientHello offering the mesh ALPN (`weft-http/1.1`) is another sidecar's mTLS: it
+//!   is terminated with this workload's SVID, the client must present an SVID that chains to
+//!   the trust bundle, and its HTTP requests reach the application with the verified caller in
+//!   `x-weft-client-identity`;
+//! - plaintext HTTP/1 is served as HTTP too, so that a caller can never forge that header (it
+//!   is removed);
+//! - anything else (an application's own TLS, HTTP/2, other protocols) is forwarded byte for
+//!   byte.
+//!
+//! The namespace's mode (from the control plane) decides what is let in: STRICT refuses every
+//! connection that is not mesh mTLS, PERMISSIVE serves both, DISABLE never terminates TLS.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use std::time::Duration;
-
+use http_body_util::BodyExt;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use weft_proto::SpiffeId;
+use weft_proto::keys::CLIENT_IDENTITY_HEADER;
+use weft_proto::tls::{self, MtlsMode};
 
 use crate::admin::Metrics;
+use crate::detect::{self, Protocol};
+use crate::identity::SvidCell;
+use crate::outbound::{Body, MAX_HEAD_BYTES, refuse};
+use crate::xds::XdsHandle;
+
+/// How long a caller gets to finish the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The inbound proxy.
 pub struct Inbound {
     listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+/// What every inbound connection shares.
+struct Shared {
     app: Option<SocketAddr>,
+    namespace: String,
+    server_first_ports: Vec<u16>,
+    header_read_timeout: Duration,
+    xds: XdsHandle,
+    svid: Option<SvidCell>,
+    client: Client<HttpConnector, Body>,
     metrics: Arc<Metrics>,
 }
 
 impl Inbound {
-    /// Binds the listener.
+    /// Binds the listener; `app` is `--app-addr`.
     pub async fn bind(
         addr: SocketAddr,
         app: Option<SocketAddr>,
-        metrics: Arc<Metrics>,
+        ctx: crate::ListenerContext,
     ) -> std::io::Result<Self> {
         Ok(Inbound {
             listener: TcpListener::bind(addr).await?,
-            app,
-            metrics,
+            shared: Arc::new(Shared {
+                app,
+                namespace: ctx.namespace,
+                server_first_ports: ctx.server_first_ports,
+                header_read_timeout: ctx.header_read_timeout,
+                xds: ctx.xds,
+                svid: ctx.svid,
+                client: crate::connect::pooled(crate::connect::plain()),
+                metrics: ctx.metrics,
+            }),
         })
     }
 
@@ -47,7 +95,7 @@ impl Inbound {
                 a = self.listener.accept() => a,
                 _ = drain.wait_for(|d| *d) => break,
             };
-            let (mut client, peer) = match accepted {
+            let (client, peer) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "inbound accept failed");
@@ -55,38 +103,191 @@ impl Inbound {
                 }
             };
             // The application: --app-addr, else where the redirected connection was going.
-            let orig = crate::detect::original_dst(&client)
-                .filter(|o| Some(*o) != client.local_addr().ok());
-            let Some(app) = self.app.or(orig) else {
+            let orig =
+                detect::original_dst(&client).filter(|o| Some(*o) != client.local_addr().ok());
+            let Some(app) = self.shared.app.or(orig) else {
                 tracing::warn!(%peer, "inbound connection closed: no --app-addr and not redirected");
-                self.metrics.connection_error("inbound");
+                self.shared.metrics.connection_error("inbound");
                 continue;
             };
-            let metrics = self.metrics.clone();
-            metrics.inbound_connections.inc();
-            let open = open.clone();
+            self.shared.metrics.inbound_connections.inc();
+            let (shared, open) = (self.shared.clone(), open.clone());
             tokio::spawn(async move {
                 let _open = open;
-                match TcpStream::connect(app).await {
-                    Ok(mut upstream) => {
-                        let _ = upstream.set_nodelay(true);
-                        let _ = client.set_nodelay(true);
-                        if let Err(e) =
-                            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-                        {
-                            tracing::debug!(%peer, error = %e, "inbound connection ended");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(%peer, %app, error = %e, "inbound: cannot reach the application")
-                    }
-                }
+                shared.connection(client, peer, app).await;
             });
         }
         drop(self.listener);
         let deadline = tokio::time::Instant::now() + drain_timeout;
         while Arc::strong_count(&open) > 1 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// What a connection turned out to be.
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    MeshTls,
+    Http1,
+    Other,
+}
+
+impl Shared {
+    async fn classify(&self, client: &TcpStream, app: SocketAddr) -> Kind {
+        if self.server_first_ports.contains(&app.port()) {
+            return Kind::Other;
+        }
+        let mut first = [0u8; 2];
+        let n = detect::peek_some(client, &mut first, 2, detect::DETECT_TIMEOUT).await;
+        if tls::looks_like_tls(&first[..n]) {
+            let alpn = detect::peek_alpn(client, detect::DETECT_TIMEOUT).await;
+            if alpn.is_some_and(|a| a.iter().any(|p| p == tls::ALPN_MESH_HTTP1)) {
+                return Kind::MeshTls;
+            }
+            return Kind::Other;
+        }
+        match detect::detect(client, detect::DETECT_TIMEOUT).await {
+            Protocol::Http1 => Kind::Http1,
+            Protocol::Http2 | Protocol::Opaque => Kind::Other,
+        }
+    }
+
+    async fn connection(self: Arc<Self>, client: TcpStream, peer: SocketAddr, app: SocketAddr) {
+        let _ = client.set_nodelay(true);
+        let mode = self.xds.config.load().inbound_mode(&self.namespace);
+        let kind = self.classify(&client, app).await;
+        match (kind, mode) {
+            (Kind::MeshTls, MtlsMode::Strict | MtlsMode::Permissive) => {
+                self.mesh_tls(client, peer, app).await
+            }
+            (_, MtlsMode::Strict) => {
+                tracing::info!(%peer, namespace = %self.namespace, "inbound: plaintext connection refused (mTLS mode STRICT)");
+                self.metrics.inbound_refused("plaintext-in-strict");
+            }
+            (Kind::Http1, _) => self.serve_http(client, peer, app, None).await,
+            (Kind::MeshTls | Kind::Other, _) => self.forward(client, peer, app).await,
+        }
+    }
+
+    /// Terminates another sidecar's mTLS; its verified identity goes with each request.
+    async fn mesh_tls(self: Arc<Self>, client: TcpStream, peer: SocketAddr, app: SocketAddr) {
+        let Some(svid) = self.svid.as_ref().and_then(|s| s.load_full()) else {
+            tracing::warn!(%peer, "inbound: mTLS refused: this workload has no certificate yet");
+            self.metrics.inbound_refused("no-certificate");
+            return;
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(svid.tls.inbound.clone());
+        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(client)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::info!(%peer, error = %e, "inbound: mTLS handshake refused");
+                self.metrics.inbound_refused("handshake");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(%peer, "inbound: mTLS handshake timed out");
+                self.metrics.inbound_refused("handshake-timeout");
+                return;
+            }
+        };
+        let identity = match tls::check_peer(stream.get_ref().1.peer_certificates(), &[]) {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::info!(%peer, error = %e, "inbound: client certificate refused");
+                self.metrics.inbound_refused("client-identity");
+                return;
+            }
+        };
+        self.serve_http(stream, peer, app, Some(identity)).await;
+    }
+
+    /// HTTP/1 to the application, one pooled connection per request stream; the caller's
+    /// identity header is set from the handshake, never taken from the caller.
+    async fn serve_http<IO>(
+        self: Arc<Self>,
+        io: IO,
+        peer: SocketAddr,
+        app: SocketAddr,
+        identity: Option<SpiffeId>,
+    ) where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let identity =
+            identity.and_then(|id| hyper::header::HeaderValue::from_str(&id.to_string()).ok());
+        let mtls = identity.is_some();
+        let this = self.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let (this, identity) = (this.clone(), identity.clone());
+            async move { Ok::<_, Infallible>(this.to_app(req, app, identity).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(self.header_read_timeout)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .serve_connection(TokioIo::new(io), svc);
+        if let Err(e) = conn.await {
+            tracing::info!(%peer, mtls, error = %e, "inbound connection closed on a protocol error");
+            self.metrics.connection_error("inbound");
+        }
+    }
+
+    async fn to_app(
+        &self,
+        req: Request<hyper::body::Incoming>,
+        app: SocketAddr,
+        identity: Option<hyper::header::HeaderValue>,
+    ) -> Response<Body> {
+        let started = Instant::now();
+        let mtls = identity.is_some();
+        let (mut parts, body) = req.into_parts();
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let Ok(uri) = format!("http://{app}{pq}").parse::<hyper::Uri>() else {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "bad-uri",
+                format!("weft: cannot forward {pq:?}"),
+            );
+        };
+        parts.uri = uri;
+        parts.headers.remove(CLIENT_IDENTITY_HEADER);
+        if let Some(id) = identity {
+            parts.headers.insert(CLIENT_IDENTITY_HEADER, id);
+        }
+        let resp = match self
+            .client
+            .request(Request::from_parts(parts, body.boxed()))
+            .await
+        {
+            Ok(r) => r.map(|b| b.boxed()),
+            Err(e) => refuse(
+                StatusCode::BAD_GATEWAY,
+                "app-unreachable",
+                format!("weft: the application at {app}: {e}"),
+            ),
+        };
+        self.metrics
+            .inbound_request(mtls, resp.status().as_u16(), started);
+        resp
+    }
+
+    /// Byte for byte to the application.
+    async fn forward(&self, mut client: TcpStream, peer: SocketAddr, app: SocketAddr) {
+        self.metrics.tcp_connection("inbound");
+        match TcpStream::connect(app).await {
+            Ok(mut upstream) => {
+                let _ = upstream.set_nodelay(true);
+                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                    tracing::debug!(%peer, error = %e, "inbound connection ended");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%peer, %app, error = %e, "inbound: cannot reach the application")
+            }
         }
     }
 }

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod connect;
 pub mod detect;
 pub mod identity;
 pub mod inbound;
@@ -28,14 +29,59 @@ pub use config::RunConfig;
 
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr} ({what}): {source}")]
-pub struct StartError {
-    /// Which listener.
-    pub what: &'static str,
-    /// The address.
-    pub addr: SocketAddr,
-    /// The cause.
-    pub source: std::io::Error,
+pub enum StartError {
+    /// A listener could not bind.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The configuration cannot run.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// What both listeners share: the workload's namespace and identity, the config, metrics and
+/// the connection-level limits.
+#[derive(Clone)]
+pub struct ListenerContext {
+    /// The workload's namespace (short hosts resolve in it; its mTLS mode applies inbound).
+    pub namespace: String,
+    /// Ports whose server speaks first: never wait for the client's bytes.
+    pub server_first_ports: Vec<u16>,
+    /// Slowloris protection: an HTTP head must arrive whole within this.
+    pub header_read_timeout: std::time::Duration,
+    /// The accepted config.
+    pub xds: xds::XdsHandle,
+    /// The workload's SVID, when it has an identity.
+    pub svid: Option<identity::SvidCell>,
+    /// Metrics.
+    pub metrics: Arc<admin::Metrics>,
+}
+
+/// How this sidecar reaches its control plane, from its configuration.
+fn control_plane_link(
+    cfg: &RunConfig,
+    svid: &identity::SvidCell,
+) -> Result<identity::ControlPlaneLink, StartError> {
+    if cfg.plaintext_xds {
+        return Ok(identity::ControlPlaneLink::plaintext(cfg.xds_addr));
+    }
+    let (Some(path), Some(_)) = (&cfg.trust_bundle, &cfg.join_token) else {
+        return Err(StartError::Config(
+            "xDS over TLS needs --trust-bundle FILE (the mesh root, PEM) and --join-token \
+             (to get the workload's certificate); pass --plaintext-xds for local development"
+                .into(),
+        ));
+    };
+    let pem = std::fs::read_to_string(path)
+        .map_err(|e| StartError::Config(format!("--trust-bundle {}: {e}", path.display())))?;
+    identity::ControlPlaneLink::tls(cfg.xds_addr, &cfg.trust_domain, &[pem], svid.clone())
+        .map_err(|e| StartError::Config(format!("--trust-bundle {}: {e}", path.display())))
 }
 
 /// A running sidecar; dropping it stops every task.
@@ -49,7 +95,7 @@ pub struct Sidecar {
     /// The xDS state.
     pub xds: xds::XdsHandle,
     /// The workload's certificate, when a join token was given.
-    pub svid: Option<std::sync::Arc<arc_swap::ArcSwapOption<identity::Svid>>>,
+    pub svid: Option<identity::SvidCell>,
     drain: tokio::sync::watch::Sender<bool>,
     listeners: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
@@ -66,25 +112,35 @@ impl Drop for Sidecar {
 impl Sidecar {
     /// Binds and starts serving.
     pub async fn start(cfg: RunConfig) -> Result<Self, StartError> {
-        let err = |what, addr| move |source| StartError { what, addr, source };
+        let err = |what, addr| move |source| StartError::Bind { what, addr, source };
         let metrics = Arc::new(admin::Metrics::new());
-        let xds = xds::start(cfg.clone(), metrics.clone());
-        let svid = cfg
-            .join_token
-            .clone()
-            .map(|token| identity::start(cfg.clone(), token, metrics.clone()));
-        let outbound = outbound::Outbound::bind(
-            cfg.outbound_addr,
-            cfg.namespace.clone(),
-            cfg.server_first_ports.clone(),
-            cfg.header_read_timeout,
-            telemetry::Tracer::start(cfg.otlp_endpoint.clone(), metrics.clone()),
-            xds.clone(),
-            metrics.clone(),
-        )
-        .await
-        .map_err(err("outbound", cfg.outbound_addr))?;
-        let inbound = inbound::Inbound::bind(cfg.inbound_addr, cfg.app_addr, metrics.clone())
+        let cell = identity::SvidCell::default();
+        let link = control_plane_link(&cfg, &cell)?;
+        let mut tasks = Vec::new();
+        let svid = cfg.join_token.clone().map(|token| {
+            tasks.push(identity::start(
+                cfg.clone(),
+                token,
+                link.clone(),
+                cell.clone(),
+                metrics.clone(),
+            ));
+            cell.clone()
+        });
+        let xds = xds::start(cfg.clone(), link, metrics.clone());
+        let ctx = ListenerContext {
+            namespace: cfg.namespace.clone(),
+            server_first_ports: cfg.server_first_ports.clone(),
+            header_read_timeout: cfg.header_read_timeout,
+            xds: xds.clone(),
+            svid: svid.clone(),
+            metrics: metrics.clone(),
+        };
+        let tracer = telemetry::Tracer::start(cfg.otlp_endpoint.clone(), metrics.clone());
+        let outbound = outbound::Outbound::bind(cfg.outbound_addr, ctx.clone(), tracer)
+            .await
+            .map_err(err("outbound", cfg.outbound_addr))?;
+        let inbound = inbound::Inbound::bind(cfg.inbound_addr, cfg.app_addr, ctx)
             .await
             .map_err(err("inbound", cfg.inbound_addr))?;
         let admin = admin::bind(cfg.admin_addr)
@@ -102,7 +158,12 @@ impl Sidecar {
             tokio::spawn(outbound.run(drained.clone(), cfg.drain_timeout)),
             tokio::spawn(inbound.run(drained, cfg.drain_timeout)),
         ];
-        let tasks = vec![tokio::spawn(admin::serve(admin, xds.clone(), metrics))];
+        tasks.push(tokio::spawn(admin::serve(
+            admin,
+            xds.clone(),
+            svid.clone(),
+            metrics,
+        )));
         tracing::info!(%outbound_addr, %inbound_addr, %admin_addr, xds = %cfg.xds_addr, "sidecar serving");
         Ok(Sidecar {
             outbound_addr,

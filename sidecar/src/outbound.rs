@@ -48,6 +48,11 @@ struct Proxy {
     xds: XdsHandle,
     metrics: Arc<Metrics>,
     client: Client<HttpConnector, Body>,
+    /// mTLS to meshed endpoints, when this workload has an identity.
+    mesh: Option<(
+        Client<crate::connect::MeshConnector, Body>,
+        crate::identity::SvidCell,
+    )>,
     namespace: String,
     server_first_ports: Vec<u16>,
     header_read_timeout: Duration,
@@ -76,29 +81,28 @@ impl Outbound {
     /// Binds the listener.
     pub async fn bind(
         addr: SocketAddr,
-        namespace: String,
-        server_first_ports: Vec<u16>,
-        header_read_timeout: Duration,
+        ctx: crate::ListenerContext,
         tracer: Tracer,
-        xds: XdsHandle,
-        metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(std::time::Duration::from_secs(1)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(60))
-            .build(connector);
+        let mesh = ctx.svid.map(|svid| {
+            let connector = crate::connect::MeshConnector::new(
+                svid.clone(),
+                ctx.xds.clone(),
+                ctx.metrics.clone(),
+            );
+            (crate::connect::pooled(connector), svid)
+        });
         Ok(Outbound {
             listener,
             proxy: Arc::new(Proxy {
-                xds,
-                metrics,
-                client,
-                namespace,
-                server_first_ports,
-                header_read_timeout,
+                xds: ctx.xds,
+                metrics: ctx.metrics,
+                client: crate::connect::pooled(crate::connect::plain()),
+                mesh,
+                namespace: ctx.namespace,
+                server_first_ports: ctx.server_first_ports,
+                header_read_timeout: ctx.header_read_timeout,
                 tracer,
             }),
         })
@@ -464,14 +468,21 @@ impl Attempts<'_> {
                 (None, Some(b)) => b.boxed(),
                 (None, None) => Full::new(Bytes::new()).map_err(|n| match n {}).boxed(),
             };
-            let req = match self.request(&parts, target.addr, body) {
+            // mTLS when the endpoint's sidecar terminates it and this workload has an SVID.
+            let mesh = self.this.mesh.as_ref().filter(|(_, svid)| {
+                target.mtls_identity.is_some() && svid.load().as_ref().is_some_and(|s| s.valid())
+            });
+            let req = match self.request(&parts, target.addr, body, mesh.is_some()) {
                 Ok(r) => r,
                 Err(msg) => return refuse(StatusCode::BAD_REQUEST, "bad-uri", msg),
             };
             let stats = target.stats.clone();
             let in_flight = stats.start();
             let started = Instant::now();
-            let fut = self.this.client.request(req);
+            let fut = match mesh {
+                Some((client, _)) => client.request(req),
+                None => self.this.client.request(req),
+            };
             let per_try = self.retry.and_then(|r| r.per_try_timeout);
             let result = match per_try {
                 Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| ()),
@@ -569,13 +580,17 @@ impl Attempts<'_> {
         parts: &http::request::Parts,
         endpoint: SocketAddr,
         body: Body,
+        mtls: bool,
     ) -> Result<Request<Body>, String> {
         let pq = parts
             .uri
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
-        let uri: hyper::Uri = format!("http://{endpoint}{pq}")
+        // The scheme only keys the pool (mTLS and plaintext connections never mix); the
+        // connector decides how to connect.
+        let scheme = if mtls { "https" } else { "http" };
+        let uri: hyper::Uri = format!("{scheme}://{endpoint}{pq}")
             .parse()
             .map_err(|_| format!("weft: cannot forward {pq:?}"))?;
         let mut req = Request::new(body);

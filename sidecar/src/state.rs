@@ -274,6 +274,9 @@ pub struct Endpoint {
     pub healthy: bool,
     /// Zone.
     pub zone: String,
+    /// The SPIFFE ID to expect when the endpoint's sidecar terminates mTLS; `None` for a
+    /// plaintext endpoint.
+    pub mtls_identity: Option<Arc<str>>,
     /// Requests in flight and latency, kept across config updates.
     #[serde(serialize_with = "ser_stats")]
     pub stats: Arc<EndpointStats>,
@@ -376,11 +379,30 @@ pub fn compile_endpoints(
             })?;
             let health = e.health_status;
             let addr = SocketAddr::new(ip, port);
+            let meta = e
+                .metadata
+                .as_ref()
+                .and_then(|m| m.typed_filter_metadata.get("weft"))
+                .and_then(|a| weft_proto::xds::EndpointMeta::decode(a.value.as_slice()).ok());
+            let mtls_identity = match meta {
+                Some(m) if m.mtls => {
+                    weft_proto::SpiffeId::parse(&m.identity).map_err(|err| {
+                        invalid(
+                            kind,
+                            &cla.cluster_name,
+                            format!("{at}.metadata.identity: {err}"),
+                        )
+                    })?;
+                    Some(Arc::from(m.identity))
+                }
+                _ => None,
+            };
             priorities[p].push(Endpoint {
                 addr,
                 healthy: health == core::HealthStatus::Healthy as i32
                     || health == core::HealthStatus::Unknown as i32,
                 zone: zone.clone(),
+                mtls_identity,
                 stats: stats(addr),
             });
         }
@@ -416,6 +438,7 @@ impl Endpoints {
                     .filter(|e| e.healthy)
                     .map(|e| Target {
                         addr: e.addr,
+                        mtls_identity: e.mtls_identity.clone(),
                         stats: e.stats.clone(),
                     })
                     .collect();
@@ -533,15 +556,18 @@ pub struct ClusterState {
     pub runtime: Arc<ClusterRuntime>,
 }
 
+/// Weft's metadata on a Cluster, when it has it.
+pub fn cluster_meta(c: &Cluster) -> Option<weft_proto::xds::ClusterMeta> {
+    c.metadata
+        .as_ref()
+        .and_then(|m| m.typed_filter_metadata.get("weft"))
+        .and_then(|a| weft_proto::xds::ClusterMeta::decode(a.value.as_slice()).ok())
+}
+
 /// The balancing algorithm a Cluster asks for (Weft metadata, else its lb_policy).
 pub fn cluster_algorithm(c: &Cluster) -> Algorithm {
     use weft_proto::envoy::envoy::config::cluster::v3::cluster::LbPolicy;
-    let meta = c
-        .metadata
-        .as_ref()
-        .and_then(|m| m.typed_filter_metadata.get("weft"))
-        .and_then(|a| weft_proto::xds::ClusterMeta::decode(a.value.as_slice()).ok());
-    if let Some(m) = meta {
+    if let Some(m) = cluster_meta(c) {
         return Algorithm::from_name(&m.algorithm);
     }
     match LbPolicy::try_from(c.lb_policy) {
@@ -587,9 +613,20 @@ pub struct MeshConfig {
     pub clusters: BTreeMap<String, ClusterState>,
     /// Accepted versions per type URL.
     pub versions: BTreeMap<String, String>,
+    /// Namespace -> how its sidecars accept inbound connections (from the clusters' metadata;
+    /// a namespace not listed is PERMISSIVE).
+    pub mtls_modes: HashMap<String, weft_proto::tls::MtlsMode>,
+    /// Endpoint address -> the SPIFFE ID its sidecar must present (mTLS endpoints only).
+    #[serde(skip)]
+    pub mtls_identities: HashMap<SocketAddr, Arc<str>>,
 }
 
 impl MeshConfig {
+    /// How this proxy's inbound listener treats connections, for its namespace.
+    pub fn inbound_mode(&self, namespace: &str) -> weft_proto::tls::MtlsMode {
+        self.mtls_modes.get(namespace).copied().unwrap_or_default()
+    }
+
     /// Routes for an authority: as given, else resolved by the mesh's naming rules
     /// (`<svc>` in the proxy's `namespace`, `<svc>.<ns>`, ...; see `weft_proto::names`).
     pub fn routes_for(&self, authority: &str, namespace: &str) -> Option<&Arc<Vec<Route>>> {
@@ -619,6 +656,7 @@ mod tests {
                 addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
                 healthy: *healthy,
                 zone: String::new(),
+                mtls_identity: None,
                 stats: Arc::default(),
             });
         }

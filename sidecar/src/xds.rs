@@ -91,7 +91,11 @@ fn node(cfg: &RunConfig) -> Node {
 }
 
 /// Starts the client task; the handle's config is empty until the first responses arrive.
-pub fn start(cfg: RunConfig, metrics: Arc<crate::admin::Metrics>) -> XdsHandle {
+pub fn start(
+    cfg: RunConfig,
+    link: crate::identity::ControlPlaneLink,
+    metrics: Arc<crate::admin::Metrics>,
+) -> XdsHandle {
     let config = Arc::new(ArcSwap::from_pointee(MeshConfig::default()));
     let (ready_tx, ready) = watch::channel(false);
     let handle = XdsHandle {
@@ -105,9 +109,9 @@ pub fn start(cfg: RunConfig, metrics: Arc<crate::admin::Metrics>) -> XdsHandle {
         let mut delta = cfg.xds_protocol == XdsProtocol::Delta;
         loop {
             let result = if delta {
-                stream_delta(&cfg, &mut held, &config, &ready_tx, &metrics).await
+                stream_delta(&cfg, &link, &mut held, &config, &ready_tx, &metrics).await
             } else {
-                stream_once(&cfg, &mut held, &config, &ready_tx, &metrics).await
+                stream_once(&cfg, &link, &mut held, &config, &ready_tx, &metrics).await
             };
             match result {
                 Ok(()) => tracing::warn!("control plane closed the xDS stream; reconnecting"),
@@ -163,12 +167,13 @@ fn request(
 
 async fn stream_once(
     cfg: &RunConfig,
+    link: &crate::identity::ControlPlaneLink,
     held: &mut Held,
     config: &ArcSwap<MeshConfig>,
     ready: &watch::Sender<bool>,
     metrics: &crate::admin::Metrics,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let mut client = connect(cfg).await?;
+    let mut client = connect(link).await?;
     let (tx, rx) = mpsc::channel(16);
     // CDS before LDS so clusters exist when routes name them; RDS/EDS follow by name.
     for t in [
@@ -237,24 +242,23 @@ async fn stream_once(
 type Ads = AggregatedDiscoveryServiceClient<tonic::transport::Channel>;
 
 /// An ADS client to the control plane.
-async fn connect(cfg: &RunConfig) -> Result<Ads, Box<dyn std::error::Error + Send + Sync>> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cfg.xds_addr))?
-        .connect_timeout(Duration::from_secs(3))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .connect()
-        .await?;
+async fn connect(
+    link: &crate::identity::ControlPlaneLink,
+) -> Result<Ads, Box<dyn std::error::Error + Send + Sync>> {
+    let channel = link.channel(true).await?;
     Ok(AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20))
 }
 
 /// One delta ADS stream (xDS "incremental"): subscriptions by name, only changes travel.
 async fn stream_delta(
     cfg: &RunConfig,
+    link: &crate::identity::ControlPlaneLink,
     held: &mut Held,
     config: &ArcSwap<MeshConfig>,
     ready: &watch::Sender<bool>,
     metrics: &crate::admin::Metrics,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let mut client = connect(cfg).await?;
+    let mut client = connect(link).await?;
     let (tx, rx) = mpsc::channel(16);
     let node = node(cfg);
     for t in [
@@ -552,6 +556,23 @@ fn compile(held: &mut Held) -> MeshConfig {
             ))
         })
         .collect();
+    let mut mtls_modes = HashMap::new();
+    for c in held.clusters.values() {
+        if let Some(m) = state::cluster_meta(c)
+            && let (Some((ns, _)), Ok(mode)) = (
+                m.service.split_once('/'),
+                weft_proto::tls::MtlsMode::parse(&m.mtls_mode),
+            )
+        {
+            mtls_modes.insert(ns.to_string(), mode);
+        }
+    }
+    let mtls_identities = clusters
+        .values()
+        .filter_map(|c| c.endpoints.as_ref())
+        .flat_map(|e| e.priorities.iter().flatten())
+        .filter_map(|e| Some((e.addr, e.mtls_identity.clone()?)))
+        .collect();
     // Keep measurements only of endpoints and clusters still in the config.
     held.stats = live;
     held.runtimes = clusters
@@ -562,5 +583,7 @@ fn compile(held: &mut Held) -> MeshConfig {
         hosts,
         clusters,
         versions: held.versions.clone(),
+        mtls_modes,
+        mtls_identities,
     }
 }

@@ -35,6 +35,8 @@ pub struct Behavior {
     pub delay_ms: AtomicU64,
     /// The `traceparent` header of the last request.
     pub last_traceparent: std::sync::Mutex<Option<String>>,
+    /// The `x-weft-client-identity` header of the last request (what the sidecar verified).
+    pub last_client_identity: std::sync::Mutex<Option<String>>,
 }
 
 /// A running echo server; dropping it stops it (connections then fail, as a dead pod's would).
@@ -85,6 +87,14 @@ impl Echo {
                                 .map(str::to_string);
                             if let Ok(mut last) = b.last_traceparent.lock() {
                                 *last = tp;
+                            }
+                            let id = req
+                                .headers()
+                                .get(weft_proto::keys::CLIENT_IDENTITY_HEADER)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string);
+                            if let Ok(mut last) = b.last_client_identity.lock() {
+                                *last = id;
                             }
                             let (body, b) = (body.clone(), b.clone());
                             async move { Ok::<_, Infallible>(answer(n, body, &b).await) }

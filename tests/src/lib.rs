@@ -92,3 +92,72 @@ pub async fn get_with(
     let body = resp.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
+
+/// Mints a join token for `namespace/service_account` through the admin API (plaintext port).
+pub async fn mint_token(
+    cp: &ControlPlane,
+    namespace: &str,
+    service_account: &str,
+) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    let mut admin =
+        weft_proto::admin::admin_client::AdminClient::connect(format!("http://{}", cp.plaintext()))
+            .await?;
+    let resp = admin
+        .create_join_token(weft_proto::admin::CreateJoinTokenRequest {
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+            ttl_seconds: 600,
+        })
+        .await?;
+    Ok(resp.into_inner().token)
+}
+
+/// A sidecar configuration for a meshed workload: xDS and certificates over the control
+/// plane's TLS port, bootstrapped with a join token for `default/<service_account>` and the
+/// mesh root written to `bundle_dir`.
+pub async fn mesh_sidecar_config(
+    cp: &ControlPlane,
+    bundle_dir: &Path,
+    ip: IpAddr,
+    node_id: &str,
+    service_account: &str,
+) -> Result<weft_sidecar::RunConfig, Box<dyn std::error::Error + Send + Sync>> {
+    let bundle = bundle_dir.join(format!("{node_id}-root.pem"));
+    std::fs::write(&bundle, cp.ca.root_pem())?;
+    let mut cfg = weft_sidecar::RunConfig::local(cp.grpc_addr, ip, node_id);
+    cfg.plaintext_xds = false;
+    cfg.trust_bundle = Some(bundle);
+    cfg.service_account = service_account.into();
+    cfg.cluster = "cluster-1".into();
+    cfg.join_token = Some(mint_token(cp, "default", service_account).await?);
+    Ok(cfg)
+}
+
+/// Waits until the sidecar's `/ready` answers 200 (config of every type and, with an
+/// identity, a certificate); panics after `patience`.
+pub async fn wait_ready(sidecar: &Sidecar, patience: Duration) {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        if let Ok((200, _)) = get_via(sidecar.admin_addr, "admin", "/ready").await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let why = get_via(sidecar.admin_addr, "admin", "/ready").await;
+            panic!("sidecar not ready after {patience:?}: {why:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The sum of every sample of `metric` (any labels) on a Prometheus text page whose labels
+/// contain every one of `labels` (`key="value"`).
+pub fn metric_sum(page: &str, metric: &str, labels: &[&str]) -> f64 {
+    page.lines()
+        .filter(|l| {
+            l.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -42,6 +42,41 @@ pub fn split(name: &str, svc: &str, backends: &[(&str, u32)]) -> String {
     s
 }
 
+/// A `v1 Namespace` with the `weft.dev/mtls-mode` annotation (`STRICT`, `PERMISSIVE`, ...).
+pub fn namespace(name: &str, mtls_mode: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  annotations: {{weft.dev/mtls-mode: {mtls_mode}}}\n"
+    )
+}
+
+/// A `v1 Pod` in `default` running as `service_account`; `meshed` labels it
+/// `weft.dev/tls-mode: weft` (its sidecar terminates mTLS).
+pub fn pod(name: &str, service_account: &str, meshed: bool) -> String {
+    let labels = if meshed {
+        "{app: echo, weft.dev/tls-mode: weft}"
+    } else {
+        "{app: echo}"
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {labels}\nspec:\n  serviceAccountName: {service_account}\n  containers: [{{name: app, image: echo}}]\n"
+    )
+}
+
+/// An EndpointSlice for `svc` whose endpoints are pods: (address, pod name), all ready.
+pub fn pod_slice(name: &str, svc: &str, endpoints: &[(SocketAddr, &str)]) -> String {
+    let port = endpoints.first().map_or(80, |(a, _)| a.port());
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv4\nports: [{{name: http, port: {port}}}]\nendpoints:\n"
+    );
+    for (addr, pod) in endpoints {
+        s.push_str(&format!(
+            "- addresses: [\"{}\"]\n  conditions: {{ready: true}}\n  targetRef: {{kind: Pod, name: {pod}, namespace: default}}\n",
+            addr.ip()
+        ));
+    }
+    s
+}
+
 /// Joins documents into one multi-document YAML file.
 pub fn docs(parts: &[String]) -> String {
     parts.join("---\n")

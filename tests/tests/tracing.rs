@@ -69,8 +69,11 @@ async fn spans_reach_the_otlp_receiver_with_the_right_parent() {
         world::slice("echo", "echo", &[(pod.addr, "n1", true)]),
     ])
     .await;
-    let mut cfg =
-        weft_sidecar::RunConfig::local(cp.plaintext(), "127.0.12.100".parse().expect("ip"), "traced");
+    let mut cfg = weft_sidecar::RunConfig::local(
+        cp.plaintext(),
+        "127.0.12.100".parse().expect("ip"),
+        "traced",
+    );
     cfg.otlp_endpoint = Some(format!("http://{otlp}"));
     let sc = weft_sidecar::Sidecar::start(cfg).await.expect("sidecar");
     let mut ready = sc.xds.ready.clone();

@@ -1,0 +1,199 @@
+//! How the sidecar connects to endpoints and applications: pooled plain HTTP clients, and for
+//! meshed endpoints TCP, then mTLS with this workload's SVID, then a check that the peer is
+//! the SPIFFE ID the control plane said the endpoint serves as (`EndpointMeta.identity`) —
+//! before a byte of the request is sent. A connection is made
+//! with the SVID current at that moment; a renewal affects only new connections.
+//!
+//! The pool (hyper's) keys connections by scheme and address: an mTLS endpoint is asked for
+//! as `https://<ip>:<port>`, and the identity to expect is looked up by address in the
+//! current config, so a pooled connection was checked against that endpoint's identity.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use weft_proto::tls::{self, rustls};
+
+use crate::admin::Metrics;
+use crate::identity::{BoxError, SvidCell};
+use crate::xds::XdsHandle;
+
+/// A pooled HTTP client over `connector` (idle connections kept 60 s).
+pub fn pooled<C>(connector: C) -> hyper_util::client::legacy::Client<C, crate::outbound::Body>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone,
+{
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector)
+}
+
+/// Plain TCP to an endpoint or the application (no delay, bounded connect).
+pub fn plain() -> hyper_util::client::legacy::connect::HttpConnector {
+    let mut c = hyper_util::client::legacy::connect::HttpConnector::new();
+    c.set_nodelay(true);
+    c.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    c
+}
+
+/// How long a TCP connect to an endpoint may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the TLS handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why an mTLS connection to an endpoint was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshConnectError {
+    /// The URI has no `ip:port` authority.
+    #[error("{0:?} is not an endpoint address")]
+    Address(String),
+    /// The endpoint is not an mTLS endpoint in the current config.
+    #[error("{0} is not an mTLS endpoint in the current config")]
+    NotMeshed(SocketAddr),
+    /// This workload has no valid certificate.
+    #[error("this workload has no valid certificate yet")]
+    NoCertificate,
+    /// TCP connect failed or timed out.
+    #[error("connect {0}: {1}")]
+    Connect(SocketAddr, std::io::Error),
+    /// The TLS handshake failed or timed out.
+    #[error("mTLS handshake with {0}: {1}")]
+    Handshake(SocketAddr, std::io::Error),
+    /// The peer is not who the control plane said.
+    #[error("mTLS peer {0}: {1}")]
+    Identity(SocketAddr, tls::TlsError),
+}
+
+/// An mTLS connection to an endpoint, as hyper's client pool holds it.
+pub struct MeshConn(TokioIo<TlsStream<TcpStream>>);
+
+impl Connection for MeshConn {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for MeshConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for MeshConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+}
+
+/// The connector of the outbound's mTLS client.
+#[derive(Clone)]
+pub struct MeshConnector {
+    svid: SvidCell,
+    xds: XdsHandle,
+    metrics: Arc<Metrics>,
+}
+
+impl MeshConnector {
+    /// A connector presenting the SVID in `svid`, checking identities from `xds`'s config.
+    pub fn new(svid: SvidCell, xds: XdsHandle, metrics: Arc<Metrics>) -> Self {
+        MeshConnector { svid, xds, metrics }
+    }
+
+    async fn connect(self, uri: http::Uri) -> Result<MeshConn, MeshConnectError> {
+        let addr: SocketAddr = uri
+            .authority()
+            .and_then(|a| a.as_str().parse().ok())
+            .ok_or_else(|| MeshConnectError::Address(uri.to_string()))?;
+        let expected = self
+            .xds
+            .config
+            .load()
+            .mtls_identities
+            .get(&addr)
+            .cloned()
+            .ok_or(MeshConnectError::NotMeshed(addr))?;
+        let config: Arc<rustls::ClientConfig> = match self.svid.load_full() {
+            Some(s) if s.valid() => s.tls.upstream.clone(),
+            _ => return Err(MeshConnectError::NoCertificate),
+        };
+        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return Err(MeshConnectError::Connect(addr, e)),
+            Err(_) => {
+                return Err(MeshConnectError::Connect(
+                    addr,
+                    std::io::ErrorKind::TimedOut.into(),
+                ));
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let handshake = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
+        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.metrics.upstream_tls_failure("handshake");
+                return Err(MeshConnectError::Handshake(addr, e));
+            }
+            Err(_) => {
+                self.metrics.upstream_tls_failure("handshake-timeout");
+                return Err(MeshConnectError::Handshake(
+                    addr,
+                    std::io::ErrorKind::TimedOut.into(),
+                ));
+            }
+        };
+        if let Err(e) = tls::check_peer(stream.get_ref().1.peer_certificates(), &[&expected]) {
+            self.metrics.upstream_tls_failure("identity");
+            tracing::warn!(endpoint = %addr, error = %e, "mTLS peer is not the expected identity; connection dropped");
+            return Err(MeshConnectError::Identity(addr, e));
+        }
+        Ok(MeshConn(TokioIo::new(stream)))
+    }
+}
+
+impl tower::Service<http::Uri> for MeshConnector {
+    type Response = MeshConn;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<MeshConn, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { this.connect(uri).await.map_err(BoxError::from) })
+    }
+}

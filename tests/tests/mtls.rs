@@ -1,0 +1,572 @@
+//! mTLS between sidecars and to the control plane, with real handshakes on loopback.
+//!
+//! Every sidecar here bootstraps over the control plane's TLS port with a join token, then
+//! takes xDS and renews its certificate with its SVID. The "server" workload's endpoint in the
+//! world is its sidecar's inbound listener (what iptables would redirect to), and its sidecar
+//! forwards to an echo app that records the `x-weft-client-identity` it was handed.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use weft_proto::identity::SignRequest;
+use weft_proto::identity::certificate_service_client::CertificateServiceClient;
+use weft_sidecar::identity::{ControlPlaneLink, Svid, SvidCell};
+use weft_testkit::echo::{Echo, Identity};
+use weft_testkit::{ControlPlane, Sidecar, get_via, get_with, metric_sum, world};
+
+const HOST: &str = "echo.default.svc.cluster.local";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
+
+fn ip(net: u8, host: u8) -> IpAddr {
+    IpAddr::from([127, 0, net, host])
+}
+
+/// The world: namespace `default` in `mode`, Service echo backed by pod echo-0 (running as
+/// service account `echo`, meshed) at `endpoint`.
+fn world_docs(mode: &str, endpoint: SocketAddr) -> String {
+    world::docs(&[
+        world::namespace("default", mode),
+        world::service("echo", 80),
+        world::pod("echo-0", "echo", true),
+        world::pod_slice("echo", "echo", &[(endpoint, "echo-0")]),
+    ])
+}
+
+/// A control plane, an echo app with a server sidecar in front of it, and a client sidecar.
+struct Mesh {
+    dir: tempfile::TempDir,
+    endpoint: SocketAddr,
+    cp: ControlPlane,
+    echo: Echo,
+    server: Sidecar,
+    client: Sidecar,
+}
+
+async fn mesh(net: u8, mode: &str, server_sa: &str, cert_ttl: Option<Duration>) -> Mesh {
+    let endpoint = SocketAddr::new(ip(net, 2), 15006);
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("world.yaml"), world_docs(mode, endpoint)).expect("world");
+    let cp = weft_testkit::start_control_plane(dir.path())
+        .await
+        .expect("control plane");
+    let (cp, dir, endpoint) = (cp, dir, endpoint);
+    let echo = Echo::start(
+        SocketAddr::new(ip(net, 10), 0),
+        Identity {
+            name: "echo-0".into(),
+            cluster: "cluster-1".into(),
+            zone: String::new(),
+        },
+    )
+    .await
+    .expect("echo");
+    let bundles = dir.path().join("bundles");
+    std::fs::create_dir_all(&bundles).expect("bundle dir");
+    let mut scfg =
+        weft_testkit::mesh_sidecar_config(&cp, &bundles, ip(net, 2), "server", server_sa)
+            .await
+            .expect("server config");
+    scfg.inbound_addr = endpoint;
+    scfg.app_addr = Some(echo.addr);
+    let mut ccfg = weft_testkit::mesh_sidecar_config(&cp, &bundles, ip(net, 1), "client", "client")
+        .await
+        .expect("client config");
+    if let Some(ttl) = cert_ttl {
+        scfg.cert_ttl = ttl;
+        ccfg.cert_ttl = ttl;
+    }
+    let server = Sidecar::start(scfg).await.expect("server sidecar");
+    let client = Sidecar::start(ccfg).await.expect("client sidecar");
+    weft_testkit::wait_ready(&server, Duration::from_secs(15)).await;
+    weft_testkit::wait_ready(&client, Duration::from_secs(15)).await;
+    Mesh {
+        dir,
+        endpoint,
+        cp,
+        echo,
+        server,
+        client,
+    }
+}
+
+fn last_identity(echo: &Echo) -> Option<String> {
+    echo.behavior
+        .last_client_identity
+        .lock()
+        .ok()
+        .and_then(|g| g.clone())
+}
+
+async fn metrics(sc: &Sidecar) -> String {
+    get_via(sc.admin_addr, "admin", "/metrics")
+        .await
+        .expect("metrics")
+        .1
+}
+
+/// Requests `HOST` through the client sidecar until one answers 200 (config can lag a
+/// moment behind readiness on the other sidecar); panics after `patience`.
+async fn until_ok(client: &Sidecar, patience: Duration) -> String {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let got = get_via(client.outbound_addr, HOST, "/").await;
+        if let Ok((200, body)) = &got {
+            return body.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no 200 through the mesh within {patience:?}: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn two_sidecars_talk_mtls_and_the_app_sees_the_verified_caller() {
+    let m = mesh(40, "STRICT", "echo", None).await;
+    let body = until_ok(&m.client, Duration::from_secs(10)).await;
+    assert!(body.starts_with("echo-0"), "{body}");
+    assert_eq!(last_identity(&m.echo).as_deref(), Some(CLIENT_ID));
+
+    // A caller cannot forge its identity: the header is replaced with the verified one.
+    let (code, _) = get_with(
+        m.client.outbound_addr,
+        HOST,
+        "/",
+        &[(
+            weft_proto::keys::CLIENT_IDENTITY_HEADER,
+            "spiffe://cluster.local/ns/kube-system/sa/admin",
+        )],
+    )
+    .await
+    .expect("request");
+    assert_eq!(code, 200);
+    assert_eq!(last_identity(&m.echo).as_deref(), Some(CLIENT_ID));
+
+    let page = metrics(&m.server).await;
+    assert!(
+        metric_sum(
+            &page,
+            "weft_proxy_inbound_requests_total",
+            &["mtls=\"true\""]
+        ) >= 2.0,
+        "{page}"
+    );
+    // Both sidecars took their config over the TLS port with their SVID.
+    for sc in [&m.client, &m.server] {
+        let (_, certs) = get_via(sc.admin_addr, "admin", "/certs")
+            .await
+            .expect("certs");
+        let view: weft_sidecar::admin::CertsView = serde_json::from_str(&certs).expect("json");
+        assert_eq!(view.chain.len(), 2, "{certs}");
+        assert_eq!(view.trust_bundle.len(), 1, "{certs}");
+        assert!(
+            view.trust_bundle[0].is_ca && !view.chain[0].is_ca,
+            "{certs}"
+        );
+        assert_eq!(view.chain[0].spiffe_id, view.spiffe_id, "{certs}");
+    }
+    let (_, certs) = get_via(m.client.admin_addr, "admin", "/certs")
+        .await
+        .expect("certs");
+    assert!(certs.contains(CLIENT_ID), "{certs}");
+    assert!(m.cp.metrics.certificates_issued.get() >= 2);
+}
+
+#[tokio::test]
+async fn strict_refuses_plaintext_and_permissive_serves_both() {
+    let m = mesh(41, "STRICT", "echo", None).await;
+    until_ok(&m.client, Duration::from_secs(10)).await;
+
+    // STRICT: a plaintext client straight to the inbound listener gets no answer.
+    let plain = get_via(m.server.inbound_addr, HOST, "/").await;
+    assert!(plain.is_err(), "STRICT served plaintext: {plain:?}");
+    let page = metrics(&m.server).await;
+    assert!(
+        metric_sum(
+            &page,
+            "weft_proxy_inbound_refused_total",
+            &["reason=\"plaintext-in-strict\""]
+        ) >= 1.0,
+        "{page}"
+    );
+
+    // PERMISSIVE (the file changes, the mode reaches the sidecar over xDS): both are served.
+    std::fs::write(
+        m.dir.path().join("world.yaml"),
+        world_docs("PERMISSIVE", m.endpoint),
+    )
+    .expect("rewrite world");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let got = get_with(
+            m.server.inbound_addr,
+            HOST,
+            "/",
+            &[(weft_proto::keys::CLIENT_IDENTITY_HEADER, CLIENT_ID)],
+        )
+        .await;
+        if let Ok((200, _)) = got {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "PERMISSIVE never served plaintext: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Plaintext carries no identity, and a forged one is removed.
+    assert_eq!(last_identity(&m.echo), None);
+    assert_eq!(
+        until_ok(&m.client, Duration::from_secs(5))
+            .await
+            .split(' ')
+            .next(),
+        Some("echo-0")
+    );
+    assert_eq!(last_identity(&m.echo).as_deref(), Some(CLIENT_ID));
+}
+
+#[tokio::test]
+async fn a_client_certificate_from_another_root_is_refused() {
+    let m = mesh(42, "STRICT", "echo", None).await;
+    until_ok(&m.client, Duration::from_secs(10)).await;
+    let served = m.echo.served.load(Ordering::Relaxed);
+
+    // A certificate for the right name, signed by a CA the mesh does not trust.
+    let other = weft_control_plane::identity::Ca::load_or_generate(None, "cluster.local", "other")
+        .expect("other CA");
+    let id = weft_proto::SpiffeId::parse(CLIENT_ID).expect("id");
+    let (csr, key) = weft_proto::tls::new_csr(CLIENT_ID).expect("csr");
+    let signed = other.sign(&csr, &id, None).expect("signed");
+    let svid = weft_proto::tls::Svid::from_pem(&signed.chain, &key).expect("svid");
+    let roots = weft_proto::tls::roots(&[m.cp.ca.root_pem().to_string()]).expect("roots");
+    let config =
+        weft_proto::tls::client_config(Some(&svid), roots, &[weft_proto::tls::ALPN_MESH_HTTP1])
+            .expect("config");
+    let tcp = tokio::net::TcpStream::connect(m.server.inbound_addr)
+        .await
+        .expect("tcp");
+    let name = weft_proto::tls::rustls::pki_types::ServerName::IpAddress(
+        m.server.inbound_addr.ip().into(),
+    );
+    // TLS 1.3: the server's refusal of the client certificate arrives after the client's
+    // side of the handshake, so it shows on the first read.
+    let outcome = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: echo\r\n\r\n").await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    }
+    .await;
+    match outcome {
+        Err(_) => {}
+        Ok(bytes) => assert!(
+            bytes.is_empty(),
+            "answered: {:?}",
+            String::from_utf8_lossy(&bytes)
+        ),
+    }
+    assert_eq!(
+        m.echo.served.load(Ordering::Relaxed),
+        served,
+        "the app saw the request"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let page = metrics(&m.server).await;
+        let refused = metric_sum(
+            &page,
+            "weft_proxy_inbound_refused_total",
+            &["reason=\"handshake\""],
+        );
+        if refused >= 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "refusal not counted: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_peer_with_the_wrong_spiffe_id_is_refused() {
+    // The world says echo-0 runs as `echo`; the sidecar in front of it is `impostor`.
+    let m = mesh(43, "STRICT", "impostor", None).await;
+    let (code, body) = get_via(m.client.outbound_addr, HOST, "/")
+        .await
+        .expect("request");
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(m.echo.served.load(Ordering::Relaxed), 0);
+    let page = metrics(&m.client).await;
+    assert!(
+        metric_sum(
+            &page,
+            "weft_proxy_upstream_tls_failures_total",
+            &["reason=\"identity\""]
+        ) >= 1.0,
+        "{page}"
+    );
+}
+
+/// Certificates of a few seconds, steady traffic (new connections and pooled ones) through two
+/// sidecars across several rotations on both: no request fails.
+#[tokio::test]
+async fn rotation_under_load_loses_no_request() {
+    let m = mesh(44, "STRICT", "echo", Some(Duration::from_secs(4))).await;
+    until_ok(&m.client, Duration::from_secs(10)).await;
+    let renewals = |page: &str| metric_sum(page, "weft_cert_renewals_total", &[]);
+    let before = (
+        renewals(&metrics(&m.client).await),
+        renewals(&metrics(&m.server).await),
+    );
+    let (mut ok, mut failed) = (0u64, Vec::new());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
+    // Bounded in time and in count.
+    for i in 0..20_000u32 {
+        if tokio::time::Instant::now() > deadline {
+            break;
+        }
+        // Half the requests ask the upstream connection to close: a new mTLS handshake each.
+        let headers: &[(&str, &str)] = if i % 2 == 0 {
+            &[("connection", "close")]
+        } else {
+            &[]
+        };
+        match get_with(m.client.outbound_addr, HOST, "/", headers).await {
+            Ok((200, _)) => ok += 1,
+            other => failed.push(format!("{other:?}")),
+        }
+    }
+    let after = (
+        renewals(&metrics(&m.client).await),
+        renewals(&metrics(&m.server).await),
+    );
+    if !failed.is_empty() {
+        let page = metrics(&m.server).await;
+        let notes: Vec<&str> = page
+            .lines()
+            .filter(|l| l.contains("refused") || l.contains("connection_errors"))
+            .collect();
+        panic!(
+            "{} failed of {}: {:?}; server: {notes:?}",
+            failed.len(),
+            ok + failed.len() as u64,
+            &failed[..failed.len().min(5)]
+        );
+    }
+    assert!(ok > 100, "too little traffic to judge: {ok}");
+    assert!(
+        after.0 - before.0 >= 3.0,
+        "client renewed {} times",
+        after.0 - before.0
+    );
+    assert!(
+        after.1 - before.1 >= 3.0,
+        "server renewed {} times",
+        after.1 - before.1
+    );
+}
+
+/// Two control planes with different roots: their workloads cannot talk until each CA hands
+/// out a bundle with both roots (`trust-bundle.pem`); then, without a restart, they can.
+#[tokio::test]
+async fn overlapping_roots_rotate_without_a_restart() {
+    let net = 45;
+    let endpoint = SocketAddr::new(ip(net, 2), 15006);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (world_dir, ca_a, ca_b, bundles) = (
+        dir.path().join("world"),
+        dir.path().join("ca-a"),
+        dir.path().join("ca-b"),
+        dir.path().join("bundles"),
+    );
+    for d in [&world_dir, &bundles] {
+        std::fs::create_dir_all(d).expect("dir");
+    }
+    std::fs::write(world_dir.join("world.yaml"), world_docs("STRICT", endpoint)).expect("world");
+    let start = |ca: std::path::PathBuf| {
+        let mut cfg = weft_control_plane::Config::local(&world_dir);
+        cfg.ca_dir = Some(ca);
+        ControlPlane::start(cfg)
+    };
+    let cp_a = start(ca_a.clone()).await.expect("control plane A");
+    let cp_b = start(ca_b.clone()).await.expect("control plane B");
+    let echo = Echo::start(
+        SocketAddr::new(ip(net, 10), 0),
+        Identity {
+            name: "echo-0".into(),
+            cluster: "cluster-1".into(),
+            zone: String::new(),
+        },
+    )
+    .await
+    .expect("echo");
+    let mut scfg = weft_testkit::mesh_sidecar_config(&cp_a, &bundles, ip(net, 2), "server", "echo")
+        .await
+        .expect("server config");
+    scfg.inbound_addr = endpoint;
+    scfg.app_addr = Some(echo.addr);
+    scfg.cert_ttl = Duration::from_secs(4);
+    let mut ccfg =
+        weft_testkit::mesh_sidecar_config(&cp_b, &bundles, ip(net, 1), "client", "client")
+            .await
+            .expect("client config");
+    ccfg.cert_ttl = Duration::from_secs(4);
+    let server = Sidecar::start(scfg).await.expect("server");
+    let client = Sidecar::start(ccfg).await.expect("client");
+    weft_testkit::wait_ready(&server, Duration::from_secs(15)).await;
+    weft_testkit::wait_ready(&client, Duration::from_secs(15)).await;
+
+    // Different roots: refused.
+    let (code, _) = get_via(client.outbound_addr, HOST, "/")
+        .await
+        .expect("request");
+    assert_ne!(code, 200);
+    assert_eq!(echo.served.load(Ordering::Relaxed), 0);
+
+    // Each CA now hands out both roots; workloads pick them up at their next renewal.
+    let root = |d: &std::path::Path| std::fs::read_to_string(d.join("root.pem")).expect("root");
+    let bundle = weft_control_plane::identity::TRUST_BUNDLE_FILE;
+    std::fs::write(ca_a.join(bundle), root(&ca_b)).expect("bundle A");
+    std::fs::write(ca_b.join(bundle), root(&ca_a)).expect("bundle B");
+    let body = until_ok(&client, Duration::from_secs(20)).await;
+    assert!(body.starts_with("echo-0"), "{body}");
+    assert_eq!(last_identity(&echo).as_deref(), Some(CLIENT_ID));
+    for sc in [&client, &server] {
+        let (_, certs) = get_via(sc.admin_addr, "admin", "/certs")
+            .await
+            .expect("certs");
+        let view: weft_sidecar::admin::CertsView = serde_json::from_str(&certs).expect("json");
+        assert_eq!(view.trust_bundle.len(), 2, "{certs}");
+    }
+}
+
+/// The control plane's TLS port: xDS needs an SVID; a join token gets one; the SVID then
+/// renews itself without a token; a token-less, certificate-less caller and a caller that
+/// does not trust the mesh root get nothing.
+#[tokio::test]
+async fn the_control_plane_tls_port_authenticates_its_callers() {
+    let (_dir, cp) = weft_testkit::control_plane_over(&[world::service("echo", 80)]).await;
+    let root = vec![cp.ca.root_pem().to_string()];
+    let td = "cluster.local";
+    let anonymous =
+        ControlPlaneLink::tls(cp.grpc_addr, td, &root, SvidCell::default()).expect("link");
+    let channel = anonymous.channel(false).await.expect("TLS channel");
+
+    // xDS without a client certificate: UNAUTHENTICATED, with the reason.
+    let mut ads = weft_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::new(channel.clone());
+    let req = weft_proto::envoy::envoy::service::discovery::v3::DeltaDiscoveryRequest {
+        node: Some(weft_proto::envoy::envoy::config::core::v3::Node {
+            id: "anon".into(),
+            ..Default::default()
+        }),
+        type_url: weft_proto::type_url::CLUSTER.into(),
+        ..Default::default()
+    };
+    let err = ads
+        .delta_aggregated_resources(tokio_stream::iter(vec![req.clone()]))
+        .await
+        .expect_err("xDS without a certificate");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("no client certificate"), "{err:?}");
+
+    // No token, no certificate: refused. With a token: an SVID.
+    let mut certs = CertificateServiceClient::new(channel);
+    let (csr, key) = weft_proto::tls::new_csr(CLIENT_ID).expect("csr");
+    let refused = certs
+        .sign(SignRequest {
+            csr_pem: csr.clone(),
+            token: String::new(),
+            requested_ttl_seconds: 0,
+        })
+        .await
+        .expect_err("no credential");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    let token = weft_testkit::mint_token(&cp, "default", "client")
+        .await
+        .expect("token");
+    let signed = certs
+        .sign(SignRequest {
+            csr_pem: csr,
+            token,
+            requested_ttl_seconds: 0,
+        })
+        .await
+        .expect("signed with the token")
+        .into_inner();
+    let svid = Svid::new(
+        signed.cert_chain_pem,
+        signed.trust_bundle_pem,
+        &key,
+        signed.spiffe_id,
+        signed.expires_at_unix,
+    )
+    .expect("svid");
+    let cell = SvidCell::default();
+    cell.store(Some(std::sync::Arc::new(svid)));
+    let link = ControlPlaneLink::tls(cp.grpc_addr, td, &root, cell).expect("link");
+    let channel = link.channel(true).await.expect("mTLS channel");
+
+    // With the SVID: xDS answers, and a renewal needs no token.
+    let mut ads = weft_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::new(channel.clone());
+    let mut stream = ads
+        .delta_aggregated_resources(tokio_stream::StreamExt::chain(
+            tokio_stream::iter(vec![req]),
+            tokio_stream::pending(),
+        ))
+        .await
+        .expect("xDS with an SVID")
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("in time")
+        .expect("a response")
+        .expect("not closed");
+    assert!(!first.resources.is_empty());
+    let (csr, _) = weft_proto::tls::new_csr(CLIENT_ID).expect("csr");
+    let renewed = CertificateServiceClient::new(channel.clone())
+        .sign(SignRequest {
+            csr_pem: csr,
+            token: String::new(),
+            requested_ttl_seconds: 0,
+        })
+        .await
+        .expect("renewed by SVID")
+        .into_inner();
+    assert_eq!(renewed.spiffe_id, CLIENT_ID);
+    // A workload may not mint tokens over TLS.
+    let mint = weft_proto::admin::admin_client::AdminClient::new(channel)
+        .create_join_token(weft_proto::admin::CreateJoinTokenRequest {
+            namespace: "default".into(),
+            service_account: "other".into(),
+            ttl_seconds: 60,
+        })
+        .await
+        .expect_err("workload minting");
+    assert_eq!(mint.code(), tonic::Code::PermissionDenied);
+
+    // A caller that trusts another root does not get through the handshake.
+    let other = weft_control_plane::identity::Ca::load_or_generate(None, td, "other").expect("CA");
+    let stranger = ControlPlaneLink::tls(
+        cp.grpc_addr,
+        td,
+        &[other.root_pem().to_string()],
+        SvidCell::default(),
+    )
+    .expect("link");
+    assert!(stranger.channel(false).await.is_err());
+    weft_testkit::eventually(
+        "the refused handshake is counted",
+        Duration::from_secs(5),
+        || cp.metrics.tls_handshake_failures.get() >= 1,
+    )
+    .await;
+}
