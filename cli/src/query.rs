@@ -693,7 +693,12 @@ pub async fn certs(admin: SocketAddr, format: Format) -> anyhow::Result<i32> {
         .iter()
         .enumerate()
         .map(|(i, c)| (i, c, false))
-        .chain(view.trust_bundle.iter().enumerate().map(|(i, c)| (i, c, true)))
+        .chain(
+            view.trust_bundle
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (i, c, true)),
+        )
         .map(|(i, c, bundle)| {
             vec![
                 role(i, c, bundle).to_string(),
@@ -703,7 +708,12 @@ pub async fn certs(admin: SocketAddr, format: Format) -> anyhow::Result<i32> {
             ]
         })
         .collect();
-    print(format, &view, &["ROLE", "IDENTITY", "SERIAL", "EXPIRES IN"], rows)?;
+    print(
+        format,
+        &view,
+        &["ROLE", "IDENTITY", "SERIAL", "EXPIRES IN"],
+        rows,
+    )?;
     if let (Format::Table, Some(note)) = (format, &view.note) {
         println!("{note}");
     }

@@ -359,3 +359,58 @@ fn completions_are_generated() {
         "{script}"
     );
 }
+
+/// `weftctl certs` against a real sidecar: without an identity it says so and exits 1; with a
+/// join token it shows the leaf (the workload's SPIFFE ID), the intermediate and the root.
+#[tokio::test]
+async fn certs_shows_the_proxy_chain_and_exits_1_without_one() {
+    use weft_testkit::world;
+    let (dir, cp) = weft_testkit::control_plane_over(&[world::service("echo", 80)]).await;
+    let ip: std::net::IpAddr = "127.0.50.1".parse().expect("ip");
+    let plain = weft_testkit::start_sidecar(cp.plaintext(), ip, "plain", "")
+        .await
+        .expect("sidecar");
+    let cfg = weft_testkit::mesh_sidecar_config(
+        &cp,
+        dir.path(),
+        "127.0.50.2".parse().expect("ip"),
+        "meshed",
+        "echo",
+    )
+    .await
+    .expect("config");
+    let meshed = weft_testkit::Sidecar::start(cfg).await.expect("sidecar");
+    weft_testkit::wait_ready(&meshed, std::time::Duration::from_secs(15)).await;
+    let certs = |admin: std::net::SocketAddr| async move {
+        tokio::task::spawn_blocking(move || weftctl("127.0.0.1:1", &["certs", &admin.to_string()]))
+            .await
+            .expect("join")
+    };
+    let (code, view) = certs(plain.admin_addr).await;
+    assert_eq!(code, 1, "{view}");
+    assert!(view["spiffe_id"].is_null(), "{view}");
+    assert!(
+        view["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("no identity")),
+        "{view}"
+    );
+
+    let (code, view) = certs(meshed.admin_addr).await;
+    assert_eq!(code, 0, "{view}");
+    assert_eq!(
+        view["spiffe_id"], "spiffe://cluster.local/ns/default/sa/echo",
+        "{view}"
+    );
+    let chain = view["chain"].as_array().expect("chain");
+    assert_eq!(chain.len(), 2, "{view}");
+    assert_eq!(chain[0]["spiffe_id"], view["spiffe_id"]);
+    assert_eq!(chain[0]["is_ca"], false);
+    assert_eq!(chain[1]["is_ca"], true);
+    assert_eq!(
+        chain[1]["issuer"], view["trust_bundle"][0]["subject"],
+        "{view}"
+    );
+    let left = view["expires_in_seconds"].as_i64().expect("expiry");
+    assert!(left > 23 * 3600 && left <= 24 * 3600, "{view}");
+}
