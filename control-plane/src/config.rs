@@ -40,6 +40,21 @@ pub struct Config {
     /// never overwritten). Without it the CA lives in memory and dies with the process.
     #[arg(long, env = "WEFT_CA_DIR")]
     pub ca_dir: Option<PathBuf>,
+    /// Accept Kubernetes service-account tokens as proof of identity, checked with the
+    /// TokenReview API (needs RBAC `create` on `tokenreviews`).
+    #[arg(long, env = "WEFT_TOKEN_REVIEW")]
+    pub token_review: bool,
+    /// Audiences a service-account token must carry (repeatable; default: the API server's).
+    #[arg(
+        long = "token-audience",
+        env = "WEFT_TOKEN_AUDIENCES",
+        value_delimiter = ','
+    )]
+    pub token_audiences: Vec<String>,
+    /// The Kubernetes API server, e.g. `http://127.0.0.1:8001` (kubectl proxy); default: the
+    /// in-cluster config or KUBECONFIG.
+    #[arg(long, env = "WEFT_KUBE_API")]
+    pub kube_api: Option<String>,
     /// Name of this replica, shown by `weftctl status` (default: the host name).
     #[arg(long, env = "WEFT_REPLICA")]
     pub replica: Option<String>,
@@ -77,6 +92,9 @@ impl Config {
             metrics_addr: any("127.0.0.1:0"),
             replica: Some("local".into()),
             ca_dir: None,
+            token_review: false,
+            token_audiences: Vec::new(),
+            kube_api: None,
             log: "info".into(),
         }
     }

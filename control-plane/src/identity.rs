@@ -634,7 +634,8 @@ pub mod token {
 }
 
 /// `weft.identity.v1.CertificateService`: a caller proves who it is and gets an SVID for
-/// exactly that identity. Proof is a join token, or — to renew — the caller's current SVID
+/// exactly that identity. Proof is a join token, a Kubernetes service-account token checked
+/// with TokenReview (`--token-review`), or — to renew — the caller's current SVID
 /// presented as its client certificate on the TLS port (then no token is needed, so join
 /// tokens can be short-lived bootstrap credentials).
 pub struct CertificateService {
@@ -642,6 +643,8 @@ pub struct CertificateService {
     pub ca: std::sync::Arc<Ca>,
     /// The join-token key.
     pub tokens: std::sync::Arc<token::TokenKey>,
+    /// Kubernetes service-account tokens, when `--token-review` is on.
+    pub reviewer: Option<std::sync::Arc<crate::token_review::TokenReviewer>>,
     /// Issue and refusal counters.
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
@@ -665,8 +668,19 @@ impl weft_proto::identity::certificate_service_server::CertificateService for Ce
     ) -> Result<tonic::Response<weft_proto::identity::SignResponse>, tonic::Status> {
         let peer = crate::grpc_tls::peer_identity(&req);
         let req = req.into_inner();
-        let identity = match (req.token.is_empty(), peer) {
-            (true, Some(current)) => current,
+        let is_join_token = req.token.starts_with("wj1.");
+        let identity = match (req.token.is_empty(), peer, &self.reviewer) {
+            (true, Some(current), _) => current,
+            (false, _, Some(reviewer)) if !is_join_token => {
+                reviewer.review(&req.token).await.map_err(|e| {
+                    tracing::info!(error = %e, "certificate request refused: service-account token");
+                    self.refuse(if e.is_unavailable() {
+                        tonic::Status::unavailable(e.to_string())
+                    } else {
+                        tonic::Status::permission_denied(e.to_string())
+                    })
+                })?
+            }
             _ => self.tokens.verify(&req.token).map_err(|e| {
                 tracing::info!(error = %e, "certificate request refused: no valid credential");
                 self.refuse(tonic::Status::permission_denied(e.to_string()))

@@ -13,6 +13,7 @@ pub mod identity;
 pub mod metrics;
 pub mod objects;
 pub mod source;
+pub mod token_review;
 pub mod translate;
 pub mod xds;
 
@@ -57,6 +58,9 @@ pub enum StartError {
     /// The CA could not be loaded or made.
     #[error("CA: {0}")]
     Ca(#[from] identity::CaError),
+    /// The Kubernetes API for TokenReview cannot be used.
+    #[error("--token-review: {0}")]
+    TokenReview(#[from] token_review::ReviewError),
     /// The TLS port could not be set up.
     #[error("TLS gRPC port: {0}")]
     Tls(#[from] grpc_tls::GrpcTlsError),
@@ -196,11 +200,20 @@ impl ControlPlane {
             replica,
             tokens: tokens.clone(),
         });
+        let reviewer = match config.token_review {
+            true => Some(Arc::new(token_review::TokenReviewer::new(
+                token_review::TokenReviewer::client(config.kube_api.as_deref()).await?,
+                config.token_audiences.clone(),
+                &config.trust_domain,
+            ))),
+            false => None,
+        };
         let certificates =
             weft_proto::identity::certificate_service_server::CertificateServiceServer::new(
                 identity::CertificateService {
                     ca: ca.clone(),
                     tokens,
+                    reviewer,
                     metrics: metrics.clone(),
                 },
             );

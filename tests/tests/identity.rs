@@ -216,3 +216,170 @@ async fn sidecar_obtains_and_renews_its_certificate() {
     assert!(renewals >= 2.0, "{metrics}");
     assert!(metrics.contains("weft_cert_expiry_seconds"), "{metrics}");
 }
+
+/// A MOCK Kubernetes API server (none can run here): it answers TokenReview the way a real
+/// one does — `authenticated` with the service account's username, or not with an error —
+/// and records the tokens and audiences it was asked about. The control plane, with
+/// `--token-review --kube-api <mock>`, must issue only for the reviewed service account.
+struct MockApiServer {
+    addr: std::net::SocketAddr,
+    asked: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    task: tokio::task::JoinHandle<()>,
+    _stop: tokio::sync::watch::Sender<()>,
+}
+
+/// Dropping the mock ends its listener and every open connection (a dead API server).
+impl Drop for MockApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn mock_api_server() -> MockApiServer {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = asked.clone();
+    let (stop, stopped) = tokio::sync::watch::channel(());
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            let mut stopped = stopped.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let review: serde_json::Value =
+                                serde_json::from_slice(&body).unwrap_or_default();
+                            if let Ok(mut s) = seen.lock() {
+                                s.push(review.clone());
+                            }
+                            let status = match review["spec"]["token"].as_str() {
+                                Some("sa-token-echo") => {
+                                    serde_json::json!({"authenticated": true, "user": {"username": "system:serviceaccount:default:echo"}})
+                                }
+                                Some("node-token") => {
+                                    serde_json::json!({"authenticated": true, "user": {"username": "system:node:worker-1"}})
+                                }
+                                _ => {
+                                    serde_json::json!({"authenticated": false, "error": "token has expired"})
+                                }
+                            };
+                            let answer = serde_json::json!({
+                                "apiVersion": "authentication.k8s.io/v1",
+                                "kind": "TokenReview",
+                                "metadata": {},
+                                "spec": review["spec"],
+                                "status": status,
+                            });
+                            let code = if path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+                                201
+                            } else {
+                                404
+                            };
+                            let mut resp = hyper::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from(answer.to_string()),
+                            ));
+                            *resp.status_mut() =
+                                hyper::StatusCode::from_u16(code).unwrap_or_default();
+                            resp.headers_mut().insert(
+                                "content-type",
+                                hyper::header::HeaderValue::from_static("application/json"),
+                            );
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    },
+                );
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                tokio::select! {
+                    _ = conn => {}
+                    _ = stopped.changed() => {}
+                }
+            });
+        }
+    });
+    MockApiServer {
+        addr,
+        asked,
+        task,
+        _stop: stop,
+    }
+}
+
+#[tokio::test]
+async fn token_review_with_a_mock_kubernetes_api_server() {
+    let api = mock_api_server().await;
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("world.yaml"), world::service("echo", 80)).expect("world");
+    let mut cfg = weft_control_plane::Config::local(dir.path());
+    cfg.token_review = true;
+    cfg.token_audiences = vec!["weft".into()];
+    cfg.kube_api = Some(format!("http://{}", api.addr));
+    let cp = weft_testkit::ControlPlane::start(cfg)
+        .await
+        .expect("control plane");
+    let mut certs = CertificateServiceClient::connect(format!("http://{}", cp.plaintext()))
+        .await
+        .expect("certs");
+    let sign = |token: &str, sa: &str| SignRequest {
+        csr_pem: csr_for(&format!("spiffe://cluster.local/ns/default/sa/{sa}")),
+        token: token.into(),
+        requested_ttl_seconds: 0,
+    };
+    // A valid service-account token: an SVID for exactly that service account.
+    let ok = certs
+        .sign(sign("sa-token-echo", "echo"))
+        .await
+        .expect("issued")
+        .into_inner();
+    assert_eq!(ok.spiffe_id, "spiffe://cluster.local/ns/default/sa/echo");
+    // The same token asking for another identity; an expired token; a node's token.
+    let refused = |token: &'static str, sa: &'static str| {
+        let mut certs = certs.clone();
+        async move { certs.sign(sign(token, sa)).await.expect_err("refused") }
+    };
+    let other = refused("sa-token-echo", "admin").await;
+    assert_eq!(other.code(), Code::PermissionDenied);
+    assert!(other.message().contains("sa/admin"), "{other:?}");
+    let expired = refused("expired-token", "echo").await;
+    assert_eq!(expired.code(), Code::PermissionDenied);
+    assert!(
+        expired.message().contains("token has expired"),
+        "{expired:?}"
+    );
+    let node = refused("node-token", "echo").await;
+    assert_eq!(node.code(), Code::PermissionDenied);
+    assert!(node.message().contains("system:node:worker-1"), "{node:?}");
+    // What the API server was asked: the token and the audience.
+    let asked = api.asked.lock().expect("lock").clone();
+    assert_eq!(asked.len(), 4);
+    assert_eq!(asked[0]["kind"], "TokenReview");
+    assert_eq!(asked[0]["spec"]["token"], "sa-token-echo");
+    assert_eq!(asked[0]["spec"]["audiences"][0], "weft");
+    // Join tokens still work next to TokenReview, and never reach the API server.
+    let join = weft_testkit::mint_token(&cp, "default", "echo")
+        .await
+        .expect("mint");
+    certs
+        .clone()
+        .sign(sign(&join, "echo"))
+        .await
+        .expect("join token");
+    assert_eq!(api.asked.lock().expect("lock").len(), 4);
+    // The API server gone: UNAVAILABLE (try again), not a denial.
+    drop(api);
+    let gone = refused("sa-token-echo", "echo").await;
+    assert_eq!(gone.code(), Code::Unavailable, "{gone:?}");
+}
