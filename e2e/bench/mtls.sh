@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# mTLS on vs off between two Weft sidecars (not a test; about a minute): the same wrk load
+# through client sidecar -> server sidecar -> nginx upstream, once in plaintext and once with
+# mTLS between the sidecars, in one run on loopback. Both sidecars are pinned to core 0; wrk
+# and the nginx upstream share core 1. Measured: requests/s (at saturation), wrk's latency
+# percentiles, and the two sidecars' CPU time per request (utime+stime from /proc). Results
+# are appended to BENCHMARKS.md.
+#
+#   apt-get install -y nginx wrk            # once
+#   ./e2e/bench/mtls.sh                     # DURATION=10 CONNS=50 by default
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-50}
+HOST=echo.default.svc.cluster.local
+for tool in wrk nginx taskset curl; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install -y nginx wrk"; exit 1; }
+done
+cargo build --release -q -p weft-sidecar -p weft-control-plane -p weftctl
+
+work=$(mktemp -d)
+pids=()
+cleanup() { # sidecars first, then the control plane and the upstream
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill "${pids[$i]}" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+cat > "$work/upstream.conf" <<EOF
+worker_processes 1; daemon off; pid $work/up.pid; error_log $work/up.err;
+events { worker_connections 4096; }
+http { access_log off;
+  server { listen 127.0.0.1:18280; keepalive_requests 10000000; location / { return 200 "upstream\n"; } } }
+EOF
+taskset -c 1 nginx -c "$work/upstream.conf" -p "$work" & pids+=($!)
+
+# The echo Service's one endpoint is the server sidecar's inbound listener (what iptables
+# would redirect to); its pod is meshed, its namespace PERMISSIVE so both runs are served.
+mkdir "$work/world"
+cat > "$work/world/world.yaml" <<EOF
+apiVersion: v1
+kind: Namespace
+metadata: {name: default, annotations: {weft.dev/mtls-mode: PERMISSIVE}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: default}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-0, namespace: default, labels: {weft.dev/tls-mode: weft}}
+spec: {serviceAccountName: echo, containers: [{name: app, image: echo}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: echo, namespace: default, labels: {kubernetes.io/service-name: echo}}
+addressType: IPv4
+ports: [{name: http, port: 18284}]
+endpoints: [{addresses: ["127.0.0.2"], targetRef: {kind: Pod, name: echo-0, namespace: default}}]
+EOF
+taskset -c 1 target/release/weft-control-plane --source-dir "$work/world" --ca-dir "$work/ca" \
+  --xds-plaintext-addr 127.0.0.1:18290 --grpc-addr 127.0.0.1:18292 --metrics-addr 127.0.0.1:18291 \
+  --log warn >/dev/null & pids+=($!)
+for _ in $(seq 100); do curl -fs http://127.0.0.1:18291/ready >/dev/null 2>&1 && break; sleep 0.1; done
+token() { target/release/weftctl --cp 127.0.0.1:18290 -o json token create --service-account "$1" | awk -F'"' '/"token"/ {print $4}'; }
+
+# The server sidecar: an SVID (mTLS inbound), forwarding to the upstream.
+WEFT_JOIN_TOKEN=$(token echo) taskset -c 0 target/release/weft-sidecar run --xds-addr 127.0.0.1:18292 \
+  --trust-bundle "$work/ca/root.pem" --service-account echo --app-addr 127.0.0.1:18280 \
+  --outbound-addr 127.0.0.2:18283 --inbound-addr 127.0.0.2:18284 --admin-addr 127.0.0.2:18285 \
+  --log warn >/dev/null & server=$!; pids+=($server)
+# Client sidecars: one without identity (plaintext to the server), one with (mTLS).
+taskset -c 0 target/release/weft-sidecar run --plaintext-xds --xds-addr 127.0.0.1:18290 \
+  --outbound-addr 127.0.0.3:18283 --inbound-addr 127.0.0.3:18284 --admin-addr 127.0.0.3:18285 \
+  --log warn >/dev/null & plain=$!; pids+=($plain)
+WEFT_JOIN_TOKEN=$(token client) taskset -c 0 target/release/weft-sidecar run --xds-addr 127.0.0.1:18292 \
+  --trust-bundle "$work/ca/root.pem" --service-account client \
+  --outbound-addr 127.0.0.4:18283 --inbound-addr 127.0.0.4:18284 --admin-addr 127.0.0.4:18285 \
+  --log warn >/dev/null & mtls=$!; pids+=($mtls)
+for a in 127.0.0.2 127.0.0.3 127.0.0.4; do
+  for _ in $(seq 100); do curl -fs "http://$a:18285/ready" >/dev/null 2>&1 && break; sleep 0.1; done
+done
+for a in 127.0.0.3 127.0.0.4; do
+  curl -fs -H "Host: $HOST" "http://$a:18283/" | grep -q upstream || { echo "client $a does not route"; exit 1; }
+done
+
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+results=()
+declare -A rps_of
+measure() { # name client-ip client-pid
+  local name=$1 ip=$2 pid=$3 b1 b2 a1 a2 out reqs rps p50 p99 cpu
+  taskset -c 1 wrk -t1 -c"$CONNS" -d2s -H "Host: $HOST" "http://$ip:18283/" >/dev/null
+  b1=$(ticks "$pid"); b2=$(ticks "$server")
+  out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "Host: $HOST" "http://$ip:18283/")
+  a1=$(ticks "$pid"); a2=$(ticks "$server")
+  reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+  rps=$(echo "$out" | awk '/Requests\/sec/ {printf "%.0f", $2}')
+  p50=$(echo "$out" | awk '$1=="50%" {print $2}')
+  p99=$(echo "$out" | awk '$1=="99%" {print $2}')
+  cpu=$(awk -v d=$((a1 - b1 + a2 - b2)) -v hz="$hz" -v n="$reqs" 'BEGIN {printf "%.1f", d / hz / n * 1e6}')
+  rps_of[$name]=$rps
+  echo "$name: $rps req/s, p50 $p50, p99 $p99, both sidecars' CPU $cpu µs/request"
+  results+=("| $name | $rps | $p50 | $p99 | $cpu |")
+}
+measure "plaintext between sidecars" 127.0.0.3 "$plain"
+measure "mTLS between sidecars" 127.0.0.4 "$mtls"
+ratio=$(awk -v on="${rps_of[mTLS between sidecars]}" -v off="${rps_of[plaintext between sidecars]}" 'BEGIN {printf "%.2f", on / off}')
+verdict=$(awk -v r="$ratio" 'BEGIN {print (r >= 0.85) ? "holds" : "does not hold"}')
+{
+  echo
+  echo "## mTLS on vs off between two sidecars — $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo "Machine: $(nproc) cores ($(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | xargs)); $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)."
+  echo "wrk (1 thread, $CONNS connections, ${DURATION}s) -> client sidecar -> server sidecar -> nginx upstream; both sidecars pinned to core 0, wrk and nginx on core 1. Upstream connections between the sidecars are pooled (keep-alive), TLS 1.3 with P-256 SVIDs."
+  echo
+  echo "Command: \`DURATION=$DURATION CONNS=$CONNS ./e2e/bench/mtls.sh\`"
+  echo
+  echo "| path | req/s | p50 | p99 | both sidecars' CPU µs/request |"
+  echo "|---|---|---|---|---|"
+  printf '%s\n' "${results[@]}"
+  echo
+  echo "mTLS on/off throughput: $ratio (goal ≥ 0.85: $verdict)."
+} | tee -a BENCHMARKS.md
