@@ -96,7 +96,10 @@ fn main() -> Result<(), BoxError> {
         .enable_all()
         .build()?;
     let grpc = rt.block_on(over_grpc(n))?;
-    println!("gRPC CertificateService: {n} CSRs in {grpc:?}: {:.0}/s", rate(grpc));
+    println!(
+        "gRPC CertificateService: {n} CSRs in {grpc:?}: {:.0}/s",
+        rate(grpc)
+    );
     if std::env::args().any(|a| a == "--append") {
         use std::io::Write;
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -108,7 +111,13 @@ fn main() -> Result<(), BoxError> {
                     .map(|s| s.trim().to_string())
             })
             .unwrap_or_default();
-        let verdict = |r: f64| if r >= 2000.0 { "holds" } else { "does not hold" };
+        let verdict = |r: f64| {
+            if r >= 2000.0 {
+                "holds"
+            } else {
+                "does not hold"
+            }
+        };
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .open(concat!(env!("CARGO_MANIFEST_DIR"), "/../BENCHMARKS.md"))?;

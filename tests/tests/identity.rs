@@ -383,3 +383,38 @@ async fn token_review_with_a_mock_kubernetes_api_server() {
     let gone = refused("sa-token-echo", "echo").await;
     assert_eq!(gone.code(), Code::Unavailable, "{gone:?}");
 }
+
+/// A CSR with a key outside Weft's policy (RSA: only ECDSA P-256/P-384 and Ed25519 are
+/// accepted) for the caller's own identity is refused. The key is a fixture generated once with
+/// `openssl genpkey` (ring signs with RSA keys but cannot make them, nor sign with RSA-1024).
+#[tokio::test]
+async fn a_key_outside_the_policy_is_refused() {
+    let (_dir, cp) = weft_testkit::control_plane_over(&[world::service("echo", 80)]).await;
+    let key = rcgen::KeyPair::from_pem_and_sign_algo(
+        include_str!("../fixtures/rsa-2048.key.pem"),
+        &rcgen::PKCS_RSA_SHA256,
+    )
+    .expect("RSA key");
+    let mut p = rcgen::CertificateParams::default();
+    p.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://cluster.local/ns/default/sa/echo"
+            .try_into()
+            .expect("ia5"),
+    )];
+    let csr = p.serialize_request(&key).expect("csr").pem().expect("pem");
+    let token = weft_testkit::mint_token(&cp, "default", "echo")
+        .await
+        .expect("token");
+    let err = CertificateServiceClient::connect(format!("http://{}", cp.plaintext()))
+        .await
+        .expect("certs")
+        .sign(SignRequest {
+            csr_pem: csr,
+            token,
+            requested_ttl_seconds: 0,
+        })
+        .await
+        .expect_err("weak key");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("weak or unsupported key"), "{err:?}");
+}
