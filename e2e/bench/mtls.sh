@@ -18,22 +18,8 @@ for tool in wrk nginx taskset curl; do
 done
 cargo build --release -q -p weft-sidecar -p weft-control-plane -p weftctl
 
-work=$(mktemp -d)
-pids=()
-cleanup() { # sidecars first, then the control plane and the upstream
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill "${pids[$i]}" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-cat > "$work/upstream.conf" <<EOF
-worker_processes 1; daemon off; pid $work/up.pid; error_log $work/up.err;
-events { worker_connections 4096; }
-http { access_log off;
-  server { listen 127.0.0.1:18280; keepalive_requests 10000000; location / { return 200 "upstream\n"; } } }
-EOF
-taskset -c 1 nginx -c "$work/upstream.conf" -p "$work" & pids+=($!)
+. e2e/bench/lib.sh
+start_upstream 18280
 
 # The echo Service's one endpoint is the server sidecar's inbound listener (what iptables
 # would redirect to); its pod is meshed, its namespace PERMISSIVE so both runs are served.
@@ -86,8 +72,6 @@ for a in 127.0.0.3 127.0.0.4; do
   curl -fs -H "Host: $HOST" "http://$a:18283/" | grep -q upstream || { echo "client $a does not route"; exit 1; }
 done
 
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-hz=$(getconf CLK_TCK)
 results=()
 declare -A rps_of
 measure() { # name client-ip client-pid

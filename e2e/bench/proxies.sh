@@ -19,22 +19,8 @@ for tool in wrk haproxy nginx taskset curl; do
 done
 cargo build --release -q -p weft-sidecar -p weft-control-plane
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-cat > "$work/upstream.conf" <<EOF
-worker_processes 1; daemon off; pid $work/up.pid; error_log $work/up.err;
-events { worker_connections 4096; }
-http { access_log off;
-  server { listen 127.0.0.1:18080; keepalive_requests 10000000; location / { return 200 "upstream\n"; } } }
-EOF
-taskset -c 1 nginx -c "$work/upstream.conf" -p "$work" & pids+=($!)
+. e2e/bench/lib.sh
+start_upstream 18080
 
 cat > "$work/haproxy.cfg" <<EOF
 global
@@ -78,8 +64,9 @@ ports: [{name: http, port: 18080}]
 endpoints: [{addresses: ["127.0.0.1"]}]
 EOF
 taskset -c 1 target/release/weft-control-plane --source-dir "$work/world" --xds-plaintext-addr 127.0.0.1:18090 \
+  --grpc-addr 127.0.0.1:18092 \
   --metrics-addr 127.0.0.1:18091 --log warn >/dev/null & pids+=($!)
-taskset -c 0 target/release/weft-sidecar run --xds-addr 127.0.0.1:18090 --outbound-addr 127.0.0.1:18083 \
+taskset -c 0 target/release/weft-sidecar run --plaintext-xds --xds-addr 127.0.0.1:18090 --outbound-addr 127.0.0.1:18083 \
   --inbound-addr 127.0.0.1:18084 --admin-addr 127.0.0.1:18085 --log warn >/dev/null & weft=$!; pids+=($weft)
 for _ in $(seq 100); do
   curl -fs http://127.0.0.1:18085/ready >/dev/null 2>&1 && break
@@ -88,11 +75,7 @@ done
 curl -fs -H "Host: $HOST" http://127.0.0.1:18083/ | grep -q upstream || { echo "weft sidecar does not route"; exit 1; }
 sleep 0.5
 
-ticks() { # utime+stime of a pid, in clock ticks
-  awk '{print $14 + $15}' "/proc/$1/stat"
-}
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
-hz=$(getconf CLK_TCK)
 
 results=()
 measure() { # name port pid

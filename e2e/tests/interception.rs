@@ -195,6 +195,7 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
             "--clear-groups",
             &sidecar,
             "run",
+            "--plaintext-xds",
             "--xds-addr",
             "127.0.0.1:15010",
             "--node-id",

@@ -241,19 +241,10 @@ impl Shared {
         let started = Instant::now();
         let mtls = identity.is_some();
         let (mut parts, body) = req.into_parts();
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        let Ok(uri) = format!("http://{app}{pq}").parse::<hyper::Uri>() else {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "bad-uri",
-                format!("weft: cannot forward {pq:?}"),
-            );
+        parts.uri = match crate::outbound::forward_uri("http", app, &parts.uri) {
+            Ok(u) => u,
+            Err(msg) => return refuse(StatusCode::BAD_REQUEST, "bad-uri", msg),
         };
-        parts.uri = uri;
         parts.headers.remove(CLIENT_IDENTITY_HEADER);
         if let Some(id) = identity {
             parts.headers.insert(CLIENT_IDENTITY_HEADER, id);

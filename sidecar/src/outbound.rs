@@ -226,17 +226,9 @@ impl Proxy {
         started: Instant,
     ) -> Response<Body> {
         let (parts, body) = req.into_parts();
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        let Ok(uri) = format!("http://{dst}{pq}").parse::<hyper::Uri>() else {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "bad-uri",
-                format!("weft: cannot forward {pq:?}"),
-            );
+        let uri = match forward_uri("http", dst, &parts.uri) {
+            Ok(u) => u,
+            Err(msg) => return refuse(StatusCode::BAD_REQUEST, "bad-uri", msg),
         };
         let mut out = Request::new(body.boxed());
         *out.method_mut() = parts.method;
@@ -582,17 +574,10 @@ impl Attempts<'_> {
         body: Body,
         mtls: bool,
     ) -> Result<Request<Body>, String> {
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
         // The scheme only keys the pool (mTLS and plaintext connections never mix); the
         // connector decides how to connect.
         let scheme = if mtls { "https" } else { "http" };
-        let uri: hyper::Uri = format!("{scheme}://{endpoint}{pq}")
-            .parse()
-            .map_err(|_| format!("weft: cannot forward {pq:?}"))?;
+        let uri = forward_uri(scheme, endpoint, &parts.uri)?;
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = uri;
@@ -604,6 +589,14 @@ impl Attempts<'_> {
         }
         Ok(req)
     }
+}
+
+/// The URI of a request forwarded to `to`: its path and query on `scheme://to`.
+pub fn forward_uri(scheme: &str, to: SocketAddr, uri: &hyper::Uri) -> Result<hyper::Uri, String> {
+    let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+    format!("{scheme}://{to}{pq}")
+        .parse()
+        .map_err(|_| format!("weft: cannot forward {pq:?}"))
 }
 
 /// The request's authority: from the URI (HTTP/2, absolute form) or the Host header.

@@ -59,6 +59,25 @@ pub async fn eventually<F: FnMut() -> bool>(what: &str, patience: Duration, mut 
     }
 }
 
+/// Polls `attempt` until it gives `Ok`, returning that value; panics with `what` and the last
+/// error after `patience`.
+pub async fn until_ok<T, F, Fut>(what: &str, patience: Duration, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        match attempt().await {
+            Ok(v) => return v,
+            Err(last) if tokio::time::Instant::now() > deadline => {
+                panic!("not true after {patience:?}: {what}; last: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 /// Sends one HTTP/1.1 GET to `proxy` with `Host: host` and returns (status, body).
 pub async fn get_via(
     proxy: SocketAddr,

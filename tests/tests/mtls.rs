@@ -50,7 +50,29 @@ async fn mesh(net: u8, mode: &str, server_sa: &str, cert_ttl: Option<Duration>) 
     let cp = weft_testkit::start_control_plane(dir.path())
         .await
         .expect("control plane");
-    let (cp, dir, endpoint) = (cp, dir, endpoint);
+    let bundles = dir.path().join("bundles");
+    std::fs::create_dir_all(&bundles).expect("bundle dir");
+    let (echo, server, client) = workloads([&cp, &cp], &bundles, net, server_sa, cert_ttl).await;
+    Mesh {
+        dir,
+        endpoint,
+        cp,
+        echo,
+        server,
+        client,
+    }
+}
+
+/// The echo app at 127.0.<net>.10, its server sidecar (identity `server_sa`, inbound at the
+/// world's endpoint 127.0.<net>.2:15006) joined to `cps[0]`, and a client sidecar (`client`,
+/// 127.0.<net>.1) joined to `cps[1]`; both ready.
+async fn workloads(
+    cps: [&ControlPlane; 2],
+    bundles: &std::path::Path,
+    net: u8,
+    server_sa: &str,
+    cert_ttl: Option<Duration>,
+) -> (Echo, Sidecar, Sidecar) {
     let echo = Echo::start(
         SocketAddr::new(ip(net, 10), 0),
         Identity {
@@ -61,17 +83,16 @@ async fn mesh(net: u8, mode: &str, server_sa: &str, cert_ttl: Option<Duration>) 
     )
     .await
     .expect("echo");
-    let bundles = dir.path().join("bundles");
-    std::fs::create_dir_all(&bundles).expect("bundle dir");
     let mut scfg =
-        weft_testkit::mesh_sidecar_config(&cp, &bundles, ip(net, 2), "server", server_sa)
+        weft_testkit::mesh_sidecar_config(cps[0], bundles, ip(net, 2), "server", server_sa)
             .await
             .expect("server config");
-    scfg.inbound_addr = endpoint;
+    scfg.inbound_addr = SocketAddr::new(ip(net, 2), 15006);
     scfg.app_addr = Some(echo.addr);
-    let mut ccfg = weft_testkit::mesh_sidecar_config(&cp, &bundles, ip(net, 1), "client", "client")
-        .await
-        .expect("client config");
+    let mut ccfg =
+        weft_testkit::mesh_sidecar_config(cps[1], bundles, ip(net, 1), "client", "client")
+            .await
+            .expect("client config");
     if let Some(ttl) = cert_ttl {
         scfg.cert_ttl = ttl;
         ccfg.cert_ttl = ttl;
@@ -80,14 +101,7 @@ async fn mesh(net: u8, mode: &str, server_sa: &str, cert_ttl: Option<Duration>) 
     let client = Sidecar::start(ccfg).await.expect("client sidecar");
     weft_testkit::wait_ready(&server, Duration::from_secs(15)).await;
     weft_testkit::wait_ready(&client, Duration::from_secs(15)).await;
-    Mesh {
-        dir,
-        endpoint,
-        cp,
-        echo,
-        server,
-        client,
-    }
+    (echo, server, client)
 }
 
 fn last_identity(echo: &Echo) -> Option<String> {
@@ -108,18 +122,13 @@ async fn metrics(sc: &Sidecar) -> String {
 /// Requests `HOST` through the client sidecar until one answers 200 (config can lag a
 /// moment behind readiness on the other sidecar); panics after `patience`.
 async fn until_ok(client: &Sidecar, patience: Duration) -> String {
-    let deadline = tokio::time::Instant::now() + patience;
-    loop {
-        let got = get_via(client.outbound_addr, HOST, "/").await;
-        if let Ok((200, body)) = &got {
-            return body.clone();
+    weft_testkit::until_ok("a 200 through the mesh", patience, || async {
+        match get_via(client.outbound_addr, HOST, "/").await {
+            Ok((200, body)) => Ok(body),
+            other => Err(format!("{other:?}")),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no 200 through the mesh within {patience:?}: {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test]
@@ -198,24 +207,18 @@ async fn strict_refuses_plaintext_and_permissive_serves_both() {
         world_docs("PERMISSIVE", m.endpoint),
     )
     .expect("rewrite world");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let got = get_with(
-            m.server.inbound_addr,
-            HOST,
-            "/",
-            &[(weft_proto::keys::CLIENT_IDENTITY_HEADER, CLIENT_ID)],
-        )
-        .await;
-        if let Ok((200, _)) = got {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "PERMISSIVE never served plaintext: {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    weft_testkit::until_ok(
+        "PERMISSIVE serves plaintext",
+        Duration::from_secs(15),
+        || async {
+            let forged = [(weft_proto::keys::CLIENT_IDENTITY_HEADER, CLIENT_ID)];
+            match get_with(m.server.inbound_addr, HOST, "/", &forged).await {
+                Ok((200, _)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
     // Plaintext carries no identity, and a forged one is removed.
     assert_eq!(last_identity(&m.echo), None);
     assert_eq!(
@@ -277,23 +280,20 @@ async fn a_client_certificate_from_another_root_is_refused() {
         served,
         "the app saw the request"
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let page = metrics(&m.server).await;
-        let refused = metric_sum(
-            &page,
-            "weft_proxy_inbound_refused_total",
-            &["reason=\"handshake\""],
-        );
-        if refused >= 1.0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "refusal not counted: {page}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    weft_testkit::until_ok(
+        "the refused handshake is counted",
+        Duration::from_secs(5),
+        || async {
+            let page = metrics(&m.server).await;
+            let refused = metric_sum(
+                &page,
+                "weft_proxy_inbound_refused_total",
+                &["reason=\"handshake\""],
+            );
+            if refused >= 1.0 { Ok(()) } else { Err(page) }
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -399,31 +399,14 @@ async fn overlapping_roots_rotate_without_a_restart() {
     };
     let cp_a = start(ca_a.clone()).await.expect("control plane A");
     let cp_b = start(ca_b.clone()).await.expect("control plane B");
-    let echo = Echo::start(
-        SocketAddr::new(ip(net, 10), 0),
-        Identity {
-            name: "echo-0".into(),
-            cluster: "cluster-1".into(),
-            zone: String::new(),
-        },
+    let (echo, server, client) = workloads(
+        [&cp_a, &cp_b],
+        &bundles,
+        net,
+        "echo",
+        Some(Duration::from_secs(4)),
     )
-    .await
-    .expect("echo");
-    let mut scfg = weft_testkit::mesh_sidecar_config(&cp_a, &bundles, ip(net, 2), "server", "echo")
-        .await
-        .expect("server config");
-    scfg.inbound_addr = endpoint;
-    scfg.app_addr = Some(echo.addr);
-    scfg.cert_ttl = Duration::from_secs(4);
-    let mut ccfg =
-        weft_testkit::mesh_sidecar_config(&cp_b, &bundles, ip(net, 1), "client", "client")
-            .await
-            .expect("client config");
-    ccfg.cert_ttl = Duration::from_secs(4);
-    let server = Sidecar::start(scfg).await.expect("server");
-    let client = Sidecar::start(ccfg).await.expect("client");
-    weft_testkit::wait_ready(&server, Duration::from_secs(15)).await;
-    weft_testkit::wait_ready(&client, Duration::from_secs(15)).await;
+    .await;
 
     // Different roots: refused.
     let (code, _) = get_via(client.outbound_addr, HOST, "/")
