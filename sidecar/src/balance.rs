@@ -523,3 +523,118 @@ mod tests {
         }
     }
 }
+
+/// The balancing stage of the outbound stack ([`PickLayer`]): picks each attempt's endpoint
+/// from the cluster's priorities with its balancer, preferring one this request has not
+/// tried yet; no healthy endpoint answers 503 `no-healthy-endpoints`.
+pub mod pick {
+    use std::task::{Context, Poll};
+
+    use hyper::StatusCode;
+
+    use crate::resilience::{
+        BoxFut, Dispatch, Picked, Req, Resp, Svc, Tried, refusal, undispatched,
+    };
+
+    /// Picks an endpoint per attempt.
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct PickLayer;
+
+    impl<S> tower::Layer<S> for PickLayer {
+        type Service = Pick<S>;
+        fn layer(&self, inner: S) -> Pick<S> {
+            Pick { inner }
+        }
+    }
+
+    /// See [`PickLayer`].
+    #[derive(Clone, Debug)]
+    pub struct Pick<S> {
+        inner: S,
+    }
+
+    /// An endpoint of `d`, avoiding `tried` when another healthy one can be found.
+    pub fn choose(d: &Dispatch, tried: &[std::net::SocketAddr]) -> Option<super::Target> {
+        let mut last = None;
+        for _ in 0..4 {
+            let t = d.endpoints.pick(rand::random::<u64>(), d.hash)?;
+            if !tried.contains(&t.addr) {
+                return Some(t.clone());
+            }
+            last = Some(t.clone());
+        }
+        last
+    }
+
+    impl<S: Svc> tower::Service<Req> for Pick<S> {
+        type Response = Resp;
+        type Error = std::convert::Infallible;
+        type Future = BoxFut;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, mut req: Req) -> BoxFut {
+            let Some(d) = Dispatch::of(&req) else {
+                return undispatched();
+            };
+            let tried = req.extensions().get::<Tried>().map(|t| t.0.as_slice());
+            let Some(target) = choose(&d, tried.unwrap_or_default()) else {
+                let detail = format!("weft: cluster {} has no healthy endpoint", d.cluster);
+                return Box::pin(async move {
+                    Ok(refusal(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no-healthy-endpoints",
+                        detail,
+                        None,
+                    ))
+                });
+            };
+            req.extensions_mut().insert(Picked(target));
+            self.inner.call(req)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::resilience::test_support::{dispatch, request};
+        use std::sync::Arc;
+        use tower::{Layer, Service};
+
+        #[tokio::test]
+        async fn each_attempt_gets_an_endpoint_and_none_healthy_is_503() {
+            // The inner service answers with the endpoint it was handed.
+            let seen = tower::service_fn(|req: Req| -> BoxFut {
+                let picked = req
+                    .extensions()
+                    .get::<Picked>()
+                    .map(|p| p.0.addr.to_string());
+                Box::pin(async move {
+                    let detail = picked.unwrap_or_default();
+                    Ok(crate::outbound::refuse(StatusCode::OK, "picked", detail))
+                })
+            });
+            let mut svc = PickLayer.layer(seen);
+            let resp = svc.call(request(dispatch())).await.expect("infallible");
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            assert_eq!(&body[..], b"127.0.0.1:9\n");
+            // Every endpoint unhealthy: nothing to pick.
+            let mut d = dispatch();
+            let mut e = d.endpoints.priorities[0][0].clone();
+            e.healthy = false;
+            d.endpoints = Arc::new(crate::state::Endpoints::new(
+                vec![vec![e]],
+                140,
+                super::super::Algorithm::RoundRobin,
+            ));
+            let resp = svc.call(request(d)).await.expect("infallible");
+            assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(resp.headers()["x-weft-reason"], "no-healthy-endpoints");
+        }
+    }
+}

@@ -197,3 +197,113 @@ impl tower::Service<http::Uri> for MeshConnector {
         Box::pin(async move { this.connect(uri).await.map_err(BoxError::from) })
     }
 }
+
+/// The bottom of the outbound stack: sends an attempt to its picked endpoint over a pooled
+/// connection — mTLS when the endpoint's sidecar terminates it and this workload has an SVID —
+/// and records how it ended ([`crate::resilience::Attempt`]): the status, or a connect failure
+/// (nothing reached the endpoint: safe to retry anywhere), or a reset.
+#[derive(Clone)]
+pub struct Upstream {
+    plain: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        crate::outbound::Body,
+    >,
+    mesh: Option<(
+        hyper_util::client::legacy::Client<MeshConnector, crate::outbound::Body>,
+        SvidCell,
+    )>,
+}
+
+impl Upstream {
+    /// Plain connections, plus mTLS ones when the workload has an identity.
+    pub fn new(svid: Option<SvidCell>, xds: XdsHandle, metrics: Arc<Metrics>) -> Self {
+        let mesh = svid.map(|svid| {
+            let connector = MeshConnector::new(svid.clone(), xds, metrics);
+            (pooled(connector), svid)
+        });
+        Upstream {
+            plain: pooled(plain()),
+            mesh,
+        }
+    }
+}
+
+impl tower::Service<crate::resilience::Req> for Upstream {
+    type Response = crate::resilience::Resp;
+    type Error = std::convert::Infallible;
+    type Future = crate::resilience::BoxFut;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: crate::resilience::Req) -> crate::resilience::BoxFut {
+        use crate::resilience::{Attempt, Dispatch, Outcome, Picked, refusal, undispatched};
+        let (Some(d), Some(Picked(target))) = (
+            Dispatch::of(&req),
+            req.extensions().get::<Picked>().cloned(),
+        ) else {
+            return undispatched();
+        };
+        // mTLS when the endpoint's sidecar terminates it and this workload has an SVID.
+        let mesh = self.mesh.as_ref().filter(|(_, svid)| {
+            target.mtls_identity.is_some() && svid.load().as_ref().is_some_and(|s| s.valid())
+        });
+        let (mut parts, body) = req.into_parts();
+        // The scheme only keys the pool (mTLS and plaintext connections never mix); the
+        // connector decides how to connect.
+        let scheme = if mesh.is_some() { "https" } else { "http" };
+        parts.uri = match crate::outbound::forward_uri(scheme, target.addr, &parts.uri) {
+            Ok(u) => u,
+            Err(msg) => {
+                return Box::pin(async move {
+                    Ok(refusal(
+                        hyper::StatusCode::BAD_REQUEST,
+                        "bad-uri",
+                        msg,
+                        None,
+                    ))
+                });
+            }
+        };
+        if !parts.headers.contains_key(hyper::header::HOST)
+            && let Ok(v) = hyper::header::HeaderValue::from_str(&d.authority)
+        {
+            parts.headers.insert(hyper::header::HOST, v);
+        }
+        parts.extensions = http::Extensions::new();
+        let upstream = hyper::Request::from_parts(parts, body);
+        let fut = match mesh {
+            Some((client, _)) => client.request(upstream),
+            None => self.plain.request(upstream),
+        };
+        Box::pin(async move {
+            let attempt = |outcome| Attempt {
+                endpoint: Some(target.addr),
+                outcome,
+            };
+            Ok(match fut.await {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let mut resp = resp.map(http_body_util::BodyExt::boxed);
+                    resp.extensions_mut()
+                        .insert(attempt(Outcome::Status(status)));
+                    resp
+                }
+                Err(e) => {
+                    let outcome = if e.is_connect() {
+                        Outcome::ConnectFailure
+                    } else {
+                        Outcome::Reset
+                    };
+                    refusal(
+                        hyper::StatusCode::SERVICE_UNAVAILABLE,
+                        "upstream-failure",
+                        format!("weft: {} endpoint {}: {outcome:?}", d.cluster, target.addr),
+                        Some(attempt(outcome)),
+                    )
+                }
+            })
+        })
+    }
+}

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -24,14 +24,18 @@ use tokio::sync::watch;
 use weft_proto::keys::PROXY_REASON_HEADER;
 
 use crate::admin::Metrics;
-use crate::balance::Target;
+use crate::balance::pick::{Pick, PickLayer};
+use crate::connect::Upstream;
 use crate::detect::{self, Protocol};
-use crate::resilience::{
-    CONNECT_FAILURE_EJECTION, ClusterPolicy, ClusterRuntime, Outcome, RetryPolicy,
-};
-use crate::state::{Endpoints, HashOn, RouteTarget};
+use crate::resilience::breaker::{Breaker, BreakerLayer, ConnectionLimit, ConnectionLimitLayer};
+use crate::resilience::outlier::{Outlier, OutlierLayer};
+use crate::resilience::retry::{Retry, RetryLayer};
+use crate::resilience::timeout::{PerTryTimeout, PerTryTimeoutLayer, Timeout, TimeoutLayer};
+use crate::resilience::{Dispatch, RetryPolicy};
+use crate::state::{HashOn, RouteTarget};
 use crate::telemetry::{FinishedSpan, TRACEPARENT, TraceContext, Tracer};
 use crate::xds::XdsHandle;
+use tower::Service;
 use tracing::Instrument;
 
 /// Response body of the proxy.
@@ -47,12 +51,10 @@ pub struct Outbound {
 struct Proxy {
     xds: XdsHandle,
     metrics: Arc<Metrics>,
+    /// Passthrough to original destinations (hosts the mesh does not know).
     client: Client<HttpConnector, Body>,
-    /// mTLS to meshed endpoints, when this workload has an identity.
-    mesh: Option<(
-        Client<crate::connect::MeshConnector, Body>,
-        crate::identity::SvidCell,
-    )>,
+    /// The cluster stack every routed request goes down.
+    stack: Stack,
     namespace: String,
     server_first_ports: Vec<u16>,
     header_read_timeout: Duration,
@@ -85,21 +87,15 @@ impl Outbound {
         tracer: Tracer,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
-        let mesh = ctx.svid.map(|svid| {
-            let connector = crate::connect::MeshConnector::new(
-                svid.clone(),
-                ctx.xds.clone(),
-                ctx.metrics.clone(),
-            );
-            (crate::connect::pooled(connector), svid)
-        });
+        let upstream =
+            crate::connect::Upstream::new(ctx.svid, ctx.xds.clone(), ctx.metrics.clone());
         Ok(Outbound {
             listener,
             proxy: Arc::new(Proxy {
+                stack: stack(upstream, &ctx.metrics),
                 xds: ctx.xds,
                 metrics: ctx.metrics,
                 client: crate::connect::pooled(crate::connect::plain()),
-                mesh,
                 namespace: ctx.namespace,
                 server_first_ports: ctx.server_first_ports,
                 header_read_timeout: ctx.header_read_timeout,
@@ -361,39 +357,21 @@ impl Proxy {
         };
         drop(config);
 
-        // Circuit breaker: answer at once rather than queue behind a saturated cluster.
-        let Some(_request_slot) = runtime.request(&policy) else {
-            self.metrics.overflow(&cluster, "max-requests");
-            self.metrics.observe(&cluster, 503, started);
-            return refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "overflow",
-                format!(
-                    "weft: {cluster} has {} requests in flight (max_requests)",
-                    policy.max_requests
-                ),
-            );
-        };
-        let attempts = Attempts {
-            this: self,
-            cluster: &cluster,
-            endpoints: &endpoints,
-            policy: &policy,
-            runtime: &runtime,
-            retry: Some(retry.as_deref().unwrap_or(&DEFAULT_RETRY)),
+        let dispatch = Arc::new(Dispatch {
+            cluster: cluster.clone(),
+            endpoints,
+            policy,
+            runtime,
+            timeout,
+            retry: retry.unwrap_or_else(|| DEFAULT_RETRY.clone()),
             hash,
-            authority: &authority,
-        };
-        let resp = match timeout {
-            Some(t) => match tokio::time::timeout(t, attempts.run(req)).await {
-                Ok(r) => r,
-                Err(_) => refuse(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "timeout",
-                    format!("weft: {cluster} did not answer within {t:?}"),
-                ),
-            },
-            None => attempts.run(req).await,
+            authority,
+        });
+        let mut req = req.map(|b| b.boxed());
+        req.extensions_mut().insert(dispatch);
+        let resp = match self.stack.clone().call(req).await {
+            Ok(r) => r,
+            Err(never) => match never {},
         };
         self.metrics
             .observe(&cluster, resp.status().as_u16(), started);
@@ -401,195 +379,28 @@ impl Proxy {
     }
 }
 
+/// The cluster stack, top to bottom: the whole request's deadline, the `max_requests`
+/// breaker, retries (budget, backoff, replay), the endpoint pick, outlier detection and
+/// per-endpoint accounting, the per-try deadline, the `max_connections`/`max_pending_requests`
+/// breaker, and the pooled (m)TLS connection to the endpoint.
+pub type Stack = Timeout<Breaker<Retry<Pick<Outlier<PerTryTimeout<ConnectionLimit<Upstream>>>>>>>;
+
+/// Builds the cluster stack over `upstream`.
+pub fn stack(upstream: Upstream, metrics: &Arc<Metrics>) -> Stack {
+    tower::ServiceBuilder::new()
+        .layer(TimeoutLayer)
+        .layer(BreakerLayer::new(metrics.clone()))
+        .layer(RetryLayer::new(metrics.clone()))
+        .layer(PickLayer)
+        .layer(OutlierLayer::new(metrics.clone()))
+        .layer(PerTryTimeoutLayer)
+        .layer(ConnectionLimitLayer::new(metrics.clone()))
+        .service(upstream)
+}
+
 /// The retry policy of routes without one (connect failures only).
-static DEFAULT_RETRY: std::sync::LazyLock<RetryPolicy> =
-    std::sync::LazyLock::new(RetryPolicy::connect_failure_default);
-
-/// Largest request body kept in memory so a request can be retried; larger (or unknown-size)
-/// bodies stream through and are not retried.
-pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
-
-/// One request's tries against one cluster.
-struct Attempts<'a> {
-    this: &'a Proxy,
-    cluster: &'a str,
-    endpoints: &'a Endpoints,
-    policy: &'a ClusterPolicy,
-    runtime: &'a ClusterRuntime,
-    retry: Option<&'a RetryPolicy>,
-    hash: Option<u64>,
-    authority: &'a str,
-}
-
-impl Attempts<'_> {
-    async fn run(&self, req: Request<Incoming>) -> Response<Body> {
-        let (parts, body) = req.into_parts();
-        // A body can be replayed only if it is small and whole in memory.
-        let replayable = self.retry.is_some()
-            && body
-                .size_hint()
-                .upper()
-                .is_some_and(|n| n <= MAX_REPLAY_BODY);
-        let (replay, mut streaming) = if replayable {
-            match body.collect().await {
-                Ok(b) => (Some(b.to_bytes()), None),
-                Err(e) => {
-                    return refuse(
-                        StatusCode::BAD_REQUEST,
-                        "bad-request-body",
-                        format!("weft: reading the request body: {e}"),
-                    );
-                }
-            }
-        } else {
-            (None, Some(body))
-        };
-        let mut tried: Vec<SocketAddr> = Vec::new();
-        let mut retries = 0u32;
-        let mut retry_slot = None;
-        loop {
-            let Some(target) = self.pick(&tried) else {
-                return refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no-healthy-endpoints",
-                    format!("weft: cluster {} has no healthy endpoint", self.cluster),
-                );
-            };
-            let body: Body = match (&replay, streaming.take()) {
-                (Some(bytes), _) => Full::new(bytes.clone()).map_err(|n| match n {}).boxed(),
-                (None, Some(b)) => b.boxed(),
-                (None, None) => Full::new(Bytes::new()).map_err(|n| match n {}).boxed(),
-            };
-            // mTLS when the endpoint's sidecar terminates it and this workload has an SVID.
-            let mesh = self.this.mesh.as_ref().filter(|(_, svid)| {
-                target.mtls_identity.is_some() && svid.load().as_ref().is_some_and(|s| s.valid())
-            });
-            let req = match self.request(&parts, target.addr, body, mesh.is_some()) {
-                Ok(r) => r,
-                Err(msg) => return refuse(StatusCode::BAD_REQUEST, "bad-uri", msg),
-            };
-            let stats = target.stats.clone();
-            let in_flight = stats.start();
-            let started = Instant::now();
-            let fut = match mesh {
-                Some((client, _)) => client.request(req),
-                None => self.this.client.request(req),
-            };
-            let per_try = self.retry.and_then(|r| r.per_try_timeout);
-            let result = match per_try {
-                Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| ()),
-                None => Ok(fut.await),
-            };
-            drop(in_flight);
-            let (outcome, resp) = match result {
-                Ok(Ok(resp)) => {
-                    stats.observe(started.elapsed());
-                    (Outcome::Status(resp.status().as_u16()), Some(resp))
-                }
-                Ok(Err(e)) if e.is_connect() => (Outcome::ConnectFailure, None),
-                Ok(Err(_)) => (Outcome::Reset, None),
-                Err(()) => (Outcome::Timeout, None),
-            };
-            let label = match outcome {
-                Outcome::Status(code) => code.to_string(),
-                Outcome::ConnectFailure => "connect-failure".into(),
-                Outcome::Reset => "reset".into(),
-                Outcome::Timeout => "timeout".into(),
-            };
-            self.this
-                .metrics
-                .attempt(self.cluster, target.addr, &label, started.elapsed());
-            let outlier = match (&self.policy.outlier, outcome) {
-                (Some(o), _) => Some(o),
-                (None, Outcome::ConnectFailure) => Some(&CONNECT_FAILURE_EJECTION),
-                (None, _) => None,
-            };
-            let ejected = stats.record_outcome(outcome, outlier, || {
-                outlier.is_some_and(|o| self.endpoints.may_eject(o.max_ejection_percent))
-            });
-            if ejected {
-                tracing::warn!(cluster = self.cluster, endpoint = %target.addr, ?outcome, "outlier ejected");
-                self.this.metrics.ejection(self.cluster);
-                self.endpoints.note_ejection(stats.ejected_for());
-            }
-            let may_retry = self
-                .retry
-                .is_some_and(|p| p.retriable(outcome) && retries < p.attempts)
-                && (replay.is_some() || streaming.is_some());
-            if may_retry {
-                // A retry holds one budget slot while it is in flight (Envoy's "active retries").
-                retry_slot = None;
-                match self.runtime.retry(self.policy) {
-                    Some(slot) => {
-                        retry_slot = Some(slot);
-                        let wait = self.retry.map_or(Duration::ZERO, |p| {
-                            p.backoff(retries, rand::random::<f64>())
-                        });
-                        retries += 1;
-                        tried.push(target.addr);
-                        self.this.metrics.retry(self.cluster);
-                        tokio::time::sleep(wait).await;
-                        continue;
-                    }
-                    None => self.this.metrics.overflow(self.cluster, "retry-budget"),
-                }
-            }
-            drop(retry_slot);
-            return match (outcome, resp) {
-                (_, Some(resp)) => resp.map(|b| b.boxed()),
-                (Outcome::Timeout, None) => refuse(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "per-try-timeout",
-                    format!(
-                        "weft: {} endpoint {} did not answer in time",
-                        self.cluster, target.addr
-                    ),
-                ),
-                (o, None) => refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream-failure",
-                    format!("weft: {} endpoint {}: {o:?}", self.cluster, target.addr),
-                ),
-            };
-        }
-    }
-
-    /// Picks an endpoint, preferring one not tried yet for this request.
-    fn pick(&self, tried: &[SocketAddr]) -> Option<Target> {
-        let mut last = None;
-        for _ in 0..4 {
-            let t = self.endpoints.pick(rand::random::<u64>(), self.hash)?;
-            if !tried.contains(&t.addr) {
-                return Some(t.clone());
-            }
-            last = Some(t.clone());
-        }
-        last
-    }
-
-    fn request(
-        &self,
-        parts: &http::request::Parts,
-        endpoint: SocketAddr,
-        body: Body,
-        mtls: bool,
-    ) -> Result<Request<Body>, String> {
-        // The scheme only keys the pool (mTLS and plaintext connections never mix); the
-        // connector decides how to connect.
-        let scheme = if mtls { "https" } else { "http" };
-        let uri = forward_uri(scheme, endpoint, &parts.uri)?;
-        let mut req = Request::new(body);
-        *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = uri;
-        *req.headers_mut() = parts.headers.clone();
-        if !req.headers().contains_key(hyper::header::HOST)
-            && let Ok(v) = hyper::header::HeaderValue::from_str(self.authority)
-        {
-            req.headers_mut().insert(hyper::header::HOST, v);
-        }
-        Ok(req)
-    }
-}
+static DEFAULT_RETRY: std::sync::LazyLock<Arc<RetryPolicy>> =
+    std::sync::LazyLock::new(|| Arc::new(RetryPolicy::connect_failure_default()));
 
 /// The URI of a request forwarded to `to`: its path and query on `scheme://to`.
 pub fn forward_uri(scheme: &str, to: SocketAddr, uri: &hyper::Uri) -> Result<hyper::Uri, String> {

@@ -183,6 +183,43 @@ async fn circuit_breaker_answers_503_with_its_reason() {
     );
 }
 
+/// `maxConnections: 1` and `maxPendingRequests: 1` against a slow endpoint: one request runs,
+/// one waits for the connection and then runs, the rest overflow at once with the limit named.
+#[tokio::test]
+async fn connection_breaker_queues_up_to_max_pending_then_overflows() {
+    let slow = echo("127.0.5.7", "slow").await;
+    slow.behavior.delay_ms.store(300, Ordering::Relaxed);
+    let (_d, _cp, sc) = mesh(
+        &[&slow],
+        "127.0.5.105",
+        "  circuitBreaker: {maxConnections: 1, maxPendingRequests: 1}\n",
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for _ in 0..5 {
+        let proxy = sc.outbound_addr;
+        tasks.push(tokio::spawn(async move {
+            weft_testkit::get_with(proxy, "echo", "/", &[]).await
+        }));
+    }
+    let mut by_status: HashMap<u16, Vec<String>> = HashMap::new();
+    for t in tasks {
+        let (status, body) = t.await.expect("task").expect("request");
+        by_status.entry(status).or_default().push(body);
+    }
+    let overflowed = by_status.get(&503).cloned().unwrap_or_default();
+    assert_eq!(by_status.get(&200).map(Vec::len), Some(2), "{by_status:?}");
+    assert_eq!(overflowed.len(), 3, "{by_status:?}");
+    assert!(
+        overflowed
+            .iter()
+            .all(|b| b.contains("max_pending_requests")),
+        "{overflowed:?}"
+    );
+    assert_eq!(slow.served.load(Ordering::Relaxed), 2);
+    assert!(metric(&sc, "weft_proxy_overflows_total").await >= 3.0);
+}
+
 #[tokio::test]
 async fn failing_endpoint_is_ejected_and_comes_back() {
     let bad = echo("127.0.5.4", "bad").await;

@@ -1,6 +1,8 @@
-//! Resilience decisions on the request path: retries (which outcomes, how many, backoff, the
-//! retry budget), circuit breakers, and outlier ejection. Pure decision functions and small
-//! atomic counters; `outbound` applies them around each attempt.
+//! Resilience on the request path. This module holds the decisions — retries (which outcomes,
+//! how many, backoff, the retry budget), circuit breakers, outlier ejection: pure functions and
+//! small atomic counters — and the request-path types every layer shares; each concern is a
+//! tower `Layer` in its own submodule with its own tests (`timeout`, `breaker`, `retry`,
+//! `outlier`), assembled in order by `outbound::stack()`.
 //!
 //! Semantics follow Envoy's, since the control plane speaks its xDS:
 //! - retries happen only on the `retry_on` conditions, at most `num_retries` times, each try
@@ -14,13 +16,124 @@
 //!   is ejected for `base_ejection_time × (times ejected)`, unless that would eject more than
 //!   `max_ejection_percent` of the cluster.
 
+pub mod breaker;
+pub mod outlier;
+pub mod retry;
+pub mod timeout;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use hyper::{Request, Response};
+
 use serde::Serialize;
 use weft_proto::envoy::envoy::config::cluster::v3 as cluster;
 use weft_proto::envoy::envoy::config::route::v3 as route;
+
+/// A request on the outbound stack.
+pub type Req = Request<crate::outbound::Body>;
+/// A response on the outbound stack.
+pub type Resp = Response<crate::outbound::Body>;
+/// The future every layer of the outbound stack returns. Layers never fail: a refusal is a
+/// response (with `x-weft-reason`), so `Error` is `Infallible`.
+pub type BoxFut = Pin<Box<dyn Future<Output = Result<Resp, Infallible>> + Send>>;
+
+/// A service of the outbound stack.
+pub trait Svc:
+    tower::Service<Req, Response = Resp, Error = Infallible, Future = BoxFut> + Clone + Send + 'static
+{
+}
+impl<T> Svc for T where
+    T: tower::Service<Req, Response = Resp, Error = Infallible, Future = BoxFut>
+        + Clone
+        + Send
+        + 'static
+{
+}
+
+/// Where a routed request goes and under which policies: set by routing as a request
+/// extension (`Arc<Dispatch>`), read by every layer below it.
+#[derive(Debug)]
+pub struct Dispatch {
+    /// The cluster.
+    pub cluster: String,
+    /// Its endpoints by priority.
+    pub endpoints: Arc<crate::state::Endpoints>,
+    /// Its breakers, budget and outlier settings.
+    pub policy: Arc<ClusterPolicy>,
+    /// Its live counters.
+    pub runtime: Arc<ClusterRuntime>,
+    /// The route's deadline for the whole request.
+    pub timeout: Option<Duration>,
+    /// The route's retry policy (connect failures only when the route has none).
+    pub retry: Arc<RetryPolicy>,
+    /// The consistent-hash key, for ring hash and maglev.
+    pub hash: Option<u64>,
+    /// The request's authority (set as `Host` when the request had none).
+    pub authority: String,
+}
+
+impl Dispatch {
+    /// The dispatch of a request on the stack.
+    pub fn of(req: &Req) -> Option<Arc<Dispatch>> {
+        req.extensions().get::<Arc<Dispatch>>().cloned()
+    }
+}
+
+/// Endpoints earlier attempts of this request went to (retry layer -> pick layer).
+#[derive(Clone, Debug, Default)]
+pub struct Tried(pub Vec<SocketAddr>);
+
+/// The endpoint an attempt goes to (pick layer -> the layers below).
+#[derive(Clone, Debug)]
+pub struct Picked(pub crate::balance::Target);
+
+/// How an attempt ended: a response extension set by the layer that decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attempt {
+    /// The endpoint tried, when one was picked.
+    pub endpoint: Option<SocketAddr>,
+    /// The outcome.
+    pub outcome: Outcome,
+}
+
+/// The outcome recorded on a response (a plain status when no layer recorded one).
+pub fn outcome_of(resp: &Resp) -> Outcome {
+    resp.extensions()
+        .get::<Attempt>()
+        .map_or(Outcome::Status(resp.status().as_u16()), |a| a.outcome)
+}
+
+/// A refusal the proxy answers itself, carrying the attempt's outcome.
+pub fn refusal(
+    status: hyper::StatusCode,
+    reason: &'static str,
+    detail: String,
+    attempt: Option<Attempt>,
+) -> Resp {
+    let mut r = crate::outbound::refuse(status, reason, detail);
+    if let Some(a) = attempt {
+        r.extensions_mut().insert(a);
+    }
+    r
+}
+
+/// An internal error: a request reached a layer without its dispatch.
+pub fn undispatched() -> BoxFut {
+    Box::pin(async {
+        Ok(refusal(
+            hyper::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "weft: request reached the cluster stack without a route".into(),
+            None,
+        ))
+    })
+}
 
 /// How an attempt ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,6 +289,10 @@ impl RetryPolicy {
 /// A cluster's limits and outlier settings (Envoy's defaults where unset).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ClusterPolicy {
+    /// Upstream connections in use (HTTP/1.1: one request each, so attempts in flight).
+    pub max_connections: u32,
+    /// Attempts waiting for a connection.
+    pub max_pending_requests: u32,
     /// Requests in flight.
     pub max_requests: u32,
     /// Retries in flight.
@@ -189,6 +306,8 @@ pub struct ClusterPolicy {
 impl Default for ClusterPolicy {
     fn default() -> Self {
         ClusterPolicy {
+            max_connections: 1024,
+            max_pending_requests: 1024,
             max_requests: 1024,
             max_retries: 3,
             budget: None,
@@ -235,6 +354,12 @@ impl ClusterPolicy {
             if let Some(v) = &t.max_requests {
                 p.max_requests = v.value;
             }
+            if let Some(v) = &t.max_connections {
+                p.max_connections = v.value;
+            }
+            if let Some(v) = &t.max_pending_requests {
+                p.max_pending_requests = v.value;
+            }
             if let Some(v) = &t.max_retries {
                 p.max_retries = v.value;
             }
@@ -272,6 +397,10 @@ impl ClusterPolicy {
 pub struct ClusterRuntime {
     requests: AtomicU32,
     retries: AtomicU32,
+    connections: AtomicU32,
+    pending: AtomicU32,
+    /// Wakes an attempt waiting for a connection when one is released.
+    released: tokio::sync::Notify,
 }
 
 /// Releases a counted slot when dropped.
@@ -283,13 +412,36 @@ impl Drop for Slot<'_> {
     }
 }
 
-fn take(counter: &AtomicU32, limit: u32) -> Option<Slot<'_>> {
+/// A connection slot; releasing it wakes one waiting attempt.
+pub struct ConnectionSlot {
+    runtime: Arc<ClusterRuntime>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.runtime.connections.fetch_sub(1, Ordering::AcqRel);
+        self.runtime.released.notify_one();
+    }
+}
+
+fn try_take(counter: &AtomicU32, limit: u32) -> bool {
     counter
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < limit).then_some(n + 1)
+            (n < limit).then(|| n + 1)
         })
-        .ok()
-        .map(|_| Slot(counter))
+        .is_ok()
+}
+
+fn take(counter: &AtomicU32, limit: u32) -> Option<Slot<'_>> {
+    // Lazily: a Slot made and dropped on refusal would release a slot never taken.
+    try_take(counter, limit).then(|| Slot(counter))
+}
+
+/// Why an attempt got no connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectionRefused {
+    /// `max_connections` in use and `max_pending_requests` already waiting.
+    PendingOverflow,
 }
 
 impl ClusterRuntime {
@@ -307,6 +459,44 @@ impl ClusterRuntime {
     /// Requests in flight.
     pub fn requests(&self) -> u32 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// A connection for one attempt: at once while fewer than `max_connections` are in use,
+    /// else after waiting as one of at most `max_pending_requests` (Envoy's pending queue);
+    /// beyond that, refused at once.
+    pub async fn connection(
+        self: &Arc<Self>,
+        p: &ClusterPolicy,
+    ) -> Result<ConnectionSlot, ConnectionRefused> {
+        let slot = || ConnectionSlot {
+            runtime: self.clone(),
+        };
+        if try_take(&self.connections, p.max_connections) {
+            return Ok(slot());
+        }
+        let Some(_pending) = take(&self.pending, p.max_pending_requests) else {
+            return Err(ConnectionRefused::PendingOverflow);
+        };
+        loop {
+            // Register for a wake-up before checking, so a release in between is not lost.
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if try_take(&self.connections, p.max_connections) {
+                return Ok(slot());
+            }
+            released.await;
+        }
+    }
+
+    /// Connections in use.
+    pub fn connections(&self) -> u32 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Attempts waiting for a connection.
+    pub fn pending(&self) -> u32 {
+        self.pending.load(Ordering::Relaxed)
     }
 }
 
@@ -379,7 +569,7 @@ mod tests {
             max_requests: 2,
             max_retries: 10,
             budget: Some((20.0, 1)),
-            outlier: None,
+            ..ClusterPolicy::default()
         };
         let rt = ClusterRuntime::default();
         let a = rt.request(&p).expect("first");
@@ -395,10 +585,126 @@ mod tests {
             max_requests: 100,
             max_retries: 1,
             budget: Some((100.0, 50)),
-            outlier: None,
+            ..ClusterPolicy::default()
         };
         let rt2 = ClusterRuntime::default();
         let _r = rt2.retry(&p2).expect("one");
         assert!(rt2.retry(&p2).is_none());
+    }
+
+    #[tokio::test]
+    async fn connections_queue_up_to_max_pending_then_refuse() {
+        let p = ClusterPolicy {
+            max_connections: 1,
+            max_pending_requests: 1,
+            ..ClusterPolicy::default()
+        };
+        let rt = Arc::new(ClusterRuntime::default());
+        let first = rt.connection(&p).await.expect("a free connection");
+        // The second waits (pending); the third finds the queue full and is refused at once.
+        let rt2 = rt.clone();
+        let p2 = p.clone();
+        let waiter = tokio::spawn(async move { rt2.connection(&p2).await.map(|_| ()) });
+        while rt.pending() == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            rt.connection(&p).await.err(),
+            Some(ConnectionRefused::PendingOverflow)
+        );
+        assert!(!waiter.is_finished());
+        drop(first);
+        assert_eq!(
+            waiter.await.ok(),
+            Some(Ok(())),
+            "released connection goes to the waiter"
+        );
+        assert_eq!((rt.connections(), rt.pending()), (0, 0));
+    }
+}
+
+/// Small services and requests for the layers' unit tests (no sockets).
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+
+    use super::{BoxFut, ClusterPolicy, ClusterRuntime, Dispatch, Req, RetryPolicy, Svc};
+    use crate::balance::{Algorithm, Target};
+    use crate::state::{Endpoint, Endpoints};
+
+    /// A dispatch to cluster `c` with one healthy endpoint, default policies.
+    pub fn dispatch() -> Dispatch {
+        let endpoint = Endpoint {
+            addr: "127.0.0.1:9".parse().expect("addr"),
+            healthy: true,
+            zone: String::new(),
+            mtls_identity: None,
+            stats: Arc::default(),
+        };
+        Dispatch {
+            cluster: "c".into(),
+            endpoints: Arc::new(Endpoints::new(
+                vec![vec![endpoint]],
+                140,
+                Algorithm::RoundRobin,
+            )),
+            policy: Arc::new(ClusterPolicy::default()),
+            runtime: Arc::new(ClusterRuntime::default()),
+            timeout: None,
+            retry: Arc::new(RetryPolicy::connect_failure_default()),
+            hash: None,
+            authority: "c".into(),
+        }
+    }
+
+    /// The dispatch's first endpoint as a pick.
+    pub fn target(d: &Dispatch) -> Target {
+        let e = &d.endpoints.priorities[0][0];
+        Target {
+            addr: e.addr,
+            mtls_identity: None,
+            stats: e.stats.clone(),
+        }
+    }
+
+    /// A GET carrying `d`.
+    pub fn request(d: impl Into<Arc<Dispatch>>) -> Req {
+        let mut req = Req::new(Full::new(Bytes::new()).map_err(|n| match n {}).boxed());
+        req.extensions_mut().insert(d.into());
+        req
+    }
+
+    fn answer(status: u16) -> super::Resp {
+        let mut r = super::Resp::new(Full::new(Bytes::new()).map_err(|n| match n {}).boxed());
+        *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or_default();
+        r
+    }
+
+    /// Answers 200 after `delay`.
+    pub fn slow(delay: Duration) -> impl Svc {
+        tower::service_fn(move |_req: Req| -> BoxFut {
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                Ok(answer(200))
+            })
+        })
+    }
+
+    /// Answers `statuses` in turn (the last one again when they run out), and counts calls.
+    pub fn scripted(statuses: &[u16]) -> (impl Svc, impl Fn() -> usize) {
+        let statuses: Arc<Vec<u16>> = Arc::new(statuses.to_vec());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let svc = tower::service_fn(move |_req: Req| -> BoxFut {
+            let n = counter.fetch_add(1, Ordering::Relaxed);
+            let status = statuses.get(n).or(statuses.last()).copied().unwrap_or(200);
+            Box::pin(async move { Ok(answer(status)) })
+        });
+        (svc, move || calls.load(Ordering::Relaxed))
     }
 }

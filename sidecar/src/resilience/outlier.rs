@@ -1,0 +1,141 @@
+//! Passive health ([`OutlierLayer`]): each attempt's outcome is fed to its endpoint's outlier
+//! detector — consecutive 5xx (or gateway errors) eject it for `base_ejection_time × times
+//! ejected` (capped), never past the cluster's `max_ejection_percent`. Without a policy, a
+//! refused connection ejects at once for a few seconds, so a dead pod leaves rotation (and
+//! traffic spills to the next priority) before the control plane knows. The layer also keeps
+//! the endpoint's in-flight count and latency (what peak-EWMA balancing reads) and the
+//! per-endpoint try metrics.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use super::{
+    Attempt, BoxFut, CONNECT_FAILURE_EJECTION, Dispatch, Outcome, Picked, Req, Resp, Svc,
+    outcome_of, undispatched,
+};
+use crate::admin::Metrics;
+
+/// Records attempt outcomes per endpoint and ejects outliers.
+#[derive(Clone)]
+pub struct OutlierLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl OutlierLayer {
+    /// A layer recording in `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        OutlierLayer { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for OutlierLayer {
+    type Service = Outlier<S>;
+    fn layer(&self, inner: S) -> Outlier<S> {
+        Outlier {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// See [`OutlierLayer`].
+#[derive(Clone)]
+pub struct Outlier<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S: Svc> tower::Service<Req> for Outlier<S> {
+    type Response = Resp;
+    type Error = std::convert::Infallible;
+    type Future = BoxFut;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Req) -> BoxFut {
+        let (Some(d), Some(Picked(target))) = (
+            Dispatch::of(&req),
+            req.extensions().get::<Picked>().cloned(),
+        ) else {
+            return undispatched();
+        };
+        let (mut inner, metrics) = (self.inner.clone(), self.metrics.clone());
+        Box::pin(async move {
+            let stats = target.stats.clone();
+            let in_flight = stats.start();
+            let started = Instant::now();
+            let mut resp = inner.call(req).await.unwrap_or_else(|n| match n {});
+            drop(in_flight);
+            let outcome = outcome_of(&resp);
+            if let Outcome::Status(_) = outcome {
+                stats.observe(started.elapsed());
+            }
+            let label = match outcome {
+                Outcome::Status(code) => code.to_string(),
+                Outcome::ConnectFailure => "connect-failure".into(),
+                Outcome::Reset => "reset".into(),
+                Outcome::Timeout => "timeout".into(),
+            };
+            metrics.attempt(&d.cluster, target.addr, &label, started.elapsed());
+            let policy = match (&d.policy.outlier, outcome) {
+                (Some(o), _) => Some(o),
+                (None, Outcome::ConnectFailure) => Some(&CONNECT_FAILURE_EJECTION),
+                (None, _) => None,
+            };
+            let ejected = stats.record_outcome(outcome, policy, || {
+                policy.is_some_and(|o| d.endpoints.may_eject(o.max_ejection_percent))
+            });
+            if ejected {
+                tracing::warn!(cluster = %d.cluster, endpoint = %target.addr, ?outcome, "outlier ejected");
+                metrics.ejection(&d.cluster);
+                d.endpoints.note_ejection(stats.ejected_for());
+            }
+            resp.extensions_mut().insert(Attempt {
+                endpoint: Some(target.addr),
+                outcome,
+            });
+            Ok(resp)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resilience::test_support::{dispatch, request, scripted};
+    use crate::resilience::{ClusterPolicy, OutlierPolicy};
+    use std::time::Duration;
+    use tower::{Layer, Service};
+
+    #[tokio::test]
+    async fn consecutive_5xx_eject_the_endpoint_and_it_comes_back() {
+        let (svc, _) = scripted(&[500, 500, 500, 200]);
+        let mut svc = OutlierLayer::new(Arc::new(Metrics::new())).layer(svc);
+        let mut d = dispatch();
+        d.policy = Arc::new(ClusterPolicy {
+            outlier: Some(OutlierPolicy {
+                consecutive_5xx: 3,
+                consecutive_gateway: 0,
+                base_ejection: Duration::from_millis(200),
+                max_ejection_percent: 100,
+            }),
+            ..ClusterPolicy::default()
+        });
+        let d = Arc::new(d);
+        let target = d.endpoints.priorities[0][0].stats.clone();
+        for _ in 0..3 {
+            let mut req = request(d.clone());
+            req.extensions_mut()
+                .insert(Picked(crate::resilience::test_support::target(&d)));
+            let resp = svc.call(req).await.expect("infallible");
+            let attempt = resp.extensions().get::<Attempt>().copied();
+            assert_eq!(attempt.map(|a| a.outcome), Some(Outcome::Status(500)));
+        }
+        assert!(target.is_ejected(), "three 5xx in a row eject");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(!target.is_ejected(), "the ejection ends");
+    }
+}
