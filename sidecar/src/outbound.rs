@@ -33,7 +33,7 @@ use crate::resilience::retry::{Retry, RetryLayer};
 use crate::resilience::timeout::{PerTryTimeout, PerTryTimeoutLayer, Timeout, TimeoutLayer};
 use crate::resilience::{Dispatch, RetryPolicy};
 use crate::state::{HashOn, RouteTarget};
-use crate::telemetry::{FinishedSpan, TRACEPARENT, TraceContext, Tracer};
+use crate::telemetry::{TRACEPARENT, TraceContext, Tracer};
 use crate::xds::XdsHandle;
 use tower::Service;
 use tracing::Instrument;
@@ -256,44 +256,25 @@ impl Proxy {
             .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(TraceContext::parse);
-        let trace = TraceContext::child_of(parent.as_ref());
+        // Span attributes are built only when the span will be exported: without
+        // --otlp-endpoint the span is a debug span and the path is not copied.
+        let (span, trace) = if self.tracer.enabled() {
+            let authority = request_authority(&req);
+            self.tracer
+                .request_span(parent.as_ref(), req.method(), req.uri().path(), &authority)
+        } else {
+            self.tracer
+                .request_span(parent.as_ref(), req.method(), "", "")
+        };
         if let Ok(v) = hyper::header::HeaderValue::from_str(&trace.header()) {
             req.headers_mut().insert(TRACEPARENT, v);
         }
-        // Span attributes are built only when the span will be exported: nothing extra is
-        // allocated on the request path otherwise.
-        let exporting = self.tracer.enabled() && trace.sampled;
-        let start = std::time::SystemTime::now();
-        let attributes = exporting.then(|| {
-            vec![
-                ("http.request.method", req.method().to_string()),
-                ("url.path", req.uri().path().to_string()),
-                ("server.address", request_authority(&req)),
-            ]
-        });
-        let span = tracing::debug_span!("request", trace_id = %trace.header());
-        let resp = self.route(req, peer, orig).instrument(span).await;
-        if let Some(mut attributes) = attributes {
-            let status = resp.status();
-            attributes.push(("http.response.status_code", status.as_str().to_string()));
-            if let Some(reason) = resp
-                .headers()
-                .get(PROXY_REASON_HEADER)
-                .and_then(|v| v.to_str().ok())
-            {
-                attributes.push(("weft.reason", reason.to_string()));
-            }
-            let span = FinishedSpan {
-                context: trace,
-                parent: parent.map(|p| p.span_id),
-                name: "weft.outbound",
-                start,
-                end: std::time::SystemTime::now(),
-                attributes,
-                error: status.is_server_error(),
-            };
-            self.tracer.record(span, &self.metrics);
-        }
+        let resp = self.route(req, peer, orig).instrument(span.clone()).await;
+        let reason = resp
+            .headers()
+            .get(PROXY_REASON_HEADER)
+            .and_then(|v| v.to_str().ok());
+        self.tracer.finish(&span, resp.status().as_u16(), reason);
         resp
     }
 

@@ -1,26 +1,38 @@
-//! Request tracing: W3C Trace Context propagation and OTLP span export.
+//! Request tracing: W3C Trace Context propagation and OTLP span export through
+//! tracing-opentelemetry.
 //!
-//! Every outbound request gets a span: it continues the caller's trace when the request carries
-//! a valid `traceparent` (W3C Trace Context, level 1), else starts one, and the upstream request
-//! carries a `traceparent` naming the sidecar's span as parent. With `--otlp-endpoint`, finished
-//! spans are batched (up to 512, or every second) and exported with OTLP/gRPC
-//! (`opentelemetry.proto.collector.trace.v1.TraceService/Export`) by a task on the proxy's own
-//! runtime. Export is best-effort: a full queue drops spans (counted) rather than slow requests.
+//! Every outbound request continues the caller's trace when it carries a valid `traceparent`
+//! (W3C Trace Context, level 1), else starts one, and the upstream request carries a
+//! `traceparent` naming the sidecar's span as parent. With `--otlp-endpoint`, the request is a
+//! `tracing` span (`weft.outbound`, kind client, HTTP semantic-convention attributes) created
+//! under a sidecar-owned subscriber that holds tracing-opentelemetry's layer; the OpenTelemetry
+//! SDK's batch processor (up to 4096 queued, batches of 512, every second) hands finished spans
+//! to [`OtlpExporter`], which passes them to a task on the proxy's runtime that sends them
+//! with OTLP/gRPC (`TraceService/Export`).
 //!
-//! The exporter is written against the OTLP protos directly rather than through
-//! tracing-opentelemetry: the OpenTelemetry SDK's batch processor exports from its own OS thread
-//! with no Tokio reactor, where the tonic exporter cannot run (a known upstream pitfall).
+//! Why the hand-off: the SDK's batch processor exports from its own OS thread, where a tonic
+//! client cannot run (no Tokio reactor there), and its async-runtime variant blocks in
+//! shutdown — which deadlocks a current-thread runtime when a sidecar is dropped. The exporter
+//! therefore only queues (never blocks, drops counted), and the gRPC call happens on Tokio.
+//! Only the request span goes to that subscriber: the proxy's logs keep going wherever the
+//! process's own subscriber sends them.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{
-    ResourceSpans, ScopeSpans, Span, Status, span, status,
+use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
+use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, SpanData,
 };
 use tokio::sync::mpsc;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
 
 /// The W3C trace context header.
 pub const TRACEPARENT: &str = "traceparent";
@@ -30,6 +42,8 @@ pub const QUEUE: usize = 4096;
 pub const BATCH: usize = 512;
 /// Longest wait before a partial batch is exported.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Batches waiting for the gRPC call at most (beyond it, batches are dropped and counted).
+pub const BATCHES_IN_FLIGHT: usize = 8;
 
 /// A trace position: trace id, span id, sampled flag.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,143 +133,194 @@ impl TraceContext {
     }
 }
 
-/// A finished span.
-#[derive(Debug, Clone)]
-pub struct FinishedSpan {
-    /// The span's own context.
-    pub context: TraceContext,
-    /// Its parent span, if it continued a trace.
-    pub parent: Option<[u8; 8]>,
-    /// Span name.
-    pub name: &'static str,
-    /// Start.
-    pub start: SystemTime,
-    /// End.
-    pub end: SystemTime,
-    /// Attributes.
-    pub attributes: Vec<(&'static str, String)>,
-    /// Whether the request failed (5xx or refused).
-    pub error: bool,
+/// Creates request spans and exports them (when an OTLP endpoint is configured).
+#[derive(Clone, Default)]
+pub struct Tracer {
+    otel: Option<Otel>,
 }
 
-/// Records spans and hands them to the exporter (when one is configured).
-#[derive(Clone, Debug, Default)]
-pub struct Tracer {
-    tx: Option<mpsc::Sender<FinishedSpan>>,
+#[derive(Clone)]
+struct Otel {
+    /// The subscriber request spans are created under (tracing-opentelemetry's layer).
+    dispatch: tracing::Dispatch,
+    /// Kept so the batch processor lives as long as the tracer.
+    _provider: SdkTracerProvider,
+}
+
+impl std::fmt::Debug for Tracer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracer")
+            .field("exporting", &self.otel.is_some())
+            .finish()
+    }
 }
 
 impl Tracer {
-    /// A tracer exporting to `endpoint` (e.g. `http://collector:4317`), or recording nothing.
+    /// A tracer exporting to `endpoint` (e.g. `http://collector:4317`), or only propagating.
     pub fn start(endpoint: Option<String>, metrics: std::sync::Arc<crate::admin::Metrics>) -> Self {
         let Some(endpoint) = endpoint else {
             return Tracer::default();
         };
-        let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(export_loop(endpoint, rx, metrics));
-        Tracer { tx: Some(tx) }
+        let channel = match tonic::transport::Endpoint::from_shared(endpoint.clone()) {
+            Ok(e) => e.connect_timeout(Duration::from_secs(3)).connect_lazy(),
+            Err(e) => {
+                tracing::error!(%endpoint, error = %e, "--otlp-endpoint is not a URI; spans are not exported");
+                return Tracer::default();
+            }
+        };
+        let (tx, rx) = mpsc::channel(BATCHES_IN_FLIGHT);
+        let resource = opentelemetry_sdk::Resource::builder_empty()
+            .with_service_name("weft-sidecar")
+            .build();
+        tokio::spawn(export_loop(
+            endpoint,
+            TraceServiceClient::new(channel),
+            ResourceAttributesWithSchema::from(&resource),
+            rx,
+            metrics.clone(),
+        ));
+        let exporter = OtlpExporter { tx, metrics };
+        let processor = BatchSpanProcessor::builder(exporter)
+            .with_batch_config(
+                BatchConfigBuilder::default()
+                    .with_max_queue_size(QUEUE)
+                    .with_max_export_batch_size(BATCH)
+                    .with_scheduled_delay(FLUSH_EVERY)
+                    .build(),
+            )
+            .build();
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(processor)
+            .with_resource(resource)
+            .build();
+        let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("weft-sidecar"));
+        let subscriber = tracing_subscriber::registry().with(layer);
+        Tracer {
+            otel: Some(Otel {
+                dispatch: tracing::Dispatch::new(subscriber),
+                _provider: provider,
+            }),
+        }
     }
 
     /// Whether spans are exported.
     pub fn enabled(&self) -> bool {
-        self.tx.is_some()
+        self.otel.is_some()
     }
 
-    /// Queues a finished span; drops it when the queue is full.
-    pub fn record(&self, span: FinishedSpan, metrics: &crate::admin::Metrics) {
-        if let Some(tx) = &self.tx
-            && tx.try_send(span).is_err()
-        {
-            metrics.spans_dropped.inc();
+    /// The span of one request continuing `parent` (or starting a trace), and the trace
+    /// context the upstream request must carry. Without export the span is a plain debug span
+    /// of the process's own subscriber and the context is made here.
+    pub fn request_span(
+        &self,
+        parent: Option<&TraceContext>,
+        method: &http::Method,
+        path: &str,
+        authority: &str,
+    ) -> (tracing::Span, TraceContext) {
+        let Some(otel) = self
+            .otel
+            .as_ref()
+            .filter(|_| parent.is_none_or(|p| p.sampled))
+        else {
+            let ctx = TraceContext::child_of(parent);
+            let span = tracing::debug_span!("request", trace_id = %ctx.header());
+            return (span, ctx);
+        };
+        let span = tracing::dispatcher::with_default(&otel.dispatch, || {
+            tracing::info_span!(
+                "weft.outbound",
+                otel.kind = "client",
+                http.request.method = %method,
+                url.path = %path,
+                server.address = %authority,
+                http.response.status_code = tracing::field::Empty,
+                weft.reason = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            )
+        });
+        if let Some(p) = parent {
+            let remote = SpanContext::new(
+                TraceId::from_bytes(p.trace_id),
+                SpanId::from_bytes(p.span_id),
+                TraceFlags::SAMPLED,
+                true,
+                TraceState::default(),
+            );
+            let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
         }
+        let sc = span.context().span().span_context().clone();
+        let ctx = TraceContext {
+            trace_id: sc.trace_id().to_bytes(),
+            span_id: sc.span_id().to_bytes(),
+            sampled: true,
+        };
+        (span, ctx)
+    }
+
+    /// Records how a request ended on its span.
+    pub fn finish(&self, span: &tracing::Span, status: u16, reason: Option<&str>) {
+        if self.otel.is_none() {
+            return;
+        }
+        span.record("http.response.status_code", i64::from(status));
+        if let Some(r) = reason {
+            span.record("weft.reason", r);
+        }
+        span.record(
+            "otel.status_code",
+            if status >= 500 { "ERROR" } else { "OK" },
+        );
     }
 }
 
-fn unix_nanos(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or_default()
+/// The SDK's exporter: queues each batch for the export task, never blocking the processor's
+/// thread; a full queue drops the batch (counted in `weft_proxy_spans_dropped_total`).
+pub struct OtlpExporter {
+    tx: mpsc::Sender<Vec<SpanData>>,
+    metrics: std::sync::Arc<crate::admin::Metrics>,
 }
 
-fn kv(key: &str, value: String) -> KeyValue {
-    KeyValue {
-        key: key.to_string(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value)),
-        }),
+impl std::fmt::Debug for OtlpExporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OtlpExporter")
+            .field("queued", &(BATCHES_IN_FLIGHT - self.tx.capacity()))
+            .finish()
     }
 }
 
-/// The OTLP form of a span.
-pub fn to_otlp(s: &FinishedSpan) -> Span {
-    Span {
-        trace_id: s.context.trace_id.to_vec(),
-        span_id: s.context.span_id.to_vec(),
-        parent_span_id: s.parent.map(|p| p.to_vec()).unwrap_or_default(),
-        name: s.name.to_string(),
-        kind: span::SpanKind::Client as i32,
-        start_time_unix_nano: unix_nanos(s.start),
-        end_time_unix_nano: unix_nanos(s.end),
-        attributes: s.attributes.iter().map(|(k, v)| kv(k, v.clone())).collect(),
-        status: Some(Status {
-            code: if s.error {
-                status::StatusCode::Error
-            } else {
-                status::StatusCode::Ok
-            } as i32,
-            ..Default::default()
-        }),
-        ..Default::default()
+impl opentelemetry_sdk::trace::SpanExporter for OtlpExporter {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        let n = batch.len() as u64;
+        if self.tx.try_send(batch).is_err() {
+            self.metrics.spans_dropped.inc_by(n);
+        }
+        std::future::ready(Ok(()))
     }
 }
 
 async fn export_loop(
     endpoint: String,
-    mut rx: mpsc::Receiver<FinishedSpan>,
+    mut client: TraceServiceClient<tonic::transport::Channel>,
+    resource: ResourceAttributesWithSchema,
+    mut rx: mpsc::Receiver<Vec<SpanData>>,
     metrics: std::sync::Arc<crate::admin::Metrics>,
 ) {
-    let channel = match tonic::transport::Endpoint::from_shared(endpoint.clone()) {
-        Ok(e) => e.connect_timeout(Duration::from_secs(3)).connect_lazy(),
-        Err(e) => {
-            tracing::error!(%endpoint, error = %e, "--otlp-endpoint is not a URI; spans are not exported");
-            return;
-        }
-    };
-    let mut client = TraceServiceClient::new(channel);
-    let resource = Resource {
-        attributes: vec![kv("service.name", "weft-sidecar".into())],
-        ..Default::default()
-    };
-    loop {
-        let Some(first) = rx.recv().await else { return };
-        let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + FLUSH_EVERY;
-        while batch.len() < BATCH {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(s)) => batch.push(s),
-                Ok(None) | Err(_) => break,
-            }
-        }
+    while let Some(batch) = rx.recv().await {
+        let n = batch.len() as u64;
         let request = ExportTraceServiceRequest {
-            resource_spans: vec![ResourceSpans {
-                resource: Some(resource.clone()),
-                scope_spans: vec![ScopeSpans {
-                    scope: Some(InstrumentationScope {
-                        name: "weft-sidecar".into(),
-                        ..Default::default()
-                    }),
-                    spans: batch.iter().map(to_otlp).collect(),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
+            resource_spans: group_spans_by_resource_and_scope(batch, &resource),
         };
         match client.export(request).await {
             Ok(_) => {
-                metrics.spans_exported.inc_by(batch.len() as u64);
+                metrics.spans_exported.inc_by(n);
             }
             Err(e) => {
-                tracing::warn!(%endpoint, error = %e, spans = batch.len(), "OTLP export failed; spans dropped");
-                metrics.spans_dropped.inc_by(batch.len() as u64);
+                tracing::warn!(%endpoint, error = %e, spans = n, "OTLP export failed; spans dropped");
+                metrics.spans_dropped.inc_by(n);
             }
         }
     }

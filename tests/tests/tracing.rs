@@ -152,6 +152,29 @@ async fn spans_reach_the_otlp_receiver_with_the_right_parent() {
         "the span the upstream was told about"
     );
     assert_eq!(continued.name, "weft.outbound");
+    // Made by tracing-opentelemetry from the request span: kind client, HTTP attributes.
+    assert_eq!(
+        continued.kind,
+        opentelemetry_proto::tonic::trace::v1::span::SpanKind::Client as i32
+    );
+    let attr = |name: &str| {
+        continued
+            .attributes
+            .iter()
+            .find(|a| a.key == name)
+            .and_then(|a| a.value.as_ref())
+            .and_then(|v| v.value.clone())
+    };
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    assert_eq!(attr("url.path"), Some(Value::StringValue("/traced".into())));
+    assert_eq!(
+        attr("http.request.method"),
+        Some(Value::StringValue("GET".into()))
+    );
+    assert_eq!(
+        attr("http.response.status_code"),
+        Some(Value::IntValue(200))
+    );
     let fresh_parts: Vec<&str> = fresh.split('-').collect();
     let root = spans
         .iter()
