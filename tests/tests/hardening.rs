@@ -107,6 +107,108 @@ async fn garbage_slowloris_and_oversized_heads_are_closed_and_counted() {
     assert_eq!((status, body.split_whitespace().next()), (200, Some("pod")));
 }
 
+/// The inbound listener: a slowloris and an oversized plaintext HTTP head are cut off and
+/// counted; a mesh TLS hello while this workload has no certificate is refused and counted;
+/// bytes of another protocol go to the application untouched (the inbound cannot know the
+/// application's protocol); a plain request is still served, its forged identity removed.
+#[tokio::test]
+async fn inbound_cuts_slow_and_oversized_heads_and_refuses_what_it_cannot_terminate() {
+    let app = Echo::start(
+        "127.0.7.11:0".parse().expect("addr"),
+        Identity {
+            name: "app".into(),
+            cluster: "cluster-1".into(),
+            zone: "a".into(),
+        },
+    )
+    .await
+    .expect("app");
+    let app_addr = app.addr;
+    let (_echo, _d, _cp, sc) = setup("127.0.7.110", move |c| {
+        c.header_read_timeout = Duration::from_millis(300);
+        c.app_addr = Some(app_addr);
+    })
+    .await;
+    let mut s = TcpStream::connect(sc.inbound_addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: app\r\nX-Slow: ")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the slow client was cut off");
+    let mut big = b"GET / HTTP/1.1\r\nHost: app\r\nX-Big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 200 * 1024));
+    big.extend(b"\r\n\r\n");
+    let reply = send_raw(sc.inbound_addr, &big).await;
+    assert!(
+        reply.is_empty() || reply.starts_with("HTTP/1.1 431") || reply.starts_with("HTTP/1.1 400"),
+        "{reply:?}"
+    );
+    assert!(connection_errors(&sc).await >= 2.0, "each was counted");
+    // A ClientHello offering the mesh ALPN, to a sidecar without a certificate.
+    let mut hello = vec![0x16, 0x03, 0x01];
+    let ext_alpn: Vec<u8> = {
+        let proto = weft_proto::tls::ALPN_MESH_HTTP1;
+        let mut list = vec![proto.len() as u8];
+        list.extend_from_slice(proto);
+        let mut e = vec![0x00, 0x10];
+        e.extend_from_slice(&((list.len() + 2) as u16).to_be_bytes());
+        e.extend_from_slice(&(list.len() as u16).to_be_bytes());
+        e.extend(list);
+        e
+    };
+    let mut body = vec![0x03, 0x03];
+    body.extend([7u8; 32]);
+    body.extend([0, 0, 2, 0x13, 0x01, 1, 0]);
+    body.extend_from_slice(&(ext_alpn.len() as u16).to_be_bytes());
+    body.extend(ext_alpn);
+    let mut handshake = vec![1, 0];
+    handshake.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    handshake.extend(body);
+    hello.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
+    hello.extend(handshake);
+    let reply = send_raw(sc.inbound_addr, &hello).await;
+    assert!(reply.is_empty(), "{reply:?}");
+    let (_, page) = get_via(sc.admin_addr, "admin", "/metrics")
+        .await
+        .expect("metrics");
+    assert!(
+        weft_testkit::metric_sum(
+            &page,
+            "weft_proxy_inbound_refused_total",
+            &["no-certificate"]
+        ) >= 1.0,
+        "{page}"
+    );
+    // Another protocol: forwarded as is (the echo app answers it with 400, as HTTP servers do).
+    let reply = send_raw(sc.inbound_addr, b"\x00\x01 not http\r\n\r\n").await;
+    assert!(
+        reply.is_empty() || reply.starts_with("HTTP/1.1 400"),
+        "{reply:?}"
+    );
+    // Still serving, and a forged identity never reaches the application.
+    let (status, _) = weft_testkit::get_with(
+        sc.inbound_addr,
+        "app",
+        "/",
+        &[(
+            weft_proto::keys::CLIENT_IDENTITY_HEADER,
+            "spiffe://x/ns/y/sa/z",
+        )],
+    )
+    .await
+    .expect("request");
+    assert_eq!(status, 200);
+    assert_eq!(
+        app.behavior
+            .last_client_identity
+            .lock()
+            .expect("lock")
+            .clone(),
+        None
+    );
+}
+
 #[tokio::test]
 async fn drain_finishes_in_flight_requests_and_refuses_new_ones() {
     let (echo, _d, _cp, sc) =
