@@ -51,6 +51,9 @@ enum Command {
     Status,
     /// The services in the catalog, with endpoint counts and splits.
     Services,
+    /// Rollouts: phase, canary weight, the current step's window and the last decision (all
+    /// decisions with their reasons in JSON/YAML).
+    Rollouts,
     /// Source problems: files that do not parse, objects that fail validation (exit 1 if any).
     Errors,
     /// Diagnose the mesh: each problem with its object, cause and fix (exit 0 only when clean).
@@ -147,6 +150,7 @@ fn main() -> anyhow::Result<()> {
             Command::Status => query::status(cli.cp, cli.output).await,
             Command::Services => query::services(cli.cp, cli.output).await,
             Command::Errors => query::errors(cli.cp, cli.output).await,
+            Command::Rollouts => query::rollouts(cli.cp, cli.output).await,
             Command::Check => query::check(cli.cp, cli.output).await,
             Command::Endpoints { service, proxy } => {
                 query::endpoints(cli.cp, &service, proxy, cli.output).await

@@ -245,6 +245,97 @@ pub async fn services(cp: SocketAddr, format: Format) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// One rollout, as `weftctl rollouts` prints it (JSON/YAML field names are stable).
+#[derive(Serialize)]
+pub struct RolloutRow {
+    /// `namespace/name`.
+    pub name: String,
+    /// The canary Service.
+    pub canary: String,
+    /// Progressing, Promoted or RolledBack.
+    pub phase: String,
+    /// The canary's weight, percent.
+    pub weight: u32,
+    /// Every step's weight.
+    pub steps: Vec<u32>,
+    /// The current step's index.
+    pub step: u32,
+    /// Canary requests finished in the current step, their success rate and p99 (ms).
+    pub window: (u64, f64, u64),
+    /// Decisions, oldest first: `{at_unix_ms, kind, from, to, reason}`.
+    pub decisions: Vec<serde_json::Value>,
+}
+
+/// `weftctl rollouts`: each rollout's phase, canary weight and decisions with their reasons.
+pub async fn rollouts(cp: SocketAddr, format: Format) -> anyhow::Result<i32> {
+    let resp = client(cp)
+        .await?
+        .list_rollouts(weft_proto::admin::ListRolloutsRequest {})
+        .await?
+        .into_inner();
+    let rows: Vec<RolloutRow> = resp
+        .rollouts
+        .into_iter()
+        .map(|r| RolloutRow {
+            name: r.name,
+            canary: r.canary,
+            phase: r.phase,
+            weight: r.weight,
+            steps: r.steps,
+            step: r.step,
+            window: (r.window_requests, r.window_success_rate, r.window_p99_ms),
+            decisions: r
+                .decisions
+                .into_iter()
+                .map(|d| {
+                    json!({"at_unix_ms": d.at_unix_ms, "kind": d.kind, "from": d.from_weight,
+                           "to": d.to_weight, "reason": d.reason})
+                })
+                .collect(),
+        })
+        .collect();
+    let table = rows
+        .iter()
+        .map(|r| {
+            let last = r.decisions.last();
+            vec![
+                r.name.clone(),
+                r.canary.clone(),
+                r.phase.clone(),
+                format!("{} %", r.weight),
+                r.steps
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                format!("{} req, {:.1} %", r.window.0, r.window.1 * 100.0),
+                last.map_or(String::new(), |d| {
+                    format!(
+                        "{}: {}",
+                        d["kind"].as_str().unwrap_or_default(),
+                        d["reason"].as_str().unwrap_or_default()
+                    )
+                }),
+            ]
+        })
+        .collect();
+    print(
+        format,
+        &rows,
+        &[
+            "ROLLOUT",
+            "CANARY",
+            "PHASE",
+            "WEIGHT",
+            "STEPS",
+            "WINDOW",
+            "LAST DECISION",
+        ],
+        table,
+    )?;
+    Ok(0)
+}
+
 /// One source error.
 #[derive(Serialize)]
 pub struct ErrorRow {

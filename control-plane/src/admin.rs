@@ -23,6 +23,8 @@ pub struct AdminService {
     pub replica: String,
     /// The join-token key.
     pub tokens: Arc<crate::identity::token::TokenKey>,
+    /// The rollout controller.
+    pub rollouts: Arc<crate::rollout::Controller>,
 }
 
 #[tonic::async_trait]
@@ -196,6 +198,51 @@ impl Admin for AdminService {
             .collect();
         Ok(Response::new(weft_proto::admin::ListEndpointsResponse {
             endpoints,
+        }))
+    }
+
+    async fn list_rollouts(
+        &self,
+        _: Request<weft_proto::admin::ListRolloutsRequest>,
+    ) -> Result<Response<weft_proto::admin::ListRolloutsResponse>, Status> {
+        let model = self.catalog.current();
+        let rollouts = self
+            .rollouts
+            .states()
+            .into_iter()
+            .map(|(name, st)| {
+                let window = self.rollouts.window(&name).unwrap_or_default();
+                weft_proto::admin::RolloutStatus {
+                    steps: model
+                        .rollouts
+                        .get(&name)
+                        .map(|m| m.steps.clone())
+                        .unwrap_or_default(),
+                    name,
+                    canary: st.canary.clone(),
+                    split: st.split_origin.clone(),
+                    phase: format!("{:?}", st.phase),
+                    weight: st.weight,
+                    step: st.step as u32,
+                    window_requests: window.finished(),
+                    window_success_rate: window.success_rate().unwrap_or(0.0),
+                    window_p99_ms: window.p99().map_or(0, |d| d.as_millis() as u64),
+                    decisions: st
+                        .decisions
+                        .iter()
+                        .map(|d| weft_proto::admin::RolloutDecision {
+                            at_unix_ms: d.at_unix_ms,
+                            kind: d.kind.clone(),
+                            from_weight: d.from,
+                            to_weight: d.to,
+                            reason: d.reason.clone(),
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        Ok(Response::new(weft_proto::admin::ListRolloutsResponse {
+            rollouts,
         }))
     }
 

@@ -252,6 +252,61 @@ pub struct Model {
     pub pod_labels: BTreeMap<ServiceKey, BTreeMap<String, String>>,
     /// True once every source delivered its first full view.
     pub ready: bool,
+    /// Rollouts by `namespace/name`, resolved against their TrafficSplits.
+    pub rollouts: BTreeMap<String, Arc<RolloutModel>>,
+}
+
+/// A Rollout resolved: which split it drives and which xDS clusters carry its canary.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RolloutModel {
+    /// `namespace/name` of the Rollout.
+    pub key: String,
+    /// The `origin` of the split's route rules (`TrafficSplit ns/name`).
+    pub split_origin: String,
+    /// The canary backend.
+    pub canary: ServiceKey,
+    /// The canary's xDS cluster names (one per port), what its load reports are keyed by.
+    pub canary_clusters: Vec<String>,
+    /// Canary weight per step, percent.
+    pub steps: Vec<u32>,
+    /// Least time per step.
+    pub interval: Duration,
+    /// Requests needed in a step before judging.
+    pub min_requests: u64,
+    /// Lowest acceptable success rate.
+    pub success_rate: f64,
+    /// Highest acceptable p99.
+    pub max_p99: Option<Duration>,
+}
+
+/// Canary weights the rollout controller sets, by split origin: (canary, percent).
+pub type WeightOverrides = BTreeMap<String, (ServiceKey, u32)>;
+
+/// Rewrites the weights of a rule driven by a rollout: the canary gets `percent` of 10 000,
+/// the other backends share the rest in their written proportions (equally if those are 0).
+pub fn override_weights(rule: &mut RouteRule, canary: &ServiceKey, percent: u32) {
+    let percent = percent.min(100);
+    let others: u64 = rule
+        .backends
+        .iter()
+        .filter(|b| &b.service != canary)
+        .map(|b| u64::from(b.weight))
+        .sum();
+    let n_others = rule
+        .backends
+        .iter()
+        .filter(|b| &b.service != canary)
+        .count() as u64;
+    let rest = u64::from(100 - percent) * 100;
+    for b in &mut rule.backends {
+        b.weight = if &b.service == canary {
+            percent * 100
+        } else {
+            (rest * u64::from(b.weight))
+                .checked_div(others)
+                .unwrap_or(rest / n_others.max(1)) as u32
+        };
+    }
 }
 
 impl Model {
@@ -284,6 +339,7 @@ impl SourceUpdate {
 }
 
 struct State {
+    overrides: WeightOverrides,
     world: BTreeMap<ObjectKey, (Arc<Object>, String)>,
     source_errors: Vec<SourceError>,
     last_good_routes: HashMap<ObjectKey, Vec<(ServiceKey, u16, RouteRule)>>,
@@ -307,6 +363,7 @@ impl Catalog {
         let (tx, _) = watch::channel(Arc::new(model));
         Catalog {
             state: Mutex::new(State {
+                overrides: WeightOverrides::new(),
                 world: BTreeMap::new(),
                 source_errors: Vec::new(),
                 last_good_routes: HashMap::new(),
@@ -324,6 +381,22 @@ impl Catalog {
     /// The current model.
     pub fn current(&self) -> Arc<Model> {
         self.tx.borrow().clone()
+    }
+
+    /// Sets the canary weights rollouts drive (replacing the previous set) and republishes
+    /// the model when they changed. What the user wrote stays as written in the sources.
+    pub fn set_overrides(&self, overrides: WeightOverrides) {
+        {
+            let mut st = match self.state.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            if st.overrides == overrides {
+                return;
+            }
+            st.overrides = overrides;
+        }
+        self.apply(SourceUpdate::default());
     }
 
     /// Applies a source's changes, rebuilds and publishes the model.
@@ -344,7 +417,8 @@ impl Catalog {
         st.ready |= update.initial_sync_done;
         let prev = self.current();
         let st = &mut *st;
-        let (mut model, mut errors, good) = build(&st.world, &prev, &st.last_good_routes);
+        let (mut model, mut errors, good) =
+            build(&st.world, &prev, &st.last_good_routes, &st.overrides);
         for (k, v) in good {
             st.last_good_routes.insert(k, v);
         }
@@ -370,6 +444,7 @@ fn build(
     world: &BTreeMap<ObjectKey, (Arc<Object>, String)>,
     prev: &Model,
     last_good: &HashMap<ObjectKey, Vec<(ServiceKey, u16, RouteRule)>>,
+    overrides: &WeightOverrides,
 ) -> (Model, Vec<SourceError>, GoodRoutes) {
     let mut errors = Vec::new();
     let mut good = Vec::new();
@@ -677,6 +752,30 @@ fn build(
         }
     }
 
+    // Rollouts: resolved against the splits, then their weights applied to the split's rules.
+    let mut rollouts = BTreeMap::new();
+    for ((obj, file), key) in world.values().zip(world.keys()) {
+        let Object::Rollout(r) = &**obj else { continue };
+        match resolve_rollout(r, world, &services) {
+            Ok(m) => {
+                rollouts.insert(m.key.clone(), Arc::new(m));
+            }
+            Err((field, message)) => errors.push(SourceError {
+                file: file.clone(),
+                object: key.to_string(),
+                field,
+                message,
+            }),
+        }
+    }
+    for s in services.values_mut() {
+        for rule in s.routes.values_mut().flatten() {
+            if let Some((canary, percent)) = overrides.get(&rule.origin) {
+                override_weights(rule, canary, *percent);
+            }
+        }
+    }
+
     let services = services
         .into_iter()
         .map(|(k, s)| {
@@ -695,8 +794,74 @@ fn build(
         errors: Vec::new(),
         pod_labels,
         ready: prev.ready,
+        rollouts,
     };
     (model, errors, good)
+}
+
+fn resolve_rollout(
+    r: &crate::objects::Named<crate::objects::RolloutSpec>,
+    world: &BTreeMap<ObjectKey, (Arc<Object>, String)>,
+    services: &BTreeMap<ServiceKey, ServiceModel>,
+) -> Result<RolloutModel, (String, String)> {
+    let split_key = ObjectKey {
+        kind: "TrafficSplit",
+        namespace: r.namespace.clone(),
+        name: r.spec.traffic_split.clone(),
+    };
+    let Some((split, _)) = world.get(&split_key) else {
+        return Err((
+            "spec.trafficSplit".into(),
+            format!(
+                "TrafficSplit {}/{} not found",
+                r.namespace, r.spec.traffic_split
+            ),
+        ));
+    };
+    let Object::TrafficSplit(split) = &**split else {
+        return Err(("spec.trafficSplit".into(), "not a TrafficSplit".into()));
+    };
+    if !split
+        .spec
+        .backends
+        .iter()
+        .any(|b| b.service == r.spec.canary)
+    {
+        return Err((
+            "spec.canary".into(),
+            format!(
+                "{} is not a backend of TrafficSplit {}/{}",
+                r.spec.canary, r.namespace, r.spec.traffic_split
+            ),
+        ));
+    }
+    let canary = ServiceKey::new(&r.namespace, &r.spec.canary);
+    let svc = services.get(&canary).ok_or_else(|| {
+        (
+            "spec.canary".to_string(),
+            format!("Service {canary} not found"),
+        )
+    })?;
+    let canary_clusters = svc
+        .ports
+        .iter()
+        .map(|p| {
+            weft_proto::names::ServicePortName::new(&canary.name, &canary.namespace, p.port)
+                .to_string()
+        })
+        .collect();
+    let duration = |s: &str| crate::objects::parse_duration(s).unwrap_or_default();
+    Ok(RolloutModel {
+        key: format!("{}/{}", r.namespace, r.name),
+        split_origin: format!("TrafficSplit {}/{}", r.namespace, r.spec.traffic_split),
+        canary,
+        canary_clusters,
+        steps: r.spec.steps.clone(),
+        interval: duration(&r.spec.interval),
+        min_requests: r.spec.min_requests.unwrap_or(20),
+        success_rate: r.spec.success_rate.unwrap_or(0.99),
+        max_p99: r.spec.max_p99.as_deref().map(duration),
+    })
 }
 
 type Resolved = Result<Vec<(ServiceKey, u16, RouteRule)>, (String, String)>;

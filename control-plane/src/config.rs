@@ -55,6 +55,13 @@ pub struct Config {
     /// in-cluster config or KUBECONFIG.
     #[arg(long, env = "WEFT_KUBE_API")]
     pub kube_api: Option<String>,
+    /// How often sidecars report their load (LRS); rollouts judge canaries by these reports.
+    #[arg(long, env = "WEFT_LOAD_REPORT_INTERVAL", default_value = "10s", value_parser = crate::objects::parse_duration)]
+    pub load_report_interval: std::time::Duration,
+    /// Directory for state the control plane must keep across restarts (rollout progress,
+    /// `rollouts.json`); without it that state lives in memory.
+    #[arg(long, env = "WEFT_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Name of this replica, shown by `weftctl status` (default: the host name).
     #[arg(long, env = "WEFT_REPLICA")]
     pub replica: Option<String>,
@@ -93,6 +100,8 @@ impl Config {
             replica: Some("local".into()),
             ca_dir: None,
             token_review: false,
+            load_report_interval: std::time::Duration::from_secs(1),
+            state_dir: None,
             token_audiences: Vec::new(),
             kube_api: None,
             log: "info".into(),

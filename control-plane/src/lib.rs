@@ -10,8 +10,10 @@ pub mod check;
 pub mod config;
 pub mod grpc_tls;
 pub mod identity;
+pub mod lrs;
 pub mod metrics;
 pub mod objects;
+pub mod rollout;
 pub mod source;
 pub mod token_review;
 pub mod translate;
@@ -74,6 +76,10 @@ pub struct ControlPlane {
     pub grpc_addr: SocketAddr,
     /// The mesh CA.
     pub ca: Arc<identity::Ca>,
+    /// Load reported by the proxies (LRS).
+    pub load: Arc<lrs::LoadStore>,
+    /// The rollout controller.
+    pub rollouts: Arc<rollout::Controller>,
     /// Where /metrics, /ready, /live are served.
     pub metrics_addr: SocketAddr,
     /// The catalog.
@@ -183,6 +189,17 @@ impl ControlPlane {
             config.ca_dir.as_deref(),
             &config.trust_domain,
         )?);
+        let load = Arc::new(lrs::LoadStore::default());
+        let rollouts = Arc::new(rollout::Controller::new(
+            catalog.clone(),
+            load.clone(),
+            metrics.clone(),
+            config.state_dir.clone(),
+        ));
+        tasks.push(tokio::spawn(rollouts.clone().run()));
+        let lrs_service = weft_proto::envoy::envoy::service::load_stats::v3::load_reporting_service_server::LoadReportingServiceServer::new(
+            lrs::LrsServer::new(load.clone(), config.load_report_interval, metrics.clone()),
+        );
         let registry = Arc::new(xds::registry::Registry::default());
         let shared = Arc::new(xds::Shared {
             translations: trx.clone(),
@@ -199,6 +216,7 @@ impl ControlPlane {
             registry,
             replica,
             tokens: tokens.clone(),
+            rollouts: rollouts.clone(),
         });
         let reviewer = match config.token_review {
             true => Some(Arc::new(token_review::TokenReviewer::new(
@@ -232,6 +250,7 @@ impl ControlPlane {
                 .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
                 .add_service(InterceptedService::new(ads.clone(), authn))
                 .add_service(InterceptedService::new(admin.clone(), authn))
+                .add_service(InterceptedService::new(lrs_service.clone(), authn))
                 .add_service(certificates.clone());
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = server.serve_with_incoming(incoming).await {
@@ -245,6 +264,7 @@ impl ControlPlane {
                     .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
                     .add_service(ads)
                     .add_service(admin)
+                    .add_service(lrs_service)
                     .add_service(certificates)
                     .serve_with_incoming(nodelay(TcpListenerStream::new(xds_listener)))
                     .await;
@@ -262,6 +282,8 @@ impl ControlPlane {
             xds_addr,
             grpc_addr,
             ca,
+            load,
+            rollouts,
             metrics_addr,
             catalog,
             metrics,

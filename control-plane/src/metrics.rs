@@ -49,6 +49,14 @@ pub struct Metrics {
     pub certificates_issued: Counter,
     /// `weft_certificate_refusals_total{code}`: CSRs refused, by gRPC code.
     pub certificate_refusals: Family<Labels, Counter>,
+    /// `weft_lrs_reports_total`: load reports received.
+    pub lrs_reports: Counter,
+    /// `weft_lrs_requests_total{cluster,outcome}`: requests reported by proxies.
+    pub lrs_requests: Family<Labels, Counter>,
+    /// `weft_rollout_canary_weight{rollout}`: the canary's current weight, percent.
+    pub rollout_weight: Family<Labels, Gauge>,
+    /// `weft_rollout_decisions_total{rollout,decision}`: promote, hold, rollback, ...
+    pub rollout_decisions: Family<Labels, Counter>,
     ready: AtomicBool,
 }
 
@@ -77,6 +85,10 @@ impl Metrics {
             tls_handshake_failures: Counter::default(),
             certificates_issued: Counter::default(),
             certificate_refusals: Family::default(),
+            lrs_reports: Counter::default(),
+            lrs_requests: Family::default(),
+            rollout_weight: Family::default(),
+            rollout_decisions: Family::default(),
             ready: AtomicBool::new(false),
             registry: Registry::default(),
         };
@@ -138,7 +150,41 @@ impl Metrics {
             "Certificate requests refused, by gRPC code",
             m.certificate_refusals.clone(),
         );
+        registry.register(
+            "weft_lrs_reports",
+            "Load reports received from proxies",
+            m.lrs_reports.clone(),
+        );
+        registry.register(
+            "weft_lrs_requests",
+            "Requests reported by proxies, by cluster and outcome",
+            m.lrs_requests.clone(),
+        );
+        registry.register(
+            "weft_rollout_canary_weight",
+            "A rollout's current canary weight, percent",
+            m.rollout_weight.clone(),
+        );
+        registry.register(
+            "weft_rollout_decisions",
+            "Rollout decisions, by kind",
+            m.rollout_decisions.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Counts reported requests of `cluster`.
+    pub fn observe_load(&self, cluster: &str, succeeded: u64, errored: u64) {
+        for (outcome, n) in [("success", succeeded), ("error", errored)] {
+            if n > 0 {
+                self.lrs_requests
+                    .get_or_create(&vec![
+                        ("cluster".into(), cluster.into()),
+                        ("outcome".into(), outcome.into()),
+                    ])
+                    .inc_by(n);
+            }
+        }
     }
 
     /// Updates the catalog gauges from a new model.

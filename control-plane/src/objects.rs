@@ -70,6 +70,8 @@ pub enum Object {
     ServiceExport(Named<()>),
     /// Weft's own `weft.dev/v1alpha1 TrafficPolicy`.
     TrafficPolicy(Box<Named<TrafficPolicySpec>>),
+    /// Weft's own `weft.dev/v1alpha1 Rollout`: progressive delivery of a TrafficSplit's canary.
+    Rollout(Box<Named<RolloutSpec>>),
 }
 
 /// A namespaced object of one of the small kinds Weft owns or borrows: name, namespace, spec.
@@ -110,6 +112,7 @@ impl Object {
             Object::HttpRoute(o) => ("HTTPRoute", (o.namespace.clone(), o.name.clone())),
             Object::ServiceExport(o) => ("ServiceExport", (o.namespace.clone(), o.name.clone())),
             Object::TrafficPolicy(o) => ("TrafficPolicy", (o.namespace.clone(), o.name.clone())),
+            Object::Rollout(o) => ("Rollout", (o.namespace.clone(), o.name.clone())),
         };
         ObjectKey {
             kind,
@@ -467,6 +470,32 @@ pub struct LocalitySpec {
     pub cross_cluster: Option<bool>,
 }
 
+/// Weft's Rollout spec: the canary backend of a TrafficSplit (same namespace) gets `steps`
+/// percent of the split's traffic in turn, one step per `interval` while its load reports
+/// (LRS) stay within the thresholds, and 0 % at once when they do not. The other backends
+/// share the rest in the proportions the TrafficSplit gives them.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RolloutSpec {
+    /// The TrafficSplit whose weights the rollout drives.
+    pub traffic_split: String,
+    /// The backend Service being rolled out.
+    pub canary: String,
+    /// Canary weight per step, percent, increasing, ending at 100.
+    pub steps: Vec<u32>,
+    /// How long each step lasts at least, e.g. `30s`.
+    pub interval: String,
+    /// Requests the canary must have answered in a step before it is judged (default 20).
+    #[serde(default)]
+    pub min_requests: Option<u64>,
+    /// Lowest acceptable share of successful canary requests, 0..1 (default 0.99).
+    #[serde(default)]
+    pub success_rate: Option<f64>,
+    /// Highest acceptable canary p99 latency, e.g. `500ms` (no latency check when absent).
+    #[serde(default)]
+    pub max_p99: Option<String>,
+}
+
 /// Parses a Gateway API duration (`1h`, `10s`, `250ms`, `1m30s`): one or more number+unit pairs.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
@@ -567,6 +596,7 @@ pub fn parse_object(doc: serde_json::Value) -> Result<Option<Object>, ObjectErro
         ("weft.dev", "TrafficPolicy") => {
             Object::TrafficPolicy(Box::new(named(doc, &label, namespace, name)?))
         }
+        ("weft.dev", "Rollout") => Object::Rollout(Box::new(named(doc, &label, namespace, name)?)),
         _ => return Ok(None),
     };
     validate(&obj).map_err(|(field, message)| err(&field, message))?;
@@ -819,6 +849,48 @@ fn validate(obj: &Object) -> Result<(), FieldError> {
                 if let Some(rt) = &rule.retry {
                     check_duration(&format!("spec.rules[{i}].retry.backoff"), &rt.backoff)?;
                 }
+            }
+        }
+        Object::Rollout(r) => {
+            let s = &r.spec;
+            if s.traffic_split.is_empty() {
+                return Err(field_err("spec.trafficSplit", "must name a TrafficSplit"));
+            }
+            if s.canary.is_empty() {
+                return Err(field_err("spec.canary", "must name a backend Service"));
+            }
+            if s.steps.is_empty() {
+                return Err(field_err("spec.steps", "needs at least one step"));
+            }
+            for (i, w) in s.steps.iter().enumerate() {
+                if *w == 0 || *w > 100 {
+                    return Err(field_err(
+                        format!("spec.steps[{i}]"),
+                        format!("{w} is not a weight in 1..=100"),
+                    ));
+                }
+                if i > 0 && *w <= s.steps[i - 1] {
+                    return Err(field_err(format!("spec.steps[{i}]"), "steps must increase"));
+                }
+            }
+            if s.steps.last() != Some(&100) {
+                return Err(field_err("spec.steps", "the last step must be 100"));
+            }
+            let interval =
+                parse_duration(&s.interval).map_err(|m| field_err("spec.interval", m))?;
+            if interval.is_zero() {
+                return Err(field_err("spec.interval", "must be longer than 0"));
+            }
+            if let Some(r) = s.success_rate
+                && !(0.0..=1.0).contains(&r)
+            {
+                return Err(field_err(
+                    "spec.successRate",
+                    format!("{r} is not in 0..=1"),
+                ));
+            }
+            if let Some(p) = &s.max_p99 {
+                parse_duration(p).map_err(|m| field_err("spec.maxP99", m))?;
             }
         }
         Object::TrafficPolicy(p) => {

@@ -5,6 +5,7 @@
 //! SPIFFE identities (from PEM in memory).
 
 pub mod keys;
+pub mod load;
 pub mod names;
 pub mod spiffe;
 pub mod tls;

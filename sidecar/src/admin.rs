@@ -64,6 +64,8 @@ pub struct Metrics {
     pub inbound_refused: Family<Labels, Counter>,
     /// `weft_proxy_upstream_tls_failures_total{reason}`: mTLS to an endpoint failed.
     pub upstream_tls_failures: Family<Labels, Counter>,
+    /// `weft_load_reports_total`: load reports sent to the control plane.
+    pub load_reports: Counter,
     /// `weft_xds_updates_total`: accepted xDS responses.
     pub xds_updates: Counter,
     /// `weft_xds_nacks_total`: refused xDS responses.
@@ -123,6 +125,12 @@ impl Metrics {
             "weft_xds_disconnects",
             "xDS stream losses",
             xds_disconnects.clone(),
+        );
+        let load_reports = Counter::default();
+        registry.register(
+            "weft_load_reports",
+            "Load reports sent to the control plane",
+            load_reports.clone(),
         );
         let inbound_requests = Family::<Labels, Counter>::default();
         let inbound_latency = Family::<Labels, Histogram>::new_with_constructor(
@@ -244,6 +252,7 @@ impl Metrics {
             inbound_latency,
             inbound_refused,
             upstream_tls_failures,
+            load_reports,
         }
     }
 

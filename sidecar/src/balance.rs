@@ -199,6 +199,8 @@ pub struct Target {
     pub addr: SocketAddr,
     /// The SPIFFE ID its sidecar presents, when it terminates mTLS.
     pub mtls_identity: Option<Arc<str>>,
+    /// Load counters of its cluster and locality (load reports).
+    pub load: Arc<crate::lrs::LocalityLoad>,
     /// Measurements.
     pub stats: Arc<EndpointStats>,
 }
@@ -374,6 +376,7 @@ mod tests {
                 addr: SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16)),
                 mtls_identity: None,
                 stats: Arc::new(EndpointStats::default()),
+                load: Arc::new(crate::lrs::LocalityLoad::new("")),
             })
             .collect()
     }

@@ -14,6 +14,7 @@ pub mod detect;
 pub mod identity;
 pub mod inbound;
 pub mod init;
+pub mod lrs;
 pub mod outbound;
 pub mod resilience;
 pub mod state;
@@ -127,7 +128,13 @@ impl Sidecar {
             ));
             cell.clone()
         });
-        let xds = xds::start(cfg.clone(), link, metrics.clone());
+        let xds = xds::start(cfg.clone(), link.clone(), metrics.clone());
+        tasks.push(lrs::start(
+            xds::node(&cfg),
+            link,
+            xds.clone(),
+            metrics.clone(),
+        ));
         let ctx = ListenerContext {
             namespace: cfg.namespace.clone(),
             server_first_ports: cfg.server_first_ports.clone(),

@@ -280,6 +280,9 @@ pub struct Endpoint {
     /// Requests in flight and latency, kept across config updates.
     #[serde(serialize_with = "ser_stats")]
     pub stats: Arc<EndpointStats>,
+    /// Load counters of its cluster and locality (load reports).
+    #[serde(skip)]
+    pub load: Arc<crate::lrs::LocalityLoad>,
 }
 
 fn ser_stats<S: serde::Serializer>(st: &Arc<EndpointStats>, s: S) -> Result<S::Ok, S::Error> {
@@ -321,6 +324,7 @@ pub fn compile_endpoints(
     cla: &ClusterLoadAssignment,
     algorithm: Algorithm,
     stats: StatsFor<'_>,
+    load_for: &dyn Fn(&str) -> Arc<crate::lrs::LocalityLoad>,
 ) -> Result<Endpoints, Invalid> {
     let kind = "ClusterLoadAssignment";
     let mut priorities: Vec<Vec<Endpoint>> = Vec::new();
@@ -402,6 +406,7 @@ pub fn compile_endpoints(
                 healthy: health == core::HealthStatus::Healthy as i32
                     || health == core::HealthStatus::Unknown as i32,
                 zone: zone.clone(),
+                load: load_for(&zone),
                 mtls_identity,
                 stats: stats(addr),
             });
@@ -440,6 +445,7 @@ impl Endpoints {
                         addr: e.addr,
                         mtls_identity: e.mtls_identity.clone(),
                         stats: e.stats.clone(),
+                        load: e.load.clone(),
                     })
                     .collect();
                 Balancer::new(algorithm, healthy)
@@ -658,6 +664,7 @@ mod tests {
                 zone: String::new(),
                 mtls_identity: None,
                 stats: Arc::default(),
+                load: Arc::new(crate::lrs::LocalityLoad::new("")),
             });
         }
         Endpoints::new(priorities, 140, Algorithm::RoundRobin)

@@ -61,7 +61,8 @@ pub struct XdsHandle {
     pub ready: watch::Receiver<bool>,
 }
 
-fn node(cfg: &RunConfig) -> Node {
+/// The xDS node this sidecar announces (also what its load reports name).
+pub fn node(cfg: &RunConfig) -> Node {
     let s = |v: &str| pb::Value {
         kind: Some(pb::value::Kind::StringValue(v.to_string())),
     };
@@ -501,9 +502,12 @@ fn apply(held: &mut Held, t: &'static str, update: Update<'_>) -> Result<Depende
                 held.endpoints
             );
             for c in cla.values() {
-                if let Err(e) =
-                    state::compile_endpoints(c, Algorithm::RoundRobin, &mut |_| Arc::default())
-                {
+                if let Err(e) = state::compile_endpoints(
+                    c,
+                    Algorithm::RoundRobin,
+                    &mut |_| Arc::default(),
+                    &|z| Arc::new(crate::lrs::LocalityLoad::new(z)),
+                ) {
                     errors.push(e);
                 }
             }
@@ -540,10 +544,15 @@ fn compile(held: &mut Held) -> MeshConfig {
         .filter_map(|c| {
             let eds_name = state::cluster_eds_name(c).ok()?;
             let algorithm = state::cluster_algorithm(c);
+            let runtime: Arc<crate::resilience::ClusterRuntime> =
+                held.runtimes.get(&c.name).cloned().unwrap_or_default();
             let endpoints = held
                 .endpoints
                 .get(&eds_name)
-                .and_then(|cla| state::compile_endpoints(cla, algorithm, &mut lookup).ok())
+                .and_then(|cla| {
+                    state::compile_endpoints(cla, algorithm, &mut lookup, &|z| runtime.locality(z))
+                        .ok()
+                })
                 .map(Arc::new);
             Some((
                 c.name.clone(),
@@ -551,7 +560,7 @@ fn compile(held: &mut Held) -> MeshConfig {
                     eds_name,
                     endpoints,
                     policy: Arc::new(ClusterPolicy::from_xds(c)),
-                    runtime: held.runtimes.get(&c.name).cloned().unwrap_or_default(),
+                    runtime,
                 },
             ))
         })

@@ -401,6 +401,8 @@ pub struct ClusterRuntime {
     pending: AtomicU32,
     /// Wakes an attempt waiting for a connection when one is released.
     released: tokio::sync::Notify,
+    /// Load counters per locality (zone), for load reports.
+    localities: std::sync::Mutex<std::collections::BTreeMap<String, Arc<crate::lrs::LocalityLoad>>>,
 }
 
 /// Releases a counted slot when dropped.
@@ -486,6 +488,26 @@ impl ClusterRuntime {
                 return Ok(slot());
             }
             released.await;
+        }
+    }
+
+    /// The load counters of this cluster's endpoints in `zone` (made once, kept across config
+    /// versions; only config compilation and load reports take the lock).
+    pub fn locality(&self, zone: &str) -> Arc<crate::lrs::LocalityLoad> {
+        let mut l = match self.localities.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        l.entry(zone.to_string())
+            .or_insert_with(|| Arc::new(crate::lrs::LocalityLoad::new(zone)))
+            .clone()
+    }
+
+    /// Every locality's load counters.
+    pub fn localities(&self) -> Vec<Arc<crate::lrs::LocalityLoad>> {
+        match self.localities.lock() {
+            Ok(g) => g.values().cloned().collect(),
+            Err(p) => p.into_inner().values().cloned().collect(),
         }
     }
 
@@ -645,6 +667,7 @@ pub(crate) mod test_support {
             zone: String::new(),
             mtls_identity: None,
             stats: Arc::default(),
+            load: Arc::new(crate::lrs::LocalityLoad::new("")),
         };
         Dispatch {
             cluster: "c".into(),
@@ -669,6 +692,7 @@ pub(crate) mod test_support {
             addr: e.addr,
             mtls_identity: None,
             stats: e.stats.clone(),
+            load: e.load.clone(),
         }
     }
 

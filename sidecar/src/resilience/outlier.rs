@@ -3,8 +3,8 @@
 //! ejected` (capped), never past the cluster's `max_ejection_percent`. Without a policy, a
 //! refused connection ejects at once for a few seconds, so a dead pod leaves rotation (and
 //! traffic spills to the next priority) before the control plane knows. The layer also keeps
-//! the endpoint's in-flight count and latency (what peak-EWMA balancing reads) and the
-//! per-endpoint try metrics.
+//! the endpoint's in-flight count and latency (what peak-EWMA balancing reads), the
+//! per-endpoint try metrics and the load-report counters of the endpoint's locality.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -66,10 +66,12 @@ impl<S: Svc> tower::Service<Req> for Outlier<S> {
         Box::pin(async move {
             let stats = target.stats.clone();
             let in_flight = stats.start();
+            target.load.start();
             let started = Instant::now();
             let mut resp = inner.call(req).await.unwrap_or_else(|n| match n {});
             drop(in_flight);
             let outcome = outcome_of(&resp);
+            target.load.finish(!outcome.is_5xx(), started.elapsed());
             if let Outcome::Status(_) = outcome {
                 stats.observe(started.elapsed());
             }
