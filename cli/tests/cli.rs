@@ -414,3 +414,59 @@ async fn certs_shows_the_proxy_chain_and_exits_1_without_one() {
     let left = view["expires_in_seconds"].as_i64().expect("expiry");
     assert!(left > 23 * 3600 && left <= 24 * 3600, "{view}");
 }
+
+/// `weftctl rollouts` shows a rollout's phase, weight and decisions; `weftctl errors` shows a
+/// Rollout that names a canary its split does not have, with the field.
+#[tokio::test]
+async fn rollouts_show_phase_weight_and_decisions() {
+    use weft_testkit::world;
+    let rollout = |name: &str, canary: &str| {
+        format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: Rollout\nmetadata: {{name: {name}, namespace: default}}\nspec: {{trafficSplit: echo, canary: {canary}, steps: [20, 100], interval: 1h}}\n"
+        )
+    };
+    let (_dir, cp) = weft_testkit::control_plane_over(&[
+        world::service("echo", 80),
+        world::service("echo-v1", 80),
+        world::service("echo-v2", 80),
+        world::split("echo", "echo", &[("echo-v1", 100), ("echo-v2", 0)]),
+        rollout("good", "echo-v2"),
+        rollout("stray", "echo-v3"),
+    ])
+    .await;
+    let addr = cp.plaintext().to_string();
+    let run = |args: &'static [&'static str]| {
+        let addr = addr.clone();
+        async move {
+            tokio::task::spawn_blocking(move || weftctl(&addr, args))
+                .await
+                .expect("join")
+        }
+    };
+    // The controller starts the rollout on its first tick.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (code, rows) = run(&["rollouts"]).await;
+    assert_eq!(code, 0);
+    let rows = rows.as_array().expect("rows");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["name"], "default/good");
+    assert_eq!(rows[0]["phase"], "Progressing");
+    assert_eq!(rows[0]["weight"], 20);
+    assert_eq!(rows[0]["decisions"][0]["kind"], "start");
+    assert_eq!(rows[0]["decisions"][0]["to"], 20);
+    let (code, errors) = run(&["errors"]).await;
+    assert_eq!(code, 1);
+    let stray = errors
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|e| e["object"] == "Rollout default/stray")
+        .expect("the stray rollout is reported");
+    assert_eq!(stray["field"], "spec.canary");
+    assert!(
+        stray["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not a backend")),
+        "{stray}"
+    );
+}

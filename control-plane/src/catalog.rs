@@ -261,7 +261,7 @@ pub struct Model {
 pub struct RolloutModel {
     /// `namespace/name` of the Rollout.
     pub key: String,
-    /// The `origin` of the split's route rules (`TrafficSplit ns/name`).
+    /// The `origin` of the route rules it drives (`TrafficSplit ns/name` or `HTTPRoute ns/name`).
     pub split_origin: String,
     /// The canary backend.
     pub canary: ServiceKey,
@@ -804,34 +804,44 @@ fn resolve_rollout(
     world: &BTreeMap<ObjectKey, (Arc<Object>, String)>,
     services: &BTreeMap<ServiceKey, ServiceModel>,
 ) -> Result<RolloutModel, (String, String)> {
-    let split_key = ObjectKey {
-        kind: "TrafficSplit",
-        namespace: r.namespace.clone(),
-        name: r.spec.traffic_split.clone(),
+    let (kind, field, name) = match (&r.spec.traffic_split, &r.spec.http_route) {
+        (Some(n), _) => ("TrafficSplit", "spec.trafficSplit", n.clone()),
+        (None, Some(n)) => ("HTTPRoute", "spec.httpRoute", n.clone()),
+        (None, None) => return Err(("spec.trafficSplit".into(), "missing".into())),
     };
-    let Some((split, _)) = world.get(&split_key) else {
+    let key = ObjectKey {
+        kind,
+        namespace: r.namespace.clone(),
+        name: name.clone(),
+    };
+    let Some((obj, _)) = world.get(&key) else {
         return Err((
-            "spec.trafficSplit".into(),
-            format!(
-                "TrafficSplit {}/{} not found",
-                r.namespace, r.spec.traffic_split
-            ),
+            field.into(),
+            format!("{kind} {}/{name} not found", r.namespace),
         ));
     };
-    let Object::TrafficSplit(split) = &**split else {
-        return Err(("spec.trafficSplit".into(), "not a TrafficSplit".into()));
+    let has_canary = match &**obj {
+        Object::TrafficSplit(split) => split
+            .spec
+            .backends
+            .iter()
+            .any(|b| b.service == r.spec.canary),
+        Object::HttpRoute(route) => route
+            .spec
+            .rules
+            .iter()
+            .flat_map(|rule| &rule.backend_refs)
+            .any(|b| {
+                b.name == r.spec.canary && b.namespace.as_deref().is_none_or(|ns| ns == r.namespace)
+            }),
+        _ => false,
     };
-    if !split
-        .spec
-        .backends
-        .iter()
-        .any(|b| b.service == r.spec.canary)
-    {
+    if !has_canary {
         return Err((
             "spec.canary".into(),
             format!(
-                "{} is not a backend of TrafficSplit {}/{}",
-                r.spec.canary, r.namespace, r.spec.traffic_split
+                "{} is not a backend of {kind} {}/{name}",
+                r.spec.canary, r.namespace
             ),
         ));
     }
@@ -853,7 +863,7 @@ fn resolve_rollout(
     let duration = |s: &str| crate::objects::parse_duration(s).unwrap_or_default();
     Ok(RolloutModel {
         key: format!("{}/{}", r.namespace, r.name),
-        split_origin: format!("TrafficSplit {}/{}", r.namespace, r.spec.traffic_split),
+        split_origin: format!("{kind} {}/{name}", r.namespace),
         canary,
         canary_clusters,
         steps: r.spec.steps.clone(),

@@ -470,15 +470,19 @@ pub struct LocalitySpec {
     pub cross_cluster: Option<bool>,
 }
 
-/// Weft's Rollout spec: the canary backend of a TrafficSplit (same namespace) gets `steps`
-/// percent of the split's traffic in turn, one step per `interval` while its load reports
+/// Weft's Rollout spec: the canary backend of a TrafficSplit or an HTTPRoute (same namespace)
+/// gets `steps` percent of the traffic in turn, one step per `interval` while its load reports
 /// (LRS) stay within the thresholds, and 0 % at once when they do not. The other backends
-/// share the rest in the proportions the TrafficSplit gives them.
+/// share the rest in the proportions the split (or each route rule) gives them.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RolloutSpec {
-    /// The TrafficSplit whose weights the rollout drives.
-    pub traffic_split: String,
+    /// The TrafficSplit whose weights the rollout drives (or set `httpRoute`).
+    #[serde(default)]
+    pub traffic_split: Option<String>,
+    /// The HTTPRoute whose backend weights the rollout drives, in every rule naming the canary.
+    #[serde(default)]
+    pub http_route: Option<String>,
     /// The backend Service being rolled out.
     pub canary: String,
     /// Canary weight per step, percent, increasing, ending at 100.
@@ -853,8 +857,17 @@ fn validate(obj: &Object) -> Result<(), FieldError> {
         }
         Object::Rollout(r) => {
             let s = &r.spec;
-            if s.traffic_split.is_empty() {
-                return Err(field_err("spec.trafficSplit", "must name a TrafficSplit"));
+            match (&s.traffic_split, &s.http_route) {
+                (Some(n), None) | (None, Some(n)) if !n.is_empty() => {}
+                (Some(_), Some(_)) => {
+                    return Err(field_err("spec", "set trafficSplit or httpRoute, not both"));
+                }
+                _ => {
+                    return Err(field_err(
+                        "spec.trafficSplit",
+                        "name the TrafficSplit (or set httpRoute) whose weights the rollout drives",
+                    ));
+                }
             }
             if s.canary.is_empty() {
                 return Err(field_err("spec.canary", "must name a backend Service"));
@@ -1026,6 +1039,69 @@ mod tests {
         for bad in ["", "10", "ms", "1d", "-1s", "1.5s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn rollouts_and_namespaces_are_checked_field_by_field() {
+        let rollout = |spec: serde_json::Value| {
+            json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Rollout",
+                   "metadata": {"name": "r", "namespace": "shop"}, "spec": spec})
+        };
+        let ok = parse_object(rollout(json!({"trafficSplit": "s", "canary": "v2",
+            "steps": [10, 50, 100], "interval": "30s", "maxP99": "250ms"})));
+        assert!(matches!(ok, Ok(Some(Object::Rollout(_)))), "{ok:?}");
+        for (spec, field, says) in [
+            (
+                json!({"canary": "v2", "steps": [100], "interval": "1s"}),
+                "spec.trafficSplit",
+                "name the TrafficSplit",
+            ),
+            (
+                json!({"trafficSplit": "s", "httpRoute": "h", "canary": "v2", "steps": [100], "interval": "1s"}),
+                "spec",
+                "not both",
+            ),
+            (
+                json!({"trafficSplit": "s", "canary": "v2", "steps": [50, 20, 100], "interval": "1s"}),
+                "spec.steps[1]",
+                "increase",
+            ),
+            (
+                json!({"trafficSplit": "s", "canary": "v2", "steps": [10, 50], "interval": "1s"}),
+                "spec.steps",
+                "last step must be 100",
+            ),
+            (
+                json!({"trafficSplit": "s", "canary": "v2", "steps": [0, 100], "interval": "1s"}),
+                "spec.steps[0]",
+                "1..=100",
+            ),
+            (
+                json!({"trafficSplit": "s", "canary": "v2", "steps": [100], "interval": "soon"}),
+                "spec.interval",
+                "",
+            ),
+            (
+                json!({"trafficSplit": "s", "canary": "v2", "steps": [100], "interval": "1s", "successRate": 99}),
+                "spec.successRate",
+                "0..=1",
+            ),
+            (
+                json!({"trafficSplit": "s", "canary": "v2", "steps": [100], "interval": "1s", "paused": true}),
+                "spec",
+                "unknown field",
+            ),
+        ] {
+            let e = err_of(rollout(spec.clone()));
+            assert_eq!(e.object, "Rollout shop/r");
+            assert!(e.field.starts_with(field), "{spec}: {e}");
+            assert!(e.message.contains(says), "{spec}: {e}");
+        }
+        let e = err_of(json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "shop", "annotations": {"weft.dev/mtls-mode": "strict"}}}));
+        assert_eq!(e.object, "Namespace shop");
+        assert_eq!(e.field, "metadata.annotations[\"weft.dev/mtls-mode\"]");
+        assert!(e.message.contains("STRICT, PERMISSIVE or DISABLE"), "{e}");
     }
 
     #[test]
