@@ -22,6 +22,26 @@ use crate::xds::XdsHandle;
 /// Label set of one sample.
 pub type Labels = Vec<(String, String)>;
 
+/// Cached metric handles for the common outcome (a 200) of a cluster or an endpoint.
+#[derive(Clone, Debug)]
+pub struct Hot {
+    /// The counter of 200s.
+    pub ok: Counter,
+    /// The latency histogram.
+    pub latency: Histogram,
+}
+
+impl Hot {
+    /// Counts a 200 that took `elapsed`.
+    pub fn record(&self, elapsed: std::time::Duration) {
+        self.ok.inc();
+        self.latency.observe(elapsed.as_secs_f64());
+    }
+}
+
+/// A lazily filled cache of [`Hot`] handles.
+pub type HotCache = std::sync::OnceLock<Hot>;
+
 /// The sidecar's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -282,6 +302,39 @@ impl Metrics {
         self.upstream_tls_failures
             .get_or_create(&vec![("reason".into(), reason.into())])
             .inc();
+    }
+
+    /// The request counter for 200 and the latency histogram of `cluster`, to be cached by the
+    /// cluster (the common case then formats and hashes no labels).
+    pub fn hot_cluster(&self, cluster: &str) -> Hot {
+        Hot {
+            ok: self
+                .requests
+                .get_or_create(&vec![
+                    ("direction".into(), "outbound".into()),
+                    ("cluster".into(), cluster.into()),
+                    ("code".into(), "200".into()),
+                ])
+                .clone(),
+            latency: self
+                .latency
+                .get_or_create(&vec![("cluster".into(), cluster.into())])
+                .clone(),
+        }
+    }
+
+    /// The try counter for 200 and the latency histogram of one endpoint of `cluster`.
+    pub fn hot_endpoint(&self, cluster: &str, endpoint: SocketAddr) -> Hot {
+        let labels = vec![
+            ("cluster".into(), cluster.into()),
+            ("endpoint".into(), endpoint.to_string()),
+        ];
+        let mut with_outcome = labels.clone();
+        with_outcome.push(("outcome".into(), "200".into()));
+        Hot {
+            ok: self.endpoint_requests.get_or_create(&with_outcome).clone(),
+            latency: self.endpoint_latency.get_or_create(&labels).clone(),
+        }
     }
 
     /// Records one outbound request.

@@ -201,6 +201,8 @@ pub struct Target {
     pub mtls_identity: Option<Arc<str>>,
     /// Load counters of its cluster and locality (load reports).
     pub load: Arc<crate::lrs::LocalityLoad>,
+    /// Cached metric handles of its 200s in this cluster.
+    pub hot: Arc<crate::admin::HotCache>,
     /// Measurements.
     pub stats: Arc<EndpointStats>,
 }
@@ -377,6 +379,7 @@ mod tests {
                 mtls_identity: None,
                 stats: Arc::new(EndpointStats::default()),
                 load: Arc::new(crate::lrs::LocalityLoad::new("")),
+                hot: Arc::default(),
             })
             .collect()
     }

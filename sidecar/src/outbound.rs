@@ -338,6 +338,7 @@ impl Proxy {
         };
         drop(config);
 
+        let counted = runtime.clone();
         let dispatch = Arc::new(Dispatch {
             cluster: cluster.clone(),
             endpoints,
@@ -354,8 +355,13 @@ impl Proxy {
             Ok(r) => r,
             Err(never) => match never {},
         };
-        self.metrics
-            .observe(&cluster, resp.status().as_u16(), started);
+        match resp.status().as_u16() {
+            200 => counted
+                .hot
+                .get_or_init(|| self.metrics.hot_cluster(&cluster))
+                .record(started.elapsed()),
+            code => self.metrics.observe(&cluster, code, started),
+        }
         resp
     }
 }

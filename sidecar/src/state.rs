@@ -283,6 +283,9 @@ pub struct Endpoint {
     /// Load counters of its cluster and locality (load reports).
     #[serde(skip)]
     pub load: Arc<crate::lrs::LocalityLoad>,
+    /// Cached metric handles of its 200s in this cluster.
+    #[serde(skip)]
+    pub hot: Arc<crate::admin::HotCache>,
 }
 
 fn ser_stats<S: serde::Serializer>(st: &Arc<EndpointStats>, s: S) -> Result<S::Ok, S::Error> {
@@ -407,6 +410,7 @@ pub fn compile_endpoints(
                     || health == core::HealthStatus::Unknown as i32,
                 zone: zone.clone(),
                 load: load_for(&zone),
+                hot: Arc::default(),
                 mtls_identity,
                 stats: stats(addr),
             });
@@ -446,6 +450,7 @@ impl Endpoints {
                         mtls_identity: e.mtls_identity.clone(),
                         stats: e.stats.clone(),
                         load: e.load.clone(),
+                        hot: e.hot.clone(),
                     })
                     .collect();
                 Balancer::new(algorithm, healthy)
@@ -665,6 +670,7 @@ mod tests {
                 mtls_identity: None,
                 stats: Arc::default(),
                 load: Arc::new(crate::lrs::LocalityLoad::new("")),
+                hot: Arc::default(),
             });
         }
         Endpoints::new(priorities, 140, Algorithm::RoundRobin)

@@ -401,6 +401,8 @@ pub struct ClusterRuntime {
     pending: AtomicU32,
     /// Wakes an attempt waiting for a connection when one is released.
     released: tokio::sync::Notify,
+    /// Cached metric handles of this cluster's 200s.
+    pub hot: crate::admin::HotCache,
     /// Load counters per locality (zone), for load reports.
     localities: std::sync::Mutex<std::collections::BTreeMap<String, Arc<crate::lrs::LocalityLoad>>>,
 }
@@ -668,6 +670,7 @@ pub(crate) mod test_support {
             mtls_identity: None,
             stats: Arc::default(),
             load: Arc::new(crate::lrs::LocalityLoad::new("")),
+            hot: Arc::default(),
         };
         Dispatch {
             cluster: "c".into(),
@@ -693,6 +696,7 @@ pub(crate) mod test_support {
             mtls_identity: None,
             stats: e.stats.clone(),
             load: e.load.clone(),
+            hot: e.hot.clone(),
         }
     }
 

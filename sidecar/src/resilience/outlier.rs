@@ -75,13 +75,21 @@ impl<S: Svc> tower::Service<Req> for Outlier<S> {
             if let Outcome::Status(_) = outcome {
                 stats.observe(started.elapsed());
             }
-            let label = match outcome {
-                Outcome::Status(code) => code.to_string(),
-                Outcome::ConnectFailure => "connect-failure".into(),
-                Outcome::Reset => "reset".into(),
-                Outcome::Timeout => "timeout".into(),
-            };
-            metrics.attempt(&d.cluster, target.addr, &label, started.elapsed());
+            match outcome {
+                Outcome::Status(200) => target
+                    .hot
+                    .get_or_init(|| metrics.hot_endpoint(&d.cluster, target.addr))
+                    .record(started.elapsed()),
+                other => {
+                    let label = match other {
+                        Outcome::Status(code) => code.to_string(),
+                        Outcome::ConnectFailure => "connect-failure".into(),
+                        Outcome::Reset => "reset".into(),
+                        Outcome::Timeout => "timeout".into(),
+                    };
+                    metrics.attempt(&d.cluster, target.addr, &label, started.elapsed());
+                }
+            }
             let policy = match (&d.policy.outlier, outcome) {
                 (Some(o), _) => Some(o),
                 (None, Outcome::ConnectFailure) => Some(&CONNECT_FAILURE_EJECTION),

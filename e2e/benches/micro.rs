@@ -1,0 +1,186 @@
+//! Criterion micro-benchmarks of the hot pieces (not tests):
+//! - the balancer pick, per algorithm, over 10 to 10 000 endpoints (goal ≤ 1 µs at 1000);
+//! - route matching: host lookup then the first matching rule of an HTTPRoute with 20 rules;
+//! - the translator: a whole model of 100 and 1000 services, and one service changed.
+//!
+//!   cargo bench -p weft-e2e --bench micro            # all
+//!   cargo bench -p weft-e2e --bench micro -- pick    # a subset
+
+#![allow(missing_docs)] // criterion_group!/criterion_main! generate undocumented functions
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use prost::Message;
+use weft_control_plane::catalog::{Catalog, SourceUpdate};
+use weft_sidecar::balance::Algorithm;
+use weft_sidecar::state::{Endpoint, Endpoints};
+
+fn endpoints(n: usize, algorithm: Algorithm) -> Endpoints {
+    let eps = (0..n)
+        .map(|i| Endpoint {
+            addr: SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 8080)),
+            healthy: true,
+            zone: "a".into(),
+            mtls_identity: None,
+            stats: Arc::default(),
+            load: Arc::new(weft_sidecar::lrs::LocalityLoad::new("a")),
+            hot: Arc::default(),
+        })
+        .collect();
+    Endpoints::new(vec![eps], 140, algorithm)
+}
+
+fn pick(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pick");
+    for algorithm in [
+        Algorithm::PeakEwma,
+        Algorithm::LeastRequest,
+        Algorithm::RoundRobin,
+        Algorithm::Random,
+        Algorithm::RingHash,
+        Algorithm::Maglev,
+    ] {
+        for n in [10usize, 100, 1000, 10_000] {
+            let eps = endpoints(n, algorithm);
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            g.bench_with_input(BenchmarkId::new(format!("{algorithm:?}"), n), &n, |b, _| {
+                b.iter(|| {
+                    // xorshift: a cheap, deterministic random stream.
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    black_box(eps.pick(x, Some(x.rotate_left(17))).map(|t| t.addr))
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+fn parse(yaml: &str) -> SourceUpdate {
+    let docs: Vec<serde_json::Value> = yaml
+        .split("\n---\n")
+        .filter_map(|d| serde_saphyr::from_str(d).ok())
+        .collect();
+    SourceUpdate {
+        upserts: docs
+            .into_iter()
+            .filter_map(|d| weft_control_plane::objects::parse_object(d).ok().flatten())
+            .map(|o| (Arc::new(o), "bench.yaml".to_string()))
+            .collect(),
+        initial_sync_done: true,
+        ..SourceUpdate::default()
+    }
+}
+
+fn world(services: usize) -> String {
+    let mut docs = Vec::new();
+    for s in 0..services {
+        docs.push(weft_testkit::world::service(&format!("svc-{s}"), 80));
+        let eps: Vec<(SocketAddr, &str, bool)> = (0..10)
+            .map(|e| {
+                (
+                    SocketAddr::from(([10, 1, (s % 250) as u8, e as u8], 8080)),
+                    "n1",
+                    true,
+                )
+            })
+            .collect();
+        docs.push(weft_testkit::world::slice(
+            &format!("svc-{s}"),
+            &format!("svc-{s}"),
+            &eps,
+        ));
+    }
+    docs.join("---\n")
+}
+
+fn routes(c: &mut Criterion) {
+    // An HTTPRoute on svc-0 with 20 rules (prefix and header matches) to svc-1.
+    let mut rules = String::new();
+    for r in 0..20 {
+        rules.push_str(&format!(
+            "  - matches: [{{path: {{type: PathPrefix, value: /api/v{r}}}, headers: [{{name: x-tenant, value: t{r}}}]}}]\n    backendRefs: [{{name: svc-1, port: 80}}]\n"
+        ));
+    }
+    let route = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: default}}\nspec:\n  parentRefs: [{{kind: Service, name: svc-0, port: 80}}]\n  rules:\n{rules}"
+    );
+    let catalog = Catalog::new("cluster-1", "cluster.local");
+    catalog.apply(parse(&format!("{}---\n{route}", world(2))));
+    assert!(
+        catalog.current().errors.is_empty(),
+        "{:?}",
+        catalog.current().errors
+    );
+    let t = weft_control_plane::translate::translate(&catalog.current(), None);
+    let mut hosts: HashMap<String, Arc<Vec<weft_sidecar::state::Route>>> = HashMap::new();
+    for svc in t.services.values() {
+        for r in &svc.routes {
+            let rc = weft_proto::envoy::envoy::config::route::v3::RouteConfiguration::decode(
+                r.any.value.as_slice(),
+            )
+            .expect("route configuration");
+            for (domains, routes) in weft_sidecar::state::compile_routes(&rc).expect("compiles") {
+                let routes = Arc::new(routes);
+                for d in domains {
+                    hosts.insert(d, routes.clone());
+                }
+            }
+        }
+    }
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-tenant", http::HeaderValue::from_static("t17"));
+    c.bench_function("route/host+20-rule match", |b| {
+        b.iter(|| {
+            let routes = hosts
+                .get(black_box("svc-0.default.svc.cluster.local"))
+                .expect("host");
+            black_box(
+                routes
+                    .iter()
+                    .position(|r| r.matches(black_box("/api/v17/items"), &headers)),
+            )
+        })
+    });
+}
+
+fn translator(c: &mut Criterion) {
+    let mut g = c.benchmark_group("translate");
+    g.sample_size(10);
+    for n in [100usize, 1000] {
+        let catalog = Catalog::new("cluster-1", "cluster.local");
+        catalog.apply(parse(&world(n)));
+        let model = catalog.current();
+        g.bench_with_input(BenchmarkId::new("whole model", n), &n, |b, _| {
+            b.iter(|| {
+                black_box(
+                    weft_control_plane::translate::translate(&model, None)
+                        .services
+                        .len(),
+                )
+            })
+        });
+        // One service changed: the rest keep their translation.
+        let prev = weft_control_plane::translate::translate(&model, None);
+        catalog.apply(parse(&weft_testkit::world::service("svc-0", 8080)));
+        let changed = catalog.current();
+        g.bench_with_input(BenchmarkId::new("one service changed", n), &n, |b, _| {
+            b.iter(|| {
+                black_box(
+                    weft_control_plane::translate::translate(&changed, Some(&prev))
+                        .changed
+                        .len(),
+                )
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, pick, routes, translator);
+criterion_main!(benches);
