@@ -9,7 +9,7 @@
 #   3. mtls.sh     — two sidecars, plaintext vs mTLS between them;
 #   4. csr_sign    — CSRs signed per second on one core;
 #   5. micro       — criterion: balancer pick (10..10 000 endpoints), route matching, translator.
-# About 8 minutes on 2 cores once the release build and oha exist (each is a few minutes once).
+# About 9 minutes on 2 cores once the release build and oha exist (each is a few minutes once).
 #
 #   ./e2e/bench/run.sh
 set -euo pipefail
@@ -38,7 +38,7 @@ say "4/5 CSR signing"
 taskset -c 0 cargo bench -q -p weft-e2e --bench csr_sign -- --count 5000 --append
 say "5/5 micro-benchmarks"
 rm -rf target/criterion
-cargo bench -q -p weft-e2e --bench micro -- --warm-up-time 1 --measurement-time 2 >/dev/null
+cargo bench -q -p weft-e2e --bench micro -- --warm-up-time 0.5 --measurement-time 1 >/dev/null
 {
   echo
   echo "## Micro-benchmarks (criterion) — $(date -u '+%Y-%m-%d %H:%M UTC')"
