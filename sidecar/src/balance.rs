@@ -534,30 +534,16 @@ mod tests {
 /// from the cluster's priorities with its balancer, preferring one this request has not
 /// tried yet; no healthy endpoint answers 503 `no-healthy-endpoints`.
 pub mod pick {
-    use std::task::{Context, Poll};
-
     use hyper::StatusCode;
 
-    use crate::resilience::{
-        BoxFut, Dispatch, Picked, Req, Resp, Svc, Tried, refusal, undispatched,
-    };
+    use crate::resilience::{BoxFut, Dispatch, Picked, Req, Svc, Tried, refusal, undispatched};
 
-    /// Picks an endpoint per attempt.
-    #[derive(Clone, Copy, Debug, Default)]
-    pub struct PickLayer;
-
-    impl<S> tower::Layer<S> for PickLayer {
-        type Service = Pick<S>;
-        fn layer(&self, inner: S) -> Pick<S> {
-            Pick { inner }
-        }
-    }
-
-    /// See [`PickLayer`].
-    #[derive(Clone, Debug)]
-    pub struct Pick<S> {
-        inner: S,
-    }
+    crate::resilience::stack_layer!(
+        /// Picks an endpoint per attempt.
+        PickLayer,
+        /// See [`PickLayer`].
+        Pick
+    );
 
     /// An endpoint of `d`, avoiding `tried` when another healthy one can be found.
     pub fn choose(d: &Dispatch, tried: &[std::net::SocketAddr]) -> Option<super::Target> {
@@ -572,16 +558,8 @@ pub mod pick {
         last
     }
 
-    impl<S: Svc> tower::Service<Req> for Pick<S> {
-        type Response = Resp;
-        type Error = std::convert::Infallible;
-        type Future = BoxFut;
-
-        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn call(&mut self, mut req: Req) -> BoxFut {
+    impl<S: Svc> Pick<S> {
+        fn serve(&mut self, mut req: Req) -> BoxFut {
             let Some(d) = Dispatch::of(&req) else {
                 return undispatched();
             };

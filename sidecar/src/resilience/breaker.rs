@@ -5,9 +5,6 @@
 //! with `x-weft-reason: overflow` and `x-weft-overflow` naming the limit, and is counted in
 //! `weft_proxy_overflows_total{cluster,reason}`.
 
-use std::sync::Arc;
-use std::task::{Context, Poll};
-
 use hyper::StatusCode;
 
 use super::{BoxFut, Dispatch, Req, Resp, Svc, refusal, undispatched};
@@ -26,46 +23,15 @@ fn overflow(metrics: &Metrics, d: &Dispatch, limit: &'static str, detail: String
     r
 }
 
-/// Bounds requests in flight per cluster (`max_requests`).
-#[derive(Clone)]
-pub struct BreakerLayer {
-    metrics: Arc<Metrics>,
-}
+crate::resilience::stack_layer!(
+    /// Bounds requests in flight per cluster (`max_requests`).
+    BreakerLayer,
+    /// See [`BreakerLayer`].
+    Breaker, metrics
+);
 
-impl BreakerLayer {
-    /// A layer counting overflows in `metrics`.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        BreakerLayer { metrics }
-    }
-}
-
-impl<S> tower::Layer<S> for BreakerLayer {
-    type Service = Breaker<S>;
-    fn layer(&self, inner: S) -> Breaker<S> {
-        Breaker {
-            inner,
-            metrics: self.metrics.clone(),
-        }
-    }
-}
-
-/// See [`BreakerLayer`].
-#[derive(Clone)]
-pub struct Breaker<S> {
-    inner: S,
-    metrics: Arc<Metrics>,
-}
-
-impl<S: Svc> tower::Service<Req> for Breaker<S> {
-    type Response = Resp;
-    type Error = std::convert::Infallible;
-    type Future = BoxFut;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Req) -> BoxFut {
+impl<S: Svc> Breaker<S> {
+    fn serve(&mut self, req: Req) -> BoxFut {
         let Some(d) = Dispatch::of(&req) else {
             return undispatched();
         };
@@ -84,47 +50,16 @@ impl<S: Svc> tower::Service<Req> for Breaker<S> {
     }
 }
 
-/// Bounds attempts in flight per cluster (`max_connections`), with a bounded wait
-/// (`max_pending_requests`).
-#[derive(Clone)]
-pub struct ConnectionLimitLayer {
-    metrics: Arc<Metrics>,
-}
+crate::resilience::stack_layer!(
+    /// Bounds attempts in flight per cluster (`max_connections`), with a bounded wait
+    /// (`max_pending_requests`).
+    ConnectionLimitLayer,
+    /// See [`ConnectionLimitLayer`].
+    ConnectionLimit, metrics
+);
 
-impl ConnectionLimitLayer {
-    /// A layer counting overflows in `metrics`.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        ConnectionLimitLayer { metrics }
-    }
-}
-
-impl<S> tower::Layer<S> for ConnectionLimitLayer {
-    type Service = ConnectionLimit<S>;
-    fn layer(&self, inner: S) -> ConnectionLimit<S> {
-        ConnectionLimit {
-            inner,
-            metrics: self.metrics.clone(),
-        }
-    }
-}
-
-/// See [`ConnectionLimitLayer`].
-#[derive(Clone)]
-pub struct ConnectionLimit<S> {
-    inner: S,
-    metrics: Arc<Metrics>,
-}
-
-impl<S: Svc> tower::Service<Req> for ConnectionLimit<S> {
-    type Response = Resp;
-    type Error = std::convert::Infallible;
-    type Future = BoxFut;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Req) -> BoxFut {
+impl<S: Svc> ConnectionLimit<S> {
+    fn serve(&mut self, req: Req) -> BoxFut {
         let Some(d) = Dispatch::of(&req) else {
             return undispatched();
         };
@@ -148,8 +83,10 @@ impl<S: Svc> tower::Service<Req> for ConnectionLimit<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admin::Metrics;
     use crate::resilience::ClusterPolicy;
     use crate::resilience::test_support::{dispatch, request, slow};
+    use std::sync::Arc;
     use std::time::Duration;
     use tower::{Layer, Service};
 

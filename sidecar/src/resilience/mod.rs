@@ -16,6 +16,90 @@
 //!   is ejected for `base_ejection_time × (times ejected)`, unless that would eject more than
 //!   `max_ejection_percent` of the cluster.
 
+/// Declares a layer of the outbound stack and its service: `$layer` wraps a service in `$svc`
+/// (carrying the shared metrics when `metrics` is given), and `$svc` implements
+/// `tower::Service` with its own `serve(&mut self, Req) -> BoxFut`.
+macro_rules! stack_layer {
+    ($(#[$ldoc:meta])* $layer:ident, $(#[$sdoc:meta])* $svc:ident, metrics) => {
+        $(#[$ldoc])*
+        #[derive(Clone)]
+        pub struct $layer {
+            metrics: std::sync::Arc<$crate::admin::Metrics>,
+        }
+
+        impl $layer {
+            /// A layer recording in `metrics`.
+            pub fn new(metrics: std::sync::Arc<$crate::admin::Metrics>) -> Self {
+                $layer { metrics }
+            }
+        }
+
+        impl<S> tower::Layer<S> for $layer {
+            type Service = $svc<S>;
+            fn layer(&self, inner: S) -> $svc<S> {
+                $svc {
+                    inner,
+                    metrics: self.metrics.clone(),
+                }
+            }
+        }
+
+        $(#[$sdoc])*
+        #[derive(Clone)]
+        pub struct $svc<S> {
+            inner: S,
+            metrics: std::sync::Arc<$crate::admin::Metrics>,
+        }
+
+        $crate::resilience::stack_service!($svc);
+    };
+    ($(#[$ldoc:meta])* $layer:ident, $(#[$sdoc:meta])* $svc:ident) => {
+        $(#[$ldoc])*
+        #[derive(Clone, Copy, Debug, Default)]
+        pub struct $layer;
+
+        impl<S> tower::Layer<S> for $layer {
+            type Service = $svc<S>;
+            fn layer(&self, inner: S) -> $svc<S> {
+                $svc { inner }
+            }
+        }
+
+        $(#[$sdoc])*
+        #[derive(Clone, Debug)]
+        pub struct $svc<S> {
+            inner: S,
+        }
+
+        $crate::resilience::stack_service!($svc);
+    };
+}
+
+/// Implements `tower::Service` for a stack service through its `serve` method: always ready
+/// (back-pressure is the breakers' job), never failing (refusals are responses).
+macro_rules! stack_service {
+    ($svc:ident) => {
+        impl<S: $crate::resilience::Svc> tower::Service<$crate::resilience::Req> for $svc<S> {
+            type Response = $crate::resilience::Resp;
+            type Error = std::convert::Infallible;
+            type Future = $crate::resilience::BoxFut;
+
+            fn poll_ready(
+                &mut self,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Result<(), Self::Error>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+
+            fn call(&mut self, req: $crate::resilience::Req) -> $crate::resilience::BoxFut {
+                self.serve(req)
+            }
+        }
+    };
+}
+
+pub(crate) use {stack_layer, stack_service};
+
 pub mod breaker;
 pub mod outlier;
 pub mod retry;

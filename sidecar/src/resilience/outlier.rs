@@ -6,56 +6,22 @@
 //! the endpoint's in-flight count and latency (what peak-EWMA balancing reads), the
 //! per-endpoint try metrics and the load-report counters of the endpoint's locality.
 
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use super::{
-    Attempt, BoxFut, CONNECT_FAILURE_EJECTION, Dispatch, Outcome, Picked, Req, Resp, Svc,
-    outcome_of, undispatched,
+    Attempt, BoxFut, CONNECT_FAILURE_EJECTION, Dispatch, Outcome, Picked, Req, Svc, outcome_of,
+    undispatched,
 };
-use crate::admin::Metrics;
 
-/// Records attempt outcomes per endpoint and ejects outliers.
-#[derive(Clone)]
-pub struct OutlierLayer {
-    metrics: Arc<Metrics>,
-}
+crate::resilience::stack_layer!(
+    /// Records attempt outcomes per endpoint and ejects outliers.
+    OutlierLayer,
+    /// See [`OutlierLayer`].
+    Outlier, metrics
+);
 
-impl OutlierLayer {
-    /// A layer recording in `metrics`.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        OutlierLayer { metrics }
-    }
-}
-
-impl<S> tower::Layer<S> for OutlierLayer {
-    type Service = Outlier<S>;
-    fn layer(&self, inner: S) -> Outlier<S> {
-        Outlier {
-            inner,
-            metrics: self.metrics.clone(),
-        }
-    }
-}
-
-/// See [`OutlierLayer`].
-#[derive(Clone)]
-pub struct Outlier<S> {
-    inner: S,
-    metrics: Arc<Metrics>,
-}
-
-impl<S: Svc> tower::Service<Req> for Outlier<S> {
-    type Response = Resp;
-    type Error = std::convert::Infallible;
-    type Future = BoxFut;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Req) -> BoxFut {
+impl<S: Svc> Outlier<S> {
+    fn serve(&mut self, req: Req) -> BoxFut {
         let (Some(d), Some(Picked(target))) = (
             Dispatch::of(&req),
             req.extensions().get::<Picked>().cloned(),
@@ -115,8 +81,10 @@ impl<S: Svc> tower::Service<Req> for Outlier<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admin::Metrics;
     use crate::resilience::test_support::{dispatch, request, scripted};
     use crate::resilience::{ClusterPolicy, OutlierPolicy};
+    use std::sync::Arc;
     use std::time::Duration;
     use tower::{Layer, Service};
 

@@ -6,7 +6,6 @@
 //! whole (at most [`MAX_REPLAY_BODY`]); larger or unknown-size bodies stream once.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,50 +20,19 @@ use crate::outbound::Body;
 /// Largest request body kept in memory so a request can be retried.
 pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
 
-/// Retries attempts per the route's policy and the cluster's budget.
-#[derive(Clone)]
-pub struct RetryLayer {
-    metrics: Arc<Metrics>,
-}
-
-impl RetryLayer {
-    /// A layer counting retries and budget refusals in `metrics`.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        RetryLayer { metrics }
-    }
-}
-
-impl<S> tower::Layer<S> for RetryLayer {
-    type Service = Retry<S>;
-    fn layer(&self, inner: S) -> Retry<S> {
-        Retry {
-            inner,
-            metrics: self.metrics.clone(),
-        }
-    }
-}
-
-/// See [`RetryLayer`].
-#[derive(Clone)]
-pub struct Retry<S> {
-    inner: S,
-    metrics: Arc<Metrics>,
-}
+crate::resilience::stack_layer!(
+    /// Retries attempts per the route's policy and the cluster's budget.
+    RetryLayer,
+    /// See [`RetryLayer`].
+    Retry, metrics
+);
 
 fn full(bytes: Bytes) -> Body {
     Full::new(bytes).map_err(|n| match n {}).boxed()
 }
 
-impl<S: Svc> tower::Service<Req> for Retry<S> {
-    type Response = Resp;
-    type Error = std::convert::Infallible;
-    type Future = BoxFut;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Req) -> BoxFut {
+impl<S: Svc> Retry<S> {
+    fn serve(&mut self, req: Req) -> BoxFut {
         let Some(d) = Dispatch::of(&req) else {
             return undispatched();
         };

@@ -4,37 +4,18 @@
 //! the retry layer may retry and the outlier layer counts as a gateway error.
 
 use hyper::StatusCode;
-use std::task::{Context, Poll};
 
 use super::{Attempt, BoxFut, Dispatch, Outcome, Picked, Req, Svc, refusal, undispatched};
 
-/// Bounds the whole request by the route's timeout.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct TimeoutLayer;
+crate::resilience::stack_layer!(
+    /// Bounds the whole request by the route's timeout.
+    TimeoutLayer,
+    /// See [`TimeoutLayer`].
+    Timeout
+);
 
-impl<S> tower::Layer<S> for TimeoutLayer {
-    type Service = Timeout<S>;
-    fn layer(&self, inner: S) -> Timeout<S> {
-        Timeout { inner }
-    }
-}
-
-/// See [`TimeoutLayer`].
-#[derive(Clone, Debug)]
-pub struct Timeout<S> {
-    inner: S,
-}
-
-impl<S: Svc> tower::Service<Req> for Timeout<S> {
-    type Response = super::Resp;
-    type Error = std::convert::Infallible;
-    type Future = BoxFut;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Req) -> BoxFut {
+impl<S: Svc> Timeout<S> {
+    fn serve(&mut self, req: Req) -> BoxFut {
         let Some(d) = Dispatch::of(&req) else {
             return undispatched();
         };
@@ -54,33 +35,15 @@ impl<S: Svc> tower::Service<Req> for Timeout<S> {
     }
 }
 
-/// Bounds each attempt by the retry policy's per-try timeout.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PerTryTimeoutLayer;
+crate::resilience::stack_layer!(
+    /// Bounds each attempt by the retry policy's per-try timeout.
+    PerTryTimeoutLayer,
+    /// See [`PerTryTimeoutLayer`].
+    PerTryTimeout
+);
 
-impl<S> tower::Layer<S> for PerTryTimeoutLayer {
-    type Service = PerTryTimeout<S>;
-    fn layer(&self, inner: S) -> PerTryTimeout<S> {
-        PerTryTimeout { inner }
-    }
-}
-
-/// See [`PerTryTimeoutLayer`].
-#[derive(Clone, Debug)]
-pub struct PerTryTimeout<S> {
-    inner: S,
-}
-
-impl<S: Svc> tower::Service<Req> for PerTryTimeout<S> {
-    type Response = super::Resp;
-    type Error = std::convert::Infallible;
-    type Future = BoxFut;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Req) -> BoxFut {
+impl<S: Svc> PerTryTimeout<S> {
+    fn serve(&mut self, req: Req) -> BoxFut {
         let Some(d) = Dispatch::of(&req) else {
             return undispatched();
         };
