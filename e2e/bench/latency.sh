@@ -23,31 +23,7 @@ cargo build --release -q -p weft-sidecar -p weft-control-plane
 . e2e/bench/lib.sh
 start_upstream 18380
 
-cat > "$work/haproxy.cfg" <<EOF
-global
-  nbthread 1
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
-frontend f
-  bind 127.0.0.1:18381
-  default_backend b
-backend b
-  server s1 127.0.0.1:18380
-EOF
-taskset -c 0 haproxy -f "$work/haproxy.cfg" & pids+=($!)
-cat > "$work/proxy.conf" <<EOF
-worker_processes 1; daemon off; pid $work/px.pid; error_log $work/px.err;
-events { worker_connections 4096; }
-http { access_log off;
-  upstream up { server 127.0.0.1:18380; keepalive 128; }
-  server { listen 127.0.0.1:18382; keepalive_requests 10000000;
-    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
-EOF
-taskset -c 0 nginx -c "$work/proxy.conf" -p "$work" & pids+=($!)
+start_proxies 18381 18382 18380
 
 mkdir "$work/world" "$work/big"
 cat > "$work/world/world.yaml" <<EOF

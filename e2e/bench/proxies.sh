@@ -22,32 +22,7 @@ cargo build --release -q -p weft-sidecar -p weft-control-plane
 . e2e/bench/lib.sh
 start_upstream 18080
 
-cat > "$work/haproxy.cfg" <<EOF
-global
-  nbthread 1
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
-frontend f
-  bind 127.0.0.1:18081
-  default_backend b
-backend b
-  server s1 127.0.0.1:18080
-EOF
-taskset -c 0 haproxy -f "$work/haproxy.cfg" & pids+=($!)
-
-cat > "$work/proxy.conf" <<EOF
-worker_processes 1; daemon off; pid $work/px.pid; error_log $work/px.err;
-events { worker_connections 4096; }
-http { access_log off;
-  upstream up { server 127.0.0.1:18080; keepalive 128; }
-  server { listen 127.0.0.1:18082; keepalive_requests 10000000;
-    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
-EOF
-taskset -c 0 nginx -c "$work/proxy.conf" -p "$work" & pids+=($!)
+start_proxies 18081 18082 18080
 
 mkdir "$work/world"
 cat > "$work/world/world.yaml" <<EOF

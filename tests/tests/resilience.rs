@@ -152,6 +152,19 @@ async fn retry_budget_stops_a_storm() {
     );
 }
 
+/// Sends `n` requests for `echo` through `proxy` at once; their bodies by status.
+async fn concurrently(proxy: SocketAddr, n: usize) -> HashMap<u16, Vec<String>> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| tokio::spawn(async move { get_via(proxy, "echo", "/").await }))
+        .collect();
+    let mut by_status: HashMap<u16, Vec<String>> = HashMap::new();
+    for t in tasks {
+        let (status, body) = t.await.expect("task").expect("request");
+        by_status.entry(status).or_default().push(body);
+    }
+    by_status
+}
+
 #[tokio::test]
 async fn circuit_breaker_answers_503_with_its_reason() {
     let slow = echo("127.0.5.3", "slow").await;
@@ -162,18 +175,7 @@ async fn circuit_breaker_answers_503_with_its_reason() {
         "  circuitBreaker: {maxRequests: 2}\n",
     )
     .await;
-    let mut tasks = Vec::new();
-    for _ in 0..6 {
-        let proxy = sc.outbound_addr;
-        tasks.push(tokio::spawn(
-            async move { get_via(proxy, "echo", "/").await },
-        ));
-    }
-    let mut by_status: HashMap<u16, Vec<String>> = HashMap::new();
-    for t in tasks {
-        let (status, body) = t.await.expect("task").expect("request");
-        by_status.entry(status).or_default().push(body);
-    }
+    let by_status = concurrently(sc.outbound_addr, 6).await;
     let overflowed = by_status.get(&503).cloned().unwrap_or_default();
     assert_eq!(by_status.get(&200).map(Vec::len), Some(2), "{by_status:?}");
     assert_eq!(overflowed.len(), 4, "{by_status:?}");
@@ -195,18 +197,7 @@ async fn connection_breaker_queues_up_to_max_pending_then_overflows() {
         "  circuitBreaker: {maxConnections: 1, maxPendingRequests: 1}\n",
     )
     .await;
-    let mut tasks = Vec::new();
-    for _ in 0..5 {
-        let proxy = sc.outbound_addr;
-        tasks.push(tokio::spawn(async move {
-            weft_testkit::get_with(proxy, "echo", "/", &[]).await
-        }));
-    }
-    let mut by_status: HashMap<u16, Vec<String>> = HashMap::new();
-    for t in tasks {
-        let (status, body) = t.await.expect("task").expect("request");
-        by_status.entry(status).or_default().push(body);
-    }
+    let by_status = concurrently(sc.outbound_addr, 5).await;
     let overflowed = by_status.get(&503).cloned().unwrap_or_default();
     assert_eq!(by_status.get(&200).map(Vec::len), Some(2), "{by_status:?}");
     assert_eq!(overflowed.len(), 3, "{by_status:?}");
