@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The benchmark suite — the README's benchmark command, not part of the test command. On a
-# fresh Debian machine it installs its peers (haproxy, nginx, wrk from apt; oha from crates.io;
-# matplotlib in .venv for the plot), builds release binaries once, then runs side by side on
+# fresh Debian machine it installs its peers (haproxy, nginx, wrk, h2load from apt; oha from crates.io;
+# matplotlib in .venv for the plot; h2load from nghttp2-client), builds release binaries once, then runs side by side on
 # loopback and appends every result to BENCHMARKS.md:
 #   1. proxies.sh  — throughput and CPU per request: direct vs Weft vs haproxy vs nginx;
 #   2. latency.sh  — added latency at 1k and 5k req/s (coordinated omission corrected), CPU
 #                    per 1000 req/s, sidecar RSS idle / under load / with 10k endpoints, plot;
-#   3. mtls.sh     — two sidecars, plaintext vs mTLS between them;
-#   4. csr_sign    — CSRs signed per second on one core;
-#   5. micro       — criterion: balancer pick (10..10 000 endpoints), route matching, translator.
+#   3. h2.sh       — HTTP/2 clients (h2load) through Weft, haproxy and nginx;
+#   4. mtls.sh     — two sidecars, plaintext vs mTLS between them;
+#   5. csr_sign    — CSRs signed per second on one core;
+#   6. micro       — criterion: balancer pick (10..10 000 endpoints), route matching, translator.
 # About 9 minutes on 2 cores once the release build and oha exist (each is a few minutes once).
 #
 #   ./e2e/bench/run.sh
@@ -18,7 +19,7 @@ say() { printf '\n== %s\n' "$*"; }
 
 say "peers"
 need=()
-for pkg in haproxy nginx wrk python3-venv; do dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg"); done
+for pkg in haproxy nginx wrk nghttp2-client python3-venv; do dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg"); done
 if [ ${#need[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || { echo "run as root to install ${need[*]}"; exit 1; }
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
@@ -31,12 +32,13 @@ systemctl stop nginx haproxy 2>/dev/null || true   # the packages' own services,
 say "release build"
 cargo build --release -q -p weft-sidecar -p weft-control-plane -p weftctl
 
-say "1/5 proxies";  ./e2e/bench/proxies.sh
-say "2/5 latency";  ./e2e/bench/latency.sh
-say "3/5 mTLS";     ./e2e/bench/mtls.sh
-say "4/5 CSR signing"
+say "1/6 proxies";  ./e2e/bench/proxies.sh
+say "2/6 latency";  ./e2e/bench/latency.sh
+say "3/6 HTTP/2";   ./e2e/bench/h2.sh
+say "4/6 mTLS";     ./e2e/bench/mtls.sh
+say "5/6 CSR signing"
 taskset -c 0 cargo bench -q -p weft-e2e --bench csr_sign -- --count 5000 --append
-say "5/5 micro-benchmarks"
+say "6/6 micro-benchmarks"
 rm -rf target/criterion
 cargo bench -q -p weft-e2e --bench micro -- --warm-up-time 0.5 --measurement-time 1 >/dev/null
 {

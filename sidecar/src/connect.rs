@@ -272,6 +272,8 @@ impl tower::Service<crate::resilience::Req> for Upstream {
             parts.headers.insert(hyper::header::HOST, v);
         }
         parts.extensions = http::Extensions::new();
+        // Upstream connections speak HTTP/1.1, whatever the client spoke to the sidecar.
+        parts.version = http::Version::HTTP_11;
         let upstream = hyper::Request::from_parts(parts, body);
         let fut = match mesh {
             Some((client, _)) => client.request(upstream),

@@ -227,6 +227,8 @@ impl Proxy {
             Err(msg) => return refuse(StatusCode::BAD_REQUEST, "bad-uri", msg),
         };
         let mut out = Request::new(body.boxed());
+        // Sent on as HTTP/1.1, whatever the client spoke to the sidecar.
+        *out.version_mut() = http::Version::HTTP_11;
         *out.method_mut() = parts.method;
         *out.uri_mut() = uri;
         *out.headers_mut() = parts.headers;

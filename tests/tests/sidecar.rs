@@ -420,3 +420,46 @@ async fn unsupported_route_is_nacked_and_the_previous_config_serves() {
         "the previous route still serves"
     );
 }
+
+/// A client speaking HTTP/2 with prior knowledge to the sidecar (explicit mode) is served: the
+/// sidecar routes by `:authority` and sends the request on to the endpoint as HTTP/1.1.
+#[tokio::test]
+async fn http2_clients_are_routed_and_sent_on_as_http1() {
+    use http_body_util::{BodyExt, Empty};
+    let pod = echo("127.0.9.1", "pod", "a").await;
+    let (_dir, cp) = weft_testkit::control_plane_over(&[
+        world::service("echo", 80),
+        world::slice("echo", "echo", &[(pod.addr, "n1", true)]),
+    ])
+    .await;
+    let sc = weft_testkit::start_sidecar(
+        cp.plaintext(),
+        "127.0.9.100".parse().expect("ip"),
+        "h2",
+        "a",
+    )
+    .await
+    .expect("sidecar");
+    ready(&sc).await;
+    let tcp = tokio::net::TcpStream::connect(sc.outbound_addr)
+        .await
+        .expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    for path in ["/one", "/two", "/three"] {
+        let req = hyper::Request::builder()
+            .uri(format!("http://echo.default.svc.cluster.local{path}"))
+            .body(Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let resp = send.send_request(req).await.expect("answer");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), hyper::Version::HTTP_2);
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert!(body.starts_with(b"pod"), "{body:?}");
+    }
+}

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# HTTP/2 side by side (not a test; about a minute): h2load (HTTP/2 with prior knowledge, 50
+# connections, 10 streams each) straight to the nginx upstream, then through the Weft sidecar
+# (explicit mode), haproxy and nginx, each taking HTTP/2 from the client and speaking HTTP/1.1
+# keep-alive to the upstream. Each proxy pinned to core 0; h2load and the upstream on core 1.
+# Measured: requests/s at saturation and the proxy's CPU time per request. Appended to
+# BENCHMARKS.md.
+#
+#   apt-get install -y haproxy nginx nghttp2-client   # once (run.sh does it)
+#   ./e2e/bench/h2.sh                                 # REQUESTS=200000 by default
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+REQUESTS=${REQUESTS:-200000}
+HOST=echo.default.svc.cluster.local
+for tool in h2load haproxy nginx taskset curl; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install -y haproxy nginx nghttp2-client"; exit 1; }
+done
+cargo build --release -q -p weft-sidecar -p weft-control-plane
+
+. e2e/bench/lib.sh
+# The upstream: HTTP/1.1 for the proxies, and an h2c listener for the direct run.
+cat > "$work/upstream.conf" <<EOF
+worker_processes 1; daemon off; pid $work/up.pid; error_log $work/up.err;
+events { worker_connections 4096; }
+http { access_log off;
+  server { listen 127.0.0.1:18780; keepalive_requests 10000000; location / { return 200 "upstream\n"; } }
+  server { listen 127.0.0.1:18786 http2; keepalive_requests 10000000; location / { return 200 "upstream\n"; } } }
+EOF
+taskset -c 1 nginx -c "$work/upstream.conf" -p "$work" & pids+=($!)
+cat > "$work/haproxy.cfg" <<EOF
+global
+  nbthread 1
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend f
+  bind 127.0.0.1:18781 proto h2
+  default_backend b
+backend b
+  server s1 127.0.0.1:18780
+EOF
+taskset -c 0 haproxy -f "$work/haproxy.cfg" & pids+=($!)
+cat > "$work/proxy.conf" <<EOF
+worker_processes 1; daemon off; pid $work/px.pid; error_log $work/px.err;
+events { worker_connections 4096; }
+http { access_log off;
+  upstream up { server 127.0.0.1:18780; keepalive 128; }
+  server { listen 127.0.0.1:18782 http2; keepalive_requests 10000000;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+EOF
+taskset -c 0 nginx -c "$work/proxy.conf" -p "$work" & pids+=($!)
+
+mkdir "$work/world"
+cat > "$work/world/world.yaml" <<EOF
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: default}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: echo, namespace: default, labels: {kubernetes.io/service-name: echo}}
+addressType: IPv4
+ports: [{name: http, port: 18780}]
+endpoints: [{addresses: ["127.0.0.1"]}]
+EOF
+taskset -c 1 target/release/weft-control-plane --source-dir "$work/world" --xds-plaintext-addr 127.0.0.1:18790 \
+  --grpc-addr 127.0.0.1:18792 --metrics-addr 127.0.0.1:18791 --log warn >/dev/null & pids+=($!)
+taskset -c 0 target/release/weft-sidecar run --plaintext-xds --xds-addr 127.0.0.1:18790 \
+  --outbound-addr 127.0.0.1:18783 --inbound-addr 127.0.0.1:18784 --admin-addr 127.0.0.1:18785 \
+  --log warn >/dev/null & weft=$!; pids+=($weft)
+for _ in $(seq 100); do curl -fs http://127.0.0.1:18785/ready >/dev/null 2>&1 && break; sleep 0.1; done
+sleep 0.5
+nginx_worker=$(pgrep -P "$(cat "$work/px.pid")" | head -1)
+haproxy_pid=$(pgrep -f "haproxy -f $work/haproxy.cfg" | tail -1)
+
+results=()
+measure() { # name port pid
+  local name=$1 port=$2 pid=$3 before after out rps ok cpu
+  taskset -c 1 h2load -n 20000 -c 50 -m 10 -t 1 -H ":authority: $HOST" "http://127.0.0.1:$port/" >/dev/null
+  before=$( [ "$pid" = - ] && echo 0 || ticks "$pid")
+  out=$(taskset -c 1 h2load -n "$REQUESTS" -c 50 -m 10 -t 1 -H ":authority: $HOST" "http://127.0.0.1:$port/")
+  after=$( [ "$pid" = - ] && echo 0 || ticks "$pid")
+  rps=$(echo "$out" | awk '/^finished in/ {printf "%.0f", $4}')
+  ok=$(echo "$out" | awk '/^status codes:/ {print $3}')
+  cpu=$( [ "$pid" = - ] && echo - || awk -v d=$((after - before)) -v hz="$hz" -v n="$ok" 'BEGIN {printf "%.1f", d / hz / n * 1e6}')
+  echo "$name: $rps req/s, $ok 2xx, CPU $cpu µs/request"
+  results+=("| $name | $rps | $ok of $REQUESTS | $cpu |")
+}
+measure direct 18786 -
+measure "weft sidecar" 18783 "$weft"
+measure haproxy 18781 "$haproxy_pid"
+measure "nginx proxy" 18782 "$nginx_worker"
+{
+  echo
+  echo "## HTTP/2 (prior knowledge) from the client, HTTP/1.1 upstream — $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo "Machine: $(nproc) cores ($(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | xargs)); $(haproxy -v | head -1 | cut -d' ' -f1-3); $(nginx -v 2>&1); $(h2load --version | head -1)."
+  echo "h2load (1 thread, 50 connections × 10 streams, $REQUESTS requests) and the upstream on core 1; each proxy pinned to core 0."
+  echo
+  echo "Command: \`REQUESTS=$REQUESTS ./e2e/bench/h2.sh\` (part of \`./e2e/bench/run.sh\`)"
+  echo
+  echo "| contender | req/s | 2xx | proxy CPU µs/request |"
+  echo "|---|---|---|---|"
+  printf '%s\n' "${results[@]}"
+} | tee -a BENCHMARKS.md
