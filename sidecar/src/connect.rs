@@ -208,6 +208,11 @@ pub struct Upstream {
         hyper_util::client::legacy::connect::HttpConnector,
         crate::outbound::Body,
     >,
+    /// HTTP/2 with prior knowledge, for clusters whose endpoints speak only that (gRPC).
+    h2: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        crate::outbound::Body,
+    >,
     mesh: Option<(
         hyper_util::client::legacy::Client<MeshConnector, crate::outbound::Body>,
         SvidCell,
@@ -223,6 +228,10 @@ impl Upstream {
         });
         Upstream {
             plain: pooled(plain()),
+            h2: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .pool_idle_timeout(Duration::from_secs(60))
+                .build(plain()),
             mesh,
         }
     }
@@ -272,11 +281,19 @@ impl tower::Service<crate::resilience::Req> for Upstream {
             parts.headers.insert(hyper::header::HOST, v);
         }
         parts.extensions = http::Extensions::new();
-        // Upstream connections speak HTTP/1.1, whatever the client spoke to the sidecar.
-        parts.version = http::Version::HTTP_11;
+        // Upstream connections speak HTTP/1.1, whatever the client spoke to the sidecar, except
+        // to plaintext endpoints that speak only HTTP/2 (gRPC). mTLS between sidecars carries
+        // HTTP/1.1 (the mesh ALPN).
+        let h2 = d.http2 && mesh.is_none();
+        parts.version = if h2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
         let upstream = hyper::Request::from_parts(parts, body);
         let fut = match mesh {
             Some((client, _)) => client.request(upstream),
+            None if h2 => self.h2.request(upstream),
             None => self.plain.request(upstream),
         };
         Box::pin(async move {

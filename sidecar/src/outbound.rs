@@ -326,10 +326,15 @@ impl Proxy {
             HashOn::SourceIp => Some(crate::balance::hash64(peer.ip().to_string().as_bytes())),
         });
         let (timeout, retry) = (route.timeout, route.retry.clone());
-        let Some((endpoints, policy, runtime)) = config
-            .clusters
-            .get(&cluster)
-            .and_then(|c| Some((c.endpoints.clone()?, c.policy.clone(), c.runtime.clone())))
+        let Some((endpoints, policy, runtime, http2)) =
+            config.clusters.get(&cluster).and_then(|c| {
+                Some((
+                    c.endpoints.clone()?,
+                    c.policy.clone(),
+                    c.runtime.clone(),
+                    c.http2,
+                ))
+            })
         else {
             self.metrics.observe(&cluster, 503, started);
             return refuse(
@@ -349,6 +354,7 @@ impl Proxy {
             timeout,
             retry: retry.unwrap_or_else(|| DEFAULT_RETRY.clone()),
             hash,
+            http2,
             authority,
         });
         let mut req = req.map(|b| b.boxed());

@@ -560,11 +560,19 @@ pub struct ClusterState {
     pub eds_name: String,
     /// Its endpoints, once received.
     pub endpoints: Option<Arc<Endpoints>>,
+    /// Its endpoints speak HTTP/2 only (`appProtocol` grpc, h2c, kubernetes.io/h2c, http2):
+    /// requests go to them over HTTP/2 with prior knowledge.
+    pub http2: bool,
     /// Circuit breakers, retry budget, outlier detection.
     pub policy: Arc<ClusterPolicy>,
     /// Live counters (requests and retries in flight), kept across config versions.
     #[serde(skip)]
     pub runtime: Arc<ClusterRuntime>,
+}
+
+/// Whether a Service port's `appProtocol` means its endpoints speak HTTP/2 only.
+pub fn is_http2_protocol(app_protocol: &str) -> bool {
+    matches!(app_protocol, "grpc" | "h2c" | "kubernetes.io/h2c" | "http2")
 }
 
 /// Weft's metadata on a Cluster, when it has it.

@@ -560,6 +560,8 @@ fn compile(held: &mut Held) -> MeshConfig {
                     eds_name,
                     endpoints,
                     policy: Arc::new(ClusterPolicy::from_xds(c)),
+                    http2: state::cluster_meta(c)
+                        .is_some_and(|m| state::is_http2_protocol(&m.app_protocol)),
                     runtime,
                 },
             ))

@@ -463,3 +463,55 @@ async fn http2_clients_are_routed_and_sent_on_as_http1() {
         assert!(body.starts_with(b"pod"), "{body:?}");
     }
 }
+
+/// An endpoint that speaks only HTTP/2 (a Service port with `appProtocol: kubernetes.io/h2c`,
+/// as gRPC servers are) is reached over HTTP/2 with prior knowledge, whatever the client spoke.
+#[tokio::test]
+async fn http2_only_endpoints_are_reached_over_http2() {
+    let listener = tokio::net::TcpListener::bind("127.0.9.21:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let body = format!("{:?}", req.version());
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(body)),
+                        ))
+                    },
+                );
+                // HTTP/2 only: an HTTP/1.1 request here is a protocol error.
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+            });
+        }
+    });
+    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: grpc, namespace: default}\nspec:\n  ports: [{name: grpc, port: 9090, appProtocol: kubernetes.io/h2c}]\n".to_string();
+    let slice = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: grpc\n  namespace: default\n  labels: {{kubernetes.io/service-name: grpc}}\naddressType: IPv4\nports: [{{name: grpc, port: {}}}]\nendpoints:\n- addresses: [\"{}\"]\n",
+        addr.port(),
+        addr.ip()
+    );
+    let (_dir, cp) = weft_testkit::control_plane_over(&[service, slice]).await;
+    let sc = weft_testkit::start_sidecar(
+        cp.plaintext(),
+        "127.0.9.120".parse().expect("ip"),
+        "grpc-client",
+        "a",
+    )
+    .await
+    .expect("sidecar");
+    ready(&sc).await;
+    for _ in 0..3 {
+        let (status, body) = get_via(sc.outbound_addr, "grpc:9090", "/svc/Method")
+            .await
+            .expect("request");
+        assert_eq!((status, body.as_str()), (200, "HTTP/2.0"));
+    }
+    server.abort();
+}

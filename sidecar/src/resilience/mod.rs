@@ -158,6 +158,8 @@ pub struct Dispatch {
     pub retry: Arc<RetryPolicy>,
     /// The consistent-hash key, for ring hash and maglev.
     pub hash: Option<u64>,
+    /// The cluster's endpoints speak HTTP/2 only.
+    pub http2: bool,
     /// The request's authority (set as `Host` when the request had none).
     pub authority: String,
 }
@@ -768,6 +770,7 @@ pub(crate) mod test_support {
             timeout: None,
             retry: Arc::new(RetryPolicy::connect_failure_default()),
             hash: None,
+            http2: false,
             authority: "c".into(),
         }
     }
