@@ -211,13 +211,10 @@ impl Admin for AdminService {
             .states()
             .into_iter()
             .map(|(name, st)| {
-                let window = self.rollouts.window(&name).unwrap_or_default();
+                let m = model.rollouts.get(&name);
+                let window = m.map(|m| self.rollouts.window(m, &st)).unwrap_or_default();
                 weft_proto::admin::RolloutStatus {
-                    steps: model
-                        .rollouts
-                        .get(&name)
-                        .map(|m| m.steps.clone())
-                        .unwrap_or_default(),
+                    steps: m.map(|m| m.steps.clone()).unwrap_or_default(),
                     name,
                     canary: st.canary.clone(),
                     split: st.split_origin.clone(),

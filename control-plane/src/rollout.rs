@@ -206,13 +206,9 @@ impl Controller {
         }
     }
 
-    /// The canary's load in the current step's window.
-    pub fn window(&self, key: &str) -> Option<LoadCounts> {
-        let model = self.catalog.current();
-        let m = model.rollouts.get(key)?;
-        let states = self.states();
-        let st = states.get(key)?;
-        Some(self.store.sum(&m.canary_clusters).since(&st.baseline))
+    /// The canary's load in the current step's window of rollout `m` in state `st`.
+    pub fn window(&self, m: &RolloutModel, st: &RolloutState) -> LoadCounts {
+        self.store.sum(&m.canary_clusters).since(&st.baseline)
     }
 
     fn record(&self, key: &str, st: &mut RolloutState, kind: &str, to: u32, reason: String) {

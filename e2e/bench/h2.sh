@@ -18,64 +18,10 @@ done
 cargo build --release -q -p weft-sidecar -p weft-control-plane
 
 . e2e/bench/lib.sh
-# The upstream: HTTP/1.1 for the proxies, and an h2c listener for the direct run.
-cat > "$work/upstream.conf" <<EOF
-worker_processes 1; daemon off; pid $work/up.pid; error_log $work/up.err;
-events { worker_connections 4096; }
-http { access_log off;
-  server { listen 127.0.0.1:18780; keepalive_requests 10000000; location / { return 200 "upstream\n"; } }
-  server { listen 127.0.0.1:18786 http2; keepalive_requests 10000000; location / { return 200 "upstream\n"; } } }
-EOF
-taskset -c 1 nginx -c "$work/upstream.conf" -p "$work" & pids+=($!)
-cat > "$work/haproxy.cfg" <<EOF
-global
-  nbthread 1
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
-frontend f
-  bind 127.0.0.1:18781 proto h2
-  default_backend b
-backend b
-  server s1 127.0.0.1:18780
-EOF
-taskset -c 0 haproxy -f "$work/haproxy.cfg" & pids+=($!)
-cat > "$work/proxy.conf" <<EOF
-worker_processes 1; daemon off; pid $work/px.pid; error_log $work/px.err;
-events { worker_connections 4096; }
-http { access_log off;
-  upstream up { server 127.0.0.1:18780; keepalive 128; }
-  server { listen 127.0.0.1:18782 http2; keepalive_requests 10000000;
-    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
-EOF
-taskset -c 0 nginx -c "$work/proxy.conf" -p "$work" & pids+=($!)
-
-mkdir "$work/world"
-cat > "$work/world/world.yaml" <<EOF
-apiVersion: v1
-kind: Service
-metadata: {name: echo, namespace: default}
-spec: {ports: [{name: http, port: 80}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: echo, namespace: default, labels: {kubernetes.io/service-name: echo}}
-addressType: IPv4
-ports: [{name: http, port: 18780}]
-endpoints: [{addresses: ["127.0.0.1"]}]
-EOF
-taskset -c 1 target/release/weft-control-plane --source-dir "$work/world" --xds-plaintext-addr 127.0.0.1:18790 \
-  --grpc-addr 127.0.0.1:18792 --metrics-addr 127.0.0.1:18791 --log warn >/dev/null & pids+=($!)
-taskset -c 0 target/release/weft-sidecar run --plaintext-xds --xds-addr 127.0.0.1:18790 \
-  --outbound-addr 127.0.0.1:18783 --inbound-addr 127.0.0.1:18784 --admin-addr 127.0.0.1:18785 \
-  --log warn >/dev/null & weft=$!; pids+=($weft)
-for _ in $(seq 100); do curl -fs http://127.0.0.1:18785/ready >/dev/null 2>&1 && break; sleep 0.1; done
-sleep 0.5
-nginx_worker=$(pgrep -P "$(cat "$work/px.pid")" | head -1)
-haproxy_pid=$(pgrep -f "haproxy -f $work/haproxy.cfg" | tail -1)
+# The upstream speaks HTTP/1.1 to the proxies, and HTTP/2 on 18786 for the direct run.
+start_upstream 18780 18786
+start_proxies 18781 18782 18780 h2
+start_weft 18700
 
 results=()
 measure() { # name port pid

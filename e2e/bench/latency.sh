@@ -22,35 +22,11 @@ cargo build --release -q -p weft-sidecar -p weft-control-plane
 
 . e2e/bench/lib.sh
 start_upstream 18380
-
 start_proxies 18381 18382 18380
-
-mkdir "$work/world" "$work/big"
-cat > "$work/world/world.yaml" <<EOF
-apiVersion: v1
-kind: Service
-metadata: {name: echo, namespace: default}
-spec: {ports: [{name: http, port: 80}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: echo, namespace: default, labels: {kubernetes.io/service-name: echo}}
-addressType: IPv4
-ports: [{name: http, port: 18380}]
-endpoints: [{addresses: ["127.0.0.1"]}]
-EOF
-taskset -c 1 target/release/weft-control-plane --source-dir "$work/world" --xds-plaintext-addr 127.0.0.1:18390 \
-  --grpc-addr 127.0.0.1:18392 --metrics-addr 127.0.0.1:18391 --log warn >/dev/null & pids+=($!)
-taskset -c 0 target/release/weft-sidecar run --plaintext-xds --xds-addr 127.0.0.1:18390 \
-  --outbound-addr 127.0.0.1:18383 --inbound-addr 127.0.0.1:18384 --admin-addr 127.0.0.1:18385 \
-  --log warn >/dev/null & weft=$!; pids+=($weft)
-for _ in $(seq 100); do curl -fs http://127.0.0.1:18385/ready >/dev/null 2>&1 && break; sleep 0.1; done
-curl -fs -H "Host: $HOST" http://127.0.0.1:18383/ | grep -q upstream || { echo "weft sidecar does not route"; exit 1; }
-sleep 0.5
+start_weft 18300
+mkdir "$work/big"
 rss_mib() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 weft_idle=$(rss_mib "$weft")
-nginx_worker=$(pgrep -P "$(cat "$work/px.pid")" | head -1)
-haproxy_pid=$(pgrep -f "haproxy -f $work/haproxy.cfg" | tail -1)
 
 csv=e2e/bench/latency.csv
 echo "contender,rate,p50_us,p90_us,p99_us,p999_us,cpu_s_per_1k_rps,errors" > "$csv"
@@ -90,15 +66,17 @@ for rate in $RATES; do
 done
 weft_loaded=$(rss_mib "$weft")
 
-# RSS with 10 000 endpoints in config: 1 000 services of 10 endpoints each.
-python3 - "$work/big/world.yaml" <<'PY'
+# RSS with 10 000 endpoints in config: 1 000 services of 10 endpoints each, in files of 100
+# services (the file source takes at most 1024 documents per file).
+python3 - "$work/big" <<'PY'
 import sys
 out = []
 for s in range(1000):
     out.append(f"apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{s}, namespace: default}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n")
     eps = ", ".join(f'{{addresses: ["10.{s // 250}.{s % 250}.{e}"]}}' for e in range(10))
     out.append(f"apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: svc-{s}, namespace: default, labels: {{kubernetes.io/service-name: svc-{s}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{eps}]\n")
-open(sys.argv[1], "w").write("---\n".join(out))
+for f in range(0, len(out), 200):
+    open(f"{sys.argv[1]}/world-{f // 200}.yaml", "w").write("---\n".join(out[f:f + 200]))
 PY
 taskset -c 1 target/release/weft-control-plane --source-dir "$work/big" --xds-plaintext-addr 127.0.0.1:18393 \
   --grpc-addr 127.0.0.1:18395 --metrics-addr 127.0.0.1:18394 --log warn >/dev/null & pids+=($!)
@@ -107,6 +85,9 @@ taskset -c 0 target/release/weft-sidecar run --plaintext-xds --xds-addr 127.0.0.
   --log warn >/dev/null & big=$!; pids+=($big)
 for _ in $(seq 300); do curl -fs http://127.0.0.1:18388/ready >/dev/null 2>&1 && break; sleep 0.1; done
 sleep 1
+# The measurement means something only if the sidecar holds the whole mesh.
+held=$(curl -fs http://127.0.0.1:18388/clusters | python3 -c 'import json, sys; c = json.load(sys.stdin); print(sum(len(p) for v in c.values() for p in (v.get("endpoints") or {}).get("priorities", [])))')
+[ "$held" -ge 10000 ] || { echo "the sidecar holds $held endpoints, not 10 000"; exit 1; }
 weft_big=$(rss_mib "$big")
 verdict() { awk -v v="$1" -v goal="$2" 'BEGIN {print (v <= goal) ? "holds" : "does not hold"}'; }
 {

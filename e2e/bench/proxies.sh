@@ -21,34 +21,8 @@ cargo build --release -q -p weft-sidecar -p weft-control-plane
 
 . e2e/bench/lib.sh
 start_upstream 18080
-
 start_proxies 18081 18082 18080
-
-mkdir "$work/world"
-cat > "$work/world/world.yaml" <<EOF
-apiVersion: v1
-kind: Service
-metadata: {name: echo, namespace: default}
-spec: {ports: [{name: http, port: 80}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: echo, namespace: default, labels: {kubernetes.io/service-name: echo}}
-addressType: IPv4
-ports: [{name: http, port: 18080}]
-endpoints: [{addresses: ["127.0.0.1"]}]
-EOF
-taskset -c 1 target/release/weft-control-plane --source-dir "$work/world" --xds-plaintext-addr 127.0.0.1:18090 \
-  --grpc-addr 127.0.0.1:18092 \
-  --metrics-addr 127.0.0.1:18091 --log warn >/dev/null & pids+=($!)
-taskset -c 0 target/release/weft-sidecar run --plaintext-xds --xds-addr 127.0.0.1:18090 --outbound-addr 127.0.0.1:18083 \
-  --inbound-addr 127.0.0.1:18084 --admin-addr 127.0.0.1:18085 --log warn >/dev/null & weft=$!; pids+=($weft)
-for _ in $(seq 100); do
-  curl -fs http://127.0.0.1:18085/ready >/dev/null 2>&1 && break
-  sleep 0.1
-done
-curl -fs -H "Host: $HOST" http://127.0.0.1:18083/ | grep -q upstream || { echo "weft sidecar does not route"; exit 1; }
-sleep 0.5
+start_weft 18000
 
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
@@ -73,8 +47,6 @@ measure() { # name port pid
   results+=("| $name | $rps | $p50 | $p90 | $p99 | $cpu | $rss |")
 }
 weft_idle_rss=$(( $(rss_kib "$weft") / 1024 ))
-nginx_worker=$(pgrep -P "$(cat "$work/px.pid")" | head -1)
-haproxy_pid=$(pgrep -f "haproxy -f $work/haproxy.cfg" | tail -1)
 measure direct 18080 -
 measure "weft sidecar" 18083 "$weft"
 measure haproxy 18081 "$haproxy_pid"

@@ -43,6 +43,34 @@ pub fn plain() -> hyper_util::client::legacy::connect::HttpConnector {
     c
 }
 
+/// How long an opaque TCP connection waits to reach its destination.
+pub const OPAQUE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opaque TCP: connects to `dst` and copies bytes both ways until either side closes, counted
+/// in `weft_proxy_tcp_connections_total{direction}`. Used for protocols the sidecar does not
+/// speak, in both directions.
+pub async fn splice(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    direction: &'static str,
+    metrics: &Metrics,
+) {
+    metrics.tcp_connection(direction);
+    match tokio::time::timeout(OPAQUE_CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
+        Ok(Ok(mut upstream)) => {
+            let _ = upstream.set_nodelay(true);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!(%peer, %dst, direction, error = %e, "opaque connection ended");
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, %dst, direction, error = %e, "opaque: cannot reach the destination")
+        }
+        Err(_) => tracing::warn!(%peer, %dst, direction, "opaque: connect timed out"),
+    }
+}
+
 /// How long a TCP connect to an endpoint may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the TLS handshake may take.

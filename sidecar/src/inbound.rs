@@ -166,7 +166,9 @@ impl Shared {
                 self.metrics.inbound_refused("plaintext-in-strict");
             }
             (Kind::Http1, _) => self.serve_http(client, peer, app, None).await,
-            (Kind::MeshTls | Kind::Other, _) => self.forward(client, peer, app).await,
+            (Kind::MeshTls | Kind::Other, _) => {
+                crate::connect::splice(client, peer, app, "inbound", &self.metrics).await
+            }
         }
     }
 
@@ -264,21 +266,5 @@ impl Shared {
         self.metrics
             .inbound_request(mtls, resp.status().as_u16(), started);
         resp
-    }
-
-    /// Byte for byte to the application.
-    async fn forward(&self, mut client: TcpStream, peer: SocketAddr, app: SocketAddr) {
-        self.metrics.tcp_connection("inbound");
-        match TcpStream::connect(app).await {
-            Ok(mut upstream) => {
-                let _ = upstream.set_nodelay(true);
-                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                    tracing::debug!(%peer, error = %e, "inbound connection ended");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(%peer, %app, error = %e, "inbound: cannot reach the application")
-            }
-        }
     }
 }

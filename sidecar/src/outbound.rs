@@ -145,7 +145,9 @@ impl Outbound {
                     detect::detect(&stream, detect::DETECT_TIMEOUT).await
                 };
                 match protocol {
-                    Protocol::Opaque => this.opaque(stream, peer, dst).await,
+                    Protocol::Opaque => {
+                        crate::connect::splice(stream, peer, dst, "outbound", &this.metrics).await
+                    }
                     Protocol::Http1 | Protocol::Http2 => {
                         this.serve_http(stream, peer, Some(dst), watcher).await
                     }
@@ -194,23 +196,6 @@ impl Proxy {
         if let Err(e) = watcher.watch(conn).await {
             tracing::info!(%peer, error = %e, "outbound connection closed on a protocol error");
             self.metrics.connection_error("outbound");
-        }
-    }
-
-    /// Opaque TCP: forwarded byte for byte to where the client was going.
-    async fn opaque(&self, mut client: TcpStream, peer: SocketAddr, dst: SocketAddr) {
-        self.metrics.tcp_connection("outbound");
-        match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(dst)).await {
-            Ok(Ok(mut upstream)) => {
-                let _ = upstream.set_nodelay(true);
-                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                    tracing::debug!(%peer, %dst, error = %e, "opaque connection ended");
-                }
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, %dst, error = %e, "opaque: cannot reach the original destination")
-            }
-            Err(_) => tracing::debug!(%peer, %dst, "opaque: connect timed out"),
         }
     }
 
