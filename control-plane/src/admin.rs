@@ -25,6 +25,8 @@ pub struct AdminService {
     pub tokens: Arc<crate::identity::token::TokenKey>,
     /// The rollout controller.
     pub rollouts: Arc<crate::rollout::Controller>,
+    /// Federation (peer states).
+    pub federation: Arc<crate::federation::Federation>,
 }
 
 #[tonic::async_trait]
@@ -191,6 +193,7 @@ impl Admin for AdminService {
                 identity: e.identity.clone().unwrap_or_default(),
                 pod: e.pod.clone().unwrap_or_default(),
                 weight: e.weight,
+                stale: e.stale,
                 priorities: priorities
                     .remove(&e.address.to_string())
                     .unwrap_or_default(),
@@ -198,6 +201,37 @@ impl Admin for AdminService {
             .collect();
         Ok(Response::new(weft_proto::admin::ListEndpointsResponse {
             endpoints,
+        }))
+    }
+
+    async fn list_peers(
+        &self,
+        _: Request<weft_proto::admin::ListPeersRequest>,
+    ) -> Result<Response<weft_proto::admin::ListPeersResponse>, Status> {
+        let fed = &self.federation;
+        let exporting = fed.book.exporting_to();
+        let secs = |i: Option<std::time::Instant>| i.map_or(-1, |t| t.elapsed().as_secs() as i64);
+        let peers = fed
+            .book
+            .snapshot()
+            .into_iter()
+            .map(|(name, i)| weft_proto::admin::PeerStatus {
+                exporting_to: exporting.contains(&name),
+                name,
+                address: i.address,
+                origin: i.origin.as_str().into(),
+                state: i.state.as_str().into(),
+                last_sync_seconds: secs(i.last_heard),
+                stale_seconds: secs(i.lost_at).max(0),
+                version: i.version,
+                services: i.services,
+                endpoints: i.endpoints,
+                last_error: i.last_error,
+            })
+            .collect();
+        Ok(Response::new(weft_proto::admin::ListPeersResponse {
+            cluster: fed.cluster.clone(),
+            peers,
         }))
     }
 

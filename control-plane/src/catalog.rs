@@ -118,6 +118,8 @@ pub struct EndpointModel {
     /// Its sidecar terminates mTLS (the pod is labelled `weft.dev/tls-mode: weft` and its
     /// namespace's mode is not DISABLE).
     pub mtls: bool,
+    /// Imported from a peer control plane that is unreachable now: kept for the grace period.
+    pub stale: bool,
 }
 
 impl EndpointModel {
@@ -233,6 +235,9 @@ pub struct ServiceModel {
     pub cluster_ip: Option<IpAddr>,
     /// Its namespace's mTLS mode.
     pub mtls_mode: crate::objects::MtlsMode,
+    /// A Service object exists in this cluster; false for a service only peers export, which
+    /// exists here through federation alone.
+    pub local: bool,
 }
 
 /// The published model: versioned, immutable, cheap to clone (`Arc`).
@@ -254,7 +259,30 @@ pub struct Model {
     pub ready: bool,
     /// Rollouts by `namespace/name`, resolved against their TrafficSplits.
     pub rollouts: BTreeMap<String, Arc<RolloutModel>>,
+    /// Peer control planes named by MeshPeer objects: cluster name -> address.
+    pub peers: BTreeMap<String, String>,
 }
+
+/// What one peer control plane exports, as the federation client last received it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PeerImport {
+    /// Its exported services: ports and endpoints (their `cluster` is the peer).
+    pub services: BTreeMap<ServiceKey, ImportedService>,
+    /// The link is down: endpoints are marked stale until the grace period ends.
+    pub stale: bool,
+}
+
+/// One service a peer exports.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ImportedService {
+    /// Its ports.
+    pub ports: Vec<PortModel>,
+    /// Its endpoints in the peer's cluster.
+    pub endpoints: Vec<EndpointModel>,
+}
+
+/// Everything imported, by peer cluster name.
+pub type Imports = BTreeMap<String, PeerImport>;
 
 /// A Rollout resolved: which split it drives and which xDS clusters carry its canary.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -340,6 +368,7 @@ impl SourceUpdate {
 
 struct State {
     overrides: WeightOverrides,
+    imports: Imports,
     world: BTreeMap<ObjectKey, (Arc<Object>, String)>,
     source_errors: Vec<SourceError>,
     last_good_routes: HashMap<ObjectKey, Vec<(ServiceKey, u16, RouteRule)>>,
@@ -364,6 +393,7 @@ impl Catalog {
         Catalog {
             state: Mutex::new(State {
                 overrides: WeightOverrides::new(),
+                imports: Imports::new(),
                 world: BTreeMap::new(),
                 source_errors: Vec::new(),
                 last_good_routes: HashMap::new(),
@@ -399,6 +429,28 @@ impl Catalog {
         self.apply(SourceUpdate::default());
     }
 
+    /// Replaces what one peer exports (`None`: forget the peer) and republishes the model.
+    pub fn set_import(&self, peer: &str, import: Option<PeerImport>) {
+        {
+            let mut st = match self.state.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            let changed = match &import {
+                Some(i) => st.imports.get(peer) != Some(i),
+                None => st.imports.contains_key(peer),
+            };
+            if !changed {
+                return;
+            }
+            match import {
+                Some(i) => st.imports.insert(peer.to_string(), i),
+                None => st.imports.remove(peer),
+            };
+        }
+        self.apply(SourceUpdate::default());
+    }
+
     /// Applies a source's changes, rebuilds and publishes the model.
     pub fn apply(&self, update: SourceUpdate) {
         let mut st = match self.state.lock() {
@@ -418,7 +470,7 @@ impl Catalog {
         let prev = self.current();
         let st = &mut *st;
         let (mut model, mut errors, good) =
-            build(&st.world, &prev, &st.last_good_routes, &st.overrides);
+            build(&st.world, &prev, &st.last_good_routes, &st.overrides, &st.imports);
         for (k, v) in good {
             st.last_good_routes.insert(k, v);
         }
@@ -445,6 +497,7 @@ fn build(
     prev: &Model,
     last_good: &HashMap<ObjectKey, Vec<(ServiceKey, u16, RouteRule)>>,
     overrides: &WeightOverrides,
+    imports: &Imports,
 ) -> (Model, Vec<SourceError>, GoodRoutes) {
     let mut errors = Vec::new();
     let mut good = Vec::new();
@@ -541,6 +594,7 @@ fn build(
                         .as_deref()
                         .and_then(|ip| ip.parse::<IpAddr>().ok()),
                     mtls_mode: mtls_modes.get(key_ns.as_str()).copied().unwrap_or_default(),
+                    local: true,
                 },
             );
         }
@@ -630,9 +684,11 @@ fn build(
                 weight: 1,
                 pod,
                 mtls,
+                stale: false,
             });
         }
     }
+    merge_imports(&mut services, imports, &mtls_modes);
 
     // Exports and policies.
     let mut policy_owner: HashMap<ServiceKey, String> = HashMap::new();
@@ -752,6 +808,14 @@ fn build(
         }
     }
 
+    let peers = world
+        .values()
+        .filter_map(|(o, _)| match &**o {
+            Object::MeshPeer(p) => Some((p.name.clone(), p.spec.address.clone())),
+            _ => None,
+        })
+        .collect();
+
     // Rollouts: resolved against the splits, then their weights applied to the split's rules.
     let mut rollouts = BTreeMap::new();
     for ((obj, file), key) in world.values().zip(world.keys()) {
@@ -795,8 +859,56 @@ fn build(
         pod_labels,
         ready: prev.ready,
         rollouts,
+        peers,
     };
     (model, errors, good)
+}
+
+/// Adds what peers export: their endpoints join the local Service of the same name, or make a
+/// service that exists here through federation alone. A peer's endpoint never replaces a
+/// local one at the same address.
+fn merge_imports(
+    services: &mut BTreeMap<ServiceKey, ServiceModel>,
+    imports: &Imports,
+    mtls_modes: &HashMap<&str, crate::objects::MtlsMode>,
+) {
+    for import in imports.values() {
+        for (key, imported) in &import.services {
+            let svc = services.entry(key.clone()).or_insert_with(|| ServiceModel {
+                key: key.clone(),
+                ports: Vec::new(),
+                client_ip_affinity: false,
+                endpoints: Vec::new(),
+                routes: BTreeMap::new(),
+                policy: None,
+                policy_name: None,
+                exported: false,
+                selector: BTreeMap::new(),
+                cluster_ip: None,
+                mtls_mode: mtls_modes
+                    .get(key.namespace.as_str())
+                    .copied()
+                    .unwrap_or_default(),
+                local: false,
+            });
+            if !svc.local {
+                for p in &imported.ports {
+                    if !svc.ports.iter().any(|q| q.port == p.port) {
+                        svc.ports.push(p.clone());
+                    }
+                }
+                svc.ports.sort_by_key(|p| p.port);
+            }
+            for e in &imported.endpoints {
+                if svc.endpoints.iter().any(|x| x.address == e.address) {
+                    continue;
+                }
+                let mut e = e.clone();
+                e.stale = import.stale;
+                svc.endpoints.push(e);
+            }
+        }
+    }
 }
 
 fn resolve_rollout(

@@ -62,6 +62,20 @@ pub struct Config {
     /// `rollouts.json`); without it that state lives in memory.
     #[arg(long, env = "WEFT_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Federate with another cluster's control plane: `NAME=HOST:PORT` of its TLS gRPC port
+    /// (repeatable, or comma-separated in the variable). `MeshPeer` objects in the source add
+    /// more; a flag wins over an object naming the same cluster.
+    #[arg(long = "peer", env = "WEFT_PEERS", value_delimiter = ',', value_parser = crate::federation::parse_peer_flag)]
+    pub peers: Vec<(String, String)>,
+    /// How often this control plane sends each peer a heartbeat when nothing changed.
+    #[arg(long, env = "WEFT_FEDERATION_HEARTBEAT", default_value = "5s", value_parser = crate::objects::parse_duration)]
+    pub federation_heartbeat: std::time::Duration,
+    /// How long without an update or heartbeat before a peer's link counts as lost.
+    #[arg(long, env = "WEFT_FEDERATION_TIMEOUT", default_value = "15s", value_parser = crate::objects::parse_duration)]
+    pub federation_timeout: std::time::Duration,
+    /// How long a lost peer's endpoints stay (marked stale) before they are removed.
+    #[arg(long, env = "WEFT_PEER_GRACE", default_value = "2m", value_parser = crate::objects::parse_duration)]
+    pub peer_grace: std::time::Duration,
     /// Name of this replica, shown by `weftctl status` (default: the host name).
     #[arg(long, env = "WEFT_REPLICA")]
     pub replica: Option<String>,
@@ -98,6 +112,10 @@ impl Config {
             xds_plaintext_addr: Some(any("127.0.0.1:0")),
             metrics_addr: any("127.0.0.1:0"),
             replica: Some("local".into()),
+            peers: Vec::new(),
+            federation_heartbeat: std::time::Duration::from_secs(5),
+            federation_timeout: std::time::Duration::from_secs(15),
+            peer_grace: std::time::Duration::from_secs(120),
             ca_dir: None,
             token_review: false,
             load_report_interval: std::time::Duration::from_secs(1),

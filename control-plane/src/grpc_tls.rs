@@ -40,6 +40,8 @@ pub struct TlsPeer {
     pub remote: SocketAddr,
     /// The verified SPIFFE ID of the client certificate; `None` when it presented none.
     pub identity: Option<SpiffeId>,
+    /// The cluster a control plane's client certificate names (its DNS SAN), for federation.
+    pub control_plane_cluster: Option<String>,
 }
 
 /// Over the TLS port a caller must present an SVID; over the plaintext port anything goes.
@@ -133,39 +135,55 @@ pub enum GrpcTlsError {
     Tls(#[from] TlsError),
 }
 
-/// Issues the control plane's own SVID and builds the server configuration.
-fn server_config(ca: &Ca, id: &SpiffeId) -> Result<Arc<tls::rustls::ServerConfig>, GrpcTlsError> {
+/// The control plane's own certificate in the two roles it plays: the server of its TLS port,
+/// and the client that dials peer control planes (federation).
+pub struct Issued {
+    /// Serves the TLS port (client certificate optional).
+    pub server: Arc<tls::rustls::ServerConfig>,
+    /// Dials peers (HTTP/2), presenting the same certificate.
+    pub client: Arc<tls::rustls::ClientConfig>,
+}
+
+/// Issues the control plane's own SVID (with the DNS SAN naming its cluster) and builds both
+/// configurations.
+fn issue(ca: &Ca, id: &SpiffeId, cluster: &str) -> Result<Arc<Issued>, GrpcTlsError> {
     let (csr, key) = tls::new_csr(&id.to_string())?;
     let signed = ca
-        .sign(&csr, id, Some(SERVER_CERT_TTL))
+        .sign_control_plane(&csr, id, Some(SERVER_CERT_TTL), cluster)
         .map_err(|e| GrpcTlsError::Issue(e.to_string()))?;
     let svid = tls::Svid::from_pem(&signed.chain, &key)?;
     let roots = tls::roots(&signed.trust_bundle)?;
-    Ok(tls::server_config(
-        &svid,
-        roots,
-        ClientAuth::Optional,
-        &[tls::ALPN_H2],
-    )?)
+    Ok(Arc::new(Issued {
+        server: tls::server_config(
+            &svid,
+            roots.clone(),
+            ClientAuth::Optional,
+            &[tls::ALPN_H2],
+        )?,
+        client: tls::client_config(Some(&svid), roots, &[tls::ALPN_H2])?,
+    }))
 }
+
+/// The control plane's current certificate, swapped on renewal.
+pub type IssuedCell = Arc<ArcSwap<Issued>>;
 
 /// Accepts TLS connections on `listener` and hands finished handshakes to tonic.
 pub struct Acceptor {
-    config: Arc<ArcSwap<tls::rustls::ServerConfig>>,
+    config: IssuedCell,
 }
 
 impl Acceptor {
     /// Issues the control plane's certificate and builds the first configuration.
-    pub fn new(ca: &Ca, trust_domain: &str) -> Result<Self, GrpcTlsError> {
+    pub fn new(ca: &Ca, trust_domain: &str, cluster: &str) -> Result<Self, GrpcTlsError> {
         let id = server_identity(trust_domain).map_err(|e| GrpcTlsError::Issue(e.to_string()))?;
         Ok(Acceptor {
-            config: Arc::new(ArcSwap::new(server_config(ca, &id)?)),
+            config: Arc::new(ArcSwap::new(issue(ca, &id, cluster)?)),
         })
     }
 
-    /// Keeps the server certificate fresh: renewed at half its life, or at once when the
+    /// Keeps the certificate fresh: renewed at half its life, or at once when the
     /// trust bundle changes (a rotation adding a root). Runs until aborted.
-    pub async fn renew(config: Arc<ArcSwap<tls::rustls::ServerConfig>>, ca: Arc<Ca>, td: String) {
+    pub async fn renew(config: IssuedCell, ca: Arc<Ca>, td: String, cluster: String) {
         let Ok(id) = server_identity(&td) else { return };
         let mut bundle = ca.trust_bundle();
         let mut issued = tokio::time::Instant::now();
@@ -175,7 +193,7 @@ impl Acceptor {
             if now_bundle == bundle && issued.elapsed() < SERVER_CERT_TTL / 2 {
                 continue;
             }
-            match server_config(&ca, &id) {
+            match issue(&ca, &id, &cluster) {
                 Ok(c) => {
                     config.store(c);
                     bundle = now_bundle;
@@ -189,8 +207,8 @@ impl Acceptor {
         }
     }
 
-    /// The configuration handle (for [`Acceptor::renew`]).
-    pub fn config(&self) -> Arc<ArcSwap<tls::rustls::ServerConfig>> {
+    /// The certificate handle (for [`Acceptor::renew`] and the federation client).
+    pub fn config(&self) -> IssuedCell {
         self.config.clone()
     }
 
@@ -218,7 +236,7 @@ impl Acceptor {
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                let acceptor = tokio_rustls::TlsAcceptor::from(self.config.load_full());
+                let acceptor = tokio_rustls::TlsAcceptor::from(self.config.load().server.clone());
                 let (tx, metrics) = (tx.clone(), metrics.clone());
                 tokio::spawn(async move {
                     let tls =
@@ -247,9 +265,16 @@ impl Acceptor {
                             }
                         },
                     };
+                    let control_plane_cluster = certs
+                        .and_then(|c| c.first())
+                        .and_then(tls::control_plane_cluster_of);
                     let conn = TlsConn {
                         inner: tls,
-                        peer: TlsPeer { remote, identity },
+                        peer: TlsPeer {
+                            remote,
+                            identity,
+                            control_plane_cluster,
+                        },
                     };
                     let _ = tx.send(Ok(conn)).await;
                 });

@@ -168,6 +168,10 @@ impl Ca {
         if found.is_empty() {
             return Self::generate(Some(dir), trust_domain, cluster);
         }
+        if found == FILES[..2] {
+            // A shared root (federation): this cluster makes its own intermediate under it.
+            return Self::intermediate_under_root(dir, cluster);
+        }
         if found.len() != FILES.len() {
             let missing = FILES
                 .iter()
@@ -234,6 +238,39 @@ impl Ca {
         })
     }
 
+    /// Makes this cluster's intermediate under the root in `dir` and writes it there.
+    fn intermediate_under_root(dir: &Path, cluster: &str) -> Result<Self, CaError> {
+        let read = |f: &str| {
+            let path = dir.join(f);
+            std::fs::read_to_string(&path).map_err(|source| CaError::Io { path, source })
+        };
+        let root_pem = read("root.pem")?;
+        let root_key =
+            KeyPair::from_pem(&read("root.key.pem")?).map_err(cert_err("root.key.pem"))?;
+        let root_issuer =
+            Issuer::from_ca_cert_pem(&root_pem, root_key).map_err(cert_err("root.pem"))?;
+        let int_key = KeyPair::generate().map_err(cert_err("intermediate key"))?;
+        let int_params = ca_params(format!("Weft intermediate CA ({cluster})"), Some(0), 1);
+        let intermediate = int_params
+            .signed_by(&int_key, &root_issuer)
+            .map_err(cert_err("intermediate certificate"))?;
+        let intermediate_pem = intermediate.pem();
+        for (f, content) in FILES[2..]
+            .iter()
+            .zip([intermediate_pem.clone(), int_key.serialize_pem()])
+        {
+            let path = dir.join(f);
+            write_private(&path, &content).map_err(|source| CaError::Io { path, source })?;
+        }
+        tracing::info!(dir = %dir.display(), %cluster, "made this cluster's intermediate CA under the shared root");
+        Ok(Ca {
+            dir: Some(dir.to_path_buf()),
+            root_pem,
+            intermediate_pem,
+            issuer: Issuer::new(int_params, int_key),
+        })
+    }
+
     /// The roots a workload must trust: this CA's root, plus every certificate in
     /// `<ca-dir>/trust-bundle.pem` (read at each call). Rotating a root is: add the new root
     /// there on every cluster, wait for workloads to renew (they now trust both), switch the
@@ -268,6 +305,30 @@ impl Ca {
         csr_pem: &str,
         identity: &SpiffeId,
         ttl: Option<Duration>,
+    ) -> Result<Signed, SignError> {
+        self.sign_with_dns(csr_pem, identity, ttl, None)
+    }
+
+    /// Signs a control plane's own certificate: as [`Ca::sign`], plus the DNS SAN naming its
+    /// cluster ([`weft_proto::tls::control_plane_dns_name`]), which federation checks. Only the
+    /// control plane calls this for itself; CSRs from outside never get a DNS name.
+    pub fn sign_control_plane(
+        &self,
+        csr_pem: &str,
+        identity: &SpiffeId,
+        ttl: Option<Duration>,
+        cluster: &str,
+    ) -> Result<Signed, SignError> {
+        let dns = weft_proto::tls::control_plane_dns_name(cluster);
+        self.sign_with_dns(csr_pem, identity, ttl, Some(&dns))
+    }
+
+    fn sign_with_dns(
+        &self,
+        csr_pem: &str,
+        identity: &SpiffeId,
+        ttl: Option<Duration>,
+        dns: Option<&str>,
     ) -> Result<Signed, SignError> {
         let ttl = ttl.unwrap_or(DEFAULT_TTL);
         if ttl > MAX_TTL {
@@ -319,6 +380,13 @@ impl Ca {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
+        if let Some(dns) = dns {
+            let name = dns
+                .to_string()
+                .try_into()
+                .map_err(|e: rcgen::Error| SignError::Internal(e.to_string()))?;
+            p.subject_alt_names.push(SanType::DnsName(name));
+        }
         let expires_at_unix = p.not_after.unix_timestamp();
         let leaf = csr
             .signed_by(&self.issuer)

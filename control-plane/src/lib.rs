@@ -8,6 +8,7 @@ pub mod admin;
 pub mod catalog;
 pub mod check;
 pub mod config;
+pub mod federation;
 pub mod grpc_tls;
 pub mod identity;
 pub mod lrs;
@@ -88,6 +89,8 @@ pub struct ControlPlane {
     pub metrics: Arc<Metrics>,
     /// The latest translation.
     pub translations: watch::Receiver<Arc<Translation>>,
+    /// Federation: peer states.
+    pub peers: Arc<federation::PeerBook>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -211,7 +214,20 @@ impl ControlPlane {
         let ads = AggregatedDiscoveryServiceServer::new(xds::AdsServer::new(shared))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let fed = Arc::new(federation::Federation {
+            cluster: config.cluster_name.clone(),
+            trust_domain: config.trust_domain.clone(),
+            settings: federation::Settings {
+                heartbeat: config.federation_heartbeat,
+                timeout: config.federation_timeout,
+                grace: config.peer_grace,
+            },
+            book: Arc::new(federation::PeerBook::default()),
+            catalog: catalog.clone(),
+            metrics: metrics.clone(),
+        });
         let admin = AdminServer::new(admin::AdminService {
+            federation: fed.clone(),
             catalog: catalog.clone(),
             registry,
             replica,
@@ -235,12 +251,24 @@ impl ControlPlane {
                     metrics: metrics.clone(),
                 },
             );
-        let acceptor = grpc_tls::Acceptor::new(&ca, &config.trust_domain)?;
+        let acceptor = grpc_tls::Acceptor::new(&ca, &config.trust_domain, &config.cluster_name)?;
+        let issued = acceptor.config();
         tasks.push(tokio::spawn(grpc_tls::Acceptor::renew(
-            acceptor.config(),
+            issued.clone(),
             ca.clone(),
             config.trust_domain.clone(),
+            config.cluster_name.clone(),
         )));
+        tasks.push(tokio::spawn(federation::import::run(
+            fed.clone(),
+            issued.clone(),
+            config.peers.clone(),
+        )));
+        let federation_service =
+            weft_proto::federation::federation_server::FederationServer::new(
+                federation::export::ExportService::new(fed.clone()),
+            )
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         {
             // Over TLS, xDS and admin want a caller with an SVID; signing takes a join token.
             use tonic::service::interceptor::InterceptedService;
@@ -251,7 +279,8 @@ impl ControlPlane {
                 .add_service(InterceptedService::new(ads.clone(), authn))
                 .add_service(InterceptedService::new(admin.clone(), authn))
                 .add_service(InterceptedService::new(lrs_service.clone(), authn))
-                .add_service(certificates.clone());
+                .add_service(certificates.clone())
+                .add_service(federation_service);
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = server.serve_with_incoming(incoming).await {
                     tracing::error!(error = %e, "TLS gRPC server stopped");
@@ -288,6 +317,7 @@ impl ControlPlane {
             catalog,
             metrics,
             translations: trx,
+            peers: fed.book.clone(),
             tasks,
         })
     }

@@ -57,6 +57,19 @@ pub struct Metrics {
     pub rollout_weight: Family<Labels, Gauge>,
     /// `weft_rollout_decisions_total{rollout,decision}`: promote, hold, rollback, ...
     pub rollout_decisions: Family<Labels, Counter>,
+    /// `weft_federation_peer_up{peer}`: 1 while the import stream from the peer is synced.
+    pub peer_up: Family<Labels, Gauge>,
+    /// `weft_federation_peer_stale{peer}`: 1 while the peer's endpoints are kept stale.
+    pub peer_stale: Family<Labels, Gauge>,
+    /// `weft_federation_imported_endpoints{peer}`: endpoints imported from the peer.
+    pub imported_endpoints: Family<Labels, Gauge>,
+    /// `weft_federation_updates_total{peer,direction}`: updates received (import) or sent
+    /// (export), heartbeats included.
+    pub federation_updates: Family<Labels, Counter>,
+    /// `weft_federation_refusals_total{peer,reason}`: streams or updates refused.
+    pub federation_refusals: Family<Labels, Counter>,
+    /// `weft_federation_exports`: peer control planes streaming our exports now.
+    pub federation_exports: Gauge,
     ready: AtomicBool,
 }
 
@@ -89,6 +102,12 @@ impl Metrics {
             lrs_requests: Family::default(),
             rollout_weight: Family::default(),
             rollout_decisions: Family::default(),
+            peer_up: Family::default(),
+            peer_stale: Family::default(),
+            imported_endpoints: Family::default(),
+            federation_updates: Family::default(),
+            federation_refusals: Family::default(),
+            federation_exports: Gauge::default(),
             ready: AtomicBool::new(false),
             registry: Registry::default(),
         };
@@ -98,6 +117,36 @@ impl Metrics {
             m.connected_proxies.clone(),
         );
         registry.register("weft_xds_pushes", "xDS responses sent", m.pushes.clone());
+        registry.register(
+            "weft_federation_peer_up",
+            "1 while the import stream from a peer control plane is synced",
+            m.peer_up.clone(),
+        );
+        registry.register(
+            "weft_federation_peer_stale",
+            "1 while a lost peer's endpoints are kept, marked stale",
+            m.peer_stale.clone(),
+        );
+        registry.register(
+            "weft_federation_imported_endpoints",
+            "Endpoints imported from a peer",
+            m.imported_endpoints.clone(),
+        );
+        registry.register(
+            "weft_federation_updates",
+            "Federation updates received (import) or sent (export)",
+            m.federation_updates.clone(),
+        );
+        registry.register(
+            "weft_federation_refusals",
+            "Federation streams or updates refused",
+            m.federation_refusals.clone(),
+        );
+        registry.register(
+            "weft_federation_exports",
+            "Peer control planes streaming this cluster's exports",
+            m.federation_exports.clone(),
+        );
         registry.register("weft_xds_acks", "xDS responses ACKed", m.acks.clone());
         registry.register("weft_xds_nacks", "xDS responses NACKed", m.nacks.clone());
         registry.register(

@@ -72,6 +72,37 @@ pub enum Object {
     TrafficPolicy(Box<Named<TrafficPolicySpec>>),
     /// Weft's own `weft.dev/v1alpha1 Rollout`: progressive delivery of a TrafficSplit's canary.
     Rollout(Box<Named<RolloutSpec>>),
+    /// Weft's own cluster-scoped `weft.dev/v1alpha1 MeshPeer`: another cluster's control
+    /// plane to federate with; `metadata.name` is that cluster's name.
+    MeshPeer(Box<Named<MeshPeerSpec>>),
+}
+
+/// Where a peer control plane's TLS gRPC port is.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshPeerSpec {
+    /// `HOST:PORT` of the peer's TLS gRPC port (15012), e.g. its east-west load balancer.
+    pub address: String,
+}
+
+/// Checks a peer address is `HOST:PORT` (IPv6 hosts in brackets).
+pub fn check_peer_address(address: &str) -> Result<(), String> {
+    if let Ok(a) = address.parse::<std::net::SocketAddr>() {
+        return match a.port() {
+            0 => Err(format!("{address:?}: port 0 is not 1-65535")),
+            _ => Ok(()),
+        };
+    }
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err(format!("{address:?}: expected HOST:PORT"));
+    };
+    if host.is_empty() || host.contains(['[', ']', '/', ' ']) {
+        return Err(format!("{address:?}: expected HOST:PORT"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("{address:?}: port {port:?} is not 1-65535")),
+    }
 }
 
 /// A namespaced object of one of the small kinds Weft owns or borrows: name, namespace, spec.
@@ -113,6 +144,7 @@ impl Object {
             Object::ServiceExport(o) => ("ServiceExport", (o.namespace.clone(), o.name.clone())),
             Object::TrafficPolicy(o) => ("TrafficPolicy", (o.namespace.clone(), o.name.clone())),
             Object::Rollout(o) => ("Rollout", (o.namespace.clone(), o.name.clone())),
+            Object::MeshPeer(o) => ("MeshPeer", (String::new(), o.name.clone())),
         };
         ObjectKey {
             kind,
@@ -558,7 +590,7 @@ pub fn parse_object(doc: serde_json::Value) -> Result<Option<Object>, ObjectErro
         .to_string();
     let label = if kind.is_empty() {
         "<object without kind>".to_string()
-    } else if kind == "Node" || kind == "Namespace" {
+    } else if kind == "Node" || kind == "Namespace" || kind == "MeshPeer" {
         format!("{kind} {name}")
     } else {
         format!("{kind} {namespace}/{name}")
@@ -601,6 +633,9 @@ pub fn parse_object(doc: serde_json::Value) -> Result<Option<Object>, ObjectErro
             Object::TrafficPolicy(Box::new(named(doc, &label, namespace, name)?))
         }
         ("weft.dev", "Rollout") => Object::Rollout(Box::new(named(doc, &label, namespace, name)?)),
+        ("weft.dev", "MeshPeer") => {
+            Object::MeshPeer(Box::new(named(doc, &label, String::new(), name)?))
+        }
         _ => return Ok(None),
     };
     validate(&obj).map_err(|(field, message)| err(&field, message))?;
@@ -759,6 +794,11 @@ fn validate(obj: &Object) -> Result<(), FieldError> {
             }
         }
         Object::Node(_) | Object::Pod(_) | Object::ServiceExport(_) => {}
+        Object::MeshPeer(p) => {
+            weft_proto::spiffe::validate_dns_subdomain("cluster name", &p.name)
+                .map_err(|e| field_err("metadata.name", e.to_string()))?;
+            check_peer_address(&p.spec.address).map_err(|m| field_err("spec.address", m))?;
+        }
         Object::TrafficSplit(ts) => {
             if ts.spec.service.is_empty() {
                 return Err(field_err("spec.service", "must name the root Service"));
@@ -997,6 +1037,9 @@ pub fn known_kind(kind: &str) -> Option<&'static str> {
         "HTTPRoute",
         "ServiceExport",
         "TrafficPolicy",
+        "Rollout",
+        "Namespace",
+        "MeshPeer",
     ]
     .into_iter()
     .find(|k| *k == kind)
@@ -1007,7 +1050,7 @@ pub fn raw_key(doc: &serde_json::Value) -> Option<ObjectKey> {
     let kind = known_kind(doc.get("kind")?.as_str()?)?;
     let meta = doc.get("metadata")?;
     let name = meta.get("name")?.as_str()?.to_string();
-    let namespace = if kind == "Node" {
+    let namespace = if matches!(kind, "Node" | "Namespace" | "MeshPeer") {
         String::new()
     } else {
         meta.get("namespace")

@@ -681,7 +681,9 @@ fn load_assignments(svc: &ServiceModel, place: &ProxyPlace, home: &str) -> Vec<R
                     Scope::Clusterset => 0,
                     Scope::Cluster => {
                         let p = raw_priority(e, place, home, prefer_local);
-                        if p == 3 && !cross_cluster {
+                        // A service with no Service object here exists through its
+                        // peers alone: their endpoints are all it has.
+                        if p == 3 && !cross_cluster && svc.local {
                             continue;
                         }
                         p

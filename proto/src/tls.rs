@@ -157,6 +157,45 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
     SpiffeId::parse(uri).map_err(|e| TlsError::NoSpiffeId(e.to_string()))
 }
 
+/// The DNS names a certificate carries (SPIFFE allows them beside the one URI SAN).
+pub fn dns_names_of(cert: &CertificateDer<'_>) -> Vec<String> {
+    let Ok((_, x509)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = x509.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The cluster a control plane's certificate names, from its DNS SAN
+/// `<cluster>.` [`CONTROL_PLANE_DNS_SUFFIX`] (see [`control_plane_dns_name`]).
+pub fn control_plane_cluster_of(cert: &CertificateDer<'_>) -> Option<String> {
+    dns_names_of(cert).into_iter().find_map(|d| {
+        d.strip_suffix(CONTROL_PLANE_DNS_SUFFIX)
+            .and_then(|c| c.strip_suffix('.'))
+            .filter(|c| !c.is_empty())
+            .map(str::to_string)
+    })
+}
+
+/// Suffix of the DNS SAN that names a control plane's cluster in its certificate.
+pub const CONTROL_PLANE_DNS_SUFFIX: &str = "control-plane.weft.internal";
+
+/// The DNS SAN that names cluster `cluster`'s control plane. Every control plane has the same
+/// SPIFFE ID (sidecars check that); federation tells one cluster's control plane from another's
+/// by this name, which only the CA puts there.
+pub fn control_plane_dns_name(cluster: &str) -> String {
+    format!("{cluster}.{CONTROL_PLANE_DNS_SUFFIX}")
+}
+
 /// After a handshake: the peer's SPIFFE ID, which must be one of `expected` (any when empty).
 pub fn check_peer(
     peer_certs: Option<&[CertificateDer<'static>]>,

@@ -5,6 +5,7 @@
 //! latency (peak EWMA) live in [`EndpointStats`], shared across config updates so a new EDS
 //! version does not forget what the proxy measured.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -197,6 +198,8 @@ impl EndpointStats {
 pub struct Target {
     /// Address.
     pub addr: SocketAddr,
+    /// The cluster it lives in ("" when unknown).
+    pub origin: Arc<str>,
     /// The SPIFFE ID its sidecar presents, when it terminates mTLS.
     pub mtls_identity: Option<Arc<str>>,
     /// Load counters of its cluster and locality (load reports).
@@ -206,6 +209,9 @@ pub struct Target {
     /// Measurements.
     pub stats: Arc<EndpointStats>,
 }
+
+/// Across clusters, one peak-EWMA pick in this many explores a random cluster.
+pub const EXPLORE_ONE_IN: u64 = 16;
 
 /// Virtual nodes per endpoint on a hash ring.
 pub const RING_REPLICAS: usize = 128;
@@ -217,6 +223,8 @@ pub const MAGLEV_SIZE: usize = 65_537;
 pub struct Balancer {
     algorithm: Algorithm,
     targets: Vec<Target>,
+    /// Target indices per origin cluster, when the targets span more than one cluster.
+    clusters: Vec<Vec<usize>>,
     next: AtomicUsize,
     /// (point, index) sorted by point.
     ring: Vec<(u64, u32)>,
@@ -236,8 +244,17 @@ pub fn hash64(bytes: &[u8]) -> u64 {
 impl Balancer {
     /// Builds a balancer (rings and tables are built here, never on the request path).
     pub fn new(algorithm: Algorithm, targets: Vec<Target>) -> Self {
+        let mut by_cluster: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, t) in targets.iter().enumerate() {
+            by_cluster.entry(&t.origin).or_default().push(i);
+        }
+        let clusters = match by_cluster.len() {
+            0 | 1 => Vec::new(),
+            _ => by_cluster.into_values().collect(),
+        };
         let mut b = Balancer {
             algorithm,
+            clusters,
             targets,
             next: AtomicUsize::new(0),
             ring: Vec::new(),
@@ -305,6 +322,30 @@ impl Balancer {
         self.table = table;
     }
 
+    /// Peak EWMA across clusters at one priority (remote clusters after a failover): the
+    /// cluster that looks cheapest (the better of two sampled endpoints each), then two
+    /// choices inside it. One pick in [`EXPLORE_ONE_IN`] goes to a random cluster, so the
+    /// estimate of a cluster not chosen stays fresh and a change in distance is noticed.
+    fn pick_cluster_then(&self, rand: u64) -> usize {
+        let sample = |group: &[usize], r: u64| {
+            let a = group[(r % group.len() as u64) as usize];
+            let b = group[((r >> 16) % group.len() as u64) as usize];
+            let (ca, cb) = (self.targets[a].stats.cost(), self.targets[b].stats.cost());
+            if ca <= cb { (a, ca) } else { (b, cb) }
+        };
+        let mix = |k: usize| rand.rotate_left(13 * k as u32 + 7) ^ (k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        if rand % EXPLORE_ONE_IN == 0 {
+            let g = &self.clusters[((rand >> 40) % self.clusters.len() as u64) as usize];
+            return sample(g, mix(99)).0;
+        }
+        self.clusters
+            .iter()
+            .enumerate()
+            .map(|(k, g)| sample(g, mix(k)))
+            .min_by(|x, y| x.1.total_cmp(&y.1))
+            .map_or(0, |(i, _)| i)
+    }
+
     /// Picks an endpoint. `rand` is a uniform random number; `hash` the request's hash key
     /// (hashing algorithms without a key fall back to random).
     pub fn pick(&self, rand: u64, hash: Option<u64>) -> Option<&Target> {
@@ -325,6 +366,7 @@ impl Balancer {
                 .get((h % MAGLEV_SIZE as u64) as usize)
                 .map_or(0, |i| *i as usize),
             (Algorithm::RoundRobin, _) => self.next.fetch_add(1, Ordering::Relaxed) % n,
+            (Algorithm::PeakEwma, _) if !self.clusters.is_empty() => self.pick_cluster_then(rand),
             (Algorithm::LeastRequest, _) | (Algorithm::PeakEwma, _) if n > 1 => {
                 let a = (rand % n as u64) as usize;
                 let mut b = ((rand >> 32) % (n as u64 - 1)) as usize;
@@ -376,6 +418,7 @@ mod tests {
         (0..n)
             .map(|i| Target {
                 addr: SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16)),
+                origin: Arc::from(""),
                 mtls_identity: None,
                 stats: Arc::new(EndpointStats::default()),
                 load: Arc::new(crate::lrs::LocalityLoad::new("")),
@@ -425,6 +468,33 @@ mod tests {
         let b = Balancer::new(Algorithm::LeastRequest, t.clone());
         let c = spread(&b, 1000, false);
         assert_eq!(c.get(&t[0].addr), None, "{c:?}");
+    }
+
+    #[test]
+    fn peak_ewma_prefers_the_faster_cluster_and_notices_a_change() {
+        // Three endpoints in a near cluster (5 ms), three in a far one (40 ms): plain two
+        // choices would still send a fifth to the far cluster; choosing the cluster first
+        // sends it only the exploring picks.
+        let mut t = targets(6);
+        for (i, x) in t.iter_mut().enumerate() {
+            let near = i < 3;
+            x.origin = Arc::from(if near { "near" } else { "far" });
+            x.stats
+                .observe(Duration::from_millis(if near { 5 } else { 40 }));
+        }
+        let b = Balancer::new(Algorithm::PeakEwma, t.clone());
+        let c = spread(&b, 10_000, false);
+        let near: u64 = t[..3].iter().map(|x| c.get(&x.addr).copied().unwrap_or(0)).sum();
+        assert!(near >= 9_300, "near cluster got {near} of 10000: {c:?}");
+        assert!(near < 10_000, "the far cluster is still explored: {c:?}");
+        // The near cluster slows down past the far one: its peak rises at once, so traffic
+        // moves without waiting for an average to catch up.
+        for x in &t[..3] {
+            x.stats.observe(Duration::from_millis(80));
+        }
+        let c = spread(&b, 10_000, false);
+        let far: u64 = t[3..].iter().map(|x| c.get(&x.addr).copied().unwrap_or(0)).sum();
+        assert!(far >= 9_300, "after the change the other cluster got {far}: {c:?}");
     }
 
     #[test]

@@ -274,6 +274,8 @@ pub struct Endpoint {
     pub healthy: bool,
     /// Zone.
     pub zone: String,
+    /// The cluster it lives in (EndpointMeta; "" when the control plane did not say).
+    pub origin: Arc<str>,
     /// The SPIFFE ID to expect when the endpoint's sidecar terminates mTLS; `None` for a
     /// plaintext endpoint.
     pub mtls_identity: Option<Arc<str>>,
@@ -391,6 +393,7 @@ pub fn compile_endpoints(
                 .as_ref()
                 .and_then(|m| m.typed_filter_metadata.get("weft"))
                 .and_then(|a| weft_proto::xds::EndpointMeta::decode(a.value.as_slice()).ok());
+            let origin: Arc<str> = meta.as_ref().map_or("", |m| m.cluster.as_str()).into();
             let mtls_identity = match meta {
                 Some(m) if m.mtls => {
                     weft_proto::SpiffeId::parse(&m.identity).map_err(|err| {
@@ -409,6 +412,7 @@ pub fn compile_endpoints(
                 healthy: health == core::HealthStatus::Healthy as i32
                     || health == core::HealthStatus::Unknown as i32,
                 zone: zone.clone(),
+                origin,
                 load: load_for(&zone),
                 hot: Arc::default(),
                 mtls_identity,
@@ -447,6 +451,7 @@ impl Endpoints {
                     .filter(|e| e.healthy)
                     .map(|e| Target {
                         addr: e.addr,
+                        origin: e.origin.clone(),
                         mtls_identity: e.mtls_identity.clone(),
                         stats: e.stats.clone(),
                         load: e.load.clone(),
@@ -675,6 +680,7 @@ mod tests {
                 addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
                 healthy: *healthy,
                 zone: String::new(),
+                origin: Arc::from(""),
                 mtls_identity: None,
                 stats: Arc::default(),
                 load: Arc::new(crate::lrs::LocalityLoad::new("")),

@@ -753,6 +753,7 @@ pub(crate) mod test_support {
             addr: "127.0.0.1:9".parse().expect("addr"),
             healthy: true,
             zone: String::new(),
+            origin: Arc::from(""),
             mtls_identity: None,
             stats: Arc::default(),
             load: Arc::new(crate::lrs::LocalityLoad::new("")),
@@ -780,6 +781,7 @@ pub(crate) mod test_support {
         let e = &d.endpoints.priorities[0][0];
         Target {
             addr: e.addr,
+            origin: e.origin.clone(),
             mtls_identity: None,
             stats: e.stats.clone(),
             load: e.load.clone(),
