@@ -469,8 +469,13 @@ impl Catalog {
         st.ready |= update.initial_sync_done;
         let prev = self.current();
         let st = &mut *st;
-        let (mut model, mut errors, good) =
-            build(&st.world, &prev, &st.last_good_routes, &st.overrides, &st.imports);
+        let (mut model, mut errors, good) = build(
+            &st.world,
+            &prev,
+            &st.last_good_routes,
+            &st.overrides,
+            &st.imports,
+        );
         for (k, v) in good {
             st.last_good_routes.insert(k, v);
         }

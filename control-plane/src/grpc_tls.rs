@@ -154,12 +154,7 @@ fn issue(ca: &Ca, id: &SpiffeId, cluster: &str) -> Result<Arc<Issued>, GrpcTlsEr
     let svid = tls::Svid::from_pem(&signed.chain, &key)?;
     let roots = tls::roots(&signed.trust_bundle)?;
     Ok(Arc::new(Issued {
-        server: tls::server_config(
-            &svid,
-            roots.clone(),
-            ClientAuth::Optional,
-            &[tls::ALPN_H2],
-        )?,
+        server: tls::server_config(&svid, roots.clone(), ClientAuth::Optional, &[tls::ALPN_H2])?,
         client: tls::client_config(Some(&svid), roots, &[tls::ALPN_H2])?,
     }))
 }

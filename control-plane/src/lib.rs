@@ -91,6 +91,8 @@ pub struct ControlPlane {
     pub translations: watch::Receiver<Arc<Translation>>,
     /// Federation: peer states.
     pub peers: Arc<federation::PeerBook>,
+    /// Dropped with the control plane: ends streams that outlive the server task.
+    _stop: watch::Sender<()>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -214,7 +216,9 @@ impl ControlPlane {
         let ads = AggregatedDiscoveryServiceServer::new(xds::AdsServer::new(shared))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let (stop, stopped) = watch::channel(());
         let fed = Arc::new(federation::Federation {
+            stopped,
             cluster: config.cluster_name.clone(),
             trust_domain: config.trust_domain.clone(),
             settings: federation::Settings {
@@ -264,11 +268,10 @@ impl ControlPlane {
             issued.clone(),
             config.peers.clone(),
         )));
-        let federation_service =
-            weft_proto::federation::federation_server::FederationServer::new(
-                federation::export::ExportService::new(fed.clone()),
-            )
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let federation_service = weft_proto::federation::federation_server::FederationServer::new(
+            federation::export::ExportService::new(fed.clone()),
+        )
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
         {
             // Over TLS, xDS and admin want a caller with an SVID; signing takes a join token.
             use tonic::service::interceptor::InterceptedService;
@@ -318,6 +321,7 @@ impl ControlPlane {
             metrics,
             translations: trx,
             peers: fed.book.clone(),
+            _stop: stop,
             tasks,
         })
     }

@@ -25,6 +25,7 @@ fn endpoints(n: usize, algorithm: Algorithm) -> Endpoints {
             addr: SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 8080)),
             healthy: true,
             zone: "a".into(),
+            origin: Arc::from("c1"),
             mtls_identity: None,
             stats: Arc::default(),
             load: Arc::new(weft_sidecar::lrs::LocalityLoad::new("a")),

@@ -333,8 +333,10 @@ impl Balancer {
             let (ca, cb) = (self.targets[a].stats.cost(), self.targets[b].stats.cost());
             if ca <= cb { (a, ca) } else { (b, cb) }
         };
-        let mix = |k: usize| rand.rotate_left(13 * k as u32 + 7) ^ (k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        if rand % EXPLORE_ONE_IN == 0 {
+        let mix = |k: usize| {
+            rand.rotate_left(13 * k as u32 + 7) ^ (k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        };
+        if rand.is_multiple_of(EXPLORE_ONE_IN) {
             let g = &self.clusters[((rand >> 40) % self.clusters.len() as u64) as usize];
             return sample(g, mix(99)).0;
         }
@@ -484,7 +486,10 @@ mod tests {
         }
         let b = Balancer::new(Algorithm::PeakEwma, t.clone());
         let c = spread(&b, 10_000, false);
-        let near: u64 = t[..3].iter().map(|x| c.get(&x.addr).copied().unwrap_or(0)).sum();
+        let near: u64 = t[..3]
+            .iter()
+            .map(|x| c.get(&x.addr).copied().unwrap_or(0))
+            .sum();
         assert!(near >= 9_300, "near cluster got {near} of 10000: {c:?}");
         assert!(near < 10_000, "the far cluster is still explored: {c:?}");
         // The near cluster slows down past the far one: its peak rises at once, so traffic
@@ -493,8 +498,14 @@ mod tests {
             x.stats.observe(Duration::from_millis(80));
         }
         let c = spread(&b, 10_000, false);
-        let far: u64 = t[3..].iter().map(|x| c.get(&x.addr).copied().unwrap_or(0)).sum();
-        assert!(far >= 9_300, "after the change the other cluster got {far}: {c:?}");
+        let far: u64 = t[3..]
+            .iter()
+            .map(|x| c.get(&x.addr).copied().unwrap_or(0))
+            .sum();
+        assert!(
+            far >= 9_300,
+            "after the change the other cluster got {far}: {c:?}"
+        );
     }
 
     #[test]

@@ -19,6 +19,50 @@ pub async fn start_control_plane(
     ControlPlane::start(weft_control_plane::Config::local(dir)).await
 }
 
+/// Starts cluster `cluster`'s control plane over `dir` on loopback port 0 with its CA in
+/// `ca_dir` (copy a shared `root.pem` + `root.key.pem` there first to federate) and fast
+/// federation timings: heartbeat 200 ms, link lost after 1 s, stale endpoints kept `grace`.
+pub async fn start_cluster_control_plane(
+    dir: &Path,
+    cluster: &str,
+    ca_dir: &Path,
+    grace: Duration,
+    grpc_addr: Option<SocketAddr>,
+) -> Result<ControlPlane, weft_control_plane::StartError> {
+    let mut cfg = weft_control_plane::Config::local(dir);
+    cfg.cluster_name = cluster.into();
+    cfg.ca_dir = Some(ca_dir.to_path_buf());
+    cfg.federation_heartbeat = Duration::from_millis(200);
+    cfg.federation_timeout = Duration::from_secs(1);
+    cfg.peer_grace = grace;
+    if let Some(a) = grpc_addr {
+        cfg.grpc_addr = a;
+    }
+    ControlPlane::start(cfg).await
+}
+
+/// Makes CA directories for `clusters` sharing one root (each control plane then makes its own
+/// intermediate under it), inside `base`.
+pub fn shared_root_ca_dirs(
+    base: &Path,
+    clusters: &[&str],
+) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let first = base.join("root");
+    weft_control_plane::identity::Ca::load_or_generate(Some(&first), "cluster.local", "root")
+        .map_err(std::io::Error::other)?;
+    clusters
+        .iter()
+        .map(|c| {
+            let d = base.join(format!("ca-{c}"));
+            std::fs::create_dir_all(&d)?;
+            for f in ["root.pem", "root.key.pem"] {
+                std::fs::copy(first.join(f), d.join(f))?;
+            }
+            Ok(d)
+        })
+        .collect()
+}
+
 /// Writes `docs` as `world.yaml` in a new directory and starts a control plane over it. The
 /// directory lives as long as the returned `TempDir`.
 pub async fn control_plane_over(docs: &[String]) -> (tempfile::TempDir, ControlPlane) {

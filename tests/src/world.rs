@@ -81,3 +81,24 @@ pub fn pod_slice(name: &str, svc: &str, endpoints: &[(SocketAddr, &str)]) -> Str
 pub fn docs(parts: &[String]) -> String {
     parts.join("---\n")
 }
+
+/// An MCS `ServiceExport` of `svc` in `default`.
+pub fn export(svc: &str) -> String {
+    format!(
+        "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: {svc}, namespace: default}}\n"
+    )
+}
+
+/// A `MeshPeer`: federate with cluster `name`'s control plane at `address`.
+pub fn mesh_peer(name: &str, address: &str) -> String {
+    format!(
+        "apiVersion: weft.dev/v1alpha1\nkind: MeshPeer\nmetadata: {{name: {name}}}\nspec: {{address: \"{address}\"}}\n"
+    )
+}
+
+/// A TrafficPolicy letting other clusters' endpoints join `svc`'s local name (failover).
+pub fn cross_cluster_policy(svc: &str) -> String {
+    format!(
+        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {svc}-failover, namespace: default}}\nspec:\n  targetRef: {{name: {svc}}}\n  locality: {{failover: true, crossCluster: true}}\n"
+    )
+}

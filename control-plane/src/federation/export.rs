@@ -203,6 +203,7 @@ async fn stream_exports(
         ])
         .clone();
     let mut models = fed.catalog.subscribe();
+    let mut stopped = fed.stopped.clone();
     let model = models.borrow_and_update().clone();
     let mut sent = exports(&model);
     let mut version = model.version;
@@ -236,6 +237,7 @@ async fn stream_exports(
                 version, snapshot: false, upserted: Vec::new(), removed: Vec::new(), cluster_name: fed.cluster.clone(),
             },
             _ = tx.closed() => break,
+            _ = stopped.changed() => break,
         };
         alive = tx.send(Ok(update)).await.is_ok();
         counter.inc();
@@ -272,13 +274,24 @@ mod tests {
         assert_eq!(ok.as_deref().ok(), Some("east"));
         let cases = [
             (None, req("east", 1), "TLS gRPC port only"),
-            (Some(peer(None, None)), req("east", 1), "no client certificate"),
             (
-                Some(peer(Some("spiffe://cluster.local/ns/shop/sa/web"), Some("east"))),
+                Some(peer(None, None)),
+                req("east", 1),
+                "no client certificate",
+            ),
+            (
+                Some(peer(
+                    Some("spiffe://cluster.local/ns/shop/sa/web"),
+                    Some("east"),
+                )),
                 req("east", 1),
                 "is not a control plane",
             ),
-            (Some(peer(Some(CP), None)), req("east", 1), "names no cluster"),
+            (
+                Some(peer(Some(CP), None)),
+                req("east", 1),
+                "names no cluster",
+            ),
             (
                 Some(peer(Some(CP), Some("south"))),
                 req("east", 1),

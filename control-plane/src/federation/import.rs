@@ -142,10 +142,12 @@ fn convert(
     let mut endpoints = Vec::new();
     for (j, e) in s.endpoints.iter().enumerate() {
         let field = |f: &str| format!("endpoints[{j}].{f}");
-        let address: IpAddr = e
-            .address
-            .parse()
-            .map_err(|_| at(field("address"), format!("{:?} is not an IP address", e.address)))?;
+        let address: IpAddr = e.address.parse().map_err(|_| {
+            at(
+                field("address"),
+                format!("{:?} is not an IP address", e.address),
+            )
+        })?;
         if e.cluster != peer {
             return Err(at(
                 field("cluster"),
@@ -214,18 +216,17 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A gRPC channel to a peer over mTLS: presents our certificate and accepts only a server whose
-/// certificate is the control plane's and names cluster `expected`.
-async fn connect(
+/// A gRPC channel to a peer over mTLS: presents the certificate in `config` and accepts only a
+/// server whose certificate is the control plane's and names cluster `expected`.
+pub async fn connect(
     address: &str,
     expected: &str,
     trust_domain: &str,
-    issued: &IssuedCell,
+    config: Arc<tls::rustls::ClientConfig>,
 ) -> Result<tonic::transport::Channel, String> {
     let cp_id = crate::grpc_tls::server_identity(trust_domain)
         .map_err(|e| e.to_string())?
         .to_string();
-    let config = issued.load().client.clone();
     let (address_owned, expected_owned) = (address.to_string(), expected.to_string());
     let connector = tower::service_fn(move |_: http::Uri| {
         let (config, address, expected, cp_id) = (
@@ -321,13 +322,13 @@ impl Link {
                 &self.peer.address,
                 &self.peer.name,
                 &self.fed.trust_domain,
-                &self.issued,
+                self.issued.load().client.clone(),
             ),
         )
         .await
         .map_err(|_| format!("connecting took longer than {CONNECT_TIMEOUT:?}"))??;
-        let mut client = FederationClient::new(channel)
-            .max_decoding_message_size(crate::MAX_MESSAGE_BYTES);
+        let mut client =
+            FederationClient::new(channel).max_decoding_message_size(crate::MAX_MESSAGE_BYTES);
         let call = client.export(pb::ExportRequest {
             cluster_name: self.fed.cluster.clone(),
             protocol_version: PROTOCOL_VERSION,
@@ -633,11 +634,17 @@ mod tests {
             namespace: "default".into(),
             name: "echo".into(),
         });
-        assert_eq!(apply_update("east", TD, &mut held, false, &change), Ok(true));
+        assert_eq!(
+            apply_update("east", TD, &mut held, false, &change),
+            Ok(true)
+        );
         let h = held.clone().expect("held");
         assert_eq!(h.version, 6);
         assert_eq!(
-            h.services.keys().map(|k| k.name.as_str()).collect::<Vec<_>>(),
+            h.services
+                .keys()
+                .map(|k| k.name.as_str())
+                .collect::<Vec<_>>(),
             ["other"]
         );
         // A new stream's snapshot may restart the version (the peer restarted).
@@ -681,8 +688,16 @@ mod tests {
                 update(6, false, vec![svc("echo", vec![ep("not-an-ip", "east")])]),
                 "endpoints[0].address: \"not-an-ip\" is not an IP address",
             ),
-            (false, update(6, false, vec![bad_name]), "upserted[0].service"),
-            (false, update(6, false, vec![bad_port]), "70000 is not a port"),
+            (
+                false,
+                update(6, false, vec![bad_name]),
+                "upserted[0].service",
+            ),
+            (
+                false,
+                update(6, false, vec![bad_port]),
+                "70000 is not a port",
+            ),
             (
                 false,
                 update(6, false, vec![svc("echo", vec![foreign_id])]),

@@ -191,6 +191,9 @@ pub struct Federation {
     pub catalog: Arc<crate::catalog::Catalog>,
     /// Metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Closes when the control plane stops: export streams end with it (tonic keeps open
+    /// connections' tasks running after its server task ends).
+    pub stopped: tokio::sync::watch::Receiver<()>,
 }
 
 /// Parses `--peer NAME=ADDR`.
@@ -218,13 +221,13 @@ mod tests {
             parse_peer_flag("west=cp.west.example:15012"),
             Ok(("west".into(), "cp.west.example:15012".into()))
         );
-        let e = parse_peer_flag("east").unwrap_err();
+        let e = parse_peer_flag("east").expect_err("refused");
         assert!(e.contains("NAME=HOST:PORT"), "{e}");
-        let e = parse_peer_flag("East_1=10.0.0.1:15012").unwrap_err();
+        let e = parse_peer_flag("East_1=10.0.0.1:15012").expect_err("refused");
         assert!(e.contains("peer cluster name"), "{e}");
-        let e = parse_peer_flag("east=10.0.0.1:0").unwrap_err();
+        let e = parse_peer_flag("east=10.0.0.1:0").expect_err("refused");
         assert!(e.contains("1-65535"), "{e}");
-        let e = parse_peer_flag("east=10.0.0.1").unwrap_err();
+        let e = parse_peer_flag("east=10.0.0.1").expect_err("refused");
         assert!(e.contains("HOST:PORT"), "{e}");
     }
 
