@@ -1,2 +1,149 @@
 //! End-to-end scenarios live in `e2e/tests/`: the third-party xDS interop test (Python grpcio),
-//! and, as they are built, network-namespace scenarios and benchmarks.
+//! network-namespace scenarios (interception, the three-cluster suite) and benchmarks.
+//!
+//! [`lab`] is what the network-namespace scenarios share: prerequisites, commands, and a
+//! [`lab::Lab`] that owns every namespace and process a test made and removes them on drop,
+//! also when the test fails.
+
+/// Network-namespace lab helpers.
+pub mod lab {
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Output, Stdio};
+    use std::time::{Duration, Instant};
+
+    const BIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug");
+
+    /// A built binary of the workspace (`WEFT_<NAME>_BIN` overrides the path).
+    pub fn bin(name: &str) -> PathBuf {
+        let var = format!("WEFT_{}_BIN", name.to_uppercase().replace('-', "_"));
+        std::env::var(var)
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| Path::new(BIN).join(name))
+    }
+
+    /// Runs a command and returns what it did (panics only when it cannot be started).
+    pub fn sh(args: &[&str]) -> Output {
+        Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    /// Runs a command that must succeed and returns its stdout.
+    pub fn ok(args: &[&str]) -> String {
+        let o = sh(args);
+        assert!(
+            o.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Why a network-namespace test cannot run here, if it cannot: not root, a tool missing,
+    /// a binary not built.
+    pub fn missing_prerequisite(tools: &[&str], bins: &[&str]) -> Option<String> {
+        let uid = Command::new("id").arg("-u").output().ok()?;
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            return Some("not root (network namespaces and iptables need it)".into());
+        }
+        for tool in tools {
+            let found = Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output();
+            if !found.is_ok_and(|o| o.status.success()) {
+                return Some(format!("{tool} is not installed"));
+            }
+        }
+        for b in bins {
+            if !bin(b).exists() {
+                return Some(format!(
+                    "{} is not built (cargo build --workspace --bins)",
+                    bin(b).display()
+                ));
+            }
+        }
+        None
+    }
+
+    /// Polls `f` every 100 ms until it holds; panics naming `what` after `patience`.
+    pub fn eventually(what: &str, patience: Duration, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + patience;
+        while !f() {
+            assert!(
+                Instant::now() < deadline,
+                "not true after {patience:?}: {what}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Everything a test made: namespaces (their veths and rules go with them) and named
+    /// processes. Dropping it kills the processes and deletes the namespaces.
+    #[derive(Default)]
+    pub struct Lab {
+        /// Namespaces, deleted on drop.
+        pub namespaces: Vec<String>,
+        children: Vec<(String, Child)>,
+    }
+
+    impl Drop for Lab {
+        fn drop(&mut self) {
+            for (_, c) in &mut self.children {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            for ns in &self.namespaces {
+                let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            }
+        }
+    }
+
+    impl Lab {
+        /// Creates a namespace (owned by the lab) with its loopback up.
+        pub fn namespace(&mut self, name: &str) {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+            ok(&["ip", "netns", "add", name]);
+            self.namespaces.push(name.to_string());
+            ok(&["ip", "-n", name, "link", "set", "lo", "up"]);
+        }
+
+        /// Starts `args` inside namespace `ns` as process `name` (output discarded unless
+        /// `log` names a file for it).
+        pub fn spawn(&mut self, name: &str, ns: &str, args: &[&str], log: Option<&Path>) {
+            let (out, err) = match log.and_then(|p| std::fs::File::create(p).ok()) {
+                Some(f) => match f.try_clone() {
+                    Ok(g) => (Stdio::from(f), Stdio::from(g)),
+                    Err(_) => (Stdio::null(), Stdio::null()),
+                },
+                None => (Stdio::null(), Stdio::null()),
+            };
+            let child = Command::new("ip")
+                .args(["netns", "exec", ns])
+                .args(args)
+                .stdout(out)
+                .stderr(err)
+                .spawn()
+                .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            self.children.push((name.to_string(), child));
+        }
+
+        /// Kills (SIGKILL) every process named `name` and waits for it.
+        pub fn kill(&mut self, name: &str) {
+            for (n, c) in &mut self.children {
+                if n == name {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+            self.children.retain(|(n, _)| n != name);
+        }
+
+        /// Whether process `name` is still running.
+        pub fn running(&mut self, name: &str) -> bool {
+            self.children
+                .iter_mut()
+                .any(|(n, c)| n == name && matches!(c.try_wait(), Ok(None)))
+        }
+    }
+}

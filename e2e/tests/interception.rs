@@ -8,114 +8,25 @@
 //! Needs root, `ip`, `iptables`, `curl`, `setpriv`, `python3` and the built binaries; without
 //! them it prints `SKIP` and why. Everything it creates is removed on exit, also on failure.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-const BIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug");
-
-fn bin(name: &str) -> PathBuf {
-    let var = format!("WEFT_{}_BIN", name.to_uppercase().replace('-', "_"));
-    std::env::var(var)
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(BIN).join(name))
-}
-
-fn sh(args: &[&str]) -> Output {
-    Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = sh(args);
-    assert!(
-        o.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn missing_prerequisite() -> Option<String> {
-    let uid = Command::new("id").arg("-u").output().ok()?;
-    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-        return Some("not root (network namespaces and iptables need it)".into());
-    }
-    for tool in ["ip", "iptables", "curl", "setpriv", "python3"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output();
-        if !found.is_ok_and(|o| o.status.success()) {
-            return Some(format!("{tool} is not installed"));
-        }
-    }
-    for b in ["weft-control-plane", "weft-sidecar"] {
-        if !bin(b).exists() {
-            return Some(format!(
-                "{} is not built (cargo build --workspace --bins)",
-                bin(b).display()
-            ));
-        }
-    }
-    None
-}
-
-/// Everything the test made: namespaces (their veths and rules go with them) and processes.
-struct Lab {
-    namespaces: Vec<String>,
-    children: Vec<Child>,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in &self.namespaces {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
-}
-
-impl Lab {
-    fn spawn(&mut self, ns: &str, args: &[&str]) {
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-        self.children.push(child);
-    }
-}
-
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !f() {
-        assert!(Instant::now() < deadline, "not true after 15 s: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+use weft_e2e::lab::{Lab, bin, eventually, missing_prerequisite, ok, sh};
 
 #[test]
 fn unmodified_client_is_intercepted_in_a_network_namespace() {
-    if let Some(why) = missing_prerequisite() {
+    if let Some(why) = missing_prerequisite(
+        &["ip", "iptables", "curl", "setpriv", "python3"],
+        &["weft-control-plane", "weft-sidecar"],
+    ) {
         println!("SKIP unmodified_client_is_intercepted_in_a_network_namespace: {why}");
         return;
     }
     let id = std::process::id();
     let (cli, srv) = (format!("weft-{id}-cli"), format!("weft-{id}-srv"));
     let (va, vb) = (format!("wa{id}"), format!("wb{id}"));
-    let mut lab = Lab {
-        namespaces: vec![cli.clone(), srv.clone()],
-        children: Vec::new(),
-    };
-    ok(&["ip", "netns", "add", &cli]);
-    ok(&["ip", "netns", "add", &srv]);
+    let mut lab = Lab::default();
+    lab.namespace(&cli);
+    lab.namespace(&srv);
     ok(&[
         "ip", "link", "add", &va, "type", "veth", "peer", "name", &vb,
     ]);
@@ -133,6 +44,7 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
     std::fs::write(web.path().join("index.html"), "srv-pod\n").expect("write");
     let web_dir = web.path().to_string_lossy().into_owned();
     lab.spawn(
+        "web",
         &srv,
         &[
             "python3",
@@ -144,6 +56,7 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
             "--directory",
             &web_dir,
         ],
+        None,
     );
 
     // The world: Service echo at clusterIP 198.18.0.10:80 -> the server pod's 8080.
@@ -157,6 +70,7 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
     let cp = bin("weft-control-plane").to_string_lossy().into_owned();
     let sidecar = bin("weft-sidecar").to_string_lossy().into_owned();
     lab.spawn(
+        "control-plane",
         &cli,
         &[
             &cp,
@@ -169,6 +83,7 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
             "--metrics-addr",
             "127.0.0.1:15014",
         ],
+        None,
     );
 
     // Interception rules, twice: the second run must leave the same rules.
@@ -185,6 +100,7 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
 
     // The sidecar, as the proxy UID so its own connections are not intercepted.
     lab.spawn(
+        "sidecar",
         &cli,
         &[
             "setpriv",
@@ -203,9 +119,10 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
             "--admin-addr",
             "127.0.0.1:15000",
         ],
+        None,
     );
     let curl = |url: &str| sh(&["ip", "netns", "exec", &cli, "curl", "-s", "-m", "5", url]);
-    eventually("sidecar ready", || {
+    eventually("sidecar ready", Duration::from_secs(15), || {
         String::from_utf8_lossy(&curl("http://127.0.0.1:15000/ready").stdout).contains("ready")
     });
 

@@ -626,17 +626,13 @@ pub mod pick {
         Pick
     );
 
-    /// An endpoint of `d`, avoiding `tried` when another healthy one can be found.
+    /// An endpoint of `d`, avoiding `tried`: a retry counts the endpoints it already tried
+    /// as unusable, so once a priority's are all tried it spills to the next priority (as
+    /// Envoy's previous-hosts and previous-priorities retry plugins do together).
     pub fn choose(d: &Dispatch, tried: &[std::net::SocketAddr]) -> Option<super::Target> {
-        let mut last = None;
-        for _ in 0..4 {
-            let t = d.endpoints.pick(rand::random::<u64>(), d.hash)?;
-            if !tried.contains(&t.addr) {
-                return Some(t.clone());
-            }
-            last = Some(t.clone());
-        }
-        last
+        d.endpoints
+            .pick_untried(rand::random::<u64>(), d.hash, tried)
+            .cloned()
     }
 
     impl<S: Svc> Pick<S> {

@@ -221,7 +221,7 @@ impl Shared {
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req| {
             let (this, identity) = (this.clone(), identity.clone());
-            async move { Ok::<_, Infallible>(this.to_app(req, app, identity).await) }
+            async move { Ok::<_, Infallible>(this.to_app(req, app, peer, identity).await) }
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
@@ -238,6 +238,7 @@ impl Shared {
         &self,
         req: Request<hyper::body::Incoming>,
         app: SocketAddr,
+        peer: SocketAddr,
         identity: Option<hyper::header::HeaderValue>,
     ) -> Response<Body> {
         let started = Instant::now();
@@ -248,6 +249,7 @@ impl Shared {
             Err(msg) => return refuse(StatusCode::BAD_REQUEST, "bad-uri", msg),
         };
         parts.headers.remove(CLIENT_IDENTITY_HEADER);
+        append_forwarded_for(&mut parts.headers, peer);
         if let Some(id) = identity {
             parts.headers.insert(CLIENT_IDENTITY_HEADER, id);
         }
@@ -266,5 +268,35 @@ impl Shared {
         self.metrics
             .inbound_request(mtls, resp.status().as_u16(), started);
         resp
+    }
+}
+
+/// Appends the caller's address to `x-forwarded-for`, as a proxy in front of the application
+/// does: behind its sidecar the application sees every connection come from its own pod.
+fn append_forwarded_for(headers: &mut hyper::HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&value) {
+        headers.insert("x-forwarded-for", v);
+    }
+}
+
+#[cfg(test)]
+mod forwarded_tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_appends_the_caller() {
+        let peer: SocketAddr = "198.18.1.20:40000".parse().expect("addr");
+        let mut h = hyper::HeaderMap::new();
+        append_forwarded_for(&mut h, peer);
+        assert_eq!(h["x-forwarded-for"], "198.18.1.20");
+        let mut h = hyper::HeaderMap::new();
+        h.insert("x-forwarded-for", "203.0.113.7".parse().expect("value"));
+        append_forwarded_for(&mut h, peer);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 198.18.1.20");
     }
 }

@@ -535,6 +535,44 @@ impl Endpoints {
         load
     }
 
+    /// Picks an endpoint for a retry, avoiding `tried`: the priority by the load of the
+    /// endpoints that are healthy, not ejected and not tried, then that priority's balancer
+    /// (a few draws, then a scan, for an endpoint not tried). Falls back to [`Endpoints::pick`]
+    /// when every endpoint was tried.
+    pub fn pick_untried(
+        &self,
+        rand: u64,
+        hash: Option<u64>,
+        tried: &[SocketAddr],
+    ) -> Option<&Target> {
+        if tried.is_empty() {
+            return self.pick(rand, hash);
+        }
+        let load =
+            self.load_with(|e| e.healthy && !e.stats.is_ejected() && !tried.contains(&e.addr));
+        let roll = ((rand >> 48) % 100) as u32;
+        let mut acc = 0;
+        let Some(chosen) = load.iter().position(|l| {
+            acc += l;
+            roll < acc
+        }) else {
+            return self.pick(rand, hash);
+        };
+        let b = self.balancers.get(chosen)?;
+        let mut r = rand;
+        for _ in 0..4 {
+            let t = b.pick(r, hash)?;
+            if !tried.contains(&t.addr) {
+                return Some(t);
+            }
+            r = r.rotate_left(17).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+        b.targets()
+            .iter()
+            .find(|t| !tried.contains(&t.addr) && !t.stats.is_ejected())
+            .or_else(|| self.pick(rand, hash))
+    }
+
     /// Picks an endpoint: a priority by load (`rand`'s high bits), then the priority's
     /// balancer (`rand`, and `hash` for hashing algorithms).
     pub fn pick(&self, rand: u64, hash: Option<u64>) -> Option<&Target> {
@@ -688,6 +726,22 @@ mod tests {
             });
         }
         Endpoints::new(priorities, 140, Algorithm::RoundRobin)
+    }
+
+    #[test]
+    fn a_retry_spills_to_the_next_priority_once_a_priority_is_all_tried() {
+        // Priority 0: two endpoints, priority 1: one.
+        let e = eps(&[(0, true), (0, true), (1, true)]);
+        let addr = |i: usize| SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16));
+        for r in 0..200u64 {
+            let rand = crate::balance::hash64(&r.to_le_bytes());
+            let t = e.pick_untried(rand, None, &[addr(0)]).expect("pick");
+            assert_ne!(t.addr, addr(0), "a tried endpoint is avoided");
+            let t = e
+                .pick_untried(rand, None, &[addr(0), addr(1)])
+                .expect("pick");
+            assert_eq!(t.addr, addr(2), "priority 0 all tried: the next priority");
+        }
     }
 
     #[test]

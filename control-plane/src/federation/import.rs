@@ -314,10 +314,17 @@ impl Link {
         self.fed.catalog.set_import(&self.peer.name, import);
     }
 
-    /// One stream: connect, take the snapshot, then updates until the link fails.
-    async fn stream_once(&mut self) -> Result<(), String> {
+    /// One stream: connect, take the snapshot, then updates until the link fails. Connecting
+    /// gives up at `connect_by` (the end of a grace period) so that expiry is on time.
+    async fn stream_once(&mut self, connect_by: Option<Instant>) -> Result<(), String> {
+        let connect_timeout = connect_by.map_or(CONNECT_TIMEOUT, |by| {
+            CONNECT_TIMEOUT.min(
+                by.saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(50)),
+            )
+        });
         let channel = tokio::time::timeout(
-            CONNECT_TIMEOUT,
+            connect_timeout,
             connect(
                 &self.peer.address,
                 &self.peer.name,
@@ -326,7 +333,7 @@ impl Link {
             ),
         )
         .await
-        .map_err(|_| format!("connecting took longer than {CONNECT_TIMEOUT:?}"))??;
+        .map_err(|_| format!("connecting took longer than {connect_timeout:?}"))??;
         let mut client =
             FederationClient::new(channel).max_decoding_message_size(crate::MAX_MESSAGE_BYTES);
         let call = client.export(pb::ExportRequest {
@@ -410,7 +417,11 @@ impl Link {
         let mut lost_at: Option<Instant> = None;
         loop {
             let started = Instant::now();
-            let err = match self.stream_once().await {
+            let grace_ends = match (&self.held, lost_at) {
+                (Some(_), Some(at)) => Some(at + self.fed.settings.grace),
+                _ => None,
+            };
+            let err = match self.stream_once(grace_ends).await {
                 Ok(()) => "the stream ended".to_string(),
                 Err(e) => e,
             };
