@@ -9,7 +9,8 @@
 #   3. h2.sh       — HTTP/2 clients (h2load) through Weft, haproxy and nginx;
 #   4. mtls.sh     — two sidecars, plaintext vs mTLS between them;
 #   5. csr_sign    — CSRs signed per second on one core;
-#   6. micro       — criterion: balancer pick (10..10 000 endpoints), route matching, translator.
+#   6. micro       — criterion: balancer pick (10..10 000 endpoints), route matching, translator;
+#   7. failover.sh — three clusters in network namespaces: failover time, requests lost.
 # About 9 minutes on 2 cores once the release build and oha exist (each is a few minutes once).
 #
 #   ./e2e/bench/run.sh
@@ -32,13 +33,13 @@ systemctl stop nginx haproxy 2>/dev/null || true   # the packages' own services,
 say "release build"
 cargo build --release -q -p weft-sidecar -p weft-control-plane -p weftctl
 
-say "1/6 proxies";  ./e2e/bench/proxies.sh
-say "2/6 latency";  ./e2e/bench/latency.sh
-say "3/6 HTTP/2";   ./e2e/bench/h2.sh
-say "4/6 mTLS";     ./e2e/bench/mtls.sh
-say "5/6 CSR signing"
+say "1/7 proxies";  ./e2e/bench/proxies.sh
+say "2/7 latency";  ./e2e/bench/latency.sh
+say "3/7 HTTP/2";   ./e2e/bench/h2.sh
+say "4/7 mTLS";     ./e2e/bench/mtls.sh
+say "5/7 CSR signing"
 taskset -c 0 cargo bench -q -p weft-e2e --bench csr_sign -- --count 5000 --append
-say "6/6 micro-benchmarks"
+say "6/7 micro-benchmarks"
 rm -rf target/criterion
 cargo bench -q -p weft-e2e --bench micro -- --warm-up-time 0.5 --measurement-time 1 >/dev/null
 {
@@ -49,3 +50,4 @@ cargo bench -q -p weft-e2e --bench micro -- --warm-up-time 0.5 --measurement-tim
   echo
   python3 e2e/bench/micro_table.py target/criterion
 } | tee -a BENCHMARKS.md
+say "7/7 cross-cluster failover"; ./e2e/bench/failover.sh
