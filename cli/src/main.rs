@@ -56,6 +56,9 @@ enum Command {
     Rollouts,
     /// Source problems: files that do not parse, objects that fail validation (exit 1 if any).
     Errors,
+    /// Federation: every peer control plane, its link state (SYNCED, STALE, EXPIRED,
+    /// CONNECTING), last update, what it imported, the last error (exit 1 unless all SYNCED).
+    Peers,
     /// Diagnose the mesh: each problem with its object, cause and fix (exit 0 only when clean).
     Check,
     /// Where a service's requests go: its endpoints with cluster, zone, health and (with
@@ -66,6 +69,10 @@ enum Command {
         /// Show priorities as this proxy (node id) sees them.
         #[arg(long)]
         proxy: Option<String>,
+        /// Add what one proxy measured of each endpoint (outstanding requests, EWMA latency,
+        /// ejection), read from its admin address (`/clusters`).
+        #[arg(long, value_name = "ADMIN_ADDR")]
+        from_proxy: Option<SocketAddr>,
     },
     /// Join tokens: the proof of identity for workloads outside Kubernetes.
     Token {
@@ -150,11 +157,14 @@ fn main() -> anyhow::Result<()> {
             Command::Status => query::status(cli.cp, cli.output).await,
             Command::Services => query::services(cli.cp, cli.output).await,
             Command::Errors => query::errors(cli.cp, cli.output).await,
+            Command::Peers => query::peers(cli.cp, cli.output).await,
             Command::Rollouts => query::rollouts(cli.cp, cli.output).await,
             Command::Check => query::check(cli.cp, cli.output).await,
-            Command::Endpoints { service, proxy } => {
-                query::endpoints(cli.cp, &service, proxy, cli.output).await
-            }
+            Command::Endpoints {
+                service,
+                proxy,
+                from_proxy,
+            } => query::endpoints(cli.cp, &service, proxy, from_proxy, cli.output).await,
             Command::Token {
                 command:
                     TokenCommand::Create {

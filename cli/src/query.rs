@@ -386,6 +386,97 @@ pub async fn errors(cp: SocketAddr, format: Format) -> anyhow::Result<i32> {
     Ok(i32::from(!rows.is_empty()))
 }
 
+/// One peer row of `weftctl peers` (JSON/YAML field names are stable).
+#[derive(Serialize)]
+pub struct PeerRow {
+    /// The peer's cluster name.
+    pub name: String,
+    /// Where it is dialed.
+    pub address: String,
+    /// `flag` or `MeshPeer`.
+    pub origin: String,
+    /// CONNECTING, SYNCED, STALE or EXPIRED.
+    pub state: String,
+    /// Seconds since its last update or heartbeat (`null`: never).
+    pub last_sync_seconds: Option<i64>,
+    /// Seconds it has been unreachable (0 while connected).
+    pub stale_seconds: i64,
+    /// Its catalog version last applied.
+    pub version: u64,
+    /// Services imported from it.
+    pub services: u32,
+    /// Endpoints imported from it.
+    pub endpoints: u32,
+    /// Whether it streams our exports now.
+    pub exporting_to: bool,
+    /// Why the last stream ended or was refused.
+    pub last_error: String,
+}
+
+/// `weftctl peers`.
+pub async fn peers(cp: SocketAddr, format: Format) -> anyhow::Result<i32> {
+    let resp = client(cp)
+        .await?
+        .list_peers(weft_proto::admin::ListPeersRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    let rows: Vec<PeerRow> = resp
+        .peers
+        .into_iter()
+        .map(|p| PeerRow {
+            name: p.name,
+            address: p.address,
+            origin: p.origin,
+            state: p.state,
+            last_sync_seconds: (p.last_sync_seconds >= 0).then_some(p.last_sync_seconds),
+            stale_seconds: p.stale_seconds,
+            version: p.version,
+            services: p.services,
+            endpoints: p.endpoints,
+            exporting_to: p.exporting_to,
+            last_error: p.last_error,
+        })
+        .collect();
+    if rows.is_empty() && format == Format::Table {
+        println!(
+            "cluster {}: no peers (--peer NAME=ADDR or MeshPeer objects)",
+            resp.cluster
+        );
+        return Ok(0);
+    }
+    let table = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                r.address.clone(),
+                r.state.clone(),
+                r.last_sync_seconds
+                    .map_or("never".into(), |s| format!("{s}s ago")),
+                format!("{}/{}", r.services, r.endpoints),
+                if r.exporting_to { "yes" } else { "no" }.into(),
+                r.last_error.clone(),
+            ]
+        })
+        .collect();
+    print(
+        format,
+        &rows,
+        &[
+            "PEER",
+            "ADDRESS",
+            "STATE",
+            "LAST SYNC",
+            "SERVICES/ENDPOINTS",
+            "EXPORTING TO",
+            "LAST ERROR",
+        ],
+        table,
+    )?;
+    Ok(i32::from(rows.iter().any(|r| r.state != "SYNCED")))
+}
+
 /// One endpoint row.
 #[derive(Serialize)]
 pub struct EndpointRow {
@@ -407,6 +498,68 @@ pub struct EndpointRow {
     pub pod: String,
     /// `port=priority` as the asked proxy sees it.
     pub priorities: Vec<String>,
+    /// Imported from a peer that is unreachable now (kept for the grace period).
+    pub stale: bool,
+    /// With `--from-proxy`: what that proxy measured (absent when it does not hold it).
+    pub proxy: Option<ProxyEndpointView>,
+}
+
+/// What one proxy measured of an endpoint (its `/clusters`).
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct ProxyEndpointView {
+    /// The priority it holds the endpoint at.
+    pub priority: usize,
+    /// Healthy as the control plane said.
+    pub healthy: bool,
+    /// Ejected by outlier detection now.
+    pub ejected: bool,
+    /// Times ejected.
+    pub ejections: u32,
+    /// Requests in flight.
+    pub outstanding: u32,
+    /// Peak-EWMA latency, milliseconds.
+    pub ewma_ms: f64,
+}
+
+/// Endpoint address (IP) -> what the proxy at `admin` measured, for `svc`'s cluster.local
+/// clusters.
+async fn proxy_endpoint_views(
+    admin: SocketAddr,
+    name: &str,
+    namespace: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, ProxyEndpointView>> {
+    let body = http_get(admin, "/clusters").await?;
+    let clusters: Value = serde_json::from_str(&body)
+        .map_err(|e| anyhow::anyhow!("{admin}/clusters is not JSON: {e}"))?;
+    let prefix = format!("{name}.{namespace}.svc.cluster.local:");
+    let mut out = std::collections::BTreeMap::new();
+    for (cluster, state) in clusters.as_object().into_iter().flatten() {
+        if !cluster.starts_with(&prefix) {
+            continue;
+        }
+        let prios = state["endpoints"]["priorities"].as_array();
+        for (p, eps) in prios.into_iter().flatten().enumerate() {
+            for e in eps.as_array().into_iter().flatten() {
+                let addr = e["addr"].as_str().unwrap_or_default();
+                let ip = addr
+                    .parse::<SocketAddr>()
+                    .map_or(addr.to_string(), |a| a.ip().to_string());
+                let st = &e["stats"];
+                out.insert(
+                    ip,
+                    ProxyEndpointView {
+                        priority: p,
+                        healthy: e["healthy"].as_bool().unwrap_or(false),
+                        ejected: st["ejected"].as_bool().unwrap_or(false),
+                        ejections: st["ejections"].as_u64().unwrap_or(0) as u32,
+                        outstanding: st["outstanding"].as_u64().unwrap_or(0) as u32,
+                        ewma_ms: st["ewma_ms"].as_f64().unwrap_or(0.0),
+                    },
+                );
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// `weftctl endpoints <svc> [--proxy ID]`.
@@ -414,9 +567,14 @@ pub async fn endpoints(
     cp: SocketAddr,
     service: &str,
     proxy: Option<String>,
+    from_proxy: Option<SocketAddr>,
     format: Format,
 ) -> anyhow::Result<i32> {
     let (name, namespace) = service.split_once('.').unwrap_or((service, "default"));
+    let measured = match from_proxy {
+        Some(admin) => Some(proxy_endpoint_views(admin, name, namespace).await?),
+        None => None,
+    };
     let resp = client(cp)
         .await?
         .list_endpoints(weft_proto::admin::ListEndpointsRequest {
@@ -441,6 +599,7 @@ pub async fn endpoints(
                 "not-ready"
             }
             .into(),
+            proxy: measured.as_ref().and_then(|m| m.get(&e.address).cloned()),
             address: e.address,
             cluster: e.cluster,
             region: e.region,
@@ -449,30 +608,46 @@ pub async fn endpoints(
             identity: e.identity,
             pod: e.pod,
             priorities: e.priorities,
+            stale: e.stale,
         })
         .collect();
     let table = rows
         .iter()
         .map(|r| {
-            vec![
+            let health = if r.stale {
+                format!("{} (stale)", r.health)
+            } else {
+                r.health.clone()
+            };
+            let mut row = vec![
                 r.address.clone(),
                 r.cluster.clone(),
                 r.zone.clone(),
-                r.health.clone(),
+                health,
                 r.weight.to_string(),
                 r.priorities.join(","),
                 r.pod.clone(),
-            ]
+            ];
+            if measured.is_some() {
+                row.extend(match &r.proxy {
+                    Some(v) => [
+                        if v.ejected { "ejected" } else { "-" }.to_string(),
+                        format!("{:.2}", v.ewma_ms),
+                        v.outstanding.to_string(),
+                    ],
+                    None => ["not held".into(), String::new(), String::new()],
+                });
+            }
+            row
         })
         .collect();
-    print(
-        format,
-        &rows,
-        &[
-            "ADDRESS", "CLUSTER", "ZONE", "HEALTH", "WEIGHT", "PRIORITY", "POD",
-        ],
-        table,
-    )?;
+    let mut headers = vec![
+        "ADDRESS", "CLUSTER", "ZONE", "HEALTH", "WEIGHT", "PRIORITY", "POD",
+    ];
+    if measured.is_some() {
+        headers.extend(["EJECTED", "EWMA MS", "IN FLIGHT"]);
+    }
+    print(format, &rows, &headers, table)?;
     Ok(0)
 }
 

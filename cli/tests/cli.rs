@@ -470,3 +470,223 @@ async fn rollouts_show_phase_weight_and_decisions() {
         "{stray}"
     );
 }
+
+/// Federation and certificates as `weftctl` shows them, against real control planes sharing a
+/// root: `peers` (SYNCED, a peer that never answers, STALE after its control plane dies),
+/// `endpoints` marking stale endpoints and adding what a real sidecar measured, and `check`
+/// finding the stale and unreachable peers and a proxy whose certificate stopped renewing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_endpoints_and_check_show_federation_and_certificates() {
+    use std::time::Duration;
+    use weft_testkit::world;
+    let base = tempfile::tempdir().expect("tempdir");
+    let cas = weft_testkit::shared_root_ca_dirs(base.path(), &["east", "west"]).expect("CAs");
+    let (east_dir, west_dir) = (base.path().join("east"), base.path().join("west"));
+    std::fs::create_dir_all(&east_dir).expect("dir");
+    std::fs::create_dir_all(&west_dir).expect("dir");
+    let ep: std::net::SocketAddr = "127.0.60.1:8080".parse().expect("addr");
+    std::fs::write(
+        east_dir.join("world.yaml"),
+        world::docs(&[
+            world::service("echo", 80),
+            world::slice("echo", "echo", &[(ep, "n1", true)]),
+            world::export("echo"),
+        ]),
+    )
+    .expect("write");
+    let grace = Duration::from_secs(60);
+    let east = weft_testkit::start_cluster_control_plane(&east_dir, "east", &cas[0], grace, None)
+        .await
+        .expect("east");
+    let local: std::net::SocketAddr = "127.0.60.2:8080".parse().expect("addr");
+    std::fs::write(
+        west_dir.join("world.yaml"),
+        world::docs(&[
+            world::service("echo", 80),
+            world::slice("echo", "echo", &[(local, "n1", true)]),
+            world::cross_cluster_policy("echo"),
+            world::mesh_peer("east", &east.grpc_addr.to_string()),
+            world::mesh_peer("ghost", "127.0.0.1:1"),
+        ]),
+    )
+    .expect("write");
+    let west = weft_testkit::start_cluster_control_plane(&west_dir, "west", &cas[1], grace, None)
+        .await
+        .expect("west");
+    let cp = west.plaintext().to_string();
+    let run = |args: Vec<&'static str>| {
+        let cp = cp.clone();
+        async move {
+            tokio::task::spawn_blocking(move || weftctl(&cp, &args))
+                .await
+                .expect("join")
+        }
+    };
+    let row = |v: &Value, name: &str| {
+        v.as_array()
+            .and_then(|a| a.iter().find(|r| r["name"] == name).cloned())
+            .unwrap_or(Value::Null)
+    };
+    let mut synced = Value::Null;
+    for _ in 0..100 {
+        let (_, v) = run(vec!["peers"]).await;
+        synced = v;
+        if row(&synced, "east")["state"] == "SYNCED"
+            && !row(&synced, "ghost")["last_error"]
+                .as_str()
+                .unwrap_or_default()
+                .is_empty()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, _) = run(vec!["peers"]).await;
+    assert_eq!(code, 1, "a peer not SYNCED means exit 1");
+    let e = row(&synced, "east");
+    assert_eq!(e["state"], "SYNCED", "{synced:#}");
+    assert_eq!(
+        (e["services"].as_u64(), e["endpoints"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(e["origin"], "MeshPeer");
+    assert!(e["last_sync_seconds"].as_i64().is_some(), "{e}");
+    let g = row(&synced, "ghost");
+    assert_eq!(g["state"], "CONNECTING", "{g}");
+    assert_eq!(g["last_sync_seconds"], Value::Null, "{g}");
+
+    // A real sidecar of west: its view of echo's endpoints joins the control plane's.
+    let mut rc = weft_sidecar::RunConfig::local(
+        west.plaintext(),
+        "127.0.60.3".parse().expect("ip"),
+        "viewer",
+    );
+    rc.cluster = "west".into();
+    let sidecar = weft_testkit::Sidecar::start(rc).await.expect("sidecar");
+    weft_testkit::wait_ready(&sidecar, Duration::from_secs(15)).await;
+    let admin = sidecar.admin_addr.to_string();
+    let args: Vec<&'static str> = vec![
+        "endpoints",
+        "echo",
+        "--from-proxy",
+        Box::leak(admin.into_boxed_str()),
+    ];
+    let (code, rows) = run(args).await;
+    assert_eq!(code, 0, "{rows:#}");
+    let by_addr = |v: &Value, a: &str| {
+        v.as_array()
+            .and_then(|r| r.iter().find(|x| x["address"] == a).cloned())
+            .unwrap_or(Value::Null)
+    };
+    let remote = by_addr(&rows, "127.0.60.1");
+    assert_eq!(remote["cluster"], "east", "{rows:#}");
+    assert_eq!(remote["stale"], false, "{rows:#}");
+    let seen = &remote["proxy"];
+    assert_eq!(seen["priority"], 1, "east after west's own: {rows:#}");
+    assert_eq!(seen["ejected"], false, "{rows:#}");
+    assert!(
+        seen["ewma_ms"].as_f64().is_some_and(|m| m > 0.0),
+        "{rows:#}"
+    );
+    assert_eq!(
+        by_addr(&rows, "127.0.60.2")["proxy"]["priority"],
+        0,
+        "{rows:#}"
+    );
+
+    // A proxy whose certificate stopped renewing: an 8 s SVID, 6.5 s later.
+    let token = {
+        let mut admin =
+            weft_proto::admin::admin_client::AdminClient::connect(format!("http://{cp}"))
+                .await
+                .expect("admin");
+        admin
+            .create_join_token(weft_proto::admin::CreateJoinTokenRequest {
+                namespace: "default".into(),
+                service_account: "stuck".into(),
+                ttl_seconds: 60,
+            })
+            .await
+            .expect("token")
+            .into_inner()
+            .token
+    };
+    let (csr, _key) =
+        weft_proto::tls::new_csr("spiffe://cluster.local/ns/default/sa/stuck").expect("csr");
+    weft_proto::identity::certificate_service_client::CertificateServiceClient::connect(format!(
+        "http://{cp}"
+    ))
+    .await
+    .expect("certificates")
+    .sign(weft_proto::identity::SignRequest {
+        csr_pem: csr,
+        token,
+        requested_ttl_seconds: 8,
+        node_id: "stuck".into(),
+    })
+    .await
+    .expect("signed");
+    let mut ads = weft_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::connect(format!("http://{cp}"))
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(
+        weft_proto::envoy::envoy::service::discovery::v3::DiscoveryRequest {
+            node: Some(weft_proto::envoy::envoy::config::core::v3::Node {
+                id: "stuck".into(),
+                ..Default::default()
+            }),
+            type_url: weft_proto::type_url::CLUSTER.into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("send");
+    let _stream = ads
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("stream");
+
+    // East goes away: its endpoint is kept, stale; check names it.
+    drop(east);
+    let mut findings = Value::Null;
+    let found = |f: &Value, code: &str, object: &str| {
+        f.as_array().is_some_and(|a| {
+            a.iter().any(|x| {
+                x["code"] == code && x["object"].as_str().is_some_and(|o| o.contains(object))
+            })
+        })
+    };
+    for _ in 0..150 {
+        let (code, f) = run(vec!["check"]).await;
+        assert_eq!(code, 1);
+        findings = f;
+        if found(&findings, "peer-stale", "peer east")
+            && found(&findings, "cert-near-expiry", "proxy stuck")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(found(&findings, "peer-stale", "peer east"), "{findings:#}");
+    assert!(
+        found(&findings, "peer-unreachable", "peer ghost"),
+        "{findings:#}"
+    );
+    assert!(
+        found(&findings, "cert-near-expiry", "proxy stuck"),
+        "{findings:#}"
+    );
+    assert!(
+        !found(&findings, "cert-near-expiry", "proxy viewer"),
+        "a proxy without an issued certificate is not flagged: {findings:#}"
+    );
+    let (_, rows) = run(vec!["endpoints", "echo"]).await;
+    assert_eq!(by_addr(&rows, "127.0.60.1")["stale"], true, "{rows:#}");
+    let (_, peers) = run(vec!["peers"]).await;
+    assert_eq!(row(&peers, "east")["state"], "STALE", "{peers:#}");
+    assert!(
+        row(&peers, "east")["stale_seconds"].as_i64().is_some(),
+        "{peers:#}"
+    );
+}

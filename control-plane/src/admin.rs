@@ -27,6 +27,10 @@ pub struct AdminService {
     pub rollouts: Arc<crate::rollout::Controller>,
     /// Federation (peer states).
     pub federation: Arc<crate::federation::Federation>,
+    /// Certificates issued to proxies.
+    pub issued: Arc<crate::identity::IssuedCerts>,
+    /// The CA (its expiry).
+    pub ca: Arc<crate::identity::Ca>,
 }
 
 #[tonic::async_trait]
@@ -122,7 +126,19 @@ impl Admin for AdminService {
             .iter()
             .map(|r| lock(r).status(&self.replica))
             .collect();
-        let findings = crate::check::check(&self.catalog.current(), &proxies);
+        let now_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let ctx = crate::check::Context {
+            peers: self.federation.book.snapshot(),
+            certs: proxies
+                .iter()
+                .filter_map(|p| Some((p.node_id.clone(), self.issued.get(&p.node_id)?)))
+                .collect(),
+            ca_expires_unix: self.ca.expires_at_unix(),
+            now_unix,
+        };
+        let findings = crate::check::check(&self.catalog.current(), &proxies, &ctx);
         Ok(Response::new(weft_proto::admin::CheckResponse { findings }))
     }
 

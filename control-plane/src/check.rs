@@ -14,8 +14,24 @@ fn finding(code: &str, object: String, problem: String, fix: &str) -> Finding {
     }
 }
 
+/// What `check` reads besides the model and the proxies.
+#[derive(Default)]
+pub struct Context {
+    /// Federation peers by cluster name.
+    pub peers: std::collections::BTreeMap<String, crate::federation::PeerInfo>,
+    /// The last certificate issued to each connected proxy (by node id).
+    pub certs: std::collections::BTreeMap<String, crate::identity::IssuedCert>,
+    /// When the CA (root or intermediate) expires, seconds since the epoch.
+    pub ca_expires_unix: Option<i64>,
+    /// Now, seconds since the epoch.
+    pub now_unix: i64,
+}
+
+/// A CA certificate expiring within this many seconds is reported.
+pub const CA_EXPIRY_WARNING_SECONDS: i64 = 30 * 86_400;
+
 /// Every problem in `model` and `proxies`, in a stable order.
-pub fn check(model: &Model, proxies: &[ProxyStatus]) -> Vec<Finding> {
+pub fn check(model: &Model, proxies: &[ProxyStatus], ctx: &Context) -> Vec<Finding> {
     let mut out = Vec::new();
     for e in &model.errors {
         let object = if e.object.is_empty() {
@@ -108,6 +124,72 @@ pub fn check(model: &Model, proxies: &[ProxyStatus]) -> Vec<Finding> {
                     "fix the object the message names; the proxy keeps its previous config meanwhile",
                 ));
             }
+        }
+        if let Some(c) = ctx.certs.get(&p.node_id)
+            && c.near_expiry(ctx.now_unix)
+        {
+            let left = c.not_after_unix - ctx.now_unix;
+            out.push(finding(
+                "cert-near-expiry",
+                format!("proxy {}", p.node_id),
+                if left > 0 {
+                    format!(
+                        "its certificate ({}) expires in {left} s, with less than a quarter of its life left: it stopped renewing",
+                        c.spiffe_id
+                    )
+                } else {
+                    format!("its certificate ({}) expired {} s ago", c.spiffe_id, -left)
+                },
+                "check the sidecar's log for 'certificate request failed' and that it reaches the control plane's TLS port; restarting it with a fresh join token re-bootstraps it",
+            ));
+        }
+    }
+    if let Some(exp) = ctx.ca_expires_unix
+        && exp - ctx.now_unix < CA_EXPIRY_WARNING_SECONDS
+    {
+        out.push(finding(
+            "cert-near-expiry",
+            "the mesh CA".into(),
+            format!(
+                "the root or this control plane's intermediate expires in {} days: no SVID can outlive it",
+                (exp - ctx.now_unix) / 86_400
+            ),
+            "rotate the CA (ARCHITECTURE.md, root rotation) or issue a new intermediate under the root",
+        ));
+    }
+    for (name, p) in &ctx.peers {
+        use crate::federation::LinkState;
+        let since = |t: Option<std::time::Instant>| t.map_or(0, |t| t.elapsed().as_secs());
+        match p.state {
+            LinkState::Stale => out.push(finding(
+                "peer-stale",
+                format!("peer {name}"),
+                format!(
+                    "the link to {} has been down for {} s: its endpoints are kept, marked stale, until the grace period ends ({})",
+                    p.address,
+                    since(p.lost_at),
+                    p.last_error
+                ),
+                "check the peer control plane is up and its TLS port reachable from here; its endpoints leave when the grace period ends",
+            )),
+            LinkState::Expired => out.push(finding(
+                "peer-stale",
+                format!("peer {name}"),
+                format!(
+                    "the link to {} has been down for {} s, longer than the grace period: its endpoints were removed ({})",
+                    p.address,
+                    since(p.lost_at),
+                    p.last_error
+                ),
+                "bring the peer back (or remove its --peer / MeshPeer); it resyncs by itself when reachable",
+            )),
+            LinkState::Connecting if !p.last_error.is_empty() => out.push(finding(
+                "peer-unreachable",
+                format!("peer {name}"),
+                format!("never synced with {}: {}", p.address, p.last_error),
+                "check the address, that both clusters share the root, and that the peer's name is its --cluster-name",
+            )),
+            _ => {}
         }
     }
     out

@@ -299,6 +299,15 @@ impl Ca {
         &self.root_pem
     }
 
+    /// When the first of the root and this control plane's intermediate expires (seconds since
+    /// the epoch): every SVID it signs must end before then.
+    pub fn expires_at_unix(&self) -> Option<i64> {
+        weft_proto::tls::describe(&[self.root_pem.clone(), self.intermediate_pem.clone()])
+            .iter()
+            .map(|c| c.not_after_unix)
+            .min()
+    }
+
     /// Signs `csr_pem` for `identity` (already proven by the caller) for `ttl` (default 24 h).
     pub fn sign(
         &self,
@@ -715,6 +724,68 @@ pub struct CertificateService {
     pub reviewer: Option<std::sync::Arc<crate::token_review::TokenReviewer>>,
     /// Issue and refusal counters.
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// The last certificate issued to each proxy.
+    pub issued: std::sync::Arc<IssuedCerts>,
+}
+
+/// A certificate issued to a proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IssuedCert {
+    /// Its SPIFFE ID.
+    pub spiffe_id: String,
+    /// When it was issued, seconds since the epoch.
+    pub issued_at_unix: i64,
+    /// Expiry, seconds since the epoch.
+    pub not_after_unix: i64,
+}
+
+impl IssuedCert {
+    /// Whether less than a quarter of its life is left at `now`: sidecars renew at about half
+    /// life, so such a proxy has stopped renewing.
+    pub fn near_expiry(&self, now_unix: i64) -> bool {
+        let life = (self.not_after_unix - self.issued_at_unix).max(1);
+        (self.not_after_unix - now_unix) * 4 < life
+    }
+}
+
+/// The last certificate issued to each proxy (by node id), kept in memory.
+#[derive(Default)]
+pub struct IssuedCerts(std::sync::Mutex<std::collections::BTreeMap<String, IssuedCert>>);
+
+/// Most proxies remembered; past it, expired records are dropped first.
+pub const MAX_ISSUED_RECORDS: usize = 200_000;
+
+impl IssuedCerts {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, IssuedCert>> {
+        match self.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Records the certificate issued to `node_id`.
+    pub fn record(&self, node_id: &str, cert: IssuedCert) {
+        let mut m = self.lock();
+        if m.len() >= MAX_ISSUED_RECORDS && !m.contains_key(node_id) {
+            let now = now_unix();
+            m.retain(|_, c| c.not_after_unix > now);
+            if m.len() >= MAX_ISSUED_RECORDS {
+                return;
+            }
+        }
+        m.insert(node_id.to_string(), cert);
+    }
+
+    /// The last certificate issued to `node_id`.
+    pub fn get(&self, node_id: &str) -> Option<IssuedCert> {
+        self.lock().get(node_id).cloned()
+    }
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 impl CertificateService {
@@ -765,6 +836,16 @@ impl weft_proto::identity::certificate_service_server::CertificateService for Ce
             })
         })?;
         self.metrics.certificates_issued.inc();
+        if !req.node_id.is_empty() && req.node_id.len() <= 253 {
+            self.issued.record(
+                &req.node_id,
+                IssuedCert {
+                    spiffe_id: identity.to_string(),
+                    issued_at_unix: now_unix(),
+                    not_after_unix: signed.expires_at_unix,
+                },
+            );
+        }
         tracing::info!(%identity, expires_at = signed.expires_at_unix, "SVID issued");
         Ok(tonic::Response::new(weft_proto::identity::SignResponse {
             cert_chain_pem: signed.chain,

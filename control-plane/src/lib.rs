@@ -230,7 +230,10 @@ impl ControlPlane {
             catalog: catalog.clone(),
             metrics: metrics.clone(),
         });
+        let issued = Arc::new(identity::IssuedCerts::default());
         let admin = AdminServer::new(admin::AdminService {
+            issued: issued.clone(),
+            ca: ca.clone(),
             federation: fed.clone(),
             catalog: catalog.clone(),
             registry,
@@ -252,6 +255,7 @@ impl ControlPlane {
                     ca: ca.clone(),
                     tokens,
                     reviewer,
+                    issued,
                     metrics: metrics.clone(),
                 },
             );

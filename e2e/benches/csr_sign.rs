@@ -75,6 +75,7 @@ async fn over_grpc(n: usize) -> Result<Duration, BoxError> {
                         csr_pem,
                         token: token.clone(),
                         requested_ttl_seconds: 0,
+                        node_id: String::new(),
                     })
                     .await?;
             }

@@ -219,6 +219,7 @@ async fn fetch(
                 token.to_string()
             },
             requested_ttl_seconds: cfg.cert_ttl.as_secs(),
+            node_id: cfg.node_id(),
         })
         .await
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?

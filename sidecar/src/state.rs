@@ -292,9 +292,11 @@ pub struct Endpoint {
 
 fn ser_stats<S: serde::Serializer>(st: &Arc<EndpointStats>, s: S) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeStruct;
-    let mut x = s.serialize_struct("stats", 2)?;
+    let mut x = s.serialize_struct("stats", 4)?;
     x.serialize_field("outstanding", &st.outstanding())?;
     x.serialize_field("ewma_ms", &(st.ewma().as_secs_f64() * 1000.0))?;
+    x.serialize_field("ejected", &st.is_ejected())?;
+    x.serialize_field("ejections", &st.ejections())?;
     x.end()
 }
 

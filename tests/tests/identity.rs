@@ -47,6 +47,7 @@ async fn issue_verify_and_refuse() {
             csr_pem: echo_csr.clone(),
             token: echo_token.token.clone(),
             requested_ttl_seconds: 0,
+            node_id: String::new(),
         })
         .await
         .expect("signed")
@@ -74,6 +75,7 @@ async fn issue_verify_and_refuse() {
             csr_pem: echo_csr.clone(),
             token: String::new(),
             requested_ttl_seconds: 0,
+            node_id: String::new(),
         },
     )
     .await;
@@ -84,6 +86,7 @@ async fn issue_verify_and_refuse() {
             csr_pem: echo_csr.clone(),
             token: "let me in".into(),
             requested_ttl_seconds: 0,
+            node_id: String::new(),
         },
     )
     .await;
@@ -99,6 +102,7 @@ async fn issue_verify_and_refuse() {
             csr_pem: echo_csr.clone(),
             token: admin_token.token,
             requested_ttl_seconds: 0,
+            node_id: String::new(),
         },
     )
     .await;
@@ -109,6 +113,7 @@ async fn issue_verify_and_refuse() {
             csr_pem: echo_csr.clone(),
             token: echo_token.token.clone(),
             requested_ttl_seconds: 30 * 24 * 3600,
+            node_id: String::new(),
         },
     )
     .await;
@@ -121,6 +126,7 @@ async fn issue_verify_and_refuse() {
                     .into(),
             token: echo_token.token.clone(),
             requested_ttl_seconds: 0,
+            node_id: String::new(),
         },
     )
     .await;
@@ -137,6 +143,7 @@ async fn issue_verify_and_refuse() {
             csr_pem: echo_csr.clone(),
             token: short.token,
             requested_ttl_seconds: 0,
+            node_id: String::new(),
         },
     )
     .await;
@@ -147,6 +154,7 @@ async fn issue_verify_and_refuse() {
             csr_pem: echo_csr,
             token: echo_token.token,
             requested_ttl_seconds: 3600,
+            node_id: String::new(),
         })
         .await
         .expect("signed again");
@@ -337,6 +345,7 @@ async fn token_review_with_a_mock_kubernetes_api_server() {
         csr_pem: csr_for(&format!("spiffe://cluster.local/ns/default/sa/{sa}")),
         token: token.into(),
         requested_ttl_seconds: 0,
+        node_id: String::new(),
     };
     // A valid service-account token: an SVID for exactly that service account.
     let ok = certs
@@ -412,6 +421,7 @@ async fn a_key_outside_the_policy_is_refused() {
             csr_pem: csr,
             token,
             requested_ttl_seconds: 0,
+            node_id: String::new(),
         })
         .await
         .expect_err("weak key");

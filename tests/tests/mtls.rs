@@ -469,6 +469,7 @@ async fn the_control_plane_tls_port_authenticates_its_callers() {
             csr_pem: csr.clone(),
             token: String::new(),
             requested_ttl_seconds: 0,
+            node_id: String::new(),
         })
         .await
         .expect_err("no credential");
@@ -481,6 +482,7 @@ async fn the_control_plane_tls_port_authenticates_its_callers() {
             csr_pem: csr,
             token,
             requested_ttl_seconds: 0,
+            node_id: String::new(),
         })
         .await
         .expect("signed with the token")
@@ -520,6 +522,7 @@ async fn the_control_plane_tls_port_authenticates_its_callers() {
             csr_pem: csr,
             token: String::new(),
             requested_ttl_seconds: 0,
+            node_id: String::new(),
         })
         .await
         .expect("renewed by SVID")
