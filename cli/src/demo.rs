@@ -1,15 +1,20 @@
-//! `weftctl demo`: the mesh on loopback, in one process — a control plane on the file source,
-//! sample echo services in two zones (a 90/10 canary split), two client sidecars (one per
-//! zone) and a bounded load generator, with a live view of where requests go.
+//! `weftctl demo`: the mesh on loopback, in one process — two clusters, `east` and `west`,
+//! each with its own control plane on the file source, federated over mTLS (one shared root,
+//! an intermediate each); sample echo services in two zones of `east` (a 90/10 canary split)
+//! and one zone of `west`; three client sidecars (two in `east`, one in `west`) and a bounded
+//! load generator, with a live view of where requests go.
 //!
-//! Addresses: echo pods on 127.0.10.{1,2,3}:8080, client sidecars on 127.0.20.{1,2}
-//! (outbound 15001, inbound 15006, admin 15000), the control plane on `--xds-addr`
-//! (default 127.0.0.1:15010, what `weftctl` asks by default). Ctrl-C stops everything it started.
+//! `east` exports `echo-v1`, `west` exports its own `echo-v1`; a TrafficPolicy lets each
+//! cluster fail over to the other's endpoints. Addresses: east's echo pods on
+//! 127.0.10.{1,2,3}:8080, west's on 127.0.11.1:8080; client sidecars on 127.0.20.{1,2,3}
+//! (outbound 15001, inbound 15006, admin 15000); east's control plane on `--xds-addr` (default
+//! 127.0.0.1:15010, what `weftctl` asks by default), west's on `--west-xds-addr` (127.0.0.1:15020).
+//! Ctrl-C stops everything it started.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,19 +24,34 @@ use weft_testkit::world;
 /// `weftctl demo` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
-    /// Directory for the demo's world (YAML you can edit while it runs); default: a new temp dir.
+    /// Directory for the demo's worlds (`east/world.yaml`, `west/world.yaml`: YAML you can edit
+    /// while it runs) and CAs; default: a new temp dir.
     #[arg(long, env = "WEFT_DEMO_DIR")]
     pub dir: Option<PathBuf>,
-    /// Control plane xDS + admin address.
+    /// East's control plane xDS + admin address.
     #[arg(long, env = "WEFT_DEMO_XDS_ADDR", default_value = "127.0.0.1:15010")]
     pub xds_addr: SocketAddr,
-    /// Control plane metrics address.
+    /// East's control plane metrics address.
     #[arg(
         long,
         env = "WEFT_DEMO_METRICS_ADDR",
         default_value = "127.0.0.1:15014"
     )]
     pub metrics_addr: SocketAddr,
+    /// West's control plane xDS + admin address.
+    #[arg(
+        long,
+        env = "WEFT_DEMO_WEST_XDS_ADDR",
+        default_value = "127.0.0.1:15020"
+    )]
+    pub west_xds_addr: SocketAddr,
+    /// West's control plane metrics address.
+    #[arg(
+        long,
+        env = "WEFT_DEMO_WEST_METRICS_ADDR",
+        default_value = "127.0.0.1:15024"
+    )]
+    pub west_metrics_addr: SocketAddr,
     /// Stop after this many seconds (0: run until Ctrl-C).
     #[arg(long, env = "WEFT_DEMO_DURATION", default_value_t = 0)]
     pub duration: u64,
@@ -48,15 +68,17 @@ const ECHO_PORT: u16 = 8080;
 struct Pod {
     name: &'static str,
     service: &'static str,
+    cluster: &'static str,
     ip: [u8; 4],
     node: &'static str,
     zone: &'static str,
 }
 
-const PODS: [Pod; 3] = [
+const PODS: [Pod; 4] = [
     Pod {
         name: "echo-v1-a",
         service: "echo-v1",
+        cluster: "east",
         ip: [127, 0, 10, 1],
         node: "node-a",
         zone: "zone-a",
@@ -64,6 +86,7 @@ const PODS: [Pod; 3] = [
     Pod {
         name: "echo-v1-b",
         service: "echo-v1",
+        cluster: "east",
         ip: [127, 0, 10, 2],
         node: "node-b",
         zone: "zone-b",
@@ -71,39 +94,120 @@ const PODS: [Pod; 3] = [
     Pod {
         name: "echo-v2-a",
         service: "echo-v2",
+        cluster: "east",
         ip: [127, 0, 10, 3],
         node: "node-a",
         zone: "zone-a",
     },
+    Pod {
+        name: "echo-v1-c",
+        service: "echo-v1",
+        cluster: "west",
+        ip: [127, 0, 11, 1],
+        node: "node-c",
+        zone: "zone-c",
+    },
+];
+
+/// A client sidecar: (name, cluster, region, zone, address, the host it calls).
+const CLIENTS: [(&str, &str, &str, &str, [u8; 4], &str); 3] = [
+    (
+        "client-a",
+        "east",
+        "region-1",
+        "zone-a",
+        [127, 0, 20, 1],
+        "echo.default.svc.cluster.local",
+    ),
+    (
+        "client-b",
+        "east",
+        "region-1",
+        "zone-b",
+        [127, 0, 20, 2],
+        "echo.default.svc.cluster.local",
+    ),
+    (
+        "client-c",
+        "west",
+        "region-2",
+        "zone-c",
+        [127, 0, 20, 3],
+        "echo-v1.default.svc.cluster.local",
+    ),
 ];
 
 fn pod_addr(p: &Pod) -> SocketAddr {
     SocketAddr::from((p.ip, ECHO_PORT))
 }
 
-fn world_yaml() -> String {
+fn slices(cluster: &str) -> Vec<String> {
+    let mut docs = Vec::new();
+    for svc in ["echo-v1", "echo-v2"] {
+        let eps: Vec<(SocketAddr, &str, bool)> = PODS
+            .iter()
+            .filter(|p| p.service == svc && p.cluster == cluster)
+            .map(|p| (pod_addr(p), p.node, true))
+            .collect();
+        if eps.is_empty() {
+            continue;
+        }
+        docs.push(world::service(svc, 80));
+        docs.push(world::slice(svc, svc, &eps));
+    }
+    docs
+}
+
+fn east_world() -> String {
     let mut docs = vec![
-        "# The demo's world: edit it while the demo runs (weights, ready: false, ...).\n"
+        "# East's world: edit it while the demo runs (split weights; `ready: false` on both\n\
+         # echo-v1 endpoints sends echo-v1's traffic to west).\n"
             .to_string()
             + &world::node("node-a", "region-1", "zone-a"),
         world::node("node-b", "region-1", "zone-b"),
         world::service("echo", 80),
     ];
-    for svc in ["echo-v1", "echo-v2"] {
-        docs.push(world::service(svc, 80));
-        let eps: Vec<(SocketAddr, &str, bool)> = PODS
-            .iter()
-            .filter(|p| p.service == svc)
-            .map(|p| (pod_addr(p), p.node, true))
-            .collect();
-        docs.push(world::slice(svc, svc, &eps));
-    }
+    docs.extend(slices("east"));
     docs.push(world::split(
         "echo-canary",
         "echo",
         &[("echo-v1", 90), ("echo-v2", 10)],
     ));
+    docs.push(world::export("echo-v1"));
+    docs.push(world::cross_cluster_policy("echo-v1"));
     world::docs(&docs)
+}
+
+fn west_world() -> String {
+    let mut docs = vec![
+        "# West's world: edit it while the demo runs.\n".to_string()
+            + &world::node("node-c", "region-2", "zone-c"),
+    ];
+    docs.extend(slices("west"));
+    docs.push(world::export("echo-v1"));
+    docs.push(world::cross_cluster_policy("echo-v1"));
+    world::docs(&docs)
+}
+
+/// Starts one cluster's control plane over `dir/<cluster>` with its CA in `dir/ca-<cluster>`.
+async fn control_plane(
+    dir: &Path,
+    cluster: &str,
+    xds: SocketAddr,
+    metrics: SocketAddr,
+    peers: Vec<(String, String)>,
+) -> anyhow::Result<weft_control_plane::ControlPlane> {
+    let mut cfg = weft_control_plane::Config::local(dir.join(cluster));
+    cfg.cluster_name = cluster.into();
+    cfg.ca_dir = Some(dir.join(format!("ca-{cluster}")));
+    cfg.xds_plaintext_addr = Some(xds);
+    cfg.metrics_addr = metrics;
+    cfg.replica = Some(format!("demo-{cluster}"));
+    cfg.peers = peers;
+    cfg.federation_heartbeat = Duration::from_secs(1);
+    cfg.federation_timeout = Duration::from_secs(3);
+    cfg.peer_grace = Duration::from_secs(30);
+    Ok(weft_control_plane::ControlPlane::start(cfg).await?)
 }
 
 struct Window {
@@ -152,14 +256,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
             path
         }
     };
-    let world_file = dir.join("world.yaml");
-    std::fs::write(&world_file, world_yaml())?;
+    for c in ["east", "west"] {
+        std::fs::create_dir_all(dir.join(c))?;
+    }
+    let (east_file, west_file) = (dir.join("east/world.yaml"), dir.join("west/world.yaml"));
+    std::fs::write(&east_file, east_world())?;
+    std::fs::write(&west_file, west_world())?;
+    // One root for both clusters (kept when the user's directory already has one).
+    if !dir.join("ca-east/root.pem").exists() {
+        weft_testkit::shared_root_ca_dirs(&dir, &["east", "west"])
+            .map_err(|e| anyhow::anyhow!("making the demo's CA in {}: {e}", dir.display()))?;
+    }
 
     let mut echoes: Vec<Echo> = Vec::new();
     for p in &PODS {
         let who = Identity {
             name: p.name.into(),
-            cluster: "cluster-1".into(),
+            cluster: p.cluster.into(),
             zone: p.zone.into(),
         };
         echoes.push(
@@ -168,24 +281,37 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
                 .map_err(|e| anyhow::anyhow!("sample pod {} on {}: {e}", p.name, pod_addr(p)))?,
         );
     }
-    let mut cfg = weft_control_plane::Config::local(&dir);
-    cfg.xds_plaintext_addr = Some(args.xds_addr);
-    cfg.metrics_addr = args.metrics_addr;
-    cfg.replica = Some("demo".into());
-    let cp = weft_control_plane::ControlPlane::start(cfg).await?;
-    let xds_addr = cp.plaintext();
+    let east = control_plane(&dir, "east", args.xds_addr, args.metrics_addr, Vec::new()).await?;
+    let west = control_plane(
+        &dir,
+        "west",
+        args.west_xds_addr,
+        args.west_metrics_addr,
+        vec![("east".into(), east.grpc_addr.to_string())],
+    )
+    .await?;
+    // East learns of west from an object in its source, as a MeshPeer would arrive.
+    std::fs::write(
+        dir.join("east/peers.yaml"),
+        world::mesh_peer("west", &west.grpc_addr.to_string()),
+    )?;
+    let (east_xds, west_xds) = (east.plaintext(), west.plaintext());
 
     let mut sidecars = Vec::new();
-    for (i, zone) in ["zone-a", "zone-b"].iter().enumerate() {
-        let ip = IpAddr::from([127, 0, 20, i as u8 + 1]);
-        let mut rc =
-            weft_sidecar::RunConfig::local(xds_addr, ip, &format!("client-{}", &zone[5..]));
+    for (name, cluster, region, zone, ip, _) in CLIENTS {
+        let ip = IpAddr::from(ip);
+        let xds = if cluster == "east" {
+            east_xds
+        } else {
+            west_xds
+        };
+        let mut rc = weft_sidecar::RunConfig::local(xds, ip, name);
         rc.outbound_addr = SocketAddr::new(ip, 15001);
         rc.inbound_addr = SocketAddr::new(ip, 15006);
         rc.admin_addr = SocketAddr::new(ip, 15000);
-        rc.cluster = "cluster-1".into();
-        rc.region = "region-1".into();
-        rc.zone = zone.to_string();
+        rc.cluster = cluster.into();
+        rc.region = region.into();
+        rc.zone = zone.into();
         sidecars.push(weft_sidecar::Sidecar::start(rc).await?);
     }
     for s in &sidecars {
@@ -194,64 +320,81 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
             .await
             .map_err(|_| anyhow::anyhow!("sidecars got no config within 10 s"))??;
     }
+    // Both directions of the federation synced (bounded: the live view shows it anyway).
+    let synced = |cp: &weft_control_plane::ControlPlane, peer: &str| {
+        cp.peers
+            .snapshot()
+            .get(peer)
+            .is_some_and(|p| p.state == weft_control_plane::federation::LinkState::Synced)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(synced(&east, "west") && synced(&west, "east")) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
-    println!("Weft demo running.");
-    println!(
-        "  control plane   xds+admin {}  metrics http://{}/metrics",
-        xds_addr, cp.metrics_addr
-    );
+    println!("Weft demo running: two clusters, east and west, federated over mTLS.");
+    for (name, cp) in [("east", &east), ("west", &west)] {
+        println!(
+            "  {name} control plane  xds+admin {}  federation {}  metrics http://{}/metrics",
+            cp.plaintext(),
+            cp.grpc_addr,
+            cp.metrics_addr
+        );
+    }
     for s in &sidecars {
         println!(
             "  sidecar         outbound {}  admin http://{}/config_dump",
             s.outbound_addr, s.admin_addr
         );
     }
-    println!("  world           {}", world_file.display());
+    println!("  east world      {}", east_file.display());
+    println!("  west world      {}", west_file.display());
     println!();
     println!("Try next, in another terminal:");
+    println!("  weftctl status --cp {east_xds}            # every proxy SYNCED?");
+    println!("  weftctl peers --cp {east_xds}             # federation: west SYNCED?");
     println!(
-        "  weftctl status --cp {}            # every proxy SYNCED?",
-        xds_addr
+        "  weftctl endpoints echo-v1 --cp {east_xds} --proxy client-a   # east first, then west"
     );
-    println!(
-        "  weftctl proxy-config client-a endpoints --cp {}",
-        xds_addr
-    );
+    println!("  weftctl proxy-config client-a endpoints --cp {east_xds}");
     println!(
         "  curl -H 'Host: echo.default.svc.cluster.local' http://{}/",
         sidecars[0].outbound_addr
     );
     println!(
-        "  edit {}: set the split to 50/50, or `ready: false` on echo-v1 in zone-a (failover)",
-        world_file.display()
+        "  edit {}: set the split to 50/50, or `ready: false` on both echo-v1 endpoints (failover to west)",
+        east_file.display()
     );
     println!();
 
     let stats: Stats = Arc::default();
     let mut load = Vec::new();
-    for s in &sidecars {
+    for (s, (name, _, _, _, _, host)) in sidecars.iter().zip(CLIENTS) {
         let (proxy, stats, rate) = (s.outbound_addr, stats.clone(), args.rate.max(1));
-        let name = if proxy.ip() == IpAddr::from([127, 0, 20, 1]) {
-            "client-a"
-        } else {
-            "client-b"
-        };
+        let service = host.split('.').next().unwrap_or(host);
+        let name = format!("{name} -> {service}");
         load.push(tokio::spawn(async move {
+            let name = name.as_str();
             let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
             loop {
                 tick.tick().await;
                 let started = Instant::now();
                 let r = tokio::time::timeout(
                     Duration::from_secs(2),
-                    weft_testkit::get_via(proxy, "echo.default.svc.cluster.local", "/"),
+                    weft_testkit::get_via(proxy, host, "/"),
                 )
                 .await;
                 let micros = started.elapsed().as_micros() as u64;
                 match r {
                     Ok(Ok((200, body))) => {
+                        // `<pod> <cluster> <zone>`
                         let mut w = body.split_whitespace();
-                        let upstream =
-                            format!("{} {}", w.next().unwrap_or("?"), w.nth(1).unwrap_or("?"));
+                        let upstream = format!(
+                            "{} {}/{}",
+                            w.next().unwrap_or("?"),
+                            w.next().unwrap_or("?"),
+                            w.next().unwrap_or("?")
+                        );
                         record(&stats, name, upstream, true, micros);
                     }
                     Ok(Ok((status, _))) => {
@@ -269,6 +412,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     let mut refresh = tokio::time::interval(Duration::from_secs(args.refresh.max(1)));
     refresh.tick().await;
     let tty = std::io::stdout().is_terminal();
+    let peers_line = || {
+        let state = |cp: &weft_control_plane::ControlPlane, peer: &str| {
+            cp.peers
+                .snapshot()
+                .get(peer)
+                .map_or("unknown", |p| p.state.as_str())
+        };
+        format!(
+            "Federation: east sees west {}, west sees east {}",
+            state(&east, "west"),
+            state(&west, "east")
+        )
+    };
     loop {
         let stop = async {
             match deadline {
@@ -277,17 +433,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
             }
         };
         tokio::select! {
-            _ = refresh.tick() => print_view(&stats, tty),
+            _ = refresh.tick() => print_view(&stats, tty, &peers_line()),
             _ = tokio::signal::ctrl_c() => break,
             _ = stop => break,
         }
     }
-    print_view(&stats, tty);
+    print_view(&stats, tty, &peers_line());
     for t in &load {
         t.abort();
     }
     drop(sidecars);
-    drop(cp);
+    drop(west);
+    drop(east);
     drop(echoes);
     match own_dir {
         Some(t) => {
@@ -298,14 +455,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
             );
         }
         None => println!(
-            "Demo stopped: every listener it opened is closed; the world stays in {}.",
+            "Demo stopped: every listener it opened is closed; the worlds stay in {}.",
             dir.display()
         ),
     }
     Ok(0)
 }
 
-fn print_view(stats: &Stats, tty: bool) {
+fn print_view(stats: &Stats, tty: bool, federation: &str) {
     let window = {
         let mut s = match stats.lock() {
             Ok(g) => g,
@@ -340,10 +497,16 @@ fn print_view(stats: &Stats, tty: bool) {
     if tty {
         out.push_str("\x1b[2J\x1b[H");
     }
-    out.push_str("Where requests went (last window):\n");
+    out.push_str(federation);
+    out.push_str("\nWhere requests went (last window):\n");
     out.push_str(&crate::output::table(
         &[
-            "CLIENT", "UPSTREAM", "REQUESTS", "SHARE", "SUCCESS", "P99_MS",
+            "CLIENT -> SERVICE",
+            "UPSTREAM (POD CLUSTER/ZONE)",
+            "REQUESTS",
+            "SHARE",
+            "SUCCESS",
+            "P99_MS",
         ],
         &rows,
     ));

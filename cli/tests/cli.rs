@@ -50,6 +50,10 @@ fn demo_serves_both_zones_and_queries_see_it() {
             "127.0.0.1:0",
             "--metrics-addr",
             "127.0.0.1:0",
+            "--west-xds-addr",
+            "127.0.0.1:0",
+            "--west-metrics-addr",
+            "127.0.0.1:0",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -59,13 +63,17 @@ fn demo_serves_both_zones_and_queries_see_it() {
     let stdout = guard.0.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let mut cp = String::new();
+    let mut west_cp = String::new();
     let mut world = String::new();
     for line in lines.by_ref() {
         let line = line.expect("line");
-        if let Some(rest) = line.trim().strip_prefix("control plane") {
+        if let Some(rest) = line.trim().strip_prefix("east control plane") {
             cp = rest.split_whitespace().nth(1).expect("cp addr").to_string();
         }
-        if let Some(rest) = line.trim().strip_prefix("world") {
+        if let Some(rest) = line.trim().strip_prefix("west control plane") {
+            west_cp = rest.split_whitespace().nth(1).expect("cp addr").to_string();
+        }
+        if let Some(rest) = line.trim().strip_prefix("east world") {
             world = rest.trim().to_string();
         }
         if line.starts_with("Try next") {
@@ -86,7 +94,7 @@ fn demo_serves_both_zones_and_queries_see_it() {
     names.sort();
     assert_eq!(names, vec!["client-a", "client-b"]);
     for p in proxies {
-        assert_eq!(p["replica"], "demo");
+        assert_eq!(p["replica"], "demo-east");
         for t in p["types"].as_array().expect("types") {
             assert_eq!(t["state"], "SYNCED", "{p}");
         }
@@ -115,7 +123,8 @@ fn demo_serves_both_zones_and_queries_see_it() {
         .iter()
         .find(|s| s["name"] == "echo-v1")
         .expect("v1");
-    assert_eq!(v1["ready_endpoints"], 2);
+    // Two in east, one imported from west.
+    assert_eq!(v1["ready_endpoints"], 3, "{v1}");
 
     // proxy-config: client-b sees echo-v1 in its own zone at priority 0, zone-a at 1.
     let (_, eps) = weftctl(&cp, &["proxy-config", "client-b", "endpoints"]);
@@ -126,20 +135,24 @@ fn demo_serves_both_zones_and_queries_see_it() {
         .find(|r| r["name"] == "echo-v1.default.svc.cluster.local:80")
         .expect("v1 endpoints");
     for e in v1["config"]["endpoints"].as_array().expect("endpoints") {
-        let want = if e["zone"] == "zone-b" { 0 } else { 1 };
+        let want = match e["zone"].as_str() {
+            Some("zone-b") => 0,
+            Some("zone-a") => 1,
+            _ => 2, // west's, after every east endpoint
+        };
         assert_eq!(e["priority"], want, "{e}");
     }
     // endpoints: the catalog's view with client-b's priorities.
     let (code, eps) = weftctl(&cp, &["endpoints", "echo-v1", "--proxy", "client-b"]);
     assert_eq!(code, 0);
     let eps = eps.as_array().expect("array");
-    assert_eq!(eps.len(), 2);
+    assert_eq!(eps.len(), 3);
     for e in eps {
         assert_eq!(e["health"], "ready");
-        let want = if e["zone"] == "zone-b" {
-            "80=0"
-        } else {
-            "80=1"
+        let want = match e["zone"].as_str() {
+            Some("zone-b") => "80=0",
+            Some("zone-a") => "80=1",
+            _ => "80=2",
         };
         assert_eq!(e["priorities"], serde_json::json!([want]), "{e}");
     }
@@ -194,6 +207,32 @@ fn demo_serves_both_zones_and_queries_see_it() {
     // errors: a clean world.
     let (code, errors) = weftctl(&cp, &["errors"]);
     assert_eq!((code, errors), (0, serde_json::json!([])));
+    // Federation both ways: each control plane has the other SYNCED and imported echo-v1.
+    for (at, other) in [(&cp, "west"), (&west_cp, "east")] {
+        let (code, peers) = weftctl(at, &["peers"]);
+        assert_eq!(code, 0, "{peers:#}");
+        let p = &peers[0];
+        assert_eq!(
+            (p["name"].as_str(), p["state"].as_str()),
+            (Some(other), Some("SYNCED")),
+            "{peers:#}"
+        );
+        assert_eq!(
+            p["endpoints"],
+            if other == "west" { 1 } else { 2 },
+            "{peers:#}"
+        );
+    }
+    // West's client sees its own echo-v1 first, east's after (crossCluster failover).
+    let (_, eps) = weftctl(&west_cp, &["endpoints", "echo-v1", "--proxy", "client-c"]);
+    for e in eps.as_array().expect("array") {
+        let want = if e["cluster"] == "west" {
+            "80=0"
+        } else {
+            "80=1"
+        };
+        assert_eq!(e["priorities"], serde_json::json!([want]), "{eps:#}");
+    }
 
     // The live view shows traffic served in both zones, all successful.
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
@@ -204,8 +243,22 @@ fn demo_serves_both_zones_and_queries_see_it() {
         "the demo stops within its bounded duration"
     );
     let view = rest.join("\n");
-    assert!(view.contains("client-a  echo-v1-a zone-a"), "{view}");
-    assert!(view.contains("client-b  echo-v1-b zone-b"), "{view}");
+    assert!(
+        view.contains("client-a -> echo     echo-v1-a east/zone-a"),
+        "{view}"
+    );
+    assert!(
+        view.contains("client-b -> echo     echo-v1-b east/zone-b"),
+        "{view}"
+    );
+    assert!(
+        view.contains("client-c -> echo-v1  echo-v1-c west/zone-c"),
+        "{view}"
+    );
+    assert!(
+        view.contains("east sees west SYNCED, west sees east SYNCED"),
+        "{view}"
+    );
     assert!(!view.contains("HTTP "), "no failed request: {view}");
     assert!(view.contains("is removed"), "{view}");
     assert!(
