@@ -109,32 +109,42 @@ const PODS: [Pod; 4] = [
     },
 ];
 
-/// A client sidecar: (name, cluster, region, zone, address, the host it calls).
-const CLIENTS: [(&str, &str, &str, &str, [u8; 4], &str); 3] = [
-    (
-        "client-a",
-        "east",
-        "region-1",
-        "zone-a",
-        [127, 0, 20, 1],
-        "echo.default.svc.cluster.local",
-    ),
-    (
-        "client-b",
-        "east",
-        "region-1",
-        "zone-b",
-        [127, 0, 20, 2],
-        "echo.default.svc.cluster.local",
-    ),
-    (
-        "client-c",
-        "west",
-        "region-2",
-        "zone-c",
-        [127, 0, 20, 3],
-        "echo-v1.default.svc.cluster.local",
-    ),
+/// A client sidecar of the demo.
+struct Client {
+    name: &'static str,
+    cluster: &'static str,
+    region: &'static str,
+    zone: &'static str,
+    ip: [u8; 4],
+    /// The host it calls.
+    host: &'static str,
+}
+
+const CLIENTS: [Client; 3] = [
+    Client {
+        name: "client-a",
+        cluster: "east",
+        region: "region-1",
+        zone: "zone-a",
+        ip: [127, 0, 20, 1],
+        host: "echo.default.svc.cluster.local",
+    },
+    Client {
+        name: "client-b",
+        cluster: "east",
+        region: "region-1",
+        zone: "zone-b",
+        ip: [127, 0, 20, 2],
+        host: "echo.default.svc.cluster.local",
+    },
+    Client {
+        name: "client-c",
+        cluster: "west",
+        region: "region-2",
+        zone: "zone-c",
+        ip: [127, 0, 20, 3],
+        host: "echo-v1.default.svc.cluster.local",
+    },
 ];
 
 fn pod_addr(p: &Pod) -> SocketAddr {
@@ -369,10 +379,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
 
     let stats: Stats = Arc::default();
     let mut load = Vec::new();
-    for (s, (name, _, _, _, _, host)) in sidecars.iter().zip(CLIENTS) {
+    for (s, c) in sidecars.iter().zip(&CLIENTS) {
         let (proxy, stats, rate) = (s.outbound_addr, stats.clone(), args.rate.max(1));
+        let host = c.host;
         let service = host.split('.').next().unwrap_or(host);
-        let name = format!("{name} -> {service}");
+        let name = format!("{} -> {service}", c.name);
         load.push(tokio::spawn(async move {
             let name = name.as_str();
             let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
