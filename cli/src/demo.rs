@@ -308,20 +308,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     let (east_xds, west_xds) = (east.plaintext(), west.plaintext());
 
     let mut sidecars = Vec::new();
-    for (name, cluster, region, zone, ip, _) in CLIENTS {
-        let ip = IpAddr::from(ip);
-        let xds = if cluster == "east" {
+    for c in &CLIENTS {
+        let ip = IpAddr::from(c.ip);
+        let xds = if c.cluster == "east" {
             east_xds
         } else {
             west_xds
         };
-        let mut rc = weft_sidecar::RunConfig::local(xds, ip, name);
+        let mut rc = weft_sidecar::RunConfig::local(xds, ip, c.name);
         rc.outbound_addr = SocketAddr::new(ip, 15001);
         rc.inbound_addr = SocketAddr::new(ip, 15006);
         rc.admin_addr = SocketAddr::new(ip, 15000);
-        rc.cluster = cluster.into();
-        rc.region = region.into();
-        rc.zone = zone.into();
+        rc.cluster = c.cluster.into();
+        rc.region = c.region.into();
+        rc.zone = c.zone.into();
         sidecars.push(weft_sidecar::Sidecar::start(rc).await?);
     }
     for s in &sidecars {
