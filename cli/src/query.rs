@@ -189,6 +189,9 @@ pub struct ServiceRow {
     pub exported: bool,
     /// Clusters its endpoints come from.
     pub clusters: Vec<String>,
+    /// `cluster.local` (a Service exists in this cluster) and/or `clusterset` (exported here or
+    /// by a peer: `<svc>.<ns>.svc.clusterset.local`).
+    pub scopes: Vec<String>,
 }
 
 /// `weftctl services`.
@@ -210,6 +213,7 @@ pub async fn services(cp: SocketAddr, format: Format) -> anyhow::Result<i32> {
             backends: s.split,
             exported: s.exported,
             clusters: s.clusters,
+            scopes: s.scopes,
         })
         .collect();
     let table = rows
@@ -226,6 +230,7 @@ pub async fn services(cp: SocketAddr, format: Format) -> anyhow::Result<i32> {
                 format!("{}/{}", r.ready_endpoints, r.endpoints),
                 r.backends.join(" "),
                 r.clusters.join(","),
+                r.scopes.join(","),
             ]
         })
         .collect();
@@ -239,6 +244,7 @@ pub async fn services(cp: SocketAddr, format: Format) -> anyhow::Result<i32> {
             "READY",
             "BACKENDS",
             "CLUSTERS",
+            "SCOPES",
         ],
         table,
     )?;
@@ -1053,12 +1059,90 @@ fn proxy_endpoints(dump: &Value) -> EndpointSets {
 /// One difference between the control plane's and the proxy's view of a cluster.
 #[derive(Serialize)]
 pub struct DiffRow {
-    /// The cluster.
-    pub cluster: String,
-    /// Endpoints the control plane sent that the proxy does not hold.
+    /// `endpoints` (name: a cluster; items: endpoint addresses) or `routes` (name: a host;
+    /// items: route targets, `cluster` or `cluster=weight`).
+    pub kind: String,
+    /// The cluster or host.
+    pub name: String,
+    /// Items the control plane sent that the proxy does not hold.
     pub only_in_control_plane: Vec<String>,
-    /// Endpoints the proxy holds that the control plane did not send (or no longer does).
+    /// Items the proxy holds that the control plane did not send (or no longer does).
     pub only_in_proxy: Vec<String>,
+}
+
+/// Host -> route targets, from the RouteConfigurations the control plane sent.
+fn control_plane_routes(resources: &[weft_proto::admin::ConfigResource]) -> EndpointSets {
+    let mut out = EndpointSets::new();
+    for r in resources.iter().filter(|r| r.type_url == type_url::ROUTE) {
+        let Ok(rc) = route::RouteConfiguration::decode(r.value.as_slice()) else {
+            continue;
+        };
+        for vh in &rc.virtual_hosts {
+            let mut targets = std::collections::BTreeSet::new();
+            for rt in &vh.routes {
+                if let Some(route::route::Action::Route(a)) = &rt.action {
+                    match &a.cluster_specifier {
+                        Some(route::route_action::ClusterSpecifier::Cluster(c)) => {
+                            targets.insert(c.clone());
+                        }
+                        Some(route::route_action::ClusterSpecifier::WeightedClusters(w)) => {
+                            for c in &w.clusters {
+                                let weight = c.weight.as_ref().map_or(0, |v| v.value);
+                                targets.insert(format!("{}={weight}", c.name));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            for d in &vh.domains {
+                out.entry(d.clone())
+                    .or_default()
+                    .extend(targets.iter().cloned());
+            }
+        }
+    }
+    out
+}
+
+/// Host -> route targets, from a sidecar's `/config_dump`.
+fn proxy_routes(dump: &Value) -> EndpointSets {
+    let mut out = EndpointSets::new();
+    for (host, routes) in dump["hosts"].as_object().into_iter().flatten() {
+        let set = out.entry(host.clone()).or_default();
+        for r in routes.as_array().into_iter().flatten() {
+            if let Some(c) = r["target"]["Cluster"].as_str() {
+                set.insert(c.to_string());
+            }
+            for w in r["target"]["Weighted"].as_array().into_iter().flatten() {
+                if let (Some(c), Some(n)) = (w[0].as_str(), w[1].as_u64()) {
+                    set.insert(format!("{c}={n}"));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Where two name -> items maps differ, as rows of `kind`.
+fn diff_sets(kind: &str, sent: &EndpointSets, held: &EndpointSets) -> Vec<DiffRow> {
+    let names: std::collections::BTreeSet<&String> = sent.keys().chain(held.keys()).collect();
+    let empty = std::collections::BTreeSet::new();
+    names
+        .into_iter()
+        .filter_map(|c| {
+            let (a, b) = (sent.get(c).unwrap_or(&empty), held.get(c).unwrap_or(&empty));
+            let only_cp: Vec<String> = a.difference(b).cloned().collect();
+            let only_proxy: Vec<String> = b.difference(a).cloned().collect();
+            let missing = sent.contains_key(c) != held.contains_key(c);
+            (missing || !only_cp.is_empty() || !only_proxy.is_empty()).then(|| DiffRow {
+                kind: kind.into(),
+                name: c.clone(),
+                only_in_control_plane: only_cp,
+                only_in_proxy: only_proxy,
+            })
+        })
+        .collect()
 }
 
 /// `weftctl proxy-config <proxy> --from-proxy ADMIN [--diff]`.
@@ -1088,23 +1172,16 @@ pub async fn proxy_view(
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
-    let sent = control_plane_endpoints(&resp.resources);
-    let names: std::collections::BTreeSet<&String> = sent.keys().chain(held.keys()).collect();
-    let empty = std::collections::BTreeSet::new();
-    let rows: Vec<DiffRow> = names
-        .into_iter()
-        .filter_map(|c| {
-            let (a, b) = (sent.get(c).unwrap_or(&empty), held.get(c).unwrap_or(&empty));
-            let only_cp: Vec<String> = a.difference(b).cloned().collect();
-            let only_proxy: Vec<String> = b.difference(a).cloned().collect();
-            let missing_cluster = sent.contains_key(c) != held.contains_key(c);
-            (missing_cluster || !only_cp.is_empty() || !only_proxy.is_empty()).then(|| DiffRow {
-                cluster: c.clone(),
-                only_in_control_plane: only_cp,
-                only_in_proxy: only_proxy,
-            })
-        })
-        .collect();
+    let mut rows = diff_sets(
+        "endpoints",
+        &control_plane_endpoints(&resp.resources),
+        &held,
+    );
+    rows.extend(diff_sets(
+        "routes",
+        &control_plane_routes(&resp.resources),
+        &proxy_routes(&dump),
+    ));
     if rows.is_empty() && format == Format::Table {
         println!("in sync: the proxy holds what the control plane sent");
         return Ok(0);
@@ -1113,7 +1190,8 @@ pub async fn proxy_view(
         .iter()
         .map(|r| {
             vec![
-                r.cluster.clone(),
+                r.kind.clone(),
+                r.name.clone(),
                 r.only_in_control_plane.join(" "),
                 r.only_in_proxy.join(" "),
             ]
@@ -1122,7 +1200,7 @@ pub async fn proxy_view(
     print(
         format,
         &rows,
-        &["CLUSTER", "ONLY IN CONTROL PLANE", "ONLY IN PROXY"],
+        &["KIND", "NAME", "ONLY IN CONTROL PLANE", "ONLY IN PROXY"],
         table,
     )?;
     Ok(i32::from(!rows.is_empty()))
@@ -1142,5 +1220,58 @@ mod tests {
             vec!["10.0.0.1:80", "10.0.0.2:80"]
         );
         assert!(got["c2"].is_empty());
+    }
+
+    #[test]
+    fn route_diff_names_the_host_and_the_targets_on_each_side() {
+        use route::{RouteAction, RouteConfiguration, VirtualHost, WeightedCluster};
+        let weighted = |v1: u32, v2: u32| route::Route {
+            action: Some(route::route::Action::Route(RouteAction {
+                cluster_specifier: Some(route::route_action::ClusterSpecifier::WeightedClusters(
+                    WeightedCluster {
+                        clusters: [("v1", v1), ("v2", v2)]
+                            .into_iter()
+                            .map(|(n, w)| route::weighted_cluster::ClusterWeight {
+                                name: n.into(),
+                                weight: Some(weft_proto::envoy::google::protobuf::UInt32Value {
+                                    value: w,
+                                }),
+                                ..Default::default()
+                            })
+                            .collect(),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let rc = RouteConfiguration {
+            name: "echo".into(),
+            virtual_hosts: vec![VirtualHost {
+                domains: vec!["echo".into(), "echo:80".into()],
+                routes: vec![weighted(90, 10)],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let sent = control_plane_routes(&[weft_proto::admin::ConfigResource {
+            type_url: type_url::ROUTE.into(),
+            name: "echo".into(),
+            version: "1".into(),
+            value: rc.encode_to_vec(),
+        }]);
+        // The proxy still holds the previous weights for one of the hosts.
+        let dump = serde_json::json!({"hosts": {
+            "echo": [{"target": {"Weighted": [["v1", 90], ["v2", 10]]}}],
+            "echo:80": [{"target": {"Weighted": [["v1", 50], ["v2", 50]]}}]}});
+        let rows = diff_sets("routes", &sent, &proxy_routes(&dump));
+        assert_eq!(rows.len(), 1, "only the stale host differs");
+        assert_eq!(
+            (rows[0].kind.as_str(), rows[0].name.as_str()),
+            ("routes", "echo:80")
+        );
+        assert_eq!(rows[0].only_in_control_plane, ["v1=90", "v2=10"]);
+        assert_eq!(rows[0].only_in_proxy, ["v1=50", "v2=50"]);
     }
 }

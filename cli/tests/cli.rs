@@ -123,8 +123,21 @@ fn demo_serves_both_zones_and_queries_see_it() {
         .iter()
         .find(|s| s["name"] == "echo-v1")
         .expect("v1");
-    // Two in east, one imported from west.
+    // Two in east, one imported from west; reachable under both names.
     assert_eq!(v1["ready_endpoints"], 3, "{v1}");
+    assert_eq!(
+        v1["scopes"],
+        serde_json::json!(["cluster.local", "clusterset"]),
+        "{v1}"
+    );
+    assert_eq!(v1["clusters"], serde_json::json!(["east", "west"]), "{v1}");
+    let v2 = services
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|s| s["name"] == "echo-v2")
+        .expect("v2");
+    assert_eq!(v2["scopes"], serde_json::json!(["cluster.local"]), "{v2}");
 
     // proxy-config: client-b sees echo-v1 in its own zone at priority 0, zone-a at 1.
     let (_, eps) = weftctl(&cp, &["proxy-config", "client-b", "endpoints"]);

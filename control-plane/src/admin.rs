@@ -106,6 +106,14 @@ impl Admin for AdminService {
                         .map(|b| format!("{}={}", b.service.name, b.weight))
                         .collect(),
                     exported: s.exported,
+                    scopes: crate::translate::scopes(s, &model.cluster)
+                        .into_iter()
+                        .map(|sc| match sc {
+                            weft_proto::names::Scope::Cluster => "cluster.local".to_string(),
+                            weft_proto::names::Scope::Clusterset => "clusterset".to_string(),
+                        })
+                        .filter(|sc| s.local || sc == "clusterset")
+                        .collect(),
                     clusters,
                 }
             })

@@ -173,7 +173,9 @@ pub fn translate(model: &Model, prev: Option<&Translation>) -> Translation {
     }
 }
 
-fn scopes(svc: &ServiceModel, home: &str) -> Vec<Scope> {
+/// The names a service gets resources under: cluster.local always, clusterset when it is
+/// exported or has endpoints in other clusters.
+pub fn scopes(svc: &ServiceModel, home: &str) -> Vec<Scope> {
     let remote = svc.endpoints.iter().any(|e| e.cluster != home);
     if svc.exported || remote {
         vec![Scope::Cluster, Scope::Clusterset]
