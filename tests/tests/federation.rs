@@ -471,3 +471,129 @@ async fn peers_with_the_wrong_identity_root_or_version_are_refused() {
         .await
         .expect("the real thing is served");
 }
+
+/// A peer that presents the right certificate but sends a bad stream: a snapshot, then an
+/// update claiming an endpoint of another cluster. The importer refuses it with the reason,
+/// keeps the snapshot's endpoints (stale), and never takes the bad one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_sending_a_bad_update_is_refused_and_the_catalog_keeps_its_last_good_state() {
+    use weft_proto::federation as fpb;
+    let base = tempfile::tempdir().expect("tempdir");
+    let cas = shared_root_ca_dirs(base.path(), &["east", "west"]).expect("CA dirs");
+    // The rogue "east": a real TLS port with east's control-plane certificate, serving a
+    // Federation that misbehaves after its snapshot.
+    let ca =
+        weft_control_plane::identity::Ca::load_or_generate(Some(&cas[0]), "cluster.local", "east")
+            .expect("east CA");
+    let acceptor = weft_control_plane::grpc_tls::Acceptor::new(&ca, "cluster.local", "east")
+        .expect("acceptor");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let rogue_addr = listener.local_addr().expect("addr");
+    struct Rogue;
+    #[tonic::async_trait]
+    impl fpb::federation_server::Federation for Rogue {
+        type ExportStream = std::pin::Pin<
+            Box<dyn tokio_stream::Stream<Item = Result<fpb::ExportUpdate, tonic::Status>> + Send>,
+        >;
+        async fn export(
+            &self,
+            _: tonic::Request<fpb::ExportRequest>,
+        ) -> Result<tonic::Response<Self::ExportStream>, tonic::Status> {
+            let svc = |addr: &str, cluster: &str| fpb::ExportedService {
+                service: Some(fpb::ServiceRef {
+                    namespace: "default".into(),
+                    name: "echo".into(),
+                }),
+                ports: vec![fpb::ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    app_protocol: String::new(),
+                }],
+                endpoints: vec![fpb::Endpoint {
+                    address: addr.into(),
+                    cluster: cluster.into(),
+                    ready: true,
+                    weight: 1,
+                    ports: [("http".to_string(), 8080u32)].into(),
+                    ..Default::default()
+                }],
+            };
+            let updates = vec![
+                Ok(fpb::ExportUpdate {
+                    version: 1,
+                    snapshot: true,
+                    upserted: vec![svc("127.0.10.1", "east")],
+                    removed: vec![],
+                    cluster_name: "east".into(),
+                }),
+                Ok(fpb::ExportUpdate {
+                    version: 2,
+                    snapshot: false,
+                    upserted: vec![svc("127.0.66.6", "west")],
+                    removed: vec![],
+                    cluster_name: "east".into(),
+                }),
+            ];
+            // Then it stays open and silent.
+            let stream = tokio_stream::StreamExt::chain(
+                tokio_stream::iter(updates),
+                tokio_stream::pending(),
+            );
+            Ok(tonic::Response::new(Box::pin(stream)))
+        }
+    }
+    let metrics = std::sync::Arc::new(weft_control_plane::metrics::Metrics::new());
+    let incoming = acceptor.incoming(listener, metrics);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(fpb::federation_server::FederationServer::new(Rogue))
+            .serve_with_incoming(incoming),
+    );
+
+    let west_dir = base.path().join("west");
+    std::fs::create_dir_all(&west_dir).expect("dir");
+    write(&west_dir, "world.yaml", &west_world());
+    write(
+        &west_dir,
+        "peers.yaml",
+        &[mesh_peer("east", &rogue_addr.to_string())],
+    );
+    let west =
+        start_cluster_control_plane(&west_dir, "west", &cas[1], Duration::from_secs(60), None)
+            .await
+            .expect("west");
+    let p = until_ok(
+        "the bad update refused with its reason",
+        PATIENCE,
+        || async {
+            let p = peer(&west, "east").await?;
+            p.last_error
+                .contains("a peer may export only its own cluster's endpoints")
+                .then_some(p.clone())
+                .ok_or(format!("{p:?}"))
+        },
+    )
+    .await;
+    assert!(p.last_error.contains("service default/echo"), "{p:?}");
+    let eps = endpoints(&west, "echo");
+    assert!(
+        eps.contains(&ep("127.0.10.1", "east", true)),
+        "the snapshot's endpoint stays, stale: {eps:?}"
+    );
+    assert!(
+        !eps.iter().any(|(a, _, _)| a == "127.0.66.6"),
+        "the bad endpoint never entered the catalog: {eps:?}"
+    );
+    let page = reqwest_metrics(west.metrics_addr).await;
+    assert!(
+        weft_testkit::metric_sum(
+            &page,
+            "weft_federation_refusals_total",
+            &["peer=\"east\"", "reason=\"invalid_update\""]
+        ) >= 1.0,
+        "{page}"
+    );
+    server.abort();
+}
