@@ -66,6 +66,17 @@ pub mod lab {
         None
     }
 
+    /// Runs the rest of a command line as the proxy UID (1337), whose own connections the
+    /// interception rules leave alone: `[PROXY_UID, &[sidecar, "run", ...]].concat()`.
+    pub const PROXY_UID: [&str; 6] = [
+        "setpriv",
+        "--reuid",
+        "1337",
+        "--regid",
+        "1337",
+        "--clear-groups",
+    ];
+
     /// Polls `f` every 100 ms until it holds; panics naming `what` after `patience`.
     pub fn eventually(what: &str, patience: Duration, mut f: impl FnMut() -> bool) {
         let deadline = Instant::now() + patience;

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use weft_e2e::lab::{Lab, bin, eventually, missing_prerequisite, ok, sh};
+use weft_e2e::lab::{Lab, PROXY_UID, bin, eventually, missing_prerequisite, ok, sh};
 
 #[test]
 fn unmodified_client_is_intercepted_in_a_network_namespace() {
@@ -103,22 +103,20 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
         "sidecar",
         &cli,
         &[
-            "setpriv",
-            "--reuid",
-            "1337",
-            "--regid",
-            "1337",
-            "--clear-groups",
-            &sidecar,
-            "run",
-            "--plaintext-xds",
-            "--xds-addr",
-            "127.0.0.1:15010",
-            "--node-id",
-            "pod-a",
-            "--admin-addr",
-            "127.0.0.1:15000",
-        ],
+            &PROXY_UID[..],
+            &[
+                &sidecar,
+                "run",
+                "--plaintext-xds",
+                "--xds-addr",
+                "127.0.0.1:15010",
+                "--node-id",
+                "pod-a",
+                "--admin-addr",
+                "127.0.0.1:15000",
+            ],
+        ]
+        .concat(),
         None,
     );
     let curl = |url: &str| sh(&["ip", "netns", "exec", &cli, "curl", "-s", "-m", "5", url]);

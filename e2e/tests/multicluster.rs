@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use weft_e2e::lab::{Lab, bin, eventually, missing_prerequisite, ok, sh};
+use weft_e2e::lab::{Lab, PROXY_UID, bin, eventually, missing_prerequisite, ok, sh};
 
 const CLUSTERS: [u8; 3] = [1, 2, 3];
 /// (pod suffix, last octet, zone).
@@ -204,28 +204,26 @@ impl Mesh {
             &format!("sidecar-c{k}{pod}"),
             &ns,
             &[
-                "setpriv",
-                "--reuid",
-                "1337",
-                "--regid",
-                "1337",
-                "--clear-groups",
-                &sidecar,
-                "run",
-                "--plaintext-xds",
-                "--xds-addr",
-                &xds,
-                "--node-id",
-                &node,
-                "--cluster",
-                &cluster,
-                "--region",
-                &region,
-                "--zone",
-                zone,
-                "--admin-addr",
-                "127.0.0.1:15000",
-            ],
+                &PROXY_UID[..],
+                &[
+                    &sidecar,
+                    "run",
+                    "--plaintext-xds",
+                    "--xds-addr",
+                    &xds,
+                    "--node-id",
+                    &node,
+                    "--cluster",
+                    &cluster,
+                    "--region",
+                    &region,
+                    "--zone",
+                    zone,
+                    "--admin-addr",
+                    "127.0.0.1:15000",
+                ],
+            ]
+            .concat(),
             Some(&self.logs.join(format!("sidecar-c{k}{pod}.log"))),
         );
     }

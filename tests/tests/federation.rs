@@ -106,6 +106,13 @@ fn endpoints(cp: &ControlPlane, svc: &str) -> Vec<(String, String, bool)> {
     v
 }
 
+fn has_service(cp: &ControlPlane, name: &str) -> bool {
+    cp.catalog
+        .current()
+        .services
+        .contains_key(&ServiceKey::new("default", name))
+}
+
 fn ep(a: &str, c: &str, stale: bool) -> (String, String, bool) {
     (a.to_string(), c.to_string(), stale)
 }
@@ -325,13 +332,7 @@ async fn exports_reach_the_peer_then_go_stale_resync_without_a_flap_and_expire()
     })
     .await;
     assert_eq!(endpoints(&west, "echo"), [ep("127.0.20.1", "west", false)]);
-    assert!(
-        !west
-            .catalog
-            .current()
-            .services
-            .contains_key(&ServiceKey::new("default", "only-east"))
-    );
+    assert!(!has_service(&west, "only-east"));
 }
 
 async fn reqwest_metrics(addr: SocketAddr) -> String {
@@ -405,13 +406,7 @@ async fn peers_with_the_wrong_identity_root_or_version_are_refused() {
     );
     // Nothing of theirs reached the catalog.
     assert_eq!(endpoints(&west, "echo"), [ep("127.0.20.1", "west", false)]);
-    assert!(
-        !west
-            .catalog
-            .current()
-            .services
-            .contains_key(&ServiceKey::new("default", "only-east"))
-    );
+    assert!(!has_service(&west, "only-east"));
 
     // Straight at east's Export: a client speaking another protocol version, and a workload.
     let roots = weft_proto::tls::roots(&west.ca.trust_bundle()).expect("roots");
