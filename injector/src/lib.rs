@@ -1,4 +1,11 @@
-//! Weft's sidecar injector: the mutating admission webhook and its pure patch function.
+//! `weft-injector`: the mutating admission webhook that adds Weft's sidecar to Pods.
 //!
-//! Not built yet (issue "Kubernetes: the kube source, CRDs, install manifests and the injection
-//! webhook"); the crate exists so the workspace has the layout of ARCHITECTURE.md.
+//! - [`patch`]: the injection, a pure function of a Pod (also what `weftctl inject` runs);
+//! - [`webhook`]: AdmissionReview in, AdmissionReview out (JSON Patch), with the policy for
+//!   errors written down there;
+//! - [`server`]: HTTPS on 8443 (`POST /inject`, `GET /ready /live /metrics`), reloading a
+//!   rotated certificate.
+
+pub mod patch;
+pub mod server;
+pub mod webhook;

@@ -419,7 +419,8 @@ impl Metrics {
     }
 }
 
-fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
+/// A response with a body and its content type.
+pub fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -479,29 +480,38 @@ fn certs_view(svid: Option<&crate::identity::SvidCell>) -> CertsView {
     }
 }
 
+/// Whether the proxy is ready: every xDS type accepted and, with an identity, a certificate
+/// held. Answers `/ready` on the admin and health listeners.
+pub fn readiness(
+    xds: &XdsHandle,
+    svid: Option<&crate::identity::SvidCell>,
+) -> (StatusCode, &'static str) {
+    let has_cert = svid.is_none_or(|s| s.load().is_some());
+    match (*xds.ready.borrow(), has_cert) {
+        (true, true) => (StatusCode::OK, "ready\n"),
+        (_, false) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the workload certificate\n",
+        ),
+        (false, true) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the first config of every xDS type\n",
+        ),
+    }
+}
+
 fn handle(
     path: &str,
     xds: &XdsHandle,
     svid: Option<&crate::identity::SvidCell>,
     metrics: &Metrics,
 ) -> Response<Full<Bytes>> {
-    // Ready once every xDS type was accepted and, with an identity, a certificate is held.
-    let has_cert = svid.is_none_or(|s| s.load().is_some());
     match path {
         "/live" => text(StatusCode::OK, "live\n".into(), "text/plain"),
-        "/ready" if *xds.ready.borrow() && has_cert => {
-            text(StatusCode::OK, "ready\n".into(), "text/plain")
+        "/ready" => {
+            let (status, body) = readiness(xds, svid);
+            text(status, body.into(), "text/plain")
         }
-        "/ready" if !has_cert => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "waiting for the workload certificate\n".into(),
-            "text/plain",
-        ),
-        "/ready" => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "waiting for the first config of every xDS type\n".into(),
-            "text/plain",
-        ),
         "/certs" => json(serde_json::to_string_pretty(&certs_view(svid))),
         "/metrics" => text(
             StatusCode::OK,

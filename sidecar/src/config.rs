@@ -6,9 +6,9 @@ use std::net::SocketAddr;
 /// `weft-sidecar run` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunConfig {
-    /// Control plane gRPC address (IP:PORT): its TLS port (15012), or with `--plaintext-xds`
-    /// its plaintext development port (15010).
-    #[arg(long, env = "WEFT_XDS_ADDR", default_value = "127.0.0.1:15012")]
+    /// Control plane gRPC address (`HOST:PORT`, a name is resolved once at start): its TLS port
+    /// (15012), or with `--plaintext-xds` its plaintext development port (15010).
+    #[arg(long, env = "WEFT_XDS_ADDR", default_value = "127.0.0.1:15012", value_parser = resolve_addr)]
     pub xds_addr: SocketAddr,
     /// Talk to the control plane in plaintext, without identity (local development only; the
     /// sidecar then originates and accepts mTLS only if `--join-token` gets it an SVID).
@@ -19,6 +19,20 @@ pub struct RunConfig {
     /// Required unless `--plaintext-xds`.
     #[arg(long, env = "WEFT_TRUST_BUNDLE")]
     pub trust_bundle: Option<std::path::PathBuf>,
+    /// The mesh's root(s) as PEM text instead of a file (what the injector sets).
+    #[arg(long, env = "WEFT_TRUST_BUNDLE_PEM", hide_env_values = true)]
+    pub trust_bundle_pem: Option<String>,
+    /// A file holding the proof of identity, re-read at every certificate request: a join token
+    /// or a projected Kubernetes service-account token (which the kubelet rotates).
+    #[arg(long, env = "WEFT_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// Health listener for kubelet probes (`/ready`, `/live`, `/app-health/<port>/<path>`);
+    /// off unless given (the injector sets `0.0.0.0:15021`).
+    #[arg(long, env = "WEFT_HEALTH_ADDR")]
+    pub health_addr: Option<SocketAddr>,
+    /// Application ports `/app-health/<port>/...` may forward probes to (on localhost).
+    #[arg(long, env = "WEFT_APP_HEALTH_PORTS", value_delimiter = ',')]
+    pub app_health_ports: Vec<u16>,
     /// xDS node id (default: `<pod>.<namespace>` from the environment, else the host name).
     #[arg(long, env = "WEFT_NODE_ID")]
     pub node_id: Option<String>,
@@ -94,8 +108,8 @@ pub enum XdsProtocol {
     Sotw,
 }
 
-/// Parses `500ms`, `5s`, `1m`.
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+/// Parses `500ms`, `5s`, `1m`, `2h` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = n
         .parse()
@@ -109,6 +123,18 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     }
 }
 
+/// Parses `HOST:PORT`, resolving a name once (the control plane's Service address is stable).
+pub fn resolve_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .map_err(|e| format!("{s:?}: {e} (expected HOST:PORT)"))?
+        .next()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
 impl RunConfig {
     /// A configuration for tests and the demo: every listener on `ip` port 0.
     pub fn local(xds_addr: SocketAddr, ip: std::net::IpAddr, node_id: &str) -> Self {
@@ -117,6 +143,10 @@ impl RunConfig {
             xds_addr,
             plaintext_xds: true,
             trust_bundle: None,
+            trust_bundle_pem: None,
+            token_file: None,
+            health_addr: None,
+            app_health_ports: Vec::new(),
             node_id: Some(node_id.into()),
             namespace: "default".into(),
             service_account: "default".into(),

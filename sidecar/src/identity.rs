@@ -233,10 +233,39 @@ async fn fetch(
     )?)
 }
 
+/// Where the proof of identity comes from.
+#[derive(Clone, Debug)]
+pub enum TokenSource {
+    /// `--join-token`.
+    Literal(String),
+    /// `--token-file`: re-read every time (projected service-account tokens rotate).
+    File(std::path::PathBuf),
+}
+
+impl TokenSource {
+    /// The source the configuration names, if any (`--join-token` wins).
+    pub fn from_config(cfg: &crate::RunConfig) -> Option<Self> {
+        cfg.join_token
+            .clone()
+            .map(TokenSource::Literal)
+            .or_else(|| cfg.token_file.clone().map(TokenSource::File))
+    }
+
+    /// The token now.
+    pub fn read(&self) -> Result<String, String> {
+        match self {
+            TokenSource::Literal(t) => Ok(t.clone()),
+            TokenSource::File(p) => std::fs::read_to_string(p)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| format!("--token-file {}: {e}", p.display())),
+        }
+    }
+}
+
 /// Keeps `current` holding a valid SVID, in the background.
 pub fn start(
     cfg: crate::RunConfig,
-    token: String,
+    token: TokenSource,
     link: ControlPlaneLink,
     current: SvidCell,
     metrics: Arc<crate::admin::Metrics>,
@@ -249,7 +278,11 @@ pub fn start(
         let mut failures = 0u32;
         loop {
             let held = current.load_full();
-            let wait = match fetch(&cfg, &link, held.as_deref(), &token, &spiffe_id).await {
+            let fetched = match token.read() {
+                Ok(t) => fetch(&cfg, &link, held.as_deref(), &t, &spiffe_id).await,
+                Err(e) => Err(e.into()),
+            };
+            let wait = match fetched {
                 Ok(svid) => {
                     failures = 0;
                     let left = svid.remaining();

@@ -11,6 +11,7 @@ pub mod balance;
 pub mod config;
 pub mod connect;
 pub mod detect;
+pub mod health;
 pub mod identity;
 pub mod inbound;
 pub mod init;
@@ -72,17 +73,29 @@ fn control_plane_link(
     if cfg.plaintext_xds {
         return Ok(identity::ControlPlaneLink::plaintext(cfg.xds_addr));
     }
-    let (Some(path), Some(_)) = (&cfg.trust_bundle, &cfg.join_token) else {
-        return Err(StartError::Config(
-            "xDS over TLS needs --trust-bundle FILE (the mesh root, PEM) and --join-token \
-             (to get the workload's certificate); pass --plaintext-xds for local development"
+    let missing = || {
+        StartError::Config(
+            "xDS over TLS needs --trust-bundle FILE (or --trust-bundle-pem: the mesh root) and \
+             --join-token or --token-file (to get the workload's certificate); pass \
+             --plaintext-xds for local development"
                 .into(),
-        ));
+        )
     };
-    let pem = std::fs::read_to_string(path)
-        .map_err(|e| StartError::Config(format!("--trust-bundle {}: {e}", path.display())))?;
+    if identity::TokenSource::from_config(cfg).is_none() {
+        return Err(missing());
+    }
+    let (what, pem) = match (&cfg.trust_bundle, &cfg.trust_bundle_pem) {
+        (Some(path), _) => (
+            format!("--trust-bundle {}", path.display()),
+            std::fs::read_to_string(path).map_err(|e| {
+                StartError::Config(format!("--trust-bundle {}: {e}", path.display()))
+            })?,
+        ),
+        (None, Some(pem)) => ("--trust-bundle-pem".to_string(), pem.clone()),
+        (None, None) => return Err(missing()),
+    };
     identity::ControlPlaneLink::tls(cfg.xds_addr, &cfg.trust_domain, &[pem], svid.clone())
-        .map_err(|e| StartError::Config(format!("--trust-bundle {}: {e}", path.display())))
+        .map_err(|e| StartError::Config(format!("{what}: {e}")))
 }
 
 /// A running sidecar; dropping it stops every task.
@@ -93,6 +106,8 @@ pub struct Sidecar {
     pub inbound_addr: SocketAddr,
     /// Admin listener address.
     pub admin_addr: SocketAddr,
+    /// Health listener address, when enabled.
+    pub health_addr: Option<SocketAddr>,
     /// The xDS state.
     pub xds: xds::XdsHandle,
     /// The workload's certificate, when a join token was given.
@@ -118,7 +133,7 @@ impl Sidecar {
         let cell = identity::SvidCell::default();
         let link = control_plane_link(&cfg, &cell)?;
         let mut tasks = Vec::new();
-        let svid = cfg.join_token.clone().map(|token| {
+        let svid = identity::TokenSource::from_config(&cfg).map(|token| {
             tasks.push(identity::start(
                 cfg.clone(),
                 token,
@@ -165,6 +180,17 @@ impl Sidecar {
             tokio::spawn(outbound.run(drained.clone(), cfg.drain_timeout)),
             tokio::spawn(inbound.run(drained, cfg.drain_timeout)),
         ];
+        let mut health_addr = None;
+        if let Some(addr) = cfg.health_addr {
+            let l = admin::bind(addr).await.map_err(err("health", addr))?;
+            health_addr = Some(l.local_addr().map_err(err("health", addr))?);
+            tasks.push(tokio::spawn(health::serve(
+                l,
+                xds.clone(),
+                svid.clone(),
+                cfg.app_health_ports.clone(),
+            )));
+        }
         tasks.push(tokio::spawn(admin::serve(
             admin,
             xds.clone(),
@@ -176,6 +202,7 @@ impl Sidecar {
             outbound_addr,
             inbound_addr,
             admin_addr,
+            health_addr,
             xds,
             svid,
             drain,

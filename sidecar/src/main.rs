@@ -21,6 +21,16 @@ enum Command {
     Run(Box<RunConfig>),
     /// Install (or with --uninstall remove) the iptables rules that redirect the pod's traffic.
     Init(weft_sidecar::init::InitConfig),
+    /// Wait until the proxy's health listener says ready (the classic sidecar's startup hold,
+    /// run as its postStart hook); exits 1 after the timeout.
+    WaitReady {
+        /// The health listener.
+        #[arg(long, default_value = "127.0.0.1:15021")]
+        addr: std::net::SocketAddr,
+        /// How long to wait.
+        #[arg(long, default_value = "120s", value_parser = weft_sidecar::config::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 #[tokio::main]
@@ -29,6 +39,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Run(cfg) => *cfg,
         Command::Init(init) => {
             weft_sidecar::init::run_init(&init)?;
+            return Ok(());
+        }
+        Command::WaitReady { addr, timeout } => {
+            weft_sidecar::health::wait_ready(addr, timeout).map_err(anyhow::Error::msg)?;
             return Ok(());
         }
     };
