@@ -73,9 +73,26 @@ pub fn review(body: &[u8], cfg: &InjectConfig) -> Result<(serde_json::Value, Ver
         .try_into()
         .map_err(|_| BadReview("the AdmissionReview has no request".into()))?;
     let (resp, verdict) = respond(&req, cfg);
-    let out = serde_json::to_value(resp.into_review())
+    let mut out = serde_json::to_value(resp.into_review())
         .map_err(|e| BadReview(format!("cannot encode the response: {e}")))?;
+    base64_patch(&mut out);
     Ok((out, verdict))
+}
+
+/// kube-core serializes the patch (a Go `[]byte`) as an array of numbers; Kubernetes writes
+/// `[]byte` as base64 and documents the patch so. Sends the documented form.
+fn base64_patch(review: &mut serde_json::Value) {
+    use base64::Engine;
+    let Some(patch) = review.pointer_mut("/response/patch") else {
+        return;
+    };
+    if let Some(items) = patch.as_array() {
+        let bytes: Vec<u8> = items
+            .iter()
+            .filter_map(|b| b.as_u64().and_then(|n| u8::try_from(n).ok()))
+            .collect();
+        *patch = serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+    }
 }
 
 fn warned(req: &AdmissionRequest<DynamicObject>, what: String) -> (AdmissionResponse, Verdict) {
