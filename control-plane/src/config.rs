@@ -38,8 +38,13 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     /// Directory of the mesh CA (root, intermediate, token key; generated there when absent,
     /// never overwritten). Without it the CA lives in memory and dies with the process.
-    #[arg(long, env = "WEFT_CA_DIR")]
+    #[arg(long, env = "WEFT_CA_DIR", conflicts_with = "ca_root_dir")]
     pub ca_dir: Option<PathBuf>,
+    /// Directory holding only the mesh root (`root.pem`, `root.key.pem`; read-only, e.g. a
+    /// mounted Secret): this process makes its own intermediate under it, in memory. What
+    /// the install manifests use; the join-token key is then in memory too.
+    #[arg(long, env = "WEFT_CA_ROOT_DIR")]
+    pub ca_root_dir: Option<PathBuf>,
     /// Accept Kubernetes service-account tokens as proof of identity, checked with the
     /// TokenReview API (needs RBAC `create` on `tokenreviews`).
     #[arg(long, env = "WEFT_TOKEN_REVIEW")]
@@ -117,6 +122,7 @@ impl Config {
             federation_timeout: std::time::Duration::from_secs(15),
             peer_grace: std::time::Duration::from_secs(120),
             ca_dir: None,
+            ca_root_dir: None,
             token_review: false,
             load_report_interval: std::time::Duration::from_secs(1),
             state_dir: None,

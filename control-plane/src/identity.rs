@@ -170,7 +170,7 @@ impl Ca {
         }
         if found == FILES[..2] {
             // A shared root (federation): this cluster makes its own intermediate under it.
-            return Self::intermediate_under_root(dir, cluster);
+            return Self::intermediate_under_root(dir, cluster, true);
         }
         if found.len() != FILES.len() {
             let missing = FILES
@@ -238,8 +238,32 @@ impl Ca {
         })
     }
 
-    /// Makes this cluster's intermediate under the root in `dir` and writes it there.
-    fn intermediate_under_root(dir: &Path, cluster: &str) -> Result<Self, CaError> {
+    /// Loads only the root from `dir` (`root.pem`, `root.key.pem`, read-only, e.g. a mounted
+    /// Secret) and makes an intermediate for this process in memory: each replica of a
+    /// control plane signs with its own, all chained to the shared root. `trust-bundle.pem`
+    /// is read from `dir` too.
+    pub fn under_root(dir: &Path, cluster: &str) -> Result<Self, CaError> {
+        let missing: Vec<&'static str> = FILES[..2]
+            .iter()
+            .copied()
+            .filter(|f| !dir.join(f).exists())
+            .collect();
+        if !missing.is_empty() {
+            return Err(CaError::Incomplete {
+                dir: dir.to_path_buf(),
+                found: FILES[..2]
+                    .iter()
+                    .copied()
+                    .filter(|f| !missing.contains(f))
+                    .collect(),
+                missing,
+            });
+        }
+        Self::intermediate_under_root(dir, cluster, false)
+    }
+
+    /// Makes this cluster's intermediate under the root in `dir`, written there when `write`.
+    fn intermediate_under_root(dir: &Path, cluster: &str, write: bool) -> Result<Self, CaError> {
         let read = |f: &str| {
             let path = dir.join(f);
             std::fs::read_to_string(&path).map_err(|source| CaError::Io { path, source })
@@ -258,6 +282,7 @@ impl Ca {
         for (f, content) in FILES[2..]
             .iter()
             .zip([intermediate_pem.clone(), int_key.serialize_pem()])
+            .filter(|_| write)
         {
             let path = dir.join(f);
             write_private(&path, &content).map_err(|source| CaError::Io { path, source })?;
@@ -517,6 +542,37 @@ mod tests {
                 "{garbage:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_read_only_root_gives_an_in_memory_intermediate_per_process() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let full = Ca::load_or_generate(Some(dir.path()), "cluster.local", "east").expect("CA");
+        let root_only = tempfile::tempdir().expect("tempdir");
+        for f in ["root.pem", "root.key.pem"] {
+            std::fs::copy(dir.path().join(f), root_only.path().join(f)).expect("copy");
+        }
+        let a = Ca::under_root(root_only.path(), "east").expect("replica a");
+        let b = Ca::under_root(root_only.path(), "east").expect("replica b");
+        assert_eq!(a.root_pem(), full.root_pem(), "the shared root");
+        assert_ne!(
+            a.intermediate_pem, b.intermediate_pem,
+            "one intermediate per process"
+        );
+        let files: Vec<_> = std::fs::read_dir(root_only.path())
+            .expect("dir")
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect();
+        assert_eq!(
+            files.len(),
+            2,
+            "nothing written next to a read-only root: {files:?}"
+        );
+        std::fs::remove_file(root_only.path().join("root.key.pem")).expect("rm");
+        let e = Ca::under_root(root_only.path(), "east")
+            .err()
+            .expect("no key");
+        assert!(e.to_string().contains("root.key.pem"), "{e}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod catalog;
 pub mod check;
 pub mod config;
+pub mod crd;
 pub mod federation;
 pub mod grpc_tls;
 pub mod identity;
@@ -185,11 +186,14 @@ impl ControlPlane {
             }));
         }
 
-        let ca = Arc::new(identity::Ca::load_or_generate(
-            config.ca_dir.as_deref(),
-            &config.trust_domain,
-            &config.cluster_name,
-        )?);
+        let ca = Arc::new(match &config.ca_root_dir {
+            Some(root) => identity::Ca::under_root(root, &config.cluster_name)?,
+            None => identity::Ca::load_or_generate(
+                config.ca_dir.as_deref(),
+                &config.trust_domain,
+                &config.cluster_name,
+            )?,
+        });
         let tokens = Arc::new(identity::token_key(
             config.ca_dir.as_deref(),
             &config.trust_domain,

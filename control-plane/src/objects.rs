@@ -78,7 +78,19 @@ pub enum Object {
 }
 
 /// Where a peer control plane's TLS gRPC port is.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema, kube::CustomResource,
+)]
+#[kube(
+    group = "weft.dev",
+    version = "v1alpha1",
+    kind = "MeshPeer",
+    status = "ObjectStatus",
+    shortname = "mp",
+    printcolumn = r#"{"name":"Address","type":"string","jsonPath":".spec.address"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MeshPeerSpec {
     /// `HOST:PORT` of the peer's TLS gRPC port (15012), e.g. its east-west load balancer.
@@ -321,7 +333,27 @@ pub struct HttpRouteRetry {
 }
 
 /// Weft's TrafficPolicy spec: how traffic to one Service is balanced and protected.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(
+    Clone,
+    Debug,
+    Default,
+    PartialEq,
+    Deserialize,
+    Serialize,
+    schemars::JsonSchema,
+    kube::CustomResource,
+)]
+#[kube(
+    group = "weft.dev",
+    version = "v1alpha1",
+    kind = "TrafficPolicy",
+    namespaced,
+    status = "ObjectStatus",
+    shortname = "tp",
+    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.targetRef.name"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicySpec {
     /// The Service this policy applies to.
@@ -347,7 +379,7 @@ pub struct TrafficPolicySpec {
 }
 
 /// The target of a policy.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TargetRef {
     /// Must be `Service`.
@@ -361,7 +393,7 @@ pub struct TargetRef {
 }
 
 /// Load balancing algorithm and, for hashing algorithms, the hash key.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoadBalancerSpec {
     /// The algorithm.
@@ -373,7 +405,9 @@ pub struct LoadBalancerSpec {
 }
 
 /// Load balancing algorithms.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema,
+)]
 pub enum Algorithm {
     /// Power of two choices over peak-EWMA latency (the default).
     #[default]
@@ -391,7 +425,7 @@ pub enum Algorithm {
 }
 
 /// What a hashing balancer hashes.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HashSpec {
     /// A request header's value.
@@ -403,7 +437,9 @@ pub struct HashSpec {
 }
 
 /// Circuit breaker thresholds (Envoy's defaults apply where absent).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CircuitBreakerSpec {
     /// Connections to the whole cluster.
@@ -421,7 +457,7 @@ pub struct CircuitBreakerSpec {
 }
 
 /// Outlier detection settings.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutlierDetectionSpec {
     /// Consecutive 5xx before ejection (default 5).
@@ -442,7 +478,7 @@ pub struct OutlierDetectionSpec {
 }
 
 /// Retry settings.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetrySpec {
     /// Retries allowed after the first try (default 2).
@@ -466,7 +502,7 @@ pub struct RetrySpec {
 }
 
 /// Backoff between retries.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackoffSpec {
     /// First interval (default 25ms).
@@ -478,7 +514,7 @@ pub struct BackoffSpec {
 }
 
 /// Retry budget.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BudgetSpec {
     /// Percent of active requests that may be retries (default 20).
@@ -490,7 +526,9 @@ pub struct BudgetSpec {
 }
 
 /// Locality behaviour.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LocalitySpec {
     /// Prefer endpoints nearer the caller (zone, then region, then cluster); default true.
@@ -506,7 +544,22 @@ pub struct LocalitySpec {
 /// gets `steps` percent of the traffic in turn, one step per `interval` while its load reports
 /// (LRS) stay within the thresholds, and 0 % at once when they do not. The other backends
 /// share the rest in the proportions the split (or each route rule) gives them.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[derive(
+    Clone, Debug, PartialEq, Deserialize, Serialize, schemars::JsonSchema, kube::CustomResource,
+)]
+#[kube(
+    group = "weft.dev",
+    version = "v1alpha1",
+    kind = "Rollout",
+    namespaced,
+    status = "RolloutStatus",
+    shortname = "ro",
+    printcolumn = r#"{"name":"Canary","type":"string","jsonPath":".spec.canary"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Weight","type":"integer","jsonPath":".status.weight"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RolloutSpec {
     /// The TrafficSplit whose weights the rollout drives (or set `httpRoute`).
@@ -530,6 +583,50 @@ pub struct RolloutSpec {
     /// Highest acceptable canary p99 latency, e.g. `500ms` (no latency check when absent).
     #[serde(default)]
     pub max_p99: Option<String>,
+}
+
+/// The status Weft writes on its own objects: whether it accepted the object, and why not.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectStatus {
+    /// `Accepted` (True, or False with the reason and the field in the message).
+    #[serde(default)]
+    pub conditions: Vec<StatusCondition>,
+}
+
+/// A Rollout's status: the acceptance conditions plus where the rollout stands.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// `Accepted`.
+    #[serde(default)]
+    pub conditions: Vec<StatusCondition>,
+    /// Progressing, Holding, Promoted, RolledBack.
+    #[serde(default)]
+    pub phase: Option<String>,
+    /// The canary's current weight, percent.
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+/// One status condition, shaped like Kubernetes' `metav1.Condition`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusCondition {
+    /// E.g. `Accepted`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// A CamelCase reason, e.g. `Invalid`.
+    pub reason: String,
+    /// Which field and what is wrong.
+    pub message: String,
+    /// When the status last changed (RFC 3339).
+    pub last_transition_time: String,
+    /// The generation the condition is about.
+    #[serde(default)]
+    pub observed_generation: Option<i64>,
 }
 
 /// Parses a Gateway API duration (`1h`, `10s`, `250ms`, `1m30s`): one or more number+unit pairs.
