@@ -5,6 +5,7 @@
 //! stable: scripts may rely on them.
 
 mod demo;
+mod install;
 mod output;
 mod query;
 
@@ -106,6 +107,13 @@ enum Command {
         /// The proxy's admin address (`--admin-addr` of `weft-sidecar run`).
         admin: SocketAddr,
     },
+    /// Install Weft into the current Kubernetes cluster (server-side apply), or with
+    /// --dry-run print the manifests: install/ rendered with the options, plus a new mesh root
+    /// and the webhook's serving certificate.
+    Install(install::InstallArgs),
+    /// Add Weft's sidecar to Pods or workload templates in a YAML file, offline, with the
+    /// injector's own patch function; prints the result.
+    Inject(install::InjectArgs),
     /// Run the mesh locally: a control plane, sample echo services in two zones, sidecars
     /// and a load generator, with a live view of where requests go. Ctrl-C stops it all.
     Demo(demo::DemoArgs),
@@ -194,6 +202,8 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Certs { admin } => query::certs(admin, cli.output).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Install(args) => install::install(args).await,
+            Command::Inject(args) => install::inject(&args),
         }
     })?;
     std::process::exit(code);
