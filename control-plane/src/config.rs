@@ -18,8 +18,22 @@ pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15014";
 )]
 pub struct Config {
     /// Directory of Kubernetes YAML to serve (the file source), watched for changes.
-    #[arg(long, env = "WEFT_SOURCE_DIR")]
+    #[arg(long, env = "WEFT_SOURCE_DIR", conflicts_with = "kubernetes")]
     pub source_dir: Option<PathBuf>,
+    /// Read the world from the Kubernetes API (in-cluster config, KUBECONFIG, or
+    /// `--kube-api`): watchers on every kind Weft reads; the replica holding the Lease writes
+    /// `Accepted` conditions on Weft's own objects.
+    #[arg(long, env = "WEFT_KUBERNETES")]
+    pub kubernetes: bool,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "WEFT_LEASE_NAMESPACE", default_value = "weft-system")]
+    pub lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "WEFT_LEASE_NAME", default_value = "weft-control-plane")]
+    pub lease_name: String,
+    /// How long an unrenewed Lease stays its holder's (renewed every third of it).
+    #[arg(long, env = "WEFT_LEASE_DURATION", default_value = "15s", value_parser = crate::objects::parse_duration)]
+    pub lease_duration: std::time::Duration,
     /// This cluster's name: the origin of the endpoints it serves.
     #[arg(long, env = "WEFT_CLUSTER_NAME", default_value = "cluster-1")]
     pub cluster_name: String,
@@ -94,7 +108,7 @@ pub struct Config {
 pub enum ConfigError {
     /// No source of services.
     #[error(
-        "no source: pass --source-dir DIR (WEFT_SOURCE_DIR); the Kubernetes source is not built yet"
+        "no source: pass --kubernetes (WEFT_KUBERNETES) to read the Kubernetes API, or --source-dir DIR (WEFT_SOURCE_DIR) for a directory of YAML"
     )]
     NoSource,
     /// Bad cluster name.
@@ -111,6 +125,10 @@ impl Config {
         let any = |s: &str| s.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
         Config {
             source_dir: Some(source_dir.into()),
+            kubernetes: false,
+            lease_namespace: "weft-system".into(),
+            lease_name: "weft-control-plane".into(),
+            lease_duration: std::time::Duration::from_secs(15),
             cluster_name: "cluster-1".into(),
             trust_domain: "cluster.local".into(),
             grpc_addr: any("127.0.0.1:0"),
@@ -134,7 +152,7 @@ impl Config {
 
     /// Checks what clap cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.source_dir.is_none() {
+        if self.source_dir.is_none() && !self.kubernetes {
             return Err(ConfigError::NoSource);
         }
         weft_proto::spiffe::validate_dns_subdomain("cluster name", &self.cluster_name)

@@ -12,6 +12,7 @@ pub mod crd;
 pub mod federation;
 pub mod grpc_tls;
 pub mod identity;
+pub mod leader;
 pub mod lrs;
 pub mod metrics;
 pub mod objects;
@@ -68,6 +69,9 @@ pub enum StartError {
     /// The TLS port could not be set up.
     #[error("TLS gRPC port: {0}")]
     Tls(#[from] grpc_tls::GrpcTlsError),
+    /// The Kubernetes API cannot be used.
+    #[error("--kubernetes: {0}")]
+    Kubernetes(String),
 }
 
 /// A running control plane; dropping it stops every task.
@@ -92,6 +96,8 @@ pub struct ControlPlane {
     pub translations: watch::Receiver<Arc<Translation>>,
     /// Federation: peer states.
     pub peers: Arc<federation::PeerBook>,
+    /// Whether this replica holds the leader Lease (always true with the file source).
+    pub leader: watch::Receiver<bool>,
     /// Dropped with the control plane: ends streams that outlive the server task.
     _stop: watch::Sender<()>,
     tasks: Vec<JoinHandle<()>>,
@@ -115,8 +121,14 @@ impl ControlPlane {
     /// Validates the config, binds, and starts serving.
     pub async fn start(config: Config) -> Result<Self, StartError> {
         config.validate()?;
-        let Some(dir) = config.source_dir.clone() else {
-            return Err(config::ConfigError::NoSource.into());
+        // The Kubernetes API client, when the world comes from it (TokenReview has its own).
+        let kube_client = match config.kubernetes {
+            true => Some(
+                token_review::TokenReviewer::client(config.kube_api.as_deref())
+                    .await
+                    .map_err(|e| StartError::Kubernetes(e.to_string()))?,
+            ),
+            false => None,
         };
         let xds_listener = match config.xds_plaintext_addr {
             Some(addr) => Some(bind("plaintext xDS", addr).await?),
@@ -140,14 +152,34 @@ impl ControlPlane {
         let mut tasks = Vec::new();
 
         // The source reads everything once, then watches; serving waits for that first view.
-        if !dir.is_dir() {
-            return Err(source::file::FileSourceError::Dir {
-                path: dir,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
+        let (leader_tx, leader_rx) = watch::channel(kube_client.is_none());
+        if let Some(client) = kube_client.clone() {
+            tasks.push(tokio::spawn(leader::run(
+                client.clone(),
+                leader::LeaseConfig {
+                    name: config.lease_name.clone(),
+                    namespace: config.lease_namespace.clone(),
+                    identity: replica.clone(),
+                    duration: config.lease_duration,
+                    renew_every: config.lease_duration / 3,
+                },
+                leader_tx,
+            )));
+            tasks.push(tokio::spawn(source::kube::run(
+                client,
+                catalog.clone(),
+                metrics.clone(),
+                leader_rx.clone(),
+            )));
+        } else if let Some(dir) = config.source_dir.clone() {
+            drop(leader_tx);
+            if !dir.is_dir() {
+                return Err(source::file::FileSourceError::Dir {
+                    path: dir,
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
+                }
+                .into());
             }
-            .into());
-        }
-        {
             let (catalog, metrics) = (catalog.clone(), metrics.clone());
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = source::file::run(dir, catalog, metrics).await {
@@ -329,6 +361,7 @@ impl ControlPlane {
             metrics,
             translations: trx,
             peers: fed.book.clone(),
+            leader: leader_rx,
             _stop: stop,
             tasks,
         })

@@ -3,3 +3,4 @@
 //! demo and the tests.
 
 pub mod file;
+pub mod kube;

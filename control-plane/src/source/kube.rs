@@ -1,0 +1,644 @@
+//! The Kubernetes source: kube-rs watchers over every kind Weft reads, feeding the same
+//! catalog through the same validation (`objects::parse_object`) as the file source.
+//!
+//! Split in two:
+//! - [`KubeState`] is pure: watcher events in, catalog updates and verdicts out (unit-tested on
+//!   real-shaped objects). A relist replaces everything it held of that kind; an object that
+//!   fails validation keeps its last good version and is reported with its field;
+//! - [`run`] drives the watchers, applies the updates, and — on the replica holding the
+//!   leader Lease — writes an `Accepted` condition on Weft's own objects (True, or False with
+//!   the reason and the field in the message), only when it changed, so its own status writes
+//!   never loop back into more writes.
+//!
+//! A kind whose CRD is not installed (SMI, Gateway API, MCS are optional) is reported once and
+//! retried with backoff; it never blocks the first sync of the others.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+
+use crate::catalog::{Catalog, SourceError, SourceUpdate};
+use crate::objects::{Object, ObjectKey, parse_object};
+
+/// What `SourceError.file` says for objects from the API server.
+pub const ORIGIN: &str = "kubernetes";
+
+/// One kind the source watches.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Kind {
+    /// API group ("" for core).
+    pub group: &'static str,
+    /// Version.
+    pub version: &'static str,
+    /// Kind, as `ObjectKey.kind` spells it.
+    pub kind: &'static str,
+    /// Resource plural.
+    pub plural: &'static str,
+    /// Namespaced or cluster-scoped.
+    pub namespaced: bool,
+    /// One of Weft's own kinds: gets an `Accepted` status condition.
+    pub weft: bool,
+}
+
+/// Every kind the source watches.
+pub const KINDS: [Kind; 11] = [
+    Kind {
+        group: "",
+        version: "v1",
+        kind: "Service",
+        plural: "services",
+        namespaced: true,
+        weft: false,
+    },
+    Kind {
+        group: "discovery.k8s.io",
+        version: "v1",
+        kind: "EndpointSlice",
+        plural: "endpointslices",
+        namespaced: true,
+        weft: false,
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        kind: "Node",
+        plural: "nodes",
+        namespaced: false,
+        weft: false,
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        kind: "Pod",
+        plural: "pods",
+        namespaced: true,
+        weft: false,
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        kind: "Namespace",
+        plural: "namespaces",
+        namespaced: false,
+        weft: false,
+    },
+    Kind {
+        group: "split.smi-spec.io",
+        version: "v1alpha4",
+        kind: "TrafficSplit",
+        plural: "trafficsplits",
+        namespaced: true,
+        weft: false,
+    },
+    Kind {
+        group: "gateway.networking.k8s.io",
+        version: "v1",
+        kind: "HTTPRoute",
+        plural: "httproutes",
+        namespaced: true,
+        weft: false,
+    },
+    Kind {
+        group: "multicluster.x-k8s.io",
+        version: "v1alpha1",
+        kind: "ServiceExport",
+        plural: "serviceexports",
+        namespaced: true,
+        weft: false,
+    },
+    Kind {
+        group: "weft.dev",
+        version: "v1alpha1",
+        kind: "TrafficPolicy",
+        plural: "trafficpolicies",
+        namespaced: true,
+        weft: true,
+    },
+    Kind {
+        group: "weft.dev",
+        version: "v1alpha1",
+        kind: "Rollout",
+        plural: "rollouts",
+        namespaced: true,
+        weft: true,
+    },
+    Kind {
+        group: "weft.dev",
+        version: "v1alpha1",
+        kind: "MeshPeer",
+        plural: "meshpeers",
+        namespaced: false,
+        weft: true,
+    },
+];
+
+impl Kind {
+    /// `group/version`, or `version` for core.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// The kube-rs resource description.
+    pub fn resource(&self) -> ApiResource {
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(self.group, self.version, self.kind),
+            self.plural,
+        )
+    }
+
+    fn key(&self, doc: &Value) -> ObjectKey {
+        let meta = &doc["metadata"];
+        ObjectKey {
+            kind: self.kind,
+            namespace: if self.namespaced {
+                meta["namespace"].as_str().unwrap_or("default").to_string()
+            } else {
+                String::new()
+            },
+            name: meta["name"].as_str().unwrap_or_default().to_string(),
+        }
+    }
+}
+
+/// One watcher event, as JSON objects.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Created or changed.
+    Apply(Value),
+    /// Deleted.
+    Delete(Value),
+    /// A (re)list began: what follows until `RelistDone` is the whole set.
+    Relist,
+    /// One object of a relist.
+    RelistItem(Value),
+    /// The relist is complete.
+    RelistDone,
+    /// The kind cannot be watched now (its CRD is missing, or the API refused); counts as
+    /// synced so the others are served.
+    Unavailable(String),
+}
+
+/// Whether Weft accepts one of its own objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// The object.
+    pub key: ObjectKey,
+    /// `metadata.generation`.
+    pub generation: Option<i64>,
+    /// `Ok`, or the field and what is wrong with it.
+    pub accepted: Result<(), (String, String)>,
+    /// The object's current `Accepted` condition (status, reason, message, generation).
+    pub current: Option<(String, String, String, Option<i64>)>,
+}
+
+impl Verdict {
+    /// `(status, reason, message)` of the condition to write.
+    pub fn condition(&self) -> (&'static str, &'static str, String) {
+        match &self.accepted {
+            Ok(()) => ("True", "Accepted", "accepted by Weft".into()),
+            Err((field, message)) => ("False", "Invalid", format!("{field}: {message}")),
+        }
+    }
+
+    /// Whether the object already says this.
+    pub fn already_recorded(&self) -> bool {
+        let (status, reason, message) = self.condition();
+        self.current.as_ref().is_some_and(|(s, r, m, g)| {
+            s == status && r == reason && *m == message && *g == self.generation
+        })
+    }
+}
+
+/// The pure part of the source: what it holds, what is wrong, what is synced.
+#[derive(Default)]
+pub struct KubeState {
+    objects: HashMap<ObjectKey, Arc<Object>>,
+    errors: BTreeMap<ObjectKey, SourceError>,
+    relisting: HashMap<&'static str, Vec<Value>>,
+    synced: BTreeSet<&'static str>,
+    sent_errors: Option<Vec<SourceError>>,
+}
+
+impl KubeState {
+    /// Whether every kind finished its first list.
+    pub fn synced(&self) -> bool {
+        self.synced.len() == KINDS.len()
+    }
+
+    /// Applies one event of `kind`: the catalog update, and verdicts on Weft's own objects.
+    pub fn apply(&mut self, kind: &'static Kind, ev: Event) -> (SourceUpdate, Vec<Verdict>) {
+        let mut upserts = Vec::new();
+        let mut removes = Vec::new();
+        let mut verdicts = Vec::new();
+        let mut take = |state: &mut Self, doc: Value, verdicts: &mut Vec<Verdict>| {
+            let (key, outcome) = state.take(kind, doc.clone());
+            if kind.weft {
+                verdicts.push(verdict(&key, &doc, outcome.as_ref().err().cloned()));
+            }
+            if let Ok(Some(obj)) = outcome {
+                upserts.push((obj, ORIGIN.to_string()));
+            }
+        };
+        match ev {
+            Event::Apply(doc) => take(self, doc, &mut verdicts),
+            Event::Delete(doc) => {
+                let key = kind.key(&doc);
+                self.errors.remove(&key);
+                if self.objects.remove(&key).is_some() {
+                    removes.push(key);
+                }
+            }
+            Event::Relist => {
+                self.relisting.insert(kind.kind, Vec::new());
+            }
+            Event::RelistItem(doc) => self.relisting.entry(kind.kind).or_default().push(doc),
+            Event::RelistDone => {
+                let docs = self.relisting.remove(kind.kind).unwrap_or_default();
+                let fresh: BTreeSet<ObjectKey> = docs.iter().map(|d| kind.key(d)).collect();
+                let gone: Vec<ObjectKey> = self
+                    .objects
+                    .keys()
+                    .filter(|k| k.kind == kind.kind && !fresh.contains(*k))
+                    .cloned()
+                    .collect();
+                for k in gone {
+                    self.objects.remove(&k);
+                    removes.push(k);
+                }
+                self.errors
+                    .retain(|k, _| k.kind != kind.kind || fresh.contains(k));
+                for doc in docs {
+                    take(self, doc, &mut verdicts);
+                }
+                self.synced.insert(kind.kind);
+            }
+            Event::Unavailable(_) => {
+                self.synced.insert(kind.kind);
+            }
+        }
+        let errors: Vec<SourceError> = self.errors.values().cloned().collect();
+        let errors = if self.sent_errors.as_ref() == Some(&errors) {
+            None
+        } else {
+            self.sent_errors = Some(errors.clone());
+            Some(errors)
+        };
+        let update = SourceUpdate {
+            upserts,
+            removes,
+            errors,
+            initial_sync_done: self.synced(),
+        };
+        (update, verdicts)
+    }
+
+    /// Validates one object; a refused one keeps its last good version.
+    #[allow(clippy::type_complexity)]
+    fn take(
+        &mut self,
+        kind: &Kind,
+        mut doc: Value,
+    ) -> (ObjectKey, Result<Option<Arc<Object>>, (String, String)>) {
+        if let Some(m) = doc.as_object_mut() {
+            m.insert("apiVersion".into(), json!(kind.api_version()));
+            m.insert("kind".into(), json!(kind.kind));
+            // What the API server adds and Weft never reads: left out so a strict spec
+            // parser only sees what users wrote.
+            m.remove("status");
+        }
+        let key = kind.key(&doc);
+        match parse_object(doc) {
+            Ok(Some(obj)) => {
+                let obj = Arc::new(obj);
+                self.errors.remove(&key);
+                self.objects.insert(key.clone(), obj.clone());
+                (key, Ok(Some(obj)))
+            }
+            Ok(None) => (key, Ok(None)),
+            Err(e) => {
+                let kept = self.objects.contains_key(&key);
+                self.errors.insert(
+                    key.clone(),
+                    SourceError {
+                        file: ORIGIN.into(),
+                        object: e.object.clone(),
+                        field: e.field.clone(),
+                        message: if kept {
+                            format!("{}; the last good version keeps serving", e.message)
+                        } else {
+                            e.message.clone()
+                        },
+                    },
+                );
+                (key, Err((e.field, e.message)))
+            }
+        }
+    }
+}
+
+fn verdict(key: &ObjectKey, doc: &Value, error: Option<(String, String)>) -> Verdict {
+    let current = doc["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "Accepted")
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_string(),
+                c["reason"].as_str().unwrap_or_default().to_string(),
+                c["message"].as_str().unwrap_or_default().to_string(),
+                c["observedGeneration"].as_i64(),
+            )
+        });
+    Verdict {
+        key: key.clone(),
+        generation: doc["metadata"]["generation"].as_i64(),
+        accepted: error.map_or(Ok(()), Err),
+        current,
+    }
+}
+
+/// The status patch that records `v` (a merge patch of the status subresource).
+pub fn status_patch(v: &Verdict, now_rfc3339: &str) -> Value {
+    let (status, reason, message) = v.condition();
+    json!({"status": {"conditions": [{
+        "type": "Accepted",
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": now_rfc3339,
+        "observedGeneration": v.generation,
+    }]}})
+}
+
+fn to_value(obj: DynamicObject) -> Value {
+    serde_json::to_value(obj).unwrap_or(Value::Null)
+}
+
+/// Watches one kind forever, sending its events to `tx`.
+async fn watch_kind(client: kube::Client, idx: usize, tx: mpsc::Sender<(usize, Event)>) {
+    use kube::runtime::WatchStreamExt;
+    let kind = &KINDS[idx];
+    let api: kube::Api<DynamicObject> = kube::Api::all_with(client, &kind.resource());
+    let mut stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut reported = false;
+    while let Some(item) = stream.next().await {
+        let ev = match item {
+            Ok(watcher::Event::Apply(o)) => Event::Apply(to_value(o)),
+            Ok(watcher::Event::Delete(o)) => Event::Delete(to_value(o)),
+            Ok(watcher::Event::Init) => Event::Relist,
+            Ok(watcher::Event::InitApply(o)) => Event::RelistItem(to_value(o)),
+            Ok(watcher::Event::InitDone) => {
+                reported = false;
+                Event::RelistDone
+            }
+            Err(e) => {
+                if reported {
+                    continue;
+                }
+                reported = true;
+                tracing::warn!(kind = kind.kind, error = %e, "cannot watch {} (CRD not installed, or no permission?); retrying with backoff", kind.plural);
+                Event::Unavailable(e.to_string())
+            }
+        };
+        if tx.send((idx, ev)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs the source until aborted: every kind's watcher into the catalog; status writes while
+/// `leader` says this replica leads (all pending ones at once when it becomes leader).
+pub async fn run(
+    client: kube::Client,
+    catalog: Arc<Catalog>,
+    metrics: Arc<crate::metrics::Metrics>,
+    mut leader: watch::Receiver<bool>,
+) {
+    let (tx, mut rx) = mpsc::channel(256);
+    let mut watchers = tokio::task::JoinSet::new();
+    for idx in 0..KINDS.len() {
+        watchers.spawn(watch_kind(client.clone(), idx, tx.clone()));
+    }
+    drop(tx);
+    let mut state = KubeState::default();
+    let mut election = true;
+    let mut writer = StatusWriter {
+        client,
+        verdicts: HashMap::new(),
+        written: HashMap::new(),
+    };
+    loop {
+        tokio::select! {
+            next = rx.recv() => {
+                let Some((idx, ev)) = next else { return };
+                let kind = &KINDS[idx];
+                if let (true, Event::Delete(doc)) = (kind.weft, &ev) {
+                    writer.forget(&kind.key(doc));
+                }
+                let (update, verdicts) = state.apply(kind, ev);
+                if !update.is_noop() {
+                    metrics.source_reloads.inc();
+                    catalog.apply(update);
+                }
+                for v in verdicts {
+                    writer.verdicts.insert(v.key.clone(), (kind, v));
+                }
+            }
+            changed = leader.changed(), if election => {
+                // The election ended (its task stopped): keep its last word.
+                election = changed.is_ok();
+            }
+        }
+        if *leader.borrow() {
+            writer.flush().await;
+        }
+    }
+}
+
+/// Writes `Accepted` conditions that are not on the objects yet.
+struct StatusWriter {
+    client: kube::Client,
+    verdicts: HashMap<ObjectKey, (&'static Kind, Verdict)>,
+    /// What this replica last wrote per object (status, reason, message, generation).
+    written: HashMap<ObjectKey, (String, String, String, Option<i64>)>,
+}
+
+impl StatusWriter {
+    fn forget(&mut self, key: &ObjectKey) {
+        self.verdicts.remove(key);
+        self.written.remove(key);
+    }
+
+    async fn flush(&mut self) {
+        for (key, (kind, v)) in &self.verdicts {
+            let (status, reason, message) = v.condition();
+            let want = (
+                status.to_string(),
+                reason.to_string(),
+                message,
+                v.generation,
+            );
+            if v.already_recorded() || self.written.get(key) == Some(&want) {
+                continue;
+            }
+            let api: kube::Api<DynamicObject> = if kind.namespaced {
+                kube::Api::namespaced_with(self.client.clone(), &key.namespace, &kind.resource())
+            } else {
+                kube::Api::all_with(self.client.clone(), &kind.resource())
+            };
+            let now = k8s_openapi::jiff::Timestamp::now().to_string();
+            match api
+                .patch_status(
+                    &key.name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&status_patch(v, &now)),
+                )
+                .await
+            {
+                Ok(_) => {
+                    self.written.insert(key.clone(), want);
+                }
+                Err(e) => {
+                    tracing::warn!(object = %key, error = %e, "cannot write the Accepted condition")
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(k: &str) -> &'static Kind {
+        KINDS.iter().find(|x| x.kind == k).expect("kind")
+    }
+
+    /// A Service as the API server sends it (managed fields, status, uid, ...).
+    fn service(name: &str, port: i64) -> Value {
+        json!({
+            "metadata": {"name": name, "namespace": "shop", "uid": "4f1c", "resourceVersion": "812",
+                "creationTimestamp": "2026-11-28T06:00:00Z",
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+            "spec": {"clusterIP": "10.96.4.7", "clusterIPs": ["10.96.4.7"], "type": "ClusterIP",
+                "ipFamilies": ["IPv4"], "sessionAffinity": "None",
+                "selector": {"app": name},
+                "ports": [{"name": "http", "port": port, "protocol": "TCP", "targetPort": 8080}]},
+            "status": {"loadBalancer": {}}
+        })
+    }
+
+    fn policy(name: &str, retry_attempts: Value, generation: i64) -> Value {
+        json!({
+            "metadata": {"name": name, "namespace": "shop", "generation": generation, "uid": "9a"},
+            "spec": {"targetRef": {"name": "checkout"}, "retry": {"attempts": retry_attempts}},
+        })
+    }
+
+    #[test]
+    fn a_relist_is_the_whole_set_and_the_first_sync_waits_for_every_kind() {
+        let mut st = KubeState::default();
+        let svc = kind("Service");
+        st.apply(svc, Event::Relist);
+        st.apply(svc, Event::RelistItem(service("checkout", 80)));
+        let (u, _) = st.apply(svc, Event::RelistItem(service("cart", 80)));
+        assert!(
+            u.upserts.is_empty(),
+            "a relist is applied when it is complete"
+        );
+        let (u, _) = st.apply(svc, Event::RelistDone);
+        assert_eq!(u.upserts.len(), 2);
+        assert!(!u.initial_sync_done, "other kinds have not listed yet");
+        // A second relist without cart removes it.
+        st.apply(svc, Event::Relist);
+        st.apply(svc, Event::RelistItem(service("checkout", 80)));
+        let (u, _) = st.apply(svc, Event::RelistDone);
+        assert_eq!(u.removes.len(), 1);
+        assert_eq!(u.removes[0].to_string(), "Service shop/cart");
+        for k in KINDS.iter().filter(|k| k.kind != "Service") {
+            let ev = if k.group == "split.smi-spec.io" {
+                Event::Unavailable("404: the server could not find the requested resource".into())
+            } else {
+                Event::RelistDone
+            };
+            st.apply(k, ev);
+        }
+        assert!(
+            st.synced(),
+            "a kind without its CRD does not block the first sync"
+        );
+        let (u, _) = st.apply(svc, Event::Delete(service("checkout", 80)));
+        assert_eq!(u.removes.len(), 1);
+        assert!(u.initial_sync_done);
+    }
+
+    #[test]
+    fn invalid_objects_are_reported_with_their_field_and_keep_their_last_good_version() {
+        let mut st = KubeState::default();
+        let tp = kind("TrafficPolicy");
+        let (u, v) = st.apply(tp, Event::Apply(policy("retries", json!(3), 1)));
+        assert_eq!(u.upserts.len(), 1);
+        assert_eq!(v[0].accepted, Ok(()));
+        assert!(!v[0].already_recorded());
+        // The user breaks it: the catalog keeps the good one, the error names the field.
+        let (u, v) = st.apply(tp, Event::Apply(policy("retries", json!("three"), 2)));
+        assert!(
+            u.upserts.is_empty() && u.removes.is_empty(),
+            "the last good version stays"
+        );
+        let errors = u.errors.expect("errors changed");
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].object, "TrafficPolicy shop/retries");
+        assert_eq!(errors[0].field, "spec.retry.attempts");
+        assert!(
+            errors[0]
+                .message
+                .contains("last good version keeps serving"),
+            "{errors:?}"
+        );
+        let (status, reason, message) = v[0].condition();
+        assert_eq!((status, reason), ("False", "Invalid"));
+        assert!(message.starts_with("spec.retry.attempts:"), "{message}");
+        let patch = status_patch(&v[0], "2026-11-28T06:00:00Z");
+        assert_eq!(patch["status"]["conditions"][0]["observedGeneration"], 2);
+        // Once the object carries that condition, it is not written again.
+        let mut recorded = policy("retries", json!("three"), 2);
+        recorded["status"] = patch["status"].clone();
+        let (_, v) = st.apply(tp, Event::Apply(recorded));
+        assert!(v[0].already_recorded(), "{v:?}");
+        // Fixed: the error leaves.
+        let (u, v) = st.apply(tp, Event::Apply(policy("retries", json!(2), 3)));
+        assert_eq!(u.upserts.len(), 1);
+        assert_eq!(u.errors, Some(vec![]));
+        assert_eq!(v[0].accepted, Ok(()));
+        // Core kinds get no verdicts (Weft does not write their status).
+        let (_, v) = st.apply(kind("Service"), Event::Apply(service("checkout", 80)));
+        assert!(v.is_empty());
+    }
+
+    #[test]
+    fn cluster_scoped_kinds_have_no_namespace_and_api_versions_are_set() {
+        let mut st = KubeState::default();
+        let peer = json!({"metadata": {"name": "west", "generation": 1},
+            "spec": {"address": "10.0.0.2:15012"}});
+        let (u, v) = st.apply(kind("MeshPeer"), Event::Apply(peer));
+        let (obj, origin) = &u.upserts[0];
+        assert_eq!(origin, ORIGIN);
+        assert_eq!(obj.key().to_string(), "MeshPeer west");
+        assert_eq!(v[0].key.namespace, "");
+        assert_eq!(kind("EndpointSlice").api_version(), "discovery.k8s.io/v1");
+        assert_eq!(kind("Pod").api_version(), "v1");
+    }
+}
