@@ -6,7 +6,8 @@
 #
 # As root it installs the Debian packages the network tests use (iptables, iproute2). Not as
 # root it installs nothing system-wide, says so, and the tests that need root skip with a
-# printed reason. The Python venv for third-party interop clients (grpcio) lives in .venv.
+# printed reason. The Python venv for third-party interop clients (grpcio) and the offline
+# Kubernetes schema checker (kubernetes-validate) lives in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,8 +28,8 @@ else
   echo "not root: NOT installing ${need[*]}; tests that need them (network namespaces, iptables) skip and say why"
 fi
 
-say "Python venv for interop clients (.venv)"
-if .venv/bin/python -c 'import grpc' >/dev/null 2>&1; then
+say "Python venv for interop clients and schema checks (.venv)"
+if .venv/bin/python -c 'import grpc' >/dev/null 2>&1 && [ -x .venv/bin/kubernetes-validate ]; then
   echo "already set up"
 else
   python3 -m venv .venv

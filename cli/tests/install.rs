@@ -295,3 +295,74 @@ fn inject_patches_pods_and_workload_templates_offline() {
         "{err}"
     );
 }
+
+/// The official Kubernetes schemas (offline, `kubernetes-validate` from PyPI in .venv, which
+/// `./scripts/test.sh` installs): install/, what `install` renders and what `inject` makes.
+#[test]
+fn manifests_and_injected_pods_pass_the_official_kubernetes_schemas() {
+    let validator = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../.venv/bin/kubernetes-validate"
+    );
+    if !std::path::Path::new(validator).exists() {
+        println!(
+            "SKIP manifests_and_injected_pods_pass_the_official_kubernetes_schemas: {validator} \
+             is not installed (./scripts/test.sh installs it)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (code, rendered, err) = weftctl(&["install", "--dry-run", "--cluster-name", "east"]);
+    assert_eq!(code, 0, "{err}");
+    let rendered_file = dir.path().join("rendered.yaml");
+    std::fs::write(&rendered_file, rendered).expect("write");
+    let root = dir.path().join("root.pem");
+    std::fs::write(
+        &root,
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../injector/tests/fixtures/pod.yaml"
+    );
+    let (code, injected, err) = weftctl(&[
+        "inject",
+        "-f",
+        fixture,
+        "--root-cert",
+        &root.to_string_lossy(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let injected_file = dir.path().join("injected.yaml");
+    std::fs::write(&injected_file, injected).expect("write");
+    let mut files: Vec<String> = std::fs::read_dir(INSTALL)
+        .expect("install/")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    files.push(rendered_file.to_string_lossy().into_owned());
+    files.push(injected_file.to_string_lossy().into_owned());
+    let out = Command::new(validator)
+        .args(["-k", "1.33.0", "--strict"])
+        .args(&files)
+        .output()
+        .expect("kubernetes-validate runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("ERROR"), "{text}");
+    assert!(
+        text.contains("passed for resource pod/checkout-7d9f"),
+        "{text}"
+    );
+    assert!(
+        text.contains("mutatingwebhookconfiguration/weft-injector"),
+        "{text}"
+    );
+}
