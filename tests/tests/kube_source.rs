@@ -293,6 +293,8 @@ const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 const NODES: &str = "/api/v1/nodes";
 const POLICIES: &str = "/apis/weft.dev/v1alpha1/trafficpolicies";
 const PEERS: &str = "/apis/weft.dev/v1alpha1/meshpeers";
+const ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
+const EXPORTS: &str = "/apis/multicluster.x-k8s.io/v1alpha1/serviceexports";
 
 fn slice(addrs: &[&str]) -> Value {
     json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
@@ -338,6 +340,33 @@ fn world() -> Mock {
         "MeshPeer",
         json!({"apiVersion": "weft.dev/v1alpha1", "kind": "MeshPeer",
         "metadata": {"name": "west", "generation": 1}, "spec": {"address": "127.0.0.1:1"}}),
+    );
+    m.add(
+        POLICIES,
+        "TrafficPolicy",
+        json!({"apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
+        "metadata": {"name": "orphan", "namespace": "shop", "generation": 1},
+        "spec": {"targetRef": {"name": "nowhere"}}}),
+    );
+    // A GAMMA route another controller already reported on: its entry must stay.
+    m.add(ROUTES, "HTTPRoute", json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "checkout", "namespace": "shop", "generation": 2},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "checkout", "port": 80}],
+            "rules": [{"backendRefs": [{"name": "checkout", "port": 80}]}]},
+        "status": {"parents": [{"parentRef": {"name": "gw"}, "controllerName": "example.com/gateway",
+            "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+                "lastTransitionTime": "2026-11-28T05:00:00Z"}]}]}}));
+    m.add(
+        EXPORTS,
+        "ServiceExport",
+        json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+        "metadata": {"name": "checkout", "namespace": "shop", "generation": 1}}),
+    );
+    m.add(
+        EXPORTS,
+        "ServiceExport",
+        json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+        "metadata": {"name": "ghost", "namespace": "shop", "generation": 1}}),
     );
     // The SMI CRD is not installed on this "cluster".
     m.missing
@@ -428,12 +457,52 @@ async fn mock_api_server_kube_source_feeds_the_catalog_writes_status_and_elects_
         let ok = accepted(&mock, "/namespaces/shop/trafficpolicies/retries/status");
         let bad = accepted(&mock, "/namespaces/shop/trafficpolicies/broken/status");
         let peer = accepted(&mock, "/meshpeers/west/status");
-        match (ok, bad, peer) {
-            (Some(o), Some(b), Some(p)) => Ok((o, b, p)),
+        let n = lock(&mock).status_patches.len();
+        match (ok, bad, peer, n >= 7) {
+            (Some(o), Some(b), Some(p), true) => Ok((o, b, p)),
             other => Err(format!("{other:?}")),
         }
     })
     .await;
+    // Cross-object problems count: a policy for a Service that does not exist, an export of
+    // a missing Service.
+    let (s, m) = accepted(&mock, "/trafficpolicies/orphan/status").expect("orphan");
+    assert_eq!(s, "False");
+    assert!(
+        m.starts_with("spec.targetRef.name: Service shop/nowhere not found"),
+        "{m}"
+    );
+    let (s, m) = accepted(&mock, "/serviceexports/ghost/status").expect("ghost");
+    assert_eq!(s, "False");
+    assert!(m.contains("Service shop/ghost not found"), "{m}");
+    assert_eq!(
+        accepted(&mock, "/serviceexports/checkout/status")
+            .map(|(s, _)| s)
+            .as_deref(),
+        Some("True")
+    );
+    // The HTTPRoute: Weft's entry per parentRef, the other controller's entry kept.
+    let route = lock(&mock).collections[ROUTES].objects
+        [&("shop".to_string(), "checkout".to_string())]
+        .clone();
+    let parents = route["status"]["parents"]
+        .as_array()
+        .expect("parents")
+        .clone();
+    assert_eq!(parents.len(), 2, "{parents:#?}");
+    assert!(
+        parents
+            .iter()
+            .any(|p| p["controllerName"] == "example.com/gateway")
+    );
+    let ours = parents
+        .iter()
+        .find(|p| p["controllerName"] == "weft.dev/mesh-controller")
+        .expect("Weft's entry");
+    assert_eq!(ours["parentRef"]["name"], "checkout");
+    assert_eq!(ours["conditions"][0]["type"], "Accepted");
+    assert_eq!(ours["conditions"][0]["status"], "True");
+    assert_eq!(ours["conditions"][0]["observedGeneration"], 2);
     let (bad_status, bad_message) =
         accepted(&mock, "/namespaces/shop/trafficpolicies/broken/status").expect("written");
     assert_eq!(bad_status, "False");
@@ -447,7 +516,7 @@ async fn mock_api_server_kube_source_feeds_the_catalog_writes_status_and_elects_
     // Its own status writes come back as watch events; they are not written again.
     tokio::time::sleep(Duration::from_millis(800)).await;
     let writes = lock(&mock).status_patches.len();
-    assert_eq!(writes, 3, "one write per object, no loop");
+    assert_eq!(writes, 7, "one write per object, no loop");
 
     // Watch events: an endpoint added, a policy deleted.
     lock(&mock).add(

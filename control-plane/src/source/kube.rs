@@ -41,9 +41,23 @@ pub struct Kind {
     pub plural: &'static str,
     /// Namespaced or cluster-scoped.
     pub namespaced: bool,
-    /// One of Weft's own kinds: gets an `Accepted` status condition.
-    pub weft: bool,
+    /// How Weft reports on objects of this kind.
+    pub status: StatusStyle,
 }
+
+/// Where an object's `Accepted` verdict is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusStyle {
+    /// Not written (core kinds; TrafficSplit v1alpha4 has no status).
+    None,
+    /// `status.conditions[type=Accepted]` (Weft's kinds, ServiceExport).
+    Conditions,
+    /// Gateway API: an entry per parentRef in `status.parents` with Weft's controller name.
+    RouteParents,
+}
+
+/// The controller name Weft writes in HTTPRoute `status.parents`.
+pub const CONTROLLER_NAME: &str = "weft.dev/mesh-controller";
 
 /// Every kind the source watches.
 pub const KINDS: [Kind; 11] = [
@@ -53,7 +67,7 @@ pub const KINDS: [Kind; 11] = [
         kind: "Service",
         plural: "services",
         namespaced: true,
-        weft: false,
+        status: StatusStyle::None,
     },
     Kind {
         group: "discovery.k8s.io",
@@ -61,7 +75,7 @@ pub const KINDS: [Kind; 11] = [
         kind: "EndpointSlice",
         plural: "endpointslices",
         namespaced: true,
-        weft: false,
+        status: StatusStyle::None,
     },
     Kind {
         group: "",
@@ -69,7 +83,7 @@ pub const KINDS: [Kind; 11] = [
         kind: "Node",
         plural: "nodes",
         namespaced: false,
-        weft: false,
+        status: StatusStyle::None,
     },
     Kind {
         group: "",
@@ -77,7 +91,7 @@ pub const KINDS: [Kind; 11] = [
         kind: "Pod",
         plural: "pods",
         namespaced: true,
-        weft: false,
+        status: StatusStyle::None,
     },
     Kind {
         group: "",
@@ -85,7 +99,7 @@ pub const KINDS: [Kind; 11] = [
         kind: "Namespace",
         plural: "namespaces",
         namespaced: false,
-        weft: false,
+        status: StatusStyle::None,
     },
     Kind {
         group: "split.smi-spec.io",
@@ -93,7 +107,7 @@ pub const KINDS: [Kind; 11] = [
         kind: "TrafficSplit",
         plural: "trafficsplits",
         namespaced: true,
-        weft: false,
+        status: StatusStyle::None,
     },
     Kind {
         group: "gateway.networking.k8s.io",
@@ -101,7 +115,7 @@ pub const KINDS: [Kind; 11] = [
         kind: "HTTPRoute",
         plural: "httproutes",
         namespaced: true,
-        weft: false,
+        status: StatusStyle::RouteParents,
     },
     Kind {
         group: "multicluster.x-k8s.io",
@@ -109,7 +123,7 @@ pub const KINDS: [Kind; 11] = [
         kind: "ServiceExport",
         plural: "serviceexports",
         namespaced: true,
-        weft: false,
+        status: StatusStyle::Conditions,
     },
     Kind {
         group: "weft.dev",
@@ -117,7 +131,7 @@ pub const KINDS: [Kind; 11] = [
         kind: "TrafficPolicy",
         plural: "trafficpolicies",
         namespaced: true,
-        weft: true,
+        status: StatusStyle::Conditions,
     },
     Kind {
         group: "weft.dev",
@@ -125,7 +139,7 @@ pub const KINDS: [Kind; 11] = [
         kind: "Rollout",
         plural: "rollouts",
         namespaced: true,
-        weft: true,
+        status: StatusStyle::Conditions,
     },
     Kind {
         group: "weft.dev",
@@ -133,7 +147,7 @@ pub const KINDS: [Kind; 11] = [
         kind: "MeshPeer",
         plural: "meshpeers",
         namespaced: false,
-        weft: true,
+        status: StatusStyle::Conditions,
     },
 ];
 
@@ -187,11 +201,17 @@ pub enum Event {
     Unavailable(String),
 }
 
-/// Whether Weft accepts one of its own objects.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Whether Weft accepts an object it writes status on.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Verdict {
+    /// How its status is written.
+    pub style: StatusStyle,
     /// The object.
     pub key: ObjectKey,
+    /// `spec.parentRefs` (HTTPRoute).
+    pub parent_refs: Value,
+    /// The current `status.parents` (HTTPRoute), other controllers' entries included.
+    pub parents: Value,
     /// `metadata.generation`.
     pub generation: Option<i64>,
     /// `Ok`, or the field and what is wrong with it.
@@ -241,8 +261,13 @@ impl KubeState {
         let mut verdicts = Vec::new();
         let mut take = |state: &mut Self, doc: Value, verdicts: &mut Vec<Verdict>| {
             let (key, outcome) = state.take(kind, doc.clone());
-            if kind.weft {
-                verdicts.push(verdict(&key, &doc, outcome.as_ref().err().cloned()));
+            if kind.status != StatusStyle::None {
+                verdicts.push(verdict(
+                    kind.status,
+                    &key,
+                    &doc,
+                    outcome.as_ref().err().cloned(),
+                ));
             }
             if let Ok(Some(obj)) = outcome {
                 upserts.push((obj, ORIGIN.to_string()));
@@ -345,8 +370,23 @@ impl KubeState {
     }
 }
 
-fn verdict(key: &ObjectKey, doc: &Value, error: Option<(String, String)>) -> Verdict {
-    let current = doc["status"]["conditions"]
+fn verdict(
+    style: StatusStyle,
+    key: &ObjectKey,
+    doc: &Value,
+    error: Option<(String, String)>,
+) -> Verdict {
+    let conditions = match style {
+        StatusStyle::RouteParents => doc["status"]["parents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["controllerName"] == CONTROLLER_NAME)
+            .map(|p| p["conditions"].clone())
+            .unwrap_or(Value::Null),
+        _ => doc["status"]["conditions"].clone(),
+    };
+    let current = conditions
         .as_array()
         .into_iter()
         .flatten()
@@ -360,24 +400,49 @@ fn verdict(key: &ObjectKey, doc: &Value, error: Option<(String, String)>) -> Ver
             )
         });
     Verdict {
+        style,
         key: key.clone(),
+        parent_refs: doc["spec"]["parentRefs"].clone(),
+        parents: doc["status"]["parents"].clone(),
         generation: doc["metadata"]["generation"].as_i64(),
         accepted: error.map_or(Ok(()), Err),
         current,
     }
 }
 
-/// The status patch that records `v` (a merge patch of the status subresource).
+/// The status patch that records `v` (a merge patch of the status subresource). For an
+/// HTTPRoute it keeps other controllers' `status.parents` entries and replaces Weft's.
 pub fn status_patch(v: &Verdict, now_rfc3339: &str) -> Value {
     let (status, reason, message) = v.condition();
-    json!({"status": {"conditions": [{
+    let condition = json!({
         "type": "Accepted",
         "status": status,
         "reason": reason,
         "message": message,
         "lastTransitionTime": now_rfc3339,
         "observedGeneration": v.generation,
-    }]}})
+    });
+    match v.style {
+        StatusStyle::RouteParents => {
+            let mut parents: Vec<Value> = v
+                .parents
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["controllerName"] != CONTROLLER_NAME)
+                .cloned()
+                .collect();
+            for r in v.parent_refs.as_array().into_iter().flatten() {
+                parents.push(json!({
+                    "parentRef": r,
+                    "controllerName": CONTROLLER_NAME,
+                    "conditions": [condition],
+                }));
+            }
+            json!({"status": {"parents": parents}})
+        }
+        _ => json!({"status": {"conditions": [condition]}}),
+    }
 }
 
 fn to_value(obj: DynamicObject) -> Value {
@@ -444,7 +509,7 @@ pub async fn run(
             next = rx.recv() => {
                 let Some((idx, ev)) = next else { return };
                 let kind = &KINDS[idx];
-                if let (true, Event::Delete(doc)) = (kind.weft, &ev) {
+                if let (true, Event::Delete(doc)) = (kind.status != StatusStyle::None, &ev) {
                     writer.forget(&kind.key(doc));
                 }
                 let (update, verdicts) = state.apply(kind, ev);
@@ -455,6 +520,9 @@ pub async fn run(
                 for v in verdicts {
                     writer.verdicts.insert(v.key.clone(), (kind, v));
                 }
+                // The catalog's verdict counts, cross-object problems included (a policy for a
+                // Service that does not exist, a route to a missing backend).
+                writer.judge(&catalog.current().errors);
             }
             changed = leader.changed(), if election => {
                 // The election ended (its task stopped): keep its last word.
@@ -476,6 +544,22 @@ struct StatusWriter {
 }
 
 impl StatusWriter {
+    /// Sets each object's verdict from the model's errors (the first one naming it).
+    fn judge(&mut self, errors: &[SourceError]) {
+        let mut first: HashMap<&str, (&str, &str)> = HashMap::new();
+        for e in errors {
+            first
+                .entry(e.object.as_str())
+                .or_insert((e.field.as_str(), e.message.as_str()));
+        }
+        for (key, (_, v)) in self.verdicts.iter_mut() {
+            v.accepted = match first.get(key.to_string().as_str()) {
+                Some((field, message)) => Err((field.to_string(), message.to_string())),
+                None => Ok(()),
+            };
+        }
+    }
+
     fn forget(&mut self, key: &ObjectKey) {
         self.verdicts.remove(key);
         self.written.remove(key);
