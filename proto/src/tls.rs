@@ -30,6 +30,15 @@ pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 /// receiving sidecar reads it from the ClientHello to tell mesh mTLS, which it terminates,
 /// from an application's own TLS, which it passes through untouched.
 pub const ALPN_MESH_HTTP1: &[u8] = b"weft-http/1.1";
+/// ALPN for mesh mTLS carrying HTTP/2 (to endpoints that speak only HTTP/2: gRPC, h2c); the
+/// receiving sidecar serves HTTP/2 and forwards to its application with prior knowledge.
+pub const ALPN_MESH_H2: &[u8] = b"weft-h2";
+
+/// Whether an ALPN list offers one of the mesh's protocols.
+pub fn offers_mesh_alpn(alpn: &[Vec<u8>]) -> bool {
+    alpn.iter()
+        .any(|p| p == ALPN_MESH_HTTP1 || p == ALPN_MESH_H2)
+}
 
 /// Why a TLS configuration could not be built or a peer was refused.
 #[derive(Debug, thiserror::Error)]

@@ -35,6 +35,17 @@ where
         .build(connector)
 }
 
+/// A pooled HTTP/2-only client over `connector` (prior knowledge, or inside mTLS).
+pub fn pooled_h2<C>(connector: C) -> hyper_util::client::legacy::Client<C, crate::outbound::Body>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone,
+{
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector)
+}
+
 /// Plain TCP to an endpoint or the application (no delay, bounded connect).
 pub fn plain() -> hyper_util::client::legacy::connect::HttpConnector {
     let mut c = hyper_util::client::legacy::connect::HttpConnector::new();
@@ -150,12 +161,20 @@ pub struct MeshConnector {
     svid: SvidCell,
     xds: XdsHandle,
     metrics: Arc<Metrics>,
+    /// Offer the mesh's HTTP/2 ALPN instead of its HTTP/1.1 one.
+    h2: bool,
 }
 
 impl MeshConnector {
-    /// A connector presenting the SVID in `svid`, checking identities from `xds`'s config.
-    pub fn new(svid: SvidCell, xds: XdsHandle, metrics: Arc<Metrics>) -> Self {
-        MeshConnector { svid, xds, metrics }
+    /// A connector presenting the SVID in `svid`, checking identities from `xds`'s config;
+    /// `h2` offers the mesh's HTTP/2 ALPN.
+    pub fn new(svid: SvidCell, xds: XdsHandle, metrics: Arc<Metrics>, h2: bool) -> Self {
+        MeshConnector {
+            svid,
+            xds,
+            metrics,
+            h2,
+        }
     }
 
     async fn connect(self, uri: http::Uri) -> Result<MeshConn, MeshConnectError> {
@@ -172,6 +191,7 @@ impl MeshConnector {
             .cloned()
             .ok_or(MeshConnectError::NotMeshed(addr))?;
         let config: Arc<rustls::ClientConfig> = match self.svid.load_full() {
+            Some(s) if s.valid() && self.h2 => s.tls.upstream_h2.clone(),
             Some(s) if s.valid() => s.tls.upstream.clone(),
             _ => return Err(MeshConnectError::NoCertificate),
         };
@@ -241,25 +261,33 @@ pub struct Upstream {
         hyper_util::client::legacy::connect::HttpConnector,
         crate::outbound::Body,
     >,
-    mesh: Option<(
-        hyper_util::client::legacy::Client<MeshConnector, crate::outbound::Body>,
-        SvidCell,
-    )>,
+    mesh: Option<MeshClients>,
+}
+
+/// The mTLS clients: HTTP/1.1 and HTTP/2 inside, and the SVID they need.
+#[derive(Clone)]
+struct MeshClients {
+    h1: hyper_util::client::legacy::Client<MeshConnector, crate::outbound::Body>,
+    h2: hyper_util::client::legacy::Client<MeshConnector, crate::outbound::Body>,
+    svid: SvidCell,
 }
 
 impl Upstream {
     /// Plain connections, plus mTLS ones when the workload has an identity.
     pub fn new(svid: Option<SvidCell>, xds: XdsHandle, metrics: Arc<Metrics>) -> Self {
-        let mesh = svid.map(|svid| {
-            let connector = MeshConnector::new(svid.clone(), xds, metrics);
-            (pooled(connector), svid)
+        let mesh = svid.map(|svid| MeshClients {
+            h1: pooled(MeshConnector::new(
+                svid.clone(),
+                xds.clone(),
+                metrics.clone(),
+                false,
+            )),
+            h2: pooled_h2(MeshConnector::new(svid.clone(), xds, metrics, true)),
+            svid,
         });
         Upstream {
             plain: pooled(plain()),
-            h2: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .http2_only(true)
-                .pool_idle_timeout(Duration::from_secs(60))
-                .build(plain()),
+            h2: pooled_h2(plain()),
             mesh,
         }
     }
@@ -283,8 +311,8 @@ impl tower::Service<crate::resilience::Req> for Upstream {
             return undispatched();
         };
         // mTLS when the endpoint's sidecar terminates it and this workload has an SVID.
-        let mesh = self.mesh.as_ref().filter(|(_, svid)| {
-            target.mtls_identity.is_some() && svid.load().as_ref().is_some_and(|s| s.valid())
+        let mesh = self.mesh.as_ref().filter(|m| {
+            target.mtls_identity.is_some() && m.svid.load().as_ref().is_some_and(|s| s.valid())
         });
         let (mut parts, body) = req.into_parts();
         // The scheme only keys the pool (mTLS and plaintext connections never mix); the
@@ -310,9 +338,9 @@ impl tower::Service<crate::resilience::Req> for Upstream {
         }
         parts.extensions = http::Extensions::new();
         // Upstream connections speak HTTP/1.1, whatever the client spoke to the sidecar, except
-        // to plaintext endpoints that speak only HTTP/2 (gRPC). mTLS between sidecars carries
-        // HTTP/1.1 (the mesh ALPN).
-        let h2 = d.http2 && mesh.is_none();
+        // to endpoints that speak only HTTP/2 (gRPC): with prior knowledge when plaintext, and
+        // inside mTLS under the mesh's HTTP/2 ALPN when meshed.
+        let h2 = d.http2;
         parts.version = if h2 {
             http::Version::HTTP_2
         } else {
@@ -320,7 +348,8 @@ impl tower::Service<crate::resilience::Req> for Upstream {
         };
         let upstream = hyper::Request::from_parts(parts, body);
         let fut = match mesh {
-            Some((client, _)) => client.request(upstream),
+            Some(m) if h2 => m.h2.request(upstream),
+            Some(m) => m.h1.request(upstream),
             None if h2 => self.h2.request(upstream),
             None => self.plain.request(upstream),
         };

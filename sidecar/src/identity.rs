@@ -29,8 +29,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The rustls configurations made from one SVID and its trust bundle.
 #[derive(Debug)]
 pub struct MeshTls {
-    /// Towards other sidecars: presents the SVID, offers the mesh ALPN.
+    /// Towards other sidecars: presents the SVID, offers the mesh ALPN (HTTP/1.1 inside).
     pub upstream: Arc<rustls::ClientConfig>,
+    /// The same, offering the mesh's HTTP/2 ALPN (to HTTP/2-only endpoints).
+    pub upstream_h2: Arc<rustls::ClientConfig>,
     /// Inbound from other sidecars: requires a client SVID that chains to the bundle.
     pub inbound: Arc<rustls::ServerConfig>,
     /// Towards the control plane: presents the SVID, ALPN h2.
@@ -42,11 +44,12 @@ impl MeshTls {
         let roots = tls::roots(bundle)?;
         Ok(MeshTls {
             upstream: tls::client_config(Some(svid), roots.clone(), &[tls::ALPN_MESH_HTTP1])?,
+            upstream_h2: tls::client_config(Some(svid), roots.clone(), &[tls::ALPN_MESH_H2])?,
             inbound: tls::server_config(
                 svid,
                 roots.clone(),
                 ClientAuth::Required,
-                &[tls::ALPN_MESH_HTTP1],
+                &[tls::ALPN_MESH_HTTP1, tls::ALPN_MESH_H2],
             )?,
             control_plane: tls::client_config(Some(svid), roots, &[tls::ALPN_H2])?,
         })

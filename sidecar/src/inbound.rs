@@ -55,6 +55,8 @@ struct Shared {
     xds: XdsHandle,
     svid: Option<SvidCell>,
     client: Client<HttpConnector, Body>,
+    /// HTTP/2 with prior knowledge to the application, for mesh HTTP/2 (gRPC) callers.
+    client_h2: Client<HttpConnector, Body>,
     metrics: Arc<Metrics>,
 }
 
@@ -75,6 +77,7 @@ impl Inbound {
                 xds: ctx.xds,
                 svid: ctx.svid,
                 client: crate::connect::pooled(crate::connect::plain()),
+                client_h2: crate::connect::pooled_h2(crate::connect::plain()),
                 metrics: ctx.metrics,
             }),
         })
@@ -142,7 +145,7 @@ impl Shared {
         let n = detect::peek_some(client, &mut first, 2, detect::DETECT_TIMEOUT).await;
         if tls::looks_like_tls(&first[..n]) {
             let alpn = detect::peek_alpn(client, detect::DETECT_TIMEOUT).await;
-            if alpn.is_some_and(|a| a.iter().any(|p| p == tls::ALPN_MESH_HTTP1)) {
+            if alpn.is_some_and(|a| tls::offers_mesh_alpn(&a)) {
                 return Kind::MeshTls;
             }
             return Kind::Other;
@@ -201,7 +204,37 @@ impl Shared {
                 return;
             }
         };
-        self.serve_http(stream, peer, app, Some(identity)).await;
+        if stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_MESH_H2) {
+            self.serve_h2(stream, peer, app, identity).await;
+        } else {
+            self.serve_http(stream, peer, app, Some(identity)).await;
+        }
+    }
+
+    /// HTTP/2 inside mesh mTLS (a caller reaching an HTTP/2-only endpoint): served as HTTP/2
+    /// and forwarded to the application with prior knowledge, the verified caller attached.
+    async fn serve_h2<IO>(
+        self: Arc<Self>,
+        io: IO,
+        peer: SocketAddr,
+        app: SocketAddr,
+        identity: SpiffeId,
+    ) where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let identity = hyper::header::HeaderValue::from_str(&identity.to_string()).ok();
+        let this = self.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let (this, identity) = (this.clone(), identity.clone());
+            async move { Ok::<_, Infallible>(this.to_app(req, app, peer, identity).await) }
+        });
+        let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .serve_connection(TokioIo::new(io), svc);
+        if let Err(e) = conn.await {
+            tracing::info!(%peer, error = %e, "inbound HTTP/2 mTLS connection closed on a protocol error");
+            self.metrics.connection_error("inbound");
+        }
     }
 
     /// HTTP/1 to the application, one pooled connection per request stream; the caller's
@@ -243,6 +276,7 @@ impl Shared {
     ) -> Response<Body> {
         let started = Instant::now();
         let mtls = identity.is_some();
+        let h2 = req.version() == hyper::Version::HTTP_2;
         let (mut parts, body) = req.into_parts();
         parts.uri = match crate::outbound::forward_uri("http", app, &parts.uri) {
             Ok(u) => u,
@@ -253,8 +287,8 @@ impl Shared {
         if let Some(id) = identity {
             parts.headers.insert(CLIENT_IDENTITY_HEADER, id);
         }
-        let resp = match self
-            .client
+        let client = if h2 { &self.client_h2 } else { &self.client };
+        let resp = match client
             .request(Request::from_parts(parts, body.boxed()))
             .await
         {

@@ -37,6 +37,8 @@ pub struct Behavior {
     pub last_traceparent: std::sync::Mutex<Option<String>>,
     /// The `x-weft-client-identity` header of the last request (what the sidecar verified).
     pub last_client_identity: std::sync::Mutex<Option<String>>,
+    /// The HTTP version of the last request (`HTTP/1.1`, `HTTP/2.0`).
+    pub last_version: std::sync::Mutex<Option<String>>,
 }
 
 /// A running echo server; dropping it stops it (connections then fail, as a dead pod's would).
@@ -95,6 +97,9 @@ impl Echo {
                                 .map(str::to_string);
                             if let Ok(mut last) = b.last_client_identity.lock() {
                                 *last = id;
+                            }
+                            if let Ok(mut last) = b.last_version.lock() {
+                                *last = Some(format!("{:?}", req.version()));
                             }
                             let (body, b) = (body.clone(), b.clone());
                             async move { Ok::<_, Infallible>(answer(n, body, &b).await) }

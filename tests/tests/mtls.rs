@@ -556,3 +556,58 @@ async fn the_control_plane_tls_port_authenticates_its_callers() {
     )
     .await;
 }
+
+/// gRPC (an HTTP/2-only endpoint: `appProtocol: grpc`) to a meshed endpoint: the client's
+/// sidecar originates mTLS offering the mesh's HTTP/2 ALPN, the server's sidecar terminates
+/// it, serves HTTP/2 and forwards to the app with prior knowledge, with the verified caller.
+#[tokio::test]
+async fn grpc_to_a_meshed_endpoint_is_http2_inside_mtls() {
+    let net = 47;
+    let endpoint = SocketAddr::new(ip(net, 2), 15006);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let world = world::docs(&[
+        world::namespace("default", "STRICT"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: default}\nspec:\n  ports: [{name: grpc, port: 80, appProtocol: grpc}]\n".to_string(),
+        world::pod("echo-0", "echo", true),
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo\n  namespace: default\n  labels: {{kubernetes.io/service-name: echo}}\naddressType: IPv4\nports: [{{name: grpc, port: {}}}]\nendpoints:\n- addresses: [\"{}\"]\n  conditions: {{ready: true}}\n  targetRef: {{kind: Pod, name: echo-0, namespace: default}}\n",
+            endpoint.port(),
+            endpoint.ip()
+        ),
+    ]);
+    std::fs::write(dir.path().join("world.yaml"), world).expect("world");
+    let cp = weft_testkit::start_control_plane(dir.path())
+        .await
+        .expect("control plane");
+    let bundles = dir.path().join("bundles");
+    std::fs::create_dir_all(&bundles).expect("bundle dir");
+    let (echo, server, client) = workloads([&cp, &cp], &bundles, net, "echo", None).await;
+    let body = until_ok(&client, Duration::from_secs(10)).await;
+    assert!(body.starts_with("echo-0"), "{body}");
+    let version = echo
+        .behavior
+        .last_version
+        .lock()
+        .ok()
+        .and_then(|v| v.clone());
+    assert_eq!(version.as_deref(), Some("HTTP/2.0"), "the app got HTTP/2");
+    assert_eq!(last_identity(&echo).as_deref(), Some(CLIENT_ID));
+    // STRICT: the request could only have come over mesh mTLS.
+    let page = metrics(&server).await;
+    assert!(
+        metric_sum(
+            &page,
+            "weft_proxy_inbound_requests_total",
+            &["mtls=\"true\""]
+        ) >= 1.0,
+        "{page}"
+    );
+    // Several requests share one HTTP/2 connection; all succeed.
+    for _ in 0..5 {
+        let (code, _) = get_via(client.outbound_addr, HOST, "/")
+            .await
+            .expect("request");
+        assert_eq!(code, 200);
+    }
+    drop(cp);
+}
