@@ -261,6 +261,9 @@ pub struct Model {
     pub rollouts: BTreeMap<String, Arc<RolloutModel>>,
     /// Peer control planes named by MeshPeer objects: cluster name -> address.
     pub peers: BTreeMap<String, String>,
+    /// Where each Pod runs (namespace/pod -> its Node's locality): a proxy that does not say
+    /// where it is (an injected sidecar) is placed by its pod.
+    pub pod_places: Arc<BTreeMap<ServiceKey, Locality>>,
 }
 
 /// What one peer control plane exports, as the federation client last received it.
@@ -865,6 +868,20 @@ fn build(
         ready: prev.ready,
         rollouts,
         peers,
+        pod_places: {
+            let places: BTreeMap<ServiceKey, Locality> = pods
+                .iter()
+                .filter_map(|((ns, name), (_, node, _))| {
+                    let loc = nodes.get(node.as_deref()?)?;
+                    Some((ServiceKey::new(*ns, *name), loc.clone()))
+                })
+                .collect();
+            if *prev.pod_places == places {
+                prev.pod_places.clone()
+            } else {
+                Arc::new(places)
+            }
+        },
     };
     (model, errors, good)
 }

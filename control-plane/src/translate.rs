@@ -129,6 +129,29 @@ pub struct Translation {
     /// Services whose translation differs from `prev_version`'s. Holds the old translations of
     /// changed services only, never a previous `Translation`, so memory stays bounded.
     pub changed: Vec<Changed>,
+    /// Where pods run (the model's), to place proxies that do not say.
+    pub pod_places: Arc<BTreeMap<ServiceKey, Locality>>,
+}
+
+impl Translation {
+    /// `place`, completed from the proxy's pod when it did not say where it is: node ids of
+    /// injected sidecars are `<pod>.<namespace>`, and the pod's Node has the locality.
+    pub fn place_of(&self, node_id: &str, place: &ProxyPlace) -> ProxyPlace {
+        let l = &place.locality;
+        if !(l.region.is_empty() && l.zone.is_empty() && l.subzone.is_empty()) {
+            return place.clone();
+        }
+        let Some((pod, ns)) = node_id.split_once('.') else {
+            return place.clone();
+        };
+        match self.pod_places.get(&ServiceKey::new(ns, pod)) {
+            Some(loc) => ProxyPlace {
+                cluster: place.cluster.clone(),
+                locality: loc.clone(),
+            },
+            None => place.clone(),
+        }
+    }
 }
 
 /// Translates a model, reusing `prev`'s work for services whose model did not change.
@@ -170,6 +193,7 @@ pub fn translate(model: &Model, prev: Option<&Translation>) -> Translation {
         services,
         prev_version: prev.map_or(0, |p| p.version),
         changed,
+        pod_places: model.pod_places.clone(),
     }
 }
 

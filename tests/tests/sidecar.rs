@@ -515,3 +515,73 @@ async fn http2_only_endpoints_are_reached_over_http2() {
     }
     server.abort();
 }
+
+/// A sidecar that does not say where it runs (an injected one: no `--zone`) is placed by its
+/// pod: its node id is `<pod>.<namespace>`, the Pod names its Node, the Node has the zone; so
+/// its own zone's endpoints come first.
+#[tokio::test]
+async fn a_proxy_without_a_zone_is_placed_by_its_pod() {
+    let a = Echo::start(
+        "127.0.9.31:0".parse().expect("addr"),
+        Identity {
+            name: "in-zone".into(),
+            cluster: "cluster-1".into(),
+            zone: "zone-a".into(),
+        },
+    )
+    .await
+    .expect("echo");
+    let b = Echo::start(
+        "127.0.9.32:0".parse().expect("addr"),
+        Identity {
+            name: "other-zone".into(),
+            cluster: "cluster-1".into(),
+            zone: "zone-b".into(),
+        },
+    )
+    .await
+    .expect("echo");
+    let docs = vec![
+        world::node("node-a", "region-1", "zone-a"),
+        world::node("node-b", "region-1", "zone-b"),
+        world::service("echo", 80),
+        world::slice(
+            "echo",
+            "echo",
+            &[(a.addr, "node-a", true), (b.addr, "node-b", true)],
+        ),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: client-0, namespace: default}\nspec:\n  nodeName: node-a\n  containers: [{name: app, image: app}]\n".to_string(),
+    ];
+    let (_dir, cp) = weft_testkit::control_plane_over(&docs).await;
+    let sc = weft_testkit::start_sidecar(
+        cp.plaintext(),
+        "127.0.9.130".parse().expect("ip"),
+        "client-0.default",
+        "",
+    )
+    .await
+    .expect("sidecar");
+    ready(&sc).await;
+    for _ in 0..20 {
+        let (status, body) = get_via(sc.outbound_addr, "echo.default.svc.cluster.local", "/")
+            .await
+            .expect("request");
+        assert_eq!(status, 200);
+        assert!(body.starts_with("in-zone"), "zone-a first: {body}");
+    }
+    let mut admin =
+        weft_proto::admin::admin_client::AdminClient::connect(format!("http://{}", cp.plaintext()))
+            .await
+            .expect("admin");
+    let proxies = admin
+        .list_proxies(weft_proto::admin::ListProxiesRequest {})
+        .await
+        .expect("proxies")
+        .into_inner()
+        .proxies;
+    let me = proxies
+        .iter()
+        .find(|p| p.node_id == "client-0.default")
+        .expect("the proxy");
+    assert_eq!(me.zone, "zone-a", "{me:?}");
+}

@@ -175,7 +175,9 @@ pub(crate) async fn run<P: Protocol>(
             .await;
         return;
     };
-    let info = NodeInfo::from_node(node);
+    let mut info = NodeInfo::from_node(node);
+    // A proxy that does not say where it is (an injected sidecar) is placed by its pod.
+    info.place = shared.translations.borrow().place_of(&info.id, &info.place);
     tracing::info!(node = %info.id, ?peer, namespace = %info.namespace, protocol = P::NAME, "proxy connected");
     let reg = shared.registry.register(info.clone(), P::NAME);
     let _connected = ConnectedGuard::new(shared.metrics.clone());
