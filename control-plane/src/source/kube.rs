@@ -212,6 +212,8 @@ pub struct Verdict {
     pub parent_refs: Value,
     /// The current `status.parents` (HTTPRoute), other controllers' entries included.
     pub parents: Value,
+    /// The current `status.conditions`, others' types included (kept when writing ours).
+    pub conditions: Value,
     /// `metadata.generation`.
     pub generation: Option<i64>,
     /// `Ok`, or the field and what is wrong with it.
@@ -404,6 +406,7 @@ fn verdict(
         key: key.clone(),
         parent_refs: doc["spec"]["parentRefs"].clone(),
         parents: doc["status"]["parents"].clone(),
+        conditions: doc["status"]["conditions"].clone(),
         generation: doc["metadata"]["generation"].as_i64(),
         accepted: error.map_or(Ok(()), Err),
         current,
@@ -441,7 +444,20 @@ pub fn status_patch(v: &Verdict, now_rfc3339: &str) -> Value {
             }
             json!({"status": {"parents": parents}})
         }
-        _ => json!({"status": {"conditions": [condition]}}),
+        _ => {
+            // A merge patch replaces the whole list: keep the other condition types (an MCS
+            // controller's `Valid` on a ServiceExport) and replace only `Accepted`.
+            let mut conditions: Vec<Value> = v
+                .conditions
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|c| c["type"] != "Accepted")
+                .cloned()
+                .collect();
+            conditions.push(condition);
+            json!({"status": {"conditions": conditions}})
+        }
     }
 }
 
@@ -697,6 +713,19 @@ mod tests {
         assert!(message.starts_with("spec.retry.attempts:"), "{message}");
         let patch = status_patch(&v[0], "2026-11-28T06:00:00Z");
         assert_eq!(patch["status"]["conditions"][0]["observedGeneration"], 2);
+        // Another controller's condition on the object survives our write.
+        let mut other = v[0].clone();
+        other.conditions =
+            json!([{"type": "Valid", "status": "True"}, {"type": "Accepted", "status": "Unknown"}]);
+        let p = status_patch(&other, "2026-11-28T06:00:00Z");
+        let types: Vec<&str> = p["status"]["conditions"]
+            .as_array()
+            .expect("conditions")
+            .iter()
+            .filter_map(|c| c["type"].as_str())
+            .collect();
+        assert_eq!(types, ["Valid", "Accepted"]);
+        assert_eq!(p["status"]["conditions"][1]["status"], "False");
         // Once the object carries that condition, it is not written again.
         let mut recorded = policy("retries", json!("three"), 2);
         recorded["status"] = patch["status"].clone();
