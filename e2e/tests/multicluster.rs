@@ -7,7 +7,10 @@
 //!   `weft-control-plane` with the file source, a CA directory sharing one root with the other
 //!   clusters, and `--peer` to the two others (federation over mTLS); three pod hosts
 //!   198.18.K.11-13 (zones z1, z1, z2), each with `weft-sidecar init` + `weft-sidecar run` and
-//!   an echo app (`e2e/netns/echo.py`) answering `cluster=cK zone=Z pod=P`;
+//!   an echo app (`e2e/netns/echo.py`) answering `cluster=cK zone=Z pod=P`. Every sidecar
+//!   takes its SVID and xDS over its control plane's TLS port (a join token), and namespace
+//!   `default` is STRICT: every request between pods, across clusters too, is mesh mTLS
+//!   between identities issued by three different intermediates under the shared root;
 //! - in cluster c1, zone z1, a client pod 198.18.1.20 with its own sidecar whose client is an
 //!   unmodified program (`e2e/netns/client.py`, plain `http.client`) dialing Service clusterIPs;
 //!   its connections are intercepted by iptables.
@@ -55,7 +58,16 @@ fn write(path: &Path, content: &str) {
 }
 
 fn world(k: u8) -> String {
-    let mut docs = Vec::new();
+    // STRICT: every request between pods must be mesh mTLS, across clusters too.
+    let mut docs = vec![
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n  annotations: {weft.dev/mtls-mode: STRICT}\n".to_string(),
+    ];
+    for (pod, _, zone) in PODS {
+        let node = if zone == "z1" { "n1" } else { "n2" };
+        docs.push(format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: c{k}-{pod}\n  namespace: default\n  labels: {{app: echo, weft.dev/tls-mode: weft}}\nspec:\n  serviceAccountName: echo\n  nodeName: c{k}-{node}\n  containers: [{{name: echo, image: echo}}]\n"
+        ));
+    }
     for (node, zone) in [("n1", "z1"), ("n2", "z2")] {
         docs.push(format!(
             "apiVersion: v1\nkind: Node\nmetadata:\n  name: c{k}-{node}\n  labels: {{topology.kubernetes.io/region: r{k}, topology.kubernetes.io/zone: {zone}}}\n"
@@ -65,10 +77,10 @@ fn world(k: u8) -> String {
         let mut s = format!(
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n"
         );
-        for (_, octet, zone) in PODS {
+        for (pod, octet, zone) in PODS {
             let node = if zone == "z1" { "n1" } else { "n2" };
             s.push_str(&format!(
-                "- addresses: [\"198.18.{k}.{octet}\"]\n  nodeName: c{k}-{node}\n  conditions: {{ready: true}}\n"
+                "- addresses: [\"198.18.{k}.{octet}\"]\n  nodeName: c{k}-{node}\n  conditions: {{ready: true}}\n  targetRef: {{kind: Pod, name: c{k}-{pod}, namespace: default}}\n"
             ));
         }
         s
@@ -198,7 +210,21 @@ impl Mesh {
             );
         }
         ok(&["ip", "netns", "exec", &ns, &sidecar, "init"]);
-        let (xds, node) = (format!("198.18.{k}.10:15010"), format!("c{k}-{pod}"));
+        // Identity over the control plane's TLS port: a join token minted with the cluster's
+        // token key, the shared root as trust bundle.
+        let ca = self.dir.join(format!("ca-c{k}"));
+        let sa = if echo { "echo" } else { "client" };
+        let token = weft_control_plane::identity::token_key(Some(&ca), "cluster.local")
+            .expect("token key")
+            .mint("default", sa, 3600)
+            .expect("token")
+            .0;
+        // The proxy runs as UID 1337: it gets a world-readable copy of the root.
+        let bundle = self.dir.join(format!("bundle-c{k}.pem"));
+        std::fs::copy(ca.join("root.pem"), &bundle).expect("bundle");
+        set_mode(&bundle, 0o644);
+        let bundle = bundle.to_string_lossy().into_owned();
+        let (xds, node) = (format!("198.18.{k}.10:15012"), format!("c{k}-{pod}"));
         let (cluster, region) = (format!("c{k}"), format!("r{k}"));
         self.lab.spawn(
             &format!("sidecar-c{k}{pod}"),
@@ -208,9 +234,14 @@ impl Mesh {
                 &[
                     &sidecar,
                     "run",
-                    "--plaintext-xds",
                     "--xds-addr",
                     &xds,
+                    "--trust-bundle",
+                    &bundle,
+                    "--join-token",
+                    &token,
+                    "--service-account",
+                    sa,
                     "--node-id",
                     &node,
                     "--cluster",
@@ -294,6 +325,12 @@ impl Mesh {
         }
         s
     }
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
 }
 
 fn now() -> f64 {
@@ -401,6 +438,7 @@ fn three_clusters_fail_over_by_locality_and_distance() {
         logs: tmp.path().join("logs"),
     };
     std::fs::create_dir_all(&mesh.logs).expect("logs dir");
+    set_mode(&mesh.dir, 0o755);
     let cluster_names: Vec<String> = CLUSTERS.iter().map(|k| format!("c{k}")).collect();
     let names: Vec<&str> = cluster_names.iter().map(String::as_str).collect();
     let cas = weft_testkit::shared_root_ca_dirs(&mesh.dir, &names).expect("CA dirs");
@@ -630,6 +668,24 @@ fn three_clusters_fail_over_by_locality_and_distance() {
         run.recs.len(),
         first_remote * 1000.0,
         near * 100.0
+    ));
+
+    // Cross-cluster traffic was mesh mTLS (STRICT would refuse anything else): c2's pods
+    // counted mTLS requests from c1's client, whose identity came from c1's intermediate.
+    let mtls: f64 = PODS
+        .iter()
+        .map(|(pod, _, _)| {
+            let page = mesh.curl(&format!("c2{pod}"), "http://127.0.0.1:15000/metrics");
+            weft_testkit::metric_sum(
+                &page,
+                "weft_proxy_inbound_requests_total",
+                &["mtls=\"true\""],
+            )
+        })
+        .sum();
+    assert!(mtls >= 100.0, "c2 served {mtls} requests over mTLS");
+    figures.push(format!(
+        "| identity | every request mesh mTLS (namespace STRICT); c2's pods served {mtls:.0} from c1's client over mTLS across clusters |"
     ));
 
     // 6. The distances swap (c2 40 ms, c3 5 ms): traffic moves to c3.
