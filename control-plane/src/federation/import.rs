@@ -722,6 +722,101 @@ mod tests {
         }
     }
 
+    mod property {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn any_endpoint() -> impl Strategy<Value = pb::Endpoint> {
+            (
+                prop_oneof![Just("10.1.0.1".to_string()), ".{0,16}"],
+                prop_oneof![Just("east".to_string()), Just("west".to_string()), ".{0,8}"],
+                prop_oneof![Just(String::new()), ".{0,40}"],
+                any::<u32>(),
+                proptest::collection::btree_map(".{0,6}", any::<u32>(), 0..3),
+            )
+                .prop_map(|(address, cluster, identity, weight, ports)| pb::Endpoint {
+                    address,
+                    cluster,
+                    identity,
+                    weight,
+                    ports: ports.into_iter().collect(),
+                    ready: true,
+                    ..Default::default()
+                })
+        }
+
+        fn any_update() -> impl Strategy<Value = pb::ExportUpdate> {
+            (
+                any::<u64>(),
+                any::<bool>(),
+                proptest::collection::vec(
+                    (
+                        ".{0,12}",
+                        ".{0,12}",
+                        proptest::collection::vec(any_endpoint(), 0..4),
+                        any::<u32>(),
+                    ),
+                    0..4,
+                ),
+                prop_oneof![Just("east".to_string()), ".{0,8}"],
+            )
+                .prop_map(|(version, snapshot, services, cluster_name)| {
+                    pb::ExportUpdate {
+                        version,
+                        snapshot,
+                        cluster_name,
+                        removed: Vec::new(),
+                        upserted: services
+                            .into_iter()
+                            .map(|(ns, name, endpoints, port)| pb::ExportedService {
+                                service: Some(pb::ServiceRef {
+                                    namespace: ns,
+                                    name,
+                                }),
+                                ports: vec![pb::ServicePort {
+                                    name: "http".into(),
+                                    port,
+                                    app_protocol: String::new(),
+                                }],
+                                endpoints,
+                            })
+                            .collect(),
+                    }
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            /// Whatever a peer sends: either it is applied and everything held is valid and
+            /// the peer's own, or it is refused and nothing changed. Never a panic.
+            #[test]
+            fn any_update_is_applied_whole_or_refused_whole(updates in proptest::collection::vec(any_update(), 1..6)) {
+                let mut held = None;
+                let mut first = true;
+                for u in &updates {
+                    let before = held.clone();
+                    match apply_update("east", "cluster.local", &mut held, first, u) {
+                        Ok(_) => {
+                            first = false;
+                            let h = held.as_ref().expect("held after success");
+                            for (k, s) in &h.services {
+                                prop_assert!(!k.name.is_empty() && !k.namespace.is_empty());
+                                prop_assert!(s.ports.iter().all(|p| p.port > 0));
+                                prop_assert!(s.endpoints.iter().all(|e| e.cluster == "east"));
+                            }
+                        }
+                        Err(m) => {
+                            prop_assert!(!m.is_empty());
+                            prop_assert_eq!(&held, &before);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn flags_win_over_mesh_peers_and_the_own_cluster_is_skipped() {
         let flags = vec![("east".to_string(), "10.0.0.1:15012".to_string())];
