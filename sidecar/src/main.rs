@@ -11,6 +11,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(name = "weft-sidecar", version, about = "Weft's sidecar proxy")]
 struct Cli {
+    /// Runtime worker threads for `run` (default: the CPUs this process may use, at most 2 —
+    /// a sidecar beside one application should not start a thread per node core).
+    #[arg(long, global = true, env = "WEFT_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,9 +37,23 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cfg = match Cli::parse().command {
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let workers = cli.worker_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(2)
+    });
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers.max(1))
+        .enable_all()
+        .build()?
+        .block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    let cfg = match command {
         Command::Run(cfg) => *cfg,
         Command::Init(init) => {
             weft_sidecar::init::run_init(&init)?;
