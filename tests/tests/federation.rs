@@ -592,3 +592,113 @@ async fn a_peer_sending_a_bad_update_is_refused_and_the_catalog_keeps_its_last_g
     );
     server.abort();
 }
+
+/// Through a real sidecar: `<svc>.<ns>.svc.clusterset.local` spreads over every cluster's
+/// endpoints, while the local name stays local (no crossCluster policy), and a service that
+/// exists only in the peer is reachable by its name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clusterset_name_reaches_every_cluster_through_a_sidecar() {
+    use weft_testkit::echo::{Echo, Identity};
+    let echo = |ip: &str, name: &str, cluster: &str| {
+        let (ip, name, cluster) = (ip.to_string(), name.to_string(), cluster.to_string());
+        async move {
+            Echo::start(
+                format!("{ip}:0").parse().expect("addr"),
+                Identity {
+                    name,
+                    cluster,
+                    zone: "z".into(),
+                },
+            )
+            .await
+            .expect("echo")
+        }
+    };
+    let east_ep = echo("127.0.12.1", "east-pod", "east").await;
+    let west_ep = echo("127.0.22.1", "west-pod", "west").await;
+    let only_ep = echo("127.0.12.2", "only-pod", "east").await;
+    let base = tempfile::tempdir().expect("tempdir");
+    let cas = shared_root_ca_dirs(base.path(), &["east", "west"]).expect("CA dirs");
+    let (east_dir, west_dir) = (base.path().join("east"), base.path().join("west"));
+    std::fs::create_dir_all(&east_dir).expect("dir");
+    std::fs::create_dir_all(&west_dir).expect("dir");
+    write(
+        &east_dir,
+        "world.yaml",
+        &[
+            service("echo", 80),
+            slice("echo", "echo", &[(east_ep.addr, "node-1", true)]),
+            export("echo"),
+            service("only-east", 80),
+            slice("only-east", "only-east", &[(only_ep.addr, "node-1", true)]),
+            export("only-east"),
+        ],
+    );
+    let grace = Duration::from_secs(30);
+    let east = start_cluster_control_plane(&east_dir, "east", &cas[0], grace, None)
+        .await
+        .expect("east");
+    write(
+        &west_dir,
+        "world.yaml",
+        &[
+            service("echo", 80),
+            slice("echo", "echo", &[(west_ep.addr, "node-2", true)]),
+            export("echo"),
+            mesh_peer("east", &east.grpc_addr.to_string()),
+        ],
+    );
+    let west = start_cluster_control_plane(&west_dir, "west", &cas[1], grace, None)
+        .await
+        .expect("west");
+    until_ok("west synced with east", PATIENCE, || async {
+        let p = peer(&west, "east").await?;
+        (p.state == "SYNCED").then_some(()).ok_or(format!("{p:?}"))
+    })
+    .await;
+    let mut rc = weft_sidecar::RunConfig::local(
+        west.plaintext(),
+        "127.0.22.9".parse().expect("ip"),
+        "client",
+    );
+    rc.cluster = "west".into();
+    let sc = weft_testkit::Sidecar::start(rc).await.expect("sidecar");
+    weft_testkit::wait_ready(&sc, PATIENCE).await;
+    let seen = |host: &'static str| {
+        let out = sc.outbound_addr;
+        async move {
+            let mut pods = std::collections::BTreeSet::new();
+            for _ in 0..40 {
+                let (status, body) = weft_testkit::get_via(out, host, "/")
+                    .await
+                    .expect("request");
+                assert_eq!(status, 200, "{host}: {body}");
+                pods.insert(
+                    body.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+            }
+            pods
+        }
+    };
+    until_ok(
+        "the clusterset name reaches both clusters",
+        PATIENCE,
+        || async {
+            let pods = seen("echo.default.svc.clusterset.local").await;
+            (pods.len() == 2).then_some(()).ok_or(format!("{pods:?}"))
+        },
+    )
+    .await;
+    let local = seen("echo.default.svc.cluster.local").await;
+    assert_eq!(
+        local.into_iter().collect::<Vec<_>>(),
+        ["west-pod"],
+        "the local name stays local without crossCluster"
+    );
+    let only = seen("only-east.default.svc.cluster.local").await;
+    assert_eq!(only.into_iter().collect::<Vec<_>>(), ["only-pod"]);
+    drop(east);
+}
