@@ -308,6 +308,8 @@ pub struct RolloutModel {
     pub success_rate: f64,
     /// Highest acceptable p99.
     pub max_p99: Option<Duration>,
+    /// Phase and weight in the Rollout's status, as the leading control plane wrote them.
+    pub status: Option<(String, u32)>,
 }
 
 /// Canary weights the rollout controller sets, by split origin: (canary, percent).
@@ -1005,6 +1007,11 @@ fn resolve_rollout(
         min_requests: r.spec.min_requests.unwrap_or(20),
         success_rate: r.spec.success_rate.unwrap_or(0.99),
         max_p99: r.spec.max_p99.as_deref().map(duration),
+        status: r.status.as_ref().and_then(|s| {
+            let phase = s.get("phase")?.as_str()?.to_string();
+            let weight = u32::try_from(s.get("weight")?.as_u64()?).ok()?;
+            Some((phase, weight.min(100)))
+        }),
     })
 }
 

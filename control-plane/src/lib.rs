@@ -153,6 +153,8 @@ impl ControlPlane {
 
         // The source reads everything once, then watches; serving waits for that first view.
         let (leader_tx, leader_rx) = watch::channel(kube_client.is_none());
+        // Replicated: the leader's rollout decisions reach the others through Rollout status.
+        let (rollout_tx, rollout_rx) = tokio::sync::mpsc::unbounded_channel();
         if let Some(client) = kube_client.clone() {
             tasks.push(tokio::spawn(leader::run(
                 client.clone(),
@@ -170,6 +172,7 @@ impl ControlPlane {
                 catalog.clone(),
                 metrics.clone(),
                 leader_rx.clone(),
+                rollout_rx,
             )));
         } else if let Some(dir) = config.source_dir.clone() {
             drop(leader_tx);
@@ -231,12 +234,16 @@ impl ControlPlane {
             &config.trust_domain,
         )?);
         let load = Arc::new(lrs::LoadStore::default());
-        let rollouts = Arc::new(rollout::Controller::new(
+        let mut controller = rollout::Controller::new(
             catalog.clone(),
             load.clone(),
             metrics.clone(),
             config.state_dir.clone(),
-        ));
+        );
+        if kube_client.is_some() {
+            controller = controller.with_leadership(leader_rx.clone(), rollout_tx);
+        }
+        let rollouts = Arc::new(controller);
         tasks.push(tokio::spawn(rollouts.clone().run()));
         let lrs_service = weft_proto::envoy::envoy::service::load_stats::v3::load_reporting_service_server::LoadReportingServiceServer::new(
             lrs::LrsServer::new(load.clone(), config.load_report_interval, metrics.clone()),

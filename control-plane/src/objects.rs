@@ -126,6 +126,9 @@ pub struct Named<T> {
     pub name: String,
     /// The validated spec.
     pub spec: T,
+    /// The object's `status` as the source holds it (a Rollout's phase and weight, written by
+    /// the leading control plane, is how the other replicas follow it).
+    pub status: Option<serde_json::Value>,
 }
 
 impl Object {
@@ -725,6 +728,7 @@ pub fn parse_object(doc: serde_json::Value) -> Result<Option<Object>, ObjectErro
             namespace,
             name,
             spec: (),
+            status: None,
         }),
         ("weft.dev", "TrafficPolicy") => {
             Object::TrafficPolicy(Box::new(named(doc, &label, namespace, name)?))
@@ -766,10 +770,12 @@ fn named<T: DeserializeOwned>(
         field: format!("spec.{}", e.path()),
         message: e.inner().to_string(),
     })?;
+    let status = doc.get("status").filter(|v| !v.is_null()).cloned();
     Ok(Named {
         namespace,
         name,
         spec,
+        status,
     })
 }
 

@@ -10,6 +10,12 @@
 //! the new process's).
 //!
 //! [`judge`] is the pure decision; [`Controller`] only moves state in and out.
+//!
+//! Replicated (the Kubernetes source): only the replica holding the leader Lease decides. It
+//! publishes each rollout's phase and weight to the Rollout's status; the other replicas apply
+//! those weights as their overrides, so every proxy of the mesh sees the same canary weight,
+//! and a replica that becomes leader resumes each rollout from its status instead of starting
+//! it again.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -153,6 +159,31 @@ pub struct Controller {
     metrics: Arc<Metrics>,
     path: Option<PathBuf>,
     states: Mutex<BTreeMap<String, RolloutState>>,
+    /// Whether this replica decides (always, without leader election).
+    leading: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Where phase and weight changes go to be written to the Rollouts' status.
+    publish: Option<tokio::sync::mpsc::UnboundedSender<StatusChange>>,
+    /// What was last published per rollout.
+    published: Mutex<BTreeMap<String, (String, u32)>>,
+}
+
+/// A rollout's phase or weight changed: write it to the Rollout's status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusChange {
+    /// `namespace/name` of the Rollout.
+    pub key: String,
+    /// `Progressing`, `Promoted` or `RolledBack`.
+    pub phase: String,
+    /// The canary's weight, percent.
+    pub weight: u32,
+}
+
+fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::Progressing => "Progressing",
+        Phase::Promoted => "Promoted",
+        Phase::RolledBack => "RolledBack",
+    }
 }
 
 /// How often rollouts are evaluated.
@@ -187,15 +218,58 @@ impl Controller {
             metrics,
             path,
             states: Mutex::new(states),
+            leading: None,
+            publish: None,
+            published: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Decides only while `leading` says so, publishing phase and weight changes to `publish`;
+    /// otherwise follows the weights in the Rollouts' status.
+    pub fn with_leadership(
+        mut self,
+        leading: tokio::sync::watch::Receiver<bool>,
+        publish: tokio::sync::mpsc::UnboundedSender<StatusChange>,
+    ) -> Self {
+        self.leading = Some(leading);
+        self.publish = Some(publish);
+        self
     }
 
     /// Evaluates rollouts until the task is dropped.
     pub async fn run(self: Arc<Self>) {
         loop {
-            self.tick();
+            let leading = self.leading.as_ref().is_none_or(|l| *l.borrow());
+            if leading {
+                self.tick();
+            } else {
+                self.follow();
+            }
             tokio::time::sleep(TICK).await;
         }
+    }
+
+    /// A follower: the weights the leader published, nothing decided here. Local state is
+    /// dropped, so that leading later resumes from the published status.
+    pub fn follow(&self) {
+        let model = self.catalog.current();
+        match self.states.lock() {
+            Ok(mut g) => g.clear(),
+            Err(p) => p.into_inner().clear(),
+        }
+        match self.published.lock() {
+            Ok(mut g) => g.clear(),
+            Err(p) => p.into_inner().clear(),
+        }
+        let overrides = model
+            .rollouts
+            .values()
+            .filter_map(|m| {
+                let (_, weight) = m.status.as_ref()?;
+                Some((m.split_origin.clone(), (m.canary.clone(), *weight)))
+            })
+            .collect::<WeightOverrides>();
+        self.catalog.set_overrides(overrides);
     }
 
     /// Every rollout's state.
@@ -231,6 +305,33 @@ impl Controller {
     }
 
     fn start(&self, key: &str, m: &RolloutModel, prev: Option<RolloutState>) -> RolloutState {
+        // Another replica led this rollout: resume where its status says it stands.
+        if let (None, Some((phase, weight))) = (&prev, &m.status) {
+            let phase = match phase.as_str() {
+                "Promoted" => Phase::Promoted,
+                "RolledBack" => Phase::RolledBack,
+                _ => Phase::Progressing,
+            };
+            let step = m.steps.iter().rposition(|s| s <= weight).unwrap_or(0);
+            let mut st = RolloutState {
+                fingerprint: fingerprint(m),
+                phase,
+                step,
+                weight: *weight,
+                split_origin: m.split_origin.clone(),
+                canary: m.canary.to_string(),
+                decisions: Vec::new(),
+                baseline: self.store.sum(&m.canary_clusters),
+                step_started: std::time::Instant::now(),
+                holding: false,
+            };
+            let reason = format!(
+                "resumed from the Rollout's status ({} at {weight} %), as the previous leader left it",
+                phase_name(phase)
+            );
+            self.record(key, &mut st, "resume", *weight, reason);
+            return st;
+        }
         let restart = prev.is_some();
         let mut st = RolloutState {
             fingerprint: fingerprint(m),
@@ -334,6 +435,31 @@ impl Controller {
         if changed {
             self.save();
         }
+        self.publish_changes(&model);
+    }
+
+    /// Sends phase and weight changes to be written to the Rollouts' status (only what differs
+    /// from what the status already says, or from what was sent).
+    fn publish_changes(&self, model: &crate::catalog::Model) {
+        let Some(tx) = &self.publish else { return };
+        let mut published = match self.published.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        for (key, st) in self.states() {
+            let now = (phase_name(st.phase).to_string(), st.weight);
+            let on_object = model.rollouts.get(&key).and_then(|m| m.status.clone());
+            if published.get(&key) == Some(&now) || on_object.as_ref() == Some(&now) {
+                published.insert(key, now);
+                continue;
+            }
+            let _ = tx.send(StatusChange {
+                key: key.clone(),
+                phase: now.0.clone(),
+                weight: now.1,
+            });
+            published.insert(key, now);
+        }
     }
 
     fn save(&self) {
@@ -370,6 +496,7 @@ mod tests {
             min_requests: 20,
             success_rate: 0.95,
             max_p99: Some(Duration::from_millis(100)),
+            status: None,
         }
     }
 

@@ -110,6 +110,26 @@ fn status(code: u16, reason: &str, message: &str) -> hyper::Response<Body> {
     )
 }
 
+/// RFC 7386 JSON merge patch, as the API server applies `Patch::Merge`.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Some(p) = patch.as_object() else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    if let Some(t) = target.as_object_mut() {
+        for (k, v) in p {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+    }
+}
+
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/weft-system/leases";
 
 async fn handle(mock: Shared, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Body> {
@@ -188,7 +208,7 @@ async fn handle(mock: Shared, req: hyper::Request<hyper::body::Incoming>) -> hyp
             .cloned();
         return match obj {
             Some(mut o) => {
-                o["status"] = body["status"].clone();
+                merge_patch(&mut o, &body);
                 let kind = m.collections[&collection].kind.clone();
                 m.add(&collection, &kind, o.clone());
                 json_response(200, &o)
@@ -603,4 +623,96 @@ async fn real_cluster_suite_runs_only_with_a_kubeconfig() {
             .ok_or("not yet".to_string())
     })
     .await;
+}
+
+const SPLITS: &str = "/apis/split.smi-spec.io/v1alpha4/trafficsplits";
+const ROLLOUTS: &str = "/apis/weft.dev/v1alpha1/rollouts";
+
+/// The canary's weight on `cp` (the `web` split's backend `web-v2`), in basis points.
+fn canary_weight(cp: &ControlPlane) -> Option<u32> {
+    let m = cp.catalog.current();
+    let svc = m.services.get(&ServiceKey::new("shop", "web"))?;
+    svc.routes
+        .values()
+        .flatten()
+        .flat_map(|r| &r.backends)
+        .find(|b| b.service.name == "web-v2")
+        .map(|b| b.weight)
+}
+
+/// Replicated rollouts: only the leader decides; it resumes from the Rollout's status instead
+/// of starting over, and the follower applies the same weight, so every proxy sees one canary
+/// weight whichever replica it is connected to. When the leader goes, the new one resumes too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_api_server_replicas_follow_the_leaders_rollout_through_its_status() {
+    let mut m = Mock::default();
+    for svc in ["web", "web-v1", "web-v2"] {
+        m.add(
+            SERVICES,
+            "Service",
+            json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": svc, "namespace": "shop"},
+            "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}),
+        );
+    }
+    m.add(SPLITS, "TrafficSplit", json!({"apiVersion": "split.smi-spec.io/v1alpha4", "kind": "TrafficSplit",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"service": "web", "backends": [{"service": "web-v1", "weight": 90}, {"service": "web-v2", "weight": 10}]}}));
+    // A rollout another replica was leading: at its second step, 50 %.
+    m.add(ROLLOUTS, "Rollout", json!({"apiVersion": "weft.dev/v1alpha1", "kind": "Rollout",
+        "metadata": {"name": "web", "namespace": "shop", "generation": 1},
+        "spec": {"trafficSplit": "web", "canary": "web-v2", "steps": [20, 50, 100], "interval": "1h"},
+        "status": {"phase": "Progressing", "weight": 50}}));
+    let mock: Shared = Arc::new(Mutex::new(m));
+    let (api, server) = serve(mock.clone()).await;
+    let patience = Duration::from_secs(15);
+    let a = replica(api, "replica-a").await;
+    until_ok("replica-a leads", patience, || async {
+        (*a.leader.borrow())
+            .then_some(())
+            .ok_or("not yet".to_string())
+    })
+    .await;
+    let b = replica(api, "replica-b").await;
+    for (name, cp) in [("leader", &a), ("follower", &b)] {
+        until_ok(&format!("the {name} applies 50 %"), patience, || async {
+            let w = canary_weight(cp);
+            (w == Some(5000)).then_some(()).ok_or(format!("{w:?}"))
+        })
+        .await;
+    }
+    let st = a.rollouts.states();
+    let web = st.get("shop/web").expect("the leader holds the rollout");
+    assert_eq!((web.weight, web.step), (50, 1));
+    assert_eq!(web.decisions[0].kind, "resume", "{:?}", web.decisions);
+    assert!(
+        b.rollouts.states().is_empty(),
+        "the follower decides nothing"
+    );
+    // Nothing regressed the published weight.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let weights: Vec<Value> = lock(&mock)
+        .status_patches
+        .iter()
+        .filter(|(p, _)| p.contains("/rollouts/web/"))
+        .filter_map(|(_, body)| body["status"].get("weight").cloned())
+        .collect();
+    assert!(weights.iter().all(|w| w == 50), "{weights:?}");
+
+    // The leader goes: the other resumes at the same step.
+    drop(a);
+    until_ok(
+        "replica-b takes over and resumes",
+        Duration::from_secs(20),
+        || async {
+            let st = b.rollouts.states();
+            match st.get("shop/web") {
+                Some(w) if *b.leader.borrow() => Ok((w.weight, w.decisions[0].kind.clone())),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(canary_weight(&b), Some(5000));
+    server.abort();
 }

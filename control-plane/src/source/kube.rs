@@ -339,8 +339,11 @@ impl KubeState {
             m.insert("apiVersion".into(), json!(kind.api_version()));
             m.insert("kind".into(), json!(kind.kind));
             // What the API server adds and Weft never reads: left out so a strict spec
-            // parser only sees what users wrote.
-            m.remove("status");
+            // parser only sees what users wrote. A Rollout's status is read: it is how
+            // replicas follow the leader's rollout decisions.
+            if kind.kind != "Rollout" {
+                m.remove("status");
+            }
         }
         let key = kind.key(&doc);
         match parse_object(doc) {
@@ -506,6 +509,7 @@ pub async fn run(
     catalog: Arc<Catalog>,
     metrics: Arc<crate::metrics::Metrics>,
     mut leader: watch::Receiver<bool>,
+    mut rollouts: mpsc::UnboundedReceiver<crate::rollout::StatusChange>,
 ) {
     let (tx, mut rx) = mpsc::channel(256);
     let mut watchers = tokio::task::JoinSet::new();
@@ -540,12 +544,19 @@ pub async fn run(
                 // Service that does not exist, a route to a missing backend).
                 writer.judge(&catalog.current().errors);
             }
+            Some(change) = rollouts.recv() => {
+                if *leader.borrow() {
+                    writer.rollout_status(&change).await;
+                }
+            }
             changed = leader.changed(), if election => {
                 // The election ended (its task stopped): keep its last word.
                 election = changed.is_ok();
             }
         }
-        if *leader.borrow() {
+        // Judge only a complete world: before every kind listed, a reference to an object of
+        // a kind not yet seen would look broken.
+        if *leader.borrow() && state.synced() {
             writer.flush().await;
         }
     }
@@ -573,6 +584,25 @@ impl StatusWriter {
                 Some((field, message)) => Err((field.to_string(), message.to_string())),
                 None => Ok(()),
             };
+        }
+    }
+
+    /// Writes a rollout's phase and weight to its status (what the other replicas follow).
+    async fn rollout_status(&self, c: &crate::rollout::StatusChange) {
+        let Some((ns, name)) = c.key.split_once('/') else {
+            return;
+        };
+        let Some(kind) = KINDS.iter().find(|k| k.kind == "Rollout") else {
+            return;
+        };
+        let api: kube::Api<DynamicObject> =
+            kube::Api::namespaced_with(self.client.clone(), ns, &kind.resource());
+        let patch = json!({"status": {"phase": c.phase, "weight": c.weight}});
+        if let Err(e) = api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            tracing::warn!(rollout = %c.key, error = %e, "cannot write the rollout's status");
         }
     }
 
