@@ -371,8 +371,10 @@ fn world() -> Mock {
     // A GAMMA route another controller already reported on: its entry must stay.
     m.add(ROUTES, "HTTPRoute", json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
         "metadata": {"name": "checkout", "namespace": "shop", "generation": 2},
+        // As the API server stores it: Gateway API's defaults filled in.
         "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "checkout", "port": 80}],
-            "rules": [{"backendRefs": [{"name": "checkout", "port": 80}]}]},
+            "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                "backendRefs": [{"group": "", "kind": "Service", "name": "checkout", "port": 80, "weight": 1}]}]},
         "status": {"parents": [{"parentRef": {"name": "gw"}, "controllerName": "example.com/gateway",
             "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
                 "lastTransitionTime": "2026-11-28T05:00:00Z"}]}]}}));
