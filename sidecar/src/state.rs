@@ -552,12 +552,7 @@ impl Endpoints {
         }
         let load =
             self.load_with(|e| e.healthy && !e.stats.is_ejected() && !tried.contains(&e.addr));
-        let roll = ((rand >> 48) % 100) as u32;
-        let mut acc = 0;
-        let Some(chosen) = load.iter().position(|l| {
-            acc += l;
-            roll < acc
-        }) else {
+        let Some(chosen) = priority_by_load(&load, rand) else {
             return self.pick(rand, hash);
         };
         let b = self.balancers.get(chosen)?;
@@ -578,8 +573,6 @@ impl Endpoints {
     /// Picks an endpoint: a priority by load (`rand`'s high bits), then the priority's
     /// balancer (`rand`, and `hash` for hashing algorithms).
     pub fn pick(&self, rand: u64, hash: Option<u64>) -> Option<&Target> {
-        let roll = ((rand >> 48) % 100) as u32;
-        let mut acc = 0;
         let live;
         let load = if self.ejections_possible() {
             live = self.load_with(|e| e.healthy && !e.stats.is_ejected());
@@ -587,15 +580,21 @@ impl Endpoints {
         } else {
             &self.load
         };
-        let chosen = load
-            .iter()
-            .position(|l| {
-                acc += l;
-                roll < acc
-            })
+        let chosen = priority_by_load(load, rand)
             .or_else(|| self.balancers.iter().position(|b| !b.targets().is_empty()))?;
         self.balancers.get(chosen)?.pick(rand, hash)
     }
+}
+
+/// The priority a request goes to: `rand`'s high bits rolled against the priority load
+/// (percent per priority); `None` when no priority takes any.
+fn priority_by_load(load: &[u32], rand: u64) -> Option<usize> {
+    let roll = ((rand >> 48) % 100) as u32;
+    let mut acc = 0;
+    load.iter().position(|l| {
+        acc += l;
+        roll < acc
+    })
 }
 
 /// A cluster as the request path sees it.
