@@ -285,6 +285,9 @@ struct Link {
     issued: IssuedCell,
     peer: PeerSpec,
     held: Option<Held>,
+    /// The link's state and last error (what the book shows, kept here for decisions).
+    state: LinkState,
+    last_error: String,
 }
 
 impl Link {
@@ -398,6 +401,7 @@ impl Link {
             let (version, services, endpoints) = held.map_or((0, 0, 0), |h| {
                 (h.version, h.services.len(), h.endpoint_count())
             });
+            self.state = LinkState::Synced;
             self.book(|i| {
                 i.state = LinkState::Synced;
                 i.last_heard = Some(Instant::now());
@@ -430,7 +434,7 @@ impl Link {
                 .peer_up
                 .get_or_create(&self.labels())
                 .set(0);
-            if self.book_state() == LinkState::Synced {
+            if self.state == LinkState::Synced {
                 lost_at = Some(Instant::now());
                 backoff = Duration::from_millis(200);
             }
@@ -440,12 +444,13 @@ impl Link {
             let grace = self.fed.settings.grace;
             match (&self.held, lost_at) {
                 (Some(_), Some(at)) if at.elapsed() < grace => {
-                    if self.book_state() != LinkState::Stale {
+                    if self.state != LinkState::Stale {
                         tracing::warn!(peer = %self.peer.name, error = %err, grace = ?grace, "federation: link lost; its endpoints stay, marked stale, for the grace period");
                         self.publish(true);
                     } else {
                         tracing::debug!(peer = %self.peer.name, error = %err, "federation: reconnect failed");
                     }
+                    self.state = LinkState::Stale;
                     self.book(|i| {
                         i.state = LinkState::Stale;
                         i.lost_at = Some(at);
@@ -456,6 +461,7 @@ impl Link {
                     tracing::warn!(peer = %self.peer.name, error = %err, "federation: grace period over; the peer's endpoints are removed");
                     self.held = None;
                     self.publish(true);
+                    self.state = LinkState::Expired;
                     self.book(|i| {
                         i.state = LinkState::Expired;
                         i.services = 0;
@@ -464,12 +470,13 @@ impl Link {
                     });
                 }
                 _ => {
-                    if self.book_last_error() != err {
+                    if self.last_error != err {
                         tracing::warn!(peer = %self.peer.name, address = %self.peer.address, error = %err, "federation: cannot sync with peer; retrying");
                     }
                     self.book(|i| i.last_error = err.clone());
                 }
             }
+            self.last_error = err;
             // Sleep the backoff, but wake for the end of the grace period.
             let mut wait = backoff;
             if let (Some(at), Some(_)) = (lost_at, &self.held) {
@@ -478,23 +485,6 @@ impl Link {
             tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
-    }
-
-    fn book_state(&self) -> LinkState {
-        self.fed
-            .book
-            .snapshot()
-            .get(&self.peer.name)
-            .map_or(LinkState::Connecting, |i| i.state)
-    }
-
-    fn book_last_error(&self) -> String {
-        self.fed
-            .book
-            .snapshot()
-            .get(&self.peer.name)
-            .map(|i| i.last_error.clone())
-            .unwrap_or_default()
     }
 }
 
@@ -563,6 +553,8 @@ pub async fn run(fed: Arc<Federation>, issued: IssuedCell, flags: Vec<(String, S
                 issued: issued.clone(),
                 peer: spec.clone(),
                 held: None,
+                state: LinkState::Connecting,
+                last_error: String::new(),
             };
             let handle = links.spawn(link.run());
             running.insert(name, (spec, handle));
