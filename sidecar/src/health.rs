@@ -45,6 +45,8 @@ pub fn app_target(path_and_query: &str, allowed: &[u16]) -> Result<(u16, String)
     Ok((port, format!("/{tail}")))
 }
 
+/// One new connection per probe, as the kubelet's own probes make: a pooled connection could
+/// keep answering for an application that no longer accepts new ones.
 async fn forward(port: u16, path: String) -> Response<Full<Bytes>> {
     let attempt = async {
         let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
