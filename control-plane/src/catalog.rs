@@ -422,10 +422,7 @@ impl Catalog {
     /// the model when they changed. What the user wrote stays as written in the sources.
     pub fn set_overrides(&self, overrides: WeightOverrides) {
         {
-            let mut st = match self.state.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let mut st = crate::lock(&self.state);
             if st.overrides == overrides {
                 return;
             }
@@ -437,10 +434,7 @@ impl Catalog {
     /// Replaces what one peer exports (`None`: forget the peer) and republishes the model.
     pub fn set_import(&self, peer: &str, import: Option<PeerImport>) {
         {
-            let mut st = match self.state.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let mut st = crate::lock(&self.state);
             let changed = match &import {
                 Some(i) => st.imports.get(peer) != Some(i),
                 None => st.imports.contains_key(peer),
@@ -458,10 +452,7 @@ impl Catalog {
 
     /// Applies a source's changes, rebuilds and publishes the model.
     pub fn apply(&self, update: SourceUpdate) {
-        let mut st = match self.state.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut st = crate::lock(&self.state);
         for key in &update.removes {
             st.world.remove(key);
         }

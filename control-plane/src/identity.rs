@@ -812,16 +812,9 @@ pub struct IssuedCerts(std::sync::Mutex<std::collections::BTreeMap<String, Issue
 pub const MAX_ISSUED_RECORDS: usize = 200_000;
 
 impl IssuedCerts {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, IssuedCert>> {
-        match self.0.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
-    }
-
     /// Records the certificate issued to `node_id`.
     pub fn record(&self, node_id: &str, cert: IssuedCert) {
-        let mut m = self.lock();
+        let mut m = crate::lock(&self.0);
         if m.len() >= MAX_ISSUED_RECORDS && !m.contains_key(node_id) {
             let now = now_unix();
             m.retain(|_, c| c.not_after_unix > now);
@@ -834,7 +827,7 @@ impl IssuedCerts {
 
     /// The last certificate issued to `node_id`.
     pub fn get(&self, node_id: &str) -> Option<IssuedCert> {
-        self.lock().get(node_id).cloned()
+        crate::lock(&self.0).get(node_id).cloned()
     }
 }
 

@@ -38,6 +38,16 @@ use catalog::Catalog;
 use metrics::Metrics;
 use translate::Translation;
 
+/// Locks a mutex, taking the data even when another thread panicked while holding it: every
+/// structure kept under a lock here is valid after any single write (no multi-step invariants),
+/// so a panic elsewhere must not take the control plane down with it.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
 /// Largest xDS message accepted or sent (a full mesh's listeners can be large).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 

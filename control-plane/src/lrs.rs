@@ -117,10 +117,7 @@ pub struct LoadStore {
 impl LoadStore {
     /// Adds one proxy's report.
     pub fn record(&self, stats: &[ClusterStats], metrics: &Metrics) {
-        let mut clusters = match self.clusters.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut clusters = crate::lock(&self.clusters);
         for c in stats {
             let entry = clusters.entry(c.cluster_name.clone()).or_default();
             let mut in_progress = 0;
@@ -142,10 +139,7 @@ impl LoadStore {
 
     /// What has been reported about `cluster` so far (zero when nothing).
     pub fn cluster(&self, cluster: &str) -> LoadCounts {
-        let clusters = match self.clusters.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let clusters = crate::lock(&self.clusters);
         clusters
             .get(cluster)
             .map(|c| c.total.clone())
@@ -163,10 +157,7 @@ impl LoadStore {
 
     /// Every cluster's load (for the admin view).
     pub fn all(&self) -> BTreeMap<String, ClusterLoad> {
-        let clusters = match self.clusters.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let clusters = crate::lock(&self.clusters);
         clusters
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))

@@ -253,14 +253,8 @@ impl Controller {
     /// dropped, so that leading later resumes from the published status.
     pub fn follow(&self) {
         let model = self.catalog.current();
-        match self.states.lock() {
-            Ok(mut g) => g.clear(),
-            Err(p) => p.into_inner().clear(),
-        }
-        match self.published.lock() {
-            Ok(mut g) => g.clear(),
-            Err(p) => p.into_inner().clear(),
-        }
+        crate::lock(&self.states).clear();
+        crate::lock(&self.published).clear();
         let overrides = model
             .rollouts
             .values()
@@ -274,10 +268,7 @@ impl Controller {
 
     /// Every rollout's state.
     pub fn states(&self) -> BTreeMap<String, RolloutState> {
-        match self.states.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        crate::lock(&self.states).clone()
     }
 
     /// The canary's load in the current step's window of rollout `m` in state `st`.
@@ -366,10 +357,7 @@ impl Controller {
         let model = self.catalog.current();
         let mut changed = false;
         let overrides = {
-            let mut states = match self.states.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let mut states = crate::lock(&self.states);
             let before = states.len();
             states.retain(|k, _| model.rollouts.contains_key(k));
             changed |= states.len() != before;
@@ -442,10 +430,7 @@ impl Controller {
     /// from what the status already says, or from what was sent).
     fn publish_changes(&self, model: &crate::catalog::Model) {
         let Some(tx) = &self.publish else { return };
-        let mut published = match self.published.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut published = crate::lock(&self.published);
         for (key, st) in self.states() {
             let now = (phase_name(st.phase).to_string(), st.weight);
             let on_object = model.rollouts.get(&key).and_then(|m| m.status.clone());

@@ -93,10 +93,7 @@ pub struct ServiceXds {
 impl ServiceXds {
     /// The ClusterLoadAssignments as `place` sees them (cached per place).
     pub fn endpoints(&self, place: &ProxyPlace) -> Arc<Vec<Res>> {
-        let mut cache = match self.endpoints.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut cache = crate::lock(&self.endpoints);
         if let Some(v) = cache.get(place) {
             return v.clone();
         }

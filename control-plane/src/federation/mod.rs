@@ -119,26 +119,19 @@ pub struct PeerBook {
 }
 
 impl PeerBook {
-    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-        match m.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
-    }
-
     /// A copy of every peer's state, by cluster name.
     pub fn snapshot(&self) -> BTreeMap<String, PeerInfo> {
-        Self::lock(&self.peers).clone()
+        crate::lock(&self.peers).clone()
     }
 
     /// Clusters streaming our exports now.
     pub fn exporting_to(&self) -> Vec<String> {
-        Self::lock(&self.exporting_to).keys().cloned().collect()
+        crate::lock(&self.exporting_to).keys().cloned().collect()
     }
 
     /// Updates one peer's state (created as CONNECTING when new).
     pub fn update(&self, name: &str, address: &str, origin: Origin, f: impl FnOnce(&mut PeerInfo)) {
-        let mut peers = Self::lock(&self.peers);
+        let mut peers = crate::lock(&self.peers);
         let info = peers.entry(name.to_string()).or_insert_with(|| PeerInfo {
             address: address.to_string(),
             origin,
@@ -157,17 +150,17 @@ impl PeerBook {
 
     /// Forgets a peer that is no longer configured.
     pub fn remove(&self, name: &str) {
-        Self::lock(&self.peers).remove(name);
+        crate::lock(&self.peers).remove(name);
     }
 
     fn export_started(&self, cluster: &str) {
-        *Self::lock(&self.exporting_to)
+        *crate::lock(&self.exporting_to)
             .entry(cluster.to_string())
             .or_default() += 1;
     }
 
     fn export_ended(&self, cluster: &str) {
-        let mut m = Self::lock(&self.exporting_to);
+        let mut m = crate::lock(&self.exporting_to);
         if let Some(n) = m.get_mut(cluster) {
             *n -= 1;
             if *n == 0 {

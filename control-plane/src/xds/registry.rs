@@ -171,10 +171,7 @@ pub type SharedRecord = Arc<Mutex<ProxyRecord>>;
 
 /// Locks a record, recovering from a poisoned lock (the data stays usable).
 pub fn lock(r: &SharedRecord) -> MutexGuard<'_, ProxyRecord> {
-    match r.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
+    crate::lock(r)
 }
 
 /// Every connected proxy, by connection.
@@ -200,10 +197,7 @@ impl Drop for Registration {
 
 impl Registry {
     fn guard(&self) -> MutexGuard<'_, BTreeMap<u64, SharedRecord>> {
-        match self.proxies.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        crate::lock(&self.proxies)
     }
 
     /// Adds a proxy; it leaves when the returned registration drops.

@@ -193,10 +193,7 @@ impl SnapshotCache {
     /// Advances every known place to `t` (the translator calls this for each new version, so
     /// the diff chain never breaks even when streams skip versions).
     pub fn advance_all(&self, t: &Translation) {
-        let places: Vec<ProxyPlace> = match self.latest.lock() {
-            Ok(g) => g.keys().cloned().collect(),
-            Err(p) => p.into_inner().keys().cloned().collect(),
-        };
+        let places: Vec<ProxyPlace> = crate::lock(&self.latest).keys().cloned().collect();
         for place in places {
             self.get(t, &place);
         }
@@ -204,10 +201,7 @@ impl SnapshotCache {
 
     /// The snapshot of `place` at `t`'s version, built once and shared.
     pub fn get(&self, t: &Translation, place: &ProxyPlace) -> Arc<PlaceSnapshot> {
-        let mut latest = match self.latest.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut latest = crate::lock(&self.latest);
         let snap = match latest.get(place) {
             Some(s) if s.version == t.version => return s.clone(),
             Some(s) if s.version == t.prev_version => Arc::new(s.advance(t, place)),
