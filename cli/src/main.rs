@@ -42,6 +42,10 @@ struct Cli {
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     output: Format,
+    /// Log line format on stderr (filter: `WEFT_LOG`, default `warn`): `text` (colour only on
+    /// a terminal) or `json`.
+    #[arg(long, global = true, env = "WEFT_LOG_FORMAT", default_value = "text")]
+    log_format: weft_proto::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -152,13 +156,8 @@ fn parse_ttl(s: &str) -> Result<u64, String> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
+    let filter = std::env::var("WEFT_LOG").unwrap_or_else(|_| "warn".into());
+    weft_proto::logging::init(&filter, "warn", cli.log_format);
     let rt = tokio::runtime::Runtime::new()?;
     let code = rt.block_on(async move {
         match cli.command {

@@ -101,6 +101,9 @@ pub struct Config {
     /// Log filter (tracing env-filter syntax), e.g. `info` or `weft_control_plane=debug`.
     #[arg(long, env = "WEFT_LOG", default_value = "info")]
     pub log: String,
+    /// Log line format: `text` (colour only on a terminal) or `json` (one object per line).
+    #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text")]
+    pub log_format: weft_proto::logging::LogFormat,
 }
 
 /// A configuration that cannot run.
@@ -147,6 +150,7 @@ impl Config {
             token_audiences: Vec::new(),
             kube_api: None,
             log: "info".into(),
+            log_format: weft_proto::logging::LogFormat::Text,
         }
     }
 

@@ -11,14 +11,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&config.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    weft_proto::logging::init(&config.log, "info", config.log_format);
     let cp = ControlPlane::start(config).await?;
     // One line tools can parse: `xds=ADDR|off grpc=ADDR metrics=ADDR`.
     let xds = cp.xds_addr.map_or("off".to_string(), |a| a.to_string());

@@ -64,18 +64,15 @@ struct Args {
     /// Log filter.
     #[arg(long, env = "WEFT_LOG", default_value = "info")]
     log: String,
+    /// Log line format: `text` (colour only on a terminal) or `json` (one object per line).
+    #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text")]
+    log_format: weft_proto::logging::LogFormat,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    weft_proto::logging::init(&args.log, "info", args.log_format);
     let root_pem = std::fs::read_to_string(&args.root_cert)
         .map_err(|e| anyhow::anyhow!("--root-cert {}: {e}", args.root_cert.display()))?;
     let mut cfg = InjectConfig::new(&args.image, &args.xds_addr, &args.cluster_name, &root_pem);

@@ -2,10 +2,12 @@
 //! (re-exported from the `envoy-types` crate), and the small vocabulary every component shares:
 //! SPIFFE identities, well-known label and annotation keys, and the names of xDS resources.
 //! No I/O and no policy live here; `tls` builds the rustls configurations that carry
-//! SPIFFE identities (from PEM in memory).
+//! SPIFFE identities (from PEM in memory), and `logging` is the one log set-up every binary
+//! shares (colour only on a terminal, JSON on request).
 
 pub mod keys;
 pub mod load;
+pub mod logging;
 pub mod names;
 pub mod spiffe;
 pub mod tls;

@@ -97,6 +97,9 @@ pub struct RunConfig {
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "WEFT_LOG", default_value = "info")]
     pub log: String,
+    /// Log line format: `text` (colour only on a terminal) or `json` (one object per line).
+    #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text")]
+    pub log_format: weft_proto::logging::LogFormat,
 }
 
 /// xDS protocol flavours.
@@ -166,6 +169,7 @@ impl RunConfig {
             trust_domain: "cluster.local".into(),
             cert_ttl: std::time::Duration::from_secs(24 * 3600),
             log: "info".into(),
+            log_format: weft_proto::logging::LogFormat::Text,
         }
     }
 

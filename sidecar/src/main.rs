@@ -64,14 +64,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cfg.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    weft_proto::logging::init(&cfg.log, "info", cfg.log_format);
     let sidecar = Sidecar::start(cfg).await?;
     println!(
         "outbound={} inbound={} admin={}",

@@ -32,7 +32,60 @@ use crate::state::{self, ClusterState, Invalid, MeshConfig, Route};
 /// First reconnect delay.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// Longest reconnect delay.
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(15);
+/// A stream that stayed open this long was healthy: the next failure starts from the base.
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+/// While reconnects keep failing, one summary line per this period (the rest at debug).
+const SUMMARY_EVERY: Duration = Duration::from_secs(60);
+
+/// Reconnect policy: full-range jittered exponential backoff (half to all of
+/// `base × 2^attempt`, capped at [`BACKOFF_MAX`]); the attempt count resets only after a stream
+/// stayed open [`HEALTHY_AFTER`] — not merely because config is held, which made a refusing
+/// control plane see a reconnect every ~150 ms. Logs the first failure of an outage, then a
+/// summary per [`SUMMARY_EVERY`], then the recovery.
+#[derive(Debug, Default)]
+pub(crate) struct Backoff {
+    attempt: u32,
+    /// Failures since the last summary line, and when that period began.
+    unreported: u32,
+    since: Option<tokio::time::Instant>,
+}
+
+impl Backoff {
+    /// Records a stream that ended after `lasted` with `error`; returns how long to wait.
+    pub(crate) fn failed(&mut self, lasted: Duration, error: &str) -> Duration {
+        if lasted >= HEALTHY_AFTER {
+            self.attempt = 0;
+        }
+        self.attempt = self.attempt.saturating_add(1);
+        let now = tokio::time::Instant::now();
+        match self.since {
+            Some(since) if self.attempt > 1 => {
+                self.unreported += 1;
+                tracing::debug!(attempt = self.attempt, error, "xDS reconnect failed");
+                if now.duration_since(since) >= SUMMARY_EVERY {
+                    tracing::warn!(
+                        failed = self.unreported,
+                        over = ?now.duration_since(since),
+                        last_error = error,
+                        "xDS stream still failing; serving the last accepted config"
+                    );
+                    self.unreported = 0;
+                    self.since = Some(now);
+                }
+            }
+            _ => {
+                tracing::warn!(error, "xDS stream failed; serving the last accepted config");
+                self.unreported = 0;
+                self.since = Some(now);
+            }
+        }
+        let exp = BACKOFF_BASE
+            .saturating_mul(1u32 << self.attempt.min(8))
+            .min(BACKOFF_MAX);
+        exp.mul_f64(rand::random::<f64>() * 0.5 + 0.5)
+    }
+}
 
 /// The resources the client holds, as accepted.
 #[derive(Default)]
@@ -105,36 +158,29 @@ pub fn start(
     };
     tokio::spawn(async move {
         let mut held = Held::default();
-        let mut attempt = 0u32;
+        let mut backoff = Backoff::default();
         // Delta first; a server that does not implement it gets state of the world.
         let mut delta = cfg.xds_protocol == XdsProtocol::Delta;
         loop {
+            let opened = tokio::time::Instant::now();
             let result = if delta {
                 stream_delta(&cfg, &link, &mut held, &config, &ready_tx, &metrics).await
             } else {
                 stream_once(&cfg, &link, &mut held, &config, &ready_tx, &metrics).await
             };
-            match result {
-                Ok(()) => tracing::warn!("control plane closed the xDS stream; reconnecting"),
+            let lasted = opened.elapsed();
+            let error = match result {
+                Ok(()) => "control plane closed the xDS stream".to_string(),
                 Err(e) if delta && unimplemented(e.as_ref()) => {
                     tracing::info!("control plane has no delta xDS; using state of the world");
                     delta = false;
                     continue;
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "xDS stream failed; serving the last accepted config")
-                }
-            }
+                Err(e) => e.to_string(),
+            };
             metrics.xds_disconnects.inc();
-            attempt = attempt.saturating_add(1);
-            let exp = BACKOFF_BASE
-                .saturating_mul(1u32 << attempt.min(6))
-                .min(BACKOFF_MAX);
-            let jitter = rand::random::<f64>() * 0.5 + 0.5;
-            tokio::time::sleep(exp.mul_f64(jitter)).await;
-            if held.versions.len() == 4 {
-                attempt = 0;
-            }
+            let delay = backoff.failed(lasted, &error);
+            tokio::time::sleep(delay).await;
         }
     });
     handle
@@ -596,5 +642,38 @@ fn compile(held: &mut Held) -> MeshConfig {
         versions: held.versions.clone(),
         mtls_modes,
         mtls_identities,
+    }
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+
+    #[test]
+    fn failing_streams_back_off_to_the_cap_and_reset_only_after_a_healthy_stream() {
+        let mut b = Backoff::default();
+        let short = Duration::from_millis(50);
+        let delays: Vec<Duration> = (0..12).map(|_| b.failed(short, "refused")).collect();
+        // Each delay is half to all of base × 2^attempt, capped.
+        for (i, d) in delays.iter().enumerate() {
+            let full = BACKOFF_BASE
+                .saturating_mul(1 << (i as u32 + 1).min(8))
+                .min(BACKOFF_MAX);
+            assert!(
+                *d >= full / 2 && *d <= full,
+                "attempt {i}: {d:?} not in {:?}..{full:?}",
+                full / 2
+            );
+        }
+        assert!(delays[11] >= BACKOFF_MAX / 2);
+        // Twelve short-lived failures take far longer than twelve base delays.
+        let total: Duration = delays.iter().sum();
+        assert!(total > Duration::from_secs(30), "{total:?}");
+        // A stream that stayed healthy starts over from the base.
+        let after_healthy = b.failed(HEALTHY_AFTER, "closed");
+        assert!(after_healthy <= BACKOFF_BASE * 2, "{after_healthy:?}");
+        // A short stream does not.
+        let next = b.failed(short, "refused");
+        assert!(next >= BACKOFF_BASE * 2, "{next:?}");
     }
 }

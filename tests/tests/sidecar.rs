@@ -359,6 +359,66 @@ async fn requests_keep_succeeding_for_30s_without_the_control_plane() {
     }
 }
 
+/// A control plane that refuses every stream (it accepts and hangs up at once) after the
+/// sidecar held a full config: reconnects back off exponentially instead of hammering it.
+/// (Before, the attempt counter reset after every sleep once all four types were held: one
+/// attempt about every 150 ms, ~80 in 12 s.) Bounded: 12 s of counting.
+#[tokio::test]
+async fn reconnects_to_a_refusing_control_plane_back_off() {
+    let pod = echo("127.0.11.2", "pod", "a").await;
+    let (_dir, cp) = weft_testkit::control_plane_over(&[
+        world::service("echo", 80),
+        world::slice("echo", "echo", &[(pod.addr, "n1", true)]),
+    ])
+    .await;
+    let xds = cp.plaintext();
+    let sc = weft_testkit::start_sidecar(xds, "127.0.11.101".parse().expect("ip"), "client", "a")
+        .await
+        .expect("sidecar");
+    ready(&sc).await;
+    drop(cp);
+    // The refusing server takes the control plane's port as soon as it is free.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let listener = loop {
+        match tokio::net::TcpListener::bind(xds).await {
+            Ok(l) => break l,
+            Err(e) if tokio::time::Instant::now() > deadline => panic!("rebinding {xds}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    // One attempt may open two connections back to back (tonic's channel redials once when
+    // its fresh connection dies under the first call): connections within 50 ms of the
+    // previous one count as the same attempt.
+    let mut attempts = 0u32;
+    let mut last: Option<tokio::time::Instant> = None;
+    let counting = tokio::time::sleep(Duration::from_secs(12));
+    tokio::pin!(counting);
+    loop {
+        tokio::select! {
+            _ = &mut counting => break,
+            conn = listener.accept() => {
+                if let Ok((c, _)) = conn {
+                    let now = tokio::time::Instant::now();
+                    if last.is_none_or(|l| now.duration_since(l) > Duration::from_millis(50)) {
+                        attempts += 1;
+                    }
+                    last = Some(now);
+                    drop(c);
+                }
+            }
+        }
+    }
+    assert!(
+        (3..=12).contains(&attempts),
+        "{attempts} reconnect attempts in 12 s (want a few, backing off: at most 12)"
+    );
+    // Meanwhile the last accepted config still serves.
+    let (status, _) = get_via(sc.outbound_addr, "echo", "/")
+        .await
+        .expect("request");
+    assert_eq!(status, 200);
+}
+
 /// A route the sidecar cannot apply (a regular-expression path, which it does not support yet)
 /// is NACKed with a message naming the resource, the control plane records it, and the
 /// previous config keeps serving.
