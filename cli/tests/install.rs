@@ -366,3 +366,224 @@ fn manifests_and_injected_pods_pass_the_official_kubernetes_schemas() {
         "{text}"
     );
 }
+
+/// A file the kubelet writes into a Secret, ConfigMap, projected or downward-API volume:
+/// (volume, file, mode, owner uid, owner gid).
+type VolumeFile = (String, String, u32, u32, u32);
+
+/// The files of `volume` as the kubelet lays them out, following its documented rules: mode
+/// from the item, else the volume's `defaultMode`, else 0644; owned by root; with a pod
+/// `fsGroup`, group-owned by it and made owner- and group-readable (`SetVolumeOwnership` for
+/// read-only volumes). `objects` are the Secrets/ConfigMaps the install renders (their keys).
+fn volume_files(volume: &Value, objects: &[Value], fs_group: Option<u32>) -> Vec<VolumeFile> {
+    let name = volume["name"].as_str().unwrap_or_default().to_string();
+    let default_mode = |v: &Value| v["defaultMode"].as_u64().map_or(0o644, |m| m as u32);
+    let keys_of = |kind: &str, obj_name: &str| -> Vec<String> {
+        objects
+            .iter()
+            .filter(|o| o["kind"] == kind && o["metadata"]["name"] == obj_name)
+            .flat_map(|o| {
+                ["data", "stringData"]
+                    .iter()
+                    .filter_map(|f| o[*f].as_object())
+                    .flat_map(|m| m.keys().cloned())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    // (source, its default mode) -> files (path, mode)
+    let files_of = |src: &Value, kind: &str, obj_name: &str, mode: u32| -> Vec<(String, u32)> {
+        match src["items"].as_array() {
+            Some(items) => items
+                .iter()
+                .map(|i| {
+                    (
+                        i["path"].as_str().unwrap_or_default().to_string(),
+                        i["mode"].as_u64().map_or(mode, |m| m as u32),
+                    )
+                })
+                .collect(),
+            None => {
+                let keys = keys_of(kind, obj_name);
+                assert!(
+                    !keys.is_empty(),
+                    "volume {name}: the install renders no {kind} {obj_name} with keys"
+                );
+                keys.into_iter().map(|k| (k, mode)).collect()
+            }
+        }
+    };
+    let mut files: Vec<(String, u32)> = Vec::new();
+    if let Some(s) = volume.get("secret") {
+        let secret = s["secretName"].as_str().unwrap_or_default();
+        files = files_of(s, "Secret", secret, default_mode(s));
+    } else if let Some(c) = volume.get("configMap") {
+        let cm = c["name"].as_str().unwrap_or_default();
+        files = files_of(c, "ConfigMap", cm, default_mode(c));
+    } else if let Some(p) = volume.get("projected") {
+        let mode = default_mode(p);
+        for src in p["sources"].as_array().into_iter().flatten() {
+            if let Some(t) = src.get("serviceAccountToken") {
+                files.push((t["path"].as_str().unwrap_or_default().to_string(), mode));
+            } else if let Some(s) = src.get("secret") {
+                files.extend(files_of(
+                    s,
+                    "Secret",
+                    s["name"].as_str().unwrap_or(""),
+                    mode,
+                ));
+            } else if let Some(c) = src.get("configMap") {
+                files.extend(files_of(
+                    c,
+                    "ConfigMap",
+                    c["name"].as_str().unwrap_or(""),
+                    mode,
+                ));
+            }
+        }
+    } else if let Some(d) = volume.get("downwardAPI") {
+        let mode = default_mode(d);
+        for i in d["items"].as_array().into_iter().flatten() {
+            let m = i["mode"].as_u64().map_or(mode, |m| m as u32);
+            files.push((i["path"].as_str().unwrap_or_default().to_string(), m));
+        }
+    }
+    files
+        .into_iter()
+        .map(|(f, mode)| match fs_group {
+            Some(g) => (name.clone(), f, mode | 0o440, 0, g),
+            None => (name.clone(), f, mode, 0, 0),
+        })
+        .collect()
+}
+
+/// Whether a process (uid, gid, supplementary groups, may bypass file modes) can read a file.
+fn readable(uid: u32, groups: &[u32], dac_override: bool, f: &VolumeFile) -> bool {
+    let (_, _, mode, owner, group) = *f;
+    dac_override
+        || (uid == owner && mode & 0o400 != 0)
+        || (groups.contains(&group) && mode & 0o040 != 0)
+        || mode & 0o004 != 0
+}
+
+/// Checks every container of `pod_spec` (in `what`): each file in each Secret/ConfigMap/
+/// projected/downward-API volume it mounts must be readable by the user it runs as.
+fn check_volume_permissions(what: &str, spec: &Value, objects: &[Value]) -> usize {
+    let pod_sc = &spec["securityContext"];
+    let fs_group = pod_sc["fsGroup"].as_u64().map(|g| g as u32);
+    let volumes: Vec<&Value> = spec["volumes"].as_array().into_iter().flatten().collect();
+    let containers = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| spec[*k].as_array().cloned().unwrap_or_default());
+    let mut checked = 0;
+    for c in containers {
+        let cname = c["name"].as_str().unwrap_or_default();
+        let sc = &c["securityContext"];
+        let uid = sc["runAsUser"]
+            .as_u64()
+            .or(pod_sc["runAsUser"].as_u64())
+            .unwrap_or_else(|| panic!("{what}/{cname}: no runAsUser: its user is the image's"))
+            as u32;
+        let gid = sc["runAsGroup"]
+            .as_u64()
+            .or(pod_sc["runAsGroup"].as_u64())
+            .unwrap_or(0) as u32;
+        let mut groups = vec![gid];
+        groups.extend(fs_group);
+        for g in pod_sc["supplementalGroups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            groups.extend(g.as_u64().map(|g| g as u32));
+        }
+        // Root reads anything only while it keeps CAP_DAC_OVERRIDE (or DAC_READ_SEARCH).
+        let caps = &sc["capabilities"];
+        let list = |k: &str| -> Vec<String> {
+            caps[k]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        };
+        let dropped_all = list("drop").iter().any(|d| d == "ALL");
+        let added = list("add");
+        let dac = uid == 0
+            && (!dropped_all
+                || added
+                    .iter()
+                    .any(|a| a == "DAC_OVERRIDE" || a == "DAC_READ_SEARCH"));
+        for m in c["volumeMounts"].as_array().into_iter().flatten() {
+            let vname = m["name"].as_str().unwrap_or_default();
+            let Some(v) = volumes.iter().find(|v| v["name"] == vname) else {
+                panic!("{what}/{cname}: mounts {vname}, which the pod does not have");
+            };
+            for f in volume_files(v, objects, fs_group) {
+                assert!(
+                    readable(uid, &groups, dac, &f),
+                    "{what}/{cname} runs as {uid}:{gid} (groups {groups:?}) and cannot read \
+                     {}/{} (volume {}: mode {:o}, owner {}:{}): set fsGroup and a group-readable \
+                     defaultMode",
+                    m["mountPath"].as_str().unwrap_or_default(),
+                    f.1,
+                    f.0,
+                    f.2,
+                    f.3,
+                    f.4
+                );
+                checked += 1;
+            }
+        }
+    }
+    checked
+}
+
+/// Every file a container of the rendered install (and of an injected pod) reads from a
+/// mounted Secret or ConfigMap is readable by that container's uid/gid under its
+/// securityContext, as the kubelet lays the files out. (The installed control plane once
+/// crash-looped on `root.pem: Permission denied`: a 0400 root-owned Secret, uid 65532.)
+#[test]
+fn every_mounted_secret_and_config_map_file_is_readable_by_its_container() {
+    let (code, rendered, err) = weftctl(&["install", "--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    let objects = docs(&rendered);
+    let mut checked = 0;
+    for d in objects.iter().filter(|d| d["kind"] == "Deployment") {
+        let what = format!("Deployment {}", d["metadata"]["name"]);
+        checked += check_volume_permissions(&what, &d["spec"]["template"]["spec"], &objects);
+    }
+    // The two Secrets (weft-ca, weft-injector-tls) and the ConfigMap weft-root, at least.
+    assert!(checked >= 5, "only {checked} files checked");
+    // An injected pod: the proxy reads its projected service-account token.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root.pem");
+    std::fs::write(
+        &root,
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../injector/tests/fixtures/pod.yaml"
+    );
+    let (code, injected, err) = weftctl(&[
+        "inject",
+        "-f",
+        fixture,
+        "--root-cert",
+        &root.to_string_lossy(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    for pod in docs(&injected).iter().filter(|d| d["kind"] == "Pod") {
+        let mut spec = pod["spec"].clone();
+        // The fixture's app containers run as their image's user; only Weft's are checked.
+        for k in ["initContainers", "containers"] {
+            if let Some(list) = spec[k].as_array_mut() {
+                list.retain(|c| c["name"].as_str().is_some_and(|n| n.starts_with("weft")));
+            }
+        }
+        let what = format!("injected Pod {}", pod["metadata"]["name"]);
+        assert!(check_volume_permissions(&what, &spec, &objects) >= 1);
+    }
+}

@@ -110,12 +110,23 @@ pub struct ControlPlane {
     pub leader: watch::Receiver<bool>,
     /// Dropped with the control plane: ends streams that outlive the server task.
     _stop: watch::Sender<()>,
-    tasks: Vec<JoinHandle<()>>,
+    _tasks: Tasks,
 }
 
-impl Drop for ControlPlane {
+/// The control plane's tasks, aborted together when dropped: with the control plane, or
+/// when `start` fails half-way (a task started before the failure must not live on).
+#[derive(Default)]
+struct Tasks(Vec<JoinHandle<()>>);
+
+impl Tasks {
+    fn push(&mut self, t: JoinHandle<()>) {
+        self.0.push(t);
+    }
+}
+
+impl Drop for Tasks {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in &self.0 {
             t.abort();
         }
     }
@@ -131,6 +142,21 @@ impl ControlPlane {
     /// Validates the config, binds, and starts serving.
     pub async fn start(config: Config) -> Result<Self, StartError> {
         config.validate()?;
+        // The CA first: a replica that cannot sign must fail before it binds, watches or
+        // takes the leader Lease (an installed replica once crash-looped on an unreadable
+        // root *after* winning the Lease).
+        let ca = Arc::new(match &config.ca_root_dir {
+            Some(root) => identity::Ca::under_root(root, &config.cluster_name)?,
+            None => identity::Ca::load_or_generate(
+                config.ca_dir.as_deref(),
+                &config.trust_domain,
+                &config.cluster_name,
+            )?,
+        });
+        let tokens = Arc::new(identity::token_key(
+            config.ca_dir.as_deref(),
+            &config.trust_domain,
+        )?);
         // The Kubernetes API client, when the world comes from it (TokenReview has its own).
         let kube_client = match config.kubernetes {
             true => Some(
@@ -159,24 +185,13 @@ impl ControlPlane {
         let replica = config.replica.clone().unwrap_or_else(hostname);
         let catalog = Arc::new(Catalog::new(&config.cluster_name, &config.trust_domain));
         let metrics = Arc::new(Metrics::new());
-        let mut tasks = Vec::new();
+        let mut tasks = Tasks::default();
 
         // The source reads everything once, then watches; serving waits for that first view.
         let (leader_tx, leader_rx) = watch::channel(kube_client.is_none());
         // Replicated: the leader's rollout decisions reach the others through Rollout status.
         let (rollout_tx, rollout_rx) = tokio::sync::mpsc::unbounded_channel();
         if let Some(client) = kube_client.clone() {
-            tasks.push(tokio::spawn(leader::run(
-                client.clone(),
-                leader::LeaseConfig {
-                    name: config.lease_name.clone(),
-                    namespace: config.lease_namespace.clone(),
-                    identity: replica.clone(),
-                    duration: config.lease_duration,
-                    renew_every: config.lease_duration / 3,
-                },
-                leader_tx,
-            )));
             tasks.push(tokio::spawn(source::kube::run(
                 client,
                 catalog.clone(),
@@ -185,7 +200,6 @@ impl ControlPlane {
                 rollout_rx,
             )));
         } else if let Some(dir) = config.source_dir.clone() {
-            drop(leader_tx);
             if !dir.is_dir() {
                 return Err(source::file::FileSourceError::Dir {
                     path: dir,
@@ -231,18 +245,6 @@ impl ControlPlane {
             }));
         }
 
-        let ca = Arc::new(match &config.ca_root_dir {
-            Some(root) => identity::Ca::under_root(root, &config.cluster_name)?,
-            None => identity::Ca::load_or_generate(
-                config.ca_dir.as_deref(),
-                &config.trust_domain,
-                &config.cluster_name,
-            )?,
-        });
-        let tokens = Arc::new(identity::token_key(
-            config.ca_dir.as_deref(),
-            &config.trust_domain,
-        )?);
         let load = Arc::new(lrs::LoadStore::default());
         let mut controller = rollout::Controller::new(
             catalog.clone(),
@@ -290,7 +292,7 @@ impl ControlPlane {
             federation: fed.clone(),
             catalog: catalog.clone(),
             registry,
-            replica,
+            replica: replica.clone(),
             tokens: tokens.clone(),
             rollouts: rollouts.clone(),
         });
@@ -366,6 +368,21 @@ impl ControlPlane {
             metrics_listener,
             metrics.clone(),
         )));
+        // Leader election last: only a replica that serves may hold the Lease.
+        match kube_client {
+            Some(client) => tasks.push(tokio::spawn(leader::run(
+                client,
+                leader::LeaseConfig {
+                    name: config.lease_name.clone(),
+                    namespace: config.lease_namespace.clone(),
+                    identity: replica,
+                    duration: config.lease_duration,
+                    renew_every: config.lease_duration / 3,
+                },
+                leader_tx,
+            ))),
+            None => drop(leader_tx),
+        }
         tracing::info!(?xds_addr, %grpc_addr, %metrics_addr, cluster = %config.cluster_name, "control plane serving");
         Ok(ControlPlane {
             xds_addr,
@@ -380,7 +397,7 @@ impl ControlPlane {
             peers: fed.book.clone(),
             leader: leader_rx,
             _stop: stop,
-            tasks,
+            _tasks: tasks,
         })
     }
 }

@@ -583,6 +583,43 @@ async fn mock_api_server_kube_source_feeds_the_catalog_writes_status_and_elects_
 
 /// Against a real cluster when `WEFT_E2E_KUBECONFIG` names a kubeconfig: the control plane
 /// syncs every kind and takes the Lease.
+/// A replica that cannot load its CA (here: the mounted root has no key, as when the Secret's
+/// files are unreadable to the container's user) fails to start with an error naming the file,
+/// and never takes the leader Lease — neither during start nor afterwards (no task of the
+/// failed start lives on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_api_server_a_replica_that_cannot_load_its_ca_never_takes_the_lease() {
+    let mock: Shared = Arc::new(Mutex::new(world()));
+    let (api, _server) = serve(mock.clone()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root_dir = dir.path().join("ca-root");
+    weft_control_plane::identity::Ca::load_or_generate(Some(&root_dir), "cluster.local", "c1")
+        .expect("root");
+    std::fs::remove_file(root_dir.join("root.key.pem")).expect("remove key");
+    let mut cfg = weft_control_plane::Config::local(dir.path());
+    cfg.source_dir = None;
+    cfg.kubernetes = true;
+    cfg.kube_api = Some(format!("http://{api}"));
+    cfg.replica = Some("replica-broken".into());
+    cfg.lease_duration = Duration::from_secs(1);
+    cfg.ca_root_dir = Some(root_dir.clone());
+    let err = match ControlPlane::start(cfg).await {
+        Ok(_) => panic!("a control plane without a readable CA key started"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("root.key.pem"),
+        "the error names the file: {err}"
+    );
+    // Longer than a Lease acquisition takes (the other tests see one within a second).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        lock(&mock).lease.is_none(),
+        "a replica that cannot serve took the Lease: {:?}",
+        lock(&mock).lease
+    );
+}
+
 #[tokio::test]
 async fn real_cluster_suite_runs_only_with_a_kubeconfig() {
     let Ok(path) = std::env::var("WEFT_E2E_KUBECONFIG") else {
