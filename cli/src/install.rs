@@ -50,9 +50,197 @@ pub struct InstallArgs {
     #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
     pub tag: String,
     /// Use the mesh root in this directory (`root.pem`, `root.key.pem`; share it between
-    /// clusters that federate) instead of making a new one.
+    /// clusters that federate) instead of making a new one. A cluster that already has a
+    /// different root refuses it unless `--rotate-root` is given.
     #[arg(long)]
     pub ca_dir: Option<PathBuf>,
+    /// Rotate the mesh root, in two runs: the first adds a new root (or `--ca-dir`'s) to the
+    /// trust bundle beside the current one, which keeps signing; run it again once workloads
+    /// have renewed (half their certificate lifetime, 12 h by default) to sign with the new
+    /// root, the old one staying trusted. Without it an existing root is always kept.
+    #[arg(long)]
+    pub rotate_root: bool,
+}
+
+/// File names in the `weft-ca` Secret.
+pub mod ca_keys {
+    /// The root that signs (the control planes' intermediates chain to it).
+    pub const ROOT: &str = "root.pem";
+    /// Its key.
+    pub const ROOT_KEY: &str = "root.key.pem";
+    /// More roots every workload trusts (a rotation's other root).
+    pub const BUNDLE: &str = "trust-bundle.pem";
+    /// During a rotation: the root that will sign after the second `--rotate-root`.
+    pub const NEXT_ROOT: &str = "next-root.pem";
+    /// Its key.
+    pub const NEXT_ROOT_KEY: &str = "next-root.key.pem";
+}
+
+/// The mesh root an install applies: the `weft-ca` Secret's files, the trust bundle for the
+/// `weft-root` ConfigMap (every root workloads trust), and what changed, for the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootPlan {
+    /// The Secret's files.
+    pub secret: std::collections::BTreeMap<String, String>,
+    /// Every trusted root, the signing one first (PEM).
+    pub bundle: String,
+    /// One line for the operator.
+    pub summary: String,
+}
+
+/// The PEM certificates in `text`, one string each.
+fn pem_blocks(text: &str) -> Vec<String> {
+    text.split_inclusive("-----END CERTIFICATE-----")
+        .filter_map(|b| b.find("-----BEGIN CERTIFICATE-----").map(|i| &b[i..]))
+        .map(|b| format!("{}\n", b.trim()))
+        .collect()
+}
+
+fn fingerprint(pem: &str) -> String {
+    weft_proto::tls::fingerprints(pem)
+        .into_iter()
+        .next()
+        .map_or_else(|| "<unreadable>".into(), |f| f[..16].to_string())
+}
+
+/// Decides the root: `existing` is the cluster's `weft-ca` Secret (decoded), `given` the
+/// root from `--ca-dir`, `fresh` makes a new one. An existing root is kept unless
+/// `rotate`; a different `given` root without `rotate` is an error, never a silent swap.
+pub fn plan_roots(
+    existing: Option<&std::collections::BTreeMap<String, String>>,
+    given: Option<(String, String)>,
+    rotate: bool,
+    fresh: impl FnOnce() -> anyhow::Result<(String, String)>,
+) -> anyhow::Result<RootPlan> {
+    use ca_keys::*;
+    let bundle_of = |secret: &std::collections::BTreeMap<String, String>| {
+        let mut out: Vec<String> = Vec::new();
+        for key in [ROOT, BUNDLE, NEXT_ROOT] {
+            for b in pem_blocks(secret.get(key).map_or("", String::as_str)) {
+                if !out.iter().any(|o| o.trim() == b.trim()) {
+                    out.push(b);
+                }
+            }
+        }
+        out.concat()
+    };
+    let Some(existing) = existing else {
+        if rotate {
+            anyhow::bail!(
+                "--rotate-root: this cluster has no mesh root yet (no Secret weft-system/weft-ca); install without it first"
+            );
+        }
+        let (root, key) = match given {
+            Some(g) => g,
+            None => fresh()?,
+        };
+        let secret = [
+            (ROOT.to_string(), root.clone()),
+            (ROOT_KEY.to_string(), key),
+        ]
+        .into();
+        return Ok(RootPlan {
+            bundle: bundle_of(&secret),
+            summary: format!("mesh root {} (new)", fingerprint(&root)),
+            secret,
+        });
+    };
+    let current = existing
+        .get(ROOT)
+        .filter(|r| !r.trim().is_empty())
+        .ok_or_else(|| anyhow::anyhow!("Secret weft-system/weft-ca has no {ROOT}: repair it or delete it to make a new root"))?;
+    if !existing.contains_key(ROOT_KEY) {
+        anyhow::bail!(
+            "Secret weft-system/weft-ca has no {ROOT_KEY}: repair it or delete it to make a new root"
+        );
+    }
+    let same = |a: &str, b: &str| fingerprint(a) == fingerprint(b);
+    if !rotate {
+        if let Some((root, _)) = &given
+            && !same(root, current)
+        {
+            anyhow::bail!(
+                "--ca-dir holds root {} but this cluster's mesh root is {}: replacing it would cut off every workload; keep the existing root (drop --ca-dir) or rotate to it with --rotate-root",
+                fingerprint(root),
+                fingerprint(current)
+            );
+        }
+        let summary = match existing.get(NEXT_ROOT) {
+            Some(next) => format!(
+                "mesh root {} kept; rotation to {} pending (run with --rotate-root to finish)",
+                fingerprint(current),
+                fingerprint(next)
+            ),
+            None => format!("mesh root {} kept", fingerprint(current)),
+        };
+        return Ok(RootPlan {
+            secret: existing.clone(),
+            bundle: bundle_of(existing),
+            summary,
+        });
+    }
+    let mut secret = existing.clone();
+    match (existing.get(NEXT_ROOT), existing.get(NEXT_ROOT_KEY)) {
+        // Second run: the new root signs; the old one stays trusted.
+        (Some(next), Some(next_key)) => {
+            if let Some((root, _)) = &given
+                && !same(root, next)
+            {
+                anyhow::bail!(
+                    "--ca-dir holds root {} but the rotation in progress is to {}: finish it without --ca-dir first",
+                    fingerprint(root),
+                    fingerprint(next)
+                );
+            }
+            let mut trusted: Vec<String> = pem_blocks(current);
+            trusted.extend(pem_blocks(existing.get(BUNDLE).map_or("", String::as_str)));
+            trusted.retain(|b| !same(b, next));
+            trusted.dedup();
+            secret.insert(ROOT.into(), next.clone());
+            secret.insert(ROOT_KEY.into(), next_key.clone());
+            secret.insert(BUNDLE.into(), trusted.concat());
+            secret.remove(NEXT_ROOT);
+            secret.remove(NEXT_ROOT_KEY);
+            Ok(RootPlan {
+                bundle: bundle_of(&secret),
+                summary: format!(
+                    "root rotation step 2 of 2: mesh root {} now signs (the control planes restart); {} stays trusted until you remove it from {BUNDLE}",
+                    fingerprint(next),
+                    fingerprint(current)
+                ),
+                secret,
+            })
+        }
+        (None, None) => {
+            let (root, key) = match given {
+                Some(g) => g,
+                None => fresh()?,
+            };
+            if same(&root, current) {
+                anyhow::bail!(
+                    "--rotate-root: --ca-dir holds the root this cluster already signs with ({})",
+                    fingerprint(current)
+                );
+            }
+            let mut trusted = pem_blocks(existing.get(BUNDLE).map_or("", String::as_str));
+            trusted.extend(pem_blocks(&root));
+            secret.insert(BUNDLE.into(), trusted.concat());
+            secret.insert(NEXT_ROOT.into(), root.clone());
+            secret.insert(NEXT_ROOT_KEY.into(), key);
+            Ok(RootPlan {
+                bundle: bundle_of(&secret),
+                summary: format!(
+                    "root rotation step 1 of 2: new root {} is trusted beside {}, which still signs; once workloads have renewed their certificates (half their lifetime, 12 h by default) run `weftctl install --rotate-root` again",
+                    fingerprint(&root),
+                    fingerprint(current)
+                ),
+                secret,
+            })
+        }
+        _ => anyhow::bail!(
+            "Secret weft-system/weft-ca has only one of {NEXT_ROOT} and {NEXT_ROOT_KEY}: repair it"
+        ),
+    }
 }
 
 /// Parses a multi-document YAML text into JSON values (empty documents skipped).
@@ -84,15 +272,20 @@ fn image(registry: &str, tag: &str, current: &str) -> String {
     format!("{registry}/{name}:{tag}")
 }
 
-/// The mesh root: from `--ca-dir`, or new.
-fn root(args: &InstallArgs) -> anyhow::Result<(String, String)> {
-    if let Some(dir) = &args.ca_dir {
-        let read = |f: &str| {
-            std::fs::read_to_string(dir.join(f))
-                .map_err(|e| anyhow::anyhow!("--ca-dir {}: {f}: {e}", dir.display()))
-        };
-        return Ok((read("root.pem")?, read("root.key.pem")?));
-    }
+/// The root in `--ca-dir`, if given.
+fn given_root(args: &InstallArgs) -> anyhow::Result<Option<(String, String)>> {
+    let Some(dir) = &args.ca_dir else {
+        return Ok(None);
+    };
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .map_err(|e| anyhow::anyhow!("--ca-dir {}: {f}: {e}", dir.display()))
+    };
+    Ok(Some((read("root.pem")?, read("root.key.pem")?)))
+}
+
+/// A new mesh root.
+fn fresh_root(args: &InstallArgs) -> anyhow::Result<(String, String)> {
     let tmp = tempfile::tempdir()?;
     weft_control_plane::identity::Ca::load_or_generate(
         Some(tmp.path()),
@@ -133,15 +326,23 @@ fn webhook_certificate() -> anyhow::Result<(String, String, String)> {
 }
 
 /// Every object to install, rendered with `args`.
-pub fn render(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
-    weft_proto::spiffe::validate_dns_subdomain("cluster name", &args.cluster_name)
-        .map_err(|e| anyhow::anyhow!("--cluster-name: {e}"))?;
-    let (root_pem, root_key) = root(args)?;
+pub fn render(args: &InstallArgs, roots: &RootPlan) -> anyhow::Result<Vec<Value>> {
+    use base64::Engine;
+    validate(args)?;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     let (webhook_ca, webhook_cert, webhook_key) = webhook_certificate()?;
     let mut out = Vec::new();
     for (file, text) in MANIFESTS {
         for mut doc in documents(text).map_err(|e| anyhow::anyhow!("install/{file}: {e}"))? {
             if doc["kind"] == "Deployment" {
+                if doc["metadata"]["name"] == "weft-control-plane" {
+                    // A new signing root rolls the replicas (they load it at start); a new
+                    // trust bundle alone does not (they re-read it).
+                    let signer = roots.secret.get(ca_keys::ROOT).map_or("", String::as_str);
+                    doc["spec"]["template"]["metadata"]["annotations"]
+                        [weft_proto::keys::CA_ROOT_FINGERPRINT_ANNOTATION] =
+                        json!(fingerprint(signer));
+                }
                 let containers = doc
                     .pointer_mut("/spec/template/spec/containers")
                     .and_then(Value::as_array_mut);
@@ -157,8 +358,7 @@ pub fn render(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
                 }
             }
             if doc["kind"] == "MutatingWebhookConfiguration" {
-                use base64::Engine;
-                let bundle = base64::engine::general_purpose::STANDARD.encode(&webhook_ca);
+                let bundle = b64(&webhook_ca);
                 for w in doc["webhooks"].as_array_mut().into_iter().flatten() {
                     w["clientConfig"]["caBundle"] = json!(bundle);
                 }
@@ -167,13 +367,20 @@ pub fn render(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
         }
     }
     let meta = |name: &str| json!({"name": name, "namespace": "weft-system", "labels": {"app.kubernetes.io/part-of": "weft"}});
+    // `data`, not `stringData`: a key this apply leaves out (a finished rotation's
+    // next-root) is then removed by server-side apply, as its field manager owned it.
+    let ca_data: serde_json::Map<String, Value> = roots
+        .secret
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(b64(v))))
+        .collect();
     out.push(
         json!({"apiVersion": "v1", "kind": "Secret", "metadata": meta("weft-ca"),
-        "type": "Opaque", "stringData": {"root.pem": root_pem, "root.key.pem": root_key}}),
+        "type": "Opaque", "data": ca_data}),
     );
     out.push(
         json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta("weft-root"),
-        "data": {"root.pem": root_pem}}),
+        "data": {"root.pem": roots.bundle}}),
     );
     out.push(json!({"apiVersion": "v1", "kind": "Secret", "metadata": meta("weft-injector-tls"),
         "type": "kubernetes.io/tls", "stringData": {"tls.crt": webhook_cert, "tls.key": webhook_key}}));
@@ -192,11 +399,43 @@ pub fn to_yaml(docs: &[Value]) -> anyhow::Result<String> {
     Ok(s)
 }
 
+/// The cluster's `weft-ca` Secret, decoded; `None` when there is none.
+async fn existing_root(
+    client: &kube::Client,
+) -> anyhow::Result<Option<std::collections::BTreeMap<String, String>>> {
+    let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(client.clone(), "weft-system");
+    let secret = api
+        .get_opt("weft-ca")
+        .await
+        .map_err(|e| anyhow::anyhow!("reading Secret weft-system/weft-ca: {e}"))?;
+    let Some(secret) = secret else {
+        return Ok(None);
+    };
+    let mut out = std::collections::BTreeMap::new();
+    for (k, v) in secret.data.unwrap_or_default() {
+        let text = String::from_utf8(v.0)
+            .map_err(|_| anyhow::anyhow!("Secret weft-system/weft-ca: {k} is not PEM text"))?;
+        out.insert(k, text);
+    }
+    Ok(Some(out))
+}
+
+/// Options that cannot make a valid install, refused before anything is made or read.
+fn validate(args: &InstallArgs) -> anyhow::Result<()> {
+    weft_proto::spiffe::validate_dns_subdomain("cluster name", &args.cluster_name)
+        .map_err(|e| anyhow::anyhow!("--cluster-name: {e}"))
+}
+
 /// `weftctl install`.
 pub async fn install(args: InstallArgs) -> anyhow::Result<i32> {
-    let docs = render(&args)?;
+    validate(&args)?;
+    let given = given_root(&args)?;
     if args.dry_run {
-        print!("{}", to_yaml(&docs)?);
+        // No cluster is read: what a first install would apply.
+        let plan = plan_roots(None, given, false, || fresh_root(&args))?;
+        print!("{}", to_yaml(&render(&args, &plan)?)?);
+        eprintln!("{} (dry run: as a first install)", plan.summary);
         return Ok(0);
     }
     let client = kube::Client::try_default().await.map_err(|e| {
@@ -204,6 +443,11 @@ pub async fn install(args: InstallArgs) -> anyhow::Result<i32> {
             "no Kubernetes API to install into ({e}); use --dry-run to print the manifests"
         )
     })?;
+    let existing = existing_root(&client).await?;
+    let plan = plan_roots(existing.as_ref(), given, args.rotate_root, || {
+        fresh_root(&args)
+    })?;
+    let docs = render(&args, &plan)?;
     for d in docs {
         let obj: kube::core::DynamicObject = serde_json::from_value(d)?;
         let types = obj
@@ -231,6 +475,7 @@ pub async fn install(args: InstallArgs) -> anyhow::Result<i32> {
         .map_err(|e| anyhow::anyhow!("{} {name}: {e}", types.kind))?;
         println!("applied {} {name}", types.kind);
     }
+    println!("{}", plan.summary);
     Ok(0)
 }
 
@@ -324,4 +569,83 @@ pub fn inject(args: &InjectArgs) -> anyhow::Result<i32> {
     );
     print!("{}", inject_yaml(&read(&args.file)?, &cfg)?);
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root(name: &str) -> (String, String) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        weft_control_plane::identity::Ca::load_or_generate(Some(tmp.path()), "cluster.local", name)
+            .expect("CA");
+        let read = |f: &str| std::fs::read_to_string(tmp.path().join(f)).expect("read");
+        (read("root.pem"), read("root.key.pem"))
+    }
+
+    #[test]
+    fn an_existing_root_is_kept_and_never_silently_replaced() {
+        let a = root("a");
+        let b = root("b");
+        let first = plan_roots(None, None, false, || Ok(a.clone())).expect("first");
+        assert_eq!(first.secret[ca_keys::ROOT], a.0);
+        // Again, with nothing given: the same files, whatever `fresh` would make.
+        let again = plan_roots(Some(&first.secret), None, false, || Ok(b.clone())).expect("again");
+        assert_eq!(again.secret, first.secret);
+        assert_eq!(again.bundle, first.bundle);
+        // The same root given: fine. Another root given: refused, naming both.
+        plan_roots(
+            Some(&first.secret),
+            Some(a.clone()),
+            false,
+            || Ok(b.clone()),
+        )
+        .expect("same");
+        let err = plan_roots(
+            Some(&first.secret),
+            Some(b.clone()),
+            false,
+            || Ok(b.clone()),
+        )
+        .expect_err("a different root");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("--rotate-root") && msg.contains(&fingerprint(&b.0)),
+            "{msg}"
+        );
+        // A broken Secret is named, not overwritten.
+        let mut broken = first.secret.clone();
+        broken.remove(ca_keys::ROOT_KEY);
+        let err = plan_roots(Some(&broken), None, false, || Ok(b.clone())).expect_err("broken");
+        assert!(err.to_string().contains("root.key.pem"), "{err}");
+        // Nothing to rotate on a first install.
+        assert!(plan_roots(None, None, true, || Ok(b.clone())).is_err());
+    }
+
+    #[test]
+    fn rotation_trusts_both_roots_before_the_new_one_signs() {
+        let (a, b) = (root("a"), root("b"));
+        let first = plan_roots(None, None, false, || Ok(a.clone())).expect("first");
+        let step1 = plan_roots(Some(&first.secret), None, true, || Ok(b.clone())).expect("1");
+        assert_eq!(step1.secret[ca_keys::ROOT], a.0, "the old root still signs");
+        assert_eq!(weft_proto::tls::fingerprints(&step1.bundle).len(), 2);
+        // A plain re-install mid-rotation keeps the rotation as it is.
+        let mid = plan_roots(Some(&step1.secret), None, false, || Ok(root("c"))).expect("mid");
+        assert_eq!(mid.secret, step1.secret);
+        let step2 = plan_roots(Some(&step1.secret), None, true, || Ok(root("c"))).expect("2");
+        assert_eq!(step2.secret[ca_keys::ROOT], b.0, "the new root signs");
+        assert_eq!(
+            step2.secret[ca_keys::BUNDLE].trim(),
+            a.0.trim(),
+            "the old stays trusted"
+        );
+        assert!(!step2.secret.contains_key(ca_keys::NEXT_ROOT));
+        let fps = weft_proto::tls::fingerprints(&step2.bundle);
+        assert_eq!(fps.len(), 2);
+        assert_eq!(
+            fps[0],
+            weft_proto::tls::fingerprints(&b.0)[0],
+            "signing root first"
+        );
+    }
 }

@@ -157,10 +157,14 @@ fn install_dry_run_renders_the_options_a_root_and_the_webhook_certificate() {
 
     // The given root, for the control plane (Secret) and the injector (ConfigMap).
     let root = std::fs::read_to_string(ca.path().join("root.pem")).expect("root");
-    assert_eq!(
-        find(&rendered, "Secret", "weft-ca")["stringData"]["root.pem"],
-        root
-    );
+    let secret_root = base64::engine::general_purpose::STANDARD
+        .decode(
+            find(&rendered, "Secret", "weft-ca")["data"]["root.pem"]
+                .as_str()
+                .expect("root.pem"),
+        )
+        .expect("base64");
+    assert_eq!(String::from_utf8_lossy(&secret_root), root);
     assert_eq!(
         find(&rendered, "ConfigMap", "weft-root")["data"]["root.pem"],
         root

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use weft_injector::patch::InjectConfig;
-use weft_injector::server::{TlsFiles, reload, serve};
+use weft_injector::server::{RELOAD_EVERY, TlsFiles, reload, reload_root, serve};
 use weft_injector::webhook::{Metrics, State};
 
 /// `weft-injector` flags.
@@ -88,9 +88,14 @@ async fn main() -> anyhow::Result<()> {
     println!("inject=https://{}/inject", listener.local_addr()?);
     tokio::spawn(reload(files, tls.clone()));
     let state = Arc::new(State {
-        cfg,
+        cfg: arc_swap::ArcSwap::from_pointee(cfg),
         metrics: Metrics::default(),
     });
+    tokio::spawn(reload_root(
+        args.root_cert.clone(),
+        state.clone(),
+        RELOAD_EVERY,
+    ));
     tokio::select! {
         _ = serve(listener, tls, state) => {}
         _ = tokio::signal::ctrl_c() => {}

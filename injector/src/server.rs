@@ -115,6 +115,36 @@ pub async fn reload(files: TlsFiles, cell: Arc<ArcSwap<rustls::ServerConfig>>) {
     }
 }
 
+/// Re-reads the mesh root file (`--root-cert`, the mounted ConfigMap `weft-root`, which the
+/// kubelet updates in place) every `every`; when its certificates change, pods admitted from
+/// then on get the new trust bundle — no restart. A file without a certificate is logged and
+/// the current bundle kept.
+pub async fn reload_root(path: PathBuf, state: Arc<crate::webhook::State>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot re-read the mesh root; injecting the current one");
+                continue;
+            }
+        };
+        let current = state.cfg.load();
+        if text == current.root_pem {
+            continue;
+        }
+        let roots = weft_proto::tls::fingerprints(&text);
+        if roots.is_empty() {
+            tracing::error!(path = %path.display(), "the mesh root file holds no certificate; injecting the current one");
+            continue;
+        }
+        let mut next = (**current).clone();
+        next.root_pem = text;
+        state.cfg.store(Arc::new(next));
+        tracing::info!(path = %path.display(), roots = roots.len(), fingerprints = ?roots, "mesh trust bundle reloaded");
+    }
+}
+
 /// Accepts TLS connections and serves the webhook until the task is dropped.
 pub async fn serve(
     listener: TcpListener,

@@ -210,8 +210,8 @@ impl Metrics {
 
 /// Shared by every connection of the server.
 pub struct State {
-    /// What to inject.
-    pub cfg: InjectConfig,
+    /// What to inject (swapped when the mesh root file changes).
+    pub cfg: arc_swap::ArcSwap<InjectConfig>,
     /// Metrics.
     pub metrics: Metrics,
 }
@@ -250,7 +250,7 @@ pub async fn handle(
                     );
                 }
             };
-            match review(&body, &state.cfg) {
+            match review(&body, &state.cfg.load()) {
                 Ok((resp, verdict)) => {
                     state.metrics.count(verdict.as_str());
                     text(StatusCode::OK, resp.to_string(), "application/json")

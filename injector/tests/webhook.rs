@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full};
 use k8s_openapi::api::core::v1::{Container, Pod};
 use serde_json::{Value, json};
 use weft_injector::patch::{HEALTH_PORT, INIT_CONTAINER, InjectConfig, PROXY_CONTAINER};
-use weft_injector::server::{TlsFiles, serve};
+use weft_injector::server::{TlsFiles, reload_root, serve};
 use weft_injector::webhook::{Metrics, State, review};
 use weft_proto::tls::rustls;
 
@@ -73,6 +73,11 @@ impl Drop for Server {
 }
 
 async fn server() -> Server {
+    server_with(cfg()).await.0
+}
+
+/// [`server`] with `cfg`, and its state (to reload from).
+async fn server_with(cfg: InjectConfig) -> (Server, Arc<State>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = rcgen::KeyPair::generate().expect("key");
     let params = rcgen::CertificateParams::new(vec![
@@ -93,10 +98,10 @@ async fn server() -> Server {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let state = Arc::new(State {
-        cfg: cfg(),
+        cfg: arc_swap::ArcSwap::from_pointee(cfg),
         metrics: Metrics::default(),
     });
-    let task = tokio::spawn(serve(listener, tls, state));
+    let task = tokio::spawn(serve(listener, tls, state.clone()));
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.der().clone()).expect("root");
     let client = Arc::new(
@@ -106,12 +111,15 @@ async fn server() -> Server {
             .with_root_certificates(roots)
             .with_no_client_auth(),
     );
-    Server {
-        addr,
-        client,
-        _dir: dir,
-        task,
-    }
+    (
+        Server {
+            addr,
+            client,
+            _dir: dir,
+            task,
+        },
+        state,
+    )
 }
 
 impl Server {
@@ -523,4 +531,67 @@ mod property {
             }
         }
     }
+}
+
+/// The trust bundle a pod's proxy is given, from an admitted pod.
+fn injected_bundle(pod: &Pod) -> String {
+    let proxy = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.init_containers.as_ref())
+        .and_then(|c| c.iter().find(|c| c.name == PROXY_CONTAINER))
+        .expect("proxy container");
+    proxy
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "WEFT_TRUST_BUNDLE_PEM")
+        .and_then(|e| e.value.clone())
+        .expect("WEFT_TRUST_BUNDLE_PEM")
+}
+
+/// The mesh root file (the mounted ConfigMap `weft-root`) changes — a root rotation adds a
+/// second root — and pods admitted afterwards get the new bundle without a restart; a file
+/// that holds no certificate is refused and the last good bundle kept.
+#[tokio::test]
+async fn a_changed_mesh_root_file_reaches_new_pods_without_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let make_root = |cn: &str| {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.self_signed(&key).expect("root").pem()
+    };
+    let (old, new) = (make_root("old root"), make_root("new root"));
+    let path = dir.path().join("root.pem");
+    std::fs::write(&path, &old).expect("write");
+    let mut c = cfg();
+    c.root_pem = old.clone();
+    let (srv, state) = server_with(c).await;
+    let reloader = tokio::spawn(reload_root(
+        path.clone(),
+        state,
+        std::time::Duration::from_millis(50),
+    ));
+    let admit_bundle = || async {
+        let original = fixture_pod();
+        let resp = srv.admit(&original).await;
+        injected_bundle(&apply(&original, &resp).expect("patch"))
+    };
+    assert_eq!(admit_bundle().await, old);
+    let both = format!("{old}{new}");
+    std::fs::write(&path, &both).expect("write");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while admit_bundle().await != both {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new pods still get the old bundle"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    std::fs::write(&path, "not a certificate").expect("write");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(admit_bundle().await, both, "a broken file is not injected");
+    reloader.abort();
 }

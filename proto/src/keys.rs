@@ -47,3 +47,6 @@ pub const MTLS_MODE_ANNOTATION: &str = "weft.dev/mtls-mode";
 /// Pod label saying its sidecar terminates mTLS (`weft`), set by the injector; callers
 /// originate mTLS only to endpoints whose pod carries it.
 pub const TLS_MODE_LABEL: &str = "weft.dev/tls-mode";
+/// Pod-template annotation on the control plane's Deployment: the fingerprint of the root it
+/// signs under (a new one rolls the replicas, which load the root at start).
+pub const CA_ROOT_FINGERPRINT_ANNOTATION: &str = "weft.dev/ca-root-sha256";

@@ -421,6 +421,21 @@ pub struct CertInfo {
     pub not_after_unix: i64,
 }
 
+/// The SHA-256 fingerprint (lowercase hex) of every certificate in `pem`, in order: how
+/// operators and tools tell roots apart.
+pub fn fingerprints(pem: &str) -> Vec<String> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .map(|der| {
+            ring::digest::digest(&ring::digest::SHA256, der.as_ref())
+                .as_ref()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        })
+        .collect()
+}
+
 /// Describes every certificate in `pems` (PEM blocks), in order; unreadable blocks are skipped.
 pub fn describe(pems: &[String]) -> Vec<CertInfo> {
     let Ok(ders) = certs("certificates", pems) else {
