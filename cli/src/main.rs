@@ -52,7 +52,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// One row per connected proxy: per xDS type SYNCED / STALE / NACKED / NOT SENT.
+    /// One row per connected proxy, from every control-plane replica (the REPLICA column says
+    /// which holds it): per xDS type SYNCED / STALE / NACKED / NOT SENT (exit 1 on a NACK or
+    /// an unreachable replica).
     Status,
     /// The services in the catalog, with endpoint counts and splits.
     Services,

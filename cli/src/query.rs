@@ -79,11 +79,35 @@ fn state_name(s: SyncState) -> &'static str {
     }
 }
 
-/// `weftctl status`; exit 1 when any proxy has a NACKed type.
+/// Says on stderr which control-plane replicas answered for how many proxies, and which
+/// could not be asked (their proxies are then missing); true when all were reached.
+fn report_replicas(replicas: &[weft_proto::admin::ReplicaStatus]) -> bool {
+    if replicas.is_empty() {
+        return true;
+    }
+    let reached: Vec<String> = replicas
+        .iter()
+        .filter(|r| r.error.is_empty())
+        .map(|r| format!("{} ({} proxies)", r.name, r.proxies))
+        .collect();
+    eprintln!("replicas: {}", reached.join(", "));
+    let mut all = true;
+    for r in replicas.iter().filter(|r| !r.error.is_empty()) {
+        all = false;
+        eprintln!(
+            "warning: the replica at {} was not reached ({}): its proxies are missing above",
+            r.address, r.error
+        );
+    }
+    all
+}
+
+/// `weftctl status`: every replica's proxies; exit 1 when any proxy has a NACKed type or a
+/// replica could not be asked.
 pub async fn status(cp: SocketAddr, format: Format) -> anyhow::Result<i32> {
     let resp = client(cp)
         .await?
-        .list_proxies(ListProxiesRequest {})
+        .list_proxies(ListProxiesRequest::default())
         .await?
         .into_inner();
     let now = weft_now_ms();
@@ -160,7 +184,8 @@ pub async fn status(cp: SocketAddr, format: Format) -> anyhow::Result<i32> {
         ],
         table_rows,
     )?;
-    Ok(i32::from(nacked))
+    let all_replicas = report_replicas(&resp.replicas);
+    Ok(i32::from(nacked || !all_replicas))
 }
 
 fn weft_now_ms() -> i64 {
@@ -587,6 +612,7 @@ pub async fn endpoints(
             namespace: namespace.into(),
             name: name.into(),
             proxy: proxy.unwrap_or_default(),
+            local_only: false,
         })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
@@ -704,7 +730,7 @@ pub struct FindingRow {
 pub async fn check(cp: SocketAddr, format: Format) -> anyhow::Result<i32> {
     let resp = client(cp)
         .await?
-        .check(weft_proto::admin::CheckRequest {})
+        .check(weft_proto::admin::CheckRequest::default())
         .await?
         .into_inner();
     let rows: Vec<FindingRow> = resp
@@ -755,6 +781,7 @@ pub async fn proxy_config(
         .await?
         .get_proxy_config(GetProxyConfigRequest {
             node_id: proxy.to_string(),
+            local_only: false,
         })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
@@ -1168,6 +1195,7 @@ pub async fn proxy_view(
         .await?
         .get_proxy_config(GetProxyConfigRequest {
             node_id: proxy.to_string(),
+            local_only: false,
         })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?

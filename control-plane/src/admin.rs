@@ -15,6 +15,8 @@ use crate::xds::registry::{Registry, lock};
 
 /// The admin service.
 pub struct AdminService {
+    /// The sibling replicas (mesh-wide queries ask them too).
+    pub replicas: Arc<crate::replicas::Replicas>,
     /// The catalog.
     pub catalog: Arc<Catalog>,
     /// Connected proxies.
@@ -33,21 +35,108 @@ pub struct AdminService {
     pub ca: Arc<crate::identity::Ca>,
 }
 
+impl AdminService {
+    /// The proxies connected to this replica.
+    fn local_proxies(&self) -> Vec<weft_proto::admin::ProxyStatus> {
+        self.registry
+            .all()
+            .iter()
+            .map(|r| lock(r).status(&self.replica))
+            .collect()
+    }
+
+    /// The siblings' proxies, and every replica's status (this one, with `local` proxies,
+    /// first). A replica reached at two addresses, or this one reached through the Service,
+    /// counts once.
+    async fn mesh_proxies(
+        &self,
+        local: usize,
+    ) -> (
+        Vec<weft_proto::admin::ProxyStatus>,
+        Vec<weft_proto::admin::ReplicaStatus>,
+    ) {
+        let mut replicas = vec![weft_proto::admin::ReplicaStatus {
+            name: self.replica.clone(),
+            address: String::new(),
+            proxies: local as u32,
+            error: String::new(),
+        }];
+        let mut proxies = Vec::new();
+        let answers = self
+            .replicas
+            .each(|mut c| async move {
+                c.list_proxies(ListProxiesRequest { local_only: true })
+                    .await
+            })
+            .await;
+        for r in answers {
+            match r.result {
+                Ok(resp) => {
+                    let resp = resp.into_inner();
+                    if replicas.iter().any(|x| x.name == resp.replica) {
+                        continue;
+                    }
+                    replicas.push(weft_proto::admin::ReplicaStatus {
+                        name: resp.replica,
+                        address: r.address,
+                        proxies: resp.proxies.len() as u32,
+                        error: String::new(),
+                    });
+                    proxies.extend(resp.proxies);
+                }
+                Err(error) => replicas.push(weft_proto::admin::ReplicaStatus {
+                    name: String::new(),
+                    address: r.address,
+                    proxies: 0,
+                    error,
+                }),
+            }
+        }
+        (proxies, replicas)
+    }
+
+    /// The first sibling that answers `call` successfully (one that has the proxy asked for).
+    async fn ask_siblings<T, F, Fut>(&self, call: F) -> Option<T>
+    where
+        F: Fn(weft_proto::admin::admin_client::AdminClient<tonic::transport::Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<T>, Status>>,
+    {
+        self.replicas
+            .each(call)
+            .await
+            .into_iter()
+            .find_map(|r| r.result.ok().map(Response::into_inner))
+    }
+
+    /// What a "not connected" error covers.
+    fn scope(&self, local_only: bool) -> String {
+        match local_only {
+            true => format!("replica {}", self.replica),
+            false => format!("any replica reached from {}", self.replica),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn list_proxies(
         &self,
-        _: Request<ListProxiesRequest>,
+        req: Request<ListProxiesRequest>,
     ) -> Result<Response<ListProxiesResponse>, Status> {
-        let proxies = self
-            .registry
-            .all()
-            .iter()
-            .map(|r| lock(r).status(&self.replica))
-            .collect();
+        let mut proxies = self.local_proxies();
+        if req.into_inner().local_only {
+            return Ok(Response::new(ListProxiesResponse {
+                proxies,
+                replica: self.replica.clone(),
+                replicas: Vec::new(),
+            }));
+        }
+        let (remote, replicas) = self.mesh_proxies(proxies.len()).await;
+        proxies.extend(remote);
         Ok(Response::new(ListProxiesResponse {
             proxies,
             replica: self.replica.clone(),
+            replicas,
         }))
     }
 
@@ -55,12 +144,29 @@ impl Admin for AdminService {
         &self,
         req: Request<GetProxyConfigRequest>,
     ) -> Result<Response<GetProxyConfigResponse>, Status> {
-        let id = req.into_inner().node_id;
-        let record = self.registry.find(&id).ok_or_else(|| {
-            Status::not_found(format!(
-                "no proxy {id:?} is connected to this control plane"
-            ))
-        })?;
+        let req = req.into_inner();
+        let id = req.node_id.clone();
+        let Some(record) = self.registry.find(&id) else {
+            if !req.local_only {
+                let ask = GetProxyConfigRequest {
+                    local_only: true,
+                    ..req
+                };
+                if let Some(found) = self
+                    .ask_siblings(|mut c| {
+                        let ask = ask.clone();
+                        async move { c.get_proxy_config(ask).await }
+                    })
+                    .await
+                {
+                    return Ok(Response::new(found));
+                }
+            }
+            return Err(Status::not_found(format!(
+                "no proxy {id:?} is connected to {}",
+                self.scope(req.local_only)
+            )));
+        };
         let rec = lock(&record);
         let mut resources = Vec::new();
         for (ti, url) in weft_proto::type_url::ALL.iter().enumerate() {
@@ -126,14 +232,10 @@ impl Admin for AdminService {
 
     async fn check(
         &self,
-        _: Request<weft_proto::admin::CheckRequest>,
+        req: Request<weft_proto::admin::CheckRequest>,
     ) -> Result<Response<weft_proto::admin::CheckResponse>, Status> {
-        let proxies: Vec<_> = self
-            .registry
-            .all()
-            .iter()
-            .map(|r| lock(r).status(&self.replica))
-            .collect();
+        let local_only = req.into_inner().local_only;
+        let proxies = self.local_proxies();
         let now_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
@@ -146,7 +248,38 @@ impl Admin for AdminService {
             ca_expires_unix: self.ca.expires_at_unix(),
             now_unix,
         };
-        let findings = crate::check::check(&self.catalog.current(), &proxies, &ctx);
+        let mut findings = crate::check::check(&self.catalog.current(), &proxies, &ctx);
+        if !local_only {
+            // Siblings' findings about their own proxies (and what only they see); what
+            // every replica finds alike (the catalog's problems) once.
+            for r in self
+                .replicas
+                .each(|mut c| async move {
+                    c.check(weft_proto::admin::CheckRequest { local_only: true })
+                        .await
+                })
+                .await
+            {
+                match r.result {
+                    Ok(resp) => {
+                        for f in resp.into_inner().findings {
+                            if !findings
+                                .iter()
+                                .any(|have| have.code == f.code && have.object == f.object)
+                            {
+                                findings.push(f);
+                            }
+                        }
+                    }
+                    Err(e) => findings.push(weft_proto::admin::Finding {
+                        object: format!("control-plane replica at {}", r.address),
+                        problem: format!("not reached ({e}): its proxies are missing from this check"),
+                        fix: "check that replica is running and its TLS port reachable from the others".into(),
+                        code: "replica-unreachable".into(),
+                    }),
+                }
+            }
+        }
         Ok(Response::new(weft_proto::admin::CheckResponse { findings }))
     }
 
@@ -169,9 +302,30 @@ impl Admin for AdminService {
         // Priorities as one proxy sees them: read from the load assignments it was sent.
         let mut priorities: std::collections::HashMap<String, Vec<String>> = Default::default();
         if !req.proxy.is_empty() {
-            let record = self.registry.find(&req.proxy).ok_or_else(|| {
-                Status::not_found(format!("no proxy {:?} is connected", req.proxy))
-            })?;
+            let Some(record) = self.registry.find(&req.proxy) else {
+                if !req.local_only {
+                    let ask = weft_proto::admin::ListEndpointsRequest {
+                        local_only: true,
+                        namespace: key.namespace.clone(),
+                        name: key.name.clone(),
+                        proxy: req.proxy.clone(),
+                    };
+                    if let Some(found) = self
+                        .ask_siblings(|mut c| {
+                            let ask = ask.clone();
+                            async move { c.list_endpoints(ask).await }
+                        })
+                        .await
+                    {
+                        return Ok(Response::new(found));
+                    }
+                }
+                return Err(Status::not_found(format!(
+                    "no proxy {:?} is connected to {}",
+                    req.proxy,
+                    self.scope(req.local_only)
+                )));
+            };
             let held = lock(&record).held(1);
             for r in held {
                 let Some(name) = weft_proto::names::ServicePortName::parse(&r.name) else {

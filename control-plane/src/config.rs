@@ -98,6 +98,28 @@ pub struct Config {
     /// Name of this replica, shown by `weftctl status` (default: the host name).
     #[arg(long, env = "WEFT_REPLICA")]
     pub replica: Option<String>,
+    /// The Service whose ready endpoints (port `grpc-tls`) are this control plane's replicas:
+    /// admin queries (`weftctl status`, `endpoints --proxy`, `proxy-config`, `check`) ask
+    /// every one and merge, so any replica gives the mesh-wide view. `none` to turn it off.
+    #[arg(
+        long,
+        env = "WEFT_REPLICA_SERVICE",
+        default_value = "weft-system/weft-control-plane"
+    )]
+    pub replica_service: String,
+    /// More replicas to ask, by their TLS gRPC `HOST:PORT` (repeatable, or comma-separated in
+    /// the variable), for deployments without that Service.
+    #[arg(
+        long = "replica-addr",
+        env = "WEFT_REPLICA_ADDRS",
+        value_delimiter = ','
+    )]
+    pub replica_addrs: Vec<String>,
+    /// End each proxy's xDS stream after this long (±10 % jitter; it reconnects at once,
+    /// resuming from the versions it holds), so proxies spread again over the replicas after
+    /// one restarted. `0s` keeps streams forever.
+    #[arg(long, env = "WEFT_XDS_MAX_STREAM_AGE", default_value = "30m", value_parser = crate::objects::parse_duration)]
+    pub xds_max_stream_age: std::time::Duration,
     /// Log filter (tracing env-filter syntax), e.g. `info` or `weft_control_plane=debug`.
     #[arg(long, env = "WEFT_LOG", default_value = "info")]
     pub log: String,
@@ -117,6 +139,9 @@ pub enum ConfigError {
     /// Bad cluster name.
     #[error("--cluster-name {0:?}: {1}")]
     ClusterName(String, String),
+    /// Bad `--replica-service`.
+    #[error("--replica-service: {0}")]
+    ReplicaService(String),
     /// Bad trust domain.
     #[error("--trust-domain {0:?}: {1}")]
     TrustDomain(String, String),
@@ -150,6 +175,9 @@ impl Config {
             token_audiences: Vec::new(),
             kube_api: None,
             log: "info".into(),
+            replica_service: "none".into(),
+            replica_addrs: Vec::new(),
+            xds_max_stream_age: std::time::Duration::ZERO,
             log_format: weft_proto::logging::LogFormat::Text,
         }
     }
@@ -163,6 +191,12 @@ impl Config {
             .map_err(|e| ConfigError::ClusterName(self.cluster_name.clone(), e.to_string()))?;
         weft_proto::SpiffeId::new(&self.trust_domain, "ns", "sa")
             .map_err(|e| ConfigError::TrustDomain(self.trust_domain.clone(), e.to_string()))?;
+        self.replica_service_key()?;
         Ok(())
+    }
+
+    /// `--replica-service` parsed: the Service whose endpoints are the replicas, if any.
+    pub fn replica_service_key(&self) -> Result<Option<crate::catalog::ServiceKey>, ConfigError> {
+        crate::replicas::parse_service(&self.replica_service).map_err(ConfigError::ReplicaService)
     }
 }

@@ -16,6 +16,7 @@ pub mod leader;
 pub mod lrs;
 pub mod metrics;
 pub mod objects;
+pub mod replicas;
 pub mod rollout;
 pub mod source;
 pub mod token_review;
@@ -267,6 +268,8 @@ impl ControlPlane {
             snapshots,
             push_gate: Arc::new(tokio::sync::Semaphore::new(xds::PUSH_GATE)),
             metrics: metrics.clone(),
+            max_stream_age: (!config.xds_max_stream_age.is_zero())
+                .then_some(config.xds_max_stream_age),
         });
         let ads = AggregatedDiscoveryServiceServer::new(xds::AdsServer::new(shared))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -285,8 +288,20 @@ impl ControlPlane {
             catalog: catalog.clone(),
             metrics: metrics.clone(),
         });
+        let acceptor = grpc_tls::Acceptor::new(&ca, &config.trust_domain, &config.cluster_name)?;
+        let issued_tls = acceptor.config();
+        let replicas = Arc::new(replicas::Replicas::new(
+            replica.clone(),
+            config.replica_service_key()?,
+            config.replica_addrs.clone(),
+            catalog.clone(),
+            issued_tls.clone(),
+            config.cluster_name.clone(),
+            config.trust_domain.clone(),
+        ));
         let issued = Arc::new(identity::IssuedCerts::default());
         let admin = AdminServer::new(admin::AdminService {
+            replicas,
             issued: issued.clone(),
             ca: ca.clone(),
             federation: fed.clone(),
@@ -314,8 +329,7 @@ impl ControlPlane {
                     metrics: metrics.clone(),
                 },
             );
-        let acceptor = grpc_tls::Acceptor::new(&ca, &config.trust_domain, &config.cluster_name)?;
-        let issued = acceptor.config();
+        let issued = issued_tls;
         tasks.push(tokio::spawn(grpc_tls::Acceptor::renew(
             issued.clone(),
             ca.clone(),

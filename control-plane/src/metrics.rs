@@ -31,6 +31,8 @@ pub struct Metrics {
     pub nacks: Family<Labels, Counter>,
     /// `weft_xds_request_errors_total{reason}`: malformed requests refused.
     pub request_errors: Family<Labels, Counter>,
+    /// `weft_xds_streams_aged_total`: streams this replica ended at their max age.
+    pub streams_aged: Counter,
     /// `weft_catalog_version`.
     pub catalog_version: Gauge,
     /// `weft_catalog_services`.
@@ -89,6 +91,7 @@ impl Metrics {
             acks: Family::default(),
             nacks: Family::default(),
             request_errors: Family::default(),
+            streams_aged: Counter::default(),
             catalog_version: Gauge::default(),
             catalog_services: Gauge::default(),
             catalog_endpoints: Gauge::default(),
@@ -149,6 +152,11 @@ impl Metrics {
         );
         registry.register("weft_xds_acks", "xDS responses ACKed", m.acks.clone());
         registry.register("weft_xds_nacks", "xDS responses NACKed", m.nacks.clone());
+        registry.register(
+            "weft_xds_streams_aged",
+            "xDS streams ended at their max age (proxies reconnect, spreading over replicas)",
+            m.streams_aged.clone(),
+        );
         registry.register(
             "weft_xds_request_errors",
             "Malformed xDS requests refused",

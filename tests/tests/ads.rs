@@ -186,7 +186,7 @@ async fn sotw_initial_push_nack_and_update() {
     .expect("nack");
     quiet(&mut resp).await;
     let proxies = admin
-        .list_proxies(ListProxiesRequest {})
+        .list_proxies(ListProxiesRequest::default())
         .await
         .expect("admin")
         .into_inner()
@@ -242,6 +242,7 @@ async fn sotw_initial_push_nack_and_update() {
     let cfg = admin
         .get_proxy_config(GetProxyConfigRequest {
             node_id: "sotw-client".into(),
+            local_only: false,
         })
         .await
         .expect("config")
@@ -424,7 +425,7 @@ async fn delta_initial_incremental_and_nack() {
     .expect("nack");
     quiet(&mut resp).await;
     let proxies = admin
-        .list_proxies(ListProxiesRequest {})
+        .list_proxies(ListProxiesRequest::default())
         .await
         .expect("admin")
         .into_inner()

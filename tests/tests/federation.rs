@@ -290,6 +290,7 @@ async fn exports_reach_the_peer_then_go_stale_resync_without_a_flap_and_expire()
             namespace: "default".into(),
             name: "echo".into(),
             proxy: String::new(),
+            local_only: false,
         })
         .await
         .expect("endpoints")

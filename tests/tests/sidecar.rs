@@ -305,7 +305,7 @@ async fn both_xds_flavours_configure_the_sidecar() {
             .await
             .expect("admin");
     let proxies = admin
-        .list_proxies(weft_proto::admin::ListProxiesRequest {})
+        .list_proxies(weft_proto::admin::ListProxiesRequest::default())
         .await
         .expect("list")
         .into_inner()
@@ -450,7 +450,7 @@ async fn unsupported_route_is_nacked_and_the_previous_config_serves() {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let detail = loop {
         let proxies = admin
-            .list_proxies(weft_proto::admin::ListProxiesRequest {})
+            .list_proxies(weft_proto::admin::ListProxiesRequest::default())
             .await
             .expect("list")
             .into_inner()
@@ -634,7 +634,7 @@ async fn a_proxy_without_a_zone_is_placed_by_its_pod() {
             .await
             .expect("admin");
     let proxies = admin
-        .list_proxies(weft_proto::admin::ListProxiesRequest {})
+        .list_proxies(weft_proto::admin::ListProxiesRequest::default())
         .await
         .expect("proxies")
         .into_inner()

@@ -46,6 +46,8 @@ pub struct Shared {
     pub push_gate: Arc<tokio::sync::Semaphore>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Streams end after about this long (±10 %), so proxies re-spread over replicas.
+    pub max_stream_age: Option<std::time::Duration>,
 }
 
 /// The ADS service.

@@ -193,6 +193,18 @@ pub(crate) async fn run<P: Protocol>(
         nonce: 0,
     };
     let mut next = Some(first);
+    // The stream's end of life, jittered so proxies that connected together do not all
+    // reconnect together; the proxy resumes from the versions it holds (delta) or re-ACKs.
+    let end_of_life = shared
+        .max_stream_age
+        .map(|age| tokio::time::Instant::now() + age.mul_f64(0.9 + rand::random::<f64>() * 0.2));
+    let aged = async move {
+        match end_of_life {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(aged);
     loop {
         let pending = proto.has_pending();
         let req = match next.take() {
@@ -222,6 +234,11 @@ pub(crate) async fn run<P: Protocol>(
                         break;
                     }
                     continue;
+                }
+                _ = &mut aged => {
+                    tracing::info!(node = %info.id, "xDS stream reached its max age; closing it so the proxy reconnects (and may land on another replica)");
+                    shared.metrics.streams_aged.inc();
+                    break;
                 }
                 _ = std::future::ready(()), if pending => {
                     if proto.pump(&mut ctx).await.is_err() {
