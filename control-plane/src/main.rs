@@ -11,8 +11,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    weft_proto::logging::init(&config.log, "info", config.log_format);
-    let cp = ControlPlane::start(config).await?;
+    let format = config.log_format;
+    weft_proto::logging::init(&config.log, "info", format);
+    let cp = match ControlPlane::start(config).await {
+        Ok(cp) => cp,
+        Err(e) => {
+            weft_proto::logging::fatal(format, &anyhow::Error::from(e));
+            std::process::exit(1);
+        }
+    };
     // One line tools can parse: `xds=ADDR|off grpc=ADDR metrics=ADDR`.
     let xds = cp.xds_addr.map_or("off".to_string(), |a| a.to_string());
     println!(

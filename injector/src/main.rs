@@ -70,9 +70,20 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    weft_proto::logging::init(&args.log, "info", args.log_format);
+    let format = args.log_format;
+    weft_proto::logging::init(&args.log, "info", format);
+    match serve_webhook(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            weft_proto::logging::fatal(format, &e);
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve_webhook(args: Args) -> anyhow::Result<()> {
     let root_pem = std::fs::read_to_string(&args.root_cert)
         .map_err(|e| anyhow::anyhow!("--root-cert {}: {e}", args.root_cert.display()))?;
     let mut cfg = InjectConfig::new(&args.image, &args.xds_addr, &args.cluster_name, &root_pem);

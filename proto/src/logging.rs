@@ -63,3 +63,13 @@ pub fn init(filter: &str, fallback: &str, format: LogFormat) {
         tracing::warn!(filter, error = %e, fallback, "invalid log filter; using the fallback");
     }
 }
+
+/// Reports the error a binary exits with: as before (`Error: …` with its causes) in text, as
+/// one JSON log line in JSON, so a log pipeline never gets a line it cannot parse.
+pub fn fatal<E: std::fmt::Display + std::fmt::Debug>(format: LogFormat, error: &E) {
+    match format {
+        LogFormat::Text => eprintln!("Error: {error:?}"),
+        // `{:#}`: the error and its causes on one line (anyhow's alternate form).
+        LogFormat::Json => tracing::error!(error = %format!("{error:#}"), "exiting on an error"),
+    }
+}

@@ -64,8 +64,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    weft_proto::logging::init(&cfg.log, "info", cfg.log_format);
-    let sidecar = Sidecar::start(cfg).await?;
+    let format = cfg.log_format;
+    weft_proto::logging::init(&cfg.log, "info", format);
+    let sidecar = match Sidecar::start(cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            weft_proto::logging::fatal(format, &anyhow::Error::from(e));
+            std::process::exit(1);
+        }
+    };
     println!(
         "outbound={} inbound={} admin={}",
         sidecar.outbound_addr, sidecar.inbound_addr, sidecar.admin_addr
