@@ -50,3 +50,16 @@ pub const TLS_MODE_LABEL: &str = "weft.dev/tls-mode";
 /// Pod-template annotation on the control plane's Deployment: the fingerprint of the root it
 /// signs under (a new one rolls the replicas, which load the root at start).
 pub const CA_ROOT_FINGERPRINT_ANNOTATION: &str = "weft.dev/ca-root-sha256";
+
+/// Prefix of the headers only the mesh sets (`x-weft-client-identity`, ...).
+pub const MESH_HEADER_PREFIX: &str = "x-weft-";
+
+/// Whether `name` reads as a mesh-owned header once case and `_`/`-` are folded the way
+/// CGI/WSGI frameworks fold them: such headers never pass from a caller to an application.
+pub fn is_mesh_owned_header(name: &str) -> bool {
+    name.len() >= MESH_HEADER_PREFIX.len()
+        && name
+            .bytes()
+            .zip(MESH_HEADER_PREFIX.bytes())
+            .all(|(a, b)| a.to_ascii_lowercase() == b || (a == b'_' && b == b'-'))
+}

@@ -61,24 +61,48 @@ pub const OPAQUE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// in `weft_proxy_tcp_connections_total{direction}`. Used for protocols the sidecar does not
 /// speak, in both directions.
 pub async fn splice(
+    client: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    direction: &'static str,
+    metrics: &Metrics,
+) {
+    match connect_app(dst).await {
+        Ok(upstream) => splice_to(client, upstream, peer, dst, direction, metrics).await,
+        Err(e) => {
+            metrics.tcp_connection(direction);
+            tracing::warn!(%peer, %dst, direction, error = %e, "opaque: cannot reach the destination")
+        }
+    }
+}
+
+/// A TCP connection to `dst` (no Nagle), within the opaque connect timeout.
+pub async fn connect_app(dst: SocketAddr) -> std::io::Result<TcpStream> {
+    match tokio::time::timeout(OPAQUE_CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connect timed out",
+        )),
+    }
+}
+
+/// Copies bytes both ways between `client` and an already connected `upstream`.
+pub async fn splice_to(
     mut client: TcpStream,
+    mut upstream: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
     direction: &'static str,
     metrics: &Metrics,
 ) {
     metrics.tcp_connection(direction);
-    match tokio::time::timeout(OPAQUE_CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
-        Ok(Ok(mut upstream)) => {
-            let _ = upstream.set_nodelay(true);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                tracing::debug!(%peer, %dst, direction, error = %e, "opaque connection ended");
-            }
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(%peer, %dst, direction, error = %e, "opaque: cannot reach the destination")
-        }
-        Err(_) => tracing::warn!(%peer, %dst, direction, "opaque: connect timed out"),
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(%peer, %dst, direction, error = %e, "opaque connection ended");
     }
 }
 

@@ -39,52 +39,106 @@ const METHODS: [&[u8]; 9] = [
     b"TRACE ",
 ];
 
-/// Classifies a connection's first bytes. `None`: not enough bytes to tell yet.
-pub fn classify(first: &[u8]) -> Option<Protocol> {
-    if first.is_empty() {
-        return None;
-    }
-    let n = first.len().min(H2_PREFACE.len());
-    if first[..n] == H2_PREFACE[..n] {
-        return (n == H2_PREFACE.len()).then_some(Protocol::Http2).or(None);
-    }
-    let mut maybe_http = false;
-    for m in METHODS {
-        let k = first.len().min(m.len());
-        if first[..k] == m[..k] {
-            if k == m.len() {
-                return Some(Protocol::Http1);
-            }
-            maybe_http = true;
-        }
-    }
-    if maybe_http {
-        None
-    } else {
-        Some(Protocol::Opaque)
-    }
+/// RFC 9110 `tchar`: what a method token is made of.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-/// Peeks until the protocol is known or `timeout` passes (then: opaque).
-pub async fn detect(stream: &TcpStream, timeout: Duration) -> Protocol {
-    let mut buf = [0u8; 32];
+/// Classifies a connection's first bytes. `None`: not enough bytes to tell yet.
+///
+/// HTTP/1 is recognised by its request line, not by a list of methods: leading empty lines
+/// (which HTTP servers skip), then `token SP target SP HTTP/<d>.<d>`. A known method with its
+/// space decides at once; any other token waits for the end of the line. What could still be
+/// HTTP when the bytes or the time run out is treated as HTTP by [`detect`] — parsed, refused
+/// if it is not — never copied raw to an application that might parse it.
+pub fn classify(first: &[u8]) -> Option<Protocol> {
+    let blank = first
+        .iter()
+        .take_while(|b| **b == b'\r' || **b == b'\n')
+        .count();
+    let rest = &first[blank..];
+    if rest.is_empty() {
+        return None;
+    }
+    if blank == 0 {
+        let n = first.len().min(H2_PREFACE.len());
+        if first[..n] == H2_PREFACE[..n] {
+            return (n == H2_PREFACE.len()).then_some(Protocol::Http2).or(None);
+        }
+    }
+    if METHODS.iter().any(|m| rest.starts_with(m)) {
+        return Some(Protocol::Http1);
+    }
+    let token = rest.iter().take_while(|b| is_tchar(**b)).count();
+    if token == 0 {
+        return Some(Protocol::Opaque);
+    }
+    if token == rest.len() {
+        return None;
+    }
+    if rest[token] != b' ' {
+        return Some(Protocol::Opaque);
+    }
+    let Some(end) = rest.iter().position(|b| *b == b'\n') else {
+        return None;
+    };
+    let line = rest[..end].strip_suffix(b"\r").unwrap_or(&rest[..end]);
+    let version = line.len() >= 9 && {
+        let v = &line[line.len() - 9..];
+        v.starts_with(b" HTTP/") && v[6].is_ascii_digit() && v[7] == b'.' && v[8].is_ascii_digit()
+    };
+    Some(if version {
+        Protocol::Http1
+    } else {
+        Protocol::Opaque
+    })
+}
+
+/// What [`detect`] saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detected {
+    /// The protocol (a stream that could still be HTTP when bytes or time ran out is HTTP/1).
+    Protocol(Protocol),
+    /// Not one byte within the time: a server-speaks-first protocol, or a client that waits.
+    Silent,
+}
+
+/// How many first bytes are peeked to find a request line.
+const PEEK_BYTES: usize = 8 * 1024;
+
+/// Peeks until the protocol is known or `timeout` passes.
+pub async fn detect_first(stream: &TcpStream, timeout: Duration) -> Detected {
+    let mut buf = vec![0u8; PEEK_BYTES];
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut seen = 0;
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Protocol::Opaque,
+            Ok(Ok(0)) | Ok(Err(_)) => return Detected::Protocol(Protocol::Opaque),
+            Err(_) if seen == 0 => return Detected::Silent,
+            // Time ran out on a stream that could still be HTTP.
+            Err(_) => return Detected::Protocol(Protocol::Http1),
             Ok(Ok(n)) => n,
         };
+        seen = n;
         if let Some(p) = classify(&buf[..n]) {
-            return p;
+            return Detected::Protocol(p);
         }
         if n == buf.len() {
-            return Protocol::Opaque;
+            return Detected::Protocol(Protocol::Http1);
         }
         // More bytes are needed: wait a little for them (peek returns at once otherwise).
         tokio::time::sleep(Duration::from_millis(2)).await;
         if tokio::time::Instant::now() >= deadline {
-            return Protocol::Opaque;
+            return Detected::Protocol(Protocol::Http1);
         }
+    }
+}
+
+/// [`detect_first`] where silence counts as opaque (outbound: the local app's connection).
+pub async fn detect(stream: &TcpStream, timeout: Duration) -> Protocol {
+    match detect_first(stream, timeout).await {
+        Detected::Protocol(p) => p,
+        Detected::Silent => Protocol::Opaque,
     }
 }
 
@@ -252,9 +306,25 @@ mod tests {
             "Postgres"
         );
         assert_eq!(
-            classify(b"get / HTTP/1.1"),
+            classify(b"get / HTTP/1.1\r\n"),
+            Some(Protocol::Http1),
+            "an HTTP server parses any token as a method"
+        );
+        assert_eq!(
+            classify(b"PROPFIND /dav HTTP/1.1\r\n"),
+            Some(Protocol::Http1)
+        );
+        assert_eq!(classify(b"PROPFIND /dav"), None, "waits for the line");
+        assert_eq!(classify(b"\r\nGET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(
+            classify(b"get foo\r\n"),
             Some(Protocol::Opaque),
-            "methods are case-sensitive"
+            "memcached"
+        );
+        assert_eq!(
+            classify(b"SET k v\r\n"),
+            Some(Protocol::Opaque),
+            "a Redis inline command"
         );
         assert_eq!(classify(b""), None);
     }
@@ -277,6 +347,17 @@ mod tests {
             let mut bytes = METHODS[m].to_vec();
             bytes.extend(rest);
             proptest::prop_assert_eq!(classify(&bytes), Some(Protocol::Http1));
+        }
+
+        /// Any token as the method, any target: a complete request line is HTTP/1.
+        #[test]
+        fn any_method_token_with_a_request_line_is_http1(
+            method in "[A-Za-z0-9!#$%&'*+.^_`|~-]{1,16}",
+            target in "[!-~]{1,40}",
+            minor in 0u8..10,
+        ) {
+            let line = format!("{method} {target} HTTP/1.{minor}\r\n");
+            proptest::prop_assert_eq!(classify(line.as_bytes()), Some(Protocol::Http1));
         }
     }
 

@@ -32,7 +32,7 @@ use weft_proto::keys::CLIENT_IDENTITY_HEADER;
 use weft_proto::tls::{self, MtlsMode};
 
 use crate::admin::Metrics;
-use crate::detect::{self, Protocol};
+use crate::detect::{self, Detected, Protocol};
 use crate::identity::SvidCell;
 use crate::outbound::{Body, MAX_HEAD_BYTES, refuse};
 use crate::xds::XdsHandle;
@@ -133,6 +133,10 @@ impl Inbound {
 enum Kind {
     MeshTls,
     Http1,
+    /// HTTP/2 with prior knowledge (h2c): parsed, never passed through.
+    H2c,
+    /// Not a byte within the detection time: decided by who speaks first.
+    Silent,
     Other,
 }
 
@@ -150,9 +154,55 @@ impl Shared {
             }
             return Kind::Other;
         }
-        match detect::detect(client, detect::DETECT_TIMEOUT).await {
-            Protocol::Http1 => Kind::Http1,
-            Protocol::Http2 | Protocol::Opaque => Kind::Other,
+        match detect::detect_first(client, detect::DETECT_TIMEOUT).await {
+            Detected::Protocol(Protocol::Http1) => Kind::Http1,
+            Detected::Protocol(Protocol::Http2) => Kind::H2c,
+            Detected::Protocol(Protocol::Opaque) => Kind::Other,
+            Detected::Silent => Kind::Silent,
+        }
+    }
+
+    /// A plaintext caller that said nothing within the detection time. Connect to the
+    /// application and let whoever speaks first decide: the application (a server-first
+    /// protocol) makes it opaque; the caller's first bytes are classified as if they had come
+    /// in time, so waiting never turns HTTP into raw bytes the application would parse.
+    async fn late(self: Arc<Self>, client: TcpStream, peer: SocketAddr, app: SocketAddr) {
+        let upstream = match crate::connect::connect_app(app).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(%peer, %app, error = %e, "inbound: cannot reach the application");
+                self.metrics.connection_error("inbound");
+                return;
+            }
+        };
+        let client_first = tokio::select! {
+            r = client.readable() => r.is_ok(),
+            _ = upstream.readable() => false,
+        };
+        if !client_first {
+            return crate::connect::splice_to(
+                client,
+                upstream,
+                peer,
+                app,
+                "inbound",
+                &self.metrics,
+            )
+            .await;
+        }
+        match detect::detect(&client, detect::DETECT_TIMEOUT).await {
+            Protocol::Http1 => {
+                drop(upstream);
+                self.serve_http(client, peer, app, None).await
+            }
+            Protocol::Http2 => {
+                drop(upstream);
+                self.serve_h2(client, peer, app, None).await
+            }
+            Protocol::Opaque => {
+                crate::connect::splice_to(client, upstream, peer, app, "inbound", &self.metrics)
+                    .await
+            }
         }
     }
 
@@ -169,6 +219,8 @@ impl Shared {
                 self.metrics.inbound_refused("plaintext-in-strict");
             }
             (Kind::Http1, _) => self.serve_http(client, peer, app, None).await,
+            (Kind::H2c, _) => self.serve_h2(client, peer, app, None).await,
+            (Kind::Silent, _) => self.late(client, peer, app).await,
             (Kind::MeshTls | Kind::Other, _) => {
                 crate::connect::splice(client, peer, app, "inbound", &self.metrics).await
             }
@@ -205,24 +257,26 @@ impl Shared {
             }
         };
         if stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_MESH_H2) {
-            self.serve_h2(stream, peer, app, identity).await;
+            self.serve_h2(stream, peer, app, Some(identity)).await;
         } else {
             self.serve_http(stream, peer, app, Some(identity)).await;
         }
     }
 
-    /// HTTP/2 inside mesh mTLS (a caller reaching an HTTP/2-only endpoint): served as HTTP/2
-    /// and forwarded to the application with prior knowledge, the verified caller attached.
+    /// HTTP/2 — inside mesh mTLS (a caller reaching an HTTP/2-only endpoint) or plaintext h2c
+    /// — served as HTTP/2 and forwarded to the application with prior knowledge; the verified
+    /// caller attached only with mTLS.
     async fn serve_h2<IO>(
         self: Arc<Self>,
         io: IO,
         peer: SocketAddr,
         app: SocketAddr,
-        identity: SpiffeId,
+        identity: Option<SpiffeId>,
     ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let identity = hyper::header::HeaderValue::from_str(&identity.to_string()).ok();
+        let identity =
+            identity.and_then(|id| hyper::header::HeaderValue::from_str(&id.to_string()).ok());
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req| {
             let (this, identity) = (this.clone(), identity.clone());
@@ -282,7 +336,7 @@ impl Shared {
             Ok(u) => u,
             Err(msg) => return refuse(StatusCode::BAD_REQUEST, "bad-uri", msg),
         };
-        parts.headers.remove(CLIENT_IDENTITY_HEADER);
+        strip_mesh_headers(&mut parts.headers);
         append_forwarded_for(&mut parts.headers, peer);
         if let Some(id) = identity {
             parts.headers.insert(CLIENT_IDENTITY_HEADER, id);
@@ -302,6 +356,20 @@ impl Shared {
         self.metrics
             .inbound_request(mtls, resp.status().as_u16(), started);
         resp
+    }
+}
+
+/// Removes every header a framework could read as a mesh-owned one (`x-weft-*` in any case,
+/// `_` for `-`: CGI and WSGI fold `x_weft_client_identity` into the same variable), from
+/// every caller, mTLS or not: the identity header is then set only from the verified peer.
+pub fn strip_mesh_headers(headers: &mut hyper::HeaderMap) {
+    let owned: Vec<hyper::header::HeaderName> = headers
+        .keys()
+        .filter(|k| weft_proto::keys::is_mesh_owned_header(k.as_str()))
+        .cloned()
+        .collect();
+    for k in owned {
+        headers.remove(&k);
     }
 }
 

@@ -39,6 +39,17 @@ pub struct Behavior {
     pub last_client_identity: std::sync::Mutex<Option<String>>,
     /// The HTTP version of the last request (`HTTP/1.1`, `HTTP/2.0`).
     pub last_version: std::sync::Mutex<Option<String>>,
+    /// Every header of every request whose name a framework could read as a mesh-owned
+    /// header (`x-weft-*` in any case, `_` for `-`): (name, value).
+    pub mesh_headers: std::sync::Mutex<Vec<(String, String)>>,
+}
+
+/// Whether a header name reads as a mesh-owned `x-weft-*` header once case and `_`/`-` are
+/// folded (as CGI/WSGI frameworks fold them).
+pub fn looks_mesh_owned(name: &str) -> bool {
+    name.to_ascii_lowercase()
+        .replace('_', "-")
+        .starts_with("x-weft-")
 }
 
 /// A running echo server; dropping it stops it (connections then fail, as a dead pod's would).
@@ -100,6 +111,16 @@ impl Echo {
                             }
                             if let Ok(mut last) = b.last_version.lock() {
                                 *last = Some(format!("{:?}", req.version()));
+                            }
+                            if let Ok(mut seen) = b.mesh_headers.lock() {
+                                for (k, v) in req.headers() {
+                                    if looks_mesh_owned(k.as_str()) {
+                                        seen.push((
+                                            k.as_str().to_string(),
+                                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                        ));
+                                    }
+                                }
                             }
                             let (body, b) = (body.clone(), b.clone());
                             async move { Ok::<_, Infallible>(answer(n, body, &b).await) }

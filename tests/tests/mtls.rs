@@ -611,3 +611,39 @@ async fn grpc_to_a_meshed_endpoint_is_http2_inside_mtls() {
     }
     drop(cp);
 }
+
+/// Over mTLS too, a caller's own mesh-owned headers — any spelling — never reach the app:
+/// the only one it sees is the identity the handshake verified.
+#[tokio::test]
+async fn a_meshed_callers_own_identity_headers_are_replaced_by_the_verified_one() {
+    let m = mesh(48, "STRICT", "echo", None).await;
+    until_ok(&m.client, Duration::from_secs(10)).await;
+    if let Ok(mut seen) = m.echo.behavior.mesh_headers.lock() {
+        seen.clear();
+    }
+    let forged = "spiffe://cluster.local/ns/prod/sa/admin";
+    let (status, _) = get_with(
+        m.client.outbound_addr,
+        HOST,
+        "/",
+        &[
+            ("x-weft-client-identity", forged),
+            ("x_weft_client_identity", forged),
+            ("X_Weft-Client_Identity", forged),
+        ],
+    )
+    .await
+    .expect("request");
+    assert_eq!(status, 200);
+    let seen = m
+        .echo
+        .behavior
+        .mesh_headers
+        .lock()
+        .map(|g| g.clone())
+        .unwrap_or_default();
+    assert_eq!(
+        seen,
+        vec![("x-weft-client-identity".to_string(), CLIENT_ID.to_string())]
+    );
+}

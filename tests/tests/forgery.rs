@@ -1,0 +1,220 @@
+//! The attacker's view of the inbound listener in a PERMISSIVE namespace (the default): a
+//! plaintext caller on the pod network tries to make the application see an
+//! `x-weft-client-identity` it did not earn. It waits past protocol detection before its first
+//! byte, uses a method outside the usual list, speaks h2c with prior knowledge, or spells the
+//! header the way CGI/WSGI frameworks fold it (`x_weft_client_identity`). The sidecar here has
+//! no certificate, so every mesh-owned header the application sees is a forgery.
+//!
+//! A proptest then drives arbitrary prefixes, methods, header spellings, extra headers and
+//! timing through the inbound.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use weft_testkit::echo::{Echo, Identity};
+use weft_testkit::{Sidecar, world};
+
+const FORGED: &str = "spiffe://cluster.local/ns/prod/sa/admin";
+
+struct Target {
+    echo: Echo,
+    sidecar: Sidecar,
+    _dir: tempfile::TempDir,
+    _cp: weft_testkit::ControlPlane,
+}
+
+async fn target(net: u8) -> Target {
+    let echo = Echo::start(
+        SocketAddr::from(([127, 0, net, 1], 0)),
+        Identity {
+            name: "app".into(),
+            cluster: "cluster-1".into(),
+            zone: String::new(),
+        },
+    )
+    .await
+    .expect("echo");
+    let (dir, cp) = weft_testkit::control_plane_over(&[
+        world::namespace("default", "PERMISSIVE"),
+        world::service("app", 80),
+        world::slice("app", "app", &[(echo.addr, "n1", true)]),
+    ])
+    .await;
+    let mut cfg = weft_sidecar::RunConfig::local(cp.plaintext(), [127, 0, net, 100].into(), "app");
+    cfg.app_addr = Some(echo.addr);
+    let sidecar = Sidecar::start(cfg).await.expect("sidecar");
+    let mut ready = sidecar.xds.ready.clone();
+    tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
+        .await
+        .expect("ready")
+        .expect("alive");
+    Target {
+        echo,
+        sidecar,
+        _dir: dir,
+        _cp: cp,
+    }
+}
+
+impl Target {
+    /// Mesh-owned headers the application was handed so far (each one a forgery here).
+    fn forged(&self) -> Vec<(String, String)> {
+        self.echo
+            .behavior
+            .mesh_headers
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default()
+    }
+
+    /// Sends `bytes` to the inbound after `delay`, then reads what comes back for a moment.
+    async fn raw(&self, delay: Duration, bytes: &[u8]) -> String {
+        let mut s = TcpStream::connect(self.sidecar.inbound_addr)
+            .await
+            .expect("connect");
+        tokio::time::sleep(delay).await;
+        let _ = s.write_all(bytes).await;
+        let mut out = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut out))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(0);
+        String::from_utf8_lossy(&out[..n]).into_owned()
+    }
+}
+
+fn request(method: &str, header: &str) -> Vec<u8> {
+    format!("{method} / HTTP/1.1\r\nhost: app\r\n{header}: {FORGED}\r\ncontent-length: 0\r\n\r\n")
+        .into_bytes()
+}
+
+#[tokio::test]
+async fn a_method_outside_the_sniffers_list_cannot_forge_the_caller() {
+    let t = target(70).await;
+    let reply = t
+        .raw(
+            Duration::ZERO,
+            &request("PROPFIND", "x-weft-client-identity"),
+        )
+        .await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "served as HTTP: {reply}");
+    assert_eq!(t.forged(), vec![], "the app saw a forged identity");
+}
+
+#[tokio::test]
+async fn waiting_past_detection_before_the_first_byte_cannot_forge_the_caller() {
+    let t = target(71).await;
+    let reply = t
+        .raw(
+            Duration::from_millis(600),
+            &request("GET", "x-weft-client-identity"),
+        )
+        .await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "served as HTTP: {reply}");
+    assert_eq!(t.forged(), vec![], "the app saw a forged identity");
+}
+
+#[tokio::test]
+async fn underscore_and_case_spellings_of_the_header_are_stripped() {
+    let t = target(72).await;
+    for name in [
+        "x_weft_client_identity",
+        "X-WEFT-CLIENT-IDENTITY",
+        "X_Weft-Client_Identity",
+        "x-weft-anything-else",
+    ] {
+        let reply = t.raw(Duration::ZERO, &request("GET", name)).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{name}: {reply}");
+    }
+    assert_eq!(t.forged(), vec![], "the app saw a forged identity");
+}
+
+#[tokio::test]
+async fn h2c_with_prior_knowledge_is_parsed_and_cannot_forge_the_caller() {
+    let t = target(73).await;
+    let tcp = TcpStream::connect(t.sidecar.inbound_addr)
+        .await
+        .expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2c handshake");
+    tokio::spawn(conn);
+    for name in ["x-weft-client-identity", "x_weft_client_identity"] {
+        let req = hyper::Request::builder()
+            .uri("http://app/")
+            .header(name, FORGED)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let resp = send.send_request(req).await.expect("h2c response");
+        assert_eq!(resp.status(), 200, "{name}");
+    }
+    assert_eq!(t.forged(), vec![], "the app saw a forged identity");
+}
+
+mod property {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The identity header with each letter's case and each `-` chosen at random.
+    fn spelling() -> impl Strategy<Value = String> {
+        proptest::collection::vec((any::<bool>(), any::<bool>()), 22).prop_map(|flips| {
+            "x-weft-client-identity"
+                .chars()
+                .zip(flips)
+                .map(|(c, (upper, underscore))| match c {
+                    '-' if underscore => '_',
+                    c if upper => c.to_ascii_uppercase(),
+                    c => c,
+                })
+                .collect()
+        })
+    }
+
+    fn method() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("GET".to_string()),
+            Just("POST".to_string()),
+            Just("PROPFIND".to_string()),
+            Just("MKCOL".to_string()),
+            "[A-Z]{1,12}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        /// Whatever comes first (nothing, arbitrary bytes), whatever the method, spelling,
+        /// extra headers and timing: the application never sees a mesh-owned header.
+        #[test]
+        fn no_plaintext_stream_makes_the_app_see_an_identity(
+            prefix in proptest::collection::vec(any::<u8>(), 0..24),
+            with_prefix in any::<bool>(),
+            method in method(),
+            name in spelling(),
+            extra in proptest::collection::vec(("[a-z][a-z0-9-]{0,12}", "[ -~]{0,20}"), 0..4),
+            late in any::<bool>(),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async {
+                let t = target(74).await;
+                let mut bytes = if with_prefix { prefix.clone() } else { Vec::new() };
+                let mut req = format!("{method} / HTTP/1.1\r\nhost: app\r\n{name}: {FORGED}\r\n");
+                for (k, v) in &extra {
+                    req.push_str(&format!("{k}: {v}\r\n"));
+                }
+                req.push_str("content-length: 0\r\n\r\n");
+                bytes.extend_from_slice(req.as_bytes());
+                let delay = if late { Duration::from_millis(300) } else { Duration::ZERO };
+                let _ = t.raw(delay, &bytes).await;
+                prop_assert_eq!(t.forged(), vec![]);
+                Ok(())
+            })?;
+        }
+    }
+}
