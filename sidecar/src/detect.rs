@@ -79,9 +79,7 @@ pub fn classify(first: &[u8]) -> Option<Protocol> {
     if rest[token] != b' ' {
         return Some(Protocol::Opaque);
     }
-    let Some(end) = rest.iter().position(|b| *b == b'\n') else {
-        return None;
-    };
+    let end = rest.iter().position(|b| *b == b'\n')?;
     let line = rest[..end].strip_suffix(b"\r").unwrap_or(&rest[..end]);
     let version = line.len() >= 9 && {
         let v = &line[line.len() - 9..];
