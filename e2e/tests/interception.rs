@@ -153,6 +153,39 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
         "the pod-IP request crossed the sidecar:\n{metrics}"
     );
 
+    // An attacker on another host dials the pod's own proxy ports to borrow its identity
+    // (podIP:15001 would be redirected to inbound and, before, proxied out as this pod) or
+    // to read its admin: nothing answers. Inbound counts the refusal.
+    for port in [15001, 15000] {
+        let url = format!("http://198.18.0.1:{port}/");
+        let out = sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &srv,
+            "curl",
+            "-s",
+            "-m",
+            "3",
+            "-H",
+            "Host: echo",
+            &url,
+        ]);
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("srv-pod"),
+            "a remote caller went out through {url} as this pod"
+        );
+        assert!(!out.status.success(), "{url} answered a remote caller");
+    }
+    let metrics =
+        String::from_utf8_lossy(&curl("http://127.0.0.1:15000/metrics").stdout).into_owned();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("weft_proxy_inbound_refused_total") && l.contains("own-port")),
+        "the own-port refusal is counted:\n{metrics}"
+    );
+
     // Uninstall leaves no Weft rule behind.
     ok(&["ip", "netns", "exec", &cli, &sidecar, "init", "--uninstall"]);
     let after = ok(&["ip", "netns", "exec", &cli, "iptables", "-t", "nat", "-S"]);

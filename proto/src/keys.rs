@@ -63,3 +63,12 @@ pub fn is_mesh_owned_header(name: &str) -> bool {
             .zip(MESH_HEADER_PREFIX.bytes())
             .all(|(a, b)| a.to_ascii_lowercase() == b || (a == b'_' && b == b'-'))
 }
+
+/// The sidecar's outbound port (redirected and explicit traffic).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// The sidecar's inbound port.
+pub const INBOUND_PORT: u16 = 15006;
+/// The sidecar's admin port (loopback only).
+pub const ADMIN_PORT: u16 = 15000;
+/// The sidecar's health port for kubelet probes.
+pub const HEALTH_PORT: u16 = 15021;

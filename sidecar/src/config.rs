@@ -51,8 +51,9 @@ pub struct RunConfig {
     /// The proxy's zone: endpoints in it win.
     #[arg(long, env = "WEFT_ZONE", default_value = "")]
     pub zone: String,
-    /// Outbound listener (redirected or explicit HTTP).
-    #[arg(long, env = "WEFT_OUTBOUND_ADDR", default_value = "0.0.0.0:15001")]
+    /// Outbound listener (redirected or explicit HTTP). Loopback by default: iptables' OUTPUT
+    /// REDIRECT lands on 127.0.0.1, and no other host may use this pod's identity through it.
+    #[arg(long, env = "WEFT_OUTBOUND_ADDR", default_value = "127.0.0.1:15001")]
     pub outbound_addr: SocketAddr,
     /// Inbound listener.
     #[arg(long, env = "WEFT_INBOUND_ADDR", default_value = "0.0.0.0:15006")]

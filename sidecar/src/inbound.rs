@@ -51,6 +51,7 @@ struct Shared {
     app: Option<SocketAddr>,
     namespace: String,
     server_first_ports: Vec<u16>,
+    own_ports: Vec<u16>,
     header_read_timeout: Duration,
     xds: XdsHandle,
     svid: Option<SvidCell>,
@@ -73,6 +74,7 @@ impl Inbound {
                 app,
                 namespace: ctx.namespace,
                 server_first_ports: ctx.server_first_ports,
+                own_ports: ctx.own_ports,
                 header_read_timeout: ctx.header_read_timeout,
                 xds: ctx.xds,
                 svid: ctx.svid,
@@ -108,6 +110,13 @@ impl Inbound {
             // The application: --app-addr, else where the redirected connection was going.
             let orig =
                 detect::original_dst(&client).filter(|o| Some(*o) != client.local_addr().ok());
+            // Redirected here on its way to one of the proxy's own ports (a remote caller
+            // dialling podIP:15001 to borrow this pod's identity): refused.
+            if let Some(o) = orig.filter(|o| self.shared.own_ports.contains(&o.port())) {
+                tracing::warn!(%peer, dst = %o, "inbound: refused a connection to the proxy's own port");
+                self.shared.metrics.inbound_refused("own-port");
+                continue;
+            }
             let Some(app) = self.shared.app.or(orig) else {
                 tracing::warn!(%peer, "inbound connection closed: no --app-addr and not redirected");
                 self.shared.metrics.connection_error("inbound");

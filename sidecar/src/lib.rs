@@ -63,6 +63,9 @@ pub struct ListenerContext {
     pub svid: Option<identity::SvidCell>,
     /// Metrics.
     pub metrics: Arc<admin::Metrics>,
+    /// The proxy's own listener ports: a redirected connection headed to one of them is
+    /// refused by inbound (a remote caller must never reach outbound or admin through it).
+    pub own_ports: Vec<u16>,
 }
 
 /// How this sidecar reaches its control plane, from its configuration.
@@ -150,7 +153,21 @@ impl Sidecar {
             xds.clone(),
             metrics.clone(),
         ));
+        let mut own_ports = vec![
+            cfg.outbound_addr.port(),
+            cfg.inbound_addr.port(),
+            cfg.admin_addr.port(),
+            weft_proto::keys::OUTBOUND_PORT,
+            weft_proto::keys::INBOUND_PORT,
+            weft_proto::keys::ADMIN_PORT,
+            weft_proto::keys::HEALTH_PORT,
+        ];
+        own_ports.extend(cfg.health_addr.map(|a| a.port()));
+        own_ports.retain(|p| *p != 0);
+        own_ports.sort_unstable();
+        own_ports.dedup();
         let ctx = ListenerContext {
+            own_ports,
             namespace: cfg.namespace.clone(),
             server_first_ports: cfg.server_first_ports.clone(),
             header_read_timeout: cfg.header_read_timeout,
