@@ -245,7 +245,7 @@ fn inject_patches_pods_and_workload_templates_offline() {
             .and_then(|p| p.http_get.as_ref())
             .and_then(|h| h.path.clone())
             .as_deref(),
-        Some("/app-health/8080/ready")
+        Some("/app-health/web/readyz")
     );
     assert_eq!(
         tpl.metadata

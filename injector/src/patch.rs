@@ -13,10 +13,11 @@
 //! - pod, namespace, service account and node through the downward API, a projected
 //!   service-account token (audience `weft`) to prove its identity, the mesh root in an
 //!   environment variable, resources, and probes on the proxy's health port;
-//! - the app containers' HTTP probes rewritten to the proxy's health port
-//!   (`/app-health/<port><path>`), which forwards them to the app on localhost, so kubelet
-//!   probes keep working in a STRICT namespace; TCP and gRPC probe ports (and HTTPS ones) are
-//!   excluded from inbound interception instead;
+//! - every network probe of the app containers (`httpGet` HTTP or HTTPS, `tcpSocket`, `grpc`)
+//!   rewritten to an `httpGet` on the proxy's health port at
+//!   `/app-health/<container>/<livez|readyz|startupz>`, the originals passed to the proxy as
+//!   JSON (`WEFT_APP_PROBES`); the proxy runs exactly those against the app on localhost, so
+//!   probes work in a STRICT namespace and no serving port is taken out of interception;
 //! - the label `weft.dev/tls-mode: weft` (callers originate mTLS to it) and the annotation
 //!   `weft.dev/injected`.
 //!
@@ -232,39 +233,69 @@ fn probe_port(port: &IntOrString, c: &Container) -> Option<u16> {
     }
 }
 
-/// Rewrites one probe: HTTP to the proxy's app-health forwarder; others' ports are returned to
-/// be excluded from interception.
-fn rewrite_probe(p: &mut Probe, c: &Container, health: &mut Vec<u16>, exclude: &mut Vec<u16>) {
-    if let Some(h) = p.http_get.as_mut() {
+/// Rewrites one network probe (`httpGet` HTTP or HTTPS, `tcpSocket`, `grpc`) into an
+/// `httpGet` on the proxy's health port at the path assigned to it, and records the original
+/// in `probes`. No probe takes a port out of interception: in a STRICT namespace plaintext
+/// would otherwise reach the application there. `exec` probes are left as they are.
+fn rewrite_probe(
+    p: &mut Probe,
+    c: &Container,
+    kind: weft_proto::probes::ProbeKind,
+    probes: &mut weft_proto::probes::AppProbes,
+) {
+    use weft_proto::probes::{AppProbe, ProbeHeader};
+    let original = if let Some(h) = &p.http_get {
         let Some(port) = probe_port(&h.port, c) else {
             return;
         };
-        if h.scheme
-            .as_deref()
-            .is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"))
-        {
-            exclude.push(port);
-            return;
-        }
         let path = h.path.clone().unwrap_or_else(|| "/".into());
-        let path = if path.starts_with('/') {
-            path
-        } else {
-            format!("/{path}")
-        };
-        h.path = Some(format!("/app-health/{port}{path}"));
-        h.port = IntOrString::Int(i32::from(HEALTH_PORT));
-        h.host = None;
-        health.push(port);
-    } else if let Some(t) = &p.tcp_socket {
-        if let Some(port) = probe_port(&t.port, c) {
-            exclude.push(port);
+        AppProbe::HttpGet {
+            port,
+            path: if path.starts_with('/') {
+                path
+            } else {
+                format!("/{path}")
+            },
+            https: h
+                .scheme
+                .as_deref()
+                .is_some_and(|s| s.eq_ignore_ascii_case("HTTPS")),
+            headers: h
+                .http_headers
+                .iter()
+                .flatten()
+                .map(|h| ProbeHeader {
+                    name: h.name.clone(),
+                    value: h.value.clone(),
+                })
+                .collect(),
         }
-    } else if let Some(g) = &p.grpc
-        && let Ok(port) = u16::try_from(g.port)
-    {
-        exclude.push(port);
-    }
+    } else if let Some(t) = &p.tcp_socket {
+        let Some(port) = probe_port(&t.port, c) else {
+            return;
+        };
+        AppProbe::TcpSocket { port }
+    } else if let Some(g) = &p.grpc {
+        let Ok(port) = u16::try_from(g.port) else {
+            return;
+        };
+        AppProbe::Grpc {
+            port,
+            service: g.service.clone().unwrap_or_default(),
+        }
+    } else {
+        return;
+    };
+    let path = weft_proto::probes::probe_path(&c.name, kind);
+    probes.0.insert(path.clone(), original);
+    p.tcp_socket = None;
+    p.grpc = None;
+    p.http_get = Some(HTTPGetAction {
+        path: Some(path),
+        port: IntOrString::Int(i32::from(HEALTH_PORT)),
+        scheme: Some("HTTP".into()),
+        ..Default::default()
+    });
 }
 
 /// Injects Weft's sidecar into `pod`.
@@ -313,25 +344,23 @@ pub fn inject(pod: &Pod, cfg: &InjectConfig) -> Result<Outcome, InjectError> {
 
     let mut out = pod.clone();
     let spec = out.spec.get_or_insert_with(Default::default);
-    // App probes: HTTP ones through the proxy's health port, the others bypass interception.
-    let mut health_ports = Vec::new();
+    // Every network probe of the app goes through the proxy's health port.
+    let mut probes = weft_proto::probes::AppProbes::default();
     for c in spec.containers.iter_mut() {
+        use weft_proto::probes::ProbeKind;
         let snapshot = c.clone();
-        for p in [
-            c.liveness_probe.as_mut(),
-            c.readiness_probe.as_mut(),
-            c.startup_probe.as_mut(),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            rewrite_probe(p, &snapshot, &mut health_ports, &mut exclude_in);
+        for (p, kind) in [
+            (c.liveness_probe.as_mut(), ProbeKind::Liveness),
+            (c.readiness_probe.as_mut(), ProbeKind::Readiness),
+            (c.startup_probe.as_mut(), ProbeKind::Startup),
+        ] {
+            if let Some(p) = p {
+                rewrite_probe(p, &snapshot, kind, &mut probes);
+            }
         }
     }
     exclude_in.sort_unstable();
     exclude_in.dedup();
-    health_ports.sort_unstable();
-    health_ports.dedup();
 
     let mut init_args = vec![
         "init".to_string(),
@@ -375,7 +404,7 @@ pub fn inject(pod: &Pod, cfg: &InjectConfig) -> Result<Outcome, InjectError> {
         ..Default::default()
     };
 
-    let mut run_args = vec![
+    let run_args = vec![
         "run".to_string(),
         "--xds-addr".into(),
         cfg.xds_addr.clone(),
@@ -384,9 +413,10 @@ pub fn inject(pod: &Pod, cfg: &InjectConfig) -> Result<Outcome, InjectError> {
         "--health-addr".into(),
         format!("0.0.0.0:{HEALTH_PORT}"),
     ];
-    if !health_ports.is_empty() {
-        run_args.extend(["--app-health-ports".into(), join(&health_ports)]);
-    }
+    let probes_json = serde_json::to_string(&probes).map_err(|e| InjectError {
+        field: "spec.containers[].*Probe".into(),
+        message: format!("cannot encode the probes: {e}"),
+    })?;
     let mut proxy = Container {
         name: PROXY_CONTAINER.into(),
         image: Some(cfg.image.clone()),
@@ -402,6 +432,7 @@ pub fn inject(pod: &Pod, cfg: &InjectConfig) -> Result<Outcome, InjectError> {
             env("WEFT_TRUST_DOMAIN", &cfg.trust_domain),
             env("WEFT_TOKEN_FILE", &format!("{TOKEN_DIR}/token")),
             env("WEFT_TRUST_BUNDLE_PEM", &cfg.root_pem),
+            env(weft_proto::probes::APP_PROBES_ENV, &probes_json),
         ]),
         ports: Some(vec![ContainerPort {
             name: Some("weft-health".into()),

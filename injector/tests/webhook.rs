@@ -208,12 +208,13 @@ async fn a_pod_is_injected_over_https_and_the_patch_makes_a_valid_pod() {
     let names: Vec<&str> = inits.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, [INIT_CONTAINER, PROXY_CONTAINER, "migrate"]);
 
-    // weft-init: the exclusions from the annotations, the health and admin ports, the ports of
-    // probes that do not go through the proxy (TCP 8080, gRPC 9090, the HTTPS one on 2020).
+    // weft-init: the exclusions from the annotations, the health and admin ports — and no
+    // probe port: a TCP (8080), gRPC (9090) or HTTPS (2020) probe never takes a serving port
+    // out of interception, where plaintext would get past STRICT.
     let init = &inits[0];
     assert_eq!(
         arg_after(init, "--exclude-inbound-ports").as_deref(),
-        Some("2020,8080,9090,9100,15000,15021")
+        Some("9100,15000,15021")
     );
     assert_eq!(
         arg_after(init, "--exclude-outbound-ports").as_deref(),
@@ -239,10 +240,50 @@ async fn a_pod_is_injected_over_https_and_the_patch_makes_a_valid_pod() {
         arg_after(proxy, "--xds-addr").as_deref(),
         Some("weft-control-plane.weft-system.svc:15012")
     );
-    assert_eq!(
-        arg_after(proxy, "--app-health-ports").as_deref(),
-        Some("8080")
-    );
+    // The original probes, for the health listener to run and nothing else.
+    let probes_json = proxy
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == weft_proto::probes::APP_PROBES_ENV)
+        .and_then(|e| e.value.clone())
+        .expect("WEFT_APP_PROBES");
+    let probes: weft_proto::probes::AppProbes =
+        serde_json::from_str(&probes_json).expect("probes JSON");
+    use weft_proto::probes::AppProbe;
+    let want: std::collections::BTreeMap<String, AppProbe> = [
+        (
+            "/app-health/app/readyz".to_string(),
+            AppProbe::HttpGet {
+                port: 8080,
+                path: "/healthz".into(),
+                https: false,
+                headers: vec![],
+            },
+        ),
+        (
+            "/app-health/app/livez".to_string(),
+            AppProbe::TcpSocket { port: 8080 },
+        ),
+        (
+            "/app-health/app/startupz".to_string(),
+            AppProbe::Grpc {
+                port: 9090,
+                service: String::new(),
+            },
+        ),
+        (
+            "/app-health/logs/livez".to_string(),
+            AppProbe::HttpGet {
+                port: 2020,
+                path: "/ready".into(),
+                https: true,
+                headers: vec![],
+            },
+        ),
+    ]
+    .into();
+    assert_eq!(probes.0, want);
     let startup = proxy
         .startup_probe
         .as_ref()
@@ -305,32 +346,31 @@ async fn a_pod_is_injected_over_https_and_the_patch_makes_a_valid_pod() {
         .expect("projected token");
     assert_eq!(proj.audience.as_deref(), Some("weft"));
 
-    // The app's HTTP probe goes through the proxy's health port; the others are untouched.
-    let app = &spec.containers[0];
-    let ready = app
-        .readiness_probe
-        .as_ref()
-        .and_then(|p| p.http_get.as_ref())
-        .expect("readiness");
-    assert_eq!(ready.path.as_deref(), Some("/app-health/8080/healthz"));
-    assert_eq!(
-        ready.port,
-        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i32::from(HEALTH_PORT))
-    );
-    assert!(
-        app.liveness_probe
-            .as_ref()
-            .is_some_and(|p| p.tcp_socket.is_some())
-    );
-    let logs = &spec.containers[1];
-    assert_eq!(
-        logs.liveness_probe
-            .as_ref()
-            .and_then(|p| p.http_get.as_ref())
-            .and_then(|h| h.path.as_deref()),
-        Some("ready"),
-        "an HTTPS probe is left alone"
-    );
+    // Every network probe is now an HTTP GET of its assigned path on the health port.
+    let health =
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i32::from(HEALTH_PORT));
+    for (c, probe, path) in [
+        (&spec.containers[0], "readiness", "/app-health/app/readyz"),
+        (&spec.containers[0], "liveness", "/app-health/app/livez"),
+        (&spec.containers[0], "startup", "/app-health/app/startupz"),
+        (&spec.containers[1], "liveness", "/app-health/logs/livez"),
+    ] {
+        let p = match probe {
+            "readiness" => c.readiness_probe.as_ref(),
+            "liveness" => c.liveness_probe.as_ref(),
+            _ => c.startup_probe.as_ref(),
+        }
+        .expect("probe");
+        assert!(
+            p.tcp_socket.is_none() && p.grpc.is_none(),
+            "{}/{probe}",
+            c.name
+        );
+        let h = p.http_get.as_ref().expect("httpGet");
+        assert_eq!(h.path.as_deref(), Some(path));
+        assert_eq!(h.port, health);
+        assert_eq!(h.scheme.as_deref(), Some("HTTP"));
+    }
     let labels = pod.metadata.labels.clone().unwrap_or_default();
     assert_eq!(
         labels.get("weft.dev/tls-mode").map(String::as_str),

@@ -9,6 +9,7 @@ pub mod keys;
 pub mod load;
 pub mod logging;
 pub mod names;
+pub mod probes;
 pub mod spiffe;
 pub mod tls;
 

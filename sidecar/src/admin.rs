@@ -536,8 +536,12 @@ pub async fn serve(
     metrics: Arc<Metrics>,
 ) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                crate::accept::failed("admin", &e).await;
+                continue;
+            }
         };
         let (xds, svid, metrics) = (xds.clone(), svid.clone(), metrics.clone());
         tokio::spawn(async move {

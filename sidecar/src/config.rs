@@ -26,13 +26,15 @@ pub struct RunConfig {
     /// or a projected Kubernetes service-account token (which the kubelet rotates).
     #[arg(long, env = "WEFT_TOKEN_FILE")]
     pub token_file: Option<std::path::PathBuf>,
-    /// Health listener for kubelet probes (`/ready`, `/live`, `/app-health/<port>/<path>`);
-    /// off unless given (the injector sets `0.0.0.0:15021`).
+    /// Health listener for kubelet probes (`/ready`, `/live`, and the application's probes
+    /// at the paths `--app-probes` lists); off unless given (the injector sets `0.0.0.0:15021`).
     #[arg(long, env = "WEFT_HEALTH_ADDR")]
     pub health_addr: Option<SocketAddr>,
-    /// Application ports `/app-health/<port>/...` may forward probes to (on localhost).
-    #[arg(long, env = "WEFT_APP_HEALTH_PORTS", value_delimiter = ',')]
-    pub app_health_ports: Vec<u16>,
+    /// The application's probes the health listener may run, as JSON: health path -> probe
+    /// (`{"httpGet": {"port": 8080, "path": "/healthz"}}`, `{"tcpSocket": {"port": 5432}}`,
+    /// `{"grpc": {"port": 9090}}`); what the injector sets. Nothing else is forwarded.
+    #[arg(long, env = "WEFT_APP_PROBES", default_value = "{}", value_parser = parse_app_probes)]
+    pub app_probes: weft_proto::probes::AppProbes,
     /// xDS node id (default: `<pod>.<namespace>` from the environment, else the host name).
     #[arg(long, env = "WEFT_NODE_ID")]
     pub node_id: Option<String>,
@@ -150,7 +152,7 @@ impl RunConfig {
             trust_bundle_pem: None,
             token_file: None,
             health_addr: None,
-            app_health_ports: Vec::new(),
+            app_probes: weft_proto::probes::AppProbes::default(),
             node_id: Some(node_id.into()),
             namespace: "default".into(),
             service_account: "default".into(),
@@ -185,4 +187,16 @@ impl RunConfig {
             }
         })
     }
+}
+
+/// Parses `--app-probes` (JSON), naming what is wrong.
+pub fn parse_app_probes(s: &str) -> Result<weft_proto::probes::AppProbes, String> {
+    let probes: weft_proto::probes::AppProbes = serde_json::from_str(s)
+        .map_err(|e| format!("not a JSON object of health path -> probe: {e}"))?;
+    for path in probes.0.keys() {
+        if !path.starts_with("/app-health/") {
+            return Err(format!("{path:?}: probe paths start with /app-health/"));
+        }
+    }
+    Ok(probes)
 }

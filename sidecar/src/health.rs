@@ -2,22 +2,27 @@
 //!
 //! - `/ready`, `/live`: the proxy's own state (as on the admin listener, which stays on
 //!   localhost);
-//! - `/app-health/<port>/<path>`: the application's HTTP probe, forwarded to
-//!   `127.0.0.1:<port>/<path>`. The injector rewrites the app's HTTP probes to this, so that in
-//!   a STRICT namespace (which refuses plaintext on intercepted ports) the kubelet still reaches
-//!   the app. Only ports listed in `--app-health-ports` are forwarded, and only GETs: the
-//!   listener cannot be used to reach anything else in the pod.
+//! - the application's probes, at exactly the paths `--app-probes` lists
+//!   (`/app-health/<container>/<livez|readyz|startupz>`, set by the injector, which rewrote
+//!   every network probe of the pod to them): each runs the original probe — HTTP or HTTPS GET
+//!   of its own path, TCP connect, gRPC health check — against `127.0.0.1:<port>`. No caller
+//!   picks a port, a path or a query, so the listener cannot reach anything else in the pod,
+//!   and no probe needs a port taken out of interception (which would let plaintext past
+//!   STRICT there).
 //!
 //! The health port is excluded from inbound interception (the injector passes it to `init`).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use weft_proto::probes::{AppProbe, AppProbes};
+use weft_proto::tls::rustls;
 
 use crate::admin::{readiness, text};
 use crate::identity::SvidCell;
@@ -28,43 +33,183 @@ pub const APP_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest probe answer body passed back.
 pub const MAX_PROBE_BODY: usize = 64 * 1024;
 
-/// Where `/app-health/<port>/<rest>` goes, if the port is allowed: (port, path and query).
-pub fn app_target(path_and_query: &str, allowed: &[u16]) -> Result<(u16, String), String> {
-    let rest = path_and_query
-        .strip_prefix("/app-health/")
-        .ok_or("not an /app-health/ path")?;
-    let (port, tail) = rest.split_once('/').unwrap_or((rest, ""));
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("{port:?} is not a port"))?;
-    if !allowed.contains(&port) {
-        return Err(format!(
-            "port {port} is not an application health port of this pod"
-        ));
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Accepts any server certificate: the kubelet does not verify HTTPS probes either, and the
+/// application is on this pod's loopback.
+#[derive(Debug)]
+struct AnyServerCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
-    Ok((port, format!("/{tail}")))
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
-/// One new connection per probe, as the kubelet's own probes make: a pooled connection could
-/// keep answering for an application that no longer accepts new ones.
-async fn forward(port: u16, path: String) -> Response<Full<Bytes>> {
+fn probe_tls() -> Result<Arc<rustls::ClientConfig>, BoxError> {
+    let provider = weft_proto::tls::provider();
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServerCert(provider)))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// An HTTP/1 GET of `path` over `io`: (status, body).
+async fn http_get<IO>(
+    io: IO,
+    port: u16,
+    path: &str,
+    headers: &[weft_proto::probes::ProbeHeader],
+) -> Result<(StatusCode, Bytes), BoxError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .uri(path)
+        .header(hyper::header::HOST, format!("127.0.0.1:{port}"))
+        .header(hyper::header::USER_AGENT, "weft-app-health");
+    for h in headers {
+        req = req.header(h.name.as_str(), h.value.as_str());
+    }
+    let resp = send
+        .send_request(req.body(http_body_util::Empty::<Bytes>::new())?)
+        .await?;
+    let status = resp.status();
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_PROBE_BODY)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// `grpc.health.v1.Health/Check` for `service` over `tcp`: SERVING is 200, anything else 503.
+async fn grpc_check(tcp: TcpStream, service: &str) -> Result<(StatusCode, Bytes), BoxError> {
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await?;
+    tokio::spawn(conn);
+    // HealthCheckRequest { string service = 1; }, length-prefixed as gRPC frames messages.
+    let mut msg = Vec::new();
+    if !service.is_empty() {
+        msg.push(0x0a);
+        let mut n = service.len();
+        while n >= 0x80 {
+            msg.push((n as u8 & 0x7f) | 0x80);
+            n >>= 7;
+        }
+        msg.push(n as u8);
+        msg.extend_from_slice(service.as_bytes());
+    }
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&msg);
+    let req = Request::builder()
+        .method("POST")
+        .uri("http://127.0.0.1/grpc.health.v1.Health/Check")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from(frame)))?;
+    let resp = send.send_request(req).await?;
+    let (parts, body) = resp.into_parts();
+    let collected = http_body_util::Limited::new(body, MAX_PROBE_BODY)
+        .collect()
+        .await?;
+    let grpc_status = collected
+        .trailers()
+        .and_then(|t| t.get("grpc-status"))
+        .or_else(|| parts.headers.get("grpc-status"))
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let bytes = collected.to_bytes();
+    // HealthCheckResponse { ServingStatus status = 1; } — SERVING = 1.
+    let serving = grpc_status == "0" && bytes.len() >= 7 && bytes[5] == 0x08 && bytes[6] == 1;
+    Ok(if serving {
+        (StatusCode::OK, Bytes::from_static(b"SERVING\n"))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Bytes::from(format!("not SERVING (grpc-status {grpc_status:?})\n")),
+        )
+    })
+}
+
+/// Runs one probe against the application on localhost, on a new connection (as the
+/// kubelet's own probes do: a pooled one could keep answering for an application that no
+/// longer accepts new ones).
+async fn run_probe(probe: &AppProbe) -> Response<Full<Bytes>> {
+    let port = match probe {
+        AppProbe::HttpGet { port, .. }
+        | AppProbe::TcpSocket { port }
+        | AppProbe::Grpc { port, .. } => *port,
+    };
     let attempt = async {
-        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        let req = Request::builder()
-            .uri(path)
-            .header(hyper::header::HOST, format!("127.0.0.1:{port}"))
-            .header(hyper::header::USER_AGENT, "weft-app-health")
-            .body(http_body_util::Empty::<Bytes>::new())?;
-        let resp = send.send_request(req).await?;
-        let status = resp.status();
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_PROBE_BODY)
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, body))
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+        match probe {
+            AppProbe::TcpSocket { .. } => Ok((StatusCode::OK, Bytes::from_static(b"open\n"))),
+            AppProbe::HttpGet {
+                path,
+                https: false,
+                headers,
+                ..
+            } => http_get(tcp, port, path, headers).await,
+            AppProbe::HttpGet {
+                path,
+                https: true,
+                headers,
+                ..
+            } => {
+                let name = rustls::pki_types::ServerName::try_from("localhost")?;
+                let tls = tokio_rustls::TlsConnector::from(probe_tls()?)
+                    .connect(name, tcp)
+                    .await?;
+                http_get(tls, port, path, headers).await
+            }
+            AppProbe::Grpc { service, .. } => grpc_check(tcp, service).await,
+        }
     };
     match tokio::time::timeout(APP_PROBE_TIMEOUT, attempt).await {
         Ok(Ok((status, body))) => {
@@ -90,39 +235,42 @@ pub async fn serve(
     listener: TcpListener,
     xds: XdsHandle,
     svid: Option<SvidCell>,
-    allowed: Vec<u16>,
+    probes: Arc<AppProbes>,
 ) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                crate::accept::failed("health", &e).await;
+                continue;
+            }
         };
-        let (xds, svid, allowed) = (xds.clone(), svid.clone(), allowed.clone());
+        let (xds, svid, probes) = (xds.clone(), svid.clone(), probes.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (xds, svid, allowed) = (xds.clone(), svid.clone(), allowed.clone());
+                let (xds, svid, probes) = (xds.clone(), svid.clone(), probes.clone());
                 async move {
+                    let get = req.method() == hyper::Method::GET;
+                    // The whole path and query must be one the injector listed.
                     let pq = req
                         .uri()
                         .path_and_query()
                         .map_or("/", |p| p.as_str())
                         .to_string();
-                    let resp = match (req.method() == hyper::Method::GET, req.uri().path()) {
+                    let resp = match (get, req.uri().path()) {
                         (_, "/live") => text(StatusCode::OK, "live\n".into(), "text/plain"),
                         (_, "/ready") => {
                             let (status, body) = readiness(&xds, svid.as_ref());
                             text(status, body.into(), "text/plain")
                         }
-                        (true, p) if p.starts_with("/app-health/") => {
-                            match app_target(&pq, &allowed) {
-                                Ok((port, path)) => forward(port, path).await,
-                                Err(m) => {
-                                    text(StatusCode::FORBIDDEN, format!("{m}\n"), "text/plain")
-                                }
-                            }
-                        }
+                        (true, _) if probes.0.contains_key(&pq) => match probes.0.get(&pq) {
+                            Some(p) => run_probe(p).await,
+                            None => text(StatusCode::NOT_FOUND, "\n".into(), "text/plain"),
+                        },
                         _ => text(
                             StatusCode::NOT_FOUND,
-                            "try /ready /live /app-health/<port>/<path>\n".into(),
+                            "try /ready /live, or an application probe path this pod declares\n"
+                                .into(),
                             "text/plain",
                         ),
                     };
@@ -165,25 +313,4 @@ pub fn wait_ready(addr: std::net::SocketAddr, timeout: Duration) -> Result<(), S
     Err(format!(
         "the proxy at {addr} was not ready within {timeout:?} (last: {last})"
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_listed_ports_are_forwarded() {
-        assert_eq!(
-            app_target("/app-health/8080/healthz?x=1", &[8080]),
-            Ok((8080, "/healthz?x=1".into()))
-        );
-        assert_eq!(
-            app_target("/app-health/8080", &[8080]),
-            Ok((8080, "/".into()))
-        );
-        let e = app_target("/app-health/9090/healthz", &[8080]).expect_err("not listed");
-        assert!(e.contains("not an application health port"), "{e}");
-        let e = app_target("/app-health/x/healthz", &[8080]).expect_err("garbage");
-        assert!(e.contains("not a port"), "{e}");
-    }
 }

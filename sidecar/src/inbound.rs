@@ -103,7 +103,8 @@ impl Inbound {
             let (client, peer) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(error = %e, "inbound accept failed");
+                    self.shared.metrics.connection_error("inbound");
+                    crate::accept::failed("inbound", &e).await;
                     continue;
                 }
             };

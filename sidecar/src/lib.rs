@@ -6,6 +6,7 @@
 //! [`Sidecar::start`] binds every listener first (a bind error stops start-up), then serves
 //! until the handle is dropped.
 
+pub mod accept;
 pub mod admin;
 pub mod balance;
 pub mod config;
@@ -205,7 +206,7 @@ impl Sidecar {
                 l,
                 xds.clone(),
                 svid.clone(),
-                cfg.app_health_ports.clone(),
+                Arc::new(cfg.app_probes.clone()),
             )));
         }
         tasks.push(tokio::spawn(admin::serve(

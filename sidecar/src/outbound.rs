@@ -125,7 +125,7 @@ impl Outbound {
             let (stream, peer) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
+                    crate::accept::failed("outbound", &e).await;
                     continue;
                 }
             };
