@@ -338,6 +338,30 @@ impl tower::Service<crate::resilience::Req> for Upstream {
         let mesh = self.mesh.as_ref().filter(|m| {
             target.mtls_identity.is_some() && m.svid.load().as_ref().is_some_and(|s| s.valid())
         });
+        // Never a downgrade: a meshed endpoint in a STRICT namespace gets mTLS or nothing.
+        if mesh.is_none() && target.mtls_identity.is_some() && d.strict {
+            let why = match &self.mesh {
+                None => {
+                    "this proxy has no workload identity (started without --join-token or --token-file)"
+                }
+                Some(_) => {
+                    "this proxy has no valid certificate (the CA has not issued or renewed it)"
+                }
+            };
+            let msg = format!(
+                "weft: {} requires mTLS (STRICT) and {why}: not sending it plaintext",
+                target.addr
+            );
+            return Box::pin(async move {
+                Ok(refusal(
+                    hyper::StatusCode::SERVICE_UNAVAILABLE,
+                    "no-certificate",
+                    msg,
+                    // Not the endpoint's fault: no ejection, and no retry elsewhere.
+                    None,
+                ))
+            });
+        }
         let (mut parts, body) = req.into_parts();
         // The scheme only keys the pool (mTLS and plaintext connections never mix); the
         // connector decides how to connect.

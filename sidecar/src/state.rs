@@ -607,6 +607,9 @@ pub struct ClusterState {
     /// Its endpoints speak HTTP/2 only (`appProtocol` grpc, h2c, kubernetes.io/h2c, http2):
     /// requests go to them over HTTP/2 with prior knowledge.
     pub http2: bool,
+    /// Its Service's namespace is STRICT: its meshed endpoints are never sent plaintext (no
+    /// valid certificate here means 503 `no-certificate`, not a downgrade).
+    pub strict: bool,
     /// Circuit breakers, retry budget, outlier detection.
     pub policy: Arc<ClusterPolicy>,
     /// Live counters (requests and retries in flight), kept across config versions.
@@ -686,7 +689,13 @@ pub struct MeshConfig {
 
 impl MeshConfig {
     /// How this proxy's inbound listener treats connections, for its namespace.
+    /// Before the first config arrives (a proxy just started, or restarted while the control
+    /// plane is down) nothing is known of the namespace: STRICT, so plaintext is refused
+    /// rather than let in by a guess.
     pub fn inbound_mode(&self, namespace: &str) -> weft_proto::tls::MtlsMode {
+        if self.versions.is_empty() {
+            return weft_proto::tls::MtlsMode::Strict;
+        }
         self.mtls_modes.get(namespace).copied().unwrap_or_default()
     }
 

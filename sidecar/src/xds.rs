@@ -608,6 +608,10 @@ fn compile(held: &mut Held) -> MeshConfig {
                     policy: Arc::new(ClusterPolicy::from_xds(c)),
                     http2: state::cluster_meta(c)
                         .is_some_and(|m| state::is_http2_protocol(&m.app_protocol)),
+                    strict: state::cluster_meta(c).is_some_and(|m| {
+                        weft_proto::tls::MtlsMode::parse(&m.mtls_mode)
+                            == Ok(weft_proto::tls::MtlsMode::Strict)
+                    }),
                     runtime,
                 },
             ))
