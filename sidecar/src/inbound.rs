@@ -341,7 +341,11 @@ impl Shared {
         let started = Instant::now();
         let mtls = identity.is_some();
         let h2 = req.version() == hyper::Version::HTTP_2;
+        if let Some((status, reason, msg)) = crate::hop::refusal(&req) {
+            return refuse(status, reason, msg);
+        }
         let (mut parts, body) = req.into_parts();
+        crate::hop::strip(&mut parts.headers);
         parts.uri = match crate::outbound::forward_uri("http", app, &parts.uri) {
             Ok(u) => u,
             Err(msg) => return refuse(StatusCode::BAD_REQUEST, "bad-uri", msg),
@@ -356,7 +360,11 @@ impl Shared {
             .request(Request::from_parts(parts, body.boxed()))
             .await
         {
-            Ok(r) => r.map(|b| b.boxed()),
+            Ok(r) => {
+                let mut r = r.map(|b| b.boxed());
+                crate::hop::strip(r.headers_mut());
+                r
+            }
             Err(e) => refuse(
                 StatusCode::BAD_GATEWAY,
                 "app-unreachable",

@@ -13,6 +13,7 @@ pub mod config;
 pub mod connect;
 pub mod detect;
 pub mod health;
+pub mod hop;
 pub mod identity;
 pub mod inbound;
 pub mod init;

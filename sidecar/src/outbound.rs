@@ -256,7 +256,14 @@ impl Proxy {
         if let Ok(v) = hyper::header::HeaderValue::from_str(&trace.header()) {
             req.headers_mut().insert(TRACEPARENT, v);
         }
-        let resp = self.route(req, peer, orig).instrument(span.clone()).await;
+        let mut resp = match crate::hop::refusal(&req) {
+            Some((status, reason, msg)) => refuse(status, reason, msg),
+            None => {
+                crate::hop::strip(req.headers_mut());
+                self.route(req, peer, orig).instrument(span.clone()).await
+            }
+        };
+        crate::hop::strip(resp.headers_mut());
         let reason = resp
             .headers()
             .get(PROXY_REASON_HEADER)

@@ -42,6 +42,8 @@ pub struct Behavior {
     /// Every header of every request whose name a framework could read as a mesh-owned
     /// header (`x-weft-*` in any case, `_` for `-`): (name, value).
     pub mesh_headers: std::sync::Mutex<Vec<(String, String)>>,
+    /// The header names of the last request, in order.
+    pub last_header_names: std::sync::Mutex<Vec<String>>,
 }
 
 /// Whether a header name reads as a mesh-owned `x-weft-*` header once case and `_`/`-` are
@@ -111,6 +113,13 @@ impl Echo {
                             }
                             if let Ok(mut last) = b.last_version.lock() {
                                 *last = Some(format!("{:?}", req.version()));
+                            }
+                            if let Ok(mut names) = b.last_header_names.lock() {
+                                *names = req
+                                    .headers()
+                                    .keys()
+                                    .map(|k| k.as_str().to_string())
+                                    .collect();
                             }
                             if let Ok(mut seen) = b.mesh_headers.lock() {
                                 for (k, v) in req.headers() {

@@ -218,3 +218,52 @@ mod property {
         }
     }
 }
+
+/// Hop-by-hop hygiene at the inbound, as a caller on the pod network would try it: headers it
+/// names in `Connection` (and `Keep-Alive`, `Proxy-Connection`) never reach the app; a `Host`
+/// that disagrees with the authority is refused; an upgrade is refused, not half-done.
+#[tokio::test]
+async fn hop_by_hop_headers_conflicting_hosts_and_upgrades_are_handled_at_the_inbound() {
+    let t = target(77).await;
+    let reply = t
+        .raw(
+            Duration::ZERO,
+            b"GET / HTTP/1.1\r\nhost: app\r\nconnection: keep-alive, x-drop-me\r\nx-drop-me: 1\r\nkeep-alive: timeout=5\r\nproxy-connection: keep-alive\r\nx-kept: 1\r\ncontent-length: 0\r\n\r\n",
+        )
+        .await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let names = t
+        .echo
+        .behavior
+        .last_header_names
+        .lock()
+        .map(|g| g.clone())
+        .unwrap_or_default();
+    assert!(names.contains(&"x-kept".to_string()), "{names:?}");
+    for gone in ["x-drop-me", "keep-alive", "proxy-connection", "connection"] {
+        assert!(
+            !names.contains(&gone.to_string()),
+            "{gone} reached the app: {names:?}"
+        );
+    }
+    let served = t.echo.served.load(std::sync::atomic::Ordering::Relaxed);
+    let reply = t
+        .raw(
+            Duration::ZERO,
+            b"GET http://app/ HTTP/1.1\r\nhost: admin.internal\r\ncontent-length: 0\r\n\r\n",
+        )
+        .await;
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    let reply = t
+        .raw(
+            Duration::ZERO,
+            b"GET / HTTP/1.1\r\nhost: app\r\nconnection: upgrade\r\nupgrade: h2c\r\ncontent-length: 0\r\n\r\n",
+        )
+        .await;
+    assert!(reply.starts_with("HTTP/1.1 501"), "{reply}");
+    assert_eq!(
+        t.echo.served.load(std::sync::atomic::Ordering::Relaxed),
+        served,
+        "a refused request reached the app"
+    );
+}

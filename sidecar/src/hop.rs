@@ -1,0 +1,154 @@
+//! Message hygiene at the proxy boundary, both directions: hop-by-hop headers removed (RFC 9110
+//! §7.6.1) — `Connection` and every header it names, `Keep-Alive`, `Proxy-Connection`,
+//! `Transfer-Encoding`, `Upgrade`, and `TE` except `trailers` (which gRPC needs) — so a caller
+//! cannot make the proxy drop an end-to-end header (`Connection: x-weft-…`) or smuggle framing;
+//! a request whose `Host` and authority disagree is refused (400); protocol upgrades, which
+//! the request path does not carry, are refused (501) rather than half-done.
+
+use hyper::HeaderMap;
+use hyper::header::{CONNECTION, HOST, HeaderName, TE, TRANSFER_ENCODING, UPGRADE};
+
+const KEEP_ALIVE: &str = "keep-alive";
+const PROXY_CONNECTION: &str = "proxy-connection";
+
+/// Removes the hop-by-hop headers of one message.
+pub fn strip(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        // Never let `Connection` remove the headers the mesh itself relies on end to end.
+        if n != HOST && n != TE {
+            headers.remove(&n);
+        }
+    }
+    for n in [CONNECTION, TRANSFER_ENCODING, UPGRADE] {
+        headers.remove(n);
+    }
+    headers.remove(KEEP_ALIVE);
+    headers.remove(PROXY_CONNECTION);
+    let trailers = headers
+        .get_all(TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    headers.remove(TE);
+    if trailers {
+        headers.insert(TE, hyper::header::HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Why a request cannot be forwarded as it is, if it cannot: (status, reason, message).
+pub fn refusal<B>(req: &hyper::Request<B>) -> Option<(hyper::StatusCode, &'static str, String)> {
+    let hosts: Vec<&[u8]> = req
+        .headers()
+        .get_all(HOST)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    if hosts.len() > 1 {
+        return Some((
+            hyper::StatusCode::BAD_REQUEST,
+            "host-conflict",
+            "weft: more than one Host header".into(),
+        ));
+    }
+    // The same host, with or without the scheme's default port, is no conflict.
+    let bare = |s: &[u8]| -> Vec<u8> {
+        let s = s.to_ascii_lowercase();
+        let default = if req.uri().scheme_str() == Some("https") {
+            &b":443"[..]
+        } else {
+            &b":80"[..]
+        };
+        s.strip_suffix(default).map(<[u8]>::to_vec).unwrap_or(s)
+    };
+    // HTTP/1 only: an absolute-form target and a Host that disagree is the classic way to
+    // route by one and be served by the other. (Over HTTP/2 the proxy itself addresses an
+    // endpoint by `:authority` and names the Service in `Host`; `Host` is what is passed on.)
+    if req.version() <= hyper::Version::HTTP_11
+        && let (Some(authority), Some(host)) = (req.uri().authority(), hosts.first())
+        && bare(authority.as_str().as_bytes()) != bare(host)
+    {
+        return Some((
+            hyper::StatusCode::BAD_REQUEST,
+            "host-conflict",
+            format!(
+                "weft: the request's authority {:?} and its Host header {:?} disagree",
+                authority.as_str(),
+                String::from_utf8_lossy(host)
+            ),
+        ));
+    }
+    if req.headers().contains_key(UPGRADE) || req.method() == hyper::Method::CONNECT {
+        return Some((
+            hyper::StatusCode::NOT_IMPLEMENTED,
+            "upgrade-unsupported",
+            "weft: protocol upgrades (WebSocket included) and CONNECT are not carried through the mesh yet".into(),
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                v.parse().expect("value"),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_removed() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-secret, host"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("x-secret", "1"),
+            ("upgrade", "h2c"),
+            ("te", "trailers, deflate"),
+            ("host", "app"),
+            ("x-end-to-end", "kept"),
+        ]);
+        strip(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["host", "x-end-to-end", "te"]);
+        assert_eq!(h["te"], "trailers");
+        let mut h = headers(&[("te", "gzip")]);
+        strip(&mut h);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn conflicting_hosts_and_upgrades_are_refused() {
+        let req = |uri: &str, hs: &[(&str, &str)]| {
+            let mut b = hyper::Request::builder().uri(uri);
+            for (k, v) in hs {
+                b = b.header(*k, *v);
+            }
+            b.body(()).expect("request")
+        };
+        assert!(refusal(&req("/", &[("host", "a")])).is_none());
+        assert!(refusal(&req("http://a/", &[("host", "A")])).is_none());
+        assert!(refusal(&req("http://a:80/", &[("host", "a")])).is_none());
+        let (s, r, _) = refusal(&req("http://a/", &[("host", "b")])).expect("conflict");
+        assert_eq!((s.as_u16(), r), (400, "host-conflict"));
+        let (s, _, _) = refusal(&req("/", &[("host", "a"), ("host", "b")])).expect("two hosts");
+        assert_eq!(s.as_u16(), 400);
+        let (s, r, _) =
+            refusal(&req("/", &[("host", "a"), ("upgrade", "websocket")])).expect("upgrade");
+        assert_eq!((s.as_u16(), r), (501, "upgrade-unsupported"));
+    }
+}
