@@ -63,6 +63,9 @@ pub struct Metrics {
     pub tcp_connections: Family<Labels, Counter>,
     /// `weft_proxy_connection_errors_total{listener}`: connections closed on protocol errors.
     pub connection_errors: Family<Labels, Counter>,
+    /// `weft_proxy_connections_closed_total{listener,reason}`: connections the proxy closed
+    /// on a limit (`max-connections`: over the listener's cap; `idle`: the idle timeout).
+    pub connections_closed: Family<Labels, Counter>,
     /// `weft_proxy_spans_exported_total`.
     pub spans_exported: Counter,
     /// `weft_proxy_spans_dropped_total`: spans lost to a full queue or a failed export.
@@ -226,6 +229,12 @@ impl Metrics {
             "Connections closed on a protocol error (garbage, slow or oversized request heads)",
             connection_errors.clone(),
         );
+        let connections_closed = Family::<Labels, Counter>::default();
+        registry.register(
+            "weft_proxy_connections_closed",
+            "Connections the proxy closed on a limit (reason max-connections or idle)",
+            connections_closed.clone(),
+        );
         let (retries, overflows, ejections, tcp_connections) = (
             Family::<Labels, Counter>::default(),
             Family::<Labels, Counter>::default(),
@@ -257,6 +266,7 @@ impl Metrics {
             ejections,
             tcp_connections,
             connection_errors,
+            connections_closed,
             spans_exported,
             spans_dropped,
             cert_expiry_seconds,
@@ -393,6 +403,16 @@ impl Metrics {
     pub fn tcp_connection(&self, direction: &str) {
         self.tcp_connections
             .get_or_create(&vec![("direction".into(), direction.into())])
+            .inc();
+    }
+
+    /// Counts a connection the proxy closed on a limit (`max-connections`, `idle`).
+    pub fn connection_closed(&self, listener: &str, reason: &str) {
+        self.connections_closed
+            .get_or_create(&vec![
+                ("listener".into(), listener.into()),
+                ("reason".into(), reason.into()),
+            ])
             .inc();
     }
 

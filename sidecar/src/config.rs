@@ -97,6 +97,14 @@ pub struct RunConfig {
     /// On SIGTERM: how long in-flight requests get to finish after the listeners close.
     #[arg(long, env = "WEFT_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub drain_timeout: std::time::Duration,
+    /// Close a downstream connection (HTTP or opaque TCP) after this long without a byte
+    /// either way; `0s` never.
+    #[arg(long, env = "WEFT_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    pub idle_timeout: std::time::Duration,
+    /// Open connections each of the outbound and inbound listeners takes at most; more are
+    /// closed at once and counted (`weft_proxy_connections_closed_total{reason="max-connections"}`).
+    #[arg(long, env = "WEFT_MAX_CONNECTIONS", default_value_t = 16384)]
+    pub max_connections: usize,
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "WEFT_LOG", default_value = "info")]
     pub log: String,
@@ -172,6 +180,8 @@ impl RunConfig {
             trust_domain: "cluster.local".into(),
             cert_ttl: std::time::Duration::from_secs(24 * 3600),
             log: "info".into(),
+            idle_timeout: std::time::Duration::from_secs(3600),
+            max_connections: 16384,
             log_format: weft_proto::logging::LogFormat::Text,
         }
     }

@@ -66,9 +66,10 @@ pub async fn splice(
     dst: SocketAddr,
     direction: &'static str,
     metrics: &Metrics,
+    idle: Duration,
 ) {
     match connect_app(dst).await {
-        Ok(upstream) => splice_to(client, upstream, peer, dst, direction, metrics).await,
+        Ok(upstream) => splice_to(client, upstream, peer, dst, direction, metrics, idle).await,
         Err(e) => {
             metrics.tcp_connection(direction);
             tracing::warn!(%peer, %dst, direction, error = %e, "opaque: cannot reach the destination")
@@ -91,18 +92,30 @@ pub async fn connect_app(dst: SocketAddr) -> std::io::Result<TcpStream> {
     }
 }
 
-/// Copies bytes both ways between `client` and an already connected `upstream`.
+/// Copies bytes both ways between `client` and an already connected `upstream`, until
+/// either side closes or nothing moves for `idle` (zero: no limit).
 pub async fn splice_to(
-    mut client: TcpStream,
-    mut upstream: TcpStream,
+    client: TcpStream,
+    upstream: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
     direction: &'static str,
     metrics: &Metrics,
+    idle: Duration,
 ) {
     metrics.tcp_connection(direction);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(%peer, %dst, direction, error = %e, "opaque connection ended");
+    let activity = crate::accept::Activity::default();
+    let (mut client, mut upstream) = (activity.wrap(client), activity.wrap(upstream));
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, %dst, direction, error = %e, "opaque connection ended");
+            }
+        }
+        _ = activity.idle_for(idle) => {
+            tracing::debug!(%peer, %dst, direction, ?idle, "opaque connection closed: idle");
+            metrics.connection_closed(direction, "idle");
+        }
     }
 }
 

@@ -52,6 +52,8 @@ struct Shared {
     namespace: String,
     server_first_ports: Vec<u16>,
     own_ports: Vec<u16>,
+    idle_timeout: Duration,
+    cap: crate::accept::Cap,
     header_read_timeout: Duration,
     xds: XdsHandle,
     svid: Option<SvidCell>,
@@ -75,6 +77,8 @@ impl Inbound {
                 namespace: ctx.namespace,
                 server_first_ports: ctx.server_first_ports,
                 own_ports: ctx.own_ports,
+                idle_timeout: ctx.idle_timeout,
+                cap: crate::accept::Cap::new(ctx.max_connections),
                 header_read_timeout: ctx.header_read_timeout,
                 xds: ctx.xds,
                 svid: ctx.svid,
@@ -123,10 +127,16 @@ impl Inbound {
                 self.shared.metrics.connection_error("inbound");
                 continue;
             };
+            let Some(slot) = self.shared.cap.admit() else {
+                self.shared
+                    .metrics
+                    .connection_closed("inbound", "max-connections");
+                continue;
+            };
             self.shared.metrics.inbound_connections.inc();
             let (shared, open) = (self.shared.clone(), open.clone());
             tokio::spawn(async move {
-                let _open = open;
+                let (_open, _slot) = (open, slot);
                 shared.connection(client, peer, app).await;
             });
         }
@@ -197,6 +207,7 @@ impl Shared {
                 app,
                 "inbound",
                 &self.metrics,
+                self.idle_timeout,
             )
             .await;
         }
@@ -210,8 +221,16 @@ impl Shared {
                 self.serve_h2(client, peer, app, None).await
             }
             Protocol::Opaque => {
-                crate::connect::splice_to(client, upstream, peer, app, "inbound", &self.metrics)
-                    .await
+                crate::connect::splice_to(
+                    client,
+                    upstream,
+                    peer,
+                    app,
+                    "inbound",
+                    &self.metrics,
+                    self.idle_timeout,
+                )
+                .await
             }
         }
     }
@@ -232,7 +251,15 @@ impl Shared {
             (Kind::H2c, _) => self.serve_h2(client, peer, app, None).await,
             (Kind::Silent, _) => self.late(client, peer, app).await,
             (Kind::MeshTls | Kind::Other, _) => {
-                crate::connect::splice(client, peer, app, "inbound", &self.metrics).await
+                crate::connect::splice(
+                    client,
+                    peer,
+                    app,
+                    "inbound",
+                    &self.metrics,
+                    self.idle_timeout,
+                )
+                .await
             }
         }
     }
@@ -292,12 +319,18 @@ impl Shared {
             let (this, identity) = (this.clone(), identity.clone());
             async move { Ok::<_, Infallible>(this.to_app(req, app, peer, identity).await) }
         });
+        let activity = crate::accept::Activity::default();
         let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
-            .serve_connection(TokioIo::new(io), svc);
-        if let Err(e) = conn.await {
-            tracing::info!(%peer, error = %e, "inbound HTTP/2 mTLS connection closed on a protocol error");
-            self.metrics.connection_error("inbound");
+            .serve_connection(TokioIo::new(activity.wrap(io)), svc);
+        tokio::select! {
+            r = conn => if let Err(e) = r {
+                tracing::info!(%peer, error = %e, "inbound HTTP/2 connection closed on a protocol error");
+                self.metrics.connection_error("inbound");
+            },
+            _ = activity.idle_for(self.idle_timeout) => {
+                self.metrics.connection_closed("inbound", "idle");
+            }
         }
     }
 
@@ -320,14 +353,20 @@ impl Shared {
             let (this, identity) = (this.clone(), identity.clone());
             async move { Ok::<_, Infallible>(this.to_app(req, app, peer, identity).await) }
         });
+        let activity = crate::accept::Activity::default();
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(self.header_read_timeout)
             .max_buf_size(MAX_HEAD_BYTES)
-            .serve_connection(TokioIo::new(io), svc);
-        if let Err(e) = conn.await {
-            tracing::info!(%peer, mtls, error = %e, "inbound connection closed on a protocol error");
-            self.metrics.connection_error("inbound");
+            .serve_connection(TokioIo::new(activity.wrap(io)), svc);
+        tokio::select! {
+            r = conn => if let Err(e) = r {
+                tracing::info!(%peer, mtls, error = %e, "inbound connection closed on a protocol error");
+                self.metrics.connection_error("inbound");
+            },
+            _ = activity.idle_for(self.idle_timeout) => {
+                self.metrics.connection_closed("inbound", "idle");
+            }
         }
     }
 

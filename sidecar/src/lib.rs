@@ -68,6 +68,10 @@ pub struct ListenerContext {
     /// The proxy's own listener ports: a redirected connection headed to one of them is
     /// refused by inbound (a remote caller must never reach outbound or admin through it).
     pub own_ports: Vec<u16>,
+    /// Downstream idle timeout (zero: none).
+    pub idle_timeout: std::time::Duration,
+    /// Open connections per listener at most.
+    pub max_connections: usize,
 }
 
 /// How this sidecar reaches its control plane, from its configuration.
@@ -170,6 +174,8 @@ impl Sidecar {
         own_ports.dedup();
         let ctx = ListenerContext {
             own_ports,
+            idle_timeout: cfg.idle_timeout,
+            max_connections: cfg.max_connections,
             namespace: cfg.namespace.clone(),
             server_first_ports: cfg.server_first_ports.clone(),
             header_read_timeout: cfg.header_read_timeout,

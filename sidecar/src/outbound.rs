@@ -58,6 +58,8 @@ struct Proxy {
     namespace: String,
     server_first_ports: Vec<u16>,
     header_read_timeout: Duration,
+    idle_timeout: Duration,
+    cap: crate::accept::Cap,
     tracer: Tracer,
 }
 
@@ -99,6 +101,8 @@ impl Outbound {
                 namespace: ctx.namespace,
                 server_first_ports: ctx.server_first_ports,
                 header_read_timeout: ctx.header_read_timeout,
+                idle_timeout: ctx.idle_timeout,
+                cap: crate::accept::Cap::new(ctx.max_connections),
                 tracer,
             }),
         })
@@ -129,10 +133,16 @@ impl Outbound {
                     continue;
                 }
             };
+            let Some(slot) = this.cap.admit() else {
+                this.metrics
+                    .connection_closed("outbound", "max-connections");
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let this = this.clone();
             let watcher = graceful.watcher();
             tokio::spawn(async move {
+                let _slot = slot;
                 // Redirected by iptables, or sent to us directly (explicit mode)?
                 let orig =
                     detect::original_dst(&stream).filter(|o| Some(*o) != stream.local_addr().ok());
@@ -146,7 +156,15 @@ impl Outbound {
                 };
                 match protocol {
                     Protocol::Opaque => {
-                        crate::connect::splice(stream, peer, dst, "outbound", &this.metrics).await
+                        crate::connect::splice(
+                            stream,
+                            peer,
+                            dst,
+                            "outbound",
+                            &this.metrics,
+                            this.idle_timeout,
+                        )
+                        .await
                     }
                     Protocol::Http1 | Protocol::Http2 => {
                         this.serve_http(stream, peer, Some(dst), watcher).await
@@ -190,12 +208,19 @@ impl Proxy {
             .header_read_timeout(self.header_read_timeout)
             .max_buf_size(MAX_HEAD_BYTES);
         builder.http2().max_header_list_size(MAX_HEAD_BYTES as u32);
+        let activity = crate::accept::Activity::default();
         let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
+            .serve_connection(TokioIo::new(activity.wrap(stream)), svc)
             .into_owned();
-        if let Err(e) = watcher.watch(conn).await {
-            tracing::info!(%peer, error = %e, "outbound connection closed on a protocol error");
-            self.metrics.connection_error("outbound");
+        tokio::select! {
+            r = watcher.watch(conn) => if let Err(e) = r {
+                tracing::info!(%peer, error = %e, "outbound connection closed on a protocol error");
+                self.metrics.connection_error("outbound");
+            },
+            _ = activity.idle_for(self.idle_timeout) => {
+                tracing::debug!(%peer, "outbound connection closed: idle");
+                self.metrics.connection_closed("outbound", "idle");
+            }
         }
     }
 

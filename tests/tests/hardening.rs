@@ -263,3 +263,83 @@ fn arbitrary_bytes_never_take_the_proxy_down() {
     let (status, _) = rt.block_on(get_via(addr, "echo", "/")).expect("request");
     assert_eq!(status, 200, "the proxy serves after the fuzzing");
 }
+
+/// A connection that goes quiet is closed after the idle timeout (opaque TCP and HTTP keep-
+/// alive alike), and a listener takes no more than its connection cap: extra connections are
+/// closed at once. Both are counted.
+#[tokio::test]
+async fn idle_connections_are_closed_and_listeners_are_capped() {
+    // An application that accepts and never says a word.
+    let silent = tokio::net::TcpListener::bind("127.0.9.1:0")
+        .await
+        .expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = silent.accept().await {
+            if let Ok(mut k) = keep.lock() {
+                k.push(s);
+            }
+        }
+    });
+    let (_echo, _d, _cp, sc) = setup("127.0.9.100", |c| {
+        c.idle_timeout = Duration::from_millis(400);
+        c.max_connections = 3;
+        c.app_addr = Some(silent_addr);
+    })
+    .await;
+    // Opaque bytes to a silent app: spliced, then cut once nothing moves.
+    let started = tokio::time::Instant::now();
+    let mut s = TcpStream::connect(sc.inbound_addr).await.expect("connect");
+    s.write_all(b"\x00\x01binary").await.expect("write");
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(PATIENCE, s.read(&mut buf))
+        .await
+        .expect("closed within patience")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed, nothing answered");
+    assert!(
+        started.elapsed() >= Duration::from_millis(350),
+        "{:?}",
+        started.elapsed()
+    );
+    // HTTP keep-alive through outbound: one request, then quiet: closed.
+    let mut h = TcpStream::connect(sc.outbound_addr).await.expect("connect");
+    h.write_all(b"GET / HTTP/1.1\r\nhost: echo\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = vec![0u8; 4096];
+    let n = h.read(&mut got).await.expect("response");
+    assert!(String::from_utf8_lossy(&got[..n]).starts_with("HTTP/1.1 200"));
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(PATIENCE, h.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "an idle keep-alive connection stayed open");
+    // The cap: three open connections are held, the fourth is closed at once.
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut c = TcpStream::connect(sc.inbound_addr).await.expect("connect");
+        c.write_all(b"\x00\x02").await.expect("write");
+        open.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut extra = TcpStream::connect(sc.inbound_addr).await.expect("connect");
+    let n = tokio::time::timeout(Duration::from_millis(300), extra.read(&mut buf))
+        .await
+        .expect("the fourth connection is closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let (_, metrics) = get_via(sc.admin_addr, "admin", "/metrics")
+        .await
+        .expect("metrics");
+    let count = |reason: &str| {
+        weft_testkit::metric_sum(
+            &metrics,
+            "weft_proxy_connections_closed_total",
+            &[&format!("reason=\"{reason}\"")],
+        )
+    };
+    assert!(count("idle") >= 2.0, "{metrics}");
+    assert!(count("max-connections") >= 1.0, "{metrics}");
+    drop(open);
+}
