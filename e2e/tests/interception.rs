@@ -34,6 +34,31 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
     ok(&["ip", "link", "set", &vb, "netns", &srv]);
     ok(&["ip", "-n", &cli, "addr", "add", "198.18.0.1/24", "dev", &va]);
     ok(&["ip", "-n", &srv, "addr", "add", "198.18.0.2/24", "dev", &vb]);
+    // IPv6 too (2001:2::/48, the IPv6 benchmarking range): a dual-stack pod.
+    ok(&[
+        "ip",
+        "-n",
+        &cli,
+        "-6",
+        "addr",
+        "add",
+        "2001:2::1/64",
+        "dev",
+        &va,
+        "nodad",
+    ]);
+    ok(&[
+        "ip",
+        "-n",
+        &srv,
+        "-6",
+        "addr",
+        "add",
+        "2001:2::2/64",
+        "dev",
+        &vb,
+        "nodad",
+    ]);
     for (ns, dev) in [(&cli, &va), (&srv, &vb)] {
         ok(&["ip", "-n", ns, "link", "set", dev, "up"]);
         ok(&["ip", "-n", ns, "link", "set", "lo", "up"]);
@@ -53,6 +78,21 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
             "8080",
             "--bind",
             "198.18.0.2",
+            "--directory",
+            &web_dir,
+        ],
+        None,
+    );
+    lab.spawn(
+        "web6",
+        &srv,
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            "2001:2::2",
             "--directory",
             &web_dir,
         ],
@@ -97,6 +137,12 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
     );
     assert!(rules.contains("--uid-owner 1337 -j RETURN"), "{rules}");
     assert!(rules.contains("REDIRECT --to-ports 15001"), "{rules}");
+    // The same rules for IPv6: no dual-stack bypass.
+    let rules6 = ok(&["ip", "netns", "exec", &cli, "ip6tables", "-t", "nat", "-S"]);
+    assert!(rules6.contains("--uid-owner 1337 -j RETURN"), "{rules6}");
+    assert!(rules6.contains("-d ::1/128 -j RETURN"), "{rules6}");
+    assert!(rules6.contains("REDIRECT --to-ports 15001"), "{rules6}");
+    assert!(rules6.contains("REDIRECT --to-ports 15006"), "{rules6}");
 
     // The sidecar, as the proxy UID so its own connections are not intercepted.
     lab.spawn(
@@ -153,6 +199,26 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
         "the pod-IP request crossed the sidecar:\n{metrics}"
     );
 
+    // IPv6: the unmodified client's connection to the server pod's IPv6 address crosses the
+    // sidecar too (before, ip6tables had no rules and IPv6 skipped the proxy).
+    let passthrough = |m: &str| {
+        weft_testkit::metric_sum(m, "weft_proxy_requests_total", &["cluster=\"passthrough\""])
+    };
+    let before = passthrough(&String::from_utf8_lossy(
+        &curl("http://127.0.0.1:15000/metrics").stdout,
+    ));
+    let out = curl("http://[2001:2::2]:8080/");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "srv-pod\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = passthrough(&String::from_utf8_lossy(
+        &curl("http://127.0.0.1:15000/metrics").stdout,
+    ));
+    assert_eq!(after, before + 1.0, "the IPv6 request crossed the sidecar");
+
     // An attacker on another host dials the pod's own proxy ports to borrow its identity
     // (podIP:15001 would be redirected to inbound and, before, proxied out as this pod) or
     // to read its admin: nothing answers. Inbound counts the refusal.
@@ -190,4 +256,6 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
     ok(&["ip", "netns", "exec", &cli, &sidecar, "init", "--uninstall"]);
     let after = ok(&["ip", "netns", "exec", &cli, "iptables", "-t", "nat", "-S"]);
     assert!(!after.contains("WEFT"), "{after}");
+    let after6 = ok(&["ip", "netns", "exec", &cli, "ip6tables", "-t", "nat", "-S"]);
+    assert!(!after6.contains("WEFT"), "{after6}");
 }

@@ -157,7 +157,7 @@ fn ports(annotations: &BTreeMap<String, String>, key: &str) -> Result<Vec<u16>, 
         .collect()
 }
 
-/// Parses a comma-separated IPv4 CIDR list annotation.
+/// Parses a comma-separated CIDR list (IPv4 or IPv6) annotation.
 fn cidrs(annotations: &BTreeMap<String, String>, key: &str) -> Result<Vec<String>, InjectError> {
     let Some(v) = annotations.get(key) else {
         return Ok(Vec::new());
@@ -166,15 +166,19 @@ fn cidrs(annotations: &BTreeMap<String, String>, key: &str) -> Result<Vec<String
         .map(str::trim)
         .filter(|c| !c.is_empty())
         .map(|c| {
-            let ok = c.split_once('/').is_some_and(|(ip, len)| {
-                ip.parse::<std::net::Ipv4Addr>().is_ok() && len.parse::<u8>().is_ok_and(|l| l <= 32)
-            });
+            let ok =
+                c.split_once('/')
+                    .is_some_and(|(ip, len)| match ip.parse::<std::net::IpAddr>() {
+                        Ok(std::net::IpAddr::V4(_)) => len.parse::<u8>().is_ok_and(|l| l <= 32),
+                        Ok(std::net::IpAddr::V6(_)) => len.parse::<u8>().is_ok_and(|l| l <= 128),
+                        Err(_) => false,
+                    });
             if ok {
                 Ok(c.to_string())
             } else {
                 Err(annotation_err(
                     key,
-                    format!("{c:?} is not an IPv4 CIDR; expected e.g. \"10.0.0.0/8\""),
+                    format!("{c:?} is not a CIDR; expected e.g. \"10.0.0.0/8\" or \"fd00::/8\""),
                 ))
             }
         })

@@ -60,6 +60,16 @@ pub struct RunConfig {
     /// Inbound listener.
     #[arg(long, env = "WEFT_INBOUND_ADDR", default_value = "0.0.0.0:15006")]
     pub inbound_addr: SocketAddr,
+    /// IPv6 outbound listener (where ip6tables' OUTPUT REDIRECT lands).
+    #[arg(long, env = "WEFT_OUTBOUND_ADDR6", default_value = "[::1]:15001")]
+    pub outbound_addr6: SocketAddr,
+    /// IPv6 inbound listener (IPv6 only; IPv4 has its own).
+    #[arg(long, env = "WEFT_INBOUND_ADDR6", default_value = "[::]:15006")]
+    pub inbound_addr6: SocketAddr,
+    /// Do not listen on IPv6 (the IPv6 listeners are otherwise opened whenever the pod has
+    /// IPv6; `init` intercepts IPv6 whenever the pod has it).
+    #[arg(long, env = "WEFT_NO_IPV6")]
+    pub no_ipv6: bool,
     /// Admin listener: /metrics /ready /live /config_dump.
     #[arg(long, env = "WEFT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
@@ -170,6 +180,9 @@ impl RunConfig {
             outbound_addr: at(0),
             inbound_addr: at(0),
             admin_addr: at(0),
+            outbound_addr6: SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0)),
+            inbound_addr6: SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0)),
+            no_ipv6: true,
             app_addr: None,
             server_first_ports: vec![21, 25, 110, 143, 587, 3306],
             drain_timeout: std::time::Duration::from_secs(5),

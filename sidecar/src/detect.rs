@@ -268,8 +268,20 @@ pub async fn peek_some(
     }
 }
 
-/// The destination a redirected connection was headed to, if iptables redirected it.
+/// The destination a redirected connection was headed to, if iptables (or ip6tables)
+/// redirected it.
 pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
+    if stream.local_addr().ok()?.is_ipv6() {
+        let sa = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::Ip6tOriginalDst)
+            .ok()?;
+        let ip = std::net::Ipv6Addr::from(sa.sin6_addr.s6_addr);
+        return Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+            ip,
+            u16::from_be(sa.sin6_port),
+            0,
+            0,
+        )));
+    }
     let sa = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::OriginalDst).ok()?;
     let ip = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
     Some(SocketAddr::V4(SocketAddrV4::new(

@@ -70,8 +70,21 @@ impl Inbound {
         app: Option<SocketAddr>,
         ctx: crate::ListenerContext,
     ) -> std::io::Result<Self> {
-        Ok(Inbound {
-            listener: TcpListener::bind(addr).await?,
+        Ok(Self::with_listener(
+            TcpListener::bind(addr).await?,
+            app,
+            ctx,
+        ))
+    }
+
+    /// Serves on an already bound `listener` (the IPv6 one).
+    pub fn with_listener(
+        listener: TcpListener,
+        app: Option<SocketAddr>,
+        ctx: crate::ListenerContext,
+    ) -> Self {
+        Inbound {
+            listener,
             shared: Arc::new(Shared {
                 app,
                 namespace: ctx.namespace,
@@ -86,7 +99,7 @@ impl Inbound {
                 client_h2: crate::connect::pooled_h2(crate::connect::plain()),
                 metrics: ctx.metrics,
             }),
-        })
+        }
     }
 
     /// The bound address.

@@ -8,6 +8,11 @@
 //! `--uninstall` removes exactly what `init` added and running `init` twice is harmless.
 //! Both iptables back ends work: `iptables` (nf_tables on current Debian) is tried first,
 //! then `iptables-legacy`; when neither can list the nat table, init refuses with both errors.
+//!
+//! IPv6 gets the same rules through `ip6tables` (or `ip6tables-legacy`), loopback being
+//! `::1`, and the excluded CIDRs of each family going to their own table. When the pod has
+//! IPv6 but no ip6tables can list its nat table, init refuses: it never leaves an IPv6 bypass
+//! behind. A pod without IPv6 (disabled, or the kernel without it) gets IPv4 rules only.
 
 use std::net::IpAddr;
 use std::process::Command;
@@ -55,8 +60,13 @@ pub struct InitConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
     /// A flag value is not usable.
-    #[error("--exclude-outbound-cidrs: {0:?} is not a CIDR like 10.0.0.0/8")]
+    #[error("--exclude-outbound-cidrs: {0:?} is not a CIDR like 10.0.0.0/8 or fd00::/8")]
     Cidr(String),
+    /// IPv6 is on in the pod but cannot be intercepted.
+    #[error(
+        "this pod has IPv6 but no usable ip6tables ({0}): refusing to leave IPv6 connections uninterceped; install ip6tables in the init image or disable IPv6 in the pod"
+    )]
+    NoIp6tables(String),
     /// No usable iptables.
     #[error("no usable iptables: {0}")]
     NoIptables(String),
@@ -77,18 +87,62 @@ fn validate_cidr(c: &str) -> Result<(), InitError> {
     let ip: IpAddr = ip.parse().map_err(|_| InitError::Cidr(c.into()))?;
     let len: u8 = len.parse().map_err(|_| InitError::Cidr(c.into()))?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
-    if len > max || !ip.is_ipv4() {
+    if len > max {
         return Err(InitError::Cidr(c.into()));
     }
     Ok(())
+}
+
+/// Which iptables family a rule set is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// `iptables`.
+    V4,
+    /// `ip6tables`.
+    V6,
+}
+
+impl Family {
+    fn loopback(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.0/8",
+            Family::V6 => "::1/128",
+        }
+    }
+
+    fn holds(self, cidr: &str) -> bool {
+        (self == Family::V6) == cidr.contains(':')
+    }
+
+    /// The binaries to try, in order.
+    fn binaries(self) -> [&'static str; 2] {
+        match self {
+            Family::V4 => ["iptables", "iptables-legacy"],
+            Family::V6 => ["ip6tables", "ip6tables-legacy"],
+        }
+    }
+}
+
+/// Whether this network namespace has IPv6 (an interface address, and not disabled).
+pub fn ipv6_enabled() -> bool {
+    let disabled = std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+        .map(|s| s.trim() == "1")
+        .unwrap_or(true);
+    let addresses = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+    !disabled && !addresses.trim().is_empty()
 }
 
 fn args(s: &[&str]) -> Vec<String> {
     s.iter().map(|x| x.to_string()).collect()
 }
 
-/// The commands that install the rules (nat table), in order.
+/// The commands that install the IPv4 rules (nat table), in order.
 pub fn install_rules(cfg: &InitConfig) -> Result<Vec<Vec<String>>, InitError> {
+    install_rules_for(cfg, Family::V4)
+}
+
+/// The commands that install one family's rules (nat table), in order.
+pub fn install_rules_for(cfg: &InitConfig, family: Family) -> Result<Vec<Vec<String>>, InitError> {
     for c in &cfg.exclude_outbound_cidrs {
         validate_cidr(c)?;
     }
@@ -152,11 +206,15 @@ pub fn install_rules(cfg: &InitConfig) -> Result<Vec<Vec<String>>, InitError> {
         "-A",
         OUTPUT_CHAIN,
         "-d",
-        "127.0.0.0/8",
+        family.loopback(),
         "-j",
         "RETURN",
     ]));
-    for c in &cfg.exclude_outbound_cidrs {
+    for c in cfg
+        .exclude_outbound_cidrs
+        .iter()
+        .filter(|c| family.holds(c))
+    {
         r.push(args(&[
             "-t",
             "nat",
@@ -241,8 +299,13 @@ pub fn uninstall_rules() -> Vec<Vec<String>> {
 
 /// The first iptables binary that can list the nat table.
 pub fn detect_iptables() -> Result<String, InitError> {
+    detect(Family::V4).map_err(InitError::NoIptables)
+}
+
+/// The first binary of `family` that can list the nat table, or every error.
+fn detect(family: Family) -> Result<String, String> {
     let mut errors = Vec::new();
-    for bin in ["iptables", "iptables-legacy"] {
+    for bin in family.binaries() {
         match Command::new(bin).args(["-t", "nat", "-S"]).output() {
             Ok(o) if o.status.success() => return Ok(bin.to_string()),
             Ok(o) => errors.push(format!(
@@ -252,7 +315,7 @@ pub fn detect_iptables() -> Result<String, InitError> {
             Err(e) => errors.push(format!("{bin}: {e}")),
         }
     }
-    Err(InitError::NoIptables(errors.join("; ")))
+    Err(errors.join("; "))
 }
 
 fn run(binary: &str, a: &[String]) -> Result<(), InitError> {
@@ -277,33 +340,55 @@ fn run(binary: &str, a: &[String]) -> Result<(), InitError> {
 
 /// Runs init: prints, installs (replacing any earlier Weft rules) or uninstalls.
 pub fn run_init(cfg: &InitConfig) -> Result<(), InitError> {
-    let install = if cfg.uninstall {
-        Vec::new()
-    } else {
-        install_rules(cfg)?
-    };
-    if cfg.dry_run {
-        for a in uninstall_rules().iter().chain(&install) {
-            println!("iptables {}", a.join(" "));
-        }
-        return Ok(());
+    let v6 = ipv6_enabled();
+    let mut families = vec![Family::V4];
+    if v6 || cfg.dry_run {
+        families.push(Family::V6);
     }
-    let bin = detect_iptables()?;
-    // Idempotent: remove what an earlier init left, ignoring "does not exist".
-    for a in uninstall_rules() {
-        let _ = run(&bin, &a);
-    }
-    for a in &install {
-        run(&bin, a)?;
-    }
-    eprintln!(
-        "weft-sidecar init: {} with {bin}",
-        if cfg.uninstall {
-            "rules removed"
+    // Check both families can be set up before changing anything.
+    let mut plans = Vec::new();
+    for family in families {
+        let install = if cfg.uninstall {
+            Vec::new()
         } else {
-            "rules installed"
+            install_rules_for(cfg, family)?
+        };
+        if cfg.dry_run {
+            let bin = family.binaries()[0];
+            for a in uninstall_rules().iter().chain(&install) {
+                println!("{bin} {}", a.join(" "));
+            }
+            continue;
         }
-    );
+        let bin = match (family, detect(family)) {
+            (_, Ok(b)) => b,
+            (Family::V4, Err(e)) => return Err(InitError::NoIptables(e)),
+            (Family::V6, Err(e)) => return Err(InitError::NoIp6tables(e)),
+        };
+        plans.push((bin, install));
+    }
+    for (bin, install) in &plans {
+        // Idempotent: remove what an earlier init left, ignoring "does not exist".
+        for a in uninstall_rules() {
+            let _ = run(bin, &a);
+        }
+        for a in install {
+            run(bin, a)?;
+        }
+    }
+    if !cfg.dry_run {
+        let bins: Vec<&str> = plans.iter().map(|(b, _)| b.as_str()).collect();
+        eprintln!(
+            "weft-sidecar init: {} with {}{}",
+            if cfg.uninstall {
+                "rules removed"
+            } else {
+                "rules installed"
+            },
+            bins.join(" and "),
+            if v6 { "" } else { " (no IPv6 in this pod)" }
+        );
+    }
     Ok(())
 }
 
@@ -360,12 +445,40 @@ mod tests {
 
     #[test]
     fn bad_cidrs_are_refused() {
-        for bad in ["10.0.0.0", "10.0.0.0/33", "ten/8", "::1/128"] {
+        for bad in ["10.0.0.0", "10.0.0.0/33", "ten/8", "fd00::/129"] {
             let mut c = cfg();
             c.exclude_outbound_cidrs = vec![bad.into()];
             let e = install_rules(&c).expect_err(bad).to_string();
             assert!(e.contains(bad), "{e}");
         }
+    }
+
+    #[test]
+    fn ipv6_rules_mirror_ipv4_with_their_own_loopback_and_cidrs() {
+        let mut c = cfg();
+        c.exclude_outbound_cidrs = vec!["10.96.0.0/12".into(), "fd00:10:96::/112".into()];
+        let v6: Vec<String> = install_rules_for(&c, Family::V6)
+            .expect("valid")
+            .iter()
+            .map(|r| r.join(" "))
+            .collect();
+        let v4: Vec<String> = install_rules_for(&c, Family::V4)
+            .expect("valid")
+            .iter()
+            .map(|r| r.join(" "))
+            .collect();
+        assert!(
+            v6.iter().any(|r| r.contains("-d ::1/128 -j RETURN")),
+            "{v6:#?}"
+        );
+        assert!(
+            v6.iter()
+                .any(|r| r.contains("-d fd00:10:96::/112 -j RETURN"))
+        );
+        assert!(!v6.iter().any(|r| r.contains("10.96.0.0/12")));
+        assert!(!v4.iter().any(|r| r.contains("fd00")));
+        assert!(v6.iter().any(|r| r.contains("REDIRECT --to-ports 15001")));
+        assert!(v6.iter().any(|r| r.contains("REDIRECT --to-ports 15006")));
     }
 
     #[test]

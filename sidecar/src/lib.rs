@@ -113,6 +113,10 @@ pub struct Sidecar {
     pub outbound_addr: SocketAddr,
     /// Inbound listener address.
     pub inbound_addr: SocketAddr,
+    /// IPv6 outbound listener address, when the pod has IPv6.
+    pub outbound_addr6: Option<SocketAddr>,
+    /// IPv6 inbound listener address, when the pod has IPv6.
+    pub inbound_addr6: Option<SocketAddr>,
     /// Admin listener address.
     pub admin_addr: SocketAddr,
     /// Health listener address, when enabled.
@@ -184,12 +188,38 @@ impl Sidecar {
             metrics: metrics.clone(),
         };
         let tracer = telemetry::Tracer::start(cfg.otlp_endpoint.clone(), metrics.clone());
-        let outbound = outbound::Outbound::bind(cfg.outbound_addr, ctx.clone(), tracer)
+        let outbound = outbound::Outbound::bind(cfg.outbound_addr, ctx.clone(), tracer.clone())
             .await
             .map_err(err("outbound", cfg.outbound_addr))?;
-        let inbound = inbound::Inbound::bind(cfg.inbound_addr, cfg.app_addr, ctx)
+        let inbound = inbound::Inbound::bind(cfg.inbound_addr, cfg.app_addr, ctx.clone())
             .await
             .map_err(err("inbound", cfg.inbound_addr))?;
+        // IPv6: its own listeners (IPv6 only), when the pod has IPv6.
+        let (mut outbound6, mut inbound6) = (None, None);
+        if !cfg.no_ipv6 {
+            match (
+                bind_v6only(cfg.outbound_addr6),
+                bind_v6only(cfg.inbound_addr6),
+            ) {
+                (Ok(o), Ok(i)) => {
+                    outbound6 = Some(outbound::Outbound::with_listener(
+                        o,
+                        ctx.clone(),
+                        tracer.clone(),
+                    ));
+                    inbound6 = Some(inbound::Inbound::with_listener(
+                        i,
+                        cfg.app_addr,
+                        ctx.clone(),
+                    ));
+                }
+                (Err(e), _) | (_, Err(e)) if no_ipv6_here(&e) => {
+                    tracing::info!(error = %e, "no IPv6 in this pod: IPv4 listeners only");
+                }
+                (Err(e), _) => return Err(err("outbound (IPv6)", cfg.outbound_addr6)(e)),
+                (_, Err(e)) => return Err(err("inbound (IPv6)", cfg.inbound_addr6)(e)),
+            }
+        }
         let admin = admin::bind(cfg.admin_addr)
             .await
             .map_err(err("admin", cfg.admin_addr))?;
@@ -201,10 +231,16 @@ impl Sidecar {
             .map_err(err("inbound", cfg.inbound_addr))?;
         let admin_addr = admin.local_addr().map_err(err("admin", cfg.admin_addr))?;
         let (drain, drained) = tokio::sync::watch::channel(false);
-        let listeners = vec![
+        let outbound_addr6 = outbound6.as_ref().and_then(|o| o.local_addr().ok());
+        let inbound_addr6 = inbound6.as_ref().and_then(|i| i.local_addr().ok());
+        let mut listeners = vec![
             tokio::spawn(outbound.run(drained.clone(), cfg.drain_timeout)),
-            tokio::spawn(inbound.run(drained, cfg.drain_timeout)),
+            tokio::spawn(inbound.run(drained.clone(), cfg.drain_timeout)),
         ];
+        if let (Some(o), Some(i)) = (outbound6, inbound6) {
+            listeners.push(tokio::spawn(o.run(drained.clone(), cfg.drain_timeout)));
+            listeners.push(tokio::spawn(i.run(drained, cfg.drain_timeout)));
+        }
         let mut health_addr = None;
         if let Some(addr) = cfg.health_addr {
             let l = admin::bind(addr).await.map_err(err("health", addr))?;
@@ -222,10 +258,12 @@ impl Sidecar {
             svid.clone(),
             metrics,
         )));
-        tracing::info!(%outbound_addr, %inbound_addr, %admin_addr, xds = %cfg.xds_addr, "sidecar serving");
+        tracing::info!(%outbound_addr, %inbound_addr, ?outbound_addr6, ?inbound_addr6, %admin_addr, xds = %cfg.xds_addr, "sidecar serving");
         Ok(Sidecar {
             outbound_addr,
             inbound_addr,
+            outbound_addr6,
+            inbound_addr6,
             admin_addr,
             health_addr,
             xds,
@@ -245,4 +283,28 @@ impl Sidecar {
             let _ = l.await;
         }
     }
+}
+
+/// A listener on an IPv6 address that takes IPv6 only (`IPV6_V6ONLY`), so it never collides
+/// with the IPv4 listener on the same port.
+fn bind_v6only(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV6,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_only_v6(true)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    tokio::net::TcpListener::from_std(socket.into())
+}
+
+/// Whether a bind error means the pod has no IPv6 (rather than a real problem).
+fn no_ipv6_here(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::Unsupported
+    ) || e.raw_os_error() == Some(97) // EAFNOSUPPORT
 }

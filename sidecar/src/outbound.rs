@@ -88,10 +88,22 @@ impl Outbound {
         ctx: crate::ListenerContext,
         tracer: Tracer,
     ) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(addr).await?;
+        Ok(Self::with_listener(
+            TcpListener::bind(addr).await?,
+            ctx,
+            tracer,
+        ))
+    }
+
+    /// Serves on an already bound `listener` (the IPv6 one).
+    pub fn with_listener(
+        listener: TcpListener,
+        ctx: crate::ListenerContext,
+        tracer: Tracer,
+    ) -> Self {
         let upstream =
             crate::connect::Upstream::new(ctx.svid, ctx.xds.clone(), ctx.metrics.clone());
-        Ok(Outbound {
+        Outbound {
             listener,
             proxy: Arc::new(Proxy {
                 stack: stack(upstream, &ctx.metrics),
@@ -105,7 +117,7 @@ impl Outbound {
                 cap: crate::accept::Cap::new(ctx.max_connections),
                 tracer,
             }),
-        })
+        }
     }
 
     /// The bound address.

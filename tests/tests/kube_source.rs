@@ -720,8 +720,15 @@ async fn mock_api_server_replicas_follow_the_leaders_rollout_through_its_status(
         })
         .await;
     }
-    let st = a.rollouts.states();
-    let web = st.get("shop/web").expect("the leader holds the rollout");
+    // The leader takes the rollout over on its next evaluation tick.
+    let web = until_ok("the leader holds the rollout", patience, || async {
+        a.rollouts
+            .states()
+            .get("shop/web")
+            .cloned()
+            .ok_or("not yet".to_string())
+    })
+    .await;
     assert_eq!((web.weight, web.step), (50, 1));
     assert_eq!(web.decisions[0].kind, "resume", "{:?}", web.decisions);
     assert!(
