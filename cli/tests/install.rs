@@ -96,6 +96,29 @@ fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} {name}"))
 }
 
+/// `weftctl inject` of the injector's fixture pod (with a placeholder root in `dir`): the YAML.
+fn inject_fixture(dir: &std::path::Path) -> String {
+    let root = dir.join("root.pem");
+    std::fs::write(
+        &root,
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../injector/tests/fixtures/pod.yaml"
+    );
+    let (code, injected, err) = weftctl(&[
+        "inject",
+        "-f",
+        fixture,
+        "--root-cert",
+        &root.to_string_lossy(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    injected
+}
+
 #[test]
 fn install_dry_run_renders_the_options_a_root_and_the_webhook_certificate() {
     let ca = tempfile::tempdir().expect("tempdir");
@@ -320,24 +343,7 @@ fn manifests_and_injected_pods_pass_the_official_kubernetes_schemas() {
     assert_eq!(code, 0, "{err}");
     let rendered_file = dir.path().join("rendered.yaml");
     std::fs::write(&rendered_file, rendered).expect("write");
-    let root = dir.path().join("root.pem");
-    std::fs::write(
-        &root,
-        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
-    )
-    .expect("write");
-    let fixture = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../injector/tests/fixtures/pod.yaml"
-    );
-    let (code, injected, err) = weftctl(&[
-        "inject",
-        "-f",
-        fixture,
-        "--root-cert",
-        &root.to_string_lossy(),
-    ]);
-    assert_eq!(code, 0, "{err}");
+    let injected = inject_fixture(dir.path());
     let injected_file = dir.path().join("injected.yaml");
     std::fs::write(&injected_file, injected).expect("write");
     let mut files: Vec<String> = std::fs::read_dir(INSTALL)
@@ -561,24 +567,7 @@ fn every_mounted_secret_and_config_map_file_is_readable_by_its_container() {
     assert!(checked >= 5, "only {checked} files checked");
     // An injected pod: the proxy reads its projected service-account token.
     let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().join("root.pem");
-    std::fs::write(
-        &root,
-        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
-    )
-    .expect("write");
-    let fixture = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../injector/tests/fixtures/pod.yaml"
-    );
-    let (code, injected, err) = weftctl(&[
-        "inject",
-        "-f",
-        fixture,
-        "--root-cert",
-        &root.to_string_lossy(),
-    ]);
-    assert_eq!(code, 0, "{err}");
+    let injected = inject_fixture(dir.path());
     for pod in docs(&injected).iter().filter(|d| d["kind"] == "Pod") {
         let mut spec = pod["spec"].clone();
         // The fixture's app containers run as their image's user; only Weft's are checked.

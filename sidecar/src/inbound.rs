@@ -212,19 +212,11 @@ impl Shared {
             r = client.readable() => r.is_ok(),
             _ = upstream.readable() => false,
         };
-        if !client_first {
-            return crate::connect::splice_to(
-                client,
-                upstream,
-                peer,
-                app,
-                "inbound",
-                &self.metrics,
-                self.idle_timeout,
-            )
-            .await;
-        }
-        match detect::detect(&client, detect::DETECT_TIMEOUT).await {
+        let protocol = match client_first {
+            true => detect::detect(&client, detect::DETECT_TIMEOUT).await,
+            false => Protocol::Opaque,
+        };
+        match protocol {
             Protocol::Http1 => {
                 drop(upstream);
                 self.serve_http(client, peer, app, None).await
@@ -234,6 +226,7 @@ impl Shared {
                 self.serve_h2(client, peer, app, None).await
             }
             Protocol::Opaque => {
+                let idle = self.idle_timeout;
                 crate::connect::splice_to(
                     client,
                     upstream,
@@ -241,7 +234,7 @@ impl Shared {
                     app,
                     "inbound",
                     &self.metrics,
-                    self.idle_timeout,
+                    idle,
                 )
                 .await
             }
