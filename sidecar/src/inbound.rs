@@ -150,7 +150,10 @@ impl Inbound {
             let (shared, open) = (self.shared.clone(), open.clone());
             tokio::spawn(async move {
                 let (_open, _slot) = (open, slot);
-                shared.connection(client, peer, app).await;
+                // How the mesh knows this endpoint: the original destination, or (with
+                // --app-addr) the inbound address the world lists as the endpoint.
+                let endpoint = orig.or_else(|| client.local_addr().ok());
+                shared.connection(client, peer, app, endpoint).await;
             });
         }
         drop(self.listener);
@@ -171,11 +174,31 @@ enum Kind {
     /// Not a byte within the detection time: decided by who speaks first.
     Silent,
     Other,
+    /// Not HTTP on a port declared HTTP: refused, never copied raw.
+    NotHttp,
 }
 
 impl Shared {
-    async fn classify(&self, client: &TcpStream, app: SocketAddr) -> Kind {
+    async fn classify(
+        &self,
+        client: &TcpStream,
+        app: SocketAddr,
+        declared: Option<crate::state::Declared>,
+    ) -> Kind {
+        use crate::state::Declared;
         if self.server_first_ports.contains(&app.port()) {
+            return Kind::Other;
+        }
+        if declared == Some(Declared::Opaque) {
+            // Declared opaque: only mesh mTLS is told apart, never sniffed for HTTP.
+            let mut first = [0u8; 2];
+            let n = detect::peek_some(client, &mut first, 2, detect::DETECT_TIMEOUT).await;
+            if tls::looks_like_tls(&first[..n]) {
+                let alpn = detect::peek_alpn(client, detect::DETECT_TIMEOUT).await;
+                if alpn.is_some_and(|a| tls::offers_mesh_alpn(&a)) {
+                    return Kind::MeshTls;
+                }
+            }
             return Kind::Other;
         }
         let mut first = [0u8; 2];
@@ -185,13 +208,23 @@ impl Shared {
             if alpn.is_some_and(|a| tls::offers_mesh_alpn(&a)) {
                 return Kind::MeshTls;
             }
-            return Kind::Other;
+            return match declared {
+                Some(Declared::Http) => Kind::NotHttp,
+                _ => Kind::Other,
+            };
         }
-        match detect::detect_first(client, detect::DETECT_TIMEOUT).await {
-            Detected::Protocol(Protocol::Http1) => Kind::Http1,
-            Detected::Protocol(Protocol::Http2) => Kind::H2c,
-            Detected::Protocol(Protocol::Opaque) => Kind::Other,
-            Detected::Silent => Kind::Silent,
+        match (
+            detect::detect_first(client, detect::DETECT_TIMEOUT).await,
+            declared,
+        ) {
+            (Detected::Protocol(Protocol::Http1), _) => Kind::Http1,
+            (Detected::Protocol(Protocol::Http2), _) => Kind::H2c,
+            // A declared HTTP port: a silent caller is an HTTP client yet to speak (its head
+            // has --header-read-timeout); anything else is refused.
+            (Detected::Silent, Some(Declared::Http)) => Kind::Http1,
+            (Detected::Protocol(Protocol::Opaque), Some(Declared::Http)) => Kind::NotHttp,
+            (Detected::Protocol(Protocol::Opaque), _) => Kind::Other,
+            (Detected::Silent, _) => Kind::Silent,
         }
     }
 
@@ -241,10 +274,20 @@ impl Shared {
         }
     }
 
-    async fn connection(self: Arc<Self>, client: TcpStream, peer: SocketAddr, app: SocketAddr) {
+    async fn connection(
+        self: Arc<Self>,
+        client: TcpStream,
+        peer: SocketAddr,
+        app: SocketAddr,
+        endpoint: Option<SocketAddr>,
+    ) {
         let _ = client.set_nodelay(true);
-        let mode = self.xds.config.load().inbound_mode(&self.namespace);
-        let kind = self.classify(&client, app).await;
+        let (mode, declared) = {
+            let config = self.xds.config.load();
+            let declared = endpoint.and_then(|e| config.declared.get(&e).copied());
+            (config.inbound_mode(&self.namespace), declared)
+        };
+        let kind = self.classify(&client, app, declared).await;
         match (kind, mode) {
             (Kind::MeshTls, MtlsMode::Strict | MtlsMode::Permissive) => {
                 self.mesh_tls(client, peer, app).await
@@ -252,6 +295,10 @@ impl Shared {
             (_, MtlsMode::Strict) => {
                 tracing::info!(%peer, namespace = %self.namespace, "inbound: plaintext connection refused (mTLS mode STRICT)");
                 self.metrics.inbound_refused("plaintext-in-strict");
+            }
+            (Kind::NotHttp, _) => {
+                tracing::info!(%peer, %app, "inbound: refused bytes that are not HTTP on a port declared HTTP");
+                self.metrics.inbound_refused("not-http");
             }
             (Kind::Http1, _) => self.serve_http(client, peer, app, None).await,
             (Kind::H2c, _) => self.serve_h2(client, peer, app, None).await,

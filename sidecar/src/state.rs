@@ -685,6 +685,33 @@ pub struct MeshConfig {
     /// Endpoint address -> the SPIFFE ID its sidecar must present (mTLS endpoints only).
     #[serde(skip)]
     pub mtls_identities: HashMap<SocketAddr, Arc<str>>,
+    /// Endpoint address -> the protocol its Service port declares (`appProtocol`), for the
+    /// inbound of the sidecar in front of it.
+    #[serde(skip)]
+    pub declared: HashMap<SocketAddr, Declared>,
+}
+
+/// What a Service port says it speaks, as inbound treats it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Declared {
+    /// HTTP (`http`, `http2`, `h2c`, `grpc`, `grpc-web`, `kubernetes.io/h2c`,
+    /// `kubernetes.io/ws`): plaintext must parse as HTTP/1 or h2c, or it is refused.
+    Http,
+    /// Anything else declared (`tcp`, `tls`, `https`, a database's name): opaque, never
+    /// sniffed.
+    Opaque,
+}
+
+impl Declared {
+    /// The declaration of an `appProtocol` value; `None` when nothing is declared.
+    pub fn of(app_protocol: &str) -> Option<Declared> {
+        match app_protocol.trim().to_ascii_lowercase().as_str() {
+            "" => None,
+            "http" | "http2" | "h2c" | "grpc" | "grpc-web" | "kubernetes.io/h2c"
+            | "kubernetes.io/ws" => Some(Declared::Http),
+            _ => Some(Declared::Opaque),
+        }
+    }
 }
 
 impl MeshConfig {

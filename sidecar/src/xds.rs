@@ -634,6 +634,16 @@ fn compile(held: &mut Held) -> MeshConfig {
         .flat_map(|e| e.priorities.iter().flatten())
         .filter_map(|e| Some((e.addr, e.mtls_identity.clone()?)))
         .collect();
+    let declared = held
+        .clusters
+        .values()
+        .filter_map(|c| {
+            let d = state::Declared::of(&state::cluster_meta(c)?.app_protocol)?;
+            let eps = clusters.get(&c.name)?.endpoints.as_ref()?;
+            Some(eps.priorities.iter().flatten().map(move |e| (e.addr, d)))
+        })
+        .flatten()
+        .collect();
     // Keep measurements only of endpoints and clusters still in the config.
     held.stats = live;
     held.runtimes = clusters
@@ -646,6 +656,7 @@ fn compile(held: &mut Held) -> MeshConfig {
         versions: held.versions.clone(),
         mtls_modes,
         mtls_identities,
+        declared,
     }
 }
 

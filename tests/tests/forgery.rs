@@ -267,3 +267,66 @@ async fn hop_by_hop_headers_conflicting_hosts_and_upgrades_are_handled_at_the_in
         "a refused request reached the app"
     );
 }
+
+/// A port the mesh declares HTTP (`appProtocol: http`) takes HTTP only: bytes that do not
+/// parse as HTTP/1 or h2c are refused and never reach the application raw, where sniffing
+/// alone would have passed them through.
+#[tokio::test]
+async fn a_port_declared_http_refuses_what_is_not_http() {
+    // The application: counts the connections that reach it.
+    let app = tokio::net::TcpListener::bind("127.0.78.1:0")
+        .await
+        .expect("bind");
+    let app_addr = app.local_addr().expect("addr");
+    let reached = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let count = reached.clone();
+    tokio::spawn(async move {
+        while let Ok((_s, _)) = app.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    // The world lists this sidecar's inbound as the endpoint of an HTTP port.
+    let inbound: SocketAddr = "127.0.78.100:15006".parse().expect("addr");
+    let (_dir, cp) = weft_testkit::control_plane_over(&[
+        world::namespace("default", "PERMISSIVE"),
+        world::service("app", 80),
+        world::slice("app", "app", &[(inbound, "n1", true)]),
+    ])
+    .await;
+    let mut cfg = weft_sidecar::RunConfig::local(cp.plaintext(), inbound.ip(), "app");
+    cfg.inbound_addr = inbound;
+    cfg.app_addr = Some(app_addr);
+    let sc = Sidecar::start(cfg).await.expect("sidecar");
+    weft_testkit::wait_ready(&sc, Duration::from_secs(15)).await;
+    weft_testkit::eventually("the endpoint is known", Duration::from_secs(10), || {
+        sc.xds.config.load().declared.contains_key(&inbound)
+    })
+    .await;
+    for garbage in [
+        &b"\x00\x01\x02 binary"[..],
+        b"HELLO there\r\n",
+        b"\x16\x03\x01\x00\x05hello",
+    ] {
+        let mut s = TcpStream::connect(inbound).await.expect("connect");
+        let _ = s.write_all(garbage).await;
+        let mut buf = [0u8; 64];
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        reached.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "non-HTTP bytes were passed to the app on an HTTP port"
+    );
+    let (_, metrics) = weft_testkit::get_via(sc.admin_addr, "admin", "/metrics")
+        .await
+        .expect("metrics");
+    assert!(
+        weft_testkit::metric_sum(
+            &metrics,
+            "weft_proxy_inbound_refused_total",
+            &["reason=\"not-http\""]
+        ) >= 3.0,
+        "{metrics}"
+    );
+}
