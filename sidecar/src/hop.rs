@@ -2,8 +2,10 @@
 //! §7.6.1) — `Connection` and every header it names, `Keep-Alive`, `Proxy-Connection`,
 //! `Transfer-Encoding`, `Upgrade`, and `TE` except `trailers` (which gRPC needs) — so a caller
 //! cannot make the proxy drop an end-to-end header (`Connection: x-weft-…`) or smuggle framing;
-//! a request whose `Host` and authority disagree is refused (400); protocol upgrades, which
-//! the request path does not carry, are refused (501) rather than half-done.
+//! a request whose `Host` and authority disagree is refused (400). WebSocket (an HTTP/1.1 GET
+//! upgrading to `websocket`) is carried: its `Upgrade`/`Connection` pair is kept, and once
+//! both sides answered 101 the two upgraded connections are spliced. Other upgrades and
+//! CONNECT are refused (501) rather than half-done.
 
 use hyper::HeaderMap;
 use hyper::header::{CONNECTION, HOST, HeaderName, TE, TRANSFER_ENCODING, UPGRADE};
@@ -85,14 +87,72 @@ pub fn refusal<B>(req: &hyper::Request<B>) -> Option<(hyper::StatusCode, &'stati
             ),
         ));
     }
-    if req.headers().contains_key(UPGRADE) || req.method() == hyper::Method::CONNECT {
+    if (req.headers().contains_key(UPGRADE) && !is_websocket(req))
+        || req.method() == hyper::Method::CONNECT
+    {
         return Some((
             hyper::StatusCode::NOT_IMPLEMENTED,
             "upgrade-unsupported",
-            "weft: protocol upgrades (WebSocket included) and CONNECT are not carried through the mesh yet".into(),
+            "weft: only WebSocket upgrades are carried through the mesh (no other upgrade, no CONNECT)".into(),
         ));
     }
     None
+}
+
+/// Whether `req` asks for a WebSocket: HTTP/1.1 GET, `Upgrade: websocket`, and `Connection`
+/// naming `upgrade`.
+pub fn is_websocket<B>(req: &hyper::Request<B>) -> bool {
+    let has = |name: HeaderName, token: &str| {
+        req.headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    req.method() == hyper::Method::GET
+        && req.version() == hyper::Version::HTTP_11
+        && has(UPGRADE, "websocket")
+        && has(CONNECTION, "upgrade")
+}
+
+/// Puts back the WebSocket upgrade pair [`strip`] removed (on a WebSocket request, or its 101).
+pub fn keep_websocket(headers: &mut HeaderMap) {
+    headers.insert(
+        CONNECTION,
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    headers.insert(
+        UPGRADE,
+        hyper::header::HeaderValue::from_static("websocket"),
+    );
+}
+
+/// Once both sides have upgraded, copies bytes between them until either closes.
+pub fn splice_upgrades(
+    downstream: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    metrics: std::sync::Arc<crate::admin::Metrics>,
+    listener: &'static str,
+) {
+    tokio::spawn(async move {
+        match tokio::try_join!(downstream, upstream) {
+            Ok((d, u)) => {
+                metrics.tcp_connection(listener);
+                let (mut d, mut u) = (
+                    hyper_util::rt::TokioIo::new(d),
+                    hyper_util::rt::TokioIo::new(u),
+                );
+                if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+                    tracing::debug!(listener, error = %e, "WebSocket ended");
+                }
+            }
+            Err(e) => {
+                tracing::info!(listener, error = %e, "WebSocket upgrade failed");
+                metrics.connection_error(listener);
+            }
+        }
+    });
 }
 
 #[cfg(test)]
@@ -149,6 +209,25 @@ mod tests {
         assert_eq!(s.as_u16(), 400);
         let (s, r, _) =
             refusal(&req("/", &[("host", "a"), ("upgrade", "websocket")])).expect("upgrade");
-        assert_eq!((s.as_u16(), r), (501, "upgrade-unsupported"));
+        assert_eq!(
+            (s.as_u16(), r),
+            (501, "upgrade-unsupported"),
+            "no Connection: upgrade"
+        );
+        let (s, _, _) = refusal(&req("/", &[("upgrade", "h2c"), ("connection", "upgrade")]))
+            .expect("h2c upgrade");
+        assert_eq!(s.as_u16(), 501);
+        let ws = req(
+            "/",
+            &[
+                ("host", "a"),
+                ("upgrade", "websocket"),
+                ("connection", "Upgrade"),
+            ],
+        );
+        assert!(
+            is_websocket(&ws) && refusal(&ws).is_none(),
+            "WebSocket is carried"
+        );
     }
 }

@@ -411,7 +411,8 @@ impl Shared {
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(self.header_read_timeout)
             .max_buf_size(MAX_HEAD_BYTES)
-            .serve_connection(TokioIo::new(activity.wrap(io)), svc);
+            .serve_connection(TokioIo::new(activity.wrap(io)), svc)
+            .with_upgrades();
         tokio::select! {
             r = conn => if let Err(e) = r {
                 tracing::info!(%peer, mtls, error = %e, "inbound connection closed on a protocol error");
@@ -436,8 +437,14 @@ impl Shared {
         if let Some((status, reason, msg)) = crate::hop::refusal(&req) {
             return refuse(status, reason, msg);
         }
+        let mut req = req;
+        let websocket = crate::hop::is_websocket(&req);
+        let downstream = websocket.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         crate::hop::strip(&mut parts.headers);
+        if websocket {
+            crate::hop::keep_websocket(&mut parts.headers);
+        }
         parts.uri = match crate::outbound::forward_uri("http", app, &parts.uri) {
             Ok(u) => u,
             Err(msg) => return refuse(StatusCode::BAD_REQUEST, "bad-uri", msg),
@@ -455,6 +462,18 @@ impl Shared {
             Ok(r) => {
                 let mut r = r.map(|b| b.boxed());
                 crate::hop::strip(r.headers_mut());
+                if let Some(downstream) = downstream
+                    && r.status() == StatusCode::SWITCHING_PROTOCOLS
+                {
+                    let upstream = hyper::upgrade::on(&mut r);
+                    crate::hop::keep_websocket(r.headers_mut());
+                    crate::hop::splice_upgrades(
+                        downstream,
+                        upstream,
+                        self.metrics.clone(),
+                        "inbound",
+                    );
+                }
                 r
             }
             Err(e) => refuse(

@@ -222,7 +222,7 @@ impl Proxy {
         builder.http2().max_header_list_size(MAX_HEAD_BYTES as u32);
         let activity = crate::accept::Activity::default();
         let conn = builder
-            .serve_connection(TokioIo::new(activity.wrap(stream)), svc)
+            .serve_connection_with_upgrades(TokioIo::new(activity.wrap(stream)), svc)
             .into_owned();
         tokio::select! {
             r = watcher.watch(conn) => if let Err(e) = r {
@@ -293,14 +293,26 @@ impl Proxy {
         if let Ok(v) = hyper::header::HeaderValue::from_str(&trace.header()) {
             req.headers_mut().insert(TRACEPARENT, v);
         }
+        let websocket = crate::hop::is_websocket(&req);
+        let downstream = websocket.then(|| hyper::upgrade::on(&mut req));
         let mut resp = match crate::hop::refusal(&req) {
             Some((status, reason, msg)) => refuse(status, reason, msg),
             None => {
                 crate::hop::strip(req.headers_mut());
+                if websocket {
+                    crate::hop::keep_websocket(req.headers_mut());
+                }
                 self.route(req, peer, orig).instrument(span.clone()).await
             }
         };
         crate::hop::strip(resp.headers_mut());
+        if let Some(downstream) = downstream
+            && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        {
+            let upstream = hyper::upgrade::on(&mut resp);
+            crate::hop::keep_websocket(resp.headers_mut());
+            crate::hop::splice_upgrades(downstream, upstream, self.metrics.clone(), "outbound");
+        }
         let reason = resp
             .headers()
             .get(PROXY_REASON_HEADER)

@@ -647,3 +647,147 @@ async fn a_meshed_callers_own_identity_headers_are_replaced_by_the_verified_one(
         vec![("x-weft-client-identity".to_string(), CLIENT_ID.to_string())]
     );
 }
+
+/// A WebSocket app on `addr`: answers the upgrade with 101 (the RFC 6455 accept key), then
+/// echoes every byte; records the identity header of the handshake.
+async fn websocket_app(
+    addr: SocketAddr,
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Option<String>>>) {
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |mut req: hyper::Request<hyper::body::Incoming>| {
+                        let record = record.clone();
+                        async move {
+                            if let Ok(mut r) = record.lock() {
+                                *r = req
+                                    .headers()
+                                    .get("x-weft-client-identity")
+                                    .and_then(|v| v.to_str().ok())
+                                    .map(str::to_string);
+                            }
+                            let key = req
+                                .headers()
+                                .get("sec-websocket-key")
+                                .map(|v| v.as_bytes().to_vec())
+                                .unwrap_or_default();
+                            let mut input = key;
+                            input.extend_from_slice(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+                            let digest = ring::digest::digest(
+                                &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+                                &input,
+                            );
+                            let accept = base64::Engine::encode(
+                                &base64::engine::general_purpose::STANDARD,
+                                digest.as_ref(),
+                            );
+                            let on = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                if let Ok(up) = on.await {
+                                    let mut io = hyper_util::rt::TokioIo::new(up);
+                                    let (mut r, mut w) = tokio::io::split(&mut io);
+                                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                                }
+                            });
+                            let resp = hyper::Response::builder()
+                                .status(101)
+                                .header("connection", "upgrade")
+                                .header("upgrade", "websocket")
+                                .header("sec-websocket-accept", accept)
+                                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                                .expect("101");
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// WebSocket through the mesh, in a STRICT namespace: an unmodified client's upgrade crosses
+/// both sidecars over mTLS, the app sees the verified caller on the handshake, and bytes then
+/// flow both ways over the upgraded connection.
+#[tokio::test]
+async fn websocket_crosses_both_sidecars_over_mtls() {
+    let net = 49;
+    let endpoint = SocketAddr::new(ip(net, 2), 15006);
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("world.yaml"),
+        world_docs("STRICT", endpoint),
+    )
+    .expect("world");
+    let cp = weft_testkit::start_control_plane(dir.path())
+        .await
+        .expect("control plane");
+    let (app, seen) = websocket_app(SocketAddr::new(ip(net, 10), 0)).await;
+    let mut scfg = weft_testkit::mesh_sidecar_config(&cp, dir.path(), ip(net, 2), "server", "echo")
+        .await
+        .expect("server config");
+    scfg.inbound_addr = endpoint;
+    scfg.app_addr = Some(app);
+    let ccfg = weft_testkit::mesh_sidecar_config(&cp, dir.path(), ip(net, 1), "client", "client")
+        .await
+        .expect("client config");
+    let server = Sidecar::start(scfg).await.expect("server sidecar");
+    let client = Sidecar::start(ccfg).await.expect("client sidecar");
+    weft_testkit::wait_ready(&server, Duration::from_secs(15)).await;
+    weft_testkit::wait_ready(&client, Duration::from_secs(15)).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(client.outbound_addr)
+        .await
+        .expect("connect");
+    s.write_all(
+        format!("GET /chat HTTP/1.1\r\nhost: {HOST}\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("handshake");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .expect("a response head")
+            .expect("read");
+        assert_eq!(
+            n,
+            1,
+            "closed before the head ended: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert_eq!(
+        seen.lock().ok().and_then(|g| g.clone()).as_deref(),
+        Some(CLIENT_ID),
+        "the app saw the verified caller on the handshake"
+    );
+    for msg in [&b"\x81\x05hello"[..], b"\x81\x05again"] {
+        s.write_all(msg).await.expect("frame");
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+            .await
+            .expect("echoed in time")
+            .expect("read");
+        assert_eq!(back, msg);
+    }
+}
