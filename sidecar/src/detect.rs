@@ -52,10 +52,9 @@ fn is_tchar(b: u8) -> bool {
 /// HTTP when the bytes or the time run out is treated as HTTP by [`detect`] — parsed, refused
 /// if it is not — never copied raw to an application that might parse it.
 pub fn classify(first: &[u8]) -> Option<Protocol> {
-    let blank = first
-        .iter()
-        .take_while(|b| **b == b'\r' || **b == b'\n')
-        .count();
+    // Lenient servers skip leading white space and take a tab for a space: so does this, so
+    // nothing one of them would parse as a request goes by raw.
+    let blank = first.iter().take_while(|b| b.is_ascii_whitespace()).count();
     let rest = &first[blank..];
     if rest.is_empty() {
         return None;
@@ -76,14 +75,18 @@ pub fn classify(first: &[u8]) -> Option<Protocol> {
     if token == rest.len() {
         return None;
     }
-    if rest[token] != b' ' {
+    if rest[token] != b' ' && rest[token] != b'\t' {
         return Some(Protocol::Opaque);
     }
     let end = rest.iter().position(|b| *b == b'\n')?;
-    let line = rest[..end].strip_suffix(b"\r").unwrap_or(&rest[..end]);
+    let line = rest[..end].trim_ascii_end();
     let version = line.len() >= 9 && {
         let v = &line[line.len() - 9..];
-        v.starts_with(b" HTTP/") && v[6].is_ascii_digit() && v[7] == b'.' && v[8].is_ascii_digit()
+        (v[0] == b' ' || v[0] == b'\t')
+            && v[1..].starts_with(b"HTTP/")
+            && v[6].is_ascii_digit()
+            && v[7] == b'.'
+            && v[8].is_ascii_digit()
     };
     Some(if version {
         Protocol::Http1
@@ -330,6 +333,20 @@ mod tests {
             classify(b"get foo\r\n"),
             Some(Protocol::Opaque),
             "memcached"
+        );
+        assert_eq!(
+            classify(b"GET\t/\tHTTP/1.1\r\n"),
+            Some(Protocol::Http1),
+            "tabs"
+        );
+        assert_eq!(
+            classify(b" \tGET / HTTP/1.1\r\n"),
+            Some(Protocol::Http1),
+            "leading blanks"
+        );
+        assert_eq!(
+            classify(b"\x0cPUTX\t/ HTTP/1.0 \r\n"),
+            Some(Protocol::Http1)
         );
         assert_eq!(
             classify(b"SET k v\r\n"),

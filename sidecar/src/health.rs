@@ -30,8 +30,10 @@ use crate::xds::XdsHandle;
 
 /// How long a forwarded app probe may take (the kubelet's own timeout is usually 1 s).
 pub const APP_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest probe answer body passed back.
+/// Largest probe answer body read (only its status is passed back).
 pub const MAX_PROBE_BODY: usize = 64 * 1024;
+/// Open connections the health listener takes at most.
+pub const MAX_HEALTH_CONNECTIONS: usize = 256;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -211,17 +213,25 @@ async fn run_probe(probe: &AppProbe) -> Response<Full<Bytes>> {
             AppProbe::Grpc { service, .. } => grpc_check(tcp, service).await,
         }
     };
+    // Only the status goes back, with a fixed body: the port is reachable from anywhere, and
+    // an application may say more to a local caller (and a probe may carry credentials).
     match tokio::time::timeout(APP_PROBE_TIMEOUT, attempt).await {
-        Ok(Ok((status, body))) => {
-            let mut r = Response::new(Full::new(body));
+        Ok(Ok((status, _body))) => {
+            let mut r = Response::new(Full::new(Bytes::from(format!(
+                "probe answered {}\n",
+                status.as_u16()
+            ))));
             *r.status_mut() = status;
             r
         }
-        Ok(Err(e)) => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("the application on port {port}: {e}\n"),
-            "text/plain",
-        ),
+        Ok(Err(e)) => {
+            tracing::debug!(port, error = %e, "application probe failed");
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "probe failed\n".into(),
+                "text/plain",
+            )
+        }
         Err(_) => text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("the application on port {port} did not answer within {APP_PROBE_TIMEOUT:?}\n"),
@@ -237,6 +247,8 @@ pub async fn serve(
     svid: Option<SvidCell>,
     probes: Arc<AppProbes>,
 ) {
+    // The kubelet opens a few connections; anyone else gets no more than these.
+    let cap = crate::accept::Cap::new(MAX_HEALTH_CONNECTIONS);
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -245,8 +257,12 @@ pub async fn serve(
                 continue;
             }
         };
+        let Some(slot) = cap.admit() else {
+            continue;
+        };
         let (xds, svid, probes) = (xds.clone(), svid.clone(), probes.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (xds, svid, probes) = (xds.clone(), svid.clone(), probes.clone());
                 async move {

@@ -450,6 +450,16 @@ impl Shared {
             Err(msg) => return refuse(StatusCode::BAD_REQUEST, "bad-uri", msg),
         };
         strip_mesh_headers(&mut parts.headers);
+        parts.headers.remove(hyper::header::TRAILER);
+        // Trailers too: an app (or framework) that merges them into the headers must not find
+        // a mesh-owned one there either.
+        let body = body.map_frame(|frame| match frame.into_trailers() {
+            Ok(mut trailers) => {
+                strip_mesh_headers(&mut trailers);
+                hyper::body::Frame::trailers(trailers)
+            }
+            Err(frame) => frame,
+        });
         append_forwarded_for(&mut parts.headers, peer);
         if let Some(id) = identity {
             parts.headers.insert(CLIENT_IDENTITY_HEADER, id);

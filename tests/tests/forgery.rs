@@ -199,12 +199,14 @@ mod property {
             name in spelling(),
             extra in proptest::collection::vec(("[a-z][a-z0-9-]{0,12}", "[ -~]{0,20}"), 0..4),
             late in any::<bool>(),
+            lead in prop_oneof![Just(""), Just(" "), Just("\t"), Just("\r\n"), Just("\x00")],
+            sep in prop_oneof![Just(" "), Just("\t")],
         ) {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             rt.block_on(async {
                 let t = target(74).await;
                 let mut bytes = if with_prefix { prefix.clone() } else { Vec::new() };
-                let mut req = format!("{method} / HTTP/1.1\r\nhost: app\r\n{name}: {FORGED}\r\n");
+                let mut req = format!("{lead}{method}{sep}/{sep}HTTP/1.1\r\nhost: app\r\n{name}: {FORGED}\r\n");
                 for (k, v) in &extra {
                     req.push_str(&format!("{k}: {v}\r\n"));
                 }
