@@ -284,7 +284,13 @@ impl Shared {
         let _ = client.set_nodelay(true);
         let (mode, declared) = {
             let config = self.xds.config.load();
-            let declared = endpoint.and_then(|e| config.declared.get(&e).copied());
+            let declared = endpoint.and_then(|e| {
+                config
+                    .declared
+                    .get(&self.namespace)
+                    .and_then(|m| m.get(&e))
+                    .copied()
+            });
             (config.inbound_mode(&self.namespace), declared)
         };
         let kind = self.classify(&client, app, declared).await;

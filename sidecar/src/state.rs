@@ -685,10 +685,12 @@ pub struct MeshConfig {
     /// Endpoint address -> the SPIFFE ID its sidecar must present (mTLS endpoints only).
     #[serde(skip)]
     pub mtls_identities: HashMap<SocketAddr, Arc<str>>,
-    /// Endpoint address -> the protocol its Service port declares (`appProtocol`), for the
-    /// inbound of the sidecar in front of it.
+    /// Namespace -> endpoint address -> the protocol its Service port declares
+    /// (`appProtocol`), for the inbound of the sidecar in front of it. Keyed by the Service's
+    /// namespace: an inbound reads only its own namespace's declarations, so another
+    /// namespace's Service listing this pod's address cannot change how it is treated.
     #[serde(skip)]
-    pub declared: HashMap<SocketAddr, Declared>,
+    pub declared: HashMap<String, HashMap<SocketAddr, Declared>>,
 }
 
 /// What a Service port says it speaks, as inbound treats it.
@@ -697,7 +699,7 @@ pub enum Declared {
     /// HTTP (`http`, `http2`, `h2c`, `grpc`, `grpc-web`, `kubernetes.io/h2c`,
     /// `kubernetes.io/ws`): plaintext must parse as HTTP/1 or h2c, or it is refused.
     Http,
-    /// Anything else declared (`tcp`, `tls`, `https`, a database's name): opaque, never
+    /// Declared raw TCP or the application's own TLS (`tcp`, `tls`, `https`): opaque, never
     /// sniffed.
     Opaque,
 }
@@ -709,7 +711,9 @@ impl Declared {
             "" => None,
             "http" | "http2" | "h2c" | "grpc" | "grpc-web" | "kubernetes.io/h2c"
             | "kubernetes.io/ws" => Some(Declared::Http),
-            _ => Some(Declared::Opaque),
+            "tcp" | "tls" | "https" => Some(Declared::Opaque),
+            // Anything else is not understood: sniffed, as if nothing were declared.
+            _ => None,
         }
     }
 }

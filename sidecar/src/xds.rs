@@ -634,16 +634,30 @@ fn compile(held: &mut Held) -> MeshConfig {
         .flat_map(|e| e.priorities.iter().flatten())
         .filter_map(|e| Some((e.addr, e.mtls_identity.clone()?)))
         .collect();
-    let declared = held
-        .clusters
-        .values()
-        .filter_map(|c| {
-            let d = state::Declared::of(&state::cluster_meta(c)?.app_protocol)?;
-            let eps = clusters.get(&c.name)?.endpoints.as_ref()?;
-            Some(eps.priorities.iter().flatten().map(move |e| (e.addr, d)))
-        })
-        .flatten()
-        .collect();
+    let mut declared: HashMap<String, HashMap<std::net::SocketAddr, state::Declared>> =
+        HashMap::new();
+    for c in held.clusters.values() {
+        let Some(meta) = state::cluster_meta(c) else {
+            continue;
+        };
+        let (Some(d), Some((ns, _))) = (
+            state::Declared::of(&meta.app_protocol),
+            meta.service.split_once('/'),
+        ) else {
+            continue;
+        };
+        let Some(eps) = clusters.get(&c.name).and_then(|s| s.endpoints.as_ref()) else {
+            continue;
+        };
+        let map = declared.entry(ns.to_string()).or_default();
+        for e in eps.priorities.iter().flatten() {
+            // Two Services of the namespace disagreeing: HTTP wins (parsed, never raw).
+            let slot = map.entry(e.addr).or_insert(d);
+            if d == state::Declared::Http {
+                *slot = d;
+            }
+        }
+    }
     // Keep measurements only of endpoints and clusters still in the config.
     held.stats = live;
     held.runtimes = clusters

@@ -289,10 +289,18 @@ async fn a_port_declared_http_refuses_what_is_not_http() {
     });
     // The world lists this sidecar's inbound as the endpoint of an HTTP port.
     let inbound: SocketAddr = "127.0.78.100:15006".parse().expect("addr");
+    // Another namespace's Service claims the same address as a TCP port, to switch the
+    // parsing (and the stripping) off: it must not count for this pod.
+    let evil = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: x, namespace: evil}}\nspec:\n  ports: [{{name: raw, port: 80, appProtocol: tcp}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: x\n  namespace: evil\n  labels: {{kubernetes.io/service-name: x}}\naddressType: IPv4\nports: [{{name: raw, port: {}}}]\nendpoints:\n- addresses: [\"{}\"]\n",
+        inbound.port(),
+        inbound.ip()
+    );
     let (_dir, cp) = weft_testkit::control_plane_over(&[
         world::namespace("default", "PERMISSIVE"),
         world::service("app", 80),
         world::slice("app", "app", &[(inbound, "n1", true)]),
+        evil,
     ])
     .await;
     let mut cfg = weft_sidecar::RunConfig::local(cp.plaintext(), inbound.ip(), "app");
@@ -301,7 +309,12 @@ async fn a_port_declared_http_refuses_what_is_not_http() {
     let sc = Sidecar::start(cfg).await.expect("sidecar");
     weft_testkit::wait_ready(&sc, Duration::from_secs(15)).await;
     weft_testkit::eventually("the endpoint is known", Duration::from_secs(10), || {
-        sc.xds.config.load().declared.contains_key(&inbound)
+        sc.xds
+            .config
+            .load()
+            .declared
+            .get("default")
+            .is_some_and(|m| m.contains_key(&inbound))
     })
     .await;
     for garbage in [
