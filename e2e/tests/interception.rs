@@ -24,9 +24,31 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
     let id = std::process::id();
     let (cli, srv) = (format!("weft-{id}-cli"), format!("weft-{id}-srv"));
     let (va, vb) = (format!("wa{id}"), format!("wb{id}"));
+    // A host only the client pod reaches (what a metadata server or a database is to a pod).
+    let meta = format!("weft-{id}-meta");
+    let (vc, vd) = (format!("wc{id}"), format!("wd{id}"));
     let mut lab = Lab::default();
     lab.namespace(&cli);
     lab.namespace(&srv);
+    lab.namespace(&meta);
+    ok(&[
+        "ip", "link", "add", &vc, "type", "veth", "peer", "name", &vd,
+    ]);
+    ok(&["ip", "link", "set", &vc, "netns", &cli]);
+    ok(&["ip", "link", "set", &vd, "netns", &meta]);
+    ok(&["ip", "-n", &cli, "addr", "add", "198.18.1.1/24", "dev", &vc]);
+    ok(&[
+        "ip",
+        "-n",
+        &meta,
+        "addr",
+        "add",
+        "198.18.1.2/24",
+        "dev",
+        &vd,
+    ]);
+    ok(&["ip", "-n", &cli, "link", "set", &vc, "up"]);
+    ok(&["ip", "-n", &meta, "link", "set", &vd, "up"]);
     ok(&[
         "ip", "link", "add", &va, "type", "veth", "peer", "name", &vb,
     ]);
@@ -80,6 +102,24 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
             "198.18.0.2",
             "--directory",
             &web_dir,
+        ],
+        None,
+    );
+    let secret = tempfile::tempdir().expect("tempdir");
+    std::fs::write(secret.path().join("index.html"), "metadata-secret\n").expect("write");
+    let secret_dir = secret.path().to_string_lossy().into_owned();
+    lab.spawn(
+        "meta-web",
+        &meta,
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            "198.18.1.2",
+            "--directory",
+            &secret_dir,
         ],
         None,
     );
@@ -218,6 +258,35 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
         &curl("http://127.0.0.1:15000/metrics").stdout,
     ));
     assert_eq!(after, before + 1.0, "the IPv6 request crossed the sidecar");
+
+    // An attacker next to the pod routes a packet for the host only the pod reaches through
+    // the pod: it is not addressed to the pod, so it is not redirected, and the proxy never
+    // dials it on the attacker's behalf (before, PREROUTING sent it to inbound, which did).
+    ok(&[
+        "ip",
+        "-n",
+        &srv,
+        "route",
+        "add",
+        "198.18.1.0/24",
+        "via",
+        "198.18.0.1",
+    ]);
+    let out = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &srv,
+        "curl",
+        "-s",
+        "-m",
+        "3",
+        "http://198.18.1.2:8080/",
+    ]);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("metadata-secret"),
+        "a neighbour reached the pod's private host through its proxy"
+    );
 
     // An attacker on another host dials the pod's own proxy ports to borrow its identity
     // (podIP:15001 would be redirected to inbound and, before, proxied out as this pod) or

@@ -128,6 +128,14 @@ impl Inbound {
             // The application: --app-addr, else where the redirected connection was going.
             let orig =
                 detect::original_dst(&client).filter(|o| Some(*o) != client.local_addr().ok());
+            // Redirected here on its way to an address that is not this pod's (a neighbour
+            // routing a packet for 169.254.169.254 or a database through the pod): refused,
+            // or the proxy would dial it from the pod.
+            if let Some(o) = orig.filter(|o| !is_local_address(o.ip(), &client)) {
+                tracing::warn!(%peer, dst = %o, "inbound: refused a connection not addressed to this pod");
+                self.shared.metrics.inbound_refused("not-local");
+                continue;
+            }
             // Redirected here on its way to one of the proxy's own ports (a remote caller
             // dialling podIP:15001 to borrow this pod's identity): refused.
             if let Some(o) = orig.filter(|o| self.shared.own_ports.contains(&o.port())) {
@@ -502,6 +510,26 @@ impl Shared {
             .inbound_request(mtls, resp.status().as_u16(), started);
         resp
     }
+}
+
+/// Whether `ip` is one of this pod's own addresses (the connection's local address, else any
+/// interface's) and not loopback: a redirected inbound connection must have been addressed to
+/// the pod itself.
+fn is_local_address(ip: std::net::IpAddr, conn: &TcpStream) -> bool {
+    if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+        return false;
+    }
+    if conn.local_addr().is_ok_and(|l| l.ip() == ip) {
+        return true;
+    }
+    nix::ifaddrs::getifaddrs().is_ok_and(|mut addrs| {
+        addrs.any(|a| {
+            a.address.is_some_and(|sa| {
+                sa.as_sockaddr_in().map(|s| std::net::IpAddr::V4(s.ip())) == Some(ip)
+                    || sa.as_sockaddr_in6().map(|s| std::net::IpAddr::V6(s.ip())) == Some(ip)
+            })
+        })
+    })
 }
 
 /// Removes every header a framework could read as a mesh-owned one (`x-weft-*` in any case,

@@ -253,6 +253,8 @@ pub fn install_rules_for(cfg: &InitConfig, family: Family) -> Result<Vec<Vec<Str
         &cfg.outbound_port.to_string(),
     ]));
     // The jumps last, so traffic is only diverted once the chains are complete.
+    // Only connections addressed to this pod: a neighbour that routes a packet for some other
+    // destination through the pod must not have the proxy dial it from here.
     r.push(args(&[
         "-t",
         "nat",
@@ -260,6 +262,10 @@ pub fn install_rules_for(cfg: &InitConfig, family: Family) -> Result<Vec<Vec<Str
         "PREROUTING",
         "-p",
         "tcp",
+        "-m",
+        "addrtype",
+        "--dst-type",
+        "LOCAL",
         "-j",
         INBOUND_CHAIN,
     ]));
@@ -279,6 +285,21 @@ pub fn install_rules_for(cfg: &InitConfig, family: Family) -> Result<Vec<Vec<Str
 /// The commands that remove the rules; each may fail harmlessly when already absent.
 pub fn uninstall_rules() -> Vec<Vec<String>> {
     vec![
+        args(&[
+            "-t",
+            "nat",
+            "-D",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "-m",
+            "addrtype",
+            "--dst-type",
+            "LOCAL",
+            "-j",
+            INBOUND_CHAIN,
+        ]),
+        // The jump as versions before the LOCAL match wrote it.
         args(&[
             "-t",
             "nat",
@@ -440,6 +461,7 @@ mod tests {
         assert!(pos("WEFT_INBOUND -p tcp --dport 22 -j RETURN") < redirect_in);
         // The jumps come last.
         assert_eq!(pos("-A PREROUTING"), rules.len() - 2);
+        assert!(rules[rules.len() - 2].contains("-m addrtype --dst-type LOCAL"));
         assert_eq!(pos("-A OUTPUT -p tcp -j WEFT_OUTPUT"), rules.len() - 1);
     }
 
@@ -484,7 +506,8 @@ mod tests {
     #[test]
     fn uninstall_removes_jumps_before_chains() {
         let u: Vec<String> = uninstall_rules().iter().map(|r| r.join(" ")).collect();
-        assert!(u[0].contains("-D PREROUTING") && u[1].contains("-D OUTPUT"));
+        assert!(u[0].contains("-D PREROUTING") && u[1].contains("-D PREROUTING"));
+        assert!(u[2].contains("-D OUTPUT"));
         assert!(u.iter().any(|r| r.contains("-X WEFT_INBOUND")));
         assert!(u.iter().any(|r| r.contains("-X WEFT_OUTPUT")));
     }
