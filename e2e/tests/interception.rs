@@ -124,6 +124,21 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
         None,
     );
     lab.spawn(
+        "web-strict",
+        &srv,
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "9090",
+            "--bind",
+            "198.18.0.2",
+            "--directory",
+            &web_dir,
+        ],
+        None,
+    );
+    lab.spawn(
         "web6",
         &srv,
         &[
@@ -143,7 +158,7 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
     let world = tempfile::tempdir().expect("tempdir");
     std::fs::write(
         world.path().join("world.yaml"),
-        "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: default}\nspec:\n  clusterIP: 198.18.0.10\n  ports: [{name: http, port: 80}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-1\n  namespace: default\n  labels: {kubernetes.io/service-name: echo}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n- addresses: [\"198.18.0.2\"]\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: default}\nspec:\n  clusterIP: 198.18.0.10\n  ports: [{name: http, port: 80}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-1\n  namespace: default\n  labels: {kubernetes.io/service-name: echo}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n- addresses: [\"198.18.0.2\"]\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: secure\n  annotations: {weft.dev/mtls-mode: STRICT}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: vault-0\n  namespace: secure\n  labels: {weft.dev/tls-mode: weft}\nspec:\n  serviceAccountName: vault\n  containers: [{name: app, image: vault}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: vault, namespace: secure}\nspec:\n  ports: [{name: http, port: 80, appProtocol: http}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: vault-1\n  namespace: secure\n  labels: {kubernetes.io/service-name: vault}\naddressType: IPv4\nports: [{name: http, port: 9090}]\nendpoints:\n- addresses: [\"198.18.0.2\"]\n  targetRef: {kind: Pod, name: vault-0, namespace: secure}\n",
     )
     .expect("write");
     let world_dir = world.path().to_string_lossy().into_owned();
@@ -258,6 +273,30 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
         &curl("http://127.0.0.1:15000/metrics").stdout,
     ));
     assert_eq!(after, before + 1.0, "the IPv6 request crossed the sidecar");
+
+    // A meshed endpoint of a STRICT namespace called by its pod IP (not through its Service):
+    // the client sidecar has no identity, so nothing may go plaintext — 503 with the reason.
+    let out = curl("http://198.18.0.2:9090/");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("srv-pod"),
+        "plaintext reached a STRICT meshed endpoint by address"
+    );
+    let out = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &cli,
+        "curl",
+        "-s",
+        "-m",
+        "5",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "http://198.18.0.2:9090/",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "503");
 
     // An attacker next to the pod routes a packet for the host only the pod reaches through
     // the pod: it is not addressed to the pod, so it is not redirected, and the proxy never

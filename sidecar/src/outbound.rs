@@ -167,6 +167,10 @@ impl Outbound {
                     detect::detect(&stream, detect::DETECT_TIMEOUT).await
                 };
                 match protocol {
+                    Protocol::Opaque if this.xds.config.load().strict_endpoints.contains(&dst) => {
+                        tracing::info!(%peer, %dst, "outbound: opaque TCP to a STRICT meshed endpoint refused (no plaintext)");
+                        this.metrics.connection_closed("outbound", "mtls-required");
+                    }
                     Protocol::Opaque => {
                         crate::connect::splice(
                             stream,
@@ -243,6 +247,16 @@ impl Proxy {
         dst: SocketAddr,
         started: Instant,
     ) -> Response<Body> {
+        if self.xds.config.load().strict_endpoints.contains(&dst) {
+            self.metrics.observe("passthrough", 503, started);
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "mtls-required",
+                format!(
+                    "weft: {dst} is a meshed endpoint of a STRICT namespace and was called by address, not through its Service: it is not sent plaintext (call the Service)"
+                ),
+            );
+        }
         let (parts, body) = req.into_parts();
         let uri = match forward_uri("http", dst, &parts.uri) {
             Ok(u) => u,

@@ -691,6 +691,10 @@ pub struct MeshConfig {
     /// namespace's Service listing this pod's address cannot change how it is treated.
     #[serde(skip)]
     pub declared: HashMap<String, HashMap<SocketAddr, Declared>>,
+    /// Meshed endpoints of STRICT namespaces: never sent plaintext, also when reached by
+    /// address (passthrough, opaque TCP) rather than through a route.
+    #[serde(skip)]
+    pub strict_endpoints: std::collections::HashSet<SocketAddr>,
 }
 
 /// What a Service port says it speaks, as inbound treats it.

@@ -634,6 +634,14 @@ fn compile(held: &mut Held) -> MeshConfig {
         .flat_map(|e| e.priorities.iter().flatten())
         .filter_map(|e| Some((e.addr, e.mtls_identity.clone()?)))
         .collect();
+    let strict_endpoints = clusters
+        .values()
+        .filter(|c| c.strict)
+        .filter_map(|c| c.endpoints.as_ref())
+        .flat_map(|e| e.priorities.iter().flatten())
+        .filter(|e| e.mtls_identity.is_some())
+        .map(|e| e.addr)
+        .collect();
     let mut declared: HashMap<String, HashMap<std::net::SocketAddr, state::Declared>> =
         HashMap::new();
     for c in held.clusters.values() {
@@ -671,6 +679,7 @@ fn compile(held: &mut Held) -> MeshConfig {
         mtls_modes,
         mtls_identities,
         declared,
+        strict_endpoints,
     }
 }
 
