@@ -1,7 +1,7 @@
 //! What every accept loop does when `accept` fails: out of file descriptors (EMFILE, ENFILE),
 //! buffers or memory, retrying at once would spin a core at 100 % and starve the connections
 //! that are open. Back off a little (so closing connections can free descriptors), and log
-//! at most once a second per listener.
+//! at most once a second (across listeners).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

@@ -273,16 +273,14 @@ pub async fn serve(
                         .path_and_query()
                         .map_or("/", |p| p.as_str())
                         .to_string();
-                    let resp = match (get, req.uri().path()) {
+                    let probe = probes.0.get(&pq).filter(|_| get);
+                    let resp = match (probe, req.uri().path()) {
                         (_, "/live") => text(StatusCode::OK, "live\n".into(), "text/plain"),
                         (_, "/ready") => {
                             let (status, body) = readiness(&xds, svid.as_ref());
                             text(status, body.into(), "text/plain")
                         }
-                        (true, _) if probes.0.contains_key(&pq) => match probes.0.get(&pq) {
-                            Some(p) => run_probe(p).await,
-                            None => text(StatusCode::NOT_FOUND, "\n".into(), "text/plain"),
-                        },
+                        (Some(p), _) => run_probe(p).await,
                         _ => text(
                             StatusCode::NOT_FOUND,
                             "try /ready /live, or an application probe path this pod declares\n"

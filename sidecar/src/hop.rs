@@ -46,7 +46,7 @@ pub fn strip(headers: &mut HeaderMap) {
 }
 
 /// Why a request cannot be forwarded as it is, if it cannot: (status, reason, message).
-pub fn refusal<B>(req: &hyper::Request<B>) -> Option<(hyper::StatusCode, &'static str, String)> {
+pub fn refusal<B>(req: &hyper::Request<B>) -> Option<Refusal> {
     let hosts: Vec<&[u8]> = req
         .headers()
         .get_all(HOST)
@@ -99,9 +99,48 @@ pub fn refusal<B>(req: &hyper::Request<B>) -> Option<(hyper::StatusCode, &'stati
     None
 }
 
+/// What a refused request is answered with: (status, reason, message).
+pub type Refusal = (hyper::StatusCode, &'static str, String);
+
+/// Readies a request to cross the proxy: refused when it cannot ([`refusal`]); else its
+/// hop-by-hop headers removed (a WebSocket keeps its upgrade pair), and for a WebSocket the
+/// caller's side of the upgrade, for [`response`].
+pub fn request<B>(
+    req: &mut hyper::Request<B>,
+) -> Result<Option<hyper::upgrade::OnUpgrade>, Refusal> {
+    if let Some(r) = refusal(req) {
+        return Err(r);
+    }
+    let websocket = is_websocket(req);
+    let downstream = websocket.then(|| hyper::upgrade::on(&mut *req));
+    strip(req.headers_mut());
+    if websocket {
+        keep_websocket(req.headers_mut());
+    }
+    Ok(downstream)
+}
+
+/// Readies the response: hop-by-hop headers removed; when it is the 101 of a WebSocket
+/// ([`request`] gave `downstream`), the pair is kept and the two upgraded connections spliced.
+pub fn response<B>(
+    resp: &mut hyper::Response<B>,
+    downstream: Option<hyper::upgrade::OnUpgrade>,
+    metrics: &std::sync::Arc<crate::admin::Metrics>,
+    listener: &'static str,
+) {
+    strip(resp.headers_mut());
+    if let Some(downstream) = downstream
+        && resp.status() == hyper::StatusCode::SWITCHING_PROTOCOLS
+    {
+        let upstream = hyper::upgrade::on(&mut *resp);
+        keep_websocket(resp.headers_mut());
+        splice_upgrades(downstream, upstream, metrics.clone(), listener);
+    }
+}
+
 /// Whether `req` asks for a WebSocket: HTTP/1.1 GET, `Upgrade: websocket`, and `Connection`
 /// naming `upgrade`.
-pub fn is_websocket<B>(req: &hyper::Request<B>) -> bool {
+fn is_websocket<B>(req: &hyper::Request<B>) -> bool {
     let has = |name: HeaderName, token: &str| {
         req.headers()
             .get_all(name)
@@ -117,7 +156,7 @@ pub fn is_websocket<B>(req: &hyper::Request<B>) -> bool {
 }
 
 /// Puts back the WebSocket upgrade pair [`strip`] removed (on a WebSocket request, or its 101).
-pub fn keep_websocket(headers: &mut HeaderMap) {
+fn keep_websocket(headers: &mut HeaderMap) {
     headers.insert(
         CONNECTION,
         hyper::header::HeaderValue::from_static("upgrade"),
@@ -129,7 +168,7 @@ pub fn keep_websocket(headers: &mut HeaderMap) {
 }
 
 /// Once both sides have upgraded, copies bytes between them until either closes.
-pub fn splice_upgrades(
+fn splice_upgrades(
     downstream: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     metrics: std::sync::Arc<crate::admin::Metrics>,

@@ -197,18 +197,6 @@ impl Shared {
         if self.server_first_ports.contains(&app.port()) {
             return Kind::Other;
         }
-        if declared == Some(Declared::Opaque) {
-            // Declared opaque: only mesh mTLS is told apart, never sniffed for HTTP.
-            let mut first = [0u8; 2];
-            let n = detect::peek_some(client, &mut first, 2, detect::DETECT_TIMEOUT).await;
-            if tls::looks_like_tls(&first[..n]) {
-                let alpn = detect::peek_alpn(client, detect::DETECT_TIMEOUT).await;
-                if alpn.is_some_and(|a| tls::offers_mesh_alpn(&a)) {
-                    return Kind::MeshTls;
-                }
-            }
-            return Kind::Other;
-        }
         let mut first = [0u8; 2];
         let n = detect::peek_some(client, &mut first, 2, detect::DETECT_TIMEOUT).await;
         if tls::looks_like_tls(&first[..n]) {
@@ -220,6 +208,10 @@ impl Shared {
                 Some(Declared::Http) => Kind::NotHttp,
                 _ => Kind::Other,
             };
+        }
+        // Declared opaque: only mesh mTLS is told apart, never sniffed for HTTP.
+        if declared == Some(Declared::Opaque) {
+            return Kind::Other;
         }
         match (
             detect::detect_first(client, detect::DETECT_TIMEOUT).await,
@@ -448,17 +440,12 @@ impl Shared {
         let started = Instant::now();
         let mtls = identity.is_some();
         let h2 = req.version() == hyper::Version::HTTP_2;
-        if let Some((status, reason, msg)) = crate::hop::refusal(&req) {
-            return refuse(status, reason, msg);
-        }
         let mut req = req;
-        let websocket = crate::hop::is_websocket(&req);
-        let downstream = websocket.then(|| hyper::upgrade::on(&mut req));
+        let downstream = match crate::hop::request(&mut req) {
+            Ok(d) => d,
+            Err((status, reason, msg)) => return refuse(status, reason, msg),
+        };
         let (mut parts, body) = req.into_parts();
-        crate::hop::strip(&mut parts.headers);
-        if websocket {
-            crate::hop::keep_websocket(&mut parts.headers);
-        }
         parts.uri = match crate::outbound::forward_uri("http", app, &parts.uri) {
             Ok(u) => u,
             Err(msg) => return refuse(StatusCode::BAD_REQUEST, "bad-uri", msg),
@@ -485,19 +472,7 @@ impl Shared {
         {
             Ok(r) => {
                 let mut r = r.map(|b| b.boxed());
-                crate::hop::strip(r.headers_mut());
-                if let Some(downstream) = downstream
-                    && r.status() == StatusCode::SWITCHING_PROTOCOLS
-                {
-                    let upstream = hyper::upgrade::on(&mut r);
-                    crate::hop::keep_websocket(r.headers_mut());
-                    crate::hop::splice_upgrades(
-                        downstream,
-                        upstream,
-                        self.metrics.clone(),
-                        "inbound",
-                    );
-                }
+                crate::hop::response(&mut r, downstream, &self.metrics, "inbound");
                 r
             }
             Err(e) => refuse(

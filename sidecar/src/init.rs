@@ -253,22 +253,7 @@ pub fn install_rules_for(cfg: &InitConfig, family: Family) -> Result<Vec<Vec<Str
         &cfg.outbound_port.to_string(),
     ]));
     // The jumps last, so traffic is only diverted once the chains are complete.
-    // Only connections addressed to this pod: a neighbour that routes a packet for some other
-    // destination through the pod must not have the proxy dial it from here.
-    r.push(args(&[
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-p",
-        "tcp",
-        "-m",
-        "addrtype",
-        "--dst-type",
-        "LOCAL",
-        "-j",
-        INBOUND_CHAIN,
-    ]));
+    r.push(inbound_jump("-A"));
     r.push(args(&[
         "-t",
         "nat",
@@ -282,23 +267,30 @@ pub fn install_rules_for(cfg: &InitConfig, family: Family) -> Result<Vec<Vec<Str
     Ok(r)
 }
 
+/// The PREROUTING jump to the inbound chain (`op`: `-A` or `-D`). Only connections addressed to
+/// this pod: a neighbour that routes a packet for some other destination through the pod must
+/// not have the proxy dial it from here.
+fn inbound_jump(op: &str) -> Vec<String> {
+    args(&[
+        "-t",
+        "nat",
+        op,
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "-m",
+        "addrtype",
+        "--dst-type",
+        "LOCAL",
+        "-j",
+        INBOUND_CHAIN,
+    ])
+}
+
 /// The commands that remove the rules; each may fail harmlessly when already absent.
 pub fn uninstall_rules() -> Vec<Vec<String>> {
     vec![
-        args(&[
-            "-t",
-            "nat",
-            "-D",
-            "PREROUTING",
-            "-p",
-            "tcp",
-            "-m",
-            "addrtype",
-            "--dst-type",
-            "LOCAL",
-            "-j",
-            INBOUND_CHAIN,
-        ]),
+        inbound_jump("-D"),
         // The jump as versions before the LOCAL match wrote it.
         args(&[
             "-t",

@@ -307,26 +307,14 @@ impl Proxy {
         if let Ok(v) = hyper::header::HeaderValue::from_str(&trace.header()) {
             req.headers_mut().insert(TRACEPARENT, v);
         }
-        let websocket = crate::hop::is_websocket(&req);
-        let downstream = websocket.then(|| hyper::upgrade::on(&mut req));
-        let mut resp = match crate::hop::refusal(&req) {
-            Some((status, reason, msg)) => refuse(status, reason, msg),
-            None => {
-                crate::hop::strip(req.headers_mut());
-                if websocket {
-                    crate::hop::keep_websocket(req.headers_mut());
-                }
-                self.route(req, peer, orig).instrument(span.clone()).await
+        let resp = match crate::hop::request(&mut req) {
+            Err((status, reason, msg)) => refuse(status, reason, msg),
+            Ok(downstream) => {
+                let mut resp = self.route(req, peer, orig).instrument(span.clone()).await;
+                crate::hop::response(&mut resp, downstream, &self.metrics, "outbound");
+                resp
             }
         };
-        crate::hop::strip(resp.headers_mut());
-        if let Some(downstream) = downstream
-            && resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        {
-            let upstream = hyper::upgrade::on(&mut resp);
-            crate::hop::keep_websocket(resp.headers_mut());
-            crate::hop::splice_upgrades(downstream, upstream, self.metrics.clone(), "outbound");
-        }
         let reason = resp
             .headers()
             .get(PROXY_REASON_HEADER)
