@@ -54,14 +54,18 @@ pub const CA_ROOT_FINGERPRINT_ANNOTATION: &str = "weft.dev/ca-root-sha256";
 /// Prefix of the headers only the mesh sets (`x-weft-client-identity`, ...).
 pub const MESH_HEADER_PREFIX: &str = "x-weft-";
 
-/// Whether `name` reads as a mesh-owned header once case and `_`/`-` are folded the way
-/// CGI/WSGI frameworks fold them: such headers never pass from a caller to an application.
+/// Whether `name` reads as a mesh-owned header once case is folded and any character that is
+/// not a letter or digit is taken for the `-` (CGI/WSGI fold `_` and `-`; some servers fold
+/// `.` too): such headers never pass from a caller to an application.
 pub fn is_mesh_owned_header(name: &str) -> bool {
     name.len() >= MESH_HEADER_PREFIX.len()
         && name
             .bytes()
             .zip(MESH_HEADER_PREFIX.bytes())
-            .all(|(a, b)| a.to_ascii_lowercase() == b || (a == b'_' && b == b'-'))
+            .all(|(a, b)| match b {
+                b'-' => !a.is_ascii_alphanumeric(),
+                _ => a.to_ascii_lowercase() == b,
+            })
 }
 
 /// The sidecar's outbound port (redirected and explicit traffic).
@@ -72,3 +76,27 @@ pub const INBOUND_PORT: u16 = 15006;
 pub const ADMIN_PORT: u16 = 15000;
 /// The sidecar's health port for kubelet probes.
 pub const HEALTH_PORT: u16 = 15021;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mesh_owned_headers_fold_case_and_every_separator() {
+        for yes in [
+            "x-weft-client-identity",
+            "X_WEFT_CLIENT_IDENTITY",
+            "x.weft.client.identity",
+            "x-weft-",
+        ] {
+            assert!(super::is_mesh_owned_header(yes), "{yes}");
+        }
+        for no in [
+            "x-wefts",
+            "xweft-client",
+            "x-weft",
+            "weft-client",
+            "x-west-a",
+        ] {
+            assert!(!super::is_mesh_owned_header(no), "{no}");
+        }
+    }
+}

@@ -46,11 +46,12 @@ pub struct Behavior {
     pub last_header_names: std::sync::Mutex<Vec<String>>,
 }
 
-/// Whether a header name reads as a mesh-owned `x-weft-*` header once case and `_`/`-` are
-/// folded (as CGI/WSGI frameworks fold them).
+/// Whether a header name reads as a mesh-owned `x-weft-*` header once case is folded and any
+/// separator is read as `-` (as CGI/WSGI frameworks and others fold them).
 pub fn looks_mesh_owned(name: &str) -> bool {
+    // Any non-alphanumeric separator, as some servers fold `.` too.
     name.to_ascii_lowercase()
-        .replace('_', "-")
+        .replace(|c: char| !c.is_ascii_alphanumeric(), "-")
         .starts_with("x-weft-")
 }
 
@@ -132,7 +133,24 @@ impl Echo {
                                 }
                             }
                             let (body, b) = (body.clone(), b.clone());
-                            async move { Ok::<_, Infallible>(answer(n, body, &b).await) }
+                            async move {
+                                // Trailers count too: frameworks merge them into the headers.
+                                use http_body_util::BodyExt;
+                                if let Ok(all) = req.into_body().collect().await
+                                    && let Some(trailers) = all.trailers()
+                                    && let Ok(mut seen) = b.mesh_headers.lock()
+                                {
+                                    for (k, v) in trailers {
+                                        if looks_mesh_owned(k.as_str()) {
+                                            seen.push((
+                                                k.as_str().to_string(),
+                                                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                            ));
+                                        }
+                                    }
+                                }
+                                Ok::<_, Infallible>(answer(n, body, &b).await)
+                            }
                         },
                     );
                     let builder =

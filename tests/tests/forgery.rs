@@ -124,6 +124,7 @@ async fn underscore_and_case_spellings_of_the_header_are_stripped() {
         "x_weft_client_identity",
         "X-WEFT-CLIENT-IDENTITY",
         "X_Weft-Client_Identity",
+        "x.weft.client.identity",
         "x-weft-anything-else",
     ] {
         let reply = t.raw(Duration::ZERO, &request("GET", name)).await;
@@ -343,5 +344,50 @@ async fn a_port_declared_http_refuses_what_is_not_http() {
             &["reason=\"not-http\""]
         ) >= 3.0,
         "{metrics}"
+    );
+}
+
+/// Trailers are headers to many frameworks: a plaintext caller's trailer spelling a mesh-owned
+/// header (HTTP/1 chunked with `Trailer:`, or an h2c trailing HEADERS frame) never reaches the
+/// app.
+#[tokio::test]
+async fn mesh_owned_trailers_are_stripped() {
+    let t = target(79).await;
+    let reply = t
+        .raw(
+            Duration::ZERO,
+            format!("POST / HTTP/1.1\r\nhost: app\r\ntransfer-encoding: chunked\r\ntrailer: x-weft-client-identity\r\n\r\n1\r\na\r\n0\r\nx-weft-client-identity: {FORGED}\r\n\r\n").as_bytes(),
+        )
+        .await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let tcp = TcpStream::connect(t.sidecar.inbound_addr)
+        .await
+        .expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2c handshake");
+    tokio::spawn(conn);
+    let mut trailers = hyper::HeaderMap::new();
+    trailers.insert("x_weft_client_identity", FORGED.parse().expect("value"));
+    let frames: Vec<Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>> = vec![
+        Ok(hyper::body::Frame::data(bytes::Bytes::from_static(b"a"))),
+        Ok(hyper::body::Frame::trailers(trailers)),
+    ];
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri("http://app/")
+        .body(http_body_util::StreamBody::new(futures::stream::iter(
+            frames,
+        )))
+        .expect("request");
+    let resp = send.send_request(req).await.expect("h2c response");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        t.forged(),
+        vec![],
+        "the app saw a forged identity in trailers"
     );
 }
