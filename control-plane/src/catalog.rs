@@ -92,6 +92,35 @@ pub struct PortModel {
     pub app_protocol: Option<String>,
 }
 
+/// Protocols a port name may declare by its prefix (`http`, `grpc-api`, `tcp-db`), as
+/// Istio reads them; longest first so `grpc-web` is not read as `grpc`.
+const NAMED_PROTOCOLS: [&str; 8] = [
+    "grpc-web", "http2", "https", "http", "grpc", "h2c", "tcp", "tls",
+];
+
+impl PortModel {
+    /// The protocol the port declares: its `appProtocol`, else its name's prefix
+    /// (`<protocol>[-<suffix>]`); `""` when it declares none.
+    pub fn protocol(&self) -> String {
+        if let Some(p) = self
+            .app_protocol
+            .as_deref()
+            .filter(|p| !p.trim().is_empty())
+        {
+            return p.trim().to_ascii_lowercase();
+        }
+        let name = self.name.to_ascii_lowercase();
+        NAMED_PROTOCOLS
+            .iter()
+            .find(|p| {
+                name.strip_prefix(**p)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+            })
+            .map(|p| p.to_string())
+            .unwrap_or_default()
+    }
+}
+
 /// One endpoint of a Service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct EndpointModel {
@@ -115,14 +144,23 @@ pub struct EndpointModel {
     pub weight: u32,
     /// The pod behind it, when known.
     pub pod: Option<String>,
-    /// Its sidecar terminates mTLS (the pod is labelled `weft.dev/tls-mode: weft` and its
-    /// namespace's mode is not DISABLE).
+    /// Its sidecar terminates mTLS (the pod is labelled `weft.dev/tls-mode: weft`; a peer's
+    /// endpoint: the peer says so). Callers originate mTLS unless its port's mode is DISABLE.
     pub mtls: bool,
+    /// How its sidecar accepts inbound connections on ports without an override.
+    pub mode: crate::objects::MtlsMode,
+    /// Endpoint port -> mode, where a PeerAuthentication overrides it per port.
+    pub port_modes: BTreeMap<u16, crate::objects::MtlsMode>,
     /// Imported from a peer control plane that is unreachable now: kept for the grace period.
     pub stale: bool,
 }
 
 impl EndpointModel {
+    /// Its sidecar's mode on one endpoint port.
+    pub fn mode_on(&self, port: u16) -> crate::objects::MtlsMode {
+        self.port_modes.get(&port).copied().unwrap_or(self.mode)
+    }
+
     /// The endpoint port serving a Service port (matched by name, as Kubernetes does).
     pub fn port_for(&self, port: &PortModel) -> Option<u16> {
         self.ports.get(&port.name).copied().or_else(|| {
@@ -254,7 +292,7 @@ pub struct Model {
     /// Source and resolution errors, sorted.
     pub errors: Vec<SourceError>,
     /// Pods by namespace/name with their labels (for selector diagnostics).
-    pub pod_labels: BTreeMap<ServiceKey, BTreeMap<String, String>>,
+    pub pod_labels: Arc<BTreeMap<ServiceKey, BTreeMap<String, String>>>,
     /// True once every source delivered its first full view.
     pub ready: bool,
     /// Rollouts by `namespace/name`, resolved against their TrafficSplits.
@@ -264,6 +302,8 @@ pub struct Model {
     /// Where each Pod runs (namespace/pod -> its Node's locality): a proxy that does not say
     /// where it is (an injected sidecar) is placed by its pod.
     pub pod_places: Arc<BTreeMap<ServiceKey, Locality>>,
+    /// PeerAuthentications and namespace modes, to resolve per workload.
+    pub mtls: Arc<crate::peer_auth::MtlsPolicies>,
 }
 
 /// What one peer control plane exports, as the federation client last received it.
@@ -506,7 +546,7 @@ fn build(
     // (namespace, pod) -> (service account, node)
     let mut pods: HashMap<(&str, &str), PodInfo> = HashMap::new();
     let mut pod_labels = BTreeMap::new();
-    let mut mtls_modes: HashMap<&str, crate::objects::MtlsMode> = HashMap::new();
+    let policies = crate::peer_auth::MtlsPolicies::from_objects(world.values().map(|(o, _)| &**o));
     for (obj, _) in world.values() {
         match &**obj {
             Object::Node(n) => {
@@ -540,16 +580,6 @@ fn build(
                     ServiceKey::new(ns, name),
                     p.metadata.labels.clone().unwrap_or_default(),
                 );
-            }
-            Object::Namespace(n) => {
-                let mode = n
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(weft_proto::keys::MTLS_MODE_ANNOTATION))
-                    .and_then(|m| crate::objects::MtlsMode::parse(m).ok())
-                    .unwrap_or_default();
-                mtls_modes.insert(n.metadata.name.as_deref().unwrap_or_default(), mode);
             }
             _ => {}
         }
@@ -594,7 +624,7 @@ fn build(
                         .cluster_ip
                         .as_deref()
                         .and_then(|ip| ip.parse::<IpAddr>().ok()),
-                    mtls_mode: mtls_modes.get(key_ns.as_str()).copied().unwrap_or_default(),
+                    mtls_mode: policies.namespace_mode(&key_ns).mode,
                     local: true,
                 },
             );
@@ -671,8 +701,12 @@ fn build(
                 .and_then(|(sa, _, _)| sa.as_deref())
                 .and_then(|sa| SpiffeId::new(prev.trust_domain.clone(), ns, sa).ok())
                 .map(|id| id.to_string());
-            let mtls = pod_info.is_some_and(|(_, _, meshed)| *meshed)
-                && svc.mtls_mode != crate::objects::MtlsMode::Disable;
+            let mtls = pod_info.is_some_and(|(_, _, meshed)| *meshed);
+            let workload = policies.resolve(
+                ns,
+                pod.as_deref()
+                    .and_then(|p| pod_labels.get(&ServiceKey::new(ns, p))),
+            );
             svc.endpoints.push(EndpointModel {
                 address,
                 ports: ports.clone(),
@@ -685,11 +719,13 @@ fn build(
                 weight: 1,
                 pod,
                 mtls,
+                mode: workload.mode.mode,
+                port_modes: workload.ports.iter().map(|(p, s)| (*p, s.mode)).collect(),
                 stale: false,
             });
         }
     }
-    merge_imports(&mut services, imports, &mtls_modes);
+    merge_imports(&mut services, imports, &policies);
 
     // Exports and policies.
     let mut policy_owner: HashMap<ServiceKey, String> = HashMap::new();
@@ -857,7 +893,16 @@ fn build(
         trust_domain: prev.trust_domain.clone(),
         services,
         errors: Vec::new(),
-        pod_labels,
+        pod_labels: if *prev.pod_labels == pod_labels {
+            prev.pod_labels.clone()
+        } else {
+            Arc::new(pod_labels)
+        },
+        mtls: if *prev.mtls == policies {
+            prev.mtls.clone()
+        } else {
+            Arc::new(policies)
+        },
         ready: prev.ready,
         rollouts,
         peers,
@@ -885,7 +930,7 @@ fn build(
 fn merge_imports(
     services: &mut BTreeMap<ServiceKey, ServiceModel>,
     imports: &Imports,
-    mtls_modes: &HashMap<&str, crate::objects::MtlsMode>,
+    policies: &crate::peer_auth::MtlsPolicies,
 ) {
     for import in imports.values() {
         for (key, imported) in &import.services {
@@ -900,10 +945,7 @@ fn merge_imports(
                 exported: false,
                 selector: BTreeMap::new(),
                 cluster_ip: None,
-                mtls_mode: mtls_modes
-                    .get(key.namespace.as_str())
-                    .copied()
-                    .unwrap_or_default(),
+                mtls_mode: policies.namespace_mode(&key.namespace).mode,
                 local: false,
             });
             if !svc.local {
@@ -920,6 +962,8 @@ fn merge_imports(
                 }
                 let mut e = e.clone();
                 e.stale = import.stale;
+                // A peer's pods: this cluster knows their namespace's mode, not their policies.
+                e.mode = svc.mtls_mode;
                 svc.endpoints.push(e);
             }
         }

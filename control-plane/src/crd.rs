@@ -1,5 +1,5 @@
 //! Weft's own CustomResourceDefinitions (`weft.dev/v1alpha1` TrafficPolicy, Rollout,
-//! MeshPeer), generated from the Rust types the sources validate with (kube derive +
+//! MeshPeer, PeerAuthentication), generated from the Rust types the sources validate with (kube derive +
 //! schemars), so the schema the API server enforces and the parser can never drift apart.
 //! `install/01-crds.yaml` is this output, committed; a test regenerates it and fails on any
 //! difference (`WEFT_BLESS=1` rewrites it).
@@ -7,11 +7,16 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use crate::objects::{MeshPeer, Rollout, TrafficPolicy};
+use crate::objects::{MeshPeer, PeerAuthentication, Rollout, TrafficPolicy};
 
 /// Weft's CRDs, in a stable order, with their status subresources and printer columns.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![TrafficPolicy::crd(), Rollout::crd(), MeshPeer::crd()]
+    vec![
+        TrafficPolicy::crd(),
+        Rollout::crd(),
+        MeshPeer::crd(),
+        PeerAuthentication::crd(),
+    ]
 }
 
 /// The CRDs as one multi-document YAML file (what `install/01-crds.yaml` holds).
@@ -58,7 +63,10 @@ mod tests {
             assert!(v.schema.is_some(), "{name}: schema");
         }
         let scopes: Vec<String> = crds().into_iter().map(|c| c.spec.scope).collect();
-        assert_eq!(scopes, ["Namespaced", "Namespaced", "Cluster"]);
+        assert_eq!(
+            scopes,
+            ["Namespaced", "Namespaced", "Cluster", "Namespaced"]
+        );
     }
 
     #[test]

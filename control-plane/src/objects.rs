@@ -75,6 +75,95 @@ pub enum Object {
     /// Weft's own cluster-scoped `weft.dev/v1alpha1 MeshPeer`: another cluster's control
     /// plane to federate with; `metadata.name` is that cluster's name.
     MeshPeer(Box<Named<MeshPeerSpec>>),
+    /// `weft.dev/v1alpha1 PeerAuthentication`, or Istio's `security.istio.io/v1` (and
+    /// `v1beta1`) of the same shape: how the selected workloads accept inbound connections.
+    PeerAuthentication(Box<Named<PeerAuthenticationSpec>>),
+    /// Istio's `security.istio.io/v1` (or `v1beta1`) PeerAuthentication, read as Weft's own;
+    /// a separate kind so one of each with the same name can coexist.
+    IstioPeerAuthentication(Box<Named<PeerAuthenticationSpec>>),
+}
+
+/// The object-key kind of Istio's PeerAuthentication (kubectl's `kind.group` spelling).
+pub const ISTIO_PEER_AUTHENTICATION: &str = "PeerAuthentication.security.istio.io";
+
+/// How workloads accept inbound connections, shaped like Istio's
+/// `security.istio.io/v1 PeerAuthentication` (Weft reads both kinds the same way).
+///
+/// Without `selector` it covers its namespace; in the control plane's root namespace
+/// (`weft-system`) it is the mesh-wide default. With `selector` it covers the pods whose
+/// labels match, and `portLevelMtls` overrides the mode per container port.
+#[derive(
+    Clone,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Deserialize,
+    Serialize,
+    schemars::JsonSchema,
+    kube::CustomResource,
+)]
+#[kube(
+    group = "weft.dev",
+    version = "v1alpha1",
+    kind = "PeerAuthentication",
+    namespaced,
+    status = "ObjectStatus",
+    shortname = "wpa",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mtls.mode"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthenticationSpec {
+    /// The pods it covers (by label); absent: the whole namespace.
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+    /// The mode; absent or `UNSET`: inherited from the namespace (then the mesh).
+    #[serde(default)]
+    pub mtls: Option<PeerMtls>,
+    /// Per container port (the key, `"8080"`): a mode overriding `mtls` on that port.
+    /// Needs `selector`, as in Istio.
+    #[serde(default)]
+    pub port_level_mtls: BTreeMap<String, PeerMtls>,
+}
+
+/// Which pods a policy covers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSelector {
+    /// Every label here must be on the pod; empty: every pod of the namespace.
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// One mTLS setting of a PeerAuthentication.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerMtls {
+    /// `STRICT`, `PERMISSIVE`, `DISABLE`, or `UNSET` (inherit).
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+impl PeerMtls {
+    /// The mode it sets; `None` for `UNSET` or no mode (inherit). Validated at parse time.
+    pub fn mode(&self) -> Option<MtlsMode> {
+        match self.mode.as_deref() {
+            None | Some("UNSET") => None,
+            Some(m) => MtlsMode::parse(m).ok(),
+        }
+    }
+}
+
+impl PeerAuthenticationSpec {
+    /// The port overrides, by container port (validated at parse time).
+    pub fn port_modes(&self) -> BTreeMap<u16, MtlsMode> {
+        self.port_level_mtls
+            .iter()
+            .filter_map(|(p, m)| Some((p.parse().ok()?, m.mode()?)))
+            .collect()
+    }
 }
 
 /// Where a peer control plane's TLS gRPC port is.
@@ -160,6 +249,13 @@ impl Object {
             Object::TrafficPolicy(o) => ("TrafficPolicy", (o.namespace.clone(), o.name.clone())),
             Object::Rollout(o) => ("Rollout", (o.namespace.clone(), o.name.clone())),
             Object::MeshPeer(o) => ("MeshPeer", (String::new(), o.name.clone())),
+            Object::PeerAuthentication(o) => {
+                ("PeerAuthentication", (o.namespace.clone(), o.name.clone()))
+            }
+            Object::IstioPeerAuthentication(o) => (
+                ISTIO_PEER_AUTHENTICATION,
+                (o.namespace.clone(), o.name.clone()),
+            ),
         };
         ObjectKey {
             kind,
@@ -737,6 +833,21 @@ pub fn parse_object(doc: serde_json::Value) -> Result<Option<Object>, ObjectErro
         ("weft.dev", "MeshPeer") => {
             Object::MeshPeer(Box::new(named(doc, &label, String::new(), name)?))
         }
+        ("weft.dev", "PeerAuthentication") => {
+            Object::PeerAuthentication(Box::new(named(doc, &label, namespace, name)?))
+        }
+        ("security.istio.io", "PeerAuthentication") => {
+            if !matches!(
+                api_version.as_str(),
+                "security.istio.io/v1" | "security.istio.io/v1beta1"
+            ) {
+                return Err(err(
+                    "apiVersion",
+                    format!("{api_version:?}: Weft reads security.istio.io/v1 and v1beta1"),
+                ));
+            }
+            Object::IstioPeerAuthentication(Box::new(named(doc, &label, namespace, name)?))
+        }
         _ => return Ok(None),
     };
     validate(&obj).map_err(|(field, message)| err(&field, message))?;
@@ -897,6 +1008,35 @@ fn validate(obj: &Object) -> Result<(), FieldError> {
             }
         }
         Object::Node(_) | Object::Pod(_) | Object::ServiceExport(_) => {}
+        Object::PeerAuthentication(pa) | Object::IstioPeerAuthentication(pa) => {
+            let check = |field: String, m: &PeerMtls| match m.mode.as_deref() {
+                None | Some("UNSET") => Ok(()),
+                Some(mode) => MtlsMode::parse(mode)
+                    .map(|_| ())
+                    .map_err(|e| field_err(field, format!("{e} (or UNSET to inherit)"))),
+            };
+            if let Some(m) = &pa.spec.mtls {
+                check("spec.mtls.mode".into(), m)?;
+            }
+            if !pa.spec.port_level_mtls.is_empty() && pa.spec.selector.is_none() {
+                return Err(field_err(
+                    "spec.portLevelMtls",
+                    "needs spec.selector: port-level modes apply to selected workloads only",
+                ));
+            }
+            for (port, m) in &pa.spec.port_level_mtls {
+                match port.parse::<u16>() {
+                    Ok(p) if p > 0 => {}
+                    _ => {
+                        return Err(field_err(
+                            format!("spec.portLevelMtls[{port:?}]"),
+                            format!("{port:?} is not a port (1-65535)"),
+                        ));
+                    }
+                }
+                check(format!("spec.portLevelMtls[{port:?}].mode"), m)?;
+            }
+        }
         Object::MeshPeer(p) => {
             weft_proto::spiffe::validate_dns_subdomain("cluster name", &p.name)
                 .map_err(|e| field_err("metadata.name", e.to_string()))?;
@@ -1143,6 +1283,7 @@ pub fn known_kind(kind: &str) -> Option<&'static str> {
         "Rollout",
         "Namespace",
         "MeshPeer",
+        "PeerAuthentication",
     ]
     .into_iter()
     .find(|k| *k == kind)
@@ -1150,7 +1291,15 @@ pub fn known_kind(kind: &str) -> Option<&'static str> {
 
 /// The key an unparsed document would have, when it names a known kind and has a name.
 pub fn raw_key(doc: &serde_json::Value) -> Option<ObjectKey> {
-    let kind = known_kind(doc.get("kind")?.as_str()?)?;
+    let mut kind = known_kind(doc.get("kind")?.as_str()?)?;
+    if kind == "PeerAuthentication"
+        && doc
+            .get("apiVersion")
+            .and_then(|v| v.as_str())
+            .is_some_and(|v| v.starts_with("security.istio.io/"))
+    {
+        kind = ISTIO_PEER_AUTHENTICATION;
+    }
     let meta = doc.get("metadata")?;
     let name = meta.get("name")?.as_str()?.to_string();
     let namespace = if matches!(kind, "Node" | "Namespace" | "MeshPeer") {

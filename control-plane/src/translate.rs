@@ -128,6 +128,12 @@ pub struct Translation {
     pub changed: Vec<Changed>,
     /// Where pods run (the model's), to place proxies that do not say.
     pub pod_places: Arc<BTreeMap<ServiceKey, Locality>>,
+    /// Pods' labels (the model's), to find the policies that select a proxy's pod.
+    pub pod_labels: Arc<BTreeMap<ServiceKey, BTreeMap<String, String>>>,
+    /// mTLS policies (the model's).
+    pub mtls: Arc<crate::peer_auth::MtlsPolicies>,
+    /// This control plane's cluster.
+    pub cluster: String,
 }
 
 impl Translation {
@@ -191,6 +197,9 @@ pub fn translate(model: &Model, prev: Option<&Translation>) -> Translation {
         prev_version: prev.map_or(0, |p| p.version),
         changed,
         pod_places: model.pod_places.clone(),
+        pod_labels: model.pod_labels.clone(),
+        mtls: model.mtls.clone(),
+        cluster: model.cluster.clone(),
     }
 }
 
@@ -258,7 +267,7 @@ fn any_of<M: Message + Name>(m: &M) -> pb::Any {
 
 /// Weft's typed metadata under the `weft` key. Typed, not a `Struct`: a `Struct`'s map encodes
 /// in random order, which would change a resource's version hash without changing the resource.
-fn weft_metadata<M: Message + Name>(m: &M) -> core::Metadata {
+pub(crate) fn weft_metadata<M: Message + Name>(m: &M) -> core::Metadata {
     core::Metadata {
         typed_filter_metadata: [(WEFT_METADATA.to_string(), any_of(m))].into(),
         ..Default::default()
@@ -576,7 +585,7 @@ fn cluster_for(
         Algorithm::Maglev => LbPolicy::Maglev,
     };
     let algo_name = format!("{algo:?}");
-    let protocol = port.app_protocol.clone().unwrap_or_default();
+    let protocol = port.protocol();
     let policy = svc.policy.as_ref();
     let circuit_breakers = policy.and_then(|p| {
         let cb = p.circuit_breaker.clone();
@@ -719,7 +728,12 @@ fn load_assignments(svc: &ServiceModel, place: &ProxyPlace, home: &str) -> Vec<R
                         cluster: e.cluster.clone(),
                         identity: e.identity.clone().unwrap_or_default(),
                         pod: e.pod.clone().unwrap_or_default(),
-                        mtls: e.mtls && e.identity.is_some(),
+                        mtls: e.mtls
+                            && e.identity.is_some()
+                            && e.mode_on(target) != crate::objects::MtlsMode::Disable,
+                        strict: e.mtls
+                            && e.identity.is_some()
+                            && e.mode_on(target) == crate::objects::MtlsMode::Strict,
                     })),
                     host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
                         endpoint::Endpoint {
@@ -771,7 +785,7 @@ fn load_assignments(svc: &ServiceModel, place: &ProxyPlace, home: &str) -> Vec<R
     out
 }
 
-fn socket_address(ip: std::net::IpAddr, port: u16) -> core::Address {
+pub(crate) fn socket_address(ip: std::net::IpAddr, port: u16) -> core::Address {
     core::Address {
         address: Some(core::address::Address::SocketAddress(core::SocketAddress {
             address: ip.to_string(),

@@ -27,6 +27,7 @@ fn endpoints(n: usize, algorithm: Algorithm) -> Endpoints {
             zone: "a".into(),
             origin: Arc::from("c1"),
             mtls_identity: None,
+            strict: false,
             stats: Arc::default(),
             load: Arc::new(weft_sidecar::lrs::LocalityLoad::new("a")),
             hot: Arc::default(),

@@ -432,6 +432,7 @@ pub fn inject(pod: &Pod, cfg: &InjectConfig) -> Result<Outcome, InjectError> {
             field_env("WEFT_SERVICE_ACCOUNT", "spec.serviceAccountName"),
             field_env("NODE_NAME", "spec.nodeName"),
             field_env("POD_IP", "status.podIP"),
+            field_env("WEFT_POD_IPS", "status.podIPs"),
             env("WEFT_NODE_ID", "$(POD_NAME).$(POD_NAMESPACE)"),
             env("WEFT_TRUST_DOMAIN", &cfg.trust_domain),
             env("WEFT_TOKEN_FILE", &format!("{TOKEN_DIR}/token")),

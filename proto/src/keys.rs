@@ -31,6 +31,12 @@ pub const NODE_NAMESPACE: &str = "NAMESPACE";
 pub const NODE_SERVICE_ACCOUNT: &str = "SERVICE_ACCOUNT";
 /// xDS node metadata: the proxy's cluster (Kubernetes cluster, not xDS cluster).
 pub const NODE_CLUSTER: &str = "CLUSTER_ID";
+/// xDS node metadata: the pod's IP addresses, comma-separated (as Istio names it).
+pub const NODE_INSTANCE_IPS: &str = "INSTANCE_IPS";
+/// xDS `node.user_agent_name` of Weft's sidecar: only it is sent the inbound listener.
+pub const SIDECAR_USER_AGENT: &str = "weft-sidecar";
+/// Name of the per-workload Listener describing how the sidecar's inbound treats each port.
+pub const INBOUND_LISTENER: &str = "weft-inbound";
 
 /// Response header naming why the sidecar refused a request itself (circuit open, no route...).
 pub const PROXY_REASON_HEADER: &str = "x-weft-reason";

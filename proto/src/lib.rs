@@ -10,6 +10,7 @@ pub mod load;
 pub mod logging;
 pub mod names;
 pub mod probes;
+pub mod protocol;
 pub mod spiffe;
 pub mod tls;
 

@@ -202,6 +202,8 @@ pub struct Target {
     pub origin: Arc<str>,
     /// The SPIFFE ID its sidecar presents, when it terminates mTLS.
     pub mtls_identity: Option<Arc<str>>,
+    /// Its sidecar accepts only mTLS on this port: never sent plaintext.
+    pub strict: bool,
     /// Load counters of its cluster and locality (load reports).
     pub load: Arc<crate::lrs::LocalityLoad>,
     /// Cached metric handles of its 200s in this cluster.
@@ -422,6 +424,7 @@ mod tests {
                 addr: SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16)),
                 origin: Arc::from(""),
                 mtls_identity: None,
+                strict: false,
                 stats: Arc::new(EndpointStats::default()),
                 load: Arc::new(crate::lrs::LocalityLoad::new("")),
                 hot: Arc::default(),

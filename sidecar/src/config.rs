@@ -38,6 +38,11 @@ pub struct RunConfig {
     /// xDS node id (default: `<pod>.<namespace>` from the environment, else the host name).
     #[arg(long, env = "WEFT_NODE_ID")]
     pub node_id: Option<String>,
+    /// The pod's IP addresses, comma-separated (the injector sets them from `status.podIPs`):
+    /// the control plane finds the Service ports this pod serves by them, when its
+    /// EndpointSlices do not name the pod.
+    #[arg(long, env = "WEFT_POD_IPS", value_delimiter = ',')]
+    pub pod_ips: Vec<std::net::IpAddr>,
     /// The workload's namespace: short hosts (`echo`) resolve in it.
     #[arg(long, env = "WEFT_NAMESPACE", default_value = "default")]
     pub namespace: String,
@@ -172,6 +177,11 @@ impl RunConfig {
             health_addr: None,
             app_probes: weft_proto::probes::AppProbes::default(),
             node_id: Some(node_id.into()),
+            pod_ips: if ip.is_unspecified() {
+                Vec::new()
+            } else {
+                vec![ip]
+            },
             namespace: "default".into(),
             service_account: "default".into(),
             cluster: String::new(),

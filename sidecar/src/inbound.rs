@@ -282,17 +282,9 @@ impl Shared {
         endpoint: Option<SocketAddr>,
     ) {
         let _ = client.set_nodelay(true);
-        let (mode, declared) = {
-            let config = self.xds.config.load();
-            let declared = endpoint.and_then(|e| {
-                config
-                    .declared
-                    .get(&self.namespace)
-                    .and_then(|m| m.get(&e))
-                    .copied()
-            });
-            (config.inbound_mode(&self.namespace), declared)
-        };
+        // The container port: the original destination's (its app port when not intercepted).
+        let port = endpoint.map_or(app.port(), |e| e.port());
+        let (mode, declared) = self.xds.config.load().inbound_for(&self.namespace, port);
         let kind = self.classify(&client, app, declared).await;
         match (kind, mode) {
             (Kind::MeshTls, MtlsMode::Strict | MtlsMode::Permissive) => {

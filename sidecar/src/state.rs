@@ -279,6 +279,8 @@ pub struct Endpoint {
     /// The SPIFFE ID to expect when the endpoint's sidecar terminates mTLS; `None` for a
     /// plaintext endpoint.
     pub mtls_identity: Option<Arc<str>>,
+    /// Its sidecar accepts only mTLS on this port (EndpointMeta `strict`): never plaintext.
+    pub strict: bool,
     /// Requests in flight and latency, kept across config updates.
     #[serde(serialize_with = "ser_stats")]
     pub stats: Arc<EndpointStats>,
@@ -396,6 +398,7 @@ pub fn compile_endpoints(
                 .and_then(|m| m.typed_filter_metadata.get("weft"))
                 .and_then(|a| weft_proto::xds::EndpointMeta::decode(a.value.as_slice()).ok());
             let origin: Arc<str> = meta.as_ref().map_or("", |m| m.cluster.as_str()).into();
+            let strict = meta.as_ref().is_some_and(|m| m.mtls && m.strict);
             let mtls_identity = match meta {
                 Some(m) if m.mtls => {
                     weft_proto::SpiffeId::parse(&m.identity).map_err(|err| {
@@ -418,6 +421,7 @@ pub fn compile_endpoints(
                 load: load_for(&zone),
                 hot: Arc::default(),
                 mtls_identity,
+                strict,
                 stats: stats(addr),
             });
         }
@@ -455,6 +459,7 @@ impl Endpoints {
                         addr: e.addr,
                         origin: e.origin.clone(),
                         mtls_identity: e.mtls_identity.clone(),
+                        strict: e.strict,
                         stats: e.stats.clone(),
                         load: e.load.clone(),
                         hot: e.hot.clone(),
@@ -617,11 +622,6 @@ pub struct ClusterState {
     pub runtime: Arc<ClusterRuntime>,
 }
 
-/// Whether a Service port's `appProtocol` means its endpoints speak HTTP/2 only.
-pub fn is_http2_protocol(app_protocol: &str) -> bool {
-    matches!(app_protocol, "grpc" | "h2c" | "kubernetes.io/h2c" | "http2")
-}
-
 /// Weft's metadata on a Cluster, when it has it.
 pub fn cluster_meta(c: &Cluster) -> Option<weft_proto::xds::ClusterMeta> {
     c.metadata
@@ -685,53 +685,129 @@ pub struct MeshConfig {
     /// Endpoint address -> the SPIFFE ID its sidecar must present (mTLS endpoints only).
     #[serde(skip)]
     pub mtls_identities: HashMap<SocketAddr, Arc<str>>,
-    /// Namespace -> endpoint address -> the protocol its Service port declares
-    /// (`appProtocol`), for the inbound of the sidecar in front of it. Keyed by the Service's
-    /// namespace: an inbound reads only its own namespace's declarations, so another
-    /// namespace's Service listing this pod's address cannot change how it is treated.
-    #[serde(skip)]
-    pub declared: HashMap<String, HashMap<SocketAddr, Declared>>,
+    /// How this sidecar's inbound treats each port (the `weft-inbound` Listener its control
+    /// plane resolved for this workload); `None` when the control plane sent none.
+    pub inbound: Option<InboundPolicy>,
     /// Meshed endpoints of STRICT namespaces: never sent plaintext, also when reached by
     /// address (passthrough, opaque TCP) rather than through a route.
     #[serde(skip)]
     pub strict_endpoints: std::collections::HashSet<SocketAddr>,
 }
 
-/// What a Service port says it speaks, as inbound treats it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Declared {
-    /// HTTP (`http`, `http2`, `h2c`, `grpc`, `grpc-web`, `kubernetes.io/h2c`,
-    /// `kubernetes.io/ws`): plaintext must parse as HTTP/1 or h2c, or it is refused.
-    Http,
-    /// Declared raw TCP or the application's own TLS (`tcp`, `tls`, `https`): opaque, never
-    /// sniffed.
-    Opaque,
+pub use weft_proto::protocol::Declared;
+
+/// How this sidecar's inbound treats its ports, from the `weft-inbound` Listener.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InboundPolicy {
+    /// The mode on ports without an override.
+    pub mode: weft_proto::tls::MtlsMode,
+    /// Where it comes from (`PeerAuthentication ns/name`, `Namespace ns`, `default`).
+    pub source: String,
+    /// Container port -> what is known of it.
+    pub ports: BTreeMap<u16, InboundPort>,
 }
 
-impl Declared {
-    /// The declaration of an `appProtocol` value; `None` when nothing is declared.
-    pub fn of(app_protocol: &str) -> Option<Declared> {
-        match app_protocol.trim().to_ascii_lowercase().as_str() {
-            "" => None,
-            "http" | "http2" | "h2c" | "grpc" | "grpc-web" | "kubernetes.io/h2c"
-            | "kubernetes.io/ws" => Some(Declared::Http),
-            "tcp" | "tls" | "https" => Some(Declared::Opaque),
-            // Anything else is not understood: sniffed, as if nothing were declared.
-            _ => None,
+/// One container port of the workload.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InboundPort {
+    /// Its own mode, overriding the workload's.
+    pub mode: Option<weft_proto::tls::MtlsMode>,
+    /// Where the override comes from.
+    pub source: String,
+    /// What its Service ports declare, as the control plane sent it.
+    pub protocol: String,
+    /// How that declaration is treated (`None`: sniffed).
+    #[serde(skip)]
+    pub declared: Option<Declared>,
+}
+
+impl InboundPolicy {
+    /// Reads and validates the `weft-inbound` Listener; `Ok(None)` for any other Listener.
+    pub fn from_listener(l: &Listener) -> Result<Option<Self>, Invalid> {
+        if l.name != weft_proto::keys::INBOUND_LISTENER {
+            return Ok(None);
         }
+        let name = l.name.as_str();
+        let any = l
+            .metadata
+            .as_ref()
+            .and_then(|m| m.typed_filter_metadata.get("weft"))
+            .ok_or_else(|| {
+                invalid(
+                    "Listener",
+                    name,
+                    "metadata.typed_filter_metadata[\"weft\"] is missing",
+                )
+            })?;
+        let meta: weft_proto::xds::InboundMeta = decode("Listener", name, &any.value)?;
+        let mode = |field: &str, v: &str| {
+            weft_proto::tls::MtlsMode::parse(v)
+                .map_err(|m| invalid("Listener", name, format!("weft metadata {field}: {m}")))
+        };
+        let mut ports = BTreeMap::new();
+        for (i, p) in meta.ports.iter().enumerate() {
+            let port = u16::try_from(p.port)
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| {
+                    invalid(
+                        "Listener",
+                        name,
+                        format!(
+                            "weft metadata ports[{i}].port: {} is not a port (1-65535)",
+                            p.port
+                        ),
+                    )
+                })?;
+            let m = if p.mtls_mode.is_empty() {
+                None
+            } else {
+                Some(mode(&format!("ports[{i}].mtls_mode"), &p.mtls_mode)?)
+            };
+            ports.insert(
+                port,
+                InboundPort {
+                    mode: m,
+                    source: p.mtls_source.clone(),
+                    protocol: p.protocol.clone(),
+                    declared: Declared::of(&p.protocol),
+                },
+            );
+        }
+        Ok(Some(InboundPolicy {
+            mode: mode("mtls_mode", &meta.mtls_mode)?,
+            source: meta.mtls_source,
+            ports,
+        }))
     }
 }
 
 impl MeshConfig {
-    /// How this proxy's inbound listener treats connections, for its namespace.
+    /// How this proxy's inbound listener treats connections to one port.
     /// Before the first config arrives (a proxy just started, or restarted while the control
     /// plane is down) nothing is known of the namespace: STRICT, so plaintext is refused
     /// rather than let in by a guess.
-    pub fn inbound_mode(&self, namespace: &str) -> weft_proto::tls::MtlsMode {
+    ///
+    /// With its `weft-inbound` Listener: the port's mode and declared protocol. Without one (a
+    /// control plane that sends none): its namespace's mode, and the port is sniffed.
+    pub fn inbound_for(
+        &self,
+        namespace: &str,
+        port: u16,
+    ) -> (weft_proto::tls::MtlsMode, Option<Declared>) {
         if self.versions.is_empty() {
-            return weft_proto::tls::MtlsMode::Strict;
+            return (weft_proto::tls::MtlsMode::Strict, None);
         }
-        self.mtls_modes.get(namespace).copied().unwrap_or_default()
+        match &self.inbound {
+            Some(i) => match i.ports.get(&port) {
+                Some(p) => (p.mode.unwrap_or(i.mode), p.declared),
+                None => (i.mode, None),
+            },
+            None => (
+                self.mtls_modes.get(namespace).copied().unwrap_or_default(),
+                None,
+            ),
+        }
     }
 
     /// Routes for an authority: as given, else resolved by the mesh's naming rules
@@ -765,6 +841,7 @@ mod tests {
                 zone: String::new(),
                 origin: Arc::from(""),
                 mtls_identity: None,
+                strict: false,
                 stats: Arc::default(),
                 load: Arc::new(crate::lrs::LocalityLoad::new("")),
                 hot: Arc::default(),

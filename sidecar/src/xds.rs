@@ -126,6 +126,15 @@ pub fn node(cfg: &RunConfig) -> Node {
             s(&cfg.service_account),
         ),
         (weft_proto::keys::NODE_CLUSTER, s(&cfg.cluster)),
+        (
+            weft_proto::keys::NODE_INSTANCE_IPS,
+            s(&cfg
+                .pod_ips
+                .iter()
+                .map(|ip| ip.to_string())
+                .collect::<Vec<_>>()
+                .join(",")),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -139,7 +148,7 @@ pub fn node(cfg: &RunConfig) -> Node {
             zone: cfg.zone.clone(),
             sub_zone: String::new(),
         }),
-        user_agent_name: "weft-sidecar".into(),
+        user_agent_name: weft_proto::keys::SIDECAR_USER_AGENT.into(),
         ..Default::default()
     }
 }
@@ -486,6 +495,9 @@ fn apply(held: &mut Held, t: &'static str, update: Update<'_>) -> Result<Depende
             );
             let mut routes = BTreeSet::new();
             for l in listeners.values() {
+                if let Err(e) = state::InboundPolicy::from_listener(l) {
+                    errors.push(e);
+                }
                 match state::listener_routes(l) {
                     Ok(Some(r)) => {
                         routes.insert(r);
@@ -607,7 +619,7 @@ fn compile(held: &mut Held) -> MeshConfig {
                     endpoints,
                     policy: Arc::new(ClusterPolicy::from_xds(c)),
                     http2: state::cluster_meta(c)
-                        .is_some_and(|m| state::is_http2_protocol(&m.app_protocol)),
+                        .is_some_and(|m| weft_proto::protocol::is_http2(&m.app_protocol)),
                     strict: state::cluster_meta(c).is_some_and(|m| {
                         weft_proto::tls::MtlsMode::parse(&m.mtls_mode)
                             == Ok(weft_proto::tls::MtlsMode::Strict)
@@ -636,36 +648,16 @@ fn compile(held: &mut Held) -> MeshConfig {
         .collect();
     let strict_endpoints = clusters
         .values()
-        .filter(|c| c.strict)
-        .filter_map(|c| c.endpoints.as_ref())
-        .flat_map(|e| e.priorities.iter().flatten())
-        .filter(|e| e.mtls_identity.is_some())
-        .map(|e| e.addr)
+        .filter_map(|c| Some((c.strict, c.endpoints.as_ref()?)))
+        .flat_map(|(strict, e)| e.priorities.iter().flatten().map(move |e| (strict, e)))
+        .filter(|(strict, e)| e.mtls_identity.is_some() && (*strict || e.strict))
+        .map(|(_, e)| e.addr)
         .collect();
-    let mut declared: HashMap<String, HashMap<std::net::SocketAddr, state::Declared>> =
-        HashMap::new();
-    for c in held.clusters.values() {
-        let Some(meta) = state::cluster_meta(c) else {
-            continue;
-        };
-        let (Some(d), Some((ns, _))) = (
-            state::Declared::of(&meta.app_protocol),
-            meta.service.split_once('/'),
-        ) else {
-            continue;
-        };
-        let Some(eps) = clusters.get(&c.name).and_then(|s| s.endpoints.as_ref()) else {
-            continue;
-        };
-        let map = declared.entry(ns.to_string()).or_default();
-        for e in eps.priorities.iter().flatten() {
-            // Two Services of the namespace disagreeing: HTTP wins (parsed, never raw).
-            let slot = map.entry(e.addr).or_insert(d);
-            if d == state::Declared::Http {
-                *slot = d;
-            }
-        }
-    }
+    // Validated when the Listener was accepted.
+    let inbound = held
+        .listeners
+        .values()
+        .find_map(|l| state::InboundPolicy::from_listener(l).ok().flatten());
     // Keep measurements only of endpoints and clusters still in the config.
     held.stats = live;
     held.runtimes = clusters
@@ -678,7 +670,7 @@ fn compile(held: &mut Held) -> MeshConfig {
         versions: held.versions.clone(),
         mtls_modes,
         mtls_identities,
-        declared,
+        inbound,
         strict_endpoints,
     }
 }

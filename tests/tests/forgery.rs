@@ -309,13 +309,11 @@ async fn a_port_declared_http_refuses_what_is_not_http() {
     cfg.app_addr = Some(app_addr);
     let sc = Sidecar::start(cfg).await.expect("sidecar");
     weft_testkit::wait_ready(&sc, Duration::from_secs(15)).await;
-    weft_testkit::eventually("the endpoint is known", Duration::from_secs(10), || {
-        sc.xds
-            .config
-            .load()
-            .declared
-            .get("default")
-            .is_some_and(|m| m.contains_key(&inbound))
+    weft_testkit::eventually("the port is declared HTTP", Duration::from_secs(10), || {
+        sc.xds.config.load().inbound.as_ref().is_some_and(|i| {
+            i.ports.get(&inbound.port()).and_then(|p| p.declared)
+                == Some(weft_sidecar::state::Declared::Http)
+        })
     })
     .await;
     for garbage in [

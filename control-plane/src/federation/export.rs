@@ -41,7 +41,7 @@ pub fn exports(model: &Model) -> BTreeMap<ServiceKey, pb::ExportedService> {
                         .iter()
                         .map(|(n, p)| (n.clone(), u32::from(*p)))
                         .collect(),
-                    mtls: e.mtls,
+                    mtls: e.mtls && e.mode != crate::objects::MtlsMode::Disable,
                     serving: e.serving,
                     terminating: e.terminating,
                 })

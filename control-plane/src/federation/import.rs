@@ -194,6 +194,8 @@ fn convert(
             weight: e.weight.max(1),
             pod: None,
             mtls: e.mtls,
+            mode: Default::default(),
+            port_modes: BTreeMap::new(),
             stale: false,
         });
     }

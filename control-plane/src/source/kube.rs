@@ -60,7 +60,7 @@ pub enum StatusStyle {
 pub const CONTROLLER_NAME: &str = "weft.dev/mesh-controller";
 
 /// Every kind the source watches.
-pub const KINDS: [Kind; 11] = [
+pub const KINDS: [Kind; 13] = [
     Kind {
         group: "",
         version: "v1",
@@ -149,6 +149,23 @@ pub const KINDS: [Kind; 11] = [
         namespaced: false,
         status: StatusStyle::Conditions,
     },
+    Kind {
+        group: "weft.dev",
+        version: "v1alpha1",
+        kind: "PeerAuthentication",
+        plural: "peerauthentications",
+        namespaced: true,
+        status: StatusStyle::Conditions,
+    },
+    // Istio's, read the same way; Weft writes no status on another project's objects.
+    Kind {
+        group: "security.istio.io",
+        version: "v1",
+        kind: "PeerAuthentication",
+        plural: "peerauthentications",
+        namespaced: true,
+        status: StatusStyle::None,
+    },
 ];
 
 impl Kind {
@@ -169,10 +186,20 @@ impl Kind {
         )
     }
 
+    /// The kind objects of this resource are keyed under: its `kind`, except Istio's
+    /// PeerAuthentication, which must not collide with Weft's.
+    pub fn id(&self) -> &'static str {
+        if self.group == "security.istio.io" {
+            crate::objects::ISTIO_PEER_AUTHENTICATION
+        } else {
+            self.kind
+        }
+    }
+
     fn key(&self, doc: &Value) -> ObjectKey {
         let meta = &doc["metadata"];
         ObjectKey {
-            kind: self.kind,
+            kind: self.id(),
             namespace: if self.namespaced {
                 meta["namespace"].as_str().unwrap_or("default").to_string()
             } else {
@@ -285,16 +312,16 @@ impl KubeState {
                 }
             }
             Event::Relist => {
-                self.relisting.insert(kind.kind, Vec::new());
+                self.relisting.insert(kind.id(), Vec::new());
             }
-            Event::RelistItem(doc) => self.relisting.entry(kind.kind).or_default().push(doc),
+            Event::RelistItem(doc) => self.relisting.entry(kind.id()).or_default().push(doc),
             Event::RelistDone => {
-                let docs = self.relisting.remove(kind.kind).unwrap_or_default();
+                let docs = self.relisting.remove(kind.id()).unwrap_or_default();
                 let fresh: BTreeSet<ObjectKey> = docs.iter().map(|d| kind.key(d)).collect();
                 let gone: Vec<ObjectKey> = self
                     .objects
                     .keys()
-                    .filter(|k| k.kind == kind.kind && !fresh.contains(*k))
+                    .filter(|k| k.kind == kind.id() && !fresh.contains(*k))
                     .cloned()
                     .collect();
                 for k in gone {
@@ -302,14 +329,14 @@ impl KubeState {
                     removes.push(k);
                 }
                 self.errors
-                    .retain(|k, _| k.kind != kind.kind || fresh.contains(k));
+                    .retain(|k, _| k.kind != kind.id() || fresh.contains(k));
                 for doc in docs {
                     take(self, doc, &mut verdicts);
                 }
-                self.synced.insert(kind.kind);
+                self.synced.insert(kind.id());
             }
             Event::Unavailable(_) => {
-                self.synced.insert(kind.kind);
+                self.synced.insert(kind.id());
             }
         }
         let errors: Vec<SourceError> = self.errors.values().cloned().collect();

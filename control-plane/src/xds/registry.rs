@@ -33,6 +33,29 @@ pub struct NodeInfo {
     pub service_account: String,
     /// Place: cluster and locality.
     pub place: ProxyPlace,
+    /// It is Weft's sidecar (`user_agent_name`): it gets the per-workload inbound Listener.
+    pub sidecar: bool,
+    /// Its pod's IPs (`INSTANCE_IPS` metadata; unparsable entries are ignored).
+    pub ips: Vec<std::net::IpAddr>,
+}
+
+impl NodeInfo {
+    /// The pod it runs in, when its id is `<pod>.<namespace>` of its own namespace.
+    pub fn pod(&self) -> Option<&str> {
+        self.id
+            .rsplit_once('.')
+            .filter(|(pod, ns)| *ns == self.namespace && !pod.is_empty())
+            .map(|(pod, _)| pod)
+    }
+
+    /// Who asks, for the inbound Listener.
+    pub fn workload(&self) -> crate::inbound::Workload<'_> {
+        crate::inbound::Workload {
+            namespace: &self.namespace,
+            pod: self.pod(),
+            ips: &self.ips,
+        }
+    }
 }
 
 impl NodeInfo {
@@ -60,6 +83,12 @@ impl NodeInfo {
                 namespace
             },
             service_account: meta(keys::NODE_SERVICE_ACCOUNT),
+            sidecar: node.user_agent_name == keys::SIDECAR_USER_AGENT,
+            ips: meta(keys::NODE_INSTANCE_IPS)
+                .split(',')
+                .filter_map(|s| s.trim().parse().ok())
+                .take(16)
+                .collect(),
             place: ProxyPlace {
                 cluster: meta(keys::NODE_CLUSTER),
                 locality: Locality {

@@ -146,6 +146,24 @@ impl<R> Ctx<'_, R> {
     }
 }
 
+/// The snapshot a proxy should hold at `t`, and its use of the snapshot's key. A Weft sidecar's
+/// includes its inbound Listener; other clients (Envoy, gRPC) get none.
+fn snapshot_for(
+    shared: &Shared,
+    t: &Translation,
+    info: &NodeInfo,
+) -> (Arc<PlaceSnapshot>, super::view::KeyUse) {
+    let inbound = info
+        .sidecar
+        .then(|| crate::inbound::inbound_listener(t, &info.workload()));
+    let key = super::view::SnapshotKey {
+        place: info.place.clone(),
+        inbound: inbound.as_ref().map(|r| r.version.clone()),
+    };
+    let used = shared.snapshots.acquire(key);
+    (shared.snapshots.get(t, &info.place, inbound.as_ref()), used)
+}
+
 /// Runs one stream to its end.
 pub(crate) async fn run<P: Protocol>(
     mut proto: P,
@@ -183,7 +201,7 @@ pub(crate) async fn run<P: Protocol>(
     let _connected = ConnectedGuard::new(shared.metrics.clone());
     let mut translations: watch::Receiver<Arc<Translation>> = shared.translations.clone();
     let t = translations.borrow_and_update().clone();
-    let snapshot = shared.snapshots.get(&t, &info.place);
+    let (snapshot, mut key_use) = snapshot_for(&shared, &t, &info);
     let mut ctx = Ctx {
         shared: &shared,
         reg: &reg,
@@ -224,11 +242,19 @@ pub(crate) async fn run<P: Protocol>(
                         break;
                     }
                     let t = translations.borrow_and_update().clone();
-                    let snap = shared.snapshots.get(&t, &info.place);
-                    if snap.version == ctx.snapshot.version {
+                    let (snap, used) = snapshot_for(&shared, &t, &info);
+                    let same_key = used.key() == key_use.key();
+                    key_use = used;
+                    if snap.version == ctx.snapshot.version && same_key {
                         continue;
                     }
-                    let changes = snap.changes_since(&ctx.snapshot);
+                    // Another key (its inbound Listener changed): the diff chain is another
+                    // snapshot's, so walk.
+                    let changes = if same_key {
+                        snap.changes_since(&ctx.snapshot)
+                    } else {
+                        snap.walk(&ctx.snapshot)
+                    };
                     ctx.snapshot = snap;
                     if proto.push(&mut ctx, &changes).await.is_err() {
                         break;

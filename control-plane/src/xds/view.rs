@@ -5,11 +5,26 @@
 //! not grow with the mesh. A new snapshot is built from the previous one of its place by
 //! replaying only the services whose translation changed, and carries that diff, so a stream
 //! one version behind learns what to push without walking the whole mesh.
+//!
+//! A Weft sidecar also holds its own inbound Listener (see `crate::inbound`), so snapshots are
+//! keyed by (place, inbound Listener version): the replicas of a Deployment at one place share
+//! one. A key lives while a stream uses it ([`SnapshotCache::acquire`]); an unused key is
+//! dropped at the next translation, so neither client-chosen localities nor old policies pile
+//! up snapshots.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use crate::translate::{ProxyPlace, Res, ServiceXds, Translation};
+
+/// What proxies share a snapshot by: their place and their inbound Listener.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SnapshotKey {
+    /// Cluster and locality.
+    pub place: ProxyPlace,
+    /// The inbound Listener's content version (`None`: the proxy gets none).
+    pub inbound: Option<String>,
+}
 
 /// Index of a type in per-type arrays: CDS, EDS, LDS, RDS (the order of `type_url::ALL`).
 pub type TypeIndex = usize;
@@ -92,8 +107,11 @@ fn lists<'a>(xds: &'a ServiceXds, eds: &'a [Res]) -> [(TypeIndex, &'a [Res]); TY
 }
 
 impl PlaceSnapshot {
-    fn build(t: &Translation, place: &ProxyPlace) -> Self {
+    fn build(t: &Translation, place: &ProxyPlace, inbound: Option<&Res>) -> Self {
         let mut resources: [BTreeMap<String, Res>; TYPES] = Default::default();
+        if let Some(r) = inbound {
+            resources[LDS].insert(r.name.clone(), r.clone());
+        }
         for xds in t.services.values() {
             let eds = xds.endpoints(place);
             for (ti, list) in lists(xds, &eds) {
@@ -164,7 +182,12 @@ impl PlaceSnapshot {
         if let Some((_, d)) = self.diffs.iter().find(|(from, _)| *from == old.version) {
             return d.clone();
         }
-        // A proxy far behind (or a rebuilt snapshot): walk both.
+        self.walk(old)
+    }
+
+    /// What changed from `old`, found by walking both (a proxy far behind, a rebuilt
+    /// snapshot, or one of another key: its inbound Listener changed).
+    pub fn walk(&self, old: &PlaceSnapshot) -> Arc<AllChanges> {
         let mut changes: AllChanges = Default::default();
         for (ti, change) in changes.iter_mut().enumerate() {
             let (new, old) = (&self.resources[ti], &old.resources[ti]);
@@ -183,33 +206,104 @@ impl PlaceSnapshot {
     }
 }
 
-/// The latest snapshot of every place.
+/// The latest snapshot of every key in use.
 #[derive(Debug, Default)]
 pub struct SnapshotCache {
-    latest: Mutex<HashMap<ProxyPlace, Arc<PlaceSnapshot>>>,
+    latest: Mutex<HashMap<SnapshotKey, Arc<PlaceSnapshot>>>,
+    users: Mutex<HashMap<SnapshotKey, usize>>,
+}
+
+/// A stream's use of a key: while it lives, the key's snapshot is kept and advanced.
+#[derive(Debug)]
+pub struct KeyUse {
+    cache: Arc<SnapshotCache>,
+    key: SnapshotKey,
+}
+
+impl KeyUse {
+    /// The key used.
+    pub fn key(&self) -> &SnapshotKey {
+        &self.key
+    }
+}
+
+impl Drop for KeyUse {
+    fn drop(&mut self) {
+        let mut users = crate::lock(&self.cache.users);
+        if let Some(n) = users.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                users.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl SnapshotCache {
-    /// Advances every known place to `t` (the translator calls this for each new version, so
-    /// the diff chain never breaks even when streams skip versions).
-    pub fn advance_all(&self, t: &Translation) {
-        let places: Vec<ProxyPlace> = crate::lock(&self.latest).keys().cloned().collect();
-        for place in places {
-            self.get(t, &place);
+    /// Marks `key` as used until the returned guard drops.
+    pub fn acquire(self: &Arc<Self>, key: SnapshotKey) -> KeyUse {
+        *crate::lock(&self.users).entry(key.clone()).or_default() += 1;
+        KeyUse {
+            cache: self.clone(),
+            key,
         }
     }
 
-    /// The snapshot of `place` at `t`'s version, built once and shared.
-    pub fn get(&self, t: &Translation, place: &ProxyPlace) -> Arc<PlaceSnapshot> {
+    /// Advances every key in use to `t` (the translator calls this for each new version, so
+    /// the diff chain never breaks even when streams skip versions) and drops the others.
+    pub fn advance_all(&self, t: &Translation) {
+        let used: Vec<SnapshotKey> = {
+            let users = crate::lock(&self.users);
+            let mut latest = crate::lock(&self.latest);
+            latest.retain(|k, _| users.contains_key(k));
+            latest.keys().cloned().collect()
+        };
+        for key in used {
+            // Advancing never changes the inbound Listener a snapshot holds.
+            self.advance(t, &key);
+        }
+    }
+
+    fn advance(&self, t: &Translation, key: &SnapshotKey) {
         let mut latest = crate::lock(&self.latest);
-        let snap = match latest.get(place) {
+        if let Some(s) = latest.get(key)
+            && s.version == t.prev_version
+        {
+            let next = Arc::new(s.advance(t, &key.place));
+            latest.insert(key.clone(), next);
+        }
+    }
+
+    /// The snapshot of `place` holding `inbound` at `t`'s version, built once and shared.
+    pub fn get(
+        &self,
+        t: &Translation,
+        place: &ProxyPlace,
+        inbound: Option<&Res>,
+    ) -> Arc<PlaceSnapshot> {
+        let key = SnapshotKey {
+            place: place.clone(),
+            inbound: inbound.map(|r| r.version.clone()),
+        };
+        let mut latest = crate::lock(&self.latest);
+        let snap = match latest.get(&key) {
             Some(s) if s.version == t.version => return s.clone(),
             Some(s) if s.version == t.prev_version => Arc::new(s.advance(t, place)),
             Some(s) if s.version > t.version => return s.clone(),
-            _ => Arc::new(PlaceSnapshot::build(t, place)),
+            _ => Arc::new(PlaceSnapshot::build(t, place, inbound)),
         };
-        latest.insert(place.clone(), snap.clone());
+        latest.insert(key, snap.clone());
         snap
+    }
+
+    /// How many snapshots are kept (for the metric and tests).
+    pub fn len(&self) -> usize {
+        crate::lock(&self.latest).len()
+    }
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -240,19 +334,20 @@ mod tests {
     #[test]
     fn snapshots_advance_with_exact_diffs_and_compose_over_skipped_versions() {
         let cat = Catalog::new("c1", "td");
-        let cache = SnapshotCache::default();
+        let cache = Arc::new(SnapshotCache::default());
         let place = ProxyPlace::default();
+        let _use = cache.acquire(SnapshotKey::default());
         cat.apply(svc("a", 80));
         cat.apply(svc("b", 80));
         let t1 = translate(&cat.current(), None);
-        let s1 = cache.get(&t1, &place);
+        let s1 = cache.get(&t1, &place, None);
         assert_eq!(s1.resources[LDS].len(), 2);
 
         // b changes port: its 4 resources are renamed (removed + upserted); a is untouched.
         cat.apply(svc("b", 81));
         let t2 = translate(&cat.current(), Some(&t1));
         cache.advance_all(&t2);
-        let s2 = cache.get(&t2, &place);
+        let s2 = cache.get(&t2, &place, None);
         let d12 = s2.changes_since(&s1);
         assert_eq!(
             names(&d12[LDS].upserted),
@@ -270,7 +365,7 @@ mod tests {
         cat.apply(svc("b", 80));
         let t4 = translate(&cat.current(), Some(&t3));
         cache.advance_all(&t4);
-        let s4 = cache.get(&t4, &place);
+        let s4 = cache.get(&t4, &place, None);
         // From s1 (three versions back) the composed diff is exactly "c is new".
         let d14 = s4.changes_since(&s1);
         assert_eq!(
@@ -303,5 +398,33 @@ mod tests {
             &s4.resources[LDS]["a.default.svc.cluster.local:80"],
             &s1.resources[LDS]["a.default.svc.cluster.local:80"]
         ));
+    }
+
+    #[test]
+    fn keys_nobody_uses_are_dropped_at_the_next_translation() {
+        let cat = Catalog::new("c1", "td");
+        let cache = Arc::new(SnapshotCache::default());
+        cat.apply(svc("a", 80));
+        let t1 = translate(&cat.current(), None);
+        let here = ProxyPlace::default();
+        let elsewhere = ProxyPlace {
+            cluster: "made-up".into(),
+            ..Default::default()
+        };
+        let kept = cache.acquire(SnapshotKey::default());
+        let gone = cache.acquire(SnapshotKey {
+            place: elsewhere.clone(),
+            inbound: None,
+        });
+        cache.get(&t1, &here, None);
+        cache.get(&t1, &elsewhere, None);
+        assert_eq!(cache.len(), 2);
+        drop(gone);
+        cat.apply(svc("b", 80));
+        let t2 = translate(&cat.current(), Some(&t1));
+        cache.advance_all(&t2);
+        assert_eq!(cache.len(), 1, "a place no stream uses is not kept");
+        assert_eq!(cache.get(&t2, &here, None).resources[LDS].len(), 2);
+        drop(kept);
     }
 }
