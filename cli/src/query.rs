@@ -834,10 +834,57 @@ fn summarize(type_url: &str, bytes: &[u8]) -> Result<(Value, String), prost::Dec
     Ok(match type_url {
         type_url::LISTENER => {
             let l = Listener::decode(bytes)?;
-            (
-                json!({"name": l.name, "api_listener": l.api_listener.is_some()}),
-                "api listener".into(),
-            )
+            let inbound = l
+                .metadata
+                .as_ref()
+                .and_then(|m| m.typed_filter_metadata.get("weft"))
+                .filter(|_| l.name == weft_proto::keys::INBOUND_LISTENER)
+                .map(|a| weft_proto::xds::InboundMeta::decode(a.value.as_slice()))
+                .transpose()?;
+            match inbound {
+                Some(m) => {
+                    let ports: Vec<Value> = m
+                        .ports
+                        .iter()
+                        .map(|p| {
+                            json!({"port": p.port, "mtls_mode": p.mtls_mode,
+                                "mtls_source": p.mtls_source, "protocol": p.protocol})
+                        })
+                        .collect();
+                    let line: Vec<String> = m
+                        .ports
+                        .iter()
+                        .map(|p| {
+                            let mode = if p.mtls_mode.is_empty() {
+                                &m.mtls_mode
+                            } else {
+                                &p.mtls_mode
+                            };
+                            let proto = if p.protocol.is_empty() {
+                                "sniffed"
+                            } else {
+                                &p.protocol
+                            };
+                            format!("{}={proto}/{mode}", p.port)
+                        })
+                        .collect();
+                    (
+                        json!({"name": l.name, "inbound": true, "mtls_mode": m.mtls_mode,
+                            "mtls_source": m.mtls_source, "ports": ports}),
+                        format!(
+                            "inbound: {} ({}){}{}",
+                            m.mtls_mode,
+                            m.mtls_source,
+                            if line.is_empty() { "" } else { "; ports " },
+                            line.join(" ")
+                        ),
+                    )
+                }
+                None => (
+                    json!({"name": l.name, "api_listener": l.api_listener.is_some()}),
+                    "api listener".into(),
+                ),
+            }
         }
         type_url::ROUTE => {
             let rc = route::RouteConfiguration::decode(bytes)?;

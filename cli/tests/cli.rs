@@ -155,6 +155,28 @@ fn demo_serves_both_zones_and_queries_see_it() {
         };
         assert_eq!(e["priority"], want, "{e}");
     }
+    // The sidecar's own inbound Listener: its resolved mTLS mode, and where it comes from.
+    let (_, listeners) = weftctl(&cp, &["proxy-config", "client-a", "listeners"]);
+    let inbound = listeners
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|r| r["name"] == "weft-inbound")
+        .unwrap_or_else(|| panic!("no weft-inbound listener: {listeners}"));
+    assert!(
+        matches!(
+            inbound["config"]["mtls_mode"].as_str(),
+            Some("STRICT" | "PERMISSIVE")
+        ),
+        "{inbound}"
+    );
+    assert!(
+        !inbound["config"]["mtls_source"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty(),
+        "{inbound}"
+    );
     // endpoints: the catalog's view with client-b's priorities.
     let (code, eps) = weftctl(&cp, &["endpoints", "echo-v1", "--proxy", "client-b"]);
     assert_eq!(code, 0);
@@ -310,6 +332,10 @@ async fn check_finds_each_listed_problem_and_passes_a_clean_world() {
         world::split("missing", "lonely", &[("ghost", 100)]),
         world::split("zero", "lonely", &[("noname", 0)]),
         "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: orphan, namespace: default}\nspec:\n  targetRef: {name: nowhere}\n".to_string(),
+        // Two PeerAuthentications selecting one pod, and one with a mode that does not exist.
+        "apiVersion: weft.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: a, namespace: default}\nspec: {selector: {matchLabels: {app: other}}, mtls: {mode: STRICT}}\n".to_string(),
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: b, namespace: default}\nspec: {selector: {matchLabels: {app: other}}, mtls: {mode: PERMISSIVE}}\n".to_string(),
+        "apiVersion: weft.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: typo, namespace: default}\nspec: {mtls: {mode: STRIKT}}\n".to_string(),
     ];
     let (_dir, cp) = weft_testkit::control_plane_over(&broken).await;
     let addr = cp.plaintext().to_string();
@@ -388,6 +414,14 @@ async fn check_finds_each_listed_problem_and_passes_a_clean_world() {
         "{findings:#}"
     );
     assert!(found("config-nacked", "proxy picky"), "{findings:#}");
+    assert!(
+        found("peer-authentication-conflict", "Pod default/p1"),
+        "{findings:#}"
+    );
+    assert!(
+        found("invalid-object", "PeerAuthentication default/typo"),
+        "{findings:#}"
+    );
     assert!(
         findings
             .as_array()

@@ -109,6 +109,23 @@ pub fn check(model: &Model, proxies: &[ProxyStatus], ctx: &Context) -> Vec<Findi
             }
         }
     }
+    let pods = model
+        .pod_labels
+        .iter()
+        .map(|(k, l)| (k.namespace.as_str(), k.name.as_str(), l));
+    for (pod, policies) in model.mtls.conflicts(pods) {
+        out.push(finding(
+            "peer-authentication-conflict",
+            format!("Pod {pod}"),
+            format!(
+                "{} PeerAuthentications select it: {}; only {} applies",
+                policies.len(),
+                policies.join(", "),
+                policies[0]
+            ),
+            "make the selectors disjoint, or merge the policies into one",
+        ));
+    }
     for p in proxies {
         for t in &p.types {
             if t.state() == SyncState::Nacked {
