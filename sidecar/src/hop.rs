@@ -46,7 +46,9 @@ pub fn strip(headers: &mut HeaderMap) {
 }
 
 /// Why a request cannot be forwarded as it is, if it cannot: (status, reason, message).
-pub fn refusal<B>(req: &hyper::Request<B>) -> Option<Refusal> {
+/// `from_mesh`: it came from a verified mesh peer, whose HTTP/2 `:authority` names the
+/// endpoint (the peer sidecar's connection pool) while `Host` names the Service.
+pub fn refusal<B>(req: &hyper::Request<B>, from_mesh: bool) -> Option<Refusal> {
     let hosts: Vec<&[u8]> = req
         .headers()
         .get_all(HOST)
@@ -70,10 +72,12 @@ pub fn refusal<B>(req: &hyper::Request<B>) -> Option<Refusal> {
         };
         s.strip_suffix(default).map(<[u8]>::to_vec).unwrap_or(s)
     };
-    // HTTP/1 only: an absolute-form target and a Host that disagree is the classic way to
-    // route by one and be served by the other. (Over HTTP/2 the proxy itself addresses an
-    // endpoint by `:authority` and names the Service in `Host`; `Host` is what is passed on.)
-    if req.version() <= hyper::Version::HTTP_11
+    // An absolute-form target (HTTP/1) or `:authority` (HTTP/2) and a Host that disagree is
+    // the classic way to route by one and be served by the other (RFC 9113 §8.3.1 calls such
+    // an HTTP/2 request malformed). The one exception is the mesh's own HTTP/2 between
+    // sidecars, which addresses the endpoint by `:authority` and passes `Host` on.
+    let mesh_h2 = from_mesh && req.version() == hyper::Version::HTTP_2;
+    if !mesh_h2
         && let (Some(authority), Some(host)) = (req.uri().authority(), hosts.first())
         && bare(authority.as_str().as_bytes()) != bare(host)
     {
@@ -107,8 +111,9 @@ pub type Refusal = (hyper::StatusCode, &'static str, String);
 /// caller's side of the upgrade, for [`response`].
 pub fn request<B>(
     req: &mut hyper::Request<B>,
+    from_mesh: bool,
 ) -> Result<Option<hyper::upgrade::OnUpgrade>, Refusal> {
-    if let Some(r) = refusal(req) {
+    if let Some(r) = refusal(req, from_mesh) {
         return Err(r);
     }
     let websocket = is_websocket(req);
@@ -239,22 +244,26 @@ mod tests {
             }
             b.body(()).expect("request")
         };
-        assert!(refusal(&req("/", &[("host", "a")])).is_none());
-        assert!(refusal(&req("http://a/", &[("host", "A")])).is_none());
-        assert!(refusal(&req("http://a:80/", &[("host", "a")])).is_none());
-        let (s, r, _) = refusal(&req("http://a/", &[("host", "b")])).expect("conflict");
+        assert!(refusal(&req("/", &[("host", "a")]), false).is_none());
+        assert!(refusal(&req("http://a/", &[("host", "A")]), false).is_none());
+        assert!(refusal(&req("http://a:80/", &[("host", "a")]), false).is_none());
+        let (s, r, _) = refusal(&req("http://a/", &[("host", "b")]), false).expect("conflict");
         assert_eq!((s.as_u16(), r), (400, "host-conflict"));
-        let (s, _, _) = refusal(&req("/", &[("host", "a"), ("host", "b")])).expect("two hosts");
+        let (s, _, _) =
+            refusal(&req("/", &[("host", "a"), ("host", "b")]), false).expect("two hosts");
         assert_eq!(s.as_u16(), 400);
         let (s, r, _) =
-            refusal(&req("/", &[("host", "a"), ("upgrade", "websocket")])).expect("upgrade");
+            refusal(&req("/", &[("host", "a"), ("upgrade", "websocket")]), false).expect("upgrade");
         assert_eq!(
             (s.as_u16(), r),
             (501, "upgrade-unsupported"),
             "no Connection: upgrade"
         );
-        let (s, _, _) = refusal(&req("/", &[("upgrade", "h2c"), ("connection", "upgrade")]))
-            .expect("h2c upgrade");
+        let (s, _, _) = refusal(
+            &req("/", &[("upgrade", "h2c"), ("connection", "upgrade")]),
+            false,
+        )
+        .expect("h2c upgrade");
         assert_eq!(s.as_u16(), 501);
         let ws = req(
             "/",
@@ -265,8 +274,21 @@ mod tests {
             ],
         );
         assert!(
-            is_websocket(&ws) && refusal(&ws).is_none(),
+            is_websocket(&ws) && refusal(&ws, false).is_none(),
             "WebSocket is carried"
         );
+        // HTTP/2: `:authority` and Host must agree, except between sidecars (mesh mTLS).
+        let h2 = |uri: &str, host: &str| {
+            hyper::Request::builder()
+                .version(hyper::Version::HTTP_2)
+                .uri(uri)
+                .header("host", host)
+                .body(())
+                .expect("request")
+        };
+        let (s, r, _) = refusal(&h2("http://a/", "b"), false).expect("h2 conflict");
+        assert_eq!((s.as_u16(), r), (400, "host-conflict"));
+        assert!(refusal(&h2("http://a/", "a"), false).is_none());
+        assert!(refusal(&h2("https://10.0.0.1:8080/", "svc"), true).is_none());
     }
 }

@@ -433,7 +433,7 @@ impl Shared {
         let mtls = identity.is_some();
         let h2 = req.version() == hyper::Version::HTTP_2;
         let mut req = req;
-        let downstream = match crate::hop::request(&mut req) {
+        let downstream = match crate::hop::request(&mut req, mtls) {
             Ok(d) => d,
             Err((status, reason, msg)) => return refuse(status, reason, msg),
         };

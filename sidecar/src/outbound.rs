@@ -307,7 +307,7 @@ impl Proxy {
         if let Ok(v) = hyper::header::HeaderValue::from_str(&trace.header()) {
             req.headers_mut().insert(TRACEPARENT, v);
         }
-        let resp = match crate::hop::request(&mut req) {
+        let resp = match crate::hop::request(&mut req, false) {
             Err((status, reason, msg)) => refuse(status, reason, msg),
             Ok(downstream) => {
                 let mut resp = self.route(req, peer, orig).instrument(span.clone()).await;

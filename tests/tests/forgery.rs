@@ -158,6 +158,37 @@ async fn h2c_with_prior_knowledge_is_parsed_and_cannot_forge_the_caller() {
     assert_eq!(t.forged(), vec![], "the app saw a forged identity");
 }
 
+/// Over h2c, an `:authority` and a `Host` that disagree are refused (RFC 9113 §8.3.1), as an
+/// absolute-form target and a disagreeing Host are over HTTP/1: no request is routed by one
+/// and served by the other.
+#[tokio::test]
+async fn h2c_authority_and_host_that_disagree_are_refused() {
+    let t = target(85).await;
+    let tcp = TcpStream::connect(t.sidecar.inbound_addr)
+        .await
+        .expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2c handshake");
+    tokio::spawn(conn);
+    let served = t.echo.served.load(std::sync::atomic::Ordering::Relaxed);
+    let req = hyper::Request::builder()
+        .uri("http://app/")
+        .header("host", "admin.internal")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let resp = send.send_request(req).await.expect("h2c response");
+    assert_eq!(resp.status(), 400);
+    assert_eq!(
+        t.echo.served.load(std::sync::atomic::Ordering::Relaxed),
+        served,
+        "a request with two authorities reached the app"
+    );
+}
+
 mod property {
     use proptest::prelude::*;
 
