@@ -63,13 +63,19 @@ pub struct Config {
     /// TokenReview API (needs RBAC `create` on `tokenreviews`).
     #[arg(long, env = "WEFT_TOKEN_REVIEW")]
     pub token_review: bool,
-    /// Audiences a service-account token must carry (repeatable; default: the API server's).
+    /// Audiences a service-account token must be bound to (repeatable); the TokenReview asks
+    /// for them and its answer must name one, so a pod's default API token (audience: the
+    /// API server) proves nothing here. The injector projects tokens for `weft`.
     #[arg(
         long = "token-audience",
         env = "WEFT_TOKEN_AUDIENCES",
-        value_delimiter = ','
+        value_delimiter = ',',
+        default_value = "weft"
     )]
     pub token_audiences: Vec<String>,
+    /// Longest lifetime of a join token: longer ones are neither minted nor accepted.
+    #[arg(long, env = "WEFT_MAX_JOIN_TOKEN_TTL", default_value = "24h", value_parser = crate::objects::parse_duration)]
+    pub max_join_token_ttl: std::time::Duration,
     /// The Kubernetes API server, e.g. `http://127.0.0.1:8001` (kubectl proxy); default: the
     /// in-cluster config or KUBECONFIG.
     #[arg(long, env = "WEFT_KUBE_API")]
@@ -172,7 +178,8 @@ impl Config {
             token_review: false,
             load_report_interval: std::time::Duration::from_secs(1),
             state_dir: None,
-            token_audiences: Vec::new(),
+            token_audiences: vec!["weft".into()],
+            max_join_token_ttl: std::time::Duration::from_secs(24 * 3600),
             kube_api: None,
             log: "info".into(),
             replica_service: "none".into(),

@@ -402,6 +402,11 @@ impl Ca {
         // The CA decides everything but the SAN and the key.
         let now = time::OffsetDateTime::now_utc();
         let p = &mut csr.params;
+        // A random 128-bit serial (its top bit clear: positive in DER), never derived from
+        // the key, so two certificates for one key are told apart and serials cannot be guessed.
+        let mut serial = token::random_bytes::<16>();
+        serial[0] &= 0x7f;
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         p.distinguished_name = DistinguishedName::new();
         p.is_ca = IsCa::ExplicitNoCa;
         p.not_before = now - time::Duration::minutes(1);
@@ -506,6 +511,26 @@ mod tests {
             .expect("intermediate signed by the root");
         let life = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
         assert!((3600..=3660 + 60).contains(&life), "{life}");
+    }
+
+    /// Serials are random, not derived from the key: one CSR signed twice gets two serials of
+    /// at least 64 random bits.
+    #[test]
+    fn serials_are_random() {
+        let ca = Ca::load_or_generate(None, "cluster.local", "c1").expect("ca");
+        let req = csr(vec![uri("spiffe://cluster.local/ns/default/sa/echo")]);
+        let serial = |pem: &str| {
+            let der = ::x509_parser::pem::parse_x509_pem(pem.as_bytes())
+                .expect("pem")
+                .1
+                .contents;
+            let (_, c) = X509Certificate::from_der(&der).expect("cert");
+            c.raw_serial().to_vec()
+        };
+        let a = serial(&ca.sign(&req, &id(), None).expect("signed").chain[0]);
+        let b = serial(&ca.sign(&req, &id(), None).expect("signed").chain[0]);
+        assert_ne!(a, b, "the same key got the same serial twice");
+        assert!(a.len() >= 8, "{a:?}");
     }
 
     #[test]
@@ -633,7 +658,26 @@ pub mod token {
         /// Binds something that is not a valid identity.
         #[error("join token names an invalid identity: {0}")]
         Identity(String),
+        /// Names the control plane's own namespace, whose identities no token may prove.
+        #[error(
+            "identities in namespace {} are never issued from a join token",
+            weft_proto::keys::CONTROL_PLANE_NAMESPACE
+        )]
+        Reserved,
+        /// Lives longer than the control plane allows (`--max-join-token-ttl`).
+        #[error(
+            "join token lives {asked}s, more than the {cap}s this control plane allows (--max-join-token-ttl)"
+        )]
+        TtlTooLong {
+            /// Seconds asked for (or left, for a presented token).
+            asked: u64,
+            /// The cap.
+            cap: u64,
+        },
     }
+
+    /// Default cap on a join token's lifetime (`--max-join-token-ttl`).
+    pub const DEFAULT_MAX_TTL_SECS: u64 = 24 * 3600;
 
     fn now() -> i64 {
         SystemTime::now()
@@ -660,6 +704,7 @@ pub mod token {
     pub struct TokenKey {
         key: hmac::Key,
         trust_domain: String,
+        max_ttl_secs: u64,
     }
 
     impl TokenKey {
@@ -668,7 +713,19 @@ pub mod token {
             TokenKey {
                 key: hmac::Key::new(hmac::HMAC_SHA256, secret),
                 trust_domain: trust_domain.into(),
+                max_ttl_secs: DEFAULT_MAX_TTL_SECS,
             }
+        }
+
+        /// The same key with another lifetime cap: longer tokens are neither minted nor
+        /// accepted (a token made elsewhere with the key, or before the cap was lowered).
+        pub fn with_max_ttl(mut self, secs: u64) -> Self {
+            self.max_ttl_secs = secs;
+            self
+        }
+
+        fn reserved(namespace: &str) -> bool {
+            namespace == weft_proto::keys::CONTROL_PLANE_NAMESPACE
         }
 
         /// A random key (the control plane's own, when it has no CA directory).
@@ -686,7 +743,16 @@ pub mod token {
         ) -> Result<(String, SpiffeId, i64), TokenError> {
             let id = SpiffeId::new(&self.trust_domain, namespace, service_account)
                 .map_err(|e| TokenError::Identity(e.to_string()))?;
-            let exp = now() + ttl_secs.min(i64::MAX as u64 / 2) as i64;
+            if Self::reserved(namespace) {
+                return Err(TokenError::Reserved);
+            }
+            if ttl_secs > self.max_ttl_secs {
+                return Err(TokenError::TtlTooLong {
+                    asked: ttl_secs,
+                    cap: self.max_ttl_secs,
+                });
+            }
+            let exp = now() + ttl_secs as i64;
             let payload = format!("{namespace}/{service_account}/{exp}");
             let mac = hmac::sign(&self.key, payload.as_bytes());
             Ok((
@@ -719,12 +785,29 @@ pub mod token {
                 return Err(TokenError::Malformed);
             };
             let exp: i64 = exp.parse().map_err(|_| TokenError::Malformed)?;
-            if exp <= now() {
+            let now = now();
+            if exp <= now {
                 return Err(TokenError::Expired(exp));
+            }
+            let left = (exp - now) as u64;
+            if left > self.max_ttl_secs {
+                return Err(TokenError::TtlTooLong {
+                    asked: left,
+                    cap: self.max_ttl_secs,
+                });
+            }
+            if Self::reserved(ns) {
+                return Err(TokenError::Reserved);
             }
             SpiffeId::new(&self.trust_domain, ns, sa)
                 .map_err(|e| TokenError::Identity(e.to_string()))
         }
+    }
+
+    /// `N` bytes from the OS's secure random source (aborts if it fails: a CA must not go on
+    /// with predictable bytes).
+    pub fn random_bytes<const N: usize>() -> [u8; N] {
+        rand_bytes()
     }
 
     fn rand_bytes<const N: usize>() -> [u8; N] {
@@ -761,6 +844,36 @@ pub mod token {
             assert!(matches!(
                 k.mint("Bad NS", "echo", 60),
                 Err(TokenError::Identity(_))
+            ));
+        }
+
+        /// Nothing in the control plane's namespace comes from a join token, whoever holds
+        /// the key; and no token outlives the cap, also one minted before the cap was lowered.
+        #[test]
+        fn reserved_identities_and_long_lives_are_refused() {
+            let k = TokenKey::new(&[7; 32], "cluster.local");
+            assert_eq!(
+                k.mint("weft-system", "weft-control-plane", 60),
+                Err(TokenError::Reserved)
+            );
+            assert!(matches!(
+                k.mint("default", "echo", 10 * 365 * 86_400),
+                Err(TokenError::TtlTooLong { .. })
+            ));
+            // Made by hand with the key: the MAC verifies, the namespace does not.
+            let forged = {
+                let payload = format!("weft-system/weft-control-plane/{}", now() + 60);
+                let mac = hmac::sign(&k.key, payload.as_bytes());
+                format!("wj1.{}.{}", hex(payload.as_bytes()), hex(mac.as_ref()))
+            };
+            assert_eq!(k.verify(&forged), Err(TokenError::Reserved));
+            let generous = TokenKey::new(&[7; 32], "cluster.local").with_max_ttl(20 * 365 * 86_400);
+            let (ten_years, _, _) = generous
+                .mint("default", "echo", 10 * 365 * 86_400)
+                .expect("mint");
+            assert!(matches!(
+                k.verify(&ten_years),
+                Err(TokenError::TtlTooLong { .. })
             ));
         }
     }
@@ -874,6 +987,17 @@ impl weft_proto::identity::certificate_service_server::CertificateService for Ce
                 self.refuse(tonic::Status::permission_denied(e.to_string()))
             })?,
         };
+        // The control plane's namespace is never proven by a token (join or service account):
+        // its identities are the control plane's own, which sidecars trust as their xDS server.
+        if !req.token.is_empty()
+            && identity.namespace() == weft_proto::keys::CONTROL_PLANE_NAMESPACE
+        {
+            tracing::warn!(%identity, "certificate request refused: a token may not prove an identity in the control plane's namespace");
+            return Err(self.refuse(tonic::Status::permission_denied(format!(
+                "{identity}: identities in namespace {} are never issued from a token",
+                weft_proto::keys::CONTROL_PLANE_NAMESPACE
+            ))));
+        }
         let ttl =
             (req.requested_ttl_seconds > 0).then(|| Duration::from_secs(req.requested_ttl_seconds));
         let signed = self.ca.sign(&req.csr_pem, &identity, ttl).map_err(|e| {

@@ -156,10 +156,10 @@ impl ControlPlane {
                 &config.cluster_name,
             )?,
         });
-        let tokens = Arc::new(identity::token_key(
-            config.ca_dir.as_deref(),
-            &config.trust_domain,
-        )?);
+        let tokens = Arc::new(
+            identity::token_key(config.ca_dir.as_deref(), &config.trust_domain)?
+                .with_max_ttl(config.max_join_token_ttl.as_secs()),
+        );
         // The Kubernetes API client, when the world comes from it (TokenReview has its own).
         let kube_client = match config.kubernetes {
             true => Some(

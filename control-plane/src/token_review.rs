@@ -24,6 +24,16 @@ pub enum ReviewError {
     /// The API server could not be asked.
     #[error("TokenReview failed: {0}")]
     Unavailable(String),
+    /// The token is not bound to an audience this control plane accepts.
+    #[error(
+        "the token is not bound to an accepted audience ({wanted:?}; the review answered {got:?}): project a service-account token for one of them"
+    )]
+    Audience {
+        /// What was asked for.
+        wanted: Vec<String>,
+        /// What the review said the token is for.
+        got: Vec<String>,
+    },
 }
 
 impl ReviewError {
@@ -34,10 +44,13 @@ impl ReviewError {
 }
 
 /// The identity a TokenReview status proves: `system:serviceaccount:<ns>:<sa>` becomes
-/// `spiffe://<trust_domain>/ns/<ns>/sa/<sa>`.
+/// `spiffe://<trust_domain>/ns/<ns>/sa/<sa>`. The status must name one of `audiences` (the
+/// API server answers with those of the requested audiences the token is bound to; an API
+/// server that ignores audiences answers none, and is refused).
 pub fn identity_from_review(
     status: Option<&TokenReviewStatus>,
     trust_domain: &str,
+    audiences: &[String],
 ) -> Result<SpiffeId, ReviewError> {
     let Some(status) = status.filter(|s| s.authenticated == Some(true)) else {
         let why = status
@@ -46,6 +59,13 @@ pub fn identity_from_review(
             .unwrap_or_else(|| "not authenticated".into());
         return Err(ReviewError::Unauthenticated(why));
     };
+    let got = status.audiences.clone().unwrap_or_default();
+    if !got.iter().any(|a| audiences.contains(a)) {
+        return Err(ReviewError::Audience {
+            wanted: audiences.to_vec(),
+            got,
+        });
+    }
     let username = status
         .user
         .as_ref()
@@ -69,8 +89,14 @@ pub struct TokenReviewer {
 }
 
 impl TokenReviewer {
-    /// A reviewer over `client`; `audiences` empty means the API server's own.
+    /// A reviewer over `client` accepting tokens bound to one of `audiences` (never empty:
+    /// an empty list is the mesh's own, `weft`).
     pub fn new(client: kube::Client, audiences: Vec<String>, trust_domain: &str) -> Self {
+        let audiences = if audiences.is_empty() {
+            vec!["weft".to_string()]
+        } else {
+            audiences
+        };
         TokenReviewer {
             client,
             audiences,
@@ -99,7 +125,7 @@ impl TokenReviewer {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: token.to_string(),
-                audiences: (!self.audiences.is_empty()).then(|| self.audiences.clone()),
+                audiences: Some(self.audiences.clone()),
             },
             ..Default::default()
         };
@@ -108,7 +134,7 @@ impl TokenReviewer {
             .create(&kube::api::PostParams::default(), &review)
             .await
             .map_err(|e| ReviewError::Unavailable(e.to_string()))?;
-        identity_from_review(answer.status.as_ref(), &self.trust_domain)
+        identity_from_review(answer.status.as_ref(), &self.trust_domain, &self.audiences)
     }
 }
 
@@ -125,15 +151,36 @@ mod tests {
                 ..Default::default()
             }),
             error: error.map(str::to_string),
-            ..Default::default()
+            audiences: Some(vec!["weft".into()]),
         }
+    }
+
+    fn weft() -> Vec<String> {
+        vec!["weft".into()]
+    }
+
+    /// A pod's default token (bound to the API server's audience), or an API server that
+    /// ignores audiences, proves nothing.
+    #[test]
+    fn a_token_for_another_audience_is_refused() {
+        let mut s = status(true, "system:serviceaccount:shop:checkout", None);
+        s.audiences = Some(vec!["https://kubernetes.default.svc".into()]);
+        assert!(matches!(
+            identity_from_review(Some(&s), "td", &weft()),
+            Err(ReviewError::Audience { .. })
+        ));
+        s.audiences = None;
+        assert!(matches!(
+            identity_from_review(Some(&s), "td", &weft()),
+            Err(ReviewError::Audience { .. })
+        ));
     }
 
     #[test]
     fn a_service_account_becomes_its_spiffe_id() {
         let s = status(true, "system:serviceaccount:shop:checkout", None);
         assert_eq!(
-            identity_from_review(Some(&s), "mesh.local").map(|id| id.to_string()),
+            identity_from_review(Some(&s), "mesh.local", &weft()).map(|id| id.to_string()),
             Ok("spiffe://mesh.local/ns/shop/sa/checkout".into())
         );
     }
@@ -142,23 +189,23 @@ mod tests {
     fn everything_else_is_refused_with_its_reason() {
         let expired = status(false, "", Some("token has expired"));
         assert_eq!(
-            identity_from_review(Some(&expired), "td"),
+            identity_from_review(Some(&expired), "td", &weft()),
             Err(ReviewError::Unauthenticated("token has expired".into()))
         );
         assert_eq!(
-            identity_from_review(None, "td"),
+            identity_from_review(None, "td", &weft()),
             Err(ReviewError::Unauthenticated("not authenticated".into()))
         );
         let node = status(true, "system:node:worker-1", None);
         assert_eq!(
-            identity_from_review(Some(&node), "td"),
+            identity_from_review(Some(&node), "td", &weft()),
             Err(ReviewError::NotAServiceAccount(
                 "system:node:worker-1".into()
             ))
         );
         let bad = status(true, "system:serviceaccount:Bad_NS:sa", None);
         assert!(matches!(
-            identity_from_review(Some(&bad), "td"),
+            identity_from_review(Some(&bad), "td", &weft()),
             Err(ReviewError::BadName(..))
         ));
     }

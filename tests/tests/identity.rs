@@ -273,13 +273,38 @@ async fn mock_api_server() -> MockApiServer {
                             if let Ok(mut s) = seen.lock() {
                                 s.push(review.clone());
                             }
+                            // As a real API server: the token's audiences that were asked for.
+                            let asked_for: Vec<String> = review["spec"]["audiences"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .filter_map(|a| a.as_str().map(str::to_string))
+                                .collect();
+                            let bound = |token_audiences: &[&str]| -> Vec<String> {
+                                asked_for
+                                    .iter()
+                                    .filter(|a| token_audiences.contains(&a.as_str()))
+                                    .cloned()
+                                    .collect()
+                            };
+                            let sa = |user: &str, auds: &[&str]| {
+                                serde_json::json!({"authenticated": true,
+                                    "user": {"username": user}, "audiences": bound(auds)})
+                            };
                             let status = match review["spec"]["token"].as_str() {
                                 Some("sa-token-echo") => {
-                                    serde_json::json!({"authenticated": true, "user": {"username": "system:serviceaccount:default:echo"}})
+                                    sa("system:serviceaccount:default:echo", &["weft"])
                                 }
-                                Some("node-token") => {
-                                    serde_json::json!({"authenticated": true, "user": {"username": "system:node:worker-1"}})
-                                }
+                                // A pod's default token: bound to the API server only.
+                                Some("default-token-echo") => sa(
+                                    "system:serviceaccount:default:echo",
+                                    &["https://kubernetes.default.svc"],
+                                ),
+                                Some("sa-token-control-plane") => sa(
+                                    "system:serviceaccount:weft-system:weft-control-plane",
+                                    &["weft"],
+                                ),
+                                Some("node-token") => sa("system:node:worker-1", &["weft"]),
                                 _ => {
                                     serde_json::json!({"authenticated": false, "error": "token has expired"})
                                 }
@@ -371,9 +396,26 @@ async fn token_review_with_a_mock_kubernetes_api_server() {
     let node = refused("node-token", "echo").await;
     assert_eq!(node.code(), Code::PermissionDenied);
     assert!(node.message().contains("system:node:worker-1"), "{node:?}");
+    // A pod's default token is valid for the API server, not for the mesh.
+    let default = refused("default-token-echo", "echo").await;
+    assert_eq!(default.code(), Code::PermissionDenied);
+    assert!(default.message().contains("audience"), "{default:?}");
+    // A service account of the control plane's namespace is never issued from a token.
+    let mut certs_cp = certs.clone();
+    let reserved = certs_cp
+        .sign(SignRequest {
+            csr_pem: csr_for("spiffe://cluster.local/ns/weft-system/sa/weft-control-plane"),
+            token: "sa-token-control-plane".into(),
+            requested_ttl_seconds: 0,
+            node_id: String::new(),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(reserved.code(), Code::PermissionDenied);
+    assert!(reserved.message().contains("never issued"), "{reserved:?}");
     // What the API server was asked: the token and the audience.
     let asked = api.asked.lock().expect("lock").clone();
-    assert_eq!(asked.len(), 4);
+    assert_eq!(asked.len(), 6);
     assert_eq!(asked[0]["kind"], "TokenReview");
     assert_eq!(asked[0]["spec"]["token"], "sa-token-echo");
     assert_eq!(asked[0]["spec"]["audiences"][0], "weft");
@@ -386,7 +428,7 @@ async fn token_review_with_a_mock_kubernetes_api_server() {
         .sign(sign(&join, "echo"))
         .await
         .expect("join token");
-    assert_eq!(api.asked.lock().expect("lock").len(), 4);
+    assert_eq!(api.asked.lock().expect("lock").len(), 6);
     // The API server gone: UNAVAILABLE (try again), not a denial.
     drop(api);
     let gone = refused("sa-token-echo", "echo").await;
