@@ -101,6 +101,11 @@ pub struct Config {
     /// How long a lost peer's endpoints stay (marked stale) before they are removed.
     #[arg(long, env = "WEFT_PEER_GRACE", default_value = "2m", value_parser = crate::objects::parse_duration)]
     pub peer_grace: std::time::Duration,
+    /// INSECURE, for single-host development only: accept loopback endpoints from peers
+    /// (refused by default: a peer exporting 127.0.0.1 would point this cluster's callers at
+    /// their own host).
+    #[arg(long, env = "WEFT_INSECURE_FEDERATION_LOOPBACK")]
+    pub insecure_federation_loopback: bool,
     /// Name of this replica, shown by `weftctl status` (default: the host name).
     #[arg(long, env = "WEFT_REPLICA")]
     pub replica: Option<String>,
@@ -173,6 +178,8 @@ impl Config {
             federation_heartbeat: std::time::Duration::from_secs(5),
             federation_timeout: std::time::Duration::from_secs(15),
             peer_grace: std::time::Duration::from_secs(120),
+            // Everything runs on one host here: peers' endpoints are loopback addresses.
+            insecure_federation_loopback: true,
             ca_dir: None,
             ca_root_dir: None,
             token_review: false,

@@ -285,6 +285,7 @@ impl ControlPlane {
                 heartbeat: config.federation_heartbeat,
                 timeout: config.federation_timeout,
                 grace: config.peer_grace,
+                allow_loopback: config.insecure_federation_loopback,
             },
             book: Arc::new(federation::PeerBook::default()),
             catalog: catalog.clone(),

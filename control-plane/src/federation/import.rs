@@ -44,6 +44,7 @@ impl Held {
 pub fn apply_update(
     peer: &str,
     trust_domain: &str,
+    allow_loopback: bool,
     held: &mut Option<Held>,
     first: bool,
     u: &pb::ExportUpdate,
@@ -71,7 +72,7 @@ pub fn apply_update(
     }
     let mut upserts = Vec::with_capacity(u.upserted.len());
     for (i, s) in u.upserted.iter().enumerate() {
-        upserts.push(convert(peer, trust_domain, i, s)?);
+        upserts.push(convert(peer, trust_domain, allow_loopback, i, s)?);
     }
     let mut removes = Vec::with_capacity(u.removed.len());
     for (i, r) in u.removed.iter().enumerate() {
@@ -113,9 +114,28 @@ fn port(v: u32, field: &str) -> Result<u16, String> {
         .ok_or_else(|| format!("{field}: {v} is not a port (1-65535)"))
 }
 
+/// Why an address can never be a peer's pod: it means "this host", "this link", "no host" or
+/// many hosts wherever it is used, so importing it would point callers somewhere else.
+fn special_purpose(ip: IpAddr, allow_loopback: bool) -> Option<&'static str> {
+    match ip {
+        _ if ip.is_unspecified() => Some("unspecified"),
+        _ if ip.is_loopback() => (!allow_loopback).then_some("loopback"),
+        _ if ip.is_multicast() => Some("multicast"),
+        IpAddr::V4(v4) if v4.is_link_local() => Some("link-local"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("broadcast"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("link-local"),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => special_purpose(IpAddr::V4(v4), allow_loopback),
+            None => None,
+        },
+        IpAddr::V4(_) => None,
+    }
+}
+
 fn convert(
     peer: &str,
     trust_domain: &str,
+    allow_loopback: bool,
     i: usize,
     s: &pb::ExportedService,
 ) -> Result<(ServiceKey, ImportedService), String> {
@@ -148,6 +168,12 @@ fn convert(
                 format!("{:?} is not an IP address", e.address),
             )
         })?;
+        if let Some(kind) = special_purpose(address, allow_loopback) {
+            return Err(at(
+                field("address"),
+                format!("{address} is a {kind} address, never a peer's pod"),
+            ));
+        }
         if e.cluster != peer {
             return Err(at(
                 field("cluster"),
@@ -166,6 +192,18 @@ fn convert(
                 return Err(at(
                     field("identity"),
                     format!("{id} is outside the mesh's trust domain {trust_domain:?}"),
+                ));
+            }
+            // A Service's pods run in its namespace: an endpoint claiming another namespace's
+            // identity would make callers accept that workload's certificate for this Service.
+            if id.namespace() != key.namespace {
+                return Err(at(
+                    field("identity"),
+                    format!(
+                        "{id} is in namespace {:?}; endpoints of {key} serve identities of {:?} only",
+                        id.namespace(),
+                        key.namespace
+                    ),
                 ));
             }
             Some(e.identity.clone())
@@ -372,6 +410,7 @@ impl Link {
             let changed = apply_update(
                 &self.peer.name,
                 &self.fed.trust_domain,
+                self.fed.settings.allow_loopback,
                 &mut self.held,
                 first,
                 &msg,
@@ -622,7 +661,10 @@ mod tests {
     fn snapshot_then_changes_then_heartbeats() {
         let mut held = None;
         let snap = update(5, true, vec![svc("echo", vec![ep("10.1.0.1", "east")])]);
-        assert_eq!(apply_update("east", TD, &mut held, true, &snap), Ok(true));
+        assert_eq!(
+            apply_update("east", TD, true, &mut held, true, &snap),
+            Ok(true)
+        );
         let h = held.clone().expect("held");
         let e = &h.services[&ServiceKey::new("default", "echo")].endpoints[0];
         assert_eq!(e.cluster, "east");
@@ -631,7 +673,14 @@ mod tests {
         assert!(e.mtls && e.ready && !e.stale);
         // A heartbeat repeats the version and changes nothing.
         assert_eq!(
-            apply_update("east", TD, &mut held, false, &update(5, false, vec![])),
+            apply_update(
+                "east",
+                TD,
+                true,
+                &mut held,
+                false,
+                &update(5, false, vec![])
+            ),
             Ok(false)
         );
         let mut change = update(6, false, vec![svc("other", vec![ep("10.1.0.2", "east")])]);
@@ -640,7 +689,7 @@ mod tests {
             name: "echo".into(),
         });
         assert_eq!(
-            apply_update("east", TD, &mut held, false, &change),
+            apply_update("east", TD, true, &mut held, false, &change),
             Ok(true)
         );
         let h = held.clone().expect("held");
@@ -654,7 +703,10 @@ mod tests {
         );
         // A new stream's snapshot may restart the version (the peer restarted).
         let snap = update(1, true, vec![svc("echo", vec![ep("10.1.0.1", "east")])]);
-        assert_eq!(apply_update("east", TD, &mut held, true, &snap), Ok(true));
+        assert_eq!(
+            apply_update("east", TD, true, &mut held, true, &snap),
+            Ok(true)
+        );
         assert_eq!(held.as_ref().map(|h| h.services.len()), Some(1));
     }
 
@@ -662,7 +714,10 @@ mod tests {
     fn a_misbehaving_peer_is_refused_and_nothing_changes() {
         let mut held = None;
         let snap = update(5, true, vec![svc("echo", vec![ep("10.1.0.1", "east")])]);
-        assert_eq!(apply_update("east", TD, &mut held, true, &snap), Ok(true));
+        assert_eq!(
+            apply_update("east", TD, true, &mut held, true, &snap),
+            Ok(true)
+        );
         let before = held.clone();
         let mut wrong_cluster = update(6, false, vec![]);
         wrong_cluster.cluster_name = "west".into();
@@ -710,10 +765,52 @@ mod tests {
             ),
         ];
         for (first, u, want) in cases {
-            let e = apply_update("east", TD, &mut held, first, &u).expect_err(want);
+            let e = apply_update("east", TD, true, &mut held, first, &u).expect_err(want);
             assert!(e.contains(want), "want {want:?} in {e:?}");
             assert_eq!(held, before, "a refused update changed nothing ({want})");
         }
+    }
+
+    /// The attacks of one compromised peer: endpoints on addresses that mean "this host" (or
+    /// this link, or no host) wherever they are used, and endpoints claiming another
+    /// namespace's identity. Each is refused with the reason; nothing changes.
+    #[test]
+    fn a_peer_cannot_export_special_addresses_or_other_namespaces_identities() {
+        let mut held = None;
+        let snap = update(5, true, vec![svc("echo", vec![ep("10.1.0.1", "east")])]);
+        assert_eq!(
+            apply_update("east", TD, false, &mut held, true, &snap),
+            Ok(true)
+        );
+        let before = held.clone();
+        let mut other_ns = ep("10.1.0.2", "east");
+        other_ns.identity = "spiffe://cluster.local/ns/vault/sa/vault".into();
+        let mut cases: Vec<(pb::Endpoint, &str)> = [
+            ("127.0.0.1", "loopback"),
+            ("::1", "loopback"),
+            ("::ffff:127.0.0.1", "loopback"),
+            ("169.254.169.254", "link-local"),
+            ("fe80::1", "link-local"),
+            ("0.0.0.0", "unspecified"),
+            ("224.0.0.1", "multicast"),
+            ("255.255.255.255", "broadcast"),
+        ]
+        .into_iter()
+        .map(|(a, why)| (ep(a, "east"), why))
+        .collect();
+        cases.push((other_ns, "is in namespace \"vault\""));
+        for (e, want) in cases {
+            let u = update(6, false, vec![svc("echo", vec![e])]);
+            let err = apply_update("east", TD, false, &mut held, false, &u).expect_err(want);
+            assert!(err.contains(want), "want {want:?} in {err:?}");
+            assert_eq!(held, before, "a refused update changed nothing ({want})");
+        }
+        // Loopback only with the development flag.
+        let lo = update(6, false, vec![svc("echo", vec![ep("127.0.0.1", "east")])]);
+        assert_eq!(
+            apply_update("east", TD, true, &mut held, false, &lo),
+            Ok(true)
+        );
     }
 
     mod property {
@@ -791,7 +888,7 @@ mod tests {
                 let mut first = true;
                 for u in &updates {
                     let before = held.clone();
-                    match apply_update("east", "cluster.local", &mut held, first, u) {
+                    match apply_update("east", "cluster.local", true, &mut held, first, u) {
                         Ok(_) => {
                             first = false;
                             let h = held.as_ref().expect("held after success");

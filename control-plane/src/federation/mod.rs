@@ -32,6 +32,8 @@ pub struct Settings {
     pub timeout: Duration,
     /// How long a lost peer's endpoints are kept (stale) before they are removed.
     pub grace: Duration,
+    /// Accept peers' loopback endpoints (`--insecure-federation-loopback`).
+    pub allow_loopback: bool,
 }
 
 impl Default for Settings {
@@ -40,6 +42,7 @@ impl Default for Settings {
             heartbeat: Duration::from_secs(5),
             timeout: Duration::from_secs(15),
             grace: Duration::from_secs(120),
+            allow_loopback: false,
         }
     }
 }
