@@ -33,6 +33,9 @@ pub struct Metrics {
     pub request_errors: Family<Labels, Counter>,
     /// `weft_xds_streams_aged_total`: streams this replica ended at their max age.
     pub streams_aged: Counter,
+    /// `weft_xds_push_gate_timeouts_total`: large responses that gave their push-gate permit
+    /// back because their stream's transport did not take them in time (a stalled client).
+    pub push_gate_timeouts: Counter,
     /// `weft_catalog_version`.
     pub catalog_version: Gauge,
     /// `weft_catalog_services`.
@@ -92,6 +95,7 @@ impl Metrics {
             nacks: Family::default(),
             request_errors: Family::default(),
             streams_aged: Counter::default(),
+            push_gate_timeouts: Counter::default(),
             catalog_version: Gauge::default(),
             catalog_services: Gauge::default(),
             catalog_endpoints: Gauge::default(),
@@ -156,6 +160,11 @@ impl Metrics {
             "weft_xds_streams_aged",
             "xDS streams ended at their max age (proxies reconnect, spreading over replicas)",
             m.streams_aged.clone(),
+        );
+        registry.register(
+            "weft_xds_push_gate_timeouts",
+            "Large xDS responses that gave their push-gate permit back because the client did not take them in time",
+            m.push_gate_timeouts.clone(),
         );
         registry.register(
             "weft_xds_request_errors",

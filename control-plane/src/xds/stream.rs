@@ -59,6 +59,42 @@ pub(crate) struct Ctx<'a, R> {
 /// delta sends them in chunks of this many.
 pub(crate) const LARGE: usize = 64;
 
+/// How long a large response keeps its push-gate permit while its stream's transport has not
+/// taken it: a client that never opens its flow-control window gives the permit back after
+/// this, so stalled clients cannot hold the whole gate and freeze pushes to everyone.
+pub(crate) const PERMIT_HOLD: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Queues `msg` on `tx`; through `gate` (a large response) it holds one permit until the
+/// transport took it off the one-slot queue, or `hold` passed. Returns whether the hold ran
+/// out (the message stays queued; the permit goes back).
+///
+/// The queue slot is taken first, with no permit held, so a stream whose client stopped
+/// reading waits for its own slot without keeping a permit from anyone else.
+pub(crate) async fn send_gated<T>(
+    tx: &mpsc::Sender<T>,
+    gate: Option<&Arc<tokio::sync::Semaphore>>,
+    msg: T,
+    hold: std::time::Duration,
+) -> Result<bool, ()> {
+    let slot = tx.reserve().await.map_err(|_| ())?;
+    let permit = match gate {
+        Some(g) => Some(g.clone().acquire_owned().await.map_err(|_| ())?),
+        None => None,
+    };
+    slot.send(msg);
+    if permit.is_none() {
+        return Ok(false);
+    }
+    // Free again means the transport took the message.
+    match tokio::time::timeout(hold, tx.reserve()).await {
+        Ok(slot) => {
+            drop(slot.map_err(|_| ())?);
+            Ok(false)
+        }
+        Err(_) => Ok(true),
+    }
+}
+
 impl<R> Ctx<'_, R> {
     /// Sends a response. A large one first takes a permit of the global push gate and keeps
     /// it until the transport has taken the message off the stream's one-slot queue.
@@ -67,15 +103,10 @@ impl<R> Ctx<'_, R> {
     /// config encoded in memory at the same moment; the gate bounds how many large responses
     /// exist outside the transport, so memory follows the gate, not the fleet.
     pub async fn send(&self, resp: R, large: bool) -> Result<(), ()> {
-        let permit = if large {
-            self.shared.push_gate.clone().acquire_owned().await.ok()
-        } else {
-            None
-        };
-        self.tx.send(Ok(resp)).await.map_err(|_| ())?;
-        if permit.is_some() {
-            // Returns once the slot is free again, i.e. the transport took the message.
-            drop(self.tx.reserve().await.map_err(|_| ())?);
+        let gate = large.then_some(&self.shared.push_gate);
+        if send_gated(self.tx, gate, Ok(resp), PERMIT_HOLD).await? {
+            tracing::debug!(node = %self.node.id, "push-gate permit returned: the client is not reading its stream");
+            self.shared.metrics.push_gate_timeouts.inc();
         }
         Ok(())
     }
@@ -284,4 +315,43 @@ pub(crate) async fn run<P: Protocol>(
         }
     }
     tracing::info!(node = %info.id, protocol = P::NAME, "proxy disconnected");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Streams whose client never takes its responses cannot keep the push gate: with one
+    /// permit and two stalled streams, a healthy stream still gets a permit, within the hold.
+    /// (Before the hold was bounded the stalled stream kept the permit forever.)
+    #[tokio::test]
+    async fn a_stalled_stream_gives_its_permit_back() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(1));
+        let hold = std::time::Duration::from_millis(200);
+        let mut stalled = Vec::new();
+        for _ in 0..2 {
+            // A queue nobody reads: the first message fills the slot for good.
+            let (tx, rx) = mpsc::channel::<u32>(1);
+            let g = gate.clone();
+            stalled.push(rx);
+            tokio::spawn(async move { send_gated(&tx, Some(&g), 1, hold).await });
+        }
+        let (tx, mut rx) = mpsc::channel::<u32>(1);
+        // Reads one message and stays open (a healthy client).
+        let reader = tokio::spawn(async move {
+            let got = rx.recv().await;
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            (got, rx)
+        });
+        let sent = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            send_gated(&tx, Some(&gate), 7, hold),
+        )
+        .await
+        .expect("the healthy stream waited for a permit a stalled stream kept");
+        assert_eq!(sent, Ok(false), "the healthy stream's message was taken");
+        assert_eq!(reader.await.ok().and_then(|(got, _)| got), Some(7));
+        assert_eq!(gate.available_permits(), 1, "every permit came back");
+        drop(stalled);
+    }
 }
