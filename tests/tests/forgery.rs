@@ -133,19 +133,30 @@ async fn underscore_and_case_spellings_of_the_header_are_stripped() {
     assert_eq!(t.forged(), vec![], "the app saw a forged identity");
 }
 
-#[tokio::test]
-async fn h2c_with_prior_knowledge_is_parsed_and_cannot_forge_the_caller() {
-    let t = target(73).await;
+/// An h2c (prior knowledge) connection to the target's inbound.
+async fn h2c<B>(t: &Target) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let tcp = TcpStream::connect(t.sidecar.inbound_addr)
         .await
         .expect("connect");
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
+    let (send, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(tcp),
     )
     .await
     .expect("h2c handshake");
     tokio::spawn(conn);
+    send
+}
+
+#[tokio::test]
+async fn h2c_with_prior_knowledge_is_parsed_and_cannot_forge_the_caller() {
+    let t = target(73).await;
+    let mut send = h2c(&t).await;
     for name in ["x-weft-client-identity", "x_weft_client_identity"] {
         let req = hyper::Request::builder()
             .uri("http://app/")
@@ -164,16 +175,7 @@ async fn h2c_with_prior_knowledge_is_parsed_and_cannot_forge_the_caller() {
 #[tokio::test]
 async fn h2c_authority_and_host_that_disagree_are_refused() {
     let t = target(85).await;
-    let tcp = TcpStream::connect(t.sidecar.inbound_addr)
-        .await
-        .expect("connect");
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .expect("h2c handshake");
-    tokio::spawn(conn);
+    let mut send = h2c(&t).await;
     let served = t.echo.served.load(std::sync::atomic::Ordering::Relaxed);
     let req = hyper::Request::builder()
         .uri("http://app/")
@@ -389,16 +391,7 @@ async fn mesh_owned_trailers_are_stripped() {
         )
         .await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
-    let tcp = TcpStream::connect(t.sidecar.inbound_addr)
-        .await
-        .expect("connect");
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .expect("h2c handshake");
-    tokio::spawn(conn);
+    let mut send = h2c(&t).await;
     let mut trailers = hyper::HeaderMap::new();
     trailers.insert("x_weft_client_identity", FORGED.parse().expect("value"));
     let frames: Vec<Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>> = vec![
