@@ -284,7 +284,7 @@ impl Shared {
         let _ = client.set_nodelay(true);
         // The container port: the original destination's (its app port when not intercepted).
         let port = endpoint.map_or(app.port(), |e| e.port());
-        let (mode, declared) = self.xds.config.load().inbound_for(&self.namespace, port);
+        let (mode, declared) = self.xds.config.load().inbound_for(port);
         let kind = self.classify(&client, app, declared).await;
         match (kind, mode) {
             (Kind::MeshTls, MtlsMode::Strict | MtlsMode::Permissive) => {

@@ -679,9 +679,6 @@ pub struct MeshConfig {
     pub clusters: BTreeMap<String, ClusterState>,
     /// Accepted versions per type URL.
     pub versions: BTreeMap<String, String>,
-    /// Namespace -> how its sidecars accept inbound connections (from the clusters' metadata;
-    /// a namespace not listed is PERMISSIVE).
-    pub mtls_modes: HashMap<String, weft_proto::tls::MtlsMode>,
     /// Endpoint address -> the SPIFFE ID its sidecar must present (mTLS endpoints only).
     #[serde(skip)]
     pub mtls_identities: HashMap<SocketAddr, Arc<str>>,
@@ -783,30 +780,18 @@ impl InboundPolicy {
 }
 
 impl MeshConfig {
-    /// How this proxy's inbound listener treats connections to one port.
-    /// Before the first config arrives (a proxy just started, or restarted while the control
-    /// plane is down) nothing is known of the namespace: STRICT, so plaintext is refused
-    /// rather than let in by a guess.
-    ///
-    /// With its `weft-inbound` Listener: the port's mode and declared protocol. Without one (a
-    /// control plane that sends none): its namespace's mode, and the port is sniffed.
-    pub fn inbound_for(
-        &self,
-        namespace: &str,
-        port: u16,
-    ) -> (weft_proto::tls::MtlsMode, Option<Declared>) {
-        if self.versions.is_empty() {
-            return (weft_proto::tls::MtlsMode::Strict, None);
-        }
+    /// How this proxy's inbound listener treats connections to one port: the port's mode and
+    /// declared protocol from its `weft-inbound` Listener. Until that Listener is accepted (a
+    /// proxy just started, restarted while the control plane is down, or with only some types
+    /// accepted yet, or a control plane that sends none) nothing says how this workload
+    /// accepts connections: STRICT, so plaintext is refused rather than let in by a guess.
+    pub fn inbound_for(&self, port: u16) -> (weft_proto::tls::MtlsMode, Option<Declared>) {
         match &self.inbound {
             Some(i) => match i.ports.get(&port) {
                 Some(p) => (p.mode.unwrap_or(i.mode), p.declared),
                 None => (i.mode, None),
             },
-            None => (
-                self.mtls_modes.get(namespace).copied().unwrap_or_default(),
-                None,
-            ),
+            None => (weft_proto::tls::MtlsMode::Strict, None),
         }
     }
 
@@ -900,5 +885,38 @@ mod tests {
             .filter(|r| e.pick(r << 48, None).map(|t| t.addr.port()) == Some(1002))
             .count();
         assert_eq!(spilled, 30);
+    }
+
+    /// Config arrives one type at a time (CDS, EDS, then LDS): until the `weft-inbound`
+    /// Listener is accepted, nothing says how this workload accepts connections, so inbound
+    /// stays STRICT — it does not fall back to a namespace mode taken from whatever clusters
+    /// arrived first (a namespace with no Service would have read PERMISSIVE).
+    #[test]
+    fn without_its_inbound_listener_the_workload_stays_strict() {
+        use weft_proto::tls::MtlsMode;
+        let mut config = MeshConfig::default();
+        config
+            .versions
+            .insert(weft_proto::type_url::CLUSTER.into(), "1".into());
+        assert_eq!(config.inbound_for(8080), (MtlsMode::Strict, None));
+        config.inbound = Some(InboundPolicy {
+            mode: MtlsMode::Permissive,
+            source: "default".into(),
+            ports: [(
+                9090,
+                InboundPort {
+                    mode: Some(MtlsMode::Strict),
+                    source: "PeerAuthentication default/p".into(),
+                    protocol: "http".into(),
+                    declared: Some(Declared::Http),
+                },
+            )]
+            .into(),
+        });
+        assert_eq!(config.inbound_for(8080), (MtlsMode::Permissive, None));
+        assert_eq!(
+            config.inbound_for(9090),
+            (MtlsMode::Strict, Some(Declared::Http))
+        );
     }
 }

@@ -629,17 +629,6 @@ fn compile(held: &mut Held) -> MeshConfig {
             ))
         })
         .collect();
-    let mut mtls_modes = HashMap::new();
-    for c in held.clusters.values() {
-        if let Some(m) = state::cluster_meta(c)
-            && let (Some((ns, _)), Ok(mode)) = (
-                m.service.split_once('/'),
-                weft_proto::tls::MtlsMode::parse(&m.mtls_mode),
-            )
-        {
-            mtls_modes.insert(ns.to_string(), mode);
-        }
-    }
     let mtls_identities = clusters
         .values()
         .filter_map(|c| c.endpoints.as_ref())
@@ -668,7 +657,6 @@ fn compile(held: &mut Held) -> MeshConfig {
         hosts,
         clusters,
         versions: held.versions.clone(),
-        mtls_modes,
         mtls_identities,
         inbound,
         strict_endpoints,
