@@ -646,7 +646,6 @@ fn cluster_for(
             algorithm: algo_name,
             service: svc.key.to_string(),
             app_protocol: protocol,
-            mtls_mode: svc.mtls_mode.as_str().to_string(),
         })),
         ..Default::default()
     }

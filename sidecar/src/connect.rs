@@ -351,9 +351,9 @@ impl tower::Service<crate::resilience::Req> for Upstream {
         let mesh = self.mesh.as_ref().filter(|m| {
             target.mtls_identity.is_some() && m.svid.load().as_ref().is_some_and(|s| s.valid())
         });
-        // Never a downgrade: a meshed endpoint that is STRICT (its namespace, or its own
-        // PeerAuthentication on this port) gets mTLS or nothing.
-        if mesh.is_none() && target.mtls_identity.is_some() && (d.strict || target.strict) {
+        // Never a downgrade: a meshed endpoint that is STRICT on this port (its
+        // PeerAuthentication or its namespace) gets mTLS or nothing.
+        if mesh.is_none() && target.strict {
             let why = match &self.mesh {
                 None => {
                     "this proxy has no workload identity (started without --join-token or --token-file)"

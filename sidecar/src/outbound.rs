@@ -369,14 +369,13 @@ impl Proxy {
             HashOn::SourceIp => Some(crate::balance::hash64(peer.ip().to_string().as_bytes())),
         });
         let (timeout, retry) = (route.timeout, route.retry.clone());
-        let Some((endpoints, policy, runtime, http2, strict)) =
+        let Some((endpoints, policy, runtime, http2)) =
             config.clusters.get(&cluster).and_then(|c| {
                 Some((
                     c.endpoints.clone()?,
                     c.policy.clone(),
                     c.runtime.clone(),
                     c.http2,
-                    c.strict,
                 ))
             })
         else {
@@ -399,7 +398,6 @@ impl Proxy {
             retry: retry.unwrap_or_else(|| DEFAULT_RETRY.clone()),
             hash,
             http2,
-            strict,
             authority,
         });
         let mut req = req.map(|b| b.boxed());

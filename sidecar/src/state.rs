@@ -279,7 +279,9 @@ pub struct Endpoint {
     /// The SPIFFE ID to expect when the endpoint's sidecar terminates mTLS; `None` for a
     /// plaintext endpoint.
     pub mtls_identity: Option<Arc<str>>,
-    /// Its sidecar accepts only mTLS on this port (EndpointMeta `strict`): never plaintext.
+    /// Its sidecar accepts only mTLS on this port (EndpointMeta `strict`: its PeerAuthentication
+    /// or its namespace is STRICT): never sent plaintext — without a valid certificate here the
+    /// request is a 503 `no-certificate`, not a downgrade.
     pub strict: bool,
     /// Requests in flight and latency, kept across config updates.
     #[serde(serialize_with = "ser_stats")]
@@ -612,9 +614,6 @@ pub struct ClusterState {
     /// Its endpoints speak HTTP/2 only (`appProtocol` grpc, h2c, kubernetes.io/h2c, http2):
     /// requests go to them over HTTP/2 with prior knowledge.
     pub http2: bool,
-    /// Its Service's namespace is STRICT: its meshed endpoints are never sent plaintext (no
-    /// valid certificate here means 503 `no-certificate`, not a downgrade).
-    pub strict: bool,
     /// Circuit breakers, retry budget, outlier detection.
     pub policy: Arc<ClusterPolicy>,
     /// Live counters (requests and retries in flight), kept across config versions.

@@ -620,10 +620,6 @@ fn compile(held: &mut Held) -> MeshConfig {
                     policy: Arc::new(ClusterPolicy::from_xds(c)),
                     http2: state::cluster_meta(c)
                         .is_some_and(|m| weft_proto::protocol::is_http2(&m.app_protocol)),
-                    strict: state::cluster_meta(c).is_some_and(|m| {
-                        weft_proto::tls::MtlsMode::parse(&m.mtls_mode)
-                            == Ok(weft_proto::tls::MtlsMode::Strict)
-                    }),
                     runtime,
                 },
             ))
@@ -637,10 +633,10 @@ fn compile(held: &mut Held) -> MeshConfig {
         .collect();
     let strict_endpoints = clusters
         .values()
-        .filter_map(|c| Some((c.strict, c.endpoints.as_ref()?)))
-        .flat_map(|(strict, e)| e.priorities.iter().flatten().map(move |e| (strict, e)))
-        .filter(|(strict, e)| e.mtls_identity.is_some() && (*strict || e.strict))
-        .map(|(_, e)| e.addr)
+        .filter_map(|c| c.endpoints.as_ref())
+        .flat_map(|e| e.priorities.iter().flatten())
+        .filter(|e| e.strict)
+        .map(|e| e.addr)
         .collect();
     // Validated when the Listener was accepted.
     let inbound = held

@@ -160,8 +160,6 @@ pub struct Dispatch {
     pub hash: Option<u64>,
     /// The cluster's endpoints speak HTTP/2 only.
     pub http2: bool,
-    /// Its namespace is STRICT: a meshed endpoint is never sent plaintext.
-    pub strict: bool,
     /// The request's authority (set as `Host` when the request had none).
     pub authority: String,
 }
@@ -775,7 +773,6 @@ pub(crate) mod test_support {
             retry: Arc::new(RetryPolicy::connect_failure_default()),
             hash: None,
             http2: false,
-            strict: false,
             authority: "c".into(),
         }
     }
