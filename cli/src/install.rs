@@ -69,7 +69,7 @@ pub mod ca_keys {
     /// Its key.
     pub const ROOT_KEY: &str = "root.key.pem";
     /// More roots every workload trusts (a rotation's other root).
-    pub const BUNDLE: &str = "trust-bundle.pem";
+    pub const BUNDLE: &str = weft_control_plane::identity::TRUST_BUNDLE_FILE;
     /// During a rotation: the root that will sign after the second `--rotate-root`.
     pub const NEXT_ROOT: &str = "next-root.pem";
     /// Its key.
@@ -113,6 +113,11 @@ pub fn plan_roots(
     fresh: impl FnOnce() -> anyhow::Result<(String, String)>,
 ) -> anyhow::Result<RootPlan> {
     use ca_keys::*;
+    if let Some((root, _)) = &given
+        && weft_proto::tls::fingerprints(root).is_empty()
+    {
+        anyhow::bail!("--ca-dir: {ROOT} holds no readable certificate");
+    }
     let bundle_of = |secret: &std::collections::BTreeMap<String, String>| {
         let mut out: Vec<String> = Vec::new();
         for key in [ROOT, BUNDLE, NEXT_ROOT] {
@@ -194,8 +199,14 @@ pub fn plan_roots(
             }
             let mut trusted: Vec<String> = pem_blocks(current);
             trusted.extend(pem_blocks(existing.get(BUNDLE).map_or("", String::as_str)));
-            trusted.retain(|b| !same(b, next));
-            trusted.dedup();
+            // One copy of each root (by fingerprint, wherever it stood), never the new one.
+            let mut seen = vec![fingerprint(next)];
+            trusted.retain(|b| {
+                let f = fingerprint(b);
+                let new = !seen.contains(&f);
+                seen.push(f);
+                new
+            });
             secret.insert(ROOT.into(), next.clone());
             secret.insert(ROOT_KEY.into(), next_key.clone());
             secret.insert(BUNDLE.into(), trusted.concat());
@@ -281,7 +292,7 @@ fn given_root(args: &InstallArgs) -> anyhow::Result<Option<(String, String)>> {
         std::fs::read_to_string(dir.join(f))
             .map_err(|e| anyhow::anyhow!("--ca-dir {}: {f}: {e}", dir.display()))
     };
-    Ok(Some((read("root.pem")?, read("root.key.pem")?)))
+    Ok(Some((read(ca_keys::ROOT)?, read(ca_keys::ROOT_KEY)?)))
 }
 
 /// A new mesh root.
@@ -293,7 +304,7 @@ fn fresh_root(args: &InstallArgs) -> anyhow::Result<(String, String)> {
         &args.cluster_name,
     )?;
     let read = |f: &str| std::fs::read_to_string(tmp.path().join(f));
-    Ok((read("root.pem")?, read("root.key.pem")?))
+    Ok((read(ca_keys::ROOT)?, read(ca_keys::ROOT_KEY)?))
 }
 
 /// A one-year serving certificate for the webhook's Service, signed by a CA made for it:
@@ -620,6 +631,15 @@ mod tests {
         assert!(err.to_string().contains("root.key.pem"), "{err}");
         // Nothing to rotate on a first install.
         assert!(plan_roots(None, None, true, || Ok(b.clone())).is_err());
+        // A --ca-dir root that is not a certificate is refused, not compared as "unreadable".
+        let err = plan_roots(
+            Some(&first.secret),
+            Some(("garbage".into(), a.1.clone())),
+            false,
+            || Ok(b.clone()),
+        )
+        .expect_err("garbage root");
+        assert!(err.to_string().contains("no readable certificate"), "{err}");
     }
 
     #[test]
@@ -640,6 +660,17 @@ mod tests {
             "the old stays trusted"
         );
         assert!(!step2.secret.contains_key(ca_keys::NEXT_ROOT));
+        // The old root listed twice, apart, in the bundle: it stays trusted once.
+        let mut doubled = step1.secret.clone();
+        let bundle = format!("{}{}{}", a.0, b.0, a.0);
+        doubled.insert(ca_keys::BUNDLE.into(), bundle);
+        let step2b = plan_roots(Some(&doubled), None, true, || Ok(root("c"))).expect("2b");
+        assert_eq!(
+            weft_proto::tls::fingerprints(&step2b.secret[ca_keys::BUNDLE]).len(),
+            1,
+            "{}",
+            step2b.secret[ca_keys::BUNDLE]
+        );
         let fps = weft_proto::tls::fingerprints(&step2.bundle);
         assert_eq!(fps.len(), 2);
         assert_eq!(
