@@ -92,32 +92,10 @@ pub struct PortModel {
     pub app_protocol: Option<String>,
 }
 
-/// Protocols a port name may declare by its prefix (`http`, `grpc-api`, `tcp-db`), as
-/// Istio reads them; longest first so `grpc-web` is not read as `grpc`.
-const NAMED_PROTOCOLS: [&str; 8] = [
-    "grpc-web", "http2", "https", "http", "grpc", "h2c", "tcp", "tls",
-];
-
 impl PortModel {
-    /// The protocol the port declares: its `appProtocol`, else its name's prefix
-    /// (`<protocol>[-<suffix>]`); `""` when it declares none.
+    /// The protocol the port declares ([`weft_proto::protocol::of_port`]).
     pub fn protocol(&self) -> String {
-        if let Some(p) = self
-            .app_protocol
-            .as_deref()
-            .filter(|p| !p.trim().is_empty())
-        {
-            return p.trim().to_ascii_lowercase();
-        }
-        let name = self.name.to_ascii_lowercase();
-        NAMED_PROTOCOLS
-            .iter()
-            .find(|p| {
-                name.strip_prefix(**p)
-                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
-            })
-            .map(|p| p.to_string())
-            .unwrap_or_default()
+        weft_proto::protocol::of_port(&self.name, self.app_protocol.as_deref())
     }
 }
 
@@ -962,8 +940,6 @@ fn merge_imports(
                 }
                 let mut e = e.clone();
                 e.stale = import.stale;
-                // A peer's pods: this cluster knows their namespace's mode, not their policies.
-                e.mode = svc.mtls_mode;
                 svc.endpoints.push(e);
             }
         }

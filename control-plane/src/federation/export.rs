@@ -41,7 +41,13 @@ pub fn exports(model: &Model) -> BTreeMap<ServiceKey, pb::ExportedService> {
                         .iter()
                         .map(|(n, p)| (n.clone(), u32::from(*p)))
                         .collect(),
-                    mtls: e.mtls && e.mode != crate::objects::MtlsMode::Disable,
+                    mtls: e.mtls,
+                    mtls_mode: e.mode.as_str().to_string(),
+                    port_mtls_modes: e
+                        .port_modes
+                        .iter()
+                        .map(|(p, m)| (u32::from(*p), m.as_str().to_string()))
+                        .collect(),
                     serving: e.serving,
                     terminating: e.terminating,
                 })

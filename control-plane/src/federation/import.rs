@@ -215,6 +215,18 @@ fn convert(
                 port(*p, &field(&format!("ports[{name:?}]"))).map_err(|m| at(String::new(), m))?,
             );
         }
+        // The peer resolved its pods' policies; "" (an older peer) is PERMISSIVE.
+        let mode_of = |field: String, m: &str| match m {
+            "" => Ok(crate::objects::MtlsMode::Permissive),
+            m => crate::objects::MtlsMode::parse(m).map_err(|e| at(field, e)),
+        };
+        let mode = mode_of(field("mtls_mode"), &e.mtls_mode)?;
+        let mut port_modes = BTreeMap::new();
+        for (p, m) in &e.port_mtls_modes {
+            let f = field(&format!("port_mtls_modes[{p}]"));
+            let p = port(*p, &f).map_err(|m| at(String::new(), m))?;
+            port_modes.insert(p, mode_of(f, m)?);
+        }
         let loc = e.locality.clone().unwrap_or_default();
         endpoints.push(EndpointModel {
             address,
@@ -232,8 +244,8 @@ fn convert(
             weight: e.weight.max(1),
             pod: None,
             mtls: e.mtls,
-            mode: Default::default(),
-            port_modes: BTreeMap::new(),
+            mode,
+            port_modes,
             stale: false,
         });
     }
@@ -627,7 +639,45 @@ mod tests {
             mtls: true,
             serving: true,
             terminating: false,
+            ..Default::default()
         }
+    }
+
+    /// A peer's endpoints keep the mode the peer resolved for them (its PeerAuthentications),
+    /// not one this cluster would guess from its own namespace of the same name; a mode that
+    /// is not one is refused.
+    #[test]
+    fn a_peers_modes_are_kept_and_bad_ones_refused() {
+        let mut held = None;
+        let mut e = ep("10.1.0.1", "east");
+        e.mtls_mode = "STRICT".into();
+        e.port_mtls_modes = [(9100, "PERMISSIVE".to_string())].into();
+        let snap = update(5, true, vec![svc("echo", vec![e])]);
+        assert_eq!(
+            apply_update("east", TD, false, &mut held, true, &snap),
+            Ok(true)
+        );
+        let got = &held.as_ref().expect("held").services[&ServiceKey::new("default", "echo")]
+            .endpoints[0];
+        assert_eq!(
+            (got.mode_on(8080), got.mode_on(9100)),
+            (
+                crate::objects::MtlsMode::Strict,
+                crate::objects::MtlsMode::Permissive
+            )
+        );
+        let mut bad = ep("10.1.0.1", "east");
+        bad.mtls_mode = "strictish".into();
+        let err = apply_update(
+            "east",
+            TD,
+            false,
+            &mut held,
+            false,
+            &update(6, false, vec![svc("echo", vec![bad])]),
+        )
+        .expect_err("bad mode");
+        assert!(err.contains("endpoints[0].mtls_mode"), "{err}");
     }
 
     fn svc(name: &str, eps: Vec<pb::Endpoint>) -> pb::ExportedService {
