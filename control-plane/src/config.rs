@@ -70,7 +70,7 @@ pub struct Config {
         long = "token-audience",
         env = "WEFT_TOKEN_AUDIENCES",
         value_delimiter = ',',
-        default_value = "weft"
+        default_value = weft_proto::keys::TOKEN_AUDIENCE
     )]
     pub token_audiences: Vec<String>,
     /// Longest lifetime of a join token: longer ones are neither minted nor accepted.
@@ -185,7 +185,7 @@ impl Config {
             token_review: false,
             load_report_interval: std::time::Duration::from_secs(1),
             state_dir: None,
-            token_audiences: vec!["weft".into()],
+            token_audiences: vec![weft_proto::keys::TOKEN_AUDIENCE.into()],
             max_join_token_ttl: std::time::Duration::from_secs(24 * 3600),
             kube_api: None,
             log: "info".into(),

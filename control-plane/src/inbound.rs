@@ -18,9 +18,6 @@ use weft_proto::protocol::Declared;
 use crate::catalog::ServiceKey;
 use crate::translate::{Res, Translation, resource, socket_address, weft_metadata};
 
-/// Port the sidecar's inbound listens on (informational in the Listener).
-const INBOUND_PORT: u16 = 15006;
-
 /// Who asks, as its xDS node says.
 #[derive(Clone, Copy, Debug)]
 pub struct Workload<'a> {
@@ -90,11 +87,6 @@ pub fn inbound_meta(t: &Translation, w: &Workload<'_>) -> weft_proto::xds::Inbou
         p.mtls_source = s.source.clone();
     }
     weft_proto::xds::InboundMeta {
-        pod: w
-            .pod
-            .filter(|_| labels.is_some())
-            .unwrap_or_default()
-            .to_string(),
         mtls_mode: mtls.mode.mode.as_str().to_string(),
         mtls_source: mtls.mode.source,
         ports: ports
@@ -113,7 +105,7 @@ pub fn inbound_listener(t: &Translation, w: &Workload<'_>) -> Res {
         name: weft_proto::keys::INBOUND_LISTENER.to_string(),
         address: Some(socket_address(
             IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            INBOUND_PORT,
+            weft_proto::keys::INBOUND_PORT,
         )),
         traffic_direction: core::TrafficDirection::Inbound as i32,
         metadata: Some(weft_metadata(&inbound_meta(t, w))),

@@ -90,10 +90,10 @@ pub struct TokenReviewer {
 
 impl TokenReviewer {
     /// A reviewer over `client` accepting tokens bound to one of `audiences` (never empty:
-    /// an empty list is the mesh's own, `weft`).
+    /// an empty list is the mesh's own, [`weft_proto::keys::TOKEN_AUDIENCE`]).
     pub fn new(client: kube::Client, audiences: Vec<String>, trust_domain: &str) -> Self {
         let audiences = if audiences.is_empty() {
-            vec!["weft".to_string()]
+            vec![weft_proto::keys::TOKEN_AUDIENCE.to_string()]
         } else {
             audiences
         };

@@ -40,16 +40,11 @@ use weft_proto::keys;
 pub const PROXY_CONTAINER: &str = "weft-proxy";
 /// Name of the init container that installs the interception rules.
 pub const INIT_CONTAINER: &str = "weft-init";
-/// The proxy's health port (kubelet probes, app-health forwarding); never intercepted.
-pub const HEALTH_PORT: u16 = 15021;
-/// The proxy's admin port (localhost); never intercepted.
-pub const ADMIN_PORT: u16 = 15000;
+pub use weft_proto::keys::{ADMIN_PORT, HEALTH_PORT, TOKEN_AUDIENCE};
 /// The proxy's UID: its own traffic is never intercepted.
 pub const PROXY_UID: i64 = 1337;
 /// Annotation choosing the proxy's form: `native` (default) or `classic`.
 pub const SIDECAR_MODE_ANNOTATION: &str = "weft.dev/sidecar-mode";
-/// Audience of the projected service-account token the proxy proves its identity with.
-pub const TOKEN_AUDIENCE: &str = "weft";
 const TOKEN_VOLUME: &str = "weft-token";
 const TOKEN_DIR: &str = "/var/run/secrets/weft";
 

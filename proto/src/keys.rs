@@ -82,6 +82,9 @@ pub const INBOUND_PORT: u16 = 15006;
 pub const ADMIN_PORT: u16 = 15000;
 /// The sidecar's health port for kubelet probes.
 pub const HEALTH_PORT: u16 = 15021;
+/// Audience of the projected service-account token a sidecar proves its identity with (what
+/// the injector projects and the control plane's TokenReview asks for by default).
+pub const TOKEN_AUDIENCE: &str = "weft";
 
 #[cfg(test)]
 mod tests {
