@@ -8,7 +8,7 @@
 //! pod IPs (`INSTANCE_IPS`). A proxy that lies about them only changes how its own inbound
 //! treats its own connections, which it controls anyway.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 use weft_proto::envoy::envoy::config::core::v3 as core;
@@ -40,43 +40,78 @@ fn stronger(a: &str, b: &str) -> bool {
     rank(b) > rank(a)
 }
 
+/// How an endpoint names its pod: by name (its `targetRef`), else only by address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum PodRef {
+    Name(String),
+    Ip(IpAddr),
+}
+
+/// Container port -> declared protocol, per (namespace, pod) of this cluster's endpoints,
+/// built once per translation so a stream's inbound Listener is a lookup, not a scan.
+#[derive(Debug, Default)]
+pub struct PortIndex(HashMap<(String, PodRef), BTreeMap<u16, String>>);
+
+impl PortIndex {
+    /// The index of `services`' endpoints in `cluster`.
+    pub fn build<'a>(
+        services: impl Iterator<Item = &'a crate::catalog::ServiceModel>,
+        cluster: &str,
+    ) -> Self {
+        let mut out: HashMap<(String, PodRef), BTreeMap<u16, String>> = HashMap::new();
+        for svc in services {
+            for e in svc.endpoints.iter().filter(|e| e.cluster == cluster) {
+                let pod = match &e.pod {
+                    Some(p) => PodRef::Name(p.clone()),
+                    None => PodRef::Ip(e.address),
+                };
+                let ports = out.entry((svc.key.namespace.clone(), pod)).or_default();
+                for port in &svc.ports {
+                    let Some(target) = e.port_for(port) else {
+                        continue;
+                    };
+                    merge(ports, target, port.protocol());
+                }
+            }
+        }
+        PortIndex(out)
+    }
+
+    /// The ports of a workload: its pod's by name, and those of endpoints that name no pod
+    /// but have one of its IPs.
+    fn of(&self, w: &Workload<'_>) -> BTreeMap<u16, String> {
+        let mut out = BTreeMap::new();
+        let refs = w
+            .pod
+            .map(|p| PodRef::Name(p.to_string()))
+            .into_iter()
+            .chain(w.ips.iter().map(|ip| PodRef::Ip(*ip)));
+        for r in refs {
+            if let Some(ports) = self.0.get(&(w.namespace.to_string(), r)) {
+                for (port, protocol) in ports {
+                    merge(&mut out, *port, protocol.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+fn merge(ports: &mut BTreeMap<u16, String>, port: u16, protocol: String) {
+    let slot = ports.entry(port).or_default();
+    if stronger(slot, &protocol) {
+        *slot = protocol;
+    }
+}
+
 /// The inbound Listener of one workload.
 pub fn inbound_meta(t: &Translation, w: &Workload<'_>) -> weft_proto::xds::InboundMeta {
     let labels = w
         .pod
         .and_then(|p| t.pod_labels.get(&ServiceKey::new(w.namespace, p)));
     let mtls = t.mtls.resolve(w.namespace, labels);
-    // Container port -> declared protocol, from this cluster's Services of its namespace
-    // whose endpoints are this pod (by name, else by address).
-    let mut protocols: BTreeMap<u16, String> = BTreeMap::new();
-    let from = ServiceKey::new(w.namespace, "");
-    for (_, xds) in t
-        .services
-        .range(from..)
-        .take_while(|(k, _)| k.namespace == w.namespace)
-    {
-        let svc = &xds.model;
-        for e in &svc.endpoints {
-            let this_pod = match (&e.pod, w.pod) {
-                (Some(p), Some(q)) => p == q,
-                (None, _) => w.ips.contains(&e.address),
-                (Some(_), None) => false,
-            };
-            if !this_pod || e.cluster != t.cluster {
-                continue;
-            }
-            for port in &svc.ports {
-                let Some(target) = e.port_for(port) else {
-                    continue;
-                };
-                let p = port.protocol();
-                let slot = protocols.entry(target).or_default();
-                if stronger(slot, &p) {
-                    *slot = p;
-                }
-            }
-        }
-    }
+    // From this cluster's Services of its namespace whose endpoints are this pod.
+    let protocols = t.ports.of(w);
     let mut ports: BTreeMap<u16, weft_proto::xds::InboundPort> = BTreeMap::new();
     for (port, protocol) in protocols {
         ports.entry(port).or_default().protocol = protocol;
@@ -112,4 +147,108 @@ pub fn inbound_listener(t: &Translation, w: &Workload<'_>) -> Res {
         ..Default::default()
     };
     resource(l.name.clone(), &l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{Catalog, SourceUpdate};
+    use crate::objects::parse_object;
+    use serde_json::json;
+    use std::sync::Arc;
+
+    fn world(docs: Vec<serde_json::Value>) -> Translation {
+        let cat = Catalog::new("c1", "cluster.local");
+        cat.apply(SourceUpdate {
+            upserts: docs
+                .into_iter()
+                .map(|d| {
+                    (
+                        Arc::new(parse_object(d).expect("valid").expect("known")),
+                        "t".to_string(),
+                    )
+                })
+                .collect(),
+            ..Default::default()
+        });
+        crate::translate::translate(&cat.current(), None)
+    }
+
+    fn pod(name: &str, app: &str) -> serde_json::Value {
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "shop", "labels": {"app": app}},
+            "spec": {"containers": []}})
+    }
+
+    /// Replicas of one Deployment get byte-identical Listeners (so they share a snapshot);
+    /// a pod another policy selects does not. Ports come from slices naming the pod, or,
+    /// naming none, having its IP.
+    #[test]
+    fn replicas_share_their_listener_and_ports_are_found_by_name_or_address() {
+        let t = world(vec![
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
+                "spec": {"ports": [{"name": "http-web", "port": 80}, {"name": "grpc", "port": 90}]}}),
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": "web", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http-web", "port": 8080}, {"name": "grpc", "port": 9090}],
+                "endpoints": [
+                    {"addresses": ["198.18.0.1"], "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "shop"}},
+                    {"addresses": ["198.18.0.2"], "targetRef": {"kind": "Pod", "name": "web-2", "namespace": "shop"}},
+                    {"addresses": ["198.18.0.3"]}]}),
+            pod("web-1", "web"),
+            pod("web-2", "web"),
+            pod("db-1", "db"),
+            json!({"apiVersion": "weft.dev/v1alpha1", "kind": "PeerAuthentication",
+                "metadata": {"name": "db", "namespace": "shop"},
+                "spec": {"selector": {"matchLabels": {"app": "db"}}, "mtls": {"mode": "STRICT"}}}),
+        ]);
+        let of = |pod: Option<&str>, ips: &[IpAddr]| {
+            inbound_listener(
+                &t,
+                &Workload {
+                    namespace: "shop",
+                    pod,
+                    ips,
+                },
+            )
+        };
+        let (w1, w2) = (of(Some("web-1"), &[]), of(Some("web-2"), &[]));
+        assert_eq!(w1.version, w2.version, "replicas must share one listener");
+        assert_ne!(of(Some("db-1"), &[]).version, w1.version);
+        let meta = inbound_meta(
+            &t,
+            &Workload {
+                namespace: "shop",
+                pod: Some("web-1"),
+                ips: &[],
+            },
+        );
+        let ports: Vec<(u32, &str)> = meta
+            .ports
+            .iter()
+            .map(|p| (p.port, p.protocol.as_str()))
+            .collect();
+        assert_eq!(ports, [(8080, "http"), (9090, "grpc")]);
+        // By address only: the endpoint naming no pod.
+        let by_ip = inbound_meta(
+            &t,
+            &Workload {
+                namespace: "shop",
+                pod: None,
+                ips: &["198.18.0.3".parse().expect("ip")],
+            },
+        );
+        assert_eq!(by_ip.ports.len(), 2);
+        // Another namespace claiming the name finds nothing.
+        let elsewhere = inbound_meta(
+            &t,
+            &Workload {
+                namespace: "evil",
+                pod: Some("web-1"),
+                ips: &[],
+            },
+        );
+        assert!(elsewhere.ports.is_empty());
+    }
 }

@@ -294,7 +294,6 @@ impl ControlPlane {
         let acceptor = grpc_tls::Acceptor::new(&ca, &config.trust_domain, &config.cluster_name)?;
         let issued_tls = acceptor.config();
         let replicas = Arc::new(replicas::Replicas::new(
-            replica.clone(),
             config.replica_service_key()?,
             config.replica_addrs.clone(),
             catalog.clone(),

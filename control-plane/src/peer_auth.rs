@@ -2,14 +2,16 @@
 //! per workload and port.
 //!
 //! Precedence, most specific first (Istio's, with the annotation as the namespace shorthand):
-//! 1. a PeerAuthentication with a `selector` matching the pod (the first by name when several
-//!    match; `weftctl check` warns), its `portLevelMtls` for the port, then its `mtls`;
-//! 2. a selector-less PeerAuthentication in the pod's namespace (the first by name);
+//! 1. a PeerAuthentication with a `selector` matching the pod (the first when several match;
+//!    `weftctl check` warns), its `portLevelMtls` for the port, then its `mtls`;
+//! 2. a selector-less PeerAuthentication in the pod's namespace (the first);
 //! 3. the namespace's `weft.dev/mtls-mode` annotation;
 //! 4. a selector-less PeerAuthentication in the root namespace (`weft-system`): the mesh default;
 //! 5. PERMISSIVE.
 //!
-//! `UNSET` (or no mode) at a level inherits from the next one. A pod whose labels the control
+//! "The first" is by kind (Weft's before Istio's), then name. `UNSET` (or no mode) at a level
+//! inherits from the next one; a first namespace policy that is `UNSET` is not replaced by a
+//! second one. A pod whose labels the control
 //! plane does not know yet gets the strictest mode any selector policy of its namespace could
 //! give it: a watch that lags never opens a port a policy closes.
 
@@ -51,10 +53,9 @@ impl WorkloadPolicy {
 /// Every mTLS policy of the world, ready to resolve.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MtlsPolicies {
-    /// The mesh-wide default, from the root namespace.
-    pub mesh: Option<Sourced>,
-    /// Namespace -> its namespace-wide PeerAuthentication.
-    pub namespace_policies: BTreeMap<String, Sourced>,
+    /// Namespace -> its first namespace-wide PeerAuthentication: where it comes from and its
+    /// mode (`None`: UNSET). The root namespace's is the mesh-wide default.
+    pub namespace_policies: BTreeMap<String, (String, Option<MtlsMode>)>,
     /// Namespace -> its `weft.dev/mtls-mode` annotation.
     pub annotations: BTreeMap<String, Sourced>,
     /// Namespace -> its selector policies, in name order.
@@ -119,16 +120,13 @@ impl MtlsPolicies {
                         })
                 }
                 None => {
-                    let Some(mode) = mode else { continue };
-                    let s = Sourced { mode, source };
-                    if pa.namespace == weft_proto::keys::CONTROL_PLANE_NAMESPACE
-                        && out.mesh.is_none()
-                    {
-                        out.mesh = Some(s.clone());
-                    }
-                    out.namespace_policies
+                    let slot = out
+                        .namespace_policies
                         .entry(pa.namespace.clone())
-                        .or_insert(s);
+                        .or_insert_with(|| (source.clone(), mode));
+                    if source < slot.0 {
+                        *slot = (source, mode);
+                    }
                 }
             }
         }
@@ -140,11 +138,19 @@ impl MtlsPolicies {
 
     /// The mode of a namespace's workloads that no selector policy covers.
     pub fn namespace_mode(&self, namespace: &str) -> Sourced {
-        self.namespace_policies
-            .get(namespace)
-            .or_else(|| self.annotations.get(namespace))
-            .or(self.mesh.as_ref())
-            .cloned()
+        let policy = |ns: &str| {
+            self.namespace_policies
+                .get(ns)
+                .and_then(|(source, mode)| {
+                    mode.map(|mode| Sourced {
+                        mode,
+                        source: source.clone(),
+                    })
+                })
+        };
+        policy(namespace)
+            .or_else(|| self.annotations.get(namespace).cloned())
+            .or_else(|| policy(weft_proto::keys::CONTROL_PLANE_NAMESPACE))
             .unwrap_or_else(|| Sourced {
                 mode: MtlsMode::Permissive,
                 source: "default".into(),
@@ -261,6 +267,11 @@ mod tests {
             json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "legacy",
                 "annotations": {"weft.dev/mtls-mode": "PERMISSIVE"}}}),
             pa("shop", "ns", json!({"mtls": {"mode": "PERMISSIVE"}})),
+            // The first namespace policy says UNSET: the annotation decides, not the second.
+            pa("quiet", "b-strict", json!({"mtls": {"mode": "STRICT"}})),
+            pa("quiet", "a-unset", json!({"mtls": {"mode": "UNSET"}})),
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "quiet",
+                "annotations": {"weft.dev/mtls-mode": "PERMISSIVE"}}}),
             pa(
                 "shop",
                 "db",
@@ -277,6 +288,13 @@ mod tests {
         // The mesh default reaches a namespace that says nothing; the annotation beats it.
         assert_eq!(p.namespace_mode("other").mode, MtlsMode::Strict);
         assert_eq!(p.namespace_mode("legacy").mode, MtlsMode::Permissive);
+        assert_eq!(
+            p.namespace_mode("quiet"),
+            Sourced {
+                mode: MtlsMode::Permissive,
+                source: "Namespace quiet".into()
+            }
+        );
         // Namespace policy, then the workload's, then its port.
         let db = p.resolve("shop", Some(&labels(&[("app", "db")])));
         assert_eq!(

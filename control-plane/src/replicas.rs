@@ -24,8 +24,6 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How to find and reach the sibling replicas.
 pub struct Replicas {
-    /// This replica's name.
-    pub name: String,
     service: Option<ServiceKey>,
     fixed: Vec<String>,
     catalog: Arc<Catalog>,
@@ -45,7 +43,6 @@ pub struct Remote<T> {
 impl Replicas {
     /// Siblings from `service`'s endpoints and `fixed` addresses, dialled with `tls`.
     pub fn new(
-        name: String,
         service: Option<ServiceKey>,
         fixed: Vec<String>,
         catalog: Arc<Catalog>,
@@ -54,7 +51,6 @@ impl Replicas {
         trust_domain: String,
     ) -> Self {
         Replicas {
-            name,
             service,
             fixed,
             catalog,

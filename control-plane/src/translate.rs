@@ -134,6 +134,8 @@ pub struct Translation {
     pub mtls: Arc<crate::peer_auth::MtlsPolicies>,
     /// This control plane's cluster.
     pub cluster: String,
+    /// The ports each pod serves, for its inbound Listener.
+    pub ports: Arc<crate::inbound::PortIndex>,
 }
 
 impl Translation {
@@ -200,6 +202,10 @@ pub fn translate(model: &Model, prev: Option<&Translation>) -> Translation {
         pod_labels: model.pod_labels.clone(),
         mtls: model.mtls.clone(),
         cluster: model.cluster.clone(),
+        ports: Arc::new(crate::inbound::PortIndex::build(
+            model.services.values().map(|s| &**s),
+            &model.cluster,
+        )),
     }
 }
 

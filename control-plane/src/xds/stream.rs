@@ -96,12 +96,13 @@ pub(crate) async fn send_gated<T>(
 }
 
 impl<R> Ctx<'_, R> {
-    /// Sends a response. A large one first takes a permit of the global push gate and keeps
-    /// it until the transport has taken the message off the stream's one-slot queue.
+    /// Sends a response ([`send_gated`]): a large one holds a permit of the global push gate
+    /// until the transport has taken it off the stream's one-slot queue, or [`PERMIT_HOLD`].
     ///
     /// Why: a thousand proxies connecting at once would otherwise each get their whole initial
-    /// config encoded in memory at the same moment; the gate bounds how many large responses
-    /// exist outside the transport, so memory follows the gate, not the fleet.
+    /// config encoded at the same moment; the gate bounds how many large responses are being
+    /// taken by transports at once. Each stream holds at most one queued response besides the
+    /// one it is building, so a client that stopped reading costs one response, not a permit.
     pub async fn send(&self, resp: R, large: bool) -> Result<(), ()> {
         let gate = large.then_some(&self.shared.push_gate);
         if send_gated(self.tx, gate, Ok(resp), PERMIT_HOLD).await? {

@@ -296,14 +296,10 @@ impl SnapshotCache {
         snap
     }
 
-    /// How many snapshots are kept (for the metric and tests).
-    pub fn len(&self) -> usize {
+    /// How many snapshots are kept.
+    #[cfg(test)]
+    fn len(&self) -> usize {
         crate::lock(&self.latest).len()
-    }
-
-    /// Whether none is kept.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
