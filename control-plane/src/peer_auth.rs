@@ -139,14 +139,12 @@ impl MtlsPolicies {
     /// The mode of a namespace's workloads that no selector policy covers.
     pub fn namespace_mode(&self, namespace: &str) -> Sourced {
         let policy = |ns: &str| {
-            self.namespace_policies
-                .get(ns)
-                .and_then(|(source, mode)| {
-                    mode.map(|mode| Sourced {
-                        mode,
-                        source: source.clone(),
-                    })
+            self.namespace_policies.get(ns).and_then(|(source, mode)| {
+                mode.map(|mode| Sourced {
+                    mode,
+                    source: source.clone(),
                 })
+            })
         };
         policy(namespace)
             .or_else(|| self.annotations.get(namespace).cloned())

@@ -117,9 +117,10 @@ pub async fn reload(files: TlsFiles, cell: Arc<ArcSwap<rustls::ServerConfig>>) {
 
 /// Re-reads the mesh root file (`--root-cert`, the mounted ConfigMap `weft-root`, which the
 /// kubelet updates in place) every `every`; when its certificates change, pods admitted from
-/// then on get the new trust bundle — no restart. A file without a certificate is logged and
-/// the current bundle kept.
+/// then on get the new trust bundle — no restart. A file without a certificate, or with a PEM
+/// block that is not one, is logged once and the current bundle kept.
 pub async fn reload_root(path: PathBuf, state: Arc<crate::webhook::State>, every: Duration) {
+    let mut refused: Option<String> = None;
     loop {
         tokio::time::sleep(every).await;
         let text = match std::fs::read_to_string(&path) {
@@ -130,14 +131,17 @@ pub async fn reload_root(path: PathBuf, state: Arc<crate::webhook::State>, every
             }
         };
         let current = state.cfg.load();
-        if text == current.root_pem {
+        if text == current.root_pem || refused.as_ref() == Some(&text) {
             continue;
         }
         let roots = weft_proto::tls::fingerprints(&text);
-        if roots.is_empty() {
-            tracing::error!(path = %path.display(), "the mesh root file holds no certificate; injecting the current one");
+        let blocks = text.matches("-----BEGIN ").count();
+        if roots.is_empty() || roots.len() != blocks {
+            tracing::error!(path = %path.display(), certificates = roots.len(), pem_blocks = blocks, "the mesh root file holds no certificate, or a PEM block that is not one; injecting the current bundle until it is fixed");
+            refused = Some(text);
             continue;
         }
+        refused = None;
         let mut next = (**current).clone();
         next.root_pem = text;
         state.cfg.store(Arc::new(next));

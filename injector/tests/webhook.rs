@@ -633,5 +633,14 @@ async fn a_changed_mesh_root_file_reaches_new_pods_without_a_restart() {
     std::fs::write(&path, "not a certificate").expect("write");
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(admit_bundle().await, both, "a broken file is not injected");
+    // One good root and one broken block: not a bundle to hand to every new pod either.
+    let half = format!("{new}-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n");
+    std::fs::write(&path, &half).expect("write");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        admit_bundle().await,
+        both,
+        "a half-broken file is not injected"
+    );
     reloader.abort();
 }

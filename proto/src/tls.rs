@@ -421,11 +421,13 @@ pub struct CertInfo {
     pub not_after_unix: i64,
 }
 
-/// The SHA-256 fingerprint (lowercase hex) of every certificate in `pem`, in order: how
+/// The SHA-256 fingerprint (lowercase hex) of every X.509 certificate in `pem`, in order (PEM
+/// blocks that do not parse as one are left out): how
 /// operators and tools tell roots apart.
 pub fn fingerprints(pem: &str) -> Vec<String> {
     CertificateDer::pem_slice_iter(pem.as_bytes())
         .filter_map(Result::ok)
+        .filter(|der| x509_parser::parse_x509_certificate(der.as_ref()).is_ok())
         .map(|der| {
             ring::digest::digest(&ring::digest::SHA256, der.as_ref())
                 .as_ref()
