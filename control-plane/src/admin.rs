@@ -101,11 +101,7 @@ impl AdminService {
         F: Fn(weft_proto::admin::admin_client::AdminClient<tonic::transport::Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<T>, Status>>,
     {
-        self.replicas
-            .each(call)
-            .await
-            .into_iter()
-            .find_map(|r| r.result.ok().map(Response::into_inner))
+        self.replicas.first_ok(call).await.map(Response::into_inner)
     }
 
     /// What a "not connected" error covers.

@@ -88,33 +88,58 @@ impl Replicas {
         F: Fn(AdminClient<tonic::transport::Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
-        let asks = self.addresses().into_iter().map(|address| {
-            let client = self.tls.load().client.clone();
-            let call = &call;
-            async move {
-                let attempt = async {
-                    let channel = crate::federation::import::connect(
-                        &address,
-                        &self.cluster,
-                        &self.trust_domain,
-                        client,
-                    )
-                    .await?;
-                    call(AdminClient::new(channel))
-                        .await
-                        .map_err(|s| format!("{}: {}", s.code(), s.message()))
-                };
-                let result = match tokio::time::timeout(ASK_TIMEOUT, attempt).await {
-                    Ok(r) => r,
-                    Err(_) => Err(format!("no answer within {ASK_TIMEOUT:?}")),
-                };
-                if let Err(e) = &result {
-                    tracing::debug!(%address, error = %e, "sibling replica not reached");
-                }
-                Remote { address, result }
-            }
-        });
+        let asks = self.addresses().into_iter().map(|a| self.ask(a, &call));
         futures::future::join_all(asks).await
+    }
+
+    /// Asks every replica in parallel and returns the first successful answer as soon as it
+    /// comes (not after the slowest sibling's timeout); `None` when none answers.
+    pub async fn first_ok<T, F, Fut>(&self, call: F) -> Option<T>
+    where
+        F: Fn(AdminClient<tonic::transport::Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        use futures::StreamExt;
+        let mut asks: futures::stream::FuturesUnordered<_> = self
+            .addresses()
+            .into_iter()
+            .map(|a| self.ask(a, &call))
+            .collect();
+        while let Some(r) = asks.next().await {
+            if let Ok(v) = r.result {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    /// Asks one replica, bounded by [`ASK_TIMEOUT`].
+    async fn ask<T, F, Fut>(&self, address: String, call: &F) -> Remote<T>
+    where
+        F: Fn(AdminClient<tonic::transport::Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let client = self.tls.load().client.clone();
+        let attempt = async {
+            let channel = crate::federation::import::connect(
+                &address,
+                &self.cluster,
+                &self.trust_domain,
+                client,
+            )
+            .await?;
+            call(AdminClient::new(channel))
+                .await
+                .map_err(|s| format!("{}: {}", s.code(), s.message()))
+        };
+        let result = match tokio::time::timeout(ASK_TIMEOUT, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {ASK_TIMEOUT:?}")),
+        };
+        if let Err(e) = &result {
+            tracing::debug!(%address, error = %e, "sibling replica not reached");
+        }
+        Remote { address, result }
     }
 }
 
