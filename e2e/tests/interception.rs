@@ -220,7 +220,11 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
         .concat(),
         None,
     );
-    let curl = |url: &str| sh(&["ip", "netns", "exec", &cli, "curl", "-s", "-m", "5", url]);
+    // curl inside a namespace, bounded to 5 s.
+    let curl_in = |ns: &str, args: &[&str]| {
+        sh(&[&["ip", "netns", "exec", ns, "curl", "-s", "-m", "5"], args].concat())
+    };
+    let curl = |url: &str| curl_in(&cli, &[url]);
     eventually("sidecar ready", Duration::from_secs(15), || {
         String::from_utf8_lossy(&curl("http://127.0.0.1:15000/ready").stdout).contains("ready")
     });
@@ -281,21 +285,16 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
         !String::from_utf8_lossy(&out.stdout).contains("srv-pod"),
         "plaintext reached a STRICT meshed endpoint by address"
     );
-    let out = sh(&[
-        "ip",
-        "netns",
-        "exec",
+    let out = curl_in(
         &cli,
-        "curl",
-        "-s",
-        "-m",
-        "5",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "http://198.18.0.2:9090/",
-    ]);
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "http://198.18.0.2:9090/",
+        ],
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "503");
 
     // An attacker next to the pod routes a packet for the host only the pod reaches through
@@ -311,17 +310,7 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
         "via",
         "198.18.0.1",
     ]);
-    let out = sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &srv,
-        "curl",
-        "-s",
-        "-m",
-        "3",
-        "http://198.18.1.2:8080/",
-    ]);
+    let out = curl_in(&srv, &["http://198.18.1.2:8080/"]);
     assert!(
         !String::from_utf8_lossy(&out.stdout).contains("metadata-secret"),
         "a neighbour reached the pod's private host through its proxy"
@@ -332,19 +321,7 @@ fn unmodified_client_is_intercepted_in_a_network_namespace() {
     // to read its admin: nothing answers. Inbound counts the refusal.
     for port in [15001, 15000] {
         let url = format!("http://198.18.0.1:{port}/");
-        let out = sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &srv,
-            "curl",
-            "-s",
-            "-m",
-            "3",
-            "-H",
-            "Host: echo",
-            &url,
-        ]);
+        let out = curl_in(&srv, &["-H", "Host: echo", &url]);
         assert!(
             !String::from_utf8_lossy(&out.stdout).contains("srv-pod"),
             "a remote caller went out through {url} as this pod"
