@@ -152,26 +152,10 @@ pub fn inbound_listener(t: &Translation, w: &Workload<'_>) -> Res {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::{Catalog, SourceUpdate};
-    use crate::objects::parse_object;
     use serde_json::json;
-    use std::sync::Arc;
 
     fn world(docs: Vec<serde_json::Value>) -> Translation {
-        let cat = Catalog::new("c1", "cluster.local");
-        cat.apply(SourceUpdate {
-            upserts: docs
-                .into_iter()
-                .map(|d| {
-                    (
-                        Arc::new(parse_object(d).expect("valid").expect("known")),
-                        "t".to_string(),
-                    )
-                })
-                .collect(),
-            ..Default::default()
-        });
-        crate::translate::translate(&cat.current(), None)
+        crate::translate::translate(&crate::translate::tests::model(docs), None)
     }
 
     fn pod(name: &str, app: &str) -> serde_json::Value {

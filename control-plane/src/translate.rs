@@ -803,14 +803,15 @@ pub(crate) fn socket_address(ip: std::net::IpAddr, port: u16) -> core::Address {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::catalog::{Catalog, SourceUpdate};
     use crate::objects::parse_object;
     use serde_json::json;
     use weft_proto::envoy::envoy::config::cluster::v3::cluster::LbPolicy;
 
-    fn model(docs: Vec<serde_json::Value>) -> Arc<Model> {
+    /// The model of a world of objects (cluster `c1`); every object must be valid.
+    pub(crate) fn model(docs: Vec<serde_json::Value>) -> Arc<Model> {
         let cat = Catalog::new("c1", "cluster.local");
         cat.apply(SourceUpdate {
             upserts: docs
