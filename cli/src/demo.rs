@@ -7,8 +7,10 @@
 //! `east` exports `echo-v1`, `west` exports its own `echo-v1`; a TrafficPolicy lets each
 //! cluster fail over to the other's endpoints. Addresses: east's echo pods on
 //! 127.0.10.{1,2,3}:8080, west's on 127.0.11.1:8080; client sidecars on 127.0.20.{1,2,3}
-//! (outbound 15001, inbound 15006, admin 15000); east's control plane on `--xds-addr` (default
-//! 127.0.0.1:15010, what `weftctl` asks by default), west's on `--west-xds-addr` (127.0.0.1:15020).
+//! (outbound 15001, inbound 15006, admin 15000); east's control plane serves its TLS port on
+//! `--grpc-addr` (default 127.0.0.1:15012, what `weftctl` asks by default) and plaintext ADS
+//! for the demo's sidecars on `--xds-addr` (127.0.0.1:15010); west's on 15022 and 15020. The
+//! demo writes operator credentials (`<dir>/credentials.pem`) for `weftctl --credentials`.
 //! Ctrl-C stops everything it started.
 
 use std::collections::BTreeMap;
@@ -28,9 +30,19 @@ pub struct DemoArgs {
     /// while it runs) and CAs; default: a new temp dir.
     #[arg(long, env = "WEFT_DEMO_DIR")]
     pub dir: Option<PathBuf>,
-    /// East's control plane xDS + admin address.
+    /// East's control plane plaintext ADS address (the demo's sidecars).
     #[arg(long, env = "WEFT_DEMO_XDS_ADDR", default_value = "127.0.0.1:15010")]
     pub xds_addr: SocketAddr,
+    /// East's control plane TLS gRPC address (weftctl, federation).
+    #[arg(long, env = "WEFT_DEMO_GRPC_ADDR", default_value = "127.0.0.1:15012")]
+    pub grpc_addr: SocketAddr,
+    /// West's control plane TLS gRPC address.
+    #[arg(
+        long,
+        env = "WEFT_DEMO_WEST_GRPC_ADDR",
+        default_value = "127.0.0.1:15022"
+    )]
+    pub west_grpc_addr: SocketAddr,
     /// East's control plane metrics address.
     #[arg(
         long,
@@ -38,7 +50,7 @@ pub struct DemoArgs {
         default_value = "127.0.0.1:15014"
     )]
     pub metrics_addr: SocketAddr,
-    /// West's control plane xDS + admin address.
+    /// West's control plane plaintext ADS address.
     #[arg(
         long,
         env = "WEFT_DEMO_WEST_XDS_ADDR",
@@ -203,14 +215,14 @@ fn west_world() -> String {
 async fn control_plane(
     dir: &Path,
     cluster: &str,
-    xds: SocketAddr,
-    metrics: SocketAddr,
+    (xds, grpc, metrics): (SocketAddr, SocketAddr, SocketAddr),
     peers: Vec<(String, String)>,
 ) -> anyhow::Result<weft_control_plane::ControlPlane> {
     let mut cfg = weft_control_plane::Config::local(dir.join(cluster));
     cfg.cluster_name = cluster.into();
     cfg.ca_dir = Some(dir.join(format!("ca-{cluster}")));
     cfg.xds_plaintext_addr = Some(xds);
+    cfg.grpc_addr = grpc;
     cfg.metrics_addr = metrics;
     cfg.replica = Some(format!("demo-{cluster}"));
     cfg.peers = peers;
@@ -291,15 +303,27 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
                 .map_err(|e| anyhow::anyhow!("sample pod {} on {}: {e}", p.name, pod_addr(p)))?,
         );
     }
-    let east = control_plane(&dir, "east", args.xds_addr, args.metrics_addr, Vec::new()).await?;
+    let east = control_plane(
+        &dir,
+        "east",
+        (args.xds_addr, args.grpc_addr, args.metrics_addr),
+        Vec::new(),
+    )
+    .await?;
     let west = control_plane(
         &dir,
         "west",
-        args.west_xds_addr,
-        args.west_metrics_addr,
+        (
+            args.west_xds_addr,
+            args.west_grpc_addr,
+            args.west_metrics_addr,
+        ),
         vec![("east".into(), east.grpc_addr.to_string())],
     )
     .await?;
+    // Operator credentials for weftctl: one file for both clusters (one root).
+    let credentials = dir.join("credentials.pem");
+    east.operator("demo")?.write(&credentials)?;
     // East learns of west from an object in its source, as a MeshPeer would arrive.
     std::fs::write(
         dir.join("east/peers.yaml"),
@@ -345,9 +369,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     println!("Weft demo running: two clusters, east and west, federated over mTLS.");
     for (name, cp) in [("east", &east), ("west", &west)] {
         println!(
-            "  {name} control plane  xds+admin {}  federation {}  metrics http://{}/metrics",
-            cp.plaintext(),
+            "  {name} control plane  grpc {} (TLS: weftctl, federation)  ads {} (plaintext)  metrics http://{}/metrics",
             cp.grpc_addr,
+            cp.plaintext(),
             cp.metrics_addr
         );
     }
@@ -357,16 +381,22 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
             s.outbound_addr, s.admin_addr
         );
     }
+    println!(
+        "  credentials     {}  (weftctl --credentials, or WEFT_CREDENTIALS)",
+        credentials.display()
+    );
     println!("  east world      {}", east_file.display());
     println!("  west world      {}", west_file.display());
     println!();
     println!("Try next, in another terminal:");
-    println!("  weftctl status --cp {east_xds}            # every proxy SYNCED?");
-    println!("  weftctl peers --cp {east_xds}             # federation: west SYNCED?");
+    let east_cp = east.grpc_addr;
+    println!("  export WEFT_CREDENTIALS={}", credentials.display());
+    println!("  weftctl status --cp {east_cp}            # every proxy SYNCED?");
+    println!("  weftctl peers --cp {east_cp}             # federation: west SYNCED?");
     println!(
-        "  weftctl endpoints echo-v1 --cp {east_xds} --proxy client-a   # east first, then west"
+        "  weftctl endpoints echo-v1 --cp {east_cp} --proxy client-a   # east first, then west"
     );
-    println!("  weftctl proxy-config client-a endpoints --cp {east_xds}");
+    println!("  weftctl proxy-config client-a endpoints --cp {east_cp}");
     println!(
         "  curl -H 'Host: echo.default.svc.cluster.local' http://{}/",
         sidecars[0].outbound_addr

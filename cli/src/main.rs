@@ -1,8 +1,9 @@
 //! `weftctl`: is my mesh healthy, and what config does each proxy hold?
 //!
-//! Every query talks to a control plane's `weft.admin.v1` API (`--cp`, `WEFT_CP`) and prints
-//! a table (the default on a terminal), JSON or YAML (`-o`). JSON and YAML field names are
-//! stable: scripts may rely on them.
+//! Every query talks to a control plane's `weft.admin.v1` API over its TLS port (`--cp`,
+//! `WEFT_CP`) as an operator (`--credentials`, `WEFT_CREDENTIALS`) and prints a table (the
+//! default on a terminal), JSON or YAML (`-o`). JSON and YAML field names are stable: scripts
+//! may rely on them.
 
 mod demo;
 mod install;
@@ -31,14 +32,20 @@ pub enum Format {
     about = "Is my mesh healthy, and what config does each proxy hold?"
 )]
 struct Cli {
-    /// Control plane admin/xDS address (plaintext).
+    /// The control plane's TLS gRPC port, `HOST:PORT` (e.g. through
+    /// `kubectl -n weft-system port-forward svc/weft-control-plane 15012`).
     #[arg(
         long,
         global = true,
         env = "WEFT_CP",
-        default_value = "127.0.0.1:15010"
+        default_value = "127.0.0.1:15012"
     )]
-    cp: SocketAddr,
+    cp: String,
+    /// Operator credentials (certificate, key and mesh roots in one PEM file, made by
+    /// `weft-control-plane operator issue`, `weftctl install` or `weftctl demo`); default
+    /// `~/.config/weft/credentials.pem`.
+    #[arg(long, global = true, env = "WEFT_CREDENTIALS")]
+    credentials: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     output: Format,
@@ -128,7 +135,8 @@ enum Command {
 /// `weftctl token ...`.
 #[derive(Subcommand)]
 enum TokenCommand {
-    /// Mint a token bound to one namespace/service account (printed on stdout).
+    /// Mint a single-use token bound to one namespace/service account (printed on stdout;
+    /// its id, for `revoke`, on stderr).
     Create {
         /// Namespace.
         #[arg(long, default_value = "default")]
@@ -139,6 +147,11 @@ enum TokenCommand {
         /// Lifetime: seconds, or with s/m/h/d.
         #[arg(long, default_value = "1h", value_parser = parse_ttl)]
         ttl: u64,
+    },
+    /// Revoke a token by its id (printed by `create`): refused from then on, even unredeemed.
+    Revoke {
+        /// The token's id.
+        id: String,
     },
 }
 
@@ -160,20 +173,24 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = std::env::var("WEFT_LOG").unwrap_or_else(|_| "warn".into());
     weft_proto::logging::init(&filter, "warn", cli.log_format);
+    let cp = query::Cp {
+        addr: cli.cp.clone(),
+        credentials: cli.credentials.clone(),
+    };
     let rt = tokio::runtime::Runtime::new()?;
     let code = rt.block_on(async move {
         match cli.command {
-            Command::Status => query::status(cli.cp, cli.output).await,
-            Command::Services => query::services(cli.cp, cli.output).await,
-            Command::Errors => query::errors(cli.cp, cli.output).await,
-            Command::Peers => query::peers(cli.cp, cli.output).await,
-            Command::Rollouts => query::rollouts(cli.cp, cli.output).await,
-            Command::Check => query::check(cli.cp, cli.output).await,
+            Command::Status => query::status(&cp, cli.output).await,
+            Command::Services => query::services(&cp, cli.output).await,
+            Command::Errors => query::errors(&cp, cli.output).await,
+            Command::Peers => query::peers(&cp, cli.output).await,
+            Command::Rollouts => query::rollouts(&cp, cli.output).await,
+            Command::Check => query::check(&cp, cli.output).await,
             Command::Endpoints {
                 service,
                 proxy,
                 from_proxy,
-            } => query::endpoints(cli.cp, &service, proxy, from_proxy, cli.output).await,
+            } => query::endpoints(&cp, &service, proxy, from_proxy, cli.output).await,
             Command::Token {
                 command:
                     TokenCommand::Create {
@@ -181,7 +198,10 @@ fn main() -> anyhow::Result<()> {
                         service_account,
                         ttl,
                     },
-            } => query::token_create(cli.cp, &namespace, &service_account, ttl, cli.output).await,
+            } => query::token_create(&cp, &namespace, &service_account, ttl, cli.output).await,
+            Command::Token {
+                command: TokenCommand::Revoke { id },
+            } => query::token_revoke(&cp, &id, cli.output).await,
             Command::Completions { shell } => {
                 use clap::CommandFactory;
                 clap_complete::generate(
@@ -197,9 +217,9 @@ fn main() -> anyhow::Result<()> {
                 kind: _,
                 from_proxy: Some(admin),
                 diff,
-            } => query::proxy_view(cli.cp, &proxy, admin, diff, cli.output).await,
+            } => query::proxy_view(&cp, &proxy, admin, diff, cli.output).await,
             Command::ProxyConfig { proxy, kind, .. } => {
-                query::proxy_config(cli.cp, &proxy, kind, cli.output).await
+                query::proxy_config(&cp, &proxy, kind, cli.output).await
             }
             Command::Certs { admin } => query::certs(admin, cli.output).await,
             Command::Demo(args) => demo::run(args).await,

@@ -20,15 +20,56 @@ use weft_proto::type_url;
 use crate::Format;
 use crate::output::print;
 
-async fn client(cp: SocketAddr) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{cp}"))?
-        .connect_timeout(std::time::Duration::from_secs(3))
-        .connect()
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!("cannot reach the control plane at {cp}: {e} (set --cp or WEFT_CP)")
+/// Where the control plane is and how to prove to it that the caller is an operator.
+#[derive(Clone, Debug)]
+pub struct Cp {
+    /// `HOST:PORT` of its TLS gRPC port.
+    pub addr: String,
+    /// The operator credentials file (`--credentials`); `None`: the default path.
+    pub credentials: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Display for Cp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.addr)
+    }
+}
+
+/// Where `weftctl` looks for credentials without `--credentials`.
+pub fn default_credentials() -> Option<std::path::PathBuf> {
+    std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".config/weft/credentials.pem"))
+}
+
+async fn client(cp: &Cp) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
+    let path = cp
+        .credentials
+        .clone()
+        .or_else(default_credentials)
+        .ok_or_else(|| {
+            anyhow::anyhow!("no operator credentials: pass --credentials FILE (WEFT_CREDENTIALS)")
         })?;
-    Ok(AdminClient::new(ch))
+    let creds = weft_proto::credentials::Credentials::read(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "operator credentials: {e}\n  make them with `weft-control-plane operator issue --ca-dir DIR --name NAME --out FILE` (or `weftctl install` / `weftctl demo` write them), then pass --credentials FILE (WEFT_CREDENTIALS)"
+        )
+    })?;
+    let config = creds
+        .client_config()
+        .map_err(|e| anyhow::anyhow!("operator credentials {}: {e}", path.display()))?;
+    let ch = weft_proto::dial::control_plane(
+        &cp.addr,
+        config,
+        None,
+        std::time::Duration::from_secs(3),
+    )
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the control plane at {cp}: {} (set --cp or WEFT_CP to its TLS gRPC port)",
+            weft_proto::logging::error_chain(&e)
+        )
+    })?;
+    Ok(AdminClient::new(ch).max_decoding_message_size(64 * 1024 * 1024))
 }
 
 /// One proxy row of `weftctl status` (JSON/YAML field names are stable).
@@ -104,7 +145,7 @@ fn report_replicas(replicas: &[weft_proto::admin::ReplicaStatus]) -> bool {
 
 /// `weftctl status`: every replica's proxies; exit 1 when any proxy has a NACKed type or a
 /// replica could not be asked.
-pub async fn status(cp: SocketAddr, format: Format) -> anyhow::Result<i32> {
+pub async fn status(cp: &Cp, format: Format) -> anyhow::Result<i32> {
     let resp = client(cp)
         .await?
         .list_proxies(ListProxiesRequest::default())
@@ -220,7 +261,7 @@ pub struct ServiceRow {
 }
 
 /// `weftctl services`.
-pub async fn services(cp: SocketAddr, format: Format) -> anyhow::Result<i32> {
+pub async fn services(cp: &Cp, format: Format) -> anyhow::Result<i32> {
     let resp = client(cp)
         .await?
         .list_services(ListServicesRequest {})
@@ -298,7 +339,7 @@ pub struct RolloutRow {
 }
 
 /// `weftctl rollouts`: each rollout's phase, canary weight and decisions with their reasons.
-pub async fn rollouts(cp: SocketAddr, format: Format) -> anyhow::Result<i32> {
+pub async fn rollouts(cp: &Cp, format: Format) -> anyhow::Result<i32> {
     let resp = client(cp)
         .await?
         .list_rollouts(weft_proto::admin::ListRolloutsRequest {})
@@ -381,7 +422,7 @@ pub struct ErrorRow {
 }
 
 /// `weftctl errors`; exit 1 when there are any.
-pub async fn errors(cp: SocketAddr, format: Format) -> anyhow::Result<i32> {
+pub async fn errors(cp: &Cp, format: Format) -> anyhow::Result<i32> {
     let resp = client(cp)
         .await?
         .list_source_errors(ListSourceErrorsRequest {})
@@ -445,7 +486,7 @@ pub struct PeerRow {
 }
 
 /// `weftctl peers`.
-pub async fn peers(cp: SocketAddr, format: Format) -> anyhow::Result<i32> {
+pub async fn peers(cp: &Cp, format: Format) -> anyhow::Result<i32> {
     let resp = client(cp)
         .await?
         .list_peers(weft_proto::admin::ListPeersRequest {})
@@ -595,7 +636,7 @@ async fn proxy_endpoint_views(
 
 /// `weftctl endpoints <svc> [--proxy ID]`.
 pub async fn endpoints(
-    cp: SocketAddr,
+    cp: &Cp,
     service: &str,
     proxy: Option<String>,
     from_proxy: Option<SocketAddr>,
@@ -685,7 +726,7 @@ pub async fn endpoints(
 
 /// `weftctl token create`.
 pub async fn token_create(
-    cp: SocketAddr,
+    cp: &Cp,
     namespace: &str,
     service_account: &str,
     ttl: u64,
@@ -702,10 +743,44 @@ pub async fn token_create(
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
     match format {
-        Format::Table => println!("{}", t.token),
+        Format::Table => {
+            // The token alone on stdout (scripts capture it); its id for revocation on stderr.
+            eprintln!(
+                "token {} for {} (single-use, until {}): revoke with `weftctl token revoke {}`",
+                t.id, t.spiffe_id, t.expires_at_unix, t.id
+            );
+            println!("{}", t.token)
+        }
         _ => print(
             format,
-            &json!({"token": t.token, "spiffe_id": t.spiffe_id, "expires_at_unix": t.expires_at_unix}),
+            &json!({"token": t.token, "id": t.id, "spiffe_id": t.spiffe_id, "expires_at_unix": t.expires_at_unix}),
+            &[],
+            Vec::new(),
+        )?,
+    }
+    Ok(0)
+}
+
+/// `weftctl token revoke ID`.
+pub async fn token_revoke(cp: &Cp, id: &str, format: Format) -> anyhow::Result<i32> {
+    let r = client(cp)
+        .await?
+        .revoke_join_token(weft_proto::admin::RevokeJoinTokenRequest { id: id.into() })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    match format {
+        Format::Table => println!(
+            "token {id} {}",
+            if r.newly_revoked {
+                "revoked"
+            } else {
+                "was already revoked"
+            }
+        ),
+        _ => print(
+            format,
+            &json!({"id": id, "newly_revoked": r.newly_revoked}),
             &[],
             Vec::new(),
         )?,
@@ -727,7 +802,7 @@ pub struct FindingRow {
 }
 
 /// `weftctl check`; exit 0 only when clean.
-pub async fn check(cp: SocketAddr, format: Format) -> anyhow::Result<i32> {
+pub async fn check(cp: &Cp, format: Format) -> anyhow::Result<i32> {
     let resp = client(cp)
         .await?
         .check(weft_proto::admin::CheckRequest::default())
@@ -772,7 +847,7 @@ pub enum ConfigKind {
 
 /// `weftctl proxy-config <proxy> [kind]`.
 pub async fn proxy_config(
-    cp: SocketAddr,
+    cp: &Cp,
     proxy: &str,
     kind: ConfigKind,
     format: Format,
@@ -1221,7 +1296,7 @@ fn diff_sets(kind: &str, sent: &EndpointSets, held: &EndpointSets) -> Vec<DiffRo
 
 /// `weftctl proxy-config <proxy> --from-proxy ADMIN [--diff]`.
 pub async fn proxy_view(
-    cp: SocketAddr,
+    cp: &Cp,
     proxy: &str,
     admin: SocketAddr,
     diff: bool,

@@ -20,10 +20,30 @@ impl Drop for Guard {
     }
 }
 
-fn weftctl(cp: &str, args: &[&str]) -> (i32, Value) {
+/// A control plane as `weftctl` reaches it: its TLS port and operator credentials.
+#[derive(Clone)]
+struct Target {
+    addr: String,
+    credentials: std::path::PathBuf,
+    _dir: Option<std::sync::Arc<tempfile::TempDir>>,
+}
+
+/// `cp`'s TLS port, with fresh operator credentials from its CA.
+fn target(cp: &weft_testkit::ControlPlane) -> Target {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let credentials = weft_testkit::operator_credentials(cp, dir.path(), "tester");
+    Target {
+        addr: cp.grpc_addr.to_string(),
+        credentials,
+        _dir: Some(std::sync::Arc::new(dir)),
+    }
+}
+
+fn weftctl(cp: &Target, args: &[&str]) -> (i32, Value) {
     let out = Command::new(WEFTCTL)
         .args(args)
-        .args(["--cp", cp, "-o", "json"])
+        .args(["--cp", &cp.addr, "-o", "json", "--credentials"])
+        .arg(&cp.credentials)
         .output()
         .expect("weftctl runs");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -52,6 +72,10 @@ fn demo_serves_both_zones_and_queries_see_it() {
             "127.0.0.1:0",
             "--west-xds-addr",
             "127.0.0.1:0",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--west-grpc-addr",
+            "127.0.0.1:0",
             "--west-metrics-addr",
             "127.0.0.1:0",
         ])
@@ -65,8 +89,12 @@ fn demo_serves_both_zones_and_queries_see_it() {
     let mut cp = String::new();
     let mut west_cp = String::new();
     let mut world = String::new();
+    let mut credentials = String::new();
     for line in lines.by_ref() {
         let line = line.expect("line");
+        if let Some(rest) = line.trim().strip_prefix("credentials") {
+            credentials = rest.split_whitespace().next().unwrap_or_default().into();
+        }
         if let Some(rest) = line.trim().strip_prefix("east control plane") {
             cp = rest.split_whitespace().nth(1).expect("cp addr").to_string();
         }
@@ -81,6 +109,16 @@ fn demo_serves_both_zones_and_queries_see_it() {
         }
     }
     assert!(!cp.is_empty(), "the demo printed its control plane address");
+    assert!(
+        std::path::Path::new(&credentials).exists(),
+        "the demo wrote operator credentials: {credentials:?}"
+    );
+    let at = |addr: &str| Target {
+        addr: addr.to_string(),
+        credentials: credentials.clone().into(),
+        _dir: None,
+    };
+    let (cp, west_cp) = (at(&cp), at(&west_cp));
     assert!(
         std::path::Path::new(&world).exists(),
         "world file {world} exists while running"
@@ -236,7 +274,7 @@ fn demo_serves_both_zones_and_queries_see_it() {
     assert!(
         token["token"]
             .as_str()
-            .is_some_and(|t| t.starts_with("wj1.")),
+            .is_some_and(|t| t.starts_with("wj2.")),
         "{token}"
     );
     // errors: a clean world.
@@ -303,9 +341,30 @@ fn demo_serves_both_zones_and_queries_see_it() {
 }
 
 #[test]
-fn unreachable_control_plane_is_a_clear_error() {
+fn unreachable_control_plane_and_missing_credentials_are_clear_errors() {
+    let dir = tempfile::tempdir().expect("dir");
+    let missing = dir.path().join("missing.pem");
     let out = Command::new(WEFTCTL)
-        .args(["status", "--cp", "127.0.0.1:1"])
+        .args(["status", "--cp", "127.0.0.1:1", "--credentials"])
+        .arg(&missing)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("missing.pem") && err.contains("operator issue"),
+        "{err}"
+    );
+    let ca = weft_control_plane::identity::Ca::load_or_generate(None, "cluster.local", "c1")
+        .expect("CA");
+    let creds = dir.path().join("creds.pem");
+    ca.issue_operator("cluster.local", "tester", Duration::from_secs(600))
+        .expect("issue")
+        .write(&creds)
+        .expect("write");
+    let out = Command::new(WEFTCTL)
+        .args(["status", "--cp", "127.0.0.1:1", "--credentials"])
+        .arg(&creds)
         .output()
         .expect("runs");
     assert!(!out.status.success());
@@ -338,9 +397,9 @@ async fn check_finds_each_listed_problem_and_passes_a_clean_world() {
         "apiVersion: weft.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: typo, namespace: default}\nspec: {mtls: {mode: STRIKT}}\n".to_string(),
     ];
     let (_dir, cp) = weft_testkit::control_plane_over(&broken).await;
-    let addr = cp.plaintext().to_string();
+    let addr = target(&cp);
     // A proxy that NACKs what it gets.
-    let mut ads = weft_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+    let mut ads = weft_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::connect(format!("http://{}", cp.plaintext()))
         .await
         .expect("connect");
     let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -376,7 +435,7 @@ async fn check_finds_each_listed_problem_and_passes_a_clean_world() {
     .expect("nack");
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
 
-    let run = |addr: String| async move {
+    let run = |addr: Target| async move {
         tokio::task::spawn_blocking(move || weftctl(&addr, &["check"]))
             .await
             .expect("join")
@@ -442,7 +501,7 @@ async fn check_finds_each_listed_problem_and_passes_a_clean_world() {
         ),
     ])
     .await;
-    let (code, findings) = run(clean.plaintext().to_string()).await;
+    let (code, findings) = run(target(&clean)).await;
     assert_eq!((code, findings), (0, serde_json::json!([])));
 }
 
@@ -482,9 +541,16 @@ async fn certs_shows_the_proxy_chain_and_exits_1_without_one() {
     let meshed = weft_testkit::Sidecar::start(cfg).await.expect("sidecar");
     weft_testkit::wait_ready(&meshed, std::time::Duration::from_secs(15)).await;
     let certs = |admin: std::net::SocketAddr| async move {
-        tokio::task::spawn_blocking(move || weftctl("127.0.0.1:1", &["certs", &admin.to_string()]))
-            .await
-            .expect("join")
+        tokio::task::spawn_blocking(move || {
+            let nowhere = Target {
+                addr: "127.0.0.1:1".into(),
+                credentials: "/nonexistent".into(),
+                _dir: None,
+            };
+            weftctl(&nowhere, &["certs", &admin.to_string()])
+        })
+        .await
+        .expect("join")
     };
     let (code, view) = certs(plain.admin_addr).await;
     assert_eq!(code, 1, "{view}");
@@ -534,7 +600,7 @@ async fn rollouts_show_phase_weight_and_decisions() {
         rollout("stray", "echo-v3"),
     ])
     .await;
-    let addr = cp.plaintext().to_string();
+    let addr = target(&cp);
     let run = |args: &'static [&'static str]| {
         let addr = addr.clone();
         async move {
@@ -613,7 +679,7 @@ async fn peers_endpoints_and_check_show_federation_and_certificates() {
     let west = weft_testkit::start_cluster_control_plane(&west_dir, "west", &cas[1], grace, None)
         .await
         .expect("west");
-    let cp = west.plaintext().to_string();
+    let cp = target(&west);
     let run = |args: Vec<&'static str>| {
         let cp = cp.clone();
         async move {
@@ -695,29 +761,16 @@ async fn peers_endpoints_and_check_show_federation_and_certificates() {
     );
 
     // A proxy whose certificate stopped renewing: an 8 s SVID, 6.5 s later.
-    let token = {
-        let mut admin =
-            weft_proto::admin::admin_client::AdminClient::connect(format!("http://{cp}"))
-                .await
-                .expect("admin");
-        admin
-            .create_join_token(weft_proto::admin::CreateJoinTokenRequest {
-                namespace: "default".into(),
-                service_account: "stuck".into(),
-                ttl_seconds: 60,
-            })
-            .await
-            .expect("token")
-            .into_inner()
-            .token
-    };
+    let token = weft_testkit::mint_token(&west, "default", "stuck")
+        .await
+        .expect("token");
     let (csr, _key) =
         weft_proto::tls::new_csr("spiffe://cluster.local/ns/default/sa/stuck").expect("csr");
-    weft_proto::identity::certificate_service_client::CertificateServiceClient::connect(format!(
-        "http://{cp}"
-    ))
-    .await
-    .expect("certificates")
+    weft_proto::identity::certificate_service_client::CertificateServiceClient::new(
+        weft_testkit::tls_channel(&west, None)
+            .await
+            .expect("TLS channel"),
+    )
     .sign(weft_proto::identity::SignRequest {
         csr_pem: csr,
         token,
@@ -726,7 +779,7 @@ async fn peers_endpoints_and_check_show_federation_and_certificates() {
     })
     .await
     .expect("signed");
-    let mut ads = weft_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::connect(format!("http://{cp}"))
+    let mut ads = weft_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::connect(format!("http://{}", west.plaintext()))
         .await
         .expect("connect");
     let (tx, rx) = tokio::sync::mpsc::channel(4);

@@ -80,11 +80,21 @@ fn replica_service(replicas: &[&ControlPlane]) -> Vec<String> {
     docs
 }
 
-/// `weftctl --cp <cp> -o json <args>`: (exit code, JSON, stderr).
-fn weftctl(cp: SocketAddr, args: &[&str]) -> (i32, Value, String) {
+/// `weftctl --cp <cp's TLS port> -o json <args>` with fresh operator credentials from cp's
+/// CA: (exit code, JSON, stderr).
+fn weftctl(cp: &ControlPlane, args: &[&str]) -> (i32, Value, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let credentials = weft_testkit::operator_credentials(cp, dir.path(), "tester");
     let out = Command::new(WEFTCTL)
         .args(args)
-        .args(["--cp", &cp.to_string(), "-o", "json"])
+        .args([
+            "--cp",
+            &cp.grpc_addr.to_string(),
+            "-o",
+            "json",
+            "--credentials",
+        ])
+        .arg(&credentials)
         .output()
         .expect("weftctl runs");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -95,7 +105,7 @@ fn weftctl(cp: SocketAddr, args: &[&str]) -> (i32, Value, String) {
 }
 
 /// (proxy, replica) rows of `weftctl status` asked of `cp`.
-fn status_rows(cp: SocketAddr) -> (i32, Vec<(String, String)>, String) {
+fn status_rows(cp: &ControlPlane) -> (i32, Vec<(String, String)>, String) {
     let (code, v, err) = weftctl(cp, &["status"]);
     let rows = v
         .as_array()
@@ -168,7 +178,7 @@ async fn any_replica_answers_for_the_whole_mesh_and_proxies_spread_over_replicas
             &format!("{name} shows all {PROXIES} proxies on both replicas"),
             Duration::from_secs(20),
             || async {
-                let (code, rows, err) = status_rows(asked.plaintext());
+                let (code, rows, err) = status_rows(asked);
                 let mut proxies: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
                 proxies.sort();
                 proxies.dedup();
@@ -190,25 +200,25 @@ async fn any_replica_answers_for_the_whole_mesh_and_proxies_spread_over_replicas
     }
 
     // A proxy held by b, asked of a: endpoints as it sees them and its config.
-    let (_, rows, _) = status_rows(a.plaintext());
+    let (_, rows, _) = status_rows(&a);
     let on_b = rows
         .iter()
         .find(|r| r.1 == "replica-b")
         .map(|r| r.0.clone())
         .expect("a proxy on b");
-    let (code, eps, err) = weftctl(a.plaintext(), &["endpoints", "echo", "--proxy", &on_b]);
+    let (code, eps, err) = weftctl(&a, &["endpoints", "echo", "--proxy", &on_b]);
     assert_eq!(code, 0, "{err}");
     assert!(
         eps.to_string().contains(&echo.ip().to_string()),
         "endpoints as {on_b} sees them: {eps}"
     );
-    let (code, cfg, err) = weftctl(a.plaintext(), &["proxy-config", &on_b]);
+    let (code, cfg, err) = weftctl(&a, &["proxy-config", &on_b]);
     assert_eq!(code, 0, "{err}");
     assert!(
         cfg.to_string().contains("echo.default.svc.cluster.local"),
         "{cfg}"
     );
-    let (_, findings, _) = weftctl(a.plaintext(), &["check"]);
+    let (_, findings, _) = weftctl(&a, &["check"]);
     assert!(
         !findings.to_string().contains("replica-unreachable"),
         "{findings}"
@@ -223,7 +233,7 @@ async fn any_replica_answers_for_the_whole_mesh_and_proxies_spread_over_replicas
         "a reports the unreachable replica",
         Duration::from_secs(20),
         || async {
-            let (code, rows, err) = status_rows(a.plaintext());
+            let (code, rows, err) = status_rows(&a);
             match err.contains("was not reached") {
                 true => Ok((code, rows, err)),
                 false => Err(err),
@@ -232,7 +242,7 @@ async fn any_replica_answers_for_the_whole_mesh_and_proxies_spread_over_replicas
     )
     .await;
     assert_eq!(code, 1, "an incomplete view exits 1: {err}");
-    let (_, findings, _) = weftctl(a.plaintext(), &["check"]);
+    let (_, findings, _) = weftctl(&a, &["check"]);
     assert!(
         findings.to_string().contains("replica-unreachable"),
         "{findings}"

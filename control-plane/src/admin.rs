@@ -1,4 +1,7 @@
-//! `weft.admin.v1`: what `weftctl` asks. Served on the same gRPC server as xDS.
+//! `weft.admin.v1`: what `weftctl` asks. Served on the TLS gRPC port only, authorised per
+//! caller by the names only the CA puts in certificates ([`weft_proto::tls::Role`]):
+//! operators (`weftctl --credentials`) read and change; this cluster's control-plane replicas
+//! read (the mesh-wide fan-out); a workload reads only its own proxy's config.
 
 use std::sync::Arc;
 
@@ -25,6 +28,8 @@ pub struct AdminService {
     pub replica: String,
     /// The join-token key.
     pub tokens: Arc<crate::identity::token::TokenKey>,
+    /// Redeemed and revoked join tokens.
+    pub ledger: Arc<crate::ledger::Ledger>,
     /// The rollout controller.
     pub rollouts: Arc<crate::rollout::Controller>,
     /// Federation (peer states).
@@ -35,7 +40,88 @@ pub struct AdminService {
     pub ca: Arc<crate::identity::Ca>,
 }
 
+/// What an admin call needs of its caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// Reading the mesh's state (operators and sibling replicas).
+    Read,
+    /// Changing it or minting credentials (operators only).
+    Write,
+    /// One proxy's own config (also that proxy's workload).
+    OwnConfig,
+}
+
+/// Who an authorised admin caller is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// An operator, by name.
+    Operator(String),
+    /// A replica of this cluster's control plane.
+    Replica,
+    /// A workload (only for [`Need::OwnConfig`]).
+    Workload(weft_proto::SpiffeId),
+}
+
+/// Decides whether `peer` may make a call that needs `need` on cluster `cluster`'s admin API.
+pub fn authorize(
+    peer: Option<&crate::grpc_tls::TlsPeer>,
+    cluster: &str,
+    need: Need,
+) -> Result<Caller, Status> {
+    use weft_proto::tls::Role;
+    let Some(peer) = peer else {
+        return Err(Status::unauthenticated(
+            "admin is served on the TLS gRPC port only, to operators (weftctl --credentials)",
+        ));
+    };
+    let Some(id) = &peer.identity else {
+        return Err(Status::unauthenticated(format!(
+            "{} presented no client certificate: admin needs operator credentials (weftctl --credentials FILE, made by `weft-control-plane operator issue`)",
+            peer.remote
+        )));
+    };
+    match (&peer.role, need) {
+        (Role::Operator(name), _) => Ok(Caller::Operator(name.clone())),
+        (Role::ControlPlane(c), Need::Read | Need::OwnConfig) if c == cluster => {
+            Ok(Caller::Replica)
+        }
+        (Role::ControlPlane(c), _) => Err(Status::permission_denied(format!(
+            "the control plane of cluster {c:?} may not {}: only this cluster's replicas read, and only operators change",
+            need.verb()
+        ))),
+        (Role::Workload, Need::OwnConfig) => Ok(Caller::Workload(id.clone())),
+        (Role::Workload, _) => Err(Status::permission_denied(format!(
+            "{id} is a workload and may not {}: that needs operator credentials (weftctl --credentials); a proxy may read only its own config",
+            need.verb()
+        ))),
+    }
+}
+
+impl Need {
+    fn verb(self) -> &'static str {
+        match self {
+            Need::Read => "read the mesh's state",
+            Need::Write => "change the mesh or mint credentials",
+            Need::OwnConfig => "read a proxy's config",
+        }
+    }
+}
+
 impl AdminService {
+    /// Authorises `req`'s caller for `need` ([`authorize`]) and logs what an operator does.
+    fn allow<T>(&self, req: &Request<T>, need: Need, what: &str) -> Result<Caller, Status> {
+        let peer = req.extensions().get::<crate::grpc_tls::TlsPeer>();
+        let caller = authorize(peer, &self.federation.cluster, need).inspect_err(|e| {
+            tracing::info!(remote = ?peer.map(|p| p.remote), call = what, reason = %e.message(), "admin call refused");
+        })?;
+        if let Caller::Operator(name) = &caller
+            && need == Need::Write
+        {
+            tracing::info!(operator = %name, call = what, "admin change by operator");
+        }
+        Ok(caller)
+    }
+
     /// The proxies connected to this replica.
     fn local_proxies(&self) -> Vec<weft_proto::admin::ProxyStatus> {
         self.registry
@@ -119,6 +205,7 @@ impl Admin for AdminService {
         &self,
         req: Request<ListProxiesRequest>,
     ) -> Result<Response<ListProxiesResponse>, Status> {
+        self.allow(&req, Need::Read, "list_proxies")?;
         let mut proxies = self.local_proxies();
         if req.into_inner().local_only {
             return Ok(Response::new(ListProxiesResponse {
@@ -140,9 +227,22 @@ impl Admin for AdminService {
         &self,
         req: Request<GetProxyConfigRequest>,
     ) -> Result<Response<GetProxyConfigResponse>, Status> {
+        let caller = self.allow(&req, Need::OwnConfig, "get_proxy_config")?;
         let req = req.into_inner();
         let id = req.node_id.clone();
-        let Some(record) = self.registry.find(&id) else {
+        let found = self.registry.find(&id);
+        // A workload reads the config of a proxy whose stream its own certificate opened,
+        // on the replica it is connected to; nothing else.
+        if let Caller::Workload(who) = &caller
+            && found
+                .as_ref()
+                .is_none_or(|r| lock(r).identity.as_ref() != Some(who))
+        {
+            return Err(Status::permission_denied(format!(
+                "{who} may read only its own proxy's config; {id:?} is not a proxy connected here with that identity"
+            )));
+        }
+        let Some(record) = found else {
             if !req.local_only {
                 let ask = GetProxyConfigRequest {
                     local_only: true,
@@ -183,8 +283,9 @@ impl Admin for AdminService {
 
     async fn list_services(
         &self,
-        _: Request<ListServicesRequest>,
+        req: Request<ListServicesRequest>,
     ) -> Result<Response<ListServicesResponse>, Status> {
+        self.allow(&req, Need::Read, "list_services")?;
         let model = self.catalog.current();
         let services = model
             .services
@@ -230,6 +331,7 @@ impl Admin for AdminService {
         &self,
         req: Request<weft_proto::admin::CheckRequest>,
     ) -> Result<Response<weft_proto::admin::CheckResponse>, Status> {
+        self.allow(&req, Need::Read, "check")?;
         let local_only = req.into_inner().local_only;
         let proxies = self.local_proxies();
         let now_unix = std::time::SystemTime::now()
@@ -283,6 +385,7 @@ impl Admin for AdminService {
         &self,
         req: Request<weft_proto::admin::ListEndpointsRequest>,
     ) -> Result<Response<weft_proto::admin::ListEndpointsResponse>, Status> {
+        self.allow(&req, Need::Read, "list_endpoints")?;
         let req = req.into_inner();
         let namespace = if req.namespace.is_empty() {
             "default".to_string()
@@ -380,8 +483,9 @@ impl Admin for AdminService {
 
     async fn list_peers(
         &self,
-        _: Request<weft_proto::admin::ListPeersRequest>,
+        req: Request<weft_proto::admin::ListPeersRequest>,
     ) -> Result<Response<weft_proto::admin::ListPeersResponse>, Status> {
+        self.allow(&req, Need::Read, "list_peers")?;
         let fed = &self.federation;
         let exporting = fed.book.exporting_to();
         let secs = |i: Option<std::time::Instant>| i.map_or(-1, |t| t.elapsed().as_secs() as i64);
@@ -411,8 +515,9 @@ impl Admin for AdminService {
 
     async fn list_rollouts(
         &self,
-        _: Request<weft_proto::admin::ListRolloutsRequest>,
+        req: Request<weft_proto::admin::ListRolloutsRequest>,
     ) -> Result<Response<weft_proto::admin::ListRolloutsResponse>, Status> {
+        self.allow(&req, Need::Read, "list_rollouts")?;
         let model = self.catalog.current();
         let rollouts = self
             .rollouts
@@ -455,36 +560,56 @@ impl Admin for AdminService {
         &self,
         req: Request<weft_proto::admin::CreateJoinTokenRequest>,
     ) -> Result<Response<weft_proto::admin::CreateJoinTokenResponse>, Status> {
-        // Over TLS, minting tokens (for any identity) is for the mesh's own operators only.
-        if let Some(caller) = crate::grpc_tls::peer_identity(&req)
-            && caller.namespace() != weft_proto::keys::CONTROL_PLANE_NAMESPACE
-        {
-            return Err(Status::permission_denied(format!(
-                "{caller} may not mint join tokens: only identities in namespace {} may",
-                weft_proto::keys::CONTROL_PLANE_NAMESPACE
-            )));
-        }
+        self.allow(&req, Need::Write, "create_join_token")?;
         let req = req.into_inner();
         let ttl = if req.ttl_seconds == 0 {
             3600
         } else {
             req.ttl_seconds
         };
-        let (token, id, exp) = self
+        let (token, claims) = self
             .tokens
-            .mint(&req.namespace, &req.service_account, ttl)
+            .mint_claims(&req.namespace, &req.service_account, ttl)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(identity = %claims.identity, token = %claims.id, expires_at = claims.expires_at_unix, "join token minted");
         Ok(Response::new(weft_proto::admin::CreateJoinTokenResponse {
             token,
-            spiffe_id: id.to_string(),
-            expires_at_unix: exp,
+            spiffe_id: claims.identity.to_string(),
+            expires_at_unix: claims.expires_at_unix,
+            id: claims.id,
+        }))
+    }
+
+    async fn revoke_join_token(
+        &self,
+        req: Request<weft_proto::admin::RevokeJoinTokenRequest>,
+    ) -> Result<Response<weft_proto::admin::RevokeJoinTokenResponse>, Status> {
+        self.allow(&req, Need::Write, "revoke_join_token")?;
+        let id = req.into_inner().id;
+        if !crate::identity::token::valid_id(&id) {
+            return Err(Status::invalid_argument(format!(
+                "{id:?} is not a join token id (32 lowercase hex digits, as `weftctl token create` prints)"
+            )));
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let until = now + self.tokens.max_ttl_secs() as i64;
+        let newly_revoked = self
+            .ledger
+            .revoke(&id, until)
+            .map_err(|e| Status::internal(format!("recording the revocation: {e}")))?;
+        tracing::info!(token = %id, newly_revoked, "join token revoked");
+        Ok(Response::new(weft_proto::admin::RevokeJoinTokenResponse {
+            newly_revoked,
         }))
     }
 
     async fn list_source_errors(
         &self,
-        _: Request<ListSourceErrorsRequest>,
+        req: Request<ListSourceErrorsRequest>,
     ) -> Result<Response<ListSourceErrorsResponse>, Status> {
+        self.allow(&req, Need::Read, "list_source_errors")?;
         let errors = self
             .catalog
             .current()

@@ -10,12 +10,7 @@ pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:15012";
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15014";
 
 /// `weft-control-plane` flags.
-#[derive(Debug, Clone, clap::Parser)]
-#[command(
-    name = "weft-control-plane",
-    version,
-    about = "Weft control plane: Kubernetes objects in, Envoy xDS v3 out"
-)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Config {
     /// Directory of Kubernetes YAML to serve (the file source), watched for changes.
     #[arg(long, env = "WEFT_SOURCE_DIR", conflicts_with = "kubernetes")]
@@ -44,9 +39,15 @@ pub struct Config {
     /// current SVID), admin, federation; served with the control plane's own SVID.
     #[arg(long, env = "WEFT_GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
     pub grpc_addr: SocketAddr,
-    /// Plaintext xDS + admin gRPC address, for local development and tests (off unless given).
+    /// Plaintext ADS address, for local development and tests (off unless given): xDS only,
+    /// anonymous — no certificates, tokens, admin or load reports. Loopback only, unless
+    /// `--insecure-xds-plaintext-any-addr`.
     #[arg(long, env = "WEFT_XDS_PLAINTEXT_ADDR")]
     pub xds_plaintext_addr: Option<SocketAddr>,
+    /// INSECURE: let `--xds-plaintext-addr` bind an address other hosts reach (anyone there
+    /// then reads the mesh's config with no identity).
+    #[arg(long, env = "WEFT_INSECURE_XDS_PLAINTEXT_ANY_ADDR")]
+    pub insecure_xds_plaintext_any_addr: bool,
     /// Metrics address: /metrics, /ready, /live.
     #[arg(long, env = "WEFT_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
     pub metrics_addr: SocketAddr,
@@ -83,8 +84,9 @@ pub struct Config {
     /// How often sidecars report their load (LRS); rollouts judge canaries by these reports.
     #[arg(long, env = "WEFT_LOAD_REPORT_INTERVAL", default_value = "10s", value_parser = crate::objects::parse_duration)]
     pub load_report_interval: std::time::Duration,
-    /// Directory for state the control plane must keep across restarts (rollout progress,
-    /// `rollouts.json`); without it that state lives in memory.
+    /// Directory for state the control plane must keep across restarts: rollout progress
+    /// (`rollouts.json`) and redeemed and revoked join tokens (`join-tokens.json`); without
+    /// it that state lives in memory (a restart makes redeemed tokens good again).
     #[arg(long, env = "WEFT_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// Federate with another cluster's control plane: `NAME=HOST:PORT` of its TLS gRPC port
@@ -156,6 +158,11 @@ pub enum ConfigError {
     /// Bad trust domain.
     #[error("--trust-domain {0:?}: {1}")]
     TrustDomain(String, String),
+    /// The plaintext port would be reachable from other hosts.
+    #[error(
+        "--xds-plaintext-addr {0} is not a loopback address: the plaintext port serves config to anyone who reaches it; bind 127.0.0.1, or pass --insecure-xds-plaintext-any-addr (WEFT_INSECURE_XDS_PLAINTEXT_ANY_ADDR) to accept that"
+    )]
+    PlaintextNotLoopback(SocketAddr),
 }
 
 impl Config {
@@ -172,6 +179,7 @@ impl Config {
             trust_domain: "cluster.local".into(),
             grpc_addr: any("127.0.0.1:0"),
             xds_plaintext_addr: Some(any("127.0.0.1:0")),
+            insecure_xds_plaintext_any_addr: false,
             metrics_addr: any("127.0.0.1:0"),
             replica: Some("local".into()),
             peers: Vec::new(),
@@ -206,6 +214,12 @@ impl Config {
         weft_proto::SpiffeId::new(&self.trust_domain, "ns", "sa")
             .map_err(|e| ConfigError::TrustDomain(self.trust_domain.clone(), e.to_string()))?;
         self.replica_service_key()?;
+        if let Some(a) = self.xds_plaintext_addr
+            && !a.ip().is_loopback()
+            && !self.insecure_xds_plaintext_any_addr
+        {
+            return Err(ConfigError::PlaintextNotLoopback(a));
+        }
         Ok(())
     }
 

@@ -40,8 +40,19 @@ pub struct TlsPeer {
     pub remote: SocketAddr,
     /// The verified SPIFFE ID of the client certificate; `None` when it presented none.
     pub identity: Option<SpiffeId>,
+    /// What the client certificate may do (control plane, operator, workload); `Workload`
+    /// without one too, and `identity` tells them apart.
+    pub role: tls::Role,
+}
+
+impl TlsPeer {
     /// The cluster a control plane's client certificate names (its DNS SAN), for federation.
-    pub control_plane_cluster: Option<String>,
+    pub fn control_plane_cluster(&self) -> Option<&str> {
+        match &self.role {
+            tls::Role::ControlPlane(c) => Some(c),
+            _ => None,
+        }
+    }
 }
 
 /// Over the TLS port a caller must present an SVID; over the plaintext port anything goes.
@@ -260,15 +271,15 @@ impl Acceptor {
                             }
                         },
                     };
-                    let control_plane_cluster = certs
+                    let role = certs
                         .and_then(|c| c.first())
-                        .and_then(tls::control_plane_cluster_of);
+                        .map_or(tls::Role::Workload, tls::role_of);
                     let conn = TlsConn {
                         inner: tls,
                         peer: TlsPeer {
                             remote,
                             identity,
-                            control_plane_cluster,
+                            role,
                         },
                     };
                     let _ = tx.send(Ok(conn)).await;

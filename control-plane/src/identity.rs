@@ -21,6 +21,8 @@ use weft_proto::SpiffeId;
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Longest leaf lifetime a caller may ask for.
 pub const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest lifetime of an operator's credentials (`operator issue`).
+pub const MAX_OPERATOR_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 
 /// Extra roots to hand out with every certificate (a root rotation in progress).
 pub const TRUST_BUNDLE_FILE: &str = "trust-bundle.pem";
@@ -172,7 +174,10 @@ impl Ca {
             // A shared root (federation): this cluster makes its own intermediate under it.
             return Self::intermediate_under_root(dir, cluster, true);
         }
-        if found.len() != FILES.len() {
+        // The plug-in layout: this cluster's intermediate and the root certificate, with the
+        // root key kept offline (`weft-control-plane ca intermediate` made the directory).
+        let offline_root = ["root.pem", "intermediate.pem", "intermediate.key.pem"];
+        if found.len() != FILES.len() && found != offline_root {
             let missing = FILES
                 .iter()
                 .copied()
@@ -262,8 +267,43 @@ impl Ca {
         Self::intermediate_under_root(dir, cluster, false)
     }
 
-    /// Makes this cluster's intermediate under the root in `dir`, written there when `write`.
-    fn intermediate_under_root(dir: &Path, cluster: &str, write: bool) -> Result<Self, CaError> {
+    /// Makes cluster `cluster`'s CA directory `out` from the root in `root_dir` (`root.pem`,
+    /// `root.key.pem`): `root.pem`, a new `intermediate.pem` (path length 0: it signs only
+    /// leaves) and `intermediate.key.pem` — no root key. A control plane runs from `out` with
+    /// `--ca-dir`, the root key stays where it was (offline). Refuses to overwrite.
+    pub fn make_intermediate(root_dir: &Path, cluster: &str, out: &Path) -> Result<(), CaError> {
+        let (root_pem, _, int_key, intermediate_pem) = Self::new_intermediate(root_dir, cluster)?;
+        std::fs::create_dir_all(out).map_err(|source| CaError::Io {
+            path: out.to_path_buf(),
+            source,
+        })?;
+        let files = [
+            ("root.pem", root_pem),
+            ("intermediate.pem", intermediate_pem),
+            ("intermediate.key.pem", int_key.serialize_pem()),
+        ];
+        if let Some((f, _)) = files.iter().find(|(f, _)| out.join(f).exists()) {
+            return Err(CaError::Io {
+                path: out.join(f),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "refusing to overwrite a CA file",
+                ),
+            });
+        }
+        for (f, content) in files {
+            let path = out.join(f);
+            write_private(&path, &content).map_err(|source| CaError::Io { path, source })?;
+        }
+        Ok(())
+    }
+
+    /// A new intermediate for `cluster` under the root in `dir`: (root PEM, its params, its
+    /// key, its PEM).
+    fn new_intermediate(
+        dir: &Path,
+        cluster: &str,
+    ) -> Result<(String, CertificateParams, KeyPair, String), CaError> {
         let read = |f: &str| {
             let path = dir.join(f);
             std::fs::read_to_string(&path).map_err(|source| CaError::Io { path, source })
@@ -279,6 +319,13 @@ impl Ca {
             .signed_by(&int_key, &root_issuer)
             .map_err(cert_err("intermediate certificate"))?;
         let intermediate_pem = intermediate.pem();
+        Ok((root_pem, int_params, int_key, intermediate_pem))
+    }
+
+    /// Makes this cluster's intermediate under the root in `dir`, written there when `write`.
+    fn intermediate_under_root(dir: &Path, cluster: &str, write: bool) -> Result<Self, CaError> {
+        let (root_pem, int_params, int_key, intermediate_pem) =
+            Self::new_intermediate(dir, cluster)?;
         for (f, content) in FILES[2..]
             .iter()
             .zip([intermediate_pem.clone(), int_key.serialize_pem()])
@@ -357,6 +404,40 @@ impl Ca {
         self.sign_with_dns(csr_pem, identity, ttl, Some(&dns))
     }
 
+    /// Makes credentials for operator `name` (`weftctl`): a fresh key and a certificate for
+    /// `spiffe://<td>/ns/weft-system/sa/weft-operator` with the operator DNS SAN, which only
+    /// this call puts there. Offline (`operator issue`), at install, or for the demo.
+    pub fn issue_operator(
+        &self,
+        trust_domain: &str,
+        name: &str,
+        ttl: Duration,
+    ) -> Result<weft_proto::credentials::Credentials, SignError> {
+        weft_proto::spiffe::validate_dns_subdomain("operator name", name)
+            .map_err(|e| SignError::Internal(e.to_string()))?;
+        if ttl > MAX_OPERATOR_TTL {
+            return Err(SignError::TtlTooLong {
+                asked: ttl,
+                cap: MAX_OPERATOR_TTL,
+            });
+        }
+        let id = SpiffeId::new(
+            trust_domain,
+            weft_proto::keys::CONTROL_PLANE_NAMESPACE,
+            weft_proto::keys::OPERATOR_SERVICE_ACCOUNT,
+        )
+        .map_err(|e| SignError::Internal(e.to_string()))?;
+        let (csr, key) = weft_proto::tls::new_csr(&id.to_string())
+            .map_err(|e| SignError::Internal(e.to_string()))?;
+        let dns = weft_proto::tls::operator_dns_name(name);
+        let signed = self.sign_capped(&csr, &id, ttl, MAX_OPERATOR_TTL, Some(&dns))?;
+        Ok(weft_proto::credentials::Credentials {
+            chain: signed.chain,
+            key,
+            roots: signed.trust_bundle,
+        })
+    }
+
     fn sign_with_dns(
         &self,
         csr_pem: &str,
@@ -364,12 +445,19 @@ impl Ca {
         ttl: Option<Duration>,
         dns: Option<&str>,
     ) -> Result<Signed, SignError> {
-        let ttl = ttl.unwrap_or(DEFAULT_TTL);
-        if ttl > MAX_TTL {
-            return Err(SignError::TtlTooLong {
-                asked: ttl,
-                cap: MAX_TTL,
-            });
+        self.sign_capped(csr_pem, identity, ttl.unwrap_or(DEFAULT_TTL), MAX_TTL, dns)
+    }
+
+    fn sign_capped(
+        &self,
+        csr_pem: &str,
+        identity: &SpiffeId,
+        ttl: Duration,
+        cap: Duration,
+        dns: Option<&str>,
+    ) -> Result<Signed, SignError> {
+        if ttl > cap {
+            return Err(SignError::TtlTooLong { asked: ttl, cap });
         }
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| SignError::Garbage(e.to_string()))?;
@@ -632,8 +720,9 @@ mod tests {
 }
 
 /// Join tokens: the proof of identity outside Kubernetes. A token binds one SPIFFE ID until
-/// an expiry, authenticated with HMAC-SHA256 under a key only the control plane holds:
-/// `wj1.<hex(namespace/service-account/expiry)>.<hex(mac)>`.
+/// an expiry, under a random id (what makes it single-use and revocable, see
+/// [`crate::ledger`]), authenticated with HMAC-SHA256 under a key only the control plane
+/// holds: `wj2.<hex(namespace/service-account/expiry/id)>.<hex(mac)>`.
 pub mod token {
     use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -664,6 +753,17 @@ pub mod token {
             weft_proto::keys::CONTROL_PLANE_NAMESPACE
         )]
         Reserved,
+        /// Already redeemed for a certificate (tokens are single-use).
+        #[error("join token {0} was already redeemed: join tokens are single-use, mint a new one")]
+        Redeemed(String),
+        /// Revoked by an operator.
+        #[error("join token {0} was revoked")]
+        Revoked(String),
+        /// The old format, without an id (so it could not be single-use).
+        #[error(
+            "join token format wj1 is no longer accepted (it carries no id, so it could not be single-use): mint a new one"
+        )]
+        Outdated,
         /// Lives longer than the control plane allows (`--max-join-token-ttl`).
         #[error(
             "join token lives {asked}s, more than the {cap}s this control plane allows (--max-join-token-ttl)"
@@ -700,6 +800,25 @@ pub mod token {
             .collect()
     }
 
+    /// What a valid token says.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct Claims {
+        /// The identity it proves.
+        pub identity: SpiffeId,
+        /// Its id (32 hex digits).
+        pub id: String,
+        /// Its expiry, seconds since the epoch.
+        pub expires_at_unix: i64,
+    }
+
+    /// Whether `id` has the shape of a token id (what revocation accepts).
+    pub fn valid_id(id: &str) -> bool {
+        id.len() == 32
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    }
+
     /// Mints and checks tokens under one key.
     pub struct TokenKey {
         key: hmac::Key,
@@ -724,6 +843,11 @@ pub mod token {
             self
         }
 
+        /// The lifetime cap, seconds.
+        pub fn max_ttl_secs(&self) -> u64 {
+            self.max_ttl_secs
+        }
+
         fn reserved(namespace: &str) -> bool {
             namespace == weft_proto::keys::CONTROL_PLANE_NAMESPACE
         }
@@ -734,13 +858,25 @@ pub mod token {
             Self::new(&secret, trust_domain)
         }
 
-        /// A token for `namespace`/`service_account` valid for `ttl_secs`.
+        /// A token for `namespace`/`service_account` valid for `ttl_secs`: (token, identity,
+        /// expiry).
         pub fn mint(
             &self,
             namespace: &str,
             service_account: &str,
             ttl_secs: u64,
         ) -> Result<(String, SpiffeId, i64), TokenError> {
+            self.mint_claims(namespace, service_account, ttl_secs)
+                .map(|(t, c)| (t, c.identity, c.expires_at_unix))
+        }
+
+        /// As [`TokenKey::mint`], with everything the token says.
+        pub fn mint_claims(
+            &self,
+            namespace: &str,
+            service_account: &str,
+            ttl_secs: u64,
+        ) -> Result<(String, Claims), TokenError> {
             let id = SpiffeId::new(&self.trust_domain, namespace, service_account)
                 .map_err(|e| TokenError::Identity(e.to_string()))?;
             if Self::reserved(namespace) {
@@ -753,22 +889,34 @@ pub mod token {
                 });
             }
             let exp = now() + ttl_secs as i64;
-            let payload = format!("{namespace}/{service_account}/{exp}");
+            let token_id = hex(&rand_bytes::<16>());
+            let payload = format!("{namespace}/{service_account}/{exp}/{token_id}");
             let mac = hmac::sign(&self.key, payload.as_bytes());
             Ok((
-                format!("wj1.{}.{}", hex(payload.as_bytes()), hex(mac.as_ref())),
-                id,
-                exp,
+                format!("wj2.{}.{}", hex(payload.as_bytes()), hex(mac.as_ref())),
+                Claims {
+                    identity: id,
+                    id: token_id,
+                    expires_at_unix: exp,
+                },
             ))
         }
 
         /// The identity a token proves.
         pub fn verify(&self, token: &str) -> Result<SpiffeId, TokenError> {
+            self.verify_claims(token).map(|c| c.identity)
+        }
+
+        /// Everything a valid token says (whether it was redeemed is the ledger's question).
+        pub fn verify_claims(&self, token: &str) -> Result<Claims, TokenError> {
             if token.is_empty() {
                 return Err(TokenError::Missing);
             }
+            if token.starts_with("wj1.") {
+                return Err(TokenError::Outdated);
+            }
             let mut parts = token.split('.');
-            let (Some("wj1"), Some(p), Some(m), None) =
+            let (Some("wj2"), Some(p), Some(m), None) =
                 (parts.next(), parts.next(), parts.next(), parts.next())
             else {
                 return Err(TokenError::Malformed);
@@ -780,10 +928,14 @@ pub mod token {
             hmac::verify(&self.key, &payload, &mac).map_err(|_| TokenError::BadSignature)?;
             let payload = String::from_utf8(payload).map_err(|_| TokenError::Malformed)?;
             let mut f = payload.split('/');
-            let (Some(ns), Some(sa), Some(exp), None) = (f.next(), f.next(), f.next(), f.next())
+            let (Some(ns), Some(sa), Some(exp), Some(token_id), None) =
+                (f.next(), f.next(), f.next(), f.next(), f.next())
             else {
                 return Err(TokenError::Malformed);
             };
+            if !valid_id(token_id) {
+                return Err(TokenError::Malformed);
+            }
             let exp: i64 = exp.parse().map_err(|_| TokenError::Malformed)?;
             let now = now();
             if exp <= now {
@@ -799,8 +951,12 @@ pub mod token {
             if Self::reserved(ns) {
                 return Err(TokenError::Reserved);
             }
-            SpiffeId::new(&self.trust_domain, ns, sa)
-                .map_err(|e| TokenError::Identity(e.to_string()))
+            Ok(Claims {
+                identity: SpiffeId::new(&self.trust_domain, ns, sa)
+                    .map_err(|e| TokenError::Identity(e.to_string()))?,
+                id: token_id.to_string(),
+                expires_at_unix: exp,
+            })
         }
     }
 
@@ -862,9 +1018,13 @@ pub mod token {
             ));
             // Made by hand with the key: the MAC verifies, the namespace does not.
             let forged = {
-                let payload = format!("weft-system/weft-control-plane/{}", now() + 60);
+                let payload = format!(
+                    "weft-system/weft-control-plane/{}/{}",
+                    now() + 60,
+                    "0".repeat(32)
+                );
                 let mac = hmac::sign(&k.key, payload.as_bytes());
-                format!("wj1.{}.{}", hex(payload.as_bytes()), hex(mac.as_ref()))
+                format!("wj2.{}.{}", hex(payload.as_bytes()), hex(mac.as_ref()))
             };
             assert_eq!(k.verify(&forged), Err(TokenError::Reserved));
             let generous = TokenKey::new(&[7; 32], "cluster.local").with_max_ttl(20 * 365 * 86_400);
@@ -895,6 +1055,8 @@ pub struct CertificateService {
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// The last certificate issued to each proxy.
     pub issued: std::sync::Arc<IssuedCerts>,
+    /// Redeemed and revoked join tokens.
+    pub ledger: std::sync::Arc<crate::ledger::Ledger>,
 }
 
 /// A certificate issued to a proxy.
@@ -969,7 +1131,8 @@ impl weft_proto::identity::certificate_service_server::CertificateService for Ce
     ) -> Result<tonic::Response<weft_proto::identity::SignResponse>, tonic::Status> {
         let peer = crate::grpc_tls::peer_identity(&req);
         let req = req.into_inner();
-        let is_join_token = req.token.starts_with("wj1.");
+        let is_join_token = req.token.starts_with("wj1.") || req.token.starts_with("wj2.");
+        let mut join_token = None;
         let identity = match (req.token.is_empty(), peer, &self.reviewer) {
             (true, Some(current), _) => current,
             (false, _, Some(reviewer)) if !is_join_token => {
@@ -982,10 +1145,14 @@ impl weft_proto::identity::certificate_service_server::CertificateService for Ce
                     })
                 })?
             }
-            _ => self.tokens.verify(&req.token).map_err(|e| {
-                tracing::info!(error = %e, "certificate request refused: no valid credential");
-                self.refuse(tonic::Status::permission_denied(e.to_string()))
-            })?,
+            _ => {
+                let claims = self.tokens.verify_claims(&req.token).map_err(|e| {
+                    tracing::info!(error = %e, "certificate request refused: no valid credential");
+                    self.refuse(tonic::Status::permission_denied(e.to_string()))
+                })?;
+                join_token = Some((claims.id, claims.expires_at_unix));
+                claims.identity
+            }
         };
         // The control plane's namespace is never proven by a token (join or service account):
         // its identities are the control plane's own, which sidecars trust as their xDS server.
@@ -998,9 +1165,20 @@ impl weft_proto::identity::certificate_service_server::CertificateService for Ce
                 weft_proto::keys::CONTROL_PLANE_NAMESPACE
             ))));
         }
+        // A join token is good once: redeemed (and persisted) before signing, given back only
+        // if no certificate comes of it.
+        if let Some((id, exp)) = &join_token {
+            self.ledger.redeem(id, *exp).map_err(|e| {
+                tracing::warn!(%identity, token = %id, error = %e, "certificate request refused: join token not redeemable");
+                self.refuse(tonic::Status::permission_denied(e.to_string()))
+            })?;
+        }
         let ttl =
             (req.requested_ttl_seconds > 0).then(|| Duration::from_secs(req.requested_ttl_seconds));
         let signed = self.ca.sign(&req.csr_pem, &identity, ttl).map_err(|e| {
+            if let Some((id, _)) = &join_token {
+                self.ledger.unredeem(id);
+            }
             tracing::warn!(%identity, error = %e, "CSR refused");
             self.refuse(if e.permission_denied() {
                 tonic::Status::permission_denied(e.to_string())

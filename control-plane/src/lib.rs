@@ -14,6 +14,7 @@ pub mod grpc_tls;
 pub mod identity;
 pub mod inbound;
 pub mod leader;
+pub mod ledger;
 pub mod lrs;
 pub mod metrics;
 pub mod objects;
@@ -85,12 +86,17 @@ pub enum StartError {
     /// The Kubernetes API cannot be used.
     #[error("--kubernetes: {0}")]
     Kubernetes(String),
+    /// The join-token ledger cannot be read.
+    #[error("--state-dir: {0}")]
+    Ledger(#[from] ledger::LedgerError),
 }
 
 /// A running control plane; dropping it stops every task.
 pub struct ControlPlane {
-    /// Where plaintext xDS and admin are served (local development), when enabled.
+    /// Where plaintext ADS is served (local development), when enabled.
     pub xds_addr: Option<SocketAddr>,
+    /// The mesh's trust domain.
+    pub trust_domain: String,
     /// Where TLS gRPC (xDS, identity, admin) is served.
     pub grpc_addr: SocketAddr,
     /// The mesh CA.
@@ -160,6 +166,7 @@ impl ControlPlane {
             identity::token_key(config.ca_dir.as_deref(), &config.trust_domain)?
                 .with_max_ttl(config.max_join_token_ttl.as_secs()),
         );
+        let ledger = Arc::new(ledger::Ledger::open(config.state_dir.as_deref())?);
         // The Kubernetes API client, when the world comes from it (TokenReview has its own).
         let kube_client = match config.kubernetes {
             true => Some(
@@ -299,7 +306,6 @@ impl ControlPlane {
             catalog.clone(),
             issued_tls.clone(),
             config.cluster_name.clone(),
-            config.trust_domain.clone(),
         ));
         let issued = Arc::new(identity::IssuedCerts::default());
         let admin = AdminServer::new(admin::AdminService {
@@ -311,6 +317,7 @@ impl ControlPlane {
             registry,
             replica: replica.clone(),
             tokens: tokens.clone(),
+            ledger: ledger.clone(),
             rollouts: rollouts.clone(),
         });
         let reviewer = match config.token_review {
@@ -329,6 +336,7 @@ impl ControlPlane {
                     reviewer,
                     issued,
                     metrics: metrics.clone(),
+                    ledger,
                 },
             );
         let issued = issued_tls;
@@ -355,9 +363,9 @@ impl ControlPlane {
             let server = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
                 .add_service(InterceptedService::new(ads.clone(), authn))
-                .add_service(InterceptedService::new(admin.clone(), authn))
-                .add_service(InterceptedService::new(lrs_service.clone(), authn))
-                .add_service(certificates.clone())
+                .add_service(admin)
+                .add_service(InterceptedService::new(lrs_service, authn))
+                .add_service(certificates)
                 .add_service(federation_service);
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = server.serve_with_incoming(incoming).await {
@@ -365,14 +373,21 @@ impl ControlPlane {
                 }
             }));
         }
-        if let Some(xds_listener) = xds_listener {
+        if let (Some(xds_listener), Some(addr)) = (xds_listener, xds_addr) {
+            // ADS only: anonymous config for development. Certificates, tokens, admin and
+            // load reports need the TLS port, where the caller proves who it is.
+            match addr.ip().is_loopback() {
+                true => {
+                    tracing::warn!(%addr, "plaintext ADS port open on loopback (development only): config without identity; no certificates, tokens, admin or load reports there")
+                }
+                false => {
+                    tracing::warn!(%addr, "INSECURE: plaintext ADS port open to other hosts (--insecure-xds-plaintext-any-addr): anyone reaching it reads the mesh's config")
+                }
+            }
             tasks.push(tokio::spawn(async move {
                 let result = tonic::transport::Server::builder()
                     .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
                     .add_service(ads)
-                    .add_service(admin)
-                    .add_service(lrs_service)
-                    .add_service(certificates)
                     .serve_with_incoming(nodelay(TcpListenerStream::new(xds_listener)))
                     .await;
                 if let Err(e) = result {
@@ -402,6 +417,7 @@ impl ControlPlane {
         tracing::info!(?xds_addr, %grpc_addr, %metrics_addr, cluster = %config.cluster_name, "control plane serving");
         Ok(ControlPlane {
             xds_addr,
+            trust_domain: config.trust_domain.clone(),
             grpc_addr,
             ca,
             load,
@@ -438,6 +454,19 @@ impl ControlPlane {
     pub fn plaintext(&self) -> SocketAddr {
         self.xds_addr
             .expect("this control plane was started without a plaintext xDS address")
+    }
+
+    /// Credentials for operator `name`, valid a day, from this control plane's CA (what the
+    /// demo and tests give `weftctl`).
+    pub fn operator(
+        &self,
+        name: &str,
+    ) -> Result<weft_proto::credentials::Credentials, identity::SignError> {
+        self.ca.issue_operator(
+            &self.trust_domain,
+            name,
+            std::time::Duration::from_secs(24 * 3600),
+        )
     }
 }
 

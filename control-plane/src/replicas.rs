@@ -29,7 +29,6 @@ pub struct Replicas {
     catalog: Arc<Catalog>,
     tls: IssuedCell,
     cluster: String,
-    trust_domain: String,
 }
 
 /// One sibling's answer: where it was asked and what it said (or why it could not).
@@ -48,7 +47,6 @@ impl Replicas {
         catalog: Arc<Catalog>,
         tls: IssuedCell,
         cluster: String,
-        trust_domain: String,
     ) -> Self {
         Replicas {
             service,
@@ -56,7 +54,6 @@ impl Replicas {
             catalog,
             tls,
             cluster,
-            trust_domain,
         }
     }
 
@@ -121,13 +118,8 @@ impl Replicas {
     {
         let client = self.tls.load().client.clone();
         let attempt = async {
-            let channel = crate::federation::import::connect(
-                &address,
-                &self.cluster,
-                &self.trust_domain,
-                client,
-            )
-            .await?;
+            let channel =
+                crate::federation::import::connect(&address, &self.cluster, client).await?;
             call(AdminClient::new(channel))
                 .await
                 .map_err(|s| format!("{}: {}", s.code(), s.message()))

@@ -325,10 +325,9 @@ async fn certs(sc: &Sidecar) -> weft_sidecar::admin::CertsView {
 
 /// Is `node` connected to `cp` with every type ACKed?
 async fn synced(cp: &ControlPlane, node: &str) -> Result<(), String> {
-    let mut admin =
-        weft_proto::admin::admin_client::AdminClient::connect(format!("http://{}", cp.plaintext()))
-            .await
-            .map_err(|e| e.to_string())?;
+    let mut admin = weft_testkit::operator_admin(cp)
+        .await
+        .map_err(|e| e.to_string())?;
     let proxies = admin
         .list_proxies(weft_proto::admin::ListProxiesRequest::default())
         .await

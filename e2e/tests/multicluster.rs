@@ -154,8 +154,6 @@ impl Mesh {
                 .into_owned(),
             "--grpc-addr".into(),
             format!("198.18.{k}.10:15012"),
-            "--xds-plaintext-addr".into(),
-            format!("198.18.{k}.10:15010"),
             "--metrics-addr".into(),
             format!("198.18.{k}.10:15014"),
             "--federation-heartbeat".into(),

@@ -47,6 +47,9 @@ pub const CLIENT_IDENTITY_HEADER: &str = "x-weft-client-identity";
 pub const CONTROL_PLANE_NAMESPACE: &str = "weft-system";
 /// Service account of the control plane's own identity.
 pub const CONTROL_PLANE_SERVICE_ACCOUNT: &str = "weft-control-plane";
+/// Service account in an operator's certificate (`weftctl`); what makes it an operator is the
+/// DNS SAN only the CA puts there ([`crate::tls::operator_dns_name`]).
+pub const OPERATOR_SERVICE_ACCOUNT: &str = "weft-operator";
 /// Namespace annotation choosing how its sidecars accept inbound connections:
 /// `STRICT` (mTLS only), `PERMISSIVE` (mTLS and plaintext; the default) or `DISABLE`.
 pub const MTLS_MODE_ANNOTATION: &str = "weft.dev/mtls-mode";

@@ -5,6 +5,8 @@
 //! SPIFFE identities (from PEM in memory), and `logging` is the one log set-up every binary
 //! shares (colour only on a terminal, JSON on request).
 
+pub mod credentials;
+pub mod dial;
 pub mod keys;
 pub mod load;
 pub mod logging;

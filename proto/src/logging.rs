@@ -73,3 +73,18 @@ pub fn fatal<E: std::fmt::Display + std::fmt::Debug>(format: LogFormat, error: &
         LogFormat::Json => tracing::error!(error = %format!("{error:#}"), "exiting on an error"),
     }
 }
+
+/// An error and its sources, each once: `outer: inner: cause`.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let m = s.to_string();
+        if !out.contains(&m) {
+            out.push_str(": ");
+            out.push_str(&m);
+        }
+        src = s.source();
+    }
+    out
+}

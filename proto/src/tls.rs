@@ -187,12 +187,10 @@ pub fn dns_names_of(cert: &CertificateDer<'_>) -> Vec<String> {
 /// The cluster a control plane's certificate names, from its DNS SAN
 /// `<cluster>.` [`CONTROL_PLANE_DNS_SUFFIX`] (see [`control_plane_dns_name`]).
 pub fn control_plane_cluster_of(cert: &CertificateDer<'_>) -> Option<String> {
-    dns_names_of(cert).into_iter().find_map(|d| {
-        d.strip_suffix(CONTROL_PLANE_DNS_SUFFIX)
-            .and_then(|c| c.strip_suffix('.'))
-            .filter(|c| !c.is_empty())
-            .map(str::to_string)
-    })
+    match role_of(cert) {
+        Role::ControlPlane(c) => Some(c),
+        _ => None,
+    }
 }
 
 /// Suffix of the DNS SAN that names a control plane's cluster in its certificate.
@@ -203,6 +201,45 @@ pub const CONTROL_PLANE_DNS_SUFFIX: &str = "control-plane.weft.internal";
 /// by this name, which only the CA puts there.
 pub fn control_plane_dns_name(cluster: &str) -> String {
     format!("{cluster}.{CONTROL_PLANE_DNS_SUFFIX}")
+}
+
+/// Suffix of the DNS SAN that marks an operator's certificate (`weftctl`'s credentials).
+pub const OPERATOR_DNS_SUFFIX: &str = "operator.weft.internal";
+
+/// The DNS SAN that marks operator `name`'s certificate. Like the control plane's, only the CA
+/// puts it there (it refuses CSRs with DNS names), offline or at install.
+pub fn operator_dns_name(name: &str) -> String {
+    format!("{name}.{OPERATOR_DNS_SUFFIX}")
+}
+
+/// What a verified certificate may do, by the names only the CA puts in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A control plane of cluster `0` (its DNS SAN [`control_plane_dns_name`]).
+    ControlPlane(String),
+    /// An operator named `0` (its DNS SAN [`operator_dns_name`]).
+    Operator(String),
+    /// Anything else: a workload SVID.
+    Workload,
+}
+
+/// The role of a certificate whose chain was verified.
+pub fn role_of(cert: &CertificateDer<'_>) -> Role {
+    let suffixed = |suffix: &str| {
+        dns_names_of(cert).into_iter().find_map(|d| {
+            d.strip_suffix(suffix)
+                .and_then(|c| c.strip_suffix('.'))
+                .filter(|c| !c.is_empty())
+                .map(str::to_string)
+        })
+    };
+    if let Some(c) = suffixed(CONTROL_PLANE_DNS_SUFFIX) {
+        return Role::ControlPlane(c);
+    }
+    match suffixed(OPERATOR_DNS_SUFFIX) {
+        Some(o) => Role::Operator(o),
+        None => Role::Workload,
+    }
 }
 
 /// After a handshake: the peer's SPIFFE ID, which must be one of `expected` (any when empty).

@@ -10,8 +10,8 @@ pub struct RunConfig {
     /// (15012), or with `--plaintext-xds` its plaintext development port (15010).
     #[arg(long, env = "WEFT_XDS_ADDR", default_value = "127.0.0.1:15012", value_parser = resolve_addr)]
     pub xds_addr: SocketAddr,
-    /// Talk to the control plane in plaintext, without identity (local development only; the
-    /// sidecar then originates and accepts mTLS only if `--join-token` gets it an SVID).
+    /// Take config from the control plane's plaintext ADS port, without identity (local
+    /// development only: no certificate, so no mTLS; refused with `--join-token`).
     #[arg(long, env = "WEFT_PLAINTEXT_XDS")]
     pub plaintext_xds: bool,
     /// PEM file of the mesh's root(s): how the sidecar recognises its control plane before it

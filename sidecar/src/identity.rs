@@ -17,8 +17,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use weft_proto::identity::SignRequest;
 use weft_proto::identity::certificate_service_client::CertificateServiceClient;
 use weft_proto::tls::{self, ClientAuth, TlsError, rustls};
@@ -121,8 +119,6 @@ pub struct ControlPlaneLink {
 
 #[derive(Clone)]
 struct TlsLink {
-    /// The control plane's SPIFFE ID.
-    expected: String,
     /// Roots from `--trust-bundle`, used until an SVID brings the CA's own bundle.
     bootstrap: Arc<rustls::ClientConfig>,
     svid: SvidCell,
@@ -134,29 +130,15 @@ impl ControlPlaneLink {
         ControlPlaneLink { addr, tls: None }
     }
 
-    /// TLS gRPC: the server must be `spiffe://<trust_domain>/ns/weft-system/sa/weft-control-plane`
-    /// chained to `bundle` (PEM); the client presents the SVID in `svid` once there is one.
-    pub fn tls(
-        addr: SocketAddr,
-        trust_domain: &str,
-        bundle: &[String],
-        svid: SvidCell,
-    ) -> Result<Self, TlsError> {
-        let expected = weft_proto::SpiffeId::new(
-            trust_domain,
-            weft_proto::keys::CONTROL_PLANE_NAMESPACE,
-            weft_proto::keys::CONTROL_PLANE_SERVICE_ACCOUNT,
-        )
-        .map_err(|e| TlsError::NoSpiffeId(e.to_string()))?
-        .to_string();
+    /// TLS gRPC: the server must chain to `bundle` (PEM) and carry the control plane's DNS
+    /// SAN, which only the CA puts on the control plane's own certificate (a workload's SVID,
+    /// whatever its SPIFFE ID, never passes); the client presents the SVID in `svid` once
+    /// there is one.
+    pub fn tls(addr: SocketAddr, bundle: &[String], svid: SvidCell) -> Result<Self, TlsError> {
         let bootstrap = tls::client_config(None, tls::roots(bundle)?, &[tls::ALPN_H2])?;
         Ok(ControlPlaneLink {
             addr,
-            tls: Some(TlsLink {
-                expected,
-                bootstrap,
-                svid,
-            }),
+            tls: Some(TlsLink { bootstrap, svid }),
         })
     }
 
@@ -184,21 +166,13 @@ impl ControlPlaneLink {
                 _ => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         };
-        let (addr, expected) = (self.addr, link.expected.clone());
-        let connector = tower::service_fn(move |_: http::Uri| {
-            let (config, expected) = (config.clone(), expected.clone());
-            async move {
-                let tcp = TcpStream::connect(addr).await?;
-                let _ = tcp.set_nodelay(true);
-                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-                let stream = tokio_rustls::TlsConnector::from(config)
-                    .connect(name, tcp)
-                    .await?;
-                tls::check_peer(stream.get_ref().1.peer_certificates(), &[&expected])?;
-                Ok::<_, BoxError>(TokioIo::new(stream))
-            }
-        });
-        Ok(endpoint.connect_with_connector(connector).await?)
+        Ok(weft_proto::dial::control_plane(
+            &self.addr.to_string(),
+            config,
+            None,
+            Duration::from_secs(3),
+        )
+        .await?)
     }
 }
 

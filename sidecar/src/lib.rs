@@ -80,6 +80,15 @@ fn control_plane_link(
     svid: &identity::SvidCell,
 ) -> Result<identity::ControlPlaneLink, StartError> {
     if cfg.plaintext_xds {
+        // The plaintext port serves ADS only: a certificate needs the TLS port.
+        if identity::TokenSource::from_config(cfg).is_some() {
+            return Err(StartError::Config(
+                "--plaintext-xds gets config only: the control plane issues certificates on its \
+                 TLS port; drop --plaintext-xds and pass --trust-bundle to use --join-token or \
+                 --token-file"
+                    .into(),
+            ));
+        }
         return Ok(identity::ControlPlaneLink::plaintext(cfg.xds_addr));
     }
     let missing = || {
@@ -103,7 +112,7 @@ fn control_plane_link(
         (None, Some(pem)) => ("--trust-bundle-pem".to_string(), pem.clone()),
         (None, None) => return Err(missing()),
     };
-    identity::ControlPlaneLink::tls(cfg.xds_addr, &cfg.trust_domain, &[pem], svid.clone())
+    identity::ControlPlaneLink::tls(cfg.xds_addr, &[pem], svid.clone())
         .map_err(|e| StartError::Config(format!("{what}: {e}")))
 }
 

@@ -20,7 +20,7 @@ pub async fn start_control_plane(
 }
 
 /// Starts cluster `cluster`'s control plane over `dir` on loopback port 0 with its CA in
-/// `ca_dir` (copy a shared `root.pem` + `root.key.pem` there first to federate) and fast
+/// `ca_dir` (made by [`shared_root_ca_dirs`] to federate) and fast
 /// federation timings: heartbeat 200 ms, link lost after 1 s, stale endpoints kept `grace`.
 pub async fn start_cluster_control_plane(
     dir: &Path,
@@ -41,26 +41,73 @@ pub async fn start_cluster_control_plane(
     ControlPlane::start(cfg).await
 }
 
-/// Makes CA directories for `clusters` sharing one root (each control plane then makes its own
-/// intermediate under it), inside `base`.
+/// Makes CA directories for `clusters` under one root, inside `base`, as production does:
+/// the root in `base/root`, and per cluster `base/ca-<cluster>` with its own intermediate and
+/// the root certificate but no root key (`weft-control-plane ca intermediate`).
 pub fn shared_root_ca_dirs(
     base: &Path,
     clusters: &[&str],
 ) -> std::io::Result<Vec<std::path::PathBuf>> {
-    let first = base.join("root");
-    weft_control_plane::identity::Ca::load_or_generate(Some(&first), "cluster.local", "root")
-        .map_err(std::io::Error::other)?;
+    use weft_control_plane::identity::Ca;
+    let root = base.join("root");
+    Ca::load_or_generate(Some(&root), "cluster.local", "root").map_err(std::io::Error::other)?;
     clusters
         .iter()
         .map(|c| {
             let d = base.join(format!("ca-{c}"));
-            std::fs::create_dir_all(&d)?;
-            for f in ["root.pem", "root.key.pem"] {
-                std::fs::copy(first.join(f), d.join(f))?;
-            }
+            Ca::make_intermediate(&root, c, &d).map_err(std::io::Error::other)?;
             Ok(d)
         })
         .collect()
+}
+
+/// Writes credentials for operator `name` from `cp`'s CA into `dir` and returns the file
+/// (what `weftctl --credentials` reads).
+pub fn operator_credentials(cp: &ControlPlane, dir: &Path, name: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}-credentials.pem"));
+    let written = cp
+        .operator(name)
+        .map_err(|e| e.to_string())
+        .and_then(|c| c.write(&path).map_err(|e| e.to_string()));
+    if let Err(e) = written {
+        panic!("operator credentials: {e}");
+    }
+    path
+}
+
+/// A gRPC channel to `cp`'s TLS port, trusting its root and presenting `svid` (anonymous
+/// without one: what a workload bootstrapping with a token does).
+pub async fn tls_channel(
+    cp: &ControlPlane,
+    svid: Option<&weft_proto::tls::Svid>,
+) -> Result<tonic::transport::Channel, Box<dyn std::error::Error + Send + Sync>> {
+    let roots = weft_proto::tls::roots(&[cp.ca.root_pem().to_string()])?;
+    let config = weft_proto::tls::client_config(svid, roots, &[weft_proto::tls::ALPN_H2])?;
+    Ok(weft_proto::dial::control_plane(
+        &cp.grpc_addr.to_string(),
+        config,
+        None,
+        Duration::from_secs(3),
+    )
+    .await?)
+}
+
+/// An admin client to `cp`'s TLS port as an operator.
+pub async fn operator_admin(
+    cp: &ControlPlane,
+) -> Result<
+    weft_proto::admin::admin_client::AdminClient<tonic::transport::Channel>,
+    Box<dyn std::error::Error + Send + Sync>,
+> {
+    let config = cp.operator("test-operator")?.client_config()?;
+    let ch = weft_proto::dial::control_plane(
+        &cp.grpc_addr.to_string(),
+        config,
+        None,
+        Duration::from_secs(3),
+    )
+    .await?;
+    Ok(weft_proto::admin::admin_client::AdminClient::new(ch))
 }
 
 /// Writes `docs` as `world.yaml` in a new directory and starts a control plane over it. The
@@ -156,15 +203,13 @@ pub async fn get_with(
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-/// Mints a join token for `namespace/service_account` through the admin API (plaintext port).
+/// Mints a join token for `namespace/service_account` through the admin API, as an operator.
 pub async fn mint_token(
     cp: &ControlPlane,
     namespace: &str,
     service_account: &str,
 ) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
-    let mut admin =
-        weft_proto::admin::admin_client::AdminClient::connect(format!("http://{}", cp.plaintext()))
-            .await?;
+    let mut admin = operator_admin(cp).await?;
     let resp = admin
         .create_join_token(weft_proto::admin::CreateJoinTokenRequest {
             namespace: namespace.into(),

@@ -115,7 +115,8 @@ fn sotw(
 type Ads = AggregatedDiscoveryServiceClient<tonic::transport::Channel>;
 type Admin = AdminClient<tonic::transport::Channel>;
 
-/// A control plane over the 90/10 world, with an ADS and an admin client on one channel.
+/// A control plane over the 90/10 world, with an ADS client (plaintext port) and an
+/// operator's admin client (TLS port).
 async fn world_and_clients() -> (tempfile::TempDir, weft_testkit::ControlPlane, Ads, Admin) {
     let dir = tempfile::tempdir().expect("tempdir");
     write_world(dir.path(), 90);
@@ -128,8 +129,8 @@ async fn world_and_clients() -> (tempfile::TempDir, weft_testkit::ControlPlane, 
         .await
         .expect("connect");
     let (ads, admin) = (
-        AggregatedDiscoveryServiceClient::new(channel.clone()),
-        AdminClient::new(channel),
+        AggregatedDiscoveryServiceClient::new(channel),
+        weft_testkit::operator_admin(&cp).await.expect("admin"),
     );
     (dir, cp, ads, admin)
 }
@@ -477,7 +478,7 @@ async fn broken_input_is_reported_and_the_last_good_state_serves() {
         .await
         .expect("control plane");
     let endpoint = format!("http://{}", cp.plaintext());
-    let mut admin = AdminClient::connect(endpoint.clone()).await.expect("admin");
+    let mut admin = weft_testkit::operator_admin(&cp).await.expect("admin");
     let version = cp.catalog.current().version;
     // A split whose weights are all zero, in the same file; and a file that is not YAML.
     std::fs::write(

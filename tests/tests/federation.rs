@@ -71,9 +71,7 @@ fn west_world() -> Vec<String> {
 }
 
 async fn admin(cp: &ControlPlane) -> AdminClient<tonic::transport::Channel> {
-    AdminClient::connect(format!("http://{}", cp.plaintext()))
-        .await
-        .expect("admin")
+    weft_testkit::operator_admin(cp).await.expect("admin")
 }
 
 async fn peer(cp: &ControlPlane, name: &str) -> Result<PeerStatus, String> {
@@ -432,14 +430,9 @@ async fn peers_with_the_wrong_identity_root_or_version_are_refused() {
     let call = |config, cluster: &'static str, version: u32| {
         let target = east.grpc_addr.to_string();
         async move {
-            let ch = weft_control_plane::federation::import::connect(
-                &target,
-                "east",
-                "cluster.local",
-                config,
-            )
-            .await
-            .expect("connect");
+            let ch = weft_control_plane::federation::import::connect(&target, "east", config)
+                .await
+                .expect("connect");
             weft_proto::federation::federation_client::FederationClient::new(ch)
                 .export(weft_proto::federation::ExportRequest {
                     cluster_name: cluster.into(),

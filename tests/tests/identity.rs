@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use tonic::Code;
 use weft_proto::admin::CreateJoinTokenRequest;
-use weft_proto::admin::admin_client::AdminClient;
 use weft_proto::identity::SignRequest;
 use weft_proto::identity::certificate_service_client::CertificateServiceClient;
 use weft_testkit::world;
@@ -22,9 +21,12 @@ fn csr_for(uri: &str) -> String {
 #[tokio::test]
 async fn issue_verify_and_refuse() {
     let (_dir, cp) = weft_testkit::control_plane_over(&[world::service("echo", 80)]).await;
-    let url = format!("http://{}", cp.plaintext());
-    let mut admin = AdminClient::connect(url.clone()).await.expect("admin");
-    let mut certs = CertificateServiceClient::connect(url).await.expect("certs");
+    let mut admin = weft_testkit::operator_admin(&cp).await.expect("admin");
+    let mut certs = CertificateServiceClient::new(
+        weft_testkit::tls_channel(&cp, None)
+            .await
+            .expect("anonymous TLS"),
+    );
     let token = |sa: &str, ttl: u64| CreateJoinTokenRequest {
         namespace: "default".into(),
         service_account: sa.into(),
@@ -106,12 +108,30 @@ async fn issue_verify_and_refuse() {
         },
     )
     .await;
+    // Single-use: the token that was just redeemed is refused the second time.
+    refused(
+        Code::PermissionDenied,
+        "already redeemed",
+        SignRequest {
+            csr_pem: echo_csr.clone(),
+            token: echo_token.token.clone(),
+            requested_ttl_seconds: 0,
+            node_id: String::new(),
+        },
+    )
+    .await;
+    // A refused CSR does not use the token up.
+    let spare = admin
+        .create_join_token(token("echo", 600))
+        .await
+        .expect("mint")
+        .into_inner();
     refused(
         Code::InvalidArgument,
         "above the cap",
         SignRequest {
             csr_pem: echo_csr.clone(),
-            token: echo_token.token.clone(),
+            token: spare.token.clone(),
             requested_ttl_seconds: 30 * 24 * 3600,
             node_id: String::new(),
         },
@@ -124,7 +144,7 @@ async fn issue_verify_and_refuse() {
             csr_pem:
                 "-----BEGIN CERTIFICATE REQUEST-----\ngarbage\n-----END CERTIFICATE REQUEST-----\n"
                     .into(),
-            token: echo_token.token.clone(),
+            token: spare.token.clone(),
             requested_ttl_seconds: 0,
             node_id: String::new(),
         },
@@ -148,11 +168,38 @@ async fn issue_verify_and_refuse() {
     )
     .await;
 
-    // Still serving.
+    // Still serving, and the token the refused CSRs carried is still good once. Revoked,
+    // a token is refused even unredeemed.
+    let revoked = admin
+        .create_join_token(token("echo", 600))
+        .await
+        .expect("mint")
+        .into_inner();
+    assert!(
+        admin
+            .revoke_join_token(weft_proto::admin::RevokeJoinTokenRequest {
+                id: revoked.id.clone(),
+            })
+            .await
+            .expect("revoke")
+            .into_inner()
+            .newly_revoked
+    );
+    refused(
+        Code::PermissionDenied,
+        "revoked",
+        SignRequest {
+            csr_pem: echo_csr.clone(),
+            token: revoked.token,
+            requested_ttl_seconds: 0,
+            node_id: String::new(),
+        },
+    )
+    .await;
     let again = certs
         .sign(SignRequest {
             csr_pem: echo_csr,
-            token: echo_token.token,
+            token: spare.token,
             requested_ttl_seconds: 3600,
             node_id: String::new(),
         })
@@ -166,9 +213,7 @@ async fn issue_verify_and_refuse() {
 #[tokio::test]
 async fn sidecar_obtains_and_renews_its_certificate() {
     let (_dir, cp) = weft_testkit::control_plane_over(&[world::service("echo", 80)]).await;
-    let mut admin = AdminClient::connect(format!("http://{}", cp.plaintext()))
-        .await
-        .expect("admin");
+    let mut admin = weft_testkit::operator_admin(&cp).await.expect("admin");
     let token = admin
         .create_join_token(CreateJoinTokenRequest {
             namespace: "default".into(),
@@ -179,11 +224,15 @@ async fn sidecar_obtains_and_renews_its_certificate() {
         .expect("mint")
         .into_inner()
         .token;
+    let bundle = tempfile::tempdir().expect("dir");
+    std::fs::write(bundle.path().join("root.pem"), cp.ca.root_pem()).expect("bundle");
     let mut cfg = weft_sidecar::RunConfig::local(
-        cp.plaintext(),
+        cp.grpc_addr,
         "127.0.14.100".parse().expect("ip"),
         "with-cert",
     );
+    cfg.plaintext_xds = false;
+    cfg.trust_bundle = Some(bundle.path().join("root.pem"));
     cfg.service_account = "echo".into();
     cfg.join_token = Some(token);
     cfg.cert_ttl = Duration::from_secs(4);
@@ -363,9 +412,11 @@ async fn token_review_with_a_mock_kubernetes_api_server() {
     let cp = weft_testkit::ControlPlane::start(cfg)
         .await
         .expect("control plane");
-    let mut certs = CertificateServiceClient::connect(format!("http://{}", cp.plaintext()))
-        .await
-        .expect("certs");
+    let mut certs = CertificateServiceClient::new(
+        weft_testkit::tls_channel(&cp, None)
+            .await
+            .expect("anonymous TLS"),
+    );
     let sign = |token: &str, sa: &str| SignRequest {
         csr_pem: csr_for(&format!("spiffe://cluster.local/ns/default/sa/{sa}")),
         token: token.into(),
@@ -456,17 +507,19 @@ async fn a_key_outside_the_policy_is_refused() {
     let token = weft_testkit::mint_token(&cp, "default", "echo")
         .await
         .expect("token");
-    let err = CertificateServiceClient::connect(format!("http://{}", cp.plaintext()))
-        .await
-        .expect("certs")
-        .sign(SignRequest {
-            csr_pem: csr,
-            token,
-            requested_ttl_seconds: 0,
-            node_id: String::new(),
-        })
-        .await
-        .expect_err("weak key");
+    let err = CertificateServiceClient::new(
+        weft_testkit::tls_channel(&cp, None)
+            .await
+            .expect("anonymous TLS"),
+    )
+    .sign(SignRequest {
+        csr_pem: csr,
+        token,
+        requested_ttl_seconds: 0,
+        node_id: String::new(),
+    })
+    .await
+    .expect_err("weak key");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("weak or unsupported key"), "{err:?}");
 }

@@ -440,20 +440,21 @@ async fn the_control_plane_tls_port_authenticates_its_callers() {
     let (_dir, cp) = weft_testkit::control_plane_over(&[world::service("echo", 80)]).await;
     let root = vec![cp.ca.root_pem().to_string()];
     let td = "cluster.local";
-    let anonymous =
-        ControlPlaneLink::tls(cp.grpc_addr, td, &root, SvidCell::default()).expect("link");
+    let anonymous = ControlPlaneLink::tls(cp.grpc_addr, &root, SvidCell::default()).expect("link");
     let channel = anonymous.channel(false).await.expect("TLS channel");
 
     // xDS without a client certificate: UNAUTHENTICATED, with the reason.
     let mut ads = weft_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::new(channel.clone());
-    let req = weft_proto::envoy::envoy::service::discovery::v3::DeltaDiscoveryRequest {
-        node: Some(weft_proto::envoy::envoy::config::core::v3::Node {
-            id: "anon".into(),
+    let req_for =
+        |id: &str| weft_proto::envoy::envoy::service::discovery::v3::DeltaDiscoveryRequest {
+            node: Some(weft_proto::envoy::envoy::config::core::v3::Node {
+                id: id.into(),
+                ..Default::default()
+            }),
+            type_url: weft_proto::type_url::CLUSTER.into(),
             ..Default::default()
-        }),
-        type_url: weft_proto::type_url::CLUSTER.into(),
-        ..Default::default()
-    };
+        };
+    let req = req_for("anon");
     let err = ads
         .delta_aggregated_resources(tokio_stream::iter(vec![req.clone()]))
         .await
@@ -497,7 +498,7 @@ async fn the_control_plane_tls_port_authenticates_its_callers() {
     .expect("svid");
     let cell = SvidCell::default();
     cell.store(Some(std::sync::Arc::new(svid)));
-    let link = ControlPlaneLink::tls(cp.grpc_addr, td, &root, cell).expect("link");
+    let link = ControlPlaneLink::tls(cp.grpc_addr, &root, cell).expect("link");
     let channel = link.channel(true).await.expect("mTLS channel");
 
     // With the SVID: xDS answers, and a renewal needs no token.
@@ -528,8 +529,10 @@ async fn the_control_plane_tls_port_authenticates_its_callers() {
         .expect("renewed by SVID")
         .into_inner();
     assert_eq!(renewed.spiffe_id, CLIENT_ID);
-    // A workload may not mint tokens over TLS.
-    let mint = weft_proto::admin::admin_client::AdminClient::new(channel)
+    // A workload may not mint tokens, nor read the mesh through admin; it reads only the
+    // config of the proxy its own certificate connected.
+    let mut admin = weft_proto::admin::admin_client::AdminClient::new(channel);
+    let mint = admin
         .create_join_token(weft_proto::admin::CreateJoinTokenRequest {
             namespace: "default".into(),
             service_account: "other".into(),
@@ -538,12 +541,62 @@ async fn the_control_plane_tls_port_authenticates_its_callers() {
         .await
         .expect_err("workload minting");
     assert_eq!(mint.code(), tonic::Code::PermissionDenied);
+    assert!(mint.message().contains("operator credentials"), "{mint:?}");
+    let list = admin
+        .list_proxies(weft_proto::admin::ListProxiesRequest::default())
+        .await
+        .expect_err("workload listing the mesh");
+    assert_eq!(list.code(), tonic::Code::PermissionDenied, "{list:?}");
+    let own = admin
+        .get_proxy_config(weft_proto::admin::GetProxyConfigRequest {
+            node_id: "anon".into(),
+            local_only: false,
+        })
+        .await
+        .expect("its own proxy's config")
+        .into_inner();
+    assert!(!own.resources.is_empty());
+    // Another proxy's config: a stream opened without this certificate (plaintext ADS).
+    let mut other_ads = weft_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::connect(format!("http://{}", cp.plaintext()))
+        .await
+        .expect("plaintext ADS");
+    let mut other_req = req_for("someone-else");
+    other_req.type_url = weft_proto::type_url::CLUSTER.into();
+    let _other = other_ads
+        .delta_aggregated_resources(tokio_stream::StreamExt::chain(
+            tokio_stream::iter(vec![other_req]),
+            tokio_stream::pending(),
+        ))
+        .await
+        .expect("plaintext stream");
+    weft_testkit::eventually("the other proxy connected", Duration::from_secs(5), || {
+        cp.metrics.connected_proxies.get() >= 2
+    })
+    .await;
+    let theirs = admin
+        .get_proxy_config(weft_proto::admin::GetProxyConfigRequest {
+            node_id: "someone-else".into(),
+            local_only: false,
+        })
+        .await
+        .expect_err("another proxy's config");
+    assert_eq!(theirs.code(), tonic::Code::PermissionDenied, "{theirs:?}");
+    // An operator reads it.
+    let seen = weft_testkit::operator_admin(&cp)
+        .await
+        .expect("operator")
+        .get_proxy_config(weft_proto::admin::GetProxyConfigRequest {
+            node_id: "someone-else".into(),
+            local_only: false,
+        })
+        .await
+        .expect("operator reads any proxy");
+    assert!(seen.into_inner().proxy.is_some());
 
     // A caller that trusts another root does not get through the handshake.
     let other = weft_control_plane::identity::Ca::load_or_generate(None, td, "other").expect("CA");
     let stranger = ControlPlaneLink::tls(
         cp.grpc_addr,
-        td,
         &[other.root_pem().to_string()],
         SvidCell::default(),
     )
@@ -555,6 +608,143 @@ async fn the_control_plane_tls_port_authenticates_its_callers() {
         || cp.metrics.tls_handshake_failures.get() >= 1,
     )
     .await;
+}
+
+/// The plaintext port serves ADS and nothing else: no certificate, no join token, no admin,
+/// no load report there, whatever the caller has.
+#[tokio::test]
+async fn the_plaintext_port_serves_config_only() {
+    let (_dir, cp) = weft_testkit::control_plane_over(&[world::service("echo", 80)]).await;
+    let url = format!("http://{}", cp.plaintext());
+    let token = weft_testkit::mint_token(&cp, "default", "client")
+        .await
+        .expect("token over TLS");
+    let (csr, _) = weft_proto::tls::new_csr(CLIENT_ID).expect("csr");
+    let sign = CertificateServiceClient::connect(url.clone())
+        .await
+        .expect("plaintext connect")
+        .sign(SignRequest {
+            csr_pem: csr,
+            token,
+            requested_ttl_seconds: 0,
+            node_id: String::new(),
+        })
+        .await
+        .expect_err("a certificate over plaintext");
+    assert_eq!(sign.code(), tonic::Code::Unimplemented, "{sign:?}");
+    let mint = weft_proto::admin::admin_client::AdminClient::connect(url.clone())
+        .await
+        .expect("plaintext connect")
+        .create_join_token(weft_proto::admin::CreateJoinTokenRequest {
+            namespace: "weft-system".into(),
+            service_account: "weft-control-plane".into(),
+            ttl_seconds: 10 * 365 * 24 * 3600,
+        })
+        .await
+        .expect_err("a token over plaintext");
+    assert_eq!(mint.code(), tonic::Code::Unimplemented, "{mint:?}");
+    let list = weft_proto::admin::admin_client::AdminClient::connect(url.clone())
+        .await
+        .expect("plaintext connect")
+        .list_proxies(weft_proto::admin::ListProxiesRequest::default())
+        .await
+        .expect_err("admin over plaintext");
+    assert_eq!(list.code(), tonic::Code::Unimplemented, "{list:?}");
+    use weft_proto::envoy::envoy::service::load_stats::v3::load_reporting_service_client::LoadReportingServiceClient;
+    let lrs = LoadReportingServiceClient::connect(url)
+        .await
+        .expect("plaintext connect")
+        .stream_load_stats(tokio_stream::iter(vec![
+            weft_proto::envoy::envoy::service::load_stats::v3::LoadStatsRequest::default(),
+        ]))
+        .await
+        .expect_err("load reports over plaintext");
+    assert_eq!(lrs.code(), tonic::Code::Unimplemented, "{lrs:?}");
+    // A non-loopback plaintext address needs the explicitly insecure flag.
+    let mut cfg = weft_control_plane::Config::local("/nonexistent");
+    cfg.xds_plaintext_addr = Some("0.0.0.0:0".parse().expect("addr"));
+    let refused = cfg.validate().expect_err("plaintext on every address");
+    assert!(
+        refused
+            .to_string()
+            .contains("--insecure-xds-plaintext-any-addr"),
+        "{refused}"
+    );
+}
+
+/// A sidecar recognises its control plane by the name only the CA puts on the control
+/// plane's own certificate: a server with a certificate from the same CA for the control
+/// plane's very SPIFFE ID, but without that name (what any path that issues by SPIFFE ID
+/// could produce), is refused before the sidecar sends a byte (its join token among them).
+#[tokio::test]
+async fn a_sidecar_refuses_a_server_that_only_claims_the_control_planes_spiffe_id() {
+    let (_dir, cp) = weft_testkit::control_plane_over(&[world::service("echo", 80)]).await;
+    let cp_id = "spiffe://cluster.local/ns/weft-system/sa/weft-control-plane";
+    let (csr, key) = weft_proto::tls::new_csr(cp_id).expect("csr");
+    let signed = cp
+        .ca
+        .sign(&csr, &weft_proto::SpiffeId::parse(cp_id).expect("id"), None)
+        .expect("signed");
+    let svid = weft_proto::tls::Svid::from_pem(&signed.chain, &key).expect("svid");
+    let roots = weft_proto::tls::roots(&signed.trust_bundle).expect("roots");
+    let config = weft_proto::tls::server_config(
+        &svid,
+        roots,
+        weft_proto::tls::ClientAuth::Optional,
+        &[weft_proto::tls::ALPN_H2],
+    )
+    .expect("server config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let fake = listener.local_addr().expect("addr");
+    let handshakes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = handshakes.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                seen.fetch_add(1, Ordering::SeqCst);
+                // Any HTTP/2 server: a client that took this for its control plane connects.
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Empty::<bytes::Bytes>::new(),
+                    ))
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                        .await;
+            });
+        }
+    });
+    let link = ControlPlaneLink::tls(fake, &[cp.ca.root_pem().to_string()], SvidCell::default())
+        .expect("link");
+    let err = link
+        .channel(false)
+        .await
+        .expect_err("a server without the control plane's name");
+    let text = weft_proto::logging::error_chain(err.as_ref());
+    assert!(text.contains("not a control plane"), "{text}");
+    weft_testkit::eventually(
+        "the TLS handshake itself succeeded",
+        Duration::from_secs(5),
+        || handshakes.load(Ordering::SeqCst) == 1,
+    )
+    .await;
+    // The real one passes the same check.
+    let real = ControlPlaneLink::tls(
+        cp.grpc_addr,
+        &[cp.ca.root_pem().to_string()],
+        SvidCell::default(),
+    )
+    .expect("link");
+    real.channel(false).await.expect("the control plane itself");
+    server.abort();
 }
 
 /// gRPC (an HTTP/2-only endpoint: `appProtocol: grpc`) to a meshed endpoint: the client's

@@ -58,10 +58,20 @@ async fn control_plane(dir: &Path, state: Option<&Path>) -> ControlPlane {
     cp
 }
 
+/// A meshed client sidecar: load reports go over the TLS port, with its identity.
 async fn sidecar(cp: &ControlPlane, ip: &str) -> Sidecar {
-    let sc = weft_testkit::start_sidecar(cp.plaintext(), ip.parse().expect("ip"), "client", "a")
-        .await
-        .expect("sidecar");
+    let dir = tempfile::tempdir().expect("dir");
+    let mut cfg = weft_testkit::mesh_sidecar_config(
+        cp,
+        dir.path(),
+        ip.parse().expect("ip"),
+        "client",
+        "client",
+    )
+    .await
+    .expect("sidecar config");
+    cfg.zone = "a".into();
+    let sc = Sidecar::start(cfg).await.expect("sidecar");
     weft_testkit::wait_ready(&sc, Duration::from_secs(10)).await;
     sc
 }
@@ -255,14 +265,13 @@ async fn a_healthy_canary_is_promoted_through_its_steps() {
     }
     assert_eq!(to_v2, 50);
     // What weftctl shows comes from the admin API.
-    let resp =
-        weft_proto::admin::admin_client::AdminClient::connect(format!("http://{}", cp.plaintext()))
-            .await
-            .expect("admin")
-            .list_rollouts(weft_proto::admin::ListRolloutsRequest {})
-            .await
-            .expect("rollouts")
-            .into_inner();
+    let resp = weft_testkit::operator_admin(&cp)
+        .await
+        .expect("admin")
+        .list_rollouts(weft_proto::admin::ListRolloutsRequest {})
+        .await
+        .expect("rollouts")
+        .into_inner();
     let r = &resp.rollouts[0];
     assert_eq!(
         (r.phase.as_str(), r.weight, r.steps.clone()),

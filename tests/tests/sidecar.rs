@@ -300,10 +300,7 @@ async fn both_xds_flavours_configure_the_sidecar() {
         );
         sidecars.push(sc);
     }
-    let mut admin =
-        weft_proto::admin::admin_client::AdminClient::connect(format!("http://{}", cp.plaintext()))
-            .await
-            .expect("admin");
+    let mut admin = weft_testkit::operator_admin(&cp).await.expect("admin");
     let proxies = admin
         .list_proxies(weft_proto::admin::ListProxiesRequest::default())
         .await
@@ -443,10 +440,7 @@ async fn unsupported_route_is_nacked_and_the_previous_config_serves() {
     let mut docs = base.clone();
     docs.push(route);
     std::fs::write(dir.path().join("world.yaml"), world::docs(&docs)).expect("write");
-    let mut admin =
-        weft_proto::admin::admin_client::AdminClient::connect(format!("http://{}", cp.plaintext()))
-            .await
-            .expect("admin");
+    let mut admin = weft_testkit::operator_admin(&cp).await.expect("admin");
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let detail = loop {
         let proxies = admin
@@ -629,10 +623,7 @@ async fn a_proxy_without_a_zone_is_placed_by_its_pod() {
         assert_eq!(status, 200);
         assert!(body.starts_with("in-zone"), "zone-a first: {body}");
     }
-    let mut admin =
-        weft_proto::admin::admin_client::AdminClient::connect(format!("http://{}", cp.plaintext()))
-            .await
-            .expect("admin");
+    let mut admin = weft_testkit::operator_admin(&cp).await.expect("admin");
     let proxies = admin
         .list_proxies(weft_proto::admin::ListProxiesRequest::default())
         .await

@@ -119,13 +119,13 @@ pub fn authorize(
             "{id} is not a control plane; only control planes may federate"
         )));
     }
-    let Some(cert_cluster) = &peer.control_plane_cluster else {
+    let Some(cert_cluster) = peer.control_plane_cluster() else {
         return Err(Status::permission_denied(format!(
             "the certificate of {id} names no cluster (DNS SAN <cluster>.{})",
             weft_proto::tls::CONTROL_PLANE_DNS_SUFFIX
         )));
     };
-    if req.cluster_name != *cert_cluster {
+    if req.cluster_name != cert_cluster {
         return Err(Status::permission_denied(format!(
             "the caller says it is cluster {:?} but its certificate is cluster {cert_cluster:?}",
             req.cluster_name
@@ -142,7 +142,7 @@ pub fn authorize(
             req.protocol_version
         )));
     }
-    Ok(cert_cluster.clone())
+    Ok(cert_cluster.to_string())
 }
 
 /// The `weft.federation.v1.Federation` service.
@@ -261,7 +261,9 @@ mod tests {
         TlsPeer {
             remote: "127.0.0.1:1".parse().expect("addr"),
             identity: identity.map(|i| weft_proto::SpiffeId::parse(i).expect("id")),
-            control_plane_cluster: cluster.map(str::to_string),
+            role: cluster.map_or(weft_proto::tls::Role::Workload, |c| {
+                weft_proto::tls::Role::ControlPlane(c.to_string())
+            }),
         }
     }
 

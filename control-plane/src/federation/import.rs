@@ -5,7 +5,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use tokio::task::JoinSet;
 use weft_proto::federation as pb;
 use weft_proto::federation::federation_client::FederationClient;
@@ -252,73 +251,16 @@ fn convert(
     Ok((key, ImportedService { ports, endpoints }))
 }
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let m = s.to_string();
-        if !out.contains(&m) {
-            out.push_str(": ");
-            out.push_str(&m);
-        }
-        src = s.source();
-    }
-    out
-}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
 /// A gRPC channel to a peer over mTLS: presents the certificate in `config` and accepts only a
 /// server whose certificate is the control plane's and names cluster `expected`.
 pub async fn connect(
     address: &str,
     expected: &str,
-    trust_domain: &str,
     config: Arc<tls::rustls::ClientConfig>,
 ) -> Result<tonic::transport::Channel, String> {
-    let cp_id = crate::grpc_tls::server_identity(trust_domain)
-        .map_err(|e| e.to_string())?
-        .to_string();
-    let (address_owned, expected_owned) = (address.to_string(), expected.to_string());
-    let connector = tower::service_fn(move |_: http::Uri| {
-        let (config, address, expected, cp_id) = (
-            config.clone(),
-            address_owned.clone(),
-            expected_owned.clone(),
-            cp_id.clone(),
-        );
-        async move {
-            let tcp = tokio::net::TcpStream::connect(address.as_str()).await?;
-            let _ = tcp.set_nodelay(true);
-            let name = tls::rustls::pki_types::ServerName::try_from("weft-control-plane")?;
-            let stream = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
-                .await?;
-            let certs = stream.get_ref().1.peer_certificates();
-            tls::check_peer(certs, &[&cp_id])?;
-            let cluster = certs
-                .and_then(|c| c.first())
-                .and_then(tls::control_plane_cluster_of);
-            if cluster.as_deref() != Some(expected.as_str()) {
-                return Err::<TokioIo<_>, BoxError>(
-                    format!(
-                        "the server at {address} is the control plane of cluster {}, not {expected:?}",
-                        cluster.map_or("<none named>".to_string(), |c| format!("{c:?}"))
-                    )
-                    .into(),
-                );
-            }
-            Ok(TokioIo::new(stream))
-        }
-    });
-    tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| e.to_string())?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .connect_with_connector(connector)
+    weft_proto::dial::control_plane(address, config, Some(expected), CONNECT_TIMEOUT)
         .await
-        .map_err(|e| error_chain(&e))
+        .map_err(|e| weft_proto::logging::error_chain(&e))
 }
 
 /// One peer: where and what.
@@ -383,7 +325,6 @@ impl Link {
             connect(
                 &self.peer.address,
                 &self.peer.name,
-                &self.fed.trust_domain,
                 self.issued.load().client.clone(),
             ),
         )

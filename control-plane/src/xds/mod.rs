@@ -103,12 +103,14 @@ impl AggregatedDiscoveryService for AdsServer {
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let shared = self.shared.clone();
         let peer = request.remote_addr();
+        let identity = crate::grpc_tls::peer_identity(&request);
         tokio::spawn(stream::run(
             sotw::Sotw::default(),
             shared,
             request.into_inner(),
             tx,
             peer,
+            identity,
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -120,12 +122,14 @@ impl AggregatedDiscoveryService for AdsServer {
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let shared = self.shared.clone();
         let peer = request.remote_addr();
+        let identity = crate::grpc_tls::peer_identity(&request);
         tokio::spawn(stream::run(
             delta::Delta::default(),
             shared,
             request.into_inner(),
             tx,
             peer,
+            identity,
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

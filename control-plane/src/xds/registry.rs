@@ -148,6 +148,8 @@ pub struct ProxyRecord {
     pub types: [TypeRecord; TYPES],
     /// The snapshot the proxy was last sent (shared with every proxy at its place).
     pub snapshot: Option<Arc<PlaceSnapshot>>,
+    /// The SPIFFE ID its stream's client certificate proved (none over plaintext).
+    pub identity: Option<weft_proto::SpiffeId>,
 }
 
 impl ProxyRecord {
@@ -230,7 +232,12 @@ impl Registry {
     }
 
     /// Adds a proxy; it leaves when the returned registration drops.
-    pub fn register(self: &Arc<Self>, node: NodeInfo, protocol: &'static str) -> Registration {
+    pub fn register(
+        self: &Arc<Self>,
+        node: NodeInfo,
+        protocol: &'static str,
+        identity: Option<weft_proto::SpiffeId>,
+    ) -> Registration {
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let record = Arc::new(Mutex::new(ProxyRecord {
             node,
@@ -238,6 +245,7 @@ impl Registry {
             connected_at_ms: now_ms(),
             types: Default::default(),
             snapshot: None,
+            identity,
         }));
         self.guard().insert(id, record.clone());
         Registration {

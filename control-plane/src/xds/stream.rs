@@ -203,6 +203,7 @@ pub(crate) async fn run<P: Protocol>(
     mut requests: Streaming<P::Req>,
     tx: mpsc::Sender<Result<P::Resp, Status>>,
     peer: Option<SocketAddr>,
+    identity: Option<weft_proto::SpiffeId>,
 ) {
     let first = match requests.message().await {
         Ok(Some(r)) => r,
@@ -226,10 +227,19 @@ pub(crate) async fn run<P: Protocol>(
         return;
     };
     let mut info = NodeInfo::from_node(node);
+    // Over mTLS the certificate says who the proxy is: a workload cannot claim another
+    // namespace's node (and with it that namespace's inbound Listener or load reports).
+    if let Some(id) = &identity {
+        if info.namespace != id.namespace() || info.service_account != id.service_account() {
+            tracing::info!(node = %info.id, claimed = %info.namespace, %id, "node metadata names another identity than its certificate; the certificate wins");
+        }
+        info.namespace = id.namespace().to_string();
+        info.service_account = id.service_account().to_string();
+    }
     // A proxy that does not say where it is (an injected sidecar) is placed by its pod.
     info.place = shared.translations.borrow().place_of(&info.id, &info.place);
     tracing::info!(node = %info.id, ?peer, namespace = %info.namespace, protocol = P::NAME, "proxy connected");
-    let reg = shared.registry.register(info.clone(), P::NAME);
+    let reg = shared.registry.register(info.clone(), P::NAME, identity);
     let _connected = ConnectedGuard::new(shared.metrics.clone());
     let mut translations: watch::Receiver<Arc<Translation>> = shared.translations.clone();
     let t = translations.borrow_and_update().clone();
