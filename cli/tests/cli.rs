@@ -679,6 +679,12 @@ async fn peers_endpoints_and_check_show_federation_and_certificates() {
     let west = weft_testkit::start_cluster_control_plane(&west_dir, "west", &cas[1], grace, None)
         .await
         .expect("west");
+    // Peering is configured on both sides: east serves west once it names west.
+    std::fs::write(
+        east_dir.join("peers.yaml"),
+        world::mesh_peer("west", &west.grpc_addr.to_string()),
+    )
+    .expect("write");
     let cp = target(&west);
     let run = |args: Vec<&'static str>| {
         let cp = cp.clone();

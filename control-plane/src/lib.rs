@@ -297,6 +297,7 @@ impl ControlPlane {
             book: Arc::new(federation::PeerBook::default()),
             catalog: catalog.clone(),
             metrics: metrics.clone(),
+            flag_peers: config.peers.iter().map(|(n, _)| n.clone()).collect(),
         });
         let acceptor = grpc_tls::Acceptor::new(&ca, &config.trust_domain, &config.cluster_name)?;
         let issued_tls = acceptor.config();

@@ -211,12 +211,29 @@ pub fn translate(model: &Model, prev: Option<&Translation>) -> Translation {
 
 /// The names a service gets resources under: cluster.local always, clusterset when it is
 /// exported or has endpoints in other clusters.
+///
+/// MCS semantics: the cluster name exists only for a Service of this cluster (a peer cannot
+/// add a `cluster.local` name by exporting one); the clusterset name exists when this cluster
+/// exports the Service or a peer does, and carries this cluster's endpoints only when it is
+/// exported here (see [`in_scope`]).
 pub fn scopes(svc: &ServiceModel, home: &str) -> Vec<Scope> {
     let remote = svc.endpoints.iter().any(|e| e.cluster != home);
+    let mut out = Vec::with_capacity(2);
+    if svc.local {
+        out.push(Scope::Cluster);
+    }
     if svc.exported || remote {
-        vec![Scope::Cluster, Scope::Clusterset]
-    } else {
-        vec![Scope::Cluster]
+        out.push(Scope::Clusterset);
+    }
+    out
+}
+
+/// Whether endpoint `e` of `svc` belongs under `scope`: under the clusterset name, this
+/// cluster's own endpoints count only when it exports the Service.
+pub fn in_scope(svc: &ServiceModel, e: &EndpointModel, scope: Scope, home: &str) -> bool {
+    match scope {
+        Scope::Cluster => true,
+        Scope::Clusterset => svc.exported || e.cluster != home,
     }
 }
 
@@ -713,14 +730,17 @@ fn load_assignments(svc: &ServiceModel, place: &ProxyPlace, home: &str) -> Vec<R
                 let Some(target) = e.port_for(port) else {
                     continue;
                 };
+                if !in_scope(svc, e, scope, home) {
+                    continue;
+                }
                 let prio = match scope {
                     // The clusterset name spreads over every cluster equally.
                     Scope::Clusterset => 0,
                     Scope::Cluster => {
                         let p = raw_priority(e, place, home, prefer_local);
-                        // A service with no Service object here exists through its
-                        // peers alone: their endpoints are all it has.
-                        if p == 3 && !cross_cluster && svc.local {
+                        // Other clusters' endpoints under the local name only with
+                        // crossCluster failover.
+                        if p == 3 && !cross_cluster {
                             continue;
                         }
                         p
@@ -995,20 +1015,71 @@ pub(crate) mod tests {
             got["10.1.0.1"], 3,
             "remote cluster after zone, region, cluster: {got:?}"
         );
-        // The clusterset name holds every cluster at one priority.
-        let svc = &t.services[&ServiceKey::new("default", "echo")];
-        let cs: endpoint::ClusterLoadAssignment = decode(find(
-            &svc.endpoints(&place("c1", "r1", "a")),
-            "echo.default.svc.clusterset.local:80",
-        ));
-        assert_eq!(
+        // The clusterset name holds every cluster at one priority, this cluster's endpoints
+        // only when it exports the Service (MCS): not exported, only c2's endpoint.
+        let clusterset = |t: &Translation| {
+            let svc = &t.services[&ServiceKey::new("default", "echo")];
+            let cs: endpoint::ClusterLoadAssignment = decode(find(
+                &svc.endpoints(&place("c1", "r1", "a")),
+                "echo.default.svc.clusterset.local:80",
+            ));
+            assert!(cs.endpoints.iter().all(|l| l.priority == 0));
             cs.endpoints
                 .iter()
                 .map(|l| l.lb_endpoints.len())
-                .sum::<usize>(),
-            5
+                .sum::<usize>()
+        };
+        assert_eq!(
+            clusterset(&t),
+            1,
+            "a Service not exported here keeps its endpoints"
         );
-        assert!(cs.endpoints.iter().all(|l| l.priority == 0));
+        let mut docs = locality_world(true);
+        docs.push(
+            json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+            "metadata": {"name": "echo"}}),
+        );
+        assert_eq!(clusterset(&translate(&model(docs), None)), 5);
+    }
+
+    #[test]
+    fn a_service_only_peers_export_has_no_cluster_local_name() {
+        // What peer c2 exports: echo's ports and one endpoint of c2.
+        let key = ServiceKey::new("default", "echo");
+        let theirs = model(vec![
+            service("echo"),
+            slice("echo", &[("10.1.0.1", "n-a1")], Some("c2")),
+        ])
+        .services[&key]
+            .clone();
+        let cat = Catalog::new("c1", "cluster.local");
+        cat.apply(SourceUpdate::default());
+        cat.set_import(
+            "c2",
+            Some(crate::catalog::PeerImport {
+                services: [(
+                    key.clone(),
+                    crate::catalog::ImportedService {
+                        ports: theirs.ports.clone(),
+                        endpoints: theirs.endpoints.clone(),
+                    },
+                )]
+                .into(),
+                stale: false,
+            }),
+        );
+        let t = translate(&cat.current(), None);
+        let svc = &t.services[&key];
+        assert!(
+            !svc.listeners.iter().any(|r| r.name == ECHO),
+            "a peer's endpoints made a cluster.local name: {:?}",
+            svc.listeners.iter().map(|r| &r.name).collect::<Vec<_>>()
+        );
+        assert!(
+            svc.listeners
+                .iter()
+                .any(|r| r.name == "echo.default.svc.clusterset.local:80")
+        );
     }
 
     #[test]

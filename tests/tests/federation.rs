@@ -166,6 +166,12 @@ async fn exports_reach_the_peer_then_go_stale_resync_without_a_flap_and_expire()
     let west = start_cluster_control_plane(&west_dir, "west", &cas[1], grace, None)
         .await
         .expect("west");
+    // Peering is configured on both sides: east serves west only once it names west.
+    write(
+        &east_dir,
+        "peers.yaml",
+        &[mesh_peer("west", &west.grpc_addr.to_string())],
+    );
 
     // West imports east's exports: echo joins the local service, only-east exists through
     // federation alone, private stays private.
@@ -382,6 +388,12 @@ async fn peers_with_the_wrong_identity_root_or_version_are_refused() {
     let west = start_cluster_control_plane(&west_dir, "west", &cas[1], grace, None)
         .await
         .expect("west");
+    // Peering is configured on both sides: east serves west only once it names west.
+    write(
+        &east_dir,
+        "peers.yaml",
+        &[mesh_peer("west", &west.grpc_addr.to_string())],
+    );
     let south = until_ok("south refused with the reason", PATIENCE, || async {
         let p = peer(&west, "south").await?;
         p.last_error
@@ -451,14 +463,22 @@ async fn peers_with_the_wrong_identity_root_or_version_are_refused() {
         .await
         .expect_err("claims another cluster");
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let e = call(client(&cp_id, Some("nowhere")), "nowhere", 1)
+        .await
+        .expect_err("a control plane of the mesh that is not a peer");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("not a configured peer"), "{e:?}");
     let e = call(client(&workload_id, None), "west", 1)
         .await
         .expect_err("a workload");
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("is not a control plane"), "{e:?}");
-    call(client(&cp_id, Some("west")), "west", 1)
-        .await
-        .expect("the real thing is served");
+    until_ok("the configured peer is served", PATIENCE, || async {
+        call(client(&cp_id, Some("west")), "west", 1)
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await;
 }
 
 /// A peer that presents the right certificate but sends a bad stream: a snapshot, then an
@@ -645,6 +665,12 @@ async fn the_clusterset_name_reaches_every_cluster_through_a_sidecar() {
     let west = start_cluster_control_plane(&west_dir, "west", &cas[1], grace, None)
         .await
         .expect("west");
+    // Peering is configured on both sides: east serves west only once it names west.
+    write(
+        &east_dir,
+        "peers.yaml",
+        &[mesh_peer("west", &west.grpc_addr.to_string())],
+    );
     until_ok("west synced with east", PATIENCE, || async {
         let p = peer(&west, "east").await?;
         (p.state == "SYNCED").then_some(()).ok_or(format!("{p:?}"))
@@ -692,7 +718,13 @@ async fn the_clusterset_name_reaches_every_cluster_through_a_sidecar() {
         ["west-pod"],
         "the local name stays local without crossCluster"
     );
-    let only = seen("only-east.default.svc.cluster.local").await;
+    let only = seen("only-east.default.svc.clusterset.local").await;
     assert_eq!(only.into_iter().collect::<Vec<_>>(), ["only-pod"]);
+    // A peer's export does not make a cluster.local name here (no local Service of it).
+    let (status, body) =
+        weft_testkit::get_via(sc.outbound_addr, "only-east.default.svc.cluster.local", "/")
+            .await
+            .expect("request");
+    assert_eq!(status, 404, "{body}");
     drop(east);
 }

@@ -171,7 +171,16 @@ impl pb::federation_server::Federation for ExportService {
         let peer = request.extensions().get::<TlsPeer>().cloned();
         let req = request.into_inner();
         let fed = self.fed.clone();
-        let caller = match authorize(peer.as_ref(), &req, &fed.cluster) {
+        let authorized = authorize(peer.as_ref(), &req, &fed.cluster).and_then(|c| {
+            match fed.is_configured_peer(&c) {
+                true => Ok(c),
+                false => Err(Status::permission_denied(format!(
+                    "cluster {c:?} is not a configured peer of cluster {:?}: add it with --peer or a MeshPeer there too",
+                    fed.cluster
+                ))),
+            }
+        });
+        let caller = match authorized {
             Ok(c) => c,
             Err(status) => {
                 tracing::warn!(remote = ?peer.as_ref().map(|p| p.remote), asked_as = %req.cluster_name, reason = %status.message(), "federation export refused");
@@ -232,6 +241,11 @@ async fn stream_exports(
                     break;
                 }
                 let model = models.borrow_and_update().clone();
+                if !fed.is_configured_peer(&caller) {
+                    tracing::info!(peer = %caller, "federation: no longer a configured peer; export stream closed");
+                    let _ = tx.send(Err(Status::permission_denied(format!("cluster {caller:?} is no longer a configured peer")))).await;
+                    break;
+                }
                 let now = exports(&model);
                 let Some((upserted, removed)) = diff(&sent, &now) else { continue };
                 sent = now;

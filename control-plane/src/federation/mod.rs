@@ -2,8 +2,9 @@
 //! the services their cluster exports (MCS `ServiceExport`), over mTLS on the TLS gRPC port.
 //!
 //! - [`export`]: the server side. A caller must present the control-plane SVID with the DNS SAN
-//!   naming its cluster ([`weft_proto::tls::control_plane_dns_name`]), and that cluster must be
-//!   the one it says it is in the request. It gets a snapshot, then changes, then a heartbeat
+//!   naming its cluster ([`weft_proto::tls::control_plane_dns_name`]), that cluster must be
+//!   the one it says it is in the request, and it must be a configured peer (`--peer` or a
+//!   MeshPeer): peering is configured on both sides. It gets a snapshot, then changes, then a heartbeat
 //!   whenever nothing changed for [`Settings::heartbeat`].
 //! - [`import`]: the client side, one task per peer (`--peer NAME=ADDR` or a `MeshPeer`). It
 //!   checks the server's certificate names the peer's cluster, validates every update (a peer
@@ -190,6 +191,16 @@ pub struct Federation {
     /// Closes when the control plane stops: export streams end with it (tonic keeps open
     /// connections' tasks running after its server task ends).
     pub stopped: tokio::sync::watch::Receiver<()>,
+    /// Clusters named by `--peer` flags (with MeshPeer objects: whom the exporter serves).
+    pub flag_peers: Vec<String>,
+}
+
+impl Federation {
+    /// Whether cluster `name` is a configured peer (a `--peer` flag or a MeshPeer object):
+    /// only those get this cluster's exports, whatever certificate another presents.
+    pub fn is_configured_peer(&self, name: &str) -> bool {
+        self.flag_peers.iter().any(|p| p == name) || self.catalog.current().peers.contains_key(name)
+    }
 }
 
 /// Parses `--peer NAME=ADDR`.
