@@ -32,6 +32,33 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const SERVER_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How often the trust bundle is checked for a change (a second root being added).
 pub const BUNDLE_CHECK: Duration = Duration::from_secs(10);
+/// HTTP/2 streams one connection may have open (`SETTINGS_MAX_CONCURRENT_STREAMS`): a
+/// sidecar needs three (ADS, LRS, certificates).
+pub const MAX_CONCURRENT_STREAMS: u32 = 64;
+/// Streams a client may reset before the server answers them, before a GOAWAY (the HTTP/2
+/// rapid-reset attack, CVE-2023-44487).
+pub const MAX_PENDING_RESETS: usize = 20;
+/// Streams the server may reset for a client's errors before it sends GOAWAY.
+pub const MAX_LOCAL_RESETS: usize = 64;
+
+/// Caps on the TLS port's connections.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// TLS handshakes in flight; a connection past it is closed at once (a flood of silent
+    /// clients costs a task each for at most [`HANDSHAKE_TIMEOUT`], never unbounded).
+    pub handshakes: usize,
+    /// Open connections; past it new ones are closed at once.
+    pub connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshakes: 256,
+            connections: 16_384,
+        }
+    }
+}
 
 /// Who is calling over the TLS port (the tonic connect info of a TLS connection).
 #[derive(Clone, Debug)]
@@ -81,6 +108,8 @@ pub fn peer_identity<T>(req: &tonic::Request<T>) -> Option<SpiffeId> {
 pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     peer: TlsPeer,
+    /// Its place under [`Limits::connections`], given back when tonic drops it.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl tonic::transport::server::Connected for TlsConn {
@@ -224,8 +253,17 @@ impl Acceptor {
         self,
         listener: TcpListener,
         metrics: Arc<Metrics>,
+        limits: Limits,
     ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, std::io::Error>> {
         let (tx, rx) = mpsc::channel(64);
+        let connections = Arc::new(tokio::sync::Semaphore::new(limits.connections));
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.handshakes));
+        let shed = move |metrics: &Metrics, reason: &str| {
+            metrics
+                .grpc_connections_shed
+                .get_or_create(&vec![("reason".into(), reason.into())])
+                .inc();
+        };
         tokio::spawn(async move {
             loop {
                 // Ends when tonic stops taking connections (the control plane was dropped).
@@ -241,10 +279,21 @@ impl Acceptor {
                         continue;
                     }
                 };
+                let Ok(slot) = connections.clone().try_acquire_owned() else {
+                    tracing::debug!(%remote, "TLS gRPC connection shed: at the connection cap");
+                    shed(&metrics, "connections");
+                    continue;
+                };
+                let Ok(handshaking) = handshakes.clone().try_acquire_owned() else {
+                    tracing::debug!(%remote, "TLS gRPC connection shed: too many handshakes in flight");
+                    shed(&metrics, "handshakes");
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = tokio_rustls::TlsAcceptor::from(self.config.load().server.clone());
                 let (tx, metrics) = (tx.clone(), metrics.clone());
                 tokio::spawn(async move {
+                    let _handshaking = handshaking;
                     let tls =
                         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                             Ok(Ok(s)) => s,
@@ -281,11 +330,73 @@ impl Acceptor {
                             identity,
                             role,
                         },
+                        _slot: slot,
                     };
+                    drop(_handshaking);
                     let _ = tx.send(Ok(conn)).await;
                 });
             }
         });
         tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn the_tls_port_sheds_handshakes_past_its_cap_and_advertises_its_stream_limit() {
+        let ca = Ca::load_or_generate(None, "cluster.local", "c1").expect("CA");
+        let acceptor = Acceptor::new(&ca, "cluster.local", "c1").expect("acceptor");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let metrics = Arc::new(Metrics::new());
+        let mut incoming = acceptor.incoming(
+            listener,
+            metrics.clone(),
+            Limits {
+                handshakes: 1,
+                connections: 8,
+            },
+        );
+        // A client that never says a word holds the one handshake slot...
+        let _silent = TcpStream::connect(addr).await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // ...so the next connection is closed at once, and counted.
+        let mut shed = TcpStream::connect(addr).await.expect("connect");
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), shed.read(&mut buf))
+            .await
+            .expect("closed in time")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "a connection past the handshake cap is closed");
+        let page = metrics.render();
+        assert!(
+            page.contains("weft_grpc_connections_shed_total{reason=\"handshakes\"} 1"),
+            "{page}"
+        );
+        // Once the silent client gives up its slot, handshakes proceed again.
+        drop(_silent);
+        let roots = tls::roots(&ca.trust_bundle()).expect("roots");
+        let config = tls::client_config(None, roots, &[tls::ALPN_H2]).expect("client");
+        let name =
+            tls::rustls::pki_types::ServerName::try_from("weft-control-plane").expect("name");
+        let mut ok = false;
+        for _ in 0..50 {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            if tokio_rustls::TlsConnector::from(config.clone())
+                .connect(name.clone(), tcp)
+                .await
+                .is_ok()
+            {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(ok, "handshakes proceed once the slot is free");
+        assert!(tokio_stream::StreamExt::next(&mut incoming).await.is_some());
     }
 }

@@ -360,9 +360,13 @@ impl ControlPlane {
             // Over TLS, xDS and admin want a caller with an SVID; signing takes a join token.
             use tonic::service::interceptor::InterceptedService;
             let authn = |req: tonic::Request<()>| grpc_tls::require_identity(&req).map(|_| req);
-            let incoming = acceptor.incoming(grpc_listener, metrics.clone());
+            let incoming =
+                acceptor.incoming(grpc_listener, metrics.clone(), grpc_tls::Limits::default());
             let server = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+                .max_concurrent_streams(grpc_tls::MAX_CONCURRENT_STREAMS)
+                .http2_max_pending_accept_reset_streams(Some(grpc_tls::MAX_PENDING_RESETS))
+                .http2_max_local_error_reset_streams(Some(grpc_tls::MAX_LOCAL_RESETS))
                 .add_service(InterceptedService::new(ads.clone(), authn))
                 .add_service(admin)
                 .add_service(InterceptedService::new(lrs_service, authn))
@@ -388,6 +392,9 @@ impl ControlPlane {
             tasks.push(tokio::spawn(async move {
                 let result = tonic::transport::Server::builder()
                     .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+                    .max_concurrent_streams(grpc_tls::MAX_CONCURRENT_STREAMS)
+                    .http2_max_pending_accept_reset_streams(Some(grpc_tls::MAX_PENDING_RESETS))
+                    .http2_max_local_error_reset_streams(Some(grpc_tls::MAX_LOCAL_RESETS))
                     .add_service(ads)
                     .serve_with_incoming(nodelay(TcpListenerStream::new(xds_listener)))
                     .await;

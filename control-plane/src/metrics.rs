@@ -50,6 +50,9 @@ pub struct Metrics {
     pub source_reloads: Counter,
     /// `weft_tls_handshake_failures_total`: TLS handshakes refused on the gRPC port.
     pub tls_handshake_failures: Counter,
+    /// `weft_grpc_connections_shed_total`: connections to the TLS port closed unserved,
+    /// by `reason` (`handshakes`: too many handshakes in flight; `connections`: at the cap).
+    pub grpc_connections_shed: Family<Labels, Counter>,
     /// `weft_certificates_issued_total`: SVIDs signed.
     pub certificates_issued: Counter,
     /// `weft_certificate_refusals_total{code}`: CSRs refused, by gRPC code.
@@ -103,6 +106,7 @@ impl Metrics {
             source_error: Family::default(),
             source_reloads: Counter::default(),
             tls_handshake_failures: Counter::default(),
+            grpc_connections_shed: Family::default(),
             certificates_issued: Counter::default(),
             certificate_refusals: Family::default(),
             lrs_reports: Counter::default(),
@@ -202,6 +206,11 @@ impl Metrics {
             m.source_reloads.clone(),
         );
         registry.register(
+            "weft_grpc_connections_shed",
+            "Connections to the TLS gRPC port closed unserved, by reason (handshakes, connections)",
+            m.grpc_connections_shed.clone(),
+        );
+        registry.register(
             "weft_tls_handshake_failures",
             "TLS handshakes refused on the gRPC port",
             m.tls_handshake_failures.clone(),
@@ -297,20 +306,38 @@ pub fn type_label(type_url: &str) -> Labels {
     )]
 }
 
+/// Most connections the metrics port serves at once.
+pub const METRICS_MAX_CONNECTIONS: usize = 64;
+/// How long a metrics client gets to send its request headers.
+pub const METRICS_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves `/metrics`, `/ready` and `/live` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    // A scraper is one connection; this many at once is already a misbehaving client.
+    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue; // dropped: at the cap
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(&req, &metrics)) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(METRICS_HEADER_TIMEOUT)
                 .serve_connection(io, svc)
                 .await
             {

@@ -554,7 +554,11 @@ async fn a_peer_sending_a_bad_update_is_refused_and_the_catalog_keeps_its_last_g
         }
     }
     let metrics = std::sync::Arc::new(weft_control_plane::metrics::Metrics::new());
-    let incoming = acceptor.incoming(listener, metrics);
+    let incoming = acceptor.incoming(
+        listener,
+        metrics,
+        weft_control_plane::grpc_tls::Limits::default(),
+    );
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(fpb::federation_server::FederationServer::new(Rogue))

@@ -672,6 +672,49 @@ async fn the_plaintext_port_serves_config_only() {
     );
 }
 
+/// The TLS port caps each connection's concurrent HTTP/2 streams in its SETTINGS (the
+/// plaintext port too), so one client cannot open unbounded streams.
+#[tokio::test]
+async fn the_control_plane_ports_advertise_a_stream_limit() {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+    async fn first_settings<S: AsyncRead + AsyncWriteExt + Unpin>(s: &mut S) -> Option<u32> {
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .expect("preface");
+        let mut head = [0u8; 9];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head))
+            .await
+            .expect("in time")
+            .expect("frame head");
+        assert_eq!(head[3], 4, "the server's first frame is SETTINGS");
+        let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).await.expect("payload");
+        payload.chunks(6).find_map(|p| {
+            (p.len() == 6 && p[..2] == [0, 3]).then(|| u32::from_be_bytes([p[2], p[3], p[4], p[5]]))
+        })
+    }
+    let (_dir, cp) = weft_testkit::control_plane_over(&[world::service("echo", 80)]).await;
+    let roots = weft_proto::tls::roots(&[cp.ca.root_pem().to_string()]).expect("roots");
+    let config = weft_proto::tls::client_config(None, roots, &[weft_proto::tls::ALPN_H2])
+        .expect("client config");
+    let tcp = tokio::net::TcpStream::connect(cp.grpc_addr)
+        .await
+        .expect("connect");
+    let name = weft_proto::tls::rustls::pki_types::ServerName::try_from("weft-control-plane")
+        .expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    let want = Some(weft_control_plane::grpc_tls::MAX_CONCURRENT_STREAMS);
+    assert_eq!(first_settings(&mut tls).await, want, "TLS port");
+    let mut plain = tokio::net::TcpStream::connect(cp.plaintext())
+        .await
+        .expect("connect");
+    assert_eq!(first_settings(&mut plain).await, want, "plaintext port");
+}
+
 /// A sidecar recognises its control plane by the name only the CA puts on the control
 /// plane's own certificate: a server with a certificate from the same CA for the control
 /// plane's very SPIFFE ID, but without that name (what any path that issues by SPIFFE ID
