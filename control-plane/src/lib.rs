@@ -256,6 +256,7 @@ impl ControlPlane {
         }
 
         let load = Arc::new(lrs::LoadStore::default());
+        let registry = Arc::new(xds::registry::Registry::default());
         let mut controller = rollout::Controller::new(
             catalog.clone(),
             load.clone(),
@@ -268,9 +269,13 @@ impl ControlPlane {
         let rollouts = Arc::new(controller);
         tasks.push(tokio::spawn(rollouts.clone().run()));
         let lrs_service = weft_proto::envoy::envoy::service::load_stats::v3::load_reporting_service_server::LoadReportingServiceServer::new(
-            lrs::LrsServer::new(load.clone(), config.load_report_interval, metrics.clone()),
+            lrs::LrsServer::new(
+                load.clone(),
+                config.load_report_interval,
+                metrics.clone(),
+                registry.clone(),
+            ),
         );
-        let registry = Arc::new(xds::registry::Registry::default());
         let shared = Arc::new(xds::Shared {
             translations: trx.clone(),
             registry: registry.clone(),

@@ -6,6 +6,12 @@
 //! Protocol: the client's first message carries its node; the server answers once with the
 //! clusters to report (here: all of them) and the interval; every later client message holds
 //! the load since its previous one.
+//!
+//! A report counts only as what its reporter could have seen: it must come over the TLS
+//! port from a proxy with an xDS stream under the same identity and node id, and only for
+//! clusters that stream was sent; zones per cluster are capped. Everything else is dropped
+//! and counted (`weft_lrs_dropped_total`), so a workload certificate alone cannot steer a
+//! rollout nor grow memory and metric series with made-up names.
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
@@ -108,6 +114,9 @@ pub struct ClusterLoad {
     pub by_zone: BTreeMap<String, LoadCounts>,
 }
 
+/// Most zones kept per cluster; stats for more are dropped.
+pub const MAX_ZONES_PER_CLUSTER: usize = 64;
+
 /// The load reported by every proxy, added up per cluster.
 #[derive(Default)]
 pub struct LoadStore {
@@ -115,20 +124,42 @@ pub struct LoadStore {
 }
 
 impl LoadStore {
-    /// Adds one proxy's report.
-    pub fn record(&self, stats: &[ClusterStats], metrics: &Metrics) {
+    /// Adds one proxy's report, for the clusters `in_view` accepts (the others are dropped
+    /// and counted).
+    pub fn record(
+        &self,
+        stats: &[ClusterStats],
+        metrics: &Metrics,
+        in_view: &dyn Fn(&str) -> bool,
+    ) {
+        let dropped = |reason: &str| {
+            metrics
+                .lrs_dropped
+                .get_or_create(&vec![("reason".into(), reason.into())])
+                .inc();
+        };
         let mut clusters = crate::lock(&self.clusters);
         for c in stats {
+            if !in_view(&c.cluster_name) {
+                dropped("not_in_view");
+                continue;
+            }
             let entry = clusters.entry(c.cluster_name.clone()).or_default();
             let mut in_progress = 0;
             for l in &c.upstream_locality_stats {
                 let counts = LoadCounts::from_locality(l);
-                in_progress += counts.in_progress;
                 let zone = l
                     .locality
                     .as_ref()
                     .map(|l| l.zone.clone())
                     .unwrap_or_default();
+                if !entry.by_zone.contains_key(&zone)
+                    && (entry.by_zone.len() >= MAX_ZONES_PER_CLUSTER || zone.len() > 63)
+                {
+                    dropped("too_many_zones");
+                    continue;
+                }
+                in_progress += counts.in_progress;
                 entry.by_zone.entry(zone).or_default().add(&counts);
                 entry.total.add(&counts);
                 metrics.observe_load(&c.cluster_name, counts.succeeded, counts.errored);
@@ -171,18 +202,61 @@ pub struct LrsServer {
     store: Arc<LoadStore>,
     interval: Duration,
     metrics: Arc<Metrics>,
+    registry: Arc<crate::xds::registry::Registry>,
 }
 
 impl LrsServer {
-    /// A server asking for reports every `interval`, adding them to `store`.
-    pub fn new(store: Arc<LoadStore>, interval: Duration, metrics: Arc<Metrics>) -> Self {
+    /// A server asking for reports every `interval`, adding to `store` what each reporter's
+    /// xDS stream in `registry` was sent.
+    pub fn new(
+        store: Arc<LoadStore>,
+        interval: Duration,
+        metrics: Arc<Metrics>,
+        registry: Arc<crate::xds::registry::Registry>,
+    ) -> Self {
         LrsServer {
             store,
             interval,
             metrics,
+            registry,
         }
     }
+
+    /// Records `stats` from node `node` proven as `caller`: only clusters its own xDS
+    /// stream holds.
+    fn record(&self, node: &str, caller: Option<&weft_proto::SpiffeId>, stats: &[ClusterStats]) {
+        if stats.is_empty() {
+            return;
+        }
+        let held: Option<std::collections::HashSet<String>> = self
+            .registry
+            .find(node)
+            .filter(|r| {
+                let r = crate::xds::registry::lock(r);
+                caller.is_some() && r.identity.as_ref() == caller
+            })
+            .map(|r| {
+                crate::xds::registry::lock(&r)
+                    .held(CLUSTER_TYPE)
+                    .into_iter()
+                    .map(|res| res.name.clone())
+                    .collect()
+            });
+        let Some(held) = held else {
+            tracing::debug!(%node, ?caller, "load report dropped: no xDS stream of this node with this identity");
+            self.metrics
+                .lrs_dropped
+                .get_or_create(&vec![("reason".into(), "no_xds_stream".into())])
+                .inc_by(stats.len() as u64);
+            return;
+        };
+        self.store
+            .record(stats, &self.metrics, &|c: &str| held.contains(c));
+    }
 }
+
+/// Index of CDS in [`weft_proto::type_url::ALL`].
+const CLUSTER_TYPE: usize = 0;
 
 type ResponseStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<LoadStatsResponse, Status>> + Send>>;
@@ -195,6 +269,7 @@ impl LoadReportingService for LrsServer {
         &self,
         request: Request<Streaming<LoadStatsRequest>>,
     ) -> Result<Response<Self::StreamLoadStatsStream>, Status> {
+        let caller = crate::grpc_tls::peer_identity(&request);
         let mut incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(1);
         let this = self.clone();
@@ -227,12 +302,12 @@ impl LoadReportingService for LrsServer {
             if tx.send(Ok(hello)).await.is_err() {
                 return;
             }
-            this.store.record(&first.cluster_stats, &this.metrics);
+            this.record(&node.id, caller.as_ref(), &first.cluster_stats);
             loop {
                 match incoming.message().await {
                     Ok(Some(report)) => {
                         this.metrics.lrs_reports.inc();
-                        this.store.record(&report.cluster_stats, &this.metrics);
+                        this.record(&node.id, caller.as_ref(), &report.cluster_stats);
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -292,10 +367,15 @@ mod tests {
     fn reports_add_up_across_proxies_and_windows_diff() {
         let store = LoadStore::default();
         let m = Metrics::new();
-        store.record(&[report("c", "a", 90, 0, 0)], &m);
+        let all = |_: &str| true;
+        store.record(&[report("c", "a", 90, 0, 0)], &m, &all);
         let base = store.cluster("c");
-        store.record(&[report("c", "a", 50, 0, 1), report("d", "a", 1, 0, 0)], &m);
-        store.record(&[report("c", "b", 48, 2, 1)], &m);
+        store.record(
+            &[report("c", "a", 50, 0, 1), report("d", "a", 1, 0, 0)],
+            &m,
+            &all,
+        );
+        store.record(&[report("c", "b", 48, 2, 1)], &m, &all);
         let c = store.cluster("c");
         assert_eq!((c.issued, c.succeeded, c.errored), (190, 188, 2));
         let w = c.since(&base);
@@ -309,5 +389,39 @@ mod tests {
         assert_eq!(store.all()["c"].by_zone.len(), 2);
         assert_eq!(store.sum(&["c".into(), "d".into()]).issued, 191);
         assert_eq!(store.cluster("none"), LoadCounts::default());
+    }
+
+    #[test]
+    fn clusters_outside_the_view_and_zones_past_the_cap_are_dropped() {
+        let store = LoadStore::default();
+        let m = Metrics::new();
+        let view = |c: &str| c == "mine";
+        store.record(
+            &[
+                report("mine", "a", 5, 0, 0),
+                report("canary", "a", 0, 100, 0),
+            ],
+            &m,
+            &view,
+        );
+        assert_eq!(store.cluster("mine").issued, 5);
+        assert_eq!(
+            store.cluster("canary"),
+            LoadCounts::default(),
+            "not in the reporter's view"
+        );
+        for z in 0..MAX_ZONES_PER_CLUSTER + 10 {
+            store.record(&[report("mine", &format!("z{z}"), 1, 0, 0)], &m, &view);
+        }
+        assert_eq!(store.all()["mine"].by_zone.len(), MAX_ZONES_PER_CLUSTER);
+        let page = m.render();
+        assert!(
+            page.contains("weft_lrs_dropped_total{reason=\"not_in_view\"} 1"),
+            "{page}"
+        );
+        assert!(
+            page.contains("weft_lrs_dropped_total{reason=\"too_many_zones\"} 11"),
+            "{page}"
+        );
     }
 }

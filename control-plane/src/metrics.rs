@@ -59,6 +59,10 @@ pub struct Metrics {
     pub certificate_refusals: Family<Labels, Counter>,
     /// `weft_lrs_reports_total`: load reports received.
     pub lrs_reports: Counter,
+    /// `weft_lrs_dropped_total`: per-cluster load stats refused, by `reason` (`no_xds_stream`:
+    /// the reporter has no xDS stream with its identity; `not_in_view`: a cluster it was not
+    /// sent; `too_many_zones`).
+    pub lrs_dropped: Family<Labels, Counter>,
     /// `weft_lrs_requests_total{cluster,outcome}`: requests reported by proxies.
     pub lrs_requests: Family<Labels, Counter>,
     /// `weft_rollout_canary_weight{rollout}`: the canary's current weight, percent.
@@ -110,6 +114,7 @@ impl Metrics {
             certificates_issued: Counter::default(),
             certificate_refusals: Family::default(),
             lrs_reports: Counter::default(),
+            lrs_dropped: Family::default(),
             lrs_requests: Family::default(),
             rollout_weight: Family::default(),
             rollout_decisions: Family::default(),
@@ -224,6 +229,11 @@ impl Metrics {
             "weft_certificate_refusals",
             "Certificate requests refused, by gRPC code",
             m.certificate_refusals.clone(),
+        );
+        registry.register(
+            "weft_lrs_dropped",
+            "Per-cluster load stats refused, by reason (no_xds_stream, not_in_view, too_many_zones)",
+            m.lrs_dropped.clone(),
         );
         registry.register(
             "weft_lrs_reports",

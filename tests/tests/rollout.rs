@@ -147,6 +147,93 @@ async fn until_phase(cp: &ControlPlane, phase: Phase, patience: Duration) {
     .await;
 }
 
+/// A workload certificate alone cannot steer a rollout: a load report from a holder of a
+/// valid SVID whose proxy has no xDS stream under that identity (or for a node another
+/// identity opened) changes nothing, and is counted as dropped.
+#[tokio::test]
+async fn load_reports_outside_the_reporters_own_view_change_nothing() {
+    use weft_proto::envoy::envoy::config::endpoint::v3::{ClusterStats, UpstreamLocalityStats};
+    use weft_proto::envoy::envoy::service::load_stats::v3::LoadStatsRequest;
+    use weft_proto::envoy::envoy::service::load_stats::v3::load_reporting_service_client::LoadReportingServiceClient;
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(
+        dir.path().join("world.yaml"),
+        world_docs(
+            "127.0.9.1:8080".parse().expect("addr"),
+            "127.0.9.2:8080".parse().expect("addr"),
+            None,
+        ),
+    )
+    .expect("world");
+    let cp = control_plane(dir.path(), None).await;
+    // A real client holds the canary's cluster in its view...
+    let sc = sidecar(&cp, "127.0.9.100").await;
+    // ...the intruder has a certificate of its own and reports for the canary, as itself
+    // and as that client's node.
+    let token = weft_testkit::mint_token(&cp, "default", "intruder")
+        .await
+        .expect("token");
+    let (csr, key) =
+        weft_proto::tls::new_csr("spiffe://cluster.local/ns/default/sa/intruder").expect("csr");
+    let signed = weft_proto::identity::certificate_service_client::CertificateServiceClient::new(
+        weft_testkit::tls_channel(&cp, None)
+            .await
+            .expect("anonymous TLS"),
+    )
+    .sign(weft_proto::identity::SignRequest {
+        csr_pem: csr,
+        token,
+        requested_ttl_seconds: 0,
+        node_id: String::new(),
+    })
+    .await
+    .expect("signed")
+    .into_inner();
+    let svid = weft_proto::tls::Svid::from_pem(&signed.cert_chain_pem, &key).expect("svid");
+    let canary = "echo-v2.default.svc.cluster.local:80";
+    let bad = |node: &str| LoadStatsRequest {
+        node: Some(weft_proto::envoy::envoy::config::core::v3::Node {
+            id: node.into(),
+            ..Default::default()
+        }),
+        cluster_stats: vec![ClusterStats {
+            cluster_name: canary.into(),
+            upstream_locality_stats: vec![UpstreamLocalityStats {
+                total_issued_requests: 1000,
+                total_error_requests: 1000,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    for node in ["intruder", "client"] {
+        let channel = weft_testkit::tls_channel(&cp, Some(&svid))
+            .await
+            .expect("mTLS");
+        let mut stream = LoadReportingServiceClient::new(channel)
+            .stream_load_stats(tokio_stream::iter(vec![bad(node), bad(node)]))
+            .await
+            .expect("LRS stream")
+            .into_inner();
+        let _ = stream.message().await;
+    }
+    weft_testkit::eventually("both reports dropped", Duration::from_secs(5), || {
+        let page = cp.metrics.render();
+        weft_testkit::metric_sum(
+            &page,
+            "weft_lrs_dropped_total",
+            &["reason=\"no_xds_stream\""],
+        ) >= 4.0
+    })
+    .await;
+    assert_eq!(
+        cp.load.cluster(canary).errored,
+        0,
+        "a forged report counted"
+    );
+    drop(sc);
+}
+
 #[tokio::test]
 async fn load_reports_match_the_traffic_sent() {
     let (v1, v2) = (echo("127.0.8.1", "v1").await, echo("127.0.8.2", "v2").await);
