@@ -43,6 +43,18 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 cargo nextest --version
 
+say "cargo deny (licenses, bans, sources; advisories when the RustSec database is reachable)"
+if ! cargo deny --version >/dev/null 2>&1; then
+  cargo install cargo-deny --locked
+fi
+cargo deny --version
+cargo deny --locked check licenses bans sources
+if fetch_err=$(cargo deny fetch db 2>&1); then
+  cargo deny --locked check advisories
+else
+  echo "SKIPPED advisories: the RustSec advisory database cannot be fetched here ($(printf '%s' "$fetch_err" | grep -m1 -iE 'fatal|error' || echo 'fetch failed'))"
+fi
+
 say "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -139,17 +139,16 @@ pub struct Translation {
 }
 
 impl Translation {
-    /// `place`, completed from the proxy's pod when it did not say where it is: node ids of
-    /// injected sidecars are `<pod>.<namespace>`, and the pod's Node has the locality.
-    pub fn place_of(&self, node_id: &str, place: &ProxyPlace) -> ProxyPlace {
-        let l = &place.locality;
-        if !(l.region.is_empty() && l.zone.is_empty() && l.subzone.is_empty()) {
-            return place.clone();
-        }
-        let Some((pod, ns)) = node_id.split_once('.') else {
-            return place.clone();
-        };
-        match self.pod_places.get(&ServiceKey::new(ns, pod)) {
+    /// Where a proxy is: for a Pod this control plane knows (node id `<pod>.<namespace>`, in
+    /// the namespace its certificate proves), its Node's locality, whatever the proxy
+    /// claims; otherwise (a VM, the file source without Pods) what the proxy says.
+    pub fn place_of(&self, node_id: &str, namespace: &str, place: &ProxyPlace) -> ProxyPlace {
+        let known = node_id
+            .rsplit_once('.')
+            .filter(|(pod, ns)| *ns == namespace && !pod.is_empty())
+            .and_then(|(pod, ns)| self.pod_places.get(&ServiceKey::new(ns, pod)));
+        match known {
+            // The Pod's Node says where it is; what the proxy claims does not count.
             Some(loc) => ProxyPlace {
                 cluster: place.cluster.clone(),
                 locality: loc.clone(),
@@ -1040,6 +1039,31 @@ pub(crate) mod tests {
             "metadata": {"name": "echo"}}),
         );
         assert_eq!(clusterset(&translate(&model(docs), None)), 5);
+    }
+
+    #[test]
+    fn a_known_pods_locality_wins_over_what_its_proxy_claims() {
+        let t = translate(
+            &model(vec![
+                node("n-a1", "r1", "a"),
+                json!({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": "web-0", "namespace": "default"},
+                    "spec": {"nodeName": "n-a1", "containers": []}}),
+            ]),
+            None,
+        );
+        let claimed = place("c1", "r9", "elsewhere");
+        assert_eq!(
+            t.place_of("web-0.default", "default", &claimed),
+            place("c1", "r1", "a"),
+            "the Pod's Node decides"
+        );
+        assert_eq!(
+            t.place_of("web-0.default", "other", &claimed),
+            claimed,
+            "another namespace's proxy does not get this Pod"
+        );
+        assert_eq!(t.place_of("vm-1", "default", &claimed), claimed);
     }
 
     #[test]

@@ -592,6 +592,23 @@ async fn the_control_plane_tls_port_authenticates_its_callers() {
         .await
         .expect("operator reads any proxy");
     assert!(seen.into_inner().proxy.is_some());
+    // The mTLS proxy is who its certificate says, whatever its node metadata claimed.
+    let anon = weft_testkit::operator_admin(&cp)
+        .await
+        .expect("operator")
+        .get_proxy_config(weft_proto::admin::GetProxyConfigRequest {
+            node_id: "anon".into(),
+            local_only: false,
+        })
+        .await
+        .expect("anon's config")
+        .into_inner()
+        .proxy
+        .expect("status");
+    assert_eq!(
+        (anon.namespace.as_str(), anon.service_account.as_str()),
+        ("default", "client")
+    );
 
     // A caller that trusts another root does not get through the handshake.
     let other = weft_control_plane::identity::Ca::load_or_generate(None, td, "other").expect("CA");

@@ -237,7 +237,10 @@ pub(crate) async fn run<P: Protocol>(
         info.service_account = id.service_account().to_string();
     }
     // A proxy that does not say where it is (an injected sidecar) is placed by its pod.
-    info.place = shared.translations.borrow().place_of(&info.id, &info.place);
+    info.place = shared
+        .translations
+        .borrow()
+        .place_of(&info.id, &info.namespace, &info.place);
     tracing::info!(node = %info.id, ?peer, namespace = %info.namespace, protocol = P::NAME, "proxy connected");
     let reg = shared.registry.register(info.clone(), P::NAME, identity);
     let _connected = ConnectedGuard::new(shared.metrics.clone());
