@@ -3,9 +3,12 @@
 //!
 //! `install` renders exactly the committed files (embedded at build time), changed only where
 //! an option says so (cluster name, trust domain, images), and adds what must be made per
-//! installation: the mesh root (Secret `weft-ca`, or the one in `--ca-dir`), its certificate
-//! for the injector (ConfigMap `weft-root`), and the webhook's serving certificate (Secret
-//! `weft-injector-tls`, its CA in the MutatingWebhookConfiguration's `caBundle`). With
+//! installation: this cluster's CA (Secret `weft-ca`: the root certificate, an intermediate
+//! for this cluster and its key, the join-token key — never the root key, which stays where
+//! `--ca-dir` is, or where a fresh root is written, `--root-out-dir`), the roots for the
+//! injector (ConfigMap `weft-root`), the webhook's serving certificate (Secret
+//! `weft-injector-tls`, its CA in the MutatingWebhookConfiguration's `caBundle`), and operator
+//! credentials for `weftctl` (`--credentials-out`). With
 //! `--dry-run` it prints them; otherwise it applies them with server-side apply (field manager
 //! `weftctl`), which is also how the webhook certificate is rotated: run it again.
 
@@ -50,10 +53,20 @@ pub struct InstallArgs {
     #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
     pub tag: String,
     /// Use the mesh root in this directory (`root.pem`, `root.key.pem`; share it between
-    /// clusters that federate) instead of making a new one. A cluster that already has a
-    /// different root refuses it unless `--rotate-root` is given.
+    /// clusters that federate; keep it offline) instead of making a new one: the install makes
+    /// this cluster's intermediate from it, and only that goes into the cluster. A cluster
+    /// that already has a different root refuses it unless `--rotate-root` is given.
     #[arg(long)]
     pub ca_dir: Option<PathBuf>,
+    /// Where a new root is written (`weft-root-<fingerprint>/`, files 0600) when no
+    /// `--ca-dir` is given: keep it offline, it makes other clusters' intermediates and the
+    /// next rotation.
+    #[arg(long, default_value = ".")]
+    pub root_out_dir: PathBuf,
+    /// Where operator credentials for `weftctl` are written (not with `--dry-run`; an
+    /// existing file is kept).
+    #[arg(long, default_value = "~/.config/weft/credentials.pem")]
+    pub credentials_out: String,
     /// Rotate the mesh root, in two runs: the first adds a new root (or `--ca-dir`'s) to the
     /// trust bundle beside the current one, which keeps signing; run it again once workloads
     /// have renewed (half their certificate lifetime, 12 h by default) to sign with the new
@@ -62,18 +75,37 @@ pub struct InstallArgs {
     pub rotate_root: bool,
 }
 
-/// File names in the `weft-ca` Secret.
+/// File names in the `weft-ca` Secret (what the control plane reads with `--ca-dir`).
 pub mod ca_keys {
-    /// The root that signs (the control planes' intermediates chain to it).
+    /// The root the signing intermediate chains to.
     pub const ROOT: &str = "root.pem";
+    /// This cluster's intermediate (path length 0), which signs workloads.
+    pub const INTERMEDIATE: &str = "intermediate.pem";
     /// Its key.
-    pub const ROOT_KEY: &str = "root.key.pem";
+    pub const INTERMEDIATE_KEY: &str = "intermediate.key.pem";
+    /// The join-token key (shared by the replicas: a token minted by one verifies on all).
+    pub const TOKEN_KEY: &str = "token.key";
     /// More roots every workload trusts (a rotation's other root).
     pub const BUNDLE: &str = weft_control_plane::identity::TRUST_BUNDLE_FILE;
     /// During a rotation: the root that will sign after the second `--rotate-root`.
     pub const NEXT_ROOT: &str = "next-root.pem";
+    /// Its intermediate for this cluster.
+    pub const NEXT_INTERMEDIATE: &str = "next-intermediate.pem";
+    /// That intermediate's key.
+    pub const NEXT_INTERMEDIATE_KEY: &str = "next-intermediate.key.pem";
+    /// The old layout's root key: a Secret holding it is refused (the key belongs offline).
+    pub const OLD_ROOT_KEY: &str = "root.key.pem";
+}
+
+/// What one root gives an install: its certificate and this cluster's intermediate under it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Material {
+    /// The root certificate.
+    pub root: String,
+    /// This cluster's intermediate certificate.
+    pub intermediate: String,
     /// Its key.
-    pub const NEXT_ROOT_KEY: &str = "next-root.key.pem";
+    pub intermediate_key: String,
 }
 
 /// The mesh root an install applies: the `weft-ca` Secret's files, the trust bundle for the
@@ -103,18 +135,19 @@ fn fingerprint(pem: &str) -> String {
         .map_or_else(|| "<unreadable>".into(), |f| f[..16].to_string())
 }
 
-/// Decides the root: `existing` is the cluster's `weft-ca` Secret (decoded), `given` the
-/// root from `--ca-dir`, `fresh` makes a new one. An existing root is kept unless
-/// `rotate`; a different `given` root without `rotate` is an error, never a silent swap.
+/// Decides the CA: `existing` is the cluster's `weft-ca` Secret (decoded), `given` the root
+/// from `--ca-dir` (with this cluster's intermediate made from it), `fresh` makes a new one.
+/// An existing CA is kept unless `rotate`; a different `given` root without `rotate` is an
+/// error, never a silent swap. No root key ever enters the Secret.
 pub fn plan_roots(
     existing: Option<&std::collections::BTreeMap<String, String>>,
-    given: Option<(String, String)>,
+    given: Option<Material>,
     rotate: bool,
-    fresh: impl FnOnce() -> anyhow::Result<(String, String)>,
+    fresh: impl FnOnce() -> anyhow::Result<Material>,
 ) -> anyhow::Result<RootPlan> {
     use ca_keys::*;
-    if let Some((root, _)) = &given
-        && weft_proto::tls::fingerprints(root).is_empty()
+    if let Some(g) = &given
+        && weft_proto::tls::fingerprints(&g.root).is_empty()
     {
         anyhow::bail!("--ca-dir: {ROOT} holds no readable certificate");
     }
@@ -135,38 +168,51 @@ pub fn plan_roots(
                 "--rotate-root: this cluster has no mesh root yet (no Secret weft-system/weft-ca); install without it first"
             );
         }
-        let (root, key) = match given {
+        let m = match given {
             Some(g) => g,
             None => fresh()?,
         };
         let secret = [
-            (ROOT.to_string(), root.clone()),
-            (ROOT_KEY.to_string(), key),
+            (ROOT.to_string(), m.root.clone()),
+            (INTERMEDIATE.to_string(), m.intermediate),
+            (INTERMEDIATE_KEY.to_string(), m.intermediate_key),
+            (TOKEN_KEY.to_string(), token_key()),
         ]
         .into();
         return Ok(RootPlan {
             bundle: bundle_of(&secret),
-            summary: format!("mesh root {} (new)", fingerprint(&root)),
+            summary: format!("mesh root {} (new)", fingerprint(&m.root)),
             secret,
         });
     };
+    if existing.contains_key(OLD_ROOT_KEY) {
+        anyhow::bail!(
+            "Secret weft-system/weft-ca holds the mesh root's key ({OLD_ROOT_KEY}, the old layout): copy root.pem and {OLD_ROOT_KEY} from it to a directory you keep offline, delete the Secret, and install again with --ca-dir DIR"
+        );
+    }
     let current = existing
         .get(ROOT)
         .filter(|r| !r.trim().is_empty())
         .ok_or_else(|| anyhow::anyhow!("Secret weft-system/weft-ca has no {ROOT}: repair it or delete it to make a new root"))?;
-    if !existing.contains_key(ROOT_KEY) {
-        anyhow::bail!(
-            "Secret weft-system/weft-ca has no {ROOT_KEY}: repair it or delete it to make a new root"
-        );
+    for k in [INTERMEDIATE, INTERMEDIATE_KEY] {
+        if !existing.contains_key(k) {
+            anyhow::bail!(
+                "Secret weft-system/weft-ca has no {k}: repair it or delete it to make a new root"
+            );
+        }
     }
+    let mut secret = existing.clone();
+    secret
+        .entry(TOKEN_KEY.to_string())
+        .or_insert_with(token_key);
     let same = |a: &str, b: &str| fingerprint(a) == fingerprint(b);
     if !rotate {
-        if let Some((root, _)) = &given
-            && !same(root, current)
+        if let Some(g) = &given
+            && !same(&g.root, current)
         {
             anyhow::bail!(
                 "--ca-dir holds root {} but this cluster's mesh root is {}: replacing it would cut off every workload; keep the existing root (drop --ca-dir) or rotate to it with --rotate-root",
-                fingerprint(root),
+                fingerprint(&g.root),
                 fingerprint(current)
             );
         }
@@ -179,21 +225,25 @@ pub fn plan_roots(
             None => format!("mesh root {} kept", fingerprint(current)),
         };
         return Ok(RootPlan {
-            secret: existing.clone(),
-            bundle: bundle_of(existing),
+            bundle: bundle_of(&secret),
+            secret,
             summary,
         });
     }
-    let mut secret = existing.clone();
-    match (existing.get(NEXT_ROOT), existing.get(NEXT_ROOT_KEY)) {
-        // Second run: the new root signs; the old one stays trusted.
-        (Some(next), Some(next_key)) => {
-            if let Some((root, _)) = &given
-                && !same(root, next)
+    let next = (
+        existing.get(NEXT_ROOT),
+        existing.get(NEXT_INTERMEDIATE),
+        existing.get(NEXT_INTERMEDIATE_KEY),
+    );
+    match next {
+        // Second run: the new root's intermediate signs; the old root stays trusted.
+        (Some(next), Some(next_int), Some(next_key)) => {
+            if let Some(g) = &given
+                && !same(&g.root, next)
             {
                 anyhow::bail!(
                     "--ca-dir holds root {} but the rotation in progress is to {}: finish it without --ca-dir first",
-                    fingerprint(root),
+                    fingerprint(&g.root),
                     fingerprint(next)
                 );
             }
@@ -208,10 +258,12 @@ pub fn plan_roots(
                 new
             });
             secret.insert(ROOT.into(), next.clone());
-            secret.insert(ROOT_KEY.into(), next_key.clone());
+            secret.insert(INTERMEDIATE.into(), next_int.clone());
+            secret.insert(INTERMEDIATE_KEY.into(), next_key.clone());
             secret.insert(BUNDLE.into(), trusted.concat());
-            secret.remove(NEXT_ROOT);
-            secret.remove(NEXT_ROOT_KEY);
+            for k in [NEXT_ROOT, NEXT_INTERMEDIATE, NEXT_INTERMEDIATE_KEY] {
+                secret.remove(k);
+            }
             Ok(RootPlan {
                 bundle: bundle_of(&secret),
                 summary: format!(
@@ -222,36 +274,45 @@ pub fn plan_roots(
                 secret,
             })
         }
-        (None, None) => {
-            let (root, key) = match given {
+        (None, None, None) => {
+            let m = match given {
                 Some(g) => g,
                 None => fresh()?,
             };
-            if same(&root, current) {
+            if same(&m.root, current) {
                 anyhow::bail!(
                     "--rotate-root: --ca-dir holds the root this cluster already signs with ({})",
                     fingerprint(current)
                 );
             }
             let mut trusted = pem_blocks(existing.get(BUNDLE).map_or("", String::as_str));
-            trusted.extend(pem_blocks(&root));
+            trusted.extend(pem_blocks(&m.root));
             secret.insert(BUNDLE.into(), trusted.concat());
-            secret.insert(NEXT_ROOT.into(), root.clone());
-            secret.insert(NEXT_ROOT_KEY.into(), key);
+            secret.insert(NEXT_ROOT.into(), m.root.clone());
+            secret.insert(NEXT_INTERMEDIATE.into(), m.intermediate);
+            secret.insert(NEXT_INTERMEDIATE_KEY.into(), m.intermediate_key);
             Ok(RootPlan {
                 bundle: bundle_of(&secret),
                 summary: format!(
                     "root rotation step 1 of 2: new root {} is trusted beside {}, which still signs; once workloads have renewed their certificates (half their lifetime, 12 h by default) run `weftctl install --rotate-root` again",
-                    fingerprint(&root),
+                    fingerprint(&m.root),
                     fingerprint(current)
                 ),
                 secret,
             })
         }
         _ => anyhow::bail!(
-            "Secret weft-system/weft-ca has only one of {NEXT_ROOT} and {NEXT_ROOT_KEY}: repair it"
+            "Secret weft-system/weft-ca has only some of {NEXT_ROOT}, {NEXT_INTERMEDIATE} and {NEXT_INTERMEDIATE_KEY}: repair it"
         ),
     }
+}
+
+/// A new join-token key (32 random bytes, hex), as the control plane reads `token.key`.
+fn token_key() -> String {
+    weft_control_plane::identity::token::random_bytes::<32>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Parses a multi-document YAML text into JSON values (empty documents skipped).
@@ -283,28 +344,56 @@ fn image(registry: &str, tag: &str, current: &str) -> String {
     format!("{registry}/{name}:{tag}")
 }
 
-/// The root in `--ca-dir`, if given.
-fn given_root(args: &InstallArgs) -> anyhow::Result<Option<(String, String)>> {
-    let Some(dir) = &args.ca_dir else {
-        return Ok(None);
-    };
-    let read = |f: &str| {
-        std::fs::read_to_string(dir.join(f))
-            .map_err(|e| anyhow::anyhow!("--ca-dir {}: {f}: {e}", dir.display()))
-    };
-    Ok(Some((read(ca_keys::ROOT)?, read(ca_keys::ROOT_KEY)?)))
+/// This cluster's intermediate under the root in `root_dir` (`root.pem`, `root.key.pem`).
+fn material_from(root_dir: &Path, cluster: &str) -> anyhow::Result<Material> {
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("ca");
+    weft_control_plane::identity::Ca::make_intermediate(root_dir, cluster, &out)
+        .map_err(|e| anyhow::anyhow!("--ca-dir {}: {e}", root_dir.display()))?;
+    let read = |f: &str| std::fs::read_to_string(out.join(f));
+    Ok(Material {
+        root: read(ca_keys::ROOT)?,
+        intermediate: read(ca_keys::INTERMEDIATE)?,
+        intermediate_key: read(ca_keys::INTERMEDIATE_KEY)?,
+    })
 }
 
-/// A new mesh root.
-fn fresh_root(args: &InstallArgs) -> anyhow::Result<(String, String)> {
+/// The root in `--ca-dir` and this cluster's intermediate from it, if given.
+fn given_root(args: &InstallArgs) -> anyhow::Result<Option<Material>> {
+    args.ca_dir
+        .as_deref()
+        .map(|dir| material_from(dir, &args.cluster_name))
+        .transpose()
+}
+
+/// A new mesh root, written to `<root-out-dir>/weft-root-<fingerprint>/` (kept offline by
+/// the operator; nowhere with `keep` false, for a dry run), and this cluster's intermediate.
+fn fresh_root(args: &InstallArgs, keep: bool) -> anyhow::Result<Material> {
     let tmp = tempfile::tempdir()?;
-    weft_control_plane::identity::Ca::load_or_generate(
+    let made = weft_control_plane::identity::Ca::load_or_generate(
         Some(tmp.path()),
         &args.trust_domain,
-        &args.cluster_name,
+        "root",
     )?;
-    let read = |f: &str| std::fs::read_to_string(tmp.path().join(f));
-    Ok((read(ca_keys::ROOT)?, read(ca_keys::ROOT_KEY)?))
+    let m = material_from(tmp.path(), &args.cluster_name)?;
+    if keep {
+        let dir = args
+            .root_out_dir
+            .join(format!("weft-root-{}", fingerprint(made.root_pem())));
+        std::fs::create_dir_all(&dir)?;
+        for f in [ca_keys::ROOT, ca_keys::OLD_ROOT_KEY] {
+            let to = dir.join(f);
+            std::fs::copy(tmp.path().join(f), &to)
+                .map_err(|e| anyhow::anyhow!("writing the new root to {}: {e}", to.display()))?;
+            #[cfg(unix)]
+            std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        }
+        eprintln!(
+            "new mesh root written to {} (root.pem, root.key.pem): keep it offline; it makes other clusters' intermediates (--ca-dir) and the next rotation. Only this cluster's intermediate goes into the cluster.",
+            dir.display()
+        );
+    }
+    Ok(m)
 }
 
 /// A one-year serving certificate for the webhook's Service, signed by a CA made for it:
@@ -347,8 +436,8 @@ pub fn render(args: &InstallArgs, roots: &RootPlan) -> anyhow::Result<Vec<Value>
         for mut doc in documents(text).map_err(|e| anyhow::anyhow!("install/{file}: {e}"))? {
             if doc["kind"] == "Deployment" {
                 if doc["metadata"]["name"] == "weft-control-plane" {
-                    // A new signing root rolls the replicas (they load it at start); a new
-                    // trust bundle alone does not (they re-read it).
+                    // A new signing intermediate rolls the replicas (they load it at start);
+                    // a new trust bundle alone does not (they re-read it).
                     let signer = roots.secret.get(ca_keys::ROOT).map_or("", String::as_str);
                     doc["spec"]["template"]["metadata"]["annotations"]
                         [weft_proto::keys::CA_ROOT_FINGERPRINT_ANNOTATION] =
@@ -444,7 +533,7 @@ pub async fn install(args: InstallArgs) -> anyhow::Result<i32> {
     let given = given_root(&args)?;
     if args.dry_run {
         // No cluster is read: what a first install would apply.
-        let plan = plan_roots(None, given, false, || fresh_root(&args))?;
+        let plan = plan_roots(None, given, false, || fresh_root(&args, false))?;
         print!("{}", to_yaml(&render(&args, &plan)?)?);
         eprintln!("{} (dry run: as a first install)", plan.summary);
         return Ok(0);
@@ -456,7 +545,7 @@ pub async fn install(args: InstallArgs) -> anyhow::Result<i32> {
     })?;
     let existing = existing_root(&client).await?;
     let plan = plan_roots(existing.as_ref(), given, args.rotate_root, || {
-        fresh_root(&args)
+        fresh_root(&args, true)
     })?;
     let docs = render(&args, &plan)?;
     for d in docs {
@@ -487,7 +576,53 @@ pub async fn install(args: InstallArgs) -> anyhow::Result<i32> {
         println!("applied {} {name}", types.kind);
     }
     println!("{}", plan.summary);
+    operator_credentials(&args, &plan)?;
     Ok(0)
+}
+
+/// Writes operator credentials for `weftctl` from the installed intermediate, unless the
+/// file exists.
+fn operator_credentials(args: &InstallArgs, plan: &RootPlan) -> anyhow::Result<()> {
+    let path = match args.credentials_out.strip_prefix("~/") {
+        Some(rest) => std::env::var_os("HOME")
+            .map(|h| Path::new(&h).join(rest))
+            .ok_or_else(|| {
+                anyhow::anyhow!("--credentials-out {}: no HOME", args.credentials_out)
+            })?,
+        None => PathBuf::from(&args.credentials_out),
+    };
+    if path.exists() {
+        println!("operator credentials: {} kept", path.display());
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    for f in [
+        ca_keys::ROOT,
+        ca_keys::INTERMEDIATE,
+        ca_keys::INTERMEDIATE_KEY,
+    ] {
+        std::fs::write(
+            tmp.path().join(f),
+            plan.secret.get(f).map_or("", String::as_str),
+        )?;
+    }
+    let ca = weft_control_plane::identity::Ca::load_or_generate(
+        Some(tmp.path()),
+        &args.trust_domain,
+        &args.cluster_name,
+    )?;
+    let mut creds = ca.issue_operator(
+        &args.trust_domain,
+        "admin",
+        std::time::Duration::from_secs(30 * 24 * 3600),
+    )?;
+    creds.roots = pem_blocks(&plan.bundle);
+    creds.write(&path)?;
+    println!(
+        "operator credentials for weftctl written to {} (operator admin, 30 days; more with `weft-control-plane operator issue`)",
+        path.display()
+    );
+    Ok(())
 }
 
 /// `weftctl inject` flags.
@@ -586,12 +721,50 @@ pub fn inject(args: &InjectArgs) -> anyhow::Result<i32> {
 mod tests {
     use super::*;
 
-    fn root(name: &str) -> (String, String) {
+    fn root(name: &str) -> Material {
         let tmp = tempfile::tempdir().expect("tempdir");
         weft_control_plane::identity::Ca::load_or_generate(Some(tmp.path()), "cluster.local", name)
             .expect("CA");
-        let read = |f: &str| std::fs::read_to_string(tmp.path().join(f)).expect("read");
-        (read("root.pem"), read("root.key.pem"))
+        material_from(tmp.path(), "c1").expect("intermediate")
+    }
+
+    #[test]
+    fn the_root_key_never_enters_the_cluster() {
+        let (a, b) = (root("a"), root("b"));
+        let first = plan_roots(None, None, false, || Ok(a.clone())).expect("first");
+        let step1 = plan_roots(Some(&first.secret), None, true, || Ok(b.clone())).expect("1");
+        let step2 = plan_roots(Some(&step1.secret), None, true, || Ok(root("c"))).expect("2");
+        for plan in [&first, &step1, &step2] {
+            for (k, v) in &plan.secret {
+                assert!(
+                    !v.contains("PRIVATE KEY") || k.ends_with("intermediate.key.pem"),
+                    "{k} holds a key"
+                );
+            }
+            assert!(plan.secret.contains_key(ca_keys::TOKEN_KEY));
+        }
+        assert_eq!(
+            step1.secret[ca_keys::TOKEN_KEY],
+            first.secret[ca_keys::TOKEN_KEY]
+        );
+        // The intermediate is constrained to sign leaves only.
+        use rustls_pki::pem::PemObject;
+        let der = rustls_pki::CertificateDer::from_pem_slice(
+            first.secret[ca_keys::INTERMEDIATE].as_bytes(),
+        )
+        .expect("pem");
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).expect("x509");
+        let bc = cert
+            .basic_constraints()
+            .expect("ext")
+            .expect("basic constraints")
+            .value;
+        assert!(bc.ca && bc.path_len_constraint == Some(0), "{bc:?}");
+        // A Secret of the old layout, with the root key in it, is refused with the way out.
+        let mut old = first.secret.clone();
+        old.insert(ca_keys::OLD_ROOT_KEY.into(), "key".into());
+        let err = plan_roots(Some(&old), None, false, || Ok(b.clone())).expect_err("old layout");
+        assert!(err.to_string().contains("offline"), "{err}");
     }
 
     #[test]
@@ -599,7 +772,7 @@ mod tests {
         let a = root("a");
         let b = root("b");
         let first = plan_roots(None, None, false, || Ok(a.clone())).expect("first");
-        assert_eq!(first.secret[ca_keys::ROOT], a.0);
+        assert_eq!(first.secret[ca_keys::ROOT], a.root);
         // Again, with nothing given: the same files, whatever `fresh` would make.
         let again = plan_roots(Some(&first.secret), None, false, || Ok(b.clone())).expect("again");
         assert_eq!(again.secret, first.secret);
@@ -621,20 +794,23 @@ mod tests {
         .expect_err("a different root");
         let msg = err.to_string();
         assert!(
-            msg.contains("--rotate-root") && msg.contains(&fingerprint(&b.0)),
+            msg.contains("--rotate-root") && msg.contains(&fingerprint(&b.root)),
             "{msg}"
         );
         // A broken Secret is named, not overwritten.
         let mut broken = first.secret.clone();
-        broken.remove(ca_keys::ROOT_KEY);
+        broken.remove(ca_keys::INTERMEDIATE_KEY);
         let err = plan_roots(Some(&broken), None, false, || Ok(b.clone())).expect_err("broken");
-        assert!(err.to_string().contains("root.key.pem"), "{err}");
+        assert!(err.to_string().contains("intermediate.key.pem"), "{err}");
         // Nothing to rotate on a first install.
         assert!(plan_roots(None, None, true, || Ok(b.clone())).is_err());
         // A --ca-dir root that is not a certificate is refused, not compared as "unreadable".
         let err = plan_roots(
             Some(&first.secret),
-            Some(("garbage".into(), a.1.clone())),
+            Some(Material {
+                root: "garbage".into(),
+                ..a.clone()
+            }),
             false,
             || Ok(b.clone()),
         )
@@ -647,22 +823,26 @@ mod tests {
         let (a, b) = (root("a"), root("b"));
         let first = plan_roots(None, None, false, || Ok(a.clone())).expect("first");
         let step1 = plan_roots(Some(&first.secret), None, true, || Ok(b.clone())).expect("1");
-        assert_eq!(step1.secret[ca_keys::ROOT], a.0, "the old root still signs");
+        assert_eq!(
+            step1.secret[ca_keys::ROOT],
+            a.root,
+            "the old root still signs"
+        );
         assert_eq!(weft_proto::tls::fingerprints(&step1.bundle).len(), 2);
         // A plain re-install mid-rotation keeps the rotation as it is.
         let mid = plan_roots(Some(&step1.secret), None, false, || Ok(root("c"))).expect("mid");
         assert_eq!(mid.secret, step1.secret);
         let step2 = plan_roots(Some(&step1.secret), None, true, || Ok(root("c"))).expect("2");
-        assert_eq!(step2.secret[ca_keys::ROOT], b.0, "the new root signs");
+        assert_eq!(step2.secret[ca_keys::ROOT], b.root, "the new root signs");
         assert_eq!(
             step2.secret[ca_keys::BUNDLE].trim(),
-            a.0.trim(),
+            a.root.trim(),
             "the old stays trusted"
         );
         assert!(!step2.secret.contains_key(ca_keys::NEXT_ROOT));
         // The old root listed twice, apart, in the bundle: it stays trusted once.
         let mut doubled = step1.secret.clone();
-        let bundle = format!("{}{}{}", a.0, b.0, a.0);
+        let bundle = format!("{}{}{}", a.root, b.root, a.root);
         doubled.insert(ca_keys::BUNDLE.into(), bundle);
         let step2b = plan_roots(Some(&doubled), None, true, || Ok(root("c"))).expect("2b");
         assert_eq!(
@@ -675,7 +855,7 @@ mod tests {
         assert_eq!(fps.len(), 2);
         assert_eq!(
             fps[0],
-            weft_proto::tls::fingerprints(&b.0)[0],
+            weft_proto::tls::fingerprints(&b.root)[0],
             "signing root first"
         );
     }

@@ -192,6 +192,9 @@ pub struct Backend {
     pub port: u16,
     /// Relative weight.
     pub weight: u32,
+    /// A Service of that name exists in this cluster; false for one only peers export, which
+    /// is routed to by its clusterset name (it has no cluster name here).
+    pub local: bool,
 }
 
 /// Retry settings carried by a route (from an HTTPRoute rule or the Service's policy).
@@ -847,10 +850,18 @@ fn build(
             }),
         }
     }
+    let local: std::collections::HashSet<ServiceKey> = services
+        .iter()
+        .filter(|(_, s)| s.local)
+        .map(|(k, _)| k.clone())
+        .collect();
     for s in services.values_mut() {
         for rule in s.routes.values_mut().flatten() {
             if let Some((canary, percent)) = overrides.get(&rule.origin) {
                 override_weights(rule, canary, *percent);
+            }
+            for b in &mut rule.backends {
+                b.local = local.contains(&b.service);
             }
         }
     }
@@ -1078,6 +1089,7 @@ fn resolve_split(
                 service: key,
                 port,
                 weight: b.weight,
+                local: true,
             });
         }
         out.push((
@@ -1136,6 +1148,7 @@ fn resolve_http_route(
                         service: key,
                         port: bport,
                         weight: b.weight.unwrap_or(1),
+                        local: true,
                     });
                 }
                 if backends.is_empty() {
@@ -1143,6 +1156,7 @@ fn resolve_http_route(
                         service: root.clone(),
                         port,
                         weight: 1,
+                        local: true,
                     });
                 }
                 let matches = rule

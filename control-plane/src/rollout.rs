@@ -530,11 +530,13 @@ mod tests {
                     service: ServiceKey::new("default", "echo-v1"),
                     port: 80,
                     weight: 100,
+                    local: true,
                 },
                 crate::catalog::Backend {
                     service: ServiceKey::new("default", "echo-v2"),
                     port: 80,
                     weight: 0,
+                    local: true,
                 },
             ],
             timeout: None,

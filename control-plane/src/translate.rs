@@ -342,6 +342,7 @@ fn route_config(svc: &ServiceModel, name: &ServicePortName) -> route::RouteConfi
             service: svc.key.clone(),
             port: name.port,
             weight: 1,
+            local: true,
         }],
         timeout: None,
         retry: None,
@@ -515,13 +516,19 @@ fn route_action(
     policy: Option<&TrafficPolicySpec>,
 ) -> route::RouteAction {
     use route::route_action::ClusterSpecifier;
+    // A backend only peers export has no cluster name here: it is reached by its clusterset
+    // name, whatever scope the route is for.
+    let backend = |b: &crate::catalog::Backend| {
+        let scope = if b.local { scope } else { Scope::Clusterset };
+        cluster_name(&b.service, b.port, scope)
+    };
     let specifier = match rule.backends.as_slice() {
-        [only] => ClusterSpecifier::Cluster(cluster_name(&only.service, only.port, scope)),
+        [only] => ClusterSpecifier::Cluster(backend(only)),
         many => ClusterSpecifier::WeightedClusters(route::WeightedCluster {
             clusters: many
                 .iter()
                 .map(|b| route::weighted_cluster::ClusterWeight {
-                    name: cluster_name(&b.service, b.port, scope),
+                    name: backend(b),
                     weight: Some(u32v(b.weight)),
                     ..Default::default()
                 })

@@ -195,6 +195,19 @@ fn install(kubeconfig: &std::path::Path, extra: &[&str]) -> String {
         .env_remove("KUBERNETES_SERVICE_HOST")
         .arg("install")
         .args(extra)
+        .arg("--root-out-dir")
+        .arg(
+            kubeconfig
+                .parent()
+                .unwrap_or(std::path::Path::new("/nonexistent")),
+        )
+        .arg("--credentials-out")
+        .arg(
+            kubeconfig
+                .parent()
+                .unwrap_or(std::path::Path::new("/nonexistent"))
+                .join("credentials.pem"),
+        )
         .output()
         .expect("weftctl");
     let text = format!(
@@ -269,7 +282,7 @@ async fn control_plane(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let mut cfg = weft_control_plane::Config::local(world);
-        cfg.ca_root_dir = Some(ca_root.to_path_buf());
+        cfg.ca_dir = Some(ca_root.to_path_buf());
         if let Some((tls, plain)) = addrs {
             cfg.grpc_addr = tls;
             cfg.xds_plaintext_addr = Some(plain);
@@ -417,9 +430,36 @@ async fn mock_api_server_reinstall_keeps_the_root_and_rotation_keeps_workloads_t
         first["root.pem"],
         "the injector gets the root"
     );
+    // The root key stays outside the cluster: the Secret has this cluster's intermediate, the
+    // new root (with its key) was written beside the kubeconfig, to be kept offline.
+    assert!(
+        !first.contains_key("root.key.pem")
+            && first.contains_key("intermediate.key.pem")
+            && first.contains_key("token.key"),
+        "{:?}",
+        first.keys()
+    );
+    let roots: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("weft-root-"))
+        .collect();
+    assert_eq!(roots.len(), 1, "one new root written locally");
+    assert!(roots[0].path().join("root.key.pem").exists());
     mount(&store, &ca_root);
     let cp = control_plane(&world_dir, &ca_root, None).await;
     let addrs = (cp.grpc_addr, cp.plaintext());
+    // The operator credentials the install wrote work against the installed control plane.
+    let status = std::process::Command::new(bin("weftctl"))
+        .args(["status", "--cp", &cp.grpc_addr.to_string(), "--credentials"])
+        .arg(dir.path().join("credentials.pem"))
+        .output()
+        .expect("weftctl");
+    assert!(
+        status.status.success(),
+        "weftctl status with the install's credentials: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     let (old_echo, old) = workload(&cp, dir.path(), 2, "old", &bundle(&store)).await;
 
     // Install again: the same root, no rollout; a replica restarted from the Secret still
