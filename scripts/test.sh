@@ -48,9 +48,9 @@ if ! cargo deny --version >/dev/null 2>&1; then
   cargo install cargo-deny --locked
 fi
 cargo deny --version
-cargo deny --locked check licenses bans sources
+cargo deny --locked check --hide-inclusion-graph licenses bans sources
 if fetch_err=$(cargo deny fetch db 2>&1); then
-  cargo deny --locked check advisories
+  cargo deny --locked check --hide-inclusion-graph advisories
 else
   echo "SKIPPED advisories: the RustSec advisory database cannot be fetched here ($(printf '%s' "$fetch_err" | grep -m1 -iE 'fatal|error' || echo 'fetch failed'))"
 fi

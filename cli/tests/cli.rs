@@ -772,17 +772,15 @@ async fn peers_endpoints_and_check_show_federation_and_certificates() {
         .expect("token");
     let (csr, _key) =
         weft_proto::tls::new_csr("spiffe://cluster.local/ns/default/sa/stuck").expect("csr");
-    weft_proto::identity::certificate_service_client::CertificateServiceClient::new(
-        weft_testkit::tls_channel(&west, None)
-            .await
-            .expect("TLS channel"),
+    weft_testkit::sign_with_token(
+        &west,
+        weft_proto::identity::SignRequest {
+            csr_pem: csr,
+            token,
+            requested_ttl_seconds: 8,
+            node_id: "stuck".into(),
+        },
     )
-    .sign(weft_proto::identity::SignRequest {
-        csr_pem: csr,
-        token,
-        requested_ttl_seconds: 8,
-        node_id: "stuck".into(),
-    })
     .await
     .expect("signed");
     let mut ads = weft_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::connect(format!("http://{}", west.plaintext()))

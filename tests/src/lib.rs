@@ -92,6 +92,21 @@ pub async fn tls_channel(
     .await?)
 }
 
+/// Sends `req` (a CSR with a join or service-account token) to `cp`'s CertificateService over
+/// anonymous TLS: what a workload bootstrapping does.
+pub async fn sign_with_token(
+    cp: &ControlPlane,
+    req: weft_proto::identity::SignRequest,
+) -> Result<weft_proto::identity::SignResponse, tonic::Status> {
+    let channel = tls_channel(cp, None)
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    weft_proto::identity::certificate_service_client::CertificateServiceClient::new(channel)
+        .sign(req)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 /// An admin client to `cp`'s TLS port as an operator.
 pub async fn operator_admin(
     cp: &ControlPlane,

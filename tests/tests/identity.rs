@@ -507,17 +507,15 @@ async fn a_key_outside_the_policy_is_refused() {
     let token = weft_testkit::mint_token(&cp, "default", "echo")
         .await
         .expect("token");
-    let err = CertificateServiceClient::new(
-        weft_testkit::tls_channel(&cp, None)
-            .await
-            .expect("anonymous TLS"),
+    let err = weft_testkit::sign_with_token(
+        &cp,
+        SignRequest {
+            csr_pem: csr,
+            token,
+            requested_ttl_seconds: 0,
+            node_id: String::new(),
+        },
     )
-    .sign(SignRequest {
-        csr_pem: csr,
-        token,
-        requested_ttl_seconds: 0,
-        node_id: String::new(),
-    })
     .await
     .expect_err("weak key");
     assert_eq!(err.code(), Code::InvalidArgument);

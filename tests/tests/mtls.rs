@@ -547,11 +547,12 @@ async fn the_control_plane_tls_port_authenticates_its_callers() {
         .await
         .expect_err("workload listing the mesh");
     assert_eq!(list.code(), tonic::Code::PermissionDenied, "{list:?}");
+    let ask = |node: &str| weft_proto::admin::GetProxyConfigRequest {
+        node_id: node.into(),
+        local_only: false,
+    };
     let own = admin
-        .get_proxy_config(weft_proto::admin::GetProxyConfigRequest {
-            node_id: "anon".into(),
-            local_only: false,
-        })
+        .get_proxy_config(ask("anon"))
         .await
         .expect("its own proxy's config")
         .into_inner();
@@ -574,32 +575,20 @@ async fn the_control_plane_tls_port_authenticates_its_callers() {
     })
     .await;
     let theirs = admin
-        .get_proxy_config(weft_proto::admin::GetProxyConfigRequest {
-            node_id: "someone-else".into(),
-            local_only: false,
-        })
+        .get_proxy_config(ask("someone-else"))
         .await
         .expect_err("another proxy's config");
     assert_eq!(theirs.code(), tonic::Code::PermissionDenied, "{theirs:?}");
     // An operator reads it.
-    let seen = weft_testkit::operator_admin(&cp)
-        .await
-        .expect("operator")
-        .get_proxy_config(weft_proto::admin::GetProxyConfigRequest {
-            node_id: "someone-else".into(),
-            local_only: false,
-        })
+    let mut operator = weft_testkit::operator_admin(&cp).await.expect("operator");
+    let seen = operator
+        .get_proxy_config(ask("someone-else"))
         .await
         .expect("operator reads any proxy");
     assert!(seen.into_inner().proxy.is_some());
     // The mTLS proxy is who its certificate says, whatever its node metadata claimed.
-    let anon = weft_testkit::operator_admin(&cp)
-        .await
-        .expect("operator")
-        .get_proxy_config(weft_proto::admin::GetProxyConfigRequest {
-            node_id: "anon".into(),
-            local_only: false,
-        })
+    let anon = operator
+        .get_proxy_config(ask("anon"))
         .await
         .expect("anon's config")
         .into_inner()

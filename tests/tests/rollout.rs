@@ -175,20 +175,17 @@ async fn load_reports_outside_the_reporters_own_view_change_nothing() {
         .expect("token");
     let (csr, key) =
         weft_proto::tls::new_csr("spiffe://cluster.local/ns/default/sa/intruder").expect("csr");
-    let signed = weft_proto::identity::certificate_service_client::CertificateServiceClient::new(
-        weft_testkit::tls_channel(&cp, None)
-            .await
-            .expect("anonymous TLS"),
+    let signed = weft_testkit::sign_with_token(
+        &cp,
+        weft_proto::identity::SignRequest {
+            csr_pem: csr,
+            token,
+            requested_ttl_seconds: 0,
+            node_id: String::new(),
+        },
     )
-    .sign(weft_proto::identity::SignRequest {
-        csr_pem: csr,
-        token,
-        requested_ttl_seconds: 0,
-        node_id: String::new(),
-    })
     .await
-    .expect("signed")
-    .into_inner();
+    .expect("signed");
     let svid = weft_proto::tls::Svid::from_pem(&signed.cert_chain_pem, &key).expect("svid");
     let canary = "echo-v2.default.svc.cluster.local:80";
     let bad = |node: &str| LoadStatsRequest {
