@@ -70,13 +70,17 @@ impl Ledger {
             });
         };
         let path = dir.join(FILE);
-        let state = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| LedgerError::Corrupt {
-                path: path.clone(),
-                message: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(source) => return Err(LedgerError::Io { path, source }),
+        let state = match crate::state_file::read(&path) {
+            Ok(s) => s.unwrap_or_default(),
+            Err(crate::state_file::ReadError::Io(source)) => {
+                return Err(LedgerError::Io { path, source });
+            }
+            Err(e) => {
+                return Err(LedgerError::Corrupt {
+                    path,
+                    message: e.to_string(),
+                });
+            }
         };
         Ok(Ledger {
             path: Some(path),
@@ -140,14 +144,10 @@ impl Ledger {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        let io = |source| LedgerError::Io {
+        crate::state_file::write(path, s).map_err(|source| LedgerError::Io {
             path: path.clone(),
             source,
-        };
-        let text = serde_json::to_vec(s).map_err(|e| io(std::io::Error::other(e)))?;
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, text).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        })
     }
 }
 

@@ -22,6 +22,7 @@ pub mod peer_auth;
 pub mod replicas;
 pub mod rollout;
 pub mod source;
+pub mod state_file;
 pub mod token_review;
 pub mod translate;
 pub mod xds;
@@ -89,6 +90,9 @@ pub enum StartError {
     /// The join-token ledger cannot be read.
     #[error("--state-dir: {0}")]
     Ledger(#[from] ledger::LedgerError),
+    /// A state file cannot be read.
+    #[error("--state-dir: {0}")]
+    State(#[from] state_file::StateError),
 }
 
 /// A running control plane; dropping it stops every task.
@@ -303,6 +307,7 @@ impl ControlPlane {
             catalog: catalog.clone(),
             metrics: metrics.clone(),
             flag_peers: config.peers.iter().map(|(n, _)| n.clone()).collect(),
+            floors: federation::floor::Floors::open(config.state_dir.as_deref())?,
         });
         let acceptor = grpc_tls::Acceptor::new(&ca, &config.trust_domain, &config.cluster_name)?;
         let issued_tls = acceptor.config();

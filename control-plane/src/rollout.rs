@@ -200,16 +200,13 @@ impl Controller {
         let path = state_dir.map(|d| d.join("rollouts.json"));
         let states = path
             .as_ref()
-            .and_then(|p| match std::fs::read_to_string(p) {
-                Ok(text) => match serde_json::from_str(&text) {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        tracing::error!(path = %p.display(), error = %e, "rollout state does not parse; starting afresh (the file is kept as .bad)");
-                        let _ = std::fs::rename(p, p.with_extension("json.bad"));
-                        None
-                    }
-                },
-                Err(_) => None,
+            .and_then(|p| match crate::state_file::read(p) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(path = %p.display(), error = %e, "rollout state unreadable; starting afresh (the file is kept as .bad)");
+                    let _ = std::fs::rename(p, p.with_extension("json.bad"));
+                    None
+                }
             })
             .unwrap_or_default();
         Controller {
@@ -450,16 +447,7 @@ impl Controller {
     fn save(&self) {
         let Some(path) = &self.path else { return };
         let states = self.states();
-        let write = || -> std::io::Result<()> {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let tmp = path.with_extension("json.tmp");
-            let text = serde_json::to_string_pretty(&states).map_err(std::io::Error::other)?;
-            std::fs::write(&tmp, text)?;
-            std::fs::rename(&tmp, path)
-        };
-        if let Err(e) = write() {
+        if let Err(e) = crate::state_file::write(path, &states) {
             tracing::error!(path = %path.display(), error = %e, "cannot save rollout state; it lives in memory until the next save");
         }
     }

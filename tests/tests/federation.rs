@@ -481,26 +481,27 @@ async fn peers_with_the_wrong_identity_root_or_version_are_refused() {
     .await;
 }
 
-/// A peer that presents the right certificate but sends a bad stream: a snapshot, then an
-/// update claiming an endpoint of another cluster. The importer refuses it with the reason,
-/// keeps the snapshot's endpoints (stale), and never takes the bad one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_sending_a_bad_update_is_refused_and_the_catalog_keeps_its_last_good_state() {
+/// A scripted "east": a real TLS port with east's control-plane certificate (from `ca_dir`),
+/// whose Federation answers its `n`th Export call (from 0) with `script(n)`; the stream then
+/// stays open and silent when `stay` is true, or ends. Returns its address and server task.
+async fn rogue_east(
+    ca_dir: &Path,
+    script: fn(u32) -> (Vec<weft_proto::federation::ExportUpdate>, bool),
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     use weft_proto::federation as fpb;
-    let base = tempfile::tempdir().expect("tempdir");
-    let cas = shared_root_ca_dirs(base.path(), &["east", "west"]).expect("CA dirs");
-    // The rogue "east": a real TLS port with east's control-plane certificate, serving a
-    // Federation that misbehaves after its snapshot.
     let ca =
-        weft_control_plane::identity::Ca::load_or_generate(Some(&cas[0]), "cluster.local", "east")
+        weft_control_plane::identity::Ca::load_or_generate(Some(ca_dir), "cluster.local", "east")
             .expect("east CA");
     let acceptor = weft_control_plane::grpc_tls::Acceptor::new(&ca, "cluster.local", "east")
         .expect("acceptor");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
-    let rogue_addr = listener.local_addr().expect("addr");
-    struct Rogue;
+    let addr = listener.local_addr().expect("addr");
+    struct Rogue {
+        calls: std::sync::atomic::AtomicU32,
+        script: fn(u32) -> (Vec<fpb::ExportUpdate>, bool),
+    }
     #[tonic::async_trait]
     impl fpb::federation_server::Federation for Rogue {
         type ExportStream = std::pin::Pin<
@@ -510,47 +511,16 @@ async fn a_peer_sending_a_bad_update_is_refused_and_the_catalog_keeps_its_last_g
             &self,
             _: tonic::Request<fpb::ExportRequest>,
         ) -> Result<tonic::Response<Self::ExportStream>, tonic::Status> {
-            let svc = |addr: &str, cluster: &str| fpb::ExportedService {
-                service: Some(fpb::ServiceRef {
-                    namespace: "default".into(),
-                    name: "echo".into(),
-                }),
-                ports: vec![fpb::ServicePort {
-                    name: "http".into(),
-                    port: 80,
-                    app_protocol: String::new(),
-                }],
-                endpoints: vec![fpb::Endpoint {
-                    address: addr.into(),
-                    cluster: cluster.into(),
-                    ready: true,
-                    weight: 1,
-                    ports: [("http".to_string(), 8080u32)].into(),
-                    ..Default::default()
-                }],
-            };
-            let updates = vec![
-                Ok(fpb::ExportUpdate {
-                    version: 1,
-                    snapshot: true,
-                    upserted: vec![svc("127.0.10.1", "east")],
-                    removed: vec![],
-                    cluster_name: "east".into(),
-                }),
-                Ok(fpb::ExportUpdate {
-                    version: 2,
-                    snapshot: false,
-                    upserted: vec![svc("127.0.66.6", "west")],
-                    removed: vec![],
-                    cluster_name: "east".into(),
-                }),
-            ];
-            // Then it stays open and silent.
-            let stream = tokio_stream::StreamExt::chain(
-                tokio_stream::iter(updates),
-                tokio_stream::pending(),
-            );
-            Ok(tonic::Response::new(Box::pin(stream)))
+            let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (updates, stay) = (self.script)(n);
+            let updates = tokio_stream::iter(updates.into_iter().map(Ok));
+            Ok(tonic::Response::new(match stay {
+                true => Box::pin(tokio_stream::StreamExt::chain(
+                    updates,
+                    tokio_stream::pending(),
+                )),
+                false => Box::pin(updates),
+            }))
         }
     }
     let metrics = std::sync::Arc::new(weft_control_plane::metrics::Metrics::new());
@@ -559,24 +529,141 @@ async fn a_peer_sending_a_bad_update_is_refused_and_the_catalog_keeps_its_last_g
         metrics,
         weft_control_plane::grpc_tls::Limits::default(),
     );
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(fpb::federation_server::FederationServer::new(Rogue))
-            .serve_with_incoming(incoming),
-    );
+    let rogue = Rogue {
+        calls: Default::default(),
+        script,
+    };
+    let server = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(fpb::federation_server::FederationServer::new(rogue))
+            .serve_with_incoming(incoming)
+            .await;
+    });
+    (addr, server)
+}
 
-    let west_dir = base.path().join("west");
+/// East's echo with one endpoint at `addr` claiming cluster `cluster`.
+fn rogue_echo(addr: &str, cluster: &str) -> weft_proto::federation::ExportedService {
+    use weft_proto::federation as fpb;
+    fpb::ExportedService {
+        service: Some(fpb::ServiceRef {
+            namespace: "default".into(),
+            name: "echo".into(),
+        }),
+        ports: vec![fpb::ServicePort {
+            name: "http".into(),
+            port: 80,
+            app_protocol: String::new(),
+        }],
+        endpoints: vec![fpb::Endpoint {
+            address: addr.into(),
+            cluster: cluster.into(),
+            ready: true,
+            weight: 1,
+            ports: [("http".to_string(), 8080u32)].into(),
+            ..Default::default()
+        }],
+    }
+}
+
+/// A federation update from east.
+fn rogue_update(
+    version: u64,
+    snapshot: bool,
+    upserted: Vec<weft_proto::federation::ExportedService>,
+) -> weft_proto::federation::ExportUpdate {
+    weft_proto::federation::ExportUpdate {
+        version,
+        snapshot,
+        upserted,
+        removed: vec![],
+        cluster_name: "east".into(),
+    }
+}
+
+/// West over its world, importing from `east_addr`.
+async fn west_importing_from(
+    base: &Path,
+    ca: &Path,
+    east_addr: std::net::SocketAddr,
+) -> ControlPlane {
+    let west_dir = base.join("west");
     std::fs::create_dir_all(&west_dir).expect("dir");
     write(&west_dir, "world.yaml", &west_world());
     write(
         &west_dir,
         "peers.yaml",
-        &[mesh_peer("east", &rogue_addr.to_string())],
+        &[mesh_peer("east", &east_addr.to_string())],
     );
-    let west =
-        start_cluster_control_plane(&west_dir, "west", &cas[1], Duration::from_secs(60), None)
-            .await
-            .expect("west");
+    start_cluster_control_plane(&west_dir, "west", ca, Duration::from_secs(60), None)
+        .await
+        .expect("west")
+}
+
+/// A peer restored from an old state (or replaying an old stream): after a snapshot at
+/// version 100, a new stream's snapshot at version 90 is refused as a rollback, with the
+/// reason, and the catalog keeps version 100's endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_rolling_back_to_an_older_version_is_refused() {
+    let base = tempfile::tempdir().expect("tempdir");
+    let cas = shared_root_ca_dirs(base.path(), &["east", "west"]).expect("CA dirs");
+    let (rogue_addr, server) = rogue_east(&cas[0], |n| match n {
+        0 => (
+            vec![rogue_update(
+                100,
+                true,
+                vec![rogue_echo("127.0.10.1", "east")],
+            )],
+            false,
+        ),
+        _ => (
+            vec![rogue_update(
+                90,
+                true,
+                vec![rogue_echo("127.0.10.9", "east")],
+            )],
+            true,
+        ),
+    })
+    .await;
+    let west = west_importing_from(base.path(), &cas[1], rogue_addr).await;
+    let p = until_ok("the rollback refused with its reason", PATIENCE, || async {
+        let p = peer(&west, "east").await?;
+        p.last_error
+            .contains("older than version 100")
+            .then_some(p.clone())
+            .ok_or(format!("{p:?}"))
+    })
+    .await;
+    assert!(p.last_error.contains("rollback"), "{p:?}");
+    let eps = endpoints(&west, "echo");
+    assert!(
+        eps.iter().any(|(a, _, _)| a == "127.0.10.1")
+            && !eps.iter().any(|(a, _, _)| a == "127.0.10.9"),
+        "version 100's endpoint kept, the old state's never taken: {eps:?}"
+    );
+    server.abort();
+}
+
+/// A peer that presents the right certificate but sends a bad stream: a snapshot, then an
+/// update claiming an endpoint of another cluster. The importer refuses it with the reason,
+/// keeps the snapshot's endpoints (stale), and never takes the bad one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_sending_a_bad_update_is_refused_and_the_catalog_keeps_its_last_good_state() {
+    let base = tempfile::tempdir().expect("tempdir");
+    let cas = shared_root_ca_dirs(base.path(), &["east", "west"]).expect("CA dirs");
+    // A snapshot, then an update with another cluster's endpoint; then silence.
+    let (rogue_addr, server) = rogue_east(&cas[0], |_| {
+        (
+            vec![
+                rogue_update(1, true, vec![rogue_echo("127.0.10.1", "east")]),
+                rogue_update(2, false, vec![rogue_echo("127.0.66.6", "west")]),
+            ],
+            true,
+        )
+    })
+    .await;
+    let west = west_importing_from(base.path(), &cas[1], rogue_addr).await;
     let p = until_ok(
         "the bad update refused with its reason",
         PATIENCE,
