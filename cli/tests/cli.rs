@@ -395,6 +395,9 @@ async fn check_finds_each_listed_problem_and_passes_a_clean_world() {
         "apiVersion: weft.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: a, namespace: default}\nspec: {selector: {matchLabels: {app: other}}, mtls: {mode: STRICT}}\n".to_string(),
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: b, namespace: default}\nspec: {selector: {matchLabels: {app: other}}, mtls: {mode: PERMISSIVE}}\n".to_string(),
         "apiVersion: weft.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: typo, namespace: default}\nspec: {mtls: {mode: STRIKT}}\n".to_string(),
+        // Another cluster's endpoint without a sidecar, and no policy accepting plaintext.
+        world::service("remote", 80),
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: remote-c2\n  namespace: default\n  labels: {kubernetes.io/service-name: remote, weft.dev/cluster: c2}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n- addresses: [\"127.0.9.9\"]\n  conditions: {ready: true}\n".to_string(),
     ];
     let (_dir, cp) = weft_testkit::control_plane_over(&broken).await;
     let addr = target(&cp);
@@ -473,6 +476,10 @@ async fn check_finds_each_listed_problem_and_passes_a_clean_world() {
         "{findings:#}"
     );
     assert!(found("config-nacked", "proxy picky"), "{findings:#}");
+    assert!(
+        found("remote-plaintext-refused", "Service default/remote"),
+        "{findings:#}"
+    );
     assert!(
         found("peer-authentication-conflict", "Pod default/p1"),
         "{findings:#}"

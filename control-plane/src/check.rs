@@ -95,6 +95,30 @@ pub fn check(model: &Model, proxies: &[ProxyStatus], ctx: &Context) -> Vec<Findi
                 "check the Pods behind it (readiness probes, crashes) or its EndpointSlices",
             ));
         }
+        let remote_plaintext = s
+            .policy
+            .as_ref()
+            .and_then(|p| p.locality.as_ref())
+            .and_then(|l| l.remote_plaintext)
+            .unwrap_or(false);
+        let unused: Vec<&crate::catalog::EndpointModel> = s
+            .endpoints
+            .iter()
+            .filter(|e| !crate::translate::usable(e, &model.cluster, remote_plaintext))
+            .collect();
+        if let Some(first) = unused.first() {
+            out.push(finding(
+                "remote-plaintext-refused",
+                obj.clone(),
+                format!(
+                    "{} endpoints of other clusters (e.g. {} in cluster {}) have no sidecar: callers here do not send them plaintext across clusters",
+                    unused.len(),
+                    first.address,
+                    first.cluster
+                ),
+                "mesh those pods, or accept plaintext with a TrafficPolicy locality.remotePlaintext: true",
+            ));
+        }
         for p in &s.ports {
             if p.name.is_empty() && p.app_protocol.is_none() && s.ports.len() == 1 {
                 out.push(finding(

@@ -637,6 +637,10 @@ pub struct LocalitySpec {
     /// Let endpoints of other clusters join the local service name at lower priorities; default false.
     #[serde(default)]
     pub cross_cluster: Option<bool>,
+    /// Accept other clusters' endpoints that have no sidecar, so calls to them cross the
+    /// network in plaintext; default false: only other clusters' mTLS endpoints are used.
+    #[serde(default)]
+    pub remote_plaintext: Option<bool>,
 }
 
 /// Weft's Rollout spec: the canary backend of a TrafficSplit or an HTTPRoute (same namespace)

@@ -227,6 +227,13 @@ pub fn scopes(svc: &ServiceModel, home: &str) -> Vec<Scope> {
     out
 }
 
+/// Whether callers here may use endpoint `e`: another cluster's endpoint only over mTLS (it
+/// has a sidecar and an identity), unless the Service's policy accepts plaintext across
+/// clusters (`locality.remotePlaintext`).
+pub fn usable(e: &EndpointModel, home: &str, remote_plaintext: bool) -> bool {
+    e.cluster == home || remote_plaintext || (e.mtls && e.identity.is_some())
+}
+
 /// Whether endpoint `e` of `svc` belongs under `scope`: under the clusterset name, this
 /// cluster's own endpoints count only when it exports the Service.
 pub fn in_scope(svc: &ServiceModel, e: &EndpointModel, scope: Scope, home: &str) -> bool {
@@ -725,6 +732,7 @@ fn load_assignments(svc: &ServiceModel, place: &ProxyPlace, home: &str) -> Vec<R
         .unwrap_or_default();
     let prefer_local = locality.failover.unwrap_or(true);
     let cross_cluster = locality.cross_cluster.unwrap_or(false);
+    let remote_plaintext = locality.remote_plaintext.unwrap_or(false);
     let mut out = Vec::new();
     for scope in scopes(svc, home) {
         for port in &svc.ports {
@@ -736,7 +744,7 @@ fn load_assignments(svc: &ServiceModel, place: &ProxyPlace, home: &str) -> Vec<R
                 let Some(target) = e.port_for(port) else {
                     continue;
                 };
-                if !in_scope(svc, e, scope, home) {
+                if !in_scope(svc, e, scope, home) || !usable(e, home, remote_plaintext) {
                     continue;
                 }
                 let prio = match scope {
@@ -956,7 +964,8 @@ pub(crate) mod tests {
             docs.push(
                 json!({"apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
                 "metadata": {"name": "echo"},
-                "spec": {"targetRef": {"name": "echo"}, "locality": {"crossCluster": true}}}),
+                "spec": {"targetRef": {"name": "echo"},
+                    "locality": {"crossCluster": true, "remotePlaintext": true}}}),
             );
         }
         docs
@@ -1046,6 +1055,38 @@ pub(crate) mod tests {
             "metadata": {"name": "echo"}}),
         );
         assert_eq!(clusterset(&translate(&model(docs), None)), 5);
+    }
+
+    #[test]
+    fn another_clusters_plaintext_endpoints_are_used_only_when_the_policy_accepts_them() {
+        // c2's endpoint has no sidecar: crossCluster alone does not send callers to it in
+        // plaintext, under either name.
+        let mut docs = locality_world(false);
+        docs.push(
+            json!({"apiVersion": "weft.dev/v1alpha1", "kind": "TrafficPolicy",
+            "metadata": {"name": "echo"},
+            "spec": {"targetRef": {"name": "echo"}, "locality": {"crossCluster": true}}}),
+        );
+        let t = translate(&model(docs), None);
+        let got = priorities(&t, &place("c1", "r1", "a"));
+        assert!(!got.contains_key("10.1.0.1"), "{got:?}");
+        let svc = &t.services[&ServiceKey::new("default", "echo")];
+        let cs: endpoint::ClusterLoadAssignment = decode(find(
+            &svc.endpoints(&place("c1", "r1", "a")),
+            "echo.default.svc.clusterset.local:80",
+        ));
+        assert!(
+            cs.endpoints.iter().all(|l| l.lb_endpoints.is_empty()),
+            "{cs:?}"
+        );
+        // With remotePlaintext it joins (remote_clusters_join_only_when_the_policy_allows).
+        assert_eq!(
+            priorities(
+                &translate(&model(locality_world(true)), None),
+                &place("c1", "r1", "a")
+            )["10.1.0.1"],
+            3
+        );
     }
 
     #[test]

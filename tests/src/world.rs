@@ -96,9 +96,18 @@ pub fn mesh_peer(name: &str, address: &str) -> String {
     )
 }
 
-/// A TrafficPolicy letting other clusters' endpoints join `svc`'s local name (failover).
+/// A TrafficPolicy letting other clusters' endpoints join `svc`'s local name (failover),
+/// plaintext ones too (the test worlds' peer endpoints have no sidecars).
 pub fn cross_cluster_policy(svc: &str) -> String {
     format!(
-        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {svc}-failover, namespace: default}}\nspec:\n  targetRef: {{name: {svc}}}\n  locality: {{failover: true, crossCluster: true}}\n"
+        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {svc}-failover, namespace: default}}\nspec:\n  targetRef: {{name: {svc}}}\n  locality: {{failover: true, crossCluster: true, remotePlaintext: true}}\n"
+    )
+}
+
+/// A TrafficPolicy accepting other clusters' plaintext endpoints of `svc` (no failover onto
+/// its local name).
+pub fn remote_plaintext_policy(svc: &str) -> String {
+    format!(
+        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {svc}-plaintext, namespace: default}}\nspec:\n  targetRef: {{name: {svc}}}\n  locality: {{remotePlaintext: true}}\n"
     )
 }

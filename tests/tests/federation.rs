@@ -750,6 +750,9 @@ async fn the_clusterset_name_reaches_every_cluster_through_a_sidecar() {
             service("echo", 80),
             slice("echo", "echo", &[(west_ep.addr, "node-2", true)]),
             export("echo"),
+            // East's pods have no sidecars: accepting them in plaintext is this cluster's call.
+            weft_testkit::world::remote_plaintext_policy("echo"),
+            weft_testkit::world::remote_plaintext_policy("only-east"),
             mesh_peer("east", &east.grpc_addr.to_string()),
         ],
     );
