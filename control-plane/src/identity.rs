@@ -722,7 +722,7 @@ mod tests {
 /// Join tokens: the proof of identity outside Kubernetes. A token binds one SPIFFE ID until
 /// an expiry, under a random id (what makes it single-use and revocable, see
 /// [`crate::ledger`]), authenticated with HMAC-SHA256 under a key only the control plane
-/// holds: `wj2.<hex(namespace/service-account/expiry/id)>.<hex(mac)>`.
+/// holds, for one cluster: `wj2.<hex(namespace/service-account/expiry/id/cluster)>.<hex(mac)>`.
 pub mod token {
     use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -759,6 +759,14 @@ pub mod token {
         /// Revoked by an operator.
         #[error("join token {0} was revoked")]
         Revoked(String),
+        /// Minted for another cluster's control plane (tokens are bound to one cluster).
+        #[error("join token was minted for cluster {minted_for:?}, this is cluster {here:?}")]
+        OtherCluster {
+            /// The cluster it names.
+            minted_for: String,
+            /// This control plane's.
+            here: String,
+        },
         /// The old format, without an id (so it could not be single-use).
         #[error(
             "join token format wj1 is no longer accepted (it carries no id, so it could not be single-use): mint a new one"
@@ -824,6 +832,7 @@ pub mod token {
         key: hmac::Key,
         trust_domain: String,
         max_ttl_secs: u64,
+        cluster: String,
     }
 
     impl TokenKey {
@@ -833,7 +842,15 @@ pub mod token {
                 key: hmac::Key::new(hmac::HMAC_SHA256, secret),
                 trust_domain: trust_domain.into(),
                 max_ttl_secs: DEFAULT_MAX_TTL_SECS,
+                cluster: String::new(),
             }
+        }
+
+        /// The same key for cluster `cluster`: its tokens name it, and tokens naming another
+        /// cluster are refused (two clusters sharing a key still cannot use each other's).
+        pub fn with_cluster(mut self, cluster: &str) -> Self {
+            self.cluster = cluster.into();
+            self
         }
 
         /// The same key with another lifetime cap: longer tokens are neither minted nor
@@ -890,7 +907,10 @@ pub mod token {
             }
             let exp = now() + ttl_secs as i64;
             let token_id = hex(&rand_bytes::<16>());
-            let payload = format!("{namespace}/{service_account}/{exp}/{token_id}");
+            let payload = format!(
+                "{namespace}/{service_account}/{exp}/{token_id}/{}",
+                self.cluster
+            );
             let mac = hmac::sign(&self.key, payload.as_bytes());
             Ok((
                 format!("wj2.{}.{}", hex(payload.as_bytes()), hex(mac.as_ref())),
@@ -928,13 +948,19 @@ pub mod token {
             hmac::verify(&self.key, &payload, &mac).map_err(|_| TokenError::BadSignature)?;
             let payload = String::from_utf8(payload).map_err(|_| TokenError::Malformed)?;
             let mut f = payload.split('/');
-            let (Some(ns), Some(sa), Some(exp), Some(token_id), None) =
-                (f.next(), f.next(), f.next(), f.next(), f.next())
+            let (Some(ns), Some(sa), Some(exp), Some(token_id), Some(cluster), None) =
+                (f.next(), f.next(), f.next(), f.next(), f.next(), f.next())
             else {
                 return Err(TokenError::Malformed);
             };
             if !valid_id(token_id) {
                 return Err(TokenError::Malformed);
+            }
+            if cluster != self.cluster {
+                return Err(TokenError::OtherCluster {
+                    minted_for: cluster.into(),
+                    here: self.cluster.clone(),
+                });
             }
             let exp: i64 = exp.parse().map_err(|_| TokenError::Malformed)?;
             let now = now();
@@ -986,6 +1012,15 @@ pub mod token {
             let (t, id, _) = k.mint("default", "echo", 60).expect("mint");
             assert_eq!(k.verify(&t), Ok(id));
             let other = TokenKey::new(&[8; 32], "cluster.local");
+            // The same key for another cluster: refused, naming both.
+            let (east, _, _) = TokenKey::new(&[7; 32], "cluster.local")
+                .with_cluster("east")
+                .mint("default", "echo", 60)
+                .expect("mint");
+            let west = TokenKey::new(&[7; 32], "cluster.local").with_cluster("west");
+            assert!(
+                matches!(west.verify(&east), Err(TokenError::OtherCluster { ref minted_for, .. }) if minted_for == "east")
+            );
             assert_eq!(other.verify(&t), Err(TokenError::BadSignature));
             let mut tampered = t.clone();
             tampered.replace_range(4..6, "00");
@@ -1019,7 +1054,7 @@ pub mod token {
             // Made by hand with the key: the MAC verifies, the namespace does not.
             let forged = {
                 let payload = format!(
-                    "weft-system/weft-control-plane/{}/{}",
+                    "weft-system/weft-control-plane/{}/{}/",
                     now() + 60,
                     "0".repeat(32)
                 );

@@ -168,7 +168,8 @@ impl ControlPlane {
         });
         let tokens = Arc::new(
             identity::token_key(config.ca_dir.as_deref(), &config.trust_domain)?
-                .with_max_ttl(config.max_join_token_ttl.as_secs()),
+                .with_max_ttl(config.max_join_token_ttl.as_secs())
+                .with_cluster(&config.cluster_name),
         );
         let ledger = Arc::new(ledger::Ledger::open(config.state_dir.as_deref())?);
         // The Kubernetes API client, when the world comes from it (TokenReview has its own).

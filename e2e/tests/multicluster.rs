@@ -214,6 +214,7 @@ impl Mesh {
         let sa = if echo { "echo" } else { "client" };
         let token = weft_control_plane::identity::token_key(Some(&ca), "cluster.local")
             .expect("token key")
+            .with_cluster(&format!("c{k}"))
             .mint("default", sa, 3600)
             .expect("token")
             .0;
