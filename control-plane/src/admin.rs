@@ -597,8 +597,9 @@ impl Admin for AdminService {
         let until = now + self.tokens.max_ttl_secs() as i64;
         let newly_revoked = self
             .ledger
-            .revoke(&id, until)
-            .map_err(|e| Status::internal(format!("recording the revocation: {e}")))?;
+            .revoke_everywhere(&id, until)
+            .await
+            .map_err(|e| Status::unavailable(format!("recording the revocation: {e}")))?;
         tracing::info!(token = %id, newly_revoked, "join token revoked");
         Ok(Response::new(weft_proto::admin::RevokeJoinTokenResponse {
             newly_revoked,

@@ -767,6 +767,9 @@ pub mod token {
             /// This control plane's.
             here: String,
         },
+        /// Whether it was redeemed cannot be decided now (the shared ledger is unreachable).
+        #[error("join token not redeemable now: {0}")]
+        Unavailable(String),
         /// The old format, without an id (so it could not be single-use).
         #[error(
             "join token format wj1 is no longer accepted (it carries no id, so it could not be single-use): mint a new one"
@@ -1203,9 +1206,12 @@ impl weft_proto::identity::certificate_service_server::CertificateService for Ce
         // A join token is good once: redeemed (and persisted) before signing, given back only
         // if no certificate comes of it.
         if let Some((id, exp)) = &join_token {
-            self.ledger.redeem(id, *exp).map_err(|e| {
+            self.ledger.redeem_everywhere(id, *exp).await.map_err(|e| {
                 tracing::warn!(%identity, token = %id, error = %e, "certificate request refused: join token not redeemable");
-                self.refuse(tonic::Status::permission_denied(e.to_string()))
+                self.refuse(match e {
+                    token::TokenError::Unavailable(_) => tonic::Status::unavailable(e.to_string()),
+                    _ => tonic::Status::permission_denied(e.to_string()),
+                })
             })?;
         }
         let ttl =

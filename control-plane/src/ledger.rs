@@ -2,7 +2,13 @@
 //! an operator revoked. Entries live until their token would have expired anyway. With
 //! `--state-dir` the ledger is `join-tokens.json` there, written (to a temporary file, then
 //! renamed) before a certificate is handed out, so a restart does not make a redeemed token
-//! good again. Each replica keeps its own ledger (see SECURITY.md).
+//! good again.
+//!
+//! With `--kubernetes` the replicas share it through the API server: redeeming or revoking
+//! token `<id>` creates the Lease `weft-join-<id>` in the control plane's namespace, and the
+//! API server lets exactly one create succeed, so a token is good once across every replica.
+//! Such Leases are labelled `weft.dev/join-token` (with their expiry in an annotation) and
+//! can be deleted once expired.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -50,6 +56,19 @@ struct State {
 pub struct Ledger {
     path: Option<PathBuf>,
     state: Mutex<State>,
+    shared: Option<kube::Api<k8s_openapi::api::coordination::v1::Lease>>,
+}
+
+/// Label on the Leases that record join tokens (value: `redeemed` or `revoked`).
+pub const LEASE_LABEL: &str = "weft.dev/join-token";
+/// Annotation on them: when the token expires (unix seconds), after which they may go.
+pub const EXPIRES_ANNOTATION: &str = "weft.dev/expires-at";
+
+/// How a record reached the shared ledger.
+#[derive(Clone, Copy)]
+enum Kind {
+    Redeemed,
+    Revoked,
 }
 
 fn now() -> i64 {
@@ -67,6 +86,7 @@ impl Ledger {
             return Ok(Ledger {
                 path: None,
                 state: Mutex::default(),
+                shared: None,
             });
         };
         let path = dir.join(FILE);
@@ -85,11 +105,77 @@ impl Ledger {
         Ok(Ledger {
             path: Some(path),
             state: Mutex::new(state),
+            shared: None,
         })
     }
 
-    /// Marks token `id` (expiring at `expires_at_unix`) redeemed, or says why it cannot be.
-    /// Persisted before it returns.
+    /// The same ledger shared by every replica through Leases in `namespace`.
+    pub fn shared_through(mut self, client: kube::Client, namespace: &str) -> Self {
+        self.shared = Some(kube::Api::namespaced(client, namespace));
+        self
+    }
+
+    /// Records token `id` in the shared ledger; `Ok(false)` when another replica (or an
+    /// earlier call) already did.
+    async fn record_shared(&self, id: &str, until: i64, kind: Kind) -> Result<bool, String> {
+        let Some(api) = &self.shared else {
+            return Ok(true);
+        };
+        let value = match kind {
+            Kind::Redeemed => "redeemed",
+            Kind::Revoked => "revoked",
+        };
+        let lease = k8s_openapi::api::coordination::v1::Lease {
+            metadata: kube::api::ObjectMeta {
+                name: Some(format!("weft-join-{id}")),
+                labels: Some([(LEASE_LABEL.to_string(), value.to_string())].into()),
+                annotations: Some([(EXPIRES_ANNOTATION.to_string(), until.to_string())].into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        match api.create(&kube::api::PostParams::default(), &lease).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Redeems token `id` (expiring at `expires_at_unix`) once across every replica, or says
+    /// why it cannot be: [`Ledger::redeem`], then the shared ledger when there is one.
+    pub async fn redeem_everywhere(
+        &self,
+        id: &str,
+        expires_at_unix: i64,
+    ) -> Result<(), TokenError> {
+        self.redeem(id, expires_at_unix)?;
+        match self
+            .record_shared(id, expires_at_unix, Kind::Redeemed)
+            .await
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(TokenError::Redeemed(format!(
+                "{id} (redeemed or revoked on another replica)"
+            ))),
+            // Fail closed, but give the token back locally: it was not used.
+            Err(e) => {
+                self.unredeem(id);
+                Err(TokenError::Unavailable(format!(
+                    "the join-token ledger (Kubernetes Leases) cannot be written: {e}"
+                )))
+            }
+        }
+    }
+
+    /// Revokes token `id` on every replica: [`Ledger::revoke`], then the shared ledger.
+    pub async fn revoke_everywhere(&self, id: &str, until_unix: i64) -> Result<bool, String> {
+        let local = self.revoke(id, until_unix).map_err(|e| e.to_string())?;
+        let shared = self.record_shared(id, until_unix, Kind::Revoked).await?;
+        Ok(local && shared)
+    }
+
+    /// Marks token `id` (expiring at `expires_at_unix`) redeemed on this replica, or says why
+    /// it cannot be. Persisted before it returns.
     pub fn redeem(&self, id: &str, expires_at_unix: i64) -> Result<(), TokenError> {
         let mut s = crate::lock(&self.state);
         if s.revoked.contains_key(id) {
@@ -161,6 +247,114 @@ fn prune(s: &mut State) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A MOCK Kubernetes API server (none runs here) that does what a real one does with
+    /// Lease creates in one namespace: the first create of a name wins (201), any later one
+    /// gets 409 AlreadyExists. Returns its URL and the names created.
+    async fn mock_api_server() -> (String, std::sync::Arc<Mutex<Vec<String>>>) {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let names = std::sync::Arc::new(Mutex::new(Vec::<String>::new()));
+        let seen = names.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let seen = seen.clone();
+                            async move {
+                                let ok = req.method() == hyper::Method::POST
+                                    && req.uri().path()
+                                        == "/apis/coordination.k8s.io/v1/namespaces/weft-system/leases";
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                let lease: serde_json::Value =
+                                    serde_json::from_slice(&body).unwrap_or_default();
+                                let name = lease["metadata"]["name"]
+                                    .as_str()
+                                    .unwrap_or_default()
+                                    .to_string();
+                                let (code, answer) = if !ok {
+                                    (
+                                        404,
+                                        serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+                                    )
+                                } else if crate::lock(&seen).contains(&name) {
+                                    (
+                                        409,
+                                        serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409, "message": format!("leases {name:?} already exists")}),
+                                    )
+                                } else {
+                                    crate::lock(&seen).push(name);
+                                    (201, lease)
+                                };
+                                let mut resp = hyper::Response::new(http_body_util::Full::new(
+                                    bytes::Bytes::from(answer.to_string()),
+                                ));
+                                *resp.status_mut() =
+                                    hyper::StatusCode::from_u16(code).unwrap_or_default();
+                                resp.headers_mut().insert(
+                                    "content-type",
+                                    hyper::header::HeaderValue::from_static("application/json"),
+                                );
+                                Ok::<_, std::convert::Infallible>(resp)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (url, names)
+    }
+
+    fn replica(url: &str) -> Ledger {
+        let config = kube::Config::new(url.parse().expect("url"));
+        let client = kube::Client::try_from(config).expect("client");
+        Ledger::open(None)
+            .expect("ledger")
+            .shared_through(client, "weft-system")
+    }
+
+    #[tokio::test]
+    async fn mock_api_server_two_replicas_redeem_a_token_once_between_them() {
+        let (url, names) = mock_api_server().await;
+        let (a, b) = (replica(&url), replica(&url));
+        let exp = now() + 600;
+        a.redeem_everywhere("t1", exp)
+            .await
+            .expect("first redemption");
+        let again = b
+            .redeem_everywhere("t1", exp)
+            .await
+            .expect_err("on the other replica");
+        assert!(
+            matches!(again, TokenError::Redeemed(ref m) if m.contains("another replica")),
+            "{again:?}"
+        );
+        // Revoked on one, refused on the other before anyone redeemed it.
+        assert!(a.revoke_everywhere("t2", exp).await.expect("revoke"));
+        assert!(b.redeem_everywhere("t2", exp).await.is_err());
+        assert_eq!(*crate::lock(&names), ["weft-join-t1", "weft-join-t2"]);
+        // The API server gone: refused as unavailable (try again), and not used up here.
+        let gone = replica("http://127.0.0.1:1");
+        let err = gone
+            .redeem_everywhere("t3", exp)
+            .await
+            .expect_err("no API server");
+        assert!(matches!(err, TokenError::Unavailable(_)), "{err:?}");
+        assert!(gone.redeem("t3", exp).is_ok(), "given back locally");
+    }
 
     #[test]
     fn a_token_redeems_once_survives_a_restart_and_revocation_wins() {

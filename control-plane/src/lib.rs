@@ -171,7 +171,7 @@ impl ControlPlane {
                 .with_max_ttl(config.max_join_token_ttl.as_secs())
                 .with_cluster(&config.cluster_name),
         );
-        let ledger = Arc::new(ledger::Ledger::open(config.state_dir.as_deref())?);
+        let mut ledger = ledger::Ledger::open(config.state_dir.as_deref())?;
         // The Kubernetes API client, when the world comes from it (TokenReview has its own).
         let kube_client = match config.kubernetes {
             true => Some(
@@ -181,6 +181,11 @@ impl ControlPlane {
             ),
             false => None,
         };
+        // With the Kubernetes API, every replica redeems join tokens through it.
+        if let Some(client) = &kube_client {
+            ledger = ledger.shared_through(client.clone(), &config.lease_namespace);
+        }
+        let ledger = Arc::new(ledger);
         let xds_listener = match config.xds_plaintext_addr {
             Some(addr) => Some(bind("plaintext xDS", addr).await?),
             None => None,
