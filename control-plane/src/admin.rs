@@ -230,13 +230,14 @@ impl Admin for AdminService {
         let caller = self.allow(&req, Need::OwnConfig, "get_proxy_config")?;
         let req = req.into_inner();
         let id = req.node_id.clone();
-        let found = self.registry.find(&id);
         // A workload reads the config of a proxy whose stream its own certificate opened,
         // on the replica it is connected to; nothing else.
+        let found = match &caller {
+            Caller::Workload(who) => self.registry.find_opened_by(&id, who),
+            _ => self.registry.find(&id),
+        };
         if let Caller::Workload(who) = &caller
-            && found
-                .as_ref()
-                .is_none_or(|r| lock(r).identity.as_ref() != Some(who))
+            && found.is_none()
         {
             return Err(Status::permission_denied(format!(
                 "{who} may read only its own proxy's config; {id:?} is not a proxy connected here with that identity"

@@ -228,13 +228,8 @@ impl LrsServer {
         if stats.is_empty() {
             return;
         }
-        let held: Option<std::collections::HashSet<String>> = self
-            .registry
-            .find(node)
-            .filter(|r| {
-                let r = crate::xds::registry::lock(r);
-                caller.is_some() && r.identity.as_ref() == caller
-            })
+        let held: Option<std::collections::HashSet<String>> = caller
+            .and_then(|id| self.registry.find_opened_by(node, id))
             .map(|r| {
                 crate::xds::registry::lock(&r)
                     .held(CLUSTER_TYPE)

@@ -228,6 +228,38 @@ async fn load_reports_outside_the_reporters_own_view_change_nothing() {
         0,
         "a forged report counted"
     );
+    // The intruder opens an xDS stream of its own claiming the client's node id: the real
+    // client's reports still count (they are matched to the stream its own certificate
+    // opened, not to whichever stream last claimed the node id).
+    let mut ads = weft_proto::envoy::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient::new(
+        weft_testkit::tls_channel(&cp, Some(&svid)).await.expect("mTLS"),
+    );
+    let _claim = ads
+        .delta_aggregated_resources(tokio_stream::StreamExt::chain(
+            tokio_stream::iter(vec![weft_proto::envoy::envoy::service::discovery::v3::DeltaDiscoveryRequest {
+                node: Some(weft_proto::envoy::envoy::config::core::v3::Node {
+                    id: "client".into(),
+                    ..Default::default()
+                }),
+                type_url: weft_proto::type_url::CLUSTER.into(),
+                ..Default::default()
+            }]),
+            tokio_stream::pending(),
+        ))
+        .await
+        .expect("the intruder's stream");
+    weft_testkit::eventually("both streams connected", Duration::from_secs(5), || {
+        cp.metrics.connected_proxies.get() >= 2
+    })
+    .await;
+    for _ in 0..5 {
+        let _ = get_via(sc.outbound_addr, "echo-v1", "/").await;
+    }
+    weft_testkit::until_ok("the real client's reports count", Duration::from_secs(10), || async {
+        let issued = cp.load.cluster("echo-v1.default.svc.cluster.local:80").issued;
+        (issued >= 5).then_some(()).ok_or(format!("{issued} issued"))
+    })
+    .await;
     drop(sc);
 }
 

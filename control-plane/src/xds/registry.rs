@@ -260,6 +260,23 @@ impl Registry {
         self.guard().values().cloned().collect()
     }
 
+    /// The most recent connection of the proxy with `node_id` whose stream `identity` opened:
+    /// another certificate's stream claiming the same node id is not it.
+    pub fn find_opened_by(
+        &self,
+        node_id: &str,
+        identity: &weft_proto::SpiffeId,
+    ) -> Option<SharedRecord> {
+        self.guard()
+            .values()
+            .rev()
+            .find(|r| {
+                let r = lock(r);
+                r.node.id == node_id && r.identity.as_ref() == Some(identity)
+            })
+            .cloned()
+    }
+
     /// The most recent connection of the proxy with `node_id`.
     pub fn find(&self, node_id: &str) -> Option<SharedRecord> {
         self.guard()
