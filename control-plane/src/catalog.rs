@@ -411,7 +411,7 @@ impl Catalog {
     /// A new, empty catalog for one cluster.
     pub fn new(cluster: impl Into<String>, trust_domain: impl Into<String>) -> Self {
         // Versions start at the start time in microseconds: a restarted control plane's
-        // versions are higher than the last ones it published (peers refuse older ones).
+        // versions are higher than the last ones it published.
         let start = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);

@@ -85,9 +85,9 @@ pub struct Config {
     #[arg(long, env = "WEFT_LOAD_REPORT_INTERVAL", default_value = "10s", value_parser = crate::objects::parse_duration)]
     pub load_report_interval: std::time::Duration,
     /// Directory for state the control plane must keep across restarts: rollout progress
-    /// (`rollouts.json`), redeemed and revoked join tokens (`join-tokens.json`) and the
-    /// highest version applied from each peer (`federation-versions.json`); without it that
-    /// state lives in memory (a restart makes redeemed tokens good again).
+    /// (`rollouts.json`) and redeemed and revoked join tokens (`join-tokens.json`); without
+    /// it that state lives in memory (a restart makes redeemed tokens good again, unless
+    /// `--kubernetes` shares the ledger).
     #[arg(long, env = "WEFT_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// Federate with another cluster's control plane: `NAME=HOST:PORT` of its TLS gRPC port

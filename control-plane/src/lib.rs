@@ -90,9 +90,6 @@ pub enum StartError {
     /// The join-token ledger cannot be read.
     #[error("--state-dir: {0}")]
     Ledger(#[from] ledger::LedgerError),
-    /// A state file cannot be read.
-    #[error("--state-dir: {0}")]
-    State(#[from] state_file::StateError),
 }
 
 /// A running control plane; dropping it stops every task.
@@ -313,7 +310,6 @@ impl ControlPlane {
             catalog: catalog.clone(),
             metrics: metrics.clone(),
             flag_peers: config.peers.iter().map(|(n, _)| n.clone()).collect(),
-            floors: federation::floor::Floors::open(config.state_dir.as_deref())?,
         });
         let acceptor = grpc_tls::Acceptor::new(&ca, &config.trust_domain, &config.cluster_name)?;
         let issued_tls = acceptor.config();

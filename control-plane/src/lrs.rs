@@ -46,12 +46,14 @@ pub struct LoadCounts {
 }
 
 impl LoadCounts {
+    /// Adds `o` (saturating: reports are the reporters' numbers, and a huge one must not
+    /// wrap the sums or panic).
     fn add(&mut self, o: &LoadCounts) {
-        self.issued += o.issued;
-        self.succeeded += o.succeeded;
-        self.errored += o.errored;
+        self.issued = self.issued.saturating_add(o.issued);
+        self.succeeded = self.succeeded.saturating_add(o.succeeded);
+        self.errored = self.errored.saturating_add(o.errored);
         for (a, b) in self.latency.iter_mut().zip(o.latency) {
-            *a += b;
+            *a = a.saturating_add(b);
         }
     }
 
@@ -72,7 +74,7 @@ impl LoadCounts {
 
     /// Finished requests.
     pub fn finished(&self) -> u64 {
-        self.succeeded + self.errored
+        self.succeeded.saturating_add(self.errored)
     }
 
     /// Share of finished requests that succeeded (`None` before any finished).
@@ -159,7 +161,7 @@ impl LoadStore {
                     dropped("too_many_zones");
                     continue;
                 }
-                in_progress += counts.in_progress;
+                in_progress = u64::saturating_add(in_progress, counts.in_progress);
                 entry.by_zone.entry(zone).or_default().add(&counts);
                 entry.total.add(&counts);
                 metrics.observe_load(&c.cluster_name, counts.succeeded, counts.errored);
@@ -409,6 +411,12 @@ mod tests {
             store.record(&[report("mine", &format!("z{z}"), 1, 0, 0)], &m, &view);
         }
         assert_eq!(store.all()["mine"].by_zone.len(), MAX_ZONES_PER_CLUSTER);
+        // Numbers a reporter made up saturate rather than wrap or panic.
+        let huge = report("mine", "a", u64::MAX / 2 + 1, u64::MAX / 2, 0);
+        store.record(&[huge.clone(), huge], &m, &view);
+        let c = store.cluster("mine");
+        assert_eq!((c.succeeded, c.finished()), (u64::MAX, u64::MAX));
+        assert!(c.p99().is_some());
         let page = m.render();
         assert!(
             page.contains("weft_lrs_dropped_total{reason=\"not_in_view\"} 1"),

@@ -1,5 +1,4 @@
-//! Small JSON files in `--state-dir` (rollouts, the join-token ledger, federation version
-//! floors): read whole, written whole to a temporary file and renamed over the old one, so a
+//! Small JSON files in `--state-dir` (rollouts, the join-token ledger): read whole, written whole to a temporary file and renamed over the old one, so a
 //! crash leaves the old file or the new one, never half of either.
 
 use std::path::Path;
@@ -33,14 +32,4 @@ pub fn write<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()>
     let text = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
-}
-
-/// A state file that exists but cannot be used.
-#[derive(Debug, thiserror::Error)]
-#[error("{path}: {source}")]
-pub struct StateError {
-    /// The file.
-    pub path: std::path::PathBuf,
-    /// Why.
-    pub source: ReadError,
 }

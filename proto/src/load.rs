@@ -45,14 +45,14 @@ pub fn bucket_for(d: Duration) -> usize {
 /// The `q` quantile (0..1) of a histogram: the upper bound of the bucket holding it (`None`
 /// for an empty histogram; the unbounded bucket reads as the largest bound doubled).
 pub fn quantile(counts: &[u64; BUCKETS], q: f64) -> Option<Duration> {
-    let total: u64 = counts.iter().sum();
+    let total: u64 = counts.iter().fold(0u64, |a, c| a.saturating_add(*c));
     if total == 0 {
         return None;
     }
     let rank = (q.clamp(0.0, 1.0) * total as f64).ceil().max(1.0) as u64;
     let mut seen = 0;
     for (i, c) in counts.iter().enumerate() {
-        seen += c;
+        seen = u64::saturating_add(seen, *c);
         if seen >= rank {
             let ms = LATENCY_BOUNDS_MS
                 .get(i)

@@ -600,51 +600,6 @@ async fn west_importing_from(
         .expect("west")
 }
 
-/// A peer restored from an old state (or replaying an old stream): after a snapshot at
-/// version 100, a new stream's snapshot at version 90 is refused as a rollback, with the
-/// reason, and the catalog keeps version 100's endpoints.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_rolling_back_to_an_older_version_is_refused() {
-    let base = tempfile::tempdir().expect("tempdir");
-    let cas = shared_root_ca_dirs(base.path(), &["east", "west"]).expect("CA dirs");
-    let (rogue_addr, server) = rogue_east(&cas[0], |n| match n {
-        0 => (
-            vec![rogue_update(
-                100,
-                true,
-                vec![rogue_echo("127.0.10.1", "east")],
-            )],
-            false,
-        ),
-        _ => (
-            vec![rogue_update(
-                90,
-                true,
-                vec![rogue_echo("127.0.10.9", "east")],
-            )],
-            true,
-        ),
-    })
-    .await;
-    let west = west_importing_from(base.path(), &cas[1], rogue_addr).await;
-    let p = until_ok("the rollback refused with its reason", PATIENCE, || async {
-        let p = peer(&west, "east").await?;
-        p.last_error
-            .contains("older than version 100")
-            .then_some(p.clone())
-            .ok_or(format!("{p:?}"))
-    })
-    .await;
-    assert!(p.last_error.contains("rollback"), "{p:?}");
-    let eps = endpoints(&west, "echo");
-    assert!(
-        eps.iter().any(|(a, _, _)| a == "127.0.10.1")
-            && !eps.iter().any(|(a, _, _)| a == "127.0.10.9"),
-        "version 100's endpoint kept, the old state's never taken: {eps:?}"
-    );
-    server.abort();
-}
-
 /// A peer that presents the right certificate but sends a bad stream: a snapshot, then an
 /// update claiming an endpoint of another cluster. The importer refuses it with the reason,
 /// keeps the snapshot's endpoints (stale), and never takes the bad one.

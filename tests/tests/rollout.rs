@@ -236,14 +236,16 @@ async fn load_reports_outside_the_reporters_own_view_change_nothing() {
     );
     let _claim = ads
         .delta_aggregated_resources(tokio_stream::StreamExt::chain(
-            tokio_stream::iter(vec![weft_proto::envoy::envoy::service::discovery::v3::DeltaDiscoveryRequest {
-                node: Some(weft_proto::envoy::envoy::config::core::v3::Node {
-                    id: "client".into(),
+            tokio_stream::iter(vec![
+                weft_proto::envoy::envoy::service::discovery::v3::DeltaDiscoveryRequest {
+                    node: Some(weft_proto::envoy::envoy::config::core::v3::Node {
+                        id: "client".into(),
+                        ..Default::default()
+                    }),
+                    type_url: weft_proto::type_url::CLUSTER.into(),
                     ..Default::default()
-                }),
-                type_url: weft_proto::type_url::CLUSTER.into(),
-                ..Default::default()
-            }]),
+                },
+            ]),
             tokio_stream::pending(),
         ))
         .await
@@ -255,10 +257,19 @@ async fn load_reports_outside_the_reporters_own_view_change_nothing() {
     for _ in 0..5 {
         let _ = get_via(sc.outbound_addr, "echo-v1", "/").await;
     }
-    weft_testkit::until_ok("the real client's reports count", Duration::from_secs(10), || async {
-        let issued = cp.load.cluster("echo-v1.default.svc.cluster.local:80").issued;
-        (issued >= 5).then_some(()).ok_or(format!("{issued} issued"))
-    })
+    weft_testkit::until_ok(
+        "the real client's reports count",
+        Duration::from_secs(10),
+        || async {
+            let issued = cp
+                .load
+                .cluster("echo-v1.default.svc.cluster.local:80")
+                .issued;
+            (issued >= 5)
+                .then_some(())
+                .ok_or(format!("{issued} issued"))
+        },
+    )
     .await;
     drop(sc);
 }

@@ -360,21 +360,14 @@ impl Link {
                 .ok_or("the peer ended the stream")?;
             received.inc();
             let was_stale = first && self.held.is_some();
-            let floors = &self.fed.floors;
-            let changed = match msg.snapshot {
-                true => floors.check_snapshot(&self.peer.name, msg.version),
-                false => Ok(()),
-            }
-            .and_then(|()| {
-                apply_update(
-                    &self.peer.name,
-                    &self.fed.trust_domain,
-                    self.fed.settings.allow_loopback,
-                    &mut self.held,
-                    first,
-                    &msg,
-                )
-            })
+            let changed = apply_update(
+                &self.peer.name,
+                &self.fed.trust_domain,
+                self.fed.settings.allow_loopback,
+                &mut self.held,
+                first,
+                &msg,
+            )
             .map_err(|reason| {
                 self.fed
                     .metrics
@@ -386,7 +379,6 @@ impl Link {
                     .inc();
                 format!("refused an invalid update: {reason}")
             })?;
-            floors.raise(&self.peer.name, msg.version);
             if first {
                 tracing::info!(peer = %self.peer.name, version = msg.version, services = msg.upserted.len(), "federation: synced");
                 self.fed
@@ -700,8 +692,8 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["other"]
         );
-        // A new stream's snapshot may carry a lower version here; whether that is a rollback
-        // is the floors' question (`floor.rs`: catalog versions start at the start time).
+        // A new stream's snapshot may restart the version (another replica of the peer, or
+        // the peer restarted).
         let snap = update(1, true, vec![svc("echo", vec![ep("10.1.0.1", "east")])]);
         assert_eq!(
             apply_update("east", TD, true, &mut held, true, &snap),

@@ -15,7 +15,6 @@
 //! What every peer looks like now is kept in a [`PeerBook`] (admin `ListPeers`, metrics).
 
 pub mod export;
-pub mod floor;
 pub mod import;
 
 use std::collections::BTreeMap;
@@ -194,8 +193,6 @@ pub struct Federation {
     pub stopped: tokio::sync::watch::Receiver<()>,
     /// Clusters named by `--peer` flags (with MeshPeer objects: whom the exporter serves).
     pub flag_peers: Vec<String>,
-    /// The highest version applied from each peer (no rollback).
-    pub floors: floor::Floors,
 }
 
 impl Federation {
