@@ -321,9 +321,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         vec![("east".into(), east.grpc_addr.to_string())],
     )
     .await?;
-    // Operator credentials for weftctl: one file for both clusters (one root).
+    // Operator credentials for weftctl: one file for both clusters, signed by the root.
     let credentials = dir.join("credentials.pem");
-    east.operator("demo")?.write(&credentials)?;
+    weft_control_plane::identity::Ca::root_signer(&dir.join("root"))?
+        .issue_operator("cluster.local", "demo", Duration::from_secs(24 * 3600))?
+        .write(&credentials)?;
     // East learns of west from an object in its source, as a MeshPeer would arrive.
     std::fs::write(
         dir.join("east/peers.yaml"),

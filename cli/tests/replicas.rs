@@ -137,7 +137,8 @@ async fn any_replica_answers_for_the_whole_mesh_and_proxies_spread_over_replicas
         world::slice("echo", "echo", &[(echo, "n1", true)]),
     ];
     std::fs::write(world_dir.join("world.yaml"), world::docs(&app)).expect("world");
-    let cas = weft_testkit::shared_root_ca_dirs(dir.path(), &["a", "b"]).expect("CA dirs");
+    // One cluster, so one CA directory (the install's Secret) for both replicas.
+    let cas = weft_testkit::shared_root_ca_dirs(dir.path(), &["cluster-1"]).expect("CA dirs");
 
     // Replica a alone behind the Service address: every proxy joins it.
     let a = replica(&world_dir, &cas[0], "replica-a", 1).await;
@@ -156,7 +157,7 @@ async fn any_replica_answers_for_the_whole_mesh_and_proxies_spread_over_replicas
     assert_eq!(held_by(&a), PROXIES);
 
     // Replica b joins; the replicas' Service lists both.
-    let b = replica(&world_dir, &cas[1], "replica-b", 2).await;
+    let b = replica(&world_dir, &cas[0], "replica-b", 2).await;
     if let Ok(mut l) = backends.lock() {
         l.push(b.plaintext());
     }

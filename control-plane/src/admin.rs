@@ -80,8 +80,17 @@ pub fn authorize(
             peer.remote
         )));
     };
+    use weft_proto::tls::OperatorScope;
     match (&peer.role, need) {
-        (Role::Operator(name), _) => Ok(Caller::Operator(name.clone())),
+        (Role::Operator(name, OperatorScope::Mesh), _) => Ok(Caller::Operator(name.clone())),
+        (Role::Operator(name, OperatorScope::Cluster(c)), _) if c == cluster => {
+            Ok(Caller::Operator(name.clone()))
+        }
+        (Role::Operator(name, OperatorScope::Cluster(c)), _) => {
+            Err(Status::permission_denied(format!(
+                "operator {name}'s credentials were issued by cluster {c:?}'s intermediate: they count there, not on cluster {cluster:?} (issue mesh-wide ones from the root: `weft-control-plane operator issue --ca-dir ROOT_DIR`)"
+            )))
+        }
         (Role::ControlPlane(c), Need::Read | Need::OwnConfig) if c == cluster => {
             Ok(Caller::Replica)
         }
@@ -625,5 +634,76 @@ impl Admin for AdminService {
             })
             .collect();
         Ok(Response::new(ListSourceErrorsResponse { errors }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Ca;
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    use std::time::Duration;
+    use weft_proto::tls::rustls;
+
+    fn peer_of(leaf_pem: &str) -> crate::grpc_tls::TlsPeer {
+        let der = CertificateDer::from_pem_slice(leaf_pem.as_bytes()).expect("pem");
+        crate::grpc_tls::TlsPeer {
+            remote: "127.0.0.1:1".parse().expect("addr"),
+            identity: weft_proto::tls::spiffe_id_of(&der).ok(),
+            role: weft_proto::tls::role_of(&der),
+        }
+    }
+
+    /// Powers are bound to the cluster whose intermediate issued them: one cluster's
+    /// intermediate (all a compromised cluster holds) mints neither operators nor control
+    /// planes of another; the root itself (offline) mints mesh-wide operators.
+    #[test]
+    fn one_clusters_intermediate_gives_no_power_over_another() {
+        let base = tempfile::tempdir().expect("dir");
+        let root = base.path().join("root");
+        Ca::load_or_generate(Some(&root), "cluster.local", "root").expect("root");
+        for c in ["east", "west"] {
+            Ca::make_intermediate(&root, c, &base.path().join(c)).expect("intermediate");
+        }
+        let east = Ca::load_or_generate(Some(&base.path().join("east")), "cluster.local", "east")
+            .expect("east");
+        let leaf = |creds: weft_proto::credentials::Credentials| creds.chain[0].clone();
+        let east_operator = leaf(
+            east.issue_operator("cluster.local", "mallory", Duration::from_secs(60))
+                .expect("issue"),
+        );
+        let on = |pem: &str, cluster: &str, need| authorize(Some(&peer_of(pem)), cluster, need);
+        assert!(on(&east_operator, "east", Need::Write).is_ok());
+        let err = on(&east_operator, "west", Need::Write).expect_err("east's operator on west");
+        assert!(
+            err.message().contains("issued by cluster \"east\""),
+            "{err:?}"
+        );
+        // East's intermediate signing a control-plane certificate that names west: no role.
+        let cp = weft_proto::SpiffeId::new("cluster.local", "weft-system", "weft-control-plane")
+            .expect("id");
+        let (csr, _) = weft_proto::tls::new_csr(&cp.to_string()).expect("csr");
+        let forged = east
+            .sign_control_plane(&csr, &cp, None, "west")
+            .expect("signed");
+        assert_eq!(
+            peer_of(&forged.chain[0]).role,
+            weft_proto::tls::Role::Workload
+        );
+        assert!(on(&forged.chain[0], "west", Need::Read).is_err());
+        let (csr, _) = weft_proto::tls::new_csr(&cp.to_string()).expect("csr");
+        let own = east
+            .sign_control_plane(&csr, &cp, None, "east")
+            .expect("signed");
+        assert!(on(&own.chain[0], "east", Need::Read).is_ok());
+        // The root's own operators count everywhere.
+        let mesh = leaf(
+            Ca::root_signer(&root)
+                .expect("root signer")
+                .issue_operator("cluster.local", "alice", Duration::from_secs(60))
+                .expect("issue"),
+        );
+        assert!(on(&mesh, "west", Need::Write).is_ok() && on(&mesh, "east", Need::Write).is_ok());
     }
 }

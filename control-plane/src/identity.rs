@@ -55,6 +55,16 @@ pub enum CaError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The intermediate is another cluster's (roles are bound to the issuing cluster).
+    #[error(
+        "the CA's intermediate is cluster {found:?}'s, but this control plane is cluster {cluster:?}: make one for it with `weft-control-plane ca intermediate --cluster {cluster}`"
+    )]
+    OtherCluster {
+        /// The intermediate's cluster.
+        found: String,
+        /// This control plane's.
+        cluster: String,
+    },
     /// A PEM did not parse or a certificate could not be made.
     #[error("{what}: {source}")]
     Cert {
@@ -208,12 +218,16 @@ impl Ca {
 
     fn generate(dir: Option<&Path>, trust_domain: &str, cluster: &str) -> Result<Self, CaError> {
         let root_key = KeyPair::generate().map_err(cert_err("root key"))?;
-        let root_params = ca_params(format!("Weft root CA ({trust_domain})"), None, 10);
+        let root_params = ca_params(
+            format!("{}{trust_domain})", weft_proto::tls::ROOT_CN_PREFIX),
+            None,
+            10,
+        );
         let root = root_params
             .self_signed(&root_key)
             .map_err(cert_err("root certificate"))?;
         let int_key = KeyPair::generate().map_err(cert_err("intermediate key"))?;
-        let int_params = ca_params(format!("Weft intermediate CA ({cluster})"), Some(0), 1);
+        let int_params = ca_params(weft_proto::tls::intermediate_cn(cluster), Some(0), 1);
         let root_issuer = Issuer::new(root_params, &root_key);
         let intermediate = int_params
             .signed_by(&int_key, &root_issuer)
@@ -314,7 +328,7 @@ impl Ca {
         let root_issuer =
             Issuer::from_ca_cert_pem(&root_pem, root_key).map_err(cert_err("root.pem"))?;
         let int_key = KeyPair::generate().map_err(cert_err("intermediate key"))?;
-        let int_params = ca_params(format!("Weft intermediate CA ({cluster})"), Some(0), 1);
+        let int_params = ca_params(weft_proto::tls::intermediate_cn(cluster), Some(0), 1);
         let intermediate = int_params
             .signed_by(&int_key, &root_issuer)
             .map_err(cert_err("intermediate certificate"))?;
@@ -369,6 +383,46 @@ impl Ca {
     /// The root certificate, PEM.
     pub fn root_pem(&self) -> &str {
         &self.root_pem
+    }
+
+    /// Signs with the root itself, from `dir` (`root.pem`, `root.key.pem`): for mesh-wide
+    /// operator credentials, offline (`operator issue --ca-dir ROOT_DIR`). Leaves it signs
+    /// chain straight to the root.
+    pub fn root_signer(dir: &Path) -> Result<Self, CaError> {
+        let read = |f: &str| {
+            let path = dir.join(f);
+            std::fs::read_to_string(&path).map_err(|source| CaError::Io { path, source })
+        };
+        let root_pem = read("root.pem")?;
+        let key = KeyPair::from_pem(&read("root.key.pem")?).map_err(cert_err("root.key.pem"))?;
+        let issuer = Issuer::from_ca_cert_pem(&root_pem, key).map_err(cert_err("root.pem"))?;
+        Ok(Ca {
+            dir: None,
+            root_pem,
+            intermediate_pem: String::new(),
+            issuer,
+        })
+    }
+
+    /// Refuses an intermediate made for another cluster than `cluster`.
+    pub fn check_cluster(&self, cluster: &str) -> Result<(), CaError> {
+        let found = weft_proto::tls::describe(std::slice::from_ref(&self.intermediate_pem))
+            .first()
+            .and_then(|c| {
+                c.subject
+                    .split("CN=")
+                    .nth(1)
+                    .and_then(|cn| cn.strip_prefix("Weft intermediate CA ("))
+                    .and_then(|rest| rest.split(')').next())
+                    .map(str::to_string)
+            });
+        match found {
+            Some(found) if found != cluster => Err(CaError::OtherCluster {
+                found,
+                cluster: cluster.to_string(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// When the first of the root and this control plane's intermediate expires (seconds since
@@ -518,8 +572,12 @@ impl Ca {
         let leaf = csr
             .signed_by(&self.issuer)
             .map_err(|e| SignError::Internal(e.to_string()))?;
+        let mut chain = vec![leaf.pem()];
+        if !self.intermediate_pem.is_empty() {
+            chain.push(self.intermediate_pem.clone());
+        }
         Ok(Signed {
-            chain: vec![leaf.pem(), self.intermediate_pem.clone()],
+            chain,
             trust_bundle: self.trust_bundle(),
             expires_at_unix,
         })

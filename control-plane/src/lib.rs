@@ -163,6 +163,7 @@ impl ControlPlane {
                 &config.cluster_name,
             )?,
         });
+        ca.check_cluster(&config.cluster_name)?;
         let tokens = Arc::new(
             identity::token_key(config.ca_dir.as_deref(), &config.trust_domain)?
                 .with_max_ttl(config.max_join_token_ttl.as_secs())

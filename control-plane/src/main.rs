@@ -47,8 +47,9 @@ enum OperatorCommand {
     /// Write a credentials file (certificate, key, mesh roots; mode 0600) that lets `weftctl`
     /// read and change the mesh over the TLS port: `weftctl --credentials FILE`.
     Issue {
-        /// A CA directory: a cluster's (`intermediate.pem` + key) or the root's (`root.pem`
-        /// + `root.key.pem`, which then signs through a fresh in-memory intermediate).
+        /// A CA directory: the root's (`root.pem` + `root.key.pem`: credentials for every
+        /// cluster, signed by the root itself) or one cluster's (`intermediate.pem` + key, no
+        /// root key: credentials for that cluster only).
         #[arg(long)]
         ca_dir: PathBuf,
         /// The operator's name (a DNS label; logged by the control plane with what it does).
@@ -96,10 +97,12 @@ fn tool(t: Tool) -> anyhow::Result<()> {
                     out,
                 },
         } => {
-            let ca = if ca_dir.join("intermediate.key.pem").exists() {
-                Ca::load_or_generate(Some(&ca_dir), &trust_domain, "operator")?
+            // A root directory signs mesh-wide credentials; a cluster's directory, credentials
+            // for that cluster only.
+            let ca = if ca_dir.join("root.key.pem").exists() {
+                Ca::root_signer(&ca_dir)?
             } else {
-                Ca::under_root(&ca_dir, "operator")?
+                Ca::load_or_generate(Some(&ca_dir), &trust_domain, "operator")?
             };
             let creds = ca.issue_operator(&trust_domain, &name, ttl)?;
             creds.write(&out)?;

@@ -126,7 +126,7 @@ impl Credentials {
     pub fn operator(&self) -> Option<String> {
         let der = CertificateDer::from_pem_slice(self.chain.first()?.as_bytes()).ok()?;
         match tls::role_of(&der) {
-            tls::Role::Operator(name) => Some(name),
+            tls::Role::Operator(name, _) => Some(name),
             _ => None,
         }
     }

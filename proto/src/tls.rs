@@ -212,15 +212,43 @@ pub fn operator_dns_name(name: &str) -> String {
     format!("{name}.{OPERATOR_DNS_SUFFIX}")
 }
 
-/// What a verified certificate may do, by the names only the CA puts in it.
+/// The common name of cluster `cluster`'s intermediate CA. Roles are bound to it: a
+/// control-plane or operator certificate counts for a cluster only when that cluster's
+/// intermediate issued it, so one cluster's intermediate cannot mint powers elsewhere.
+pub fn intermediate_cn(cluster: &str) -> String {
+    format!("Weft intermediate CA ({cluster})")
+}
+
+/// How the common name of a mesh root begins (`Weft root CA (<trust domain>)`).
+pub const ROOT_CN_PREFIX: &str = "Weft root CA (";
+
+/// Where an operator certificate counts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OperatorScope {
+    /// Signed by the mesh root itself (offline): every cluster.
+    Mesh,
+    /// Signed by cluster `0`'s intermediate: that cluster only.
+    Cluster(String),
+}
+
+/// What a verified certificate may do, by the names only the CA puts in it and the CA that
+/// signed it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Role {
-    /// A control plane of cluster `0` (its DNS SAN [`control_plane_dns_name`]).
+    /// A control plane of cluster `0` (its DNS SAN [`control_plane_dns_name`], issued by that
+    /// cluster's intermediate).
     ControlPlane(String),
-    /// An operator named `0` (its DNS SAN [`operator_dns_name`]).
-    Operator(String),
-    /// Anything else: a workload SVID.
+    /// An operator named `0` (its DNS SAN [`operator_dns_name`]), valid where `1` says.
+    Operator(String, OperatorScope),
+    /// Anything else: a workload SVID (or a role name its issuer may not give).
     Workload,
+}
+
+/// The common name of a certificate's issuer, if it has one.
+fn issuer_cn(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = x509.issuer().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
 }
 
 /// The role of a certificate whose chain was verified.
@@ -233,12 +261,27 @@ pub fn role_of(cert: &CertificateDer<'_>) -> Role {
                 .map(str::to_string)
         })
     };
+    let issuer = issuer_cn(cert).unwrap_or_default();
     if let Some(c) = suffixed(CONTROL_PLANE_DNS_SUFFIX) {
-        return Role::ControlPlane(c);
+        return match issuer == intermediate_cn(&c) {
+            true => Role::ControlPlane(c),
+            false => Role::Workload,
+        };
     }
-    match suffixed(OPERATOR_DNS_SUFFIX) {
-        Some(o) => Role::Operator(o),
-        None => Role::Workload,
+    let Some(name) = suffixed(OPERATOR_DNS_SUFFIX) else {
+        return Role::Workload;
+    };
+    if issuer.starts_with(ROOT_CN_PREFIX) {
+        return Role::Operator(name, OperatorScope::Mesh);
+    }
+    match issuer
+        .strip_prefix("Weft intermediate CA (")
+        .and_then(|c| c.strip_suffix(')'))
+    {
+        Some(cluster) if !cluster.is_empty() => {
+            Role::Operator(name, OperatorScope::Cluster(cluster.to_string()))
+        }
+        _ => Role::Workload,
     }
 }
 

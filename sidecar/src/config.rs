@@ -49,7 +49,8 @@ pub struct RunConfig {
     /// The workload's service account.
     #[arg(long, env = "WEFT_SERVICE_ACCOUNT", default_value = "default")]
     pub service_account: String,
-    /// The cluster the proxy runs in.
+    /// The cluster the proxy runs in; over TLS its control plane must be that cluster's (empty:
+    /// any cluster's of the mesh).
     #[arg(long, env = "WEFT_CLUSTER", default_value = "")]
     pub cluster: String,
     /// The proxy's region.

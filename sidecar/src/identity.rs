@@ -119,6 +119,8 @@ pub struct ControlPlaneLink {
 
 #[derive(Clone)]
 struct TlsLink {
+    /// The cluster whose control plane it must be (`--cluster`), when known.
+    cluster: Option<String>,
     /// Roots from `--trust-bundle`, used until an SVID brings the CA's own bundle.
     bootstrap: Arc<rustls::ClientConfig>,
     svid: SvidCell,
@@ -138,8 +140,21 @@ impl ControlPlaneLink {
         let bootstrap = tls::client_config(None, tls::roots(bundle)?, &[tls::ALPN_H2])?;
         Ok(ControlPlaneLink {
             addr,
-            tls: Some(TlsLink { bootstrap, svid }),
+            tls: Some(TlsLink {
+                cluster: None,
+                bootstrap,
+                svid,
+            }),
         })
+    }
+
+    /// The same link, accepting only cluster `cluster`'s control plane (its certificate is
+    /// issued by that cluster's intermediate); empty: any cluster's of the mesh.
+    pub fn for_cluster(mut self, cluster: &str) -> Self {
+        if let Some(t) = self.tls.as_mut() {
+            t.cluster = (!cluster.is_empty()).then(|| cluster.to_string());
+        }
+        self
     }
 
     /// Whether the link is TLS.
@@ -169,7 +184,7 @@ impl ControlPlaneLink {
         Ok(weft_proto::dial::control_plane(
             &self.addr.to_string(),
             config,
-            None,
+            link.cluster.as_deref(),
             Duration::from_secs(3),
         )
         .await?)

@@ -113,6 +113,7 @@ fn control_plane_link(
         (None, None) => return Err(missing()),
     };
     identity::ControlPlaneLink::tls(cfg.xds_addr, &[pem], svid.clone())
+        .map(|l| l.for_cluster(&cfg.cluster))
         .map_err(|e| StartError::Config(format!("{what}: {e}")))
 }
 

@@ -350,7 +350,7 @@ async fn reqwest_metrics(addr: SocketAddr) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_with_the_wrong_identity_root_or_version_are_refused() {
     let base = tempfile::tempdir().expect("tempdir");
-    let cas = shared_root_ca_dirs(base.path(), &["east", "west"]).expect("CA dirs");
+    let cas = shared_root_ca_dirs(base.path(), &["east", "west", "nowhere"]).expect("CA dirs");
     let (east_dir, west_dir, rogue_dir) = (
         base.path().join("east"),
         base.path().join("west"),
@@ -428,9 +428,17 @@ async fn peers_with_the_wrong_identity_root_or_version_are_refused() {
     )
     .expect("id");
     let workload_id = weft_proto::SpiffeId::new("cluster.local", "default", "web").expect("id");
+    // A control plane of the mesh that is no peer of east's: its own intermediate.
+    let nowhere = weft_control_plane::identity::Ca::load_or_generate(
+        Some(&cas[2]),
+        "cluster.local",
+        "nowhere",
+    )
+    .expect("nowhere's CA");
     let client = |id: &weft_proto::SpiffeId, cluster: Option<&str>| {
         let (csr, key) = weft_proto::tls::new_csr(&id.to_string()).expect("csr");
         let signed = match cluster {
+            Some("nowhere") => nowhere.sign_control_plane(&csr, id, None, "nowhere"),
             Some(c) => west.ca.sign_control_plane(&csr, id, None, c),
             None => west.ca.sign(&csr, id, None),
         }
