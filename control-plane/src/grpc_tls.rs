@@ -47,15 +47,63 @@ pub struct Limits {
     /// TLS handshakes in flight; a connection past it is closed at once (a flood of silent
     /// clients costs a task each for at most [`HANDSHAKE_TIMEOUT`], never unbounded).
     pub handshakes: usize,
+    /// Handshakes in flight from one source address: one host cannot take every slot.
+    pub handshakes_per_source: usize,
     /// Open connections; past it new ones are closed at once.
     pub connections: usize,
+    /// Open connections from one source address.
+    pub connections_per_source: usize,
+    /// How long a connection without a client certificate (bootstrap: a CSR with a token)
+    /// may stay open.
+    pub anonymous_max_age: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             handshakes: 256,
+            handshakes_per_source: 16,
             connections: 16_384,
+            connections_per_source: 1_024,
+            anonymous_max_age: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Counts what each source address holds, so one host cannot hold all of a cap.
+#[derive(Clone, Default)]
+pub struct PerSource(Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>);
+
+/// One unit held by a source; given back when dropped.
+pub struct SourceSlot {
+    map: PerSource,
+    ip: std::net::IpAddr,
+}
+
+impl PerSource {
+    /// Takes one unit for `ip` unless it holds `max` already.
+    pub fn take(&self, ip: std::net::IpAddr, max: usize) -> Option<SourceSlot> {
+        let mut m = crate::lock(&self.0);
+        let n = m.entry(ip).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            map: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = crate::lock(&self.map.0);
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
         }
     }
 }
@@ -109,7 +157,9 @@ pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     peer: TlsPeer,
     /// Its place under [`Limits::connections`], given back when tonic drops it.
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    _slot: (tokio::sync::OwnedSemaphorePermit, SourceSlot),
+    /// For a connection without a client certificate: when it reads as closed.
+    ends: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl tonic::transport::server::Connected for TlsConn {
@@ -125,6 +175,12 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        // An anonymous connection past its age reads as closed: the server ends it.
+        if let Some(ends) = self.ends.as_mut()
+            && ends.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -258,6 +314,8 @@ impl Acceptor {
         let (tx, rx) = mpsc::channel(64);
         let connections = Arc::new(tokio::sync::Semaphore::new(limits.connections));
         let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.handshakes));
+        let (per_source_connections, per_source_handshakes) =
+            (PerSource::default(), PerSource::default());
         let shed = move |metrics: &Metrics, reason: &str| {
             metrics
                 .grpc_connections_shed
@@ -279,9 +337,24 @@ impl Acceptor {
                         continue;
                     }
                 };
+                let ip = remote.ip();
+                let Some(source_slot) =
+                    per_source_connections.take(ip, limits.connections_per_source)
+                else {
+                    tracing::debug!(%remote, "TLS gRPC connection shed: its source is at its connection cap");
+                    shed(&metrics, "source_connections");
+                    continue;
+                };
                 let Ok(slot) = connections.clone().try_acquire_owned() else {
                     tracing::debug!(%remote, "TLS gRPC connection shed: at the connection cap");
                     shed(&metrics, "connections");
+                    continue;
+                };
+                let Some(source_handshake) =
+                    per_source_handshakes.take(ip, limits.handshakes_per_source)
+                else {
+                    tracing::debug!(%remote, "TLS gRPC connection shed: its source has too many handshakes in flight");
+                    shed(&metrics, "source_handshakes");
                     continue;
                 };
                 let Ok(handshaking) = handshakes.clone().try_acquire_owned() else {
@@ -289,11 +362,12 @@ impl Acceptor {
                     shed(&metrics, "handshakes");
                     continue;
                 };
+                let anonymous_max_age = limits.anonymous_max_age;
                 let _ = tcp.set_nodelay(true);
                 let acceptor = tokio_rustls::TlsAcceptor::from(self.config.load().server.clone());
                 let (tx, metrics) = (tx.clone(), metrics.clone());
                 tokio::spawn(async move {
-                    let _handshaking = handshaking;
+                    let _handshaking = (handshaking, source_handshake);
                     let tls =
                         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                             Ok(Ok(s)) => s,
@@ -323,6 +397,9 @@ impl Acceptor {
                     let role = certs
                         .and_then(|c| c.first())
                         .map_or(tls::Role::Workload, tls::role_of);
+                    let ends = identity
+                        .is_none()
+                        .then(|| Box::pin(tokio::time::sleep(anonymous_max_age)));
                     let conn = TlsConn {
                         inner: tls,
                         peer: TlsPeer {
@@ -330,7 +407,8 @@ impl Acceptor {
                             identity,
                             role,
                         },
-                        _slot: slot,
+                        _slot: (slot, source_slot),
+                        ends,
                     };
                     drop(_handshaking);
                     let _ = tx.send(Ok(conn)).await;
@@ -359,6 +437,7 @@ mod tests {
             Limits {
                 handshakes: 1,
                 connections: 8,
+                ..Limits::default()
             },
         );
         // A client that never says a word holds the one handshake slot...
@@ -398,5 +477,74 @@ mod tests {
         }
         assert!(ok, "handshakes proceed once the slot is free");
         assert!(tokio_stream::StreamExt::next(&mut incoming).await.is_some());
+    }
+
+    async fn connect_from(src: &str, to: SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(src.parse().expect("ip"), 0))
+            .expect("bind source");
+        socket.connect(to).await.expect("connect")
+    }
+
+    /// One host cannot hold every handshake slot, and a connection without a client
+    /// certificate (bootstrap) ends at its age however quiet it is.
+    #[tokio::test]
+    async fn one_source_holds_only_its_share_and_anonymous_connections_age_out() {
+        let ca = Ca::load_or_generate(None, "cluster.local", "c1").expect("CA");
+        let acceptor = Acceptor::new(&ca, "cluster.local", "c1").expect("acceptor");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let metrics = Arc::new(Metrics::new());
+        let mut incoming = acceptor.incoming(
+            listener,
+            metrics.clone(),
+            Limits {
+                handshakes_per_source: 1,
+                anonymous_max_age: Duration::from_millis(300),
+                ..Limits::default()
+            },
+        );
+        // 127.0.0.5 stays silent in its one handshake; its next connection is shed...
+        let _silent = connect_from("127.0.0.5", addr).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut shed = connect_from("127.0.0.5", addr).await;
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), shed.read(&mut buf))
+            .await
+            .expect("closed in time")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the same source's second handshake is shed");
+        assert!(
+            metrics
+                .render()
+                .contains("weft_grpc_connections_shed_total{reason=\"source_handshakes\"} 1")
+        );
+        // ...while another host handshakes as usual, anonymously.
+        let roots = tls::roots(&ca.trust_bundle()).expect("roots");
+        let config = tls::client_config(None, roots, &[tls::ALPN_H2]).expect("client");
+        let name =
+            tls::rustls::pki_types::ServerName::try_from("weft-control-plane").expect("name");
+        let _client = tokio_rustls::TlsConnector::from(config)
+            .connect(name, connect_from("127.0.0.6", addr).await)
+            .await
+            .expect("another source's handshake");
+        let mut conn = tokio_stream::StreamExt::next(&mut incoming)
+            .await
+            .expect("a connection")
+            .expect("accepted");
+        assert!(conn.peer.identity.is_none());
+        // It says nothing; at its age the server reads it as closed.
+        let started = std::time::Instant::now();
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("ended in time")
+            .expect("read");
+        assert_eq!(n, 0);
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

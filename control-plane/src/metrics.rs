@@ -317,7 +317,9 @@ pub fn type_label(type_url: &str) -> Labels {
 }
 
 /// Most connections the metrics port serves at once.
-pub const METRICS_MAX_CONNECTIONS: usize = 64;
+pub const METRICS_MAX_CONNECTIONS: usize = 256;
+/// Most from one source address, so one host cannot crowd out the kubelet's probes.
+pub const METRICS_MAX_CONNECTIONS_PER_SOURCE: usize = 8;
 /// How long a metrics client gets to send its request headers.
 pub const METRICS_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -325,21 +327,25 @@ pub const METRICS_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::fro
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     // A scraper is one connection; this many at once is already a misbehaving client.
     let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_MAX_CONNECTIONS));
+    let sources = crate::grpc_tls::PerSource::default();
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!(error = %e, "metrics accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
         };
+        let Some(source) = sources.take(peer.ip(), METRICS_MAX_CONNECTIONS_PER_SOURCE) else {
+            continue; // dropped: that source is at its cap (a probe comes from elsewhere)
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue; // dropped: at the cap
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slot = (slot, source);
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(&req, &metrics)) }

@@ -104,7 +104,9 @@ impl Credentials {
         Self::parse(&path.display().to_string(), &text)
     }
 
-    /// Writes the file at `path`, readable by its owner only (it holds a key).
+    /// Writes the file at `path`, readable by its owner only (it holds a key): a new 0600
+    /// file beside it, renamed over it, so an existing file's looser mode or a symlink at
+    /// `path` is never written through.
     pub fn write(&self, path: &Path) -> Result<(), CredentialsError> {
         use std::io::Write;
         let io = |source| CredentialsError::Io {
@@ -114,12 +116,16 @@ impl Credentials {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
+        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
         let mut open = std::fs::OpenOptions::new();
-        open.write(true).create(true).truncate(true);
+        open.write(true).create_new(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o600);
-        let mut f = open.open(path).map_err(io)?;
-        f.write_all(self.to_pem().as_bytes()).map_err(io)
+        let mut f = open.open(&tmp).map_err(io)?;
+        f.write_all(self.to_pem().as_bytes()).map_err(io)?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(io)
     }
 
     /// The operator's name, from its certificate (the DNS SAN only the CA puts there).
