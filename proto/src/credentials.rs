@@ -163,3 +163,41 @@ fn pem_blocks(text: &str) -> Vec<String> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn writing_never_loosens_the_mode_nor_follows_a_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("weft-creds-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let creds = Credentials {
+            chain: vec!["chain".into()],
+            key: "key".into(),
+            roots: vec!["root".into()],
+        };
+        let path = dir.join("creds.pem");
+        std::fs::write(&path, "old").expect("old file");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        creds.write(&path).expect("write");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // A symlink at the path is replaced, its target left alone.
+        let target = dir.join("elsewhere");
+        std::fs::write(&target, "untouched").expect("target");
+        let link = dir.join("link.pem");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        creds.write(&link).expect("write");
+        assert_eq!(std::fs::read_to_string(&target).expect("read"), "untouched");
+        assert!(
+            std::fs::read_to_string(&link)
+                .expect("read")
+                .contains("key")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
