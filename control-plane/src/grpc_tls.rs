@@ -424,22 +424,41 @@ mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
 
-    #[tokio::test]
-    async fn the_tls_port_sheds_handshakes_past_its_cap_and_advertises_its_stream_limit() {
+    type Incoming = tokio_stream::wrappers::ReceiverStream<Result<TlsConn, std::io::Error>>;
+
+    /// A TLS port with `limits` on loopback: its CA, address, metrics and connections.
+    async fn port(limits: Limits) -> (Ca, SocketAddr, Arc<Metrics>, Incoming) {
         let ca = Ca::load_or_generate(None, "cluster.local", "c1").expect("CA");
         let acceptor = Acceptor::new(&ca, "cluster.local", "c1").expect("acceptor");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let metrics = Arc::new(Metrics::new());
-        let mut incoming = acceptor.incoming(
-            listener,
-            metrics.clone(),
-            Limits {
-                handshakes: 1,
-                connections: 8,
-                ..Limits::default()
-            },
-        );
+        let incoming = acceptor.incoming(listener, metrics.clone(), limits);
+        (ca, addr, metrics, incoming)
+    }
+
+    /// An anonymous TLS handshake (a bootstrapping workload) with `ca`'s port over `tcp`.
+    async fn handshake(
+        ca: &Ca,
+        tcp: TcpStream,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let roots = tls::roots(&ca.trust_bundle()).expect("roots");
+        let config = tls::client_config(None, roots, &[tls::ALPN_H2]).expect("client");
+        let name =
+            tls::rustls::pki_types::ServerName::try_from("weft-control-plane").expect("name");
+        tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+    }
+
+    #[tokio::test]
+    async fn the_tls_port_sheds_connections_past_its_handshake_cap() {
+        let (ca, addr, metrics, mut incoming) = port(Limits {
+            handshakes: 1,
+            connections: 8,
+            ..Limits::default()
+        })
+        .await;
         // A client that never says a word holds the one handshake slot...
         let _silent = TcpStream::connect(addr).await.expect("connect");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -458,18 +477,10 @@ mod tests {
         );
         // Once the silent client gives up its slot, handshakes proceed again.
         drop(_silent);
-        let roots = tls::roots(&ca.trust_bundle()).expect("roots");
-        let config = tls::client_config(None, roots, &[tls::ALPN_H2]).expect("client");
-        let name =
-            tls::rustls::pki_types::ServerName::try_from("weft-control-plane").expect("name");
         let mut ok = false;
         for _ in 0..50 {
             let tcp = TcpStream::connect(addr).await.expect("connect");
-            if tokio_rustls::TlsConnector::from(config.clone())
-                .connect(name.clone(), tcp)
-                .await
-                .is_ok()
-            {
+            if handshake(&ca, tcp).await.is_ok() {
                 ok = true;
                 break;
             }
@@ -491,20 +502,12 @@ mod tests {
     /// certificate (bootstrap) ends at its age however quiet it is.
     #[tokio::test]
     async fn one_source_holds_only_its_share_and_anonymous_connections_age_out() {
-        let ca = Ca::load_or_generate(None, "cluster.local", "c1").expect("CA");
-        let acceptor = Acceptor::new(&ca, "cluster.local", "c1").expect("acceptor");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let metrics = Arc::new(Metrics::new());
-        let mut incoming = acceptor.incoming(
-            listener,
-            metrics.clone(),
-            Limits {
-                handshakes_per_source: 1,
-                anonymous_max_age: Duration::from_millis(300),
-                ..Limits::default()
-            },
-        );
+        let (ca, addr, metrics, mut incoming) = port(Limits {
+            handshakes_per_source: 1,
+            anonymous_max_age: Duration::from_millis(300),
+            ..Limits::default()
+        })
+        .await;
         // 127.0.0.5 stays silent in its one handshake; its next connection is shed...
         let _silent = connect_from("127.0.0.5", addr).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -521,12 +524,7 @@ mod tests {
                 .contains("weft_grpc_connections_shed_total{reason=\"source_handshakes\"} 1")
         );
         // ...while another host handshakes as usual, anonymously.
-        let roots = tls::roots(&ca.trust_bundle()).expect("roots");
-        let config = tls::client_config(None, roots, &[tls::ALPN_H2]).expect("client");
-        let name =
-            tls::rustls::pki_types::ServerName::try_from("weft-control-plane").expect("name");
-        let _client = tokio_rustls::TlsConnector::from(config)
-            .connect(name, connect_from("127.0.0.6", addr).await)
+        let _client = handshake(&ca, connect_from("127.0.0.6", addr).await)
             .await
             .expect("another source's handshake");
         let mut conn = tokio_stream::StreamExt::next(&mut incoming)
