@@ -687,15 +687,16 @@ fn three_clusters_fail_over_by_locality_and_distance() {
         "| identity | every request mesh mTLS (namespace STRICT); c2's pods served {mtls:.0} from c1's client over mTLS across clusters |"
     ));
 
-    // 6. The distances swap (c2 40 ms, c3 5 ms): traffic moves to c3.
+    // 6. The distances swap (c2 40 ms, c3 5 ms): traffic moves to c3. Judged from 9 s on:
+    // under a loaded CI machine the latency averages need a few seconds more to turn.
     mesh.delays(40, 5);
     let swapped_at = now();
-    let run = mesh.load(&url, 50, 12.0);
+    let run = mesh.load(&url, 50, 15.0);
     assert!(run.failed().is_empty(), "failed: {:?}", run.failed());
     let late: Vec<&Rec> = run
         .recs
         .iter()
-        .filter(|r| r.at >= swapped_at + 6.0)
+        .filter(|r| r.at >= swapped_at + 9.0)
         .collect();
     let c3 = run.share(&late, "c3");
     assert!(
@@ -709,7 +710,7 @@ fn three_clusters_fail_over_by_locality_and_distance() {
         .find(|w| w.iter().filter(|r| r.cluster == "c3").count() >= 8)
         .map_or(f64::NAN, |w| w[0].at - swapped_at);
     figures.push(format!(
-        "| distances swapped (c2 40 ms, c3 5 ms) | {:.0} % to c3 from 6 s on; 8 of 10 requests on c3 {moved:.1} s after the swap |",
+        "| distances swapped (c2 40 ms, c3 5 ms) | {:.0} % to c3 from 9 s on; 8 of 10 requests on c3 {moved:.1} s after the swap |",
         c3 * 100.0
     ));
 
