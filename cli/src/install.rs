@@ -120,14 +120,6 @@ pub struct RootPlan {
     pub summary: String,
 }
 
-/// The PEM certificates in `text`, one string each.
-fn pem_blocks(text: &str) -> Vec<String> {
-    text.split_inclusive("-----END CERTIFICATE-----")
-        .filter_map(|b| b.find("-----BEGIN CERTIFICATE-----").map(|i| &b[i..]))
-        .map(|b| format!("{}\n", b.trim()))
-        .collect()
-}
-
 fn fingerprint(pem: &str) -> String {
     weft_proto::tls::fingerprints(pem)
         .into_iter()
@@ -154,7 +146,7 @@ pub fn plan_roots(
     let bundle_of = |secret: &std::collections::BTreeMap<String, String>| {
         let mut out: Vec<String> = Vec::new();
         for key in [ROOT, BUNDLE, NEXT_ROOT] {
-            for b in pem_blocks(secret.get(key).map_or("", String::as_str)) {
+            for b in weft_proto::tls::certificate_pems(secret.get(key).map_or("", String::as_str)) {
                 if !out.iter().any(|o| o.trim() == b.trim()) {
                     out.push(b);
                 }
@@ -247,8 +239,10 @@ pub fn plan_roots(
                     fingerprint(next)
                 );
             }
-            let mut trusted: Vec<String> = pem_blocks(current);
-            trusted.extend(pem_blocks(existing.get(BUNDLE).map_or("", String::as_str)));
+            let mut trusted: Vec<String> = weft_proto::tls::certificate_pems(current);
+            trusted.extend(weft_proto::tls::certificate_pems(
+                existing.get(BUNDLE).map_or("", String::as_str),
+            ));
             // One copy of each root (by fingerprint, wherever it stood), never the new one.
             let mut seen = vec![fingerprint(next)];
             trusted.retain(|b| {
@@ -285,8 +279,9 @@ pub fn plan_roots(
                     fingerprint(current)
                 );
             }
-            let mut trusted = pem_blocks(existing.get(BUNDLE).map_or("", String::as_str));
-            trusted.extend(pem_blocks(&m.root));
+            let mut trusted =
+                weft_proto::tls::certificate_pems(existing.get(BUNDLE).map_or("", String::as_str));
+            trusted.extend(weft_proto::tls::certificate_pems(&m.root));
             secret.insert(BUNDLE.into(), trusted.concat());
             secret.insert(NEXT_ROOT.into(), m.root.clone());
             secret.insert(NEXT_INTERMEDIATE.into(), m.intermediate);
@@ -616,7 +611,7 @@ fn operator_credentials(args: &InstallArgs, plan: &RootPlan) -> anyhow::Result<(
         "admin",
         std::time::Duration::from_secs(30 * 24 * 3600),
     )?;
-    creds.roots = pem_blocks(&plan.bundle);
+    creds.roots = weft_proto::tls::certificate_pems(&plan.bundle);
     creds.write(&path)?;
     println!(
         "operator credentials for weftctl written to {} (operator admin, 30 days; more with `weft-control-plane operator issue`)",

@@ -368,11 +368,7 @@ impl Ca {
             .as_ref()
             .and_then(|d| std::fs::read_to_string(d.join(TRUST_BUNDLE_FILE)).ok())
             .unwrap_or_default();
-        for block in extra.split_inclusive("-----END CERTIFICATE-----") {
-            let Some(start) = block.find("-----BEGIN CERTIFICATE-----") else {
-                continue;
-            };
-            let pem = format!("{}\n", block[start..].trim());
+        for pem in weft_proto::tls::certificate_pems(&extra) {
             if pem.trim() != self.root_pem.trim() && !out.contains(&pem) {
                 out.push(pem);
             }
@@ -598,6 +594,14 @@ fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_ca_directory_made_for_another_cluster_is_refused() {
+        let ca = Ca::load_or_generate(None, "cluster.local", "east").expect("CA");
+        ca.check_cluster("east").expect("its own cluster");
+        let err = ca.check_cluster("west").expect_err("another cluster");
+        assert!(err.to_string().contains("cluster \"east\"'s"), "{err}");
+    }
     use super::*;
     use x509_parser::prelude::*;
 

@@ -230,16 +230,7 @@ impl LrsServer {
         if stats.is_empty() {
             return;
         }
-        let held: Option<std::collections::HashSet<String>> = caller
-            .and_then(|id| self.registry.find_opened_by(node, id))
-            .map(|r| {
-                crate::xds::registry::lock(&r)
-                    .held(CLUSTER_TYPE)
-                    .into_iter()
-                    .map(|res| res.name.clone())
-                    .collect()
-            });
-        let Some(held) = held else {
+        let Some(record) = caller.and_then(|id| self.registry.find_opened_by(node, id)) else {
             tracing::debug!(%node, ?caller, "load report dropped: no xDS stream of this node with this identity");
             self.metrics
                 .lrs_dropped
@@ -247,13 +238,12 @@ impl LrsServer {
                 .inc_by(stats.len() as u64);
             return;
         };
-        self.store
-            .record(stats, &self.metrics, &|c: &str| held.contains(c));
+        let record = crate::xds::registry::lock(&record);
+        self.store.record(stats, &self.metrics, &|c: &str| {
+            record.holds(crate::xds::view::CDS, c)
+        });
     }
 }
-
-/// Index of CDS in [`weft_proto::type_url::ALL`].
-const CLUSTER_TYPE: usize = 0;
 
 type ResponseStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<LoadStatsResponse, Status>> + Send>>;

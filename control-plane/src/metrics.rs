@@ -393,3 +393,51 @@ fn handle(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<F
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn from(src: &str, to: std::net::SocketAddr) -> tokio::net::TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(std::net::SocketAddr::new(src.parse().expect("ip"), 0))
+            .expect("bind");
+        socket.connect(to).await.expect("connect")
+    }
+
+    /// One host holding its share of idle connections cannot crowd out a probe from another.
+    #[tokio::test]
+    async fn one_source_cannot_crowd_out_the_probes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(serve(listener, Arc::new(Metrics::new())));
+        let mut idle = Vec::new();
+        for _ in 0..METRICS_MAX_CONNECTIONS_PER_SOURCE {
+            idle.push(from("127.0.0.7", addr).await);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let mut extra = from("127.0.0.7", addr).await;
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), extra.read(&mut buf))
+            .await
+            .expect("closed in time")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the source's next connection is closed");
+        let mut probe = from("127.0.0.8", addr).await;
+        probe
+            .write_all(b"GET /live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut answer = String::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            probe.read_to_string(&mut answer),
+        )
+        .await
+        .expect("answered in time")
+        .expect("read");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+}

@@ -184,15 +184,6 @@ pub fn dns_names_of(cert: &CertificateDer<'_>) -> Vec<String> {
         .collect()
 }
 
-/// The cluster a control plane's certificate names, from its DNS SAN
-/// `<cluster>.` [`CONTROL_PLANE_DNS_SUFFIX`] (see [`control_plane_dns_name`]).
-pub fn control_plane_cluster_of(cert: &CertificateDer<'_>) -> Option<String> {
-    match role_of(cert) {
-        Role::ControlPlane(c) => Some(c),
-        _ => None,
-    }
-}
-
 /// Suffix of the DNS SAN that names a control plane's cluster in its certificate.
 pub const CONTROL_PLANE_DNS_SUFFIX: &str = "control-plane.weft.internal";
 
@@ -499,6 +490,15 @@ pub struct CertInfo {
     pub not_before_unix: i64,
     /// End of validity, seconds since the epoch.
     pub not_after_unix: i64,
+}
+
+/// The PEM certificates in `text`, one string each (from its BEGIN line, trimmed, ending in
+/// a newline); other blocks and text between them are left out.
+pub fn certificate_pems(text: &str) -> Vec<String> {
+    text.split_inclusive("-----END CERTIFICATE-----")
+        .filter_map(|b| b.find("-----BEGIN CERTIFICATE-----").map(|i| &b[i..]))
+        .map(|b| format!("{}\n", b.trim()))
+        .collect()
 }
 
 /// The SHA-256 fingerprint (lowercase hex) of every X.509 certificate in `pem`, in order (PEM

@@ -168,10 +168,11 @@ impl ControlPlaneLink {
         &self,
         wait_for_svid: bool,
     ) -> Result<tonic::transport::Channel, BoxError> {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))?
-            .connect_timeout(Duration::from_secs(3))
-            .http2_keep_alive_interval(Duration::from_secs(30));
         let Some(link) = &self.tls else {
+            let endpoint =
+                tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))?
+                    .connect_timeout(Duration::from_secs(3))
+                    .http2_keep_alive_interval(Duration::from_secs(30));
             return Ok(endpoint.connect().await?);
         };
         let config = loop {

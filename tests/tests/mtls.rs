@@ -793,6 +793,20 @@ async fn a_sidecar_refuses_a_server_that_only_claims_the_control_planes_spiffe_i
     )
     .expect("link");
     real.channel(false).await.expect("the control plane itself");
+    // A sidecar of another cluster (`--cluster`) does not take it for its own.
+    let elsewhere = ControlPlaneLink::tls(
+        cp.grpc_addr,
+        &[cp.ca.root_pem().to_string()],
+        SvidCell::default(),
+    )
+    .expect("link")
+    .for_cluster("other");
+    let err = elsewhere
+        .channel(false)
+        .await
+        .expect_err("another cluster's control plane");
+    let text = weft_proto::logging::error_chain(err.as_ref());
+    assert!(text.contains("not \"other\""), "{text}");
     server.abort();
 }
 

@@ -166,6 +166,18 @@ impl ProxyRecord {
         }
     }
 
+    /// Whether the proxy holds resource `name` of type `ti` (what [`ProxyRecord::held`]
+    /// lists, asked for one name without building the list).
+    pub fn holds(&self, ti: usize, name: &str) -> bool {
+        let t = &self.types[ti];
+        match (&self.snapshot, &t.sub) {
+            (Some(snap), Some(sub)) if t.sent => {
+                sub.wants(name) && snap.resources[ti].contains_key(name)
+            }
+            _ => false,
+        }
+    }
+
     /// The admin API's view of this proxy.
     pub fn status(&self, replica: &str) -> ProxyStatus {
         ProxyStatus {

@@ -30,7 +30,8 @@ pub struct SnapshotKey {
 pub type TypeIndex = usize;
 /// Number of types served.
 pub const TYPES: usize = 4;
-const CDS: TypeIndex = 0;
+/// CDS's index in [`weft_proto::type_url::ALL`].
+pub const CDS: TypeIndex = 0;
 const EDS: TypeIndex = 1;
 const LDS: TypeIndex = 2;
 const RDS: TypeIndex = 3;
