@@ -10,6 +10,9 @@
 # Kubernetes schema checker (kubernetes-validate) lives in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# No incremental artifacts: a fresh CI checkout builds once, and they doubled target/ (1.4 GB),
+# enough to fill a small CI disk.
+export CARGO_INCREMENTAL=0
 
 say() { printf '\n== %s\n' "$*"; }
 

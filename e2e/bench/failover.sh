@@ -10,7 +10,7 @@ cd "$(dirname "$0")/../.."
 cargo build -q --workspace --bins
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
-WEFT_E2E_FIGURES="$out" cargo nextest run -p weft-e2e --test multicluster --no-fail-fast >/dev/null
+WEFT_E2E_FIGURES="$out" cargo nextest run -p weft-e2e --test suite -E "test(/^multicluster::/)" --no-fail-fast >/dev/null
 [ -s "$out" ] || { echo "the suite wrote no figures (did it skip?)"; exit 1; }
 {
   echo

@@ -1,0 +1,5 @@
+//! Every integration test of this crate, one module per file (one binary to build and link).
+
+mod cli;
+mod install;
+mod replicas;

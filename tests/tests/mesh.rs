@@ -1,0 +1,17 @@
+//! Every integration test of this crate, one module per file (one binary to build and link).
+
+mod ads;
+mod fail_closed;
+mod federation;
+mod forgery;
+mod hardening;
+mod health;
+mod identity;
+mod kube_source;
+mod mtls;
+mod peer_auth;
+mod resilience;
+mod rollout;
+mod sidecar;
+#[path = "tracing.rs"]
+mod traces;
