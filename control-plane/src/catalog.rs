@@ -285,6 +285,8 @@ pub struct Model {
     pub pod_places: Arc<BTreeMap<ServiceKey, Locality>>,
     /// PeerAuthentications and namespace modes, to resolve per workload.
     pub mtls: Arc<crate::peer_auth::MtlsPolicies>,
+    /// AuthorizationPolicies, to resolve per workload.
+    pub authz: Arc<crate::authz::AuthzPolicies>,
 }
 
 /// What one peer control plane exports, as the federation client last received it.
@@ -534,6 +536,7 @@ fn build(
     let mut pods: HashMap<(&str, &str), PodInfo> = HashMap::new();
     let mut pod_labels = BTreeMap::new();
     let policies = crate::peer_auth::MtlsPolicies::from_objects(world.values().map(|(o, _)| &**o));
+    let authz = crate::authz::AuthzPolicies::from_objects(world.values().map(|(o, _)| &**o));
     for (obj, _) in world.values() {
         match &**obj {
             Object::Node(n) => {
@@ -897,6 +900,11 @@ fn build(
             prev.mtls.clone()
         } else {
             Arc::new(policies)
+        },
+        authz: if *prev.authz == authz {
+            prev.authz.clone()
+        } else {
+            Arc::new(authz)
         },
         ready: prev.ready,
         rollouts,

@@ -8,7 +8,7 @@
 //! pod IPs (`INSTANCE_IPS`). A proxy that lies about them only changes how its own inbound
 //! treats its own connections, which it controls anyway.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 use weft_proto::envoy::envoy::config::core::v3 as core;
@@ -47,10 +47,14 @@ enum PodRef {
     Ip(IpAddr),
 }
 
-/// Container port -> declared protocol, per (namespace, pod) of this cluster's endpoints,
-/// built once per translation so a stream's inbound Listener is a lookup, not a scan.
+/// Container port -> declared protocol, and the Services it is an endpoint of, per (namespace,
+/// pod) of this cluster's endpoints, built once per translation so a stream's inbound
+/// Listener is a lookup, not a scan.
 #[derive(Debug, Default)]
-pub struct PortIndex(HashMap<(String, PodRef), BTreeMap<u16, String>>);
+pub struct PortIndex {
+    ports: HashMap<(String, PodRef), BTreeMap<u16, String>>,
+    services: HashMap<(String, PodRef), BTreeSet<String>>,
+}
 
 impl PortIndex {
     /// The index of `services`' endpoints in `cluster`.
@@ -59,13 +63,19 @@ impl PortIndex {
         cluster: &str,
     ) -> Self {
         let mut out: HashMap<(String, PodRef), BTreeMap<u16, String>> = HashMap::new();
+        let mut names: HashMap<(String, PodRef), BTreeSet<String>> = HashMap::new();
         for svc in services {
             for e in svc.endpoints.iter().filter(|e| e.cluster == cluster) {
                 let pod = match &e.pod {
                     Some(p) => PodRef::Name(p.clone()),
                     None => PodRef::Ip(e.address),
                 };
-                let ports = out.entry((svc.key.namespace.clone(), pod)).or_default();
+                let key = (svc.key.namespace.clone(), pod);
+                names
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(svc.key.name.clone());
+                let ports = out.entry(key).or_default();
                 for port in &svc.ports {
                     let Some(target) = e.port_for(port) else {
                         continue;
@@ -74,20 +84,36 @@ impl PortIndex {
                 }
             }
         }
-        PortIndex(out)
+        PortIndex {
+            ports: out,
+            services: names,
+        }
+    }
+
+    /// The refs a workload is known by: its pod's name, and its IPs.
+    fn refs<'a>(w: &'a Workload<'_>) -> impl Iterator<Item = (String, PodRef)> + 'a {
+        w.pod
+            .map(|p| PodRef::Name(p.to_string()))
+            .into_iter()
+            .chain(w.ips.iter().map(|ip| PodRef::Ip(*ip)))
+            .map(|r| (w.namespace.to_string(), r))
+    }
+
+    /// The Services of its namespace a workload is an endpoint of.
+    pub fn services_of(&self, w: &Workload<'_>) -> BTreeSet<String> {
+        Self::refs(w)
+            .filter_map(|k| self.services.get(&k))
+            .flatten()
+            .cloned()
+            .collect()
     }
 
     /// The ports of a workload: its pod's by name, and those of endpoints that name no pod
     /// but have one of its IPs.
     fn of(&self, w: &Workload<'_>) -> BTreeMap<u16, String> {
         let mut out = BTreeMap::new();
-        let refs = w
-            .pod
-            .map(|p| PodRef::Name(p.to_string()))
-            .into_iter()
-            .chain(w.ips.iter().map(|ip| PodRef::Ip(*ip)));
-        for r in refs {
-            if let Some(ports) = self.0.get(&(w.namespace.to_string(), r)) {
+        for k in Self::refs(w) {
+            if let Some(ports) = self.ports.get(&k) {
                 for (port, protocol) in ports {
                     merge(&mut out, *port, protocol.clone());
                 }
@@ -134,8 +160,28 @@ pub fn inbound_meta(t: &Translation, w: &Workload<'_>) -> weft_proto::xds::Inbou
     }
 }
 
-/// The `weft-inbound` Listener carrying [`inbound_meta`].
+/// The AuthorizationPolicies that apply to a workload.
+pub fn policies_of(
+    t: &Translation,
+    w: &Workload<'_>,
+) -> Vec<std::sync::Arc<crate::objects::Named<crate::authz::AuthorizationPolicySpec>>> {
+    let labels = w
+        .pod
+        .and_then(|p| t.pod_labels.get(&ServiceKey::new(w.namespace, p)));
+    t.authz
+        .for_workload(w.namespace, labels, &t.ports.services_of(w))
+}
+
+/// The cluster the inbound's routes and TCP proxy name: the connection's original
+/// destination, i.e. the application.
+const PASSTHROUGH: &str = "inbound-passthrough";
+
+/// The `weft-inbound` Listener: [`inbound_meta`], and the workload's authorization as Envoy
+/// RBAC filters in two filter chains: HTTP (an HTTP connection manager: RBAC filters, then
+/// the router) for connections served as HTTP, and TCP (network RBAC filters, then a TCP
+/// proxy) for everything spliced.
 pub fn inbound_listener(t: &Translation, w: &Workload<'_>) -> Res {
+    let policies = policies_of(t, w);
     let l = listener::Listener {
         name: weft_proto::keys::INBOUND_LISTENER.to_string(),
         address: Some(socket_address(
@@ -144,9 +190,131 @@ pub fn inbound_listener(t: &Translation, w: &Workload<'_>) -> Res {
         )),
         traffic_direction: core::TrafficDirection::Inbound as i32,
         metadata: Some(weft_metadata(&inbound_meta(t, w))),
+        filter_chains: filter_chains(&policies),
         ..Default::default()
     };
     resource(l.name.clone(), &l)
+}
+
+/// The HTTP and TCP filter chains with the policies' RBAC filters.
+pub fn filter_chains(
+    policies: &[std::sync::Arc<crate::objects::Named<crate::authz::AuthorizationPolicySpec>>],
+) -> Vec<listener::FilterChain> {
+    use crate::authz::{Chain, compile};
+    use prost::Message;
+    use weft_proto::envoy::envoy::config::route::v3 as route;
+    use weft_proto::envoy::envoy::extensions::filters::http::router::v3::Router;
+    use weft_proto::envoy::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+    use weft_proto::envoy::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
+    use weft_proto::envoy::google::protobuf::Any;
+    use weft_proto::rbac::{self as r, wire};
+
+    let http_filters = compile(policies, Chain::Http)
+        .into_iter()
+        .map(|(action, policies)| hcm::HttpFilter {
+            name: r::HTTP_FILTER.into(),
+            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(Any {
+                type_url: r::HTTP_RBAC_TYPE.into(),
+                value: wire::HttpRbac {
+                    rules: Some(wire::Rbac::new(action, policies)),
+                    rules_stat_prefix: String::new(),
+                }
+                .encode_to_vec(),
+            })),
+            ..Default::default()
+        })
+        .chain([hcm::HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(
+                crate::translate::any_of(&Router::default()),
+            )),
+            ..Default::default()
+        }])
+        .collect();
+    let manager = hcm::HttpConnectionManager {
+        stat_prefix: "inbound".into(),
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(
+            route::RouteConfiguration {
+                name: "inbound".into(),
+                virtual_hosts: vec![route::VirtualHost {
+                    name: "inbound".into(),
+                    domains: vec!["*".into()],
+                    routes: vec![route::Route {
+                        r#match: Some(route::RouteMatch {
+                            path_specifier: Some(route::route_match::PathSpecifier::Prefix(
+                                "/".into(),
+                            )),
+                            ..Default::default()
+                        }),
+                        action: Some(route::route::Action::Route(route::RouteAction {
+                            cluster_specifier: Some(
+                                route::route_action::ClusterSpecifier::Cluster(PASSTHROUGH.into()),
+                            ),
+                            ..Default::default()
+                        })),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )),
+        http_filters,
+        ..Default::default()
+    };
+    let network = compile(policies, Chain::Tcp)
+        .into_iter()
+        .map(|(action, policies)| listener::Filter {
+            name: r::NETWORK_FILTER.into(),
+            config_type: Some(listener::filter::ConfigType::TypedConfig(Any {
+                type_url: r::NETWORK_RBAC_TYPE.into(),
+                value: wire::NetworkRbac {
+                    rules: Some(wire::Rbac::new(action, policies)),
+                    stat_prefix: "inbound".into(),
+                }
+                .encode_to_vec(),
+            })),
+        })
+        .chain([listener::Filter {
+            name: "envoy.filters.network.tcp_proxy".into(),
+            config_type: Some(listener::filter::ConfigType::TypedConfig(
+                crate::translate::any_of(&tcp::TcpProxy {
+                    stat_prefix: "inbound".into(),
+                    cluster_specifier: Some(tcp::tcp_proxy::ClusterSpecifier::Cluster(
+                        PASSTHROUGH.into(),
+                    )),
+                    ..Default::default()
+                }),
+            )),
+        }])
+        .collect();
+    let alpn = |a: &[u8]| String::from_utf8_lossy(a).into_owned();
+    vec![
+        listener::FilterChain {
+            name: r::HTTP_CHAIN.into(),
+            filter_chain_match: Some(listener::FilterChainMatch {
+                application_protocols: vec![
+                    "http/1.1".into(),
+                    "h2c".into(),
+                    alpn(weft_proto::tls::ALPN_MESH_HTTP1),
+                    alpn(weft_proto::tls::ALPN_MESH_H2),
+                ],
+                ..Default::default()
+            }),
+            filters: vec![listener::Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(listener::filter::ConfigType::TypedConfig(
+                    crate::translate::any_of(&manager),
+                )),
+            }],
+            ..Default::default()
+        },
+        listener::FilterChain {
+            name: r::TCP_CHAIN.into(),
+            filters: network,
+            ..Default::default()
+        },
+    ]
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! the source, the translator and the servers as tasks that end when the handle is dropped.
 
 pub mod admin;
+pub mod authz;
 pub mod catalog;
 pub mod check;
 pub mod config;

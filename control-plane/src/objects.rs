@@ -81,6 +81,9 @@ pub enum Object {
     /// Istio's `security.istio.io/v1` (or `v1beta1`) PeerAuthentication, read as Weft's own;
     /// a separate kind so one of each with the same name can coexist.
     IstioPeerAuthentication(Box<Named<PeerAuthenticationSpec>>),
+    /// Istio's `security.istio.io/v1` (or `v1beta1`) AuthorizationPolicy: who may call the
+    /// selected workloads (`crate::authz`).
+    AuthorizationPolicy(Box<Named<crate::authz::AuthorizationPolicySpec>>),
 }
 
 /// The object-key kind of Istio's PeerAuthentication (kubectl's `kind.group` spelling).
@@ -256,6 +259,9 @@ impl Object {
                 ISTIO_PEER_AUTHENTICATION,
                 (o.namespace.clone(), o.name.clone()),
             ),
+            Object::AuthorizationPolicy(o) => {
+                (crate::authz::KIND, (o.namespace.clone(), o.name.clone()))
+            }
         };
         ObjectKey {
             kind,
@@ -852,6 +858,18 @@ pub fn parse_object(doc: serde_json::Value) -> Result<Option<Object>, ObjectErro
             }
             Object::IstioPeerAuthentication(Box::new(named(doc, &label, namespace, name)?))
         }
+        ("security.istio.io", "AuthorizationPolicy") => {
+            if !matches!(
+                api_version.as_str(),
+                "security.istio.io/v1" | "security.istio.io/v1beta1"
+            ) {
+                return Err(err(
+                    "apiVersion",
+                    format!("{api_version:?}: Weft reads security.istio.io/v1 and v1beta1"),
+                ));
+            }
+            Object::AuthorizationPolicy(Box::new(named(doc, &label, namespace, name)?))
+        }
         _ => return Ok(None),
     };
     validate(&obj).map_err(|(field, message)| err(&field, message))?;
@@ -1041,6 +1059,7 @@ fn validate(obj: &Object) -> Result<(), FieldError> {
                 check(format!("spec.portLevelMtls[{port:?}].mode"), m)?;
             }
         }
+        Object::AuthorizationPolicy(p) => crate::authz::validate(&p.spec)?,
         Object::MeshPeer(p) => {
             weft_proto::spiffe::validate_dns_subdomain("cluster name", &p.name)
                 .map_err(|e| field_err("metadata.name", e.to_string()))?;
@@ -1273,6 +1292,21 @@ fn validate(obj: &Object) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// What of an accepted object Weft cannot enforce as written (it fails closed there): the
+/// fields, and why, for its `Accepted` condition. `None` when everything is enforced.
+pub fn unenforced(obj: &Object) -> Option<(String, String)> {
+    let Object::AuthorizationPolicy(p) = obj else {
+        return None;
+    };
+    let gaps = crate::authz::unsupported(&p.spec);
+    if gaps.is_empty() {
+        return None;
+    }
+    let fields: Vec<&str> = gaps.iter().map(|(f, _)| f.as_str()).collect();
+    let reasons: Vec<String> = gaps.iter().map(|(f, m)| format!("{f}: {m}")).collect();
+    Some((fields.join(", "), reasons.join("; ")))
+}
+
 /// The static kind name for a kind Weft reads (for keys of objects that failed to parse).
 pub fn known_kind(kind: &str) -> Option<&'static str> {
     [
@@ -1288,6 +1322,7 @@ pub fn known_kind(kind: &str) -> Option<&'static str> {
         "Namespace",
         "MeshPeer",
         "PeerAuthentication",
+        "AuthorizationPolicy",
     ]
     .into_iter()
     .find(|k| *k == kind)

@@ -132,6 +132,8 @@ pub struct Translation {
     pub pod_labels: Arc<BTreeMap<ServiceKey, BTreeMap<String, String>>>,
     /// mTLS policies (the model's).
     pub mtls: Arc<crate::peer_auth::MtlsPolicies>,
+    /// AuthorizationPolicies (the model's).
+    pub authz: Arc<crate::authz::AuthzPolicies>,
     /// This control plane's cluster.
     pub cluster: String,
     /// The ports each pod serves, for its inbound Listener.
@@ -200,6 +202,7 @@ pub fn translate(model: &Model, prev: Option<&Translation>) -> Translation {
         pod_places: model.pod_places.clone(),
         pod_labels: model.pod_labels.clone(),
         mtls: model.mtls.clone(),
+        authz: model.authz.clone(),
         cluster: model.cluster.clone(),
         ports: Arc::new(crate::inbound::PortIndex::build(
             model.services.values().map(|s| &**s),
@@ -287,7 +290,7 @@ fn u32v(v: u32) -> pb::UInt32Value {
     pb::UInt32Value { value: v }
 }
 
-fn any_of<M: Message + Name>(m: &M) -> pb::Any {
+pub(crate) fn any_of<M: Message + Name>(m: &M) -> pb::Any {
     pb::Any {
         type_url: M::type_url(),
         value: m.encode_to_vec(),

@@ -13,6 +13,7 @@ pub mod logging;
 pub mod names;
 pub mod probes;
 pub mod protocol;
+pub mod rbac;
 pub mod spiffe;
 pub mod tls;
 

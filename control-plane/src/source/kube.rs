@@ -60,7 +60,7 @@ pub enum StatusStyle {
 pub const CONTROLLER_NAME: &str = "weft.dev/mesh-controller";
 
 /// Every kind the source watches.
-pub const KINDS: [Kind; 13] = [
+pub const KINDS: [Kind; 14] = [
     Kind {
         group: "",
         version: "v1",
@@ -166,6 +166,16 @@ pub const KINDS: [Kind; 13] = [
         namespaced: true,
         status: StatusStyle::None,
     },
+    // Istio's too, but Weft enforces it, so it says whether it can (the Accepted condition,
+    // next to any condition Istio's own controllers write).
+    Kind {
+        group: "security.istio.io",
+        version: "v1",
+        kind: "AuthorizationPolicy",
+        plural: "authorizationpolicies",
+        namespaced: true,
+        status: StatusStyle::Conditions,
+    },
 ];
 
 impl Kind {
@@ -189,7 +199,7 @@ impl Kind {
     /// The kind objects of this resource are keyed under: its `kind`, except Istio's
     /// PeerAuthentication, which must not collide with Weft's.
     pub fn id(&self) -> &'static str {
-        if self.group == "security.istio.io" {
+        if self.group == "security.istio.io" && self.kind == "PeerAuthentication" {
             crate::objects::ISTIO_PEER_AUTHENTICATION
         } else {
             self.kind
@@ -247,6 +257,9 @@ pub struct Verdict {
     pub accepted: Result<(), (String, String)>,
     /// The object's current `Accepted` condition (status, reason, message, generation).
     pub current: Option<(String, String, String, Option<i64>)>,
+    /// `accepted` is an error because part of the object cannot be enforced as written (the
+    /// object is in use, failing closed there), not because it was refused.
+    pub unsupported: bool,
 }
 
 impl Verdict {
@@ -254,6 +267,11 @@ impl Verdict {
     pub fn condition(&self) -> (&'static str, &'static str, String) {
         match &self.accepted {
             Ok(()) => ("True", "Accepted", "accepted by Weft".into()),
+            Err((_, message)) if self.unsupported => (
+                "False",
+                "UnsupportedValue",
+                format!("{message} (enforced fail-closed)"),
+            ),
             Err((field, message)) => ("False", "Invalid", format!("{field}: {message}")),
         }
     }
@@ -291,12 +309,14 @@ impl KubeState {
         let mut take = |state: &mut Self, doc: Value, verdicts: &mut Vec<Verdict>| {
             let (key, outcome) = state.take(kind, doc.clone());
             if kind.status != StatusStyle::None {
-                verdicts.push(verdict(
-                    kind.status,
-                    &key,
-                    &doc,
-                    outcome.as_ref().err().cloned(),
-                ));
+                let mut v = verdict(kind.status, &key, &doc, outcome.as_ref().err().cloned());
+                if let Ok(Some(obj)) = &outcome
+                    && let Some(gap) = crate::objects::unenforced(obj)
+                {
+                    v.accepted = Err(gap);
+                    v.unsupported = true;
+                }
+                verdicts.push(v);
             }
             if let Ok(Some(obj)) = outcome {
                 upserts.push((obj, ORIGIN.to_string()));
@@ -440,6 +460,7 @@ fn verdict(
         generation: doc["metadata"]["generation"].as_i64(),
         accepted: error.map_or(Ok(()), Err),
         current,
+        unsupported: false,
     }
 }
 
