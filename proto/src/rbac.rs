@@ -155,6 +155,26 @@ impl Engine {
         self.filters.is_empty()
     }
 
+    /// Each filter as `ACTION: policy, policy` (`ALLOW: (none)` denies all), for config
+    /// dumps and `weftctl`.
+    pub fn describe(&self) -> Vec<String> {
+        self.filters
+            .iter()
+            .map(|f| {
+                let names: Vec<&str> = f.policies.iter().map(|(n, _)| n.as_str()).collect();
+                let action = match f.action {
+                    Action::Allow => "ALLOW",
+                    Action::Deny => "DENY",
+                    Action::Log => "LOG",
+                };
+                match names.is_empty() {
+                    true => format!("{action}: (none)"),
+                    false => format!("{action}: {}", names.join(", ")),
+                }
+            })
+            .collect()
+    }
+
     /// Evaluates every filter in order, stopping at the first denial.
     pub fn evaluate(&self, input: &Input<'_>) -> Decision<'_> {
         let mut decision = Decision {

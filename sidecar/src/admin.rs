@@ -95,6 +95,11 @@ pub struct Metrics {
     pub xds_nacks: Counter,
     /// `weft_xds_disconnects_total`.
     pub xds_disconnects: Counter,
+    /// `weft_authz_denied_total{namespace,policy,rule}`: requests and connections an
+    /// AuthorizationPolicy denied (a DENY rule; `policy=""` when no ALLOW rule matched).
+    pub authz_denied: Family<Labels, Counter>,
+    /// `weft_authz_audited_total{namespace,policy,rule}`: what an AUDIT rule matched.
+    pub authz_audited: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -161,6 +166,18 @@ impl Metrics {
         );
         let inbound_refused = Family::<Labels, Counter>::default();
         let upstream_tls_failures = Family::<Labels, Counter>::default();
+        let authz_denied = Family::<Labels, Counter>::default();
+        let authz_audited = Family::<Labels, Counter>::default();
+        registry.register(
+            "weft_authz_denied",
+            "Inbound requests and connections an AuthorizationPolicy denied, by policy and rule",
+            authz_denied.clone(),
+        );
+        registry.register(
+            "weft_authz_audited",
+            "Inbound requests and connections an AUDIT policy matched, by policy and rule",
+            authz_audited.clone(),
+        );
         registry.register(
             "weft_proxy_inbound_requests",
             "HTTP requests delivered to the application, by mTLS and status",
@@ -283,6 +300,36 @@ impl Metrics {
             inbound_refused,
             upstream_tls_failures,
             load_reports,
+            authz_denied,
+            authz_audited,
+        }
+    }
+
+    /// Counts an authorization decision: a denial (by the policy that decided, or by no
+    /// ALLOW rule matching in `namespace`), and the AUDIT rule that matched.
+    pub fn authz(&self, d: &weft_proto::rbac::Decision<'_>, namespace: &str) {
+        let labels = |name: &str| -> Labels {
+            let (ns, policy, rule) =
+                weft_proto::rbac::parse_policy_name(name).unwrap_or((namespace, name, ""));
+            vec![
+                ("namespace".into(), ns.into()),
+                ("policy".into(), policy.into()),
+                ("rule".into(), rule.into()),
+            ]
+        };
+        if let Some(a) = d.audit {
+            self.authz_audited.get_or_create(&labels(a)).inc();
+        }
+        if !d.allowed {
+            let l = match d.policy {
+                Some(p) => labels(p),
+                None => vec![
+                    ("namespace".into(), namespace.into()),
+                    ("policy".into(), String::new()),
+                    ("rule".into(), String::new()),
+                ],
+            };
+            self.authz_denied.get_or_create(&l).inc();
         }
     }
 

@@ -232,7 +232,13 @@ impl Shared {
     /// application and let whoever speaks first decide: the application (a server-first
     /// protocol) makes it opaque; the caller's first bytes are classified as if they had come
     /// in time, so waiting never turns HTTP into raw bytes the application would parse.
-    async fn late(self: Arc<Self>, client: TcpStream, peer: SocketAddr, app: SocketAddr) {
+    async fn late(
+        self: Arc<Self>,
+        client: TcpStream,
+        peer: SocketAddr,
+        app: SocketAddr,
+        dst: SocketAddr,
+    ) {
         let upstream = match crate::connect::connect_app(app).await {
             Ok(u) => u,
             Err(e) => {
@@ -252,15 +258,19 @@ impl Shared {
         match protocol {
             Protocol::Http1 => {
                 drop(upstream);
-                self.serve_http(client, peer, app, None).await
+                self.serve_http(client, peer, app, dst, None).await
             }
             Protocol::Http2 => {
                 drop(upstream);
-                self.serve_h2(client, peer, app, None).await
+                self.serve_h2(client, peer, app, dst, None).await
             }
             Protocol::Opaque => {
+                let caller = self.caller(None, peer, dst);
+                if !caller.tcp_allowed(&self.xds.config.load(), &self.metrics) {
+                    return;
+                }
                 let idle = self.idle_timeout;
-                crate::connect::splice_to(
+                let splice = crate::connect::splice_to(
                     client,
                     upstream,
                     peer,
@@ -268,8 +278,8 @@ impl Shared {
                     "inbound",
                     &self.metrics,
                     idle,
-                )
-                .await
+                );
+                self.until_revoked(caller, splice).await
             }
         }
     }
@@ -284,11 +294,13 @@ impl Shared {
         let _ = client.set_nodelay(true);
         // The container port: the original destination's (its app port when not intercepted).
         let port = endpoint.map_or(app.port(), |e| e.port());
+        // Where the caller was going, as policies name it: the pod's address and port.
+        let dst = endpoint.unwrap_or(app);
         let (mode, declared) = self.xds.config.load().inbound_for(port);
         let kind = self.classify(&client, app, declared).await;
         match (kind, mode) {
             (Kind::MeshTls, MtlsMode::Strict | MtlsMode::Permissive) => {
-                self.mesh_tls(client, peer, app).await
+                self.mesh_tls(client, peer, app, dst).await
             }
             (_, MtlsMode::Strict) => {
                 tracing::info!(%peer, namespace = %self.namespace, "inbound: plaintext connection refused (mTLS mode STRICT)");
@@ -298,25 +310,65 @@ impl Shared {
                 tracing::info!(%peer, %app, "inbound: refused bytes that are not HTTP on a port declared HTTP");
                 self.metrics.inbound_refused("not-http");
             }
-            (Kind::Http1, _) => self.serve_http(client, peer, app, None).await,
-            (Kind::H2c, _) => self.serve_h2(client, peer, app, None).await,
-            (Kind::Silent, _) => self.late(client, peer, app).await,
+            (Kind::Http1, _) => self.serve_http(client, peer, app, dst, None).await,
+            (Kind::H2c, _) => self.serve_h2(client, peer, app, dst, None).await,
+            (Kind::Silent, _) => self.late(client, peer, app, dst).await,
             (Kind::MeshTls | Kind::Other, _) => {
-                crate::connect::splice(
+                let caller = self.caller(None, peer, dst);
+                if !caller.tcp_allowed(&self.xds.config.load(), &self.metrics) {
+                    return;
+                }
+                let splice = crate::connect::splice(
                     client,
                     peer,
                     app,
                     "inbound",
                     &self.metrics,
                     self.idle_timeout,
-                )
-                .await
+                );
+                self.until_revoked(caller, splice).await
+            }
+        }
+    }
+
+    fn caller<'a>(
+        &'a self,
+        principal: Option<&'a str>,
+        peer: SocketAddr,
+        destination: SocketAddr,
+    ) -> crate::authz::Caller<'a> {
+        crate::authz::Caller {
+            principal,
+            peer,
+            destination,
+            namespace: &self.namespace,
+        }
+    }
+
+    /// Runs a spliced connection until it ends or a new config's policies deny it (then it
+    /// is closed: dropping the splice drops both sockets).
+    async fn until_revoked(
+        &self,
+        caller: crate::authz::Caller<'_>,
+        splice: impl std::future::Future<Output = ()>,
+    ) {
+        let changed = self.xds.changed.clone();
+        tokio::select! {
+            () = splice => {}
+            () = caller.revoked(changed, &self.xds.config, &self.metrics) => {
+                self.metrics.connection_closed("inbound", "authz-revoked");
             }
         }
     }
 
     /// Terminates another sidecar's mTLS; its verified identity goes with each request.
-    async fn mesh_tls(self: Arc<Self>, client: TcpStream, peer: SocketAddr, app: SocketAddr) {
+    async fn mesh_tls(
+        self: Arc<Self>,
+        client: TcpStream,
+        peer: SocketAddr,
+        app: SocketAddr,
+        dst: SocketAddr,
+    ) {
         let Some(svid) = self.svid.as_ref().and_then(|s| s.load_full()) else {
             tracing::warn!(%peer, "inbound: mTLS refused: this workload has no certificate yet");
             self.metrics.inbound_refused("no-certificate");
@@ -345,9 +397,10 @@ impl Shared {
             }
         };
         if stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_MESH_H2) {
-            self.serve_h2(stream, peer, app, Some(identity)).await;
+            self.serve_h2(stream, peer, app, dst, Some(identity)).await;
         } else {
-            self.serve_http(stream, peer, app, Some(identity)).await;
+            self.serve_http(stream, peer, app, dst, Some(identity))
+                .await;
         }
     }
 
@@ -359,6 +412,7 @@ impl Shared {
         io: IO,
         peer: SocketAddr,
         app: SocketAddr,
+        dst: SocketAddr,
         identity: Option<SpiffeId>,
     ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -368,7 +422,7 @@ impl Shared {
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req| {
             let (this, identity) = (this.clone(), identity.clone());
-            async move { Ok::<_, Infallible>(this.to_app(req, app, peer, identity).await) }
+            async move { Ok::<_, Infallible>(this.to_app(req, app, peer, dst, identity).await) }
         });
         let activity = crate::accept::Activity::default();
         let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -392,6 +446,7 @@ impl Shared {
         io: IO,
         peer: SocketAddr,
         app: SocketAddr,
+        dst: SocketAddr,
         identity: Option<SpiffeId>,
     ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -402,7 +457,7 @@ impl Shared {
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req| {
             let (this, identity) = (this.clone(), identity.clone());
-            async move { Ok::<_, Infallible>(this.to_app(req, app, peer, identity).await) }
+            async move { Ok::<_, Infallible>(this.to_app(req, app, peer, dst, identity).await) }
         });
         let activity = crate::accept::Activity::default();
         let conn = hyper::server::conn::http1::Builder::new()
@@ -427,6 +482,7 @@ impl Shared {
         req: Request<hyper::body::Incoming>,
         app: SocketAddr,
         peer: SocketAddr,
+        dst: SocketAddr,
         identity: Option<hyper::header::HeaderValue>,
     ) -> Response<Body> {
         let started = Instant::now();
@@ -438,6 +494,25 @@ impl Shared {
             Err((status, reason, msg)) => return refuse(status, reason, msg),
         };
         let (mut parts, body) = req.into_parts();
+        let principal = identity.as_ref().and_then(|v| v.to_str().ok());
+        match self
+            .caller(principal, peer, dst)
+            .http(&self.xds.config.load(), &parts, &self.metrics)
+        {
+            Ok(None) => {}
+            // The normalised path the policies judged is the one the application gets.
+            Ok(Some(path)) => match hyper::Uri::builder().path_and_query(path).build() {
+                Ok(u) => parts.uri = u,
+                Err(e) => {
+                    return refuse(StatusCode::BAD_REQUEST, "bad-uri", format!("weft: {e}"));
+                }
+            },
+            Err(resp) => {
+                self.metrics
+                    .inbound_request(mtls, resp.status().as_u16(), started);
+                return resp;
+            }
+        }
         parts.uri = match crate::outbound::forward_uri("http", app, &parts.uri) {
             Ok(u) => u,
             Err(msg) => return refuse(StatusCode::BAD_REQUEST, "bad-uri", msg),

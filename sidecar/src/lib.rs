@@ -8,6 +8,7 @@
 
 pub mod accept;
 pub mod admin;
+pub mod authz;
 pub mod balance;
 pub mod config;
 pub mod connect;

@@ -701,6 +701,140 @@ pub struct InboundPolicy {
     pub source: String,
     /// Container port -> what is known of it.
     pub ports: BTreeMap<u16, InboundPort>,
+    /// Who may call: the RBAC filters of the Listener's filter chains.
+    pub authz: Arc<InboundAuthz>,
+}
+
+/// A workload's authorization: the RBAC filters of the `weft-inbound` Listener, compiled.
+#[derive(Debug, Default, Serialize)]
+pub struct InboundAuthz {
+    /// The HTTP chain's filters: judged per request.
+    #[serde(skip)]
+    pub http: weft_proto::rbac::Engine,
+    /// The TCP chain's filters: judged per connection spliced as opaque TCP.
+    #[serde(skip)]
+    pub tcp: weft_proto::rbac::Engine,
+    /// The HTTP chain's filters and policy names, for the config dump.
+    pub http_filters: Vec<String>,
+    /// The TCP chain's filters and policy names.
+    pub tcp_filters: Vec<String>,
+    /// The chains as sent, which equality compares.
+    #[serde(skip)]
+    raw: Vec<u8>,
+}
+
+impl PartialEq for InboundAuthz {
+    fn eq(&self, other: &Self) -> bool {
+        self.raw == other.raw
+    }
+}
+
+impl InboundAuthz {
+    /// Reads the RBAC filters of the `weft-inbound` Listener's chains. A chain, filter or
+    /// matcher this sidecar cannot enforce refuses the whole Listener (the previous one keeps
+    /// serving), never a part of it.
+    pub fn from_listener(l: &Listener) -> Result<Self, Invalid> {
+        use weft_proto::envoy::envoy::config::listener::v3::filter::ConfigType as NetConfig;
+        use weft_proto::envoy::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
+        use weft_proto::envoy::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType;
+        use weft_proto::envoy::envoy::extensions::filters::network::rbac::v3::Rbac as NetRbac;
+        use weft_proto::rbac as r;
+        let name = l.name.as_str();
+        let mut http = Vec::new();
+        let mut tcp = Vec::new();
+        let mut raw = Vec::new();
+        for (i, chain) in l.filter_chains.iter().enumerate() {
+            raw.extend(chain.encode_to_vec());
+            let at = |j: usize| format!("filter_chains[{i}] ({:?}).filters[{j}]", chain.name);
+            for (j, f) in chain.filters.iter().enumerate() {
+                let Some(NetConfig::TypedConfig(any)) = f.config_type.as_ref() else {
+                    return Err(invalid(
+                        "Listener",
+                        name,
+                        format!("{}: no typed_config", at(j)),
+                    ));
+                };
+                match (chain.name.as_str(), f.name.as_str()) {
+                    (r::HTTP_CHAIN, "envoy.filters.network.http_connection_manager") => {
+                        let hcm: HttpConnectionManager = decode("Listener", name, &any.value)?;
+                        for hf in &hcm.http_filters {
+                            if hf.name != r::HTTP_FILTER {
+                                continue;
+                            }
+                            let Some(ConfigType::TypedConfig(any)) = hf.config_type.as_ref() else {
+                                return Err(invalid(
+                                    "Listener",
+                                    name,
+                                    format!("{}: an RBAC filter without typed_config", at(j)),
+                                ));
+                            };
+                            let rbac: HttpRbac = decode("Listener", name, &any.value)?;
+                            if rbac.matcher.is_some()
+                                || rbac.shadow_rules.is_some()
+                                || rbac.shadow_matcher.is_some()
+                            {
+                                return Err(invalid(
+                                    "Listener",
+                                    name,
+                                    format!(
+                                        "{}: only RBAC rules are supported (not matcher or shadow rules)",
+                                        at(j)
+                                    ),
+                                ));
+                            }
+                            http.push(rbac.rules);
+                        }
+                    }
+                    (r::TCP_CHAIN, r::NETWORK_FILTER) => {
+                        let rbac: NetRbac = decode("Listener", name, &any.value)?;
+                        if rbac.matcher.is_some()
+                            || rbac.shadow_rules.is_some()
+                            || rbac.shadow_matcher.is_some()
+                        {
+                            return Err(invalid(
+                                "Listener",
+                                name,
+                                format!(
+                                    "{}: only RBAC rules are supported (not matcher or shadow rules)",
+                                    at(j)
+                                ),
+                            ));
+                        }
+                        tcp.push(rbac.rules);
+                    }
+                    (r::TCP_CHAIN, "envoy.filters.network.tcp_proxy") => {}
+                    (r::HTTP_CHAIN | r::TCP_CHAIN, other) => {
+                        return Err(invalid(
+                            "Listener",
+                            name,
+                            format!("{}: filter {other:?} is not supported", at(j)),
+                        ));
+                    }
+                    (other, _) => {
+                        return Err(invalid(
+                            "Listener",
+                            name,
+                            format!(
+                                "filter_chains[{i}]: chain {other:?} is not one this sidecar enforces"
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        let engine = |rbacs: &[Option<weft_proto::envoy::envoy::config::rbac::v3::Rbac>]| {
+            weft_proto::rbac::Engine::new(rbacs.iter().map(Option::as_ref))
+                .map_err(|e| invalid("Listener", name, e.to_string()))
+        };
+        let (http, tcp) = (engine(&http)?, engine(&tcp)?);
+        Ok(InboundAuthz {
+            http_filters: http.describe(),
+            tcp_filters: tcp.describe(),
+            http,
+            tcp,
+            raw,
+        })
+    }
 }
 
 /// One container port of the workload.
@@ -774,6 +908,7 @@ impl InboundPolicy {
             mode: mode("mtls_mode", &meta.mtls_mode)?,
             source: meta.mtls_source,
             ports,
+            authz: Arc::new(InboundAuthz::from_listener(l)?),
         }))
     }
 }
@@ -792,6 +927,13 @@ impl MeshConfig {
             },
             None => (weft_proto::tls::MtlsMode::Strict, None),
         }
+    }
+
+    /// The workload's authorization; `None` until its `weft-inbound` Listener is accepted,
+    /// when nothing says who may call, so the inbound lets no one in (as Envoy, which has no
+    /// inbound listener before LDS).
+    pub fn authz(&self) -> Option<&Arc<InboundAuthz>> {
+        self.inbound.as_ref().map(|i| &i.authz)
     }
 
     /// Routes for an authority: as given, else resolved by the mesh's naming rules
@@ -911,6 +1053,7 @@ mod tests {
                 },
             )]
             .into(),
+            authz: Default::default(),
         });
         assert_eq!(config.inbound_for(8080), (MtlsMode::Permissive, None));
         assert_eq!(

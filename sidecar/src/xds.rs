@@ -112,6 +112,22 @@ pub struct XdsHandle {
     pub config: Arc<ArcSwap<MeshConfig>>,
     /// Becomes true once LDS, RDS, CDS and EDS were each accepted once.
     pub ready: watch::Receiver<bool>,
+    /// Counts accepted configs: what open connections watch to be judged again.
+    pub changed: watch::Receiver<u64>,
+}
+
+/// Where the xDS client publishes each accepted config.
+pub struct Publish {
+    cell: Arc<ArcSwap<MeshConfig>>,
+    changed: watch::Sender<u64>,
+}
+
+impl Publish {
+    /// Swaps the config in and tells the watchers.
+    fn store(&self, c: Arc<MeshConfig>) {
+        self.cell.store(c);
+        self.changed.send_modify(|n| *n += 1);
+    }
 }
 
 /// The xDS node this sidecar announces (also what its load reports name).
@@ -161,9 +177,15 @@ pub fn start(
 ) -> XdsHandle {
     let config = Arc::new(ArcSwap::from_pointee(MeshConfig::default()));
     let (ready_tx, ready) = watch::channel(false);
+    let (changed_tx, changed) = watch::channel(0u64);
     let handle = XdsHandle {
         config: config.clone(),
         ready,
+        changed,
+    };
+    let config = Publish {
+        cell: config,
+        changed: changed_tx,
     };
     tokio::spawn(async move {
         let mut held = Held::default();
@@ -225,7 +247,7 @@ async fn stream_once(
     cfg: &RunConfig,
     link: &crate::identity::ControlPlaneLink,
     held: &mut Held,
-    config: &ArcSwap<MeshConfig>,
+    config: &Publish,
     ready: &watch::Sender<bool>,
     metrics: &crate::admin::Metrics,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -310,7 +332,7 @@ async fn stream_delta(
     cfg: &RunConfig,
     link: &crate::identity::ControlPlaneLink,
     held: &mut Held,
-    config: &ArcSwap<MeshConfig>,
+    config: &Publish,
     ready: &watch::Sender<bool>,
     metrics: &crate::admin::Metrics,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
