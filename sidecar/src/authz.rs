@@ -107,17 +107,17 @@ impl Caller<'_> {
 
     /// Judges one HTTP request: `Ok` with the path to forward (normalised where the workload
     /// has policies), or the response to answer instead.
-    pub fn http<'p>(
+    pub fn http(
         &self,
         config: &MeshConfig,
-        parts: &'p hyper::http::request::Parts,
+        parts: &hyper::http::request::Parts,
         metrics: &Metrics,
-    ) -> Result<Option<String>, Response<Body>> {
+    ) -> Result<Option<String>, Box<Response<Body>>> {
         let grpc = is_grpc(&parts.headers);
         let Some(authz) = config.authz() else {
             tracing::info!(peer = %self.peer, "authz: request refused: this workload's authorization is not known yet");
             metrics.inbound_refused("authz-unknown");
-            return Err(denied(grpc));
+            return Err(Box::new(denied(grpc)));
         };
         if authz.http.is_empty() {
             return Ok(None);
@@ -130,11 +130,11 @@ impl Caller<'_> {
         let normal = normalize_path(path).map_err(|why| {
             tracing::info!(peer = %self.peer, path, "authz: request refused: {why}");
             metrics.inbound_refused("ambiguous-path");
-            crate::outbound::refuse(
+            Box::new(crate::outbound::refuse(
                 StatusCode::BAD_REQUEST,
                 "ambiguous-path",
                 format!("weft: {why}"),
-            )
+            ))
         })?;
         let full: Cow<'_, str> = match (&normal, query) {
             (Cow::Borrowed(_), _) => Cow::Borrowed(raw),
@@ -164,7 +164,7 @@ impl Caller<'_> {
             self.record(&d, &what, metrics);
         }
         if !d.allowed {
-            return Err(denied(grpc));
+            return Err(Box::new(denied(grpc)));
         }
         Ok(match full {
             Cow::Owned(p) => Some(p),

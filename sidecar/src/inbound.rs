@@ -510,7 +510,7 @@ impl Shared {
             Err(resp) => {
                 self.metrics
                     .inbound_request(mtls, resp.status().as_u16(), started);
-                return resp;
+                return *resp;
             }
         }
         parts.uri = match crate::outbound::forward_uri("http", app, &parts.uri) {

@@ -1,6 +1,7 @@
 //! Every integration test of this crate, one module per file (one binary to build and link).
 
 mod ads;
+mod authz;
 mod fail_closed;
 mod federation;
 mod forgery;
