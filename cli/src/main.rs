@@ -88,6 +88,12 @@ enum Command {
         #[arg(long, value_name = "ADMIN_ADDR")]
         from_proxy: Option<SocketAddr>,
     },
+    /// Authorization: what the AuthorizationPolicies decide, computed by the control plane
+    /// with the sidecars' own RBAC engine on the policies it sends them.
+    Authz {
+        #[command(subcommand)]
+        command: AuthzCommand,
+    },
     /// Join tokens: the proof of identity for workloads outside Kubernetes.
     Token {
         #[command(subcommand)]
@@ -130,6 +136,34 @@ enum Command {
     /// Run the mesh locally: a control plane, sample echo services in two zones, sidecars
     /// and a load generator, with a live view of where requests go. Ctrl-C stops it all.
     Demo(demo::DemoArgs),
+}
+
+/// `weftctl authz ...`.
+#[derive(Subcommand)]
+enum AuthzCommand {
+    /// May this caller make this request? Per endpoint of the service in this cluster:
+    /// ALLOWED or DENIED and the deciding policy and rule (exit 0 when every endpoint allows,
+    /// 1 when one denies).
+    Check {
+        /// The caller, `namespace/service-account`; omit for a plaintext caller.
+        #[arg(long)]
+        from: Option<String>,
+        /// The service: `svc`, `svc.ns`, optionally `:port` (a Service port; default its first).
+        #[arg(long)]
+        to: String,
+        /// The request's method.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// The request's path (query included, as sent).
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// The request's host (default the service's cluster.local name).
+        #[arg(long)]
+        host: Option<String>,
+        /// The caller's address, for ipBlocks rules.
+        #[arg(long)]
+        from_ip: Option<std::net::IpAddr>,
+    },
 }
 
 /// `weftctl token ...`.
@@ -202,6 +236,27 @@ fn main() -> anyhow::Result<()> {
             Command::Token {
                 command: TokenCommand::Revoke { id },
             } => query::token_revoke(&cp, &id, cli.output).await,
+            Command::Authz {
+                command:
+                    AuthzCommand::Check {
+                        from,
+                        to,
+                        method,
+                        path,
+                        host,
+                        from_ip,
+                    },
+            } => {
+                let q = query::AuthzQuestion {
+                    from,
+                    to,
+                    method,
+                    path,
+                    host,
+                    from_ip,
+                };
+                query::authz_check(&cp, q, cli.output).await
+            }
             Command::Completions { shell } => {
                 use clap::CommandFactory;
                 clap_complete::generate(

@@ -724,6 +724,108 @@ pub async fn endpoints(
     Ok(0)
 }
 
+/// One endpoint's answer to `weftctl authz check`.
+#[derive(Debug, Serialize)]
+pub struct AuthzRow {
+    /// The pod, when known.
+    pub pod: String,
+    /// Address and container port.
+    pub address: String,
+    /// `http` or `tcp`.
+    pub chain: String,
+    /// Allowed.
+    pub allowed: bool,
+    /// The deciding RBAC policy, `ns[..]-policy[..]-rule[..]`.
+    pub policy: String,
+    /// The AUDIT rule that matched.
+    pub audit: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// What `weftctl authz check` is asked.
+pub struct AuthzQuestion {
+    /// `ns/sa`, or `None` for a plaintext caller.
+    pub from: Option<String>,
+    /// `svc`, `svc.ns`, with `:port`.
+    pub to: String,
+    /// The request's method.
+    pub method: String,
+    /// The request's path.
+    pub path: String,
+    /// The request's host.
+    pub host: Option<String>,
+    /// The caller's address.
+    pub from_ip: Option<std::net::IpAddr>,
+}
+
+/// `weftctl authz check`: per endpoint, allowed or denied and by which policy and rule
+/// (exit 0 when every endpoint allows, 1 when one denies).
+pub async fn authz_check(cp: &Cp, q: AuthzQuestion, format: Format) -> anyhow::Result<i32> {
+    let (target, port) = match q.to.rsplit_once(':') {
+        Some((t, p)) => (
+            t,
+            p.parse::<u32>()
+                .map_err(|_| anyhow::anyhow!("--to {:?}: port {p:?} is not a number", q.to))?,
+        ),
+        None => (q.to.as_str(), 0),
+    };
+    let (service, namespace) = target.split_once('.').unwrap_or((target, "default"));
+    // `svc.ns.svc.cluster.local` names too.
+    let namespace = namespace.split('.').next().unwrap_or(namespace);
+    let resp = client(cp)
+        .await?
+        .check_authorization(weft_proto::admin::CheckAuthorizationRequest {
+            from: q.from.unwrap_or_default(),
+            namespace: namespace.into(),
+            service: service.into(),
+            port,
+            method: q.method,
+            path: q.path,
+            host: q.host.unwrap_or_default(),
+            source_ip: q.from_ip.map(|i| i.to_string()).unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    if resp.verdicts.is_empty() {
+        anyhow::bail!("{service}.{namespace} has no endpoint in this cluster to judge");
+    }
+    let rows: Vec<AuthzRow> = resp
+        .verdicts
+        .into_iter()
+        .map(|v| AuthzRow {
+            pod: v.pod,
+            address: v.address,
+            chain: v.chain,
+            allowed: v.allowed,
+            policy: v.policy,
+            audit: v.audit,
+            reason: v.reason,
+        })
+        .collect();
+    let denied = rows.iter().any(|r| !r.allowed);
+    let table = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.pod.clone(),
+                r.address.clone(),
+                r.chain.clone(),
+                if r.allowed { "ALLOWED" } else { "DENIED" }.to_string(),
+                r.reason.clone(),
+            ]
+        })
+        .collect();
+    print(
+        format,
+        &rows,
+        &["POD", "ADDRESS", "CHAIN", "DECISION", "WHY"],
+        table,
+    )?;
+    Ok(i32::from(denied))
+}
+
 /// `weftctl token create`.
 pub async fn token_create(
     cp: &Cp,

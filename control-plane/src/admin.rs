@@ -491,6 +491,83 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn check_authorization(
+        &self,
+        req: Request<weft_proto::admin::CheckAuthorizationRequest>,
+    ) -> Result<Response<weft_proto::admin::CheckAuthorizationResponse>, Status> {
+        self.allow(&req, Need::Read, "check_authorization")?;
+        let req = req.into_inner();
+        let model = self.catalog.current();
+        let principal = match req.from.as_str() {
+            "" => None,
+            from => {
+                let (ns, sa) = from.split_once('/').ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "from {from:?}: expected namespace/service-account (or nothing for plaintext)"
+                    ))
+                })?;
+                let id = weft_proto::SpiffeId::new(&model.trust_domain, ns, sa)
+                    .map_err(|e| Status::invalid_argument(format!("from {from:?}: {e}")))?;
+                Some(id.to_string())
+            }
+        };
+        let source = match req.source_ip.as_str() {
+            "" => None,
+            ip => Some(ip.parse().map_err(|_| {
+                Status::invalid_argument(format!("source_ip {ip:?} is not an IP address"))
+            })?),
+        };
+        let namespace = if req.namespace.is_empty() {
+            "default".to_string()
+        } else {
+            req.namespace
+        };
+        let port = match req.port {
+            0 => None,
+            p => Some(u16::try_from(p).map_err(|_| {
+                Status::invalid_argument(format!("port {p} is not a port (1-65535)"))
+            })?),
+        };
+        let host = match req.host.is_empty() {
+            true => format!("{}.{namespace}.svc.cluster.local", req.service),
+            false => req.host,
+        };
+        let q = crate::inbound::AccessQuestion {
+            principal,
+            source,
+            service: crate::catalog::ServiceKey::new(namespace, req.service),
+            port,
+            method: if req.method.is_empty() {
+                "GET".into()
+            } else {
+                req.method
+            },
+            path: if req.path.is_empty() {
+                "/".into()
+            } else {
+                req.path
+            },
+            host,
+        };
+        let verdicts = crate::inbound::check_access(&model, &q).map_err(Status::not_found)?;
+        Ok(Response::new(
+            weft_proto::admin::CheckAuthorizationResponse {
+                verdicts: verdicts
+                    .into_iter()
+                    .map(|v| weft_proto::admin::AuthorizationVerdict {
+                        pod: v.pod.unwrap_or_default(),
+                        address: v.address.to_string(),
+                        chain: v.chain.into(),
+                        allowed: v.allowed,
+                        policy: v.policy.unwrap_or_default(),
+                        reason: v.reason,
+                        audit: v.audit.unwrap_or_default(),
+                    })
+                    .collect(),
+            },
+        ))
+    }
+
     async fn list_peers(
         &self,
         req: Request<weft_proto::admin::ListPeersRequest>,

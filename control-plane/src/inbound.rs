@@ -165,11 +165,179 @@ pub fn policies_of(
     t: &Translation,
     w: &Workload<'_>,
 ) -> Vec<std::sync::Arc<crate::objects::Named<crate::authz::AuthorizationPolicySpec>>> {
+    policies_for(&t.authz, &t.pod_labels, &t.ports, w)
+}
+
+/// [`policies_of`] from the parts of a model.
+fn policies_for(
+    authz: &crate::authz::AuthzPolicies,
+    pod_labels: &BTreeMap<ServiceKey, BTreeMap<String, String>>,
+    ports: &PortIndex,
+    w: &Workload<'_>,
+) -> Vec<std::sync::Arc<crate::objects::Named<crate::authz::AuthorizationPolicySpec>>> {
     let labels = w
         .pod
-        .and_then(|p| t.pod_labels.get(&ServiceKey::new(w.namespace, p)));
-    t.authz
-        .for_workload(w.namespace, labels, &t.ports.services_of(w))
+        .and_then(|p| pod_labels.get(&ServiceKey::new(w.namespace, p)));
+    authz.for_workload(w.namespace, labels, &ports.services_of(w))
+}
+
+/// What `weftctl authz check` asks.
+#[derive(Clone, Debug)]
+pub struct AccessQuestion {
+    /// The caller's verified SPIFFE ID; `None` for plaintext.
+    pub principal: Option<String>,
+    /// The caller's address.
+    pub source: Option<IpAddr>,
+    /// The Service.
+    pub service: ServiceKey,
+    /// The Service port; `None` for its first.
+    pub port: Option<u16>,
+    /// Method, path and host of the request.
+    pub method: String,
+    /// The request path.
+    pub path: String,
+    /// `:authority`.
+    pub host: String,
+}
+
+/// The answer for one endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessVerdict {
+    /// Its pod, when known.
+    pub pod: Option<String>,
+    /// Address and container port.
+    pub address: std::net::SocketAddr,
+    /// `http` or `tcp`.
+    pub chain: &'static str,
+    /// Allowed.
+    pub allowed: bool,
+    /// The deciding RBAC policy.
+    pub policy: Option<String>,
+    /// The matching AUDIT policy.
+    pub audit: Option<String>,
+    /// Why, in a sentence.
+    pub reason: String,
+}
+
+/// Answers an [`AccessQuestion`] for every endpoint of the Service in this cluster: the
+/// `weft-inbound` filter chains each would be sent, read and evaluated by
+/// `weft_proto::rbac` exactly as the sidecar does, after its mTLS mode (a plaintext caller
+/// of a STRICT port is refused before any policy).
+pub fn check_access(
+    model: &crate::catalog::Model,
+    q: &AccessQuestion,
+) -> Result<Vec<AccessVerdict>, String> {
+    let svc = model
+        .services
+        .get(&q.service)
+        .ok_or_else(|| format!("no Service {} in the catalog", q.service))?;
+    let port = match q.port {
+        Some(p) => svc
+            .ports
+            .iter()
+            .find(|sp| sp.port == p)
+            .ok_or_else(|| format!("Service {} has no port {p}", q.service))?,
+        None => svc
+            .ports
+            .first()
+            .ok_or_else(|| format!("Service {} has no ports", q.service))?,
+    };
+    let ports = PortIndex::build(model.services.values().map(|s| &**s), &model.cluster);
+    let mut out = Vec::new();
+    for e in svc.endpoints.iter().filter(|e| e.cluster == model.cluster) {
+        let Some(target) = e.port_for(port) else {
+            continue;
+        };
+        let address = std::net::SocketAddr::new(e.address, target);
+        let ips = [e.address];
+        let w = Workload {
+            namespace: &q.service.namespace,
+            pod: e.pod.as_deref(),
+            ips: &ips,
+        };
+        let policies = policies_for(&model.authz, &model.pod_labels, &ports, &w);
+        let chains = weft_proto::rbac::Chains::of(&filter_chains(&policies))
+            .map_err(|e| format!("the compiled policies do not evaluate: {e}"))?;
+        let labels = e.pod.as_deref().and_then(|p| {
+            model
+                .pod_labels
+                .get(&ServiceKey::new(&q.service.namespace, p))
+        });
+        let mode = model.mtls.resolve(&q.service.namespace, labels).on(target);
+        let tcp = weft_proto::protocol::Declared::of(&port.protocol())
+            == Some(weft_proto::protocol::Declared::Opaque);
+        let chain = if tcp { "tcp" } else { "http" };
+        if q.principal.is_none() && mode == weft_proto::tls::MtlsMode::Strict {
+            out.push(AccessVerdict {
+                pod: e.pod.clone(),
+                address,
+                chain,
+                allowed: false,
+                policy: None,
+                audit: None,
+                reason: "mTLS mode STRICT refuses a plaintext caller".into(),
+            });
+            continue;
+        }
+        let engine = if tcp { &chains.tcp } else { &chains.http };
+        // The path as the sidecar judges it: normalised when the workload has policies.
+        let (raw, query) = match q.path.split_once('?') {
+            Some((p, qs)) => (p, Some(qs)),
+            None => (q.path.as_str(), None),
+        };
+        let path = match (
+            tcp || engine.is_empty(),
+            weft_proto::rbac::normalize_path(raw),
+        ) {
+            (true, _) => q.path.clone(),
+            (false, Ok(p)) => match query {
+                Some(qs) => format!("{p}?{qs}"),
+                None => p.into_owned(),
+            },
+            (false, Err(why)) => {
+                out.push(AccessVerdict {
+                    pod: e.pod.clone(),
+                    address,
+                    chain,
+                    allowed: false,
+                    policy: None,
+                    audit: None,
+                    reason: format!("refused with 400: {why}"),
+                });
+                continue;
+            }
+        };
+        let headers = http::HeaderMap::new();
+        let http = weft_proto::rbac::HttpInput {
+            method: &q.method,
+            path: &path,
+            authority: &q.host,
+            headers: &headers,
+        };
+        let input = weft_proto::rbac::Input {
+            principal: q.principal.as_deref(),
+            source: q.source.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            destination: address,
+            http: (!tcp).then_some(http),
+        };
+        let d = engine.evaluate(&input);
+        let reason = match (d.allowed, d.policy) {
+            (true, Some(p)) => format!("allowed by {p}"),
+            (true, None) => "allowed: no ALLOW policy applies and no DENY rule matches".into(),
+            (false, Some(p)) => format!("denied by {p}"),
+            (false, None) => "denied: ALLOW policies apply and none of their rules matches".into(),
+        };
+        out.push(AccessVerdict {
+            pod: e.pod.clone(),
+            address,
+            chain,
+            allowed: d.allowed,
+            policy: d.policy.map(str::to_string),
+            audit: d.audit.map(str::to_string),
+            reason,
+        });
+    }
+    Ok(out)
 }
 
 /// The cluster the inbound's routes and TCP proxy name: the connection's original

@@ -1,7 +1,10 @@
 //! Criterion micro-benchmarks of the hot pieces (not tests):
 //! - the balancer pick, per algorithm, over 10 to 10 000 endpoints (goal ≤ 1 µs at 1000);
 //! - route matching: host lookup then the first matching rule of an HTTPRoute with 20 rules;
-//! - the translator: a whole model of 100 and 1000 services, and one service changed.
+//! - the translator: a whole model of 100 and 1000 services, and one service changed;
+//! - authorization: one request judged by the sidecar's RBAC engine against 10 and 100
+//!   AuthorizationPolicy rules compiled by the control plane (goal ≤ 1 µs at 100), for a
+//!   request the last rule allows and one no rule matches (every rule tried).
 //!
 //!   cargo bench -p weft-e2e --bench micro            # all
 //!   cargo bench -p weft-e2e --bench micro -- pick    # a subset
@@ -184,5 +187,92 @@ fn translator(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, pick, routes, translator);
+/// The engine for `rules` ALLOW rules (principal, method and path each) plus one DENY rule,
+/// as the control plane compiles them for a workload.
+fn authz_engine(rules: usize, principals: bool) -> weft_proto::rbac::Engine {
+    use weft_control_plane::authz::{AuthzPolicies, Chain, compile};
+    let rule = |i: usize| match principals {
+        true => serde_json::json!({
+            "from": [{"source": {"principals": [format!("cluster.local/ns/ns{i}/sa/sa{i}")]}}],
+            "to": [{"operation": {"methods": ["GET", "HEAD"], "paths": [format!("/api/v{i}/*")]}}],
+        }),
+        // No principal: every rule is tried (the worst case).
+        false => serde_json::json!({
+            "to": [{"operation": {"methods": ["GET", "HEAD"], "paths": [format!("/api/v{i}/*")]}}],
+        }),
+    };
+    let doc = |name: &str, spec: serde_json::Value| {
+        weft_control_plane::objects::parse_object(serde_json::json!({
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": "shop"}, "spec": spec}))
+        .expect("parses")
+        .expect("read")
+    };
+    let objects = [
+        doc(
+            "allow",
+            serde_json::json!({"rules": (0..rules).map(rule).collect::<Vec<_>>()}),
+        ),
+        doc(
+            "deny",
+            serde_json::json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin/*"]}}]}]}),
+        ),
+    ];
+    let all = AuthzPolicies::from_objects(objects.iter());
+    let applied = all.for_workload("shop", None, &Default::default());
+    let rbacs: Vec<_> = compile(&applied, Chain::Http)
+        .into_iter()
+        .map(|(a, p)| {
+            let wire = weft_proto::rbac::wire::Rbac::new(a, p);
+            weft_proto::envoy::envoy::config::rbac::v3::Rbac::decode(
+                wire.encode_to_vec().as_slice(),
+            )
+            .expect("decodes")
+        })
+        .collect();
+    weft_proto::rbac::Engine::new(rbacs.iter().map(Some)).expect("compiles")
+}
+
+fn authz(c: &mut Criterion) {
+    let mut g = c.benchmark_group("authz");
+    let headers = http::HeaderMap::new();
+    for (rules, principals) in [(10usize, true), (100, true), (100, false)] {
+        let engine = authz_engine(rules, principals);
+        let last = rules - 1;
+        let principal = format!("spiffe://cluster.local/ns/ns{last}/sa/sa{last}");
+        let path = format!("/api/v{last}/items?page=2");
+        let shape = if principals { "" } else { "paths-only-" };
+        for (case, principal) in [
+            ("last-rule-allows", principal.as_str()),
+            ("none-matches", "spiffe://cluster.local/ns/x/sa/y"),
+        ] {
+            let none = case == "none-matches";
+            let path = if none && !principals {
+                "/other"
+            } else {
+                path.as_str()
+            };
+            let input = weft_proto::rbac::Input {
+                principal: Some(principal),
+                source: "198.18.0.9".parse().expect("ip"),
+                destination: "198.18.0.1:8080".parse().expect("addr"),
+                http: Some(weft_proto::rbac::HttpInput {
+                    method: "GET",
+                    path,
+                    authority: "web.shop.svc.cluster.local",
+                    headers: &headers,
+                }),
+            };
+            assert_eq!(engine.evaluate(&input).allowed, !none);
+            g.bench_with_input(
+                BenchmarkId::new(format!("{shape}{case}"), rules),
+                &rules,
+                |b, _| b.iter(|| black_box(engine.evaluate(black_box(&input)).allowed)),
+            );
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, pick, routes, translator, authz);
 criterion_main!(benches);

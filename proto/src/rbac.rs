@@ -16,6 +16,7 @@ use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 
 use crate::envoy::envoy::config::core::v3::CidrRange;
+use crate::envoy::envoy::config::listener::v3::FilterChain;
 use crate::envoy::envoy::config::rbac::v3 as pb;
 use crate::envoy::envoy::config::route::v3::{HeaderMatcher, header_matcher};
 use crate::envoy::envoy::r#type::matcher::v3::{
@@ -110,6 +111,69 @@ pub struct Engine {
 struct Filter {
     action: Action,
     policies: Vec<(String, Policy)>,
+    /// Exact principal -> the policies (indices, ascending) only that principal can match.
+    by_principal: std::collections::HashMap<String, Vec<usize>>,
+    /// The policies any caller may match (ascending).
+    always: Vec<usize>,
+}
+
+/// One evaluation's input with what every matcher would otherwise recompute.
+struct Ctx<'a> {
+    input: &'a Input<'a>,
+    /// `:path` without its query.
+    url_path: Option<&'a str>,
+}
+
+impl Filter {
+    fn new(action: Action, mut policies: Vec<(String, Policy)>) -> Self {
+        policies.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut by_principal: std::collections::HashMap<String, Vec<usize>> =
+            std::collections::HashMap::new();
+        let mut always = Vec::new();
+        for (i, (_, p)) in policies.iter().enumerate() {
+            match p.required_principals() {
+                Some(set) => {
+                    for id in set {
+                        by_principal.entry(id).or_default().push(i);
+                    }
+                }
+                None => always.push(i),
+            }
+        }
+        Filter {
+            action,
+            policies,
+            by_principal,
+            always,
+        }
+    }
+
+    /// The first policy, in name order, that matches: only those the caller's principal can
+    /// match are tried (an index over exact principals), which gives the same answer as
+    /// trying all of them.
+    fn first_match(&self, cx: &Ctx<'_>) -> Option<&str> {
+        let indexed: &[usize] = cx
+            .input
+            .principal
+            .and_then(|p| self.by_principal.get(p))
+            .map_or(&[], Vec::as_slice);
+        let (mut a, mut b) = (self.always.iter().peekable(), indexed.iter().peekable());
+        loop {
+            let next = match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) if x <= y => a.next(),
+                (Some(_), Some(_)) => b.next(),
+                (Some(_), None) => a.next(),
+                (None, Some(_)) => b.next(),
+                (None, None) => return None,
+            };
+            if let Some(&i) = next {
+                let (name, p) = &self.policies[i];
+                if p.matches(cx) {
+                    return Some(name);
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -144,8 +208,7 @@ impl Engine {
             for (name, p) in &rbac.policies {
                 policies.push((name.clone(), Policy::new(name, p)?));
             }
-            policies.sort_by(|a, b| a.0.cmp(&b.0));
-            filters.push(Filter { action, policies });
+            filters.push(Filter::new(action, policies));
         }
         Ok(Engine { filters })
     }
@@ -182,12 +245,12 @@ impl Engine {
             policy: None,
             audit: None,
         };
+        let cx = Ctx {
+            input,
+            url_path: input.http.map(|h| url_path(h.path)),
+        };
         for f in &self.filters {
-            let matched = f
-                .policies
-                .iter()
-                .find(|(_, p)| p.matches(input))
-                .map(|(n, _)| n.as_str());
+            let matched = f.first_match(&cx);
             match f.action {
                 Action::Log => {
                     if decision.audit.is_none() {
@@ -247,9 +310,19 @@ impl Policy {
         })
     }
 
-    fn matches(&self, input: &Input<'_>) -> bool {
-        self.permissions.iter().any(|p| p.matches(input))
-            && self.principals.iter().any(|p| p.matches(input))
+    fn matches(&self, cx: &Ctx<'_>) -> bool {
+        self.permissions.iter().any(|p| p.matches(cx))
+            && self.principals.iter().any(|p| p.matches(cx))
+    }
+
+    /// The exact principals outside which this policy cannot match, when its principals say
+    /// so (each alternative requires an exact, case-sensitive `authenticated` name).
+    fn required_principals(&self) -> Option<Vec<String>> {
+        let mut out = Vec::new();
+        for p in &self.principals {
+            out.extend(p.required()?);
+        }
+        Some(out)
     }
 }
 
@@ -267,7 +340,61 @@ enum Perm {
     DestPortRange(i32, i32),
 }
 
+/// The evaluation tree is simplified once, at compile time, without changing what it
+/// matches (every matcher is a pure function of the input): nested `and`s and `or`s are
+/// flattened, an `or` of exact matchers on one header becomes one set lookup, and an `and`
+/// tries its cheap, selective parts first. Istio's rule shape (`and` of `or`s of a few
+/// values) then costs a few comparisons per rule, not a walk over a deep tree.
 impl Perm {
+    fn cost(&self) -> u8 {
+        match self {
+            Perm::Any | Perm::DestPort(_) | Perm::DestPortRange(..) => 0,
+            Perm::DestIp(_) => 1,
+            Perm::Path(_) => 2,
+            Perm::Header(_) => 3,
+            Perm::Not(_) => 4,
+            Perm::And(_) | Perm::Or(_) => 5,
+        }
+    }
+
+    fn and(v: Vec<Perm>) -> Perm {
+        let mut out = Vec::with_capacity(v.len());
+        for p in v {
+            match p {
+                Perm::And(inner) => out.extend(inner),
+                Perm::Any => {}
+                p => out.push(p),
+            }
+        }
+        out.sort_by_key(Perm::cost);
+        match out.len() {
+            0 => Perm::Any,
+            1 => out.remove(0),
+            _ => Perm::And(out),
+        }
+    }
+
+    fn or(v: Vec<Perm>) -> Perm {
+        let mut out: Vec<Perm> = Vec::with_capacity(v.len());
+        for p in v {
+            match p {
+                Perm::Or(inner) => {
+                    for q in inner {
+                        push_or(&mut out, q);
+                    }
+                }
+                p => push_or(&mut out, p),
+            }
+        }
+        if out.iter().any(|p| matches!(p, Perm::Any)) {
+            return Perm::Any;
+        }
+        match out.len() {
+            1 => out.remove(0),
+            _ => Perm::Or(out),
+        }
+    }
+
     fn new(p: &pb::Permission) -> Result<Self, String> {
         use pb::permission::Rule;
         let set = |s: &pb::permission::Set| -> Result<Vec<Perm>, String> {
@@ -277,8 +404,8 @@ impl Perm {
             None => return Err("a permission without a rule".into()),
             Some(Rule::Any(true)) => Perm::Any,
             Some(Rule::Any(false)) => return Err("permission any: false".into()),
-            Some(Rule::AndRules(s)) => Perm::And(set(s)?),
-            Some(Rule::OrRules(s)) => Perm::Or(set(s)?),
+            Some(Rule::AndRules(s)) => Perm::and(set(s)?),
+            Some(Rule::OrRules(s)) => Perm::or(set(s)?),
             Some(Rule::NotRule(r)) => Perm::Not(Box::new(Perm::new(r)?)),
             Some(Rule::Header(h)) => Perm::Header(Header::new(h)?),
             Some(Rule::UrlPath(m)) => Perm::Path(Str::of_path(m)?),
@@ -291,19 +418,19 @@ impl Perm {
         })
     }
 
-    fn matches(&self, input: &Input<'_>) -> bool {
+    fn matches(&self, cx: &Ctx<'_>) -> bool {
         match self {
             Perm::Any => true,
-            Perm::And(v) => v.iter().all(|p| p.matches(input)),
-            Perm::Or(v) => v.iter().any(|p| p.matches(input)),
-            Perm::Not(p) => !p.matches(input),
-            Perm::Header(h) => h.matches(input),
-            Perm::Path(s) => input.http.is_some_and(|h| s.matches(url_path(h.path))),
-            Perm::DestIp(c) => c.contains(input.destination.ip()),
-            Perm::DestPort(p) => input.destination.port() == *p,
+            Perm::And(v) => v.iter().all(|p| p.matches(cx)),
+            Perm::Or(v) => v.iter().any(|p| p.matches(cx)),
+            Perm::Not(p) => !p.matches(cx),
+            Perm::Header(h) => h.matches(cx),
+            Perm::Path(s) => cx.url_path.is_some_and(|p| s.matches(p)),
+            Perm::DestIp(c) => c.contains(cx.input.destination.ip()),
+            Perm::DestPort(p) => cx.input.destination.port() == *p,
             // Envoy's Int32Range: [start, end).
             Perm::DestPortRange(start, end) => {
-                let p = i32::from(input.destination.port());
+                let p = i32::from(cx.input.destination.port());
                 *start <= p && p < *end
             }
         }
@@ -337,6 +464,76 @@ enum Id {
 }
 
 impl Id {
+    fn cost(&self) -> u8 {
+        match self {
+            Id::Any => 0,
+            Id::RemoteIp(_) => 1,
+            Id::Authenticated(_) => 2,
+            Id::Path(_) | Id::Header(_) => 3,
+            Id::Not(_) => 4,
+            Id::And(_) | Id::Or(_) => 5,
+        }
+    }
+
+    fn and(v: Vec<Id>) -> Id {
+        let mut out = Vec::with_capacity(v.len());
+        for p in v {
+            match p {
+                Id::And(inner) => out.extend(inner),
+                Id::Any => {}
+                p => out.push(p),
+            }
+        }
+        out.sort_by_key(Id::cost);
+        match out.len() {
+            0 => Id::Any,
+            1 => out.remove(0),
+            _ => Id::And(out),
+        }
+    }
+
+    fn or(v: Vec<Id>) -> Id {
+        let mut out: Vec<Id> = Vec::with_capacity(v.len());
+        for p in v {
+            match p {
+                Id::Or(inner) => {
+                    for q in inner {
+                        push_or(&mut out, q);
+                    }
+                }
+                p => push_or(&mut out, p),
+            }
+        }
+        if out.iter().any(|p| matches!(p, Id::Any)) {
+            return Id::Any;
+        }
+        match out.len() {
+            1 => out.remove(0),
+            _ => Id::Or(out),
+        }
+    }
+
+    /// The exact principals this identifier can match at most, when it bounds them.
+    fn required(&self) -> Option<Vec<String>> {
+        match self {
+            Id::Authenticated(Some(Str {
+                kind: StrKind::Exact(s),
+                ignore_case: false,
+            })) => Some(vec![s.clone()]),
+            // Every alternative bounded: their union.
+            Id::Or(v) => {
+                let mut out = Vec::new();
+                for id in v {
+                    out.extend(id.required()?);
+                }
+                Some(out)
+            }
+            // All must match: any bounded part bounds the whole.
+            Id::And(v) => v.iter().find_map(Id::required),
+            _ => None,
+        }
+    }
+
     fn new(p: &pb::Principal) -> Result<Self, String> {
         use pb::principal::Identifier;
         let set = |s: &pb::principal::Set| -> Result<Vec<Id>, String> {
@@ -347,8 +544,8 @@ impl Id {
             None => return Err("a principal without an identifier".into()),
             Some(Identifier::Any(true)) => Id::Any,
             Some(Identifier::Any(false)) => return Err("principal any: false".into()),
-            Some(Identifier::AndIds(s)) => Id::And(set(s)?),
-            Some(Identifier::OrIds(s)) => Id::Or(set(s)?),
+            Some(Identifier::AndIds(s)) => Id::and(set(s)?),
+            Some(Identifier::OrIds(s)) => Id::or(set(s)?),
             Some(Identifier::NotId(p)) => Id::Not(Box::new(Id::new(p)?)),
             Some(Identifier::Authenticated(a)) => {
                 Id::Authenticated(a.principal_name.as_ref().map(Str::new).transpose()?)
@@ -362,22 +559,80 @@ impl Id {
         })
     }
 
-    fn matches(&self, input: &Input<'_>) -> bool {
+    fn matches(&self, cx: &Ctx<'_>) -> bool {
         match self {
             Id::Any => true,
-            Id::And(v) => v.iter().all(|p| p.matches(input)),
-            Id::Or(v) => v.iter().any(|p| p.matches(input)),
-            Id::Not(p) => !p.matches(input),
-            Id::Authenticated(m) => match (input.principal, m) {
+            Id::And(v) => v.iter().all(|p| p.matches(cx)),
+            Id::Or(v) => v.iter().any(|p| p.matches(cx)),
+            Id::Not(p) => !p.matches(cx),
+            Id::Authenticated(m) => match (cx.input.principal, m) {
                 (None, _) => false,
                 (Some(_), None) => true,
                 (Some(p), Some(m)) => m.matches(p),
             },
-            Id::RemoteIp(c) => c.contains(input.source),
-            Id::Header(h) => h.matches(input),
-            Id::Path(s) => input.http.is_some_and(|h| s.matches(url_path(h.path))),
+            Id::RemoteIp(c) => c.contains(cx.input.source),
+            Id::Header(h) => h.matches(cx),
+            Id::Path(s) => cx.url_path.is_some_and(|p| s.matches(p)),
         }
     }
+}
+
+/// A matcher that may be a header matcher (for merging an `or`'s exact values).
+trait HasHeader {
+    fn header_mut(&mut self) -> Option<&mut Header>;
+}
+
+impl HasHeader for Perm {
+    fn header_mut(&mut self) -> Option<&mut Header> {
+        match self {
+            Perm::Header(h) => Some(h),
+            _ => None,
+        }
+    }
+}
+
+impl HasHeader for Id {
+    fn header_mut(&mut self) -> Option<&mut Header> {
+        match self {
+            Id::Header(h) => Some(h),
+            _ => None,
+        }
+    }
+}
+
+/// Adds `p` to an `or`, merging an exact, case-sensitive, non-inverted header matcher into
+/// an earlier one on the same header (a set of values).
+fn push_or<T: HasHeader>(out: &mut Vec<T>, mut p: T) {
+    fn exact(h: &Header) -> Option<Vec<String>> {
+        if h.invert {
+            return None;
+        }
+        match &h.spec {
+            HeaderSpec::Str(Str {
+                kind: StrKind::Exact(s),
+                ignore_case: false,
+            }) => Some(vec![s.clone()]),
+            HeaderSpec::In(v) => Some(v.clone()),
+            _ => None,
+        }
+    }
+    if let Some(h) = p.header_mut()
+        && let Some(values) = exact(h)
+    {
+        let (name, pseudo) = (h.name.clone(), h.pseudo);
+        for q in out.iter_mut() {
+            if let Some(other) = q.header_mut()
+                && other.name == name
+                && other.pseudo == pseudo
+                && let Some(mut have) = exact(other)
+            {
+                have.extend(values);
+                other.spec = HeaderSpec::In(have);
+                return;
+            }
+        }
+    }
+    out.push(p);
 }
 
 /// `:path` without its query or fragment.
@@ -470,7 +725,7 @@ struct Header {
     invert: bool,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pseudo {
     Method,
     Path,
@@ -480,6 +735,8 @@ enum Pseudo {
 #[derive(Debug, Clone)]
 enum HeaderSpec {
     Str(Str),
+    /// Exactly one of these (case-sensitive): an `or` of exact matchers on one header, merged.
+    In(Vec<String>),
     Present(bool),
 }
 
@@ -530,8 +787,8 @@ impl Header {
 
     /// Envoy's rule: a header that is absent matches nothing (a present_match of false
     /// excepted), and `invert_match` turns the result of a present header around.
-    fn matches(&self, input: &Input<'_>) -> bool {
-        let Some(req) = input.http else {
+    fn matches(&self, cx: &Ctx<'_>) -> bool {
+        let Some(req) = cx.input.http else {
             return false;
         };
         let value: Option<Cow<'_, str>> = match self.pseudo {
@@ -559,6 +816,7 @@ impl Header {
             (HeaderSpec::Present(want), v) => (v.is_some() == *want) != self.invert,
             (_, None) => false,
             (HeaderSpec::Str(m), Some(v)) => m.matches(&v) != self.invert,
+            (HeaderSpec::In(set), Some(v)) => set.iter().any(|s| *s == *v) != self.invert,
         }
     }
 }
@@ -602,6 +860,138 @@ impl Cidr {
             }
             _ => false,
         }
+    }
+}
+
+/// A `weft-inbound` Listener's two engines, read from its filter chains.
+#[derive(Debug, Clone, Default)]
+pub struct Chains {
+    /// The HTTP chain's RBAC filters, in order: judged per request.
+    pub http: Engine,
+    /// The TCP chain's network RBAC filters: judged per connection.
+    pub tcp: Engine,
+}
+
+impl Chains {
+    /// Reads the RBAC filters of [`HTTP_CHAIN`] (inside its HTTP connection manager) and
+    /// [`TCP_CHAIN`]. A chain, filter or matcher that cannot be enforced is an error, so the
+    /// whole Listener is refused rather than enforced in part.
+    pub fn of(chains: &[FilterChain]) -> Result<Self, Invalid> {
+        use crate::envoy::envoy::config::listener::v3::filter::ConfigType as NetConfig;
+        use crate::envoy::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
+        use crate::envoy::envoy::extensions::filters::network::http_connection_manager::v3::{
+            HttpConnectionManager, http_filter::ConfigType,
+        };
+        use crate::envoy::envoy::extensions::filters::network::rbac::v3::Rbac as NetRbac;
+        use prost::Message;
+        let bad = |message: String| Invalid {
+            policy: String::new(),
+            message,
+        };
+        let mut http = Vec::new();
+        let mut tcp = Vec::new();
+        for (i, chain) in chains.iter().enumerate() {
+            for (j, f) in chain.filters.iter().enumerate() {
+                let at = format!("filter_chains[{i}] ({:?}).filters[{j}]", chain.name);
+                let Some(NetConfig::TypedConfig(any)) = f.config_type.as_ref() else {
+                    return Err(bad(format!("{at}: no typed_config")));
+                };
+                let shadowed = |m: bool| match m {
+                    true => Err(bad(format!(
+                        "{at}: only RBAC rules are supported (not matcher or shadow rules)"
+                    ))),
+                    false => Ok(()),
+                };
+                match (chain.name.as_str(), f.name.as_str()) {
+                    (HTTP_CHAIN, "envoy.filters.network.http_connection_manager") => {
+                        let hcm = HttpConnectionManager::decode(any.value.as_slice())
+                            .map_err(|e| bad(format!("{at}: does not decode: {e}")))?;
+                        for hf in hcm.http_filters.iter().filter(|h| h.name == HTTP_FILTER) {
+                            let Some(ConfigType::TypedConfig(any)) = hf.config_type.as_ref() else {
+                                return Err(bad(format!(
+                                    "{at}: an RBAC filter without typed_config"
+                                )));
+                            };
+                            let r = HttpRbac::decode(any.value.as_slice())
+                                .map_err(|e| bad(format!("{at}: RBAC does not decode: {e}")))?;
+                            shadowed(
+                                r.matcher.is_some()
+                                    || r.shadow_rules.is_some()
+                                    || r.shadow_matcher.is_some(),
+                            )?;
+                            http.push(r.rules);
+                        }
+                    }
+                    (TCP_CHAIN, NETWORK_FILTER) => {
+                        let r = NetRbac::decode(any.value.as_slice())
+                            .map_err(|e| bad(format!("{at}: RBAC does not decode: {e}")))?;
+                        shadowed(
+                            r.matcher.is_some()
+                                || r.shadow_rules.is_some()
+                                || r.shadow_matcher.is_some(),
+                        )?;
+                        tcp.push(r.rules);
+                    }
+                    (TCP_CHAIN, "envoy.filters.network.tcp_proxy") => {}
+                    (HTTP_CHAIN | TCP_CHAIN, other) => {
+                        return Err(bad(format!("{at}: filter {other:?} is not supported")));
+                    }
+                    (other, _) => {
+                        return Err(bad(format!(
+                            "filter_chains[{i}]: chain {other:?} is not one Weft enforces"
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(Chains {
+            http: Engine::new(http.iter().map(Option::as_ref))?,
+            tcp: Engine::new(tcp.iter().map(Option::as_ref))?,
+        })
+    }
+}
+
+/// RFC 3986 dot-segment removal with repeated slashes merged; `Borrowed` when the path is
+/// already normal. Refuses encoded slashes and backslashes, whose meaning is the server's.
+pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, &'static str> {
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || path.contains('\\') {
+        return Err("a path with an encoded slash or a backslash is ambiguous");
+    }
+    if !path.starts_with('/') {
+        // `*` (OPTIONS) or an absolute form already split off: judged as it is.
+        return Ok(Cow::Borrowed(path));
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path[1..].split('/').collect();
+    let last = segments.len().saturating_sub(1);
+    let mut trailing = false;
+    for (i, s) in segments.iter().enumerate() {
+        match *s {
+            "" if i != last => {}
+            "." | "%2e" | "%2E" => trailing = i == last,
+            ".." | "%2e%2e" | "%2E%2E" | ".%2e" | ".%2E" | "%2e." | "%2E." => {
+                out.pop();
+                trailing = i == last;
+            }
+            s => {
+                out.push(s);
+                trailing = false;
+            }
+        }
+    }
+    let mut normal = String::with_capacity(path.len());
+    for s in &out {
+        normal.push('/');
+        normal.push_str(s);
+    }
+    if trailing || normal.is_empty() {
+        normal.push('/');
+    }
+    if normal == path {
+        Ok(Cow::Borrowed(path))
+    } else {
+        Ok(Cow::Owned(normal))
     }
 }
 
@@ -966,5 +1356,132 @@ mod tests {
         .expect("ok");
         assert!(v4.contains("::ffff:198.18.3.4".parse().expect("ip")));
         assert!(!v4.contains("198.19.3.4".parse().expect("ip")));
+    }
+
+    #[test]
+    fn paths_are_judged_as_the_application_reads_them() {
+        for (raw, want) in [
+            ("/", "/"),
+            ("/a/b", "/a/b"),
+            ("/a/", "/a/"),
+            ("/public/../admin", "/admin"),
+            ("/./admin", "/admin"),
+            ("//admin", "/admin"),
+            ("/a//b///c", "/a/b/c"),
+            ("/a/b/..", "/a/"),
+            ("/a/.", "/a/"),
+            ("/../../admin", "/admin"),
+            ("/%2e%2e/admin", "/admin"),
+            ("/a/.%2E/admin", "/admin"),
+        ] {
+            assert_eq!(normalize_path(raw).expect("normal"), want, "{raw}");
+        }
+        assert!(matches!(normalize_path("/a/b"), Ok(Cow::Borrowed(_))));
+        for bad in ["/admin%2fusers", "/a%5Cb", "/a\\b"] {
+            assert!(normalize_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// The principal index must pick exactly what trying every policy in order picks.
+    #[test]
+    fn the_principal_index_decides_as_a_linear_scan_would() {
+        use string_matcher::MatchPattern::*;
+        let ids = [
+            ALICE,
+            "spiffe://cluster.local/ns/shop/sa/bob",
+            "spiffe://cluster.local/ns/x/sa/y",
+        ];
+        let mut policies = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            // Bounded: an exact principal, alone or inside and/or.
+            policies.push((
+                format!("p{i}-exact"),
+                pb::Policy {
+                    permissions: vec![pb::Permission {
+                        rule: Some(pb::permission::Rule::DestinationPort(8080 + i as u32)),
+                    }],
+                    principals: vec![principal(s(Exact(id.to_string())))],
+                    ..Default::default()
+                },
+            ));
+            policies.push((
+                format!("p{i}-and"),
+                pb::Policy {
+                    permissions: vec![any_perm()],
+                    principals: vec![pb::Principal {
+                        identifier: Some(pb::principal::Identifier::AndIds(pb::principal::Set {
+                            ids: vec![any_id(), principal(s(Exact(id.to_string())))],
+                        })),
+                    }],
+                    ..Default::default()
+                },
+            ));
+        }
+        // Unbounded: a prefix inside an or, and an exact name ignoring case.
+        policies.push((
+            "p-or".into(),
+            pb::Policy {
+                permissions: vec![pb::Permission {
+                    rule: Some(pb::permission::Rule::DestinationPort(9000)),
+                }],
+                principals: vec![pb::Principal {
+                    identifier: Some(pb::principal::Identifier::OrIds(pb::principal::Set {
+                        ids: vec![
+                            principal(s(Exact(ALICE.into()))),
+                            principal(s(Prefix("spiffe://cluster.local/ns/x/".into()))),
+                        ],
+                    })),
+                }],
+                ..Default::default()
+            },
+        ));
+        policies.push((
+            "p-ci".into(),
+            pb::Policy {
+                permissions: vec![pb::Permission {
+                    rule: Some(pb::permission::Rule::DestinationPort(9001)),
+                }],
+                principals: vec![principal(StringMatcher {
+                    match_pattern: Some(Exact(ALICE.to_uppercase())),
+                    ignore_case: true,
+                })],
+                ..Default::default()
+            },
+        ));
+        let rbac = rbac(
+            pb::rbac::Action::Deny,
+            policies
+                .iter()
+                .map(|(n, p)| (n.as_str(), p.clone()))
+                .collect(),
+        );
+        let engine = Engine::new([Some(&rbac)]).expect("compiles");
+        let f = &engine.filters[0];
+        for who in ids
+            .iter()
+            .map(|i| Some(*i))
+            .chain([None, Some("spiffe://cluster.local/ns/x/sa/z")])
+        {
+            for port in [8080u16, 8081, 8082, 9000, 9001, 1] {
+                let mut inp = input(who, None);
+                inp.destination.set_port(port);
+                let cx = Ctx {
+                    input: &inp,
+                    url_path: None,
+                };
+                let linear = f
+                    .policies
+                    .iter()
+                    .find(|(_, p)| p.matches(&cx))
+                    .map(|(n, _)| n.as_str());
+                assert_eq!(f.first_match(&cx), linear, "{who:?} :{port}");
+            }
+        }
+        assert!(
+            f.always.len() == 2 && f.by_principal.len() == 3,
+            "{:?} {:?}",
+            f.always,
+            f.by_principal.keys()
+        );
     }
 }

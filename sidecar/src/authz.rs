@@ -127,7 +127,7 @@ impl Caller<'_> {
             Some((p, q)) => (p, Some(q)),
             None => (raw, None),
         };
-        let normal = normalize_path(path).map_err(|why| {
+        let normal = weft_proto::rbac::normalize_path(path).map_err(|why| {
             tracing::info!(peer = %self.peer, path, "authz: request refused: {why}");
             metrics.inbound_refused("ambiguous-path");
             Box::new(crate::outbound::refuse(
@@ -216,77 +216,9 @@ pub fn denied(grpc: bool) -> Response<Body> {
     r
 }
 
-/// RFC 3986 dot-segment removal with repeated slashes merged; `Borrowed` when the path is
-/// already normal. Refuses encoded slashes and backslashes, whose meaning is the server's.
-pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, &'static str> {
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") || path.contains('\\') {
-        return Err("a path with an encoded slash or a backslash is ambiguous");
-    }
-    if !path.starts_with('/') {
-        // `*` (OPTIONS) or an absolute form already split off: judged as it is.
-        return Ok(Cow::Borrowed(path));
-    }
-    let mut out: Vec<&str> = Vec::new();
-    let segments: Vec<&str> = path[1..].split('/').collect();
-    let last = segments.len().saturating_sub(1);
-    let mut trailing = false;
-    for (i, s) in segments.iter().enumerate() {
-        match *s {
-            "" if i != last => {}
-            "." | "%2e" | "%2E" => trailing = i == last,
-            ".." | "%2e%2e" | "%2E%2E" | ".%2e" | ".%2E" | "%2e." | "%2E." => {
-                out.pop();
-                trailing = i == last;
-            }
-            s => {
-                out.push(s);
-                trailing = false;
-            }
-        }
-    }
-    let mut normal = String::with_capacity(path.len());
-    for s in &out {
-        normal.push('/');
-        normal.push_str(s);
-    }
-    if trailing || normal.is_empty() {
-        normal.push('/');
-    }
-    if normal == path {
-        Ok(Cow::Borrowed(path))
-    } else {
-        Ok(Cow::Owned(normal))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn paths_are_judged_as_the_application_reads_them() {
-        for (raw, want) in [
-            ("/", "/"),
-            ("/a/b", "/a/b"),
-            ("/a/", "/a/"),
-            ("/public/../admin", "/admin"),
-            ("/./admin", "/admin"),
-            ("//admin", "/admin"),
-            ("/a//b///c", "/a/b/c"),
-            ("/a/b/..", "/a/"),
-            ("/a/.", "/a/"),
-            ("/../../admin", "/admin"),
-            ("/%2e%2e/admin", "/admin"),
-            ("/a/.%2E/admin", "/admin"),
-        ] {
-            assert_eq!(normalize_path(raw).expect("normal"), want, "{raw}");
-        }
-        assert!(matches!(normalize_path("/a/b"), Ok(Cow::Borrowed(_))));
-        for bad in ["/admin%2fusers", "/a%5Cb", "/a\\b"] {
-            assert!(normalize_path(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn denials_look_like_envoys() {

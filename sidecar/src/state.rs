@@ -734,99 +734,14 @@ impl InboundAuthz {
     /// matcher this sidecar cannot enforce refuses the whole Listener (the previous one keeps
     /// serving), never a part of it.
     pub fn from_listener(l: &Listener) -> Result<Self, Invalid> {
-        use weft_proto::envoy::envoy::config::listener::v3::filter::ConfigType as NetConfig;
-        use weft_proto::envoy::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
-        use weft_proto::envoy::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType;
-        use weft_proto::envoy::envoy::extensions::filters::network::rbac::v3::Rbac as NetRbac;
-        use weft_proto::rbac as r;
-        let name = l.name.as_str();
-        let mut http = Vec::new();
-        let mut tcp = Vec::new();
-        let mut raw = Vec::new();
-        for (i, chain) in l.filter_chains.iter().enumerate() {
-            raw.extend(chain.encode_to_vec());
-            let at = |j: usize| format!("filter_chains[{i}] ({:?}).filters[{j}]", chain.name);
-            for (j, f) in chain.filters.iter().enumerate() {
-                let Some(NetConfig::TypedConfig(any)) = f.config_type.as_ref() else {
-                    return Err(invalid(
-                        "Listener",
-                        name,
-                        format!("{}: no typed_config", at(j)),
-                    ));
-                };
-                match (chain.name.as_str(), f.name.as_str()) {
-                    (r::HTTP_CHAIN, "envoy.filters.network.http_connection_manager") => {
-                        let hcm: HttpConnectionManager = decode("Listener", name, &any.value)?;
-                        for hf in &hcm.http_filters {
-                            if hf.name != r::HTTP_FILTER {
-                                continue;
-                            }
-                            let Some(ConfigType::TypedConfig(any)) = hf.config_type.as_ref() else {
-                                return Err(invalid(
-                                    "Listener",
-                                    name,
-                                    format!("{}: an RBAC filter without typed_config", at(j)),
-                                ));
-                            };
-                            let rbac: HttpRbac = decode("Listener", name, &any.value)?;
-                            if rbac.matcher.is_some()
-                                || rbac.shadow_rules.is_some()
-                                || rbac.shadow_matcher.is_some()
-                            {
-                                return Err(invalid(
-                                    "Listener",
-                                    name,
-                                    format!(
-                                        "{}: only RBAC rules are supported (not matcher or shadow rules)",
-                                        at(j)
-                                    ),
-                                ));
-                            }
-                            http.push(rbac.rules);
-                        }
-                    }
-                    (r::TCP_CHAIN, r::NETWORK_FILTER) => {
-                        let rbac: NetRbac = decode("Listener", name, &any.value)?;
-                        if rbac.matcher.is_some()
-                            || rbac.shadow_rules.is_some()
-                            || rbac.shadow_matcher.is_some()
-                        {
-                            return Err(invalid(
-                                "Listener",
-                                name,
-                                format!(
-                                    "{}: only RBAC rules are supported (not matcher or shadow rules)",
-                                    at(j)
-                                ),
-                            ));
-                        }
-                        tcp.push(rbac.rules);
-                    }
-                    (r::TCP_CHAIN, "envoy.filters.network.tcp_proxy") => {}
-                    (r::HTTP_CHAIN | r::TCP_CHAIN, other) => {
-                        return Err(invalid(
-                            "Listener",
-                            name,
-                            format!("{}: filter {other:?} is not supported", at(j)),
-                        ));
-                    }
-                    (other, _) => {
-                        return Err(invalid(
-                            "Listener",
-                            name,
-                            format!(
-                                "filter_chains[{i}]: chain {other:?} is not one this sidecar enforces"
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
-        let engine = |rbacs: &[Option<weft_proto::envoy::envoy::config::rbac::v3::Rbac>]| {
-            weft_proto::rbac::Engine::new(rbacs.iter().map(Option::as_ref))
-                .map_err(|e| invalid("Listener", name, e.to_string()))
-        };
-        let (http, tcp) = (engine(&http)?, engine(&tcp)?);
+        let chains = weft_proto::rbac::Chains::of(&l.filter_chains)
+            .map_err(|e| invalid("Listener", &l.name, e.to_string()))?;
+        let raw = l
+            .filter_chains
+            .iter()
+            .flat_map(|c| c.encode_to_vec())
+            .collect();
+        let (http, tcp) = (chains.http, chains.tcp);
         Ok(InboundAuthz {
             http_filters: http.describe(),
             tcp_filters: tcp.describe(),

@@ -100,6 +100,32 @@ impl Conn {
     }
 }
 
+/// What the control plane's `CheckAuthorization` (`weftctl authz check`) answers for one
+/// request to echo from `default/<who>` (or plaintext).
+async fn checked(
+    cp: &weft_testkit::ControlPlane,
+    who: Option<&str>,
+    method: &str,
+    path: &str,
+) -> weft_proto::admin::AuthorizationVerdict {
+    let mut admin = weft_testkit::operator_admin(cp).await.expect("admin");
+    let mut v = admin
+        .check_authorization(weft_proto::admin::CheckAuthorizationRequest {
+            from: who.map(|w| format!("default/{w}")).unwrap_or_default(),
+            namespace: "default".into(),
+            service: "echo".into(),
+            method: method.into(),
+            path: path.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("check")
+        .into_inner()
+        .verdicts;
+    assert_eq!(v.len(), 1, "{v:?}");
+    v.remove(0)
+}
+
 async fn metrics(sc: &Sidecar) -> String {
     get_via(sc.admin_addr, "admin", "/metrics")
         .await
@@ -183,25 +209,46 @@ async fn http_requests_are_allowed_and_denied_by_identity_method_path_and_port()
     })
     .await;
     let served = echo.served.load(std::sync::atomic::Ordering::Relaxed);
-    // By principal and method and path.
-    assert_eq!(a.call("GET", "/api/items").await.0, 200);
-    let (code, body) = a.call("POST", "/api/items").await;
-    assert_eq!((code, body.as_str()), (403, "RBAC: access denied"));
-    // DENY wins over ALLOW, also through a path that only normalises to it.
-    assert_eq!(a.call("GET", "/api/admin/users").await.0, 403);
-    assert_eq!(a.call("GET", "/api/x/../admin/users").await.0, 403);
-    assert_eq!(a.call("GET", "/api//admin").await.0, 403);
-    assert_eq!(a.call("GET", "/api/admin%2Fusers").await.0, 400);
-    // Default deny: bob matches no ALLOW rule on the API; his own rule lets /public in.
-    assert_eq!(b.call("GET", "/api/items").await.0, 403);
-    assert_eq!(b.call("GET", "/public/index.html").await.0, 200);
-    // By namespace.
-    assert_eq!(b.call("GET", "/ns-only").await.0, 200);
-    // A plaintext caller in PERMISSIVE has no principal: bob's rule does not match it.
-    let (code, _) = get_via(server.inbound_addr, HOST, "/public/index.html")
-        .await
-        .expect("plaintext");
-    assert_eq!(code, 403);
+    // (caller, method, path, what the server's sidecar must answer); each also asked of the
+    // control plane (`weftctl authz check`), which must agree.
+    let cases: [(Option<&str>, &str, &str, u16); 10] = [
+        // By principal and method and path.
+        (Some("alice"), "GET", "/api/items", 200),
+        (Some("alice"), "POST", "/api/items", 403),
+        // DENY wins over ALLOW, also through a path that only normalises to it.
+        (Some("alice"), "GET", "/api/admin/users", 403),
+        (Some("alice"), "GET", "/api/x/../admin/users", 403),
+        (Some("alice"), "GET", "/api//admin", 403),
+        (Some("alice"), "GET", "/api/admin%2Fusers", 400),
+        // Default deny: bob matches no ALLOW rule on the API; his own rule lets /public in.
+        (Some("bob"), "GET", "/api/items", 403),
+        (Some("bob"), "GET", "/public/index.html", 200),
+        // By namespace.
+        (Some("bob"), "GET", "/ns-only", 200),
+        // A plaintext caller in PERMISSIVE has no principal: bob's rule does not match it.
+        (None, "GET", "/public/index.html", 403),
+    ];
+    for (who, method, path, want) in cases {
+        let (code, body) = match who {
+            Some("alice") => a.call(method, path).await,
+            Some(_) => b.call(method, path).await,
+            None => get_via(server.inbound_addr, HOST, path)
+                .await
+                .expect("plaintext"),
+        };
+        assert_eq!(code, want, "{who:?} {method} {path}: {body}");
+        if code == 403 {
+            assert_eq!(body, "RBAC: access denied");
+        }
+        let verdict = checked(&cp, who, method, path).await;
+        assert_eq!(
+            verdict.allowed,
+            code == 200,
+            "weftctl authz check disagrees for {who:?} {method} {path}: {verdict:?}"
+        );
+    }
+    let v = checked(&cp, Some("alice"), "GET", "/api/admin/users").await;
+    assert_eq!(v.policy, "ns[default]-policy[no-admin]-rule[0]", "{v:?}");
     assert_eq!(
         echo.served.load(std::sync::atomic::Ordering::Relaxed) - served,
         3,
@@ -248,6 +295,22 @@ async fn http_requests_are_allowed_and_denied_by_identity_method_path_and_port()
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(b.call("GET", "/public/index.html").await.0, 200);
+    weft_testkit::until_ok(
+        "the control plane sees the edit",
+        Duration::from_secs(5),
+        || async {
+            match checked(&cp, Some("alice"), "GET", "/api/items").await {
+                v if !v.allowed && v.policy == "ns[default]-policy[no-alice]-rule[0]" => Ok(()),
+                v => Err(format!("{v:?}")),
+            }
+        },
+    )
+    .await;
+    assert!(
+        checked(&cp, Some("bob"), "GET", "/public/index.html")
+            .await
+            .allowed
+    );
     let (_, dump) = get_via(server.admin_addr, "admin", "/config_dump")
         .await
         .expect("dump");
