@@ -398,6 +398,10 @@ async fn check_finds_each_listed_problem_and_passes_a_clean_world() {
         // Another cluster's endpoint without a sidecar, and no policy accepting plaintext.
         world::service("remote", 80),
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: remote-c2\n  namespace: default\n  labels: {kubernetes.io/service-name: remote, weft.dev/cluster: c2}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n- addresses: [\"127.0.9.9\"]\n  conditions: {ready: true}\n".to_string(),
+        // An AuthorizationPolicy whose selector matches no Pod, and an ALLOW policy with no
+        // rules on a Service: no caller gets in.
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ghost, namespace: default}\nspec: {selector: {matchLabels: {app: ghost}}, action: DENY, rules: [{}]}\n".to_string(),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: locked, namespace: default}\nspec: {targetRefs: [{kind: Service, group: \"\", name: noname}], action: ALLOW}\n".to_string(),
     ];
     let (_dir, cp) = weft_testkit::control_plane_over(&broken).await;
     let addr = target(&cp);
@@ -487,6 +491,49 @@ async fn check_finds_each_listed_problem_and_passes_a_clean_world() {
     assert!(
         found("invalid-object", "PeerAuthentication default/typo"),
         "{findings:#}"
+    );
+    assert!(
+        found("authz-selects-nothing", "AuthorizationPolicy default/ghost"),
+        "{findings:#}"
+    );
+    assert!(
+        found("authz-unreachable", "Service default/noname"),
+        "{findings:#}"
+    );
+    assert!(
+        !found("authz-unreachable", "Service default/lonely")
+            && !found(
+                "authz-selects-nothing",
+                "AuthorizationPolicy default/locked"
+            ),
+        "{findings:#}"
+    );
+    // `weftctl authz check` names the decision per endpoint, exit 1 when denied.
+    let check = |args: Vec<&'static str>| {
+        let addr = addr.clone();
+        async move {
+            tokio::task::spawn_blocking(move || weftctl(&addr, &args))
+                .await
+                .expect("join")
+        }
+    };
+    let (code, verdicts) = check(vec![
+        "authz",
+        "check",
+        "--from",
+        "default/web",
+        "--to",
+        "noname",
+    ])
+    .await;
+    assert_eq!(code, 1, "{verdicts:#}");
+    let v = &verdicts.as_array().expect("array")[0];
+    assert_eq!(v["allowed"], false, "{verdicts:#}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("denied")),
+        "{verdicts:#}"
     );
     assert!(
         findings

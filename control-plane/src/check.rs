@@ -30,9 +30,111 @@ pub struct Context {
 /// A CA certificate expiring within this many seconds is reported.
 pub const CA_EXPIRY_WARNING_SECONDS: i64 = 30 * 86_400;
 
+/// AuthorizationPolicies that select no workload, and Services whose ALLOW policies let no
+/// current caller in (the mesh's identities, from its endpoints and connected proxies, and
+/// plaintext), judged by the sidecars' engine on what each endpoint would be sent.
+fn authz_findings(model: &Model, proxies: &[ProxyStatus], out: &mut Vec<Finding>) {
+    use std::collections::{BTreeMap, BTreeSet};
+    if model.authz.is_empty() {
+        return;
+    }
+    let ports =
+        crate::inbound::PortIndex::build(model.services.values().map(|s| &**s), &model.cluster);
+    // Every pod the model knows, with the Services of its namespace it is an endpoint of,
+    // and the endpoints of this cluster that name no pod (no labels known: by address).
+    let mut workloads: Vec<(String, BTreeMap<String, String>, BTreeSet<String>)> = model
+        .pod_labels
+        .iter()
+        .map(|(k, labels)| {
+            let w = crate::inbound::Workload {
+                namespace: &k.namespace,
+                pod: Some(&k.name),
+                ips: &[],
+            };
+            (k.namespace.clone(), labels.clone(), ports.services_of(&w))
+        })
+        .collect();
+    for s in model.services.values() {
+        for e in s
+            .endpoints
+            .iter()
+            .filter(|e| e.cluster == model.cluster && e.pod.is_none())
+        {
+            let ips = [e.address];
+            let w = crate::inbound::Workload {
+                namespace: &s.key.namespace,
+                pod: None,
+                ips: &ips,
+            };
+            workloads.push((
+                s.key.namespace.clone(),
+                BTreeMap::new(),
+                ports.services_of(&w),
+            ));
+        }
+    }
+    if !workloads.is_empty() {
+        for p in model.authz.selecting_nothing(&workloads) {
+            out.push(finding(
+                "authz-selects-nothing",
+                format!("AuthorizationPolicy {}/{}", p.namespace, p.name),
+                "selects no workload: no Pod has its selector's labels or is an endpoint of its targetRefs".into(),
+                "correct spec.selector or spec.targetRefs (or delete the policy)",
+            ));
+        }
+    }
+    let mut callers: BTreeSet<String> = model
+        .services
+        .values()
+        .flat_map(|s| s.endpoints.iter().filter_map(|e| e.identity.clone()))
+        .collect();
+    for p in proxies {
+        if let Ok(id) =
+            weft_proto::SpiffeId::new(&model.trust_domain, &p.namespace, &p.service_account)
+        {
+            callers.insert(id.to_string());
+        }
+    }
+    for s in model.services.values() {
+        for e in s.endpoints.iter().filter(|e| e.cluster == model.cluster) {
+            let ips = [e.address];
+            let w = crate::inbound::Workload {
+                namespace: &s.key.namespace,
+                pod: e.pod.as_deref(),
+                ips: &ips,
+            };
+            let Ok(chains) = crate::inbound::chains_for(model, &ports, &w) else {
+                continue;
+            };
+            let opaque = s.ports.iter().all(|p| {
+                weft_proto::protocol::Declared::of(&p.protocol())
+                    == Some(weft_proto::protocol::Declared::Opaque)
+            });
+            let engine = if opaque { &chains.tcp } else { &chains.http };
+            let reachable =
+                engine.may_allow(None) || callers.iter().any(|c| engine.may_allow(Some(c)));
+            if !reachable {
+                out.push(finding(
+                    "authz-unreachable",
+                    format!("Service {}", s.key),
+                    format!(
+                        "endpoint {} ({}): its ALLOW AuthorizationPolicies let in none of the mesh's {} current caller identities, nor plaintext callers",
+                        e.address,
+                        e.pod.as_deref().unwrap_or("no pod"),
+                        callers.len()
+                    ),
+                    "add an ALLOW rule for the callers that need it (weftctl authz check --from NS/SA --to SERVICE tells what is decided), or remove the ALLOW policy",
+                ));
+                break;
+            }
+        }
+    }
+}
+
 /// Every problem in `model` and `proxies`, in a stable order.
 pub fn check(model: &Model, proxies: &[ProxyStatus], ctx: &Context) -> Vec<Finding> {
     let mut out = Vec::new();
+    authz_findings(model, proxies, &mut out);
     for e in &model.errors {
         let object = if e.object.is_empty() {
             e.file.clone()

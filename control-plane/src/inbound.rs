@@ -181,6 +181,18 @@ fn policies_for(
     authz.for_workload(w.namespace, labels, &ports.services_of(w))
 }
 
+/// The RBAC engines a workload's sidecar runs: its policies compiled into the filter chains
+/// it is sent, read back by `weft_proto::rbac` as the sidecar reads them.
+pub fn chains_for(
+    model: &crate::catalog::Model,
+    ports: &PortIndex,
+    w: &Workload<'_>,
+) -> Result<weft_proto::rbac::Chains, String> {
+    let policies = policies_for(&model.authz, &model.pod_labels, ports, w);
+    weft_proto::rbac::Chains::of(&filter_chains(&policies))
+        .map_err(|e| format!("the compiled policies do not evaluate: {e}"))
+}
+
 /// What `weftctl authz check` asks.
 #[derive(Clone, Debug)]
 pub struct AccessQuestion {
@@ -255,9 +267,7 @@ pub fn check_access(
             pod: e.pod.as_deref(),
             ips: &ips,
         };
-        let policies = policies_for(&model.authz, &model.pod_labels, &ports, &w);
-        let chains = weft_proto::rbac::Chains::of(&filter_chains(&policies))
-            .map_err(|e| format!("the compiled policies do not evaluate: {e}"))?;
+        let chains = chains_for(model, &ports, &w)?;
         let labels = e.pod.as_deref().and_then(|p| {
             model
                 .pod_labels

@@ -456,3 +456,95 @@ fn grpc_xds_interop() -> TestResult {
     drop(children);
     Ok(())
 }
+
+/// The grpcio client of [`grpcio_gets_permission_denied_through_the_sidecars`]: two calls to
+/// `/weft.test.Echo/Who` through its sidecar's outbound, the second with `x-deny: yes`;
+/// prints their outcomes as JSON.
+const AUTHZ_CLIENT: &str = r#"
+import grpc, json, sys
+ch = grpc.insecure_channel(sys.argv[1], options=[("grpc.default_authority", sys.argv[2])])
+call = ch.unary_unary("/weft.test.Echo/Who", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+out = []
+for meta in ([], [("x-deny", "yes")]):
+    try:
+        out.append({"code": "OK", "body": call(b"", metadata=meta, timeout=10).decode()})
+    except grpc.RpcError as e:
+        out.append({"code": e.code().name, "details": e.details()})
+print(json.dumps(out))
+"#;
+
+/// A grpcio client calls a gRPC server through two sidecars (mTLS, HTTP/2 between them): an
+/// ALLOW policy lets its identity call the service, a DENY rule on a request header refuses
+/// the call that carries it, and grpcio sees `PERMISSION_DENIED` with Envoy's message.
+#[tokio::test]
+async fn grpcio_gets_permission_denied_through_the_sidecars() -> TestResult {
+    let python = match find_python() {
+        Ok(p) => p,
+        Err(reason) => {
+            println!("SKIP grpcio_gets_permission_denied_through_the_sidecars: {reason}");
+            return Ok(());
+        }
+    };
+    let dir = tempfile::tempdir()?;
+    let mut children = Children::default();
+    let echo_port = start_echo(&mut children, &python, dir.path(), "127.0.93.10", "echo-0")?;
+    let docs = [
+        "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: default}\nspec:\n  ports: [{name: grpc, port: 50051, appProtocol: grpc}]\n".to_string(),
+        weft_testkit::world::pod("echo-0", "echo", true),
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo\n  namespace: default\n  labels: {kubernetes.io/service-name: echo}\naddressType: IPv4\nports: [{name: grpc, port: 15006}]\nendpoints:\n- addresses: [\"127.0.93.2\"]\n  conditions: {ready: true}\n  targetRef: {kind: Pod, name: echo-0, namespace: default}\n".to_string(),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: callers, namespace: default}\nspec:\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/default/sa/client]}}]\n    to: [{operation: {paths: [/weft.test.Echo/*]}}]\n".to_string(),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: flagged, namespace: default}\nspec:\n  action: DENY\n  rules:\n  - when: [{key: \"request.headers[x-deny]\", values: [\"yes\"]}]\n".to_string(),
+    ];
+    fs::write(
+        dir.path().join("world.yaml"),
+        weft_testkit::world::docs(&docs),
+    )?;
+    let cp = weft_testkit::start_control_plane(dir.path()).await?;
+    let bundles = dir.path().join("bundles");
+    fs::create_dir_all(&bundles)?;
+    let mut scfg = weft_testkit::mesh_sidecar_config(
+        &cp,
+        &bundles,
+        "127.0.93.2".parse()?,
+        "echo-0.default",
+        "echo",
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    scfg.inbound_addr = "127.0.93.2:15006".parse()?;
+    scfg.app_addr = Some(std::net::SocketAddr::new("127.0.93.10".parse()?, echo_port));
+    let ccfg =
+        weft_testkit::mesh_sidecar_config(&cp, &bundles, "127.0.93.1".parse()?, "client", "client")
+            .await
+            .map_err(|e| e.to_string())?;
+    let server = weft_testkit::Sidecar::start(scfg).await?;
+    let client = weft_testkit::Sidecar::start(ccfg).await?;
+    weft_testkit::wait_ready(&server, Duration::from_secs(15)).await;
+    weft_testkit::wait_ready(&client, Duration::from_secs(15)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let outcomes = loop {
+        let out = tokio::process::Command::new(&python)
+            .args(["-c", AUTHZ_CLIENT])
+            .arg(client.outbound_addr.to_string())
+            .arg("echo.default.svc.cluster.local:50051")
+            .stdin(Stdio::null())
+            .output()
+            .await?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            format!(
+                "client output is not JSON ({e}): {text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        if v[0]["code"] == "OK" || Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(outcomes[0]["code"], "OK", "{outcomes}");
+    assert_eq!(outcomes[0]["body"], "echo-0", "{outcomes}");
+    assert_eq!(outcomes[1]["code"], "PERMISSION_DENIED", "{outcomes}");
+    assert_eq!(outcomes[1]["details"], "RBAC: access denied", "{outcomes}");
+    Ok(())
+}

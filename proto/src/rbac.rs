@@ -218,6 +218,23 @@ impl Engine {
         self.filters.is_empty()
     }
 
+    /// Whether some request from `principal` (`None`: plaintext) could pass every ALLOW
+    /// filter, judging only what the caller's identity decides (conditions on the request,
+    /// its address or headers count as possibly met). `false` means no request of that
+    /// caller is ever allowed, whatever it asks.
+    pub fn may_allow(&self, principal: Option<&str>) -> bool {
+        self.filters
+            .iter()
+            .filter(|f| f.action == Action::Allow)
+            .all(|f| {
+                f.policies.iter().any(|(_, p)| {
+                    p.principals
+                        .iter()
+                        .any(|id| id.may_match(principal) != Some(false))
+                })
+            })
+    }
+
     /// Each filter as `ACTION: policy, policy` (`ALLOW: (none)` denies all), for config
     /// dumps and `weftctl`.
     pub fn describe(&self) -> Vec<String> {
@@ -510,6 +527,41 @@ impl Id {
         match out.len() {
             1 => out.remove(0),
             _ => Id::Or(out),
+        }
+    }
+
+    /// Whether this identifier matches `principal` whatever the request: `None` when that
+    /// depends on the request (address, headers, path).
+    fn may_match(&self, principal: Option<&str>) -> Option<bool> {
+        match self {
+            Id::Any => Some(true),
+            Id::And(v) => {
+                let r: Vec<Option<bool>> = v.iter().map(|i| i.may_match(principal)).collect();
+                if r.contains(&Some(false)) {
+                    Some(false)
+                } else if r.iter().all(|x| *x == Some(true)) {
+                    Some(true)
+                } else {
+                    None
+                }
+            }
+            Id::Or(v) => {
+                let r: Vec<Option<bool>> = v.iter().map(|i| i.may_match(principal)).collect();
+                if r.contains(&Some(true)) {
+                    Some(true)
+                } else if r.iter().all(|x| *x == Some(false)) {
+                    Some(false)
+                } else {
+                    None
+                }
+            }
+            Id::Not(i) => i.may_match(principal).map(|b| !b),
+            Id::Authenticated(m) => Some(match (principal, m) {
+                (None, _) => false,
+                (Some(_), None) => true,
+                (Some(p), Some(m)) => m.matches(p),
+            }),
+            Id::RemoteIp(_) | Id::Header(_) | Id::Path(_) => None,
         }
     }
 

@@ -725,6 +725,44 @@ mod tests {
         })
     }
 
+    /// Weft writes `Accepted` on Istio's AuthorizationPolicy (it enforces it): True, or False
+    /// with `UnsupportedValue` naming each field it enforces fail-closed; and its key does not
+    /// collide with Istio's PeerAuthentication.
+    #[test]
+    fn authorization_policies_say_what_is_not_enforced_as_written() {
+        let mut st = KubeState::default();
+        let k = KINDS
+            .iter()
+            .find(|k| k.kind == "AuthorizationPolicy")
+            .expect("watched");
+        assert_eq!(k.id(), "AuthorizationPolicy");
+        let doc = |name: &str, spec: Value| json!({"metadata": {"name": name, "namespace": "shop", "generation": 2}, "spec": spec});
+        let (u, v) = st.apply(
+            k,
+            Event::Apply(doc("fine", json!({"action": "DENY", "rules": [{}]}))),
+        );
+        assert_eq!(u.upserts.len(), 1);
+        assert_eq!(v[0].condition().0, "True");
+        let (u, v) = st.apply(
+            k,
+            Event::Apply(doc(
+                "jwt",
+                json!({"rules": [{"from": [{"source": {"requestPrincipals": ["*"]}}]}]}),
+            )),
+        );
+        assert_eq!(u.upserts.len(), 1, "in use, failing closed");
+        let (status, reason, message) = v[0].condition();
+        assert_eq!((status, reason), ("False", "UnsupportedValue"));
+        assert!(
+            message.contains("spec.rules[0].from[0].source.requestPrincipals")
+                && message.contains("fail-closed"),
+            "{message}"
+        );
+        let (u, v) = st.apply(k, Event::Apply(doc("bad", json!({"action": "PERMIT"}))));
+        assert!(u.upserts.is_empty());
+        assert_eq!(v[0].condition().1, "Invalid");
+    }
+
     #[test]
     fn a_relist_is_the_whole_set_and_the_first_sync_waits_for_every_kind() {
         let mut st = KubeState::default();
