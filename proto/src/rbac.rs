@@ -13,6 +13,7 @@
 //! rather than enforce part of a new one.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
 use crate::envoy::envoy::config::core::v3::CidrRange;
@@ -112,8 +113,12 @@ struct Filter {
     action: Action,
     policies: Vec<(String, Policy)>,
     /// Exact principal -> the policies (indices, ascending) only that principal can match.
-    by_principal: std::collections::HashMap<String, Vec<usize>>,
-    /// The policies any caller may match (ascending).
+    by_principal: HashMap<String, Vec<usize>>,
+    /// Exact `url_path` -> the policies only that path can match (not indexed by principal).
+    by_path: HashMap<String, Vec<usize>>,
+    /// `url_path` prefix ending in `/` -> the policies only paths under it can match.
+    by_path_prefix: HashMap<String, Vec<usize>>,
+    /// The policies any request may match (ascending).
     always: Vec<usize>,
 }
 
@@ -127,53 +132,78 @@ struct Ctx<'a> {
 impl Filter {
     fn new(action: Action, mut policies: Vec<(String, Policy)>) -> Self {
         policies.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut by_principal: std::collections::HashMap<String, Vec<usize>> =
-            std::collections::HashMap::new();
-        let mut always = Vec::new();
+        let mut f = Filter {
+            action,
+            policies: Vec::new(),
+            by_principal: HashMap::new(),
+            by_path: HashMap::new(),
+            by_path_prefix: HashMap::new(),
+            always: Vec::new(),
+        };
         for (i, (_, p)) in policies.iter().enumerate() {
-            match p.required_principals() {
-                Some(set) => {
-                    for id in set {
-                        by_principal.entry(id).or_default().push(i);
+            if let Some(set) = p.required_principals() {
+                for id in set {
+                    f.by_principal.entry(id).or_default().push(i);
+                }
+            } else if let Some(paths) = p.required_paths() {
+                for path in paths {
+                    match path {
+                        PathKey::Exact(s) => f.by_path.entry(s).or_default().push(i),
+                        PathKey::Prefix(s) => f.by_path_prefix.entry(s).or_default().push(i),
                     }
                 }
-                None => always.push(i),
+            } else {
+                f.always.push(i);
             }
         }
-        Filter {
-            action,
-            policies,
-            by_principal,
-            always,
+        for v in f.by_path.values_mut().chain(f.by_path_prefix.values_mut()) {
+            v.dedup();
         }
+        f.policies = policies;
+        f
     }
 
-    /// The first policy, in name order, that matches: only those the caller's principal can
-    /// match are tried (an index over exact principals), which gives the same answer as
-    /// trying all of them.
+    /// The first policy, in name order, that matches. Only the candidates are tried: those
+    /// any request may match, those the caller's principal can match, those the request's
+    /// path can match (indexes over exact principals, exact paths and `/`-ended prefixes),
+    /// which gives the same answer as trying every policy in order.
     fn first_match(&self, cx: &Ctx<'_>) -> Option<&str> {
-        let indexed: &[usize] = cx
-            .input
-            .principal
-            .and_then(|p| self.by_principal.get(p))
-            .map_or(&[], Vec::as_slice);
-        let (mut a, mut b) = (self.always.iter().peekable(), indexed.iter().peekable());
-        loop {
-            let next = match (a.peek(), b.peek()) {
-                (Some(x), Some(y)) if x <= y => a.next(),
-                (Some(_), Some(_)) => b.next(),
-                (Some(_), None) => a.next(),
-                (None, Some(_)) => b.next(),
-                (None, None) => return None,
-            };
-            if let Some(&i) = next {
-                let (name, p) = &self.policies[i];
-                if p.matches(cx) {
-                    return Some(name);
+        let mut best: Option<usize> = None;
+        let mut consider = |list: &[usize]| {
+            for &i in list {
+                if best.is_some_and(|b| i >= b) {
+                    return;
+                }
+                if self.policies[i].1.matches(cx) {
+                    best = Some(i);
+                    return;
+                }
+            }
+        };
+        consider(&self.always);
+        if let Some(list) = cx.input.principal.and_then(|p| self.by_principal.get(p)) {
+            consider(list);
+        }
+        if let Some(path) = cx.url_path {
+            if let Some(list) = self.by_path.get(path) {
+                consider(list);
+            }
+            if !self.by_path_prefix.is_empty() {
+                for (i, _) in path.match_indices('/') {
+                    if let Some(list) = self.by_path_prefix.get(&path[..=i]) {
+                        consider(list);
+                    }
                 }
             }
         }
+        best.map(|i| self.policies[i].0.as_str())
     }
+}
+
+/// A path a policy needs: exactly, or under a prefix that ends in `/`.
+enum PathKey {
+    Exact(String),
+    Prefix(String),
 }
 
 #[derive(Debug, Clone)]
@@ -332,6 +362,16 @@ impl Policy {
             && self.principals.iter().any(|p| p.matches(cx))
     }
 
+    /// The paths outside which this policy cannot match, when its permissions say so (each
+    /// alternative requires an exact path or a `/`-ended prefix, case-sensitive).
+    fn required_paths(&self) -> Option<Vec<PathKey>> {
+        let mut out = Vec::new();
+        for p in &self.permissions {
+            out.extend(p.required_paths()?);
+        }
+        Some(out)
+    }
+
     /// The exact principals outside which this policy cannot match, when its principals say
     /// so (each alternative requires an exact, case-sensitive `authenticated` name).
     fn required_principals(&self) -> Option<Vec<String>> {
@@ -363,6 +403,29 @@ enum Perm {
 /// tries its cheap, selective parts first. Istio's rule shape (`and` of `or`s of a few
 /// values) then costs a few comparisons per rule, not a walk over a deep tree.
 impl Perm {
+    /// The paths this permission can match at most, when it bounds them.
+    fn required_paths(&self) -> Option<Vec<PathKey>> {
+        match self {
+            Perm::Path(Str {
+                kind,
+                ignore_case: false,
+            }) => match kind {
+                StrKind::Exact(s) => Some(vec![PathKey::Exact(s.clone())]),
+                StrKind::Prefix(s) if s.ends_with('/') => Some(vec![PathKey::Prefix(s.clone())]),
+                _ => None,
+            },
+            Perm::Or(v) => {
+                let mut out = Vec::new();
+                for p in v {
+                    out.extend(p.required_paths()?);
+                }
+                Some(out)
+            }
+            Perm::And(v) => v.iter().find_map(Perm::required_paths),
+            _ => None,
+        }
+    }
+
     fn cost(&self) -> u8 {
         match self {
             Perm::Any | Perm::DestPort(_) | Perm::DestPortRange(..) => 0,
@@ -1500,6 +1563,34 @@ mod tests {
                 ..Default::default()
             },
         ));
+        // Bounded by path: exact, a `/`-ended prefix, either; unbounded: a prefix without `/`.
+        let path = |m: string_matcher::MatchPattern| pb::Permission {
+            rule: Some(pb::permission::Rule::UrlPath(PathMatcher {
+                rule: Some(path_matcher::Rule::Path(s(m))),
+            })),
+        };
+        for (name, perm) in [
+            ("q-exact", path(Exact("/a".into()))),
+            ("q-prefix", path(Prefix("/b/".into()))),
+            (
+                "q-either",
+                pb::Permission {
+                    rule: Some(pb::permission::Rule::OrRules(pb::permission::Set {
+                        rules: vec![path(Exact("/c".into())), path(Prefix("/b/x/".into()))],
+                    })),
+                },
+            ),
+            ("q-loose", path(Prefix("/b".into()))),
+        ] {
+            policies.push((
+                name.into(),
+                pb::Policy {
+                    permissions: vec![perm],
+                    principals: vec![any_id()],
+                    ..Default::default()
+                },
+            ));
+        }
         let rbac = rbac(
             pb::rbac::Action::Deny,
             policies
@@ -1509,6 +1600,35 @@ mod tests {
         );
         let engine = Engine::new([Some(&rbac)]).expect("compiles");
         let f = &engine.filters[0];
+        let headers = http::HeaderMap::new();
+        for p in ["/a", "/a/", "/b", "/b/", "/b/x/y", "/bb", "/c", "/c/d", "/"] {
+            let req = HttpInput {
+                method: "GET",
+                path: p,
+                authority: "h",
+                headers: &headers,
+            };
+            for who in [None, Some(ALICE)] {
+                let inp = input(who, Some(req));
+                let cx = Ctx {
+                    input: &inp,
+                    url_path: Some(p),
+                };
+                let linear = f
+                    .policies
+                    .iter()
+                    .find(|(_, p)| p.matches(&cx))
+                    .map(|(n, _)| n.as_str());
+                assert_eq!(f.first_match(&cx), linear, "{who:?} {p}");
+            }
+        }
+        assert_eq!(
+            (f.by_path.len(), f.by_path_prefix.len()),
+            (2, 2),
+            "{:?} {:?}",
+            f.by_path.keys(),
+            f.by_path_prefix.keys()
+        );
         for who in ids
             .iter()
             .map(|i| Some(*i))
@@ -1530,7 +1650,7 @@ mod tests {
             }
         }
         assert!(
-            f.always.len() == 2 && f.by_principal.len() == 3,
+            f.always.len() == 3 && f.by_principal.len() == 3,
             "{:?} {:?}",
             f.always,
             f.by_principal.keys()
