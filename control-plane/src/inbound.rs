@@ -277,16 +277,19 @@ pub fn check_access(
         let tcp = weft_proto::protocol::Declared::of(&port.protocol())
             == Some(weft_proto::protocol::Declared::Opaque);
         let chain = if tcp { "tcp" } else { "http" };
+        let refused = |reason: String| AccessVerdict {
+            pod: e.pod.clone(),
+            address,
+            chain,
+            allowed: false,
+            policy: None,
+            audit: None,
+            reason,
+        };
         if q.principal.is_none() && mode == weft_proto::tls::MtlsMode::Strict {
-            out.push(AccessVerdict {
-                pod: e.pod.clone(),
-                address,
-                chain,
-                allowed: false,
-                policy: None,
-                audit: None,
-                reason: "mTLS mode STRICT refuses a plaintext caller".into(),
-            });
+            out.push(refused(
+                "mTLS mode STRICT refuses a plaintext caller".into(),
+            ));
             continue;
         }
         let engine = if tcp { &chains.tcp } else { &chains.http };
@@ -305,15 +308,7 @@ pub fn check_access(
                 None => p.into_owned(),
             },
             (false, Err(why)) => {
-                out.push(AccessVerdict {
-                    pod: e.pod.clone(),
-                    address,
-                    chain,
-                    allowed: false,
-                    policy: None,
-                    audit: None,
-                    reason: format!("refused with 400: {why}"),
-                });
+                out.push(refused(format!("refused with 400: {why}")));
                 continue;
             }
         };

@@ -846,7 +846,7 @@ pub fn parse_object(doc: serde_json::Value) -> Result<Option<Object>, ObjectErro
         ("weft.dev", "PeerAuthentication") => {
             Object::PeerAuthentication(Box::new(named(doc, &label, namespace, name)?))
         }
-        ("security.istio.io", "PeerAuthentication") => {
+        ("security.istio.io", kind @ ("PeerAuthentication" | "AuthorizationPolicy")) => {
             if !matches!(
                 api_version.as_str(),
                 "security.istio.io/v1" | "security.istio.io/v1beta1"
@@ -856,19 +856,12 @@ pub fn parse_object(doc: serde_json::Value) -> Result<Option<Object>, ObjectErro
                     format!("{api_version:?}: Weft reads security.istio.io/v1 and v1beta1"),
                 ));
             }
-            Object::IstioPeerAuthentication(Box::new(named(doc, &label, namespace, name)?))
-        }
-        ("security.istio.io", "AuthorizationPolicy") => {
-            if !matches!(
-                api_version.as_str(),
-                "security.istio.io/v1" | "security.istio.io/v1beta1"
-            ) {
-                return Err(err(
-                    "apiVersion",
-                    format!("{api_version:?}: Weft reads security.istio.io/v1 and v1beta1"),
-                ));
+            match kind {
+                "PeerAuthentication" => {
+                    Object::IstioPeerAuthentication(Box::new(named(doc, &label, namespace, name)?))
+                }
+                _ => Object::AuthorizationPolicy(Box::new(named(doc, &label, namespace, name)?)),
             }
-            Object::AuthorizationPolicy(Box::new(named(doc, &label, namespace, name)?))
         }
         _ => return Ok(None),
     };

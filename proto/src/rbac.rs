@@ -437,44 +437,6 @@ impl Perm {
         }
     }
 
-    fn and(v: Vec<Perm>) -> Perm {
-        let mut out = Vec::with_capacity(v.len());
-        for p in v {
-            match p {
-                Perm::And(inner) => out.extend(inner),
-                Perm::Any => {}
-                p => out.push(p),
-            }
-        }
-        out.sort_by_key(Perm::cost);
-        match out.len() {
-            0 => Perm::Any,
-            1 => out.remove(0),
-            _ => Perm::And(out),
-        }
-    }
-
-    fn or(v: Vec<Perm>) -> Perm {
-        let mut out: Vec<Perm> = Vec::with_capacity(v.len());
-        for p in v {
-            match p {
-                Perm::Or(inner) => {
-                    for q in inner {
-                        push_or(&mut out, q);
-                    }
-                }
-                p => push_or(&mut out, p),
-            }
-        }
-        if out.iter().any(|p| matches!(p, Perm::Any)) {
-            return Perm::Any;
-        }
-        match out.len() {
-            1 => out.remove(0),
-            _ => Perm::Or(out),
-        }
-    }
-
     fn new(p: &pb::Permission) -> Result<Self, String> {
         use pb::permission::Rule;
         let set = |s: &pb::permission::Set| -> Result<Vec<Perm>, String> {
@@ -484,8 +446,8 @@ impl Perm {
             None => return Err("a permission without a rule".into()),
             Some(Rule::Any(true)) => Perm::Any,
             Some(Rule::Any(false)) => return Err("permission any: false".into()),
-            Some(Rule::AndRules(s)) => Perm::and(set(s)?),
-            Some(Rule::OrRules(s)) => Perm::or(set(s)?),
+            Some(Rule::AndRules(s)) => simplify_and(set(s)?),
+            Some(Rule::OrRules(s)) => simplify_or(set(s)?),
             Some(Rule::NotRule(r)) => Perm::Not(Box::new(Perm::new(r)?)),
             Some(Rule::Header(h)) => Perm::Header(Header::new(h)?),
             Some(Rule::UrlPath(m)) => Perm::Path(Str::of_path(m)?),
@@ -555,44 +517,6 @@ impl Id {
         }
     }
 
-    fn and(v: Vec<Id>) -> Id {
-        let mut out = Vec::with_capacity(v.len());
-        for p in v {
-            match p {
-                Id::And(inner) => out.extend(inner),
-                Id::Any => {}
-                p => out.push(p),
-            }
-        }
-        out.sort_by_key(Id::cost);
-        match out.len() {
-            0 => Id::Any,
-            1 => out.remove(0),
-            _ => Id::And(out),
-        }
-    }
-
-    fn or(v: Vec<Id>) -> Id {
-        let mut out: Vec<Id> = Vec::with_capacity(v.len());
-        for p in v {
-            match p {
-                Id::Or(inner) => {
-                    for q in inner {
-                        push_or(&mut out, q);
-                    }
-                }
-                p => push_or(&mut out, p),
-            }
-        }
-        if out.iter().any(|p| matches!(p, Id::Any)) {
-            return Id::Any;
-        }
-        match out.len() {
-            1 => out.remove(0),
-            _ => Id::Or(out),
-        }
-    }
-
     /// Whether this identifier matches `principal` whatever the request: `None` when that
     /// depends on the request (address, headers, path).
     fn may_match(&self, principal: Option<&str>) -> Option<bool> {
@@ -659,8 +583,8 @@ impl Id {
             None => return Err("a principal without an identifier".into()),
             Some(Identifier::Any(true)) => Id::Any,
             Some(Identifier::Any(false)) => return Err("principal any: false".into()),
-            Some(Identifier::AndIds(s)) => Id::and(set(s)?),
-            Some(Identifier::OrIds(s)) => Id::or(set(s)?),
+            Some(Identifier::AndIds(s)) => simplify_and(set(s)?),
+            Some(Identifier::OrIds(s)) => simplify_or(set(s)?),
             Some(Identifier::NotId(p)) => Id::Not(Box::new(Id::new(p)?)),
             Some(Identifier::Authenticated(a)) => {
                 Id::Authenticated(a.principal_name.as_ref().map(Str::new).transpose()?)
@@ -692,12 +616,49 @@ impl Id {
     }
 }
 
-/// A matcher that may be a header matcher (for merging an `or`'s exact values).
-trait HasHeader {
+/// What the simplifier needs of a matcher tree (permissions and principals alike).
+trait Tree: Sized {
+    /// The matcher that matches everything.
+    const ANY: fn() -> Self;
+    /// Builds an `and` / an `or` of several.
+    fn and(v: Vec<Self>) -> Self;
+    fn or(v: Vec<Self>) -> Self;
+    /// Takes an `and` / `or` apart, or gives the matcher back.
+    fn into_and(self) -> Result<Vec<Self>, Self>;
+    fn into_or(self) -> Result<Vec<Self>, Self>;
+    fn is_any(&self) -> bool;
+    /// Rough cost of evaluating it, to try cheap conjuncts first.
+    fn cost(&self) -> u8;
+    /// The header matcher it is, if it is one.
     fn header_mut(&mut self) -> Option<&mut Header>;
 }
 
-impl HasHeader for Perm {
+impl Tree for Perm {
+    const ANY: fn() -> Self = || Perm::Any;
+    fn and(v: Vec<Self>) -> Self {
+        Perm::And(v)
+    }
+    fn or(v: Vec<Self>) -> Self {
+        Perm::Or(v)
+    }
+    fn into_and(self) -> Result<Vec<Self>, Self> {
+        match self {
+            Perm::And(v) => Ok(v),
+            p => Err(p),
+        }
+    }
+    fn into_or(self) -> Result<Vec<Self>, Self> {
+        match self {
+            Perm::Or(v) => Ok(v),
+            p => Err(p),
+        }
+    }
+    fn is_any(&self) -> bool {
+        matches!(self, Perm::Any)
+    }
+    fn cost(&self) -> u8 {
+        Perm::cost(self)
+    }
     fn header_mut(&mut self) -> Option<&mut Header> {
         match self {
             Perm::Header(h) => Some(h),
@@ -706,7 +667,32 @@ impl HasHeader for Perm {
     }
 }
 
-impl HasHeader for Id {
+impl Tree for Id {
+    const ANY: fn() -> Self = || Id::Any;
+    fn and(v: Vec<Self>) -> Self {
+        Id::And(v)
+    }
+    fn or(v: Vec<Self>) -> Self {
+        Id::Or(v)
+    }
+    fn into_and(self) -> Result<Vec<Self>, Self> {
+        match self {
+            Id::And(v) => Ok(v),
+            p => Err(p),
+        }
+    }
+    fn into_or(self) -> Result<Vec<Self>, Self> {
+        match self {
+            Id::Or(v) => Ok(v),
+            p => Err(p),
+        }
+    }
+    fn is_any(&self) -> bool {
+        matches!(self, Id::Any)
+    }
+    fn cost(&self) -> u8 {
+        Id::cost(self)
+    }
     fn header_mut(&mut self) -> Option<&mut Header> {
         match self {
             Id::Header(h) => Some(h),
@@ -715,9 +701,45 @@ impl HasHeader for Id {
     }
 }
 
+/// An `and`, flattened, without `any`s, cheapest parts first.
+fn simplify_and<T: Tree>(v: Vec<T>) -> T {
+    let mut out = Vec::with_capacity(v.len());
+    for p in v {
+        match p.into_and() {
+            Ok(inner) => out.extend(inner),
+            Err(p) if p.is_any() => {}
+            Err(p) => out.push(p),
+        }
+    }
+    out.sort_by_key(T::cost);
+    match out.len() {
+        0 => (T::ANY)(),
+        1 => out.remove(0),
+        _ => T::and(out),
+    }
+}
+
+/// An `or`, flattened, exact values on one header merged; `any` when one part is.
+fn simplify_or<T: Tree>(v: Vec<T>) -> T {
+    let mut out: Vec<T> = Vec::with_capacity(v.len());
+    for p in v {
+        match p.into_or() {
+            Ok(inner) => inner.into_iter().for_each(|q| push_or(&mut out, q)),
+            Err(p) => push_or(&mut out, p),
+        }
+    }
+    if out.iter().any(T::is_any) {
+        return (T::ANY)();
+    }
+    match out.len() {
+        1 => out.remove(0),
+        _ => T::or(out),
+    }
+}
+
 /// Adds `p` to an `or`, merging an exact, case-sensitive, non-inverted header matcher into
 /// an earlier one on the same header (a set of values).
-fn push_or<T: HasHeader>(out: &mut Vec<T>, mut p: T) {
+fn push_or<T: Tree>(out: &mut Vec<T>, mut p: T) {
     fn exact(h: &Header) -> Option<Vec<String>> {
         if h.invert {
             return None;

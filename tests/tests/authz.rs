@@ -71,6 +71,19 @@ async fn meshed(
     sc
 }
 
+/// Waits until the server sidecar holds RBAC filters `ready` accepts.
+async fn filters_arrived(
+    server: &Sidecar,
+    ready: impl Fn(&weft_sidecar::state::InboundAuthz) -> bool,
+) {
+    weft_testkit::eventually(
+        "the server's RBAC filters arrived",
+        Duration::from_secs(10),
+        || server.xds.config.load().authz().is_some_and(|a| ready(a)),
+    )
+    .await;
+}
+
 /// One kept-alive HTTP/1.1 connection to a proxy.
 struct Conn(hyper::client::conn::http1::SendRequest<Empty<bytes::Bytes>>);
 
@@ -185,19 +198,7 @@ async fn http_requests_are_allowed_and_denied_by_identity_method_path_and_port()
     .await;
     let alice = meshed(&cp, dir.path(), ip(net, 1), "alice-0", "alice", None).await;
     let bob = meshed(&cp, dir.path(), ip(net, 3), "bob-0", "bob", None).await;
-    weft_testkit::eventually(
-        "the server's RBAC filters arrived",
-        Duration::from_secs(10),
-        || {
-            server
-                .xds
-                .config
-                .load()
-                .authz()
-                .is_some_and(|a| !a.http.is_empty())
-        },
-    )
-    .await;
+    filters_arrived(&server, |a| !a.http.is_empty()).await;
 
     let mut a = Conn::open(alice.outbound_addr).await;
     let mut b = Conn::open(bob.outbound_addr).await;
@@ -372,19 +373,7 @@ async fn tcp_connections_are_judged_before_the_app_and_closed_when_a_deny_arrive
         .expect("control plane");
     let app = tcp_echo(SocketAddr::new(ip(net, 10), 0)).await;
     let server = meshed(&cp, dir.path(), ip(net, 2), "echo-0", "echo", Some(app)).await;
-    weft_testkit::eventually(
-        "the server's TCP RBAC filters arrived",
-        Duration::from_secs(10),
-        || {
-            server
-                .xds
-                .config
-                .load()
-                .authz()
-                .is_some_and(|a| !a.tcp.is_empty())
-        },
-    )
-    .await;
+    filters_arrived(&server, |a| !a.tcp.is_empty()).await;
     let dial = |from: u8| async move {
         let s = tokio::net::TcpSocket::new_v4().expect("socket");
         s.bind(SocketAddr::new(ip(net, from), 0)).expect("bind");
