@@ -52,21 +52,23 @@ taskset -c 1 target/release/weft-control-plane --source-dir "$work/world" --ca-d
   --xds-plaintext-addr 127.0.0.1:18290 --grpc-addr 127.0.0.1:18292 --metrics-addr 127.0.0.1:18291 \
   --log warn >/dev/null & pids+=($!)
 for _ in $(seq 100); do curl -fs http://127.0.0.1:18291/ready >/dev/null 2>&1 && break; sleep 0.1; done
-token() { target/release/weftctl --cp 127.0.0.1:18290 -o json token create --service-account "$1" | awk -F'"' '/"token"/ {print $4}'; }
+# Join tokens come from the admin API on the TLS port, as an operator.
+target/release/weft-control-plane operator issue --ca-dir "$work/ca" --name bench --out "$work/operator.pem" >/dev/null
+token() { target/release/weftctl --cp 127.0.0.1:18292 --credentials "$work/operator.pem" -o json token create --service-account "$1" | awk -F'"' '/"token"/ {print $4}'; }
 
 # The server sidecar: an SVID (mTLS inbound), forwarding to the upstream.
 WEFT_JOIN_TOKEN=$(token echo) taskset -c 0 target/release/weft-sidecar run --xds-addr 127.0.0.1:18292 \
   --trust-bundle "$work/ca/root.pem" --service-account echo --app-addr 127.0.0.1:18280 \
   --outbound-addr 127.0.0.2:18283 --inbound-addr 127.0.0.2:18284 --admin-addr 127.0.0.2:18285 \
-  --log warn >/dev/null & server=$!; pids+=($server)
+  --no-ipv6 --log warn >/dev/null & server=$!; pids+=($server)
 # Client sidecars: one without identity (plaintext to the server), one with (mTLS).
 taskset -c 0 target/release/weft-sidecar run --plaintext-xds --xds-addr 127.0.0.1:18290 \
   --outbound-addr 127.0.0.3:18283 --inbound-addr 127.0.0.3:18284 --admin-addr 127.0.0.3:18285 \
-  --log warn >/dev/null & plain=$!; pids+=($plain)
+  --no-ipv6 --log warn >/dev/null & plain=$!; pids+=($plain)
 WEFT_JOIN_TOKEN=$(token client) taskset -c 0 target/release/weft-sidecar run --xds-addr 127.0.0.1:18292 \
   --trust-bundle "$work/ca/root.pem" --service-account client \
   --outbound-addr 127.0.0.4:18283 --inbound-addr 127.0.0.4:18284 --admin-addr 127.0.0.4:18285 \
-  --log warn >/dev/null & mtls=$!; pids+=($mtls)
+  --no-ipv6 --log warn >/dev/null & mtls=$!; pids+=($mtls)
 for a in 127.0.0.2 127.0.0.3 127.0.0.4; do
   for _ in $(seq 100); do curl -fs "http://$a:18285/ready" >/dev/null 2>&1 && break; sleep 0.1; done
 done
