@@ -633,73 +633,46 @@ trait Tree: Sized {
     fn header_mut(&mut self) -> Option<&mut Header>;
 }
 
-impl Tree for Perm {
-    const ANY: fn() -> Self = || Perm::Any;
-    fn and(v: Vec<Self>) -> Self {
-        Perm::And(v)
-    }
-    fn or(v: Vec<Self>) -> Self {
-        Perm::Or(v)
-    }
-    fn into_and(self) -> Result<Vec<Self>, Self> {
-        match self {
-            Perm::And(v) => Ok(v),
-            p => Err(p),
+/// Both trees have the same shape of variants (`Any`, `And`, `Or`, `Header`).
+macro_rules! impl_tree {
+    ($t:ident) => {
+        impl Tree for $t {
+            const ANY: fn() -> Self = || $t::Any;
+            fn and(v: Vec<Self>) -> Self {
+                $t::And(v)
+            }
+            fn or(v: Vec<Self>) -> Self {
+                $t::Or(v)
+            }
+            fn into_and(self) -> Result<Vec<Self>, Self> {
+                match self {
+                    $t::And(v) => Ok(v),
+                    p => Err(p),
+                }
+            }
+            fn into_or(self) -> Result<Vec<Self>, Self> {
+                match self {
+                    $t::Or(v) => Ok(v),
+                    p => Err(p),
+                }
+            }
+            fn is_any(&self) -> bool {
+                matches!(self, $t::Any)
+            }
+            fn cost(&self) -> u8 {
+                $t::cost(self)
+            }
+            fn header_mut(&mut self) -> Option<&mut Header> {
+                match self {
+                    $t::Header(h) => Some(h),
+                    _ => None,
+                }
+            }
         }
-    }
-    fn into_or(self) -> Result<Vec<Self>, Self> {
-        match self {
-            Perm::Or(v) => Ok(v),
-            p => Err(p),
-        }
-    }
-    fn is_any(&self) -> bool {
-        matches!(self, Perm::Any)
-    }
-    fn cost(&self) -> u8 {
-        Perm::cost(self)
-    }
-    fn header_mut(&mut self) -> Option<&mut Header> {
-        match self {
-            Perm::Header(h) => Some(h),
-            _ => None,
-        }
-    }
+    };
 }
-
-impl Tree for Id {
-    const ANY: fn() -> Self = || Id::Any;
-    fn and(v: Vec<Self>) -> Self {
-        Id::And(v)
-    }
-    fn or(v: Vec<Self>) -> Self {
-        Id::Or(v)
-    }
-    fn into_and(self) -> Result<Vec<Self>, Self> {
-        match self {
-            Id::And(v) => Ok(v),
-            p => Err(p),
-        }
-    }
-    fn into_or(self) -> Result<Vec<Self>, Self> {
-        match self {
-            Id::Or(v) => Ok(v),
-            p => Err(p),
-        }
-    }
-    fn is_any(&self) -> bool {
-        matches!(self, Id::Any)
-    }
-    fn cost(&self) -> u8 {
-        Id::cost(self)
-    }
-    fn header_mut(&mut self) -> Option<&mut Header> {
-        match self {
-            Id::Header(h) => Some(h),
-            _ => None,
-        }
-    }
-}
+impl_tree!(Perm);
+impl_tree!(Id);
 
 /// An `and`, flattened, without `any`s, cheapest parts first.
 fn simplify_and<T: Tree>(v: Vec<T>) -> T {
