@@ -1061,8 +1061,36 @@ impl Chains {
     }
 }
 
-/// RFC 3986 dot-segment removal with repeated slashes merged; `Borrowed` when the path is
-/// already normal. Refuses encoded slashes and backslashes, whose meaning is the server's.
+/// Decodes percent-encoded unreserved characters (letters, digits, `-._~`), which name the
+/// same resource encoded or not (RFC 3986 §6.2.2.2): `/%61dmin` is `/admin` to the
+/// application, so it must be to the policy.
+fn decode_unreserved(path: &str) -> Cow<'_, str> {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let b = path.as_bytes();
+    let (mut out, mut last, mut i) = (String::new(), 0, 0);
+    while i + 2 < b.len() {
+        if let (b'%', Some(h), Some(l)) = (b[i], hex(b[i + 1]), hex(b[i + 2])) {
+            let c = (h * 16 + l) as u8;
+            if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+                out.push_str(&path[last..i]);
+                out.push(c as char);
+                last = i + 3;
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    if last == 0 {
+        return Cow::Borrowed(path);
+    }
+    out.push_str(&path[last..]);
+    Cow::Owned(out)
+}
+
+/// RFC 3986 normalisation: percent-encoded unreserved characters decoded, dot segments
+/// removed, repeated slashes merged; `Borrowed` when the path is already normal. Refuses
+/// encoded slashes and backslashes, whose meaning is the server's.
 pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, &'static str> {
     let lower = path.to_ascii_lowercase();
     if lower.contains("%2f") || lower.contains("%5c") || path.contains('\\') {
@@ -1072,8 +1100,9 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, &'static str> {
         // `*` (OPTIONS) or an absolute form already split off: judged as it is.
         return Ok(Cow::Borrowed(path));
     }
+    let decoded = decode_unreserved(path);
     let mut out: Vec<&str> = Vec::new();
-    let segments: Vec<&str> = path[1..].split('/').collect();
+    let segments: Vec<&str> = decoded[1..].split('/').collect();
     let last = segments.len().saturating_sub(1);
     let mut trailing = false;
     for (i, s) in segments.iter().enumerate() {
@@ -1483,6 +1512,10 @@ mod tests {
             ("/../../admin", "/admin"),
             ("/%2e%2e/admin", "/admin"),
             ("/a/.%2E/admin", "/admin"),
+            ("/%61dmin", "/admin"),
+            ("/api/%41dmin%7e", "/api/Admin~"),
+            ("/a%20b/%C3%A9", "/a%20b/%C3%A9"),
+            ("/x%2", "/x%2"),
         ] {
             assert_eq!(normalize_path(raw).expect("normal"), want, "{raw}");
         }

@@ -212,7 +212,7 @@ async fn http_requests_are_allowed_and_denied_by_identity_method_path_and_port()
     let served = echo.served.load(std::sync::atomic::Ordering::Relaxed);
     // (caller, method, path, what the server's sidecar must answer); each also asked of the
     // control plane (`weftctl authz check`), which must agree.
-    let cases: [(Option<&str>, &str, &str, u16); 10] = [
+    let cases: [(Option<&str>, &str, &str, u16); 11] = [
         // By principal and method and path.
         (Some("alice"), "GET", "/api/items", 200),
         (Some("alice"), "POST", "/api/items", 403),
@@ -220,6 +220,7 @@ async fn http_requests_are_allowed_and_denied_by_identity_method_path_and_port()
         (Some("alice"), "GET", "/api/admin/users", 403),
         (Some("alice"), "GET", "/api/x/../admin/users", 403),
         (Some("alice"), "GET", "/api//admin", 403),
+        (Some("alice"), "GET", "/api/%61dmin/users", 403),
         (Some("alice"), "GET", "/api/admin%2Fusers", 400),
         // Default deny: bob matches no ALLOW rule on the API; his own rule lets /public in.
         (Some("bob"), "GET", "/api/items", 403),
