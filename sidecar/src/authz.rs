@@ -7,8 +7,8 @@
 //!   policy change applies to the next request of an open connection.
 //! - TCP: judged before the application gets a byte, then again on every config change for
 //!   as long as the connection lasts: a connection a new policy denies is closed.
-//! - Paths: when the workload has any policy, the path is normalised (dot segments resolved,
-//!   repeated slashes merged) before it is judged, and the application gets that path, so
+//! - Paths: when the workload has any policy, the path is normalised (percent-encoded
+//!   unreserved characters decoded, dot segments resolved, repeated slashes merged) before it is judged, and the application gets that path, so
 //!   `/public/../admin` is judged as the `/admin` the application would serve. A path with
 //!   an encoded `/` or `\` (`%2F`, `%5C`) is refused: what it names depends on the server.
 //! - Until the Listener is accepted nothing says who may call, and nobody is let in.
