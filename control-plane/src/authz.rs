@@ -757,6 +757,17 @@ impl Compiler {
             .strip_prefix("request.headers[")
             .and_then(|h| h.strip_suffix(']'))
             .filter(|h| !h.is_empty());
+        // A name the proxy cannot look up (a pseudo-header, spaces) is not enforceable.
+        if let Some(h) = header
+            && (h.starts_with(':') || http::HeaderName::from_bytes(h.as_bytes()).is_err())
+        {
+            self.gap(
+                Gap::Unsupported,
+                format!("{at}key"),
+                format!("{h:?} is not a header name the proxy can match"),
+            );
+            return;
+        }
         for (values, neg, field) in [
             (&c.values, false, format!("{at}values")),
             (&c.not_values, true, format!("{at}notValues")),
@@ -907,11 +918,12 @@ pub struct AuthzPolicies {
     by_namespace: BTreeMap<String, Vec<Arc<Named<AuthorizationPolicySpec>>>>,
 }
 
-/// A synthetic deny-all for a workload whose labels are not known yet.
-fn labels_unknown(namespace: &str) -> Arc<Named<AuthorizationPolicySpec>> {
+/// A synthetic deny-all named `name` (a workload whose labels are not known yet, policies
+/// that compiled to what the proxy cannot run).
+pub fn deny_all(namespace: &str, name: &str) -> Arc<Named<AuthorizationPolicySpec>> {
     Arc::new(Named {
         namespace: namespace.to_string(),
-        name: "weft-labels-unknown".into(),
+        name: name.into(),
         spec: AuthorizationPolicySpec {
             action: Some("DENY".into()),
             rules: vec![Rule::default()],
@@ -994,7 +1006,7 @@ impl AuthzPolicies {
             consider(p, true);
         }
         if unknown_allow {
-            out.push(labels_unknown(namespace));
+            out.push(deny_all(namespace, "weft-labels-unknown"));
         }
         out
     }

@@ -369,8 +369,28 @@ pub fn inbound_listener(t: &Translation, w: &Workload<'_>) -> Res {
     resource(l.name.clone(), &l)
 }
 
-/// The HTTP and TCP filter chains with the policies' RBAC filters.
+/// The HTTP and TCP filter chains with the policies' RBAC filters, checked with the engine
+/// the sidecar runs: chains it would refuse (which would freeze every later update of the
+/// workload's Listeners) are never sent; a deny-all is, and the error is logged.
 pub fn filter_chains(
+    policies: &[std::sync::Arc<crate::objects::Named<crate::authz::AuthorizationPolicySpec>>],
+) -> Vec<listener::FilterChain> {
+    let chains = build_chains(policies);
+    match weft_proto::rbac::Chains::of(&chains) {
+        Ok(_) => chains,
+        Err(e) => {
+            let names: Vec<String> = policies
+                .iter()
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .collect();
+            tracing::error!(policies = ?names, error = %e, "authorization compiled to RBAC the sidecar cannot run; sending deny-all instead");
+            let namespace = policies.first().map_or("", |p| p.namespace.as_str());
+            build_chains(&[crate::authz::deny_all(namespace, "weft-uncompilable")])
+        }
+    }
+}
+
+fn build_chains(
     policies: &[std::sync::Arc<crate::objects::Named<crate::authz::AuthorizationPolicySpec>>],
 ) -> Vec<listener::FilterChain> {
     use crate::authz::{Chain, compile};

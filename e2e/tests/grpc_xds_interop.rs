@@ -474,7 +474,8 @@ print(json.dumps(out))
 "#;
 
 /// A grpcio client calls a gRPC server through two sidecars (mTLS, HTTP/2 between them): an
-/// ALLOW policy lets its identity call the service, a DENY rule on a request header refuses
+/// ALLOW policy lets its identity call the service by its host (judged on `Host`, the
+/// Service name: between sidecars `:authority` names the endpoint), a DENY rule on a request header refuses
 /// the call that carries it, and grpcio sees `PERMISSION_DENIED` with Envoy's message.
 #[tokio::test]
 async fn grpcio_gets_permission_denied_through_the_sidecars() -> TestResult {
@@ -492,7 +493,7 @@ async fn grpcio_gets_permission_denied_through_the_sidecars() -> TestResult {
         "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: default}\nspec:\n  ports: [{name: grpc, port: 50051, appProtocol: grpc}]\n".to_string(),
         weft_testkit::world::pod("echo-0", "echo", true),
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo\n  namespace: default\n  labels: {kubernetes.io/service-name: echo}\naddressType: IPv4\nports: [{name: grpc, port: 15006}]\nendpoints:\n- addresses: [\"127.0.93.2\"]\n  conditions: {ready: true}\n  targetRef: {kind: Pod, name: echo-0, namespace: default}\n".to_string(),
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: callers, namespace: default}\nspec:\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/default/sa/client]}}]\n    to: [{operation: {paths: [/weft.test.Echo/*]}}]\n".to_string(),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: callers, namespace: default}\nspec:\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/default/sa/client]}}]\n    to: [{operation: {paths: [/weft.test.Echo/*], hosts: [\"echo.default.svc.cluster.local*\"]}}]\n".to_string(),
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: flagged, namespace: default}\nspec:\n  action: DENY\n  rules:\n  - when: [{key: \"request.headers[x-deny]\", values: [\"yes\"]}]\n".to_string(),
     ];
     fs::write(

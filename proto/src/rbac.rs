@@ -1096,8 +1096,12 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, &'static str> {
     if lower.contains("%2f") || lower.contains("%5c") || path.contains('\\') {
         return Err("a path with an encoded slash or a backslash is ambiguous");
     }
+    if path.is_empty() {
+        // Only a query (`?x`): the application serves `/`.
+        return Ok(Cow::Owned("/".into()));
+    }
     if !path.starts_with('/') {
-        // `*` (OPTIONS) or an absolute form already split off: judged as it is.
+        // `*` (OPTIONS): judged as it is.
         return Ok(Cow::Borrowed(path));
     }
     let decoded = decode_unreserved(path);
@@ -1513,6 +1517,8 @@ mod tests {
             ("/%2e%2e/admin", "/admin"),
             ("/a/.%2E/admin", "/admin"),
             ("/%61dmin", "/admin"),
+            ("/public/%2e%2E/admin", "/admin"),
+            ("", "/"),
             ("/api/%41dmin%7e", "/api/Admin~"),
             ("/a%20b/%C3%A9", "/a%20b/%C3%A9"),
             ("/x%2", "/x%2"),

@@ -97,7 +97,8 @@ impl Caller<'_> {
                     }
                     d.allowed
                 }
-                None => true,
+                // The authorization is no longer known: nothing says it may go on.
+                None => false,
             };
             if !allowed {
                 return;
@@ -141,16 +142,14 @@ impl Caller<'_> {
             (Cow::Owned(p), Some(q)) => Cow::Owned(format!("{p}?{q}")),
             (Cow::Owned(p), None) => Cow::Owned(p.clone()),
         };
+        // `Host` first: between sidecars over HTTP/2 `:authority` names the endpoint and
+        // `Host` the Service (and is what the application reads); elsewhere the two agree
+        // (`hop::request` refuses a request where they do not).
         let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(hyper::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-            })
+            .headers
+            .get(hyper::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| parts.uri.authority().map(|a| a.as_str()))
             .unwrap_or("");
         let http = HttpInput {
             method: parts.method.as_str(),

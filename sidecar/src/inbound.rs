@@ -300,7 +300,7 @@ impl Shared {
         let kind = self.classify(&client, app, declared).await;
         match (kind, mode) {
             (Kind::MeshTls, MtlsMode::Strict | MtlsMode::Permissive) => {
-                self.mesh_tls(client, peer, app, dst).await
+                self.mesh_tls(client, peer, app, dst, declared).await
             }
             (_, MtlsMode::Strict) => {
                 tracing::info!(%peer, namespace = %self.namespace, "inbound: plaintext connection refused (mTLS mode STRICT)");
@@ -368,6 +368,7 @@ impl Shared {
         peer: SocketAddr,
         app: SocketAddr,
         dst: SocketAddr,
+        declared: Option<crate::state::Declared>,
     ) {
         let Some(svid) = self.svid.as_ref().and_then(|s| s.load_full()) else {
             tracing::warn!(%peer, "inbound: mTLS refused: this workload has no certificate yet");
@@ -396,6 +397,15 @@ impl Shared {
                 return;
             }
         };
+        // A port declared opaque is judged by its TCP rules too (there a DENY's HTTP-only
+        // fields are dropped, so it covers the whole port), whatever the caller speaks.
+        if declared == Some(crate::state::Declared::Opaque) {
+            let principal = identity.to_string();
+            let caller = self.caller(Some(&principal), peer, dst);
+            if !caller.tcp_allowed(&self.xds.config.load(), &self.metrics) {
+                return;
+            }
+        }
         if stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_MESH_H2) {
             self.serve_h2(stream, peer, app, dst, Some(identity)).await;
         } else {

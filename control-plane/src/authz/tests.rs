@@ -922,6 +922,29 @@ fn what_cannot_be_enforced_is_reported_by_field() {
         ))
         .is_empty()
     );
+    // A header the proxy cannot look up is a gap (never sent: it would make the sidecar
+    // refuse the whole Listener), and what is sent always runs on the sidecar's engine.
+    for bad in ["request.headers[:scheme]", "request.headers[a b]"] {
+        let s =
+            spec(json!({"action": "DENY", "rules": [{"when": [{"key": bad, "values": ["x"]}]}]}));
+        assert_eq!(unsupported(&s).len(), 1, "{bad}");
+        let p = Arc::new(Named {
+            namespace: "shop".into(),
+            name: "p".into(),
+            spec: s,
+            status: None,
+        });
+        let chains = crate::inbound::filter_chains(&[p]);
+        let engines = weft_proto::rbac::Chains::of(&chains).expect("runs on the sidecar");
+        assert!(
+            engines
+                .http
+                .describe()
+                .iter()
+                .any(|d| d.contains("policy[p]")),
+            "{bad}"
+        );
+    }
     // A bad action is refused at parse time, naming the field.
     let e = crate::objects::parse_object(json!({
         "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
