@@ -144,26 +144,7 @@ enum AuthzCommand {
     /// May this caller make this request? Per endpoint of the service in this cluster:
     /// ALLOWED or DENIED and the deciding policy and rule (exit 0 when every endpoint allows,
     /// 1 when one denies).
-    Check {
-        /// The caller, `namespace/service-account`; omit for a plaintext caller.
-        #[arg(long)]
-        from: Option<String>,
-        /// The service: `svc`, `svc.ns`, optionally `:port` (a Service port; default its first).
-        #[arg(long)]
-        to: String,
-        /// The request's method.
-        #[arg(long, default_value = "GET")]
-        method: String,
-        /// The request's path (query included, as sent).
-        #[arg(long, default_value = "/")]
-        path: String,
-        /// The request's host (default the service's cluster.local name).
-        #[arg(long)]
-        host: Option<String>,
-        /// The caller's address, for ipBlocks rules.
-        #[arg(long)]
-        from_ip: Option<std::net::IpAddr>,
-    },
+    Check(query::AuthzQuestion),
 }
 
 /// `weftctl token ...`.
@@ -237,26 +218,8 @@ fn main() -> anyhow::Result<()> {
                 command: TokenCommand::Revoke { id },
             } => query::token_revoke(&cp, &id, cli.output).await,
             Command::Authz {
-                command:
-                    AuthzCommand::Check {
-                        from,
-                        to,
-                        method,
-                        path,
-                        host,
-                        from_ip,
-                    },
-            } => {
-                let q = query::AuthzQuestion {
-                    from,
-                    to,
-                    method,
-                    path,
-                    host,
-                    from_ip,
-                };
-                query::authz_check(&cp, q, cli.output).await
-            }
+                command: AuthzCommand::Check(q),
+            } => query::authz_check(&cp, q, cli.output).await,
             Command::Completions { shell } => {
                 use clap::CommandFactory;
                 clap_complete::generate(

@@ -743,19 +743,26 @@ pub struct AuthzRow {
     pub reason: String,
 }
 
-/// What `weftctl authz check` is asked.
+/// What `weftctl authz check` is asked (its flags).
+#[derive(clap::Args)]
 pub struct AuthzQuestion {
-    /// `ns/sa`, or `None` for a plaintext caller.
+    /// The caller, `namespace/service-account`; omit for a plaintext caller.
+    #[arg(long)]
     pub from: Option<String>,
-    /// `svc`, `svc.ns`, with `:port`.
+    /// The service: `svc`, `svc.ns`, optionally `:port` (a Service port; default its first).
+    #[arg(long)]
     pub to: String,
     /// The request's method.
+    #[arg(long, default_value = "GET")]
     pub method: String,
-    /// The request's path.
+    /// The request's path (query included, as sent).
+    #[arg(long, default_value = "/")]
     pub path: String,
-    /// The request's host.
+    /// The request's host (default the service's cluster.local name).
+    #[arg(long)]
     pub host: Option<String>,
-    /// The caller's address.
+    /// The caller's address, for ipBlocks rules.
+    #[arg(long)]
     pub from_ip: Option<std::net::IpAddr>,
 }
 

@@ -158,9 +158,8 @@ impl Caller<'_> {
             headers: &parts.headers,
         };
         let d = authz.http.evaluate(&self.input(Some(http)));
-        let what = format!("{} {}", parts.method, path);
         if d.audit.is_some() || !d.allowed {
-            self.record(&d, &what, metrics);
+            self.record(&d, &format!("{} {}", parts.method, path), metrics);
         }
         if !d.allowed {
             return Err(Box::new(denied(grpc)));
@@ -218,6 +217,38 @@ pub fn denied(grpc: bool) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Before the `weft-inbound` Listener arrives nothing says who may call: a connection and
+    /// a request are refused (the old inbound let every mTLS caller in).
+    #[test]
+    fn nobody_is_let_in_before_the_authorization_is_known() {
+        let caller = Caller {
+            principal: Some("spiffe://cluster.local/ns/shop/sa/alice"),
+            peer: "198.18.0.9:40000".parse().expect("addr"),
+            destination: "198.18.0.1:8080".parse().expect("addr"),
+            namespace: "shop",
+        };
+        let (config, metrics) = (MeshConfig::default(), Metrics::default());
+        assert!(!caller.tcp_allowed(&config, &metrics));
+        let (parts, ()) = hyper::Request::get("/")
+            .body(())
+            .expect("request")
+            .into_parts();
+        let refused = caller.http(&config, &parts, &metrics).expect_err("refused");
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+        // With a config and no policy, both are let in.
+        let config = MeshConfig {
+            inbound: Some(crate::state::InboundPolicy {
+                mode: weft_proto::tls::MtlsMode::Strict,
+                source: "default".into(),
+                ports: Default::default(),
+                authz: Default::default(),
+            }),
+            ..Default::default()
+        };
+        assert!(caller.tcp_allowed(&config, &metrics));
+        assert!(matches!(caller.http(&config, &parts, &metrics), Ok(None)));
+    }
 
     #[test]
     fn denials_look_like_envoys() {
