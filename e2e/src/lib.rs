@@ -119,6 +119,28 @@ pub mod lab {
             ok(&["ip", "-n", name, "link", "set", "lo", "up"]);
         }
 
+        /// Creates namespace `br` holding a bridge (`br0`) for hosts to join: a flat network
+        /// of namespaces, never connected to the host's.
+        pub fn bridge(&mut self, br: &str) {
+            self.namespace(br);
+            ok(&["ip", "-n", br, "link", "add", "br0", "type", "bridge"]);
+            ok(&["ip", "-n", br, "link", "set", "br0", "up"]);
+        }
+
+        /// Creates host namespace `ns` joined to `br`'s bridge through veth `port` (its end
+        /// in `ns` is `eth0`), with address `cidr`.
+        pub fn attach(&mut self, br: &str, port: &str, ns: &str, cidr: &str) {
+            self.namespace(ns);
+            ok(&[
+                "ip", "-n", br, "link", "add", port, "type", "veth", "peer", "name", "eth0",
+                "netns", ns,
+            ]);
+            ok(&["ip", "-n", br, "link", "set", port, "master", "br0"]);
+            ok(&["ip", "-n", br, "link", "set", port, "up"]);
+            ok(&["ip", "-n", ns, "addr", "add", cidr, "dev", "eth0"]);
+            ok(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
+        }
+
         /// Starts `args` inside namespace `ns` as process `name` (output discarded unless
         /// `log` names a file for it).
         pub fn spawn(&mut self, name: &str, ns: &str, args: &[&str], log: Option<&Path>) {

@@ -400,24 +400,8 @@ impl Run {
 
 fn link(mesh: &mut Mesh, idx: usize, host: &str, ip: &str) {
     let (br, ns) = (mesh.ns("br"), mesh.ns(host));
-    mesh.lab.namespace(&ns);
-    let port = format!("h{idx}");
-    ok(&[
-        "ip", "-n", &br, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-    ]);
-    ok(&["ip", "-n", &br, "link", "set", &port, "master", "br0"]);
-    ok(&["ip", "-n", &br, "link", "set", &port, "up"]);
-    ok(&[
-        "ip",
-        "-n",
-        &ns,
-        "addr",
-        "add",
-        &format!("{ip}/16"),
-        "dev",
-        "eth0",
-    ]);
-    ok(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+    mesh.lab
+        .attach(&br, &format!("h{idx}"), &ns, &format!("{ip}/16"));
 }
 
 #[test]
@@ -450,10 +434,7 @@ fn three_clusters_fail_over_by_locality_and_distance() {
     mesh.delays(5, 40);
 
     // The network: one bridge namespace, every host on it.
-    let br = mesh.ns("br");
-    mesh.lab.namespace(&br);
-    ok(&["ip", "-n", &br, "link", "add", "br0", "type", "bridge"]);
-    ok(&["ip", "-n", &br, "link", "set", "br0", "up"]);
+    mesh.lab.bridge(&mesh.ns("br"));
     let mut idx = 0;
     for k in CLUSTERS {
         link(

@@ -5,3 +5,4 @@ mod install_mock_api;
 mod interception;
 mod logs;
 mod multicluster;
+mod tcp_mtls;

@@ -33,11 +33,15 @@ pub const ALPN_MESH_HTTP1: &[u8] = b"weft-http/1.1";
 /// ALPN for mesh mTLS carrying HTTP/2 (to endpoints that speak only HTTP/2: gRPC, h2c); the
 /// receiving sidecar serves HTTP/2 and forwards to its application with prior knowledge.
 pub const ALPN_MESH_H2: &[u8] = b"weft-h2";
+/// ALPN for mesh mTLS carrying opaque TCP (a protocol the sidecars do not speak: databases,
+/// server-first protocols); the receiving sidecar judges the connection by its TCP rules with
+/// the verified peer and copies the bytes to its application.
+pub const ALPN_MESH_TCP: &[u8] = b"weft-tcp";
 
 /// Whether an ALPN list offers one of the mesh's protocols.
 pub fn offers_mesh_alpn(alpn: &[Vec<u8>]) -> bool {
     alpn.iter()
-        .any(|p| p == ALPN_MESH_HTTP1 || p == ALPN_MESH_H2)
+        .any(|p| p == ALPN_MESH_HTTP1 || p == ALPN_MESH_H2 || p == ALPN_MESH_TCP)
 }
 
 /// Why a TLS configuration could not be built or a peer was refused.

@@ -59,7 +59,8 @@ pub struct Metrics {
     pub overflows: Family<Labels, Counter>,
     /// `weft_proxy_ejections_total{cluster}`: outlier ejections.
     pub ejections: Family<Labels, Counter>,
-    /// `weft_proxy_tcp_connections_total{direction}`: opaque TCP connections.
+    /// `weft_proxy_tcp_connections_total{direction,mtls}`: opaque TCP connections, and whether
+    /// they crossed between sidecars as mesh mTLS.
     pub tcp_connections: Family<Labels, Counter>,
     /// `weft_proxy_connection_errors_total{listener}`: connections closed on protocol errors.
     pub connection_errors: Family<Labels, Counter>,
@@ -447,9 +448,12 @@ impl Metrics {
     }
 
     /// Counts an opaque TCP connection (`direction`: outbound or inbound).
-    pub fn tcp_connection(&self, direction: &str) {
+    pub fn tcp_connection(&self, direction: &str, mtls: bool) {
         self.tcp_connections
-            .get_or_create(&vec![("direction".into(), direction.into())])
+            .get_or_create(&vec![
+                ("direction".into(), direction.into()),
+                ("mtls".into(), if mtls { "true" } else { "false" }.into()),
+            ])
             .inc();
     }
 

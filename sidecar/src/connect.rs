@@ -58,8 +58,8 @@ pub fn plain() -> hyper_util::client::legacy::connect::HttpConnector {
 pub const OPAQUE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Opaque TCP: connects to `dst` and copies bytes both ways until either side closes, counted
-/// in `weft_proxy_tcp_connections_total{direction}`. Used for protocols the sidecar does not
-/// speak, in both directions.
+/// in `weft_proxy_tcp_connections_total{direction,mtls="false"}`. Used for protocols the
+/// sidecar does not speak, in both directions, when neither side is mesh mTLS.
 pub async fn splice(
     client: TcpStream,
     peer: SocketAddr,
@@ -69,9 +69,12 @@ pub async fn splice(
     idle: Duration,
 ) {
     match connect_app(dst).await {
-        Ok(upstream) => splice_to(client, upstream, peer, dst, direction, metrics, idle).await,
+        Ok(upstream) => {
+            metrics.tcp_connection(direction, false);
+            splice_to(client, upstream, peer, dst, direction, metrics, idle).await
+        }
         Err(e) => {
-            metrics.tcp_connection(direction);
+            metrics.tcp_connection(direction, false);
             tracing::warn!(%peer, %dst, direction, error = %e, "opaque: cannot reach the destination")
         }
     }
@@ -92,18 +95,21 @@ pub async fn connect_app(dst: SocketAddr) -> std::io::Result<TcpStream> {
     }
 }
 
-/// Copies bytes both ways between `client` and an already connected `upstream`, until
-/// either side closes or nothing moves for `idle` (zero: no limit).
-pub async fn splice_to(
-    client: TcpStream,
-    upstream: TcpStream,
+/// Copies bytes both ways between `client` and an already connected `upstream` (plain TCP
+/// or mesh mTLS, counted by the caller), until either side closes or nothing moves for
+/// `idle` (zero: no limit).
+pub async fn splice_to<C, U>(
+    client: C,
+    upstream: U,
     peer: SocketAddr,
     dst: SocketAddr,
     direction: &'static str,
     metrics: &Metrics,
     idle: Duration,
-) {
-    metrics.tcp_connection(direction);
+) where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let activity = crate::accept::Activity::default();
     let (mut client, mut upstream) = (activity.wrap(client), activity.wrap(upstream));
     tokio::select! {
@@ -232,40 +238,54 @@ impl MeshConnector {
             Some(s) if s.valid() => s.tls.upstream.clone(),
             _ => return Err(MeshConnectError::NoCertificate),
         };
-        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => return Err(MeshConnectError::Connect(addr, e)),
-            Err(_) => {
-                return Err(MeshConnectError::Connect(
-                    addr,
-                    std::io::ErrorKind::TimedOut.into(),
-                ));
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-        let handshake = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
-        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                self.metrics.upstream_tls_failure("handshake");
-                return Err(MeshConnectError::Handshake(addr, e));
-            }
-            Err(_) => {
-                self.metrics.upstream_tls_failure("handshake-timeout");
-                return Err(MeshConnectError::Handshake(
-                    addr,
-                    std::io::ErrorKind::TimedOut.into(),
-                ));
-            }
-        };
-        if let Err(e) = tls::check_peer(stream.get_ref().1.peer_certificates(), &[&expected]) {
-            self.metrics.upstream_tls_failure("identity");
-            tracing::warn!(endpoint = %addr, error = %e, "mTLS peer is not the expected identity; connection dropped");
-            return Err(MeshConnectError::Identity(addr, e));
-        }
+        let stream = mesh_handshake(addr, &expected, config, &self.metrics).await?;
         Ok(MeshConn(TokioIo::new(stream)))
     }
+}
+
+/// Mesh mTLS to a meshed endpoint: a bounded TCP connect, the handshake under `config` (its
+/// ALPN says what the connection carries), then the check that the peer is `expected` (the
+/// SPIFFE ID the control plane said the endpoint serves as) — before a byte is sent. Failures
+/// are counted in `weft_proxy_upstream_tls_failures_total{reason}`.
+pub async fn mesh_handshake(
+    addr: SocketAddr,
+    expected: &str,
+    config: Arc<rustls::ClientConfig>,
+    metrics: &Metrics,
+) -> Result<TlsStream<TcpStream>, MeshConnectError> {
+    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return Err(MeshConnectError::Connect(addr, e)),
+        Err(_) => {
+            return Err(MeshConnectError::Connect(
+                addr,
+                std::io::ErrorKind::TimedOut.into(),
+            ));
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let handshake = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            metrics.upstream_tls_failure("handshake");
+            return Err(MeshConnectError::Handshake(addr, e));
+        }
+        Err(_) => {
+            metrics.upstream_tls_failure("handshake-timeout");
+            return Err(MeshConnectError::Handshake(
+                addr,
+                std::io::ErrorKind::TimedOut.into(),
+            ));
+        }
+    };
+    if let Err(e) = tls::check_peer(stream.get_ref().1.peer_certificates(), &[expected]) {
+        metrics.upstream_tls_failure("identity");
+        tracing::warn!(endpoint = %addr, error = %e, "mTLS peer is not the expected identity; connection dropped");
+        return Err(MeshConnectError::Identity(addr, e));
+    }
+    Ok(stream)
 }
 
 impl tower::Service<http::Uri> for MeshConnector {

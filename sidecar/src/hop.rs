@@ -182,7 +182,7 @@ fn splice_upgrades(
     tokio::spawn(async move {
         match tokio::try_join!(downstream, upstream) {
             Ok((d, u)) => {
-                metrics.tcp_connection(listener);
+                metrics.tcp_connection(listener, false);
                 let (mut d, mut u) = (
                     hyper_util::rt::TokioIo::new(d),
                     hyper_util::rt::TokioIo::new(u),

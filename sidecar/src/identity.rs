@@ -31,6 +31,8 @@ pub struct MeshTls {
     pub upstream: Arc<rustls::ClientConfig>,
     /// The same, offering the mesh's HTTP/2 ALPN (to HTTP/2-only endpoints).
     pub upstream_h2: Arc<rustls::ClientConfig>,
+    /// The same, offering the mesh's opaque-TCP ALPN (connections the sidecar does not parse).
+    pub upstream_tcp: Arc<rustls::ClientConfig>,
     /// Inbound from other sidecars: requires a client SVID that chains to the bundle.
     pub inbound: Arc<rustls::ServerConfig>,
     /// Towards the control plane: presents the SVID, ALPN h2.
@@ -43,11 +45,12 @@ impl MeshTls {
         Ok(MeshTls {
             upstream: tls::client_config(Some(svid), roots.clone(), &[tls::ALPN_MESH_HTTP1])?,
             upstream_h2: tls::client_config(Some(svid), roots.clone(), &[tls::ALPN_MESH_H2])?,
+            upstream_tcp: tls::client_config(Some(svid), roots.clone(), &[tls::ALPN_MESH_TCP])?,
             inbound: tls::server_config(
                 svid,
                 roots.clone(),
                 ClientAuth::Required,
-                &[tls::ALPN_MESH_HTTP1, tls::ALPN_MESH_H2],
+                &[tls::ALPN_MESH_HTTP1, tls::ALPN_MESH_H2, tls::ALPN_MESH_TCP],
             )?,
             control_plane: tls::client_config(Some(svid), roots, &[tls::ALPN_H2])?,
         })

@@ -2,10 +2,12 @@
 //! (`--app-addr`, else the original destination of a redirected connection).
 //!
 //! What arrives is told apart by its first bytes (peeked, never consumed):
-//! - a TLS ClientHello offering the mesh ALPN (`weft-http/1.1`) is another sidecar's mTLS: it
-//!   is terminated with this workload's SVID, the client must present an SVID that chains to
-//!   the trust bundle, and its HTTP requests reach the application with the verified caller in
-//!   `x-weft-client-identity`;
+//! - a TLS ClientHello offering a mesh ALPN (`weft-http/1.1`, `weft-h2`, `weft-tcp`) is another
+//!   sidecar's mTLS: it is terminated with this workload's SVID, the client must present an
+//!   SVID that chains to the trust bundle, and its HTTP requests reach the application with
+//!   the verified caller in `x-weft-client-identity`; under `weft-tcp` (opaque TCP) the
+//!   connection is judged by the TCP rules with the verified caller, then its bytes are copied
+//!   to the application;
 //! - plaintext HTTP/1 is served as HTTP too, so that a caller can never forge that header (it
 //!   is removed);
 //! - anything else (an application's own TLS, HTTP/2, other protocols) is forwarded byte for
@@ -192,11 +194,16 @@ impl Shared {
         client: &TcpStream,
         app: SocketAddr,
         declared: Option<crate::state::Declared>,
+        mode: MtlsMode,
     ) -> Kind {
         use crate::state::Declared;
-        if self.server_first_ports.contains(&app.port()) {
+        let server_first = self.server_first_ports.contains(&app.port());
+        if server_first && mode == MtlsMode::Disable {
             return Kind::Other;
         }
+        // A server-first port too: a calling sidecar speaks first (its ClientHello), while a
+        // plaintext client of a server-first protocol waits for the greeting — after the
+        // detection time it is copied through as it is.
         let mut first = [0u8; 2];
         let n = detect::peek_some(client, &mut first, 2, detect::DETECT_TIMEOUT).await;
         if tls::looks_like_tls(&first[..n]) {
@@ -205,9 +212,12 @@ impl Shared {
                 return Kind::MeshTls;
             }
             return match declared {
-                Some(Declared::Http) => Kind::NotHttp,
+                Some(Declared::Http) if !server_first => Kind::NotHttp,
                 _ => Kind::Other,
             };
+        }
+        if server_first {
+            return Kind::Other;
         }
         // Declared opaque: only mesh mTLS is told apart, never sniffed for HTTP.
         if declared == Some(Declared::Opaque) {
@@ -269,6 +279,7 @@ impl Shared {
                 if !caller.tcp_allowed(&self.xds.config.load(), &self.metrics) {
                     return;
                 }
+                self.metrics.tcp_connection("inbound", false);
                 let idle = self.idle_timeout;
                 let splice = crate::connect::splice_to(
                     client,
@@ -297,7 +308,7 @@ impl Shared {
         // Where the caller was going, as policies name it: the pod's address and port.
         let dst = endpoint.unwrap_or(app);
         let (mode, declared) = self.xds.config.load().inbound_for(port);
-        let kind = self.classify(&client, app, declared).await;
+        let kind = self.classify(&client, app, declared, mode).await;
         match (kind, mode) {
             (Kind::MeshTls, MtlsMode::Strict | MtlsMode::Permissive) => {
                 self.mesh_tls(client, peer, app, dst, declared).await
@@ -397,13 +408,17 @@ impl Shared {
                 return;
             }
         };
+        let opaque = stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_MESH_TCP);
         // A port declared opaque is judged by its TCP rules too (there a DENY's HTTP-only
         // fields are dropped, so it covers the whole port), whatever the caller speaks.
-        if declared == Some(crate::state::Declared::Opaque) {
+        if opaque || declared == Some(crate::state::Declared::Opaque) {
             let principal = identity.to_string();
             let caller = self.caller(Some(&principal), peer, dst);
             if !caller.tcp_allowed(&self.xds.config.load(), &self.metrics) {
                 return;
+            }
+            if opaque {
+                return self.mesh_tcp(stream, caller, app).await;
             }
         }
         if stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_MESH_H2) {
@@ -412,6 +427,35 @@ impl Shared {
             self.serve_http(stream, peer, app, dst, Some(identity))
                 .await;
         }
+    }
+
+    /// Opaque TCP inside mesh mTLS, already allowed for `caller`: copied to the application
+    /// until either side closes or a new config's policies deny the caller.
+    async fn mesh_tcp(
+        &self,
+        stream: tokio_rustls::server::TlsStream<TcpStream>,
+        caller: crate::authz::Caller<'_>,
+        app: SocketAddr,
+    ) {
+        let upstream = match crate::connect::connect_app(app).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(peer = %caller.peer, %app, error = %e, "inbound: cannot reach the application");
+                self.metrics.connection_error("inbound");
+                return;
+            }
+        };
+        self.metrics.tcp_connection("inbound", true);
+        let splice = crate::connect::splice_to(
+            stream,
+            upstream,
+            caller.peer,
+            app,
+            "inbound",
+            &self.metrics,
+            self.idle_timeout,
+        );
+        self.until_revoked(caller, splice).await
     }
 
     /// HTTP/2 — inside mesh mTLS (a caller reaching an HTTP/2-only endpoint) or plaintext h2c

@@ -3,8 +3,10 @@
 //!
 //! Explicit mode (DESIGN.md): a request sent straight to the outbound address is routed by its
 //! `Host`/`:authority`; a host the mesh does not know gets 404 with a reason header.
-//! Transparent interception (SO_ORIGINAL_DST), protocol detection and the resilience layers
-//! are not built yet; this is the seam they plug into.
+//! Intercepted connections (SO_ORIGINAL_DST) are told apart by their first bytes: HTTP goes
+//! down the cluster stack; anything else (and every server-first port) is opaque TCP, sent as
+//! mesh mTLS (ALPN `weft-tcp`) when its destination is, or is a Service that picks, a meshed
+//! endpoint ([`tcp_target`]), else copied to its original destination.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -61,6 +63,8 @@ struct Proxy {
     idle_timeout: Duration,
     cap: crate::accept::Cap,
     tracer: Tracer,
+    /// This workload's identity, for mesh mTLS of opaque TCP.
+    svid: Option<crate::identity::SvidCell>,
 }
 
 /// Largest request head (request line and headers) accepted.
@@ -102,7 +106,7 @@ impl Outbound {
         tracer: Tracer,
     ) -> Self {
         let upstream =
-            crate::connect::Upstream::new(ctx.svid, ctx.xds.clone(), ctx.metrics.clone());
+            crate::connect::Upstream::new(ctx.svid.clone(), ctx.xds.clone(), ctx.metrics.clone());
         Outbound {
             listener,
             proxy: Arc::new(Proxy {
@@ -116,6 +120,7 @@ impl Outbound {
                 idle_timeout: ctx.idle_timeout,
                 cap: crate::accept::Cap::new(ctx.max_connections),
                 tracer,
+                svid: ctx.svid,
             }),
         }
     }
@@ -167,21 +172,7 @@ impl Outbound {
                     detect::detect(&stream, detect::DETECT_TIMEOUT).await
                 };
                 match protocol {
-                    Protocol::Opaque if this.xds.config.load().strict_endpoints.contains(&dst) => {
-                        tracing::info!(%peer, %dst, "outbound: opaque TCP to a STRICT meshed endpoint refused (no plaintext)");
-                        this.metrics.connection_closed("outbound", "mtls-required");
-                    }
-                    Protocol::Opaque => {
-                        crate::connect::splice(
-                            stream,
-                            peer,
-                            dst,
-                            "outbound",
-                            &this.metrics,
-                            this.idle_timeout,
-                        )
-                        .await
-                    }
+                    Protocol::Opaque => this.opaque(stream, peer, dst).await,
                     Protocol::Http1 | Protocol::Http2 => {
                         this.serve_http(stream, peer, Some(dst), watcher).await
                     }
@@ -202,7 +193,102 @@ impl Outbound {
     }
 }
 
+/// Where an outbound opaque TCP connection goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TcpTarget {
+    /// A meshed endpoint: mesh mTLS to it, and its sidecar must prove this SPIFFE ID.
+    Mesh(SocketAddr, Arc<str>),
+    /// Plain TCP to the original destination (an address the mesh does not know, or a
+    /// Service whose picked endpoint has no sidecar).
+    Plain(SocketAddr),
+}
+
+/// Where opaque TCP to `dst` goes: `dst` itself when it is a meshed endpoint (a pod IP, a
+/// headless Service's member); for a Service address, the endpoint its cluster picks with
+/// `roll` (the route that takes `/` without header conditions; weighted splits by weight)
+/// when that endpoint is meshed; otherwise `dst`, unchanged.
+pub fn tcp_target(config: &crate::state::MeshConfig, dst: SocketAddr, roll: u64) -> TcpTarget {
+    if let Some(id) = config.mtls_identities.get(&dst) {
+        return TcpTarget::Mesh(dst, id.clone());
+    }
+    let no_headers = http::HeaderMap::new();
+    let picked = config
+        .hosts
+        .get(&dst.to_string())
+        .and_then(|routes| routes.iter().find(|r| r.matches("/", &no_headers)))
+        .and_then(|route| {
+            let cluster = match &route.target {
+                RouteTarget::Cluster(c) => c.clone(),
+                RouteTarget::Weighted(list) => weighted_pick(list, roll),
+            };
+            let endpoints = config.clusters.get(&cluster)?.endpoints.as_ref()?;
+            let target = endpoints.pick(roll, None)?;
+            Some(TcpTarget::Mesh(target.addr, target.mtls_identity.clone()?))
+        });
+    picked.unwrap_or(TcpTarget::Plain(dst))
+}
+
 impl Proxy {
+    /// Opaque TCP from the application: mesh mTLS to a meshed endpoint (see [`tcp_target`]),
+    /// refused when that endpoint is STRICT and this workload has no valid certificate (never
+    /// a downgrade), else copied to the original destination.
+    async fn opaque(&self, stream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+        let (target, strict) = {
+            let config = self.xds.config.load();
+            let target = tcp_target(&config, dst, rand::random());
+            let strict = match &target {
+                TcpTarget::Mesh(addr, _) => config.strict_endpoints.contains(addr),
+                TcpTarget::Plain(_) => config.strict_endpoints.contains(&dst),
+            };
+            (target, strict)
+        };
+        let tls = self
+            .svid
+            .as_ref()
+            .and_then(|s| s.load_full())
+            .filter(|s| s.valid())
+            .map(|s| s.tls.upstream_tcp.clone());
+        let (addr, expected, config) = match (target, tls) {
+            (TcpTarget::Mesh(addr, expected), Some(config)) => (addr, expected, config),
+            _ if strict => {
+                tracing::info!(%peer, %dst, "outbound: opaque TCP to a STRICT meshed endpoint refused: this proxy has no valid certificate (no plaintext)");
+                self.metrics.connection_closed("outbound", "mtls-required");
+                return;
+            }
+            _ => {
+                return crate::connect::splice(
+                    stream,
+                    peer,
+                    dst,
+                    "outbound",
+                    &self.metrics,
+                    self.idle_timeout,
+                )
+                .await;
+            }
+        };
+        match crate::connect::mesh_handshake(addr, &expected, config, &self.metrics).await {
+            Ok(upstream) => {
+                self.metrics.tcp_connection("outbound", true);
+                tracing::debug!(%peer, %dst, endpoint = %addr, "outbound: opaque TCP over mesh mTLS");
+                crate::connect::splice_to(
+                    stream,
+                    upstream,
+                    peer,
+                    addr,
+                    "outbound",
+                    &self.metrics,
+                    self.idle_timeout,
+                )
+                .await
+            }
+            Err(e) => {
+                tracing::warn!(%peer, %dst, endpoint = %addr, error = %e, "outbound: opaque TCP: no mesh mTLS connection; closed");
+                self.metrics.connection_error("outbound");
+            }
+        }
+    }
+
     async fn serve_http(
         self: Arc<Self>,
         stream: TcpStream,
@@ -494,5 +580,111 @@ mod tests {
         assert_eq!(counts.get("a"), Some(&90));
         assert_eq!(counts.get("b"), Some(&10));
         assert_eq!(counts.get("z"), None);
+    }
+
+    fn endpoint(addr: &str, identity: Option<&str>) -> crate::state::Endpoint {
+        crate::state::Endpoint {
+            addr: addr.parse().expect("addr"),
+            healthy: true,
+            zone: String::new(),
+            origin: Arc::from(""),
+            mtls_identity: identity.map(Arc::from),
+            strict: false,
+            stats: Arc::default(),
+            load: Arc::new(crate::lrs::LocalityLoad::new("")),
+            hot: Arc::default(),
+        }
+    }
+
+    /// A config with Service VIP 198.18.0.10:5432 -> cluster `db` (a meshed endpoint) and
+    /// 198.18.0.11:5432 -> a canary split between `db` and `plain` (an unmeshed endpoint).
+    fn config() -> crate::state::MeshConfig {
+        let mut config = crate::state::MeshConfig::default();
+        let route = |target| crate::state::Route {
+            path: crate::state::PathRule::Prefix("/".into()),
+            headers: vec![],
+            target,
+            timeout: None,
+            hash_on: None,
+            retry: None,
+        };
+        // A header-conditioned route first: a TCP connection has no headers, it is skipped.
+        let canary = crate::state::Route {
+            headers: vec![("x-canary".into(), "1".into())],
+            ..route(RouteTarget::Cluster("plain".into()))
+        };
+        config.hosts.insert(
+            "198.18.0.10:5432".into(),
+            Arc::new(vec![canary, route(RouteTarget::Cluster("db".into()))]),
+        );
+        config.hosts.insert(
+            "198.18.0.11:5432".into(),
+            Arc::new(vec![route(RouteTarget::Weighted(vec![
+                ("db".into(), 50),
+                ("plain".into(), 50),
+            ]))]),
+        );
+        for (name, ep) in [
+            (
+                "db",
+                endpoint(
+                    "198.18.0.2:5432",
+                    Some("spiffe://cluster.local/ns/data/sa/db"),
+                ),
+            ),
+            ("plain", endpoint("198.18.0.3:5432", None)),
+        ] {
+            config.clusters.insert(
+                name.into(),
+                crate::state::ClusterState {
+                    eds_name: name.into(),
+                    endpoints: Some(Arc::new(crate::state::Endpoints::new(
+                        vec![vec![ep]],
+                        140,
+                        crate::balance::Algorithm::RoundRobin,
+                    ))),
+                    http2: false,
+                    policy: Arc::default(),
+                    runtime: Arc::default(),
+                },
+            );
+        }
+        config.mtls_identities.insert(
+            "198.18.0.2:5432".parse().expect("addr"),
+            Arc::from("spiffe://cluster.local/ns/data/sa/db"),
+        );
+        config
+    }
+
+    #[test]
+    fn opaque_tcp_goes_as_mesh_mtls_to_meshed_endpoints_only() {
+        let config = config();
+        let db = TcpTarget::Mesh(
+            "198.18.0.2:5432".parse().expect("addr"),
+            Arc::from("spiffe://cluster.local/ns/data/sa/db"),
+        );
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        // The endpoint by its own address (a headless Service's member).
+        assert_eq!(tcp_target(&config, addr("198.18.0.2:5432"), 0), db);
+        // The Service's address: its default route's cluster picks the meshed endpoint.
+        for roll in 0..20 {
+            assert_eq!(tcp_target(&config, addr("198.18.0.10:5432"), roll), db);
+        }
+        // A split: the meshed side over mTLS, the unmeshed side to the original destination.
+        let split: Vec<TcpTarget> = (0..100u64)
+            .map(|roll| tcp_target(&config, addr("198.18.0.11:5432"), roll))
+            .collect();
+        assert!(split.contains(&db), "{split:?}");
+        assert!(
+            split.contains(&TcpTarget::Plain(addr("198.18.0.11:5432"))),
+            "{split:?}"
+        );
+        // Addresses the mesh does not know, or a known address on another port: unchanged.
+        for other in ["198.18.0.3:5432", "198.18.0.10:5433", "198.18.9.9:80"] {
+            assert_eq!(
+                tcp_target(&config, addr(other), 0),
+                TcpTarget::Plain(addr(other))
+            );
+        }
     }
 }
