@@ -4,8 +4,9 @@
 //! `weft-sidecar run` with SVIDs from the control plane's CA, and the database's namespace is
 //! STRICT. An unmodified TCP client (`e2e/netns/tcp_client.py`) dials the Service's clusterIP
 //! on a client-first port (5432) and on a server-first one (3306, the server greets first):
-//! both are echoed, which STRICT allows only over mTLS. A host without a sidecar dialling the
-//! pod directly gets nothing. Then a DENY naming the client's principal on 5432 closes the
+//! both are echoed, which STRICT allows only over mTLS. Bytes that are not HTTP sent to a port
+//! declared HTTP are refused inside mTLS too. A host without a sidecar dialling the pod
+//! directly gets nothing. Then a DENY naming the client's principal on 5432 closes the
 //! client's open connection and refuses new ones, while 3306 keeps serving — the inbound
 //! judged a TCP connection by its verified peer.
 //!
@@ -31,8 +32,8 @@ fn world() -> String {
     [
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: data\n  annotations: {weft.dev/mtls-mode: STRICT}\n",
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: db-0\n  namespace: data\n  labels: {app: db, weft.dev/tls-mode: weft}\nspec:\n  serviceAccountName: db\n  containers: [{name: db, image: db}]\n",
-        &format!("apiVersion: v1\nkind: Service\nmetadata: {{name: db, namespace: data}}\nspec:\n  clusterIP: {DB_VIP}\n  ports: [{{name: tcp-echo, port: 5432}}, {{name: mysql, port: 3306}}]\n"),
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: db-1\n  namespace: data\n  labels: {kubernetes.io/service-name: db}\naddressType: IPv4\nports: [{name: tcp-echo, port: 5432}, {name: mysql, port: 3306}]\nendpoints:\n- addresses: [\"198.18.0.2\"]\n  conditions: {ready: true}\n  targetRef: {kind: Pod, name: db-0, namespace: data}\n",
+        &format!("apiVersion: v1\nkind: Service\nmetadata: {{name: db, namespace: data}}\nspec:\n  clusterIP: {DB_VIP}\n  ports: [{{name: tcp-echo, port: 5432}}, {{name: mysql, port: 3306}}, {{name: web, port: 8080, appProtocol: http}}]\n"),
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: db-1\n  namespace: data\n  labels: {kubernetes.io/service-name: db}\naddressType: IPv4\nports: [{name: tcp-echo, port: 5432}, {name: mysql, port: 3306}, {name: web, port: 8080}]\nendpoints:\n- addresses: [\"198.18.0.2\"]\n  conditions: {ready: true}\n  targetRef: {kind: Pod, name: db-0, namespace: data}\n",
     ]
     .join("---\n")
 }
@@ -250,6 +251,8 @@ fn opaque_tcp_is_mesh_mtls_in_a_strict_namespace_and_a_deny_closes_it() {
             "5432",
             "--port",
             "3306:greet",
+            "--port",
+            "8080",
         ],
         None,
     );
@@ -287,6 +290,19 @@ fn opaque_tcp_is_mesh_mtls_in_a_strict_namespace_and_a_deny_closes_it() {
     };
     assert!(mtls("cli", "outbound") >= 2.0, "{}", pods.logs());
     assert!(mtls("db", "inbound") >= 2.0, "{}", pods.logs());
+    // A port declared HTTP takes HTTP only, also inside mesh mTLS: bytes that are not HTTP
+    // (opaque to the client's sidecar, so sent as `weft-tcp`) never reach the app raw.
+    let (ok, out) = pods.tcp("cli", DB_VIP, 8080, false, 1);
+    assert!(!ok, "non-HTTP bytes reached a port declared HTTP: {out}");
+    assert!(
+        pods.metric(
+            "db",
+            "weft_proxy_inbound_refused_total",
+            &["reason=\"not-http\""]
+        ) >= 1.0,
+        "{}",
+        pods.logs()
+    );
     // A host without a sidecar dialling the pod directly: plaintext, refused by STRICT.
     let (ok, out) = pods.tcp("cp", "198.18.0.2", 5432, false, 1);
     assert!(!ok, "plaintext reached a STRICT TCP endpoint: {out}");

@@ -143,6 +143,109 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> Protocol {
     }
 }
 
+/// [`detect_first`] for a stream that cannot be peeked (inside TLS): reads until [`classify`]
+/// tells or `timeout` passes, and returns what it read, to be replayed with [`Replay`].
+pub async fn detect_read<IO>(io: &mut IO, timeout: Duration) -> (Detected, Vec<u8>)
+where
+    IO: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let detected = match tokio::time::timeout_at(deadline, io.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => Some(Detected::Protocol(Protocol::Opaque)),
+            Err(_) if buf.is_empty() => Some(Detected::Silent),
+            // Time ran out on a stream that could still be HTTP.
+            Err(_) => Some(Detected::Protocol(Protocol::Http1)),
+            Ok(Ok(n)) => {
+                buf.extend_from_slice(&chunk[..n]);
+                match classify(&buf) {
+                    Some(p) => Some(Detected::Protocol(p)),
+                    None if buf.len() >= PEEK_BYTES => Some(Detected::Protocol(Protocol::Http1)),
+                    None => None,
+                }
+            }
+        };
+        if let Some(d) = detected {
+            return (d, buf);
+        }
+    }
+}
+
+/// A stream whose first bytes were already read: they are read again first.
+#[derive(Debug)]
+pub struct Replay<IO> {
+    first: Vec<u8>,
+    at: usize,
+    inner: IO,
+}
+
+impl<IO> Replay<IO> {
+    /// `inner`, with `first` (read from it before) to be read again first.
+    pub fn new(first: Vec<u8>, inner: IO) -> Self {
+        Replay {
+            first,
+            at: 0,
+            inner,
+        }
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Replay<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.at < this.first.len() {
+            let n = (this.first.len() - this.at).min(buf.remaining());
+            buf.put_slice(&this.first[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.first.len() {
+                this.first = Vec::new();
+                this.at = 0;
+            }
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Replay<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
 /// What the first TLS record of a connection says about ALPN.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Hello {
@@ -291,6 +394,50 @@ pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
         ip,
         u16::from_be(sa.sin_port),
     )))
+}
+
+#[cfg(test)]
+mod replay_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn what_detection_read_is_read_again_first() {
+        for (sent, want) in [
+            (
+                &b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+                Detected::Protocol(Protocol::Http1),
+            ),
+            (H2_PREFACE, Detected::Protocol(Protocol::Http2)),
+            (&b"\x00\x01binary"[..], Detected::Protocol(Protocol::Opaque)),
+        ] {
+            let (mut a, mut b) = tokio::io::duplex(64);
+            // Written in two pieces: detection may need more than one read.
+            let (head, tail) = sent.split_at(sent.len() / 2);
+            a.write_all(head).await.expect("write");
+            let writer = tokio::spawn({
+                let tail = tail.to_vec();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    a.write_all(&tail).await.expect("write");
+                    a.write_all(b"|more").await.expect("write");
+                    a
+                }
+            });
+            let (seen, first) = detect_read(&mut b, Duration::from_secs(2)).await;
+            assert_eq!(seen, want, "{sent:?}");
+            let mut r = Replay::new(first, b);
+            let _a = writer.await.expect("writer");
+            let mut all = vec![0u8; sent.len() + 5];
+            r.read_exact(&mut all).await.expect("read");
+            assert_eq!(&all[..sent.len()], sent);
+            assert_eq!(&all[sent.len()..], b"|more");
+        }
+        // Silence is told apart from a stream cut short.
+        let (_a, mut b) = tokio::io::duplex(64);
+        let (seen, first) = detect_read(&mut b, Duration::from_millis(50)).await;
+        assert_eq!((seen, first.len()), (Detected::Silent, 0));
+    }
 }
 
 #[cfg(test)]

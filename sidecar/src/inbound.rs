@@ -418,7 +418,9 @@ impl Shared {
                 return;
             }
             if opaque {
-                return self.mesh_tcp(stream, caller, app).await;
+                return self
+                    .mesh_tcp(stream, peer, app, dst, identity, declared)
+                    .await;
             }
         }
         if stream.get_ref().1.alpn_protocol() == Some(tls::ALPN_MESH_H2) {
@@ -429,27 +431,60 @@ impl Shared {
         }
     }
 
-    /// Opaque TCP inside mesh mTLS, already allowed for `caller`: copied to the application
-    /// until either side closes or a new config's policies deny the caller.
+    /// Opaque TCP inside mesh mTLS, already allowed by the TCP rules. What it carries is
+    /// classified as plaintext is (but read, not peeked): HTTP is served as HTTP (the
+    /// verified caller attached, mesh headers stripped, HTTP rules applied) — raw bytes that
+    /// an application would parse as a request never carry a forged identity header; bytes
+    /// that are not HTTP on a port declared HTTP are refused. Anything else (and every port
+    /// declared opaque or server-first, never sniffed) is copied to the application until
+    /// either side closes or a new config's policies deny the caller.
     async fn mesh_tcp(
-        &self,
+        self: Arc<Self>,
         stream: tokio_rustls::server::TlsStream<TcpStream>,
-        caller: crate::authz::Caller<'_>,
+        peer: SocketAddr,
         app: SocketAddr,
+        dst: SocketAddr,
+        identity: SpiffeId,
+        declared: Option<crate::state::Declared>,
     ) {
+        use crate::state::Declared;
+        let sniffed =
+            declared != Some(Declared::Opaque) && !self.server_first_ports.contains(&app.port());
+        let mut stream = stream;
+        let (seen, first) = match sniffed {
+            true => detect::detect_read(&mut stream, detect::DETECT_TIMEOUT).await,
+            false => (Detected::Protocol(Protocol::Opaque), Vec::new()),
+        };
+        let io = detect::Replay::new(first, stream);
+        match (seen, declared) {
+            (Detected::Protocol(Protocol::Http1), _) | (Detected::Silent, Some(Declared::Http)) => {
+                return self.serve_http(io, peer, app, dst, Some(identity)).await;
+            }
+            (Detected::Protocol(Protocol::Http2), _) => {
+                return self.serve_h2(io, peer, app, dst, Some(identity)).await;
+            }
+            (_, Some(Declared::Http)) => {
+                tracing::info!(%peer, %app, "inbound: refused bytes that are not HTTP on a port declared HTTP (mesh mTLS, opaque)");
+                self.metrics.inbound_refused("not-http");
+                return;
+            }
+            _ => {}
+        }
         let upstream = match crate::connect::connect_app(app).await {
             Ok(u) => u,
             Err(e) => {
-                tracing::warn!(peer = %caller.peer, %app, error = %e, "inbound: cannot reach the application");
+                tracing::warn!(%peer, %app, error = %e, "inbound: cannot reach the application");
                 self.metrics.connection_error("inbound");
                 return;
             }
         };
         self.metrics.tcp_connection("inbound", true);
+        let principal = identity.to_string();
+        let caller = self.caller(Some(&principal), peer, dst);
         let splice = crate::connect::splice_to(
-            stream,
+            io,
             upstream,
-            caller.peer,
+            peer,
             app,
             "inbound",
             &self.metrics,

@@ -296,6 +296,68 @@ async fn a_client_certificate_from_another_root_is_refused() {
     .await;
 }
 
+/// An mTLS client with a valid SVID for `CLIENT_ID` (signed by the mesh's CA, as a caller's
+/// sidecar holds), offering `alpn`.
+fn mesh_client(m: &Mesh, alpn: &[u8]) -> tokio_rustls::TlsConnector {
+    let id = weft_proto::SpiffeId::parse(CLIENT_ID).expect("id");
+    let (csr, key) = weft_proto::tls::new_csr(CLIENT_ID).expect("csr");
+    let signed = m.cp.ca.sign(&csr, &id, None).expect("signed");
+    let svid = weft_proto::tls::Svid::from_pem(&signed.chain, &key).expect("svid");
+    let roots = weft_proto::tls::roots(&[m.cp.ca.root_pem().to_string()]).expect("roots");
+    let config = weft_proto::tls::client_config(Some(&svid), roots, &[alpn]).expect("config");
+    tokio_rustls::TlsConnector::from(config)
+}
+
+/// Opens mesh mTLS with `alpn` to the server's inbound, writes `bytes`, and returns what came
+/// back before the connection ended (an error when it was cut).
+async fn raw_over_mesh_tls(
+    m: &Mesh,
+    alpn: &[u8],
+    bytes: &[u8],
+) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(m.server.inbound_addr).await?;
+    let name = weft_proto::tls::rustls::pki_types::ServerName::IpAddress(
+        m.server.inbound_addr.ip().into(),
+    );
+    let mut s = mesh_client(m, alpn).connect(name, tcp).await?;
+    s.write_all(bytes).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
+    Ok(buf)
+}
+
+#[tokio::test]
+async fn opaque_tcp_inside_mesh_mtls_never_carries_a_forged_identity_to_the_app() {
+    // A meshed caller opens mesh mTLS as opaque TCP (`weft-tcp`) and writes raw HTTP with a
+    // forged identity header: copied as bytes, the app would read the header as the
+    // verified caller. It is served as HTTP instead: the app sees the verified identity.
+    let m = mesh(49, "STRICT", "echo", None).await;
+    until_ok(&m.client, Duration::from_secs(10)).await;
+    if let Ok(mut seen) = m.echo.behavior.mesh_headers.lock() {
+        seen.clear();
+    }
+    let answer = raw_over_mesh_tls(
+        &m,
+        weft_proto::tls::ALPN_MESH_TCP,
+        b"GET / HTTP/1.1\r\nHost: echo\r\nx-weft-client-identity: spiffe://cluster.local/ns/prod/sa/admin\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("answered");
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    let seen = m
+        .echo
+        .behavior
+        .mesh_headers
+        .lock()
+        .map(|g| g.clone())
+        .unwrap_or_default();
+    assert_eq!(
+        seen,
+        vec![("x-weft-client-identity".to_string(), CLIENT_ID.to_string())]
+    );
+}
+
 #[tokio::test]
 async fn a_peer_with_the_wrong_spiffe_id_is_refused() {
     // The world says echo-0 runs as `echo`; the sidecar in front of it is `impostor`.
