@@ -559,6 +559,142 @@ async fn check_finds_each_listed_problem_and_passes_a_clean_world() {
     assert_eq!((code, findings), (0, serde_json::json!([])));
 }
 
+/// The world of the NetworkPolicy check: the control plane's pod in weft-system, meshed pods
+/// web-1 and db-1 in `shop`, Service db (5432) that an AuthorizationPolicy opens to web, an
+/// endpoint listed at a sidecar's inbound port (Service direct, 15006), and `policies`.
+fn netpol_world(policies: &[&str]) -> Vec<String> {
+    let pod = |ns: &str, name: &str, labels: &str, sa: &str, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {labels}}}\nspec: {{serviceAccountName: {sa}, containers: [{{name: c, ports: [{{name: grpc-tls, containerPort: 15012}}]}}]}}\nstatus: {{podIP: \"{ip}\"}}\n"
+        )
+    };
+    let mut docs = vec![
+        pod("weft-system", "weft-control-plane-0", "{app.kubernetes.io/name: weft-control-plane}", "weft-control-plane", "198.18.9.1"),
+        pod("shop", "web-1", "{app: web, weft.dev/tls-mode: weft}", "web", "198.18.0.1"),
+        pod("shop", "db-1", "{app: db, weft.dev/tls-mode: weft}", "db", "198.18.0.2"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec:\n  ports: [{name: tcp-pg, port: 5432}]\n".to_string(),
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: db-1\n  namespace: shop\n  labels: {kubernetes.io/service-name: db}\naddressType: IPv4\nports: [{name: tcp-pg, port: 5432}]\nendpoints:\n- addresses: [\"198.18.0.2\"]\n  targetRef: {kind: Pod, name: db-1, namespace: shop}\n".to_string(),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: web-to-db, namespace: shop}\nspec:\n  selector: {matchLabels: {app: db}}\n  action: ALLOW\n  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]}]\n".to_string(),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: direct, namespace: shop}\nspec:\n  ports: [{name: http, port: 80}]\n".to_string(),
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: direct-1\n  namespace: shop\n  labels: {kubernetes.io/service-name: direct}\naddressType: IPv4\nports: [{name: http, port: 15006}]\nendpoints:\n- addresses: [\"198.18.0.1\"]\n  targetRef: {kind: Pod, name: web-1, namespace: shop}\n".to_string(),
+    ];
+    docs.extend(policies.iter().map(|p| p.to_string()));
+    docs
+}
+
+#[tokio::test]
+async fn check_reports_network_policies_that_block_mesh_traffic() {
+    // shop denies everything but DNS: the sidecars cannot reach the control plane, web
+    // cannot reach db although the mesh lets it in, nor the endpoint at 15006.
+    let deny = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: default-deny, namespace: shop}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress, Egress]\n  egress: [{ports: [{port: 53, protocol: UDP}]}]\n";
+    let (dir, cp) = weft_testkit::control_plane_over(&netpol_world(&[deny])).await;
+    let addr = target(&cp);
+    let run = |addr: Target| async move {
+        tokio::task::spawn_blocking(move || weftctl(&addr, &["check"]))
+            .await
+            .expect("join")
+    };
+    let (code, findings) = run(addr.clone()).await;
+    assert_eq!(code, 1, "{findings:#}");
+    let with = |findings: &Value, code: &str| -> Vec<(String, String)> {
+        findings
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter(|f| f["code"] == code)
+            .map(|f| {
+                (
+                    f["object"].as_str().unwrap_or_default().to_string(),
+                    f["problem"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    };
+    let cp_blocked = with(&findings, "netpol-blocks-control-plane");
+    assert_eq!(cp_blocked.len(), 1, "{findings:#}");
+    assert_eq!(cp_blocked[0].0, "NetworkPolicy shop/default-deny");
+    assert!(
+        cp_blocked[0].1.contains("shop/web-1")
+            && cp_blocked[0].1.contains("shop/db-1")
+            && cp_blocked[0]
+                .1
+                .contains("weft-system/weft-control-plane-0 on 15012")
+            && cp_blocked[0].1.contains("for Egress"),
+        "{cp_blocked:?}"
+    );
+    let traffic = with(&findings, "netpol-blocks-mesh-traffic");
+    let about = |svc: &str, caller: &str| {
+        traffic.iter().any(|(o, p)| {
+            o == "NetworkPolicy shop/default-deny" && p.contains(svc) && p.contains(caller)
+        })
+    };
+    assert!(
+        about("Service shop/db (endpoint port 5432)", "caller shop/web"),
+        "{traffic:?}"
+    );
+    assert!(
+        about(
+            "Service shop/direct (endpoint port 15006)",
+            "caller shop/db"
+        ),
+        "{traffic:?}"
+    );
+    // db's own identity is not let in to db by the mesh: not reported as blocked traffic.
+    assert!(!about("Service shop/db", "caller shop/db"), "{traffic:?}");
+
+    // The platform team opens what the mesh needs: egress to the control plane and to db,
+    // ingress to db from web and to the sidecar's inbound port. No finding is left.
+    let open = [
+        deny,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: mesh, namespace: shop}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress, Egress]\n  egress:\n  - to: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: weft-system}}, podSelector: {matchLabels: {app.kubernetes.io/name: weft-control-plane}}}]\n    ports: [{port: grpc-tls}]\n  - to: [{podSelector: {}}]\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: web}}}]\n    ports: [{port: 5432}]\n  - from: [{podSelector: {}}]\n    ports: [{port: 15000, endPort: 15010}]\n",
+    ];
+    std::fs::write(
+        dir.path().join("world.yaml"),
+        weft_testkit::world::docs(&netpol_world(&open)),
+    )
+    .expect("world");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, findings) = run(addr.clone()).await;
+        let left: Vec<_> = findings
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter(|f| {
+                f["code"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with("netpol-") || c == "invalid-object")
+            })
+            .cloned()
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{left:#?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    // A policy that cannot be read is an invalid object naming its field.
+    let bad = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: typo, namespace: shop}\nspec:\n  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 198.18.0.0/99}}]}]\n";
+    std::fs::write(
+        dir.path().join("world.yaml"),
+        weft_testkit::world::docs(&netpol_world(&[open[0], open[1], bad])),
+    )
+    .expect("world");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, findings) = run(addr.clone()).await;
+        let invalid = with(&findings, "invalid-object");
+        if let Some((o, p)) = invalid.first() {
+            assert_eq!(o, "NetworkPolicy shop/typo");
+            assert!(p.contains("spec.ingress[0].from[0].ipBlock.cidr"), "{p}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{findings:#}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 #[test]
 fn completions_are_generated() {
     let out = Command::new(WEFTCTL)

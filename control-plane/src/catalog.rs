@@ -287,6 +287,8 @@ pub struct Model {
     pub mtls: Arc<crate::peer_auth::MtlsPolicies>,
     /// AuthorizationPolicies, to resolve per workload.
     pub authz: Arc<crate::authz::AuthzPolicies>,
+    /// NetworkPolicies with the pods and namespaces they judge (diagnosis only).
+    pub netpol: Arc<crate::netpol::NetworkPolicies>,
 }
 
 /// What one peer control plane exports, as the federation client last received it.
@@ -884,7 +886,16 @@ fn build(
             };
             (k, arc)
         })
-        .collect();
+        .collect::<BTreeMap<ServiceKey, Arc<ServiceModel>>>();
+    let mut netpol =
+        crate::netpol::NetworkPolicies::from_objects(world.values().map(|(o, _)| &**o));
+    for s in services.values() {
+        for e in s.endpoints.iter().filter(|e| e.cluster == prev.cluster) {
+            if let Some(pod) = &e.pod {
+                netpol.learn_ip(&s.key.namespace, pod, e.address);
+            }
+        }
+    }
     let model = Model {
         version: prev.version,
         cluster: prev.cluster.clone(),
@@ -905,6 +916,11 @@ fn build(
             prev.authz.clone()
         } else {
             Arc::new(authz)
+        },
+        netpol: if *prev.netpol == netpol {
+            prev.netpol.clone()
+        } else {
+            Arc::new(netpol)
         },
         ready: prev.ready,
         rollouts,

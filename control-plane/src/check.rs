@@ -131,10 +131,170 @@ fn authz_findings(model: &Model, proxies: &[ProxyStatus], out: &mut Vec<Finding>
     }
 }
 
+/// The control plane's own pods carry this label (install/03-control-plane.yaml).
+pub const CONTROL_PLANE_LABEL: (&str, &str) = ("app.kubernetes.io/name", "weft-control-plane");
+/// The port every sidecar dials on the control plane (xDS and certificates, TLS).
+pub const CONTROL_PLANE_PORT: u16 = 15012;
+/// The sidecar's inbound port, an endpoint port when a workload lists its sidecar directly.
+pub const INBOUND_PORT: u16 = 15006;
+/// At most this many `netpol-blocks-*` findings of one code (then one saying how many more).
+pub const MAX_NETPOL_FINDINGS: usize = 50;
+
+/// One NetworkPolicy finding per group: what blocked, the direction, where from and to.
+fn netpol_finding(
+    code: &str,
+    blocked: &crate::netpol::Blocked,
+    what: String,
+    fix: &str,
+) -> Finding {
+    finding(
+        code,
+        format!(
+            "NetworkPolicy {}",
+            blocked.policies.join(", NetworkPolicy ")
+        ),
+        format!(
+            "{what}: blocked by {} (they select the pod for {} and none of their {} rules allows it)",
+            blocked.policies.join(", "),
+            blocked.direction.as_str(),
+            blocked.direction.as_str().to_lowercase(),
+        ),
+        fix,
+    )
+}
+
+/// NetworkPolicies that block mesh traffic (the CNI enforces them; this only reads them):
+/// a meshed pod's connection to the control plane (15012, else its sidecar has neither
+/// config nor identity); a connection to an endpoint listed at the sidecar's inbound port
+/// (15006); and a meshed caller that a Service's AuthorizationPolicies let in. Callers are
+/// judged one per (namespace, service account, labels); findings are grouped and capped.
+fn netpol_findings(model: &Model, out: &mut Vec<Finding>) {
+    use std::collections::BTreeMap;
+    let np = &model.netpol;
+    if np.is_empty() {
+        return;
+    }
+    let mut callers: BTreeMap<_, &crate::netpol::PodInfo> = BTreeMap::new();
+    for p in np.pods.values().filter(|p| p.meshed) {
+        callers
+            .entry((&p.namespace, &p.service_account, &p.labels))
+            .or_insert(p);
+    }
+    // The control plane, from every meshed namespace.
+    let (label, value) = CONTROL_PLANE_LABEL;
+    let mut groups: BTreeMap<(String, crate::netpol::Blocked), (Vec<String>, String)> =
+        BTreeMap::new();
+    for cp in np
+        .pods
+        .values()
+        .filter(|p| p.labels.get(label).is_some_and(|v| v == value))
+    {
+        for c in callers.values() {
+            if let Some(b) = np.blocked(c, cp, CONTROL_PLANE_PORT) {
+                let g = groups
+                    .entry((c.namespace.clone(), b))
+                    .or_insert_with(|| (Vec::new(), format!("{}/{}", cp.namespace, cp.name)));
+                g.0.push(format!("{}/{}", c.namespace, c.name));
+            }
+        }
+    }
+    for ((ns, b), (pods, cp)) in groups {
+        out.push(netpol_finding(
+            "netpol-blocks-control-plane",
+            &b,
+            format!(
+                "meshed pods of namespace {ns} ({}) cannot reach the control plane {cp} on {CONTROL_PLANE_PORT}: their sidecars get no config and no certificate",
+                pods.join(", ")
+            ),
+            "allow TCP 15012 between the meshed pods and the control plane pods (app.kubernetes.io/name: weft-control-plane): an egress rule in the caller's namespace, an ingress rule in the control plane's",
+        ));
+    }
+    // Callers the mesh lets in (or any meshed caller of an endpoint at 15006).
+    let ports =
+        crate::inbound::PortIndex::build(model.services.values().map(|s| &**s), &model.cluster);
+    let mut groups: BTreeMap<(String, String, crate::netpol::Blocked), Vec<u16>> = BTreeMap::new();
+    for s in model.services.values() {
+        for e in s.endpoints.iter().filter(|e| e.cluster == model.cluster) {
+            let Some(dst) = e
+                .pod
+                .as_ref()
+                .and_then(|pod| np.pods.get(&(s.key.namespace.clone(), pod.clone())))
+            else {
+                continue;
+            };
+            let ips = [e.address];
+            let w = crate::inbound::Workload {
+                namespace: &s.key.namespace,
+                pod: e.pod.as_deref(),
+                ips: &ips,
+            };
+            let engine = crate::inbound::chains_for(model, &ports, &w).ok().map(|c| {
+                let opaque = s.ports.iter().all(|p| {
+                    weft_proto::protocol::Declared::of(&p.protocol())
+                        == Some(weft_proto::protocol::Declared::Opaque)
+                });
+                if opaque { c.tcp } else { c.http }
+            });
+            for c in callers.values() {
+                let id = weft_proto::SpiffeId::new(
+                    &model.trust_domain,
+                    &c.namespace,
+                    &c.service_account,
+                )
+                .map(|id| id.to_string())
+                .ok();
+                let allowed = engine.as_ref().is_some_and(|en| {
+                    !en.is_empty() && id.as_deref().is_some_and(|id| en.may_allow(Some(id)))
+                });
+                for port in e.ports.values().copied() {
+                    if !(allowed || port == INBOUND_PORT) {
+                        continue;
+                    }
+                    if let Some(b) = np.blocked(c, dst, port) {
+                        let caller = format!(
+                            "{}/{} ({}/{})",
+                            c.namespace, c.service_account, c.namespace, c.name
+                        );
+                        let ports = groups.entry((format!("{}", s.key), caller, b)).or_default();
+                        if !ports.contains(&port) {
+                            ports.push(port);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let total = groups.len();
+    for ((svc, caller, b), ports) in groups.into_iter().take(MAX_NETPOL_FINDINGS) {
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        out.push(netpol_finding(
+            "netpol-blocks-mesh-traffic",
+            &b,
+            format!(
+                "caller {caller} cannot reach Service {svc} (endpoint port {}), which the mesh would let in",
+                ports.join(", ")
+            ),
+            "allow the caller in the listed NetworkPolicies (the port is the endpoint's container port: the sidecar redirects it inside the pod), or deny it in an AuthorizationPolicy too so the two agree",
+        ));
+    }
+    if total > MAX_NETPOL_FINDINGS {
+        out.push(finding(
+            "netpol-blocks-mesh-traffic",
+            "NetworkPolicy".into(),
+            format!(
+                "{} more caller and Service pairs are blocked the same way",
+                total - MAX_NETPOL_FINDINGS
+            ),
+            "see the findings above",
+        ));
+    }
+}
+
 /// Every problem in `model` and `proxies`, in a stable order.
 pub fn check(model: &Model, proxies: &[ProxyStatus], ctx: &Context) -> Vec<Finding> {
     let mut out = Vec::new();
     authz_findings(model, proxies, &mut out);
+    netpol_findings(model, &mut out);
     for e in &model.errors {
         let object = if e.object.is_empty() {
             e.file.clone()

@@ -18,6 +18,7 @@ pub mod leader;
 pub mod ledger;
 pub mod lrs;
 pub mod metrics;
+pub mod netpol;
 pub mod objects;
 pub mod peer_auth;
 pub mod replicas;

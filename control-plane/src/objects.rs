@@ -84,6 +84,9 @@ pub enum Object {
     /// Istio's `security.istio.io/v1` (or `v1beta1`) AuthorizationPolicy: who may call the
     /// selected workloads (`crate::authz`).
     AuthorizationPolicy(Box<Named<crate::authz::AuthorizationPolicySpec>>),
+    /// `networking.k8s.io/v1 NetworkPolicy`: read for `weftctl check` only (`crate::netpol`);
+    /// enforcing it is the CNI's job.
+    NetworkPolicy(Box<k8s_openapi::api::networking::v1::NetworkPolicy>),
 }
 
 /// The object-key kind of Istio's PeerAuthentication (kubectl's `kind.group` spelling).
@@ -262,6 +265,7 @@ impl Object {
             Object::AuthorizationPolicy(o) => {
                 (crate::authz::KIND, (o.namespace.clone(), o.name.clone()))
             }
+            Object::NetworkPolicy(o) => ("NetworkPolicy", meta(&o.metadata)),
         };
         ObjectKey {
             kind,
@@ -824,6 +828,9 @@ pub fn parse_object(doc: serde_json::Value) -> Result<Option<Object>, ObjectErro
         ("", "Node") => Object::Node(Box::new(typed(doc, &label)?)),
         ("", "Pod") => Object::Pod(Box::new(typed(doc, &label)?)),
         ("", "Namespace") => Object::Namespace(Box::new(typed(doc, &label)?)),
+        ("networking.k8s.io", "NetworkPolicy") => {
+            Object::NetworkPolicy(Box::new(typed(doc, &label)?))
+        }
         ("split.smi-spec.io", "TrafficSplit") => {
             Object::TrafficSplit(Box::new(named(doc, &label, namespace, name)?))
         }
@@ -1023,6 +1030,9 @@ fn validate(obj: &Object) -> Result<(), FieldError> {
             }
         }
         Object::Node(_) | Object::Pod(_) | Object::ServiceExport(_) => {}
+        Object::NetworkPolicy(np) => {
+            crate::netpol::validate(np).map_err(|(field, message)| field_err(field, message))?
+        }
         Object::PeerAuthentication(pa) | Object::IstioPeerAuthentication(pa) => {
             let check = |field: String, m: &PeerMtls| match m.mode.as_deref() {
                 None | Some("UNSET") => Ok(()),
@@ -1316,6 +1326,7 @@ pub fn known_kind(kind: &str) -> Option<&'static str> {
         "MeshPeer",
         "PeerAuthentication",
         "AuthorizationPolicy",
+        "NetworkPolicy",
     ]
     .into_iter()
     .find(|k| *k == kind)

@@ -931,14 +931,33 @@ impl Header {
     }
 }
 
-/// A compiled `CidrRange`.
-#[derive(Debug, Clone, Copy)]
-struct Cidr {
+/// An address range (a compiled `CidrRange`, or `addr/len` text): what `ipBlocks` and
+/// NetworkPolicy `ipBlock`s match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
     addr: IpAddr,
     len: u32,
 }
 
 impl Cidr {
+    /// Reads `addr/len` (a bare address is a single host).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (
+                a,
+                Some(
+                    l.parse::<u32>()
+                        .map_err(|_| format!("{s:?}: the prefix length is not a number"))?,
+                ),
+            ),
+            None => (s, None),
+        };
+        Self::new(&CidrRange {
+            address_prefix: addr.to_string(),
+            prefix_len: len.map(|value| crate::envoy::google::protobuf::UInt32Value { value }),
+        })
+    }
+
     fn new(c: &CidrRange) -> Result<Self, String> {
         let addr: IpAddr = c
             .address_prefix
@@ -958,7 +977,8 @@ impl Cidr {
         Ok(Cidr { addr, len })
     }
 
-    fn contains(&self, ip: IpAddr) -> bool {
+    /// Whether `ip` is in the range (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
                 let mask = u32::MAX.checked_shl(32 - self.len).unwrap_or(0);

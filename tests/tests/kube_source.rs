@@ -315,6 +315,8 @@ const POLICIES: &str = "/apis/weft.dev/v1alpha1/trafficpolicies";
 const PEERS: &str = "/apis/weft.dev/v1alpha1/meshpeers";
 const ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
 const EXPORTS: &str = "/apis/multicluster.x-k8s.io/v1alpha1/serviceexports";
+const PODS: &str = "/api/v1/pods";
+const NETPOLS: &str = "/apis/networking.k8s.io/v1/networkpolicies";
 
 fn slice(addrs: &[&str]) -> Value {
     json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
@@ -390,6 +392,20 @@ fn world() -> Mock {
         json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
         "metadata": {"name": "ghost", "namespace": "shop", "generation": 1}}),
     );
+    // A meshed pod, the control plane's pod, and a NetworkPolicy that cuts the first off
+    // from the second (as the API server stores them: defaults filled in).
+    m.add(PODS, "Pod", json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "checkout-1", "namespace": "shop", "labels": {"app": "checkout", "weft.dev/tls-mode": "weft"}},
+        "spec": {"serviceAccountName": "checkout", "containers": [{"name": "app", "image": "checkout"}]},
+        "status": {"podIP": "10.244.1.5", "phase": "Running"}}));
+    m.add(PODS, "Pod", json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "weft-control-plane-0", "namespace": "weft-system", "labels": {"app.kubernetes.io/name": "weft-control-plane"}},
+        "spec": {"containers": [{"name": "cp", "image": "weft", "ports": [{"name": "grpc-tls", "containerPort": 15012, "protocol": "TCP"}]}]},
+        "status": {"podIP": "10.244.3.3", "phase": "Running"}}));
+    m.add(NETPOLS, "NetworkPolicy", json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "egress-lockdown", "namespace": "shop", "generation": 1},
+        "spec": {"podSelector": {}, "policyTypes": ["Egress"],
+            "egress": [{"ports": [{"port": 53, "protocol": "UDP"}]}]}}));
     // The SMI CRD is not installed on this "cluster".
     m.missing
         .push("/apis/split.smi-spec.io/v1alpha4/trafficsplits".into());
@@ -462,6 +478,14 @@ async fn mock_api_server_kube_source_feeds_the_catalog_writes_status_and_elects_
         .find(|e| e.object == "TrafficPolicy shop/broken")
         .expect("the broken policy is reported");
     assert_eq!(err.field, "spec.timeout");
+    // NetworkPolicies arrive too, and `weftctl check`'s reading of them sees the lockdown.
+    let findings = weft_control_plane::check::check(&m, &[], &Default::default());
+    assert!(
+        findings.iter().any(|f| f.code == "netpol-blocks-control-plane"
+            && f.object == "NetworkPolicy shop/egress-lockdown"
+            && f.problem.contains("shop/checkout-1")),
+        "{findings:?}"
+    );
 
     // replica-a leads (the only one) and writes Accepted conditions on Weft's objects.
     until_ok("replica-a holds the Lease", patience, || async {

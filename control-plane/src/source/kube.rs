@@ -60,7 +60,7 @@ pub enum StatusStyle {
 pub const CONTROLLER_NAME: &str = "weft.dev/mesh-controller";
 
 /// Every kind the source watches.
-pub const KINDS: [Kind; 14] = [
+pub const KINDS: [Kind; 15] = [
     Kind {
         group: "",
         version: "v1",
@@ -175,6 +175,15 @@ pub const KINDS: [Kind; 14] = [
         plural: "authorizationpolicies",
         namespaced: true,
         status: StatusStyle::Conditions,
+    },
+    // Read for `weftctl check` only (does one block mesh traffic?); the CNI enforces it.
+    Kind {
+        group: "networking.k8s.io",
+        version: "v1",
+        kind: "NetworkPolicy",
+        plural: "networkpolicies",
+        namespaced: true,
+        status: StatusStyle::None,
     },
 ];
 
