@@ -402,10 +402,14 @@ fn world() -> Mock {
         "metadata": {"name": "weft-control-plane-0", "namespace": "weft-system", "labels": {"app.kubernetes.io/name": "weft-control-plane"}},
         "spec": {"containers": [{"name": "cp", "image": "weft", "ports": [{"name": "grpc-tls", "containerPort": 15012, "protocol": "TCP"}]}]},
         "status": {"podIP": "10.244.3.3", "phase": "Running"}}));
-    m.add(NETPOLS, "NetworkPolicy", json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+    m.add(
+        NETPOLS,
+        "NetworkPolicy",
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": "egress-lockdown", "namespace": "shop", "generation": 1},
         "spec": {"podSelector": {}, "policyTypes": ["Egress"],
-            "egress": [{"ports": [{"port": 53, "protocol": "UDP"}]}]}}));
+            "egress": [{"ports": [{"port": 53, "protocol": "UDP"}]}]}}),
+    );
     // The SMI CRD is not installed on this "cluster".
     m.missing
         .push("/apis/split.smi-spec.io/v1alpha4/trafficsplits".into());
@@ -481,9 +485,11 @@ async fn mock_api_server_kube_source_feeds_the_catalog_writes_status_and_elects_
     // NetworkPolicies arrive too, and `weftctl check`'s reading of them sees the lockdown.
     let findings = weft_control_plane::check::check(&m, &[], &Default::default());
     assert!(
-        findings.iter().any(|f| f.code == "netpol-blocks-control-plane"
-            && f.object == "NetworkPolicy shop/egress-lockdown"
-            && f.problem.contains("shop/checkout-1")),
+        findings
+            .iter()
+            .any(|f| f.code == "netpol-blocks-control-plane"
+                && f.object == "NetworkPolicy shop/egress-lockdown"
+                && f.problem.contains("shop/checkout-1")),
         "{findings:?}"
     );
 
