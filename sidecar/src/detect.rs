@@ -143,19 +143,25 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> Protocol {
     }
 }
 
-/// [`detect_first`] for a stream that cannot be peeked (inside TLS): reads until [`classify`]
-/// tells or `timeout` passes, and returns what it read, to be replayed with [`Replay`].
-pub async fn detect_read<IO>(io: &mut IO, timeout: Duration) -> (Detected, Vec<u8>)
+/// [`detect_first`] for a stream that cannot be peeked (inside TLS): reads into `buf` until
+/// [`classify`] tells or `timeout` passes; what it read stays in `buf` (also when the future
+/// is dropped between reads), to be replayed with [`Replay`]. A read error is returned: the
+/// stream is not to be used (TLS may still hold plaintext it decrypted before the error).
+pub async fn detect_read<IO>(
+    io: &mut IO,
+    buf: &mut Vec<u8>,
+    timeout: Duration,
+) -> std::io::Result<Detected>
 where
     IO: tokio::io::AsyncRead + Unpin,
 {
     use tokio::io::AsyncReadExt;
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
         let detected = match tokio::time::timeout_at(deadline, io.read(&mut chunk)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => Some(Detected::Protocol(Protocol::Opaque)),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(0)) => Some(Detected::Protocol(Protocol::Opaque)),
             Err(_) if buf.is_empty() => Some(Detected::Silent),
             // Time ran out on a stream that could still be HTTP.
             Err(_) => Some(Detected::Protocol(Protocol::Http1)),
@@ -169,7 +175,7 @@ where
             }
         };
         if let Some(d) = detected {
-            return (d, buf);
+            return Ok(d);
         }
     }
 }
@@ -424,7 +430,10 @@ mod replay_tests {
                     a
                 }
             });
-            let (seen, first) = detect_read(&mut b, Duration::from_secs(2)).await;
+            let mut first = Vec::new();
+            let seen = detect_read(&mut b, &mut first, Duration::from_secs(2))
+                .await
+                .expect("read");
             assert_eq!(seen, want, "{sent:?}");
             let mut r = Replay::new(first, b);
             let _a = writer.await.expect("writer");
@@ -435,7 +444,10 @@ mod replay_tests {
         }
         // Silence is told apart from a stream cut short.
         let (_a, mut b) = tokio::io::duplex(64);
-        let (seen, first) = detect_read(&mut b, Duration::from_millis(50)).await;
+        let mut first = Vec::new();
+        let seen = detect_read(&mut b, &mut first, Duration::from_millis(50))
+            .await
+            .expect("read");
         assert_eq!((seen, first.len()), (Detected::Silent, 0));
     }
 }

@@ -451,10 +451,47 @@ impl Shared {
         let sniffed =
             declared != Some(Declared::Opaque) && !self.server_first_ports.contains(&app.port());
         let mut stream = stream;
-        let (seen, first) = match sniffed {
-            true => detect::detect_read(&mut stream, detect::DETECT_TIMEOUT).await,
-            false => (Detected::Protocol(Protocol::Opaque), Vec::new()),
-        };
+        let mut first = Vec::new();
+        let mut upstream = None;
+        let mut seen = Detected::Protocol(Protocol::Opaque);
+        if sniffed {
+            seen = match detect::detect_read(&mut stream, &mut first, detect::DETECT_TIMEOUT).await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::info!(%peer, error = %e, "inbound: mesh TCP closed: read error before its protocol was known");
+                    self.metrics.connection_error("inbound");
+                    return;
+                }
+            };
+        }
+        // Silent: whoever speaks first decides, as for plaintext (`late`) — the application
+        // (a server-first protocol) makes it opaque; the caller's bytes are classified then,
+        // so waiting never turns HTTP into raw bytes the application would parse.
+        if seen == Detected::Silent && declared != Some(Declared::Http) {
+            let app_conn = match crate::connect::connect_app(app).await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::warn!(%peer, %app, error = %e, "inbound: cannot reach the application");
+                    self.metrics.connection_error("inbound");
+                    return;
+                }
+            };
+            let idle = self.header_read_timeout;
+            seen = tokio::select! {
+                r = detect::detect_read(&mut stream, &mut first, idle) => match r {
+                    Ok(Detected::Silent) | Ok(Detected::Protocol(Protocol::Opaque)) => Detected::Protocol(Protocol::Opaque),
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::info!(%peer, error = %e, "inbound: mesh TCP closed: read error before its protocol was known");
+                        self.metrics.connection_error("inbound");
+                        return;
+                    }
+                },
+                _ = app_conn.readable() => Detected::Protocol(Protocol::Opaque),
+            };
+            upstream = Some(app_conn);
+        }
         let io = detect::Replay::new(first, stream);
         match (seen, declared) {
             (Detected::Protocol(Protocol::Http1), _) | (Detected::Silent, Some(Declared::Http)) => {
@@ -470,13 +507,16 @@ impl Shared {
             }
             _ => {}
         }
-        let upstream = match crate::connect::connect_app(app).await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::warn!(%peer, %app, error = %e, "inbound: cannot reach the application");
-                self.metrics.connection_error("inbound");
-                return;
-            }
+        let upstream = match upstream {
+            Some(u) => u,
+            None => match crate::connect::connect_app(app).await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::warn!(%peer, %app, error = %e, "inbound: cannot reach the application");
+                    self.metrics.connection_error("inbound");
+                    return;
+                }
+            },
         };
         self.metrics.tcp_connection("inbound", true);
         let principal = identity.to_string();

@@ -314,6 +314,7 @@ async fn raw_over_mesh_tls(
     m: &Mesh,
     alpn: &[u8],
     bytes: &[u8],
+    silent_first: Duration,
 ) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let tcp = tokio::net::TcpStream::connect(m.server.inbound_addr).await?;
@@ -321,6 +322,7 @@ async fn raw_over_mesh_tls(
         m.server.inbound_addr.ip().into(),
     );
     let mut s = mesh_client(m, alpn).connect(name, tcp).await?;
+    tokio::time::sleep(silent_first).await;
     s.write_all(bytes).await?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
@@ -337,25 +339,37 @@ async fn opaque_tcp_inside_mesh_mtls_never_carries_a_forged_identity_to_the_app(
     if let Ok(mut seen) = m.echo.behavior.mesh_headers.lock() {
         seen.clear();
     }
-    let answer = raw_over_mesh_tls(
-        &m,
-        weft_proto::tls::ALPN_MESH_TCP,
-        b"GET / HTTP/1.1\r\nHost: echo\r\nx-weft-client-identity: spiffe://cluster.local/ns/prod/sa/admin\r\nConnection: close\r\n\r\n",
-    )
-    .await
-    .expect("answered");
-    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
-    let seen = m
-        .echo
-        .behavior
-        .mesh_headers
-        .lock()
-        .map(|g| g.clone())
-        .unwrap_or_default();
-    assert_eq!(
-        seen,
-        vec![("x-weft-client-identity".to_string(), CLIENT_ID.to_string())]
-    );
+    // At once, and after staying silent past the detection time (the caller's own sidecar
+    // then sends it as opaque TCP, and the inbound's first read times out too).
+    for silent in [Duration::ZERO, Duration::from_millis(600)] {
+        if let Ok(mut seen) = m.echo.behavior.mesh_headers.lock() {
+            seen.clear();
+        }
+        let answer = raw_over_mesh_tls(
+            &m,
+            weft_proto::tls::ALPN_MESH_TCP,
+            b"GET / HTTP/1.1\r\nHost: echo\r\nx-weft-client-identity: spiffe://cluster.local/ns/prod/sa/admin\r\nConnection: close\r\n\r\n",
+            silent,
+        )
+        .await
+        .expect("answered");
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{silent:?}: {answer:?}"
+        );
+        let seen = m
+            .echo
+            .behavior
+            .mesh_headers
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default();
+        assert_eq!(
+            seen,
+            vec![("x-weft-client-identity".to_string(), CLIENT_ID.to_string())],
+            "{silent:?}"
+        );
+    }
 }
 
 #[tokio::test]
