@@ -167,7 +167,7 @@ where
             Err(_) => Some(Detected::Protocol(Protocol::Http1)),
             Ok(Ok(n)) => {
                 buf.extend_from_slice(&chunk[..n]);
-                match classify(&buf) {
+                match classify(buf) {
                     Some(p) => Some(Detected::Protocol(p)),
                     None if buf.len() >= PEEK_BYTES => Some(Detected::Protocol(Protocol::Http1)),
                     None => None,
