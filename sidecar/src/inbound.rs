@@ -249,13 +249,8 @@ impl Shared {
         app: SocketAddr,
         dst: SocketAddr,
     ) {
-        let upstream = match crate::connect::connect_app(app).await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::warn!(%peer, %app, error = %e, "inbound: cannot reach the application");
-                self.metrics.connection_error("inbound");
-                return;
-            }
+        let Some(upstream) = self.app_conn(peer, app).await else {
+            return;
         };
         let client_first = tokio::select! {
             r = client.readable() => r.is_ok(),
@@ -338,6 +333,18 @@ impl Shared {
                     self.idle_timeout,
                 );
                 self.until_revoked(caller, splice).await
+            }
+        }
+    }
+
+    /// A connection to the application, or `None` (logged and counted) when it is down.
+    async fn app_conn(&self, peer: SocketAddr, app: SocketAddr) -> Option<TcpStream> {
+        match crate::connect::connect_app(app).await {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::warn!(%peer, %app, error = %e, "inbound: cannot reach the application");
+                self.metrics.connection_error("inbound");
+                None
             }
         }
     }
@@ -469,13 +476,8 @@ impl Shared {
         // (a server-first protocol) makes it opaque; the caller's bytes are classified then,
         // so waiting never turns HTTP into raw bytes the application would parse.
         if seen == Detected::Silent && declared != Some(Declared::Http) {
-            let app_conn = match crate::connect::connect_app(app).await {
-                Ok(u) => u,
-                Err(e) => {
-                    tracing::warn!(%peer, %app, error = %e, "inbound: cannot reach the application");
-                    self.metrics.connection_error("inbound");
-                    return;
-                }
+            let Some(app_conn) = self.app_conn(peer, app).await else {
+                return;
             };
             let idle = self.header_read_timeout;
             seen = tokio::select! {
@@ -509,13 +511,9 @@ impl Shared {
         }
         let upstream = match upstream {
             Some(u) => u,
-            None => match crate::connect::connect_app(app).await {
-                Ok(u) => u,
-                Err(e) => {
-                    tracing::warn!(%peer, %app, error = %e, "inbound: cannot reach the application");
-                    self.metrics.connection_error("inbound");
-                    return;
-                }
+            None => match self.app_conn(peer, app).await {
+                Some(u) => u,
+                None => return,
             },
         };
         self.metrics.tcp_connection("inbound", true);
