@@ -54,8 +54,25 @@ impl Algorithm {
 
 /// How fast the latency estimate forgets: the decay time constant of the EWMA.
 pub const EWMA_DECAY: Duration = Duration::from_secs(10);
-/// Latency assumed for an endpoint never measured.
+/// Latency assumed for an endpoint never measured, when neither of two candidates has been
+/// (a measured rival lends its estimate instead: see [`p2c`]).
 pub const DEFAULT_RTT: Duration = Duration::from_millis(1);
+/// Two choices whose costs are within this factor of each other are a tie, broken at random:
+/// latency estimates on a quiet link differ by noise, and a strict comparison would send every
+/// sequential request to whichever endpoint last looked faster by a few microseconds.
+pub const TIE_FACTOR: f64 = 2.0;
+/// One two-choice pick in this many ignores costs and takes either candidate at random, so an
+/// estimate raised by one hiccup is measured again (and fades) instead of keeping its
+/// endpoint out of rotation at low load until time decays it.
+pub const EXPLORE_PAIR_ONE_IN: u64 = 16;
+/// How many of its own durations a latency estimate is trusted while no new sample arrives
+/// (it then decays toward zero, so the endpoint is measured again).
+pub const IDLE_HORIZON: f64 = 20.0;
+/// How far an idle estimate decays at most: to this share of itself.
+pub const IDLE_FLOOR: f64 = 0.5;
+/// The least share of the way a sample below the estimate moves it (per sample, whatever the
+/// time since the last one): a peak fades within a few samples once it is no longer seen.
+pub const FADE_PER_SAMPLE: f64 = 0.5;
 
 /// What the proxy measured of one endpoint.
 #[derive(Debug)]
@@ -69,7 +86,7 @@ pub struct EndpointStats {
     ejected_until_ns: AtomicU64,
     /// Times ejected (each ejection lasts longer).
     ejections: AtomicU32,
-    /// Peak-EWMA latency, nanoseconds, as f64 bits.
+    /// Peak-EWMA latency, nanoseconds, as f64 bits (0: never measured).
     ewma_ns: AtomicU64,
     /// When `ewma_ns` was last updated, ns since `epoch`.
     stamp_ns: AtomicU64,
@@ -84,7 +101,7 @@ impl Default for EndpointStats {
             fails_gateway: AtomicU32::new(0),
             ejected_until_ns: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
-            ewma_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+            ewma_ns: AtomicU64::new(0),
             stamp_ns: AtomicU64::new(0),
             epoch: Instant::now(),
         }
@@ -112,23 +129,42 @@ impl EndpointStats {
         self.outstanding.load(Ordering::Relaxed)
     }
 
-    /// The latency estimate.
+    /// The latency estimate ([`DEFAULT_RTT`] while never measured).
     pub fn ewma(&self) -> Duration {
-        Duration::from_nanos(f64::from_bits(self.ewma_ns.load(Ordering::Relaxed)) as u64)
+        Duration::from_nanos(self.latency().unwrap_or(DEFAULT_RTT.as_nanos() as f64) as u64)
+    }
+
+    /// The measured latency estimate in ns, if any sample arrived, decayed by the time since
+    /// the last sample in units of the estimate itself: an estimate is trusted for about
+    /// [`IDLE_HORIZON`] of its own durations, so an endpoint kept out by one slow sample is
+    /// tried again soon at loopback speeds and only after seconds at tens of milliseconds;
+    /// it decays no lower than [`IDLE_FLOOR`] of itself, so a burst after a long quiet spell
+    /// does not all land on an endpoint that merely was not measured lately.
+    fn latency(&self) -> Option<f64> {
+        let l = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
+        if l <= 0.0 {
+            return None;
+        }
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let idle = now.saturating_sub(self.stamp_ns.load(Ordering::Relaxed)) as f64;
+        Some(l * (-idle / (IDLE_HORIZON * l)).exp().max(IDLE_FLOOR))
     }
 
     /// Feeds one observed latency: a sample above the estimate replaces it at once (peak),
-    /// one below decays it exponentially with the time since the last sample.
+    /// one below decays it exponentially with the time since the last sample, and at least
+    /// by [`FADE_PER_SAMPLE`].
     pub fn observe(&self, rtt: Duration) {
         let now = self.epoch.elapsed().as_nanos() as u64;
         let prev_stamp = self.stamp_ns.swap(now, Ordering::Relaxed);
         let rtt = rtt.as_nanos() as f64;
         let old = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
-        let new = if rtt > old {
+        let new = if rtt > old || old == 0.0 {
             rtt
         } else {
             let dt = now.saturating_sub(prev_stamp) as f64;
-            let w = (-dt / EWMA_DECAY.as_nanos() as f64).exp();
+            let w = (-dt / EWMA_DECAY.as_nanos() as f64)
+                .exp()
+                .min(1.0 - FADE_PER_SAMPLE);
             old * w + rtt * (1.0 - w)
         };
         self.ewma_ns.store(new.to_bits(), Ordering::Relaxed);
@@ -189,7 +225,34 @@ impl EndpointStats {
 
     /// P2C cost: latency × (outstanding + 1).
     fn cost(&self) -> f64 {
-        f64::from_bits(self.ewma_ns.load(Ordering::Relaxed)) * f64::from(self.outstanding() + 1)
+        self.ewma().as_nanos() as f64 * f64::from(self.outstanding() + 1)
+    }
+}
+
+/// Peak-EWMA's two choices: whether `a` wins over `b`. Cost is latency × (outstanding + 1);
+/// an endpoint never measured borrows its rival's latency (so a new endpoint is explored at
+/// low load, yet a burst does not all land on it: its outstanding requests count), and costs
+/// within [`TIE_FACTOR`] of each other are a tie broken at random. `r` is random bits: the
+/// lowest breaks ties, and one pick in [`EXPLORE_PAIR_ONE_IN`] is the coin's alone.
+pub fn p2c(a: &EndpointStats, b: &EndpointStats, r: u64) -> bool {
+    let coin = r & 1 == 0;
+    if (r >> 1).is_multiple_of(EXPLORE_PAIR_ONE_IN) {
+        return coin;
+    }
+    let (la, lb) = match (a.latency(), b.latency()) {
+        (Some(la), Some(lb)) => (la, lb),
+        (Some(l), None) | (None, Some(l)) => (l, l),
+        (None, None) => {
+            let d = DEFAULT_RTT.as_nanos() as f64;
+            (d, d)
+        }
+    };
+    let ca = la * f64::from(a.outstanding() + 1);
+    let cb = lb * f64::from(b.outstanding() + 1);
+    if ca.max(cb) <= ca.min(cb) * TIE_FACTOR {
+        coin
+    } else {
+        ca < cb
     }
 }
 
@@ -332,8 +395,12 @@ impl Balancer {
         let sample = |group: &[usize], r: u64| {
             let a = group[(r % group.len() as u64) as usize];
             let b = group[((r >> 16) % group.len() as u64) as usize];
-            let (ca, cb) = (self.targets[a].stats.cost(), self.targets[b].stats.cost());
-            if ca <= cb { (a, ca) } else { (b, cb) }
+            let (sa, sb) = (&self.targets[a].stats, &self.targets[b].stats);
+            if p2c(sa, sb, r >> 48) {
+                (a, sa.cost())
+            } else {
+                (b, sb.cost())
+            }
         };
         let mix = |k: usize| {
             rand.rotate_left(13 * k as u32 + 7) ^ (k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
@@ -381,7 +448,7 @@ impl Balancer {
                 let a_wins = if self.algorithm == Algorithm::LeastRequest {
                     ta.stats.outstanding() <= tb.stats.outstanding()
                 } else {
-                    ta.stats.cost() <= tb.stats.cost()
+                    p2c(&ta.stats, &tb.stats, rand >> 20)
                 };
                 if a_wins { a } else { b }
             }
@@ -518,20 +585,83 @@ mod tests {
         t[1].stats.observe(Duration::from_millis(5));
         let b = Balancer::new(Algorithm::PeakEwma, t.clone());
         let c = spread(&b, 1000, false);
-        assert_eq!(
-            c.get(&t[0].addr),
-            None,
-            "with two endpoints P2C always compares both: {c:?}"
-        );
-        // The peak is taken at once; lower samples decay it only with time.
+        // With two endpoints P2C always compares both: the slow one gets only the exploring
+        // picks (one in 2 × EXPLORE_PAIR_ONE_IN, about 31 of 1000).
+        let slow = c.get(&t[0].addr).copied().unwrap_or(0);
+        assert!((1..=60).contains(&slow), "{c:?}");
+        // The peak is taken at once; a lower sample moves it half the way (more when time
+        // has passed), so a single hiccup fades within a few samples.
         t[1].stats.observe(Duration::from_millis(80));
-        assert_eq!(t[1].stats.ewma(), Duration::from_millis(80));
-        t[1].stats.observe(Duration::from_millis(1));
+        let peak = t[1].stats.ewma().as_secs_f64() * 1000.0;
+        assert!((79.9..=80.0).contains(&peak), "{peak} ms");
+        t[1].stats.observe(Duration::from_millis(0));
+        let after = t[1].stats.ewma().as_secs_f64() * 1000.0;
+        assert!((39.0..=40.5).contains(&after), "{after} ms");
+    }
+
+    #[test]
+    fn peak_ewma_shares_equal_endpoints_under_a_sequential_client() {
+        // Loopback-fast endpoints (~200 µs, faster than the default estimate) and a client that
+        // sends one request at a time: the first endpoint measured must not look better than
+        // the one never tried for ever after, nor one hiccup keep an endpoint out.
+        let t = targets(2);
+        let b = Balancer::new(Algorithm::PeakEwma, t.clone());
+        let mut counts = HashMap::new();
+        for i in 0..300u64 {
+            let picked = b.pick(hash64(&i.to_le_bytes()), None).expect("pick");
+            // Jitter, and now and then a hiccup (a descheduled thread) three times as long.
+            let jitter = hash64(&(i ^ 0xabcd).to_le_bytes()) % 60;
+            let hiccup = if i % 37 == 5 { 3 } else { 1 };
+            picked
+                .stats
+                .observe(Duration::from_micros((170 + jitter) * hiccup));
+            *counts.entry(picked.addr).or_insert(0u32) += 1;
+        }
+        for x in &t {
+            let n = counts.get(&x.addr).copied().unwrap_or(0);
+            assert!(
+                (90..=210).contains(&n),
+                "{} got {n} of 300: {counts:?}",
+                x.addr
+            );
+        }
+    }
+
+    #[test]
+    fn peak_ewma_starves_a_ten_times_slower_endpoint_at_eight_concurrent() {
+        // A small event simulation: 8 requests in flight at all times, the fast endpoint
+        // answers in 1 ms, the slow one in 10 ms; each completion starts the next request.
+        let t = targets(2);
+        let b = Balancer::new(Algorithm::PeakEwma, t.clone());
+        let latency = |addr: SocketAddr| if addr == t[0].addr { 1_000u64 } else { 10_000 };
+        let mut now = 0u64;
+        let mut flying: Vec<(u64, SocketAddr, InFlight)> = Vec::new();
+        let mut counts: HashMap<SocketAddr, u32> = HashMap::new();
+        for i in 0..1000u64 {
+            if flying.len() == 8 {
+                let soonest = (0..flying.len())
+                    .min_by_key(|k| flying[*k].0)
+                    .expect("in flight");
+                let (done, addr, guard) = flying.swap_remove(soonest);
+                now = done;
+                drop(guard);
+                let stats = &t.iter().find(|x| x.addr == addr).expect("target").stats;
+                stats.observe(Duration::from_micros(latency(addr)));
+            }
+            let picked = b.pick(hash64(&i.to_le_bytes()), None).expect("pick");
+            *counts.entry(picked.addr).or_insert(0) += 1;
+            flying.push((
+                now + latency(picked.addr),
+                picked.addr,
+                picked.stats.start(),
+            ));
+        }
+        let slow = counts.get(&t[1].addr).copied().unwrap_or(0);
         assert!(
-            t[1].stats.ewma() > Duration::from_millis(70),
-            "{:?}",
-            t[1].stats.ewma()
+            slow < 100,
+            "the slow endpoint got {slow} of 1000: {counts:?}"
         );
+        assert!(slow > 0, "the slow endpoint is still explored: {counts:?}");
     }
 
     #[test]
