@@ -4,26 +4,21 @@
 //! before a byte of the request is sent. A connection is made
 //! with the SVID current at that moment; a renewal affects only new connections.
 //!
-//! The pool (hyper's) keys connections by scheme and address: an mTLS endpoint is asked for
-//! as `https://<ip>:<port>`, and the identity to expect is looked up by address in the
-//! current config, so a pooled connection was checked against that endpoint's identity.
+//! Connections to endpoints are pooled by [`crate::pool`], keyed by address, protocol and the
+//! identity the peer was checked against (the one the picked endpoint carries in the current
+//! config), so a pooled connection only ever carries requests for the identity it proved.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use weft_proto::tls::{self, rustls};
 
 use crate::admin::Metrics;
-use crate::identity::{BoxError, SvidCell};
-use crate::xds::XdsHandle;
+use crate::identity::SvidCell;
 
 /// A pooled HTTP client over `connector` (idle connections kept 60 s).
 pub fn pooled<C>(connector: C) -> hyper_util::client::legacy::Client<C, crate::outbound::Body>
@@ -136,9 +131,6 @@ pub enum MeshConnectError {
     /// The URI has no `ip:port` authority.
     #[error("{0:?} is not an endpoint address")]
     Address(String),
-    /// The endpoint is not an mTLS endpoint in the current config.
-    #[error("{0} is not an mTLS endpoint in the current config")]
-    NotMeshed(SocketAddr),
     /// This workload has no valid certificate.
     #[error("this workload has no valid certificate yet")]
     NoCertificate,
@@ -151,96 +143,6 @@ pub enum MeshConnectError {
     /// The peer is not who the control plane said.
     #[error("mTLS peer {0}: {1}")]
     Identity(SocketAddr, tls::TlsError),
-}
-
-/// An mTLS connection to an endpoint, as hyper's client pool holds it.
-pub struct MeshConn(TokioIo<TlsStream<TcpStream>>);
-
-impl Connection for MeshConn {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl hyper::rt::Read for MeshConn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for MeshConn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
-    }
-}
-
-/// The connector of the outbound's mTLS client.
-#[derive(Clone)]
-pub struct MeshConnector {
-    svid: SvidCell,
-    xds: XdsHandle,
-    metrics: Arc<Metrics>,
-    /// Offer the mesh's HTTP/2 ALPN instead of its HTTP/1.1 one.
-    h2: bool,
-}
-
-impl MeshConnector {
-    /// A connector presenting the SVID in `svid`, checking identities from `xds`'s config;
-    /// `h2` offers the mesh's HTTP/2 ALPN.
-    pub fn new(svid: SvidCell, xds: XdsHandle, metrics: Arc<Metrics>, h2: bool) -> Self {
-        MeshConnector {
-            svid,
-            xds,
-            metrics,
-            h2,
-        }
-    }
-
-    async fn connect(self, uri: http::Uri) -> Result<MeshConn, MeshConnectError> {
-        let addr: SocketAddr = uri
-            .authority()
-            .and_then(|a| a.as_str().parse().ok())
-            .ok_or_else(|| MeshConnectError::Address(uri.to_string()))?;
-        let expected = self
-            .xds
-            .config
-            .load()
-            .mtls_identities
-            .get(&addr)
-            .cloned()
-            .ok_or(MeshConnectError::NotMeshed(addr))?;
-        let config: Arc<rustls::ClientConfig> = match self.svid.load_full() {
-            Some(s) if s.valid() && self.h2 => s.tls.upstream_h2.clone(),
-            Some(s) if s.valid() => s.tls.upstream.clone(),
-            _ => return Err(MeshConnectError::NoCertificate),
-        };
-        let stream = mesh_handshake(addr, &expected, config, &self.metrics).await?;
-        Ok(MeshConn(TokioIo::new(stream)))
-    }
 }
 
 /// Mesh mTLS to a meshed endpoint: a bounded TCP connect, the handshake under `config` (its
@@ -288,65 +190,42 @@ pub async fn mesh_handshake(
     Ok(stream)
 }
 
-impl tower::Service<http::Uri> for MeshConnector {
-    type Response = MeshConn;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<MeshConn, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { this.connect(uri).await.map_err(BoxError::from) })
-    }
-}
-
 /// The bottom of the outbound stack: sends an attempt to its picked endpoint over a pooled
-/// connection — mTLS when the endpoint's sidecar terminates it and this workload has an SVID —
-/// and records how it ended ([`crate::resilience::Attempt`]): the status, or a connect failure
-/// (nothing reached the endpoint: safe to retry anywhere), or a reset.
+/// connection ([`crate::pool`]) — mTLS when the endpoint's sidecar terminates it and this
+/// workload has an SVID — and records how it ended ([`crate::resilience::Attempt`]): the
+/// status, or a connect failure (nothing reached the endpoint: safe to retry anywhere), or a
+/// reset.
 #[derive(Clone)]
 pub struct Upstream {
-    plain: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        crate::outbound::Body,
-    >,
-    /// HTTP/2 with prior knowledge, for clusters whose endpoints speak only that (gRPC).
-    h2: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        crate::outbound::Body,
-    >,
-    mesh: Option<MeshClients>,
-}
-
-/// The mTLS clients: HTTP/1.1 and HTTP/2 inside, and the SVID they need.
-#[derive(Clone)]
-struct MeshClients {
-    h1: hyper_util::client::legacy::Client<MeshConnector, crate::outbound::Body>,
-    h2: hyper_util::client::legacy::Client<MeshConnector, crate::outbound::Body>,
-    svid: SvidCell,
+    pool: Arc<crate::pool::Pool>,
+    /// This workload's SVID, when it has an identity.
+    svid: Option<SvidCell>,
+    metrics: Arc<Metrics>,
 }
 
 impl Upstream {
     /// Plain connections, plus mTLS ones when the workload has an identity.
-    pub fn new(svid: Option<SvidCell>, xds: XdsHandle, metrics: Arc<Metrics>) -> Self {
-        let mesh = svid.map(|svid| MeshClients {
-            h1: pooled(MeshConnector::new(
-                svid.clone(),
-                xds.clone(),
-                metrics.clone(),
-                false,
-            )),
-            h2: pooled_h2(MeshConnector::new(svid.clone(), xds, metrics, true)),
-            svid,
-        });
+    pub fn new(svid: Option<SvidCell>, metrics: Arc<Metrics>) -> Self {
         Upstream {
-            plain: pooled(plain()),
-            h2: pooled_h2(plain()),
-            mesh,
+            pool: crate::pool::Pool::new(),
+            svid,
+            metrics,
         }
+    }
+}
+
+/// A plain TCP connection to an endpoint (no Nagle), within [`CONNECT_TIMEOUT`].
+async fn dial_plain(addr: SocketAddr) -> Result<TcpStream, MeshConnectError> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(MeshConnectError::Connect(addr, e)),
+        Err(_) => Err(MeshConnectError::Connect(
+            addr,
+            std::io::ErrorKind::TimedOut.into(),
+        )),
     }
 }
 
@@ -367,14 +246,26 @@ impl tower::Service<crate::resilience::Req> for Upstream {
         ) else {
             return undispatched();
         };
-        // mTLS when the endpoint's sidecar terminates it and this workload has an SVID.
-        let mesh = self.mesh.as_ref().filter(|m| {
-            target.mtls_identity.is_some() && m.svid.load().as_ref().is_some_and(|s| s.valid())
-        });
+        // Upstream connections speak HTTP/1.1, whatever the client spoke to the sidecar, except
+        // to endpoints that speak only HTTP/2 (gRPC): with prior knowledge when plaintext, and
+        // inside mTLS under the mesh's HTTP/2 ALPN when meshed.
+        let h2 = d.http2;
+        // mTLS when the endpoint's sidecar terminates it and this workload has a valid SVID.
+        let tls = match (&target.mtls_identity, &self.svid) {
+            (Some(id), Some(svid)) => svid.load_full().filter(|s| s.valid()).map(|s| {
+                let config = if h2 {
+                    s.tls.upstream_h2.clone()
+                } else {
+                    s.tls.upstream.clone()
+                };
+                (id.clone(), config)
+            }),
+            _ => None,
+        };
         // Never a downgrade: a meshed endpoint that is STRICT on this port (its
         // PeerAuthentication or its namespace) gets mTLS or nothing.
-        if mesh.is_none() && target.strict {
-            let why = match &self.mesh {
+        if tls.is_none() && target.strict {
+            let why = match &self.svid {
                 None => {
                     "this proxy has no workload identity (started without --join-token or --token-file)"
                 }
@@ -397,53 +288,51 @@ impl tower::Service<crate::resilience::Req> for Upstream {
             });
         }
         let (mut parts, body) = req.into_parts();
-        // The scheme only keys the pool (mTLS and plaintext connections never mix); the
-        // connector decides how to connect.
-        let scheme = if mesh.is_some() { "https" } else { "http" };
-        parts.uri = match crate::outbound::forward_uri(scheme, target.addr, &parts.uri) {
-            Ok(u) => u,
-            Err(msg) => {
-                return Box::pin(async move {
-                    Ok(refusal(
-                        hyper::StatusCode::BAD_REQUEST,
-                        "bad-uri",
-                        msg,
-                        None,
-                    ))
-                });
-            }
-        };
+        // Origin form on the connection: the pool knows where it goes.
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            parts.uri = parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .map_or_else(|| hyper::Uri::from_static("/"), hyper::Uri::from);
+        }
         if !parts.headers.contains_key(hyper::header::HOST)
             && let Ok(v) = hyper::header::HeaderValue::from_str(&d.authority)
         {
             parts.headers.insert(hyper::header::HOST, v);
         }
         parts.extensions = http::Extensions::new();
-        // Upstream connections speak HTTP/1.1, whatever the client spoke to the sidecar, except
-        // to endpoints that speak only HTTP/2 (gRPC): with prior knowledge when plaintext, and
-        // inside mTLS under the mesh's HTTP/2 ALPN when meshed.
-        let h2 = d.http2;
         parts.version = if h2 {
             http::Version::HTTP_2
         } else {
             http::Version::HTTP_11
         };
         let upstream = hyper::Request::from_parts(parts, body);
-        let fut = match mesh {
-            Some(m) if h2 => m.h2.request(upstream),
-            Some(m) => m.h1.request(upstream),
-            None if h2 => self.h2.request(upstream),
-            None => self.plain.request(upstream),
-        };
+        let (pool, metrics) = (self.pool.clone(), self.metrics.clone());
+        let addr = target.addr;
         Box::pin(async move {
+            let key = crate::pool::Key {
+                addr,
+                h2,
+                identity: tls.as_ref().map(|(id, _)| id.clone()),
+            };
+            let sent = match tls {
+                Some((id, config)) => {
+                    let dial = move || {
+                        let (id, config, metrics) = (id.clone(), config.clone(), metrics.clone());
+                        async move { mesh_handshake(addr, &id, config, &metrics).await }
+                    };
+                    pool.send(&key, upstream, dial).await
+                }
+                None => pool.send(&key, upstream, || dial_plain(addr)).await,
+            };
             let attempt = |outcome| Attempt {
-                endpoint: Some(target.addr),
+                endpoint: Some(addr),
                 outcome,
             };
-            Ok(match fut.await {
-                Ok(resp) => {
+            Ok(match sent {
+                Ok(mut resp) => {
                     let status = resp.status().as_u16();
-                    let mut resp = resp.map(http_body_util::BodyExt::boxed);
                     resp.extensions_mut()
                         .insert(attempt(Outcome::Status(status)));
                     resp
@@ -454,10 +343,11 @@ impl tower::Service<crate::resilience::Req> for Upstream {
                     } else {
                         Outcome::Reset
                     };
+                    tracing::debug!(cluster = %d.cluster, endpoint = %addr, error = %e, "upstream attempt failed");
                     refusal(
                         hyper::StatusCode::SERVICE_UNAVAILABLE,
                         "upstream-failure",
-                        format!("weft: {} endpoint {}: {outcome:?}", d.cluster, target.addr),
+                        format!("weft: {} endpoint {addr}: {outcome:?}", d.cluster),
                         Some(attempt(outcome)),
                     )
                 }

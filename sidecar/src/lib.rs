@@ -20,6 +20,7 @@ pub mod inbound;
 pub mod init;
 pub mod lrs;
 pub mod outbound;
+pub mod pool;
 pub mod resilience;
 pub mod state;
 pub mod telemetry;

@@ -105,8 +105,7 @@ impl Outbound {
         ctx: crate::ListenerContext,
         tracer: Tracer,
     ) -> Self {
-        let upstream =
-            crate::connect::Upstream::new(ctx.svid.clone(), ctx.xds.clone(), ctx.metrics.clone());
+        let upstream = crate::connect::Upstream::new(ctx.svid.clone(), ctx.metrics.clone());
         Outbound {
             listener,
             proxy: Arc::new(Proxy {
@@ -390,7 +389,7 @@ impl Proxy {
             self.tracer
                 .request_span(parent.as_ref(), req.method(), "", "")
         };
-        if let Ok(v) = hyper::header::HeaderValue::from_str(&trace.header()) {
+        if let Ok(v) = hyper::header::HeaderValue::from_bytes(&trace.header_bytes()) {
             req.headers_mut().insert(TRACEPARENT, v);
         }
         let resp = match crate::hop::request(&mut req, false) {

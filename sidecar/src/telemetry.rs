@@ -71,10 +71,6 @@ fn hex_decode<const N: usize>(s: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 impl TraceContext {
     /// Parses a `traceparent` value; `None` for anything the spec says to ignore (bad format,
     /// version ff, all-zero ids).
@@ -102,12 +98,28 @@ impl TraceContext {
 
     /// The `traceparent` value.
     pub fn header(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            hex(&self.trace_id),
-            hex(&self.span_id),
-            u8::from(self.sampled)
-        )
+        String::from_utf8_lossy(&self.header_bytes()).into_owned()
+    }
+
+    /// The `traceparent` value as bytes, written without the formatting machinery (it is made
+    /// for every request; the profile showed `format!` per byte at ~3 % of user time).
+    pub fn header_bytes(&self) -> [u8; 55] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 55];
+        out[..3].copy_from_slice(b"00-");
+        let ids = self.trace_id.iter().chain(self.span_id.iter());
+        let mut at = 3;
+        for (k, b) in ids.enumerate() {
+            if k == 16 {
+                out[at] = b'-';
+                at += 1;
+            }
+            out[at] = HEX[usize::from(b >> 4)];
+            out[at + 1] = HEX[usize::from(b & 15)];
+            at += 2;
+        }
+        out[at..].copy_from_slice(if self.sampled { b"-01" } else { b"-00" });
+        out
     }
 
     /// A child of `parent` (same trace, new span id), or the root of a new sampled trace.
@@ -335,6 +347,11 @@ mod tests {
         let v = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let c = TraceContext::parse(v).expect("valid");
         assert_eq!(c.header(), v);
+        let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        assert_eq!(
+            TraceContext::parse(unsampled).expect("valid").header(),
+            unsampled
+        );
         assert!(c.sampled);
         let child = TraceContext::child_of(Some(&c));
         assert_eq!(child.trace_id, c.trace_id);

@@ -54,8 +54,14 @@ async fn retry<S: Svc>(mut inner: S, metrics: Arc<Metrics>, d: Arc<Dispatch>, re
             .await
             .unwrap_or_else(|n| match n {});
     }
-    let bytes = match body.collect().await {
-        Ok(b) => b.to_bytes(),
+    // Most requests (GET) have no body: nothing to read or keep.
+    let collected = if body.is_end_stream() {
+        Ok(Bytes::new())
+    } else {
+        body.collect().await.map(|b| b.to_bytes())
+    };
+    let bytes = match collected {
+        Ok(b) => b,
         Err(e) => {
             return refusal(
                 StatusCode::BAD_REQUEST,

@@ -1,0 +1,500 @@
+//! The upstream connection pool: hyper's `client::conn` senders per endpoint, keyed by socket
+//! address, protocol and (for mesh mTLS) the identity the connection was checked against, so a
+//! connection verified as one SPIFFE ID never carries a request meant for another.
+//!
+//! HTTP/1.1: a stack of idle connections per key, each locked on its own; a request takes the
+//! most recently used one that is still open, or dials. The connection goes back when the
+//! response body has been read to its end (a body dropped early closes it); after a 101 it
+//! belongs to the upgrade (WebSocket) and never goes back. HTTP/2: one shared
+//! connection per key, redialled once closed. Idle connections older than the idle timeout are
+//! dropped when met and by a sweep. A request that could not be written on a reused connection
+//! (the endpoint closed it while idle) is sent once more on a new one. No URI is formatted or
+//! parsed to find a connection; only the HTTP/2 request gets an absolute URI (`:authority`).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::connect::MeshConnectError;
+use crate::outbound::Body;
+
+/// How long an idle upstream connection is kept.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle HTTP/1.1 connections kept per endpoint at most (more are closed when they come back).
+pub const MAX_IDLE_PER_KEY: usize = 512;
+
+/// What a pooled connection is: where to, how, and checked as whom.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Key {
+    /// The endpoint.
+    pub addr: SocketAddr,
+    /// HTTP/2 (prior knowledge, or inside mTLS under the mesh's HTTP/2 ALPN).
+    pub h2: bool,
+    /// The SPIFFE ID the peer was verified as (mesh mTLS), or none (plaintext).
+    pub identity: Option<Arc<str>>,
+}
+
+/// Why a request did not get a response from its endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// No connection could be made (nothing reached the endpoint: safe to retry elsewhere).
+    #[error(transparent)]
+    Connect(#[from] MeshConnectError),
+    /// The HTTP handshake on a new connection failed.
+    #[error("HTTP handshake with {0}: {1}")]
+    Handshake(SocketAddr, hyper::Error),
+    /// The connection broke before a response.
+    #[error("{0}: {1}")]
+    Send(SocketAddr, hyper::Error),
+}
+
+impl PoolError {
+    /// Whether nothing reached the endpoint (a connect failure), as opposed to a reset.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, PoolError::Connect(_) | PoolError::Handshake(..))
+    }
+}
+
+struct Idle {
+    tx: http1::SendRequest<Body>,
+    since: Instant,
+}
+
+type Stack = Arc<Mutex<Vec<Idle>>>;
+type Back = (http1::SendRequest<Body>, Weak<Mutex<Vec<Idle>>>);
+
+/// Upstream connections by [`Key`].
+#[derive(Default)]
+pub struct Pool {
+    h1: RwLock<HashMap<Key, Stack>>,
+    h2: Mutex<HashMap<Key, http2::SendRequest<Body>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Pool {
+    /// A pool, with a task (when a runtime is running) that drops expired idle connections.
+    pub fn new() -> Arc<Pool> {
+        let pool = Arc::new(Pool::default());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&pool);
+            rt.spawn(sweep(weak));
+        }
+        pool
+    }
+
+    fn stack(&self, key: &Key) -> Stack {
+        if let Some(s) = self
+            .h1
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+        {
+            return s.clone();
+        }
+        self.h1
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(key.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Idle HTTP/1.1 connections and open HTTP/2 ones, for the admin view.
+    pub fn counts(&self) -> (usize, usize) {
+        let idle = self
+            .h1
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .map(|s| lock(s).len())
+            .sum();
+        (idle, lock(&self.h2).len())
+    }
+
+    /// Sends `req` (origin-form URI; `Host` set) to `key`'s endpoint over a pooled connection,
+    /// dialling with `dial` when there is none.
+    pub async fn send<S, F, Fut>(
+        &self,
+        key: &Key,
+        req: Request<Body>,
+        dial: F,
+    ) -> Result<Response<Body>, PoolError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<S, MeshConnectError>>,
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        if key.h2 {
+            self.send_h2(key, req, dial).await
+        } else {
+            self.send_h1(key, req, dial).await
+        }
+    }
+
+    async fn send_h1<S, F, Fut>(
+        &self,
+        key: &Key,
+        req: Request<Body>,
+        dial: F,
+    ) -> Result<Response<Body>, PoolError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<S, MeshConnectError>>,
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let stack = self.stack(key);
+        let mut req = req;
+        let mut reused = self.checkout(&stack).await;
+        loop {
+            let was_reused = reused.is_some();
+            let mut tx = match reused.take() {
+                Some(tx) => tx,
+                None => {
+                    let io = dial().await?;
+                    let (tx, conn) = http1::Builder::new()
+                        .handshake(TokioIo::new(io))
+                        .await
+                        .map_err(|e| PoolError::Handshake(key.addr, e))?;
+                    // With upgrades: a 101 (WebSocket) hands the connection to the splice.
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.with_upgrades().await {
+                            tracing::debug!(error = %e, "upstream connection ended");
+                        }
+                    });
+                    tx
+                }
+            };
+            match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    // An upgraded connection is no longer HTTP: it never goes back.
+                    let back = (resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS)
+                        .then(|| (tx, Arc::downgrade(&stack)));
+                    return Ok(resp.map(|body| {
+                        let mut body = Returning { body, back };
+                        // An empty body (204, 304, `content-length: 0`) is never polled.
+                        if body.body.is_end_stream() {
+                            body.give_back();
+                        }
+                        body.boxed()
+                    }));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Never written: the endpoint closed the idle connection first. Once more,
+                    // on a new one.
+                    Some(r) if was_reused => req = r,
+                    _ => return Err(PoolError::Send(key.addr, e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// The most recently used idle connection that is open and ready, dropping expired and
+    /// closed ones on the way.
+    async fn checkout(&self, stack: &Stack) -> Option<http1::SendRequest<Body>> {
+        loop {
+            let idle = lock(stack).pop()?;
+            if idle.tx.is_closed() || idle.since.elapsed() > IDLE_TIMEOUT {
+                continue;
+            }
+            let mut tx = idle.tx;
+            if tx.is_ready() || tx.ready().await.is_ok() {
+                return Some(tx);
+            }
+        }
+    }
+
+    async fn send_h2<S, F, Fut>(
+        &self,
+        key: &Key,
+        mut req: Request<Body>,
+        dial: F,
+    ) -> Result<Response<Body>, PoolError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<S, MeshConnectError>>,
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        // HTTP/2 carries `:scheme` and `:authority`: the URI is made absolute.
+        let pq = req.uri().path_and_query().cloned();
+        let scheme = if key.identity.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        *req.uri_mut() = hyper::Uri::builder()
+            .scheme(scheme)
+            .authority(key.addr.to_string())
+            .path_and_query(pq.unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")))
+            .build()
+            .map_err(|_| PoolError::Connect(MeshConnectError::Address(key.addr.to_string())))?;
+        let open = lock(&self.h2)
+            .get(key)
+            .filter(|tx| !tx.is_closed())
+            .cloned();
+        let mut tx = match open {
+            Some(tx) => tx,
+            None => {
+                let io = dial().await?;
+                let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+                    .handshake(TokioIo::new(io))
+                    .await
+                    .map_err(|e| PoolError::Handshake(key.addr, e))?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                    }
+                });
+                lock(&self.h2).insert(key.clone(), tx.clone());
+                tx
+            }
+        };
+        tx.ready().await.map_err(|e| PoolError::Send(key.addr, e))?;
+        let resp = tx
+            .send_request(req)
+            .await
+            .map_err(|e| PoolError::Send(key.addr, e))?;
+        Ok(resp.map(BodyExt::boxed))
+    }
+
+    fn sweep_once(&self) {
+        let mut map = self
+            .h1
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.retain(|_, stack| {
+            let mut s = lock(stack);
+            s.retain(|i| !i.tx.is_closed() && i.since.elapsed() <= IDLE_TIMEOUT);
+            // A stack a request holds right now stays (it will put its connection back).
+            !s.is_empty() || Arc::strong_count(stack) > 1
+        });
+        lock(&self.h2).retain(|_, tx| !tx.is_closed());
+    }
+}
+
+/// Drops expired idle connections every few seconds while the pool lives.
+async fn sweep(pool: Weak<Pool>) {
+    let mut tick = tokio::time::interval(IDLE_TIMEOUT / 4);
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        pool.sweep_once();
+    }
+}
+
+/// A response body that puts its HTTP/1.1 connection back into the pool once read to the end.
+struct Returning {
+    body: Incoming,
+    /// The connection and the stack it goes back to (none: it is not reused).
+    back: Option<Back>,
+}
+
+impl Returning {
+    fn give_back(&mut self) {
+        if let Some((tx, stack)) = self.back.take()
+            && let Some(stack) = stack.upgrade()
+            && !tx.is_closed()
+        {
+            let mut s = lock(&stack);
+            if s.len() < MAX_IDLE_PER_KEY {
+                s.push(Idle {
+                    tx,
+                    since: Instant::now(),
+                });
+            }
+        }
+    }
+}
+
+impl Drop for Returning {
+    fn drop(&mut self) {
+        // Read to its end but not polled past it: the connection is still good.
+        if self.body.is_end_stream() {
+            self.give_back();
+        }
+    }
+}
+
+impl hyper::body::Body for Returning {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let r = Pin::new(&mut this.body).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => this.give_back(),
+            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.give_back(),
+            Poll::Ready(Some(Err(_))) => this.back = None,
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A raw HTTP/1.1 endpoint: answers each GET with `body_len` bytes, keeping the connection
+    /// unless `close_after_each` (then it closes the socket without saying so, as an endpoint
+    /// closing an idle connection does). Counts connections accepted.
+    async fn endpoint(body_len: usize, close_after_each: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.clear();
+                        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {body_len}\r\n\r\n");
+                        let mut out = head.into_bytes();
+                        out.resize(out.len() + body_len, b'x');
+                        if s.write_all(&out).await.is_err() || close_after_each {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn key(addr: SocketAddr, identity: Option<&str>) -> Key {
+        Key {
+            addr,
+            h2: false,
+            identity: identity.map(Arc::from),
+        }
+    }
+
+    fn get() -> Request<Body> {
+        let mut r = Request::new(http_body_util::Empty::new().map_err(|n| match n {}).boxed());
+        r.headers_mut().insert(
+            hyper::header::HOST,
+            hyper::header::HeaderValue::from_static("t"),
+        );
+        r
+    }
+
+    async fn send(pool: &Pool, key: &Key) -> Result<usize, PoolError> {
+        let addr = key.addr;
+        let resp = pool
+            .send(key, get(), || async move {
+                TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| MeshConnectError::Connect(addr, e))
+            })
+            .await?;
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        Ok(body.len())
+    }
+
+    #[tokio::test]
+    async fn sequential_requests_reuse_one_connection() {
+        let (addr, accepted) = endpoint(5, false).await;
+        let pool = Pool::new();
+        for _ in 0..20 {
+            assert_eq!(send(&pool, &key(addr, None)).await.expect("response"), 5);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.counts().0, 1, "the connection is idle in the pool");
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_unread_does_not_put_its_connection_back() {
+        let (addr, accepted) = endpoint(256 * 1024, false).await;
+        let pool = Pool::new();
+        let k = key(addr, None);
+        let resp = pool
+            .send(&k, get(), || async move {
+                TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| MeshConnectError::Connect(addr, e))
+            })
+            .await
+            .expect("response");
+        drop(resp);
+        // The next request must not be written behind 256 KiB of someone else's body.
+        assert_eq!(send(&pool, &k).await.expect("response"), 256 * 1024);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_checked_as_one_identity_never_carries_another() {
+        // Attacker's view: the control plane now says the endpoint at this address serves as
+        // another identity (a pod replaced, an IP reused). A pool keyed by address alone would
+        // send the new identity's requests down the connection verified as the old one.
+        let (addr, accepted) = endpoint(2, false).await;
+        let pool = Pool::new();
+        send(&pool, &key(addr, Some("spiffe://weft/ns/a/sa/old")))
+            .await
+            .expect("response");
+        send(&pool, &key(addr, Some("spiffe://weft/ns/a/sa/new")))
+            .await
+            .expect("response");
+        send(&pool, &key(addr, None)).await.expect("response");
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_endpoint_closed_while_idle_is_replaced() {
+        let (addr, accepted) = endpoint(2, true).await;
+        let pool = Pool::new();
+        for i in 0..10 {
+            let sent = send(&pool, &key(addr, None)).await;
+            assert!(matches!(sent, Ok(2)), "request {i}: {sent:?}");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 10);
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_a_connect_failure() {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let pool = Pool::new();
+        let e = send(&pool, &key(addr, None)).await.expect_err("refused");
+        assert!(e.is_connect(), "{e}");
+    }
+}
