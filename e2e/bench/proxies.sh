@@ -34,6 +34,7 @@ measure() { # name port pid
   before=$( [ "$pid" = - ] && echo 0 || ticks "$pid")
   out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "Host: $HOST" "http://127.0.0.1:$port/")
   after=$( [ "$pid" = - ] && echo 0 || ticks "$pid")
+  echo "$out" | grep -q "Non-2xx" && { echo "$name: non-2xx responses; not a valid run"; echo "$out"; exit 1; }
   reqs=$(echo "$out" | awk '/requests in/ {print $1}')
   rps=$(echo "$out" | awk '/Requests\/sec/ {printf "%.0f", $2}')
   p50=$(echo "$out" | awk '$1=="50%" {print $2}')
