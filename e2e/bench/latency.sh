@@ -15,12 +15,8 @@ cd "$(dirname "$0")/../.."
 DURATION=${DURATION:-10}
 RATES=${RATES:-"1000 5000"}
 HOST=echo.default.svc.cluster.local
-for tool in oha haproxy nginx taskset curl; do
-  command -v "$tool" >/dev/null || { echo "missing $tool: see e2e/bench/run.sh"; exit 1; }
-done
-cargo build --release -q -p weft-sidecar -p weft-control-plane
-
 . e2e/bench/lib.sh
+need "see e2e/bench/run.sh" oha haproxy nginx taskset curl
 start_upstream 18380
 start_proxies 18381 18382 18380
 start_weft 18300

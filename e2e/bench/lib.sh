@@ -11,6 +11,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# need HINT TOOL...: stops with HINT unless every TOOL is installed, then builds the release
+# sidecar and control plane that the benchmarks run.
+need() {
+  local hint=$1 tool
+  shift
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null || { echo "missing $tool: $hint"; exit 1; }
+  done
+  cargo build --release -q -p weft-sidecar -p weft-control-plane
+}
+
 # start_upstream PORT [H2C_PORT]: an nginx answering 200 "upstream" on 127.0.0.1:PORT (and with
 # HTTP/2 prior knowledge on H2C_PORT, for direct HTTP/2 runs), on core 1.
 start_upstream() {
@@ -68,7 +79,7 @@ CONF
 }
 
 # start_weft BASE: a control plane (file source: Service echo -> 127.0.0.1:BASE+80, the
-# upstream) on core 1 and a Weft sidecar on core 0 — outbound BASE+83, inbound BASE+84,
+# upstream) on core 1 and a Weft sidecar ($WEFT_SIDECAR, else the release build) on core 0 — outbound BASE+83, inbound BASE+84,
 # admin BASE+85; control plane plaintext BASE+90, metrics BASE+91, TLS BASE+92. Waits until
 # the sidecar routes; sets weft (its pid).
 start_weft() {
@@ -90,7 +101,7 @@ YAML
   taskset -c 1 target/release/weft-control-plane --source-dir "$work/world" \
     --xds-plaintext-addr 127.0.0.1:$((b + 90)) --metrics-addr 127.0.0.1:$((b + 91)) \
     --grpc-addr 127.0.0.1:$((b + 92)) --log warn >/dev/null & pids+=($!)
-  taskset -c 0 target/release/weft-sidecar run --plaintext-xds --xds-addr 127.0.0.1:$((b + 90)) \
+  taskset -c 0 "${WEFT_SIDECAR:-target/release/weft-sidecar}" run --plaintext-xds --xds-addr 127.0.0.1:$((b + 90)) \
     --outbound-addr 127.0.0.1:$((b + 83)) --inbound-addr 127.0.0.1:$((b + 84)) \
     --admin-addr 127.0.0.1:$((b + 85)) --log warn >/dev/null & weft=$!; pids+=($weft)
   for _ in $(seq 100); do curl -fs "http://127.0.0.1:$((b + 85))/ready" >/dev/null 2>&1 && break; sleep 0.1; done

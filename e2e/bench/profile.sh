@@ -15,12 +15,8 @@ cd "$(dirname "$0")/../.."
 DURATION=${DURATION:-5}
 CONNS=${CONNS:-50}
 HOST=echo.default.svc.cluster.local
-for tool in wrk haproxy nginx taskset curl strace nstat; do
-  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install -y haproxy nginx wrk strace iproute2"; exit 1; }
-done
-cargo build --release -q -p weft-sidecar -p weft-control-plane
-
 . e2e/bench/lib.sh
+need "apt-get install -y haproxy nginx wrk strace iproute2" wrk haproxy nginx taskset curl strace nstat
 start_upstream 18080
 start_proxies 18081 18082 18080
 start_weft 18000

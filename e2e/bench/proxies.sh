@@ -14,12 +14,8 @@ cd "$(dirname "$0")/../.."
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-50}
 HOST=echo.default.svc.cluster.local
-for tool in wrk haproxy nginx taskset curl; do
-  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install -y haproxy nginx wrk"; exit 1; }
-done
-cargo build --release -q -p weft-sidecar -p weft-control-plane
-
 . e2e/bench/lib.sh
+need "apt-get install -y haproxy nginx wrk" wrk haproxy nginx taskset curl
 start_upstream 18080
 start_proxies 18081 18082 18080
 start_weft 18000
@@ -66,5 +62,5 @@ measure "nginx proxy" 18082 "$nginx_worker"
   echo "|---|---|---|---|---|---|---|"
   printf '%s\n' "${results[@]}"
   echo
-  echo "Weft sidecar RSS idle (config loaded): ${weft_idle_rss} MiB. Latencies are wrk's at saturation (closed loop, no coordinated-omission correction); the fixed-rate latency run (oha at 1k/5k rps) is not built yet."
+  echo "Weft sidecar RSS idle (config loaded): ${weft_idle_rss} MiB. Latencies are wrk's at saturation (closed loop, no coordinated-omission correction); the fixed-rate latency run (oha, latency-corrected) is e2e/bench/latency.sh."
 } | tee -a BENCHMARKS.md

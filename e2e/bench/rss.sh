@@ -10,8 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 SERVICES=${SERVICES:-1000}
 ENDPOINTS=${ENDPOINTS:-10}
-cargo build --release -q -p weft-sidecar -p weft-control-plane
 . e2e/bench/lib.sh
+need "apt-get install -y nginx curl" nginx curl python3
 
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 # clusters PORT: how many clusters the sidecar on admin PORT holds.

@@ -67,6 +67,27 @@ impl PoolError {
     }
 }
 
+/// How a pool opens a new connection to an endpoint (plain TCP, or TCP then mesh mTLS): any
+/// `Fn() -> impl Future<Output = Result<stream, MeshConnectError>>`.
+pub trait Dial {
+    /// The connection's stream.
+    type Io: AsyncRead + AsyncWrite + Send + Unpin + 'static;
+    /// Opens one.
+    fn dial(&self) -> impl Future<Output = Result<Self::Io, MeshConnectError>> + Send;
+}
+
+impl<F, Fut, S> Dial for F
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<S, MeshConnectError>> + Send,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    type Io = S;
+    fn dial(&self) -> impl Future<Output = Result<S, MeshConnectError>> + Send {
+        self()
+    }
+}
+
 struct Idle {
     tx: http1::SendRequest<Body>,
     since: Instant,
@@ -128,17 +149,12 @@ impl Pool {
 
     /// Sends `req` (origin-form URI; `Host` set) to `key`'s endpoint over a pooled connection,
     /// dialling with `dial` when there is none.
-    pub async fn send<S, F, Fut>(
+    pub async fn send<D: Dial>(
         &self,
         key: &Key,
         req: Request<Body>,
-        dial: F,
-    ) -> Result<Response<Body>, PoolError>
-    where
-        F: Fn() -> Fut,
-        Fut: Future<Output = Result<S, MeshConnectError>>,
-        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    {
+        dial: D,
+    ) -> Result<Response<Body>, PoolError> {
         if key.h2 {
             self.send_h2(key, req, dial).await
         } else {
@@ -146,17 +162,12 @@ impl Pool {
         }
     }
 
-    async fn send_h1<S, F, Fut>(
+    async fn send_h1<D: Dial>(
         &self,
         key: &Key,
         req: Request<Body>,
-        dial: F,
-    ) -> Result<Response<Body>, PoolError>
-    where
-        F: Fn() -> Fut,
-        Fut: Future<Output = Result<S, MeshConnectError>>,
-        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    {
+        dial: D,
+    ) -> Result<Response<Body>, PoolError> {
         let stack = self.stack(key);
         let mut req = req;
         let mut reused = self.checkout(&stack).await;
@@ -165,7 +176,7 @@ impl Pool {
             let mut tx = match reused.take() {
                 Some(tx) => tx,
                 None => {
-                    let io = dial().await?;
+                    let io = dial.dial().await?;
                     let (tx, conn) = http1::Builder::new()
                         .handshake(TokioIo::new(io))
                         .await
@@ -218,17 +229,12 @@ impl Pool {
         }
     }
 
-    async fn send_h2<S, F, Fut>(
+    async fn send_h2<D: Dial>(
         &self,
         key: &Key,
         mut req: Request<Body>,
-        dial: F,
-    ) -> Result<Response<Body>, PoolError>
-    where
-        F: Fn() -> Fut,
-        Fut: Future<Output = Result<S, MeshConnectError>>,
-        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    {
+        dial: D,
+    ) -> Result<Response<Body>, PoolError> {
         // HTTP/2 carries `:scheme` and `:authority`: the URI is made absolute.
         let pq = req.uri().path_and_query().cloned();
         let scheme = if key.identity.is_some() {
@@ -249,7 +255,7 @@ impl Pool {
         let mut tx = match open {
             Some(tx) => tx,
             None => {
-                let io = dial().await?;
+                let io = dial.dial().await?;
                 let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                     .handshake(TokioIo::new(io))
                     .await
