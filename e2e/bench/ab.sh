@@ -12,7 +12,6 @@ cd "$(dirname "$0")/../.."
 [ $# -eq 2 ] || { echo "usage: $0 SIDECAR_A SIDECAR_B"; exit 2; }
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
-HOST=echo.default.svc.cluster.local
 a=$(realpath "$1") b=$(realpath "$2")
 
 run() { # binary

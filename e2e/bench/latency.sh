@@ -14,7 +14,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DURATION=${DURATION:-10}
 RATES=${RATES:-"1000 5000"}
-HOST=echo.default.svc.cluster.local
 . e2e/bench/lib.sh
 need "see e2e/bench/run.sh" oha haproxy nginx taskset curl
 start_upstream 18380

@@ -3,6 +3,8 @@
 # the CPU time of a process.
 
 work=$(mktemp -d)
+# The Service host start_weft's world serves.
+HOST=echo.default.svc.cluster.local
 pids=()
 cleanup() {
   for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill "${pids[$i]}" 2>/dev/null || true; done

@@ -14,7 +14,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DURATION=${DURATION:-5}
 CONNS=${CONNS:-50}
-HOST=echo.default.svc.cluster.local
 . e2e/bench/lib.sh
 need "apt-get install -y haproxy nginx wrk strace iproute2" wrk haproxy nginx taskset curl strace nstat
 start_upstream 18080

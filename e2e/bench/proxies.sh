@@ -13,7 +13,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-50}
-HOST=echo.default.svc.cluster.local
 . e2e/bench/lib.sh
 need "apt-get install -y haproxy nginx wrk" wrk haproxy nginx taskset curl
 start_upstream 18080
