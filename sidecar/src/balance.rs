@@ -231,12 +231,15 @@ impl EndpointStats {
 
 /// Peak-EWMA's two choices: whether `a` wins over `b`. Cost is latency × (outstanding + 1);
 /// an endpoint never measured borrows its rival's latency (so a new endpoint is explored at
-/// low load, yet a burst does not all land on it: its outstanding requests count), and costs
-/// within [`TIE_FACTOR`] of each other are a tie broken at random. `r` is random bits: the
-/// lowest breaks ties, and one pick in [`EXPLORE_PAIR_ONE_IN`] is the coin's alone.
+/// low load, yet a burst does not all land on it: its outstanding requests count). With as
+/// many requests in flight on each, latencies within [`TIE_FACTOR`] of each other are a tie
+/// broken at random. `r` is random bits: the lowest breaks ties, and one pick in
+/// [`EXPLORE_PAIR_ONE_IN`] is the coin's alone — when the coin's choice has nothing in
+/// flight (an endpoint that hangs without failing is not fed by exploration).
 pub fn p2c(a: &EndpointStats, b: &EndpointStats, r: u64) -> bool {
     let coin = r & 1 == 0;
-    if (r >> 1).is_multiple_of(EXPLORE_PAIR_ONE_IN) {
+    let (oa, ob) = (a.outstanding(), b.outstanding());
+    if (r >> 1).is_multiple_of(EXPLORE_PAIR_ONE_IN) && (if coin { oa } else { ob }) == 0 {
         return coin;
     }
     let (la, lb) = match (a.latency(), b.latency()) {
@@ -247,13 +250,10 @@ pub fn p2c(a: &EndpointStats, b: &EndpointStats, r: u64) -> bool {
             (d, d)
         }
     };
-    let ca = la * f64::from(a.outstanding() + 1);
-    let cb = lb * f64::from(b.outstanding() + 1);
-    if ca.max(cb) <= ca.min(cb) * TIE_FACTOR {
-        coin
-    } else {
-        ca < cb
+    if oa == ob && la.max(lb) <= la.min(lb) * TIE_FACTOR {
+        return coin;
     }
+    la * f64::from(oa + 1) < lb * f64::from(ob + 1)
 }
 
 /// One pickable endpoint.

@@ -32,6 +32,10 @@ use crate::outbound::Body;
 
 /// How long an idle upstream connection is kept.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often an HTTP/2 upstream connection is pinged, and how long a ping may go unanswered.
+pub const H2_KEEPALIVE: Duration = Duration::from_secs(20);
+/// See [`H2_KEEPALIVE`].
+pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle HTTP/1.1 connections kept per endpoint at most (more are closed when they come back).
 pub const MAX_IDLE_PER_KEY: usize = 512;
 
@@ -94,13 +98,13 @@ struct Idle {
 }
 
 type Stack = Arc<Mutex<Vec<Idle>>>;
-type Back = (http1::SendRequest<Body>, Weak<Mutex<Vec<Idle>>>);
+type Back = (http1::SendRequest<Body>, Stack);
 
 /// Upstream connections by [`Key`].
 #[derive(Default)]
 pub struct Pool {
     h1: RwLock<HashMap<Key, Stack>>,
-    h2: Mutex<HashMap<Key, http2::SendRequest<Body>>>,
+    h2: Mutex<HashMap<Key, (http2::SendRequest<Body>, Instant)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -194,7 +198,7 @@ impl Pool {
                 Ok(resp) => {
                     // An upgraded connection is no longer HTTP: it never goes back.
                     let back = (resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS)
-                        .then(|| (tx, Arc::downgrade(&stack)));
+                        .then(|| (tx, stack.clone()));
                     return Ok(resp.map(|body| {
                         let mut body = Returning { body, back };
                         // An empty body (204, 304, `content-length: 0`) is never polled.
@@ -214,19 +218,24 @@ impl Pool {
         }
     }
 
-    /// The most recently used idle connection that is open and ready, dropping expired and
-    /// closed ones on the way.
+    /// The most recently used connection that is open and ready now, dropping expired and
+    /// closed ones. One still busy (its request body still uploading after an early answer)
+    /// stays for later and is never waited on: the request dials instead.
     async fn checkout(&self, stack: &Stack) -> Option<http1::SendRequest<Body>> {
-        loop {
-            let idle = lock(stack).pop()?;
-            if idle.tx.is_closed() || idle.since.elapsed() > IDLE_TIMEOUT {
-                continue;
-            }
-            let mut tx = idle.tx;
-            if tx.is_ready() || tx.ready().await.is_ok() {
-                return Some(tx);
-            }
+        // A connection handed back is ready once its task has run: let it run first.
+        let ready_now = |s: &mut Vec<Idle>| {
+            s.retain(|i| !i.tx.is_closed() && i.since.elapsed() <= IDLE_TIMEOUT);
+            let at = s.iter().rposition(|i| i.tx.is_ready())?;
+            Some(s.remove(at).tx)
+        };
+        if let Some(tx) = ready_now(&mut lock(stack)) {
+            return Some(tx);
         }
+        if lock(stack).is_empty() {
+            return None;
+        }
+        tokio::task::yield_now().await;
+        ready_now(&mut lock(stack))
     }
 
     async fn send_h2<D: Dial>(
@@ -248,33 +257,49 @@ impl Pool {
             .path_and_query(pq.unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")))
             .build()
             .map_err(|_| PoolError::Connect(MeshConnectError::Address(key.addr.to_string())))?;
-        let open = lock(&self.h2)
-            .get(key)
-            .filter(|tx| !tx.is_closed())
-            .cloned();
-        let mut tx = match open {
-            Some(tx) => tx,
-            None => {
-                let io = dial.dial().await?;
-                let (tx, conn) = http2::Builder::new(TokioExecutor::new())
-                    .handshake(TokioIo::new(io))
-                    .await
-                    .map_err(|e| PoolError::Handshake(key.addr, e))?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-                    }
-                });
-                lock(&self.h2).insert(key.clone(), tx.clone());
-                tx
+        let mut reused = lock(&self.h2).get_mut(key).and_then(|(tx, used)| {
+            *used = Instant::now();
+            (!tx.is_closed()).then(|| tx.clone())
+        });
+        loop {
+            let was_reused = reused.is_some();
+            let mut tx = match reused.take() {
+                Some(tx) => tx,
+                None => {
+                    let io = dial.dial().await?;
+                    // Pinged while open, so a peer that vanished without a reset is noticed.
+                    let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .keep_alive_interval(H2_KEEPALIVE)
+                        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+                        .keep_alive_while_idle(true)
+                        .handshake(TokioIo::new(io))
+                        .await
+                        .map_err(|e| PoolError::Handshake(key.addr, e))?;
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                        }
+                    });
+                    lock(&self.h2).insert(key.clone(), (tx.clone(), Instant::now()));
+                    tx
+                }
+            };
+            if let Err(e) = tx.ready().await {
+                if was_reused {
+                    continue;
+                }
+                return Err(PoolError::Send(key.addr, e));
             }
-        };
-        tx.ready().await.map_err(|e| PoolError::Send(key.addr, e))?;
-        let resp = tx
-            .send_request(req)
-            .await
-            .map_err(|e| PoolError::Send(key.addr, e))?;
-        Ok(resp.map(BodyExt::boxed))
+            match tx.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(BodyExt::boxed)),
+                Err(mut e) => match e.take_message() {
+                    // Never sent (the connection was closing: GOAWAY): once more on a new one.
+                    Some(r) if was_reused => req = r,
+                    _ => return Err(PoolError::Send(key.addr, e.into_error())),
+                },
+            }
+        }
     }
 
     fn sweep_once(&self) {
@@ -288,7 +313,7 @@ impl Pool {
             // A stack a request holds right now stays (it will put its connection back).
             !s.is_empty() || Arc::strong_count(stack) > 1
         });
-        lock(&self.h2).retain(|_, tx| !tx.is_closed());
+        lock(&self.h2).retain(|_, (tx, used)| !tx.is_closed() && used.elapsed() <= IDLE_TIMEOUT);
     }
 }
 
@@ -312,7 +337,6 @@ struct Returning {
 impl Returning {
     fn give_back(&mut self) {
         if let Some((tx, stack)) = self.back.take()
-            && let Some(stack) = stack.upgrade()
             && !tx.is_closed()
         {
             let mut s = lock(&stack);
