@@ -179,20 +179,7 @@ impl Pool {
             let was_reused = reused.is_some();
             let mut tx = match reused.take() {
                 Some(tx) => tx,
-                None => {
-                    let io = dial.dial().await?;
-                    let (tx, conn) = http1::Builder::new()
-                        .handshake(TokioIo::new(io))
-                        .await
-                        .map_err(|e| PoolError::Handshake(key.addr, e))?;
-                    // With upgrades: a 101 (WebSocket) hands the connection to the splice.
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.with_upgrades().await {
-                            tracing::debug!(error = %e, "upstream connection ended");
-                        }
-                    });
-                    tx
-                }
+                None => open_h1(key.addr, &dial).await?,
             };
             match tx.try_send_request(req).await {
                 Ok(resp) => {
@@ -266,21 +253,7 @@ impl Pool {
             let mut tx = match reused.take() {
                 Some(tx) => tx,
                 None => {
-                    let io = dial.dial().await?;
-                    // Pinged while open, so a peer that vanished without a reset is noticed.
-                    let (tx, conn) = http2::Builder::new(TokioExecutor::new())
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .keep_alive_interval(H2_KEEPALIVE)
-                        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
-                        .keep_alive_while_idle(true)
-                        .handshake(TokioIo::new(io))
-                        .await
-                        .map_err(|e| PoolError::Handshake(key.addr, e))?;
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-                        }
-                    });
+                    let tx = open_h2(key.addr, &dial).await?;
                     lock(&self.h2).insert(key.clone(), (tx.clone(), Instant::now()));
                     tx
                 }
@@ -315,6 +288,48 @@ impl Pool {
         });
         lock(&self.h2).retain(|_, (tx, used)| !tx.is_closed() && used.elapsed() <= IDLE_TIMEOUT);
     }
+}
+
+/// Drives a connection on its own task until it ends.
+fn drive<F: Future<Output = hyper::Result<()>> + Send + 'static>(conn: F) {
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended");
+        }
+    });
+}
+
+/// A new HTTP/1.1 connection to `addr` (with upgrades: a 101 hands it to the splice).
+async fn open_h1<D: Dial>(
+    addr: SocketAddr,
+    dial: &D,
+) -> Result<http1::SendRequest<Body>, PoolError> {
+    let io = dial.dial().await?;
+    let (tx, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| PoolError::Handshake(addr, e))?;
+    drive(conn.with_upgrades());
+    Ok(tx)
+}
+
+/// A new HTTP/2 connection to `addr`, pinged while open so that a peer gone without a reset
+/// is noticed.
+async fn open_h2<D: Dial>(
+    addr: SocketAddr,
+    dial: &D,
+) -> Result<http2::SendRequest<Body>, PoolError> {
+    let io = dial.dial().await?;
+    let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(H2_KEEPALIVE)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| PoolError::Handshake(addr, e))?;
+    drive(conn);
+    Ok(tx)
 }
 
 /// Drops expired idle connections every few seconds while the pool lives.
@@ -515,6 +530,51 @@ mod tests {
             assert!(matches!(sent, Ok(2)), "request {i}: {sent:?}");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 10);
+    }
+
+    /// A request body that never ends (an upload slower than anything).
+    struct Endless;
+
+    impl hyper::body::Body for Endless {
+        type Data = Bytes;
+        type Error = hyper::Error;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_uploading_is_never_waited_on() {
+        // Attacker's view: a caller streams a body forever; the endpoint answers early and
+        // keeps the connection. Whoever is next must not queue behind that upload.
+        let (addr, accepted) = endpoint(2, false).await;
+        let pool = Pool::new();
+        let k = key(addr, None);
+        let mut upload = Request::new(Endless.boxed());
+        *upload.method_mut() = hyper::Method::POST;
+        upload.headers_mut().insert(
+            hyper::header::HOST,
+            hyper::header::HeaderValue::from_static("t"),
+        );
+        let resp = pool
+            .send(&k, upload, || async move {
+                TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| MeshConnectError::Connect(addr, e))
+            })
+            .await
+            .expect("early answer");
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(body.len(), 2);
+        let next = tokio::time::timeout(Duration::from_secs(2), send(&pool, &k)).await;
+        assert!(
+            matches!(next, Ok(Ok(2))),
+            "the next request waited: {next:?}"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
