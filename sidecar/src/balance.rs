@@ -57,13 +57,14 @@ pub const EWMA_DECAY: Duration = Duration::from_secs(10);
 /// Latency assumed for an endpoint never measured, when neither of two candidates has been
 /// (a measured rival lends its estimate instead: see [`p2c`]).
 pub const DEFAULT_RTT: Duration = Duration::from_millis(1);
-/// Two choices whose costs are within this factor of each other are a tie, broken at random:
-/// latency estimates on a quiet link differ by noise, and a strict comparison would send every
-/// sequential request to whichever endpoint last looked faster by a few microseconds.
+/// Two choices with as many requests in flight whose latencies are within this factor of each
+/// other are a tie, broken at random: latency estimates on a quiet link differ by noise, and a
+/// strict comparison would send every sequential request to whichever endpoint last looked
+/// faster by a few microseconds.
 pub const TIE_FACTOR: f64 = 2.0;
-/// One two-choice pick in this many ignores costs and takes either candidate at random, so an
-/// estimate raised by one hiccup is measured again (and fades) instead of keeping its
-/// endpoint out of rotation at low load until time decays it.
+/// One two-choice pick in this many takes either candidate at random, costs aside, when the
+/// one it takes has nothing in flight: an estimate raised by one hiccup is measured again (and
+/// fades) instead of keeping its endpoint out of rotation at low load until time decays it.
 pub const EXPLORE_PAIR_ONE_IN: u64 = 16;
 /// How many of its own durations a latency estimate is trusted while no new sample arrives
 /// (it then decays toward zero, so the endpoint is measured again).
@@ -141,11 +142,16 @@ impl EndpointStats {
     /// it decays no lower than [`IDLE_FLOOR`] of itself, so a burst after a long quiet spell
     /// does not all land on an endpoint that merely was not measured lately.
     fn latency(&self) -> Option<f64> {
+        self.latency_at(Instant::now())
+    }
+
+    /// [`Self::latency`] as of `now` (one clock read serves both choices of a pick).
+    fn latency_at(&self, now: Instant) -> Option<f64> {
         let l = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
         if l <= 0.0 {
             return None;
         }
-        let now = self.epoch.elapsed().as_nanos() as u64;
+        let now = now.saturating_duration_since(self.epoch).as_nanos() as u64;
         let idle = now.saturating_sub(self.stamp_ns.load(Ordering::Relaxed)) as f64;
         Some(l * (-idle / (IDLE_HORIZON * l)).exp().max(IDLE_FLOOR))
     }
@@ -242,7 +248,8 @@ pub fn p2c(a: &EndpointStats, b: &EndpointStats, r: u64) -> bool {
     if (r >> 1).is_multiple_of(EXPLORE_PAIR_ONE_IN) && (if coin { oa } else { ob }) == 0 {
         return coin;
     }
-    let (la, lb) = match (a.latency(), b.latency()) {
+    let now = Instant::now();
+    let (la, lb) = match (a.latency_at(now), b.latency_at(now)) {
         (Some(la), Some(lb)) => (la, lb),
         (Some(l), None) | (None, Some(l)) => (l, l),
         (None, None) => {

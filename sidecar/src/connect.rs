@@ -77,7 +77,12 @@ pub async fn splice(
 
 /// A TCP connection to `dst` (no Nagle), within the opaque connect timeout.
 pub async fn connect_app(dst: SocketAddr) -> std::io::Result<TcpStream> {
-    match tokio::time::timeout(OPAQUE_CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
+    connect_tcp(dst, OPAQUE_CONNECT_TIMEOUT).await
+}
+
+/// A TCP connection to `dst` (no Nagle), within `limit`.
+async fn connect_tcp(dst: SocketAddr, limit: Duration) -> std::io::Result<TcpStream> {
+    match tokio::time::timeout(limit, TcpStream::connect(dst)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
             Ok(s)
@@ -155,17 +160,7 @@ pub async fn mesh_handshake(
     config: Arc<rustls::ClientConfig>,
     metrics: &Metrics,
 ) -> Result<TlsStream<TcpStream>, MeshConnectError> {
-    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => return Err(MeshConnectError::Connect(addr, e)),
-        Err(_) => {
-            return Err(MeshConnectError::Connect(
-                addr,
-                std::io::ErrorKind::TimedOut.into(),
-            ));
-        }
-    };
-    let _ = tcp.set_nodelay(true);
+    let tcp = dial_plain(addr).await?;
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
     let handshake = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
@@ -216,17 +211,9 @@ impl Upstream {
 
 /// A plain TCP connection to an endpoint (no Nagle), within [`CONNECT_TIMEOUT`].
 async fn dial_plain(addr: SocketAddr) -> Result<TcpStream, MeshConnectError> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            Ok(s)
-        }
-        Ok(Err(e)) => Err(MeshConnectError::Connect(addr, e)),
-        Err(_) => Err(MeshConnectError::Connect(
-            addr,
-            std::io::ErrorKind::TimedOut.into(),
-        )),
-    }
+    connect_tcp(addr, CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| MeshConnectError::Connect(addr, e))
 }
 
 impl tower::Service<crate::resilience::Req> for Upstream {

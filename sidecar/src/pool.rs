@@ -97,6 +97,13 @@ struct Idle {
     since: Instant,
 }
 
+impl Idle {
+    /// Still worth keeping at `now`: open, and not idle past the timeout.
+    fn usable(&self, now: Instant) -> bool {
+        !self.tx.is_closed() && now.saturating_duration_since(self.since) <= IDLE_TIMEOUT
+    }
+}
+
 type Stack = Arc<Mutex<Vec<Idle>>>;
 type Back = (http1::SendRequest<Body>, Stack);
 
@@ -111,6 +118,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Pool {
     /// A pool, with a task (when a runtime is running) that drops expired idle connections.
     pub fn new() -> Arc<Pool> {
@@ -123,32 +138,10 @@ impl Pool {
     }
 
     fn stack(&self, key: &Key) -> Stack {
-        if let Some(s) = self
-            .h1
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(key)
-        {
+        if let Some(s) = read(&self.h1).get(key) {
             return s.clone();
         }
-        self.h1
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(key.clone())
-            .or_default()
-            .clone()
-    }
-
-    /// Idle HTTP/1.1 connections and open HTTP/2 ones, for the admin view.
-    pub fn counts(&self) -> (usize, usize) {
-        let idle = self
-            .h1
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .values()
-            .map(|s| lock(s).len())
-            .sum();
-        (idle, lock(&self.h2).len())
+        write(&self.h1).entry(key.clone()).or_default().clone()
     }
 
     /// Sends `req` (origin-form URI; `Host` set) to `key`'s endpoint over a pooled connection,
@@ -169,11 +162,10 @@ impl Pool {
     async fn send_h1<D: Dial>(
         &self,
         key: &Key,
-        req: Request<Body>,
+        mut req: Request<Body>,
         dial: D,
     ) -> Result<Response<Body>, PoolError> {
         let stack = self.stack(key);
-        let mut req = req;
         let mut reused = self.checkout(&stack).await;
         loop {
             let was_reused = reused.is_some();
@@ -209,12 +201,22 @@ impl Pool {
     /// closed ones. One still busy (its request body still uploading after an early answer)
     /// stays for later and is never waited on: the request dials instead.
     async fn checkout(&self, stack: &Stack) -> Option<http1::SendRequest<Body>> {
-        // A connection handed back is ready once its task has run: let it run first.
+        // From the top (most recent): the first ready one is taken, spent ones met on the way
+        // are dropped, busy ones stay; the sweep handles the rest of the stack.
         let ready_now = |s: &mut Vec<Idle>| {
-            s.retain(|i| !i.tx.is_closed() && i.since.elapsed() <= IDLE_TIMEOUT);
-            let at = s.iter().rposition(|i| i.tx.is_ready())?;
-            Some(s.remove(at).tx)
+            let now = Instant::now();
+            let mut at = s.len();
+            while at > 0 {
+                at -= 1;
+                if !s[at].usable(now) {
+                    s.remove(at);
+                } else if s[at].tx.is_ready() {
+                    return Some(s.remove(at).tx);
+                }
+            }
+            None
         };
+        // A connection handed back is ready once its task has run: let it run first.
         if let Some(tx) = ready_now(&mut lock(stack)) {
             return Some(tx);
         }
@@ -276,13 +278,10 @@ impl Pool {
     }
 
     fn sweep_once(&self) {
-        let mut map = self
-            .h1
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.retain(|_, stack| {
+        let now = Instant::now();
+        write(&self.h1).retain(|_, stack| {
             let mut s = lock(stack);
-            s.retain(|i| !i.tx.is_closed() && i.since.elapsed() <= IDLE_TIMEOUT);
+            s.retain(|i| i.usable(now));
             // A stack a request holds right now stays (it will put its connection back).
             !s.is_empty() || Arc::strong_count(stack) > 1
         });
@@ -482,7 +481,8 @@ mod tests {
             assert_eq!(send(&pool, &key(addr, None)).await.expect("response"), 5);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
-        assert_eq!(pool.counts().0, 1, "the connection is idle in the pool");
+        let idle: usize = read(&pool.h1).values().map(|s| lock(s).len()).sum();
+        assert_eq!(idle, 1, "the connection is idle in the pool");
     }
 
     #[tokio::test]
