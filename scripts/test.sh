@@ -61,6 +61,10 @@ fi
 say "cargo fmt --check"
 cargo fmt --all -- --check
 
+say "module graph: no cycle among the sidecar's modules (scripts/module-cycles.py)"
+python3 scripts/module-cycles.py --self-test
+python3 scripts/module-cycles.py sidecar/src
+
 say "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 

@@ -32,7 +32,7 @@ fn endpoints(n: usize, algorithm: Algorithm) -> Endpoints {
             mtls_identity: None,
             strict: false,
             stats: Arc::default(),
-            load: Arc::new(weft_sidecar::lrs::LocalityLoad::new("a")),
+            load: Arc::new(weft_sidecar::load::LocalityLoad::new("a")),
             hot: Arc::default(),
         })
         .collect();

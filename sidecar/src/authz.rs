@@ -21,8 +21,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Response, StatusCode};
 use weft_proto::rbac::{Decision, HttpInput, Input};
 
-use crate::admin::Metrics;
-use crate::outbound::Body;
+use crate::http::Body;
+use crate::metrics::Metrics;
 use crate::state::MeshConfig;
 
 /// The body Envoy's RBAC filter answers a denied request with.
@@ -131,7 +131,7 @@ impl Caller<'_> {
         let normal = weft_proto::rbac::normalize_path(path).map_err(|why| {
             tracing::info!(peer = %self.peer, path, "authz: request refused: {why}");
             metrics.inbound_refused("ambiguous-path");
-            Box::new(crate::outbound::refuse(
+            Box::new(crate::http::refuse(
                 StatusCode::BAD_REQUEST,
                 "ambiguous-path",
                 format!("weft: {why}"),

@@ -17,11 +17,12 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use weft_proto::tls::{self, rustls};
 
-use crate::admin::Metrics;
 use crate::identity::SvidCell;
+use crate::metrics::Metrics;
+use crate::pool::MeshConnectError;
 
 /// A pooled HTTP client over `connector` (idle connections kept 60 s).
-pub fn pooled<C>(connector: C) -> hyper_util::client::legacy::Client<C, crate::outbound::Body>
+pub fn pooled<C>(connector: C) -> hyper_util::client::legacy::Client<C, crate::http::Body>
 where
     C: hyper_util::client::legacy::connect::Connect + Clone,
 {
@@ -31,7 +32,7 @@ where
 }
 
 /// A pooled HTTP/2-only client over `connector` (prior knowledge, or inside mTLS).
-pub fn pooled_h2<C>(connector: C) -> hyper_util::client::legacy::Client<C, crate::outbound::Body>
+pub fn pooled_h2<C>(connector: C) -> hyper_util::client::legacy::Client<C, crate::http::Body>
 where
     C: hyper_util::client::legacy::connect::Connect + Clone,
 {
@@ -130,26 +131,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Why an mTLS connection to an endpoint was not made.
-#[derive(Debug, thiserror::Error)]
-pub enum MeshConnectError {
-    /// The URI has no `ip:port` authority.
-    #[error("{0:?} is not an endpoint address")]
-    Address(String),
-    /// This workload has no valid certificate.
-    #[error("this workload has no valid certificate yet")]
-    NoCertificate,
-    /// TCP connect failed or timed out.
-    #[error("connect {0}: {1}")]
-    Connect(SocketAddr, std::io::Error),
-    /// The TLS handshake failed or timed out.
-    #[error("mTLS handshake with {0}: {1}")]
-    Handshake(SocketAddr, std::io::Error),
-    /// The peer is not who the control plane said.
-    #[error("mTLS peer {0}: {1}")]
-    Identity(SocketAddr, tls::TlsError),
-}
-
 /// Mesh mTLS to a meshed endpoint: a bounded TCP connect, the handshake under `config` (its
 /// ALPN says what the connection carries), then the check that the peer is `expected` (the
 /// SPIFFE ID the control plane said the endpoint serves as) — before a byte is sent. Failures
@@ -226,7 +207,8 @@ impl tower::Service<crate::resilience::Req> for Upstream {
     }
 
     fn call(&mut self, req: crate::resilience::Req) -> crate::resilience::BoxFut {
-        use crate::resilience::{Attempt, Dispatch, Outcome, Picked, refusal, undispatched};
+        use crate::policy::Outcome;
+        use crate::resilience::{Attempt, Dispatch, Picked, refusal, undispatched};
         let (Some(d), Some(Picked(target))) = (
             Dispatch::of(&req),
             req.extensions().get::<Picked>().cloned(),

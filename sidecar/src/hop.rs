@@ -130,7 +130,7 @@ pub fn request<B>(
 pub fn response<B>(
     resp: &mut hyper::Response<B>,
     downstream: Option<hyper::upgrade::OnUpgrade>,
-    metrics: &std::sync::Arc<crate::admin::Metrics>,
+    metrics: &std::sync::Arc<crate::metrics::Metrics>,
     listener: &'static str,
 ) {
     strip(resp.headers_mut());
@@ -176,7 +176,7 @@ fn keep_websocket(headers: &mut HeaderMap) {
 fn splice_upgrades(
     downstream: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
-    metrics: std::sync::Arc<crate::admin::Metrics>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
     listener: &'static str,
 ) {
     tokio::spawn(async move {

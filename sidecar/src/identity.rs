@@ -196,7 +196,7 @@ impl ControlPlaneLink {
 }
 
 async fn fetch(
-    cfg: &crate::RunConfig,
+    cfg: &crate::config::RunConfig,
     link: &ControlPlaneLink,
     current: Option<&Svid>,
     token: &str,
@@ -240,7 +240,7 @@ pub enum TokenSource {
 
 impl TokenSource {
     /// The source the configuration names, if any (`--join-token` wins).
-    pub fn from_config(cfg: &crate::RunConfig) -> Option<Self> {
+    pub fn from_config(cfg: &crate::config::RunConfig) -> Option<Self> {
         cfg.join_token
             .clone()
             .map(TokenSource::Literal)
@@ -260,11 +260,11 @@ impl TokenSource {
 
 /// Keeps `current` holding a valid SVID, in the background.
 pub fn start(
-    cfg: crate::RunConfig,
+    cfg: crate::config::RunConfig,
     token: TokenSource,
     link: ControlPlaneLink,
     current: SvidCell,
-    metrics: Arc<crate::admin::Metrics>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> tokio::task::JoinHandle<()> {
     let spiffe_id = format!(
         "spiffe://{}/ns/{}/sa/{}",

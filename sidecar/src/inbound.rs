@@ -33,10 +33,10 @@ use weft_proto::SpiffeId;
 use weft_proto::keys::CLIENT_IDENTITY_HEADER;
 use weft_proto::tls::{self, MtlsMode};
 
-use crate::admin::Metrics;
 use crate::detect::{self, Detected, Protocol};
+use crate::http::{Body, MAX_HEAD_BYTES, refuse};
 use crate::identity::SvidCell;
-use crate::outbound::{Body, MAX_HEAD_BYTES, refuse};
+use crate::metrics::Metrics;
 use crate::xds::XdsHandle;
 
 /// How long a caller gets to finish the TLS handshake.
@@ -70,7 +70,7 @@ impl Inbound {
     pub async fn bind(
         addr: SocketAddr,
         app: Option<SocketAddr>,
-        ctx: crate::ListenerContext,
+        ctx: crate::listener::ListenerContext,
     ) -> std::io::Result<Self> {
         Ok(Self::with_listener(
             TcpListener::bind(addr).await?,
@@ -83,7 +83,7 @@ impl Inbound {
     pub fn with_listener(
         listener: TcpListener,
         app: Option<SocketAddr>,
-        ctx: crate::ListenerContext,
+        ctx: crate::listener::ListenerContext,
     ) -> Self {
         Inbound {
             listener,
@@ -640,7 +640,7 @@ impl Shared {
                 return *resp;
             }
         }
-        parts.uri = match crate::outbound::forward_uri("http", app, &parts.uri) {
+        parts.uri = match crate::http::forward_uri("http", app, &parts.uri) {
             Ok(u) => u,
             Err(msg) => return refuse(StatusCode::BAD_REQUEST, "bad-uri", msg),
         };

@@ -15,13 +15,19 @@ pub mod connect;
 pub mod detect;
 pub mod health;
 pub mod hop;
+pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod init;
+pub mod listener;
+pub mod load;
 pub mod lrs;
+pub mod metrics;
 pub mod outbound;
+pub mod policy;
 pub mod pool;
 pub mod resilience;
+pub mod runtime;
 pub mod state;
 pub mod telemetry;
 pub mod xds;
@@ -49,31 +55,6 @@ pub enum StartError {
     /// The configuration cannot run.
     #[error("{0}")]
     Config(String),
-}
-
-/// What both listeners share: the workload's namespace and identity, the config, metrics and
-/// the connection-level limits.
-#[derive(Clone)]
-pub struct ListenerContext {
-    /// The workload's namespace (short hosts resolve in it; its mTLS mode applies inbound).
-    pub namespace: String,
-    /// Ports whose server speaks first: never wait for the client's bytes.
-    pub server_first_ports: Vec<u16>,
-    /// Slowloris protection: an HTTP head must arrive whole within this.
-    pub header_read_timeout: std::time::Duration,
-    /// The accepted config.
-    pub xds: xds::XdsHandle,
-    /// The workload's SVID, when it has an identity.
-    pub svid: Option<identity::SvidCell>,
-    /// Metrics.
-    pub metrics: Arc<admin::Metrics>,
-    /// The proxy's own listener ports: a redirected connection headed to one of them is
-    /// refused by inbound (a remote caller must never reach outbound or admin through it).
-    pub own_ports: Vec<u16>,
-    /// Downstream idle timeout (zero: none).
-    pub idle_timeout: std::time::Duration,
-    /// Open connections per listener at most.
-    pub max_connections: usize,
 }
 
 /// How this sidecar reaches its control plane, from its configuration.
@@ -154,7 +135,7 @@ impl Sidecar {
     /// Binds and starts serving.
     pub async fn start(cfg: RunConfig) -> Result<Self, StartError> {
         let err = |what, addr| move |source| StartError::Bind { what, addr, source };
-        let metrics = Arc::new(admin::Metrics::new());
+        let metrics = Arc::new(metrics::Metrics::new());
         let cell = identity::SvidCell::default();
         let link = control_plane_link(&cfg, &cell)?;
         let mut tasks = Vec::new();
@@ -188,7 +169,7 @@ impl Sidecar {
         own_ports.retain(|p| *p != 0);
         own_ports.sort_unstable();
         own_ports.dedup();
-        let ctx = ListenerContext {
+        let ctx = listener::ListenerContext {
             own_ports,
             idle_timeout: cfg.idle_timeout,
             max_connections: cfg.max_connections,

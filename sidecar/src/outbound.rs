@@ -13,8 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
@@ -25,23 +24,22 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use weft_proto::keys::PROXY_REASON_HEADER;
 
-use crate::admin::Metrics;
-use crate::balance::pick::{Pick, PickLayer};
 use crate::connect::Upstream;
 use crate::detect::{self, Protocol};
+use crate::http::{Body, MAX_HEAD_BYTES, forward_uri, refuse};
+use crate::metrics::Metrics;
+use crate::policy::RetryPolicy;
+use crate::resilience::Dispatch;
 use crate::resilience::breaker::{Breaker, BreakerLayer, ConnectionLimit, ConnectionLimitLayer};
 use crate::resilience::outlier::{Outlier, OutlierLayer};
+use crate::resilience::pick::{Pick, PickLayer};
 use crate::resilience::retry::{Retry, RetryLayer};
 use crate::resilience::timeout::{PerTryTimeout, PerTryTimeoutLayer, Timeout, TimeoutLayer};
-use crate::resilience::{Dispatch, RetryPolicy};
 use crate::state::{HashOn, RouteTarget};
 use crate::telemetry::{TRACEPARENT, TraceContext, Tracer};
 use crate::xds::XdsHandle;
 use tower::Service;
 use tracing::Instrument;
-
-/// Response body of the proxy.
-pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// The outbound listener and the proxy behind it.
 pub struct Outbound {
@@ -67,29 +65,11 @@ struct Proxy {
     svid: Option<crate::identity::SvidCell>,
 }
 
-/// Largest request head (request line and headers) accepted.
-pub const MAX_HEAD_BYTES: usize = 64 * 1024;
-
-/// Answers with a status and a reason header (a request the proxy refused itself).
-pub fn refuse(status: StatusCode, reason: &'static str, detail: String) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(Bytes::from(detail + "\n"))
-            .map_err(|n| match n {})
-            .boxed(),
-    );
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        PROXY_REASON_HEADER,
-        hyper::header::HeaderValue::from_static(reason),
-    );
-    r
-}
-
 impl Outbound {
     /// Binds the listener.
     pub async fn bind(
         addr: SocketAddr,
-        ctx: crate::ListenerContext,
+        ctx: crate::listener::ListenerContext,
         tracer: Tracer,
     ) -> std::io::Result<Self> {
         Ok(Self::with_listener(
@@ -102,7 +82,7 @@ impl Outbound {
     /// Serves on an already bound `listener` (the IPv6 one).
     pub fn with_listener(
         listener: TcpListener,
-        ctx: crate::ListenerContext,
+        ctx: crate::listener::ListenerContext,
         tracer: Tracer,
     ) -> Self {
         let upstream = crate::connect::Upstream::new(ctx.svid.clone(), ctx.metrics.clone());
@@ -525,14 +505,6 @@ pub fn stack(upstream: Upstream, metrics: &Arc<Metrics>) -> Stack {
 static DEFAULT_RETRY: std::sync::LazyLock<Arc<RetryPolicy>> =
     std::sync::LazyLock::new(|| Arc::new(RetryPolicy::connect_failure_default()));
 
-/// The URI of a request forwarded to `to`: its path and query on `scheme://to`.
-pub fn forward_uri(scheme: &str, to: SocketAddr, uri: &hyper::Uri) -> Result<hyper::Uri, String> {
-    let pq = uri.path_and_query().map_or("/", |p| p.as_str());
-    format!("{scheme}://{to}{pq}")
-        .parse()
-        .map_err(|_| format!("weft: cannot forward {pq:?}"))
-}
-
 /// The request's authority: from the URI (HTTP/2, absolute form) or the Host header.
 fn request_authority<B>(req: &Request<B>) -> String {
     req.uri()
@@ -590,7 +562,7 @@ mod tests {
             mtls_identity: identity.map(Arc::from),
             strict: false,
             stats: Arc::default(),
-            load: Arc::new(crate::lrs::LocalityLoad::new("")),
+            load: Arc::new(crate::load::LocalityLoad::new("")),
             hot: Arc::default(),
         }
     }

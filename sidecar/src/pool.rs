@@ -26,9 +26,29 @@ use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
+use weft_proto::tls;
 
-use crate::connect::MeshConnectError;
-use crate::outbound::Body;
+use crate::http::Body;
+
+/// Why an mTLS connection to an endpoint was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshConnectError {
+    /// The URI has no `ip:port` authority.
+    #[error("{0:?} is not an endpoint address")]
+    Address(String),
+    /// This workload has no valid certificate.
+    #[error("this workload has no valid certificate yet")]
+    NoCertificate,
+    /// TCP connect failed or timed out.
+    #[error("connect {0}: {1}")]
+    Connect(SocketAddr, std::io::Error),
+    /// The TLS handshake failed or timed out.
+    #[error("mTLS handshake with {0}: {1}")]
+    Handshake(SocketAddr, std::io::Error),
+    /// The peer is not who the control plane said.
+    #[error("mTLS peer {0}: {1}")]
+    Identity(SocketAddr, tls::TlsError),
+}
 
 /// How long an idle upstream connection is kept.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);

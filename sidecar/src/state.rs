@@ -11,7 +11,8 @@ use prost::Message;
 use serde::Serialize;
 
 use crate::balance::{Algorithm, Balancer, EndpointStats, Target};
-use crate::resilience::{ClusterPolicy, ClusterRuntime, RetryPolicy};
+use crate::policy::{ClusterPolicy, RetryPolicy};
+use crate::runtime::ClusterRuntime;
 use weft_proto::envoy::envoy::config::cluster::v3::Cluster;
 use weft_proto::envoy::envoy::config::core::v3 as core;
 use weft_proto::envoy::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -288,10 +289,10 @@ pub struct Endpoint {
     pub stats: Arc<EndpointStats>,
     /// Load counters of its cluster and locality (load reports).
     #[serde(skip)]
-    pub load: Arc<crate::lrs::LocalityLoad>,
+    pub load: Arc<crate::load::LocalityLoad>,
     /// Cached metric handles of its 200s in this cluster.
     #[serde(skip)]
-    pub hot: Arc<crate::admin::HotCache>,
+    pub hot: Arc<crate::metrics::HotCache>,
 }
 
 fn ser_stats<S: serde::Serializer>(st: &Arc<EndpointStats>, s: S) -> Result<S::Ok, S::Error> {
@@ -335,7 +336,7 @@ pub fn compile_endpoints(
     cla: &ClusterLoadAssignment,
     algorithm: Algorithm,
     stats: StatsFor<'_>,
-    load_for: &dyn Fn(&str) -> Arc<crate::lrs::LocalityLoad>,
+    load_for: &dyn Fn(&str) -> Arc<crate::load::LocalityLoad>,
 ) -> Result<Endpoints, Invalid> {
     let kind = "ClusterLoadAssignment";
     let mut priorities: Vec<Vec<Endpoint>> = Vec::new();
@@ -884,7 +885,7 @@ mod tests {
                 mtls_identity: None,
                 strict: false,
                 stats: Arc::default(),
-                load: Arc::new(crate::lrs::LocalityLoad::new("")),
+                load: Arc::new(crate::load::LocalityLoad::new("")),
                 hot: Arc::default(),
             });
         }

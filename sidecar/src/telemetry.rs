@@ -169,7 +169,10 @@ impl std::fmt::Debug for Tracer {
 
 impl Tracer {
     /// A tracer exporting to `endpoint` (e.g. `http://collector:4317`), or only propagating.
-    pub fn start(endpoint: Option<String>, metrics: std::sync::Arc<crate::admin::Metrics>) -> Self {
+    pub fn start(
+        endpoint: Option<String>,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> Self {
         let Some(endpoint) = endpoint else {
             return Tracer::default();
         };
@@ -290,7 +293,7 @@ impl Tracer {
 /// thread; a full queue drops the batch (counted in `weft_proxy_spans_dropped_total`).
 pub struct OtlpExporter {
     tx: mpsc::Sender<Vec<SpanData>>,
-    metrics: std::sync::Arc<crate::admin::Metrics>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for OtlpExporter {
@@ -319,7 +322,7 @@ async fn export_loop(
     mut client: TraceServiceClient<tonic::transport::Channel>,
     resource: ResourceAttributesWithSchema,
     mut rx: mpsc::Receiver<Vec<SpanData>>,
-    metrics: std::sync::Arc<crate::admin::Metrics>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) {
     while let Some(batch) = rx.recv().await {
         let n = batch.len() as u64;

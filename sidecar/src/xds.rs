@@ -26,7 +26,8 @@ use weft_proto::type_url;
 
 use crate::balance::{Algorithm, EndpointStats};
 use crate::config::{RunConfig, XdsProtocol};
-use crate::resilience::{ClusterPolicy, ClusterRuntime};
+use crate::policy::ClusterPolicy;
+use crate::runtime::ClusterRuntime;
 use crate::state::{self, ClusterState, Invalid, MeshConfig, Route};
 
 /// First reconnect delay.
@@ -173,7 +174,7 @@ pub fn node(cfg: &RunConfig) -> Node {
 pub fn start(
     cfg: RunConfig,
     link: crate::identity::ControlPlaneLink,
-    metrics: Arc<crate::admin::Metrics>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> XdsHandle {
     let config = Arc::new(ArcSwap::from_pointee(MeshConfig::default()));
     let (ready_tx, ready) = watch::channel(false);
@@ -249,7 +250,7 @@ async fn stream_once(
     held: &mut Held,
     config: &Publish,
     ready: &watch::Sender<bool>,
-    metrics: &crate::admin::Metrics,
+    metrics: &crate::metrics::Metrics,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut client = connect(link).await?;
     let (tx, rx) = mpsc::channel(16);
@@ -334,7 +335,7 @@ async fn stream_delta(
     held: &mut Held,
     config: &Publish,
     ready: &watch::Sender<bool>,
-    metrics: &crate::admin::Metrics,
+    metrics: &crate::metrics::Metrics,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut client = connect(link).await?;
     let (tx, rx) = mpsc::channel(16);
@@ -446,7 +447,7 @@ async fn stream_delta(
 }
 
 /// The NACK message for refused resources (each named with its field), logged and counted.
-fn nack_message(type_url: &str, errors: &[Invalid], metrics: &crate::admin::Metrics) -> String {
+fn nack_message(type_url: &str, errors: &[Invalid], metrics: &crate::metrics::Metrics) -> String {
     let message = errors
         .iter()
         .map(ToString::to_string)
@@ -586,7 +587,7 @@ fn apply(held: &mut Held, t: &'static str, update: Update<'_>) -> Result<Depende
                     c,
                     Algorithm::RoundRobin,
                     &mut |_| Arc::default(),
-                    &|z| Arc::new(crate::lrs::LocalityLoad::new(z)),
+                    &|z| Arc::new(crate::load::LocalityLoad::new(z)),
                 ) {
                     errors.push(e);
                 }
@@ -624,7 +625,7 @@ fn compile(held: &mut Held) -> MeshConfig {
         .filter_map(|c| {
             let eds_name = state::cluster_eds_name(c).ok()?;
             let algorithm = state::cluster_algorithm(c);
-            let runtime: Arc<crate::resilience::ClusterRuntime> =
+            let runtime: Arc<crate::runtime::ClusterRuntime> =
                 held.runtimes.get(&c.name).cloned().unwrap_or_default();
             let endpoints = held
                 .endpoints

@@ -8,7 +8,7 @@
 use hyper::StatusCode;
 
 use super::{BoxFut, Dispatch, Req, Resp, Svc, refusal, undispatched};
-use crate::admin::Metrics;
+use crate::metrics::Metrics;
 
 /// Response header naming which limit overflowed.
 pub const OVERFLOW_HEADER: &str = "x-weft-overflow";
@@ -83,8 +83,8 @@ impl<S: Svc> ConnectionLimit<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admin::Metrics;
-    use crate::resilience::ClusterPolicy;
+    use crate::metrics::Metrics;
+    use crate::policy::ClusterPolicy;
     use crate::resilience::test_support::{dispatch, request, slow};
     use std::sync::Arc;
     use std::time::Duration;

@@ -8,10 +8,8 @@
 
 use std::time::Instant;
 
-use super::{
-    Attempt, BoxFut, CONNECT_FAILURE_EJECTION, Dispatch, Outcome, Picked, Req, Svc, outcome_of,
-    undispatched,
-};
+use super::{Attempt, BoxFut, Dispatch, Picked, Req, Svc, outcome_of, undispatched};
+use crate::policy::{CONNECT_FAILURE_EJECTION, Outcome};
 
 crate::resilience::stack_layer!(
     /// Records attempt outcomes per endpoint and ejects outliers.
@@ -81,9 +79,9 @@ impl<S: Svc> Outlier<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admin::Metrics;
+    use crate::metrics::Metrics;
+    use crate::policy::{ClusterPolicy, OutlierPolicy};
     use crate::resilience::test_support::{dispatch, request, scripted};
-    use crate::resilience::{ClusterPolicy, OutlierPolicy};
     use std::sync::Arc;
     use std::time::Duration;
     use tower::{Layer, Service};

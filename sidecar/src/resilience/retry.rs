@@ -14,8 +14,8 @@ use hyper::StatusCode;
 use hyper::body::Body as _;
 
 use super::{Attempt, BoxFut, Dispatch, Req, Resp, Svc, Tried, outcome_of, refusal, undispatched};
-use crate::admin::Metrics;
-use crate::outbound::Body;
+use crate::http::Body;
+use crate::metrics::Metrics;
 
 /// Largest request body kept in memory so a request can be retried.
 pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
@@ -108,8 +108,8 @@ async fn retry<S: Svc>(mut inner: S, metrics: Arc<Metrics>, d: Arc<Dispatch>, re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::{ClusterPolicy, RetryPolicy};
     use crate::resilience::test_support::{dispatch, request, scripted};
-    use crate::resilience::{ClusterPolicy, RetryPolicy};
     use tower::{Layer, Service};
 
     fn with_retry(retry_on: &str, attempts: u32, budget: Option<(f64, u32)>) -> Dispatch {
