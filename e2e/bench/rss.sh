@@ -14,6 +14,9 @@ ENDPOINTS=${ENDPOINTS:-10}
 need "apt-get install -y nginx curl" nginx curl python3
 
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+# split PID: "anonymous/file" KiB (heap and stacks vs the binary's mapped pages).
+split_kib() { awk '/RssAnon/ {a=$2} /RssFile/ {f=$2} END {print a "/" f}' "/proc/$1/status"; }
+mib() { echo "$(($1 / 1024)).$(( ($1 % 1024) * 10 / 1024 ))"; }
 # clusters PORT: how many clusters the sidecar on admin PORT holds.
 clusters() {
   curl -fs "http://127.0.0.1:$1/clusters" | python3 -c 'import json, sys; print(len(json.load(sys.stdin)))'
@@ -23,6 +26,7 @@ start_upstream 18080
 start_weft 18000
 sleep 2
 idle=$(rss_kib "$weft")
+idle_split=$(split_kib "$weft")
 idle_clusters=$(clusters 18085)
 
 # The big world, written next to the small one: the control plane's file source picks it up
@@ -60,6 +64,11 @@ got=$(clusters 18085)
 [ "$got" -ge "$want" ] || { echo "the sidecar holds $got clusters, not $want"; exit 1; }
 sleep 2
 loaded=$(rss_kib "$weft")
+loaded_split=$(split_kib "$weft")
+if [ -n "${RSS_DEBUG:-}" ]; then
+  taskset -c 0 target/release/weft-sidecar run --plaintext-xds --xds-addr 127.0.0.1:18090 --outbound-addr 127.0.0.1:19083 --inbound-addr 127.0.0.1:19084 --admin-addr 127.0.0.1:19085 --no-ipv6 --log warn >/dev/null & w2=$!; pids+=($w2)
+  sleep 8; echo "fresh sidecar: $(rss_kib $w2) $(split_kib $w2) clusters $(clusters 19085)"; curl -fs http://127.0.0.1:19085/metrics | grep -E "^weft_xds_up"
+fi
 
 {
   echo
@@ -67,8 +76,8 @@ loaded=$(rss_kib "$weft")
   echo
   echo "Command: \`SERVICES=$SERVICES ENDPOINTS=$ENDPOINTS ./e2e/bench/rss.sh\`"
   echo
-  echo "| config | clusters | sidecar RSS |"
-  echo "|---|---|---|"
-  echo "| idle: one Service, one endpoint | $idle_clusters | $((idle / 1024)).$(( (idle % 1024) * 10 / 1024 )) MiB |"
-  echo "| $SERVICES Services × $ENDPOINTS endpoints ($((SERVICES * ENDPOINTS)) endpoints) | $got | $((loaded / 1024)).$(( (loaded % 1024) * 10 / 1024 )) MiB |"
+  echo "| config | clusters | sidecar RSS | anonymous / file-backed |"
+  echo "|---|---|---|---|"
+  echo "| idle: one Service, one endpoint | $idle_clusters | $(mib "$idle") MiB | $(mib "${idle_split%/*}") / $(mib "${idle_split#*/}") MiB |"
+  echo "| $SERVICES Services × $ENDPOINTS endpoints ($((SERVICES * ENDPOINTS)) endpoints) | $got | $(mib "$loaded") MiB | $(mib "${loaded_split%/*}") / $(mib "${loaded_split#*/}") MiB |"
 } | tee -a BENCHMARKS.md

@@ -4,7 +4,9 @@ use clap::{Parser, Subcommand};
 use weft_sidecar::{RunConfig, Sidecar};
 
 /// mimalloc: the request path allocates and frees small buffers at a high rate, which glibc's
-/// malloc spent ~7 % of the proxy's CPU on (profile in BENCHMARKS.md).
+/// malloc spent ~7 % of the proxy's CPU on (profile in BENCHMARKS.md). The `system-allocator`
+/// feature keeps glibc's, so heap profilers that hook malloc (heaptrack) see every allocation.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -557,7 +557,7 @@ mod tests {
         crate::state::Endpoint {
             addr: addr.parse().expect("addr"),
             healthy: true,
-            zone: String::new(),
+            zone: "".into(),
             origin: Arc::from(""),
             mtls_identity: identity.map(Arc::from),
             strict: false,

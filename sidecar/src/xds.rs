@@ -26,7 +26,6 @@ use weft_proto::type_url;
 
 use crate::balance::{Algorithm, EndpointStats};
 use crate::config::{RunConfig, XdsProtocol};
-use crate::policy::ClusterPolicy;
 use crate::runtime::ClusterRuntime;
 use crate::state::{self, ClusterState, Invalid, MeshConfig, Route};
 
@@ -88,13 +87,18 @@ impl Backoff {
     }
 }
 
-/// The resources the client holds, as accepted.
+/// The resources the client holds, each validated and compiled once when it arrived (never
+/// the protos: with 1 000 Services they were most of the sidecar's memory).
 #[derive(Default)]
 struct Held {
-    listeners: BTreeMap<String, Listener>,
-    routes: BTreeMap<String, RouteConfiguration>,
-    clusters: BTreeMap<String, Cluster>,
-    endpoints: BTreeMap<String, ClusterLoadAssignment>,
+    listeners: BTreeMap<String, state::ListenerSpec>,
+    routes: BTreeMap<String, state::RouteSpec>,
+    clusters: BTreeMap<String, Arc<state::ClusterSpec>>,
+    endpoints: BTreeMap<String, Arc<state::EndpointSet>>,
+    /// Each cluster's endpoints as last built: reused while the cluster's algorithm and its
+    /// assignment are unchanged, so a change to one cluster rebuilds no other balancer (ring
+    /// and maglev tables included).
+    built: HashMap<String, Built>,
     versions: BTreeMap<String, String>,
     /// Names subscribed per type (RDS and EDS are named; LDS and CDS are wildcards).
     names: HashMap<&'static str, BTreeSet<String>>,
@@ -104,6 +108,13 @@ struct Held {
     runtimes: HashMap<String, Arc<ClusterRuntime>>,
     /// Delta: per type, the version of each resource held (sent back on reconnect).
     delta_versions: HashMap<&'static str, BTreeMap<String, String>>,
+}
+
+/// A cluster's endpoints and what they were built from.
+struct Built {
+    algorithm: Algorithm,
+    set: Arc<state::EndpointSet>,
+    endpoints: Arc<state::Endpoints>,
 }
 
 /// Shared handles: the config the request path reads and whether every type was ACKed once.
@@ -474,204 +485,186 @@ struct Update<'a> {
     replace: bool,
 }
 
-/// Validates a whole response and, if every resource passes, installs it (replacing the held
-/// set of its type for SotW, merging for delta); otherwise nothing changes.
-fn apply(held: &mut Held, t: &'static str, update: Update<'_>) -> Result<Dependents, Vec<Invalid>> {
+/// Validates and compiles every resource of a response; only if all pass are they installed
+/// (replacing the held set of the type for state of the world, merged into it for delta),
+/// else nothing changes. The held map is changed in place: no copy of a whole type per
+/// response.
+fn merge<T>(
+    held: &mut BTreeMap<String, T>,
+    t: &'static str,
+    kind: &'static str,
+    update: &Update<'_>,
+    compile: impl Fn(&[u8]) -> Result<(String, T), Invalid>,
+) -> Result<(), Vec<Invalid>> {
     let mut errors = Vec::new();
-    macro_rules! decode_all {
-        ($ty:ty, $kind:literal, $name:expr, $current:expr) => {{
-            let mut out = if update.replace {
-                BTreeMap::new()
-            } else {
-                $current.clone()
-            };
-            for name in update.removed {
-                out.remove(name);
-            }
-            for any in update.resources {
-                if any.type_url != t {
-                    errors.push(Invalid {
-                        kind: $kind,
-                        name: String::new(),
-                        message: format!("type {:?} in a {} response", any.type_url, $kind),
-                    });
-                    continue;
-                }
-                match state::decode::<$ty>($kind, "", &any.value) {
-                    Ok(r) => {
-                        let name: String = $name(&r);
-                        out.insert(name, r);
-                    }
-                    Err(e) => errors.push(e),
-                }
-            }
-            out
-        }};
+    let mut fresh = Vec::with_capacity(update.resources.len());
+    for any in update.resources {
+        if any.type_url != t {
+            errors.push(Invalid {
+                kind,
+                name: String::new(),
+                message: format!("type {:?} in a {} response", any.type_url, kind),
+            });
+            continue;
+        }
+        match compile(&any.value) {
+            Ok(r) => fresh.push(r),
+            Err(e) => errors.push(e),
+        }
     }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    if update.replace {
+        held.clear();
+    }
+    for name in update.removed {
+        held.remove(name);
+    }
+    held.extend(fresh);
+    Ok(())
+}
+
+/// Decodes a resource of `kind` and compiles it with `f`, naming it by `name`.
+fn decoded<M: prost::Message + Default, T>(
+    kind: &'static str,
+    bytes: &[u8],
+    name: impl Fn(&M) -> &str,
+    f: impl Fn(&M) -> Result<T, Invalid>,
+) -> Result<(String, T), Invalid> {
+    let m: M = state::decode(kind, "", bytes)?;
+    Ok((name(&m).to_string(), f(&m)?))
+}
+
+/// Applies one response: its type's handler validates and installs it, and says which names
+/// of the dependent type the held set now refers to (RDS names for listeners, EDS names for
+/// clusters).
+fn apply(held: &mut Held, t: &'static str, update: Update<'_>) -> Result<Dependents, Vec<Invalid>> {
     match t {
         type_url::LISTENER => {
-            let listeners = decode_all!(
-                Listener,
-                "Listener",
-                |l: &Listener| l.name.clone(),
-                held.listeners
-            );
-            let mut routes = BTreeSet::new();
-            for l in listeners.values() {
-                if let Err(e) = state::InboundPolicy::from_listener(l) {
-                    errors.push(e);
-                }
-                match state::listener_routes(l) {
-                    Ok(Some(r)) => {
-                        routes.insert(r);
-                    }
-                    Ok(None) => {}
-                    Err(e) => errors.push(e),
-                }
-            }
-            if !errors.is_empty() {
-                return Err(errors);
-            }
-            held.listeners = listeners;
+            merge(&mut held.listeners, t, "Listener", &update, |b| {
+                decoded(
+                    "Listener",
+                    b,
+                    |l: &Listener| &l.name,
+                    state::ListenerSpec::from_xds,
+                )
+            })?;
+            let routes = held
+                .listeners
+                .values()
+                .filter_map(|l| l.routes.clone())
+                .collect();
             Ok(Some((type_url::ROUTE, routes)))
         }
         type_url::ROUTE => {
-            let routes = decode_all!(
-                RouteConfiguration,
-                "RouteConfiguration",
-                |r: &RouteConfiguration| r.name.clone(),
-                held.routes
-            );
-            for r in routes.values() {
-                if let Err(e) = state::compile_routes(r) {
-                    errors.push(e);
-                }
-            }
-            if !errors.is_empty() {
-                return Err(errors);
-            }
-            held.routes = routes;
+            merge(&mut held.routes, t, "RouteConfiguration", &update, |b| {
+                decoded(
+                    "RouteConfiguration",
+                    b,
+                    |r: &RouteConfiguration| &r.name,
+                    state::route_spec,
+                )
+            })?;
             Ok(None)
         }
         type_url::CLUSTER => {
-            let clusters = decode_all!(
-                Cluster,
-                "Cluster",
-                |c: &Cluster| c.name.clone(),
-                held.clusters
-            );
-            let mut eds = BTreeSet::new();
-            for c in clusters.values() {
-                match state::cluster_eds_name(c) {
-                    Ok(n) => {
-                        eds.insert(n);
-                    }
-                    Err(e) => errors.push(e),
-                }
-            }
-            if !errors.is_empty() {
-                return Err(errors);
-            }
-            held.clusters = clusters;
+            merge(&mut held.clusters, t, "Cluster", &update, |b| {
+                decoded(
+                    "Cluster",
+                    b,
+                    |c: &Cluster| &c.name,
+                    |c| state::ClusterSpec::from_xds(c).map(Arc::new),
+                )
+            })?;
+            let eds = held.clusters.values().map(|c| c.eds_name.clone()).collect();
             Ok(Some((type_url::ENDPOINT, eds)))
         }
         _ => {
-            let cla = decode_all!(
-                ClusterLoadAssignment,
+            merge(
+                &mut held.endpoints,
+                t,
                 "ClusterLoadAssignment",
-                |c: &ClusterLoadAssignment| c.cluster_name.clone(),
-                held.endpoints
-            );
-            for c in cla.values() {
-                if let Err(e) = state::compile_endpoints(
-                    c,
-                    Algorithm::RoundRobin,
-                    &mut |_| Arc::default(),
-                    &|z| Arc::new(crate::load::LocalityLoad::new(z)),
-                ) {
-                    errors.push(e);
-                }
-            }
-            if !errors.is_empty() {
-                return Err(errors);
-            }
-            held.endpoints = cla;
+                &update,
+                |b| {
+                    decoded(
+                        "ClusterLoadAssignment",
+                        b,
+                        |c: &ClusterLoadAssignment| &c.cluster_name,
+                        |c| state::parse_endpoints(c).map(Arc::new),
+                    )
+                },
+            )?;
             Ok(None)
         }
     }
 }
 
-/// Compiles the held (already validated) resources into the request path's config.
+/// Compiles the held (already validated) resources into the request path's config. Cheap per
+/// cluster: a cluster whose algorithm and assignment did not change keeps its built endpoints.
 fn compile(held: &mut Held) -> MeshConfig {
     let mut hosts: HashMap<String, Arc<Vec<Route>>> = HashMap::new();
-    for rc in held.routes.values() {
-        for (domains, routes) in state::compile_routes(rc).unwrap_or_default() {
-            let routes = Arc::new(routes);
+    for spec in held.routes.values() {
+        for (domains, routes) in spec {
             for d in domains {
-                hosts.entry(d).or_insert_with(|| routes.clone());
+                hosts.entry(d.clone()).or_insert_with(|| routes.clone());
             }
         }
     }
     let mut stats = std::mem::take(&mut held.stats);
-    let mut live = HashMap::new();
-    let mut lookup = |addr| {
-        let s: Arc<EndpointStats> = stats.entry(addr).or_default().clone();
-        live.insert(addr, s.clone());
-        s
-    };
-    let clusters: std::collections::BTreeMap<String, ClusterState> = held
-        .clusters
-        .values()
-        .filter_map(|c| {
-            let eds_name = state::cluster_eds_name(c).ok()?;
-            let algorithm = state::cluster_algorithm(c);
-            let runtime: Arc<crate::runtime::ClusterRuntime> =
-                held.runtimes.get(&c.name).cloned().unwrap_or_default();
-            let endpoints = held
-                .endpoints
-                .get(&eds_name)
-                .and_then(|cla| {
-                    state::compile_endpoints(cla, algorithm, &mut lookup, &|z| runtime.locality(z))
-                        .ok()
-                })
-                .map(Arc::new);
-            Some((
-                c.name.clone(),
-                ClusterState {
-                    eds_name,
-                    endpoints,
-                    policy: Arc::new(ClusterPolicy::from_xds(c)),
-                    http2: state::cluster_meta(c)
-                        .is_some_and(|m| weft_proto::protocol::is_http2(&m.app_protocol)),
-                    runtime,
+    let mut lookup = |addr| -> Arc<EndpointStats> { stats.entry(addr).or_default().clone() };
+    let mut before = std::mem::take(&mut held.built);
+    let mut clusters = BTreeMap::new();
+    for (name, spec) in &held.clusters {
+        let runtime: Arc<ClusterRuntime> = held.runtimes.get(name).cloned().unwrap_or_default();
+        let endpoints = held.endpoints.get(&spec.eds_name).map(|set| {
+            let endpoints = match before.remove(name) {
+                Some(b)
+                    if b.algorithm == spec.algorithm
+                        && (Arc::ptr_eq(&b.set, set) || b.set == *set) =>
+                {
+                    b.endpoints
+                }
+                _ => Arc::new(set.build(spec.algorithm, &mut lookup, &|z| runtime.locality(z))),
+            };
+            held.built.insert(
+                name.clone(),
+                Built {
+                    algorithm: spec.algorithm,
+                    set: set.clone(),
+                    endpoints: endpoints.clone(),
                 },
-            ))
-        })
-        .collect();
-    let mtls_identities = clusters
-        .values()
-        .filter_map(|c| c.endpoints.as_ref())
-        .flat_map(|e| e.priorities.iter().flatten())
+            );
+            endpoints
+        });
+        clusters.insert(
+            name.clone(),
+            ClusterState {
+                eds_name: spec.eds_name.clone(),
+                endpoints,
+                policy: spec.policy.clone(),
+                http2: spec.http2,
+                runtime,
+            },
+        );
+    }
+    let all = || {
+        clusters
+            .values()
+            .filter_map(|c: &ClusterState| c.endpoints.as_ref())
+            .flat_map(|e| e.priorities.iter().flatten())
+    };
+    let mtls_identities = all()
         .filter_map(|e| Some((e.addr, e.mtls_identity.clone()?)))
         .collect();
-    let strict_endpoints = clusters
-        .values()
-        .filter_map(|c| c.endpoints.as_ref())
-        .flat_map(|e| e.priorities.iter().flatten())
-        .filter(|e| e.strict)
-        .map(|e| e.addr)
-        .collect();
-    // Validated when the Listener was accepted.
-    let inbound = held
-        .listeners
-        .values()
-        .find_map(|l| state::InboundPolicy::from_listener(l).ok().flatten());
+    let strict_endpoints = all().filter(|e| e.strict).map(|e| e.addr).collect();
     // Keep measurements only of endpoints and clusters still in the config.
-    held.stats = live;
+    held.stats = all().map(|e| (e.addr, e.stats.clone())).collect();
     held.runtimes = clusters
         .iter()
-        .map(|(name, c): (&String, &ClusterState)| (name.clone(), c.runtime.clone()))
+        .map(|(name, c)| (name.clone(), c.runtime.clone()))
         .collect();
+    let inbound = held.listeners.values().find_map(|l| l.inbound.clone());
     MeshConfig {
         hosts,
         clusters,

@@ -223,7 +223,7 @@ pub(crate) mod test_support {
         let endpoint = Endpoint {
             addr: "127.0.0.1:9".parse().expect("addr"),
             healthy: true,
-            zone: String::new(),
+            zone: "".into(),
             origin: Arc::from(""),
             mtls_identity: None,
             strict: false,
