@@ -22,6 +22,7 @@ pub mod init;
 pub mod listener;
 pub mod load;
 pub mod lrs;
+pub mod memory;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;

@@ -39,8 +39,19 @@ enum Command {
     },
 }
 
+/// mimalloc gives the pages of a replaced config back at once, not when the xDS task next
+/// allocates (see `weft_sidecar::memory`).
+#[cfg(not(feature = "system-allocator"))]
+#[allow(unsafe_code)]
+fn collect_freed() {
+    // SAFETY: mi_collect takes no pointers; mimalloc allows it on any thread at any time.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    #[cfg(not(feature = "system-allocator"))]
+    weft_sidecar::memory::on_config_swap(collect_freed);
     let workers = cli.worker_threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())

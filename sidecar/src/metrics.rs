@@ -87,6 +87,8 @@ pub struct Metrics {
     pub xds_nacks: Counter,
     /// `weft_xds_disconnects_total`.
     pub xds_disconnects: Counter,
+    /// `weft_xds_resources{type}`: resources held, by type (listener, route, cluster, endpoint).
+    pub xds_resources: Family<Labels, prometheus_client::metrics::gauge::Gauge>,
     /// `weft_authz_denied_total{namespace,policy,rule}`: requests and connections an
     /// AuthorizationPolicy denied (a DENY rule; `policy=""` when no ALLOW rule matched).
     pub authz_denied: Family<Labels, Counter>,
@@ -145,6 +147,12 @@ impl Metrics {
             "weft_xds_disconnects",
             "xDS stream losses",
             xds_disconnects.clone(),
+        );
+        let xds_resources = Family::<Labels, prometheus_client::metrics::gauge::Gauge>::default();
+        registry.register(
+            "weft_xds_resources",
+            "xDS resources held, by type (listener, route, cluster, endpoint)",
+            xds_resources.clone(),
         );
         let load_reports = Counter::default();
         registry.register(
@@ -287,6 +295,7 @@ impl Metrics {
             xds_updates,
             xds_nacks,
             xds_disconnects,
+            xds_resources,
             inbound_requests,
             inbound_latency,
             inbound_refused,
@@ -463,6 +472,13 @@ impl Metrics {
         self.connection_errors
             .get_or_create(&vec![("listener".into(), listener.into())])
             .inc();
+    }
+
+    /// Sets how many resources of `kind` the xDS client holds.
+    pub fn xds_held(&self, kind: &str, n: usize) {
+        self.xds_resources
+            .get_or_create(&vec![("type".into(), kind.into())])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Counts an outlier ejection.

@@ -110,6 +110,17 @@ struct Held {
     delta_versions: HashMap<&'static str, BTreeMap<String, String>>,
 }
 
+impl Held {
+    /// Counts an accepted response and the resources now held.
+    fn count(&self, metrics: &crate::metrics::Metrics) {
+        metrics.xds_updates.inc();
+        metrics.xds_held("listener", self.listeners.len());
+        metrics.xds_held("route", self.routes.len());
+        metrics.xds_held("cluster", self.clusters.len());
+        metrics.xds_held("endpoint", self.endpoints.len());
+    }
+}
+
 /// A cluster's endpoints and what they were built from.
 struct Built {
     algorithm: Algorithm,
@@ -139,6 +150,7 @@ impl Publish {
     fn store(&self, c: Arc<MeshConfig>) {
         self.cell.store(c);
         self.changed.send_modify(|n| *n += 1);
+        crate::memory::config_swapped();
     }
 }
 
@@ -306,7 +318,7 @@ async fn stream_once(
                 held.versions
                     .insert(t.to_string(), resp.version_info.clone());
                 config.store(Arc::new(compile(held)));
-                metrics.xds_updates.inc();
+                held.count(metrics);
                 tx.send(request(cfg, t, held, &resp.nonce, None)).await?;
                 // Subscribe to what the new resources refer to.
                 if let Some((dep, names)) = new_names
@@ -428,7 +440,7 @@ async fn stream_delta(
                 held.versions
                     .insert(t.to_string(), resp.system_version_info.clone());
                 config.store(Arc::new(compile(held)));
-                metrics.xds_updates.inc();
+                held.count(metrics);
                 tx.send(ack(None)).await?;
                 if let Some((dep, names)) = dependents {
                     let old = held.names.insert(dep, names.clone()).unwrap_or_default();
