@@ -719,3 +719,188 @@ mod backoff_tests {
         assert!(next >= BACKOFF_BASE * 2, "{next:?}");
     }
 }
+
+#[cfg(test)]
+mod apply_tests {
+    use prost::Message;
+    use weft_proto::envoy::envoy::config::cluster::v3 as cluster;
+    use weft_proto::envoy::envoy::config::core::v3 as core;
+    use weft_proto::envoy::envoy::config::endpoint::v3 as endpoint;
+
+    use super::*;
+
+    fn eds(name: &str, lb: cluster::cluster::LbPolicy) -> pb::Any {
+        let c = Cluster {
+            name: name.into(),
+            cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+                cluster::cluster::DiscoveryType::Eds as i32,
+            )),
+            lb_policy: lb as i32,
+            ..Default::default()
+        };
+        pb::Any {
+            type_url: type_url::CLUSTER.into(),
+            value: c.encode_to_vec(),
+        }
+    }
+
+    fn cla(name: &str, ports: &[u32]) -> pb::Any {
+        let lb_endpoints = ports
+            .iter()
+            .map(|p| endpoint::LbEndpoint {
+                host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
+                    endpoint::Endpoint {
+                        address: Some(core::Address {
+                            address: Some(core::address::Address::SocketAddress(
+                                core::SocketAddress {
+                                    address: "127.0.0.1".into(),
+                                    port_specifier: Some(
+                                        core::socket_address::PortSpecifier::PortValue(*p),
+                                    ),
+                                    ..Default::default()
+                                },
+                            )),
+                        }),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            })
+            .collect();
+        let c = ClusterLoadAssignment {
+            cluster_name: name.into(),
+            endpoints: vec![endpoint::LocalityLbEndpoints {
+                lb_endpoints,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        pb::Any {
+            type_url: type_url::ENDPOINT.into(),
+            value: c.encode_to_vec(),
+        }
+    }
+
+    fn delta<'a>(resources: &'a [pb::Any], removed: &'a [String]) -> Update<'a> {
+        Update {
+            resources,
+            removed,
+            replace: false,
+        }
+    }
+
+    fn endpoints(c: &MeshConfig, name: &str) -> Arc<state::Endpoints> {
+        c.clusters[name].endpoints.clone().expect("endpoints")
+    }
+
+    #[test]
+    fn a_change_to_one_cluster_rebuilds_no_other_clusters_balancer() {
+        use cluster::cluster::LbPolicy;
+        let mut held = Held::default();
+        let clusters = [eds("a", LbPolicy::Maglev), eds("b", LbPolicy::RoundRobin)];
+        apply(&mut held, type_url::CLUSTER, delta(&clusters, &[])).expect("clusters");
+        let both = [cla("a", &[1, 2]), cla("b", &[3])];
+        apply(&mut held, type_url::ENDPOINT, delta(&both, &[])).expect("endpoints");
+        let first = compile(&mut held);
+        // b's endpoints change: a's maglev table is kept, b's balancer is new.
+        apply(
+            &mut held,
+            type_url::ENDPOINT,
+            delta(&[cla("b", &[3, 4])], &[]),
+        )
+        .expect("b");
+        let second = compile(&mut held);
+        assert!(Arc::ptr_eq(
+            &endpoints(&first, "a"),
+            &endpoints(&second, "a")
+        ));
+        assert!(!Arc::ptr_eq(
+            &endpoints(&first, "b"),
+            &endpoints(&second, "b")
+        ));
+        assert_eq!(endpoints(&second, "b").priorities[0].len(), 2);
+        // State of the world sends a again unchanged: equal, so still not rebuilt.
+        let sotw = Update {
+            resources: &[cla("a", &[1, 2]), cla("b", &[3, 4])],
+            removed: &[],
+            replace: true,
+        };
+        apply(&mut held, type_url::ENDPOINT, sotw).expect("sotw");
+        let third = compile(&mut held);
+        assert!(Arc::ptr_eq(
+            &endpoints(&first, "a"),
+            &endpoints(&third, "a")
+        ));
+        assert!(Arc::ptr_eq(
+            &endpoints(&second, "b"),
+            &endpoints(&third, "b")
+        ));
+        // a's algorithm changes: a is rebuilt.
+        apply(
+            &mut held,
+            type_url::CLUSTER,
+            delta(&[eds("a", LbPolicy::RoundRobin)], &[]),
+        )
+        .expect("a");
+        let fourth = compile(&mut held);
+        assert!(!Arc::ptr_eq(
+            &endpoints(&third, "a"),
+            &endpoints(&fourth, "a")
+        ));
+        assert_eq!(endpoints(&fourth, "a").algorithm, Algorithm::RoundRobin);
+        // Measurements survive a rebuild.
+        assert!(Arc::ptr_eq(
+            &endpoints(&third, "a").priorities[0][0].stats,
+            &endpoints(&fourth, "a").priorities[0][0].stats
+        ));
+    }
+
+    #[test]
+    fn one_bad_resource_refuses_the_whole_response_and_changes_nothing() {
+        let mut held = Held::default();
+        apply(&mut held, type_url::ENDPOINT, delta(&[cla("a", &[1])], &[])).expect("a");
+        // A good change to a and a port out of range for b, in one response.
+        let errors = apply(
+            &mut held,
+            type_url::ENDPOINT,
+            delta(&[cla("a", &[2]), cla("b", &[70_000])], &[]),
+        )
+        .expect_err("refused");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(
+            (errors[0].kind, errors[0].name.as_str()),
+            ("ClusterLoadAssignment", "b")
+        );
+        assert!(
+            errors[0].message.contains("port 70000 out of range"),
+            "{errors:?}"
+        );
+        assert_eq!(held.endpoints.len(), 1);
+        assert_eq!(
+            held.endpoints["a"].priorities[0][0].addr.port(),
+            1,
+            "a is unchanged"
+        );
+        // A resource of another type in the response is refused too.
+        let errors = apply(
+            &mut held,
+            type_url::ENDPOINT,
+            delta(&[eds("x", cluster::cluster::LbPolicy::RoundRobin)], &[]),
+        )
+        .expect_err("wrong type");
+        assert!(
+            errors[0]
+                .message
+                .contains("in a ClusterLoadAssignment response"),
+            "{errors:?}"
+        );
+        // Delta removal.
+        apply(
+            &mut held,
+            type_url::ENDPOINT,
+            delta(&[], &["a".to_string()]),
+        )
+        .expect("removal");
+        assert!(held.endpoints.is_empty());
+    }
+}

@@ -3,6 +3,7 @@
 //! upstreams that answer with their own name, cluster and zone.
 
 pub mod echo;
+pub mod fake_ads;
 pub mod world;
 
 use std::net::{IpAddr, SocketAddr};

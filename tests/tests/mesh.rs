@@ -16,3 +16,4 @@ mod rollout;
 mod sidecar;
 #[path = "tracing.rs"]
 mod traces;
+mod xds_client;
