@@ -20,20 +20,19 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use prost::Message;
 use weft_control_plane::catalog::{Catalog, SourceUpdate};
 use weft_sidecar::balance::Algorithm;
-use weft_sidecar::state::{Endpoint, Endpoints};
+use weft_sidecar::load::LocalityLoad;
+use weft_sidecar::state::{Endpoint, EndpointSpec, Endpoints};
 
 fn endpoints(n: usize, algorithm: Algorithm) -> Endpoints {
     let eps = (0..n)
-        .map(|i| Endpoint {
-            addr: SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 8080)),
-            healthy: true,
-            zone: "a".into(),
-            origin: Arc::from("c1"),
-            mtls_identity: None,
-            strict: false,
-            stats: Arc::default(),
-            load: Arc::new(weft_sidecar::load::LocalityLoad::new("a")),
-            hot: Arc::default(),
+        .map(|i| {
+            let addr = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 8080));
+            let spec = EndpointSpec {
+                zone: "a".into(),
+                origin: "c1".into(),
+                ..EndpointSpec::at(addr)
+            };
+            Endpoint::new(spec, Arc::default(), Arc::new(LocalityLoad::new("a")))
         })
         .collect();
     Endpoints::new(vec![eps], 140, algorithm)

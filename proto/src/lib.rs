@@ -14,6 +14,7 @@ pub mod names;
 pub mod probes;
 pub mod protocol;
 pub mod rbac;
+pub mod resources;
 pub mod spiffe;
 pub mod tls;
 

@@ -554,17 +554,14 @@ mod tests {
     }
 
     fn endpoint(addr: &str, identity: Option<&str>) -> crate::state::Endpoint {
-        crate::state::Endpoint {
-            addr: addr.parse().expect("addr"),
-            healthy: true,
-            zone: "".into(),
-            origin: Arc::from(""),
-            mtls_identity: identity.map(Arc::from),
-            strict: false,
-            stats: Arc::default(),
-            load: Arc::new(crate::load::LocalityLoad::new("")),
-            hot: Arc::default(),
-        }
+        crate::state::Endpoint::new(
+            crate::state::EndpointSpec {
+                mtls_identity: identity.map(Arc::from),
+                ..crate::state::EndpointSpec::at(addr.parse().expect("addr"))
+            },
+            Arc::default(),
+            Arc::new(crate::load::LocalityLoad::new("")),
+        )
     }
 
     /// A config with Service VIP 198.18.0.10:5432 -> cluster `db` (a meshed endpoint) and

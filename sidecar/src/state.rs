@@ -266,24 +266,13 @@ pub fn compile_routes(rc: &route::RouteConfiguration) -> Result<VirtualHosts, In
     Ok(out)
 }
 
-/// One endpoint.
+/// One endpoint of a cluster: what its assignment says ([`EndpointSpec`], read through
+/// `Deref`), bound to its measurements and its cluster's load counters.
 #[derive(Debug, Clone, Serialize)]
 pub struct Endpoint {
-    /// Address.
-    pub addr: SocketAddr,
-    /// Healthy (HEALTHY or UNKNOWN).
-    pub healthy: bool,
-    /// Zone.
-    pub zone: Arc<str>,
-    /// The cluster it lives in (EndpointMeta; "" when the control plane did not say).
-    pub origin: Arc<str>,
-    /// The SPIFFE ID to expect when the endpoint's sidecar terminates mTLS; `None` for a
-    /// plaintext endpoint.
-    pub mtls_identity: Option<Arc<str>>,
-    /// Its sidecar accepts only mTLS on this port (EndpointMeta `strict`: its PeerAuthentication
-    /// or its namespace is STRICT): never sent plaintext — without a valid certificate here the
-    /// request is a 503 `no-certificate`, not a downgrade.
-    pub strict: bool,
+    /// What the assignment says.
+    #[serde(flatten)]
+    pub spec: EndpointSpec,
     /// Requests in flight and latency, kept across config updates.
     #[serde(serialize_with = "ser_stats")]
     pub stats: Arc<EndpointStats>,
@@ -293,6 +282,30 @@ pub struct Endpoint {
     /// Cached metric handles of its 200s in this cluster.
     #[serde(skip)]
     pub hot: Arc<crate::metrics::HotCache>,
+}
+
+impl Endpoint {
+    /// `spec` bound to `stats` and the load counters `load`.
+    pub fn new(
+        spec: EndpointSpec,
+        stats: Arc<EndpointStats>,
+        load: Arc<crate::load::LocalityLoad>,
+    ) -> Self {
+        Endpoint {
+            spec,
+            stats,
+            load,
+            hot: Arc::default(),
+        }
+    }
+}
+
+impl std::ops::Deref for Endpoint {
+    type Target = EndpointSpec;
+
+    fn deref(&self) -> &EndpointSpec {
+        &self.spec
+    }
 }
 
 fn ser_stats<S: serde::Serializer>(st: &Arc<EndpointStats>, s: S) -> Result<S::Ok, S::Error> {
@@ -333,7 +346,7 @@ pub type StatsFor<'a> = &'a mut dyn FnMut(SocketAddr) -> Arc<EndpointStats>;
 
 /// One endpoint as its ClusterLoadAssignment states it, before it is bound to a cluster's
 /// counters and balancer.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EndpointSpec {
     /// Address.
     pub addr: SocketAddr,
@@ -341,12 +354,29 @@ pub struct EndpointSpec {
     pub healthy: bool,
     /// Zone (shared by the endpoints of one locality).
     pub zone: Arc<str>,
-    /// The cluster it lives in ("" when the control plane did not say).
+    /// The cluster it lives in (EndpointMeta; "" when the control plane did not say).
     pub origin: Arc<str>,
-    /// The SPIFFE ID its sidecar presents, when it terminates mTLS.
+    /// The SPIFFE ID to expect when the endpoint's sidecar terminates mTLS; `None` for a
+    /// plaintext endpoint.
     pub mtls_identity: Option<Arc<str>>,
-    /// Its sidecar accepts only mTLS on this port.
+    /// Its sidecar accepts only mTLS on this port (EndpointMeta `strict`: its PeerAuthentication
+    /// or its namespace is STRICT): never sent plaintext — without a valid certificate here the
+    /// request is a 503 `no-certificate`, not a downgrade.
     pub strict: bool,
+}
+
+impl EndpointSpec {
+    /// A healthy plaintext endpoint at `addr`, no zone, no origin.
+    pub fn at(addr: SocketAddr) -> Self {
+        EndpointSpec {
+            addr,
+            healthy: true,
+            zone: "".into(),
+            origin: "".into(),
+            mtls_identity: None,
+            strict: false,
+        }
+    }
 }
 
 /// A ClusterLoadAssignment, validated and parsed once when it arrives: what the xDS client
@@ -490,17 +520,7 @@ impl EndpointSet {
             .iter()
             .map(|eps| {
                 eps.iter()
-                    .map(|e| Endpoint {
-                        addr: e.addr,
-                        healthy: e.healthy,
-                        zone: e.zone.clone(),
-                        origin: e.origin.clone(),
-                        load: load_for(&e.zone),
-                        hot: Arc::default(),
-                        mtls_identity: e.mtls_identity.clone(),
-                        strict: e.strict,
-                        stats: stats(e.addr),
-                    })
+                    .map(|e| Endpoint::new(e.clone(), stats(e.addr), load_for(&e.zone)))
                     .collect()
             })
             .collect();
@@ -1015,17 +1035,15 @@ mod tests {
             if priorities.len() <= *prio {
                 priorities.resize_with(prio + 1, Vec::new);
             }
-            priorities[*prio].push(Endpoint {
-                addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
-                healthy: *healthy,
-                zone: "".into(),
-                origin: Arc::from(""),
-                mtls_identity: None,
-                strict: false,
-                stats: Arc::default(),
-                load: Arc::new(crate::load::LocalityLoad::new("")),
-                hot: Arc::default(),
-            });
+            let addr = SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16));
+            priorities[*prio].push(Endpoint::new(
+                EndpointSpec {
+                    healthy: *healthy,
+                    ..EndpointSpec::at(addr)
+                },
+                Arc::default(),
+                Arc::new(crate::load::LocalityLoad::new("")),
+            ));
         }
         Endpoints::new(priorities, 140, Algorithm::RoundRobin)
     }

@@ -722,63 +722,24 @@ mod backoff_tests {
 
 #[cfg(test)]
 mod apply_tests {
-    use prost::Message;
     use weft_proto::envoy::envoy::config::cluster::v3 as cluster;
-    use weft_proto::envoy::envoy::config::core::v3 as core;
-    use weft_proto::envoy::envoy::config::endpoint::v3 as endpoint;
+    use weft_proto::resources::{any, assignment, eds_cluster};
 
     use super::*;
 
     fn eds(name: &str, lb: cluster::cluster::LbPolicy) -> pb::Any {
-        let c = Cluster {
-            name: name.into(),
-            cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
-                cluster::cluster::DiscoveryType::Eds as i32,
-            )),
+        any(&Cluster {
             lb_policy: lb as i32,
-            ..Default::default()
-        };
-        pb::Any {
-            type_url: type_url::CLUSTER.into(),
-            value: c.encode_to_vec(),
-        }
+            ..eds_cluster(name)
+        })
     }
 
-    fn cla(name: &str, ports: &[u32]) -> pb::Any {
-        let lb_endpoints = ports
+    fn cla(name: &str, ports: &[u16]) -> pb::Any {
+        let addrs: Vec<std::net::SocketAddr> = ports
             .iter()
-            .map(|p| endpoint::LbEndpoint {
-                host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
-                    endpoint::Endpoint {
-                        address: Some(core::Address {
-                            address: Some(core::address::Address::SocketAddress(
-                                core::SocketAddress {
-                                    address: "127.0.0.1".into(),
-                                    port_specifier: Some(
-                                        core::socket_address::PortSpecifier::PortValue(*p),
-                                    ),
-                                    ..Default::default()
-                                },
-                            )),
-                        }),
-                        ..Default::default()
-                    },
-                )),
-                ..Default::default()
-            })
+            .map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], *p)))
             .collect();
-        let c = ClusterLoadAssignment {
-            cluster_name: name.into(),
-            endpoints: vec![endpoint::LocalityLbEndpoints {
-                lb_endpoints,
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        pb::Any {
-            type_url: type_url::ENDPOINT.into(),
-            value: c.encode_to_vec(),
-        }
+        any(&assignment(name, &addrs))
     }
 
     fn delta<'a>(resources: &'a [pb::Any], removed: &'a [String]) -> Update<'a> {
@@ -859,11 +820,13 @@ mod apply_tests {
     fn one_bad_resource_refuses_the_whole_response_and_changes_nothing() {
         let mut held = Held::default();
         apply(&mut held, type_url::ENDPOINT, delta(&[cla("a", &[1])], &[])).expect("a");
-        // A good change to a and a port out of range for b, in one response.
+        // A good change to a and a priority out of range for b, in one response.
+        let mut b = assignment("b", &[std::net::SocketAddr::from(([127, 0, 0, 1], 3))]);
+        b.endpoints[0].priority = 200;
         let errors = apply(
             &mut held,
             type_url::ENDPOINT,
-            delta(&[cla("a", &[2]), cla("b", &[70_000])], &[]),
+            delta(&[cla("a", &[2]), any(&b)], &[]),
         )
         .expect_err("refused");
         assert_eq!(errors.len(), 1, "{errors:?}");
@@ -872,7 +835,7 @@ mod apply_tests {
             ("ClusterLoadAssignment", "b")
         );
         assert!(
-            errors[0].message.contains("port 70000 out of range"),
+            errors[0].message.contains("priority 200 is too large"),
             "{errors:?}"
         );
         assert_eq!(held.endpoints.len(), 1);

@@ -220,17 +220,11 @@ pub(crate) mod test_support {
 
     /// A dispatch to cluster `c` with one healthy endpoint, default policies.
     pub fn dispatch() -> Dispatch {
-        let endpoint = Endpoint {
-            addr: "127.0.0.1:9".parse().expect("addr"),
-            healthy: true,
-            zone: "".into(),
-            origin: Arc::from(""),
-            mtls_identity: None,
-            strict: false,
-            stats: Arc::default(),
-            load: Arc::new(crate::load::LocalityLoad::new("")),
-            hot: Arc::default(),
-        };
+        let endpoint = Endpoint::new(
+            crate::state::EndpointSpec::at("127.0.0.1:9".parse().expect("addr")),
+            Arc::default(),
+            Arc::new(crate::load::LocalityLoad::new("")),
+        );
         Dispatch {
             cluster: "c".into(),
             endpoints: Arc::new(Endpoints::new(

@@ -74,7 +74,7 @@ mod tests {
         // Every endpoint unhealthy: nothing to pick.
         let mut d = dispatch();
         let mut e = d.endpoints.priorities[0][0].clone();
-        e.healthy = false;
+        e.spec.healthy = false;
         d.endpoints = Arc::new(crate::state::Endpoints::new(
             vec![vec![e]],
             140,
