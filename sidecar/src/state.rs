@@ -391,13 +391,14 @@ pub struct EndpointSet {
 }
 
 /// One `Arc<str>` per distinct value: the endpoints of a service share their origin and
-/// identity strings instead of holding a copy each.
-fn interned(pool: &mut Vec<Arc<str>>, s: &str) -> Arc<str> {
-    if let Some(v) = pool.iter().find(|v| &***v == s) {
+/// identity strings instead of holding a copy each. A hash set, so an assignment whose every
+/// endpoint carries a distinct string costs linear time, not quadratic.
+fn interned(pool: &mut std::collections::HashSet<Arc<str>>, s: &str) -> Arc<str> {
+    if let Some(v) = pool.get(s) {
         return v.clone();
     }
     let v: Arc<str> = s.into();
-    pool.push(v.clone());
+    pool.insert(v.clone());
     v
 }
 
@@ -405,7 +406,7 @@ fn interned(pool: &mut Vec<Arc<str>>, s: &str) -> Arc<str> {
 pub fn parse_endpoints(cla: &ClusterLoadAssignment) -> Result<EndpointSet, Invalid> {
     let kind = "ClusterLoadAssignment";
     let mut priorities: Vec<Vec<EndpointSpec>> = Vec::new();
-    let mut strings: Vec<Arc<str>> = Vec::new();
+    let mut strings: std::collections::HashSet<Arc<str>> = std::collections::HashSet::new();
     for (li, l) in cla.endpoints.iter().enumerate() {
         let p = l.priority as usize;
         if p > 128 {
