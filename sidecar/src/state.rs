@@ -529,16 +529,6 @@ impl EndpointSet {
     }
 }
 
-/// Compiles a ClusterLoadAssignment for a cluster balanced with `algorithm`.
-pub fn compile_endpoints(
-    cla: &ClusterLoadAssignment,
-    algorithm: Algorithm,
-    stats: StatsFor<'_>,
-    load_for: &dyn Fn(&str) -> Arc<crate::load::LocalityLoad>,
-) -> Result<Endpoints, Invalid> {
-    Ok(parse_endpoints(cla)?.build(algorithm, stats, load_for))
-}
-
 impl Endpoints {
     /// Whether one more endpoint may be ejected without passing `max_percent` of the cluster.
     pub fn may_eject(&self, max_percent: u32) -> bool {
