@@ -109,6 +109,26 @@ impl Default for EndpointStats {
     }
 }
 
+/// The clock [`EJECTION_HORIZON_NS`] counts from.
+static EJECTION_EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+/// Until when (ns after [`EJECTION_EPOCH`]) some endpoint of this process may be ejected. One
+/// for the process, not per cluster: endpoints of one address share their stats across the
+/// clusters that list it, so an ejection seen through one cluster changes every one of them.
+static EJECTION_HORIZON_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Notes that some endpoint was ejected for `length`.
+fn note_ejection(length: Duration) {
+    let until = (EJECTION_EPOCH.elapsed() + length).as_nanos() as u64;
+    EJECTION_HORIZON_NS.fetch_max(until, Ordering::Relaxed);
+}
+
+/// Whether any endpoint may be ejected now: while it may, a cluster's priority load is computed
+/// live (ejected endpoints count as unhealthy); after the horizon, the precomputed load holds.
+pub fn ejections_possible() -> bool {
+    let horizon = EJECTION_HORIZON_NS.load(Ordering::Relaxed);
+    horizon != 0 && (EJECTION_EPOCH.elapsed().as_nanos() as u64) < horizon
+}
+
 /// Marks a request outstanding on an endpoint until dropped.
 pub struct InFlight(Arc<EndpointStats>);
 
@@ -224,6 +244,7 @@ impl EndpointStats {
         let until = self.epoch.elapsed() + length;
         self.ejected_until_ns
             .store(until.as_nanos() as u64, Ordering::Relaxed);
+        note_ejection(length);
         self.fails_5xx.store(0, Ordering::Relaxed);
         self.fails_gateway.store(0, Ordering::Relaxed);
         true

@@ -332,13 +332,6 @@ pub struct Endpoints {
     pub load: Vec<u32>,
     #[serde(skip)]
     balancers: Vec<Balancer>,
-    /// Until when (ns after `epoch`) some endpoint may be ejected: before it, priority load is
-    /// computed live (ejected endpoints count as unhealthy, so traffic spills to the next
-    /// priority); after it, the precomputed `load` holds.
-    #[serde(skip)]
-    ejection_horizon_ns: std::sync::atomic::AtomicU64,
-    #[serde(skip)]
-    epoch: std::time::Instant,
 }
 
 /// Finds (or creates) the stats of an endpoint, so measurements survive config updates.
@@ -563,38 +556,15 @@ impl Endpoints {
                 Balancer::new(algorithm, healthy)
             })
             .collect();
-        let epoch = std::time::Instant::now();
-        let horizon = priorities
-            .iter()
-            .flatten()
-            .map(|e| e.stats.ejected_for())
-            .max()
-            .unwrap_or_default();
         let mut e = Endpoints {
             priorities,
             overprovisioning,
             algorithm,
             load: Vec::new(),
             balancers,
-            ejection_horizon_ns: std::sync::atomic::AtomicU64::new(horizon.as_nanos() as u64),
-            epoch,
         };
         e.load = e.priority_load();
         e
-    }
-
-    /// Notes that an endpoint was ejected for `length`.
-    pub fn note_ejection(&self, length: Duration) {
-        let until = (self.epoch.elapsed() + length).as_nanos() as u64;
-        self.ejection_horizon_ns
-            .fetch_max(until, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn ejections_possible(&self) -> bool {
-        (self.epoch.elapsed().as_nanos() as u64)
-            < self
-                .ejection_horizon_ns
-                .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Share of traffic (percent) each priority gets: a priority takes `healthy share × factor`
@@ -674,7 +644,7 @@ impl Endpoints {
     /// balancer (`rand`, and `hash` for hashing algorithms).
     pub fn pick(&self, rand: u64, hash: Option<u64>) -> Option<&Target> {
         let live;
-        let load = if self.ejections_possible() {
+        let load = if crate::balance::ejections_possible() {
             live = self.load_with(|e| e.healthy && !e.stats.is_ejected());
             &live
         } else {
@@ -799,12 +769,17 @@ pub struct ListenerSpec {
 }
 
 impl ListenerSpec {
-    /// Validates and reads a Listener.
+    /// Validates and reads a Listener; when both its inbound policy and its routes are wrong,
+    /// the error names both.
     pub fn from_xds(l: &Listener) -> Result<Self, Invalid> {
-        Ok(ListenerSpec {
-            inbound: InboundPolicy::from_listener(l)?,
-            routes: listener_routes(l)?,
-        })
+        match (InboundPolicy::from_listener(l), listener_routes(l)) {
+            (Ok(inbound), Ok(routes)) => Ok(ListenerSpec { inbound, routes }),
+            (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(e),
+            (Err(a), Err(b)) => Err(Invalid {
+                message: format!("{}; and {}", a.message, b.message),
+                ..a
+            }),
+        }
     }
 }
 
@@ -1053,6 +1028,59 @@ mod tests {
                 .expect("pick");
             assert_eq!(t.addr, addr(2), "priority 0 all tried: the next priority");
         }
+    }
+
+    #[test]
+    fn an_ejection_seen_through_one_cluster_moves_every_cluster_sharing_the_address() {
+        // Cluster `y` lists A (priority 0) and B (priority 1); cluster `x` lists A too, with
+        // the same stats (stats are per address). `x`'s outlier detection ejects A.
+        let a = SocketAddr::from(([127, 0, 0, 1], 1000));
+        let b = SocketAddr::from(([127, 0, 0, 1], 1001));
+        let stats: Arc<EndpointStats> = Arc::default();
+        let at = |addr, stats: &Arc<EndpointStats>| {
+            Endpoint::new(
+                EndpointSpec::at(addr),
+                stats.clone(),
+                Arc::new(crate::load::LocalityLoad::new("")),
+            )
+        };
+        let y = Endpoints::new(
+            vec![vec![at(a, &stats)], vec![at(b, &Arc::default())]],
+            140,
+            Algorithm::RoundRobin,
+        );
+        let x = Endpoints::new(vec![vec![at(a, &stats)]], 140, Algorithm::RoundRobin);
+        assert_eq!(y.pick(0, None).map(|t| t.addr), Some(a));
+        let policy = crate::policy::OutlierPolicy {
+            consecutive_5xx: 1,
+            consecutive_gateway: 0,
+            base_ejection: Duration::from_secs(30),
+            max_ejection_percent: 100,
+        };
+        let ejected =
+            stats.record_outcome(crate::policy::Outcome::Status(503), Some(&policy), || {
+                x.may_eject(100)
+            });
+        assert!(ejected);
+        // `y` was built before the ejection and never told of it: it still spills to B.
+        for roll in 0..100u64 {
+            assert_eq!(
+                y.pick(roll << 48, None).map(|t| t.addr),
+                Some(b),
+                "roll {roll}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_listener_wrong_in_two_ways_is_refused_naming_both() {
+        // The inbound Listener without its weft metadata, and an api_listener without an RDS
+        // name: an operator fixing the first should not meet the second only after a push.
+        let l = weft_proto::resources::api_listener(weft_proto::keys::INBOUND_LISTENER, "");
+        let e = ListenerSpec::from_xds(&l).expect_err("refused");
+        assert_eq!(e.name, weft_proto::keys::INBOUND_LISTENER);
+        assert!(e.message.contains("typed_filter_metadata"), "{e}");
+        assert!(e.message.contains("route_config_name"), "{e}");
     }
 
     #[test]

@@ -866,4 +866,108 @@ mod apply_tests {
         .expect("removal");
         assert!(held.endpoints.is_empty());
     }
+
+    /// Cluster `name` reading the assignment `service` (EDS `service_name`).
+    fn eds_as(name: &str, service: &str) -> pb::Any {
+        any(&Cluster {
+            eds_cluster_config: Some(cluster::cluster::EdsClusterConfig {
+                service_name: service.into(),
+                ..Default::default()
+            }),
+            ..eds_cluster(name)
+        })
+    }
+
+    fn ports(e: &state::Endpoints) -> Vec<u16> {
+        e.priorities
+            .iter()
+            .flatten()
+            .map(|e| e.addr.port())
+            .collect()
+    }
+
+    #[test]
+    fn state_of_the_world_drops_what_a_response_no_longer_names() {
+        let mut held = Held::default();
+        fn sotw(resources: &[pb::Any]) -> Update<'_> {
+            Update {
+                resources,
+                removed: &[],
+                replace: true,
+            }
+        }
+        let two = [cla("a", &[1]), cla("b", &[2])];
+        apply(&mut held, type_url::ENDPOINT, sotw(&two)).expect("both");
+        apply(&mut held, type_url::ENDPOINT, sotw(&[cla("b", &[3])])).expect("b only");
+        assert_eq!(held.endpoints.keys().collect::<Vec<_>>(), ["b"]);
+        // Delta never drops what it does not name.
+        apply(&mut held, type_url::ENDPOINT, delta(&[cla("a", &[1])], &[])).expect("a");
+        assert_eq!(held.endpoints.len(), 2);
+    }
+
+    #[test]
+    fn reuse_follows_the_assignment_a_cluster_reads_not_its_name() {
+        use cluster::cluster::LbPolicy;
+        let mut held = Held::default();
+        // x and y read one assignment; z reads its own.
+        let clusters = [
+            eds_as("x", "shared"),
+            eds_as("y", "shared"),
+            eds("z", LbPolicy::RoundRobin),
+        ];
+        apply(&mut held, type_url::CLUSTER, delta(&clusters, &[])).expect("clusters");
+        let sets = [cla("shared", &[1, 2]), cla("z", &[3]), cla("other", &[4])];
+        apply(&mut held, type_url::ENDPOINT, delta(&sets, &[])).expect("endpoints");
+        let first = compile(&mut held);
+        assert_eq!(ports(&endpoints(&first, "x")), [1, 2]);
+        assert_eq!(ports(&endpoints(&first, "y")), [1, 2]);
+        // One endpoint, one set of stats, whichever cluster it is reached through.
+        assert!(Arc::ptr_eq(
+            &endpoints(&first, "x").priorities[0][0].stats,
+            &endpoints(&first, "y").priorities[0][0].stats
+        ));
+        // The shared assignment changes: both clusters see it.
+        apply(
+            &mut held,
+            type_url::ENDPOINT,
+            delta(&[cla("shared", &[1, 5])], &[]),
+        )
+        .expect("shared");
+        let second = compile(&mut held);
+        assert_eq!(ports(&endpoints(&second, "x")), [1, 5]);
+        assert_eq!(ports(&endpoints(&second, "y")), [1, 5]);
+        assert!(Arc::ptr_eq(
+            &endpoints(&first, "z"),
+            &endpoints(&second, "z")
+        ));
+        // y now reads another assignment: it gets that one, x keeps the shared one.
+        apply(
+            &mut held,
+            type_url::CLUSTER,
+            delta(&[eds_as("y", "other")], &[]),
+        )
+        .expect("y");
+        let third = compile(&mut held);
+        assert_eq!(ports(&endpoints(&third, "y")), [4]);
+        assert!(Arc::ptr_eq(
+            &endpoints(&second, "x"),
+            &endpoints(&third, "x")
+        ));
+        // z removed and added back: built again, not the endpoints of before its removal.
+        apply(&mut held, type_url::CLUSTER, delta(&[], &["z".to_string()])).expect("rm z");
+        let fourth = compile(&mut held);
+        assert!(!fourth.clusters.contains_key("z"));
+        apply(
+            &mut held,
+            type_url::CLUSTER,
+            delta(&[eds("z", LbPolicy::RoundRobin)], &[]),
+        )
+        .expect("z");
+        let fifth = compile(&mut held);
+        assert_eq!(ports(&endpoints(&fifth, "z")), [3]);
+        assert!(!Arc::ptr_eq(
+            &endpoints(&first, "z"),
+            &endpoints(&fifth, "z")
+        ));
+    }
 }

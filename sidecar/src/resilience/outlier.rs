@@ -65,7 +65,6 @@ impl<S: Svc> Outlier<S> {
             if ejected {
                 tracing::warn!(cluster = %d.cluster, endpoint = %target.addr, ?outcome, "outlier ejected");
                 metrics.ejection(&d.cluster);
-                d.endpoints.note_ejection(stats.ejected_for());
             }
             resp.extensions_mut().insert(Attempt {
                 endpoint: Some(target.addr),
