@@ -30,26 +30,21 @@ pub async fn failed(listener: &'static str, error: &std::io::Error) {
     tokio::time::sleep(ACCEPT_BACKOFF).await;
 }
 
-/// A connection's last activity (bytes read or written), shared by its wrapped halves.
-#[derive(Clone, Debug)]
+/// Whether a connection moved bytes (read or written), shared by its wrapped halves. A read
+/// or write only sets a flag (no clock read per I/O: the request path's hottest calls);
+/// [`Activity::idle_for`] looks at it a few times per idle period.
+#[derive(Clone, Debug, Default)]
 pub struct Activity {
-    start: tokio::time::Instant,
-    last_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    moved: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl Default for Activity {
-    fn default() -> Self {
-        Activity {
-            start: tokio::time::Instant::now(),
-            last_ms: std::sync::Arc::default(),
-        }
-    }
-}
+/// How many times per idle period [`Activity::idle_for`] looks: a connection is closed between
+/// `idle` and `idle × (1 + 2/IDLE_CHECKS)` after its last byte, never earlier.
+pub const IDLE_CHECKS: u32 = 8;
 
 impl Activity {
     fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+        self.moved.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Completes once nothing moved for `idle` (never when `idle` is zero).
@@ -57,14 +52,16 @@ impl Activity {
         if idle.is_zero() {
             return std::future::pending().await;
         }
+        let tick = idle / IDLE_CHECKS;
+        // When bytes were last seen moving (at the latest: never before they did).
+        let mut last = tokio::time::Instant::now();
         loop {
-            let last =
-                Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::Relaxed));
-            let quiet_until = self.start + last + idle;
-            if tokio::time::Instant::now() >= quiet_until {
+            tokio::time::sleep(tick).await;
+            if self.moved.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                last = tokio::time::Instant::now();
+            } else if last.elapsed() >= idle {
                 return;
             }
-            tokio::time::sleep_until(quiet_until).await;
         }
     }
 
@@ -157,5 +154,36 @@ impl Cap {
     /// A slot for one more connection, if there is one (held until the connection ends).
     pub fn admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
         self.0.clone().try_acquire_owned().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_means_no_byte_for_the_whole_period_and_is_seen_soon_after() {
+        let idle = Duration::from_millis(800);
+        let a = Activity::default();
+        // Traffic every 300 ms for 4 s: never idle.
+        let busy = {
+            let a = a.clone();
+            async move {
+                for _ in 0..13 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    a.touch();
+                }
+            }
+        };
+        tokio::select! {
+            _ = a.idle_for(idle) => panic!("closed while bytes kept moving"),
+            _ = busy => {}
+        }
+        // Then quiet: idle after 800 ms, and at most two checks later.
+        let quiet = tokio::time::Instant::now();
+        a.idle_for(idle).await;
+        let took = quiet.elapsed();
+        assert!(took >= idle, "early: {took:?}");
+        assert!(took <= idle + 2 * (idle / IDLE_CHECKS), "late: {took:?}");
     }
 }

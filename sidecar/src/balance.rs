@@ -180,7 +180,12 @@ impl EndpointStats {
     /// one below decays it exponentially with the time since the last sample, and at least
     /// by [`FADE_PER_SAMPLE`].
     pub fn observe(&self, rtt: Duration) {
-        let now = self.epoch.elapsed().as_nanos() as u64;
+        self.observe_at(rtt, Instant::now());
+    }
+
+    /// [`Self::observe`] of a sample taken at `now` (the caller's clock read serves both).
+    pub fn observe_at(&self, rtt: Duration, now: Instant) {
+        let now = now.saturating_duration_since(self.epoch).as_nanos() as u64;
         let prev_stamp = self.stamp_ns.swap(now, Ordering::Relaxed);
         let rtt = rtt.as_nanos() as f64;
         let old = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));

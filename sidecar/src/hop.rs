@@ -10,17 +10,39 @@
 use hyper::HeaderMap;
 use hyper::header::{CONNECTION, HOST, HeaderName, TE, TRANSFER_ENCODING, UPGRADE};
 
-const KEEP_ALIVE: &str = "keep-alive";
-const PROXY_CONNECTION: &str = "proxy-connection";
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Removes the hop-by-hop headers of one message.
+/// The hop-by-hop headers [`strip`] always removes (`TE` is rewritten, not listed).
+const ALWAYS: [HeaderName; 5] = [
+    CONNECTION,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+];
+
+/// Whether `name` is one of the hop-by-hop headers [`strip`] removes or rewrites.
+fn is_hop(name: &HeaderName) -> bool {
+    name == TE || ALWAYS.contains(name)
+}
+
+/// Removes the hop-by-hop headers of one message. A message without any (most, between
+/// HTTP/1.1 keep-alive peers) is left as it is after one pass over its header names.
 pub fn strip(headers: &mut HeaderMap) {
+    // `Connection` is itself a hop header: without one, no other header is named by it.
+    if !headers.keys().any(is_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .map(str::trim)
+        // `keep-alive`, the usual option, names a header removed below anyway: not parsed.
+        .filter(|t| !t.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for n in named {
         // Never let `Connection` remove the headers the mesh itself relies on end to end.
@@ -28,11 +50,9 @@ pub fn strip(headers: &mut HeaderMap) {
             headers.remove(&n);
         }
     }
-    for n in [CONNECTION, TRANSFER_ENCODING, UPGRADE] {
+    for n in &ALWAYS {
         headers.remove(n);
     }
-    headers.remove(KEEP_ALIVE);
-    headers.remove(PROXY_CONNECTION);
     let trailers = headers
         .get_all(TE)
         .iter()
@@ -49,13 +69,9 @@ pub fn strip(headers: &mut HeaderMap) {
 /// `from_mesh`: it came from a verified mesh peer, whose HTTP/2 `:authority` names the
 /// endpoint (the peer sidecar's connection pool) while `Host` names the Service.
 pub fn refusal<B>(req: &hyper::Request<B>, from_mesh: bool) -> Option<Refusal> {
-    let hosts: Vec<&[u8]> = req
-        .headers()
-        .get_all(HOST)
-        .iter()
-        .map(|v| v.as_bytes())
-        .collect();
-    if hosts.len() > 1 {
+    let mut hosts = req.headers().get_all(HOST).iter().map(|v| v.as_bytes());
+    let host = hosts.next();
+    if hosts.next().is_some() {
         return Some((
             hyper::StatusCode::BAD_REQUEST,
             "host-conflict",
@@ -78,7 +94,7 @@ pub fn refusal<B>(req: &hyper::Request<B>, from_mesh: bool) -> Option<Refusal> {
     // sidecars, which addresses the endpoint by `:authority` and passes `Host` on.
     let mesh_h2 = from_mesh && req.version() == hyper::Version::HTTP_2;
     if !mesh_h2
-        && let (Some(authority), Some(host)) = (req.uri().authority(), hosts.first())
+        && let (Some(authority), Some(host)) = (req.uri().authority(), host)
         && bare(authority.as_str().as_bytes()) != bare(host)
     {
         return Some((

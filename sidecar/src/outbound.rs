@@ -356,7 +356,7 @@ impl Proxy {
     ) -> Response<Body> {
         let parent = req
             .headers()
-            .get(TRACEPARENT)
+            .get(&TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(TraceContext::parse);
         // Span attributes are built only when the span will be exported: without
@@ -370,7 +370,7 @@ impl Proxy {
                 .request_span(parent.as_ref(), req.method(), "", "")
         };
         if let Ok(v) = hyper::header::HeaderValue::from_bytes(&trace.header_bytes()) {
-            req.headers_mut().insert(TRACEPARENT, v);
+            req.headers_mut().insert(TRACEPARENT.clone(), v);
         }
         let resp = match crate::hop::request(&mut req, false) {
             Err((status, reason, msg)) => refuse(status, reason, msg),
@@ -413,8 +413,8 @@ impl Proxy {
                 format!("weft: no mesh service answers to host {authority:?}"),
             );
         };
-        let path = req.uri().path().to_string();
-        let Some(route) = routes.iter().find(|r| r.matches(&path, req.headers())) else {
+        let path = req.uri().path();
+        let Some(route) = routes.iter().find(|r| r.matches(path, req.headers())) else {
             self.metrics.observe("", 404, started);
             return refuse(
                 StatusCode::NOT_FOUND,

@@ -191,7 +191,9 @@ impl Pool {
             let was_reused = reused.is_some();
             let mut tx = match reused.take() {
                 Some(tx) => tx,
-                None => open_h1(key.addr, &dial).await?,
+                // Boxed: dialling (TCP, TLS) is rare and its state large; unboxed it would be
+                // part of (and copied with) every request's future.
+                None => Box::pin(open_h1(key.addr, &dial)).await?,
             };
             match tx.try_send_request(req).await {
                 Ok(resp) => {
@@ -275,7 +277,7 @@ impl Pool {
             let mut tx = match reused.take() {
                 Some(tx) => tx,
                 None => {
-                    let tx = open_h2(key.addr, &dial).await?;
+                    let tx = Box::pin(open_h2(key.addr, &dial)).await?;
                     lock(&self.h2).insert(key.clone(), (tx.clone(), Instant::now()));
                     tx
                 }

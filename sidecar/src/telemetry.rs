@@ -34,8 +34,9 @@ use tokio::sync::mpsc;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 
-/// The W3C trace context header.
-pub const TRACEPARENT: &str = "traceparent";
+/// The W3C trace context header (a `HeaderName` made once: inserting by `&str` would parse
+/// and allocate the name on every request).
+pub static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 /// Spans waiting for export at most.
 pub const QUEUE: usize = 4096;
 /// Spans per export at most.

@@ -34,16 +34,19 @@ impl<S: Svc> Outlier<S> {
             let started = Instant::now();
             let mut resp = inner.call(req).await.unwrap_or_else(|n| match n {});
             drop(in_flight);
+            // Two clock reads per attempt: its start and its end.
+            let ended = Instant::now();
+            let took = ended.saturating_duration_since(started);
             let outcome = outcome_of(&resp);
-            target.load.finish(!outcome.is_5xx(), started.elapsed());
+            target.load.finish(!outcome.is_5xx(), took);
             if let Outcome::Status(_) = outcome {
-                stats.observe(started.elapsed());
+                stats.observe_at(took, ended);
             }
             match outcome {
                 Outcome::Status(200) => target
                     .hot
                     .get_or_init(|| metrics.hot_endpoint(&d.cluster, target.addr))
-                    .record(started.elapsed()),
+                    .record(took),
                 other => {
                     let label = match other {
                         Outcome::Status(code) => code.to_string(),
@@ -51,7 +54,7 @@ impl<S: Svc> Outlier<S> {
                         Outcome::Reset => "reset".into(),
                         Outcome::Timeout => "timeout".into(),
                     };
-                    metrics.attempt(&d.cluster, target.addr, &label, started.elapsed());
+                    metrics.attempt(&d.cluster, target.addr, &label, took);
                 }
             }
             let policy = match (&d.policy.outlier, outcome) {
@@ -66,10 +69,14 @@ impl<S: Svc> Outlier<S> {
                 tracing::warn!(cluster = %d.cluster, endpoint = %target.addr, ?outcome, "outlier ejected");
                 metrics.ejection(&d.cluster);
             }
-            resp.extensions_mut().insert(Attempt {
+            let attempt = Attempt {
                 endpoint: Some(target.addr),
                 outcome,
-            });
+            };
+            // The connection layer usually said the same already: no second insert then.
+            if resp.extensions().get::<Attempt>() != Some(&attempt) {
+                resp.extensions_mut().insert(attempt);
+            }
             Ok(resp)
         })
     }

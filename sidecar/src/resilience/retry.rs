@@ -76,7 +76,10 @@ async fn retry<S: Svc>(mut inner: S, metrics: Arc<Metrics>, d: Arc<Dispatch>, re
     let mut _retry_slot = None;
     loop {
         let mut attempt = Req::from_parts(parts.clone(), full(bytes.clone()));
-        attempt.extensions_mut().insert(tried.clone());
+        // The first attempt has tried nothing: nothing to carry.
+        if !tried.0.is_empty() {
+            attempt.extensions_mut().insert(tried.clone());
+        }
         let resp = inner.call(attempt).await.unwrap_or_else(|n| match n {});
         let outcome = outcome_of(&resp);
         if let Some(Attempt {
