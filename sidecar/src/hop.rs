@@ -13,8 +13,9 @@ use hyper::header::{CONNECTION, HOST, HeaderName, TE, TRANSFER_ENCODING, UPGRADE
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// The hop-by-hop headers [`strip`] always removes (`TE` is rewritten, not listed).
-const ALWAYS: [HeaderName; 5] = [
+/// The hop-by-hop headers [`strip`] always removes (`TE` is rewritten, not listed);
+/// `Connection` first.
+static ALWAYS: [HeaderName; 5] = [
     CONNECTION,
     TRANSFER_ENCODING,
     UPGRADE,
@@ -22,18 +23,35 @@ const ALWAYS: [HeaderName; 5] = [
     PROXY_CONNECTION,
 ];
 
-/// Whether `name` is one of the hop-by-hop headers [`strip`] removes or rewrites.
-fn is_hop(name: &HeaderName) -> bool {
-    name == TE || ALWAYS.contains(name)
+/// Removes the hop-by-hop headers of one message. One pass over its header names finds which
+/// are there; only those are removed (a message without any, as most requests between
+/// HTTP/1.1 keep-alive peers, is left as it is).
+pub fn strip(headers: &mut HeaderMap) {
+    let mut present = [false; 5];
+    let mut te = false;
+    for name in headers.keys() {
+        if let Some(i) = ALWAYS.iter().position(|h| h == name) {
+            present[i] = true;
+        } else if name == TE {
+            te = true;
+        }
+    }
+    // `Connection` is itself a hop header: without one, no other header is named by it.
+    if present[0] {
+        strip_named(headers);
+    }
+    for (n, there) in ALWAYS.iter().zip(present) {
+        if there {
+            headers.remove(n);
+        }
+    }
+    if te {
+        keep_te_trailers(headers);
+    }
 }
 
-/// Removes the hop-by-hop headers of one message. A message without any (most, between
-/// HTTP/1.1 keep-alive peers) is left as it is after one pass over its header names.
-pub fn strip(headers: &mut HeaderMap) {
-    // `Connection` is itself a hop header: without one, no other header is named by it.
-    if !headers.keys().any(is_hop) {
-        return;
-    }
+/// Removes the headers `Connection` names, except `Host` and `TE`.
+fn strip_named(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -50,9 +68,10 @@ pub fn strip(headers: &mut HeaderMap) {
             headers.remove(&n);
         }
     }
-    for n in &ALWAYS {
-        headers.remove(n);
-    }
+}
+
+/// `TE` is hop-by-hop but `TE: trailers` is what gRPC needs end to end: kept as only that.
+fn keep_te_trailers(headers: &mut HeaderMap) {
     let trailers = headers
         .get_all(TE)
         .iter()

@@ -11,7 +11,6 @@
 //! (the endpoint closed it while idle) is sent once more on a new one. No URI is formatted or
 //! parsed to find a connection; only the HTTP/2 request gets an absolute URI (`:authority`).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -130,8 +129,8 @@ type Back = (http1::SendRequest<Body>, Stack);
 /// Upstream connections by [`Key`].
 #[derive(Default)]
 pub struct Pool {
-    h1: RwLock<HashMap<Key, Stack>>,
-    h2: Mutex<HashMap<Key, (http2::SendRequest<Body>, Instant)>>,
+    h1: RwLock<crate::state::FastMap<Key, Stack>>,
+    h2: Mutex<crate::state::FastMap<Key, (http2::SendRequest<Body>, Instant)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -82,14 +82,15 @@ async fn retry<S: Svc>(mut inner: S, metrics: Arc<Metrics>, d: Arc<Dispatch>, re
         }
         let resp = inner.call(attempt).await.unwrap_or_else(|n| match n {});
         let outcome = outcome_of(&resp);
+        if !(d.retry.retriable(outcome) && retries < d.retry.attempts) {
+            return resp;
+        }
+        // Only a request that is tried again needs to know where it went.
         if let Some(Attempt {
             endpoint: Some(e), ..
         }) = resp.extensions().get::<Attempt>()
         {
             tried.0.push(*e);
-        }
-        if !(d.retry.retriable(outcome) && retries < d.retry.attempts) {
-            return resp;
         }
         // The previous retry's slot is released before asking for the next one.
         _retry_slot = None;
