@@ -25,10 +25,30 @@ if [ ${#need[@]} -eq 0 ]; then
   echo "already installed"
 elif [ "$(id -u)" -eq 0 ]; then
   apt-get update -qq
+  updated=1
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   echo "installed: ${need[*]}"
 else
   echo "not root: NOT installing ${need[*]}; tests that need them (network namespaces, iptables) skip and say why"
+fi
+
+say "container tools (podman, buildah, runc: the mesh-in-containers test)"
+need=()
+for pkg in podman buildah runc binutils; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -eq 0 ]; then
+  echo "already installed"
+elif [ "$(id -u)" -eq 0 ]; then
+  # Not fatal: without them the containers test skips and says why.
+  [ -n "${updated:-}" ] || apt-get update -qq || true
+  if DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null; then
+    echo "installed: ${need[*]}"
+  else
+    echo "could not install ${need[*]}: the containers test skips"
+  fi
+else
+  echo "not root: NOT installing ${need[*]}; the containers test skips and says why"
 fi
 
 say "Python venv for interop clients and schema checks (.venv)"
