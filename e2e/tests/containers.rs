@@ -421,7 +421,7 @@ fn the_mesh_runs_in_containers_from_its_images() {
 
     // One of v1's pods goes away while requests run: none of them fails.
     let urls: Vec<&str> = std::iter::repeat_n(url.as_str(), 300).collect();
-    let mut during = lab.spawn_exec(
+    let during = lab.spawn_exec(
         &client,
         &[
             &[
