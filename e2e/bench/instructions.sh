@@ -15,7 +15,7 @@ cd "$(dirname "$0")/../.."
 REQUESTS=${REQUESTS:-5000}
 . e2e/bench/lib.sh
 need "apt-get install -y valgrind haproxy nginx nghttp2-client curl" valgrind callgrind_control callgrind_annotate h2load haproxy nginx curl
-start_upstream 18080
+start_upstream 18080   # BASE (18000) + 80: what start_control_plane routes to
 
 # under_callgrind NAME PORT HOST CMD...: starts CMD under callgrind (instrumentation off), waits
 # for PORT to answer, warms up, counts REQUESTS requests, prints "NAME instructions/request".
@@ -45,25 +45,9 @@ under_callgrind() {
   echo "${rows[-1]}"
 }
 
-# The Weft sidecar: control plane (file source) as in start_weft, the sidecar under callgrind.
+# The Weft sidecar: the control plane as start_weft starts it (upstream BASE+80), the sidecar under callgrind.
 b=18000
-mkdir -p "$work/world"
-cat > "$work/world/world.yaml" <<YAML
-apiVersion: v1
-kind: Service
-metadata: {name: echo, namespace: default}
-spec: {ports: [{name: http, port: 80}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: echo, namespace: default, labels: {kubernetes.io/service-name: echo}}
-addressType: IPv4
-ports: [{name: http, port: 18080}]
-endpoints: [{addresses: ["127.0.0.1"]}]
-YAML
-target/release/weft-control-plane --source-dir "$work/world" \
-  --xds-plaintext-addr 127.0.0.1:$((b + 90)) --metrics-addr 127.0.0.1:$((b + 91)) \
-  --grpc-addr 127.0.0.1:$((b + 92)) --log warn >/dev/null 2>&1 & pids+=($!)
+start_control_plane $b
 under_callgrind "weft sidecar" $((b + 83)) "$HOST" "${WEFT_SIDECAR:-target/release/weft-sidecar}" run \
   --plaintext-xds --xds-addr 127.0.0.1:$((b + 90)) --outbound-addr 127.0.0.1:$((b + 83)) \
   --inbound-addr 127.0.0.1:$((b + 84)) --admin-addr 127.0.0.1:$((b + 85)) --log warn

@@ -80,11 +80,9 @@ CONF
   haproxy_pid=$(pgrep -f "haproxy -f $work/haproxy.cfg" | tail -1)
 }
 
-# start_weft BASE: a control plane (file source: Service echo -> 127.0.0.1:BASE+80, the
-# upstream) on core 1 and a Weft sidecar ($WEFT_SIDECAR, else the release build) on core 0 — outbound BASE+83, inbound BASE+84,
-# admin BASE+85; control plane plaintext BASE+90, metrics BASE+91, TLS BASE+92. Waits until
-# the sidecar routes; sets weft (its pid).
-start_weft() {
+# start_control_plane BASE: a control plane (file source: Service echo -> 127.0.0.1:BASE+80,
+# the upstream) on core 1; plaintext xDS BASE+90, metrics BASE+91, TLS BASE+92.
+start_control_plane() {
   local b=$1
   mkdir -p "$work/world"
   cat > "$work/world/world.yaml" <<YAML
@@ -103,6 +101,14 @@ YAML
   taskset -c 1 target/release/weft-control-plane --source-dir "$work/world" \
     --xds-plaintext-addr 127.0.0.1:$((b + 90)) --metrics-addr 127.0.0.1:$((b + 91)) \
     --grpc-addr 127.0.0.1:$((b + 92)) --log warn >/dev/null & pids+=($!)
+}
+
+# start_weft BASE: start_control_plane BASE and a Weft sidecar ($WEFT_SIDECAR, else the release
+# build) on core 0 — outbound BASE+83, inbound BASE+84, admin BASE+85. Waits until the sidecar
+# routes; sets weft (its pid).
+start_weft() {
+  local b=$1
+  start_control_plane "$b"
   taskset -c 0 "${WEFT_SIDECAR:-target/release/weft-sidecar}" run --plaintext-xds --xds-addr 127.0.0.1:$((b + 90)) \
     --outbound-addr 127.0.0.1:$((b + 83)) --inbound-addr 127.0.0.1:$((b + 84)) \
     --admin-addr 127.0.0.1:$((b + 85)) --log warn >/dev/null & weft=$!; pids+=($weft)
