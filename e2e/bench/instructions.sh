@@ -52,21 +52,7 @@ under_callgrind "weft sidecar" $((b + 83)) "$HOST" "${WEFT_SIDECAR:-target/relea
   --plaintext-xds --xds-addr 127.0.0.1:$((b + 90)) --outbound-addr 127.0.0.1:$((b + 83)) \
   --inbound-addr 127.0.0.1:$((b + 84)) --admin-addr 127.0.0.1:$((b + 85)) --log warn
 
-cat > "$work/haproxy.cfg" <<CONF
-global
-  nbthread 1
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
-frontend f
-  bind 127.0.0.1:18081
-  default_backend b
-backend b
-  server s1 127.0.0.1:18080
-CONF
+haproxy_cfg 18081 18080
 under_callgrind haproxy 18081 "$HOST" haproxy -f "$work/haproxy.cfg"
 
 # nginx as one process (no master), so the process under callgrind is the one proxying.

@@ -43,13 +43,10 @@ CONF
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
 
-# start_proxies HAPROXY_PORT NGINX_PORT UPSTREAM_PORT [h2]: haproxy and nginx as reverse
-# proxies to the upstream (HTTP/1.1 keep-alive; with `h2` they take HTTP/2 with prior knowledge
-# from clients), one worker each, pinned to core 0 (the proxy's core). Sets haproxy_pid and
-# nginx_worker.
-start_proxies() {
-  local bind_opt="" listen_opt=""
-  if [ "${4:-}" = h2 ]; then bind_opt=" proto h2"; listen_opt=" http2"; fi
+# haproxy_cfg PORT UPSTREAM_PORT [BIND_OPTIONS]: writes $work/haproxy.cfg, one thread,
+# HTTP keep-alive, 127.0.0.1:PORT to 127.0.0.1:UPSTREAM_PORT.
+haproxy_cfg() {
+  local bind_opt=${3:-}
   cat > "$work/haproxy.cfg" <<CONF
 global
   nbthread 1
@@ -63,8 +60,18 @@ frontend f
   bind 127.0.0.1:$1$bind_opt
   default_backend b
 backend b
-  server s1 127.0.0.1:$3
+  server s1 127.0.0.1:$2
 CONF
+}
+
+# start_proxies HAPROXY_PORT NGINX_PORT UPSTREAM_PORT [h2]: haproxy and nginx as reverse
+# proxies to the upstream (HTTP/1.1 keep-alive; with `h2` they take HTTP/2 with prior knowledge
+# from clients), one worker each, pinned to core 0 (the proxy's core). Sets haproxy_pid and
+# nginx_worker.
+start_proxies() {
+  local bind_opt="" listen_opt=""
+  if [ "${4:-}" = h2 ]; then bind_opt=" proto h2"; listen_opt=" http2"; fi
+  haproxy_cfg "$1" "$3" "$bind_opt"
   taskset -c 0 haproxy -f "$work/haproxy.cfg" & pids+=($!)
   cat > "$work/proxy.conf" <<CONF
 worker_processes 1; daemon off; pid $work/px.pid; error_log $work/px.err;

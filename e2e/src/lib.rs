@@ -77,6 +77,54 @@ pub mod lab {
         "--clear-groups",
     ];
 
+    /// What `weft-sidecar run` takes after `run` in a pod of cluster `c1` that joins with a
+    /// token (IPv4 only, admin on 127.0.0.1:15000): control plane, trust bundle, token,
+    /// namespace, service account, node ID, pod IP.
+    pub struct SidecarRun<'a> {
+        /// The control plane's TLS gRPC address.
+        pub xds: &'a str,
+        /// The trust bundle's path (as the sidecar sees it).
+        pub bundle: &'a str,
+        /// The join token.
+        pub token: &'a str,
+        /// The pod's namespace.
+        pub namespace: &'a str,
+        /// Its service account.
+        pub sa: &'a str,
+        /// Its node ID (`pod.namespace`).
+        pub node: &'a str,
+        /// Its IP.
+        pub ip: &'a str,
+    }
+
+    impl SidecarRun<'_> {
+        /// The arguments, `run` first.
+        pub fn args(&self) -> Vec<&str> {
+            vec![
+                "run",
+                "--xds-addr",
+                self.xds,
+                "--trust-bundle",
+                self.bundle,
+                "--join-token",
+                self.token,
+                "--namespace",
+                self.namespace,
+                "--service-account",
+                self.sa,
+                "--node-id",
+                self.node,
+                "--pod-ips",
+                self.ip,
+                "--cluster",
+                "c1",
+                "--no-ipv6",
+                "--admin-addr",
+                "127.0.0.1:15000",
+            ]
+        }
+    }
+
     /// Polls `f` every 100 ms until it holds; panics naming `what` after `patience`.
     pub fn eventually(what: &str, patience: Duration, mut f: impl FnMut() -> bool) {
         let deadline = Instant::now() + patience;

@@ -284,35 +284,27 @@ fn the_mesh_runs_in_containers_from_its_images() {
             String::from_utf8_lossy(&init.stderr)
         );
         let token = signer.mint("default", sa, 3600).expect("token").0;
+        let (xds, node, bundle) = (
+            format!("{CP_IP}:15012"),
+            format!("{name}.default"),
+            mount(&bundle_dir, "/bundle"),
+        );
+        let run = weft_e2e::lab::SidecarRun {
+            xds: &xds,
+            bundle: "/bundle/root.pem",
+            token: &token,
+            namespace: "default",
+            sa,
+            node: &node,
+            ip,
+        };
         lab.run(
             &format!("{name}-sidecar"),
             &[
-                "--network",
-                &netns,
-                "-v",
-                &mount(&bundle_dir, "/bundle"),
-                &sidecar_image,
-                "run",
-                "--xds-addr",
-                &format!("{CP_IP}:15012"),
-                "--trust-bundle",
-                "/bundle/root.pem",
-                "--join-token",
-                &token,
-                "--namespace",
-                "default",
-                "--service-account",
-                sa,
-                "--node-id",
-                &format!("{name}.default"),
-                "--pod-ips",
-                ip,
-                "--cluster",
-                "c1",
-                "--no-ipv6",
-                "--admin-addr",
-                "127.0.0.1:15000",
-            ],
+                &["--network", &netns, "-v", &bundle, &sidecar_image][..],
+                &run.args(),
+            ]
+            .concat(),
         );
     };
     for (name, ip, version) in [
