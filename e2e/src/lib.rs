@@ -5,6 +5,9 @@
 //! [`lab::Lab`] that owns every namespace and process a test made and removes them on drop,
 //! also when the test fails.
 
+/// A real API server for tests (etcd and kube-apiserver from `KUBEBUILDER_ASSETS`).
+pub mod envtest;
+
 /// Network-namespace lab helpers.
 pub mod lab {
     use std::path::{Path, PathBuf};

@@ -1,6 +1,7 @@
 //! Every integration test of this crate, one module per file (one binary to build and link).
 
 mod containers;
+mod envtest;
 mod grpc_xds_interop;
 mod install_mock_api;
 mod interception;
