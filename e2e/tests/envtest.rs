@@ -23,6 +23,15 @@ fn envtest(test: &str) -> Option<EnvTest> {
         println!("SKIP {test}: {why}");
         return None;
     }
+    for b in ["weftctl", "weft-control-plane", "weft-injector"] {
+        if !bin(b).exists() {
+            println!(
+                "SKIP {test}: {} is not built (cargo build --workspace --bins)",
+                bin(b).display()
+            );
+            return None;
+        }
+    }
     match EnvTest::start() {
         Ok(e) => Some(e),
         Err(e) => panic!("{test}: KUBEBUILDER_ASSETS is set but envtest did not start: {e}"),
@@ -246,4 +255,187 @@ fn envtest_the_follower_takes_the_lease_within_its_duration_when_the_leader_dies
         let _ = child.kill();
         let _ = child.wait();
     }
+}
+
+#[tokio::test]
+async fn envtest_token_review_accepts_a_token_requested_for_the_mesh_and_refuses_another_audience()
+{
+    let Some(env) = envtest(
+        "envtest_token_review_accepts_a_token_requested_for_the_mesh_and_refuses_another_audience",
+    ) else {
+        return;
+    };
+    env.kubectl_ok(&["create", "namespace", "shop"]);
+    let kubeconfig = kube::config::Kubeconfig::read_from(&env.kubeconfig).expect("kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("config");
+    let client = kube::Client::try_from(config).expect("client");
+    let reviewer = weft_control_plane::token_review::TokenReviewer::new(
+        client,
+        vec![weft_proto::keys::TOKEN_AUDIENCE.into()],
+        "cluster.local",
+    );
+    // What a pod of shop/checkout holds with a projected token for the mesh's audience.
+    let (_, right) = env
+        .service_account("shop", "checkout", weft_proto::keys::TOKEN_AUDIENCE)
+        .expect("token");
+    let id = reviewer.review(&right).await.expect("reviewed");
+    assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/checkout");
+    // Its default token (the API server's audience) proves nothing to the mesh.
+    let (_, wrong) = env
+        .service_account("shop", "checkout", "https://kubernetes.default.svc")
+        .expect("token");
+    let refused = reviewer.review(&wrong).await;
+    assert!(
+        matches!(
+            refused,
+            Err(weft_control_plane::token_review::ReviewError::Audience { .. })
+        ),
+        "{refused:?}"
+    );
+    // A token that is no token at all.
+    assert!(reviewer.review("not-a-token").await.is_err());
+}
+
+/// A CA and a serving certificate for 127.0.0.1: (CA PEM, certificate PEM, key PEM).
+fn loopback_serving_certificate() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "envtest webhook CA");
+    let ca_cert = ca.self_signed(&ca_key).expect("CA");
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+    leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = leaf.signed_by(&key, &issuer).expect("leaf");
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[test]
+fn envtest_the_injector_registered_by_a_real_webhook_configuration_injects_and_denies() {
+    use base64::Engine;
+    let Some(env) = envtest(
+        "envtest_the_injector_registered_by_a_real_webhook_configuration_injects_and_denies",
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, cert, key) = loopback_serving_certificate();
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    };
+    let (cert, key) = (file("tls.crt", &cert), file("tls.key", &key));
+    let root = dir.path().join("ca");
+    weft_control_plane::identity::Ca::load_or_generate(Some(&root), "cluster.local", "c1")
+        .expect("mesh root");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let mut injector = Command::new(bin("weft-injector"))
+        .args([
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--cluster-name",
+            "c1",
+        ])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .arg("--root-cert")
+        .arg(root.join("root.pem"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("injector");
+    // Registered the way install/04-injector.yaml does, but reached by URL on loopback.
+    let ca_bundle = base64::engine::general_purpose::STANDARD.encode(ca);
+    let applied = env.apply(&format!(
+        "apiVersion: admissionregistration.k8s.io/v1\nkind: MutatingWebhookConfiguration\nmetadata: {{name: weft-injector}}\nwebhooks:\n- name: inject.weft.dev\n  admissionReviewVersions: [v1]\n  sideEffects: None\n  failurePolicy: Fail\n  reinvocationPolicy: Never\n  timeoutSeconds: 5\n  namespaceSelector:\n    matchLabels: {{weft.dev/injection: enabled}}\n  rules:\n  - {{apiGroups: [\"\"], apiVersions: [v1], operations: [CREATE], resources: [pods], scope: Namespaced}}\n  clientConfig:\n    url: https://127.0.0.1:{port}/inject\n    caBundle: {ca_bundle}\n"
+    ));
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    env.kubectl_ok(&["create", "namespace", "shop"]);
+    env.kubectl_ok(&["label", "namespace", "shop", "weft.dev/injection=enabled"]);
+    env.kubectl_ok(&["create", "namespace", "plain"]);
+    let pod = |ns: &str, name: &str, annotations: &str| {
+        env.apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, annotations: {{{annotations}}}}}\nspec:\n  serviceAccountName: default\n  containers: [{{name: app, image: app:1, ports: [{{containerPort: 8080}}]}}]\n"
+        ))
+    };
+    // The default service account is made by a controller that does not run here.
+    for ns in ["shop", "plain"] {
+        let _ = env.kubectl(&["-n", ns, "create", "serviceaccount", "default"]);
+    }
+    let containers = |ns: &str, name: &str| {
+        env.kubectl_ok(&[
+            "-n",
+            ns,
+            "get",
+            "pod",
+            name,
+            "-o",
+            "jsonpath={.spec.initContainers[*].name} {.spec.containers[*].name}",
+        ])
+    };
+    // The injector may take a moment to serve: retry the first pod until it is admitted.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = pod("shop", "injected", "");
+        if o.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pod was never admitted: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let injected = containers("shop", "injected");
+    assert!(injected.contains("weft"), "not injected: {injected}");
+    // Opted out by annotation, and a namespace without the label: untouched.
+    let out = pod("shop", "opted-out", "weft.dev/inject: \"false\"");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!containers("shop", "opted-out").contains("weft"));
+    let out = pod("plain", "unlabelled", "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!containers("plain", "unlabelled").contains("weft"));
+    // A malformed Weft annotation: denied through the API, naming it.
+    let denied = pod("shop", "bad", "weft.dev/exclude-inbound-ports: \"80,http\"");
+    let err = String::from_utf8_lossy(&denied.stderr);
+    assert!(
+        !denied.status.success() && err.contains("weft.dev/exclude-inbound-ports"),
+        "{err}"
+    );
+    // Pods stay Pending: no scheduler or kubelet here.
+    let phase = env.kubectl_ok(&[
+        "-n",
+        "shop",
+        "get",
+        "pod",
+        "injected",
+        "-o",
+        "jsonpath={.status.phase}",
+    ]);
+    assert_eq!(phase.trim(), "Pending");
+    let _ = injector.kill();
+    let _ = injector.wait();
 }
