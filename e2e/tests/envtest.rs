@@ -143,8 +143,13 @@ fn envtest_weftctl_install_is_accepted_and_every_crd_is_established_and_structur
     );
 }
 
-/// A control-plane replica as a process (admin credentials; the test is about the Lease).
+/// A control-plane replica as a process, with the administrator's credentials.
 fn replica(env: &EnvTest, name: &str, ca: &std::path::Path) -> Child {
+    replica_as(&env.kubeconfig, name, ca)
+}
+
+/// A control-plane replica as a process, with the credentials of `kubeconfig`.
+fn replica_as(kubeconfig: &std::path::Path, name: &str, ca: &std::path::Path) -> Child {
     let port = |p: u16| format!("127.0.0.1:{p}");
     let free = || {
         std::net::TcpListener::bind("127.0.0.1:0")
@@ -153,7 +158,7 @@ fn replica(env: &EnvTest, name: &str, ca: &std::path::Path) -> Child {
             .expect("port")
     };
     Command::new(bin("weft-control-plane"))
-        .env("KUBECONFIG", &env.kubeconfig)
+        .env("KUBECONFIG", kubeconfig)
         .args([
             "--kubernetes",
             "--cluster-name",
@@ -438,4 +443,103 @@ fn envtest_the_injector_registered_by_a_real_webhook_configuration_injects_and_d
     assert_eq!(phase.trim(), "Pending");
     let _ = injector.kill();
     let _ = injector.wait();
+}
+
+#[test]
+fn envtest_the_kube_source_lists_and_watches_and_writes_accepted_statuses() {
+    let Some(env) =
+        envtest("envtest_the_kube_source_lists_and_watches_and_writes_accepted_statuses")
+    else {
+        return;
+    };
+    let crds = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../install/01-crds.yaml"
+    ))
+    .expect("CRDs");
+    let applied = env.apply(&crds);
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    for crd in CRDS {
+        env.kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            &format!("crd/{crd}"),
+            "--timeout=30s",
+        ]);
+    }
+    env.kubectl_ok(&["create", "namespace", "weft-system"]);
+    env.kubectl_ok(&["create", "namespace", "shop"]);
+    // The control plane runs as its own service account with exactly install/'s RBAC (no
+    // default roles exist here): what it may not do, it cannot.
+    let rbac = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../install/02-rbac.yaml"
+    ))
+    .expect("RBAC");
+    let applied = env.apply(&rbac);
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    let (kubeconfig, _) = env
+        .service_account("weft-system", "weft-control-plane", &env.url)
+        .expect("the control plane's token");
+    // A Service with its EndpointSlice (no controller makes slices here), a valid policy for
+    // it, and one for a Service that does not exist.
+    let world = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {ports: [{name: http, port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [\"198.18.9.1\"], conditions: {ready: true}}]\n---\napiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: good, namespace: shop}\nspec: {targetRef: {kind: Service, name: web}}\n---\napiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: orphan, namespace: shop}\nspec: {targetRef: {kind: Service, name: nowhere}}\n";
+    let applied = env.apply(world);
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca");
+    weft_control_plane::identity::Ca::load_or_generate(Some(&ca), "cluster.local", "c1")
+        .expect("CA");
+    let mut cp = replica_as(&kubeconfig, "a", &ca);
+    let accepted = |name: &str| {
+        env.kubectl_ok(&[
+            "-n",
+            "shop",
+            "get",
+            "trafficpolicy",
+            name,
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Accepted\")].status} {.status.conditions[?(@.type==\"Accepted\")].message}",
+        ])
+    };
+    let until = |what: &str, f: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !f() {
+            assert!(Instant::now() < deadline, "{what}\n{}", env.logs());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    until("the valid policy is Accepted", &|| {
+        accepted("good").starts_with("True")
+    });
+    until("the orphan policy is refused, naming the field", &|| {
+        let a = accepted("orphan");
+        a.starts_with("False") && a.contains("spec.targetRef.name")
+    });
+    // A watch, not a one-time list: the Service appears, and the orphan is accepted.
+    let applied = env.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: nowhere, namespace: shop}\nspec: {ports: [{name: http, port: 80}]}\n",
+    );
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    until("the orphan is accepted once its Service exists", &|| {
+        accepted("orphan").starts_with("True")
+    });
+    let _ = cp.kill();
+    let _ = cp.wait();
 }
