@@ -628,10 +628,11 @@ pub struct InjectArgs {
     /// through unchanged.
     #[arg(short = 'f', long = "filename")]
     pub file: PathBuf,
-    /// The mesh root the proxies trust (PEM), e.g. from `kubectl -n weft-system get
-    /// configmap weft-root`.
+    /// The mesh roots the proxies trust (PEM). Without it, the cluster's ConfigMap
+    /// `weft-system/weft-root` (what `weftctl install` wrote) is read through the current
+    /// kubeconfig; this flag only overrides it (offline, or another cluster's bundle).
     #[arg(long)]
-    pub root_cert: PathBuf,
+    pub root_cert: Option<PathBuf>,
     /// The sidecar image.
     #[arg(long, default_value = concat!("ghcr.io/weft-mesh/weft-sidecar:", env!("CARGO_PKG_VERSION")))]
     pub image: String,
@@ -690,8 +691,45 @@ pub fn inject_yaml(yaml: &str, cfg: &weft_injector::patch::InjectConfig) -> anyh
     to_yaml(&docs)
 }
 
+/// How long `inject` waits for the cluster's `weft-root` ConfigMap.
+const ROOT_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The bundle in the cluster's ConfigMap `weft-system/weft-root`, read through the current
+/// kubeconfig.
+async fn cluster_roots() -> anyhow::Result<String> {
+    let how = "pass --root-cert FILE (e.g. `kubectl -n weft-system get configmap weft-root -o jsonpath='{.data.root\\.pem}'`)";
+    let read = async {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| anyhow::anyhow!("no Kubernetes API ({e})"))?;
+        let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+            kube::Api::namespaced(client, "weft-system");
+        let cm = api
+            .get("weft-root")
+            .await
+            .map_err(|e| anyhow::anyhow!("ConfigMap weft-system/weft-root: {e}"))?;
+        cm.data
+            .and_then(|d| d.get("root.pem").cloned())
+            .filter(|pem| pem.contains("BEGIN CERTIFICATE"))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "ConfigMap weft-system/weft-root has no certificate in data[\"root.pem\"]"
+                )
+            })
+    };
+    match tokio::time::timeout(ROOT_LOOKUP_TIMEOUT, read).await {
+        Ok(Ok(pem)) => Ok(pem),
+        Ok(Err(e)) => anyhow::bail!(
+            "no --root-cert, and the cluster's mesh root could not be read: {e}; {how}"
+        ),
+        Err(_) => anyhow::bail!(
+            "no --root-cert, and the cluster did not answer within {ROOT_LOOKUP_TIMEOUT:?}; {how}"
+        ),
+    }
+}
+
 /// `weftctl inject -f FILE`.
-pub fn inject(args: &InjectArgs) -> anyhow::Result<i32> {
+pub async fn inject(args: &InjectArgs) -> anyhow::Result<i32> {
     let read = |p: &Path| -> anyhow::Result<String> {
         if p == Path::new("-") {
             let mut s = String::new();
@@ -701,7 +739,10 @@ pub fn inject(args: &InjectArgs) -> anyhow::Result<i32> {
             std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
         }
     };
-    let root = read(&args.root_cert)?;
+    let root = match &args.root_cert {
+        Some(path) => read(path)?,
+        None => cluster_roots().await?,
+    };
     let cfg = weft_injector::patch::InjectConfig::new(
         &args.image,
         &args.xds_addr,

@@ -554,3 +554,74 @@ async fn mock_api_server_reinstall_keeps_the_root_and_rotation_keeps_workloads_t
     )
     .await;
 }
+
+/// `weftctl inject` without `--root-cert` takes the mesh roots from the cluster's `weft-root`
+/// ConfigMap (what install wrote); with the API unreachable it says which flag to pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_api_server_inject_reads_the_mesh_root_from_the_cluster() {
+    if !bin("weftctl").exists() {
+        println!(
+            "SKIP mock_api_server_inject_reads_the_mesh_root_from_the_cluster: {} is not built (cargo build --bins)",
+            bin("weftctl").display()
+        );
+        return;
+    }
+    let store: Store = Arc::default();
+    let api = mock_api_server(store.clone()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig_for = |server: &str| {
+        let path = dir
+            .path()
+            .join(format!("kubeconfig-{}", server.replace([':', '/'], "_")));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters: [{{name: mock, cluster: {{server: \"{server}\"}}}}]\nusers: [{{name: u, user: {{}}}}]\ncontexts: [{{name: mock, context: {{cluster: mock, user: u}}}}]\ncurrent-context: mock\n"
+            ),
+        )
+        .expect("kubeconfig");
+        path
+    };
+    let kubeconfig = kubeconfig_for(&format!("http://{api}"));
+    install(&kubeconfig, &["--cluster-name", "east"]);
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../injector/tests/fixtures/pod.yaml"
+    );
+    let inject = |kubeconfig: &std::path::Path| {
+        std::process::Command::new(bin("weftctl"))
+            .env("KUBECONFIG", kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .args(["inject", "-f", fixture])
+            .output()
+            .expect("weftctl inject")
+    };
+    let out = inject(&kubeconfig);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    // The injected proxy carries the ConfigMap's bundle.
+    let roots = bundle(&store);
+    let line = roots
+        .lines()
+        .find(|l| !l.starts_with("-----") && l.len() > 40)
+        .expect("a base64 line");
+    assert!(
+        stdout.contains(line),
+        "the ConfigMap's root is not in the pod:\n{stdout}"
+    );
+    // Nothing answers: a clear error naming the flag, not a hang.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let out = inject(&kubeconfig_for(&format!("http://{closed}")));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--root-cert") && stderr.contains("weft-root"),
+        "{stderr}"
+    );
+}
