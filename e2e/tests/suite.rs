@@ -1,5 +1,6 @@
 //! Every integration test of this crate, one module per file (one binary to build and link).
 
+mod cluster;
 mod containers;
 mod envtest;
 mod grpc_xds_interop;
