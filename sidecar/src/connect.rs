@@ -291,9 +291,12 @@ impl tower::Service<crate::resilience::Req> for Upstream {
                         let (id, config, metrics) = (id.clone(), config.clone(), metrics.clone());
                         async move { mesh_handshake(addr, &id, config, &metrics).await }
                     };
-                    pool.send(&key, upstream, dial).await
+                    pool.send_or_return(&key, upstream, dial).await
                 }
-                None => pool.send(&key, upstream, || dial_plain(addr)).await,
+                None => {
+                    pool.send_or_return(&key, upstream, || dial_plain(addr))
+                        .await
+                }
             };
             let attempt = |outcome| Attempt {
                 endpoint: Some(addr),
@@ -306,19 +309,25 @@ impl tower::Service<crate::resilience::Req> for Upstream {
                         .insert(attempt(Outcome::Status(status)));
                     resp
                 }
-                Err(e) => {
+                Err((e, unsent)) => {
                     let outcome = if e.is_connect() {
                         Outcome::ConnectFailure
                     } else {
                         Outcome::Reset
                     };
                     tracing::debug!(cluster = %d.cluster, endpoint = %addr, error = %e, "upstream attempt failed");
-                    refusal(
+                    let mut resp = refusal(
                         hyper::StatusCode::SERVICE_UNAVAILABLE,
                         "upstream-failure",
                         format!("weft: {} endpoint {addr}: {outcome:?}", d.cluster),
                         Some(attempt(outcome)),
-                    )
+                    );
+                    // Never written anywhere: the retry layer may send it to another endpoint.
+                    if let (Outcome::ConnectFailure, Some(req)) = (outcome, unsent) {
+                        resp.extensions_mut()
+                            .insert(crate::resilience::Unsent::new(req));
+                    }
+                    resp
                 }
             })
         })

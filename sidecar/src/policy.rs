@@ -143,6 +143,14 @@ impl RetryPolicy {
         }
     }
 
+    /// Whether an attempt that reached its endpoint (an answer, a reset, a timeout) may be
+    /// retried: only then must a copy of the request be kept before it is sent. A connect
+    /// failure hands the unsent request back ([`crate::resilience::Unsent`]).
+    pub fn retries_answers(&self) -> bool {
+        self.attempts > 0
+            && (self.on_5xx || self.on_gateway_error || self.on_reset || !self.codes.is_empty())
+    }
+
     /// Whether an outcome may be retried under this policy (attempts and budget aside).
     pub fn retriable(&self, o: Outcome) -> bool {
         match o {

@@ -83,6 +83,9 @@ pub enum PoolError {
     Send(SocketAddr, hyper::Error),
 }
 
+/// Why a request was not answered, and the request itself when no connection could be made.
+pub type Unsendable = (PoolError, Option<Request<Body>>);
+
 impl PoolError {
     /// Whether nothing reached the endpoint (a connect failure), as opposed to a reset.
     pub fn is_connect(&self) -> bool {
@@ -171,6 +174,19 @@ impl Pool {
         req: Request<Body>,
         dial: D,
     ) -> Result<Response<Body>, PoolError> {
+        self.send_or_return(key, req, dial)
+            .await
+            .map_err(|(e, _)| e)
+    }
+
+    /// [`Pool::send`], handing the request back when no connection could be made (it was
+    /// never written anywhere: the caller may send it elsewhere without having copied it).
+    pub async fn send_or_return<D: Dial>(
+        &self,
+        key: &Key,
+        req: Request<Body>,
+        dial: D,
+    ) -> Result<Response<Body>, Unsendable> {
         if key.h2 {
             self.send_h2(key, req, dial).await
         } else {
@@ -183,7 +199,7 @@ impl Pool {
         key: &Key,
         mut req: Request<Body>,
         dial: D,
-    ) -> Result<Response<Body>, PoolError> {
+    ) -> Result<Response<Body>, Unsendable> {
         let stack = self.stack(key);
         let mut reused = self.checkout(&stack).await;
         loop {
@@ -192,7 +208,10 @@ impl Pool {
                 Some(tx) => tx,
                 // Boxed: dialling (TCP, TLS) is rare and its state large; unboxed it would be
                 // part of (and copied with) every request's future.
-                None => Box::pin(open_h1(key.addr, &dial)).await?,
+                None => match Box::pin(open_h1(key.addr, &dial)).await {
+                    Ok(tx) => tx,
+                    Err(e) => return Err((e, Some(req))),
+                },
             };
             match tx.try_send_request(req).await {
                 Ok(resp) => {
@@ -212,7 +231,7 @@ impl Pool {
                     // Never written: the endpoint closed the idle connection first. Once more,
                     // on a new one.
                     Some(r) if was_reused => req = r,
-                    _ => return Err(PoolError::Send(key.addr, e.into_error())),
+                    _ => return Err((PoolError::Send(key.addr, e.into_error()), None)),
                 },
             }
         }
@@ -253,7 +272,7 @@ impl Pool {
         key: &Key,
         mut req: Request<Body>,
         dial: D,
-    ) -> Result<Response<Body>, PoolError> {
+    ) -> Result<Response<Body>, Unsendable> {
         // HTTP/2 carries `:scheme` and `:authority`: the URI is made absolute.
         let pq = req.uri().path_and_query().cloned();
         let scheme = if key.identity.is_some() {
@@ -266,7 +285,12 @@ impl Pool {
             .authority(key.addr.to_string())
             .path_and_query(pq.unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")))
             .build()
-            .map_err(|_| PoolError::Connect(MeshConnectError::Address(key.addr.to_string())))?;
+            .map_err(|_| {
+                (
+                    PoolError::Connect(MeshConnectError::Address(key.addr.to_string())),
+                    None,
+                )
+            })?;
         let mut reused = lock(&self.h2).get_mut(key).and_then(|(tx, used)| {
             *used = Instant::now();
             (!tx.is_closed()).then(|| tx.clone())
@@ -276,7 +300,10 @@ impl Pool {
             let mut tx = match reused.take() {
                 Some(tx) => tx,
                 None => {
-                    let tx = Box::pin(open_h2(key.addr, &dial)).await?;
+                    let tx = match Box::pin(open_h2(key.addr, &dial)).await {
+                        Ok(tx) => tx,
+                        Err(e) => return Err((e, Some(req))),
+                    };
                     lock(&self.h2).insert(key.clone(), (tx.clone(), Instant::now()));
                     tx
                 }
@@ -285,14 +312,14 @@ impl Pool {
                 if was_reused {
                     continue;
                 }
-                return Err(PoolError::Send(key.addr, e));
+                return Err((PoolError::Send(key.addr, e), None));
             }
             match tx.try_send_request(req).await {
                 Ok(resp) => return Ok(resp.map(BodyExt::boxed)),
                 Err(mut e) => match e.take_message() {
                     // Never sent (the connection was closing: GOAWAY): once more on a new one.
                     Some(r) if was_reused => req = r,
-                    _ => return Err(PoolError::Send(key.addr, e.into_error())),
+                    _ => return Err((PoolError::Send(key.addr, e.into_error()), None)),
                 },
             }
         }
@@ -607,5 +634,18 @@ mod tests {
         let pool = Pool::new();
         let e = send(&pool, &key(addr, None)).await.expect_err("refused");
         assert!(e.is_connect(), "{e}");
+        // Never written anywhere: the request comes back, for another endpoint.
+        let dial = || async move {
+            TcpStream::connect(addr)
+                .await
+                .map_err(|e| MeshConnectError::Connect(addr, e))
+        };
+        let (e, unsent) = pool
+            .send_or_return(&key(addr, None), get(), dial)
+            .await
+            .expect_err("refused");
+        assert!(e.is_connect(), "{e}");
+        let unsent = unsent.expect("the request handed back");
+        assert_eq!(unsent.headers()[hyper::header::HOST], "t");
     }
 }

@@ -158,6 +158,27 @@ impl Dispatch {
 #[derive(Clone, Debug, Default)]
 pub struct Tried(pub Vec<SocketAddr>);
 
+/// A request that never reached its endpoint (no connection could be made), handed back on the
+/// refusal's extensions (connection layer -> retry layer), so that the common retry — of a
+/// connect failure — sends it again without a copy made in advance of every request.
+#[derive(Clone)]
+pub struct Unsent(Arc<std::sync::Mutex<Option<Req>>>);
+
+impl Unsent {
+    /// Wraps the request.
+    pub fn new(req: Req) -> Self {
+        Unsent(Arc::new(std::sync::Mutex::new(Some(req))))
+    }
+
+    /// The request, once.
+    pub fn take(&self) -> Option<Req> {
+        match self.0.lock() {
+            Ok(mut g) => g.take(),
+            Err(p) => p.into_inner().take(),
+        }
+    }
+}
+
 /// The endpoint an attempt goes to (pick layer -> the layers below).
 #[derive(Clone, Debug)]
 pub struct Picked(pub crate::balance::Target);

@@ -13,7 +13,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::StatusCode;
 use hyper::body::Body as _;
 
-use super::{Attempt, BoxFut, Dispatch, Req, Resp, Svc, Tried, outcome_of, refusal, undispatched};
+use super::{
+    Attempt, BoxFut, Dispatch, Req, Resp, Svc, Tried, Unsent, outcome_of, refusal, undispatched,
+};
 use crate::http::Body;
 use crate::metrics::Metrics;
 
@@ -74,17 +76,39 @@ async fn retry<S: Svc>(mut inner: S, metrics: Arc<Metrics>, d: Arc<Dispatch>, re
     let mut tried = Tried::default();
     let mut retries = 0u32;
     let mut _retry_slot = None;
+    // A copy for the next attempt is made before sending only when the policy may retry an
+    // attempt that reached its endpoint; one that never did comes back whole (`Unsent`).
+    let template = d.retry.retries_answers().then(|| parts.clone());
+    let mut next = Req::from_parts(parts, full(bytes.clone()));
     loop {
-        let mut attempt = Req::from_parts(parts.clone(), full(bytes.clone()));
+        let mut attempt = next;
         // The first attempt has tried nothing: nothing to carry.
         if !tried.0.is_empty() {
             attempt.extensions_mut().insert(tried.clone());
         }
-        let resp = inner.call(attempt).await.unwrap_or_else(|n| match n {});
+        // A request handed back by the connection layer lost its extensions.
+        if attempt.extensions().get::<Arc<Dispatch>>().is_none() {
+            attempt.extensions_mut().insert(d.clone());
+        }
+        let mut resp = inner.call(attempt).await.unwrap_or_else(|n| match n {});
         let outcome = outcome_of(&resp);
         if !(d.retry.retriable(outcome) && retries < d.retry.attempts) {
             return resp;
         }
+        let again = resp
+            .extensions_mut()
+            .remove::<Unsent>()
+            .and_then(|u| u.take())
+            .or_else(|| {
+                template
+                    .clone()
+                    .map(|p| Req::from_parts(p, full(bytes.clone())))
+            });
+        // Retriable, but nothing to send again (it reached the endpoint, no copy was kept).
+        let Some(again) = again else {
+            return resp;
+        };
+        next = again;
         // Only a request that is tried again needs to know where it went.
         if let Some(Attempt {
             endpoint: Some(e), ..
@@ -195,5 +219,63 @@ mod tests {
         *req.body_mut() = full(Bytes::from(vec![0u8; (MAX_REPLAY_BODY + 1) as usize]));
         let resp = svc.call(req).await.expect("infallible");
         assert_eq!((resp.status().as_u16(), calls()), (503, 1));
+    }
+
+    /// An extension that counts its clones: how often the request was copied.
+    #[derive(Debug)]
+    struct Marker(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Clone for Marker {
+        fn clone(&self) -> Self {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Marker(self.0.clone())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connect_failure_is_retried_with_the_request_it_handed_back_not_a_copy() {
+        // The first attempt fails to connect and hands its request back, as the connection
+        // layer does; the second is answered.
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = calls.clone();
+        let inner = tower::service_fn(move |req: Req| -> BoxFut {
+            let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move {
+                if n == 0 {
+                    let mut r = refusal(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "upstream-failure",
+                        "refused".into(),
+                        Some(Attempt {
+                            endpoint: Some("127.0.0.1:9".parse().expect("addr")),
+                            outcome: crate::policy::Outcome::ConnectFailure,
+                        }),
+                    );
+                    r.extensions_mut().insert(Unsent::new(req));
+                    return Ok(r);
+                }
+                Ok(crate::http::refuse(StatusCode::OK, "ok", String::new()))
+            })
+        });
+        let mut svc = RetryLayer::new(Arc::new(Metrics::new())).layer(inner);
+        let copies = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut req = request(dispatch());
+        req.extensions_mut().insert(Marker(copies.clone()));
+        let resp = svc.call(req).await.expect("infallible");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(
+            copies.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "the request was copied although only connect failures are retried"
+        );
+        // A policy that retries answers keeps a copy before sending: it has to.
+        let (inner, _) = scripted(&[503, 200]);
+        let mut svc = RetryLayer::new(Arc::new(Metrics::new())).layer(inner);
+        let mut req = request(with_retry("5xx", 2, None));
+        req.extensions_mut().insert(Marker(copies.clone()));
+        let resp = svc.call(req).await.expect("infallible");
+        assert_eq!(resp.status(), 200);
+        assert!(copies.load(std::sync::atomic::Ordering::SeqCst) >= 1);
     }
 }
