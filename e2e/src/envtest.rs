@@ -214,13 +214,22 @@ impl EnvTest {
 
     /// kubectl that must succeed; its stdout.
     pub fn kubectl_ok(&self, args: &[&str]) -> String {
-        let o = self.kubectl(args);
-        assert!(
-            o.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        crate::lab::succeeded(&format!("kubectl {args:?}"), self.kubectl(args))
+    }
+
+    /// [`EnvTest::apply`] that must succeed.
+    pub fn apply_ok(&self, yaml: &str) -> String {
+        crate::lab::succeeded("kubectl apply", self.apply(yaml))
+    }
+
+    /// Applies `install/FILE` of this repository.
+    pub fn apply_install_file(&self, file: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../install")
+            .join(file);
+        let yaml =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        self.apply_ok(&yaml)
     }
 
     /// `kubectl apply --server-side -f -` of `yaml`.

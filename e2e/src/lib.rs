@@ -32,6 +32,16 @@ pub mod lab {
             .unwrap_or_else(|e| panic!("{args:?}: {e}"))
     }
 
+    /// The stdout of a command that had to succeed; panics naming `what` with its stderr.
+    pub fn succeeded(what: &str, o: Output) -> String {
+        assert!(
+            o.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
     /// Runs a command that must succeed and returns its stdout.
     pub fn ok(args: &[&str]) -> String {
         let o = sh(args);

@@ -48,13 +48,7 @@ impl Cluster {
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let o = self.kubectl(args);
-        assert!(
-            o.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        weft_e2e::lab::succeeded(&format!("kubectl {args:?}"), self.kubectl(args))
     }
 
     fn apply(&self, yaml: &str) {

@@ -51,13 +51,7 @@ impl Podman {
 
     /// Runs podman; panics with its stderr unless it succeeds; returns stdout.
     fn ok(&self, args: &[&str]) -> String {
-        let o = self.podman(args);
-        assert!(
-            o.status.success(),
-            "podman {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        weft_e2e::lab::succeeded(&format!("podman {args:?}"), self.podman(args))
     }
 
     fn name(&self, what: &str) -> String {

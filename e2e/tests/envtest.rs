@@ -190,17 +190,7 @@ fn envtest_the_follower_takes_the_lease_within_its_duration_when_the_leader_dies
     else {
         return;
     };
-    let crds = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../install/01-crds.yaml"
-    ))
-    .expect("CRDs");
-    let applied = env.apply(&crds);
-    assert!(
-        applied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
+    env.apply_install_file("01-crds.yaml");
     env.kubectl_ok(&["create", "namespace", "weft-system"]);
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = dir.path().join("ca");
@@ -361,14 +351,9 @@ fn envtest_the_injector_registered_by_a_real_webhook_configuration_injects_and_d
         .expect("injector");
     // Registered the way install/04-injector.yaml does, but reached by URL on loopback.
     let ca_bundle = base64::engine::general_purpose::STANDARD.encode(ca);
-    let applied = env.apply(&format!(
+    env.apply_ok(&format!(
         "apiVersion: admissionregistration.k8s.io/v1\nkind: MutatingWebhookConfiguration\nmetadata: {{name: weft-injector}}\nwebhooks:\n- name: inject.weft.dev\n  admissionReviewVersions: [v1]\n  sideEffects: None\n  failurePolicy: Fail\n  reinvocationPolicy: Never\n  timeoutSeconds: 5\n  namespaceSelector:\n    matchLabels: {{weft.dev/injection: enabled}}\n  rules:\n  - {{apiGroups: [\"\"], apiVersions: [v1], operations: [CREATE], resources: [pods], scope: Namespaced}}\n  clientConfig:\n    url: https://127.0.0.1:{port}/inject\n    caBundle: {ca_bundle}\n"
     ));
-    assert!(
-        applied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
     env.kubectl_ok(&["create", "namespace", "shop"]);
     env.kubectl_ok(&["label", "namespace", "shop", "weft.dev/injection=enabled"]);
     env.kubectl_ok(&["create", "namespace", "plain"]);
@@ -409,19 +394,12 @@ fn envtest_the_injector_registered_by_a_real_webhook_configuration_injects_and_d
     let injected = containers("shop", "injected");
     assert!(injected.contains("weft"), "not injected: {injected}");
     // Opted out by annotation, and a namespace without the label: untouched.
-    let out = pod("shop", "opted-out", "weft.dev/inject: \"false\"");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    weft_e2e::lab::succeeded(
+        "create pod",
+        pod("shop", "opted-out", "weft.dev/inject: \"false\""),
     );
     assert!(!containers("shop", "opted-out").contains("weft"));
-    let out = pod("plain", "unlabelled", "");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    weft_e2e::lab::succeeded("create pod", pod("plain", "unlabelled", ""));
     assert!(!containers("plain", "unlabelled").contains("weft"));
     // A malformed Weft annotation: denied through the API, naming it.
     let denied = pod("shop", "bad", "weft.dev/exclude-inbound-ports: \"80,http\"");
@@ -452,17 +430,7 @@ fn envtest_the_kube_source_lists_and_watches_and_writes_accepted_statuses() {
     else {
         return;
     };
-    let crds = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../install/01-crds.yaml"
-    ))
-    .expect("CRDs");
-    let applied = env.apply(&crds);
-    assert!(
-        applied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
+    env.apply_install_file("01-crds.yaml");
     for crd in CRDS {
         env.kubectl_ok(&[
             "wait",
@@ -475,29 +443,14 @@ fn envtest_the_kube_source_lists_and_watches_and_writes_accepted_statuses() {
     env.kubectl_ok(&["create", "namespace", "shop"]);
     // The control plane runs as its own service account with exactly install/'s RBAC (no
     // default roles exist here): what it may not do, it cannot.
-    let rbac = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../install/02-rbac.yaml"
-    ))
-    .expect("RBAC");
-    let applied = env.apply(&rbac);
-    assert!(
-        applied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
+    env.apply_install_file("02-rbac.yaml");
     let (kubeconfig, _) = env
         .service_account("weft-system", "weft-control-plane", &env.url)
         .expect("the control plane's token");
     // A Service with its EndpointSlice (no controller makes slices here), a valid policy for
     // it, and one for a Service that does not exist.
     let world = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {ports: [{name: http, port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [\"198.18.9.1\"], conditions: {ready: true}}]\n---\napiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: good, namespace: shop}\nspec: {targetRef: {kind: Service, name: web}}\n---\napiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: orphan, namespace: shop}\nspec: {targetRef: {kind: Service, name: nowhere}}\n";
-    let applied = env.apply(world);
-    assert!(
-        applied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
+    env.apply_ok(world);
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = dir.path().join("ca");
     weft_control_plane::identity::Ca::load_or_generate(Some(&ca), "cluster.local", "c1")
@@ -529,13 +482,8 @@ fn envtest_the_kube_source_lists_and_watches_and_writes_accepted_statuses() {
         a.starts_with("False") && a.contains("spec.targetRef.name")
     });
     // A watch, not a one-time list: the Service appears, and the orphan is accepted.
-    let applied = env.apply(
+    env.apply_ok(
         "apiVersion: v1\nkind: Service\nmetadata: {name: nowhere, namespace: shop}\nspec: {ports: [{name: http, port: 80}]}\n",
-    );
-    assert!(
-        applied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&applied.stderr)
     );
     until("the orphan is accepted once its Service exists", &|| {
         accepted("orphan").starts_with("True")
