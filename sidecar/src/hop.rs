@@ -10,24 +10,24 @@
 use hyper::HeaderMap;
 use hyper::header::{CONNECTION, HOST, HeaderName, TE, TRANSFER_ENCODING, UPGRADE};
 
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// How many headers [`ALWAYS`] lists.
+const HOPS: usize = 5;
 
 /// The hop-by-hop headers [`strip`] always removes (`TE` is rewritten, not listed);
 /// `Connection` first.
-static ALWAYS: [HeaderName; 5] = [
+static ALWAYS: [HeaderName; HOPS] = [
     CONNECTION,
     TRANSFER_ENCODING,
     UPGRADE,
-    KEEP_ALIVE,
-    PROXY_CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
 ];
 
 /// Removes the hop-by-hop headers of one message. One pass over its header names finds which
 /// are there; only those are removed (a message without any, as most requests between
 /// HTTP/1.1 keep-alive peers, is left as it is).
 pub fn strip(headers: &mut HeaderMap) {
-    let mut present = [false; 5];
+    let mut present = [false; HOPS];
     let mut te = false;
     for name in headers.keys() {
         if let Some(i) = ALWAYS.iter().position(|h| h == name) {
@@ -268,6 +268,20 @@ mod tests {
         let mut h = headers(&[("te", "gzip")]);
         strip(&mut h);
         assert!(h.is_empty());
+        // Each hop header alone, without a `Connection` to name it (the pass that finds which
+        // are present must not need one): removed, whatever its case on the wire.
+        for hop in [
+            "Transfer-Encoding",
+            "upgrade",
+            "Keep-Alive",
+            "proxy-connection",
+            "CONNECTION",
+        ] {
+            let mut h = headers(&[(hop, "x"), ("x-end-to-end", "kept")]);
+            strip(&mut h);
+            let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+            assert_eq!(left, ["x-end-to-end"], "{hop}");
+        }
     }
 
     #[test]

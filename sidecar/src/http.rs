@@ -1,5 +1,6 @@
 //! The HTTP types every part of the request path shares — the body, request and response of
-//! the proxy, and the answer the proxy gives itself when it refuses a request. A leaf module.
+//! the proxy, the answer the proxy gives itself when it refuses a request, and the hash map its
+//! lookups use. A leaf module.
 
 use std::net::SocketAddr;
 
@@ -7,6 +8,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{Request, Response, StatusCode};
 use weft_proto::keys::PROXY_REASON_HEADER;
+
+/// A hash map for lookups on the request path (host names, endpoint addresses): foldhash,
+/// seeded per process, instead of SipHash, which cost more than the lookups it hashed for.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Response body of the proxy.
 pub type Body = BoxBody<Bytes, hyper::Error>;

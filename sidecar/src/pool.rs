@@ -27,7 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use weft_proto::tls;
 
-use crate::http::Body;
+use crate::http::{Body, FastMap};
 
 /// Why an mTLS connection to an endpoint was not made.
 #[derive(Debug, thiserror::Error)]
@@ -132,8 +132,8 @@ type Back = (http1::SendRequest<Body>, Stack);
 /// Upstream connections by [`Key`].
 #[derive(Default)]
 pub struct Pool {
-    h1: RwLock<crate::state::FastMap<Key, Stack>>,
-    h2: Mutex<crate::state::FastMap<Key, (http2::SendRequest<Body>, Instant)>>,
+    h1: RwLock<FastMap<Key, Stack>>,
+    h2: Mutex<FastMap<Key, (http2::SendRequest<Body>, Instant)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -794,15 +794,11 @@ pub fn route_spec(rc: &route::RouteConfiguration) -> Result<RouteSpec, Invalid> 
         .collect())
 }
 
-/// A hash map for lookups on the request path (host names, endpoint addresses): foldhash,
-/// seeded per process, instead of SipHash, which cost more than the lookups it hashed for.
-pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-
 /// Everything the request path reads, swapped as a whole.
 #[derive(Debug, Default, Serialize)]
 pub struct MeshConfig {
     /// Host (as in `:authority`, with or without port) -> routes.
-    pub hosts: FastMap<String, Arc<Vec<Route>>>,
+    pub hosts: crate::http::FastMap<String, Arc<Vec<Route>>>,
     /// Cluster name -> state.
     pub clusters: BTreeMap<String, ClusterState>,
     /// Accepted versions per type URL.

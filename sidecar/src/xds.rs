@@ -615,7 +615,7 @@ fn apply(held: &mut Held, t: &'static str, update: Update<'_>) -> Result<Depende
 /// Compiles the held (already validated) resources into the request path's config. Cheap per
 /// cluster: a cluster whose algorithm and assignment did not change keeps its built endpoints.
 fn compile(held: &mut Held) -> MeshConfig {
-    let mut hosts: state::FastMap<String, Arc<Vec<Route>>> = state::FastMap::default();
+    let mut hosts: crate::http::FastMap<String, Arc<Vec<Route>>> = Default::default();
     for spec in held.routes.values() {
         for (domains, routes) in spec {
             for d in domains {
