@@ -69,6 +69,9 @@ pub struct Metrics {
     pub rollout_weight: Family<Labels, Gauge>,
     /// `weft_rollout_decisions_total{rollout,decision}`: promote, hold, rollback, ...
     pub rollout_decisions: Family<Labels, Counter>,
+    /// `weft_kube_status_writes_total{result}`: `Accepted` condition writes (`written`,
+    /// `conflict`: refused with 409 and retried on a fresh copy, `error`).
+    pub status_writes: Family<Labels, Counter>,
     /// `weft_federation_peer_up{peer}`: 1 while the import stream from the peer is synced.
     pub peer_up: Family<Labels, Gauge>,
     /// `weft_federation_peer_stale{peer}`: 1 while the peer's endpoints are kept stale.
@@ -118,6 +121,7 @@ impl Metrics {
             lrs_requests: Family::default(),
             rollout_weight: Family::default(),
             rollout_decisions: Family::default(),
+            status_writes: Family::default(),
             peer_up: Family::default(),
             peer_stale: Family::default(),
             imported_endpoints: Family::default(),
@@ -254,6 +258,11 @@ impl Metrics {
             "weft_rollout_decisions",
             "Rollout decisions, by kind",
             m.rollout_decisions.clone(),
+        );
+        registry.register(
+            "weft_kube_status_writes",
+            "Accepted condition writes to the Kubernetes API, by result",
+            m.status_writes.clone(),
         );
         Metrics { registry, ..m }
     }

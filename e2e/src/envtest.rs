@@ -130,6 +130,9 @@ impl EnvTest {
                 d.join("sa.key").display()
             ))
             .arg("--allow-privileged=true")
+            // Watches end within 5–10 s (default 30–60 min): every test exercises the
+            // watchers' resume, as a long-running control plane does.
+            .arg("--min-request-timeout=5")
             .stdout(log("kube-apiserver")?)
             .stderr(log("kube-apiserver.err")?)
             .spawn()

@@ -143,13 +143,48 @@ fn envtest_weftctl_install_is_accepted_and_every_crd_is_established_and_structur
     );
 }
 
+/// A control-plane replica as a process (killed when dropped) and its metrics address.
+struct Replica {
+    child: Child,
+    metrics: String,
+}
+
+impl Replica {
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The sum of the samples of metric `name` whose labels contain every one of `labels`
+    /// (0 when unreachable or absent).
+    fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        use std::io::{Read, Write};
+        let mut text = String::new();
+        if let Ok(mut s) = std::net::TcpStream::connect(&self.metrics) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n");
+            let _ = s.read_to_string(&mut text);
+        }
+        text.lines()
+            .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A control-plane replica as a process, with the administrator's credentials.
-fn replica(env: &EnvTest, name: &str, ca: &std::path::Path) -> Child {
+fn replica(env: &EnvTest, name: &str, ca: &std::path::Path) -> Replica {
     replica_as(&env.kubeconfig, name, ca)
 }
 
 /// A control-plane replica as a process, with the credentials of `kubeconfig`.
-fn replica_as(kubeconfig: &std::path::Path, name: &str, ca: &std::path::Path) -> Child {
+fn replica_as(kubeconfig: &std::path::Path, name: &str, ca: &std::path::Path) -> Replica {
     let port = |p: u16| format!("127.0.0.1:{p}");
     let free = || {
         std::net::TcpListener::bind("127.0.0.1:0")
@@ -157,7 +192,8 @@ fn replica_as(kubeconfig: &std::path::Path, name: &str, ca: &std::path::Path) ->
             .map(|a| a.port())
             .expect("port")
     };
-    Command::new(bin("weft-control-plane"))
+    let metrics = port(free());
+    let child = Command::new(bin("weft-control-plane"))
         .env("KUBECONFIG", kubeconfig)
         .args([
             "--kubernetes",
@@ -170,19 +206,22 @@ fn replica_as(kubeconfig: &std::path::Path, name: &str, ca: &std::path::Path) ->
         ])
         .arg("--ca-dir")
         .arg(ca)
-        .args([
-            "--grpc-addr",
-            &port(free()),
-            "--metrics-addr",
-            &port(free()),
-        ])
+        .args(["--grpc-addr", &port(free()), "--metrics-addr", &metrics])
         .args(["--replica-service", "none"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .expect("control plane")
+        .expect("control plane");
+    Replica { child, metrics }
 }
 
+/// SMI's TrafficSplit, which a Rollout drives (another project's CRD: a minimal stand-in with
+/// an open schema, as a cluster with the SMI CRDs installed would serve it).
+const SMI_TRAFFIC_SPLIT_CRD: &str = "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {name: trafficsplits.split.smi-spec.io}\nspec:\n  group: split.smi-spec.io\n  scope: Namespaced\n  names: {plural: trafficsplits, singular: trafficsplit, kind: TrafficSplit}\n  versions: [{name: v1alpha4, served: true, storage: true, schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}}]\n";
+
+/// Two replicas through a real Lease: one leads; killed, the follower takes the Lease within
+/// its duration — and a Rollout the old leader had brought to 50 % is resumed there from its
+/// status, not started over at its first step.
 #[test]
 fn envtest_the_follower_takes_the_lease_within_its_duration_when_the_leader_dies() {
     let Some(env) =
@@ -191,7 +230,49 @@ fn envtest_the_follower_takes_the_lease_within_its_duration_when_the_leader_dies
         return;
     };
     env.apply_install_file("01-crds.yaml");
+    env.apply_ok(SMI_TRAFFIC_SPLIT_CRD);
+    env.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/trafficsplits.split.smi-spec.io",
+        "crd/rollouts.weft.dev",
+        "--timeout=30s",
+    ]);
     env.kubectl_ok(&["create", "namespace", "weft-system"]);
+    env.kubectl_ok(&["create", "namespace", "shop"]);
+    let mut world = String::new();
+    for svc in ["web", "web-v1", "web-v2"] {
+        world += &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {svc}, namespace: shop}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n---\n"
+        );
+    }
+    world += "apiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata: {name: web, namespace: shop}\nspec: {service: web, backends: [{service: web-v1, weight: 90}, {service: web-v2, weight: 10}]}\n---\napiVersion: weft.dev/v1alpha1\nkind: Rollout\nmetadata: {name: web, namespace: shop}\nspec: {trafficSplit: web, canary: web-v2, steps: [20, 50, 100], interval: 1h}\n";
+    env.apply_ok(&world);
+    // Where a previous leader left it: the second step.
+    env.kubectl_ok(&[
+        "-n",
+        "shop",
+        "patch",
+        "rollout",
+        "web",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Progressing","weight":50}}"#,
+    ]);
+    let rollout_weight = || {
+        env.kubectl_ok(&[
+            "-n",
+            "shop",
+            "get",
+            "rollout",
+            "web",
+            "-o",
+            "jsonpath={.status.phase} {.status.weight}",
+        ])
+        .trim()
+        .to_string()
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = dir.path().join("ca");
     weft_control_plane::identity::Ca::load_or_generate(Some(&ca), "cluster.local", "c1")
@@ -212,44 +293,60 @@ fn envtest_the_follower_takes_the_lease_within_its_duration_when_the_leader_dies
         ]);
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     };
-    let until = |what: &str, patience: Duration, f: &dyn Fn(&str) -> bool| -> String {
+    let until = |what: &str, patience: Duration, f: &dyn Fn() -> bool| {
         let deadline = Instant::now() + patience;
-        loop {
-            let h = holder();
-            if f(&h) {
-                return h;
-            }
+        while !f() {
             assert!(
                 Instant::now() < deadline,
-                "{what}: holder {h:?}\n{}",
+                "{what}: holder {:?}, rollout {:?}\n{}",
+                holder(),
+                rollout_weight(),
                 env.logs()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
     };
-    let leader = until("a leader", Duration::from_secs(60), &|h| {
+    let resumed = |r: &Replica| {
+        r.metric(
+            "weft_rollout_decisions_total",
+            &["rollout=\"shop/web\"", "decision=\"resume\""],
+        ) >= 1.0
+    };
+    until("a leader", Duration::from_secs(60), &|| {
+        let h = holder();
         h == "a" || h == "b"
     });
+    let leader = holder();
+    let (lead, follow) = if leader == "a" { (0, 1) } else { (1, 0) };
+    until(
+        "the leader resumes the rollout from its status",
+        Duration::from_secs(20),
+        &|| resumed(&replicas[lead].1),
+    );
+    assert!(
+        !resumed(&replicas[follow].1),
+        "the follower decides nothing"
+    );
+    assert_eq!(rollout_weight(), "Progressing 50", "resumed, not restarted");
     let killed = Instant::now();
-    for (name, child) in replicas.iter_mut() {
-        if *name == leader {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-    let next = until("the follower takes over", Duration::from_secs(10), &|h| {
+    replicas[lead].1.kill();
+    until("the follower takes over", Duration::from_secs(10), &|| {
+        let h = holder();
         !h.is_empty() && h != leader
     });
     // Within the lease duration (3 s) plus one renewal period of slack.
     assert!(
         killed.elapsed() < Duration::from_secs(6),
-        "{next} took {:?}",
+        "{} took {:?}",
+        holder(),
         killed.elapsed()
     );
-    for (_, child) in replicas.iter_mut() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    until(
+        "the new leader resumes the rollout where the old one left it",
+        Duration::from_secs(20),
+        &|| resumed(&replicas[follow].1),
+    );
+    assert_eq!(rollout_weight(), "Progressing 50");
 }
 
 #[tokio::test]
@@ -481,6 +578,22 @@ fn envtest_the_kube_source_lists_and_watches_and_writes_accepted_statuses() {
         let a = accepted("orphan");
         a.starts_with("False") && a.contains("spec.targetRef.name")
     });
+    // Another controller's condition on the same object: Weft's writes keep it (they carry
+    // the resourceVersion they read and are re-based on a 409).
+    env.kubectl_ok(&[
+        "-n",
+        "shop",
+        "patch",
+        "trafficpolicy",
+        "orphan",
+        "--subresource=status",
+        "--type=json",
+        "-p",
+        r#"[{"op":"add","path":"/status/conditions/-","value":{"type":"Audited","status":"True","reason":"Audited","message":"by another controller","lastTransitionTime":"2026-12-01T00:00:00Z"}}]"#,
+    ]);
+    // The API server ends every watch within 5–10 s here (`--min-request-timeout=5`): wait
+    // past two expiries, so what follows is seen by a watch that was resumed.
+    std::thread::sleep(Duration::from_secs(12));
     // A watch, not a one-time list: the Service appears, and the orphan is accepted.
     env.apply_ok(
         "apiVersion: v1\nkind: Service\nmetadata: {name: nowhere, namespace: shop}\nspec: {ports: [{name: http, port: 80}]}\n",
@@ -488,6 +601,19 @@ fn envtest_the_kube_source_lists_and_watches_and_writes_accepted_statuses() {
     until("the orphan is accepted once its Service exists", &|| {
         accepted("orphan").starts_with("True")
     });
-    let _ = cp.kill();
-    let _ = cp.wait();
+    let audited = env.kubectl_ok(&[
+        "-n",
+        "shop",
+        "get",
+        "trafficpolicy",
+        "orphan",
+        "-o",
+        "jsonpath={.status.conditions[?(@.type==\"Audited\")].status}",
+    ]);
+    assert_eq!(
+        audited.trim(),
+        "True",
+        "the other controller's condition was lost"
+    );
+    cp.kill();
 }

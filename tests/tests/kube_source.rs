@@ -40,6 +40,13 @@ struct Mock {
     status_patches: Vec<(String, Value)>,
     /// The Lease, if created.
     lease: Option<Value>,
+    /// Another controller's condition, written to the object at this status path just before
+    /// the next status patch there is handled (a write race Weft must not lose it to).
+    race: Option<(String, Value)>,
+    /// Watches from a resourceVersion older than this get 410 Expired (etcd compacted).
+    compacted: u64,
+    /// Ends every open watch (as an API server's watch timeout does).
+    cut: Arc<tokio::sync::Notify>,
 }
 
 type Shared = Arc<Mutex<Mock>>;
@@ -81,6 +88,49 @@ impl Mock {
         };
         c.objects.insert(key, obj.clone());
         let _ = c.events.send(json!({"type": ty, "object": obj}));
+    }
+
+    /// Replaces an object without telling open watches (what a watch that was down missed).
+    fn change_unseen(&mut self, path: &str, obj: Value) {
+        self.version += 1;
+        let mut obj = obj;
+        obj["metadata"]["resourceVersion"] = json!(self.version.to_string());
+        let key = (
+            obj["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            obj["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+        if let Some(c) = self.collections.get_mut(path) {
+            c.objects.insert(key, obj);
+        }
+    }
+
+    /// The (collection, namespace, name) a `.../<plural>/<name>/status` path names.
+    fn locate(path: &str) -> (String, String, String) {
+        let parts: Vec<&str> = path.trim_end_matches("/status").rsplitn(2, '/').collect();
+        let (name, prefix) = (
+            parts[0].to_string(),
+            parts.get(1).copied().unwrap_or_default(),
+        );
+        match prefix.split_once("/namespaces/") {
+            Some((base, rest)) => {
+                let (ns, plural) = rest.split_once('/').unwrap_or((rest, ""));
+                (format!("{base}/{plural}"), ns.to_string(), name)
+            }
+            None => (prefix.to_string(), String::new(), name),
+        }
+    }
+
+    fn object(&self, collection: &str, ns: &str, name: &str) -> Option<Value> {
+        self.collections
+            .get(collection)
+            .and_then(|c| c.objects.get(&(ns.to_string(), name.to_string())))
+            .cloned()
     }
 
     fn delete(&mut self, path: &str, namespace: &str, name: &str) {
@@ -189,24 +239,32 @@ async fn handle(mock: Shared, req: hyper::Request<hyper::body::Incoming>) -> hyp
         let mut m = lock(&mock);
         m.status_patches.push((path.clone(), body.clone()));
         // Find the object and merge the status in, as the API server would.
-        let parts: Vec<&str> = path.trim_end_matches("/status").rsplitn(2, '/').collect();
-        let (name, prefix) = (
-            parts[0].to_string(),
-            parts.get(1).copied().unwrap_or_default(),
-        );
-        let (collection, ns) = match prefix.split_once("/namespaces/") {
-            Some((base, rest)) => {
-                let (ns, plural) = rest.split_once('/').unwrap_or((rest, ""));
-                (format!("{base}/{plural}"), ns.to_string())
-            }
-            None => (prefix.to_string(), String::new()),
-        };
-        let obj = m
-            .collections
-            .get(&collection)
-            .and_then(|c| c.objects.get(&(ns.clone(), name.clone())))
-            .cloned();
+        let (collection, ns, name) = Mock::locate(&path);
+        if let Some((at, condition)) = m.race.take_if(|(at, _)| path.ends_with(at.as_str()))
+            && let Some(mut o) = m.object(&collection, &ns, &name)
+        {
+            let mut conditions = o["status"]["conditions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            conditions.push(condition);
+            o["status"]["conditions"] = json!(conditions);
+            let kind = m.collections[&collection].kind.clone();
+            m.add(&collection, &kind, o);
+            println!("mock: another controller wrote {at} first");
+        }
+        let obj = m.object(&collection, &ns, &name);
         return match obj {
+            Some(o)
+                if body["metadata"]["resourceVersion"].is_string()
+                    && body["metadata"]["resourceVersion"] != o["metadata"]["resourceVersion"] =>
+            {
+                status(
+                    409,
+                    "Conflict",
+                    "Operation cannot be fulfilled: the object has been modified; please apply your changes to the latest version and try again",
+                )
+            }
             Some(mut o) => {
                 merge_patch(&mut o, &body);
                 let kind = m.collections[&collection].kind.clone();
@@ -224,6 +282,15 @@ async fn handle(mock: Shared, req: hyper::Request<hyper::body::Incoming>) -> hyp
     if method != "GET" {
         return status(405, "MethodNotAllowed", "mock: not supported");
     }
+    // One object's status subresource (what a writer re-reads after a conflict).
+    if path.ends_with("/status") {
+        let m = lock(&mock);
+        let (collection, ns, name) = Mock::locate(&path);
+        return match m.object(&collection, &ns, &name) {
+            Some(o) => json_response(200, &o),
+            None => status(404, "NotFound", &format!("{ns}/{name} not found")),
+        };
+    }
     if lock(&mock).missing.contains(&path) {
         return status(
             404,
@@ -234,7 +301,12 @@ async fn handle(mock: Shared, req: hyper::Request<hyper::body::Incoming>) -> hyp
     let watch = query
         .split('&')
         .any(|q| q == "watch=true" || q == "watch=1");
-    let (kind, items, version, events) = {
+    let since: u64 = query
+        .split('&')
+        .find_map(|q| q.strip_prefix("resourceVersion="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let (kind, items, version, events, compacted, cut) = {
         let m = lock(&mock);
         let Some(c) = m.collections.get(&path) else {
             // A collection the mock was given nothing for: empty.
@@ -248,6 +320,8 @@ async fn handle(mock: Shared, req: hyper::Request<hyper::body::Incoming>) -> hyp
             c.objects.values().cloned().collect::<Vec<_>>(),
             m.version,
             c.events.subscribe(),
+            m.compacted,
+            m.cut.clone(),
         )
     };
     if !watch {
@@ -257,19 +331,35 @@ async fn handle(mock: Shared, req: hyper::Request<hyper::body::Incoming>) -> hyp
                 "metadata": {"resourceVersion": version.to_string()}, "items": items}),
         );
     }
-    // A watch: events as JSON lines, for a bounded time (the client re-watches after).
+    if since > 0 && since < compacted {
+        // What the API server says once etcd compacted past the watcher's version.
+        let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+            "status": "Failure", "reason": "Expired", "code": 410,
+            "message": format!("too old resource version: {since} ({compacted})")}});
+        return hyper::Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(format!("{gone}\n"))).boxed())
+            .unwrap_or_default();
+    }
+    // A watch: events as JSON lines, for a bounded time or until cut (the client re-watches).
     let stream = futures::stream::unfold(
         (
             events,
             tokio::time::Instant::now() + Duration::from_secs(20),
+            cut,
         ),
-        |(mut rx, until)| async move {
-            match tokio::time::timeout_at(until, rx.recv()).await {
+        |(mut rx, until, cut)| async move {
+            let ev = tokio::select! {
+                ev = tokio::time::timeout_at(until, rx.recv()) => ev,
+                _ = cut.notified() => return None,
+            };
+            match ev {
                 Ok(Ok(ev)) => {
                     let line = format!("{ev}\n");
                     Some((
                         Ok::<_, Infallible>(Frame::data(Bytes::from(line))),
-                        (rx, until),
+                        (rx, until, cut),
                     ))
                 }
                 _ => None,
@@ -790,5 +880,104 @@ async fn mock_api_server_replicas_follow_the_leaders_rollout_through_its_status(
     )
     .await;
     assert_eq!(canary_weight(&b), Some(5000));
+    server.abort();
+}
+
+/// The conditions of `path_end`'s object as the mock holds them now: (type, status) pairs.
+fn conditions_now(mock: &Shared, collection: &str, ns: &str, name: &str) -> Vec<(String, String)> {
+    lock(mock)
+        .object(collection, ns, name)
+        .and_then(|o| o["status"]["conditions"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(|c| {
+            (
+                c["type"].as_str().unwrap_or_default().to_string(),
+                c["status"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Another controller writes its own condition on a TrafficPolicy between Weft's read and
+/// Weft's status write. A merge patch replaces the whole list, so a blind write would drop
+/// that condition: Weft's write carries the resourceVersion it read, the API server refuses
+/// it with 409, and Weft writes again on top of the fresh copy — both conditions stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_api_server_status_write_races_keep_the_other_controllers_condition() {
+    let mut m = world();
+    m.race = Some((
+        "/namespaces/shop/trafficpolicies/retries/status".into(),
+        json!({"type": "Audited", "status": "True", "reason": "Audited", "message": "by another controller"}),
+    ));
+    let mock: Shared = Arc::new(Mutex::new(m));
+    let (api, server) = serve(mock.clone()).await;
+    let a = replica(api, "replica-a").await;
+    let got = until_ok(
+        "Accepted written beside the other condition",
+        Duration::from_secs(20),
+        || async {
+            let c = conditions_now(&mock, POLICIES, "shop", "retries");
+            let has = |t: &str| c.iter().any(|(ty, s)| ty == t && s == "True");
+            (has("Accepted") && has("Audited"))
+                .then(|| c.clone())
+                .ok_or(format!("{c:?}"))
+        },
+    )
+    .await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    // The first write lost the race and was refused; the next carried the fresh version.
+    let tries: Vec<Value> = lock(&mock)
+        .status_patches
+        .iter()
+        .filter(|(p, _)| p.ends_with("/trafficpolicies/retries/status"))
+        .map(|(_, b)| b["metadata"]["resourceVersion"].clone())
+        .collect();
+    assert!(tries.len() >= 2, "{tries:?}");
+    assert!(tries.iter().all(Value::is_string), "{tries:?}");
+    assert_ne!(tries[0], tries[1], "the retry is based on the fresh copy");
+    let metrics = a.metrics.render();
+    assert!(
+        metrics.contains("weft_kube_status_writes_total{result=\"conflict\"} 1"),
+        "{metrics}"
+    );
+    server.abort();
+}
+
+/// Watches end (the API server's timeout) and, once etcd compacted past the version a watcher
+/// holds, resuming is refused with 410: the source relists and what changed while no watch was
+/// open — a slice that lost an endpoint — reaches the catalog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_api_server_kube_source_survives_watch_expiry_and_relists_after_410() {
+    let mock: Shared = Arc::new(Mutex::new(world()));
+    let (api, server) = serve(mock.clone()).await;
+    let a = replica(api, "replica-a").await;
+    let patience = Duration::from_secs(40);
+    let count = |n: usize| {
+        let a = &a;
+        move || async move {
+            let got = endpoints(a);
+            (got.len() == n).then_some(()).ok_or(format!("{got:?}"))
+        }
+    };
+    until_ok("two endpoints", patience, count(2)).await;
+    // A plain expiry: every watch ends, the watchers resume from their version and see the
+    // next change.
+    lock(&mock).cut.notify_waiters();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lock(&mock).add(
+        SLICES,
+        "EndpointSlice",
+        slice(&["10.244.1.5", "10.244.2.9", "10.244.3.1"]),
+    );
+    until_ok("the change after the expiry", patience, count(3)).await;
+    // A change no open watch sees, then compaction past it: only a relist can tell.
+    {
+        let mut m = lock(&mock);
+        m.change_unseen(SLICES, slice(&["10.244.1.5"]));
+        m.compacted = m.version + 1;
+        m.cut.notify_waiters();
+    }
+    until_ok("the relist after 410", patience, count(1)).await;
     server.abort();
 }

@@ -262,6 +262,10 @@ pub struct Verdict {
     pub conditions: Value,
     /// `metadata.generation`.
     pub generation: Option<i64>,
+    /// `metadata.resourceVersion` of the copy the conditions were read from: the status write
+    /// carries it, so a write racing another controller's fails with 409 instead of dropping
+    /// that controller's condition (a merge patch replaces the whole list).
+    pub resource_version: Option<String>,
     /// `Ok`, or the field and what is wrong with it.
     pub accepted: Result<(), (String, String)>,
     /// The object's current `Accepted` condition (status, reason, message, generation).
@@ -467,6 +471,9 @@ fn verdict(
         parents: doc["status"]["parents"].clone(),
         conditions: doc["status"]["conditions"].clone(),
         generation: doc["metadata"]["generation"].as_i64(),
+        resource_version: doc["metadata"]["resourceVersion"]
+            .as_str()
+            .map(str::to_string),
         accepted: error.map_or(Ok(()), Err),
         current,
         unsupported: false,
@@ -474,8 +481,34 @@ fn verdict(
 }
 
 /// The status patch that records `v` (a merge patch of the status subresource). For an
-/// HTTPRoute it keeps other controllers' `status.parents` entries and replaces Weft's.
+/// HTTPRoute it keeps other controllers' `status.parents` entries and replaces Weft's. It
+/// carries the resourceVersion the conditions were read at (when known): the API server
+/// refuses it with 409 Conflict if the object changed since.
 pub fn status_patch(v: &Verdict, now_rfc3339: &str) -> Value {
+    let mut patch = status_body(v, now_rfc3339);
+    if let Some(rv) = &v.resource_version {
+        patch["metadata"] = json!({"resourceVersion": rv});
+    }
+    patch
+}
+
+/// Takes the fresh copy `doc` of the object as the base of the next write (its conditions,
+/// parents and resourceVersion); what Weft decided about it stays.
+pub fn rebase(v: &mut Verdict, doc: &Value) {
+    let fresh = verdict(v.style, &v.key, doc, None);
+    v.parent_refs = fresh.parent_refs;
+    v.parents = fresh.parents;
+    v.conditions = fresh.conditions;
+    v.current = fresh.current;
+    v.resource_version = fresh.resource_version;
+    // The generation judged stays: a newer spec arrives through the watch and is judged then.
+}
+
+/// How many times a status write is retried after a 409 Conflict (re-reading the object each
+/// time) before it waits for the next change.
+pub const STATUS_CONFLICT_RETRIES: usize = 3;
+
+fn status_body(v: &Verdict, now_rfc3339: &str) -> Value {
     let (status, reason, message) = v.condition();
     let condition = json!({
         "type": "Accepted",
@@ -578,6 +611,7 @@ pub async fn run(
     let mut election = true;
     let mut writer = StatusWriter {
         client,
+        metrics: metrics.clone(),
         verdicts: HashMap::new(),
         written: HashMap::new(),
     };
@@ -619,9 +653,21 @@ pub async fn run(
     }
 }
 
+/// What a write of `v` records: (status, reason, message, generation).
+fn want(v: &Verdict) -> (String, String, String, Option<i64>) {
+    let (status, reason, message) = v.condition();
+    (
+        status.to_string(),
+        reason.to_string(),
+        message,
+        v.generation,
+    )
+}
+
 /// Writes `Accepted` conditions that are not on the objects yet.
 struct StatusWriter {
     client: kube::Client,
+    metrics: Arc<crate::metrics::Metrics>,
     verdicts: HashMap<ObjectKey, (&'static Kind, Verdict)>,
     /// What this replica last wrote per object (status, reason, message, generation).
     written: HashMap<ObjectKey, (String, String, String, Option<i64>)>,
@@ -669,39 +715,84 @@ impl StatusWriter {
     }
 
     async fn flush(&mut self) {
-        for (key, (kind, v)) in &self.verdicts {
-            let (status, reason, message) = v.condition();
-            let want = (
-                status.to_string(),
-                reason.to_string(),
-                message,
-                v.generation,
-            );
-            if v.already_recorded() || self.written.get(key) == Some(&want) {
+        let due: Vec<ObjectKey> = self
+            .verdicts
+            .iter()
+            .filter(|(key, (_, v))| {
+                !v.already_recorded() && self.written.get(*key) != Some(&want(v))
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in due {
+            let Some((kind, mut v)) = self.verdicts.get(&key).cloned() else {
                 continue;
-            }
-            let api: kube::Api<DynamicObject> = if kind.namespaced {
-                kube::Api::namespaced_with(self.client.clone(), &key.namespace, &kind.resource())
-            } else {
-                kube::Api::all_with(self.client.clone(), &kind.resource())
             };
+            if self.write(kind, &key, &mut v).await {
+                self.written.insert(key.clone(), want(&v));
+            }
+            // What the write learned of the object (a newer resourceVersion, another
+            // controller's condition) is the base of the next one.
+            if let Some(slot) = self.verdicts.get_mut(&key) {
+                slot.1 = v;
+            }
+        }
+    }
+
+    /// Writes `v`'s condition; on 409 Conflict re-reads the object and writes again on top of
+    /// what is there now, at most [`STATUS_CONFLICT_RETRIES`] times. True when written (or
+    /// found already there).
+    async fn write(&self, kind: &'static Kind, key: &ObjectKey, v: &mut Verdict) -> bool {
+        let api: kube::Api<DynamicObject> = if kind.namespaced {
+            kube::Api::namespaced_with(self.client.clone(), &key.namespace, &kind.resource())
+        } else {
+            kube::Api::all_with(self.client.clone(), &kind.resource())
+        };
+        for attempt in 0..=STATUS_CONFLICT_RETRIES {
             let now = k8s_openapi::jiff::Timestamp::now().to_string();
+            let patch = status_patch(v, &now);
             match api
-                .patch_status(
-                    &key.name,
-                    &PatchParams::default(),
-                    &Patch::Merge(&status_patch(v, &now)),
-                )
+                .patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
             {
                 Ok(_) => {
-                    self.written.insert(key.clone(), want);
+                    self.count("written");
+                    return true;
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    self.count("conflict");
+                    if attempt == STATUS_CONFLICT_RETRIES {
+                        tracing::warn!(object = %key, "the Accepted condition lost {} write races in a row; writing again on the object's next change", attempt + 1);
+                        return false;
+                    }
+                    match api.get_status(&key.name).await {
+                        Ok(fresh) => {
+                            rebase(v, &to_value(fresh));
+                            if v.already_recorded() {
+                                return true;
+                            }
+                        }
+                        Err(e) => {
+                            self.count("error");
+                            tracing::warn!(object = %key, error = %e, "cannot re-read the object after a status write conflict");
+                            return false;
+                        }
+                    }
                 }
                 Err(e) => {
-                    tracing::warn!(object = %key, error = %e, "cannot write the Accepted condition")
+                    self.count("error");
+                    tracing::warn!(object = %key, error = %e, "cannot write the Accepted condition");
+                    return false;
                 }
             }
         }
+        false
+    }
+
+    fn count(&self, result: &str) {
+        self.metrics
+            .status_writes
+            .get_or_create(&vec![("result".into(), result.into())])
+            .inc();
     }
 }
 
