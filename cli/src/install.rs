@@ -630,7 +630,9 @@ pub struct InjectArgs {
     pub file: PathBuf,
     /// The mesh roots the proxies trust (PEM). Without it, the cluster's ConfigMap
     /// `weft-system/weft-root` (what `weftctl install` wrote) is read through the current
-    /// kubeconfig; this flag only overrides it (offline, or another cluster's bundle).
+    /// kubeconfig, and when the cluster cannot be read, the control plane at `--cp` is asked
+    /// (with the operator credentials, whose roots authenticate it); this flag only overrides
+    /// both (offline, or another cluster's bundle).
     #[arg(long)]
     pub root_cert: Option<PathBuf>,
     /// The sidecar image.
@@ -728,8 +730,26 @@ async fn cluster_roots() -> anyhow::Result<String> {
     }
 }
 
+/// The roots to inject without `--root-cert`: the cluster's ConfigMap, else the control
+/// plane's answer; both failures are reported when neither answers.
+async fn mesh_roots(cp: &crate::query::Cp) -> anyhow::Result<String> {
+    let cluster = match cluster_roots().await {
+        Ok(pem) => return Ok(pem),
+        Err(e) => e,
+    };
+    match crate::query::trust_bundle(cp).await {
+        Ok(pem) => {
+            eprintln!("weftctl inject: {cluster:#}; using the roots of the control plane at {cp}");
+            Ok(pem)
+        }
+        Err(e) => {
+            anyhow::bail!("{cluster:#}\n  and the control plane could not be asked either: {e:#}")
+        }
+    }
+}
+
 /// `weftctl inject -f FILE`.
-pub async fn inject(args: &InjectArgs) -> anyhow::Result<i32> {
+pub async fn inject(args: &InjectArgs, cp: &crate::query::Cp) -> anyhow::Result<i32> {
     let read = |p: &Path| -> anyhow::Result<String> {
         if p == Path::new("-") {
             let mut s = String::new();
@@ -741,7 +761,7 @@ pub async fn inject(args: &InjectArgs) -> anyhow::Result<i32> {
     };
     let root = match &args.root_cert {
         Some(path) => read(path)?,
-        None => cluster_roots().await?,
+        None => mesh_roots(cp).await?,
     };
     let cfg = weft_injector::patch::InjectConfig::new(
         &args.image,

@@ -242,7 +242,7 @@ fn main() -> anyhow::Result<()> {
             Command::Certs { admin } => query::certs(admin, cli.output).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Install(args) => install::install(args).await,
-            Command::Inject(args) => install::inject(&args).await,
+            Command::Inject(args) => install::inject(&args, &cp).await,
         }
     })?;
     std::process::exit(code);

@@ -72,6 +72,22 @@ async fn client(cp: &Cp) -> anyhow::Result<AdminClient<tonic::transport::Channel
     Ok(AdminClient::new(ch).max_decoding_message_size(64 * 1024 * 1024))
 }
 
+/// The mesh roots the control plane at `cp` hands proxies now, PEM (its answer is trusted
+/// through the roots in the operator credentials, which authenticate it).
+pub async fn trust_bundle(cp: &Cp) -> anyhow::Result<String> {
+    let mut c = client(cp).await?;
+    let roots = c
+        .get_trust_bundle(weft_proto::admin::GetTrustBundleRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("control plane at {cp}: {}", s.message()))?
+        .into_inner()
+        .roots_pem;
+    if !roots.iter().any(|p| p.contains("BEGIN CERTIFICATE")) {
+        anyhow::bail!("the control plane at {cp} sent no root certificate");
+    }
+    Ok(roots.join("\n"))
+}
+
 /// One proxy row of `weftctl status` (JSON/YAML field names are stable).
 #[derive(Serialize)]
 pub struct ProxyRow {

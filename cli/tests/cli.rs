@@ -1037,3 +1037,75 @@ async fn peers_endpoints_and_check_show_federation_and_certificates() {
         "{peers:#}"
     );
 }
+
+/// `weftctl inject` with the cluster unreachable asks the control plane for the mesh roots,
+/// authenticated by the operator credentials' roots: the pod carries that control plane's
+/// bundle. A control plane of another mesh (another CA) is refused, and with neither source
+/// the error names both and the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inject_takes_the_roots_from_the_control_plane_when_the_cluster_is_unreachable() {
+    let (_dir, cp) = weft_testkit::control_plane_over(&[]).await;
+    let (_other_dir, other) = weft_testkit::control_plane_over(&[]).await;
+    let ours = target(&cp);
+    let home = tempfile::tempdir().expect("home");
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let kubeconfig = home.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: gone, cluster: {{server: \"http://{closed}\"}}}}]\nusers: [{{name: u, user: {{}}}}]\ncontexts: [{{name: gone, context: {{cluster: gone, user: u}}}}]\ncurrent-context: gone\n"
+        ),
+    )
+    .expect("kubeconfig");
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../injector/tests/fixtures/pod.yaml"
+    );
+    let inject = |cp_addr: &str, credentials: Option<&std::path::Path>| {
+        let mut c = Command::new(WEFTCTL);
+        c.env("KUBECONFIG", &kubeconfig)
+            .env("HOME", home.path())
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("WEFT_CREDENTIALS")
+            .args(["inject", "-f", fixture, "--cp", cp_addr]);
+        if let Some(p) = credentials {
+            c.arg("--credentials").arg(p);
+        }
+        let out = c.output().expect("weftctl inject");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let line_of = |pem: &str| {
+        pem.lines()
+            .find(|l| !l.starts_with("-----") && l.len() > 40)
+            .expect("a base64 line")
+            .to_string()
+    };
+    let (ok, stdout, stderr) = inject(&ours.addr, Some(&ours.credentials));
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains(&line_of(cp.ca.root_pem())),
+        "the control plane's root is not in the pod:\n{stdout}"
+    );
+    assert!(stderr.contains("weft-root"), "says why: {stderr}");
+    // Our credentials do not authenticate another mesh's control plane: no roots from it.
+    let (ok, stdout, stderr) = inject(&other.grpc_addr.to_string(), Some(&ours.credentials));
+    assert!(!ok, "a control plane of another CA was believed:\n{stdout}");
+    assert!(!stdout.contains(&line_of(other.ca.root_pem())));
+    assert!(stderr.contains("control plane"), "{stderr}");
+    // Neither the cluster nor credentials: both named, and the flag that overrides them.
+    let (ok, _, stderr) = inject(&ours.addr, None);
+    assert!(!ok);
+    assert!(
+        stderr.contains("weft-root")
+            && stderr.contains("--credentials")
+            && stderr.contains("--root-cert"),
+        "{stderr}"
+    );
+}

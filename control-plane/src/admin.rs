@@ -600,6 +600,16 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn get_trust_bundle(
+        &self,
+        req: Request<weft_proto::admin::GetTrustBundleRequest>,
+    ) -> Result<Response<weft_proto::admin::GetTrustBundleResponse>, Status> {
+        self.allow(&req, Need::Read, "get_trust_bundle")?;
+        Ok(Response::new(weft_proto::admin::GetTrustBundleResponse {
+            roots_pem: self.ca.trust_bundle(),
+        }))
+    }
+
     async fn list_rollouts(
         &self,
         req: Request<weft_proto::admin::ListRolloutsRequest>,

@@ -591,7 +591,9 @@ async fn mock_api_server_inject_reads_the_mesh_root_from_the_cluster() {
     let inject = |kubeconfig: &std::path::Path| {
         std::process::Command::new(bin("weftctl"))
             .env("KUBECONFIG", kubeconfig)
+            .env("HOME", dir.path())
             .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("WEFT_CREDENTIALS")
             .args(["inject", "-f", fixture])
             .output()
             .expect("weftctl inject")
