@@ -252,11 +252,23 @@ pub struct ServiceModel {
     pub selector: BTreeMap<String, String>,
     /// `spec.clusterIP`: what an intercepted client connects to.
     pub cluster_ip: Option<IpAddr>,
+    /// The clusterset name's virtual IP (see [`crate::vip`]), when it has that name and a range
+    /// is configured: what the mesh DNS answers for it and its clusterset virtual host takes.
+    pub clusterset_vip: Option<IpAddr>,
     /// Its namespace's mTLS mode.
     pub mtls_mode: crate::objects::MtlsMode,
     /// A Service object exists in this cluster; false for a service only peers export, which
     /// exists here through federation alone.
     pub local: bool,
+}
+
+impl ServiceModel {
+    /// Whether it has the clusterset name (`<svc>.<ns>.svc.clusterset.local`) for a control
+    /// plane of cluster `home`: exported here, or with endpoints in another cluster (a peer
+    /// exports it).
+    pub fn has_clusterset_name(&self, home: &str) -> bool {
+        self.exported || self.endpoints.iter().any(|e| e.cluster != home)
+    }
 }
 
 /// The published model: versioned, immutable, cheap to clone (`Arc`).
@@ -289,6 +301,8 @@ pub struct Model {
     pub authz: Arc<crate::authz::AuthzPolicies>,
     /// NetworkPolicies with the pods and namespaces they judge (diagnosis only).
     pub netpol: Arc<crate::netpol::NetworkPolicies>,
+    /// Where clusterset VIPs come from (`--clusterset-vip-range`); `None`: no VIPs.
+    pub vip_range: Option<crate::vip::VipRange>,
 }
 
 /// What one peer control plane exports, as the federation client last received it.
@@ -437,6 +451,16 @@ impl Catalog {
             }),
             tx,
         }
+    }
+
+    /// Allocates clusterset VIPs from `range` from now on (`None`: none). Set before the
+    /// first source update; the next model carries them.
+    pub fn set_vip_range(&self, range: Option<crate::vip::VipRange>) {
+        self.tx.send_modify(|m| {
+            let mut next = (**m).clone();
+            next.vip_range = range;
+            *m = Arc::new(next);
+        });
     }
 
     /// Watches the published model.
@@ -616,6 +640,7 @@ fn build(
                         .cluster_ip
                         .as_deref()
                         .and_then(|ip| ip.parse::<IpAddr>().ok()),
+                    clusterset_vip: None,
                     mtls_mode: policies.namespace_mode(&key_ns).mode,
                     local: true,
                 },
@@ -877,6 +902,17 @@ fn build(
         }
     }
 
+    if let Some(range) = &prev.vip_range {
+        let vips = range.allocate(
+            services
+                .values()
+                .filter(|s| s.has_clusterset_name(&prev.cluster))
+                .map(|s| &s.key),
+        );
+        for s in services.values_mut() {
+            s.clusterset_vip = vips.get(&s.key).copied();
+        }
+    }
     let services = services
         .into_iter()
         .map(|(k, s)| {
@@ -923,6 +959,7 @@ fn build(
             Arc::new(netpol)
         },
         ready: prev.ready,
+        vip_range: prev.vip_range,
         rollouts,
         peers,
         pod_places: {
@@ -964,6 +1001,7 @@ fn merge_imports(
                 exported: false,
                 selector: BTreeMap::new(),
                 cluster_ip: None,
+                clusterset_vip: None,
                 mtls_mode: policies.namespace_mode(&key.namespace).mode,
                 local: false,
             });

@@ -35,6 +35,11 @@ pub struct Config {
     /// SPIFFE trust domain of the mesh's identities.
     #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// IPv4 range of clusterset virtual IPs: each `<svc>.<ns>.svc.clusterset.local` name gets a
+    /// stable address from it, which the sidecars' mesh DNS answers and their outbound
+    /// listener recognises. Class E by default (routed nowhere); `none` turns VIPs off.
+    #[arg(long, env = "WEFT_CLUSTERSET_VIP_RANGE", default_value = crate::vip::DEFAULT_RANGE)]
+    pub clusterset_vip_range: crate::vip::VipSetting,
     /// TLS gRPC address: xDS (client certificate required), CertificateService (join token or
     /// current SVID), admin, federation; served with the control plane's own SVID.
     #[arg(long, env = "WEFT_GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
@@ -178,6 +183,7 @@ impl Config {
             lease_duration: std::time::Duration::from_secs(15),
             cluster_name: "cluster-1".into(),
             trust_domain: "cluster.local".into(),
+            clusterset_vip_range: crate::vip::VipSetting(crate::vip::DEFAULT_RANGE.parse().ok()),
             grpc_addr: any("127.0.0.1:0"),
             xds_plaintext_addr: Some(any("127.0.0.1:0")),
             insecure_xds_plaintext_any_addr: false,

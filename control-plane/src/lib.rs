@@ -27,6 +27,7 @@ pub mod source;
 pub mod state_file;
 pub mod token_review;
 pub mod translate;
+pub mod vip;
 pub mod xds;
 
 use std::net::SocketAddr;
@@ -204,6 +205,7 @@ impl ControlPlane {
         let metrics_addr = local(&metrics_listener, "metrics", config.metrics_addr)?;
         let replica = config.replica.clone().unwrap_or_else(hostname);
         let catalog = Arc::new(Catalog::new(&config.cluster_name, &config.trust_domain));
+        catalog.set_vip_range(config.clusterset_vip_range.0);
         let metrics = Arc::new(Metrics::new());
         let mut tasks = Tasks::default();
 

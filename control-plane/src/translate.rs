@@ -219,12 +219,11 @@ pub fn translate(model: &Model, prev: Option<&Translation>) -> Translation {
 /// exports the Service or a peer does, and carries this cluster's endpoints only when it is
 /// exported here (see [`in_scope`]).
 pub fn scopes(svc: &ServiceModel, home: &str) -> Vec<Scope> {
-    let remote = svc.endpoints.iter().any(|e| e.cluster != home);
     let mut out = Vec::with_capacity(2);
     if svc.local {
         out.push(Scope::Cluster);
     }
-    if svc.exported || remote {
+    if svc.has_clusterset_name(home) {
         out.push(Scope::Clusterset);
     }
     out
@@ -394,12 +393,17 @@ fn route_config(svc: &ServiceModel, name: &ServicePortName) -> route::RouteConfi
     }
 }
 
-/// Host forms a virtual host answers to: the DNS names, and for the cluster scope the
-/// Service's clusterIP as `ip:port` (and bare `ip` on port 80), which is the `Host` an
-/// intercepted client that dialed the IP sends.
+/// Host forms a virtual host answers to: the DNS names, and the address an intercepted client
+/// dialed — the Service's clusterIP for the cluster scope, its clusterset VIP for the
+/// clusterset scope — as `ip:port` (and bare `ip` on port 80), which is the `Host` such a
+/// client sends. The sidecar's mesh DNS answers each name with the address beside it.
 fn domains(svc: &ServiceModel, name: &ServicePortName) -> Vec<String> {
     let mut d = virtual_host_domains(&svc.key.name, &svc.key.namespace, name.port, name.scope);
-    if let (Some(ip), Scope::Cluster) = (svc.cluster_ip, name.scope) {
+    let addr = match name.scope {
+        Scope::Cluster => svc.cluster_ip,
+        Scope::Clusterset => svc.clusterset_vip,
+    };
+    if let Some(ip) = addr {
         let host = match ip {
             std::net::IpAddr::V4(v4) => v4.to_string(),
             std::net::IpAddr::V6(v6) => format!("[{v6}]"),
@@ -1207,6 +1211,53 @@ pub(crate) mod tests {
         let d = &rc.virtual_hosts[0].domains;
         assert!(d.contains(&"198.18.0.10:80".to_string()), "{d:?}");
         assert!(d.contains(&"198.18.0.10".to_string()), "{d:?}");
+    }
+
+    #[test]
+    fn an_exported_service_gets_a_clusterset_vip_as_a_domain_and_others_do_not() {
+        let cat = Catalog::new("c1", "cluster.local");
+        cat.set_vip_range(Some("198.19.250.0/24".parse().expect("range")));
+        let docs = vec![
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
+            "spec": {"clusterIP": "198.18.0.10", "ports": [{"name": "http", "port": 80}]}}),
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "local-only"},
+            "spec": {"clusterIP": "198.18.0.11", "ports": [{"name": "http", "port": 80}]}}),
+            json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+            "metadata": {"name": "echo"}}),
+        ];
+        cat.apply(SourceUpdate {
+            upserts: docs
+                .into_iter()
+                .map(|d| {
+                    (
+                        Arc::new(parse_object(d).expect("valid").expect("known")),
+                        "t.yaml".into(),
+                    )
+                })
+                .collect(),
+            ..Default::default()
+        });
+        let m = cat.current();
+        let echo = &m.services[&ServiceKey::new("default", "echo")];
+        let vip = echo.clusterset_vip.expect("a VIP for the exported service");
+        assert!(vip.to_string().starts_with("198.19.250."), "{vip}");
+        assert_eq!(
+            m.services[&ServiceKey::new("default", "local-only")].clusterset_vip,
+            None,
+            "no clusterset name, no VIP"
+        );
+        let t = translate(&m, None);
+        let svc = &t.services[&ServiceKey::new("default", "echo")];
+        let rc: route::RouteConfiguration =
+            decode(find(&svc.routes, "echo.default.svc.clusterset.local:80"));
+        let d = &rc.virtual_hosts[0].domains;
+        assert!(d.contains(&format!("{vip}:80")), "{d:?}");
+        assert!(!d.iter().any(|x| x.starts_with("198.18.0.10")), "{d:?}");
+        // The cluster name keeps the clusterIP, not the VIP.
+        let rc: route::RouteConfiguration = decode(find(&svc.routes, ECHO));
+        let d = &rc.virtual_hosts[0].domains;
+        assert!(d.contains(&"198.18.0.10:80".to_string()), "{d:?}");
+        assert!(!d.contains(&format!("{vip}:80")), "{d:?}");
     }
 
     #[test]
