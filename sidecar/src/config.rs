@@ -121,6 +121,23 @@ pub struct RunConfig {
     /// closed at once and counted (`weft_proxy_connections_closed_total{reason="max-connections"}`).
     #[arg(long, env = "WEFT_MAX_CONNECTIONS", default_value_t = 16384)]
     pub max_connections: usize,
+    /// Mesh DNS (UDP and TCP): answers A/AAAA for the mesh names the proxy holds (every
+    /// `*.svc.cluster.local` Service with its clusterIP, every `*.svc.clusterset.local` name
+    /// with its clusterset VIP) and forwards every other query unchanged to `--dns-upstream`.
+    /// Off unless given; `weft-sidecar init --redirect-dns-port` sends the pod's port 53 here.
+    #[arg(long, env = "WEFT_DNS_ADDR")]
+    pub dns_addr: Option<SocketAddr>,
+    /// Where the mesh DNS forwards what it does not answer (comma-separated); default: the
+    /// `nameserver`s of /etc/resolv.conf (the pod's original resolver), read at start.
+    #[arg(long, env = "WEFT_DNS_UPSTREAM", value_delimiter = ',')]
+    pub dns_upstream: Vec<SocketAddr>,
+    /// Queries per second the mesh DNS takes (UDP and TCP together, bursts up to as many);
+    /// beyond, it answers REFUSED and counts them (`answer="limited"`).
+    #[arg(long, env = "WEFT_DNS_MAX_QPS", default_value_t = 2000)]
+    pub dns_max_qps: u32,
+    /// Forwarded queries awaiting the upstream at once; beyond, REFUSED (`answer="limited"`).
+    #[arg(long, env = "WEFT_DNS_MAX_INFLIGHT", default_value_t = 256)]
+    pub dns_max_inflight: usize,
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "WEFT_LOG", default_value = "info")]
     pub log: String,
@@ -206,6 +223,10 @@ impl RunConfig {
             log: "info".into(),
             idle_timeout: std::time::Duration::from_secs(3600),
             max_connections: 16384,
+            dns_addr: None,
+            dns_upstream: Vec::new(),
+            dns_max_qps: 2000,
+            dns_max_inflight: 256,
             log_format: weft_proto::logging::LogFormat::Text,
         }
     }

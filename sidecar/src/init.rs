@@ -48,6 +48,11 @@ pub struct InitConfig {
     /// Outbound destination CIDRs not intercepted (comma-separated), e.g. `10.0.0.0/8`.
     #[arg(long, env = "WEFT_EXCLUDE_OUTBOUND_CIDRS", value_delimiter = ',')]
     pub exclude_outbound_cidrs: Vec<String>,
+    /// Redirect the pod's DNS (UDP and TCP port 53, the proxy's own queries excepted) to the
+    /// sidecar's mesh DNS on this port (`weft-sidecar run --dns-addr 127.0.0.1:PORT`); off
+    /// unless given.
+    #[arg(long, env = "WEFT_REDIRECT_DNS_PORT")]
+    pub redirect_dns_port: Option<u16>,
     /// Print the iptables commands instead of running them.
     #[arg(long)]
     pub dry_run: bool,
@@ -190,6 +195,26 @@ pub fn install_rules_for(cfg: &InitConfig, family: Family) -> Result<Vec<Vec<Str
         "-j",
         "RETURN",
     ]));
+    // DNS before the loopback exemption: a pod whose resolver is on loopback is redirected too.
+    // IPv4 only: the mesh DNS listens on 127.0.0.1 (pods' resolvers are IPv4 addresses).
+    if let (Some(port), Family::V4) = (cfg.redirect_dns_port, family) {
+        for proto in ["udp", "tcp"] {
+            r.push(args(&[
+                "-t",
+                "nat",
+                "-A",
+                OUTPUT_CHAIN,
+                "-p",
+                proto,
+                "--dport",
+                "53",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                &port.to_string(),
+            ]));
+        }
+    }
     r.push(args(&[
         "-t",
         "nat",
@@ -264,6 +289,9 @@ pub fn install_rules_for(cfg: &InitConfig, family: Family) -> Result<Vec<Vec<Str
         "-j",
         OUTPUT_CHAIN,
     ]));
+    if cfg.redirect_dns_port.is_some() && family == Family::V4 {
+        r.push(dns_jump("-A"));
+    }
     Ok(r)
 }
 
@@ -287,6 +315,22 @@ fn inbound_jump(op: &str) -> Vec<String> {
     ])
 }
 
+/// The OUTPUT jump that sends UDP DNS through the outbound chain (TCP already goes there).
+fn dns_jump(op: &str) -> Vec<String> {
+    args(&[
+        "-t",
+        "nat",
+        op,
+        "OUTPUT",
+        "-p",
+        "udp",
+        "--dport",
+        "53",
+        "-j",
+        OUTPUT_CHAIN,
+    ])
+}
+
 /// The commands that remove the rules; each may fail harmlessly when already absent.
 pub fn uninstall_rules() -> Vec<Vec<String>> {
     vec![
@@ -303,6 +347,7 @@ pub fn uninstall_rules() -> Vec<Vec<String>> {
             INBOUND_CHAIN,
         ]),
         args(&["-t", "nat", "-D", "OUTPUT", "-p", "tcp", "-j", OUTPUT_CHAIN]),
+        dns_jump("-D"),
         args(&["-t", "nat", "-F", INBOUND_CHAIN]),
         args(&["-t", "nat", "-X", INBOUND_CHAIN]),
         args(&["-t", "nat", "-F", OUTPUT_CHAIN]),
@@ -417,9 +462,58 @@ mod tests {
             exclude_inbound_ports: vec![15000, 22],
             exclude_outbound_ports: vec![5432],
             exclude_outbound_cidrs: vec!["10.96.0.0/12".into()],
+            redirect_dns_port: None,
             dry_run: true,
             uninstall: false,
         }
+    }
+
+    #[test]
+    fn dns_is_redirected_only_when_asked_and_never_the_proxys_own() {
+        let plain: Vec<String> = install_rules(&cfg())
+            .expect("valid")
+            .iter()
+            .map(|r| r.join(" "))
+            .collect();
+        assert!(
+            !plain.iter().any(|r| r.contains("--dport 53")),
+            "{plain:#?}"
+        );
+        let rules: Vec<String> = install_rules(&InitConfig {
+            redirect_dns_port: Some(15053),
+            ..cfg()
+        })
+        .expect("valid")
+        .iter()
+        .map(|r| r.join(" "))
+        .collect();
+        let pos = |needle: &str| {
+            rules
+                .iter()
+                .position(|r| r.contains(needle))
+                .unwrap_or_else(|| panic!("{needle} missing from {rules:#?}"))
+        };
+        let own = pos("--uid-owner 1337 -j RETURN");
+        for proto in ["udp", "tcp"] {
+            let r = pos(&format!(
+                "WEFT_OUTPUT -p {proto} --dport 53 -j REDIRECT --to-ports 15053"
+            ));
+            assert!(own < r, "the proxy's own queries must pass first");
+            assert!(
+                r < pos("-o lo -j RETURN"),
+                "a loopback resolver is redirected too"
+            );
+        }
+        // UDP reaches the chain through its own jump, added with the others at the end.
+        assert_eq!(
+            rules.last().map(String::as_str),
+            Some("-t nat -A OUTPUT -p udp --dport 53 -j WEFT_OUTPUT")
+        );
+        assert!(
+            uninstall_rules()
+                .iter()
+                .any(|r| r.join(" ") == "-t nat -D OUTPUT -p udp --dport 53 -j WEFT_OUTPUT")
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod balance;
 pub mod config;
 pub mod connect;
 pub mod detect;
+pub mod dns;
 pub mod health;
 pub mod hop;
 pub mod http;
@@ -115,6 +116,8 @@ pub struct Sidecar {
     pub admin_addr: SocketAddr,
     /// Health listener address, when enabled.
     pub health_addr: Option<SocketAddr>,
+    /// Mesh DNS address (UDP and TCP), when enabled.
+    pub dns_addr: Option<SocketAddr>,
     /// The xDS state.
     pub xds: xds::XdsHandle,
     /// The workload's certificate, when a join token was given.
@@ -246,6 +249,33 @@ impl Sidecar {
                 Arc::new(cfg.app_probes.clone()),
             )));
         }
+        let mut dns_addr = None;
+        if let Some(addr) = cfg.dns_addr {
+            let (udp, tcp) = dns::bind(addr).await.map_err(err("mesh DNS", addr))?;
+            dns_addr = Some(udp.local_addr().map_err(err("mesh DNS", addr))?);
+            let upstreams = if cfg.dns_upstream.is_empty() {
+                dns::nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())
+            } else {
+                cfg.dns_upstream.clone()
+            };
+            if upstreams.is_empty() {
+                tracing::warn!(
+                    "mesh DNS: no upstream (no --dns-upstream, no nameserver in /etc/resolv.conf): names outside the mesh get SERVFAIL"
+                );
+            }
+            tracing::info!(addr = ?dns_addr, ?upstreams, "mesh DNS serving");
+            tasks.push(tokio::spawn(dns::serve(
+                udp,
+                tcp,
+                xds.config.clone(),
+                dns::DnsSettings {
+                    upstreams,
+                    max_qps: cfg.dns_max_qps,
+                    max_inflight: cfg.dns_max_inflight,
+                },
+                metrics.clone(),
+            )));
+        }
         tasks.push(tokio::spawn(admin::serve(
             admin,
             xds.clone(),
@@ -260,6 +290,7 @@ impl Sidecar {
             inbound_addr6,
             admin_addr,
             health_addr,
+            dns_addr,
             xds,
             svid,
             drain,

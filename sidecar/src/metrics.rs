@@ -58,6 +58,9 @@ pub struct Metrics {
     /// `weft_proxy_connections_closed_total{listener,reason}`: connections the proxy closed
     /// on a limit (`max-connections`: over the listener's cap; `idle`: the idle timeout).
     pub connections_closed: Family<Labels, Counter>,
+    /// `weft_proxy_dns_queries_total{answer}`: mesh DNS queries by how they ended (`mesh`,
+    /// `nodata`, `forwarded`, `limited`, `failed`, `malformed`).
+    pub dns_queries: Family<Labels, Counter>,
     /// `weft_proxy_spans_exported_total`.
     pub spans_exported: Counter,
     /// `weft_proxy_spans_dropped_total`: spans lost to a full queue or a failed export.
@@ -252,6 +255,12 @@ impl Metrics {
             "Connections the proxy closed on a limit (reason max-connections or idle)",
             connections_closed.clone(),
         );
+        let dns_queries = Family::<Labels, Counter>::default();
+        registry.register(
+            "weft_proxy_dns_queries",
+            "Mesh DNS queries, by how they were answered",
+            dns_queries.clone(),
+        );
         let (retries, overflows, ejections, tcp_connections) = (
             Family::<Labels, Counter>::default(),
             Family::<Labels, Counter>::default(),
@@ -284,6 +293,7 @@ impl Metrics {
             tcp_connections,
             connection_errors,
             connections_closed,
+            dns_queries,
             spans_exported,
             spans_dropped,
             cert_expiry_seconds,
@@ -454,6 +464,13 @@ impl Metrics {
                 ("direction".into(), direction.into()),
                 ("mtls".into(), if mtls { "true" } else { "false" }.into()),
             ])
+            .inc();
+    }
+
+    /// Counts a mesh DNS query by how it ended.
+    pub fn dns_query(&self, answer: &str) {
+        self.dns_queries
+            .get_or_create(&vec![("answer".into(), answer.into())])
             .inc();
     }
 

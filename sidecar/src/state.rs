@@ -813,9 +813,51 @@ pub struct MeshConfig {
     /// address (passthrough, opaque TCP) rather than through a route.
     #[serde(skip)]
     pub strict_endpoints: std::collections::HashSet<SocketAddr>,
+    /// What the mesh DNS answers (from the virtual hosts' names and addresses).
+    pub dns: DnsTable,
 }
 
 pub use weft_proto::protocol::Declared;
+
+/// Mesh DNS names (lower case, no trailing dot) -> the addresses the mesh DNS answers.
+pub type DnsTable = crate::http::FastMap<String, Arc<[std::net::IpAddr]>>;
+
+/// Adds one virtual host's names to `table`: each DNS name among `domains` of a Service
+/// (`<svc>.<ns>.svc.<zone>`, without a port) maps to the addresses among them (`ip`,
+/// `ip:port`, `[v6]:port`: the clusterIP or clusterset VIP the control plane put beside it).
+pub fn add_dns_names(table: &mut DnsTable, domains: &[String]) {
+    let mut addrs: Vec<std::net::IpAddr> = domains
+        .iter()
+        .filter_map(|d| {
+            d.parse::<std::net::IpAddr>()
+                .ok()
+                .or_else(|| d.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        })
+        .collect();
+    if addrs.is_empty() {
+        return;
+    }
+    addrs.sort_unstable();
+    addrs.dedup();
+    for d in domains {
+        if d.contains(':') || !d.contains(".svc.") || d.parse::<std::net::IpAddr>().is_ok() {
+            continue;
+        }
+        let name = d.trim_end_matches('.').to_ascii_lowercase();
+        match table.get_mut(&name) {
+            Some(held) => {
+                let mut merged: Vec<std::net::IpAddr> =
+                    held.iter().copied().chain(addrs.iter().copied()).collect();
+                merged.sort_unstable();
+                merged.dedup();
+                *held = merged.into();
+            }
+            None => {
+                table.insert(name, addrs.clone().into());
+            }
+        }
+    }
+}
 
 /// How this sidecar's inbound treats its ports, from the `weft-inbound` Listener.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -616,11 +616,13 @@ fn apply(held: &mut Held, t: &'static str, update: Update<'_>) -> Result<Depende
 /// cluster: a cluster whose algorithm and assignment did not change keeps its built endpoints.
 fn compile(held: &mut Held) -> MeshConfig {
     let mut hosts: crate::http::FastMap<String, Arc<Vec<Route>>> = Default::default();
+    let mut dns = state::DnsTable::default();
     for spec in held.routes.values() {
         for (domains, routes) in spec {
             for d in domains {
                 hosts.entry(d.clone()).or_insert_with(|| routes.clone());
             }
+            state::add_dns_names(&mut dns, domains);
         }
     }
     let mut stats = std::mem::take(&mut held.stats);
@@ -684,6 +686,7 @@ fn compile(held: &mut Held) -> MeshConfig {
         mtls_identities,
         inbound,
         strict_endpoints,
+        dns,
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod ads;
 mod authz;
+mod dns;
 mod fail_closed;
 mod federation;
 mod forgery;
