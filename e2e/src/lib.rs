@@ -157,6 +157,8 @@ pub mod lab {
         /// Namespaces, deleted on drop.
         pub namespaces: Vec<String>,
         children: Vec<(String, Child)>,
+        /// `/etc/netns/<ns>` directories made for namespaces, removed on drop.
+        etc: Vec<std::path::PathBuf>,
     }
 
     impl Drop for Lab {
@@ -168,6 +170,9 @@ pub mod lab {
             for ns in &self.namespaces {
                 let _ = Command::new("ip").args(["netns", "del", ns]).output();
             }
+            for dir in &self.etc {
+                let _ = std::fs::remove_dir_all(dir);
+            }
         }
     }
 
@@ -178,6 +183,16 @@ pub mod lab {
             ok(&["ip", "netns", "add", name]);
             self.namespaces.push(name.to_string());
             ok(&["ip", "-n", name, "link", "set", "lo", "up"]);
+        }
+
+        /// Gives processes run in namespace `ns` (through `ip netns exec`) this resolv.conf,
+        /// as a pod's is: `/etc/netns/<ns>/resolv.conf`, removed on drop.
+        pub fn resolv_conf(&mut self, ns: &str, text: &str) {
+            let dir = Path::new("/etc/netns").join(ns);
+            std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            self.etc.push(dir.clone());
+            std::fs::write(dir.join("resolv.conf"), text)
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         }
 
         /// Creates namespace `br` holding a bridge (`br0`) for hosts to join: a flat network

@@ -7,5 +7,6 @@ mod grpc_xds_interop;
 mod install_mock_api;
 mod interception;
 mod logs;
+mod mesh_dns;
 mod multicluster;
 mod tcp_mtls;
