@@ -556,6 +556,29 @@ mod tests {
         );
     }
 
+    /// An answer with another id (a forgery racing the real one, or a stale answer) is not
+    /// relayed: the forwarder waits for the one that matches its query.
+    #[tokio::test]
+    async fn the_forwarder_relays_only_the_answer_with_its_querys_id() {
+        let up = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = up.local_addr().expect("addr");
+        let q = query("outside.test.", RecordType::A);
+        let server = tokio::spawn(async move {
+            let mut buf = vec![0u8; 512];
+            let (n, peer) = up.recv_from(&mut buf).await.expect("recv");
+            let mut forged = buf[..n].to_vec();
+            forged[0] ^= 0xff;
+            up.send_to(&forged, peer).await.expect("send");
+            let real = error_reply(&buf[..n], ResponseCode::NXDomain).expect("reply");
+            up.send_to(&real, peer).await.expect("send");
+        });
+        let got = forward_udp(addr, &q).await.expect("an answer");
+        let m = Message::from_vec(&got).expect("decode");
+        assert_eq!(m.metadata.id, 0x4242);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        server.await.expect("server");
+    }
+
     #[test]
     fn the_bucket_takes_its_rate_then_refuses_until_it_refills() {
         let mut b = Bucket {

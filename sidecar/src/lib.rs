@@ -251,6 +251,13 @@ impl Sidecar {
         }
         let mut dns_addr = None;
         if let Some(addr) = cfg.dns_addr {
+            // The pod's own resolver: on any other address it is an open resolver for the
+            // network (and a reflector for floods), answering with the mesh's names.
+            if !addr.ip().is_loopback() {
+                return Err(StartError::Config(format!(
+                    "--dns-addr {addr}: the mesh DNS serves this pod only; give a loopback address such as 127.0.0.1:15053"
+                )));
+            }
             let (udp, tcp) = dns::bind(addr).await.map_err(err("mesh DNS", addr))?;
             dns_addr = Some(udp.local_addr().map_err(err("mesh DNS", addr))?);
             let upstreams = if cfg.dns_upstream.is_empty() {

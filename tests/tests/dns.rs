@@ -292,3 +292,21 @@ async fn mesh_dns_answers_mesh_names_forwards_the_rest_and_bounds_a_flood() {
             >= 3.0
     );
 }
+
+/// The mesh DNS is the pod's own resolver: on an address other hosts reach it would answer
+/// them too (mesh names, and a reflector for floods), so start-up refuses one, naming the flag.
+#[tokio::test]
+async fn mesh_dns_refuses_to_listen_beyond_loopback() {
+    let (_dir, cp) = weft_testkit::control_plane_over(&[]).await;
+    let mut cfg = weft_sidecar::RunConfig::local(
+        cp.plaintext(),
+        "127.0.6.3".parse().expect("ip"),
+        "dns-open",
+    );
+    cfg.dns_addr = Some("0.0.0.0:0".parse().expect("addr"));
+    let err = weft_testkit::Sidecar::start(cfg)
+        .await
+        .err()
+        .expect("an open resolver is refused");
+    assert!(err.to_string().contains("--dns-addr 0.0.0.0:0"), "{err}");
+}
