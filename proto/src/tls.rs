@@ -38,6 +38,11 @@ pub const ALPN_MESH_H2: &[u8] = b"weft-h2";
 /// the verified peer and copies the bytes to its application.
 pub const ALPN_MESH_TCP: &[u8] = b"weft-tcp";
 
+/// ALPN for the east-west tunnel: mesh mTLS to another network's gateway, carrying one
+/// HTTP/1.1 `CONNECT` to an endpoint there, then that endpoint's own end-to-end mesh mTLS
+/// (see the sidecar's `tunnel` and `gateway` modules). Only gateways accept it.
+pub const ALPN_MESH_TUNNEL: &[u8] = b"weft-tunnel";
+
 /// Whether an ALPN list offers one of the mesh's protocols.
 pub fn offers_mesh_alpn(alpn: &[Vec<u8>]) -> bool {
     alpn.iter()

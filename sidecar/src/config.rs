@@ -121,6 +121,11 @@ pub struct RunConfig {
     /// closed at once and counted (`weft_proxy_connections_closed_total{reason="max-connections"}`).
     #[arg(long, env = "WEFT_MAX_CONNECTIONS", default_value_t = 16384)]
     pub max_connections: usize,
+    /// Serve as this cluster's east-west gateway on this address (what other networks reach):
+    /// mTLS tunnels (`weft-tunnel`) from callers with a mesh identity, each to one endpoint of a
+    /// Service this cluster exports. Needs an identity and `--cluster`. Off unless given.
+    #[arg(long, env = "WEFT_GATEWAY_ADDR")]
+    pub gateway_addr: Option<SocketAddr>,
     /// Mesh DNS (UDP and TCP): answers A/AAAA for the mesh names the proxy holds (every
     /// `*.svc.cluster.local` Service with its clusterIP, every `*.svc.clusterset.local` name
     /// with its clusterset VIP) and forwards every other query unchanged to `--dns-upstream`.
@@ -223,6 +228,7 @@ impl RunConfig {
             log: "info".into(),
             idle_timeout: std::time::Duration::from_secs(3600),
             max_connections: 16384,
+            gateway_addr: None,
             dns_addr: None,
             dns_upstream: Vec::new(),
             dns_max_qps: 2000,

@@ -35,6 +35,10 @@ pub struct MeshTls {
     pub upstream_tcp: Arc<rustls::ClientConfig>,
     /// Inbound from other sidecars: requires a client SVID that chains to the bundle.
     pub inbound: Arc<rustls::ServerConfig>,
+    /// Towards another network's gateway: presents the SVID, offers the tunnel ALPN.
+    pub tunnel: Arc<rustls::ClientConfig>,
+    /// As a gateway: requires a client SVID, accepts only the tunnel ALPN.
+    pub gateway: Arc<rustls::ServerConfig>,
     /// Towards the control plane: presents the SVID, ALPN h2.
     pub control_plane: Arc<rustls::ClientConfig>,
 }
@@ -51,6 +55,13 @@ impl MeshTls {
                 roots.clone(),
                 ClientAuth::Required,
                 &[tls::ALPN_MESH_HTTP1, tls::ALPN_MESH_H2, tls::ALPN_MESH_TCP],
+            )?,
+            tunnel: tls::client_config(Some(svid), roots.clone(), &[tls::ALPN_MESH_TUNNEL])?,
+            gateway: tls::server_config(
+                svid,
+                roots.clone(),
+                ClientAuth::Required,
+                &[tls::ALPN_MESH_TUNNEL],
             )?,
             control_plane: tls::client_config(Some(svid), roots, &[tls::ALPN_H2])?,
         })

@@ -14,6 +14,7 @@ pub mod config;
 pub mod connect;
 pub mod detect;
 pub mod dns;
+pub mod gateway;
 pub mod health;
 pub mod hop;
 pub mod http;
@@ -32,6 +33,7 @@ pub mod resilience;
 pub mod runtime;
 pub mod state;
 pub mod telemetry;
+pub mod tunnel;
 pub mod xds;
 
 use std::net::SocketAddr;
@@ -118,6 +120,8 @@ pub struct Sidecar {
     pub health_addr: Option<SocketAddr>,
     /// Mesh DNS address (UDP and TCP), when enabled.
     pub dns_addr: Option<SocketAddr>,
+    /// East-west gateway address, when this proxy is a gateway.
+    pub gateway_addr: Option<SocketAddr>,
     /// The xDS state.
     pub xds: xds::XdsHandle,
     /// The workload's certificate, when a join token was given.
@@ -249,6 +253,35 @@ impl Sidecar {
                 Arc::new(cfg.app_probes.clone()),
             )));
         }
+        let mut gateway_addr = None;
+        if let Some(addr) = cfg.gateway_addr {
+            let Some(svid) = svid.clone() else {
+                return Err(StartError::Config(format!(
+                    "--gateway-addr {addr}: a gateway needs a workload identity (--join-token or --token-file) to accept tunnels over mTLS"
+                )));
+            };
+            if cfg.cluster.is_empty() {
+                return Err(StartError::Config(format!(
+                    "--gateway-addr {addr}: a gateway needs --cluster (it forwards only to its own cluster's exported endpoints)"
+                )));
+            }
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(err("gateway", addr))?;
+            gateway_addr = Some(l.local_addr().map_err(err("gateway", addr))?);
+            tracing::info!(addr = ?gateway_addr, cluster = %cfg.cluster, "east-west gateway serving");
+            tasks.push(tokio::spawn(gateway::serve(
+                l,
+                gateway::Gateway {
+                    cluster: cfg.cluster.as_str().into(),
+                    config: xds.config.clone(),
+                    svid,
+                    metrics: metrics.clone(),
+                    max_connections: cfg.max_connections,
+                    idle: cfg.idle_timeout,
+                },
+            )));
+        }
         let mut dns_addr = None;
         if let Some(addr) = cfg.dns_addr {
             // The pod's own resolver: on any other address it is an open resolver for the
@@ -298,6 +331,7 @@ impl Sidecar {
             admin_addr,
             health_addr,
             dns_addr,
+            gateway_addr,
             xds,
             svid,
             drain,

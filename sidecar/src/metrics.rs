@@ -58,6 +58,10 @@ pub struct Metrics {
     /// `weft_proxy_connections_closed_total{listener,reason}`: connections the proxy closed
     /// on a limit (`max-connections`: over the listener's cap; `idle`: the idle timeout).
     pub connections_closed: Family<Labels, Counter>,
+    /// `weft_gateway_connections_total{source_cluster,service,result}`: tunnels a gateway took
+    /// (`forwarded`) or refused (`not-exported`, `handshake`, `bad-request`, `unreachable`,
+    /// `timeout`, `no-certificate`); `source_cluster` is what the caller declared.
+    pub gateway_connections: Family<Labels, Counter>,
     /// `weft_proxy_dns_queries_total{answer}`: mesh DNS queries by how they ended (`mesh`,
     /// `nodata`, `forwarded`, `limited`, `failed`, `malformed`).
     pub dns_queries: Family<Labels, Counter>,
@@ -255,6 +259,12 @@ impl Metrics {
             "Connections the proxy closed on a limit (reason max-connections or idle)",
             connections_closed.clone(),
         );
+        let gateway_connections = Family::<Labels, Counter>::default();
+        registry.register(
+            "weft_gateway_connections",
+            "East-west tunnels, by source cluster, destination service and result",
+            gateway_connections.clone(),
+        );
         let dns_queries = Family::<Labels, Counter>::default();
         registry.register(
             "weft_proxy_dns_queries",
@@ -294,6 +304,7 @@ impl Metrics {
             connection_errors,
             connections_closed,
             dns_queries,
+            gateway_connections,
             spans_exported,
             spans_dropped,
             cert_expiry_seconds,
@@ -463,6 +474,17 @@ impl Metrics {
             .get_or_create(&vec![
                 ("direction".into(), direction.into()),
                 ("mtls".into(), if mtls { "true" } else { "false" }.into()),
+            ])
+            .inc();
+    }
+
+    /// Counts a tunnel a gateway took or refused.
+    pub fn gateway_connection(&self, source_cluster: &str, service: &str, result: &str) {
+        self.gateway_connections
+            .get_or_create(&vec![
+                ("source_cluster".into(), source_cluster.into()),
+                ("service".into(), service.into()),
+                ("result".into(), result.into()),
             ])
             .inc();
     }

@@ -6,6 +6,7 @@ mod dns;
 mod fail_closed;
 mod federation;
 mod forgery;
+mod gateway;
 mod hardening;
 mod health;
 mod identity;

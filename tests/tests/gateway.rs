@@ -1,0 +1,246 @@
+//! The east-west gateway for real, on loopback: a control plane, an exported Service `echo`
+//! whose pod has a sidecar (STRICT), a Service `internal` this cluster does not export, and a
+//! sidecar in gateway mode. A caller of another cluster opens the tunnel (mesh mTLS to the
+//! gateway, `CONNECT` to the endpoint) and runs its own mesh mTLS with the endpoint's sidecar
+//! through it: the application sees the caller's verified identity, not the gateway's. The
+//! gateway refuses endpoints of Services not exported, addresses that are no endpoint, and
+//! callers without a mesh certificate.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weft_proto::tls::{self, rustls};
+use weft_sidecar::tunnel::{self, TunnelError};
+use weft_testkit::echo::{Echo, Identity};
+use weft_testkit::{ControlPlane, Sidecar, get_via, metric_sum, world};
+
+const CALLER: &str = "spiffe://cluster.local/ns/default/sa/caller";
+const GATEWAY: &str = "spiffe://cluster.local/ns/default/sa/weft-gateway";
+const ECHO: &str = "spiffe://cluster.local/ns/default/sa/echo";
+
+/// A client configuration for `id` (signed by the mesh CA, as a caller's sidecar holds it),
+/// offering `alpn`; without `id`, no certificate at all.
+fn client(
+    cp: &ControlPlane,
+    id: Option<&str>,
+    alpn: &[u8],
+) -> std::sync::Arc<rustls::ClientConfig> {
+    let roots = tls::roots(&[cp.ca.root_pem().to_string()]).expect("roots");
+    let svid = id.map(|id| {
+        let spiffe = weft_proto::SpiffeId::parse(id).expect("id");
+        let (csr, key) = tls::new_csr(id).expect("csr");
+        let signed = cp.ca.sign(&csr, &spiffe, None).expect("signed");
+        tls::Svid::from_pem(&signed.chain, &key).expect("svid")
+    });
+    tls::client_config(svid.as_ref(), roots, &[alpn]).expect("config")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_tunnels_to_exported_endpoints_only_and_the_caller_identity_reaches_the_app() {
+    let echo_ep: SocketAddr = "127.0.8.2:15006".parse().expect("addr");
+    let internal_ep: SocketAddr = "127.0.8.3:15006".parse().expect("addr");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("world.yaml"),
+        world::docs(&[
+            world::namespace("default", "STRICT"),
+            world::service("echo", 80),
+            world::pod("echo-0", "echo", true),
+            world::pod_slice("echo", "echo", &[(echo_ep, "echo-0")]),
+            world::export("echo"),
+            world::service("internal", 80),
+            world::pod("internal-0", "internal", true),
+            world::pod_slice("internal", "internal", &[(internal_ep, "internal-0")]),
+        ]),
+    )
+    .expect("world");
+    let cp = weft_testkit::start_control_plane(dir.path())
+        .await
+        .expect("control plane");
+    let bundles = dir.path().join("bundles");
+    std::fs::create_dir_all(&bundles).expect("bundles");
+    let app = Echo::start(
+        "127.0.8.10:0".parse().expect("addr"),
+        Identity {
+            name: "echo-0".into(),
+            cluster: "cluster-1".into(),
+            zone: String::new(),
+        },
+    )
+    .await
+    .expect("echo");
+    let mut scfg = weft_testkit::mesh_sidecar_config(&cp, &bundles, echo_ep.ip(), "echo-0", "echo")
+        .await
+        .expect("server config");
+    scfg.inbound_addr = echo_ep;
+    scfg.app_addr = Some(app.addr);
+    let server = Sidecar::start(scfg).await.expect("server sidecar");
+    let mut gcfg = weft_testkit::mesh_sidecar_config(
+        &cp,
+        &bundles,
+        "127.0.8.5".parse().expect("ip"),
+        "gateway",
+        "weft-gateway",
+    )
+    .await
+    .expect("gateway config");
+    gcfg.gateway_addr = Some("127.0.8.5:0".parse().expect("addr"));
+    let gw = Sidecar::start(gcfg).await.expect("gateway");
+    weft_testkit::wait_ready(&server, Duration::from_secs(15)).await;
+    weft_testkit::wait_ready(&gw, Duration::from_secs(15)).await;
+    let gw_addr = gw.gateway_addr.expect("gateway bound");
+
+    // Through the tunnel, the caller's own mTLS with the endpoint's sidecar: the endpoint
+    // proves it is echo, and the application is told the caller's identity.
+    let stream = tunnel::open(
+        gw_addr,
+        GATEWAY,
+        echo_ep,
+        "east",
+        client(&cp, Some(CALLER), tls::ALPN_MESH_TUNNEL),
+    )
+    .await
+    .expect("the tunnel opens");
+    let name = rustls::pki_types::ServerName::IpAddress(echo_ep.ip().into());
+    let mut inner =
+        tokio_rustls::TlsConnector::from(client(&cp, Some(CALLER), tls::ALPN_MESH_HTTP1))
+            .connect(name, stream)
+            .await
+            .expect("end-to-end mTLS through the gateway");
+    tls::check_peer(inner.get_ref().1.peer_certificates(), &[ECHO]).expect("the endpoint is echo");
+    inner
+        .write_all(
+            b"GET / HTTP/1.1\r\nHost: echo.default.svc.cluster.local\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .expect("request");
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), inner.read_to_string(&mut answer))
+        .await
+        .expect("an answer within 5 s")
+        .expect("read");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("echo-0"), "{answer}");
+    let seen = app
+        .behavior
+        .last_client_identity
+        .lock()
+        .ok()
+        .and_then(|g| g.clone());
+    assert_eq!(
+        seen.as_deref(),
+        Some(CALLER),
+        "the app sees the caller, not the gateway"
+    );
+
+    // A Service this cluster does not export, and an address that is no endpoint: refused,
+    // naming why, before anything is dialed.
+    for target in [internal_ep, "127.0.8.9:15006".parse().expect("addr")] {
+        match tunnel::open(
+            gw_addr,
+            GATEWAY,
+            target,
+            "east",
+            client(&cp, Some(CALLER), tls::ALPN_MESH_TUNNEL),
+        )
+        .await
+        {
+            Err(TunnelError::Refused { status, reason, .. }) => {
+                assert_eq!((status, reason.as_str()), (403, "not-exported"), "{target}")
+            }
+            other => panic!("{target}: {:?}", other.map(|_| "opened")),
+        }
+    }
+    // No mesh certificate: no tunnel. Nor a caller that does not speak the tunnel's ALPN.
+    let anonymous = tunnel::open(
+        gw_addr,
+        GATEWAY,
+        echo_ep,
+        "east",
+        client(&cp, None, tls::ALPN_MESH_TUNNEL),
+    )
+    .await;
+    assert!(
+        anonymous.is_err(),
+        "a caller without a certificate got a tunnel"
+    );
+    let wrong_alpn = tunnel::open(
+        gw_addr,
+        GATEWAY,
+        echo_ep,
+        "east",
+        client(&cp, Some(CALLER), tls::ALPN_MESH_HTTP1),
+    )
+    .await;
+    assert!(wrong_alpn.is_err(), "the gateway served another protocol");
+    // And the caller checks the gateway: one that is not the named identity is refused.
+    match tunnel::open(
+        gw_addr,
+        ECHO,
+        echo_ep,
+        "east",
+        client(&cp, Some(CALLER), tls::ALPN_MESH_TUNNEL),
+    )
+    .await
+    {
+        Err(TunnelError::Identity(..)) => {}
+        other => panic!("{:?}", other.map(|_| "opened")),
+    }
+
+    // Counted per source cluster and service (the gateway counts a refusal on its own task,
+    // a moment after the caller saw it).
+    weft_testkit::until_ok("the gateway's counts", Duration::from_secs(5), || async {
+        let (_, page) = get_via(gw.admin_addr, "admin", "/metrics")
+            .await
+            .map_err(|e| e.to_string())?;
+        let n = |labels: &[&str]| metric_sum(&page, "weft_gateway_connections_total", labels);
+        let got = (
+            n(&[
+                "source_cluster=\"east\"",
+                "service=\"echo.default.svc.clusterset.local\"",
+                "result=\"forwarded\"",
+            ]),
+            n(&["source_cluster=\"east\"", "result=\"not-exported\""]),
+            n(&["result=\"handshake\""]),
+            // The caller that would not trust the gateway hung up before its CONNECT.
+            n(&["result=\"bad-request\""]),
+        );
+        (got == (1.0, 2.0, 2.0, 1.0))
+            .then_some(())
+            .ok_or(format!("{got:?}"))
+    })
+    .await;
+    drop(server);
+}
+
+/// A gateway must prove who it is to callers and know its cluster: without an identity, or
+/// without `--cluster`, start-up refuses, naming the flag.
+#[tokio::test]
+async fn a_gateway_without_an_identity_or_a_cluster_does_not_start() {
+    let (dir, cp) = weft_testkit::control_plane_over(&[]).await;
+    let mut plain = weft_sidecar::RunConfig::local(
+        cp.plaintext(),
+        "127.0.8.6".parse().expect("ip"),
+        "gw-plain",
+    );
+    plain.gateway_addr = Some("127.0.8.6:0".parse().expect("addr"));
+    let err = Sidecar::start(plain).await.err().expect("refused");
+    assert!(
+        err.to_string().contains("--gateway-addr") && err.to_string().contains("identity"),
+        "{err}"
+    );
+    let mut nameless = weft_testkit::mesh_sidecar_config(
+        &cp,
+        dir.path(),
+        "127.0.8.7".parse().expect("ip"),
+        "gw-nameless",
+        "weft-gateway",
+    )
+    .await
+    .expect("config");
+    nameless.cluster = String::new();
+    nameless.gateway_addr = Some("127.0.8.7:0".parse().expect("addr"));
+    let err = Sidecar::start(nameless).await.err().expect("refused");
+    assert!(err.to_string().contains("--cluster"), "{err}");
+}
