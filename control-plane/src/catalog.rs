@@ -131,6 +131,20 @@ pub struct EndpointModel {
     pub port_modes: BTreeMap<u16, crate::objects::MtlsMode>,
     /// Imported from a peer control plane that is unreachable now: kept for the grace period.
     pub stale: bool,
+    /// Its cluster is on another network: reached through that cluster's gateways.
+    pub via: Option<Arc<Via>>,
+}
+
+/// How callers here reach the endpoints of a peer cluster on another network: through its
+/// east-west gateways (MeshPeer `network`, `gateways`, `gatewayIdentity`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Via {
+    /// The peer's network.
+    pub network: String,
+    /// Its gateways' addresses, as reachable from here.
+    pub gateways: Vec<std::net::SocketAddr>,
+    /// The SPIFFE ID they prove.
+    pub identity: String,
 }
 
 impl EndpointModel {
@@ -303,6 +317,8 @@ pub struct Model {
     pub netpol: Arc<crate::netpol::NetworkPolicies>,
     /// Where clusterset VIPs come from (`--clusterset-vip-range`); `None`: no VIPs.
     pub vip_range: Option<crate::vip::VipRange>,
+    /// This cluster's network (`--network`; empty: the same as every peer's that names none).
+    pub network: String,
 }
 
 /// What one peer control plane exports, as the federation client last received it.
@@ -459,6 +475,16 @@ impl Catalog {
         self.tx.send_modify(|m| {
             let mut next = (**m).clone();
             next.vip_range = range;
+            *m = Arc::new(next);
+        });
+    }
+
+    /// Sets this cluster's network (`--network`) from now on: peers named on another network
+    /// are reached through their gateways.
+    pub fn set_network(&self, network: &str) {
+        self.tx.send_modify(|m| {
+            let mut next = (**m).clone();
+            next.network = network.to_string();
             *m = Arc::new(next);
         });
     }
@@ -739,10 +765,19 @@ fn build(
                 mode: workload.mode.mode,
                 port_modes: workload.ports.iter().map(|(p, s)| (*p, s.mode)).collect(),
                 stale: false,
+                via: None,
             });
         }
     }
     merge_imports(&mut services, imports, &policies);
+    let vias = peer_vias(world, &prev.network, &prev.trust_domain);
+    if !vias.is_empty() {
+        for s in services.values_mut() {
+            for e in &mut s.endpoints {
+                e.via = vias.get(&e.cluster).cloned();
+            }
+        }
+    }
 
     // Exports and policies.
     let mut policy_owner: HashMap<ServiceKey, String> = HashMap::new();
@@ -960,6 +995,7 @@ fn build(
         },
         ready: prev.ready,
         vip_range: prev.vip_range,
+        network: prev.network.clone(),
         rollouts,
         peers,
         pod_places: {
@@ -978,6 +1014,43 @@ fn build(
         },
     };
     (model, errors, good)
+}
+
+/// The peers on a network other than `home`, by cluster name, with how to reach them.
+fn peer_vias(
+    world: &BTreeMap<ObjectKey, (Arc<Object>, String)>,
+    home: &str,
+    trust_domain: &str,
+) -> BTreeMap<String, Arc<Via>> {
+    world
+        .values()
+        .filter_map(|(o, _)| match &**o {
+            Object::MeshPeer(p) => {
+                let network = p.spec.network.as_deref()?;
+                if network == home {
+                    return None;
+                }
+                let gateways = p
+                    .spec
+                    .gateways
+                    .iter()
+                    .filter_map(|g| g.parse().ok())
+                    .collect();
+                let identity = p.spec.gateway_identity.clone().unwrap_or_else(|| {
+                    format!("spiffe://{trust_domain}/ns/weft-system/sa/weft-gateway")
+                });
+                Some((
+                    p.name.clone(),
+                    Arc::new(Via {
+                        network: network.to_string(),
+                        gateways,
+                        identity,
+                    }),
+                ))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// Adds what peers export: their endpoints join the local Service of the same name, or make a

@@ -35,6 +35,11 @@ pub struct Config {
     /// SPIFFE trust domain of the mesh's identities.
     #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// This cluster's network: peers whose MeshPeer names another are reached through their
+    /// gateways (their pods are not routable from here). Empty: the network every peer that
+    /// names none shares.
+    #[arg(long, env = "WEFT_NETWORK", default_value = "")]
+    pub network: String,
     /// IPv4 range of clusterset virtual IPs: each `<svc>.<ns>.svc.clusterset.local` name gets a
     /// stable address from it, which the sidecars' mesh DNS answers and their outbound
     /// listener recognises. Class E by default (routed nowhere); `none` turns VIPs off.
@@ -184,6 +189,7 @@ impl Config {
             cluster_name: "cluster-1".into(),
             trust_domain: "cluster.local".into(),
             clusterset_vip_range: crate::vip::VipSetting(crate::vip::DEFAULT_RANGE.parse().ok()),
+            network: String::new(),
             grpc_addr: any("127.0.0.1:0"),
             xds_plaintext_addr: Some(any("127.0.0.1:0")),
             insecure_xds_plaintext_any_addr: false,

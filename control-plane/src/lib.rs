@@ -206,6 +206,7 @@ impl ControlPlane {
         let replica = config.replica.clone().unwrap_or_else(hostname);
         let catalog = Arc::new(Catalog::new(&config.cluster_name, &config.trust_domain));
         catalog.set_vip_range(config.clusterset_vip_range.0);
+        catalog.set_network(&config.network);
         let metrics = Arc::new(Metrics::new());
         let mut tasks = Tasks::default();
 

@@ -190,6 +190,18 @@ impl PeerAuthenticationSpec {
 pub struct MeshPeerSpec {
     /// `HOST:PORT` of the peer's TLS gRPC port (15012), e.g. its east-west load balancer.
     pub address: String,
+    /// The peer's network. When set and not this cluster's (`--network`), its pods are not
+    /// reachable from here: callers reach its endpoints through `gateways`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// `IP:PORT` of the peer's east-west gateway replicas, as reachable from this network;
+    /// required with a `network` other than this cluster's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
+    /// The SPIFFE ID the peer's gateways prove (default
+    /// `spiffe://<trust domain>/ns/weft-system/sa/weft-gateway`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_identity: Option<String>,
 }
 
 /// Checks a peer address is `HOST:PORT` (IPv6 hosts in brackets).
@@ -1067,6 +1079,31 @@ fn validate(obj: &Object) -> Result<(), FieldError> {
             weft_proto::spiffe::validate_dns_subdomain("cluster name", &p.name)
                 .map_err(|e| field_err("metadata.name", e.to_string()))?;
             check_peer_address(&p.spec.address).map_err(|m| field_err("spec.address", m))?;
+            if let Some(n) = &p.spec.network {
+                weft_proto::spiffe::validate_dns_subdomain("network name", n)
+                    .map_err(|e| field_err("spec.network", e.to_string()))?;
+            }
+            for (i, g) in p.spec.gateways.iter().enumerate() {
+                match g.parse::<std::net::SocketAddr>() {
+                    Ok(a) if a.port() != 0 && !a.ip().is_unspecified() => {}
+                    _ => {
+                        return Err(field_err(
+                            format!("spec.gateways[{i}]"),
+                            format!("{g:?}: expected IP:PORT (the address callers here dial)"),
+                        ));
+                    }
+                }
+            }
+            if p.spec.network.is_some() == p.spec.gateways.is_empty() {
+                return Err(field_err(
+                    "spec.gateways",
+                    "a peer on another network needs its gateways, and gateways need the network they front",
+                ));
+            }
+            if let Some(id) = &p.spec.gateway_identity {
+                weft_proto::SpiffeId::parse(id)
+                    .map_err(|e| field_err("spec.gatewayIdentity", e.to_string()))?;
+            }
         }
         Object::TrafficSplit(ts) => {
             if ts.spec.service.is_empty() {
@@ -1469,6 +1506,46 @@ mod tests {
         }));
         assert_eq!(e.object, "Service default/echo");
         assert_eq!(e.field, "spec.ports[0].port");
+    }
+
+    #[test]
+    fn a_peer_on_another_network_needs_gateways_it_can_dial() {
+        let peer = |spec: serde_json::Value| {
+            json!({"apiVersion": "weft.dev/v1alpha1", "kind": "MeshPeer",
+                "metadata": {"name": "east"}, "spec": spec})
+        };
+        let ok = parse_object(peer(
+            json!({"address": "198.18.0.1:15012", "network": "east-net",
+            "gateways": ["198.18.0.5:15443"], "gatewayIdentity": "spiffe://td/ns/weft-system/sa/gw"}),
+        ));
+        assert!(matches!(ok, Ok(Some(_))), "{ok:?}");
+        for (spec, field) in [
+            (
+                json!({"address": "198.18.0.1:15012", "network": "east-net"}),
+                "spec.gateways",
+            ),
+            (
+                json!({"address": "198.18.0.1:15012", "gateways": ["198.18.0.5:15443"]}),
+                "spec.gateways",
+            ),
+            (
+                json!({"address": "198.18.0.1:15012", "network": "east-net",
+                    "gateways": ["gw.east:15443"]}),
+                "spec.gateways[0]",
+            ),
+            (
+                json!({"address": "198.18.0.1:15012", "network": "East Net",
+                    "gateways": ["198.18.0.5:15443"]}),
+                "spec.network",
+            ),
+            (
+                json!({"address": "198.18.0.1:15012", "network": "east-net",
+                    "gateways": ["198.18.0.5:15443"], "gatewayIdentity": "gw"}),
+                "spec.gatewayIdentity",
+            ),
+        ] {
+            assert_eq!(err_of(peer(spec.clone())).field, field, "{spec}");
+        }
     }
 
     #[test]

@@ -780,6 +780,16 @@ fn load_assignments(svc: &ServiceModel, place: &ProxyPlace, home: &str) -> Vec<R
                         strict: e.mtls
                             && e.identity.is_some()
                             && e.mode_on(target) == crate::objects::MtlsMode::Strict,
+                        gateways: e
+                            .via
+                            .iter()
+                            .flat_map(|v| v.gateways.iter().map(|g| g.to_string()))
+                            .collect(),
+                        gateway_identity: e
+                            .via
+                            .as_ref()
+                            .map(|v| v.identity.clone())
+                            .unwrap_or_default(),
                     })),
                     host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
                         endpoint::Endpoint {

@@ -295,6 +295,16 @@ pub fn p2c(a: &EndpointStats, b: &EndpointStats, r: u64) -> bool {
     la * f64::from(oa + 1) < lb * f64::from(ob + 1)
 }
 
+/// How an endpoint on another network is reached: through one of its cluster's gateways
+/// ([`crate::tunnel`]), which must prove `identity`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Via {
+    /// The gateways, tried in turn from a random one.
+    pub gateways: Vec<SocketAddr>,
+    /// The SPIFFE ID they prove.
+    pub identity: Arc<str>,
+}
+
 /// One pickable endpoint.
 #[derive(Clone, Debug)]
 pub struct Target {
@@ -306,6 +316,8 @@ pub struct Target {
     pub mtls_identity: Option<Arc<str>>,
     /// Its sidecar accepts only mTLS on this port: never sent plaintext.
     pub strict: bool,
+    /// On another network: reached through a gateway.
+    pub via: Option<Arc<Via>>,
     /// Load counters of its cluster and locality (load reports).
     pub load: Arc<crate::load::LocalityLoad>,
     /// Cached metric handles of its 200s in this cluster.
@@ -531,6 +543,7 @@ mod tests {
                 origin: Arc::from(""),
                 mtls_identity: None,
                 strict: false,
+                via: None,
                 stats: Arc::new(EndpointStats::default()),
                 load: Arc::new(crate::load::LocalityLoad::new("")),
                 hot: Arc::default(),

@@ -142,6 +142,60 @@ pub async fn mesh_handshake(
     metrics: &Metrics,
 ) -> Result<TlsStream<TcpStream>, MeshConnectError> {
     let tcp = dial_plain(addr).await?;
+    mesh_handshake_over(tcp, addr, expected, config, metrics).await
+}
+
+/// Mesh mTLS to a meshed endpoint on another network: a tunnel through one of its gateways
+/// (from a random one, the next on failure), then the same end-to-end handshake inside.
+pub async fn mesh_handshake_via(
+    via: &crate::balance::Via,
+    addr: SocketAddr,
+    expected: &str,
+    configs: (Arc<rustls::ClientConfig>, Arc<rustls::ClientConfig>),
+    source_cluster: &str,
+    metrics: &Metrics,
+) -> Result<TlsStream<TlsStream<TcpStream>>, MeshConnectError> {
+    let (tunnel_config, config) = configs;
+    let n = via.gateways.len();
+    let start = if n > 1 {
+        rand::random::<u32>() as usize % n
+    } else {
+        0
+    };
+    let mut last = String::from("no gateway listed");
+    for i in 0..n {
+        let gw = via.gateways[(start + i) % n];
+        match crate::tunnel::open(
+            gw,
+            &via.identity,
+            addr,
+            source_cluster,
+            tunnel_config.clone(),
+        )
+        .await
+        {
+            Ok(t) => return mesh_handshake_over(t, addr, expected, config, metrics).await,
+            Err(e) => {
+                metrics.upstream_tls_failure("gateway");
+                tracing::debug!(endpoint = %addr, gateway = %gw, error = %e, "tunnel not opened");
+                last = e.to_string();
+            }
+        }
+    }
+    Err(MeshConnectError::Gateway(addr, last))
+}
+
+/// The handshake of [`mesh_handshake`] over a stream already connected to `addr`.
+async fn mesh_handshake_over<S>(
+    tcp: S,
+    addr: SocketAddr,
+    expected: &str,
+    config: Arc<rustls::ClientConfig>,
+    metrics: &Metrics,
+) -> Result<TlsStream<S>, MeshConnectError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
     let handshake = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
@@ -177,15 +231,18 @@ pub struct Upstream {
     /// This workload's SVID, when it has an identity.
     svid: Option<SvidCell>,
     metrics: Arc<Metrics>,
+    /// This proxy's cluster (what it tells another network's gateway it comes from).
+    cluster: Arc<str>,
 }
 
 impl Upstream {
     /// Plain connections, plus mTLS ones when the workload has an identity.
-    pub fn new(svid: Option<SvidCell>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(svid: Option<SvidCell>, metrics: Arc<Metrics>, cluster: &str) -> Self {
         Upstream {
             pool: crate::pool::Pool::new(),
             svid,
             metrics,
+            cluster: cluster.into(),
         }
     }
 }
@@ -227,10 +284,26 @@ impl tower::Service<crate::resilience::Req> for Upstream {
                 } else {
                     s.tls.upstream.clone()
                 };
-                (id.clone(), config)
+                (id.clone(), config, s.tls.tunnel.clone())
             }),
             _ => None,
         };
+        // Another network is reached only inside end-to-end mTLS: its gateway carries nothing
+        // in plaintext.
+        if let (Some(_), None) = (&target.via, &tls) {
+            let msg = format!(
+                "weft: {} is on another network, reached through its gateway only over mTLS, and this proxy has no identity or valid certificate (or the endpoint has no sidecar)",
+                target.addr
+            );
+            return Box::pin(async move {
+                Ok(refusal(
+                    hyper::StatusCode::SERVICE_UNAVAILABLE,
+                    "no-certificate",
+                    msg,
+                    None,
+                ))
+            });
+        }
         // Never a downgrade: a meshed endpoint that is STRICT on this port (its
         // PeerAuthentication or its namespace) gets mTLS or nothing.
         if tls.is_none() && target.strict {
@@ -279,21 +352,34 @@ impl tower::Service<crate::resilience::Req> for Upstream {
         let upstream = hyper::Request::from_parts(parts, body);
         let (pool, metrics) = (self.pool.clone(), self.metrics.clone());
         let addr = target.addr;
+        let via = target.via.clone();
+        let cluster = self.cluster.clone();
         Box::pin(async move {
             let key = crate::pool::Key {
                 addr,
                 h2,
-                identity: tls.as_ref().map(|(id, _)| id.clone()),
+                identity: tls.as_ref().map(|(id, _, _)| id.clone()),
             };
-            let sent = match tls {
-                Some((id, config)) => {
+            let sent = match (tls, via) {
+                (Some((id, config, tunnel)), Some(via)) => {
+                    let dial = move || {
+                        let (id, via, metrics, cluster) =
+                            (id.clone(), via.clone(), metrics.clone(), cluster.clone());
+                        let configs = (tunnel.clone(), config.clone());
+                        async move {
+                            mesh_handshake_via(&via, addr, &id, configs, &cluster, &metrics).await
+                        }
+                    };
+                    pool.send_or_return(&key, upstream, dial).await
+                }
+                (Some((id, config, _)), None) => {
                     let dial = move || {
                         let (id, config, metrics) = (id.clone(), config.clone(), metrics.clone());
                         async move { mesh_handshake(addr, &id, config, &metrics).await }
                     };
                     pool.send_or_return(&key, upstream, dial).await
                 }
-                None => {
+                (None, _) => {
                     pool.send_or_return(&key, upstream, || dial_plain(addr))
                         .await
                 }

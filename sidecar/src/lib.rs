@@ -182,6 +182,7 @@ impl Sidecar {
             idle_timeout: cfg.idle_timeout,
             max_connections: cfg.max_connections,
             namespace: cfg.namespace.clone(),
+            cluster: cfg.cluster.clone(),
             server_first_ports: cfg.server_first_ports.clone(),
             header_read_timeout: cfg.header_read_timeout,
             xds: xds.clone(),

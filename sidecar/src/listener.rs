@@ -8,6 +8,8 @@ use std::sync::Arc;
 pub struct ListenerContext {
     /// The workload's namespace (short hosts resolve in it; its mTLS mode applies inbound).
     pub namespace: String,
+    /// The proxy's cluster (`--cluster`).
+    pub cluster: String,
     /// Ports whose server speaks first: never wait for the client's bytes.
     pub server_first_ports: Vec<u16>,
     /// Slowloris protection: an HTTP head must arrive whole within this.

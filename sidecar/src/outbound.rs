@@ -85,7 +85,8 @@ impl Outbound {
         ctx: crate::listener::ListenerContext,
         tracer: Tracer,
     ) -> Self {
-        let upstream = crate::connect::Upstream::new(ctx.svid.clone(), ctx.metrics.clone());
+        let upstream =
+            crate::connect::Upstream::new(ctx.svid.clone(), ctx.metrics.clone(), &ctx.cluster);
         Outbound {
             listener,
             proxy: Arc::new(Proxy {

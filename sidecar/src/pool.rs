@@ -47,6 +47,9 @@ pub enum MeshConnectError {
     /// The peer is not who the control plane said.
     #[error("mTLS peer {0}: {1}")]
     Identity(SocketAddr, tls::TlsError),
+    /// No gateway of the endpoint's network opened a tunnel to it.
+    #[error("{0}: no gateway opened a tunnel: {1}")]
+    Gateway(SocketAddr, String),
 }
 
 /// How long an idle upstream connection is kept.

@@ -356,6 +356,8 @@ pub struct EndpointSpec {
     /// or its namespace is STRICT): never sent plaintext — without a valid certificate here the
     /// request is a 503 `no-certificate`, not a downgrade.
     pub strict: bool,
+    /// On another network: reached through its cluster's gateways (EndpointMeta `gateways`).
+    pub via: Option<Arc<crate::balance::Via>>,
 }
 
 impl EndpointSpec {
@@ -368,6 +370,7 @@ impl EndpointSpec {
             origin: "".into(),
             mtls_identity: None,
             strict: false,
+            via: None,
         }
     }
 }
@@ -465,6 +468,28 @@ pub fn parse_endpoints(cla: &ClusterLoadAssignment) -> Result<EndpointSet, Inval
                 meta.as_ref().map_or("", |m| m.cluster.as_str()),
             );
             let strict = meta.as_ref().is_some_and(|m| m.mtls && m.strict);
+            let via = match meta.as_ref() {
+                Some(m) if !m.gateways.is_empty() => {
+                    let bad = |what: String| invalid(kind, &cla.cluster_name, what);
+                    let gateways = m
+                        .gateways
+                        .iter()
+                        .enumerate()
+                        .map(|(i, g)| {
+                            g.parse::<SocketAddr>().map_err(|_| {
+                                bad(format!("{at}.metadata.gateways[{i}]: {g:?} is not IP:PORT"))
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    weft_proto::SpiffeId::parse(&m.gateway_identity)
+                        .map_err(|err| bad(format!("{at}.metadata.gateway_identity: {err}")))?;
+                    Some(Arc::new(crate::balance::Via {
+                        gateways,
+                        identity: interned(&mut strings, &m.gateway_identity),
+                    }))
+                }
+                _ => None,
+            };
             let mtls_identity = match meta {
                 Some(m) if m.mtls => {
                     weft_proto::SpiffeId::parse(&m.identity).map_err(|err| {
@@ -486,6 +511,7 @@ pub fn parse_endpoints(cla: &ClusterLoadAssignment) -> Result<EndpointSet, Inval
                 origin,
                 mtls_identity,
                 strict,
+                via,
             });
         }
     }
@@ -548,6 +574,7 @@ impl Endpoints {
                         origin: e.origin.clone(),
                         mtls_identity: e.mtls_identity.clone(),
                         strict: e.strict,
+                        via: e.via.clone(),
                         stats: e.stats.clone(),
                         load: e.load.clone(),
                         hot: e.hot.clone(),
@@ -1036,6 +1063,91 @@ impl MeshConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A one-endpoint assignment whose endpoint carries `meta`.
+    fn cla_with(meta: &weft_proto::xds::EndpointMeta) -> ClusterLoadAssignment {
+        use weft_proto::envoy::envoy::config::endpoint::v3 as ep;
+        use weft_proto::envoy::google::protobuf::Any;
+        ClusterLoadAssignment {
+            cluster_name: "echo.default.svc.clusterset.local:80".into(),
+            endpoints: vec![ep::LocalityLbEndpoints {
+                lb_endpoints: vec![ep::LbEndpoint {
+                    metadata: Some(core::Metadata {
+                        typed_filter_metadata: [(
+                            "weft".to_string(),
+                            Any {
+                                type_url: String::new(),
+                                value: meta.encode_to_vec(),
+                            },
+                        )]
+                        .into(),
+                        ..Default::default()
+                    }),
+                    host_identifier: Some(HostIdentifier::Endpoint(ep::Endpoint {
+                        address: Some(core::Address {
+                            address: Some(core::address::Address::SocketAddress(
+                                core::SocketAddress {
+                                    address: "10.1.0.7".into(),
+                                    port_specifier: Some(
+                                        core::socket_address::PortSpecifier::PortValue(8080),
+                                    ),
+                                    ..Default::default()
+                                },
+                            )),
+                        }),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_endpoint_behind_gateways_says_so_and_bad_gateways_are_refused_by_field() {
+        let meta = weft_proto::xds::EndpointMeta {
+            cluster: "east".into(),
+            identity: "spiffe://td/ns/default/sa/echo".into(),
+            mtls: true,
+            gateways: vec!["198.18.0.5:15443".into(), "198.18.0.6:15443".into()],
+            gateway_identity: "spiffe://td/ns/weft-system/sa/weft-gateway".into(),
+            ..Default::default()
+        };
+        let set = parse_endpoints(&cla_with(&meta)).expect("valid");
+        let via = set.priorities[0][0].via.as_ref().expect("via");
+        assert_eq!(via.gateways.len(), 2);
+        assert_eq!(&*via.identity, "spiffe://td/ns/weft-system/sa/weft-gateway");
+        let none = weft_proto::xds::EndpointMeta {
+            gateways: Vec::new(),
+            ..meta.clone()
+        };
+        assert!(
+            parse_endpoints(&cla_with(&none)).expect("valid").priorities[0][0]
+                .via
+                .is_none()
+        );
+        for (bad, field) in [
+            (
+                weft_proto::xds::EndpointMeta {
+                    gateways: vec!["gw.east:15443".into()],
+                    ..meta.clone()
+                },
+                "metadata.gateways[0]",
+            ),
+            (
+                weft_proto::xds::EndpointMeta {
+                    gateway_identity: "gw".into(),
+                    ..meta.clone()
+                },
+                "metadata.gateway_identity",
+            ),
+        ] {
+            let e = parse_endpoints(&cla_with(&bad)).expect_err("refused");
+            assert!(format!("{e:?}").contains(field), "{e:?}");
+        }
+    }
 
     fn eps(p: &[(usize, bool)]) -> Endpoints {
         let mut priorities: Vec<Vec<Endpoint>> = Vec::new();

@@ -244,3 +244,172 @@ async fn a_gateway_without_an_identity_or_a_cluster_does_not_start() {
     let err = Sidecar::start(nameless).await.err().expect("refused");
     assert!(err.to_string().contains("--cluster"), "{err}");
 }
+
+/// Two clusters on two networks, federated: west's MeshPeer says east is on network
+/// `east-net` behind a gateway. A west sidecar's request for east's exported Service goes
+/// through that gateway (counted there), over the caller's own mTLS with east's sidecar, and
+/// east's application sees the west caller's identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_reaches_another_networks_endpoints_through_its_gateway() {
+    use weft_testkit::{shared_root_ca_dirs, start_cluster_control_plane};
+    let patience = Duration::from_secs(20);
+    let echo_ep: SocketAddr = "127.0.9.2:15006".parse().expect("addr");
+    let base = tempfile::tempdir().expect("tempdir");
+    let cas = shared_root_ca_dirs(base.path(), &["east", "west"]).expect("CA dirs");
+    let (east_dir, west_dir) = (base.path().join("east"), base.path().join("west"));
+    std::fs::create_dir_all(&east_dir).expect("dir");
+    std::fs::create_dir_all(&west_dir).expect("dir");
+    std::fs::write(
+        east_dir.join("world.yaml"),
+        world::docs(&[
+            world::namespace("default", "STRICT"),
+            world::service("echo", 80),
+            world::pod("echo-0", "echo", true),
+            world::pod_slice("echo", "echo", &[(echo_ep, "echo-0")]),
+            world::export("echo"),
+        ]),
+    )
+    .expect("world");
+    let grace = Duration::from_secs(30);
+    let east = start_cluster_control_plane(&east_dir, "east", &cas[0], grace, None)
+        .await
+        .expect("east");
+    let bundles = base.path().join("bundles");
+    std::fs::create_dir_all(&bundles).expect("bundles");
+    let app = Echo::start(
+        "127.0.9.10:0".parse().expect("addr"),
+        Identity {
+            name: "east-pod".into(),
+            cluster: "east".into(),
+            zone: String::new(),
+        },
+    )
+    .await
+    .expect("echo");
+    let mut scfg =
+        weft_testkit::mesh_sidecar_config(&east, &bundles, echo_ep.ip(), "echo-0", "echo")
+            .await
+            .expect("server config");
+    scfg.cluster = "east".into();
+    scfg.inbound_addr = echo_ep;
+    scfg.app_addr = Some(app.addr);
+    let server = Sidecar::start(scfg).await.expect("server sidecar");
+    let mut gcfg = weft_testkit::mesh_sidecar_config(
+        &east,
+        &bundles,
+        "127.0.9.5".parse().expect("ip"),
+        "east-gateway",
+        "weft-gateway",
+    )
+    .await
+    .expect("gateway config");
+    gcfg.cluster = "east".into();
+    gcfg.gateway_addr = Some("127.0.9.5:0".parse().expect("addr"));
+    let gw = Sidecar::start(gcfg).await.expect("gateway");
+    let gw_addr = gw.gateway_addr.expect("gateway bound");
+
+    let peer = |name: &str, address: &str, extra: &str| {
+        format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: MeshPeer\nmetadata: {{name: {name}}}\nspec: {{address: \"{address}\"{extra}}}\n"
+        )
+    };
+    std::fs::write(
+        west_dir.join("world.yaml"),
+        peer(
+            "east",
+            &east.grpc_addr.to_string(),
+            &format!(
+                ", network: east-net, gateways: [\"{gw_addr}\"], gatewayIdentity: \"{GATEWAY}\""
+            ),
+        ),
+    )
+    .expect("west world");
+    let mut wcfg = weft_control_plane::Config::local(&west_dir);
+    wcfg.cluster_name = "west".into();
+    wcfg.network = "west-net".into();
+    wcfg.ca_dir = Some(cas[1].clone());
+    wcfg.federation_heartbeat = Duration::from_millis(200);
+    wcfg.federation_timeout = Duration::from_secs(1);
+    wcfg.peer_grace = grace;
+    let west = ControlPlane::start(wcfg).await.expect("west");
+    std::fs::write(
+        east_dir.join("peers.yaml"),
+        peer("west", &west.grpc_addr.to_string(), ""),
+    )
+    .expect("east peers");
+    let mut ccfg = weft_testkit::mesh_sidecar_config(
+        &west,
+        &bundles,
+        "127.0.9.20".parse().expect("ip"),
+        "west-client",
+        "caller",
+    )
+    .await
+    .expect("client config");
+    ccfg.cluster = "west".into();
+    let client = Sidecar::start(ccfg).await.expect("client");
+    weft_testkit::wait_ready(&server, patience).await;
+    weft_testkit::wait_ready(&gw, patience).await;
+    weft_testkit::wait_ready(&client, patience).await;
+
+    let body = weft_testkit::until_ok("east's echo through the gateway", patience, || async {
+        match get_via(
+            client.outbound_addr,
+            "echo.default.svc.clusterset.local",
+            "/",
+        )
+        .await
+        {
+            Ok((200, body)) => Ok(body),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(body.starts_with("east-pod"), "{body}");
+    let seen = app
+        .behavior
+        .last_client_identity
+        .lock()
+        .ok()
+        .and_then(|g| g.clone());
+    assert_eq!(
+        seen.as_deref(),
+        Some(CALLER),
+        "east's app sees the west caller"
+    );
+    let (_, page) = get_via(gw.admin_addr, "admin", "/metrics")
+        .await
+        .expect("metrics");
+    assert!(
+        metric_sum(
+            &page,
+            "weft_gateway_connections_total",
+            &["source_cluster=\"west\"", "result=\"forwarded\""]
+        ) >= 1.0,
+        "the request crossed the gateway:\n{page}"
+    );
+    // A west proxy without an identity gets a clear 503, never a plaintext try at the
+    // other network's pod address.
+    let mut pcfg = weft_sidecar::RunConfig::local(
+        west.plaintext(),
+        "127.0.9.21".parse().expect("ip"),
+        "west-plain",
+    );
+    pcfg.cluster = "west".into();
+    let plain = Sidecar::start(pcfg).await.expect("plain sidecar");
+    weft_testkit::wait_ready(&plain, patience).await;
+    let (status, body) = get_via(
+        plain.outbound_addr,
+        "echo.default.svc.clusterset.local",
+        "/",
+    )
+    .await
+    .expect("request");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("another network"), "{body}");
+    // West's view of the endpoint says how it is reached.
+    let (_, dump) = get_via(client.admin_addr, "admin", "/config_dump")
+        .await
+        .expect("config dump");
+    assert!(dump.contains(&gw_addr.to_string()), "{dump}");
+}

@@ -246,6 +246,7 @@ fn convert(
             mode,
             port_modes,
             stale: false,
+            via: None,
         });
     }
     Ok((key, ImportedService { ports, endpoints }))

@@ -271,6 +271,7 @@ pub(crate) mod test_support {
             origin: e.origin.clone(),
             mtls_identity: None,
             strict: false,
+            via: None,
             stats: e.stats.clone(),
             load: e.load.clone(),
             hot: e.hot.clone(),
