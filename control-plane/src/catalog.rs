@@ -769,15 +769,8 @@ fn build(
             });
         }
     }
-    merge_imports(&mut services, imports, &policies);
     let vias = peer_vias(world, &prev.network, &prev.trust_domain);
-    if !vias.is_empty() {
-        for s in services.values_mut() {
-            for e in &mut s.endpoints {
-                e.via = vias.get(&e.cluster).cloned();
-            }
-        }
-    }
+    merge_imports(&mut services, imports, &policies, &vias);
 
     // Exports and policies.
     let mut policy_owner: HashMap<ServiceKey, String> = HashMap::new();
@@ -1055,11 +1048,14 @@ fn peer_vias(
 
 /// Adds what peers export: their endpoints join the local Service of the same name, or make a
 /// service that exists here through federation alone. A peer's endpoint never replaces a
-/// local one at the same address.
+/// local one at the same address — unless the peer is on another network (`vias`), whose
+/// addresses are its own (pod ranges may overlap): that endpoint is kept beside, reached
+/// through its gateways.
 fn merge_imports(
     services: &mut BTreeMap<ServiceKey, ServiceModel>,
     imports: &Imports,
     policies: &crate::peer_auth::MtlsPolicies,
+    vias: &BTreeMap<String, Arc<Via>>,
 ) {
     for import in imports.values() {
         for (key, imported) in &import.services {
@@ -1087,11 +1083,17 @@ fn merge_imports(
                 svc.ports.sort_by_key(|p| p.port);
             }
             for e in &imported.endpoints {
-                if svc.endpoints.iter().any(|x| x.address == e.address) {
+                let via = vias.get(&e.cluster).cloned();
+                if svc
+                    .endpoints
+                    .iter()
+                    .any(|x| x.address == e.address && x.via == via)
+                {
                     continue;
                 }
                 let mut e = e.clone();
                 e.stale = import.stale;
+                e.via = via;
                 svc.endpoints.push(e);
             }
         }
@@ -1379,6 +1381,64 @@ mod tests {
     pub(crate) fn service(name: &str, port: u16) -> serde_json::Value {
         json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
                "spec": {"ports": [{"name": "http", "port": port}]}})
+    }
+
+    /// Pod ranges of two networks may overlap: a peer's endpoint at the address of a local one
+    /// is another endpoint when the peer is on another network (kept, reached through its
+    /// gateways), and the same one otherwise (the local one wins).
+    #[test]
+    fn an_overlapping_address_on_another_network_is_another_endpoint() {
+        let world = |network: &str| {
+            let cat = Catalog::new("west", "cluster.local");
+            cat.set_network("west-net");
+            cat.apply(SourceUpdate {
+                upserts: vec![
+                    obj(service("echo", 80)),
+                    obj(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                        "metadata": {"name": "echo-1", "labels": {"kubernetes.io/service-name": "echo"}},
+                        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+                        "endpoints": [{"addresses": ["198.18.10.11"]}]})),
+                    obj(json!({"apiVersion": "weft.dev/v1alpha1", "kind": "MeshPeer",
+                        "metadata": {"name": "east"},
+                        "spec": serde_json::from_str::<serde_json::Value>(network).expect("json")})),
+                ],
+                ..Default::default()
+            });
+            let local =
+                cat.current().services[&ServiceKey::new("default", "echo")].endpoints[0].clone();
+            let mut theirs = local.clone();
+            theirs.cluster = "east".into();
+            cat.set_import(
+                "east",
+                Some(PeerImport {
+                    services: [(
+                        ServiceKey::new("default", "echo"),
+                        ImportedService {
+                            ports: Vec::new(),
+                            endpoints: vec![theirs],
+                        },
+                    )]
+                    .into(),
+                    stale: false,
+                }),
+            );
+            cat.current().services[&ServiceKey::new("default", "echo")]
+                .endpoints
+                .iter()
+                .map(|e| (e.cluster.clone(), e.via.as_ref().map(|v| v.gateways.len())))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            world(
+                r#"{"address": "198.19.0.20:15012", "network": "east-net", "gateways": ["198.19.0.31:15443"]}"#
+            ),
+            [("west".to_string(), None), ("east".to_string(), Some(1))]
+        );
+        assert_eq!(
+            world(r#"{"address": "198.19.0.20:15012"}"#),
+            [("west".to_string(), None)],
+            "on one network the same address is the same endpoint"
+        );
     }
 
     #[test]

@@ -297,7 +297,7 @@ pub fn p2c(a: &EndpointStats, b: &EndpointStats, r: u64) -> bool {
 
 /// How an endpoint on another network is reached: through one of its cluster's gateways
 /// ([`crate::tunnel`]), which must prove `identity`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct Via {
     /// The gateways, tried in turn from a random one.
     pub gateways: Vec<SocketAddr>,

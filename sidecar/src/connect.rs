@@ -359,6 +359,7 @@ impl tower::Service<crate::resilience::Req> for Upstream {
                 addr,
                 h2,
                 identity: tls.as_ref().map(|(id, _, _)| id.clone()),
+                via: via.clone(),
             };
             let sent = match (tls, via) {
                 (Some((id, config, tunnel)), Some(via)) => {

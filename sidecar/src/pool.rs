@@ -70,6 +70,9 @@ pub struct Key {
     pub h2: bool,
     /// The SPIFFE ID the peer was verified as (mesh mTLS), or none (plaintext).
     pub identity: Option<Arc<str>>,
+    /// Reached through another network's gateway: never the connection to this network's
+    /// endpoint at the same address.
+    pub via: Option<Arc<crate::balance::Via>>,
 }
 
 /// Why a request did not get a response from its endpoint.
@@ -499,6 +502,7 @@ mod tests {
             addr,
             h2: false,
             identity: identity.map(Arc::from),
+            via: None,
         }
     }
 

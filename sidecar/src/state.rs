@@ -335,7 +335,12 @@ pub struct Endpoints {
 }
 
 /// Finds (or creates) the stats of an endpoint, so measurements survive config updates.
-pub type StatsFor<'a> = &'a mut dyn FnMut(SocketAddr) -> Arc<EndpointStats>;
+pub type StatsFor<'a> = &'a mut dyn FnMut(&EndpointSpec) -> Arc<EndpointStats>;
+
+/// What identifies an endpoint across clusters and versions: its address and, on another
+/// network, how it is reached (pod ranges may overlap between networks, so the same address
+/// behind a gateway is another endpoint: its own measurements, its own connections).
+pub type EndpointKey = (SocketAddr, Option<Arc<crate::balance::Via>>);
 
 /// One endpoint as its ClusterLoadAssignment states it, before it is bound to a cluster's
 /// counters and balancer.
@@ -540,7 +545,7 @@ impl EndpointSet {
             .iter()
             .map(|eps| {
                 eps.iter()
-                    .map(|e| Endpoint::new(e.clone(), stats(e.addr), load_for(&e.zone)))
+                    .map(|e| Endpoint::new(e.clone(), stats(e), load_for(&e.zone)))
                     .collect()
             })
             .collect();

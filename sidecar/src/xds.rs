@@ -103,7 +103,7 @@ struct Held {
     /// Names subscribed per type (RDS and EDS are named; LDS and CDS are wildcards).
     names: HashMap<&'static str, BTreeSet<String>>,
     /// Per endpoint measurements, kept across config versions.
-    stats: HashMap<std::net::SocketAddr, Arc<EndpointStats>>,
+    stats: HashMap<state::EndpointKey, Arc<EndpointStats>>,
     /// Per cluster counters, kept across config versions.
     runtimes: HashMap<String, Arc<ClusterRuntime>>,
     /// Delta: per type, the version of each resource held (sent back on reconnect).
@@ -626,7 +626,9 @@ fn compile(held: &mut Held) -> MeshConfig {
         }
     }
     let mut stats = std::mem::take(&mut held.stats);
-    let mut lookup = |addr| -> Arc<EndpointStats> { stats.entry(addr).or_default().clone() };
+    let mut lookup = |e: &state::EndpointSpec| -> Arc<EndpointStats> {
+        stats.entry((e.addr, e.via.clone())).or_default().clone()
+    };
     let mut before = std::mem::take(&mut held.built);
     let mut clusters = BTreeMap::new();
     for (name, spec) in &held.clusters {
@@ -668,12 +670,20 @@ fn compile(held: &mut Held) -> MeshConfig {
             .filter_map(|c: &ClusterState| c.endpoints.as_ref())
             .flat_map(|e| e.priorities.iter().flatten())
     };
+    // By address: what a connection to that address reaches here — never an endpoint of
+    // another network, whose address may be one of this network's.
     let mtls_identities = all()
+        .filter(|e| e.via.is_none())
         .filter_map(|e| Some((e.addr, e.mtls_identity.clone()?)))
         .collect();
-    let strict_endpoints = all().filter(|e| e.strict).map(|e| e.addr).collect();
+    let strict_endpoints = all()
+        .filter(|e| e.strict && e.via.is_none())
+        .map(|e| e.addr)
+        .collect();
     // Keep measurements only of endpoints and clusters still in the config.
-    held.stats = all().map(|e| (e.addr, e.stats.clone())).collect();
+    held.stats = all()
+        .map(|e| ((e.addr, e.via.clone()), e.stats.clone()))
+        .collect();
     held.runtimes = clusters
         .iter()
         .map(|(name, c)| (name.clone(), c.runtime.clone()))
