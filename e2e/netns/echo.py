@@ -62,7 +62,8 @@ class Handler(BaseHTTPRequestHandler):
             ms = delays().get(src, {}).get(args.cluster, 0)
             if ms > 0:
                 time.sleep(ms / 1000.0)
-        body = f"cluster={args.cluster} zone={args.zone} pod={args.pod}\n".encode()
+        who = self.headers.get("x-weft-client-identity", "-")
+        body = f"cluster={args.cluster} zone={args.zone} pod={args.pod} caller={who}\n".encode()
         # One write for head and body: a pod killed mid-answer loses the whole answer (a
         # retryable reset), never half of one after the head went out.
         head = (

@@ -10,3 +10,4 @@ mod logs;
 mod mesh_dns;
 mod multicluster;
 mod tcp_mtls;
+mod two_networks;
