@@ -52,7 +52,7 @@ fn world(cluster: &str) -> String {
         format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: default\n  labels: {{app: echo, weft.dev/tls-mode: weft}}\nspec:\n  serviceAccountName: echo\n  containers: [{{name: echo, image: echo}}]\n"),
         format!("apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: default}}\nspec:\n  clusterIP: {ECHO_IP}\n  ports: [{{name: http, port: 80, appProtocol: http}}]\n"),
         format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: echo}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n- addresses: [\"198.18.10.11\"]\n  conditions: {{ready: true}}\n  targetRef: {{kind: Pod, name: {pod}, namespace: default}}\n"),
-        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: echo, namespace: default}\nspec:\n  targetRef: {name: echo}\n  retry: {attempts: 3, retryOn: [5xx, connect-failure, reset], backoff: {baseInterval: 5ms}, budget: {percent: 100}}\n  outlierDetection: {consecutive5xx: 2, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}\n  locality: {failover: true, crossCluster: true}\n".to_string(),
+        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: echo, namespace: default}\nspec:\n  targetRef: {name: echo}\n  retry: {attempts: 3, retryOn: [5xx, connect-failure, reset], backoff: {baseInterval: 5ms}, budget: {percent: 100}}\n  outlierDetection: {consecutive5xx: 2, interval: 1s, baseEjectionTime: 5s, maxEjectionPercent: 100}\n  locality: {failover: true, crossCluster: true}\n".to_string(),
     ];
     if cluster == "a" {
         docs.push("apiVersion: weft.dev/v1alpha1\nkind: MeshPeer\nmetadata: {name: b}\nspec:\n  address: \"198.19.0.20:15012\"\n  network: net-b\n  gateways: [\"198.19.0.31:15443\", \"198.19.0.32:15443\"]\n  gatewayIdentity: spiffe://cluster.local/ns/default/sa/weft-gateway\n".to_string());
@@ -575,12 +575,87 @@ fn two_networks_with_overlapping_pod_ranges_meet_through_the_gateway() {
         after >= 1.0,
         "the other gateway took over ({before} before)"
     );
+    // a exports echo too: its clusterset name now spans both clusters. Then the gateways are
+    // cut off (connections to them refused): b's endpoints become unreachable, and traffic
+    // stays local with no failed request (the attempts that found no gateway are retried on
+    // a's endpoint, and b's is ejected).
+    net.lab.kill("sidecar-bgw1");
+    net.start_pod("a", "ae1", "default", "echo", Role::Echo);
+    net.start_pod("b", "bgw1", "default", "weft-gateway", Role::Gateway);
+    let mut exported = world("a");
+    exported.push_str("---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: echo, namespace: default}\n");
+    write(&net.dir.join("world-a").join("world.yaml"), &exported);
+    eventually(
+        "the clusterset name spans both clusters",
+        Duration::from_secs(40),
+        || {
+            let seen: std::collections::BTreeSet<String> = (0..20)
+                .map(|_| {
+                    let b = net.curl("acl", "http://echo.default.svc.clusterset.local/");
+                    b.split_whitespace()
+                        .find_map(|f| f.strip_prefix("cluster=").map(str::to_string))
+                        .unwrap_or_default()
+                })
+                .collect();
+            seen.contains("a") && seen.contains("b")
+        },
+    );
+    ok(&[
+        "ip",
+        "netns",
+        "exec",
+        &acp,
+        "iptables",
+        "-I",
+        "FORWARD",
+        "1",
+        "-o",
+        "eth1",
+        "-p",
+        "tcp",
+        "--dport",
+        "15443",
+        "-j",
+        "REJECT",
+        "--reject-with",
+        "tcp-reset",
+    ]);
+    let load = net.load("http://echo.default.svc.clusterset.local/", 50, 4.0);
+    let out = load.wait_with_output().expect("load");
+    let recs3 = records(&String::from_utf8_lossy(&out.stdout));
+    let failed3: Vec<_> = recs3.iter().filter(|r| !r.1).collect();
+    assert!(recs3.len() >= 150, "{} requests", recs3.len());
+    assert!(
+        failed3.is_empty(),
+        "{} failed with the gateways cut off: {:?}\n{}",
+        failed3.len(),
+        failed3.iter().take(5).collect::<Vec<_>>(),
+        net.logs_tail()
+    );
+    assert!(
+        recs3.iter().all(|r| r.2 == "a"),
+        "traffic stays local: {:?}",
+        recs3
+            .iter()
+            .filter(|r| r.2 != "a")
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    let gateway_failures = weft_testkit::metric_sum(
+        &net.curl("acl", "http://127.0.0.1:15000/metrics"),
+        "weft_proxy_upstream_tls_failures_total",
+        &["reason=\"gateway\""],
+    );
+    assert!(gateway_failures >= 1.0, "the cut was noticed");
+
     println!(
-        "FIGURES two networks: failover through the gateway: {:.0} ms from the last answer of a to the first of b (50 req/s), {} of {} requests failed; one of two gateways killed: {} of {} requests failed",
+        "FIGURES two networks: failover through the gateway: {:.0} ms from the last answer of a to the first of b (50 req/s), {} of {} requests failed; one of two gateways killed: {} of {} requests failed; gateways cut off: {} of {} requests failed, all answered locally",
         (first_remote - last_local) * 1000.0,
         failed.len(),
         recs.len(),
         failed2.len(),
-        recs2.len()
+        recs2.len(),
+        failed3.len(),
+        recs3.len()
     );
 }
