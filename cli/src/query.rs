@@ -499,6 +499,10 @@ pub struct PeerRow {
     pub exporting_to: bool,
     /// Why the last stream ended or was refused.
     pub last_error: String,
+    /// Its network, when another than ours ("" on a flat network).
+    pub network: String,
+    /// The gateways its endpoints are reached through.
+    pub gateways: Vec<String>,
 }
 
 /// `weftctl peers`.
@@ -524,6 +528,8 @@ pub async fn peers(cp: &Cp, format: Format) -> anyhow::Result<i32> {
             endpoints: p.endpoints,
             exporting_to: p.exporting_to,
             last_error: p.last_error,
+            network: p.network,
+            gateways: p.gateways,
         })
         .collect();
     if rows.is_empty() && format == Format::Table {
@@ -544,6 +550,11 @@ pub async fn peers(cp: &Cp, format: Format) -> anyhow::Result<i32> {
                     .map_or("never".into(), |s| format!("{s}s ago")),
                 format!("{}/{}", r.services, r.endpoints),
                 if r.exporting_to { "yes" } else { "no" }.into(),
+                if r.network.is_empty() {
+                    "-".into()
+                } else {
+                    format!("{} via {}", r.network, r.gateways.join(","))
+                },
                 r.last_error.clone(),
             ]
         })
@@ -558,6 +569,7 @@ pub async fn peers(cp: &Cp, format: Format) -> anyhow::Result<i32> {
             "LAST SYNC",
             "SERVICES/ENDPOINTS",
             "EXPORTING TO",
+            "NETWORK",
             "LAST ERROR",
         ],
         table,
@@ -588,6 +600,8 @@ pub struct EndpointRow {
     pub priorities: Vec<String>,
     /// Imported from a peer that is unreachable now (kept for the grace period).
     pub stale: bool,
+    /// On another network: the gateways proxies here reach it through.
+    pub gateways: Vec<String>,
     /// With `--from-proxy`: what that proxy measured (absent when it does not hold it).
     pub proxy: Option<ProxyEndpointView>,
 }
@@ -698,6 +712,7 @@ pub async fn endpoints(
             pod: e.pod,
             priorities: e.priorities,
             stale: e.stale,
+            gateways: e.gateways,
         })
         .collect();
     let table = rows
@@ -716,6 +731,11 @@ pub async fn endpoints(
                 r.weight.to_string(),
                 r.priorities.join(","),
                 r.pod.clone(),
+                if r.gateways.is_empty() {
+                    "direct".into()
+                } else {
+                    format!("gateway {}", r.gateways.join(","))
+                },
             ];
             if measured.is_some() {
                 row.extend(match &r.proxy {
@@ -731,7 +751,7 @@ pub async fn endpoints(
         })
         .collect();
     let mut headers = vec![
-        "ADDRESS", "CLUSTER", "ZONE", "HEALTH", "WEIGHT", "PRIORITY", "POD",
+        "ADDRESS", "CLUSTER", "ZONE", "HEALTH", "WEIGHT", "PRIORITY", "POD", "REACHED",
     ];
     if measured.is_some() {
         headers.extend(["EJECTED", "EWMA MS", "IN FLIGHT"]);

@@ -481,6 +481,11 @@ impl Admin for AdminService {
                 pod: e.pod.clone().unwrap_or_default(),
                 weight: e.weight,
                 stale: e.stale,
+                gateways: e
+                    .via
+                    .iter()
+                    .flat_map(|v| v.gateways.iter().map(|g| g.to_string()))
+                    .collect(),
                 priorities: priorities
                     .remove(&e.address.to_string())
                     .unwrap_or_default(),
@@ -575,12 +580,23 @@ impl Admin for AdminService {
         self.allow(&req, Need::Read, "list_peers")?;
         let fed = &self.federation;
         let exporting = fed.book.exporting_to();
+        let model = self.catalog.current();
         let secs = |i: Option<std::time::Instant>| i.map_or(-1, |t| t.elapsed().as_secs() as i64);
         let peers = fed
             .book
             .snapshot()
             .into_iter()
             .map(|(name, i)| weft_proto::admin::PeerStatus {
+                network: model
+                    .peer_vias
+                    .get(&name)
+                    .map(|v| v.network.clone())
+                    .unwrap_or_default(),
+                gateways: model
+                    .peer_vias
+                    .get(&name)
+                    .map(|v| v.gateways.iter().map(|g| g.to_string()).collect())
+                    .unwrap_or_default(),
                 exporting_to: exporting.contains(&name),
                 name,
                 address: i.address,

@@ -319,6 +319,8 @@ pub struct Model {
     pub vip_range: Option<crate::vip::VipRange>,
     /// This cluster's network (`--network`; empty: the same as every peer's that names none).
     pub network: String,
+    /// Peers on another network, by cluster name: how their endpoints are reached.
+    pub peer_vias: BTreeMap<String, Arc<Via>>,
 }
 
 /// What one peer control plane exports, as the federation client last received it.
@@ -771,6 +773,7 @@ fn build(
     }
     let vias = peer_vias(world, &prev.network, &prev.trust_domain);
     merge_imports(&mut services, imports, &policies, &vias);
+    let peer_vias_now = vias;
 
     // Exports and policies.
     let mut policy_owner: HashMap<ServiceKey, String> = HashMap::new();
@@ -989,6 +992,7 @@ fn build(
         ready: prev.ready,
         vip_range: prev.vip_range,
         network: prev.network.clone(),
+        peer_vias: peer_vias_now,
         rollouts,
         peers,
         pod_places: {

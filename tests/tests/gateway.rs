@@ -407,6 +407,33 @@ async fn a_sidecar_reaches_another_networks_endpoints_through_its_gateway() {
     .expect("request");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("another network"), "{body}");
+    // The operator sees it: west's peer east is on east-net behind the gateway, and east's
+    // endpoint is reached through it.
+    let mut admin = weft_testkit::operator_admin(&west).await.expect("admin");
+    let peers = admin
+        .list_peers(weft_proto::admin::ListPeersRequest {})
+        .await
+        .expect("peers")
+        .into_inner()
+        .peers;
+    let east_peer = peers.iter().find(|p| p.name == "east").expect("east");
+    assert_eq!(east_peer.network, "east-net");
+    assert_eq!(east_peer.gateways, [gw_addr.to_string()]);
+    let eps = admin
+        .list_endpoints(weft_proto::admin::ListEndpointsRequest {
+            namespace: "default".into(),
+            name: "echo".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("endpoints")
+        .into_inner()
+        .endpoints;
+    assert!(
+        eps.iter()
+            .any(|e| e.cluster == "east" && e.gateways == [gw_addr.to_string()]),
+        "{eps:?}"
+    );
     // West's view of the endpoint says how it is reached.
     let (_, dump) = get_via(client.admin_addr, "admin", "/config_dump")
         .await
