@@ -251,6 +251,17 @@ fn issuer_cn(cert: &CertificateDer<'_>) -> Option<String> {
     cn.as_str().ok().map(str::to_string)
 }
 
+/// The cluster whose intermediate issued a certificate (its issuer's common name is
+/// [`intermediate_cn`]): meaningful once the chain was verified, since only the root's holder
+/// names intermediates.
+pub fn issuing_cluster(cert: &CertificateDer<'_>) -> Option<String> {
+    let cn = issuer_cn(cert)?;
+    cn.strip_prefix("Weft intermediate CA (")?
+        .strip_suffix(')')
+        .filter(|c| !c.is_empty())
+        .map(str::to_string)
+}
+
 /// The role of a certificate whose chain was verified.
 pub fn role_of(cert: &CertificateDer<'_>) -> Role {
     let suffixed = |suffix: &str| {

@@ -21,7 +21,11 @@ use crate::state::MeshConfig;
 use crate::tunnel;
 
 /// How long a caller has for its handshake and its `CONNECT`.
-pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections still in their handshake or `CONNECT` at once, at most: before a caller proved
+/// an identity it holds one of these, not a tunnel slot, so a flood of silent connections
+/// cannot crowd out the tunnels (beyond, new connections are closed at once and counted).
+pub const MAX_HANDSHAKES: usize = 256;
 
 /// What a gateway needs.
 #[derive(Clone)]
@@ -40,39 +44,58 @@ pub struct Gateway {
     pub idle: Duration,
 }
 
-/// The exported Service `target` serves in cluster `cluster` (its clusterset name), if any.
-pub fn exported(config: &MeshConfig, cluster: &str, target: SocketAddr) -> Option<String> {
-    config.clusters.iter().find_map(|(name, c)| {
-        let host = name.rsplit_once(':').map_or(name.as_str(), |(h, _)| h);
-        if !host.ends_with(".svc.clusterset.local") {
-            return None;
-        }
-        let eps = c.endpoints.as_ref()?;
-        eps.priorities
-            .iter()
-            .flatten()
-            .any(|e| e.addr == target && &*e.origin == cluster)
-            .then(|| host.to_string())
-    })
+/// Why a target is not forwarded to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not an endpoint of a Service this cluster exports.
+    NotExported,
+    /// An exported Service's endpoint without a sidecar terminating mTLS: a legitimate caller
+    /// only ever tunnels its own mTLS, so a plaintext target is never reached through here.
+    NotMeshed,
 }
 
-/// A label value from what a caller declared: short and plain, or `unknown`.
-fn label(declared: Option<&str>) -> String {
-    match declared {
-        Some(v)
-            if !v.is_empty()
-                && v.len() <= 63
-                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') =>
-        {
-            v.to_string()
+impl Refusal {
+    /// The reason in the answer and the metric.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::NotExported => "not-exported",
+            Refusal::NotMeshed => "not-meshed",
         }
-        _ => "unknown".into(),
     }
+}
+
+/// The exported Service `target` serves in cluster `cluster` (its clusterset name), if it is
+/// a meshed endpoint of one.
+pub fn exported(config: &MeshConfig, cluster: &str, target: SocketAddr) -> Result<String, Refusal> {
+    let mut unmeshed = false;
+    for (name, c) in &config.clusters {
+        let host = name.rsplit_once(':').map_or(name.as_str(), |(h, _)| h);
+        if !host.ends_with(".svc.clusterset.local") {
+            continue;
+        }
+        let Some(eps) = c.endpoints.as_ref() else {
+            continue;
+        };
+        for e in eps.priorities.iter().flatten() {
+            if e.addr == target && &*e.origin == cluster && e.via.is_none() {
+                if e.mtls_identity.is_some() {
+                    return Ok(host.to_string());
+                }
+                unmeshed = true;
+            }
+        }
+    }
+    Err(if unmeshed {
+        Refusal::NotMeshed
+    } else {
+        Refusal::NotExported
+    })
 }
 
 /// Serves tunnels until aborted.
 pub async fn serve(listener: TcpListener, gw: Gateway) {
     let slots = Arc::new(tokio::sync::Semaphore::new(gw.max_connections.max(1)));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -82,20 +105,25 @@ pub async fn serve(listener: TcpListener, gw: Gateway) {
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            gw.metrics.connection_closed("gateway", "max-connections");
+        let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+            gw.metrics.connection_closed("gateway", "max-handshakes");
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let gw = gw.clone();
+        let (gw, slots) = (gw.clone(), slots.clone());
         tokio::spawn(async move {
-            let _slot = slot;
-            tunnel_one(stream, peer, &gw).await;
+            tunnel_one(stream, peer, &gw, handshake, &slots).await;
         });
     }
 }
 
-async fn tunnel_one(stream: TcpStream, peer: SocketAddr, gw: &Gateway) {
+async fn tunnel_one(
+    stream: TcpStream,
+    peer: SocketAddr,
+    gw: &Gateway,
+    handshake: tokio::sync::OwnedSemaphorePermit,
+    slots: &Arc<tokio::sync::Semaphore>,
+) {
     let count = |source: &str, service: &str, result: &str| {
         gw.metrics.gateway_connection(source, service, result);
     };
@@ -109,14 +137,27 @@ async fn tunnel_one(stream: TcpStream, peer: SocketAddr, gw: &Gateway) {
             .accept(stream)
             .await
             .map_err(|e| ("handshake", e.to_string()))?;
-        let caller = weft_proto::tls::check_peer(tls.get_ref().1.peer_certificates(), &[])
-            .map_err(|e| ("handshake", e.to_string()))?;
+        let certs = tls.get_ref().1.peer_certificates();
+        let caller =
+            weft_proto::tls::check_peer(certs, &[]).map_err(|e| ("handshake", e.to_string()))?;
+        // The caller's cluster for the metrics: its verified issuer, never what it declares.
+        let source = certs
+            .and_then(|c| c.first())
+            .and_then(weft_proto::tls::issuing_cluster)
+            .unwrap_or_else(|| "unknown".into());
+        // Only the tunnel protocol, negotiated: a client that offered no ALPN is refused too.
+        if tls.get_ref().1.alpn_protocol() != Some(weft_proto::tls::ALPN_MESH_TUNNEL) {
+            return Err((
+                "handshake",
+                "the tunnel ALPN was not negotiated".to_string(),
+            ));
+        }
         let head = tunnel::read_head(&mut tls)
             .await
             .map_err(|e| ("bad-request", e.to_string()))?;
-        Ok::<_, (&'static str, String)>((tls, caller, head))
+        Ok::<_, (&'static str, String)>((tls, caller, source, head))
     };
-    let (mut tls, caller, head) = match tokio::time::timeout(ACCEPT_TIMEOUT, accept).await {
+    let (mut tls, caller, source, head) = match tokio::time::timeout(ACCEPT_TIMEOUT, accept).await {
         Ok(Ok(got)) => got,
         Ok(Err((result, why))) => {
             count("unknown", "", result);
@@ -128,19 +169,31 @@ async fn tunnel_one(stream: TcpStream, peer: SocketAddr, gw: &Gateway) {
             return;
         }
     };
-    let (target, source) = match tunnel::parse_connect(&head) {
-        Ok(t) => t,
+    let target = match tunnel::parse_connect(&head) {
+        Ok((t, _declared)) => t,
         Err(why) => {
-            count("unknown", "", "bad-request");
+            count(&source, "", "bad-request");
             let _ = tunnel::answer(&mut tls, 400, why).await;
             return;
         }
     };
-    let source = label(source.as_deref());
-    let Some(service) = exported(&gw.config.load(), &gw.cluster, target) else {
-        count(&source, "", "not-exported");
-        tracing::info!(%peer, %caller, %target, "gateway: not an endpoint of a Service this cluster exports");
-        let _ = tunnel::answer(&mut tls, 403, "not-exported").await;
+    let config = gw.config.load();
+    let service = match exported(&config, &gw.cluster, target) {
+        Ok(s) => s,
+        Err(why) => {
+            drop(config);
+            count(&source, "", why.as_str());
+            tracing::info!(%peer, %caller, %target, reason = why.as_str(), "gateway: not a meshed endpoint of a Service this cluster exports");
+            let _ = tunnel::answer(&mut tls, 403, why.as_str()).await;
+            return;
+        }
+    };
+    drop(config);
+    // The caller proved an identity: from here it holds a tunnel slot, not a handshake one.
+    drop(handshake);
+    let Ok(_slot) = slots.clone().try_acquire_owned() else {
+        count(&source, &service, "max-connections");
+        let _ = tunnel::answer(&mut tls, 503, "max-connections").await;
         return;
     };
     let upstream = match crate::connect::connect_app(target).await {
@@ -165,11 +218,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn declared_labels_are_kept_only_when_plain_and_short() {
-        assert_eq!(label(Some("east-1")), "east-1");
-        assert_eq!(label(Some("")), "unknown");
-        assert_eq!(label(Some("a\"b")), "unknown");
-        assert_eq!(label(Some(&"x".repeat(64))), "unknown");
-        assert_eq!(label(None), "unknown");
+    fn only_meshed_endpoints_of_exported_services_are_targets() {
+        let config = MeshConfig::default();
+        let target: SocketAddr = "198.18.0.2:8080".parse().expect("addr");
+        assert_eq!(exported(&config, "c1", target), Err(Refusal::NotExported));
     }
 }

@@ -60,7 +60,8 @@ pub struct Metrics {
     pub connections_closed: Family<Labels, Counter>,
     /// `weft_gateway_connections_total{source_cluster,service,result}`: tunnels a gateway took
     /// (`forwarded`) or refused (`not-exported`, `handshake`, `bad-request`, `unreachable`,
-    /// `timeout`, `no-certificate`); `source_cluster` is what the caller declared.
+    /// `timeout`, `no-certificate`, `not-meshed`, `max-connections`); `source_cluster` is the
+    /// cluster whose intermediate issued the caller's verified certificate (`unknown` before).
     pub gateway_connections: Family<Labels, Counter>,
     /// `weft_proxy_dns_queries_total{answer}`: mesh DNS queries by how they ended (`mesh`,
     /// `nodata`, `forwarded`, `limited`, `failed`, `malformed`).

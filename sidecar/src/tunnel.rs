@@ -25,8 +25,8 @@ pub const MAX_HEAD: usize = 1024;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the tunnel's TCP connect, handshake and `CONNECT` exchange may take together.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
-/// The request header naming the caller's cluster (for the gateway's metrics only; nothing
-/// is decided on it).
+/// The request header naming the caller's cluster (informational: the gateway labels its
+/// metrics with the cluster of the caller's verified certificate, never with this).
 pub const SOURCE_CLUSTER: &str = "weft-source-cluster";
 /// The answer header saying why a tunnel was refused.
 pub const REASON: &str = "weft-reason";

@@ -52,6 +52,15 @@ async fn the_gateway_tunnels_to_exported_endpoints_only_and_the_caller_identity_
             world::service("internal", 80),
             world::pod("internal-0", "internal", true),
             world::pod_slice("internal", "internal", &[(internal_ep, "internal-0")]),
+            // Exported, but its pod has no sidecar: no caller tunnels plaintext to it.
+            world::service("plain", 80),
+            world::pod("plain-0", "plain", false),
+            world::pod_slice(
+                "plain",
+                "plain",
+                &[("127.0.8.4:8080".parse().expect("addr"), "plain-0")],
+            ),
+            world::export("plain"),
         ]),
     )
     .expect("world");
@@ -152,6 +161,20 @@ async fn the_gateway_tunnels_to_exported_endpoints_only_and_the_caller_identity_
             other => panic!("{target}: {:?}", other.map(|_| "opened")),
         }
     }
+    match tunnel::open(
+        gw_addr,
+        GATEWAY,
+        "127.0.8.4:8080".parse().expect("addr"),
+        "east",
+        client(&cp, Some(CALLER), tls::ALPN_MESH_TUNNEL),
+    )
+    .await
+    {
+        Err(TunnelError::Refused { status, reason, .. }) => {
+            assert_eq!((status, reason.as_str()), (403, "not-meshed"))
+        }
+        other => panic!("an unmeshed endpoint: {:?}", other.map(|_| "opened")),
+    }
     // No mesh certificate: no tunnel. Nor a caller that does not speak the tunnel's ALPN.
     let anonymous = tunnel::open(
         gw_addr,
@@ -188,8 +211,9 @@ async fn the_gateway_tunnels_to_exported_endpoints_only_and_the_caller_identity_
         other => panic!("{:?}", other.map(|_| "opened")),
     }
 
-    // Counted per source cluster and service (the gateway counts a refusal on its own task,
-    // a moment after the caller saw it).
+    // Counted per source cluster — the verified certificate's (cluster-1 here), not what the
+    // caller declared ("east") — and service (the gateway counts a refusal on its own task, a
+    // moment after the caller saw it).
     weft_testkit::until_ok("the gateway's counts", Duration::from_secs(5), || async {
         let (_, page) = get_via(gw.admin_addr, "admin", "/metrics")
             .await
@@ -197,16 +221,17 @@ async fn the_gateway_tunnels_to_exported_endpoints_only_and_the_caller_identity_
         let n = |labels: &[&str]| metric_sum(&page, "weft_gateway_connections_total", labels);
         let got = (
             n(&[
-                "source_cluster=\"east\"",
+                "source_cluster=\"cluster-1\"",
                 "service=\"echo.default.svc.clusterset.local\"",
                 "result=\"forwarded\"",
             ]),
-            n(&["source_cluster=\"east\"", "result=\"not-exported\""]),
+            n(&["source_cluster=\"cluster-1\"", "result=\"not-exported\""]),
             n(&["result=\"handshake\""]),
             // The caller that would not trust the gateway hung up before its CONNECT.
             n(&["result=\"bad-request\""]),
+            n(&["result=\"not-meshed\""]),
         );
-        (got == (1.0, 2.0, 2.0, 1.0))
+        (got == (1.0, 2.0, 2.0, 1.0, 1.0))
             .then_some(())
             .ok_or(format!("{got:?}"))
     })
