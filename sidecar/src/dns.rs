@@ -30,8 +30,15 @@ use crate::state::{DnsTable, MeshConfig};
 pub const MESH_TTL: u32 = 30;
 /// How long a forwarded query waits for each upstream.
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
-/// Largest DNS message taken or relayed (EDNS's usual ceiling; TCP's length prefix allows more).
+/// Largest DNS message taken from a client over UDP (EDNS's usual ceiling).
 pub const MAX_MESSAGE: usize = 4096;
+/// Largest answer read from an upstream (a UDP datagram's limit): relayed whole, never cut.
+const MAX_UPSTREAM_ANSWER: usize = 65_535;
+/// A DNS header's size: anything shorter is not a query and is dropped, never forwarded.
+const HEADER_LEN: usize = 12;
+/// The zone whose every name the mesh DNS answers itself: a clusterset name it does not hold
+/// does not exist (MCS), and is never asked of the upstream.
+const CLUSTERSET_ZONE: &str = "svc.clusterset.local";
 /// Queries one TCP connection may carry, and how long it may stay idle.
 const TCP_QUERIES: usize = 64;
 const TCP_IDLE: Duration = Duration::from_secs(10);
@@ -50,8 +57,11 @@ pub enum Reply {
 pub enum Outcome {
     /// A mesh name, answered with its addresses.
     Mesh,
-    /// A mesh name without an address of the asked family: empty NOERROR.
+    /// A mesh name without an address of the asked family, or asked for another type: empty
+    /// NOERROR.
     NoData,
+    /// A clusterset name the proxy does not hold: NXDOMAIN.
+    NxDomain,
     /// Forwarded and relayed.
     Forwarded,
     /// Over the rate or the in-flight bound: REFUSED.
@@ -68,6 +78,7 @@ impl Outcome {
         match self {
             Outcome::Mesh => "mesh",
             Outcome::NoData => "nodata",
+            Outcome::NxDomain => "nxdomain",
             Outcome::Forwarded => "forwarded",
             Outcome::Limited => "limited",
             Outcome::Failed => "failed",
@@ -96,29 +107,35 @@ pub fn error_reply(query: &[u8], code: ResponseCode) -> Option<Vec<u8>> {
     }
 }
 
-/// What `query` gets from the mesh names in `table`.
-pub fn resolve(query: &[u8], table: &DnsTable) -> Reply {
+/// What `query` gets from the mesh names in `table`: `None` for bytes too short to be a
+/// query (dropped).
+pub fn resolve(query: &[u8], table: &DnsTable) -> Option<Reply> {
+    if query.len() < HEADER_LEN {
+        return None;
+    }
     let Ok(q) = Message::from_vec(query) else {
-        return match error_reply(query, ResponseCode::FormErr) {
-            Some(b) => Reply::Answer(b, Outcome::Malformed),
-            None => Reply::Forward,
-        };
+        return error_reply(query, ResponseCode::FormErr)
+            .map(|b| Reply::Answer(b, Outcome::Malformed));
     };
     let [question] = q.queries.as_slice() else {
-        return Reply::Forward;
+        return Some(Reply::Forward);
     };
     if q.metadata.message_type != MessageType::Query || q.metadata.op_code != OpCode::Query {
-        return Reply::Forward;
+        return Some(Reply::Forward);
     }
     let qtype = question.query_type();
-    if !matches!(qtype, RecordType::A | RecordType::AAAA) {
-        return Reply::Forward;
-    }
     let name = question.name().to_ascii();
     let key = name.trim_end_matches('.').to_ascii_lowercase();
     let Some(addrs) = table.get(&key) else {
-        return Reply::Forward;
+        // The clusterset zone is the mesh's: what it does not hold does not exist.
+        if key == CLUSTERSET_ZONE || key.ends_with(&format!(".{CLUSTERSET_ZONE}")) {
+            return error_reply(query, ResponseCode::NXDomain)
+                .map(|b| Reply::Answer(b, Outcome::NxDomain));
+        }
+        return Some(Reply::Forward);
     };
+    // A mesh name is answered here whatever the type (SRV, HTTPS, TXT get an empty answer):
+    // never forwarded, so the upstream never learns what the pod calls.
     let mut m = Message::response(q.metadata.id, OpCode::Query);
     m.metadata.authoritative = true;
     m.metadata.recursion_desired = q.metadata.recursion_desired;
@@ -137,10 +154,7 @@ pub fn resolve(query: &[u8], table: &DnsTable) -> Reply {
     } else {
         Outcome::Mesh
     };
-    match m.to_vec() {
-        Ok(b) => Reply::Answer(b, outcome),
-        Err(_) => Reply::Forward,
-    }
+    m.to_vec().ok().map(|b| Reply::Answer(b, outcome))
 }
 
 /// The pod's original resolvers: the `nameserver` lines of resolv.conf text, port 53.
@@ -219,11 +233,15 @@ impl Server {
             return Decision::Now(error_reply(query, ResponseCode::Refused));
         }
         match resolve(query, &self.config.load().dns) {
-            Reply::Answer(bytes, outcome) => {
+            None => {
+                self.count(Outcome::Malformed);
+                Decision::Now(None)
+            }
+            Some(Reply::Answer(bytes, outcome)) => {
                 self.count(outcome);
                 Decision::Now(Some(bytes))
             }
-            Reply::Forward => match self.inflight.clone().try_acquire_owned() {
+            Some(Reply::Forward) => match self.inflight.clone().try_acquire_owned() {
                 Ok(permit) => Decision::Forward(permit),
                 Err(_) => {
                     self.count(Outcome::Limited);
@@ -271,7 +289,7 @@ enum Decision {
 }
 
 /// Sends `query` to `upstream` over UDP from a socket connected to it (only its datagrams
-/// are read), and returns the first answer carrying the query's id.
+/// are read), and returns the first answer carrying the query's id and question.
 async fn forward_udp(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
     let local: SocketAddr = match upstream {
         SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
@@ -280,11 +298,11 @@ async fn forward_udp(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<
     let sock = UdpSocket::bind(local).await?;
     sock.connect(upstream).await?;
     sock.send(query).await?;
-    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut buf = vec![0u8; MAX_UPSTREAM_ANSWER];
     tokio::time::timeout(UPSTREAM_TIMEOUT, async {
         loop {
             let n = sock.recv(&mut buf).await?;
-            if n >= 2 && query.len() >= 2 && buf[..2] == query[..2] {
+            if answers(query, &buf[..n]) {
                 return Ok(buf[..n].to_vec());
             }
         }
@@ -293,12 +311,31 @@ async fn forward_udp(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))?
 }
 
+/// Whether `answer` is the answer to `query`: the same id and the same question.
+fn answers(query: &[u8], answer: &[u8]) -> bool {
+    if query.len() < HEADER_LEN || answer.len() < HEADER_LEN || answer[..2] != query[..2] {
+        return false;
+    }
+    match (Message::from_vec(query), Message::from_vec(answer)) {
+        (Ok(q), Ok(a)) => a.queries == q.queries,
+        _ => false,
+    }
+}
+
 /// Sends `query` to `upstream` over TCP and returns its answer.
 async fn forward_tcp(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
     tokio::time::timeout(UPSTREAM_TIMEOUT, async {
         let mut s = TcpStream::connect(upstream).await?;
         write_framed(&mut s, query).await?;
-        read_framed(&mut s).await
+        let answer = read_framed(&mut s).await?;
+        if answers(query, &answer) {
+            Ok(answer)
+        } else {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the answer is not to this query",
+            ))
+        }
     })
     .await
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))?
@@ -336,6 +373,10 @@ pub async fn serve(
     settings: DnsSettings,
     metrics: Arc<Metrics>,
 ) {
+    // Never its own upstream: a resolver listed at the mesh DNS's own address would loop.
+    let own = udp.local_addr().ok();
+    let mut settings = settings;
+    settings.upstreams.retain(|u| Some(*u) != own);
     let rate = f64::from(settings.max_qps.max(1));
     let server = Arc::new(Server {
         config,
@@ -466,8 +507,8 @@ mod tests {
         t
     }
 
-    fn answers(reply: Reply) -> (Vec<IpAddr>, Outcome, Message) {
-        let Reply::Answer(bytes, outcome) = reply else {
+    fn decoded(reply: Option<Reply>) -> (Vec<IpAddr>, Outcome, Message) {
+        let Some(Reply::Answer(bytes, outcome)) = reply else {
             panic!("forwarded")
         };
         let m = Message::from_vec(&bytes).expect("decode");
@@ -490,7 +531,7 @@ mod tests {
             "echo.default.svc.clusterset.local.",
             "ECHO.Default.svc.clusterset.local",
         ] {
-            let (ips, outcome, m) = answers(resolve(&query(name, RecordType::A), &t));
+            let (ips, outcome, m) = decoded(resolve(&query(name, RecordType::A), &t));
             assert_eq!(
                 ips,
                 vec!["240.240.3.9".parse::<IpAddr>().expect("ip")],
@@ -501,12 +542,12 @@ mod tests {
             assert!(m.metadata.authoritative);
             assert_eq!(m.answers[0].ttl, MESH_TTL);
         }
-        let (v4, ..) = answers(resolve(
+        let (v4, ..) = decoded(resolve(
             &query("echo.default.svc.cluster.local.", RecordType::A),
             &t,
         ));
         assert_eq!(v4, vec!["198.18.0.10".parse::<IpAddr>().expect("ip")]);
-        let (v6, ..) = answers(resolve(
+        let (v6, ..) = decoded(resolve(
             &query("echo.default.svc.cluster.local.", RecordType::AAAA),
             &t,
         ));
@@ -514,33 +555,53 @@ mod tests {
     }
 
     #[test]
-    fn a_mesh_name_without_the_family_is_nodata_and_others_are_forwarded() {
+    fn a_mesh_name_is_never_forwarded_and_an_unknown_clusterset_name_does_not_exist() {
         let t = table();
-        let (ips, outcome, m) = answers(resolve(
+        let (ips, outcome, m) = decoded(resolve(
             &query("echo.default.svc.clusterset.local.", RecordType::AAAA),
             &t,
         ));
         assert!(ips.is_empty());
         assert_eq!(outcome, Outcome::NoData);
         assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        // Other types of a mesh name: answered here, empty (the upstream never hears of it).
+        for ty in [RecordType::SRV, RecordType::HTTPS, RecordType::TXT] {
+            let (ips, outcome, _) =
+                decoded(resolve(&query("echo.default.svc.cluster.local.", ty), &t));
+            assert!(ips.is_empty());
+            assert_eq!(outcome, Outcome::NoData, "{ty}");
+        }
+        let (_, outcome, m) = decoded(resolve(
+            &query("unknown.default.svc.clusterset.local.", RecordType::A),
+            &t,
+        ));
+        assert_eq!(outcome, Outcome::NxDomain);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
         for (name, ty) in [
             ("example.com.", RecordType::A),
             ("db.default.svc.cluster.local.", RecordType::A),
             ("echo.", RecordType::A),
-            ("echo.default.svc.cluster.local.", RecordType::SRV),
-            ("unknown.default.svc.clusterset.local.", RecordType::A),
         ] {
-            assert_eq!(resolve(&query(name, ty), &t), Reply::Forward, "{name} {ty}");
+            assert_eq!(
+                resolve(&query(name, ty), &t),
+                Some(Reply::Forward),
+                "{name} {ty}"
+            );
         }
     }
 
     #[test]
     fn garbage_gets_formerr_or_is_dropped() {
         let t = table();
-        let (_, outcome, m) = answers(resolve(&[0x12, 0x34, 0xff], &t));
+        // A header promising a question that is not there.
+        let broken = [0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0xff];
+        let (_, outcome, m) = decoded(resolve(&broken, &t));
         assert_eq!(outcome, Outcome::Malformed);
         assert_eq!(m.metadata.id, 0x1234);
         assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+        // Shorter than a header: dropped, never forwarded.
+        assert_eq!(resolve(&[0x12, 0x34, 0xff], &t), None);
+        assert_eq!(resolve(&[], &t), None);
         assert_eq!(error_reply(&[1], ResponseCode::FormErr), None);
     }
 
@@ -556,8 +617,8 @@ mod tests {
         );
     }
 
-    /// An answer with another id (a forgery racing the real one, or a stale answer) is not
-    /// relayed: the forwarder waits for the one that matches its query.
+    /// An answer with another id or another question (a forgery racing the real one, or a
+    /// stale answer) is not relayed: the forwarder waits for the one that matches its query.
     #[tokio::test]
     async fn the_forwarder_relays_only_the_answer_with_its_querys_id() {
         let up = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
@@ -569,6 +630,10 @@ mod tests {
             let mut forged = buf[..n].to_vec();
             forged[0] ^= 0xff;
             up.send_to(&forged, peer).await.expect("send");
+            // The right id, another question: not the answer either.
+            let other = query("elsewhere.test.", RecordType::A);
+            let wrong = error_reply(&other, ResponseCode::NoError).expect("reply");
+            up.send_to(&wrong, peer).await.expect("send");
             let real = error_reply(&buf[..n], ResponseCode::NXDomain).expect("reply");
             up.send_to(&real, peer).await.expect("send");
         });
