@@ -63,6 +63,8 @@ struct Proxy {
     tracer: Tracer,
     /// This workload's identity, for mesh mTLS of opaque TCP.
     svid: Option<crate::identity::SvidCell>,
+    /// This proxy's cluster (told to another network's gateway).
+    cluster: String,
 }
 
 impl Outbound {
@@ -101,6 +103,7 @@ impl Outbound {
                 cap: crate::accept::Cap::new(ctx.max_connections),
                 tracer,
                 svid: ctx.svid,
+                cluster: ctx.cluster,
             }),
         }
     }
@@ -181,6 +184,9 @@ pub enum TcpTarget {
     /// Plain TCP to the original destination (an address the mesh does not know, or a
     /// Service whose picked endpoint has no sidecar).
     Plain(SocketAddr),
+    /// A meshed endpoint on another network: mesh mTLS to it inside a tunnel through one of
+    /// its gateways.
+    Gateway(SocketAddr, Arc<str>, Arc<crate::balance::Via>),
 }
 
 /// Where opaque TCP to `dst` goes: `dst` itself when it is a meshed endpoint (a pod IP, a
@@ -203,7 +209,11 @@ pub fn tcp_target(config: &crate::state::MeshConfig, dst: SocketAddr, roll: u64)
             };
             let endpoints = config.clusters.get(&cluster)?.endpoints.as_ref()?;
             let target = endpoints.pick(roll, None)?;
-            Some(TcpTarget::Mesh(target.addr, target.mtls_identity.clone()?))
+            let id = target.mtls_identity.clone()?;
+            Some(match &target.via {
+                Some(via) => TcpTarget::Gateway(target.addr, id, via.clone()),
+                None => TcpTarget::Mesh(target.addr, id),
+            })
         });
     picked.unwrap_or(TcpTarget::Plain(dst))
 }
@@ -219,6 +229,8 @@ impl Proxy {
             let strict = match &target {
                 TcpTarget::Mesh(addr, _) => config.strict_endpoints.contains(addr),
                 TcpTarget::Plain(_) => config.strict_endpoints.contains(&dst),
+                // Another network is reached only inside mTLS.
+                TcpTarget::Gateway(..) => true,
             };
             (target, strict)
         };
@@ -227,9 +239,41 @@ impl Proxy {
             .as_ref()
             .and_then(|s| s.load_full())
             .filter(|s| s.valid())
-            .map(|s| s.tls.upstream_tcp.clone());
+            .map(|s| (s.tls.upstream_tcp.clone(), s.tls.tunnel.clone()));
         let (addr, expected, config) = match (target, tls) {
-            (TcpTarget::Mesh(addr, expected), Some(config)) => (addr, expected, config),
+            (TcpTarget::Gateway(addr, expected, via), Some((config, tunnel))) => {
+                let configs = (tunnel, config);
+                return match crate::connect::mesh_handshake_via(
+                    &via,
+                    addr,
+                    &expected,
+                    configs,
+                    &self.cluster,
+                    &self.metrics,
+                )
+                .await
+                {
+                    Ok(upstream) => {
+                        self.metrics.tcp_connection("outbound", true);
+                        tracing::debug!(%peer, %dst, endpoint = %addr, "outbound: opaque TCP over mesh mTLS through a gateway");
+                        crate::connect::splice_to(
+                            stream,
+                            upstream,
+                            peer,
+                            addr,
+                            "outbound",
+                            &self.metrics,
+                            self.idle_timeout,
+                        )
+                        .await
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, %dst, endpoint = %addr, error = %e, "outbound: opaque TCP: no tunnel to the endpoint's network; closed");
+                        self.metrics.connection_error("outbound");
+                    }
+                };
+            }
+            (TcpTarget::Mesh(addr, expected), Some((config, _))) => (addr, expected, config),
             _ if strict => {
                 tracing::info!(%peer, %dst, "outbound: opaque TCP to a STRICT meshed endpoint refused: this proxy has no valid certificate (no plaintext)");
                 self.metrics.connection_closed("outbound", "mtls-required");
@@ -593,7 +637,25 @@ mod tests {
                 ("plain".into(), 50),
             ]))]),
         );
+        config.hosts.insert(
+            "198.18.0.12:5432".into(),
+            Arc::new(vec![route(RouteTarget::Cluster("remote".into()))]),
+        );
+        let remote = crate::state::Endpoint::new(
+            crate::state::EndpointSpec {
+                mtls_identity: Some(Arc::from("spiffe://cluster.local/ns/data/sa/db")),
+                via: Some(Arc::new(crate::balance::Via {
+                    gateways: vec!["198.19.0.31:15443".parse().expect("addr")],
+                    identity: Arc::from("spiffe://cluster.local/ns/weft-system/sa/weft-gateway"),
+                })),
+                // The same address as the local `db` endpoint: another network's.
+                ..crate::state::EndpointSpec::at("198.18.0.2:5432".parse().expect("addr"))
+            },
+            Arc::default(),
+            Arc::new(crate::load::LocalityLoad::new("")),
+        );
         for (name, ep) in [
+            ("remote", remote),
             (
                 "db",
                 endpoint(
@@ -648,6 +710,15 @@ mod tests {
             split.contains(&TcpTarget::Plain(addr("198.18.0.11:5432"))),
             "{split:?}"
         );
+        // An endpoint on another network: through its gateway, never by its address here.
+        match tcp_target(&config, addr("198.18.0.12:5432"), 0) {
+            TcpTarget::Gateway(a, id, via) => {
+                assert_eq!(a, addr("198.18.0.2:5432"));
+                assert_eq!(&*id, "spiffe://cluster.local/ns/data/sa/db");
+                assert_eq!(via.gateways, [addr("198.19.0.31:15443")]);
+            }
+            other => panic!("{other:?}"),
+        }
         // Addresses the mesh does not know, or a known address on another port: unchanged.
         for other in ["198.18.0.3:5432", "198.18.0.10:5433", "198.18.9.9:80"] {
             assert_eq!(
