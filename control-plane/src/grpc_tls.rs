@@ -238,6 +238,8 @@ pub struct Issued {
     pub server: Arc<tls::rustls::ServerConfig>,
     /// Dials peers (HTTP/2), presenting the same certificate.
     pub client: Arc<tls::rustls::ClientConfig>,
+    /// Opens tunnels through a peer network's gateway, presenting the same certificate.
+    pub tunnel: Arc<tls::rustls::ClientConfig>,
 }
 
 /// Issues the control plane's own SVID (with the DNS SAN naming its cluster) and builds both
@@ -251,7 +253,8 @@ fn issue(ca: &Ca, id: &SpiffeId, cluster: &str) -> Result<Arc<Issued>, GrpcTlsEr
     let roots = tls::roots(&signed.trust_bundle)?;
     Ok(Arc::new(Issued {
         server: tls::server_config(&svid, roots.clone(), ClientAuth::Optional, &[tls::ALPN_H2])?,
-        client: tls::client_config(Some(&svid), roots, &[tls::ALPN_H2])?,
+        client: tls::client_config(Some(&svid), roots.clone(), &[tls::ALPN_H2])?,
+        tunnel: tls::client_config(Some(&svid), roots, &[tls::ALPN_MESH_TUNNEL])?,
     }))
 }
 

@@ -119,7 +119,7 @@ impl Replicas {
         let client = self.tls.load().client.clone();
         let attempt = async {
             let channel =
-                crate::federation::import::connect(&address, &self.cluster, client).await?;
+                crate::federation::import::connect(&address, &self.cluster, client, None).await?;
             call(AdminClient::new(channel))
                 .await
                 .map_err(|s| format!("{}: {}", s.code(), s.message()))

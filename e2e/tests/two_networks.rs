@@ -8,7 +8,8 @@
 //!   echo pod `be1` (.11, the address of A's echo pod) and two gateway replicas `bgw1`/`bgw2`;
 //! - a WAN bridge on 198.19.0.0/24 joining the two control planes and B's gateways only.
 //!
-//! Cluster a's MeshPeer says b is on network `net-b` behind its two gateways. Every pod runs
+//! Cluster a's MeshPeer says b is on network `net-b` behind its two gateways, and names b's
+//! control plane by its address inside b's network: federation itself runs through them. Every pod runs
 //! `weft-sidecar init` and `run` with an identity (join tokens under one shared root); the
 //! client pod's DNS goes to its sidecar's mesh DNS. Scenarios: an unmodified client resolves
 //! `echo.default.svc.clusterset.local` through the mesh DNS and reaches b's pod through b's
@@ -55,7 +56,7 @@ fn world(cluster: &str) -> String {
         "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: echo, namespace: default}\nspec:\n  targetRef: {name: echo}\n  retry: {attempts: 3, retryOn: [5xx, connect-failure, reset], backoff: {baseInterval: 5ms}, budget: {percent: 100}}\n  outlierDetection: {consecutive5xx: 2, interval: 1s, baseEjectionTime: 5s, maxEjectionPercent: 100}\n  locality: {failover: true, crossCluster: true}\n".to_string(),
     ];
     if cluster == "a" {
-        docs.push("apiVersion: weft.dev/v1alpha1\nkind: MeshPeer\nmetadata: {name: b}\nspec:\n  address: \"198.19.0.20:15012\"\n  network: net-b\n  gateways: [\"198.19.0.31:15443\", \"198.19.0.32:15443\"]\n  gatewayIdentity: spiffe://cluster.local/ns/default/sa/weft-gateway\n".to_string());
+        docs.push("apiVersion: weft.dev/v1alpha1\nkind: MeshPeer\nmetadata: {name: b}\nspec:\n  address: \"198.18.10.10:15012\"\n  network: net-b\n  gateways: [\"198.19.0.31:15443\", \"198.19.0.32:15443\"]\n  gatewayIdentity: spiffe://cluster.local/ns/default/sa/weft-gateway\n".to_string());
     } else {
         docs.push("apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: echo, namespace: default}\n".to_string());
         docs.push("apiVersion: weft.dev/v1alpha1\nkind: MeshPeer\nmetadata: {name: a}\nspec: {address: \"198.19.0.10:15012\"}\n".to_string());
@@ -458,6 +459,24 @@ fn two_networks_with_overlapping_pod_ranges_meet_through_the_gateway() {
         ) == 1.0
     };
     eventually("a federated with b", Duration::from_secs(30), peer_up);
+    // Through b's gateway: a's MeshPeer names b's control plane by its address inside b's
+    // network (the address of a's own control plane, here).
+    let federated_via_gateway: f64 = ["bgw1", "bgw2"]
+        .iter()
+        .map(|g| {
+            net.metric(
+                g,
+                "http://127.0.0.1:15000/metrics",
+                "weft_gateway_connections_total",
+                &["service=\"control-plane\"", "result=\"forwarded\""],
+            )
+        })
+        .sum();
+    assert!(
+        federated_via_gateway >= 1.0,
+        "federation did not cross b's gateway\n{}",
+        net.logs_tail()
+    );
 
     // The overlap is real: both echo pods are 198.18.10.11; by its cluster name (local first)
     // the Service answers from a's.

@@ -21,15 +21,87 @@ pub async fn control_plane(
     cluster: Option<&str>,
     connect_timeout: Duration,
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    control_plane_via(address, config, cluster, connect_timeout, None).await
+}
+
+/// How a control plane on another network is reached: through one of its gateways (see
+/// [`crate::tunnel`]), which must prove `identity`.
+#[derive(Clone, Debug)]
+pub struct Via {
+    /// The gateways, tried in turn.
+    pub gateways: Vec<std::net::SocketAddr>,
+    /// The SPIFFE ID they prove.
+    pub identity: String,
+    /// The caller's certificate under the tunnel ALPN.
+    pub tunnel: Arc<rustls::ClientConfig>,
+    /// The caller's cluster (informational, in the `CONNECT`).
+    pub source_cluster: String,
+}
+
+/// Something a TLS session can run over: a TCP stream, or a tunnel through a gateway.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+/// [`control_plane`], through a gateway when `via` says so (the TLS session with the control
+/// plane then runs inside the tunnel, so the gateway never sees it).
+pub async fn control_plane_via(
+    address: &str,
+    config: Arc<rustls::ClientConfig>,
+    cluster: Option<&str>,
+    connect_timeout: Duration,
+    via: Option<Via>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     let (address_owned, cluster) = (address.to_string(), cluster.map(str::to_string));
     let connector = tower::service_fn(move |_: http::Uri| {
-        let (config, address, cluster) = (config.clone(), address_owned.clone(), cluster.clone());
+        let (config, address, cluster, via) = (
+            config.clone(),
+            address_owned.clone(),
+            cluster.clone(),
+            via.clone(),
+        );
         async move {
-            let tcp = tokio::net::TcpStream::connect(address.as_str()).await?;
-            let _ = tcp.set_nodelay(true);
+            let io: Box<dyn Io> = match &via {
+                None => {
+                    let tcp = tokio::net::TcpStream::connect(address.as_str()).await?;
+                    let _ = tcp.set_nodelay(true);
+                    Box::new(tcp)
+                }
+                Some(via) => {
+                    let target: std::net::SocketAddr = address.parse().map_err(|_| {
+                        format!("{address:?}: a control plane reached through a gateway is named by IP:PORT")
+                    })?;
+                    let mut last = String::from("no gateway listed");
+                    let mut opened = None;
+                    for gw in &via.gateways {
+                        match crate::tunnel::open(
+                            *gw,
+                            &via.identity,
+                            target,
+                            &via.source_cluster,
+                            via.tunnel.clone(),
+                        )
+                        .await
+                        {
+                            Ok(t) => {
+                                opened = Some(t);
+                                break;
+                            }
+                            Err(e) => last = e.to_string(),
+                        }
+                    }
+                    match opened {
+                        Some(t) => Box::new(t),
+                        None => {
+                            return Err(BoxError::from(format!(
+                                "no gateway opened a tunnel to {address}: {last}"
+                            )));
+                        }
+                    }
+                }
+            };
             let name = rustls::pki_types::ServerName::try_from("weft-control-plane")?;
             let stream = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
+                .connect(name, io)
                 .await?;
             let leaf = stream
                 .get_ref()

@@ -17,6 +17,7 @@ pub mod rbac;
 pub mod resources;
 pub mod spiffe;
 pub mod tls;
+pub mod tunnel;
 
 pub use envoy_types::pb as envoy;
 pub use spiffe::{SpiffeId, SpiffeIdError};

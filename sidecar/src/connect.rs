@@ -165,7 +165,7 @@ pub async fn mesh_handshake_via(
     let mut last = String::from("no gateway listed");
     for i in 0..n {
         let gw = via.gateways[(start + i) % n];
-        match crate::tunnel::open(
+        match weft_proto::tunnel::open(
             gw,
             &via.identity,
             addr,

@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::identity::SvidCell;
 use crate::metrics::Metrics;
 use crate::state::MeshConfig;
-use crate::tunnel;
+use weft_proto::tunnel;
 
 /// How long a caller has for its handshake and its `CONNECT`.
 pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -42,6 +42,9 @@ pub struct Gateway {
     pub max_connections: usize,
     /// A tunnel with no byte either way for this long is closed (zero: never).
     pub idle: Duration,
+    /// This cluster's control plane (its TLS port, what the gateway itself dials): peers'
+    /// control planes — and only they — may tunnel to it, so federation runs through here.
+    pub control_plane: Option<SocketAddr>,
 }
 
 /// Why a target is not forwarded to.
@@ -141,10 +144,13 @@ async fn tunnel_one(
         let caller =
             weft_proto::tls::check_peer(certs, &[]).map_err(|e| ("handshake", e.to_string()))?;
         // The caller's cluster for the metrics: its verified issuer, never what it declares.
-        let source = certs
-            .and_then(|c| c.first())
+        let leaf = certs.and_then(|c| c.first());
+        let source = leaf
             .and_then(weft_proto::tls::issuing_cluster)
             .unwrap_or_else(|| "unknown".into());
+        let peer_control_plane = leaf.is_some_and(|l| {
+            matches!(weft_proto::tls::role_of(l), weft_proto::tls::Role::ControlPlane(c) if *c != *gw.cluster)
+        });
         // Only the tunnel protocol, negotiated: a client that offered no ALPN is refused too.
         if tls.get_ref().1.alpn_protocol() != Some(weft_proto::tls::ALPN_MESH_TUNNEL) {
             return Err((
@@ -155,20 +161,21 @@ async fn tunnel_one(
         let head = tunnel::read_head(&mut tls)
             .await
             .map_err(|e| ("bad-request", e.to_string()))?;
-        Ok::<_, (&'static str, String)>((tls, caller, source, head))
+        Ok::<_, (&'static str, String)>((tls, caller, source, peer_control_plane, head))
     };
-    let (mut tls, caller, source, head) = match tokio::time::timeout(ACCEPT_TIMEOUT, accept).await {
-        Ok(Ok(got)) => got,
-        Ok(Err((result, why))) => {
-            count("unknown", "", result);
-            tracing::debug!(%peer, %why, "gateway refused a connection");
-            return;
-        }
-        Err(_) => {
-            count("unknown", "", "timeout");
-            return;
-        }
-    };
+    let (mut tls, caller, source, peer_control_plane, head) =
+        match tokio::time::timeout(ACCEPT_TIMEOUT, accept).await {
+            Ok(Ok(got)) => got,
+            Ok(Err((result, why))) => {
+                count("unknown", "", result);
+                tracing::debug!(%peer, %why, "gateway refused a connection");
+                return;
+            }
+            Err(_) => {
+                count("unknown", "", "timeout");
+                return;
+            }
+        };
     let target = match tunnel::parse_connect(&head) {
         Ok((t, _declared)) => t,
         Err(why) => {
@@ -178,7 +185,16 @@ async fn tunnel_one(
         }
     };
     let config = gw.config.load();
+    let to_control_plane = gw.control_plane == Some(target);
     let service = match exported(&config, &gw.cluster, target) {
+        _ if to_control_plane && peer_control_plane => "control-plane".to_string(),
+        _ if to_control_plane => {
+            drop(config);
+            count(&source, "control-plane", "not-a-peer-control-plane");
+            tracing::info!(%peer, %caller, "gateway: only a peer cluster's control plane may reach this control plane");
+            let _ = tunnel::answer(&mut tls, 403, "not-a-peer-control-plane").await;
+            return;
+        }
         Ok(s) => s,
         Err(why) => {
             drop(config);

@@ -33,7 +33,6 @@ pub mod resilience;
 pub mod runtime;
 pub mod state;
 pub mod telemetry;
-pub mod tunnel;
 pub mod xds;
 
 use std::net::SocketAddr;
@@ -280,6 +279,7 @@ impl Sidecar {
                     metrics: metrics.clone(),
                     max_connections: cfg.max_connections,
                     idle: cfg.idle_timeout,
+                    control_plane: (!cfg.plaintext_xds).then_some(cfg.xds_addr),
                 },
             )));
         }

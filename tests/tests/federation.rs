@@ -450,7 +450,7 @@ async fn peers_with_the_wrong_identity_root_or_version_are_refused() {
     let call = |config, cluster: &'static str, version: u32| {
         let target = east.grpc_addr.to_string();
         async move {
-            let ch = weft_control_plane::federation::import::connect(&target, "east", config)
+            let ch = weft_control_plane::federation::import::connect(&target, "east", config, None)
                 .await
                 .expect("connect");
             weft_proto::federation::federation_client::FederationClient::new(ch)

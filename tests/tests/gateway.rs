@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_proto::tls::{self, rustls};
-use weft_sidecar::tunnel::{self, TunnelError};
+use weft_proto::tunnel::{self, TunnelError};
 use weft_testkit::echo::{Echo, Identity};
 use weft_testkit::{ControlPlane, Sidecar, get_via, metric_sum, world};
 
@@ -174,6 +174,24 @@ async fn the_gateway_tunnels_to_exported_endpoints_only_and_the_caller_identity_
             assert_eq!((status, reason.as_str()), (403, "not-meshed"))
         }
         other => panic!("an unmeshed endpoint: {:?}", other.map(|_| "opened")),
+    }
+    // The control plane's port is for peer control planes only: a workload is refused.
+    match tunnel::open(
+        gw_addr,
+        GATEWAY,
+        cp.grpc_addr,
+        "east",
+        client(&cp, Some(CALLER), tls::ALPN_MESH_TUNNEL),
+    )
+    .await
+    {
+        Err(TunnelError::Refused { status, reason, .. }) => {
+            assert_eq!((status, reason.as_str()), (403, "not-a-peer-control-plane"))
+        }
+        other => panic!(
+            "a workload reached the control plane: {:?}",
+            other.map(|_| "opened")
+        ),
     }
     // No mesh certificate: no tunnel. Nor a caller that does not speak the tunnel's ALPN.
     let anonymous = tunnel::open(
@@ -409,9 +427,26 @@ async fn a_sidecar_reaches_another_networks_endpoints_through_its_gateway() {
         metric_sum(
             &page,
             "weft_gateway_connections_total",
-            &["source_cluster=\"west\"", "result=\"forwarded\""]
+            &[
+                "source_cluster=\"west\"",
+                "service=\"echo.default.svc.clusterset.local\"",
+                "result=\"forwarded\""
+            ]
         ) >= 1.0,
         "the request crossed the gateway:\n{page}"
+    );
+    // Federation itself ran through the gateway: west's control plane reached east's there.
+    assert!(
+        metric_sum(
+            &page,
+            "weft_gateway_connections_total",
+            &[
+                "source_cluster=\"west\"",
+                "service=\"control-plane\"",
+                "result=\"forwarded\""
+            ]
+        ) >= 1.0,
+        "federation did not cross the gateway:\n{page}"
     );
     // A west proxy without an identity gets a clear 503, never a plaintext try at the
     // other network's pod address.

@@ -258,8 +258,9 @@ pub async fn connect(
     address: &str,
     expected: &str,
     config: Arc<tls::rustls::ClientConfig>,
+    via: Option<weft_proto::dial::Via>,
 ) -> Result<tonic::transport::Channel, String> {
-    weft_proto::dial::control_plane(address, config, Some(expected), CONNECT_TIMEOUT)
+    weft_proto::dial::control_plane_via(address, config, Some(expected), CONNECT_TIMEOUT, via)
         .await
         .map_err(|e| weft_proto::logging::error_chain(&e))
 }
@@ -273,6 +274,9 @@ pub struct PeerSpec {
     pub address: String,
     /// Where it was configured.
     pub origin: Origin,
+    /// On another network: its gateways and the identity they prove (the link runs through
+    /// them, `address` being the peer's address inside its network).
+    pub via: Option<(Vec<std::net::SocketAddr>, String)>,
 }
 
 struct Link {
@@ -321,12 +325,24 @@ impl Link {
                     .max(Duration::from_millis(50)),
             )
         });
+        let issued = self.issued.load();
+        let via = self
+            .peer
+            .via
+            .as_ref()
+            .map(|(gateways, identity)| weft_proto::dial::Via {
+                gateways: gateways.clone(),
+                identity: identity.clone(),
+                tunnel: issued.tunnel.clone(),
+                source_cluster: self.fed.cluster.clone(),
+            });
         let channel = tokio::time::timeout(
             connect_timeout,
             connect(
                 &self.peer.address,
                 &self.peer.name,
-                self.issued.load().client.clone(),
+                issued.client.clone(),
+                via,
             ),
         )
         .await
@@ -488,6 +504,7 @@ pub fn desired(
     own: &str,
     flags: &[(String, String)],
     mesh_peers: &BTreeMap<String, String>,
+    vias: &BTreeMap<String, Arc<crate::catalog::Via>>,
 ) -> BTreeMap<String, PeerSpec> {
     let mut out = BTreeMap::new();
     for (name, address) in mesh_peers {
@@ -497,6 +514,9 @@ pub fn desired(
                 name: name.clone(),
                 address: address.clone(),
                 origin: Origin::MeshPeer,
+                via: vias
+                    .get(name)
+                    .map(|v| (v.gateways.clone(), v.identity.clone())),
             },
         );
     }
@@ -507,6 +527,7 @@ pub fn desired(
                 name: name.clone(),
                 address: address.clone(),
                 origin: Origin::Flag,
+                via: None,
             },
         );
     }
@@ -524,8 +545,11 @@ pub async fn run(fed: Arc<Federation>, issued: IssuedCell, flags: Vec<(String, S
     let mut links: JoinSet<()> = JoinSet::new();
     let mut running: HashMap<String, (PeerSpec, tokio::task::AbortHandle)> = HashMap::new();
     loop {
-        let mesh_peers = models.borrow_and_update().peers.clone();
-        let want = desired(&fed.cluster, &flags, &mesh_peers);
+        let (mesh_peers, vias) = {
+            let m = models.borrow_and_update();
+            (m.peers.clone(), m.peer_vias.clone())
+        };
+        let want = desired(&fed.cluster, &flags, &mesh_peers, &vias);
         running.retain(|name, (spec, handle)| {
             if want.get(name) == Some(spec) {
                 return true;
@@ -910,7 +934,7 @@ mod tests {
             ("west".to_string(), "10.0.0.2:15012".to_string()),
         ]
         .into();
-        let d = desired("west", &flags, &objects);
+        let d = desired("west", &flags, &objects, &BTreeMap::new());
         assert_eq!(d.keys().collect::<Vec<_>>(), ["east", "south"]);
         assert_eq!(d["east"].address, "10.0.0.1:15012");
         assert_eq!(d["east"].origin, Origin::Flag);

@@ -1,4 +1,5 @@
-//! The east-west tunnel, client side and wire format: how a sidecar reaches an endpoint in
+//! The east-west tunnel, client side and wire format (the gateway is the sidecar's
+//! `gateway` module): how a sidecar — or a control plane, for federation — reaches an endpoint in
 //! another network (pod addresses it cannot route to, or that overlap its own) through that
 //! network's gateway, without the gateway terminating the end-to-end identity.
 //!
@@ -14,10 +15,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::tls::{self, TlsError, rustls};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-use weft_proto::tls::{self, TlsError, rustls};
 
 /// The longest `CONNECT` request or answer head either side reads.
 pub const MAX_HEAD: usize = 1024;
