@@ -288,37 +288,32 @@ impl tower::Service<crate::resilience::Req> for Upstream {
             }),
             _ => None,
         };
-        // Another network is reached only inside end-to-end mTLS: its gateway carries nothing
-        // in plaintext.
-        if let (Some(_), None) = (&target.via, &tls) {
-            let msg = format!(
+        // Never plaintext where only mTLS may go: another network (its gateway carries only
+        // end-to-end mTLS), or a meshed endpoint STRICT on this port (its PeerAuthentication
+        // or its namespace) — never a downgrade.
+        let refused = match (&tls, &target.via, target.strict) {
+            (Some(_), ..) => None,
+            (None, Some(_), _) => Some(format!(
                 "weft: {} is on another network, reached through its gateway only over mTLS, and this proxy has no identity or valid certificate (or the endpoint has no sidecar)",
                 target.addr
-            );
-            return Box::pin(async move {
-                Ok(refusal(
-                    hyper::StatusCode::SERVICE_UNAVAILABLE,
-                    "no-certificate",
-                    msg,
-                    None,
+            )),
+            (None, None, true) => {
+                let why = match &self.svid {
+                    None => {
+                        "this proxy has no workload identity (started without --join-token or --token-file)"
+                    }
+                    Some(_) => {
+                        "this proxy has no valid certificate (the CA has not issued or renewed it)"
+                    }
+                };
+                Some(format!(
+                    "weft: {} requires mTLS (STRICT) and {why}: not sending it plaintext",
+                    target.addr
                 ))
-            });
-        }
-        // Never a downgrade: a meshed endpoint that is STRICT on this port (its
-        // PeerAuthentication or its namespace) gets mTLS or nothing.
-        if tls.is_none() && target.strict {
-            let why = match &self.svid {
-                None => {
-                    "this proxy has no workload identity (started without --join-token or --token-file)"
-                }
-                Some(_) => {
-                    "this proxy has no valid certificate (the CA has not issued or renewed it)"
-                }
-            };
-            let msg = format!(
-                "weft: {} requires mTLS (STRICT) and {why}: not sending it plaintext",
-                target.addr
-            );
+            }
+            (None, None, false) => None,
+        };
+        if let Some(msg) = refused {
             return Box::pin(async move {
                 Ok(refusal(
                     hyper::StatusCode::SERVICE_UNAVAILABLE,

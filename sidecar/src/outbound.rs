@@ -243,7 +243,7 @@ impl Proxy {
         let (addr, expected, config) = match (target, tls) {
             (TcpTarget::Gateway(addr, expected, via), Some((config, tunnel))) => {
                 let configs = (tunnel, config);
-                return match crate::connect::mesh_handshake_via(
+                let upstream = crate::connect::mesh_handshake_via(
                     &via,
                     addr,
                     &expected,
@@ -251,27 +251,10 @@ impl Proxy {
                     &self.cluster,
                     &self.metrics,
                 )
-                .await
-                {
-                    Ok(upstream) => {
-                        self.metrics.tcp_connection("outbound", true);
-                        tracing::debug!(%peer, %dst, endpoint = %addr, "outbound: opaque TCP over mesh mTLS through a gateway");
-                        crate::connect::splice_to(
-                            stream,
-                            upstream,
-                            peer,
-                            addr,
-                            "outbound",
-                            &self.metrics,
-                            self.idle_timeout,
-                        )
-                        .await
-                    }
-                    Err(e) => {
-                        tracing::warn!(%peer, %dst, endpoint = %addr, error = %e, "outbound: opaque TCP: no tunnel to the endpoint's network; closed");
-                        self.metrics.connection_error("outbound");
-                    }
-                };
+                .await;
+                return self
+                    .splice_mesh(stream, upstream, peer, dst, addr, "through a gateway")
+                    .await;
             }
             (TcpTarget::Mesh(addr, expected), Some((config, _))) => (addr, expected, config),
             _ if strict => {
@@ -291,10 +274,28 @@ impl Proxy {
                 .await;
             }
         };
-        match crate::connect::mesh_handshake(addr, &expected, config, &self.metrics).await {
+        let upstream = crate::connect::mesh_handshake(addr, &expected, config, &self.metrics).await;
+        self.splice_mesh(stream, upstream, peer, dst, addr, "direct")
+            .await
+    }
+
+    /// Copies opaque TCP between the application and its endpoint once mesh mTLS to it is up
+    /// (`how`: directly or through a gateway), or closes it when that failed.
+    async fn splice_mesh<U>(
+        &self,
+        stream: TcpStream,
+        upstream: Result<U, crate::pool::MeshConnectError>,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        addr: SocketAddr,
+        how: &'static str,
+    ) where
+        U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        match upstream {
             Ok(upstream) => {
                 self.metrics.tcp_connection("outbound", true);
-                tracing::debug!(%peer, %dst, endpoint = %addr, "outbound: opaque TCP over mesh mTLS");
+                tracing::debug!(%peer, %dst, endpoint = %addr, how, "outbound: opaque TCP over mesh mTLS");
                 crate::connect::splice_to(
                     stream,
                     upstream,
@@ -307,7 +308,7 @@ impl Proxy {
                 .await
             }
             Err(e) => {
-                tracing::warn!(%peer, %dst, endpoint = %addr, error = %e, "outbound: opaque TCP: no mesh mTLS connection; closed");
+                tracing::warn!(%peer, %dst, endpoint = %addr, how, error = %e, "outbound: opaque TCP: no mesh mTLS connection; closed");
                 self.metrics.connection_error("outbound");
             }
         }

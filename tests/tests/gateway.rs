@@ -36,6 +36,52 @@ fn client(
     tls::client_config(svid.as_ref(), roots, &[alpn]).expect("config")
 }
 
+/// In cluster `cluster` of `cp`: the echo app (127.0.<net>.10) behind its sidecar, whose
+/// inbound is the world's endpoint `echo_ep`, and a gateway at 127.0.<net>.5 (identity
+/// `default/weft-gateway`), both joined with join tokens.
+async fn echo_behind_a_gateway(
+    cp: &ControlPlane,
+    bundles: &std::path::Path,
+    echo_ep: SocketAddr,
+    cluster: &str,
+    net: u8,
+) -> (Echo, Sidecar, Sidecar) {
+    std::fs::create_dir_all(bundles).expect("bundles");
+    let app = Echo::start(
+        SocketAddr::from(([127, 0, net, 10], 0)),
+        Identity {
+            name: format!("{cluster}-pod"),
+            cluster: cluster.into(),
+            zone: String::new(),
+        },
+    )
+    .await
+    .expect("echo");
+    let mut scfg = weft_testkit::mesh_sidecar_config(cp, bundles, echo_ep.ip(), "echo-0", "echo")
+        .await
+        .expect("server config");
+    scfg.cluster = cluster.into();
+    scfg.inbound_addr = echo_ep;
+    scfg.app_addr = Some(app.addr);
+    let server = Sidecar::start(scfg).await.expect("server sidecar");
+    let gw_ip = std::net::IpAddr::from([127, 0, net, 5]);
+    let mut gcfg = weft_testkit::mesh_sidecar_config(
+        cp,
+        bundles,
+        gw_ip,
+        &format!("{cluster}-gateway"),
+        "weft-gateway",
+    )
+    .await
+    .expect("gateway config");
+    gcfg.cluster = cluster.into();
+    gcfg.gateway_addr = Some(SocketAddr::new(gw_ip, 0));
+    let gw = Sidecar::start(gcfg).await.expect("gateway");
+    weft_testkit::wait_ready(&server, Duration::from_secs(15)).await;
+    weft_testkit::wait_ready(&gw, Duration::from_secs(15)).await;
+    (app, server, gw)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_tunnels_to_exported_endpoints_only_and_the_caller_identity_reaches_the_app() {
     let echo_ep: SocketAddr = "127.0.8.2:15006".parse().expect("addr");
@@ -68,36 +114,7 @@ async fn the_gateway_tunnels_to_exported_endpoints_only_and_the_caller_identity_
         .await
         .expect("control plane");
     let bundles = dir.path().join("bundles");
-    std::fs::create_dir_all(&bundles).expect("bundles");
-    let app = Echo::start(
-        "127.0.8.10:0".parse().expect("addr"),
-        Identity {
-            name: "echo-0".into(),
-            cluster: "cluster-1".into(),
-            zone: String::new(),
-        },
-    )
-    .await
-    .expect("echo");
-    let mut scfg = weft_testkit::mesh_sidecar_config(&cp, &bundles, echo_ep.ip(), "echo-0", "echo")
-        .await
-        .expect("server config");
-    scfg.inbound_addr = echo_ep;
-    scfg.app_addr = Some(app.addr);
-    let server = Sidecar::start(scfg).await.expect("server sidecar");
-    let mut gcfg = weft_testkit::mesh_sidecar_config(
-        &cp,
-        &bundles,
-        "127.0.8.5".parse().expect("ip"),
-        "gateway",
-        "weft-gateway",
-    )
-    .await
-    .expect("gateway config");
-    gcfg.gateway_addr = Some("127.0.8.5:0".parse().expect("addr"));
-    let gw = Sidecar::start(gcfg).await.expect("gateway");
-    weft_testkit::wait_ready(&server, Duration::from_secs(15)).await;
-    weft_testkit::wait_ready(&gw, Duration::from_secs(15)).await;
+    let (app, server, gw) = echo_behind_a_gateway(&cp, &bundles, echo_ep, "cluster-1", 8).await;
     let gw_addr = gw.gateway_addr.expect("gateway bound");
 
     // Through the tunnel, the caller's own mTLS with the endpoint's sidecar: the endpoint
@@ -130,7 +147,7 @@ async fn the_gateway_tunnels_to_exported_endpoints_only_and_the_caller_identity_
         .expect("an answer within 5 s")
         .expect("read");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(answer.contains("echo-0"), "{answer}");
+    assert!(answer.contains("cluster-1-pod"), "{answer}");
     let seen = app
         .behavior
         .last_client_identity
@@ -318,37 +335,7 @@ async fn a_sidecar_reaches_another_networks_endpoints_through_its_gateway() {
         .await
         .expect("east");
     let bundles = base.path().join("bundles");
-    std::fs::create_dir_all(&bundles).expect("bundles");
-    let app = Echo::start(
-        "127.0.9.10:0".parse().expect("addr"),
-        Identity {
-            name: "east-pod".into(),
-            cluster: "east".into(),
-            zone: String::new(),
-        },
-    )
-    .await
-    .expect("echo");
-    let mut scfg =
-        weft_testkit::mesh_sidecar_config(&east, &bundles, echo_ep.ip(), "echo-0", "echo")
-            .await
-            .expect("server config");
-    scfg.cluster = "east".into();
-    scfg.inbound_addr = echo_ep;
-    scfg.app_addr = Some(app.addr);
-    let server = Sidecar::start(scfg).await.expect("server sidecar");
-    let mut gcfg = weft_testkit::mesh_sidecar_config(
-        &east,
-        &bundles,
-        "127.0.9.5".parse().expect("ip"),
-        "east-gateway",
-        "weft-gateway",
-    )
-    .await
-    .expect("gateway config");
-    gcfg.cluster = "east".into();
-    gcfg.gateway_addr = Some("127.0.9.5:0".parse().expect("addr"));
-    let gw = Sidecar::start(gcfg).await.expect("gateway");
+    let (app, _server, gw) = echo_behind_a_gateway(&east, &bundles, echo_ep, "east", 9).await;
     let gw_addr = gw.gateway_addr.expect("gateway bound");
 
     let peer = |name: &str, address: &str, extra: &str| {
@@ -391,8 +378,6 @@ async fn a_sidecar_reaches_another_networks_endpoints_through_its_gateway() {
     .expect("client config");
     ccfg.cluster = "west".into();
     let client = Sidecar::start(ccfg).await.expect("client");
-    weft_testkit::wait_ready(&server, patience).await;
-    weft_testkit::wait_ready(&gw, patience).await;
     weft_testkit::wait_ready(&client, patience).await;
 
     let body = weft_testkit::until_ok("east's echo through the gateway", patience, || async {
