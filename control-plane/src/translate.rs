@@ -863,7 +863,11 @@ pub(crate) mod tests {
 
     /// The model of a world of objects (cluster `c1`); every object must be valid.
     pub(crate) fn model(docs: Vec<serde_json::Value>) -> Arc<Model> {
-        let cat = Catalog::new("c1", "cluster.local");
+        model_in(&Catalog::new("c1", "cluster.local"), docs)
+    }
+
+    /// [`model`] through `cat` (configured by the caller).
+    fn model_in(cat: &Catalog, docs: Vec<serde_json::Value>) -> Arc<Model> {
         cat.apply(SourceUpdate {
             upserts: docs
                 .into_iter()
@@ -1235,19 +1239,7 @@ pub(crate) mod tests {
             json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
             "metadata": {"name": "echo"}}),
         ];
-        cat.apply(SourceUpdate {
-            upserts: docs
-                .into_iter()
-                .map(|d| {
-                    (
-                        Arc::new(parse_object(d).expect("valid").expect("known")),
-                        "t.yaml".into(),
-                    )
-                })
-                .collect(),
-            ..Default::default()
-        });
-        let m = cat.current();
+        let m = model_in(&cat, docs);
         let echo = &m.services[&ServiceKey::new("default", "echo")];
         let vip = echo.clusterset_vip.expect("a VIP for the exported service");
         assert!(vip.to_string().starts_with("198.19.250."), "{vip}");

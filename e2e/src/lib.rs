@@ -185,6 +185,44 @@ pub mod lab {
             ok(&["ip", "-n", name, "link", "set", "lo", "up"]);
         }
 
+        /// Joins namespaces `a` and `b` with a veth pair (`dev_a` in `a` at `cidr_a`, `dev_b`
+        /// in `b` at `cidr_b`), both ends up.
+        pub fn veth(
+            &mut self,
+            (a, dev_a, cidr_a): (&str, &str, &str),
+            (b, dev_b, cidr_b): (&str, &str, &str),
+        ) {
+            ok(&[
+                "ip", "link", "add", dev_a, "type", "veth", "peer", "name", dev_b,
+            ]);
+            for (ns, dev, cidr) in [(a, dev_a, cidr_a), (b, dev_b, cidr_b)] {
+                ok(&["ip", "link", "set", dev, "netns", ns]);
+                ok(&["ip", "-n", ns, "addr", "add", cidr, "dev", dev]);
+                ok(&["ip", "-n", ns, "link", "set", dev, "up"]);
+            }
+        }
+
+        /// Serves `dir` over HTTP at `bind:port` in namespace `ns` (Python's http.server), as
+        /// process `name`.
+        pub fn web(&mut self, name: &str, ns: &str, bind: &str, port: u16, dir: &Path) {
+            let (port, dir) = (port.to_string(), dir.to_string_lossy().into_owned());
+            self.spawn(
+                name,
+                ns,
+                &[
+                    "python3",
+                    "-m",
+                    "http.server",
+                    &port,
+                    "--bind",
+                    bind,
+                    "--directory",
+                    &dir,
+                ],
+                None,
+            );
+        }
+
         /// Gives processes run in namespace `ns` (through `ip netns exec`) this resolv.conf,
         /// as a pod's is: `/etc/netns/<ns>/resolv.conf`, removed on drop.
         pub fn resolv_conf(&mut self, ns: &str, text: &str) {

@@ -31,15 +31,7 @@ fn an_unmodified_client_resolves_clusterset_names_through_the_mesh_dns() {
     let mut lab = Lab::default();
     lab.namespace(&cli);
     lab.namespace(&srv);
-    ok(&[
-        "ip", "link", "add", &va, "type", "veth", "peer", "name", &vb,
-    ]);
-    ok(&["ip", "link", "set", &va, "netns", &cli]);
-    ok(&["ip", "link", "set", &vb, "netns", &srv]);
-    ok(&["ip", "-n", &cli, "addr", "add", "198.18.3.1/24", "dev", &va]);
-    ok(&["ip", "-n", &srv, "addr", "add", "198.18.3.2/24", "dev", &vb]);
-    ok(&["ip", "-n", &cli, "link", "set", &va, "up"]);
-    ok(&["ip", "-n", &srv, "link", "set", &vb, "up"]);
+    lab.veth((&cli, &va, "198.18.3.1/24"), (&srv, &vb, "198.18.3.2/24"));
     // Clusterset VIPs route somewhere, as a pod's default route makes them (no host has one:
     // the interception rules redirect every connection to them).
     ok(&[
@@ -56,22 +48,7 @@ fn an_unmodified_client_resolves_clusterset_names_through_the_mesh_dns() {
 
     let web = tempfile::tempdir().expect("tempdir");
     std::fs::write(web.path().join("index.html"), "srv-pod\n").expect("write");
-    let web_dir = web.path().to_string_lossy().into_owned();
-    lab.spawn(
-        "web",
-        &srv,
-        &[
-            "python3",
-            "-m",
-            "http.server",
-            "8080",
-            "--bind",
-            "198.18.3.2",
-            "--directory",
-            &web_dir,
-        ],
-        None,
-    );
+    lab.web("web", &srv, "198.18.3.2", 8080, web.path());
     let logs = tempfile::tempdir().expect("tempdir");
     let resolver_log = logs.path().join("resolver.log");
     let resolver = concat!(env!("CARGO_MANIFEST_DIR"), "/dns/resolver.py");

@@ -468,31 +468,35 @@ mod tests {
         }
     }
 
-    #[test]
-    fn dns_is_redirected_only_when_asked_and_never_the_proxys_own() {
-        let plain: Vec<String> = install_rules(&cfg())
+    /// `cfg`'s IPv4 rules as command lines.
+    fn lines(cfg: &InitConfig) -> Vec<String> {
+        install_rules(cfg)
             .expect("valid")
             .iter()
             .map(|r| r.join(" "))
-            .collect();
+            .collect()
+    }
+
+    /// The index of the first of `rules` containing `needle`.
+    fn pos(rules: &[String], needle: &str) -> usize {
+        rules
+            .iter()
+            .position(|r| r.contains(needle))
+            .unwrap_or_else(|| panic!("{needle} missing from {rules:#?}"))
+    }
+
+    #[test]
+    fn dns_is_redirected_only_when_asked_and_never_the_proxys_own() {
+        let plain = lines(&cfg());
         assert!(
             !plain.iter().any(|r| r.contains("--dport 53")),
             "{plain:#?}"
         );
-        let rules: Vec<String> = install_rules(&InitConfig {
+        let rules = lines(&InitConfig {
             redirect_dns_port: Some(15053),
             ..cfg()
-        })
-        .expect("valid")
-        .iter()
-        .map(|r| r.join(" "))
-        .collect();
-        let pos = |needle: &str| {
-            rules
-                .iter()
-                .position(|r| r.contains(needle))
-                .unwrap_or_else(|| panic!("{needle} missing from {rules:#?}"))
-        };
+        });
+        let pos = |needle: &str| pos(&rules, needle);
         let own = pos("--uid-owner 1337 -j RETURN");
         for proto in ["udp", "tcp"] {
             let r = pos(&format!(
@@ -518,17 +522,8 @@ mod tests {
 
     #[test]
     fn rules_skip_proxy_loopback_and_exclusions_before_redirecting() {
-        let rules: Vec<String> = install_rules(&cfg())
-            .expect("valid")
-            .iter()
-            .map(|r| r.join(" "))
-            .collect();
-        let pos = |needle: &str| {
-            rules
-                .iter()
-                .position(|r| r.contains(needle))
-                .unwrap_or_else(|| panic!("{needle} missing from {rules:#?}"))
-        };
+        let rules = lines(&cfg());
+        let pos = |needle: &str| pos(&rules, needle);
         let redirect_out = pos("WEFT_OUTPUT -p tcp -j REDIRECT --to-ports 15001");
         for skip in [
             "--uid-owner 1337 -j RETURN",

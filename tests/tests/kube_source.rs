@@ -58,21 +58,23 @@ fn lock(m: &Shared) -> std::sync::MutexGuard<'_, Mock> {
     }
 }
 
+/// An object's (namespace, name).
+fn key_of(obj: &Value) -> (String, String) {
+    let field = |f: &str| obj["metadata"][f].as_str().unwrap_or_default().to_string();
+    (field("namespace"), field("name"))
+}
+
 impl Mock {
-    fn add(&mut self, path: &str, kind: &str, obj: Value) {
+    /// Stamps `obj` with the next resourceVersion.
+    fn versioned(&mut self, mut obj: Value) -> Value {
         self.version += 1;
-        let mut obj = obj;
         obj["metadata"]["resourceVersion"] = json!(self.version.to_string());
-        let key = (
-            obj["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-            obj["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        );
+        obj
+    }
+
+    fn add(&mut self, path: &str, kind: &str, obj: Value) {
+        let obj = self.versioned(obj);
+        let key = key_of(&obj);
         let c = self
             .collections
             .entry(path.to_string())
@@ -92,19 +94,8 @@ impl Mock {
 
     /// Replaces an object without telling open watches (what a watch that was down missed).
     fn change_unseen(&mut self, path: &str, obj: Value) {
-        self.version += 1;
-        let mut obj = obj;
-        obj["metadata"]["resourceVersion"] = json!(self.version.to_string());
-        let key = (
-            obj["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-            obj["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        );
+        let obj = self.versioned(obj);
+        let key = key_of(&obj);
         if let Some(c) = self.collections.get_mut(path) {
             c.objects.insert(key, obj);
         }
