@@ -36,9 +36,6 @@ pub const MAX_MESSAGE: usize = 4096;
 const MAX_UPSTREAM_ANSWER: usize = 65_535;
 /// A DNS header's size: anything shorter is not a query and is dropped, never forwarded.
 const HEADER_LEN: usize = 12;
-/// The zone whose every name the mesh DNS answers itself: a clusterset name it does not hold
-/// does not exist (MCS), and is never asked of the upstream.
-const CLUSTERSET_ZONE: &str = "svc.clusterset.local";
 /// Queries one TCP connection may carry, and how long it may stay idle.
 const TCP_QUERIES: usize = 64;
 const TCP_IDLE: Duration = Duration::from_secs(10);
@@ -60,8 +57,6 @@ pub enum Outcome {
     /// A mesh name without an address of the asked family, or asked for another type: empty
     /// NOERROR.
     NoData,
-    /// A clusterset name the proxy does not hold: NXDOMAIN.
-    NxDomain,
     /// Forwarded and relayed.
     Forwarded,
     /// Over the rate or the in-flight bound: REFUSED.
@@ -78,7 +73,6 @@ impl Outcome {
         match self {
             Outcome::Mesh => "mesh",
             Outcome::NoData => "nodata",
-            Outcome::NxDomain => "nxdomain",
             Outcome::Forwarded => "forwarded",
             Outcome::Limited => "limited",
             Outcome::Failed => "failed",
@@ -126,12 +120,9 @@ pub fn resolve(query: &[u8], table: &DnsTable) -> Option<Reply> {
     let qtype = question.query_type();
     let name = question.name().to_ascii();
     let key = name.trim_end_matches('.').to_ascii_lowercase();
+    // A name the proxy does not hold — a clusterset name not yet synced or not exported
+    // included — is the original resolver's to answer, as before the mesh.
     let Some(addrs) = table.get(&key) else {
-        // The clusterset zone is the mesh's: what it does not hold does not exist.
-        if key == CLUSTERSET_ZONE || key.ends_with(&format!(".{CLUSTERSET_ZONE}")) {
-            return error_reply(query, ResponseCode::NXDomain)
-                .map(|b| Reply::Answer(b, Outcome::NxDomain));
-        }
         return Some(Reply::Forward);
     };
     // A mesh name is answered here whatever the type (SRV, HTTPS, TXT get an empty answer):
@@ -555,7 +546,7 @@ mod tests {
     }
 
     #[test]
-    fn a_mesh_name_is_never_forwarded_and_an_unknown_clusterset_name_does_not_exist() {
+    fn a_mesh_name_is_never_forwarded_and_names_it_does_not_hold_are() {
         let t = table();
         let (ips, outcome, m) = decoded(resolve(
             &query("echo.default.svc.clusterset.local.", RecordType::AAAA),
@@ -571,13 +562,8 @@ mod tests {
             assert!(ips.is_empty());
             assert_eq!(outcome, Outcome::NoData, "{ty}");
         }
-        let (_, outcome, m) = decoded(resolve(
-            &query("unknown.default.svc.clusterset.local.", RecordType::A),
-            &t,
-        ));
-        assert_eq!(outcome, Outcome::NxDomain);
-        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
         for (name, ty) in [
+            ("unknown.default.svc.clusterset.local.", RecordType::A),
             ("example.com.", RecordType::A),
             ("db.default.svc.cluster.local.", RecordType::A),
             ("echo.", RecordType::A),
