@@ -340,6 +340,16 @@ pub fn inject(pod: &Pod, cfg: &InjectConfig) -> Result<Outcome, InjectError> {
     exclude_in.extend(ports(&annotations, keys::EXCLUDE_INBOUND_PORTS)?);
     let exclude_out = ports(&annotations, keys::EXCLUDE_OUTBOUND_PORTS)?;
     let exclude_cidrs = cidrs(&annotations, keys::EXCLUDE_OUTBOUND_CIDRS)?;
+    let dns_capture = match annotations.get(keys::DNS_CAPTURE).map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(annotation_err(
+                keys::DNS_CAPTURE,
+                format!("{other:?}: expected \"true\" or \"false\""),
+            ));
+        }
+    };
 
     let mut out = pod.clone();
     let spec = out.spec.get_or_insert_with(Default::default);
@@ -374,6 +384,9 @@ pub fn inject(pod: &Pod, cfg: &InjectConfig) -> Result<Outcome, InjectError> {
     if !exclude_cidrs.is_empty() {
         init_args.extend(["--exclude-outbound-cidrs".into(), join(&exclude_cidrs)]);
     }
+    if dns_capture {
+        init_args.extend(["--redirect-dns-port".into(), keys::DNS_PORT.to_string()]);
+    }
     let init = Container {
         name: INIT_CONTAINER.into(),
         image: Some(cfg.image.clone()),
@@ -403,7 +416,7 @@ pub fn inject(pod: &Pod, cfg: &InjectConfig) -> Result<Outcome, InjectError> {
         ..Default::default()
     };
 
-    let run_args = vec![
+    let mut run_args = vec![
         "run".to_string(),
         "--xds-addr".into(),
         cfg.xds_addr.clone(),
@@ -412,6 +425,9 @@ pub fn inject(pod: &Pod, cfg: &InjectConfig) -> Result<Outcome, InjectError> {
         "--health-addr".into(),
         format!("0.0.0.0:{HEALTH_PORT}"),
     ];
+    if dns_capture {
+        run_args.extend(["--dns-addr".into(), format!("127.0.0.1:{}", keys::DNS_PORT)]);
+    }
     let probes_json = serde_json::to_string(&probes).map_err(|e| InjectError {
         field: "spec.containers[].*Probe".into(),
         message: format!("cannot encode the probes: {e}"),

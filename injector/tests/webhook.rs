@@ -454,6 +454,43 @@ async fn opt_out_classic_mode_refusals_and_malformed_reviews() {
         .expect("proxy");
     assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
 
+    // DNS capture by annotation: init redirects port 53 to the mesh DNS the proxy serves.
+    let dns = |value: Option<&str>| {
+        let mut pod = fixture_pod();
+        if let Some(v) = value {
+            pod["metadata"]["annotations"]["weft.dev/dns-capture"] = json!(v);
+        }
+        pod
+    };
+    for (value, on) in [(None, false), (Some("false"), false), (Some("true"), true)] {
+        let pod = dns(value);
+        let resp = srv.admit(&pod).await;
+        let injected = apply(&pod, &resp).expect("patch");
+        let inits = injected
+            .spec
+            .and_then(|s| s.init_containers)
+            .unwrap_or_default();
+        let of = |name: &str| inits.iter().find(|c| c.name == name).expect("container");
+        assert_eq!(
+            arg_after(of(INIT_CONTAINER), "--redirect-dns-port").as_deref(),
+            on.then_some("15053"),
+            "{value:?}"
+        );
+        assert_eq!(
+            arg_after(of(PROXY_CONTAINER), "--dns-addr").as_deref(),
+            on.then_some("127.0.0.1:15053"),
+            "{value:?}"
+        );
+    }
+    let resp = srv.admit(&dns(Some("yes"))).await;
+    assert_eq!(resp["allowed"], false, "{resp}");
+    assert!(
+        resp["status"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("weft.dev/dns-capture") && m.contains("\"yes\"")),
+        "{resp}"
+    );
+
     // A malformed Weft annotation: denied, naming it.
     let mut bad = fixture_pod();
     bad["metadata"]["annotations"]["weft.dev/exclude-inbound-ports"] = json!("80,http");

@@ -11,6 +11,9 @@ pub const EXCLUDE_INBOUND_PORTS: &str = "weft.dev/exclude-inbound-ports";
 pub const EXCLUDE_OUTBOUND_PORTS: &str = "weft.dev/exclude-outbound-ports";
 /// Pod annotation: comma-separated outbound CIDRs not intercepted.
 pub const EXCLUDE_OUTBOUND_CIDRS: &str = "weft.dev/exclude-outbound-cidrs";
+/// Pod annotation: `"true"` sends the pod's DNS through its sidecar's mesh DNS (clusterset
+/// names resolve); `"false"` (the default) leaves it alone.
+pub const DNS_CAPTURE: &str = "weft.dev/dns-capture";
 /// Pod annotation set by the injector on pods it has patched.
 pub const INJECTED_ANNOTATION: &str = "weft.dev/injected";
 
@@ -85,6 +88,8 @@ pub const INBOUND_PORT: u16 = 15006;
 pub const ADMIN_PORT: u16 = 15000;
 /// The sidecar's health port for kubelet probes.
 pub const HEALTH_PORT: u16 = 15021;
+/// Port of the sidecar's mesh DNS (UDP and TCP, on 127.0.0.1) in injected pods.
+pub const DNS_PORT: u16 = 15053;
 /// Audience of the projected service-account token a sidecar proves its identity with (what
 /// the injector projects and the control plane's TokenReview asks for by default).
 pub const TOKEN_AUDIENCE: &str = "weft";
