@@ -269,6 +269,9 @@ pub struct ServiceModel {
     /// The clusterset name's virtual IP (see [`crate::vip`]), when it has that name and a range
     /// is configured: what the mesh DNS answers for it and its clusterset virtual host takes.
     pub clusterset_vip: Option<IpAddr>,
+    /// The Service object's `metadata.creationTimestamp`, seconds (none for a file without
+    /// one, or a service only peers export): older names keep their VIP on a collision.
+    pub created_unix: Option<i64>,
     /// Its namespace's mTLS mode.
     pub mtls_mode: crate::objects::MtlsMode,
     /// A Service object exists in this cluster; false for a service only peers export, which
@@ -669,6 +672,11 @@ fn build(
                         .as_deref()
                         .and_then(|ip| ip.parse::<IpAddr>().ok()),
                     clusterset_vip: None,
+                    created_unix: svc
+                        .metadata
+                        .creation_timestamp
+                        .as_ref()
+                        .map(|t| t.0.as_second()),
                     mtls_mode: policies.namespace_mode(&key_ns).mode,
                     local: true,
                 },
@@ -938,7 +946,7 @@ fn build(
             services
                 .values()
                 .filter(|s| s.has_clusterset_name(&prev.cluster))
-                .map(|s| &s.key),
+                .map(|s| (&s.key, s.created_unix)),
         );
         for s in services.values_mut() {
             s.clusterset_vip = vips.get(&s.key).copied();
@@ -1075,6 +1083,7 @@ fn merge_imports(
                 selector: BTreeMap::new(),
                 cluster_ip: None,
                 clusterset_vip: None,
+                created_unix: None,
                 mtls_mode: policies.namespace_mode(&key.namespace).mode,
                 local: false,
             });

@@ -2,12 +2,13 @@
 //! `<svc>.<ns>.svc.clusterset.local` name, from a configured range, that the mesh DNS answers
 //! and the outbound listener recognises (the clusterset virtual host answers to `vip:port`).
 //!
-//! Allocation is a pure function of the set of clusterset names, so every replica and every
-//! restart gives the same answer without shared state: a name's address is the hash of the
-//! name into the range, and a name whose slot is taken by a name earlier in name order probes
-//! the next free slot. A new name can therefore move an existing one only when it hashes to
-//! exactly that one's slot and sorts before it (with 1 000 names in the default /12, one new
-//! name in about 2 000); addresses never collide.
+//! Allocation is a pure function of the set of clusterset names and their Services' creation
+//! times, so every replica and every restart gives the same answer without shared state: a
+//! name's address is the hash of the name into the range, and a name whose slot is taken by an
+//! older one (by `creationTimestamp`, then by name; names without one after those with one)
+//! probes the next free slot. A new Service therefore never moves an existing one's VIP —
+//! whatever name it picks — except a name without a creation time (the file source, a service
+//! only peers export), which yields to one that sorts before it; addresses never collide.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -101,19 +102,20 @@ impl VipRange {
         }
     }
 
-    /// The address of each of `names` (every one gets one while the range has room; the
-    /// names past that, in name order, get none).
+    /// The address of each of `names` with its Service's creation time (every one gets one
+    /// while the range has room; the youngest past that get none).
     pub fn allocate<'a>(
         &self,
-        names: impl IntoIterator<Item = &'a ServiceKey>,
+        names: impl IntoIterator<Item = (&'a ServiceKey, Option<i64>)>,
     ) -> BTreeMap<ServiceKey, IpAddr> {
-        let mut names: Vec<&ServiceKey> = names.into_iter().collect();
-        names.sort();
-        names.dedup();
+        let mut names: Vec<(&ServiceKey, Option<i64>)> = names.into_iter().collect();
+        // Oldest first; without a creation time after every one with it; then by name.
+        names.sort_by_key(|(k, created)| (created.is_none(), *created, *k));
+        names.dedup_by_key(|(k, _)| *k);
         let slots = self.slots();
         let mut taken: HashSet<u32> = HashSet::with_capacity(names.len());
         let mut out = BTreeMap::new();
-        for key in names {
+        for (key, _) in names {
             if taken.len() as u64 >= u64::from(slots) {
                 break;
             }
@@ -175,7 +177,7 @@ mod tests {
     fn every_name_gets_a_distinct_address_in_the_range_and_the_same_one_every_time() {
         let r: VipRange = "198.19.250.0/24".parse().expect("range");
         let ks = keys(200);
-        let a = r.allocate(&ks);
+        let a = r.allocate(ks.iter().map(|k| (k, None)));
         assert_eq!(a.len(), 200);
         let distinct: HashSet<_> = a.values().collect();
         assert_eq!(distinct.len(), 200, "no two names share an address");
@@ -187,23 +189,44 @@ mod tests {
         // Another order, the same answer (every replica, every restart).
         let mut rev = ks.clone();
         rev.reverse();
-        assert_eq!(r.allocate(&rev), a);
+        assert_eq!(r.allocate(rev.iter().map(|k| (k, None))), a);
     }
 
     #[test]
     fn adding_names_moves_almost_none_of_the_existing_ones() {
         let r: VipRange = DEFAULT_RANGE.parse().expect("range");
         let ks = keys(1000);
-        let before = r.allocate(&ks[..900]);
-        let after = r.allocate(&ks);
+        let before = r.allocate(ks[..900].iter().map(|k| (k, None)));
+        let after = r.allocate(ks.iter().map(|k| (k, None)));
         let moved = before.iter().filter(|(k, ip)| after[*k] != **ip).count();
         assert!(moved <= 2, "{moved} of 900 moved");
+    }
+
+    /// An attacker who finds a name hashing to a victim's slot, and sorting before it, cannot
+    /// take the victim's VIP by creating that Service: the older Service keeps it.
+    #[test]
+    fn a_new_service_never_takes_an_older_ones_vip() {
+        let r: VipRange = "198.19.250.0/28".parse().expect("range");
+        let victim = ServiceKey::new("shop", "payments");
+        let mine = r.allocate([(&victim, Some(1_000))])[&victim];
+        // A colliding name that sorts first: search the (small) range for one.
+        let attacker = (0..10_000)
+            .map(|i| ServiceKey::new("aaa", format!("x{i}")))
+            .find(|k| r.allocate([(k, None)])[k] == mine && *k < victim)
+            .expect("a colliding name");
+        let both = r.allocate([(&victim, Some(1_000)), (&attacker, Some(2_000))]);
+        assert_eq!(both[&victim], mine, "the older Service keeps its VIP");
+        assert_ne!(both[&attacker], mine);
+        // Without creation times (the file source) name order decides, as documented.
+        let untimed = r.allocate([(&victim, None), (&attacker, None)]);
+        assert_eq!(untimed[&attacker], mine);
     }
 
     #[test]
     fn a_full_range_gives_no_address_to_the_names_past_it() {
         let r: VipRange = "198.19.250.0/30".parse().expect("range");
-        let a = r.allocate(&keys(5));
+        let ks = keys(5);
+        let a = r.allocate(ks.iter().map(|k| (k, None)));
         assert_eq!(a.len(), 2, "{a:?}");
     }
 }
