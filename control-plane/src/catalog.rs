@@ -789,7 +789,16 @@ fn build(
         match &**obj {
             Object::ServiceExport(e) => {
                 match services.get_mut(&ServiceKey::new(&e.namespace, &e.name)) {
-                    Some(s) => s.exported = true,
+                    Some(s) => {
+                        s.exported = true;
+                        // Its clusterset name (and VIP) dates from the later of the Service
+                        // and its export: an old Service exported now is new to the VIPs.
+                        s.created_unix = match (s.created_unix, e.spec) {
+                            (Some(a), Some(b)) => Some(a.max(b)),
+                            (_, None) => None,
+                            (None, b) => b,
+                        };
+                    }
                     None => errors.push(SourceError {
                         file: file.clone(),
                         object: key.to_string(),
@@ -1451,6 +1460,33 @@ mod tests {
             world(r#"{"address": "198.19.0.20:15012"}"#),
             [("west".to_string(), None)],
             "on one network the same address is the same endpoint"
+        );
+    }
+
+    /// A Service's clusterset name dates from the later of the Service and its export: an old
+    /// Service kept unexported to squat a slot is new when it is exported.
+    #[test]
+    fn a_clusterset_name_is_as_old_as_its_export() {
+        let cat = Catalog::new("c1", "cluster.local");
+        cat.apply(SourceUpdate {
+            upserts: vec![
+                obj(json!({"apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": "echo", "creationTimestamp": "2026-01-01T00:00:00Z"},
+                    "spec": {"ports": [{"name": "http", "port": 80}]}})),
+                obj(
+                    json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+                    "metadata": {"name": "echo", "creationTimestamp": "2026-06-01T00:00:00Z"}}),
+                ),
+            ],
+            ..Default::default()
+        });
+        let exported = "2026-06-01T00:00:00Z"
+            .parse::<k8s_openapi::jiff::Timestamp>()
+            .expect("time")
+            .as_second();
+        assert_eq!(
+            cat.current().services[&ServiceKey::new("default", "echo")].created_unix,
+            Some(exported)
         );
     }
 

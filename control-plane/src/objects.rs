@@ -67,7 +67,9 @@ pub enum Object {
     /// Gateway API `gateway.networking.k8s.io/v1 HTTPRoute` (GAMMA: parentRef a Service).
     HttpRoute(Box<Named<HttpRouteSpec>>),
     /// MCS `multicluster.x-k8s.io/v1alpha1 ServiceExport`.
-    ServiceExport(Named<()>),
+    /// A ServiceExport; its spec is its `metadata.creationTimestamp` in seconds (when the
+    /// Service got its clusterset name: what orders clusterset VIP collisions).
+    ServiceExport(Named<Option<i64>>),
     /// Weft's own `weft.dev/v1alpha1 TrafficPolicy`.
     TrafficPolicy(Box<Named<TrafficPolicySpec>>),
     /// Weft's own `weft.dev/v1alpha1 Rollout`: progressive delivery of a TrafficSplit's canary.
@@ -849,12 +851,18 @@ pub fn parse_object(doc: serde_json::Value) -> Result<Option<Object>, ObjectErro
         ("gateway.networking.k8s.io", "HTTPRoute") => {
             Object::HttpRoute(Box::new(named(doc, &label, namespace, name)?))
         }
-        ("multicluster.x-k8s.io", "ServiceExport") => Object::ServiceExport(Named {
-            namespace,
-            name,
-            spec: (),
-            status: None,
-        }),
+        ("multicluster.x-k8s.io", "ServiceExport") => {
+            let created = doc["metadata"]["creationTimestamp"]
+                .as_str()
+                .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+                .map(|t| t.as_second());
+            Object::ServiceExport(Named {
+                namespace,
+                name,
+                spec: created,
+                status: None,
+            })
+        }
         ("weft.dev", "TrafficPolicy") => {
             Object::TrafficPolicy(Box::new(named(doc, &label, namespace, name)?))
         }
