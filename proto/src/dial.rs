@@ -70,33 +70,17 @@ pub async fn control_plane_via(
                     let target: std::net::SocketAddr = address.parse().map_err(|_| {
                         format!("{address:?}: a control plane reached through a gateway is named by IP:PORT")
                     })?;
-                    let mut last = String::from("no gateway listed");
-                    let mut opened = None;
-                    for gw in &via.gateways {
-                        match crate::tunnel::open(
-                            *gw,
-                            &via.identity,
-                            target,
-                            &via.source_cluster,
-                            via.tunnel.clone(),
-                        )
-                        .await
-                        {
-                            Ok(t) => {
-                                opened = Some(t);
-                                break;
-                            }
-                            Err(e) => last = e.to_string(),
-                        }
-                    }
-                    match opened {
-                        Some(t) => Box::new(t),
-                        None => {
-                            return Err(BoxError::from(format!(
-                                "no gateway opened a tunnel to {address}: {last}"
-                            )));
-                        }
-                    }
+                    let t = crate::tunnel::open_any(
+                        &via.gateways,
+                        0,
+                        &via.identity,
+                        target,
+                        &via.source_cluster,
+                        via.tunnel.clone(),
+                    )
+                    .await
+                    .map_err(|e| format!("no gateway opened a tunnel to {address}: {e}"))?;
+                    Box::new(t)
                 }
             };
             let name = rustls::pki_types::ServerName::try_from("weft-control-plane")?;

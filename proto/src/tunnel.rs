@@ -177,6 +177,30 @@ pub async fn open(
         .map_err(|_| TunnelError::Protocol(gateway, "timed out".into()))?
 }
 
+/// [`open`] through the first of `gateways` (tried in turn from index `start`, wrapping) that
+/// opens one; the last failure when none does.
+pub async fn open_any(
+    gateways: &[SocketAddr],
+    start: usize,
+    gateway_identity: &str,
+    target: SocketAddr,
+    source_cluster: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<TlsStream<TcpStream>, TunnelError> {
+    let mut last = TunnelError::Protocol(target, "no gateway listed".into());
+    for i in 0..gateways.len() {
+        let gw = gateways[(start + i) % gateways.len()];
+        match open(gw, gateway_identity, target, source_cluster, config.clone()).await {
+            Ok(t) => return Ok(t),
+            Err(e) => {
+                tracing::debug!(gateway = %gw, %target, error = %e, "tunnel not opened");
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
 /// Writes an answer head.
 pub async fn answer<S: AsyncWrite + Unpin>(
     s: &mut S,

@@ -146,7 +146,9 @@ pub async fn mesh_handshake(
 }
 
 /// Mesh mTLS to a meshed endpoint on another network: a tunnel through one of its gateways
-/// (from a random one, the next on failure), then the same end-to-end handshake inside.
+/// (from a random one, the next on failure; counted once in
+/// `weft_proxy_upstream_tls_failures_total{reason="gateway"}` when none opens), then the same
+/// end-to-end handshake inside.
 pub async fn mesh_handshake_via(
     via: &crate::balance::Via,
     addr: SocketAddr,
@@ -156,33 +158,23 @@ pub async fn mesh_handshake_via(
     metrics: &Metrics,
 ) -> Result<TlsStream<TlsStream<TcpStream>>, MeshConnectError> {
     let (tunnel_config, config) = configs;
-    let n = via.gateways.len();
-    let start = if n > 1 {
-        rand::random::<u32>() as usize % n
-    } else {
-        0
-    };
-    let mut last = String::from("no gateway listed");
-    for i in 0..n {
-        let gw = via.gateways[(start + i) % n];
-        match weft_proto::tunnel::open(
-            gw,
-            &via.identity,
-            addr,
-            source_cluster,
-            tunnel_config.clone(),
-        )
-        .await
-        {
-            Ok(t) => return mesh_handshake_over(t, addr, expected, config, metrics).await,
-            Err(e) => {
-                metrics.upstream_tls_failure("gateway");
-                tracing::debug!(endpoint = %addr, gateway = %gw, error = %e, "tunnel not opened");
-                last = e.to_string();
-            }
+    let start = rand::random::<u32>() as usize;
+    match weft_proto::tunnel::open_any(
+        &via.gateways,
+        start,
+        &via.identity,
+        addr,
+        source_cluster,
+        tunnel_config,
+    )
+    .await
+    {
+        Ok(t) => mesh_handshake_over(t, addr, expected, config, metrics).await,
+        Err(e) => {
+            metrics.upstream_tls_failure("gateway");
+            Err(MeshConnectError::Gateway(addr, e.to_string()))
         }
     }
-    Err(MeshConnectError::Gateway(addr, last))
 }
 
 /// The handshake of [`mesh_handshake`] over a stream already connected to `addr`.
@@ -278,14 +270,10 @@ impl tower::Service<crate::resilience::Req> for Upstream {
         let h2 = d.http2;
         // mTLS when the endpoint's sidecar terminates it and this workload has a valid SVID.
         let tls = match (&target.mtls_identity, &self.svid) {
-            (Some(id), Some(svid)) => svid.load_full().filter(|s| s.valid()).map(|s| {
-                let config = if h2 {
-                    s.tls.upstream_h2.clone()
-                } else {
-                    s.tls.upstream.clone()
-                };
-                (id.clone(), config, s.tls.tunnel.clone())
-            }),
+            (Some(id), Some(svid)) => svid
+                .load_full()
+                .filter(|s| s.valid())
+                .map(|s| (id.clone(), s)),
             _ => None,
         };
         // Never plaintext where only mTLS may go: another network (its gateway carries only
@@ -353,25 +341,33 @@ impl tower::Service<crate::resilience::Req> for Upstream {
             let key = crate::pool::Key {
                 addr,
                 h2,
-                identity: tls.as_ref().map(|(id, _, _)| id.clone()),
+                identity: tls.as_ref().map(|(id, _)| id.clone()),
                 via: via.clone(),
             };
             let sent = match (tls, via) {
-                (Some((id, config, tunnel)), Some(via)) => {
+                // The SVID's configs are picked only when a connection is dialed.
+                (Some((id, svid)), Some(via)) => {
                     let dial = move || {
-                        let (id, via, metrics, cluster) =
-                            (id.clone(), via.clone(), metrics.clone(), cluster.clone());
-                        let configs = (tunnel.clone(), config.clone());
+                        let (id, svid, via, metrics, cluster) = (
+                            id.clone(),
+                            svid.clone(),
+                            via.clone(),
+                            metrics.clone(),
+                            cluster.clone(),
+                        );
                         async move {
+                            let configs = (svid.tls.tunnel.clone(), svid.tls.upstream_for(h2));
                             mesh_handshake_via(&via, addr, &id, configs, &cluster, &metrics).await
                         }
                     };
                     pool.send_or_return(&key, upstream, dial).await
                 }
-                (Some((id, config, _)), None) => {
+                (Some((id, svid)), None) => {
                     let dial = move || {
-                        let (id, config, metrics) = (id.clone(), config.clone(), metrics.clone());
-                        async move { mesh_handshake(addr, &id, config, &metrics).await }
+                        let (id, svid, metrics) = (id.clone(), svid.clone(), metrics.clone());
+                        async move {
+                            mesh_handshake(addr, &id, svid.tls.upstream_for(h2), &metrics).await
+                        }
                     };
                     pool.send_or_return(&key, upstream, dial).await
                 }

@@ -44,6 +44,15 @@ pub struct MeshTls {
 }
 
 impl MeshTls {
+    /// The config towards another sidecar for HTTP/2 (`h2`) or HTTP/1.1 inside.
+    pub fn upstream_for(&self, h2: bool) -> Arc<rustls::ClientConfig> {
+        if h2 {
+            self.upstream_h2.clone()
+        } else {
+            self.upstream.clone()
+        }
+    }
+
     fn new(svid: &tls::Svid, bundle: &[String]) -> Result<Self, TlsError> {
         let roots = tls::roots(bundle)?;
         Ok(MeshTls {
