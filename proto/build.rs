@@ -4,6 +4,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     config.enable_type_names();
+    // Weft's xDS types travel as resources (the directory): their type URLs are the standard
+    // `type.googleapis.com/<full name>`.
+    config.type_name_domain([".weft.xds.v1"], "type.googleapis.com");
     tonic_prost_build::configure().compile_with_config(
         config,
         &[

@@ -277,6 +277,9 @@ pub struct ServiceModel {
     /// A Service object exists in this cluster; false for a service only peers export, which
     /// exists here through federation alone.
     pub local: bool,
+    /// `networking.istio.io/exportTo` (validated): the namespaces whose proxies see it in
+    /// their directory; empty: every namespace.
+    pub export_to: Vec<String>,
 }
 
 impl ServiceModel {
@@ -679,6 +682,13 @@ fn build(
                         .map(|t| t.0.as_second()),
                     mtls_mode: policies.namespace_mode(&key_ns).mode,
                     local: true,
+                    export_to: svc
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(weft_proto::keys::EXPORT_TO_ANNOTATION))
+                        .and_then(|v| weft_proto::visibility::parse_export_to(v).ok())
+                        .unwrap_or_default(),
                 },
             );
         }
@@ -1095,6 +1105,7 @@ fn merge_imports(
                 created_unix: None,
                 mtls_mode: policies.namespace_mode(&key.namespace).mode,
                 local: false,
+                export_to: Vec::new(),
             });
             if !svc.local {
                 for p in &imported.ports {

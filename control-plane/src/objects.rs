@@ -938,6 +938,20 @@ fn field_err(field: impl Into<String>, message: impl Into<String>) -> FieldError
     (field.into(), message.into())
 }
 
+/// Checks annotation `key` of `meta` with `parse`, naming the annotation in the error.
+fn annotation<T, E: std::fmt::Display>(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    key: &str,
+    parse: impl Fn(&str) -> Result<T, E>,
+) -> Result<(), FieldError> {
+    match meta.annotations.as_ref().and_then(|a| a.get(key)) {
+        Some(v) => parse(v)
+            .map(|_| ())
+            .map_err(|e| field_err(format!("metadata.annotations[{key:?}]"), e.to_string())),
+        None => Ok(()),
+    }
+}
+
 fn check_duration(field: &str, v: &Option<String>) -> Result<(), FieldError> {
     match v {
         Some(s) => parse_duration(s)
@@ -951,6 +965,11 @@ fn check_duration(field: &str, v: &Option<String>) -> Result<(), FieldError> {
 fn validate(obj: &Object) -> Result<(), FieldError> {
     match obj {
         Object::Service(svc) => {
+            annotation(
+                &svc.metadata,
+                weft_proto::keys::EXPORT_TO_ANNOTATION,
+                weft_proto::visibility::parse_export_to,
+            )?;
             let spec = svc
                 .spec
                 .as_ref()
@@ -1032,6 +1051,11 @@ fn validate(obj: &Object) -> Result<(), FieldError> {
             }
         }
         Object::Namespace(ns) => {
+            annotation(
+                &ns.metadata,
+                weft_proto::keys::EGRESS_HOSTS_ANNOTATION,
+                weft_proto::visibility::parse_egress_hosts,
+            )?;
             if let Some(mode) = ns
                 .metadata
                 .annotations

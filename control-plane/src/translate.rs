@@ -46,6 +46,16 @@ pub struct Resource {
     pub version: String,
     /// The resource, packed.
     pub any: pb::Any,
+    /// The namespaces whose proxies are sent it (a directory entry's exportTo, `.` resolved);
+    /// empty: every proxy.
+    pub export_to: Vec<String>,
+}
+
+impl Resource {
+    /// Whether a proxy of namespace `ns` is sent it.
+    pub fn visible_from(&self, ns: &str) -> bool {
+        self.export_to.is_empty() || self.export_to.iter().any(|e| e == "*" || e == ns)
+    }
 }
 
 /// A shared resource.
@@ -63,6 +73,7 @@ pub fn resource<M: Message + Name>(name: String, msg: &M) -> Res {
             type_url: M::type_url(),
             value,
         },
+        export_to: Vec::new(),
     })
 }
 
@@ -86,6 +97,8 @@ pub struct ServiceXds {
     pub routes: Vec<Res>,
     /// Clusters.
     pub clusters: Vec<Res>,
+    /// Its directory entry (`weft.xds.v1.DirectoryEntry`), none when it has no port.
+    pub directory: Vec<Res>,
     home_cluster: String,
     endpoints: Mutex<HashMap<ProxyPlace, Arc<Vec<Res>>>>,
 }
@@ -249,6 +262,12 @@ fn translate_service(svc: &Arc<ServiceModel>, home: &str) -> ServiceXds {
     let mut listeners = Vec::new();
     let mut routes = Vec::new();
     let mut clusters = Vec::new();
+    let mut entry = weft_proto::xds::DirectoryEntry {
+        name: svc.key.name.clone(),
+        namespace: svc.key.namespace.clone(),
+        scopes: Vec::new(),
+        export_to: svc.export_to.clone(),
+    };
     for scope in scopes(svc, home) {
         for port in &svc.ports {
             let name = ServicePortName::new(&svc.key.name, &svc.key.namespace, port.port)
@@ -257,15 +276,54 @@ fn translate_service(svc: &Arc<ServiceModel>, home: &str) -> ServiceXds {
             routes.push(resource(name.to_string(), &route_config(svc, &name)));
             clusters.push(resource(name.to_string(), &cluster_for(svc, &name, port)));
         }
+        let address = match scope {
+            Scope::Cluster => svc.cluster_ip,
+            Scope::Clusterset => svc.clusterset_vip,
+        };
+        entry.scopes.push(weft_proto::xds::DirectoryScope {
+            zone: scope.domain().trim_start_matches("svc.").to_string(),
+            addresses: address.iter().map(ToString::to_string).collect(),
+            ports: svc
+                .ports
+                .iter()
+                .map(|p| weft_proto::xds::DirectoryPort {
+                    port: u32::from(p.port),
+                    protocol: p.protocol(),
+                })
+                .collect(),
+        });
     }
+    let directory = if entry.scopes.is_empty() || svc.ports.is_empty() {
+        Vec::new()
+    } else {
+        let mut r = resource(directory_name(&svc.key), &entry);
+        if let Some(r) = Arc::get_mut(&mut r) {
+            // `.` is the Service's own namespace; `~` (nobody else) leaves only that.
+            r.export_to = svc
+                .export_to
+                .iter()
+                .map(|e| match e.as_str() {
+                    "." | "~" => svc.key.namespace.clone(),
+                    other => other.to_string(),
+                })
+                .collect();
+        }
+        vec![r]
+    };
     ServiceXds {
         model: svc.clone(),
         listeners,
         routes,
         clusters,
+        directory,
         home_cluster: home.to_string(),
         endpoints: Mutex::new(HashMap::new()),
     }
+}
+
+/// The name of a Service's directory entry: `<svc>.<namespace>`.
+pub fn directory_name(key: &ServiceKey) -> String {
+    format!("{}.{}", key.name, key.namespace)
 }
 
 fn ads() -> core::ConfigSource {

@@ -56,6 +56,13 @@ pub const OPERATOR_SERVICE_ACCOUNT: &str = "weft-operator";
 /// Namespace annotation choosing how its sidecars accept inbound connections:
 /// `STRICT` (mTLS only), `PERMISSIVE` (mTLS and plaintext; the default) or `DISABLE`.
 pub const MTLS_MODE_ANNOTATION: &str = "weft.dev/mtls-mode";
+/// Service annotation (Istio's): the namespaces whose proxies see the Service in their
+/// directory, comma separated: `.` its own, `*` every one (the default), or names.
+pub const EXPORT_TO_ANNOTATION: &str = "networking.istio.io/exportTo";
+/// Namespace annotation: the only Services its proxies see (the shape of Istio's `Sidecar`
+/// `egress.hosts`), comma separated `<namespace>/<host>`: namespace `.` (the proxy's own),
+/// `*` or a name; host `*`, `*.<suffix>` or a DNS name of the Service. Absent: every Service.
+pub const EGRESS_HOSTS_ANNOTATION: &str = "weft.dev/egress-hosts";
 /// Pod label saying its sidecar terminates mTLS (`weft`), set by the injector; callers
 /// originate mTLS only to endpoints whose pod carries it.
 pub const TLS_MODE_LABEL: &str = "weft.dev/tls-mode";

@@ -18,6 +18,7 @@ pub mod resources;
 pub mod spiffe;
 pub mod tls;
 pub mod tunnel;
+pub mod visibility;
 
 pub use envoy_types::pb as envoy;
 pub use spiffe::{SpiffeId, SpiffeIdError};
@@ -56,8 +57,13 @@ pub mod type_url {
     pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
     /// `envoy.config.endpoint.v3.ClusterLoadAssignment`.
     pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+    /// `weft.xds.v1.DirectoryEntry`: one per Service, what a sidecar discovering config on
+    /// demand keeps of the mesh (Envoy and gRPC clients never ask for it).
+    pub const DIRECTORY: &str = "type.googleapis.com/weft.xds.v1.DirectoryEntry";
     /// Every type, in the order a client should apply them (CDS before EDS, LDS before RDS).
-    pub const ALL: [&str; 4] = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
+    pub const ALL: [&str; 5] = [CLUSTER, ENDPOINT, LISTENER, ROUTE, DIRECTORY];
+    /// Envoy's four types (what every client may ask for).
+    pub const ENVOY: [&str; 4] = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
 
     /// A short name for logs, metrics and tables: `LDS`, `RDS`, `CDS`, `EDS`, or the URL itself.
     pub fn short(type_url: &str) -> &str {
@@ -66,6 +72,7 @@ pub mod type_url {
             ROUTE => "RDS",
             CLUSTER => "CDS",
             ENDPOINT => "EDS",
+            DIRECTORY => "DIR",
             other => other,
         }
     }

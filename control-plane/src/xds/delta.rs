@@ -108,9 +108,10 @@ impl Protocol for Delta {
             }
             // What the client says it holds (a reconnect): send only what differs.
             let initial = &req.initial_resource_versions;
+            let ns = &ctx.node.namespace;
             let removed: Vec<String> = initial
                 .keys()
-                .filter(|n| !held.contains_key(*n))
+                .filter(|n| !held.get(*n).is_some_and(|r| r.visible_from(ns)))
                 .cloned()
                 .collect();
             st.sub = Some(sub);
@@ -154,6 +155,9 @@ impl Protocol for Delta {
                 sub.names.remove(n);
                 st.known.remove(n);
             }
+        }
+        if !req.resource_names_unsubscribe.is_empty() || !req.resource_names_subscribe.is_empty() {
+            ctx.record_sub(ti, sub);
         }
         if !added.is_empty() {
             self.send(ctx, ti, added, Vec::new(), false)
@@ -234,7 +238,10 @@ impl Delta {
                 let mut names = Vec::new();
                 let mut more = false;
                 for (n, r) in range {
-                    if !sub.wants(n) || initial.get(n) == Some(&r.version) {
+                    if !sub.wants(n)
+                        || initial.get(n) == Some(&r.version)
+                        || !r.visible_from(&ctx.node.namespace)
+                    {
                         continue;
                     }
                     if names.len() == LARGE {
@@ -274,6 +281,7 @@ impl Delta {
         };
         let held = &ctx.snapshot.resources[ti];
         let mut resources = Vec::new();
+        let mut removed = removed;
         for name in candidates {
             if !sub.wants(&name) {
                 continue;
@@ -281,6 +289,11 @@ impl Delta {
             let Some(r) = held.get(&name) else {
                 continue;
             };
+            if !r.visible_from(&ctx.node.namespace) {
+                // No longer (or never) visible here: whatever the client held goes away.
+                removed.push(name);
+                continue;
+            }
             if !sub.wildcard {
                 if st.known.get(&name) == Some(&r.version) {
                     continue;

@@ -203,6 +203,8 @@ impl ProxyRecord {
                     last_ack_unix_ms: t.last_ack_ms,
                     nack_detail: t.nack.clone().unwrap_or_default(),
                     resource_count: self.held(ti).len() as u32,
+                    wildcard: t.sub.as_ref().is_some_and(|s| s.wildcard),
+                    subscribed_names: t.sub.as_ref().map_or(0, |s| s.names.len() as u32),
                 })
                 .collect(),
         }

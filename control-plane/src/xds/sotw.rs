@@ -100,7 +100,7 @@ impl Sotw {
         let nonce = ctx.next_nonce();
         let resources: Vec<_> = ctx.snapshot.resources[ti]
             .iter()
-            .filter(|(n, _)| sub.wants(n))
+            .filter(|(n, r)| sub.wants(n) && r.visible_from(&ctx.node.namespace))
             .map(|(_, r)| r.any.clone())
             .collect();
         let version = ctx.snapshot.version.to_string();

@@ -168,6 +168,16 @@ impl<R> Ctx<'_, R> {
             .inc();
     }
 
+    /// Records what the proxy now subscribes to (a subscription change that sent nothing,
+    /// an unsubscribe, is seen by the admin API at once).
+    pub fn record_sub(&self, ti: usize, sub: &super::Subscription) {
+        let mut rec = lock(&self.reg.record);
+        let t = &mut rec.types[ti];
+        if t.sub.is_some() {
+            t.sub = Some(sub.clone());
+        }
+    }
+
     /// Counts a refused request.
     pub fn refused(&self, reason: &str) {
         self.shared

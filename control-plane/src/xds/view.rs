@@ -26,15 +26,17 @@ pub struct SnapshotKey {
     pub inbound: Option<String>,
 }
 
-/// Index of a type in per-type arrays: CDS, EDS, LDS, RDS (the order of `type_url::ALL`).
+/// Index of a type in per-type arrays: CDS, EDS, LDS, RDS, DIR (the order of `type_url::ALL`).
 pub type TypeIndex = usize;
 /// Number of types served.
-pub const TYPES: usize = 4;
+pub const TYPES: usize = 5;
 /// CDS's index in [`weft_proto::type_url::ALL`].
 pub const CDS: TypeIndex = 0;
 const EDS: TypeIndex = 1;
 const LDS: TypeIndex = 2;
 const RDS: TypeIndex = 3;
+/// The directory's index.
+pub const DIR: TypeIndex = 4;
 
 /// The index of a type URL, `None` for types Weft does not serve.
 pub fn type_index(type_url: &str) -> Option<TypeIndex> {
@@ -104,6 +106,7 @@ fn lists<'a>(xds: &'a ServiceXds, eds: &'a [Res]) -> [(TypeIndex, &'a [Res]); TY
         (EDS, eds),
         (LDS, &xds.listeners[..]),
         (RDS, &xds.routes[..]),
+        (DIR, &xds.directory[..]),
     ]
 }
 
