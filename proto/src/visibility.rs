@@ -132,15 +132,23 @@ mod tests {
 
     #[test]
     fn egress_hosts_match_namespace_and_name() {
-        let h = parse_egress_hosts("./*, shared/db.shared.svc.cluster.local, *\t/*.mesh.svc.clusterset.local")
-            .expect_err("a tab inside an entry is refused");
+        let h = parse_egress_hosts(
+            "./*, shared/db.shared.svc.cluster.local, *\t/*.mesh.svc.clusterset.local",
+        )
+        .expect_err("a tab inside an entry is refused");
         assert_eq!(h.index, 2);
-        let h = parse_egress_hosts("./*, shared/db.shared.svc.cluster.local, */*.svc.clusterset.local")
-            .expect("hosts");
+        let h =
+            parse_egress_hosts("./*, shared/db.shared.svc.cluster.local, */*.svc.clusterset.local")
+                .expect("hosts");
         let local = |svc: &str, ns: &str| format!("{svc}.{ns}.{CLUSTER_DOMAIN}");
         assert!(egress_allows(&h, &local("anything", "me"), "me", "me"));
         assert!(egress_allows(&h, &local("db", "shared"), "shared", "me"));
-        assert!(!egress_allows(&h, &local("cache", "shared"), "shared", "me"));
+        assert!(!egress_allows(
+            &h,
+            &local("cache", "shared"),
+            "shared",
+            "me"
+        ));
         // Any clusterset name, but not the cluster-local name of the same Service.
         let set = format!("cache.other.{CLUSTERSET_DOMAIN}");
         assert!(egress_allows(&h, &set, "other", "me"));

@@ -107,6 +107,23 @@ pub struct RunConfig {
     /// xDS flavour: delta (incremental; falls back to sotw when the server lacks it) or sotw.
     #[arg(long, env = "WEFT_XDS_PROTOCOL", value_enum, default_value = "delta")]
     pub xds_protocol: XdsProtocol,
+    /// What config the proxy holds: `on-demand` (a directory of every Service, and the routes,
+    /// cluster and endpoints of a service-port only once a request or connection uses it;
+    /// needs delta xDS) or `all` (every Service's, as Envoy with wildcard CDS).
+    #[arg(long, env = "WEFT_DISCOVERY", value_enum, default_value = "on-demand")]
+    pub discovery: Discovery,
+    /// On demand: how long the first request to a service-port waits for its config; then it
+    /// gets 503 `x-weft-reason: discovery-timeout` (an opaque connection is closed).
+    #[arg(long, env = "WEFT_DISCOVERY_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub discovery_timeout: std::time::Duration,
+    /// On demand: a service-port unused this long is unsubscribed (`0s`: never).
+    #[arg(long, env = "WEFT_DISCOVERY_IDLE", default_value = "10m", value_parser = parse_duration)]
+    pub discovery_idle: std::time::Duration,
+    /// On demand: hosts subscribed at start and never dropped (the warm set), comma
+    /// separated, in any form a request may name them (`echo`, `db.data:5432`,
+    /// `api.shop.svc.clusterset.local:8080`); a host without a port warms each of its ports.
+    #[arg(long, env = "WEFT_WARM_HOSTS", value_delimiter = ',')]
+    pub warm_hosts: Vec<String>,
     /// A request head must arrive whole within this (slowloris protection).
     #[arg(long, env = "WEFT_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: std::time::Duration,
@@ -149,6 +166,16 @@ pub struct RunConfig {
     /// Log line format: `text` (colour only on a terminal) or `json` (one object per line).
     #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text")]
     pub log_format: weft_proto::logging::LogFormat,
+}
+
+/// What config a proxy holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Discovery {
+    /// The directory, and what is used when it is used.
+    OnDemand,
+    /// Everything.
+    All,
 }
 
 /// xDS protocol flavours.
@@ -221,6 +248,10 @@ impl RunConfig {
             drain_timeout: std::time::Duration::from_secs(5),
             header_read_timeout: std::time::Duration::from_secs(10),
             xds_protocol: XdsProtocol::Delta,
+            discovery: Discovery::All,
+            discovery_timeout: std::time::Duration::from_secs(3),
+            discovery_idle: std::time::Duration::from_secs(600),
+            warm_hosts: Vec::new(),
             otlp_endpoint: None,
             join_token: None,
             trust_domain: "cluster.local".into(),

@@ -104,6 +104,14 @@ pub fn error_reply(query: &[u8], code: ResponseCode) -> Option<Vec<u8>> {
 /// What `query` gets from the mesh names in `table`: `None` for bytes too short to be a
 /// query (dropped).
 pub fn resolve(query: &[u8], table: &DnsTable) -> Option<Reply> {
+    resolve_with(query, &|name| table.get(name).cloned())
+}
+
+/// What `query` gets from the mesh names `lookup` knows (lower case, no trailing dot).
+pub fn resolve_with(
+    query: &[u8],
+    lookup: &dyn Fn(&str) -> Option<std::sync::Arc<[IpAddr]>>,
+) -> Option<Reply> {
     if query.len() < HEADER_LEN {
         return None;
     }
@@ -122,7 +130,7 @@ pub fn resolve(query: &[u8], table: &DnsTable) -> Option<Reply> {
     let key = name.trim_end_matches('.').to_ascii_lowercase();
     // A name the proxy does not hold — a clusterset name not yet synced or not exported
     // included — is the original resolver's to answer, as before the mesh.
-    let Some(addrs) = table.get(&key) else {
+    let Some(addrs) = lookup(&key) else {
         return Some(Reply::Forward);
     };
     // A mesh name is answered here whatever the type (SRV, HTTPS, TXT get an empty answer):
@@ -223,7 +231,8 @@ impl Server {
             self.count(Outcome::Limited);
             return Decision::Now(error_reply(query, ResponseCode::Refused));
         }
-        match resolve(query, &self.config.load().dns) {
+        let config = self.config.load();
+        match resolve_with(query, &|name| config.dns_addresses(name)) {
             None => {
                 self.count(Outcome::Malformed);
                 Decision::Now(None)

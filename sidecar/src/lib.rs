@@ -13,6 +13,7 @@ pub mod balance;
 pub mod config;
 pub mod connect;
 pub mod detect;
+pub mod directory;
 pub mod dns;
 pub mod gateway;
 pub mod health;

@@ -97,6 +97,17 @@ pub struct Metrics {
     pub xds_disconnects: Counter,
     /// `weft_xds_resources{type}`: resources held, by type (listener, route, cluster, endpoint).
     pub xds_resources: Family<Labels, prometheus_client::metrics::gauge::Gauge>,
+    /// `weft_proxy_discovery_fetches_total{result}`: first uses of a service-port that waited
+    /// for its config on demand (`ok`, `timeout`).
+    pub discovery_fetches: Family<Labels, Counter>,
+    /// `weft_proxy_discovery_fetch_duration_seconds`: how long such a use waited.
+    pub discovery_fetch_latency: Histogram,
+    /// `weft_proxy_discovery_evictions_total`: idle service-ports unsubscribed.
+    pub discovery_evictions: Counter,
+    /// `weft_proxy_discovery_subscriptions{why}`: service-ports subscribed (`request`, `warm`).
+    pub discovery_subscriptions: Family<Labels, prometheus_client::metrics::gauge::Gauge>,
+    /// `weft_proxy_discovery_directory_services`: Services in the directory.
+    pub discovery_directory: prometheus_client::metrics::gauge::Gauge,
     /// `weft_authz_denied_total{namespace,policy,rule}`: requests and connections an
     /// AuthorizationPolicy denied (a DENY rule; `policy=""` when no ALLOW rule matched).
     pub authz_denied: Family<Labels, Counter>,
@@ -161,6 +172,37 @@ impl Metrics {
             "weft_xds_resources",
             "xDS resources held, by type (listener, route, cluster, endpoint)",
             xds_resources.clone(),
+        );
+        let discovery_fetches = Family::<Labels, Counter>::default();
+        registry.register(
+            "weft_proxy_discovery_fetches",
+            "First uses of a service-port that waited for its config on demand, by result",
+            discovery_fetches.clone(),
+        );
+        let discovery_fetch_latency = latency_histogram();
+        registry.register(
+            "weft_proxy_discovery_fetch_duration_seconds",
+            "How long a first use waited for its service-port's config",
+            discovery_fetch_latency.clone(),
+        );
+        let discovery_evictions = Counter::default();
+        registry.register(
+            "weft_proxy_discovery_evictions",
+            "Idle service-ports unsubscribed",
+            discovery_evictions.clone(),
+        );
+        let discovery_subscriptions =
+            Family::<Labels, prometheus_client::metrics::gauge::Gauge>::default();
+        registry.register(
+            "weft_proxy_discovery_subscriptions",
+            "Service-ports subscribed on demand, by why (request, warm)",
+            discovery_subscriptions.clone(),
+        );
+        let discovery_directory = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "weft_proxy_discovery_directory_services",
+            "Services in the on-demand directory",
+            discovery_directory.clone(),
         );
         let load_reports = Counter::default();
         registry.register(
@@ -323,6 +365,11 @@ impl Metrics {
             inbound_refused,
             upstream_tls_failures,
             load_reports,
+            discovery_fetches,
+            discovery_fetch_latency,
+            discovery_evictions,
+            discovery_subscriptions,
+            discovery_directory,
             authz_denied,
             authz_audited,
         }

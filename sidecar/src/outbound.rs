@@ -207,8 +207,9 @@ pub fn tcp_target(config: &crate::state::MeshConfig, dst: SocketAddr, roll: u64)
                 RouteTarget::Cluster(c) => c.clone(),
                 RouteTarget::Weighted(list) => weighted_pick(list, roll),
             };
-            let endpoints = config.clusters.get(&cluster)?.endpoints.as_ref()?;
-            let target = endpoints.pick(roll, None)?;
+            let cluster = config.clusters.get(&cluster)?;
+            cluster.runtime.touch();
+            let target = cluster.endpoints.as_ref()?.pick(roll, None)?;
             let id = target.mtls_identity.clone()?;
             Some(match &target.via {
                 Some(via) => TcpTarget::Gateway(target.addr, id, via.clone()),
@@ -223,6 +224,23 @@ impl Proxy {
     /// refused when that endpoint is STRICT and this workload has no valid certificate (never
     /// a downgrade), else copied to the original destination.
     async fn opaque(&self, stream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+        // On demand, a Service address not held yet waits for its config first.
+        if let Some(od) = &self.xds.on_demand {
+            let name = {
+                let config = self.xds.config.load();
+                (!config.hosts.contains_key(&dst.to_string()))
+                    .then(|| config.directory.by_address(dst))
+                    .flatten()
+            };
+            if let Some(name) = name
+                && od.discover(&self.xds, &name).await.is_err()
+            {
+                tracing::warn!(%peer, %dst, service_port = %name, "closing a connection: its service's config did not arrive in time");
+                self.metrics
+                    .connection_closed("outbound", "discovery-timeout");
+                return;
+            }
+        }
         let (target, strict) = {
             let config = self.xds.config.load();
             let target = tcp_target(&config, dst, rand::random());
@@ -442,11 +460,35 @@ impl Proxy {
     ) -> Response<Body> {
         let started = Instant::now();
         let authority = request_authority(&req);
-        let config = self.xds.config.load();
+        let mut config = self.xds.config.load();
         // By name first; an intercepted client that dialed a Service IP is found by that IP.
-        let routes = config
-            .routes_for(&authority, &self.namespace)
-            .or_else(|| orig.and_then(|dst| config.hosts.get(&dst.to_string())));
+        let lookup = |config: &crate::state::MeshConfig| {
+            config
+                .routes_for(&authority, &self.namespace)
+                .or_else(|| orig.and_then(|dst| config.hosts.get(&dst.to_string())))
+                .cloned()
+        };
+        let mut routes = lookup(&config);
+        // On demand, a service-port the directory names but the proxy does not hold yet is
+        // subscribed, and the request waits for its config (bounded).
+        if routes.is_none()
+            && let Some(od) = &self.xds.on_demand
+            && let Some(name) = config.directory.resolve(&authority, orig, &self.namespace)
+        {
+            drop(config);
+            if od.discover(&self.xds, &name).await.is_err() {
+                self.metrics.observe("", 503, started);
+                return refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "discovery-timeout",
+                    format!(
+                        "weft: the config of {name} did not arrive from the control plane in time"
+                    ),
+                );
+            }
+            config = self.xds.config.load();
+            routes = lookup(&config);
+        }
         let Some(routes) = routes else {
             if let Some(dst) = orig {
                 drop(config);
@@ -482,6 +524,7 @@ impl Proxy {
         let (timeout, retry) = (route.timeout, route.retry.clone());
         let Some((endpoints, policy, runtime, http2)) =
             config.clusters.get(&cluster).and_then(|c| {
+                c.runtime.touch();
                 Some((
                     c.endpoints.clone()?,
                     c.policy.clone(),

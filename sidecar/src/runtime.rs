@@ -14,6 +14,8 @@ pub struct ClusterRuntime {
     retries: AtomicU32,
     connections: AtomicU32,
     pending: AtomicU32,
+    /// Used since the last idle sweep (on-demand discovery unsubscribes what stays unused).
+    touched: std::sync::atomic::AtomicBool,
     /// Wakes an attempt waiting for a connection when one is released.
     released: tokio::sync::Notify,
     /// Cached metric handles of this cluster's 200s.
@@ -74,6 +76,19 @@ impl ClusterRuntime {
     pub fn retry(&self, p: &ClusterPolicy) -> Option<Slot<'_>> {
         let allowance = p.retry_allowance(self.requests.load(Ordering::Relaxed));
         take(&self.retries, allowance)
+    }
+
+    /// Marks the cluster used (a request routed or a connection opened to it).
+    pub fn touch(&self) {
+        if !self.touched.load(Ordering::Relaxed) {
+            self.touched.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether it was used since the last call, or has requests or connections in flight
+    /// now; clears the mark.
+    pub fn take_used(&self) -> bool {
+        self.touched.swap(false, Ordering::Relaxed) || self.requests() > 0 || self.connections() > 0
     }
 
     /// Requests in flight.

@@ -847,6 +847,42 @@ pub struct MeshConfig {
     pub strict_endpoints: std::collections::HashSet<SocketAddr>,
     /// What the mesh DNS answers (from the virtual hosts' names and addresses).
     pub dns: DnsTable,
+    /// On demand: every Service the proxy may call (what is not subscribed yet resolves here).
+    pub directory: Arc<crate::directory::Directory>,
+    /// On demand: the service-ports subscribed, since when and why.
+    pub subscriptions: BTreeMap<String, Subscribed>,
+}
+
+/// Why a service-port is subscribed on demand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Why {
+    /// A request or connection used it.
+    Request,
+    /// `--warm-hosts` names it: subscribed at start, never dropped.
+    Warm,
+}
+
+impl Why {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Why::Request => "request",
+            Why::Warm => "warm",
+        }
+    }
+}
+
+/// One on-demand subscription, as `/config_dump` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Subscribed {
+    /// Why.
+    pub why: Why,
+    /// Since when (ms since the epoch).
+    pub since_unix_ms: u64,
+    /// Its routes, every cluster they name and those clusters' endpoints are held: a request
+    /// to it is routed.
+    pub complete: bool,
 }
 
 pub use weft_proto::protocol::Declared;
@@ -1048,6 +1084,15 @@ impl MeshConfig {
     /// inbound listener before LDS).
     pub fn authz(&self) -> Option<&Arc<InboundAuthz>> {
         self.inbound.as_ref().map(|i| &i.authz)
+    }
+
+    /// The addresses the mesh DNS answers for `name` (lower case, no trailing dot): from the
+    /// held virtual hosts, else (on demand) from the directory.
+    pub fn dns_addresses(&self, name: &str) -> Option<Arc<[std::net::IpAddr]>> {
+        self.dns
+            .get(name)
+            .cloned()
+            .or_else(|| self.directory.dns(name))
     }
 
     /// Routes for an authority: as given, else resolved by the mesh's naming rules

@@ -108,6 +108,28 @@ struct Held {
     runtimes: HashMap<String, Arc<ClusterRuntime>>,
     /// Delta: per type, the version of each resource held (sent back on reconnect).
     delta_versions: HashMap<&'static str, BTreeMap<String, String>>,
+    /// On demand (see [`OnDemand`]); off: every Service's config (wildcard LDS and CDS).
+    on_demand: bool,
+    /// On demand: the directory entries held, by resource name (`<svc>.<ns>`).
+    directory: BTreeMap<String, Arc<crate::directory::Entry>>,
+    /// The directory the request path reads, rebuilt only when an entry changed.
+    directory_index: Arc<crate::directory::Directory>,
+    directory_changed: bool,
+    /// On demand: the service-ports subscribed (RouteConfiguration names), and why.
+    wanted: BTreeMap<String, Want>,
+    /// `--warm-hosts`, subscribed as soon as the directory names them.
+    warm_hosts: Vec<String>,
+    /// The proxy's namespace (short hosts of the warm set resolve in it).
+    namespace: String,
+}
+
+/// One service-port subscribed on demand.
+#[derive(Debug, Clone)]
+struct Want {
+    why: state::Why,
+    since_unix_ms: u64,
+    /// Last seen used (a request or connection to one of its clusters, or asked for).
+    used: tokio::time::Instant,
 }
 
 impl Held {
@@ -118,7 +140,201 @@ impl Held {
         metrics.xds_held("route", self.routes.len());
         metrics.xds_held("cluster", self.clusters.len());
         metrics.xds_held("endpoint", self.endpoints.len());
+        if self.on_demand {
+            metrics.xds_held("directory", self.directory.len());
+            metrics
+                .discovery_directory
+                .set(i64::try_from(self.directory_index.len()).unwrap_or(i64::MAX));
+            for why in [state::Why::Request, state::Why::Warm] {
+                let n = self.wanted.values().filter(|w| w.why == why).count();
+                metrics
+                    .discovery_subscriptions
+                    .get_or_create(&vec![("why".into(), why.as_str().into())])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
     }
+
+    /// The types this proxy subscribes to, in the order a stream asks for them.
+    fn types(&self) -> &'static [&'static str] {
+        if self.on_demand {
+            &[
+                type_url::DIRECTORY,
+                type_url::LISTENER,
+                type_url::ROUTE,
+                type_url::CLUSTER,
+                type_url::ENDPOINT,
+            ]
+        } else {
+            &[
+                type_url::CLUSTER,
+                type_url::LISTENER,
+                type_url::ENDPOINT,
+                type_url::ROUTE,
+            ]
+        }
+    }
+
+    /// Whether a type is a wildcard subscription (every resource of it).
+    fn wildcard(&self, t: &str) -> bool {
+        match t {
+            type_url::DIRECTORY => true,
+            type_url::LISTENER | type_url::CLUSTER => !self.on_demand,
+            _ => false,
+        }
+    }
+
+    /// Whether the proxy holds what it needs to serve: every type accepted once (on demand:
+    /// its inbound Listener and the directory; the rest arrives with use).
+    fn ready(&self) -> bool {
+        let needed: &[&str] = if self.on_demand {
+            &[type_url::LISTENER, type_url::DIRECTORY]
+        } else {
+            &type_url::ENVOY
+        };
+        needed.iter().all(|t| self.versions.contains_key(*t))
+    }
+
+    /// The names a named type should be subscribed to, from what is held: the routes the
+    /// listeners name (and, on demand, the wanted service-ports), the clusters those routes
+    /// name (on demand; else CDS is a wildcard), the assignments the clusters read.
+    fn desired(&self, t: &str) -> BTreeSet<String> {
+        match t {
+            type_url::LISTENER => [weft_proto::keys::INBOUND_LISTENER.to_string()].into(),
+            type_url::ROUTE => self
+                .listeners
+                .values()
+                .filter_map(|l| l.routes.clone())
+                .chain(self.wanted.keys().cloned())
+                .collect(),
+            type_url::CLUSTER => self
+                .routes
+                .values()
+                .flat_map(route_clusters)
+                .map(str::to_string)
+                .collect(),
+            type_url::ENDPOINT => self.clusters.values().map(|c| c.eds_name.clone()).collect(),
+            _ => BTreeSet::new(),
+        }
+    }
+
+    /// Whether the service-port `name` can be routed: its routes, every cluster they name,
+    /// and those clusters' endpoints are held.
+    fn complete(&self, name: &str) -> bool {
+        self.routes.get(name).is_some_and(|spec| {
+            route_clusters(spec).all(|c| {
+                self.clusters
+                    .get(c)
+                    .is_some_and(|c| self.endpoints.contains_key(&c.eds_name))
+            })
+        })
+    }
+
+    /// Subscribes to `name` for `why` (a warm subscription stays warm); true when new.
+    fn want(&mut self, name: String, why: state::Why) -> bool {
+        let now = tokio::time::Instant::now();
+        match self.wanted.get_mut(&name) {
+            Some(w) => {
+                w.used = now;
+                if why == state::Why::Warm {
+                    w.why = why;
+                }
+                false
+            }
+            None => {
+                self.wanted.insert(
+                    name,
+                    Want {
+                        why,
+                        since_unix_ms: now_unix_ms(),
+                        used: now,
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    /// Subscribes the warm set's service-ports the directory now names; true when any is new.
+    fn warm(&mut self) -> bool {
+        let mut names = Vec::new();
+        for host in &self.warm_hosts {
+            let ports: Vec<String> = match self.directory_index.resolve(host, None, &self.namespace)
+            {
+                Some(n) if host_has_port(host) => vec![n.to_string()],
+                Some(n) => self
+                    .directory_index
+                    .ports(&n)
+                    .into_iter()
+                    .map(|port| {
+                        weft_proto::names::ServicePortName { port, ..n.clone() }.to_string()
+                    })
+                    .collect(),
+                None => Vec::new(),
+            };
+            names.extend(ports);
+        }
+        let mut new = false;
+        for n in names {
+            new |= self.want(n, state::Why::Warm);
+        }
+        new
+    }
+
+    /// Drops the service-ports (asked for by a request) none of whose clusters was used for
+    /// `idle`; returns how many.
+    fn evict_idle(&mut self, idle: Duration) -> usize {
+        let used: BTreeSet<&str> = self
+            .runtimes
+            .iter()
+            .filter(|(_, r)| r.take_used())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let now = tokio::time::Instant::now();
+        let routes = &self.routes;
+        let mut evicted = Vec::new();
+        for (name, w) in &mut self.wanted {
+            if routes
+                .get(name)
+                .is_some_and(|spec| route_clusters(spec).any(|c| used.contains(c)))
+            {
+                w.used = now;
+            }
+            if w.why == state::Why::Request && now.duration_since(w.used) >= idle {
+                evicted.push(name.clone());
+            }
+        }
+        for name in &evicted {
+            self.wanted.remove(name);
+            tracing::debug!(service_port = %name, "unsubscribing an idle service-port");
+        }
+        evicted.len()
+    }
+}
+
+/// The clusters a RouteConfiguration's routes send to (a split's backends included).
+fn route_clusters(spec: &state::RouteSpec) -> impl Iterator<Item = &str> {
+    spec.iter()
+        .flat_map(|(_, routes)| routes.iter())
+        .flat_map(|r| match &r.target {
+            state::RouteTarget::Cluster(c) => std::slice::from_ref(c)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            state::RouteTarget::Weighted(list) => list.iter().map(|(c, _)| c.as_str()).collect(),
+        })
+}
+
+/// Whether a host names its port (`echo:8080`, `[::1]:80`).
+fn host_has_port(host: &str) -> bool {
+    host.rsplit_once(':')
+        .is_some_and(|(h, p)| !h.ends_with(':') && p.parse::<u16>().is_ok())
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A cluster's endpoints and what they were built from.
@@ -137,6 +353,68 @@ pub struct XdsHandle {
     pub ready: watch::Receiver<bool>,
     /// Counts accepted configs: what open connections watch to be judged again.
     pub changed: watch::Receiver<u64>,
+    /// On-demand discovery, when the proxy runs it.
+    pub on_demand: Option<OnDemand>,
+}
+
+/// What the request path uses to have a service-port's config fetched on first use.
+#[derive(Clone)]
+pub struct OnDemand {
+    wants: mpsc::Sender<String>,
+    timeout: Duration,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// Why a service-port's config could not be had in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiscoveryTimeout;
+
+impl OnDemand {
+    /// Waits until the config of `name` (a service-port the directory names) is held and
+    /// complete, subscribing to it unless it is; at most `--discovery-timeout`.
+    pub async fn discover(
+        &self,
+        xds: &XdsHandle,
+        name: &weft_proto::names::ServicePortName,
+    ) -> Result<(), DiscoveryTimeout> {
+        let name = name.to_string();
+        let ready = |c: &MeshConfig| c.subscriptions.get(&name).is_some_and(|s| s.complete);
+        if ready(&xds.config.load()) {
+            return Ok(());
+        }
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.timeout;
+        let mut changed = xds.changed.clone();
+        let outcome = async {
+            tokio::time::timeout_at(deadline, self.wants.send(name.clone()))
+                .await
+                .map_err(|_| DiscoveryTimeout)?
+                .map_err(|_| DiscoveryTimeout)?;
+            loop {
+                changed.borrow_and_update();
+                if ready(&xds.config.load()) {
+                    return Ok(());
+                }
+                match tokio::time::timeout_at(deadline, changed.changed()).await {
+                    Ok(Ok(())) => continue,
+                    _ => return Err(DiscoveryTimeout),
+                }
+            }
+        }
+        .await;
+        let result = if outcome.is_ok() { "ok" } else { "timeout" };
+        self.metrics
+            .discovery_fetches
+            .get_or_create(&vec![("result".into(), result.into())])
+            .inc();
+        self.metrics
+            .discovery_fetch_latency
+            .observe(started.elapsed().as_secs_f64());
+        if outcome.is_err() {
+            tracing::warn!(service_port = %name, timeout = ?self.timeout, "on-demand config did not arrive in time");
+        }
+        outcome
+    }
 }
 
 /// Where the xDS client publishes each accepted config.
@@ -202,24 +480,47 @@ pub fn start(
     let config = Arc::new(ArcSwap::from_pointee(MeshConfig::default()));
     let (ready_tx, ready) = watch::channel(false);
     let (changed_tx, changed) = watch::channel(0u64);
+    let on_demand = cfg.discovery == crate::config::Discovery::OnDemand;
+    let (wants_tx, mut wants) = mpsc::channel::<String>(1024);
     let handle = XdsHandle {
         config: config.clone(),
         ready,
         changed,
+        on_demand: on_demand.then(|| OnDemand {
+            wants: wants_tx,
+            timeout: cfg.discovery_timeout,
+            metrics: metrics.clone(),
+        }),
     };
     let config = Publish {
         cell: config,
         changed: changed_tx,
     };
     tokio::spawn(async move {
-        let mut held = Held::default();
+        let mut held = Held {
+            on_demand: on_demand && cfg.xds_protocol == XdsProtocol::Delta,
+            warm_hosts: cfg.warm_hosts.clone(),
+            namespace: cfg.namespace.clone(),
+            ..Default::default()
+        };
+        if on_demand && !held.on_demand {
+            tracing::warn!("on-demand discovery needs delta xDS: holding every Service's config");
+        }
         let mut backoff = Backoff::default();
         // Delta first; a server that does not implement it gets state of the world.
         let mut delta = cfg.xds_protocol == XdsProtocol::Delta;
         loop {
             let opened = tokio::time::Instant::now();
             let result = if delta {
-                stream_delta(&cfg, &link, &mut held, &config, &ready_tx, &metrics).await
+                let mut s = Stream {
+                    cfg: &cfg,
+                    held: &mut held,
+                    config: &config,
+                    ready: &ready_tx,
+                    metrics: &metrics,
+                    wants: &mut wants,
+                };
+                s.delta(&link).await
             } else {
                 stream_once(&cfg, &link, &mut held, &config, &ready_tx, &metrics).await
             };
@@ -228,6 +529,12 @@ pub fn start(
                 Ok(()) => "control plane closed the xDS stream".to_string(),
                 Err(e) if delta && unimplemented(e.as_ref()) => {
                     tracing::info!("control plane has no delta xDS; using state of the world");
+                    if held.on_demand {
+                        tracing::warn!(
+                            "on-demand discovery needs delta xDS: holding every Service's config"
+                        );
+                        held = Held::default();
+                    }
                     delta = false;
                     continue;
                 }
@@ -314,20 +621,21 @@ async fn stream_once(
             replace: true,
         };
         match apply(held, t, update) {
-            Ok(new_names) => {
+            Ok(()) => {
                 held.versions
                     .insert(t.to_string(), resp.version_info.clone());
                 config.store(Arc::new(compile(held)));
                 held.count(metrics);
                 tx.send(request(cfg, t, held, &resp.nonce, None)).await?;
                 // Subscribe to what the new resources refer to.
-                if let Some((dep, names)) = new_names
-                    && held.names.get(dep) != Some(&names)
-                {
-                    held.names.insert(dep, names);
-                    tx.send(request(cfg, dep, held, "", None)).await?;
+                for dep in [type_url::ROUTE, type_url::ENDPOINT] {
+                    let names = held.desired(dep);
+                    if held.names.get(dep) != Some(&names) {
+                        held.names.insert(dep, names);
+                        tx.send(request(cfg, dep, held, "", None)).await?;
+                    }
                 }
-                if held.versions.len() == 4 {
+                if held.ready() {
                     ready.send_replace(true);
                 }
             }
@@ -351,55 +659,144 @@ async fn connect(
     Ok(AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20))
 }
 
-/// One delta ADS stream (xDS "incremental"): subscriptions by name, only changes travel.
-async fn stream_delta(
-    cfg: &RunConfig,
-    link: &crate::identity::ControlPlaneLink,
-    held: &mut Held,
-    config: &Publish,
-    ready: &watch::Sender<bool>,
-    metrics: &crate::metrics::Metrics,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let mut client = connect(link).await?;
-    let (tx, rx) = mpsc::channel(16);
-    let node = node(cfg);
-    for t in [
-        type_url::CLUSTER,
-        type_url::LISTENER,
-        type_url::ENDPOINT,
-        type_url::ROUTE,
-    ] {
-        let wildcard = matches!(t, type_url::CLUSTER | type_url::LISTENER);
-        let names: Vec<String> = held
-            .names
-            .get(t)
-            .map(|n| n.iter().cloned().collect())
-            .unwrap_or_default();
-        if !wildcard && names.is_empty() {
-            continue;
+/// One delta ADS stream's context: what it reads and where it publishes.
+struct Stream<'a> {
+    cfg: &'a RunConfig,
+    held: &'a mut Held,
+    config: &'a Publish,
+    ready: &'a watch::Sender<bool>,
+    metrics: &'a crate::metrics::Metrics,
+    /// Service-ports the request path asks for (on demand).
+    wants: &'a mut mpsc::Receiver<String>,
+}
+
+type Requests = mpsc::Sender<DeltaDiscoveryRequest>;
+
+impl Stream<'_> {
+    /// One delta ADS stream (xDS "incremental"): subscriptions by name, only changes travel;
+    /// on demand, also the request path's first uses and the idle sweep.
+    async fn delta(
+        &mut self,
+        link: &crate::identity::ControlPlaneLink,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let mut client = connect(link).await?;
+        let (tx, rx) = mpsc::channel(16);
+        let node = node(self.cfg);
+        // What was asked for while no stream was open is subscribed with the rest.
+        while let Ok(name) = self.wants.try_recv() {
+            self.held.want(name, state::Why::Request);
         }
-        tx.send(DeltaDiscoveryRequest {
-            node: Some(node.clone()),
-            type_url: t.to_string(),
-            resource_names_subscribe: if wildcard { vec!["*".into()] } else { names },
-            // A reconnect says what it holds, so only differences come back.
-            initial_resource_versions: held
-                .delta_versions
+        let held = &mut *self.held;
+        for t in held.types() {
+            let wildcard = held.wildcard(t);
+            if !wildcard {
+                let names = held.desired(t);
+                held.names.insert(t, names);
+            }
+            let names: Vec<String> = held
+                .names
                 .get(t)
-                .cloned()
-                .unwrap_or_default()
-                .into_iter()
-                .collect(),
-            ..Default::default()
-        })
-        .await?;
+                .map(|n| n.iter().cloned().collect())
+                .unwrap_or_default();
+            if !wildcard && names.is_empty() {
+                continue;
+            }
+            tx.send(DeltaDiscoveryRequest {
+                node: Some(node.clone()),
+                type_url: t.to_string(),
+                resource_names_subscribe: if wildcard { vec!["*".into()] } else { names },
+                // A reconnect says what it holds, so only differences come back.
+                initial_resource_versions: held
+                    .delta_versions
+                    .get(t)
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect(),
+                ..Default::default()
+            })
+            .await?;
+        }
+        let mut responses = client
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        tracing::info!(addr = %self.cfg.xds_addr, on_demand = self.held.on_demand, "delta xDS stream open");
+        let idle = self.cfg.discovery_idle;
+        let sweeping = self.held.on_demand && !idle.is_zero();
+        let mut sweep = tokio::time::interval(
+            (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(30)),
+        );
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let on_demand = self.held.on_demand;
+        loop {
+            tokio::select! {
+                resp = responses.message() => match resp? {
+                    Some(resp) => self.response(&tx, resp).await?,
+                    None => return Ok(()),
+                },
+                Some(name) = self.wants.recv(), if on_demand => {
+                    if self.held.want(name, state::Why::Request) {
+                        self.resubscribe(&tx).await?;
+                        self.publish();
+                    }
+                }
+                _ = sweep.tick(), if sweeping => {
+                    let evicted = self.held.evict_idle(idle);
+                    if evicted > 0 {
+                        self.metrics.discovery_evictions.inc_by(evicted as u64);
+                        self.resubscribe(&tx).await?;
+                        self.publish();
+                    }
+                }
+            }
+        }
     }
-    let mut responses = client
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    tracing::info!(addr = %cfg.xds_addr, "delta xDS stream open");
-    while let Some(resp) = responses.message().await? {
+
+    /// Compiles and publishes what is held.
+    fn publish(&mut self) {
+        self.config.store(Arc::new(compile(self.held)));
+        self.held.count(self.metrics);
+    }
+
+    /// Brings each named type's subscription in line with what the held resources (and the
+    /// wanted service-ports) name: subscribes to what is new, unsubscribes what is not named.
+    async fn resubscribe(
+        &mut self,
+        tx: &Requests,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        for t in [type_url::ROUTE, type_url::CLUSTER, type_url::ENDPOINT] {
+            if self.held.wildcard(t) {
+                continue;
+            }
+            let names = self.held.desired(t);
+            let old = self.held.names.insert(t, names.clone()).unwrap_or_default();
+            let subscribe: Vec<String> = names.difference(&old).cloned().collect();
+            let unsubscribe: Vec<String> = old.difference(&names).cloned().collect();
+            if subscribe.is_empty() && unsubscribe.is_empty() {
+                continue;
+            }
+            // An unsubscribed resource is no longer held: what is not named goes now.
+            for n in &unsubscribe {
+                forget(self.held, t, n);
+            }
+            tx.send(DeltaDiscoveryRequest {
+                type_url: t.to_string(),
+                resource_names_subscribe: subscribe,
+                resource_names_unsubscribe: unsubscribe,
+                ..Default::default()
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Applies one response: ACKs it (and subscribes to what it names) or NACKs it.
+    async fn response(
+        &mut self,
+        tx: &Requests,
+        resp: weft_proto::envoy::envoy::service::discovery::v3::DeltaDiscoveryResponse,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let ack = |error: Option<String>| DeltaDiscoveryRequest {
             type_url: resp.type_url.clone(),
             response_nonce: resp.nonce.clone(),
@@ -416,7 +813,7 @@ async fn stream_delta(
                 resp.type_url
             ))))
             .await?;
-            continue;
+            return Ok(());
         };
         let anys: Vec<pb::Any> = resp
             .resources
@@ -428,45 +825,51 @@ async fn stream_delta(
             removed: &resp.removed_resources,
             replace: false,
         };
-        match apply(held, t, update) {
-            Ok(dependents) => {
-                let versions = held.delta_versions.entry(t).or_default();
-                for r in &resp.resources {
-                    versions.insert(r.name.clone(), r.version.clone());
-                }
-                for n in &resp.removed_resources {
-                    versions.remove(n);
-                }
-                held.versions
-                    .insert(t.to_string(), resp.system_version_info.clone());
-                config.store(Arc::new(compile(held)));
-                held.count(metrics);
-                tx.send(ack(None)).await?;
-                if let Some((dep, names)) = dependents {
-                    let old = held.names.insert(dep, names.clone()).unwrap_or_default();
-                    let subscribe: Vec<String> = names.difference(&old).cloned().collect();
-                    let unsubscribe: Vec<String> = old.difference(&names).cloned().collect();
-                    if !subscribe.is_empty() || !unsubscribe.is_empty() {
-                        tx.send(DeltaDiscoveryRequest {
-                            type_url: dep.to_string(),
-                            resource_names_subscribe: subscribe,
-                            resource_names_unsubscribe: unsubscribe,
-                            ..Default::default()
-                        })
-                        .await?;
-                    }
-                }
-                if held.versions.len() == 4 {
-                    ready.send_replace(true);
-                }
-            }
-            Err(errors) => {
-                let message = nack_message(t, &errors, metrics);
-                tx.send(ack(Some(message))).await?;
-            }
+        let held = &mut *self.held;
+        if let Err(errors) = apply(held, t, update) {
+            let message = nack_message(t, &errors, self.metrics);
+            tx.send(ack(Some(message))).await?;
+            return Ok(());
         }
+        let versions = held.delta_versions.entry(t).or_default();
+        for r in &resp.resources {
+            versions.insert(r.name.clone(), r.version.clone());
+        }
+        for n in &resp.removed_resources {
+            versions.remove(n);
+        }
+        held.versions
+            .insert(t.to_string(), resp.system_version_info.clone());
+        if t == type_url::DIRECTORY {
+            held.warm();
+        }
+        tx.send(ack(None)).await?;
+        self.resubscribe(tx).await?;
+        self.publish();
+        if self.held.ready() {
+            self.ready.send_replace(true);
+        }
+        Ok(())
     }
-    Ok(())
+}
+
+/// Drops a resource of type `t` the proxy no longer subscribes to.
+fn forget(held: &mut Held, t: &str, name: &str) {
+    match t {
+        type_url::ROUTE => {
+            held.routes.remove(name);
+        }
+        type_url::CLUSTER => {
+            held.clusters.remove(name);
+        }
+        type_url::ENDPOINT => {
+            held.endpoints.remove(name);
+        }
+        _ => {}
+    }
+    if let Some(v) = held.delta_versions.get_mut(t) {
+        v.remove(name);
+    }
 }
 
 /// The NACK message for refused resources (each named with its field), logged and counted.
@@ -486,8 +889,6 @@ fn unimplemented(e: &(dyn std::error::Error + 'static)) -> bool {
     e.downcast_ref::<tonic::Status>()
         .is_some_and(|s| s.code() == tonic::Code::Unimplemented)
 }
-
-type Dependents = Option<(&'static str, BTreeSet<String>)>;
 
 /// One response's content: the resources it carries and, for delta, the names it removes.
 struct Update<'a> {
@@ -548,10 +949,9 @@ fn decoded<M: prost::Message + Default, T>(
     Ok((name(&m).to_string(), f(&m)?))
 }
 
-/// Applies one response: its type's handler validates and installs it, and says which names
-/// of the dependent type the held set now refers to (RDS names for listeners, EDS names for
-/// clusters).
-fn apply(held: &mut Held, t: &'static str, update: Update<'_>) -> Result<Dependents, Vec<Invalid>> {
+/// Applies one response: its type's handler validates and installs it (what it refers to is
+/// subscribed by [`Held::desired`]).
+fn apply(held: &mut Held, t: &'static str, update: Update<'_>) -> Result<(), Vec<Invalid>> {
     match t {
         type_url::LISTENER => {
             merge(&mut held.listeners, t, "Listener", &update, |b| {
@@ -562,12 +962,7 @@ fn apply(held: &mut Held, t: &'static str, update: Update<'_>) -> Result<Depende
                     state::ListenerSpec::from_xds,
                 )
             })?;
-            let routes = held
-                .listeners
-                .values()
-                .filter_map(|l| l.routes.clone())
-                .collect();
-            Ok(Some((type_url::ROUTE, routes)))
+            Ok(())
         }
         type_url::ROUTE => {
             merge(&mut held.routes, t, "RouteConfiguration", &update, |b| {
@@ -578,7 +973,7 @@ fn apply(held: &mut Held, t: &'static str, update: Update<'_>) -> Result<Depende
                     state::route_spec,
                 )
             })?;
-            Ok(None)
+            Ok(())
         }
         type_url::CLUSTER => {
             merge(&mut held.clusters, t, "Cluster", &update, |b| {
@@ -589,8 +984,24 @@ fn apply(held: &mut Held, t: &'static str, update: Update<'_>) -> Result<Depende
                     |c| state::ClusterSpec::from_xds(c).map(Arc::new),
                 )
             })?;
-            let eds = held.clusters.values().map(|c| c.eds_name.clone()).collect();
-            Ok(Some((type_url::ENDPOINT, eds)))
+            Ok(())
+        }
+        type_url::DIRECTORY => {
+            merge(&mut held.directory, t, "DirectoryEntry", &update, |b| {
+                let e: weft_proto::xds::DirectoryEntry = state::decode("DirectoryEntry", "", b)?;
+                // Named as the control plane names it: `<svc>.<ns>`.
+                let name = format!("{}.{}", e.name, e.namespace);
+                match crate::directory::Entry::from_xds(&e) {
+                    Ok(entry) => Ok((name, Arc::new(entry))),
+                    Err(err) => Err(Invalid {
+                        kind: "DirectoryEntry",
+                        name,
+                        message: format!("{}: {}", err.field, err.message),
+                    }),
+                }
+            })?;
+            held.directory_changed = true;
+            Ok(())
         }
         _ => {
             merge(
@@ -607,7 +1018,7 @@ fn apply(held: &mut Held, t: &'static str, update: Update<'_>) -> Result<Depende
                     )
                 },
             )?;
-            Ok(None)
+            Ok(())
         }
     }
 }
@@ -689,6 +1100,28 @@ fn compile(held: &mut Held) -> MeshConfig {
         .map(|(name, c)| (name.clone(), c.runtime.clone()))
         .collect();
     let inbound = held.listeners.values().find_map(|l| l.inbound.clone());
+    if held.directory_changed {
+        held.directory_changed = false;
+        held.directory_index = Arc::new(crate::directory::Directory::build(
+            &held.directory,
+            &[],
+            &held.namespace,
+        ));
+    }
+    let subscriptions = held
+        .wanted
+        .iter()
+        .map(|(name, w)| {
+            (
+                name.clone(),
+                state::Subscribed {
+                    why: w.why,
+                    since_unix_ms: w.since_unix_ms,
+                    complete: held.complete(name),
+                },
+            )
+        })
+        .collect();
     MeshConfig {
         hosts,
         clusters,
@@ -697,6 +1130,8 @@ fn compile(held: &mut Held) -> MeshConfig {
         inbound,
         strict_endpoints,
         dns,
+        directory: held.directory_index.clone(),
+        subscriptions,
     }
 }
 

@@ -12,6 +12,7 @@ mod health;
 mod identity;
 mod kube_source;
 mod mtls;
+mod on_demand;
 mod peer_auth;
 mod resilience;
 mod rollout;
