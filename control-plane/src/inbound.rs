@@ -148,6 +148,12 @@ pub fn inbound_meta(t: &Translation, w: &Workload<'_>) -> weft_proto::xds::Inbou
         p.mtls_source = s.source.clone();
     }
     weft_proto::xds::InboundMeta {
+        egress_hosts: t
+            .mtls
+            .egress_hosts
+            .get(w.namespace)
+            .cloned()
+            .unwrap_or_default(),
         mtls_mode: mtls.mode.mode.as_str().to_string(),
         mtls_source: mtls.mode.source,
         ports: ports

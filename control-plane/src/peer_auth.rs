@@ -60,6 +60,9 @@ pub struct MtlsPolicies {
     pub annotations: BTreeMap<String, Sourced>,
     /// Namespace -> its selector policies, in name order.
     pub workloads: BTreeMap<String, Vec<WorkloadPolicy>>,
+    /// Namespace -> its `weft.dev/egress-hosts` (validated), read from the same Namespace
+    /// objects and carried to its sidecars in their `weft-inbound` Listener.
+    pub egress_hosts: BTreeMap<String, Vec<String>>,
 }
 
 /// How one workload accepts inbound connections.
@@ -91,6 +94,21 @@ impl MtlsPolicies {
                 }
                 Object::Namespace(n) => {
                     let name = n.metadata.name.clone().unwrap_or_default();
+                    if let Some(hosts) = n
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(weft_proto::keys::EGRESS_HOSTS_ANNOTATION))
+                        .and_then(|h| weft_proto::visibility::parse_egress_hosts(h).ok())
+                    {
+                        out.egress_hosts.insert(
+                            name.clone(),
+                            hosts
+                                .into_iter()
+                                .map(|h| format!("{}/{}", h.namespace, h.host))
+                                .collect(),
+                        );
+                    }
                     if let Some(mode) = n
                         .metadata
                         .annotations

@@ -243,6 +243,7 @@ mod tests {
                 source: "default".into(),
                 ports: Default::default(),
                 authz: Default::default(),
+                egress: Vec::new(),
             }),
             ..Default::default()
         };

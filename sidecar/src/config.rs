@@ -109,7 +109,9 @@ pub struct RunConfig {
     pub xds_protocol: XdsProtocol,
     /// What config the proxy holds: `on-demand` (a directory of every Service, and the routes,
     /// cluster and endpoints of a service-port only once a request or connection uses it;
-    /// needs delta xDS) or `all` (every Service's, as Envoy with wildcard CDS).
+    /// needs delta xDS) or `all` (every Service's, as Envoy with wildcard CDS; always for an
+    /// east-west gateway, which forwards to any exported Service). `RunConfig::local`, what
+    /// in-process tests and embedders start from, says `all`.
     #[arg(long, env = "WEFT_DISCOVERY", value_enum, default_value = "on-demand")]
     pub discovery: Discovery,
     /// On demand: how long the first request to a service-port waits for its config; then it

@@ -938,6 +938,9 @@ pub struct InboundPolicy {
     pub ports: BTreeMap<u16, InboundPort>,
     /// Who may call: the RBAC filters of the Listener's filter chains.
     pub authz: Arc<InboundAuthz>,
+    /// Its namespace's egress host list: the only Services its directory keeps (empty: all).
+    #[serde(skip)]
+    pub egress: Vec<weft_proto::visibility::EgressHost>,
 }
 
 /// A workload's authorization: the RBAC filters of the `weft-inbound` Listener, compiled.
@@ -1054,11 +1057,14 @@ impl InboundPolicy {
                 },
             );
         }
+        let egress = weft_proto::visibility::parse_egress_hosts(&meta.egress_hosts.join(","))
+            .map_err(|e| invalid("Listener", name, format!("weft metadata egress_hosts: {e}")))?;
         Ok(Some(InboundPolicy {
             mode: mode("mtls_mode", &meta.mtls_mode)?,
             source: meta.mtls_source,
             ports,
             authz: Arc::new(InboundAuthz::from_listener(l)?),
+            egress,
         }))
     }
 }
@@ -1349,6 +1355,7 @@ mod tests {
             )]
             .into(),
             authz: Default::default(),
+            egress: Vec::new(),
         });
         assert_eq!(config.inbound_for(8080), (MtlsMode::Permissive, None));
         assert_eq!(

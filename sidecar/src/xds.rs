@@ -121,6 +121,8 @@ struct Held {
     warm_hosts: Vec<String>,
     /// The proxy's namespace (short hosts of the warm set resolve in it).
     namespace: String,
+    /// Its namespace's egress host list the directory was last built with.
+    egress: Vec<weft_proto::visibility::EgressHost>,
 }
 
 /// One service-port subscribed on demand.
@@ -480,7 +482,9 @@ pub fn start(
     let config = Arc::new(ArcSwap::from_pointee(MeshConfig::default()));
     let (ready_tx, ready) = watch::channel(false);
     let (changed_tx, changed) = watch::channel(0u64);
-    let on_demand = cfg.discovery == crate::config::Discovery::OnDemand;
+    // A gateway forwards to any exported Service's endpoints: it holds them all.
+    let on_demand =
+        cfg.discovery == crate::config::Discovery::OnDemand && cfg.gateway_addr.is_none();
     let (wants_tx, mut wants) = mpsc::channel::<String>(1024);
     let handle = XdsHandle {
         config: config.clone(),
@@ -1100,13 +1104,18 @@ fn compile(held: &mut Held) -> MeshConfig {
         .map(|(name, c)| (name.clone(), c.runtime.clone()))
         .collect();
     let inbound = held.listeners.values().find_map(|l| l.inbound.clone());
-    if held.directory_changed {
+    let egress = inbound
+        .as_ref()
+        .map(|i| i.egress.clone())
+        .unwrap_or_default();
+    if held.directory_changed || egress != held.egress {
         held.directory_changed = false;
         held.directory_index = Arc::new(crate::directory::Directory::build(
             &held.directory,
-            &[],
+            &egress,
             &held.namespace,
         ));
+        held.egress = egress;
     }
     let subscriptions = held
         .wanted

@@ -370,3 +370,69 @@ async fn config_that_never_arrives_is_a_503_naming_why() {
         "{page}"
     );
 }
+
+#[tokio::test]
+async fn export_to_and_egress_hosts_cut_the_directory() {
+    let _echo = echo("127.0.66.1", "svc").await;
+    let mut docs = services(4, "127.0.66.1");
+    // svc-0 is for its own namespace only... which is the caller's; svc-1 for `shop` only.
+    docs.push(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: private\n  namespace: default\n  annotations: {networking.istio.io/exportTo: \"shop\"}\nspec:\n  ports: [{name: http, port: 80}]\n"
+            .to_string(),
+    );
+    docs.push(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: mine\n  namespace: default\n  annotations: {networking.istio.io/exportTo: \".\"}\nspec:\n  ports: [{name: http, port: 80}]\n"
+            .to_string(),
+    );
+    let (dir, cp) = weft_testkit::control_plane_over(&docs).await;
+    let sidecar = on_demand(cp.plaintext(), "127.0.66.10", Duration::ZERO).await;
+    let config = sidecar.xds.config.load_full();
+    // 4 + `mine`; `private` is never sent to a proxy of `default`.
+    assert_eq!(config.directory.len(), 5);
+    let (status, _) = get_via(sidecar.outbound_addr, "private", "/")
+        .await
+        .expect("get");
+    assert_eq!(status, 404, "not in this proxy's directory");
+    assert!(sidecar.xds.config.load().subscriptions.is_empty());
+    let p = proxy_status(&cp).await;
+    assert_eq!(subscription(&p, type_url::DIRECTORY), (true, 0, 5));
+
+    // The namespace narrows what its proxies see to two names.
+    let mut docs = docs;
+    docs.push(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n  annotations: {weft.dev/egress-hosts: \"./svc-1.default.svc.cluster.local, ./*.nowhere.example\"}\n"
+            .to_string(),
+    );
+    std::fs::write(dir.path().join("world.yaml"), world::docs(&docs)).expect("rewrite");
+    eventually("the egress list applies", PATIENCE, || {
+        sidecar.xds.config.load().directory.len() == 1
+    })
+    .await;
+    let (status, _) = get_via(sidecar.outbound_addr, "svc-2", "/")
+        .await
+        .expect("get");
+    assert_eq!(status, 404, "svc-2 is outside the egress list");
+    let (status, body) = get_via(sidecar.outbound_addr, "svc-1", "/")
+        .await
+        .expect("get");
+    assert_eq!(status, 200, "{body}");
+    // A malformed list is refused naming the annotation; the last good world keeps serving.
+    docs.pop();
+    docs.push(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n  annotations: {weft.dev/egress-hosts: \"svc-2\"}\n"
+            .to_string(),
+    );
+    std::fs::write(dir.path().join("world.yaml"), world::docs(&docs)).expect("rewrite");
+    eventually("the bad annotation is reported", PATIENCE, || {
+        cp.catalog
+            .current()
+            .errors
+            .iter()
+            .any(|e| e.to_string().contains("weft.dev/egress-hosts"))
+    })
+    .await;
+    let (status, _) = get_via(sidecar.outbound_addr, "svc-1", "/")
+        .await
+        .expect("get");
+    assert_eq!(status, 200);
+}

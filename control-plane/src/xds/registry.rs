@@ -159,7 +159,7 @@ impl ProxyRecord {
         match (&self.snapshot, &t.sub) {
             (Some(snap), Some(sub)) if t.sent => snap.resources[ti]
                 .iter()
-                .filter(|(n, _)| sub.wants(n))
+                .filter(|(n, r)| sub.wants(n) && r.visible_from(&self.node.namespace))
                 .map(|(_, r)| r.clone())
                 .collect(),
             _ => Vec::new(),
@@ -172,7 +172,10 @@ impl ProxyRecord {
         let t = &self.types[ti];
         match (&self.snapshot, &t.sub) {
             (Some(snap), Some(sub)) if t.sent => {
-                sub.wants(name) && snap.resources[ti].contains_key(name)
+                sub.wants(name)
+                    && snap.resources[ti]
+                        .get(name)
+                        .is_some_and(|r| r.visible_from(&self.node.namespace))
             }
             _ => false,
         }
@@ -194,6 +197,8 @@ impl ProxyRecord {
                 .iter()
                 .zip(&self.types)
                 .enumerate()
+                // Weft's own directory only for the proxies that ask for it (on-demand sidecars).
+                .filter(|(_, (url, t))| **url != weft_proto::type_url::DIRECTORY || t.sub.is_some())
                 .map(|(ti, (url, t))| TypeStatus {
                     type_url: url.to_string(),
                     state: t.state() as i32,
