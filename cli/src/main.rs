@@ -112,7 +112,8 @@ enum Command {
         #[arg(value_enum, default_value = "all")]
         kind: query::ConfigKind,
         /// Read the config the proxy itself holds from its admin address (`/config_dump`):
-        /// its clusters and endpoints.
+        /// its clusters and endpoints (with `subscriptions`: what it subscribed to on demand,
+        /// why and since when).
         #[arg(long, value_name = "ADMIN_ADDR")]
         from_proxy: Option<SocketAddr>,
         /// With --from-proxy: show where the proxy's clusters and endpoints differ from what
@@ -232,10 +233,10 @@ fn main() -> anyhow::Result<()> {
             }
             Command::ProxyConfig {
                 proxy,
-                kind: _,
+                kind,
                 from_proxy: Some(admin),
                 diff,
-            } => query::proxy_view(&cp, &proxy, admin, diff, cli.output).await,
+            } => query::proxy_view(&cp, &proxy, admin, kind, diff, cli.output).await,
             Command::ProxyConfig { proxy, kind, .. } => {
                 query::proxy_config(&cp, &proxy, kind, cli.output).await
             }

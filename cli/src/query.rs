@@ -103,8 +103,10 @@ pub struct ProxyRow {
     pub replica: String,
     /// `sotw` or `delta`.
     pub protocol: String,
-    /// Per type short name (CDS, EDS, LDS, RDS).
+    /// Per type short name (CDS, EDS, LDS, RDS, DIR).
     pub types: Vec<TypeRow>,
+    /// On demand: the service-ports it subscribes to (`None`: it holds every Service's).
+    pub subscribed: Option<u32>,
 }
 
 /// One xDS type of one proxy.
@@ -125,6 +127,10 @@ pub struct TypeRow {
     pub nack: Option<String>,
     /// Resources held.
     pub resources: u32,
+    /// A wildcard subscription (every resource of the type).
+    pub wildcard: bool,
+    /// Names subscribed besides.
+    pub subscribed_names: u32,
 }
 
 fn state_name(s: SyncState) -> &'static str {
@@ -190,8 +196,21 @@ pub async fn status(cp: &Cp, format: Format) -> anyhow::Result<i32> {
                         .then(|| (now - t.last_ack_unix_ms) as f64 / 1000.0),
                     nack: (!t.nack_detail.is_empty()).then(|| t.nack_detail.clone()),
                     resources: t.resource_count,
+                    wildcard: t.wildcard,
+                    subscribed_names: t.subscribed_names,
                 })
                 .collect(),
+            // A proxy holding the directory discovers on demand: its RDS names are what it uses.
+            subscribed: p
+                .types
+                .iter()
+                .any(|t| t.type_url == type_url::DIRECTORY)
+                .then(|| {
+                    p.types
+                        .iter()
+                        .find(|t| t.type_url == type_url::ROUTE)
+                        .map_or(0, |t| t.subscribed_names)
+                }),
         })
         .collect();
     let nacked = rows
@@ -222,6 +241,10 @@ pub async fn status(cp: &Cp, format: Format) -> anyhow::Result<i32> {
                     );
                     cells.push(cell);
                 }
+                cells.push(match r.subscribed {
+                    Some(n) => format!("on demand: {n}"),
+                    None => "all".into(),
+                });
                 cells
             })
             .collect();
@@ -238,6 +261,7 @@ pub async fn status(cp: &Cp, format: Format) -> anyhow::Result<i32> {
             "EDS",
             "LDS",
             "RDS",
+            "SERVICES",
         ],
         table_rows,
     )?;
@@ -988,6 +1012,11 @@ pub enum ConfigKind {
     Clusters,
     /// EDS.
     Endpoints,
+    /// The directory (on-demand proxies): one entry per Service.
+    Directory,
+    /// What an on-demand proxy subscribes to: with `--from-proxy`, each service-port with why
+    /// and since when; from the control plane, the service-ports whose routes it was sent.
+    Subscriptions,
 }
 
 /// `weftctl proxy-config <proxy> [kind]`.
@@ -1007,11 +1036,13 @@ pub async fn proxy_config(
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
     let want = |t: &str| match kind {
-        ConfigKind::All => true,
+        // The directory is the mesh's every Service: only when asked for.
+        ConfigKind::All => t != type_url::DIRECTORY,
         ConfigKind::Listeners => t == type_url::LISTENER,
-        ConfigKind::Routes => t == type_url::ROUTE,
+        ConfigKind::Routes | ConfigKind::Subscriptions => t == type_url::ROUTE,
         ConfigKind::Clusters => t == type_url::CLUSTER,
         ConfigKind::Endpoints => t == type_url::ENDPOINT,
+        ConfigKind::Directory => t == type_url::DIRECTORY,
     };
     let mut items = Vec::new();
     let mut table = Vec::new();
@@ -1180,6 +1211,37 @@ fn summarize(type_url: &str, bytes: &[u8]) -> Result<(Value, String), prost::Dec
                     "outlier_detection": c.outlier_detection.is_some(),
                 }),
                 format!("{algorithm} ({lb})"),
+            )
+        }
+        type_url::DIRECTORY => {
+            let e = weft_proto::xds::DirectoryEntry::decode(bytes)?;
+            let line = e
+                .scopes
+                .iter()
+                .map(|s| {
+                    let ports: Vec<String> = s
+                        .ports
+                        .iter()
+                        .map(|p| format!("{}/{}", p.port, p.protocol))
+                        .collect();
+                    format!("{} {} [{}]", s.zone, s.addresses.join(","), ports.join(" "))
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            let scopes: Vec<Value> = e
+                .scopes
+                .iter()
+                .map(|s| {
+                    json!({
+                        "zone": s.zone,
+                        "addresses": s.addresses,
+                        "ports": s.ports.iter().map(|p| json!({"port": p.port, "protocol": p.protocol})).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            (
+                json!({"name": e.name, "namespace": e.namespace, "scopes": scopes, "export_to": e.export_to}),
+                line,
             )
         }
         _ => {
@@ -1444,11 +1506,46 @@ pub async fn proxy_view(
     cp: &Cp,
     proxy: &str,
     admin: SocketAddr,
+    kind: ConfigKind,
     diff: bool,
     format: Format,
 ) -> anyhow::Result<i32> {
     let dump: Value = serde_json::from_str(&http_get(admin, "/config_dump").await?)
         .map_err(|e| anyhow::anyhow!("{admin}/config_dump is not JSON: {e}"))?;
+    if kind == ConfigKind::Subscriptions {
+        let subs = dump["subscriptions"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        let now = weft_now_ms();
+        let rows = subs
+            .iter()
+            .map(|(name, s)| {
+                let since = s["since_unix_ms"].as_i64().unwrap_or(now);
+                vec![
+                    name.clone(),
+                    s["why"].as_str().unwrap_or_default().to_string(),
+                    format!("{:.0}s ago", (now - since).max(0) as f64 / 1000.0),
+                    if s["complete"].as_bool() == Some(true) {
+                        "held".into()
+                    } else {
+                        "waiting".into()
+                    },
+                ]
+            })
+            .collect();
+        let services = dump["directory"]["services"].as_u64().unwrap_or(0);
+        print(
+            format,
+            &dump["subscriptions"],
+            &["SERVICE-PORT", "WHY", "SINCE", "CONFIG"],
+            rows,
+        )?;
+        if format == Format::Table {
+            println!("directory: {services} services");
+        }
+        return Ok(0);
+    }
     let held = proxy_endpoints(&dump);
     if !diff {
         let rows: Vec<Vec<String>> = held

@@ -398,7 +398,6 @@ async fn export_to_and_egress_hosts_cut_the_directory() {
     assert_eq!(subscription(&p, type_url::DIRECTORY), (true, 0, 5));
 
     // The namespace narrows what its proxies see to two names.
-    let mut docs = docs;
     docs.push(
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n  annotations: {weft.dev/egress-hosts: \"./svc-1.default.svc.cluster.local, ./*.nowhere.example\"}\n"
             .to_string(),
