@@ -227,8 +227,10 @@ pub async fn status(cp: &Cp, format: Format) -> anyhow::Result<i32> {
                     r.replica.clone(),
                 ];
                 for kind in ["CDS", "EDS", "LDS", "RDS"] {
+                    // An on-demand proxy subscribes to a type only once it uses a service.
+                    let absent = if r.subscribed.is_some() { "-" } else { "NOT_SENT" };
                     let cell = r.types.iter().find(|t| t.kind == kind).map_or(
-                        "NOT_SENT".to_string(),
+                        absent.to_string(),
                         |t| match &t.nack {
                             Some(n) => format!("NACKED ({n})"),
                             None => match t.ack_age_seconds {

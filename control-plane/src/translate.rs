@@ -10,6 +10,7 @@
 //! (see `weft_proto::names`); exported services also get the clusterset-scoped set.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -151,9 +152,50 @@ pub struct Translation {
     pub cluster: String,
     /// The ports each pod serves, for its inbound Listener.
     pub ports: Arc<crate::inbound::PortIndex>,
+    /// Meshed endpoint address -> its Services' directory names, built on first use.
+    addresses: std::sync::OnceLock<HashMap<IpAddr, Vec<ServiceKey>>>,
 }
 
 impl Translation {
+    /// The address entry of `ip` (`weft.xds.v1.AddressEntry`) as a proxy of namespace `ns`
+    /// may see it: the Services (visible to it) with a meshed endpoint at that address, `None`
+    /// when there is none.
+    pub fn address_entry(&self, ip: &str, ns: &str) -> Option<Res> {
+        let addr: IpAddr = ip.parse().ok()?;
+        let index = self.addresses.get_or_init(|| {
+            let mut index: HashMap<IpAddr, Vec<ServiceKey>> = HashMap::new();
+            for (key, xds) in &self.services {
+                for e in xds.model.endpoints.iter().filter(|e| e.mtls) {
+                    let keys = index.entry(e.address).or_default();
+                    if !keys.contains(key) {
+                        keys.push(key.clone());
+                    }
+                }
+            }
+            index
+        });
+        let services: Vec<String> = index
+            .get(&addr)?
+            .iter()
+            .filter(|key| {
+                self.services.get(*key).is_some_and(|x| {
+                    x.directory.first().is_some_and(|r| r.visible_from(ns))
+                })
+            })
+            .map(directory_name)
+            .collect();
+        if services.is_empty() {
+            return None;
+        }
+        Some(resource(
+            ip.to_string(),
+            &weft_proto::xds::AddressEntry {
+                address: ip.to_string(),
+                services,
+            },
+        ))
+    }
+
     /// Where a proxy is: for a Pod this control plane knows (node id `<pod>.<namespace>`, in
     /// the namespace its certificate proves), its Node's locality, whatever the proxy
     /// claims; otherwise (a VM, the file source without Pods) what the proxy says.
@@ -221,6 +263,7 @@ pub fn translate(model: &Model, prev: Option<&Translation>) -> Translation {
             model.services.values().map(|s| &**s),
             &model.cluster,
         )),
+        addresses: std::sync::OnceLock::new(),
     }
 }
 

@@ -60,8 +60,11 @@ pub mod type_url {
     /// `weft.xds.v1.DirectoryEntry`: one per Service, what a sidecar discovering config on
     /// demand keeps of the mesh (Envoy and gRPC clients never ask for it).
     pub const DIRECTORY: &str = "type.googleapis.com/weft.xds.v1.DirectoryEntry";
+    /// `weft.xds.v1.AddressEntry`: named subscriptions only, what an on-demand sidecar asks
+    /// of an address it holds nothing about.
+    pub const ADDRESS: &str = "type.googleapis.com/weft.xds.v1.AddressEntry";
     /// Every type, in the order a client should apply them (CDS before EDS, LDS before RDS).
-    pub const ALL: [&str; 5] = [CLUSTER, ENDPOINT, LISTENER, ROUTE, DIRECTORY];
+    pub const ALL: [&str; 6] = [CLUSTER, ENDPOINT, LISTENER, ROUTE, DIRECTORY, ADDRESS];
     /// Envoy's four types (what every client may ask for).
     pub const ENVOY: [&str; 4] = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
 
@@ -73,6 +76,7 @@ pub mod type_url {
             CLUSTER => "CDS",
             ENDPOINT => "EDS",
             DIRECTORY => "DIR",
+            ADDRESS => "ADDR",
             other => other,
         }
     }

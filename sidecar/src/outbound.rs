@@ -224,18 +224,20 @@ impl Proxy {
     /// refused when that endpoint is STRICT and this workload has no valid certificate (never
     /// a downgrade), else copied to the original destination.
     async fn opaque(&self, stream: TcpStream, peer: SocketAddr, dst: SocketAddr) {
-        // On demand, a Service address not held yet waits for its config first.
+        // On demand, a destination the proxy holds nothing about waits to be known first: a
+        // Service address for its config, any other address for what it is.
         if let Some(od) = &self.xds.on_demand {
-            let name = {
+            let unknown = {
                 let config = self.xds.config.load();
-                (!config.hosts.contains_key(&dst.to_string()))
-                    .then(|| config.directory.by_address(dst))
-                    .flatten()
+                (!config.knows(dst)).then(|| config.directory.by_address(dst))
             };
-            if let Some(name) = name
-                && od.discover(&self.xds, &name).await.is_err()
-            {
-                tracing::warn!(%peer, %dst, service_port = %name, "closing a connection: its service's config did not arrive in time");
+            let learned = match unknown {
+                None => Ok(()),
+                Some(Some(name)) => od.discover(&self.xds, &name).await,
+                Some(None) => od.discover_address(&self.xds, dst.ip()).await,
+            };
+            if learned.is_err() {
+                tracing::warn!(%peer, %dst, "closing a connection: what its destination is did not arrive from the control plane in time");
                 self.metrics
                     .connection_closed("outbound", "discovery-timeout");
                 return;
@@ -452,6 +454,26 @@ impl Proxy {
         resp
     }
 
+    /// On demand, before plaintext to an address no route names: learns from the control
+    /// plane whether it is a meshed endpoint (and then holds its Services' config, so its
+    /// STRICT mode and identity are known); a 503 when that does not arrive in time.
+    async fn learn_address(&self, dst: SocketAddr, started: Instant) -> Result<(), Response<Body>> {
+        let Some(od) = &self.xds.on_demand else {
+            return Ok(());
+        };
+        if self.xds.config.load().knows(dst)
+            || od.discover_address(&self.xds, dst.ip()).await.is_ok()
+        {
+            return Ok(());
+        }
+        self.metrics.observe("", 503, started);
+        Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "discovery-timeout",
+            format!("weft: whether {dst} is a mesh endpoint did not arrive from the control plane in time"),
+        ))
+    }
+
     async fn route(
         &self,
         req: Request<Incoming>,
@@ -492,6 +514,9 @@ impl Proxy {
         let Some(routes) = routes else {
             if let Some(dst) = orig {
                 drop(config);
+                if let Err(resp) = self.learn_address(dst, started).await {
+                    return resp;
+                }
                 return self.passthrough(req, dst, started).await;
             }
             self.metrics.observe("", 404, started);

@@ -851,6 +851,9 @@ pub struct MeshConfig {
     pub directory: Arc<crate::directory::Directory>,
     /// On demand: the service-ports subscribed, since when and why.
     pub subscriptions: BTreeMap<String, Subscribed>,
+    /// On demand: addresses the control plane said what they are (a meshed endpoint, whose
+    /// Services' config is held, or nothing).
+    pub known_addresses: std::collections::BTreeSet<std::net::IpAddr>,
 }
 
 /// Why a service-port is subscribed on demand.
@@ -1090,6 +1093,15 @@ impl MeshConfig {
     /// inbound listener before LDS).
     pub fn authz(&self) -> Option<&Arc<InboundAuthz>> {
         self.inbound.as_ref().map(|i| &i.authz)
+    }
+
+    /// Whether a connection to `dst` is something this config knows: a routed address, a
+    /// held meshed endpoint, or an address the control plane said what it is.
+    pub fn knows(&self, dst: SocketAddr) -> bool {
+        self.known_addresses.contains(&dst.ip())
+            || self.mtls_identities.contains_key(&dst)
+            || self.strict_endpoints.contains(&dst)
+            || self.hosts.contains_key(&dst.to_string())
     }
 
     /// The addresses the mesh DNS answers for `name` (lower case, no trailing dot): from the

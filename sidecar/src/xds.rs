@@ -123,6 +123,18 @@ struct Held {
     namespace: String,
     /// Its namespace's egress host list the directory was last built with.
     egress: Vec<weft_proto::visibility::EgressHost>,
+    /// On demand: addresses asked about, and what the control plane said (`None`: waiting;
+    /// empty: no meshed endpoint).
+    addresses: BTreeMap<std::net::IpAddr, Address>,
+}
+
+/// What an address asked about is.
+#[derive(Debug, Clone)]
+struct Address {
+    /// The service-ports it made the proxy subscribe to (`None` until answered).
+    ports: Option<Vec<String>>,
+    /// Last asked.
+    used: tokio::time::Instant,
 }
 
 /// One service-port subscribed on demand.
@@ -163,6 +175,7 @@ impl Held {
             &[
                 type_url::DIRECTORY,
                 type_url::LISTENER,
+                type_url::ADDRESS,
                 type_url::ROUTE,
                 type_url::CLUSTER,
                 type_url::ENDPOINT,
@@ -203,6 +216,7 @@ impl Held {
     fn desired(&self, t: &str) -> BTreeSet<String> {
         match t {
             type_url::LISTENER => [weft_proto::keys::INBOUND_LISTENER.to_string()].into(),
+            type_url::ADDRESS => self.addresses.keys().map(ToString::to_string).collect(),
             type_url::ROUTE => self
                 .listeners
                 .values()
@@ -230,6 +244,62 @@ impl Held {
                     .is_some_and(|c| self.endpoints.contains_key(&c.eds_name))
             })
         })
+    }
+
+    /// Takes what the request path asks for; true when it needs a new subscription.
+    fn ask(&mut self, ask: Ask) -> bool {
+        match ask {
+            Ask::Port(name) => self.want(name, state::Why::Request),
+            Ask::Address(ip) => {
+                let now = tokio::time::Instant::now();
+                match self.addresses.get_mut(&ip) {
+                    Some(a) => {
+                        a.used = now;
+                        false
+                    }
+                    None => {
+                        self.addresses.insert(
+                            ip,
+                            Address {
+                                ports: None,
+                                used: now,
+                            },
+                        );
+                        true
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records an address entry (`services`: directory names; none: no meshed endpoint) and
+    /// subscribes to every port of those Services (their endpoints say how to reach it).
+    fn answered(&mut self, ip: std::net::IpAddr, services: &[String]) {
+        let mut ports = Vec::new();
+        for s in services {
+            if let Some((name, ns)) = s.split_once('.') {
+                for scope in [
+                    weft_proto::names::Scope::Cluster,
+                    weft_proto::names::Scope::Clusterset,
+                ] {
+                    let n = weft_proto::names::ServicePortName::new(name, ns, 0).with_scope(scope);
+                    for port in self.directory_index.ports(&n) {
+                        ports.push(weft_proto::names::ServicePortName { port, ..n.clone() }.to_string());
+                    }
+                }
+            }
+        }
+        for p in &ports {
+            self.want(p.clone(), state::Why::Request);
+        }
+        let used = tokio::time::Instant::now();
+        self.addresses.insert(
+            ip,
+            Address {
+                ports: Some(ports),
+                used,
+            },
+        );
     }
 
     /// Subscribes to `name` for `why` (a warm subscription stays warm); true when new.
@@ -310,7 +380,11 @@ impl Held {
             self.wanted.remove(name);
             tracing::debug!(service_port = %name, "unsubscribing an idle service-port");
         }
-        evicted.len()
+        // Addresses not asked about for `idle` are unsubscribed too.
+        let before = self.addresses.len();
+        self.addresses
+            .retain(|_, a| a.ports.is_none() || now.duration_since(a.used) < idle);
+        evicted.len() + before - self.addresses.len()
     }
 }
 
@@ -362,9 +436,18 @@ pub struct XdsHandle {
 /// What the request path uses to have a service-port's config fetched on first use.
 #[derive(Clone)]
 pub struct OnDemand {
-    wants: mpsc::Sender<String>,
+    wants: mpsc::Sender<Ask>,
     timeout: Duration,
     metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// What the request path asks the xDS task for.
+#[derive(Debug)]
+enum Ask {
+    /// A service-port's config (a RouteConfiguration name).
+    Port(String),
+    /// What an address is (a meshed endpoint's Services, or nothing).
+    Address(std::net::IpAddr),
 }
 
 /// Why a service-port's config could not be had in time.
@@ -381,6 +464,30 @@ impl OnDemand {
     ) -> Result<(), DiscoveryTimeout> {
         let name = name.to_string();
         let ready = |c: &MeshConfig| c.subscriptions.get(&name).is_some_and(|s| s.complete);
+        self.wait(xds, Ask::Port(name.clone()), &name, ready).await
+    }
+
+    /// Waits until the proxy knows what `ip` is — the config of the Services it is a meshed
+    /// endpoint of, or that it is none — asking the control plane unless it knows already;
+    /// at most `--discovery-timeout`. What a connection to an address neither a route nor
+    /// the directory names does first, so plaintext never goes to a STRICT endpoint the proxy
+    /// was not told of.
+    pub async fn discover_address(
+        &self,
+        xds: &XdsHandle,
+        ip: std::net::IpAddr,
+    ) -> Result<(), DiscoveryTimeout> {
+        let ready = |c: &MeshConfig| c.known_addresses.contains(&ip);
+        self.wait(xds, Ask::Address(ip), &ip.to_string(), ready).await
+    }
+
+    async fn wait(
+        &self,
+        xds: &XdsHandle,
+        ask: Ask,
+        name: &str,
+        ready: impl Fn(&MeshConfig) -> bool,
+    ) -> Result<(), DiscoveryTimeout> {
         if ready(&xds.config.load()) {
             return Ok(());
         }
@@ -388,7 +495,7 @@ impl OnDemand {
         let deadline = started + self.timeout;
         let mut changed = xds.changed.clone();
         let outcome = async {
-            tokio::time::timeout_at(deadline, self.wants.send(name.clone()))
+            tokio::time::timeout_at(deadline, self.wants.send(ask))
                 .await
                 .map_err(|_| DiscoveryTimeout)?
                 .map_err(|_| DiscoveryTimeout)?;
@@ -413,7 +520,7 @@ impl OnDemand {
             .discovery_fetch_latency
             .observe(started.elapsed().as_secs_f64());
         if outcome.is_err() {
-            tracing::warn!(service_port = %name, timeout = ?self.timeout, "on-demand config did not arrive in time");
+            tracing::warn!(%name, timeout = ?self.timeout, "on-demand config did not arrive in time");
         }
         outcome
     }
@@ -485,7 +592,7 @@ pub fn start(
     // A gateway forwards to any exported Service's endpoints: it holds them all.
     let on_demand =
         cfg.discovery == crate::config::Discovery::OnDemand && cfg.gateway_addr.is_none();
-    let (wants_tx, mut wants) = mpsc::channel::<String>(1024);
+    let (wants_tx, mut wants) = mpsc::channel::<Ask>(1024);
     let handle = XdsHandle {
         config: config.clone(),
         ready,
@@ -670,8 +777,8 @@ struct Stream<'a> {
     config: &'a Publish,
     ready: &'a watch::Sender<bool>,
     metrics: &'a crate::metrics::Metrics,
-    /// Service-ports the request path asks for (on demand).
-    wants: &'a mut mpsc::Receiver<String>,
+    /// What the request path asks for (on demand).
+    wants: &'a mut mpsc::Receiver<Ask>,
 }
 
 type Requests = mpsc::Sender<DeltaDiscoveryRequest>;
@@ -687,8 +794,8 @@ impl Stream<'_> {
         let (tx, rx) = mpsc::channel(16);
         let node = node(self.cfg);
         // What was asked for while no stream was open is subscribed with the rest.
-        while let Ok(name) = self.wants.try_recv() {
-            self.held.want(name, state::Why::Request);
+        while let Ok(ask) = self.wants.try_recv() {
+            self.held.ask(ask);
         }
         let held = &mut *self.held;
         for t in held.types() {
@@ -739,8 +846,8 @@ impl Stream<'_> {
                     Some(resp) => self.response(&tx, resp).await?,
                     None => return Ok(()),
                 },
-                Some(name) = self.wants.recv(), if on_demand => {
-                    if self.held.want(name, state::Why::Request) {
+                Some(ask) = self.wants.recv(), if on_demand => {
+                    if self.held.ask(ask) {
                         self.resubscribe(&tx).await?;
                         self.publish();
                     }
@@ -769,8 +876,13 @@ impl Stream<'_> {
         &mut self,
         tx: &Requests,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        for t in [type_url::ROUTE, type_url::CLUSTER, type_url::ENDPOINT] {
-            if self.held.wildcard(t) {
+        for t in [
+            type_url::ADDRESS,
+            type_url::ROUTE,
+            type_url::CLUSTER,
+            type_url::ENDPOINT,
+        ] {
+            if self.held.wildcard(t) || (t == type_url::ADDRESS && !self.held.on_demand) {
                 continue;
             }
             let names = self.held.desired(t);
@@ -830,6 +942,24 @@ impl Stream<'_> {
             replace: false,
         };
         let held = &mut *self.held;
+        if t == type_url::ADDRESS {
+            return match address_entries(&resp) {
+                Ok(entries) => {
+                    for (ip, services) in entries {
+                        held.answered(ip, &services);
+                    }
+                    tx.send(ack(None)).await?;
+                    self.resubscribe(tx).await?;
+                    self.publish();
+                    Ok(())
+                }
+                Err(errors) => {
+                    let message = nack_message(t, &errors, self.metrics);
+                    tx.send(ack(Some(message))).await?;
+                    Ok(())
+                }
+            };
+        }
         if let Err(errors) = apply(held, t, update) {
             let message = nack_message(t, &errors, self.metrics);
             tx.send(ack(Some(message))).await?;
@@ -854,6 +984,52 @@ impl Stream<'_> {
             self.ready.send_replace(true);
         }
         Ok(())
+    }
+}
+
+/// The address entries of a response: each address with its Services, and each removed
+/// address with none; refused whole when any entry is wrong.
+fn address_entries(
+    resp: &weft_proto::envoy::envoy::service::discovery::v3::DeltaDiscoveryResponse,
+) -> Result<Vec<(std::net::IpAddr, Vec<String>)>, Vec<Invalid>> {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    let bad = |name: &str, message: String| Invalid {
+        kind: "AddressEntry",
+        name: name.to_string(),
+        message,
+    };
+    for r in &resp.resources {
+        let Some(any) = &r.resource else {
+            errors.push(bad(&r.name, "resource is missing".into()));
+            continue;
+        };
+        let entry: weft_proto::xds::AddressEntry =
+            match state::decode("AddressEntry", &r.name, &any.value) {
+                Ok(e) => e,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+        match entry.address.parse() {
+            Ok(ip) => out.push((ip, entry.services)),
+            Err(_) => errors.push(bad(
+                &r.name,
+                format!("address: {:?} is not an IP address", entry.address),
+            )),
+        }
+    }
+    for n in &resp.removed_resources {
+        match n.parse() {
+            Ok(ip) => out.push((ip, Vec::new())),
+            Err(_) => errors.push(bad(n, "removed name is not an IP address".into())),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
     }
 }
 
@@ -1141,6 +1317,16 @@ fn compile(held: &mut Held) -> MeshConfig {
         dns,
         directory: held.directory_index.clone(),
         subscriptions,
+        known_addresses: held
+            .addresses
+            .iter()
+            .filter(|(_, a)| {
+                a.ports
+                    .as_ref()
+                    .is_some_and(|ports| ports.iter().all(|p| held.complete(p)))
+            })
+            .map(|(ip, _)| *ip)
+            .collect(),
     }
 }
 

@@ -14,7 +14,7 @@ use weft_proto::envoy::envoy::service::discovery::v3::{
 };
 
 use super::stream::{Ctx, LARGE, Protocol};
-use super::view::{AllChanges, TYPES, type_index};
+use super::view::{ADDR, AllChanges, TYPES, type_index};
 use super::{Subscription, legacy_wildcard_type, unknown_type};
 
 /// Per-stream delta state.
@@ -89,6 +89,9 @@ impl Protocol for Delta {
         if !req.response_nonce.is_empty() && req.response_nonce == st.nonce {
             // Delta ACKs carry no version: the one sent with this nonce is the one applied.
             ctx.record_answer(ti, &req.response_nonce, req.error_detail.as_ref(), None);
+        }
+        if ti == ADDR {
+            return self.addresses(ctx, &req).await;
         }
         let snap = ctx.snapshot.clone();
         let held = &snap.resources[ti];
@@ -168,6 +171,13 @@ impl Protocol for Delta {
     }
 
     async fn push(&mut self, ctx: &mut C<'_>, changes: &AllChanges) -> Result<(), ()> {
+        // Address entries follow the translation, not a snapshot: each asked one again.
+        if let Some(sub) = &self.types[ADDR].sub
+            && !sub.names.is_empty()
+        {
+            let names = sub.names.iter().cloned().collect();
+            self.send_addresses(ctx, names, false).await?;
+        }
         for (ti, c) in changes.iter().enumerate() {
             if self.types[ti].sub.is_some() && !c.is_empty() {
                 self.send(
@@ -185,6 +195,88 @@ impl Protocol for Delta {
 }
 
 impl Delta {
+    /// Address entries are named only, and answered from the current translation: an
+    /// address that is no meshed endpoint is answered as removed, so the client knows at once.
+    async fn addresses(
+        &mut self,
+        ctx: &mut C<'_>,
+        req: &DeltaDiscoveryRequest,
+    ) -> Result<(), Option<Status>> {
+        let st = &mut self.types[ADDR];
+        let sub = st.sub.get_or_insert_with(Subscription::default);
+        for n in &req.resource_names_unsubscribe {
+            sub.names.remove(n);
+            st.known.remove(n);
+        }
+        let mut asked = Vec::new();
+        for n in &req.resource_names_subscribe {
+            if n != "*" && sub.names.insert(n.clone()) {
+                asked.push(n.clone());
+            }
+        }
+        if !req.resource_names_unsubscribe.is_empty() {
+            ctx.record_sub(ADDR, sub);
+        }
+        if !asked.is_empty() {
+            self.send_addresses(ctx, asked, true)
+                .await
+                .map_err(|_| None)?;
+        }
+        Ok(())
+    }
+
+    /// Sends the entries of `names` that differ from what the client holds; with
+    /// `answer_absent`, names that are no meshed endpoint as removed.
+    async fn send_addresses(
+        &mut self,
+        ctx: &mut C<'_>,
+        names: Vec<String>,
+        answer_absent: bool,
+    ) -> Result<(), ()> {
+        let t = ctx.shared.translations.borrow().clone();
+        let st = &mut self.types[ADDR];
+        let Some(sub) = st.sub.clone() else {
+            return Ok(());
+        };
+        let (mut resources, mut removed) = (Vec::new(), Vec::new());
+        for n in names {
+            match t.address_entry(&n, &ctx.node.namespace) {
+                Some(r) => {
+                    if st.known.get(&n) != Some(&r.version) {
+                        st.known.insert(n.clone(), r.version.clone());
+                        resources.push(Resource {
+                            name: n,
+                            version: r.version.clone(),
+                            resource: Some(r.any.clone()),
+                            ..Default::default()
+                        });
+                    }
+                }
+                None => {
+                    if st.known.remove(&n).is_some() || answer_absent {
+                        removed.push(n);
+                    }
+                }
+            }
+        }
+        if resources.is_empty() && removed.is_empty() {
+            return Ok(());
+        }
+        let nonce = ctx.next_nonce();
+        let version = ctx.snapshot.version.to_string();
+        st.nonce = nonce.clone();
+        ctx.record_sent(ADDR, &version, &nonce, sub);
+        let resp = DeltaDiscoveryResponse {
+            system_version_info: version,
+            resources,
+            type_url: weft_proto::type_url::ADDRESS.to_string(),
+            removed_resources: removed,
+            nonce,
+            ..Default::default()
+        };
+        ctx.send(resp, false).await
+    }
+
     /// Sends the `candidates` the client wants and lacks, and the `removed` names it held:
     /// at once when small, else queued in chunks for `pump`.
     async fn send(

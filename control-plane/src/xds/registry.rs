@@ -183,6 +183,11 @@ impl ProxyRecord {
 
     /// The admin API's view of this proxy.
     pub fn status(&self, replica: &str) -> ProxyStatus {
+        let on_demand = self.types[crate::xds::view::DIR].sub.is_some();
+        let weft_only = [
+            weft_proto::type_url::DIRECTORY,
+            weft_proto::type_url::ADDRESS,
+        ];
         ProxyStatus {
             node_id: self.node.id.clone(),
             namespace: self.node.namespace.clone(),
@@ -197,8 +202,11 @@ impl ProxyRecord {
                 .iter()
                 .zip(&self.types)
                 .enumerate()
-                // Weft's own directory only for the proxies that ask for it (on-demand sidecars).
-                .filter(|(_, (url, t))| **url != weft_proto::type_url::DIRECTORY || t.sub.is_some())
+                // Weft's own directory only for the proxies that ask for it (on-demand sidecars),
+                // and of theirs only the types they subscribed to (what they use).
+                .filter(|(_, (url, t))| {
+                    t.sub.is_some() || (!weft_only.contains(*url) && !on_demand)
+                })
                 .map(|(ti, (url, t))| TypeStatus {
                     type_url: url.to_string(),
                     state: t.state() as i32,

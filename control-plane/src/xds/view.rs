@@ -29,7 +29,7 @@ pub struct SnapshotKey {
 /// Index of a type in per-type arrays: CDS, EDS, LDS, RDS, DIR (the order of `type_url::ALL`).
 pub type TypeIndex = usize;
 /// Number of types served.
-pub const TYPES: usize = 5;
+pub const TYPES: usize = 6;
 /// CDS's index in [`weft_proto::type_url::ALL`].
 pub const CDS: TypeIndex = 0;
 const EDS: TypeIndex = 1;
@@ -37,6 +37,8 @@ const LDS: TypeIndex = 2;
 const RDS: TypeIndex = 3;
 /// The directory's index.
 pub const DIR: TypeIndex = 4;
+/// The address entries' index: never in a snapshot, answered per name from the translation.
+pub const ADDR: TypeIndex = 5;
 
 /// The index of a type URL, `None` for types Weft does not serve.
 pub fn type_index(type_url: &str) -> Option<TypeIndex> {
@@ -107,6 +109,7 @@ fn lists<'a>(xds: &'a ServiceXds, eds: &'a [Res]) -> [(TypeIndex, &'a [Res]); TY
         (LDS, &xds.listeners[..]),
         (RDS, &xds.routes[..]),
         (DIR, &xds.directory[..]),
+        (ADDR, &[]),
     ]
 }
 
