@@ -216,40 +216,44 @@ pub async fn status(cp: &Cp, format: Format) -> anyhow::Result<i32> {
     let nacked = rows
         .iter()
         .any(|r| r.types.iter().any(|t| t.state == "NACKED"));
-    let table_rows =
-        rows.iter()
-            .map(|r| {
-                let mut cells = vec![
-                    r.proxy.clone(),
-                    r.namespace.clone(),
-                    r.cluster.clone(),
-                    r.zone.clone(),
-                    r.replica.clone(),
-                ];
-                for kind in ["CDS", "EDS", "LDS", "RDS"] {
-                    // An on-demand proxy subscribes to a type only once it uses a service.
-                    let absent = if r.subscribed.is_some() { "-" } else { "NOT_SENT" };
-                    let cell = r.types.iter().find(|t| t.kind == kind).map_or(
-                        absent.to_string(),
-                        |t| match &t.nack {
-                            Some(n) => format!("NACKED ({n})"),
-                            None => match t.ack_age_seconds {
-                                Some(age) if t.state == "SYNCED" => {
-                                    format!("SYNCED v{} {age:.0}s", t.acked_version)
-                                }
-                                _ => t.state.clone(),
-                            },
+    let table_rows = rows
+        .iter()
+        .map(|r| {
+            let mut cells = vec![
+                r.proxy.clone(),
+                r.namespace.clone(),
+                r.cluster.clone(),
+                r.zone.clone(),
+                r.replica.clone(),
+            ];
+            for kind in ["CDS", "EDS", "LDS", "RDS"] {
+                // An on-demand proxy subscribes to a type only once it uses a service.
+                let absent = if r.subscribed.is_some() {
+                    "-"
+                } else {
+                    "NOT_SENT"
+                };
+                let cell = r.types.iter().find(|t| t.kind == kind).map_or(
+                    absent.to_string(),
+                    |t| match &t.nack {
+                        Some(n) => format!("NACKED ({n})"),
+                        None => match t.ack_age_seconds {
+                            Some(age) if t.state == "SYNCED" => {
+                                format!("SYNCED v{} {age:.0}s", t.acked_version)
+                            }
+                            _ => t.state.clone(),
                         },
-                    );
-                    cells.push(cell);
-                }
-                cells.push(match r.subscribed {
-                    Some(n) => format!("on demand: {n}"),
-                    None => "all".into(),
-                });
-                cells
-            })
-            .collect();
+                    },
+                );
+                cells.push(cell);
+            }
+            cells.push(match r.subscribed {
+                Some(n) => format!("on demand: {n}"),
+                None => "all".into(),
+            });
+            cells
+        })
+        .collect();
     print(
         format,
         &rows,

@@ -10,8 +10,8 @@
 //! (see `weft_proto::names`); exported services also get the clusterset-scoped set.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
 use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -111,7 +111,12 @@ impl ServiceXds {
         if let Some(v) = cache.get(place) {
             return v.clone();
         }
-        let v = Arc::new(load_assignments(&self.model, place, &self.home_cluster));
+        let v: Arc<Vec<Res>> = Arc::new(
+            load_assignments(&self.model, place, &self.home_cluster)
+                .into_iter()
+                .map(|r| scoped(r, &self.model))
+                .collect(),
+        );
         cache.insert(place.clone(), v.clone());
         v
     }
@@ -178,9 +183,9 @@ impl Translation {
             .get(&addr)?
             .iter()
             .filter(|key| {
-                self.services.get(*key).is_some_and(|x| {
-                    x.directory.first().is_some_and(|r| r.visible_from(ns))
-                })
+                self.services
+                    .get(*key)
+                    .is_some_and(|x| x.directory.first().is_some_and(|r| r.visible_from(ns)))
             })
             .map(directory_name)
             .collect();
@@ -339,29 +344,38 @@ fn translate_service(svc: &Arc<ServiceModel>, home: &str) -> ServiceXds {
     let directory = if entry.scopes.is_empty() || svc.ports.is_empty() {
         Vec::new()
     } else {
-        let mut r = resource(directory_name(&svc.key), &entry);
-        if let Some(r) = Arc::get_mut(&mut r) {
-            // `.` is the Service's own namespace; `~` (nobody else) leaves only that.
-            r.export_to = svc
-                .export_to
-                .iter()
-                .map(|e| match e.as_str() {
-                    "." | "~" => svc.key.namespace.clone(),
-                    other => other.to_string(),
-                })
-                .collect();
-        }
-        vec![r]
+        vec![resource(directory_name(&svc.key), &entry)]
     };
+    let all = |list: Vec<Res>| list.into_iter().map(|r| scoped(r, svc)).collect();
     ServiceXds {
         model: svc.clone(),
-        listeners,
-        routes,
-        clusters,
-        directory,
+        listeners: all(listeners),
+        routes: all(routes),
+        clusters: all(clusters),
+        directory: all(directory),
         home_cluster: home.to_string(),
         endpoints: Mutex::new(HashMap::new()),
     }
+}
+
+/// `r` sent only to the namespaces `svc`'s exportTo names (`.` is its own namespace; `~`,
+/// nobody else, leaves only that).
+fn scoped(mut r: Res, svc: &ServiceModel) -> Res {
+    if !svc.export_to.is_empty()
+        && let Some(m) = Arc::get_mut(&mut r)
+    {
+        m.export_to = svc
+            .export_to
+            .iter()
+            .map(|e| match e.as_str() {
+                "." | "~" => svc.key.namespace.clone(),
+                other => other.to_string(),
+            })
+            .collect();
+        // Who is sent it is part of its version: a changed exportTo is pushed.
+        m.version = format!("{}.{}", m.version, m.export_to.join(","));
+    }
+    r
 }
 
 /// The name of a Service's directory entry: `<svc>.<namespace>`.

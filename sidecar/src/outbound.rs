@@ -470,7 +470,9 @@ impl Proxy {
         Err(refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             "discovery-timeout",
-            format!("weft: whether {dst} is a mesh endpoint did not arrive from the control plane in time"),
+            format!(
+                "weft: whether {dst} is a mesh endpoint did not arrive from the control plane in time"
+            ),
         ))
     }
 

@@ -284,7 +284,9 @@ impl Held {
                 ] {
                     let n = weft_proto::names::ServicePortName::new(name, ns, 0).with_scope(scope);
                     for port in self.directory_index.ports(&n) {
-                        ports.push(weft_proto::names::ServicePortName { port, ..n.clone() }.to_string());
+                        ports.push(
+                            weft_proto::names::ServicePortName { port, ..n.clone() }.to_string(),
+                        );
                     }
                 }
             }
@@ -327,8 +329,28 @@ impl Held {
         }
     }
 
+    /// Rebuilds the directory the request path reads when its entries or the namespace's
+    /// egress list changed.
+    fn reindex(&mut self) {
+        let egress = self
+            .listeners
+            .values()
+            .find_map(|l| l.inbound.as_ref().map(|i| i.egress.clone()))
+            .unwrap_or_default();
+        if self.directory_changed || egress != self.egress {
+            self.directory_changed = false;
+            self.directory_index = Arc::new(crate::directory::Directory::build(
+                &self.directory,
+                &egress,
+                &self.namespace,
+            ));
+            self.egress = egress;
+        }
+    }
+
     /// Subscribes the warm set's service-ports the directory now names; true when any is new.
     fn warm(&mut self) -> bool {
+        self.reindex();
         let mut names = Vec::new();
         for host in &self.warm_hosts {
             let ports: Vec<String> = match self.directory_index.resolve(host, None, &self.namespace)
@@ -478,7 +500,8 @@ impl OnDemand {
         ip: std::net::IpAddr,
     ) -> Result<(), DiscoveryTimeout> {
         let ready = |c: &MeshConfig| c.known_addresses.contains(&ip);
-        self.wait(xds, Ask::Address(ip), &ip.to_string(), ready).await
+        self.wait(xds, Ask::Address(ip), &ip.to_string(), ready)
+            .await
     }
 
     async fn wait(
@@ -974,7 +997,7 @@ impl Stream<'_> {
         }
         held.versions
             .insert(t.to_string(), resp.system_version_info.clone());
-        if t == type_url::DIRECTORY {
+        if matches!(t, type_url::DIRECTORY | type_url::LISTENER) {
             held.warm();
         }
         tx.send(ack(None)).await?;
@@ -1280,19 +1303,7 @@ fn compile(held: &mut Held) -> MeshConfig {
         .map(|(name, c)| (name.clone(), c.runtime.clone()))
         .collect();
     let inbound = held.listeners.values().find_map(|l| l.inbound.clone());
-    let egress = inbound
-        .as_ref()
-        .map(|i| i.egress.clone())
-        .unwrap_or_default();
-    if held.directory_changed || egress != held.egress {
-        held.directory_changed = false;
-        held.directory_index = Arc::new(crate::directory::Directory::build(
-            &held.directory,
-            &egress,
-            &held.namespace,
-        ));
-        held.egress = egress;
-    }
+    held.reindex();
     let subscriptions = held
         .wanted
         .iter()

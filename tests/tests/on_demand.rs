@@ -396,6 +396,33 @@ async fn export_to_and_egress_hosts_cut_the_directory() {
     assert!(sidecar.xds.config.load().subscriptions.is_empty());
     let p = proxy_status(&cp).await;
     assert_eq!(subscription(&p, type_url::DIRECTORY), (true, 0, 5));
+    // A proxy holding everything of the mesh is not sent `private`'s config either.
+    let everything = weft_testkit::start_sidecar(
+        cp.plaintext(),
+        "127.0.66.11".parse().expect("ip"),
+        "all.default",
+        "a",
+    )
+    .await
+    .expect("sidecar");
+    let mut ready = everything.xds.ready.clone();
+    tokio::time::timeout(PATIENCE, ready.wait_for(|r| *r))
+        .await
+        .expect("ready")
+        .expect("alive");
+    let clusters = everything.xds.config.load_full();
+    assert!(
+        clusters
+            .clusters
+            .contains_key("mine.default.svc.cluster.local:80")
+    );
+    assert!(
+        !clusters
+            .clusters
+            .contains_key("private.default.svc.cluster.local:80"),
+        "exportTo: shop"
+    );
+    drop(everything);
 
     // The namespace narrows what its proxies see to two names.
     docs.push(
@@ -434,4 +461,49 @@ async fn export_to_and_egress_hosts_cut_the_directory() {
         .await
         .expect("get");
     assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn the_warm_set_is_held_before_the_first_request_and_never_dropped() {
+    let _echo = echo("127.0.67.1", "svc").await;
+    let (_dir, cp) = weft_testkit::control_plane_over(&services(6, "127.0.67.1")).await;
+    let mut cfg = weft_sidecar::RunConfig::local(
+        cp.plaintext(),
+        "127.0.67.10".parse().expect("ip"),
+        "w.default",
+    );
+    cfg.discovery = Discovery::OnDemand;
+    cfg.discovery_idle = Duration::from_millis(300);
+    cfg.warm_hosts = vec!["svc-2".into(), "svc-3.default.svc.cluster.local:80".into()];
+    let sidecar = Sidecar::start(cfg).await.expect("sidecar");
+    eventually("the warm set is held", PATIENCE, || {
+        let c = sidecar.xds.config.load();
+        c.subscriptions.len() == 2 && c.subscriptions.values().all(|s| s.complete)
+    })
+    .await;
+    // Well past the idle time, nothing used it: still held.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let c = sidecar.xds.config.load_full();
+    assert_eq!(
+        c.subscriptions.keys().collect::<Vec<_>>(),
+        [
+            "svc-2.default.svc.cluster.local:80",
+            "svc-3.default.svc.cluster.local:80"
+        ]
+    );
+    assert!(
+        c.subscriptions
+            .values()
+            .all(|s| s.why == weft_sidecar::state::Why::Warm)
+    );
+    let (status, _) = get_via(sidecar.outbound_addr, "svc-2", "/")
+        .await
+        .expect("get");
+    assert_eq!(status, 200);
+    let page = metrics(&sidecar).await;
+    assert_eq!(
+        weft_testkit::metric_sum(&page, "weft_proxy_discovery_fetches_total", &[]),
+        0.0,
+        "the first request to a warm service waited: {page}"
+    );
 }
