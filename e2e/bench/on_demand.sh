@@ -81,11 +81,11 @@ sidecar on-demand 19100; od=$!; pids+=($od)
 sidecar all 19200; all=$!; pids+=($all)
 for _ in $(seq 600); do
   [ "$(gauge 19105 weft_proxy_discovery_directory_services)" -ge "$SERVICES" ] \
-    && [ "$(gauge 19205 'weft_xds_resources{type="cluster"}')" -ge "$SERVICES" ] && break
+    && [ "$(gauge 19205 'weft_xds_resources{type="endpoint"}')" -ge "$SERVICES" ] && break
   sleep 0.5
 done
-[ "$(gauge 19205 'weft_xds_resources{type="cluster"}')" -ge "$SERVICES" ] \
-  || { echo "the all-config sidecar never held $SERVICES clusters"; exit 1; }
+[ "$(gauge 19205 'weft_xds_resources{type="endpoint"}')" -ge "$SERVICES" ] \
+  || { echo "the all-config sidecar never held $SERVICES assignments"; exit 1; }
 
 # call PORT FIRST N: one request to each of svc-FIRST.. svc-(FIRST+N-1), must be 200.
 call() {
