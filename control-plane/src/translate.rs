@@ -111,12 +111,7 @@ impl ServiceXds {
         if let Some(v) = cache.get(place) {
             return v.clone();
         }
-        let v: Arc<Vec<Res>> = Arc::new(
-            load_assignments(&self.model, place, &self.home_cluster)
-                .into_iter()
-                .map(|r| scoped(r, &self.model))
-                .collect(),
-        );
+        let v = Arc::new(load_assignments(&self.model, place, &self.home_cluster));
         cache.insert(place.clone(), v.clone());
         v
     }
@@ -158,7 +153,7 @@ pub struct Translation {
     /// The ports each pod serves, for its inbound Listener.
     pub ports: Arc<crate::inbound::PortIndex>,
     /// Meshed endpoint address -> its Services' directory names, built on first use.
-    addresses: std::sync::OnceLock<HashMap<IpAddr, Vec<ServiceKey>>>,
+    addresses: std::sync::OnceLock<HashMap<IpAddr, AddressInfo>>,
 }
 
 impl Translation {
@@ -168,19 +163,28 @@ impl Translation {
     pub fn address_entry(&self, ip: &str, ns: &str) -> Option<Res> {
         let addr: IpAddr = ip.parse().ok()?;
         let index = self.addresses.get_or_init(|| {
-            let mut index: HashMap<IpAddr, Vec<ServiceKey>> = HashMap::new();
+            let mut index: HashMap<IpAddr, AddressInfo> = HashMap::new();
             for (key, xds) in &self.services {
-                for e in xds.model.endpoints.iter().filter(|e| e.mtls) {
-                    let keys = index.entry(e.address).or_default();
-                    if !keys.contains(key) {
-                        keys.push(key.clone());
+                let m = &xds.model;
+                for a in [m.cluster_ip, m.clusterset_vip].into_iter().flatten() {
+                    let info = index.entry(a.to_canonical()).or_default();
+                    info.service_address = true;
+                    info.add(key);
+                }
+                for e in m.endpoints.iter().filter(|e| e.mtls) {
+                    let info = index.entry(e.address.to_canonical()).or_default();
+                    if e.mode == crate::objects::MtlsMode::Strict {
+                        info.strict_ports
+                            .extend(e.ports.values().map(|p| u32::from(*p)));
                     }
+                    info.add(key);
                 }
             }
             index
         });
-        let services: Vec<String> = index
-            .get(&addr)?
+        let info = index.get(&addr.to_canonical())?;
+        let services: Vec<String> = info
+            .services
             .iter()
             .filter(|key| {
                 self.services
@@ -189,14 +193,24 @@ impl Translation {
             })
             .map(directory_name)
             .collect();
-        if services.is_empty() {
-            return None;
-        }
+        let meshed = info.services.iter().any(|k| {
+            self.services.get(k).is_some_and(|x| {
+                x.model
+                    .endpoints
+                    .iter()
+                    .any(|e| e.mtls && e.address.to_canonical() == addr.to_canonical())
+            })
+        });
+        // Answered whatever the asker may see: it must never send a STRICT pod plaintext
+        // because the Service is not exported to it.
         Some(resource(
             ip.to_string(),
             &weft_proto::xds::AddressEntry {
                 address: ip.to_string(),
                 services,
+                meshed,
+                strict_ports: info.strict_ports.iter().copied().collect(),
+                service_address: info.service_address,
             },
         ))
     }
@@ -346,20 +360,38 @@ fn translate_service(svc: &Arc<ServiceModel>, home: &str) -> ServiceXds {
     } else {
         vec![resource(directory_name(&svc.key), &entry)]
     };
+    // exportTo hides the Service's names (directory, listeners, routes); its clusters and
+    // endpoints still reach every proxy, so none forgets which addresses are STRICT.
     let all = |list: Vec<Res>| list.into_iter().map(|r| scoped(r, svc)).collect();
     ServiceXds {
         model: svc.clone(),
         listeners: all(listeners),
         routes: all(routes),
-        clusters: all(clusters),
+        clusters,
         directory: all(directory),
         home_cluster: home.to_string(),
         endpoints: Mutex::new(HashMap::new()),
     }
 }
 
+/// What the control plane knows of one address.
+#[derive(Debug, Default)]
+struct AddressInfo {
+    services: Vec<ServiceKey>,
+    strict_ports: std::collections::BTreeSet<u32>,
+    service_address: bool,
+}
+
+impl AddressInfo {
+    fn add(&mut self, key: &ServiceKey) {
+        if !self.services.contains(key) {
+            self.services.push(key.clone());
+        }
+    }
+}
+
 /// `r` sent only to the namespaces `svc`'s exportTo names (`.` is its own namespace; `~`,
-/// nobody else, leaves only that).
+/// Istio's "nowhere", matches no proxy).
 fn scoped(mut r: Res, svc: &ServiceModel) -> Res {
     if !svc.export_to.is_empty()
         && let Some(m) = Arc::get_mut(&mut r)
@@ -368,7 +400,8 @@ fn scoped(mut r: Res, svc: &ServiceModel) -> Res {
             .export_to
             .iter()
             .map(|e| match e.as_str() {
-                "." | "~" => svc.key.namespace.clone(),
+                "." => svc.key.namespace.clone(),
+                // Istio's "exported nowhere": no namespace is spelled `~`.
                 other => other.to_string(),
             })
             .collect();
@@ -1223,6 +1256,52 @@ pub(crate) mod tests {
             )["10.1.0.1"],
             3
         );
+    }
+
+    /// What an on-demand proxy learns of an address: a STRICT meshed pod of a Service hidden
+    /// from it is still said to be STRICT (never plaintext because of exportTo); the
+    /// Service's clusterIP is a Service address; anything else does not exist.
+    #[test]
+    fn address_entries_say_strict_whatever_the_asker_may_see() {
+        use prost::Message as _;
+        let t = translate(
+            &model(vec![
+                json!({"apiVersion": "v1", "kind": "Namespace",
+                    "metadata": {"name": "vault", "annotations": {"weft.dev/mtls-mode": "STRICT"}}}),
+                json!({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": "v-0", "namespace": "vault", "labels": {"weft.dev/tls-mode": "weft"}},
+                    "spec": {"containers": []}}),
+                json!({"apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": "v", "namespace": "vault",
+                        "annotations": {"networking.istio.io/exportTo": "."}},
+                    "spec": {"clusterIP": "198.18.9.1", "ports": [{"name": "http", "port": 80}]}}),
+                json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"name": "v-1", "namespace": "vault",
+                        "labels": {"kubernetes.io/service-name": "v"}},
+                    "addressType": "IPv4", "ports": [{"name": "http", "port": 8200}],
+                    "endpoints": [{"addresses": ["198.18.9.2"],
+                        "targetRef": {"kind": "Pod", "name": "v-0", "namespace": "vault"}}]}),
+            ]),
+            None,
+        );
+        let entry = |ip: &str, ns: &str| {
+            t.address_entry(ip, ns)
+                .map(|r| weft_proto::xds::AddressEntry::decode(&r.any.value[..]).expect("decodes"))
+        };
+        let hidden = entry("198.18.9.2", "default").expect("a meshed pod");
+        assert!(hidden.meshed);
+        assert_eq!(hidden.strict_ports, [8200]);
+        assert!(hidden.services.is_empty(), "v is not exported to default");
+        let own = entry("198.18.9.2", "vault").expect("a meshed pod");
+        assert_eq!(own.services, ["v.vault"]);
+        let vip = entry("198.18.9.1", "default").expect("the clusterIP");
+        assert!(vip.service_address && !vip.meshed);
+        assert!(entry("198.18.9.3", "default").is_none());
+        assert!(entry("not-an-ip", "default").is_none());
+        // Its name is hidden from default; its cluster is not (its STRICT endpoints stay known).
+        let v = &t.services[&ServiceKey::new("vault", "v")];
+        assert!(!v.routes[0].visible_from("default") && v.routes[0].visible_from("vault"));
+        assert!(v.clusters[0].visible_from("default"));
     }
 
     #[test]

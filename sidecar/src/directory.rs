@@ -213,7 +213,10 @@ impl Directory {
                     orig.map(|o| o.port())
                         .filter(|p| e.port_name(h.scope, Some(*p)).is_some())
                 });
-                return e.port_name(h.scope, port);
+                // A port or scope the Service lacks falls through to the dialed address.
+                if let Some(n) = e.port_name(h.scope, port) {
+                    return Some(n);
+                }
             }
         }
         let by_authority = authority.parse::<SocketAddr>().ok().or_else(|| {
@@ -332,6 +335,11 @@ mod tests {
             Some("echo.default.svc.cluster.local:8080")
         );
         assert_eq!(r("echo:9999", None), None, "a port the Service lacks");
+        // ... but the address it dialed still names a service-port.
+        assert_eq!(
+            r("echo:9999", Some("198.18.0.10:8080")).as_deref(),
+            Some("echo.default.svc.cluster.local:8080")
+        );
         assert_eq!(
             r("198.18.0.10", None).as_deref(),
             Some("echo.default.svc.cluster.local:80")

@@ -227,19 +227,26 @@ impl Proxy {
         // On demand, a destination the proxy holds nothing about waits to be known first: a
         // Service address for its config, any other address for what it is.
         if let Some(od) = &self.xds.on_demand {
-            let unknown = {
+            // A Service address waits for its service-port's whole config (also when its route
+            // is held but a cluster is not yet); anything else unknown, for what it is.
+            let (service_port, known) = {
                 let config = self.xds.config.load();
-                (!config.knows(dst)).then(|| config.directory.by_address(dst))
+                (config.directory.by_address(dst), config.knows(dst))
             };
-            let learned = match unknown {
-                None => Ok(()),
-                Some(Some(name)) => od.discover(&self.xds, &name).await,
-                Some(None) => od.discover_address(&self.xds, dst.ip()).await,
+            let learned = match service_port {
+                Some(name) => od.discover(&self.xds, &name).await,
+                None if known => Ok(()),
+                None => od.discover_address(&self.xds, dst.ip()).await,
             };
             if learned.is_err() {
                 tracing::warn!(%peer, %dst, "closing a connection: what its destination is did not arrive from the control plane in time");
                 self.metrics
                     .connection_closed("outbound", "discovery-timeout");
+                return;
+            }
+            if let crate::state::Unrouted::Refuse(reason) = self.xds.config.load().unrouted(dst) {
+                tracing::warn!(%peer, %dst, reason, "closing a connection: a mesh address with no mTLS route, never sent plaintext");
+                self.metrics.connection_closed("outbound", reason);
                 return;
             }
         }
@@ -518,6 +525,17 @@ impl Proxy {
                 drop(config);
                 if let Err(resp) = self.learn_address(dst, started).await {
                     return resp;
+                }
+                if let crate::state::Unrouted::Refuse(reason) = self.xds.config.load().unrouted(dst)
+                {
+                    self.metrics.observe("", 503, started);
+                    return refuse(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        reason,
+                        format!(
+                            "weft: {dst} is a mesh address this proxy has no mTLS route to; not sent in plaintext"
+                        ),
+                    );
                 }
                 return self.passthrough(req, dst, started).await;
             }

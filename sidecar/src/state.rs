@@ -851,9 +851,30 @@ pub struct MeshConfig {
     pub directory: Arc<crate::directory::Directory>,
     /// On demand: the service-ports subscribed, since when and why.
     pub subscriptions: BTreeMap<String, Subscribed>,
-    /// On demand: addresses the control plane said what they are (a meshed endpoint, whose
-    /// Services' config is held, or nothing).
-    pub known_addresses: std::collections::BTreeSet<std::net::IpAddr>,
+    /// On demand: addresses the control plane said what they are, once the config of their
+    /// Services is held too.
+    pub known_addresses: BTreeMap<std::net::IpAddr, AddressFacts>,
+}
+
+/// What the control plane said of an address (on demand).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AddressFacts {
+    /// A meshed endpoint has it.
+    pub meshed: bool,
+    /// Ports of STRICT ones: they never get plaintext.
+    pub strict_ports: Arc<[u16]>,
+    /// A Service's clusterIP or VIP.
+    pub service_address: bool,
+}
+
+/// Where an unrouted connection to an address may go (on demand).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unrouted {
+    /// As before on-demand: by what the held config says (passthrough, mesh mTLS).
+    AsHeld,
+    /// Refused: a STRICT meshed endpoint the proxy holds no way to reach over mTLS, or a
+    /// Service address on a port the Service lacks.
+    Refuse(&'static str),
 }
 
 /// Why a service-port is subscribed on demand.
@@ -1098,10 +1119,26 @@ impl MeshConfig {
     /// Whether a connection to `dst` is something this config knows: a routed address, a
     /// held meshed endpoint, or an address the control plane said what it is.
     pub fn knows(&self, dst: SocketAddr) -> bool {
-        self.known_addresses.contains(&dst.ip())
+        self.known_addresses.contains_key(&dst.ip().to_canonical())
             || self.mtls_identities.contains_key(&dst)
             || self.strict_endpoints.contains(&dst)
             || self.hosts.contains_key(&dst.to_string())
+    }
+
+    /// On demand, what an unrouted connection to `dst` may do once its address is known:
+    /// anything the held config knows of `dst` decides as before; otherwise a STRICT meshed
+    /// address or a Service address is refused, never sent plaintext.
+    pub fn unrouted(&self, dst: SocketAddr) -> Unrouted {
+        if self.mtls_identities.contains_key(&dst) || self.strict_endpoints.contains(&dst) {
+            return Unrouted::AsHeld;
+        }
+        match self.known_addresses.get(&dst.ip().to_canonical()) {
+            Some(f) if f.strict_ports.contains(&dst.port()) => Unrouted::Refuse("mtls-required"),
+            Some(f) if f.service_address && !self.hosts.contains_key(&dst.to_string()) => {
+                Unrouted::Refuse("no-route")
+            }
+            _ => Unrouted::AsHeld,
+        }
     }
 
     /// The addresses the mesh DNS answers for `name` (lower case, no trailing dot): from the
@@ -1345,6 +1382,43 @@ mod tests {
     /// Listener is accepted, nothing says how this workload accepts connections, so inbound
     /// stays STRICT — it does not fall back to a namespace mode taken from whatever clusters
     /// arrived first (a namespace with no Service would have read PERMISSIVE).
+    #[test]
+    fn an_unrouted_mesh_address_is_refused_unless_the_held_config_reaches_it() {
+        let dst: SocketAddr = "198.18.9.2:8200".parse().expect("addr");
+        let mut config = MeshConfig::default();
+        config.known_addresses.insert(
+            dst.ip(),
+            AddressFacts {
+                meshed: true,
+                strict_ports: [8200].into(),
+                service_address: false,
+            },
+        );
+        assert_eq!(config.unrouted(dst), Unrouted::Refuse("mtls-required"));
+        // Another port of the same pod, not a STRICT endpoint's: as before.
+        let metrics_port: SocketAddr = "198.18.9.2:9100".parse().expect("addr");
+        assert_eq!(config.unrouted(metrics_port), Unrouted::AsHeld);
+        // Held as a STRICT endpoint: the usual path decides (mTLS, or 503 without an SVID).
+        config.strict_endpoints.insert(dst);
+        assert_eq!(config.unrouted(dst), Unrouted::AsHeld);
+        // A Service address on a port it has no route for is refused too.
+        let vip: SocketAddr = "198.18.9.1:5432".parse().expect("addr");
+        config.known_addresses.insert(
+            vip.ip(),
+            AddressFacts {
+                service_address: true,
+                ..Default::default()
+            },
+        );
+        assert_eq!(config.unrouted(vip), Unrouted::Refuse("no-route"));
+        // An address the mesh knows nothing of passes through as before.
+        let outside: SocketAddr = "198.18.7.7:443".parse().expect("addr");
+        config
+            .known_addresses
+            .insert(outside.ip(), AddressFacts::default());
+        assert_eq!(config.unrouted(outside), Unrouted::AsHeld);
+    }
+
     #[test]
     fn without_its_inbound_listener_the_workload_stays_strict() {
         use weft_proto::tls::MtlsMode;

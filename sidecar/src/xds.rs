@@ -29,6 +29,10 @@ use crate::config::{RunConfig, XdsProtocol};
 use crate::runtime::ClusterRuntime;
 use crate::state::{self, ClusterState, Invalid, MeshConfig, Route};
 
+/// Addresses an on-demand sidecar keeps what it learned of at once; beyond, the least
+/// recently asked is forgotten (and asked again when used).
+const MAX_ADDRESSES: usize = 4096;
+
 /// First reconnect delay.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// Longest reconnect delay.
@@ -126,6 +130,9 @@ struct Held {
     /// On demand: addresses asked about, and what the control plane said (`None`: waiting;
     /// empty: no meshed endpoint).
     addresses: BTreeMap<std::net::IpAddr, Address>,
+    /// Named resources the control plane said do not exist (type, name): a route naming one
+    /// is complete without it (its requests get that backend's 503, not a timeout).
+    absent: std::collections::HashSet<(&'static str, String)>,
 }
 
 /// What an address asked about is.
@@ -133,6 +140,8 @@ struct Held {
 struct Address {
     /// The service-ports it made the proxy subscribe to (`None` until answered).
     ports: Option<Vec<String>>,
+    /// What the control plane said of it.
+    facts: state::AddressFacts,
     /// Last asked.
     used: tokio::time::Instant,
 }
@@ -223,27 +232,51 @@ impl Held {
                 .filter_map(|l| l.routes.clone())
                 .chain(self.wanted.keys().cloned())
                 .collect(),
+            // A service-port's own cluster and assignment share its name: asked for with its
+            // routes, so the common first use costs one round trip, not three.
             type_url::CLUSTER => self
                 .routes
                 .values()
                 .flat_map(route_clusters)
                 .map(str::to_string)
+                .chain(self.speculative())
                 .collect(),
-            type_url::ENDPOINT => self.clusters.values().map(|c| c.eds_name.clone()).collect(),
+            type_url::ENDPOINT => self
+                .clusters
+                .values()
+                .map(|c| c.eds_name.clone())
+                .chain(self.speculative())
+                .collect(),
             _ => BTreeSet::new(),
         }
+    }
+
+    /// Wanted service-ports whose routes are not held yet (their own cluster and assignment
+    /// are asked for meanwhile; once the routes are held, what they name is).
+    fn speculative(&self) -> impl Iterator<Item = String> + '_ {
+        self.wanted
+            .keys()
+            .filter(|n| {
+                !self.routes.contains_key(*n)
+                    && !self.absent.contains(&(type_url::ROUTE, n.to_string()))
+            })
+            .cloned()
     }
 
     /// Whether the service-port `name` can be routed: its routes, every cluster they name,
     /// and those clusters' endpoints are held.
     fn complete(&self, name: &str) -> bool {
-        self.routes.get(name).is_some_and(|spec| {
-            route_clusters(spec).all(|c| {
-                self.clusters
-                    .get(c)
-                    .is_some_and(|c| self.endpoints.contains_key(&c.eds_name))
+        let absent = |t: &'static str, n: &str| self.absent.contains(&(t, n.to_string()));
+        absent(type_url::ROUTE, name)
+            || self.routes.get(name).is_some_and(|spec| {
+                route_clusters(spec).all(|c| {
+                    absent(type_url::CLUSTER, c)
+                        || self.clusters.get(c).is_some_and(|c| {
+                            self.endpoints.contains_key(&c.eds_name)
+                                || absent(type_url::ENDPOINT, &c.eds_name)
+                        })
+                })
             })
-        })
     }
 
     /// Takes what the request path asks for; true when it needs a new subscription.
@@ -258,10 +291,22 @@ impl Held {
                         false
                     }
                     None => {
+                        if self.addresses.len() >= MAX_ADDRESSES {
+                            // The least recently asked goes: it is asked again if used.
+                            if let Some(old) = self
+                                .addresses
+                                .iter()
+                                .min_by_key(|(_, a)| a.used)
+                                .map(|(ip, _)| *ip)
+                            {
+                                self.addresses.remove(&old);
+                            }
+                        }
                         self.addresses.insert(
                             ip,
                             Address {
                                 ports: None,
+                                facts: state::AddressFacts::default(),
                                 used: now,
                             },
                         );
@@ -274,7 +319,17 @@ impl Held {
 
     /// Records an address entry (`services`: directory names; none: no meshed endpoint) and
     /// subscribes to every port of those Services (their endpoints say how to reach it).
-    fn answered(&mut self, ip: std::net::IpAddr, services: &[String]) {
+    fn answered(&mut self, ip: std::net::IpAddr, entry: &weft_proto::xds::AddressEntry) {
+        let services = &entry.services;
+        let facts = state::AddressFacts {
+            meshed: entry.meshed,
+            strict_ports: entry
+                .strict_ports
+                .iter()
+                .filter_map(|p| u16::try_from(*p).ok())
+                .collect(),
+            service_address: entry.service_address,
+        };
         let mut ports = Vec::new();
         for s in services {
             if let Some((name, ns)) = s.split_once('.') {
@@ -295,13 +350,14 @@ impl Held {
             self.want(p.clone(), state::Why::Request);
         }
         let used = tokio::time::Instant::now();
-        self.addresses.insert(
-            ip,
-            Address {
+        // Only what was asked about (an answer after its eviction is not kept).
+        if let Some(a) = self.addresses.get_mut(&ip) {
+            *a = Address {
                 ports: Some(ports),
+                facts,
                 used,
-            },
-        );
+            };
+        }
     }
 
     /// Subscribes to `name` for `why` (a warm subscription stays warm); true when new.
@@ -458,6 +514,9 @@ pub struct XdsHandle {
 /// What the request path uses to have a service-port's config fetched on first use.
 #[derive(Clone)]
 pub struct OnDemand {
+    /// Off once the control plane turned out not to serve it (no delta, no directory): then
+    /// nothing waits and the proxy holds every Service's config.
+    active: Arc<std::sync::atomic::AtomicBool>,
     wants: mpsc::Sender<Ask>,
     timeout: Duration,
     metrics: Arc<crate::metrics::Metrics>,
@@ -499,8 +558,9 @@ impl OnDemand {
         xds: &XdsHandle,
         ip: std::net::IpAddr,
     ) -> Result<(), DiscoveryTimeout> {
-        let ready = |c: &MeshConfig| c.known_addresses.contains(&ip);
-        self.wait(xds, Ask::Address(ip), &ip.to_string(), ready)
+        let canonical = ip.to_canonical();
+        let ready = |c: &MeshConfig| c.known_addresses.contains_key(&canonical);
+        self.wait(xds, Ask::Address(canonical), &canonical.to_string(), ready)
             .await
     }
 
@@ -511,7 +571,7 @@ impl OnDemand {
         name: &str,
         ready: impl Fn(&MeshConfig) -> bool,
     ) -> Result<(), DiscoveryTimeout> {
-        if ready(&xds.config.load()) {
+        if !self.active.load(std::sync::atomic::Ordering::Relaxed) || ready(&xds.config.load()) {
             return Ok(());
         }
         let started = tokio::time::Instant::now();
@@ -612,15 +672,19 @@ pub fn start(
     let config = Arc::new(ArcSwap::from_pointee(MeshConfig::default()));
     let (ready_tx, ready) = watch::channel(false);
     let (changed_tx, changed) = watch::channel(0u64);
-    // A gateway forwards to any exported Service's endpoints: it holds them all.
-    let on_demand =
-        cfg.discovery == crate::config::Discovery::OnDemand && cfg.gateway_addr.is_none();
+    // A gateway forwards to any exported Service's endpoints: it holds them all; on demand
+    // needs delta xDS.
+    let on_demand = cfg.discovery == crate::config::Discovery::OnDemand
+        && cfg.gateway_addr.is_none()
+        && cfg.xds_protocol == XdsProtocol::Delta;
+    let active = Arc::new(std::sync::atomic::AtomicBool::new(on_demand));
     let (wants_tx, mut wants) = mpsc::channel::<Ask>(1024);
     let handle = XdsHandle {
         config: config.clone(),
         ready,
         changed,
         on_demand: on_demand.then(|| OnDemand {
+            active: active.clone(),
             wants: wants_tx,
             timeout: cfg.discovery_timeout,
             metrics: metrics.clone(),
@@ -632,13 +696,13 @@ pub fn start(
     };
     tokio::spawn(async move {
         let mut held = Held {
-            on_demand: on_demand && cfg.xds_protocol == XdsProtocol::Delta,
+            on_demand,
             warm_hosts: cfg.warm_hosts.clone(),
             namespace: cfg.namespace.clone(),
             ..Default::default()
         };
-        if on_demand && !held.on_demand {
-            tracing::warn!("on-demand discovery needs delta xDS: holding every Service's config");
+        if cfg.discovery == crate::config::Discovery::OnDemand && !on_demand {
+            tracing::info!("holding every Service's config (a gateway, or state-of-the-world xDS)");
         }
         let mut backoff = Backoff::default();
         // Delta first; a server that does not implement it gets state of the world.
@@ -667,9 +731,19 @@ pub fn start(
                         tracing::warn!(
                             "on-demand discovery needs delta xDS: holding every Service's config"
                         );
+                        active.store(false, std::sync::atomic::Ordering::Relaxed);
                         held = Held::default();
                     }
                     delta = false;
+                    continue;
+                }
+                // An older control plane that serves no directory: hold everything instead.
+                Err(e) if held.on_demand && no_directory(e.as_ref()) => {
+                    tracing::warn!(
+                        "the control plane serves no on-demand directory: holding every Service's config"
+                    );
+                    active.store(false, std::sync::atomic::Ordering::Relaxed);
+                    held = Held::default();
                     continue;
                 }
                 Err(e) => e.to_string(),
@@ -954,11 +1028,14 @@ impl Stream<'_> {
             .await?;
             return Ok(());
         };
-        let anys: Vec<pb::Any> = resp
-            .resources
-            .iter()
-            .filter_map(|r| r.resource.clone())
-            .collect();
+        // A resource of a named type no longer subscribed to (an answer already on its way
+        // when the proxy unsubscribed) is not taken.
+        let wanted = |name: &str| {
+            self.held.wildcard(t) || self.held.names.get(t).is_some_and(|n| n.contains(name))
+        };
+        let taken: Vec<&weft_proto::envoy::envoy::service::discovery::v3::Resource> =
+            resp.resources.iter().filter(|r| wanted(&r.name)).collect();
+        let anys: Vec<pb::Any> = taken.iter().filter_map(|r| r.resource.clone()).collect();
         let update = Update {
             resources: &anys,
             removed: &resp.removed_resources,
@@ -968,8 +1045,8 @@ impl Stream<'_> {
         if t == type_url::ADDRESS {
             return match address_entries(&resp) {
                 Ok(entries) => {
-                    for (ip, services) in entries {
-                        held.answered(ip, &services);
+                    for (ip, entry) in entries {
+                        held.answered(ip, &entry);
                     }
                     tx.send(ack(None)).await?;
                     self.resubscribe(tx).await?;
@@ -989,11 +1066,15 @@ impl Stream<'_> {
             return Ok(());
         }
         let versions = held.delta_versions.entry(t).or_default();
-        for r in &resp.resources {
+        for r in taken {
             versions.insert(r.name.clone(), r.version.clone());
+            held.absent.remove(&(t, r.name.clone()));
         }
         for n in &resp.removed_resources {
             versions.remove(n);
+            if held.names.get(t).is_some_and(|names| names.contains(n)) {
+                held.absent.insert((t, n.clone()));
+            }
         }
         held.versions
             .insert(t.to_string(), resp.system_version_info.clone());
@@ -1014,7 +1095,7 @@ impl Stream<'_> {
 /// address with none; refused whole when any entry is wrong.
 fn address_entries(
     resp: &weft_proto::envoy::envoy::service::discovery::v3::DeltaDiscoveryResponse,
-) -> Result<Vec<(std::net::IpAddr, Vec<String>)>, Vec<Invalid>> {
+) -> Result<Vec<(std::net::IpAddr, weft_proto::xds::AddressEntry)>, Vec<Invalid>> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
     let bad = |name: &str, message: String| Invalid {
@@ -1035,8 +1116,8 @@ fn address_entries(
                     continue;
                 }
             };
-        match entry.address.parse() {
-            Ok(ip) => out.push((ip, entry.services)),
+        match entry.address.parse::<std::net::IpAddr>() {
+            Ok(ip) => out.push((ip.to_canonical(), entry)),
             Err(_) => errors.push(bad(
                 &r.name,
                 format!("address: {:?} is not an IP address", entry.address),
@@ -1044,8 +1125,8 @@ fn address_entries(
         }
     }
     for n in &resp.removed_resources {
-        match n.parse() {
-            Ok(ip) => out.push((ip, Vec::new())),
+        match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => out.push((ip.to_canonical(), weft_proto::xds::AddressEntry::default())),
             Err(_) => errors.push(bad(n, "removed name is not an IP address".into())),
         }
     }
@@ -1057,7 +1138,7 @@ fn address_entries(
 }
 
 /// Drops a resource of type `t` the proxy no longer subscribes to.
-fn forget(held: &mut Held, t: &str, name: &str) {
+fn forget(held: &mut Held, t: &'static str, name: &str) {
     match t {
         type_url::ROUTE => {
             held.routes.remove(name);
@@ -1073,6 +1154,7 @@ fn forget(held: &mut Held, t: &str, name: &str) {
     if let Some(v) = held.delta_versions.get_mut(t) {
         v.remove(name);
     }
+    held.absent.remove(&(t, name.to_string()));
 }
 
 /// The NACK message for refused resources (each named with its field), logged and counted.
@@ -1085,6 +1167,15 @@ fn nack_message(type_url: &str, errors: &[Invalid], metrics: &crate::metrics::Me
     tracing::warn!(type_url, %message, "NACK: keeping the previous config");
     metrics.xds_nacks.inc();
     message
+}
+
+/// Whether a stream error says the server does not serve Weft's directory type.
+fn no_directory(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.downcast_ref::<tonic::Status>().is_some_and(|s| {
+        // The refused type is quoted in the message (`unknown type_url "..."`).
+        s.code() == tonic::Code::InvalidArgument
+            && s.message().contains(&format!("{:?}", type_url::DIRECTORY))
+    })
 }
 
 /// Whether a stream error says the server does not speak delta xDS.
@@ -1336,7 +1427,7 @@ fn compile(held: &mut Held) -> MeshConfig {
                     .as_ref()
                     .is_some_and(|ports| ports.iter().all(|p| held.complete(p)))
             })
-            .map(|(ip, _)| *ip)
+            .map(|(ip, a)| (*ip, a.facts.clone()))
             .collect(),
     }
 }

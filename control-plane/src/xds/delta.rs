@@ -17,6 +17,10 @@ use super::stream::{Ctx, LARGE, Protocol};
 use super::view::{ADDR, AllChanges, TYPES, type_index};
 use super::{Subscription, legacy_wildcard_type, unknown_type};
 
+/// Address entries one stream may subscribe to at once (a sidecar keeps far fewer: see its
+/// `MAX_ADDRESSES`).
+const MAX_ADDRESSES: usize = 16_384;
+
 /// Per-stream delta state.
 #[derive(Default)]
 pub(crate) struct Delta {
@@ -112,11 +116,13 @@ impl Protocol for Delta {
             // What the client says it holds (a reconnect): send only what differs.
             let initial = &req.initial_resource_versions;
             let ns = &ctx.node.namespace;
-            let removed: Vec<String> = initial
-                .keys()
-                .filter(|n| !held.get(*n).is_some_and(|r| r.visible_from(ns)))
-                .cloned()
-                .collect();
+            let absent = |n: &String| !held.get(n).is_some_and(|r| r.visible_from(ns));
+            // What it holds that went away, and names it asks for that do not exist (delta's
+            // way of saying so: a client waiting for one learns at once).
+            let mut removed: Vec<String> = initial.keys().filter(|n| absent(n)).cloned().collect();
+            removed.extend(sub.names.iter().filter(|n| absent(n)).cloned());
+            removed.sort();
+            removed.dedup();
             st.sub = Some(sub);
             self.pending.push_back(Chunk {
                 ti,
@@ -163,7 +169,14 @@ impl Protocol for Delta {
             ctx.record_sub(ti, sub);
         }
         if !added.is_empty() {
-            self.send(ctx, ti, added, Vec::new(), false)
+            // A name that does not exist is answered as removed.
+            let ns = &ctx.node.namespace;
+            let absent: Vec<String> = added
+                .iter()
+                .filter(|n| !held.get(*n).is_some_and(|r| r.visible_from(ns)))
+                .cloned()
+                .collect();
+            self.send(ctx, ti, added, absent, false)
                 .await
                 .map_err(|_| None)?;
         }
@@ -210,7 +223,21 @@ impl Delta {
         }
         let mut asked = Vec::new();
         for n in &req.resource_names_subscribe {
-            if n != "*" && sub.names.insert(n.clone()) {
+            if n.parse::<std::net::IpAddr>().is_err() {
+                ctx.refused("bad_address_name");
+                return Err(Some(Status::invalid_argument(format!(
+                    "{}: {n:?} is not an IP address",
+                    weft_proto::type_url::ADDRESS
+                ))));
+            }
+            if sub.names.len() >= MAX_ADDRESSES {
+                ctx.refused("too_many_addresses");
+                return Err(Some(Status::resource_exhausted(format!(
+                    "{}: at most {MAX_ADDRESSES} addresses per stream",
+                    weft_proto::type_url::ADDRESS
+                ))));
+            }
+            if sub.names.insert(n.clone()) {
                 asked.push(n.clone());
             }
         }
