@@ -104,14 +104,12 @@ fn write_file(
     file: usize,
     per_file: usize,
     endpoints: usize,
-    changed: Option<(usize, usize)>,
+    generations: &HashMap<usize, usize>,
 ) -> std::io::Result<()> {
     let mut docs = Vec::new();
+    // Each service as last edited: rewriting a file changes only the service edited now.
     for i in file * per_file..(file + 1) * per_file {
-        let generation = match changed {
-            Some((svc, g)) if svc == i => g,
-            _ => 0,
-        };
+        let generation = generations.get(&i).copied().unwrap_or(0);
         docs.push(service_yaml(i, endpoints, generation));
     }
     let tmp = dir.join(format!(".svc-{file}.tmp"));
@@ -289,7 +287,13 @@ struct Phase {
 
 /// Runs one phase against a fresh control plane over `dir`: `calls` = 0 is the wildcard
 /// phase. Edits continue generations from `first_edit`.
-async fn phase(a: &Args, dir: &Path, calls: usize, first_edit: usize) -> Result<Phase, BoxErr> {
+async fn phase(
+    a: &Args,
+    dir: &Path,
+    calls: usize,
+    first_edit: usize,
+    generations: &mut HashMap<usize, usize>,
+) -> Result<Phase, BoxErr> {
     let mode = if calls == 0 { "wildcard" } else { "on demand" };
     let start = Instant::now();
     let mut child = Command::new(&a.bin)
@@ -380,13 +384,8 @@ async fn phase(a: &Args, dir: &Path, calls: usize, first_edit: usize) -> Result<
         while acked_rx.try_recv().is_ok() {}
         while updated_rx.try_recv().is_ok() {}
         let t0 = Instant::now();
-        write_file(
-            dir,
-            svc / a.per_file,
-            a.per_file,
-            a.endpoints,
-            Some((svc, first_edit + c + 1)),
-        )?;
+        generations.insert(svc, first_edit + c + 1);
+        write_file(dir, svc / a.per_file, a.per_file, a.endpoints, generations)?;
         let mut got: HashMap<usize, Instant> = HashMap::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         while got.len() < holders {
@@ -465,7 +464,7 @@ async fn main() -> Result<(), BoxErr> {
     let files = a.services.div_ceil(a.per_file);
     let gen_start = Instant::now();
     for f in 0..files {
-        write_file(dir.path(), f, a.per_file, a.endpoints, None)?;
+        write_file(dir.path(), f, a.per_file, a.endpoints, &HashMap::new())?;
     }
     println!(
         "world: {} services x {} endpoints in {files} files ({:?})",
@@ -473,9 +472,10 @@ async fn main() -> Result<(), BoxErr> {
         a.endpoints,
         gen_start.elapsed()
     );
-    let wildcard = phase(&a, dir.path(), 0, 0).await?;
+    let mut generations = HashMap::new();
+    let wildcard = phase(&a, dir.path(), 0, 0, &mut generations).await?;
     let on_demand = if a.calls > 0 {
-        Some(phase(&a, dir.path(), a.calls, a.changes).await?)
+        Some(phase(&a, dir.path(), a.calls, a.changes, &mut generations).await?)
     } else {
         None
     };

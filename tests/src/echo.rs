@@ -73,6 +73,27 @@ impl Drop for Echo {
 }
 
 impl Echo {
+    /// A pod's echo of `cluster-1` in `zone` on `ip`, port 18080 (every endpoint of a slice
+    /// shares its port, as pods do).
+    ///
+    /// # Panics
+    /// When the address cannot be bound.
+    pub async fn pod(ip: &str, name: &str, zone: &str) -> Echo {
+        let addr: SocketAddr = match format!("{ip}:18080").parse() {
+            Ok(a) => a,
+            Err(e) => panic!("{ip}: {e}"),
+        };
+        let who = Identity {
+            name: name.into(),
+            cluster: "cluster-1".into(),
+            zone: zone.into(),
+        };
+        match Echo::start(addr, who).await {
+            Ok(e) => e,
+            Err(e) => panic!("echo on {addr}: {e}"),
+        }
+    }
+
     /// Starts an echo server on `addr` (port 0 allowed).
     pub async fn start(addr: SocketAddr, who: Identity) -> std::io::Result<Echo> {
         let listener = TcpListener::bind(addr).await?;

@@ -9,23 +9,13 @@ use std::time::Duration;
 use weft_proto::admin::{ListProxiesRequest, ProxyStatus};
 use weft_proto::type_url;
 use weft_sidecar::config::Discovery;
-use weft_testkit::echo::{Echo, Identity};
+use weft_testkit::echo::Echo;
 use weft_testkit::{ControlPlane, Sidecar, eventually, get_via, world};
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
 async fn echo(ip: &str, name: &str) -> Echo {
-    let addr: SocketAddr = format!("{ip}:18080").parse().expect("addr");
-    Echo::start(
-        addr,
-        Identity {
-            name: name.into(),
-            cluster: "cluster-1".into(),
-            zone: "a".into(),
-        },
-    )
-    .await
-    .expect("echo starts")
+    Echo::pod(ip, name, "a").await
 }
 
 /// A world of `n` Services `svc-<i>` (port 80), each with one endpoint at `ip`.

@@ -7,23 +7,13 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use weft_testkit::echo::{Echo, Identity};
+use weft_testkit::echo::Echo;
 use weft_testkit::{get_via, world};
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
 async fn echo(ip: &str, name: &str) -> Echo {
-    let addr: SocketAddr = format!("{ip}:18080").parse().expect("addr");
-    Echo::start(
-        addr,
-        Identity {
-            name: name.into(),
-            cluster: "cluster-1".into(),
-            zone: "a".into(),
-        },
-    )
-    .await
-    .expect("echo starts")
+    Echo::pod(ip, name, "a").await
 }
 
 fn policy(spec: &str) -> String {

@@ -10,20 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use weft_control_plane::rollout::Phase;
-use weft_testkit::echo::{Echo, Identity};
+use weft_testkit::echo::Echo;
 use weft_testkit::{ControlPlane, Sidecar, get_via, world};
 
 async fn echo(ip: &str, name: &str) -> Echo {
-    Echo::start(
-        format!("{ip}:18080").parse().expect("addr"),
-        Identity {
-            name: name.into(),
-            cluster: "cluster-1".into(),
-            zone: "a".into(),
-        },
-    )
-    .await
-    .expect("echo")
+    Echo::pod(ip, name, "a").await
 }
 
 /// Services echo (the root), echo-v1 (stable) and echo-v2 (canary), a TrafficSplit all to v1,

@@ -13,17 +13,7 @@ const PATIENCE: Duration = Duration::from_secs(10);
 
 /// An echo on `ip`, port 18080: every endpoint of a slice shares its port, as pods do.
 async fn echo(ip: &str, name: &str, zone: &str) -> Echo {
-    let addr: SocketAddr = format!("{ip}:18080").parse().expect("addr");
-    Echo::start(
-        addr,
-        Identity {
-            name: name.into(),
-            cluster: "cluster-1".into(),
-            zone: zone.into(),
-        },
-    )
-    .await
-    .expect("echo starts")
+    Echo::pod(ip, name, zone).await
 }
 
 /// Sends `n` requests to `host` through `proxy` and counts answers by the echo's name.
