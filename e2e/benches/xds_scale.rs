@@ -164,6 +164,7 @@ fn changed_service(c: usize, services: usize, clients: usize) -> usize {
 }
 
 /// Channels a client reports on.
+#[derive(Clone)]
 struct Reports {
     synced: mpsc::UnboundedSender<usize>,
     acked: mpsc::UnboundedSender<Report>,
@@ -345,20 +346,39 @@ async fn phase(
         };
         let (x, t, services) = (format!("http://{xds}"), target_rx.clone(), a.services);
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = client(id, services, named, x, t, reports).await {
-                eprintln!("client {id}: {e}");
+            // A connection refused or reset while a thousand connect at once is tried again
+            // (bounded); the stream then starts over, as a proxy's would.
+            for attempt in 1..=5 {
+                let r = client(
+                    id,
+                    services,
+                    named.clone(),
+                    x.clone(),
+                    t.clone(),
+                    reports.clone(),
+                );
+                match r.await {
+                    Ok(()) => break,
+                    Err(e) if attempt == 5 => eprintln!("client {id}: {e}"),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200 * attempt)).await,
+                }
             }
         }));
     }
-    let mut synced = 0;
+    let mut synced = std::collections::HashSet::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
-    while synced < a.clients {
+    while synced.len() < a.clients {
         match tokio::time::timeout_at(deadline, synced_rx.recv()).await {
-            Ok(Some(_)) => synced += 1,
+            Ok(Some(id)) => {
+                synced.insert(id);
+            }
             _ => {
-                return Err(
-                    format!("only {synced}/{} clients synced within 600 s", a.clients).into(),
-                );
+                return Err(format!(
+                    "only {}/{} clients synced within 600 s",
+                    synced.len(),
+                    a.clients
+                )
+                .into());
             }
         }
     }
