@@ -1302,6 +1302,16 @@ pub(crate) mod tests {
         let v = &t.services[&ServiceKey::new("vault", "v")];
         assert!(!v.routes[0].visible_from("default") && v.routes[0].visible_from("vault"));
         assert!(v.clusters[0].visible_from("default"));
+        // `~` is Istio's "nowhere": not even its own namespace gets its names.
+        let nowhere = translate(
+            &model(vec![json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "n", "namespace": "vault",
+                    "annotations": {"networking.istio.io/exportTo": "~"}},
+                "spec": {"ports": [{"name": "http", "port": 80}]}})]),
+            None,
+        );
+        let n = &nowhere.services[&ServiceKey::new("vault", "n")];
+        assert!(!n.routes[0].visible_from("vault") && !n.directory[0].visible_from("other"));
     }
 
     #[test]

@@ -51,14 +51,6 @@ pub fn parse_export_to(value: &str) -> Result<Vec<String>, VisibilityError> {
     Ok(out)
 }
 
-/// Whether a Service of `svc_ns` with `export_to` (empty: everyone) is seen from `proxy_ns`.
-pub fn exported_to(export_to: &[String], svc_ns: &str, proxy_ns: &str) -> bool {
-    export_to.is_empty()
-        || export_to
-            .iter()
-            .any(|e| e == "*" || (e == "." && svc_ns == proxy_ns) || e == proxy_ns)
-}
-
 /// One `<namespace>/<host>` of an egress host list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EgressHost {
@@ -119,13 +111,11 @@ mod tests {
 
     #[test]
     fn export_to_follows_istio() {
-        let dot = parse_export_to(".").expect("dot");
-        assert!(exported_to(&dot, "a", "a"));
-        assert!(!exported_to(&dot, "a", "b"));
-        assert!(exported_to(&[], "a", "b"));
-        let list = parse_export_to(" b , c").expect("list");
-        assert!(exported_to(&list, "a", "c") && !exported_to(&list, "a", "a"));
-        assert!(!exported_to(&parse_export_to("~").expect("none"), "a", "b"));
+        // What each means is the control plane's (`translate::scoped`, `Resource::visible_from`).
+        assert_eq!(parse_export_to(".").expect("dot"), ["."]);
+        assert_eq!(parse_export_to(" b , c").expect("list"), ["b", "c"]);
+        assert_eq!(parse_export_to("~").expect("none"), ["~"]);
+        assert!(parse_export_to("").expect("empty").is_empty());
         let e = parse_export_to("., Bad_NS").expect_err("bad");
         assert_eq!((e.index, e.entry.as_str()), (1, "Bad_NS"));
     }

@@ -464,23 +464,36 @@ impl Proxy {
     /// On demand, before plaintext to an address no route names: learns from the control
     /// plane whether it is a meshed endpoint (and then holds its Services' config, so its
     /// STRICT mode and identity are known); a 503 when that does not arrive in time.
+    /// Then a STRICT mesh address with no mTLS route, or a Service address on a port it
+    /// lacks, is a 503 too ([`crate::state::MeshConfig::unrouted`]).
     async fn learn_address(&self, dst: SocketAddr, started: Instant) -> Result<(), Response<Body>> {
         let Some(od) = &self.xds.on_demand else {
             return Ok(());
         };
-        if self.xds.config.load().knows(dst)
-            || od.discover_address(&self.xds, dst.ip()).await.is_ok()
+        if !self.xds.config.load().knows(dst)
+            && od.discover_address(&self.xds, dst.ip()).await.is_err()
         {
-            return Ok(());
-        }
-        self.metrics.observe("", 503, started);
-        Err(refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "discovery-timeout",
-            format!(
+            return Err(self.unavailable(started, "discovery-timeout", format!(
                 "weft: whether {dst} is a mesh endpoint did not arrive from the control plane in time"
-            ),
-        ))
+            )));
+        }
+        match self.xds.config.load().unrouted(dst) {
+            crate::state::Unrouted::AsHeld => Ok(()),
+            crate::state::Unrouted::Refuse(reason) => Err(self.unavailable(started, reason, format!(
+                "weft: {dst} is a mesh address this proxy has no mTLS route to; not sent in plaintext"
+            ))),
+        }
+    }
+
+    /// A 503 the proxy answers itself, counted.
+    fn unavailable(
+        &self,
+        started: Instant,
+        reason: &'static str,
+        detail: String,
+    ) -> Response<Body> {
+        self.metrics.observe("", 503, started);
+        refuse(StatusCode::SERVICE_UNAVAILABLE, reason, detail)
     }
 
     async fn route(
@@ -508,9 +521,8 @@ impl Proxy {
         {
             drop(config);
             if od.discover(&self.xds, &name).await.is_err() {
-                self.metrics.observe("", 503, started);
-                return refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
+                return self.unavailable(
+                    started,
                     "discovery-timeout",
                     format!(
                         "weft: the config of {name} did not arrive from the control plane in time"
@@ -525,17 +537,6 @@ impl Proxy {
                 drop(config);
                 if let Err(resp) = self.learn_address(dst, started).await {
                     return resp;
-                }
-                if let crate::state::Unrouted::Refuse(reason) = self.xds.config.load().unrouted(dst)
-                {
-                    self.metrics.observe("", 503, started);
-                    return refuse(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        reason,
-                        format!(
-                            "weft: {dst} is a mesh address this proxy has no mTLS route to; not sent in plaintext"
-                        ),
-                    );
                 }
                 return self.passthrough(req, dst, started).await;
             }

@@ -289,19 +289,33 @@ impl Delta {
         if resources.is_empty() && removed.is_empty() {
             return Ok(());
         }
+        self.respond(ctx, ADDR, sub, resources, removed, false)
+            .await
+    }
+
+    /// Sends one response of type `ti` and records it as sent.
+    async fn respond(
+        &mut self,
+        ctx: &mut C<'_>,
+        ti: usize,
+        sub: Subscription,
+        resources: Vec<Resource>,
+        removed: Vec<String>,
+        gated: bool,
+    ) -> Result<(), ()> {
         let nonce = ctx.next_nonce();
         let version = ctx.snapshot.version.to_string();
-        st.nonce = nonce.clone();
-        ctx.record_sent(ADDR, &version, &nonce, sub);
+        self.types[ti].nonce = nonce.clone();
+        ctx.record_sent(ti, &version, &nonce, sub);
         let resp = DeltaDiscoveryResponse {
             system_version_info: version,
             resources,
-            type_url: weft_proto::type_url::ADDRESS.to_string(),
+            type_url: weft_proto::type_url::ALL[ti].to_string(),
             removed_resources: removed,
             nonce,
             ..Default::default()
         };
-        ctx.send(resp, false).await
+        ctx.send(resp, gated).await
     }
 
     /// Sends the `candidates` the client wants and lacks, and the `removed` names it held:
@@ -393,7 +407,6 @@ impl Delta {
             always,
         } = chunk;
         let candidates = self.take_names(ctx, ti, work);
-        let type_url = weft_proto::type_url::ALL[ti];
         let st = &mut self.types[ti];
         let Some(sub) = st.sub.clone() else {
             return Ok(());
@@ -433,18 +446,6 @@ impl Delta {
         if resources.is_empty() && removed.is_empty() && !always {
             return Ok(());
         }
-        let nonce = ctx.next_nonce();
-        let version = ctx.snapshot.version.to_string();
-        st.nonce = nonce.clone();
-        ctx.record_sent(ti, &version, &nonce, sub);
-        let resp = DeltaDiscoveryResponse {
-            system_version_info: version,
-            resources,
-            type_url: type_url.to_string(),
-            removed_resources: removed,
-            nonce,
-            ..Default::default()
-        };
-        ctx.send(resp, gated).await
+        self.respond(ctx, ti, sub, resources, removed, gated).await
     }
 }
